@@ -1,0 +1,155 @@
+"""The adapter contract: where an MoE family keeps its routers and how to read what they return.
+
+Every family module (mixtral.py, qwen_moe.py, ...) subclasses `MoEAdapter` and states only what
+differs: which attribute holds the sparse block and the router, how many experts / top-k the
+config declares, and how router scores become probabilities. Everything else in var-moe asks the
+adapter, so no module path of a modeling file appears anywhere else.
+
+Shape suffixes used here: T = tokens (flattened batch x sequence), E = experts, K = top-k.
+
+Test: `pytest tests/test_adapters.py` builds a tiny random model for every family and checks
+that the adapter finds every MoE layer and agrees exactly with the model's own routing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class MoELayer:
+    """One sparse MoE block inside a decoder layer."""
+
+    layer: int  # index of the decoder layer in the model
+    block: nn.Module  # the sparse MoE block (router + experts)
+    router: nn.Module  # the router module: the hook / patch point
+    router_attr: str  # attribute name of the router on `block` (used to patch it)
+    experts: nn.Module  # the routed experts, called as experts(hidden_TH, index_TK, weights_TK)
+
+
+@dataclass(frozen=True)
+class RouterDecision:
+    """What a router decided for T tokens, normalised across families.
+
+    probs_TE are float32 router probabilities over all E experts (they sum to one per row);
+    topk_idx_TK / topk_w_TK are exactly what the model's experts receive.
+    """
+
+    probs_TE: torch.Tensor
+    topk_idx_TK: torch.Tensor
+    topk_w_TK: torch.Tensor
+
+
+def looks_like_probabilities(scores_TE: torch.Tensor, atol: float = 1e-3) -> bool:
+    """True when a router's first output is already a probability simplex, not logits.
+
+    Some transformers releases return softmax outputs under the name `router_logits`; applying
+    softmax twice would flatten every distribution towards uniform and inflate every entropy.
+    """
+    if scores_TE.numel() == 0:
+        return False
+    s = scores_TE.detach().float()
+    if bool((s < -1e-6).any()) or bool((s > 1 + 1e-6).any()):
+        return False
+    return bool(torch.allclose(s.sum(-1), torch.ones_like(s[..., 0]), atol=atol))
+
+
+class MoEAdapter:
+    """Base adapter: subclasses set class attributes and override what their family does differently."""
+
+    family: str = ""  # human name, e.g. "mixtral"
+    model_types: tuple[str, ...] = ()  # config.model_type values this adapter serves
+    block_attrs: tuple[str, ...] = ("mlp",)  # attribute(s) on the decoder layer holding the MoE block
+    router_attr: str = "gate"  # attribute on the block holding the router
+    experts_key: str = "num_local_experts"  # config field for E
+    score_function: str = "softmax"  # how router scores become probabilities: softmax | sigmoid
+
+    def __init__(self, config: Any):
+        self.config = config
+
+    # -- sizes -------------------------------------------------------------------------------
+    @property
+    def num_experts(self) -> int:
+        return int(getattr(self.config, self.experts_key))
+
+    @property
+    def top_k(self) -> int:
+        return int(self.config.num_experts_per_tok)
+
+    @property
+    def num_shared_experts(self) -> int:
+        """Always-on experts beside the routed ones (0 for most families)."""
+        return 0
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    # -- locating routers --------------------------------------------------------------------
+    @staticmethod
+    def decoder_layers(model: nn.Module) -> nn.ModuleList:
+        base = getattr(model, "model", model)
+        layers = getattr(base, "layers", None)
+        if layers is None:
+            raise ValueError(f"{type(model).__name__} has no `model.layers`; is it a causal LM?")
+        return layers
+
+    def moe_layers(self, model: nn.Module) -> list[MoELayer]:
+        """Every sparse MoE block in decoder order; dense layers (no router) are skipped."""
+        found: list[MoELayer] = []
+        for i, layer in enumerate(self.decoder_layers(model)):
+            for attr in self.block_attrs:
+                block = getattr(layer, attr, None)
+                router = getattr(block, self.router_attr, None) if block is not None else None
+                if router is not None and hasattr(block, "experts"):
+                    found.append(MoELayer(i, block, router, self.router_attr, block.experts))
+                    break
+        if not found:
+            raise ValueError(f"no MoE layers found in {type(model).__name__} by the {self.family} adapter")
+        return found
+
+    # -- reading router outputs --------------------------------------------------------------
+    def probabilities(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        """Float32 probabilities over all experts from the router's first output.
+
+        Softmax in fp32: bf16 flips top-k choices for a few % of tokens and biases entropies.
+        """
+        s = scores_TE.float()
+        if self.score_function == "sigmoid":
+            # DeepSeek-V3 scores each expert independently; normalise to a distribution so
+            # entropy and confidence mean the same thing as for softmax routers.
+            p = torch.sigmoid(s)
+            return p / p.sum(-1, keepdim=True).clamp_min(1e-20)
+        if looks_like_probabilities(s):
+            return s
+        return torch.softmax(s, dim=-1)
+
+    def decision(self, router_output: tuple) -> RouterDecision:
+        """Normalise a router module's return value `(router_logits, weights, indices)`."""
+        if not isinstance(router_output, tuple) or len(router_output) != 3:
+            raise TypeError(
+                f"{self.family} router returned {type(router_output).__name__}; expected the transformers v5 "
+                "contract (router_logits, weights, indices)"
+            )
+        scores, weights, indices = router_output
+        scores_TE = scores.reshape(-1, scores.shape[-1])
+        return RouterDecision(
+            probs_TE=self.probabilities(scores_TE),
+            topk_idx_TK=indices.reshape(scores_TE.shape[0], -1),
+            topk_w_TK=weights.reshape(scores_TE.shape[0], -1),
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "family": self.family,
+            "model_type": getattr(self.config, "model_type", None),
+            "num_layers": self.num_layers,
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "num_shared_experts": self.num_shared_experts,
+            "score_function": self.score_function,
+        }

@@ -1,0 +1,223 @@
+"""Text corpora for training, capture and evaluation, and packing them into token batches.
+
+Datasets by name:
+- `stdlib` (default): the `.py` files of the running interpreter's standard library (its own
+  source and docstrings; site-packages excluded), one document per file. Every machine has it,
+  so anyone can rebuild the reference model and evaluate offline.
+- a local path: a `.txt` file (one document), a `.jsonl` file (field `text`), a `.parquet` file
+  (column `text`), or a folder of such files.
+- anything else is a Hugging Face dataset id, streamed (`c4`, `wikitext`, `slimpajama` are aliases).
+
+Splits are deterministic: a document's split is decided by the SHA-256 of its id (the relative
+path for stdlib), 80% train / 10% calibration / 10% test, so tables built on `calibration` are
+measured on `test` without overlap. Test: `pytest tests/test_corpus.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+
+SPLITS = ("train", "calibration", "test")
+_SPLIT_BOUNDS = (80, 90)  # percent: [0,80) train, [80,90) calibration, [90,100) test
+HUB_ALIASES = {
+    "c4": ("allenai/c4", "en"),
+    "wikitext": ("Salesforce/wikitext", "wikitext-103-raw-v1"),
+    "slimpajama": ("cerebras/SlimPajama-627B", None),
+}
+_STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+MAX_DOC_BYTES = 400_000  # larger files (generated tables) would dominate a split
+
+
+class DatasetError(ValueError):
+    """A dataset name/path could not be read; the message names it."""
+
+
+@dataclass(frozen=True)
+class Document:
+    doc_id: str
+    text: str
+
+
+def split_of(doc_id: str) -> str:
+    """Deterministic split of a document id (stable across machines and Python versions)."""
+    bucket = int.from_bytes(hashlib.sha256(doc_id.encode("utf-8")).digest()[:4], "big") % 100
+    if bucket < _SPLIT_BOUNDS[0]:
+        return "train"
+    return "calibration" if bucket < _SPLIT_BOUNDS[1] else "test"
+
+
+def _check_split(split: str | None) -> None:
+    if split is not None and split not in SPLITS:
+        raise DatasetError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def iter_stdlib(split: str | None = None) -> Iterator[Document]:
+    root = stdlib_root()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP_DIRS)
+        for name in sorted(filenames):
+            if not name.endswith(".py"):
+                continue
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            if split is not None and split_of(rel) != split:
+                continue
+            if path.stat().st_size > MAX_DOC_BYTES:
+                continue
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue  # a few test fixtures are deliberately not UTF-8
+            if text.strip():
+                yield Document(rel, text)
+
+
+def _iter_local_file(path: Path, base: Path) -> Iterator[Document]:
+    rel = path.relative_to(base).as_posix() if path != base else path.name
+    if path.suffix == ".txt":
+        yield Document(rel, path.read_text(encoding="utf-8", errors="replace"))
+    elif path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as fh:
+            for i, line in enumerate(fh):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DatasetError(f"{path}:{i + 1}: not valid JSON ({exc.msg})") from exc
+                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                    raise DatasetError(f"{path}:{i + 1}: each line needs a string field 'text'")
+                yield Document(f"{rel}#{i}", row["text"])
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if "text" not in table.column_names:
+            raise DatasetError(f"{path}: parquet file has no 'text' column (columns: {table.column_names})")
+        for i, text in enumerate(table.column("text").to_pylist()):
+            if isinstance(text, str):
+                yield Document(f"{rel}#{i}", text)
+
+
+def iter_local(path: Path, split: str | None = None) -> Iterator[Document]:
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl", ".parquet")) if path.is_dir() else [path]
+    if not files:
+        raise DatasetError(f"{path}: no .txt, .jsonl or .parquet files found")
+    base = path if path.is_dir() else path.parent
+    for f in files:
+        for doc in _iter_local_file(f, base):
+            if split is None or split_of(doc.doc_id) == split:
+                yield doc
+
+
+def iter_hub(name: str, split: str | None = None, text_field: str = "text") -> Iterator[Document]:
+    """Stream a hub dataset; our split is applied by hashing each row's index within the 'train' split."""
+    try:
+        import datasets
+    except ImportError as exc:  # pragma: no cover
+        raise DatasetError("hub datasets need the `datasets` package") from exc
+    repo, subset = HUB_ALIASES.get(name, (name, None))
+    try:
+        stream = datasets.load_dataset(repo, subset, split="train", streaming=True)
+        for i, row in enumerate(stream):
+            doc_id = f"{repo}#{i}"
+            if split is None or split_of(doc_id) == split:
+                text = row.get(text_field)
+                if isinstance(text, str) and text.strip():
+                    yield Document(doc_id, text)
+    except (OSError, ConnectionError, ValueError) as exc:
+        if isinstance(exc, DatasetError):
+            raise
+        raise DatasetError(
+            f"dataset {name!r} is not a local path and could not be streamed from the hub ({type(exc).__name__}: {exc}). "
+            "Use --dataset stdlib, or a local .txt/.jsonl/.parquet file or folder."
+        ) from exc
+
+
+def iter_documents(dataset: str = "stdlib", split: str | None = None, limit: int | None = None) -> Iterator[Document]:
+    """Documents of `dataset` (name or path) in `split`, at most `limit` of them."""
+    _check_split(split)
+    if dataset == "stdlib":
+        it: Iterable[Document] = iter_stdlib(split)
+    elif Path(dataset).exists():
+        it = iter_local(Path(dataset), split)
+    elif os.sep in dataset and not dataset.count("/") == 1:
+        raise DatasetError(f"--dataset {dataset!r}: no such file or folder")
+    else:
+        it = iter_hub(dataset, split)
+    for i, doc in enumerate(it):
+        if limit is not None and i >= limit:
+            return
+        yield doc
+
+
+def tokenize_documents(tokenizer: Any, docs: Iterable[Document], eos: bool = True) -> Iterator[list[int]]:
+    """Token ids of each document (with EOS appended so documents stay separated when packed)."""
+    eos_id = tokenizer.eos_token_id
+    for doc in docs:
+        ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+        if eos and eos_id is not None:
+            ids = ids + [eos_id]
+        if ids:
+            yield ids
+
+
+def chunk_sequences(token_lists: Iterable[list[int]], max_length: int) -> Iterator[list[int]]:
+    """Cut each document into pieces of at most `max_length` tokens; no piece crosses documents."""
+    if max_length < 2:
+        raise ValueError("--max-length must be at least 2")
+    for ids in token_lists:
+        for start in range(0, len(ids), max_length):
+            piece = ids[start : start + max_length]
+            if len(piece) >= 2:
+                yield piece
+
+
+def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """`(input_ids_BS, attention_mask_BS)` with padding on `side`; mask is 0 on padding."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):  # a loop over sequences (not tokens) to build the batch
+        sl = slice(0, len(seq)) if side == "right" else slice(width - len(seq), width)
+        ids[row, sl] = torch.tensor(seq, dtype=torch.long)
+        mask[row, sl] = 1
+    return ids, mask
+
+
+def iter_batches(
+    tokenizer: Any,
+    dataset: str = "stdlib",
+    split: str | None = "test",
+    max_length: int = 256,
+    batch_size: int = 8,
+    num_samples: int | None = None,
+    limit_docs: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Padded `(input_ids, attention_mask)` batches of up to `num_samples` sequences in total."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    seqs = chunk_sequences(tokenize_documents(tokenizer, iter_documents(dataset, split, limit_docs)), max_length)
+    batch: list[list[int]] = []
+    produced = 0
+    for seq in seqs:
+        if num_samples is not None and produced >= num_samples:
+            break
+        batch.append(seq)
+        produced += 1
+        if len(batch) == batch_size:
+            yield pad_batch(batch, pad_id)
+            batch = []
+    if batch:
+        yield pad_batch(batch, pad_id)
