@@ -16,6 +16,14 @@ _LAZY = {
     "load_model": "var_moe.loading:load_model",
     "LoadSpec": "var_moe.loading:LoadSpec",
     "REFERENCE_MODEL_DIR": "var_moe.loading:REFERENCE_MODEL_DIR",
+    # Phase 1 (seed API names)
+    "RouterAnalyzer": "var_moe.capture.analyzer:RouterAnalyzer",
+    "StreamingTokenStats": "var_moe.capture.streaming_stats:StreamingTokenStats",
+    # Phase 2 (seed API names)
+    "VARConfig": "var_moe.var.config:VARConfig",
+    "VARRouter": "var_moe.var.router:VARRouter",
+    "VARModelWrapper": "var_moe.var.wrapper:VARModelWrapper",
+    "VARMixtralWrapper": "var_moe.var.wrapper:VARMixtralWrapper",
 }
 
 

@@ -1,0 +1,1 @@
+"""Phase 1 capture: router hooks, streaming per-(layer, token) statistics, Parquet I/O."""
