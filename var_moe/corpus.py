@@ -167,7 +167,7 @@ def tokenize_documents(tokenizer: Any, docs: Iterable[Document], eos: bool = Tru
     """Token ids of each document (with EOS appended so documents stay separated when packed)."""
     eos_id = tokenizer.eos_token_id
     for doc in docs:
-        ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(doc.text, add_special_tokens=False, verbose=False)["input_ids"]
         if eos and eos_id is not None:
             ids = ids + [eos_id]
         if ids:

@@ -153,10 +153,15 @@ def train(r: Recipe, work_dir: str | Path, progress: bool = True, log: Callable[
         lr=r.lr, betas=(0.9, 0.95),
     )
     state = load_checkpoint(work, model, optimizer) or {"step": 0, "tokens_seen": 0, "train_seconds": 0.0}
+    log_path = work / "train_log.jsonl"
     if state["step"]:
         log(f"resumed from step {state['step']} ({state['tokens_seen']:,} tokens seen)")
+    if log_path.exists():
+        # steps after the last checkpoint will be replayed: drop their lines so each step appears once
+        kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= state["step"]]
+        log_path.write_text("".join(ln + "\n" for ln in kept))
     model.train()
-    log_file = (work / "train_log.jsonl").open("a")
+    log_file = log_path.open("a")
     bar = tqdm(total=r.max_steps, initial=state["step"], disable=not progress, unit="step")
     t_last = time.perf_counter()
     window_tokens = 0

@@ -1,0 +1,61 @@
+"""Model loading errors and flags; corpus splits, local files and batching."""
+
+import json
+
+import pytest
+import torch
+
+from var_moe.corpus import DatasetError, chunk_sequences, iter_documents, pad_batch, split_of
+from var_moe.loading import LoadSpec, ModelLoadError, load_model
+
+
+def test_loadspec_validates_flags():
+    with pytest.raises(ValueError, match="--dtype"):
+        LoadSpec(dtype="int3")
+    with pytest.raises(ValueError, match="--device"):
+        LoadSpec(device="tpu")
+    with pytest.raises(ValueError, match="--quantization"):
+        LoadSpec(quantization="2bit")
+    assert LoadSpec().trust_remote_code is False
+
+
+def test_quantization_on_cpu_is_a_clear_error(reference_model_dir):
+    if torch.cuda.is_available():
+        pytest.skip("machine has CUDA")
+    with pytest.raises(ModelLoadError, match="needs a CUDA GPU"):
+        load_model(str(reference_model_dir), quantization="4bit")
+
+
+def test_missing_model_names_the_path(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(ModelLoadError, match="nope"):
+        load_model(str(missing))
+
+
+def test_splits_are_deterministic_and_disjoint():
+    assert split_of("json/decoder.py") == split_of("json/decoder.py")
+    ids = {s: {d.doc_id for d in iter_documents("stdlib", s, limit=200)} for s in ("train", "calibration", "test")}
+    assert not (ids["train"] & ids["test"]) and not (ids["calibration"] & ids["test"])
+    assert all(split_of(i) == "test" for i in ids["test"])
+    assert not any("site-packages" in i for s in ids.values() for i in s)
+
+
+def test_local_jsonl_and_txt(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "one"}) + "\n" + json.dumps({"text": "two"}) + "\n")
+    docs = list(iter_documents(str(tmp_path)))
+    assert sorted(d.text for d in docs) == ["hello world", "one", "two"]
+    (tmp_path / "bad.jsonl").write_text("{not json}\n")
+    with pytest.raises(DatasetError, match="bad.jsonl:1"):
+        list(iter_documents(str(tmp_path / "bad.jsonl")))
+    with pytest.raises(DatasetError, match="--split"):
+        list(iter_documents("stdlib", "validation"))
+
+
+def test_chunks_never_cross_documents_and_padding_mask():
+    pieces = list(chunk_sequences([[1, 2, 3, 4, 5], [6, 7, 8]], 2))
+    assert pieces == [[1, 2], [3, 4], [6, 7]]  # single-token tails predict nothing and are dropped
+    ids, mask = pad_batch([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids, mask = pad_batch([[5, 6, 7], [8]], pad_id=0, side="left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
