@@ -1,0 +1,155 @@
+"""Held-out predictability equals a brute-force pure-Python scorer on a tiny random model.
+
+The reference below records every router decision with its own hook, then builds the tables with
+Counters and replays an LRU list position by position: nothing shared with the library except
+the recorder. Run: `pytest tests/test_validation_predictability.py`.
+"""
+
+from collections import Counter, defaultdict
+
+import pytest
+import torch
+
+from var_moe.capture.recorder import RoutingRecorder
+from var_moe.tiny import tiny_model
+from var_moe.validation.predictability import (
+    PREDICTORS,
+    PredictabilityConfig,
+    heldout_predictability,
+    random_init_control,
+)
+
+torch.set_num_threads(1)
+
+
+def _batches(seed, n, vocab_hi=20, pad_rows=True):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, vocab_hi, (3, 10), generator=g)
+        mask = torch.ones_like(ids)
+        if pad_rows:  # padding on the right of one row, on the left of another
+            mask[1, 7:] = 0
+            ids[1, 7:] = 0
+            mask[2, :2] = 0
+            ids[2, :2] = 0
+        out.append((ids, mask))
+    return out
+
+
+def _record(model, batches):
+    """[(layer, [ (token, [(expert, weight) ...]) per valid position ] per sequence)]."""
+    seqs = defaultdict(list)
+
+    def cb(layer, tokens, decision):
+        b, s = tokens.batch_size, tokens.seq_len
+        ids = tokens.ids_T.reshape(b, s).tolist()
+        valid = tokens.valid_T.reshape(b, s).tolist()
+        idx = decision.topk_idx_TK.reshape(b, s, -1).tolist()
+        w = decision.topk_w_TK.reshape(b, s, -1).tolist()
+        for r in range(b):
+            seqs[layer].append([(ids[r][p], list(zip(idx[r][p], w[r][p]))) for p in range(s) if valid[r][p]])
+
+    with RoutingRecorder(model, cb), torch.no_grad():
+        for ids, mask in batches:
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+    return seqs
+
+
+def _modal(counter):
+    best = max(counter.values())
+    return min(s for s, c in counter.items() if c == best)
+
+
+def _brute(model, calib, test, min_pair_count):
+    cal, tst = _record(model, calib), _record(model, test)
+    k = model.config.num_experts_per_tok
+    result = {}
+    for layer in cal:
+        tok, pair, glob = defaultdict(Counter), defaultdict(Counter), Counter()
+        for seq in cal[layer]:
+            prev = None
+            for t, chosen in seq:
+                s = tuple(sorted(e for e, _ in chosen))
+                tok[t][s] += 1
+                glob[s] += 1
+                if prev is not None:
+                    pair[(prev, t)][s] += 1
+                prev = t
+        g = _modal(glob)
+        sums = {p: [0.0, 0.0, 0.0] for p in PREDICTORS}
+        n = 0
+        for seq in tst[layer]:
+            prev = None
+            lru = []  # most recent last
+            for t, chosen in seq:
+                truth = set(e for e, _ in chosen)
+                top1 = max(chosen, key=lambda x: x[1])[0]
+                tp = _modal(tok[t]) if t in tok else g
+                if prev is not None and (prev, t) in pair and sum(pair[(prev, t)].values()) >= min_pair_count:
+                    pp = _modal(pair[(prev, t)])
+                else:
+                    pp = tp
+                preds = {"token_table": set(tp), "pair_table": set(pp), "global_set": set(g),
+                         "lru_k": set(lru[-k:]), "lru_2k": set(lru[-2 * k:])}
+                for name, p in preds.items():
+                    sums[name][0] += float(truth <= p) if name.startswith("lru") else float(truth == p)
+                    sums[name][1] += float(top1 in p)
+                    sums[name][2] += len(truth & p) / k
+                n += 1
+                for e, _ in sorted(chosen, key=lambda x: x[1]):  # highest weight becomes most recent
+                    if e in lru:
+                        lru.remove(e)
+                    lru.append(e)
+                prev = t
+        result[layer] = {name: [v / n for v in vals] for name, vals in sums.items()}
+    return result
+
+
+@pytest.mark.parametrize("min_pair_count", [1, 2])
+def test_heldout_matches_brute_force(min_pair_count):
+    model = tiny_model("mixtral", seed=3)
+    calib, test = _batches(0, 6), _batches(1, 3)
+    got = heldout_predictability(model, calib, test, PredictabilityConfig(min_pair_count=min_pair_count))
+    ref = _brute(model, calib, test, min_pair_count)
+    rows = {(r["layer"], r["predictor"]): r for r in got["rows"] if r["model"] == "trained"}
+    for layer, preds in ref.items():
+        for name, (exact, top1, overlap) in preds.items():
+            r = rows[(layer, name)]
+            assert r["exact"] == pytest.approx(exact, abs=1e-9), (layer, name)
+            assert r["top1"] == pytest.approx(top1, abs=1e-9), (layer, name)
+            assert r["overlap"] == pytest.approx(overlap, abs=1e-9), (layer, name)
+    assert got["num_tokens_test"] == sum(int(m.sum()) for _, m in test)
+
+
+def test_pair_table_is_used_when_context_repeats():
+    # A small vocabulary makes pairs repeat, so the pair table must differ from the token table somewhere
+    model = tiny_model("mixtral", seed=5)
+    calib, test = _batches(2, 8, vocab_hi=8, pad_rows=False), _batches(3, 2, vocab_hi=8, pad_rows=False)
+    got = heldout_predictability(model, calib, test, PredictabilityConfig(min_pair_count=1))
+    hits = [r["table_hit"] for r in got["rows"] if r["predictor"] == "pair_table" and r["layer"] != "all"]
+    assert min(hits) > 0.5
+    ref = _brute(model, calib, test, 1)
+    rows = {(r["layer"], r["predictor"]): r for r in got["rows"]}
+    for layer in ref:
+        assert rows[(layer, "pair_table")]["exact"] == pytest.approx(ref[layer]["pair_table"][0], abs=1e-9)
+
+
+def test_control_is_seeded_and_differs_from_trained():
+    model = tiny_model("mixtral", seed=7)
+    a, b = random_init_control(model, seed=11), random_init_control(model, seed=11)
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(pa, pb, msg=name)
+    gate_a = dict(a.named_parameters())
+    assert any(not torch.equal(p, gate_a[n]) for n, p in model.named_parameters())
+    got = heldout_predictability(model, _batches(0, 3), _batches(1, 2), PredictabilityConfig(control_seed=11),
+                                 control="random-init")
+    assert {r["model"] for r in got["rows"]} == {"trained", "control"}
+    assert set(got["summary"]["margin_trained_minus_control"]) == set(PREDICTORS)
+
+
+def test_bad_control_is_rejected():
+    with pytest.raises(ValueError, match="--control"):
+        heldout_predictability(tiny_model("mixtral"), _batches(0, 1), _batches(1, 1), control="shuffled")
+    with pytest.raises(ValueError, match="--min-pair-count"):
+        PredictabilityConfig(min_pair_count=0)
