@@ -1,0 +1,302 @@
+"""StreamingTokenStats: per-(layer, token id) routing statistics in O(L x V x E) memory.
+
+Every router call adds its (valid, non-padding) rows with vectorized tensor operations on the
+model's device; nothing grows with the number of tokens. Held per MoE layer slot l and token v:
+
+- `count_LV`                        occurrences,
+- `mean_*_LV`, `m2_*_LV`            Welford mean and sum of squared deviations of the router
+                                    entropy (nats) and of the top-1 probability (confidence),
+- `sum_margin_LV`                   sum of (top-1 minus top-2 probability),
+- `top1_LVE`, `topk_LVE`            how often expert e was the first choice / among the top-k,
+- `topk_w_LVE`                      sum of the routing weight e received when chosen,
+- `set_LVS`                         exact counts of each top-k *set* (sorted experts encoded as an
+                                    integer with the combinatorial number system) when C(E, k) is
+                                    at most `max_sets`; otherwise None (modal set = top-k of
+                                    `topk_LVE`, `modal_set_count` not exact and written as null),
+- `pairs_L`, `same_top1_L`, `in_top2_L`  consecutive-token counts for the Mixtral paper's Table 5.
+
+A batch updates the Welford state with Chan's formula: the batch's per-token mean and M2 are
+computed with `index_add_` over the unique ids, then combined with the running state. `merge`
+uses the same formula, so shards merge exactly (counts bit-exact, floats to rounding).
+
+"First choice" is the chosen expert with the largest routing weight (what the experts actually
+received); "top-2" are the two chosen experts with the largest weights (the router's two most
+probable experts when k = 1). Confidence and margin come from the float32 probabilities.
+
+Shapes: T rows, E experts, K top-k, L layer slots, V vocabulary, S top-k sets, U unique ids.
+Test: `pytest tests/test_capture_stats.py`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, Sequence
+
+import torch
+
+MAX_SETS = 128  # exact top-k set counts when C(E, k) <= this (dense (L, V, S) int64 counts)
+_WELFORD = ("entropy", "confidence")
+
+
+def binomial_table(n: int, k: int) -> torch.Tensor:
+    """binom[a, b] = C(a, b) for a <= n, b <= k (int64)."""
+    t = torch.zeros(n + 1, k + 1, dtype=torch.long)
+    for a in range(n + 1):
+        for b in range(min(a, k) + 1):
+            t[a, b] = math.comb(a, b)
+    return t
+
+
+def encode_sets(idx_TK: torch.Tensor, binom: torch.Tensor) -> torch.Tensor:
+    """Combinatorial number system id of each row's sorted expert set: sum_i C(c_i, i+1)."""
+    c_TK = idx_TK.sort(dim=1).values.long()
+    rank_K = torch.arange(1, c_TK.shape[1] + 1, device=c_TK.device)
+    return binom[c_TK, rank_K.expand_as(c_TK)].sum(dim=1)
+
+
+def decode_table(num_experts: int, top_k: int) -> torch.Tensor:
+    """(S, K) sorted expert sets indexed by their combinatorial id."""
+    combos = torch.tensor(list(itertools.combinations(range(num_experts), top_k)), dtype=torch.long)
+    ids = encode_sets(combos, binomial_table(num_experts, top_k))
+    out = torch.empty_like(combos)
+    out[ids] = combos
+    return out
+
+
+def ranked_choices(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, topk_w_TK: torch.Tensor) -> torch.Tensor:
+    """(T, 2) first and second choice: chosen experts by weight (by probability when k = 1)."""
+    if topk_idx_TK.shape[1] >= 2:
+        order = topk_w_TK.float().argsort(dim=1, descending=True, stable=True)[:, :2]
+        return topk_idx_TK.gather(1, order).long()
+    second = probs_TE.masked_fill(
+        torch.nn.functional.one_hot(topk_idx_TK[:, 0].long(), probs_TE.shape[1]).bool(), -1.0
+    ).argmax(dim=1)
+    return torch.stack([topk_idx_TK[:, 0].long(), second], dim=1)
+
+
+def previous_rows(valid_BS: torch.Tensor) -> torch.Tensor:
+    """(B*S,) flat index of the previous valid position of the same row, -1 where none."""
+    b, s = valid_BS.shape
+    pos_BS = torch.arange(s, device=valid_BS.device).expand(b, s)
+    last_BS = torch.where(valid_BS, pos_BS, torch.full_like(pos_BS, -1)).cummax(dim=1).values
+    prev_BS = torch.cat([last_BS.new_full((b, 1), -1), last_BS[:, :-1]], dim=1)
+    row_B1 = torch.arange(b, device=valid_BS.device)[:, None] * s
+    return torch.where(prev_BS >= 0, prev_BS + row_B1, prev_BS).reshape(-1)
+
+
+def chan_combine(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Chan et al.'s parallel Welford combination (float64 tensors, counts as float64)."""
+    n = n_a + n_b
+    safe = n.clamp_min(1.0)
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (n_b / safe)
+    m2 = m2_a + m2_b + delta * delta * (n_a * n_b / safe)
+    return mean, m2
+
+
+class StreamingTokenStats:
+    """Streaming per-(layer, token) router statistics; see the module docstring."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        vocab_size: int,
+        num_experts: int,
+        top_k: int,
+        device: str | torch.device = "cpu",
+        layer_ids: Sequence[int] | None = None,
+        max_sets: int = MAX_SETS,
+    ):
+        for name, value in (("num_layers", num_layers), ("vocab_size", vocab_size), ("num_experts", num_experts)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        self.num_layers, self.vocab_size, self.num_experts, self.top_k = num_layers, vocab_size, num_experts, top_k
+        self.layer_ids = list(layer_ids) if layer_ids is not None else list(range(num_layers))
+        if len(self.layer_ids) != num_layers:
+            raise ValueError(f"layer_ids has {len(self.layer_ids)} entries for num_layers={num_layers}")
+        self.device = torch.device(device)
+        self.num_sets = math.comb(num_experts, top_k)
+        self.exact_sets = self.num_sets <= max_sets
+        self._binom = binomial_table(num_experts, top_k).to(self.device)
+        L, V, E = num_layers, vocab_size, num_experts
+        z64 = dict(dtype=torch.float64, device=self.device)
+        zi = dict(dtype=torch.long, device=self.device)
+        self.tensors: dict[str, torch.Tensor] = {
+            "count_LV": torch.zeros(L, V, **zi),
+            "mean_entropy_LV": torch.zeros(L, V, **z64),
+            "m2_entropy_LV": torch.zeros(L, V, **z64),
+            "mean_confidence_LV": torch.zeros(L, V, **z64),
+            "m2_confidence_LV": torch.zeros(L, V, **z64),
+            "sum_margin_LV": torch.zeros(L, V, **z64),
+            "top1_LVE": torch.zeros(L, V, E, **zi),
+            "topk_LVE": torch.zeros(L, V, E, **zi),
+            "topk_w_LVE": torch.zeros(L, V, E, **z64),
+            "pairs_L": torch.zeros(L, **zi),
+            "same_top1_L": torch.zeros(L, **zi),
+            "in_top2_L": torch.zeros(L, **zi),
+        }
+        if self.exact_sets:
+            self.tensors["set_LVS"] = torch.zeros(L, V, self.num_sets, **zi)
+
+    # -- updates -------------------------------------------------------------------------------
+    def slot(self, layer: int) -> int:
+        try:
+            return self.layer_ids.index(layer)
+        except ValueError:
+            raise KeyError(f"layer {layer} is not tracked; tracked layers are {self.layer_ids}") from None
+
+    def update(
+        self,
+        slot: int,
+        ids_T: torch.Tensor,
+        probs_TE: torch.Tensor,
+        topk_idx_TK: torch.Tensor,
+        topk_w_TK: torch.Tensor,
+        choices_T2: torch.Tensor | None = None,
+    ) -> None:
+        """Add T already-filtered (valid) rows of layer slot `slot`."""
+        if ids_T.numel() == 0:
+            return
+        t = self.tensors
+        ids_T = ids_T.to(self.device).long()  # out-of-range ids fail in index_add_ (no device sync here)
+        probs_TE = probs_TE.to(self.device).float()
+        idx_TK = topk_idx_TK.to(self.device).long()
+        w_TK = topk_w_TK.to(self.device).double()
+        E = self.num_experts
+        if choices_T2 is None:
+            choices_T2 = ranked_choices(probs_TE, idx_TK, w_TK)
+        entropy_T = -torch.special.xlogy(probs_TE, probs_TE).sum(dim=1).double()  # 0 log 0 = 0, no NaN
+        top2_T2 = probs_TE.topk(min(2, E), dim=1).values.double()
+        conf_T = top2_T2[:, 0]
+        margin_T = top2_T2[:, 0] - top2_T2[:, 1] if E > 1 else top2_T2[:, 0]
+
+        uniq_U, inv_T = torch.unique(ids_T, return_inverse=True)
+        n_b = torch.bincount(inv_T, minlength=uniq_U.numel()).double()
+        n_a = t["count_LV"][slot, uniq_U].double()
+        for name, x_T in (("entropy", entropy_T), ("confidence", conf_T)):
+            mean_b = torch.zeros_like(n_b).index_add_(0, inv_T, x_T) / n_b
+            m2_b = torch.zeros_like(n_b).index_add_(0, inv_T, (x_T - mean_b[inv_T]) ** 2)
+            mean_a = t[f"mean_{name}_LV"][slot, uniq_U]
+            m2_a = t[f"m2_{name}_LV"][slot, uniq_U]
+            mean, m2 = chan_combine(n_a, mean_a, m2_a, n_b, mean_b, m2_b)
+            t[f"mean_{name}_LV"][slot, uniq_U] = mean
+            t[f"m2_{name}_LV"][slot, uniq_U] = m2
+        t["count_LV"][slot].index_add_(0, ids_T, torch.ones_like(ids_T))
+        t["sum_margin_LV"][slot].index_add_(0, ids_T, margin_T)
+        flat_TK = ids_T[:, None] * E + idx_TK
+        t["topk_LVE"][slot].view(-1).index_add_(0, flat_TK.reshape(-1), torch.ones_like(flat_TK).reshape(-1))
+        t["topk_w_LVE"][slot].view(-1).index_add_(0, flat_TK.reshape(-1), w_TK.reshape(-1))
+        top1_T = ids_T * E + choices_T2[:, 0].to(self.device)
+        t["top1_LVE"][slot].view(-1).index_add_(0, top1_T, torch.ones_like(top1_T))
+        if self.exact_sets:
+            set_T = ids_T * self.num_sets + encode_sets(idx_TK, self._binom)
+            t["set_LVS"][slot].view(-1).index_add_(0, set_T, torch.ones_like(set_T))
+
+    def update_consecutive(self, slot: int, choices_T2: torch.Tensor, prev_choices_T2: torch.Tensor) -> None:
+        """Count consecutive pairs (rows whose previous token's choices are given, -1 = none)."""
+        has_T = prev_choices_T2[:, 0] >= 0
+        cur, prev = choices_T2[has_T].to(self.device), prev_choices_T2[has_T].to(self.device)
+        self.tensors["pairs_L"][slot] += cur.shape[0]
+        self.tensors["same_top1_L"][slot] += (cur[:, 0] == prev[:, 0]).sum()
+        self.tensors["in_top2_L"][slot] += (cur[:, :1] == prev).any(dim=1).sum()
+
+    # -- merge / state ------------------------------------------------------------------------
+    def _check_compatible(self, other: "StreamingTokenStats") -> None:
+        mine = (self.layer_ids, self.vocab_size, self.num_experts, self.top_k, self.exact_sets)
+        theirs = (other.layer_ids, other.vocab_size, other.num_experts, other.top_k, other.exact_sets)
+        if mine != theirs:
+            raise ValueError(f"cannot merge statistics of different shapes: (layers, V, E, k, exact_sets) {mine} vs {theirs}")
+
+    def merge(self, other: "StreamingTokenStats") -> "StreamingTokenStats":
+        """Add another shard's statistics in place (Chan's parallel algorithm); returns self."""
+        self._check_compatible(other)
+        a, b = self.tensors, {k: v.to(self.device) for k, v in other.tensors.items()}
+        n_a, n_b = a["count_LV"].double(), b["count_LV"].double()
+        for name in _WELFORD:
+            mean, m2 = chan_combine(n_a, a[f"mean_{name}_LV"], a[f"m2_{name}_LV"], n_b, b[f"mean_{name}_LV"], b[f"m2_{name}_LV"])
+            a[f"mean_{name}_LV"], a[f"m2_{name}_LV"] = mean, m2
+        for key in a:
+            if not key.startswith(("mean_", "m2_")):
+                a[key] += b[key]
+        return self
+
+    def all_reduce_(self, group: Any = None) -> "StreamingTokenStats":
+        """Exact data-parallel reduction with torch.distributed (sums; two-pass parallel M2)."""
+        import torch.distributed as dist
+
+        t = self.tensors
+        n_local = t["count_LV"].double()
+        for key in t:
+            if not key.startswith(("mean_", "m2_")):
+                dist.all_reduce(t[key], group=group)
+        n = t["count_LV"].double()
+        for name in _WELFORD:
+            mean_local = t[f"mean_{name}_LV"].clone()
+            total = mean_local * n_local
+            dist.all_reduce(total, group=group)
+            mean = total / n.clamp_min(1.0)
+            # M2 = sum_r [M2_r + n_r (mean_r - mean)^2]: the N-way form of Chan's combination
+            m2 = t[f"m2_{name}_LV"] + n_local * (mean_local - mean) ** 2
+            dist.all_reduce(m2, group=group)
+            t[f"mean_{name}_LV"], t[f"m2_{name}_LV"] = mean, m2
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.tensors) - set(state)
+        if missing:
+            raise ValueError(f"statistics state is missing {sorted(missing)}")
+        for k, v in self.tensors.items():
+            if tuple(state[k].shape) != tuple(v.shape):
+                raise ValueError(f"statistics state {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
+            v.copy_(state[k].to(self.device))
+
+    def reset(self) -> None:
+        for v in self.tensors.values():
+            v.zero_()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "layers": self.layer_ids,
+            "vocab_size": self.vocab_size,
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "exact_sets": self.exact_sets,
+        }
+
+    @property
+    def num_tokens(self) -> int:
+        """Valid tokens seen (per layer; the first layer's count)."""
+        return int(self.tensors["count_LV"][0].sum())
+
+    def consecutive_rates(self) -> dict[str, dict[str, float | int]]:
+        """Per layer: pairs counted, share with the same first choice, share with first in previous top-2."""
+        t = {k: self.tensors[k].cpu() for k in ("pairs_L", "same_top1_L", "in_top2_L")}
+        out = {}
+        for slot, layer in enumerate(self.layer_ids):
+            n = int(t["pairs_L"][slot])
+            out[str(layer)] = {
+                "pairs": n,
+                "same_top1": int(t["same_top1_L"][slot]),
+                "in_top2": int(t["in_top2_L"][slot]),
+                "same_top1_rate": int(t["same_top1_L"][slot]) / n if n else float("nan"),
+                "top1_in_prev_top2_rate": int(t["in_top2_L"][slot]) / n if n else float("nan"),
+            }
+        return out
+
+    def to_dataframe(self, tokenizer: Any = None):
+        """One row per (layer, token id) seen at least once; see `var_moe.capture.schema`."""
+        from .frame import stats_to_dataframe
+
+        return stats_to_dataframe(self, tokenizer)
+
+    @classmethod
+    def from_dataframe(cls, df, metadata: dict[str, Any], device: str | torch.device = "cpu") -> "StreamingTokenStats":
+        from .frame import stats_from_dataframe
+
+        return stats_from_dataframe(df, metadata, device)
