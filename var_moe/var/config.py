@@ -1,0 +1,164 @@
+"""`VARConfig`: every knob of the VAR router, a frozen validated dataclass with JSON round-trip.
+
+The seed's field names are kept (frequency_threshold, entropy_threshold, confidence_threshold,
+cache_size, cache_ttl_seconds, context_window_size, routing_stats_path, enable_var,
+track_performance, max_quality_degradation); the rest is what verified routing needs (target
+agreement and its confidence level, a TTL in forward steps, the weight source, adaptive k, shadow
+verification). Presets: `get_conservative_config()`, `get_balanced_config()`,
+`get_aggressive_config()`. Unknown JSON fields and out-of-range values raise `ValueError` naming
+the field. Test: `pytest tests/test_var_config.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from statistics import NormalDist
+from typing import Any
+
+WEIGHT_SOURCES = ("table", "learned")
+
+
+@dataclass(frozen=True)
+class VARConfig:
+    # -- which tokens enter the fast-path table (per layer, from calibration statistics) -------------
+    frequency_threshold: int = 20  # minimum calibration occurrences of (layer, token)
+    entropy_threshold: float = 0.6  # maximum mean routing entropy, nats (max is ln E)
+    target_agreement: float = 0.9  # Wilson lower bound of exact top-k agreement must reach this
+    confidence_level: float = 0.95  # two-sided level of the Wilson interval (0.95 -> z = 1.96)
+    # -- context cache ---------------------------------------------------------------------------
+    confidence_threshold: float = 0.9  # learned decisions enter the cache only if top-1 prob >= this
+    cache_size: int = 10_000  # entries per layer; 0 turns the cached tier off
+    cache_ttl_seconds: float | None = 300.0  # wall-clock TTL (machine dependent); None = no limit
+    cache_ttl_steps: int | None = None  # TTL in forward steps (reproducible; used in evaluations)
+    context_window_size: int = 1  # previous tokens in the cache key (0 = the token alone)
+    # -- tiers and weights -----------------------------------------------------------------------
+    enable_fast_path: bool = True
+    enable_cache: bool = True
+    weights_source: str = "table"  # table: stored weights | learned: router weights restricted to the set
+    adaptive_k: bool = False  # verified tokens with a dominant top expert use one expert
+    adaptive_k_min_weight: float = 0.9  # table weight of the top expert (share of the set) needed for k=1
+    # -- verification ----------------------------------------------------------------------------
+    shadow_rate: float = 0.0  # share of fast/cached decisions re-checked by the learned router
+    seed: int = 0  # seeds the shadow sampling
+    # -- seed API --------------------------------------------------------------------------------
+    routing_stats_path: str | None = None  # Phase 1 statistics (calibration split) to build tables from
+    enable_var: bool = True  # start with VAR on (switch with wrapper.enable_var()/disable_var())
+    track_performance: bool = True  # keep per-layer tier counters
+    max_quality_degradation: float = 0.01  # perplexity increase the evaluation accepts (1%)
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, field: str, what: str) -> None:
+            if not ok:
+                raise ValueError(f"VARConfig.{field} {what}, got {getattr(self, field)!r}")
+
+        need(isinstance(self.frequency_threshold, int) and self.frequency_threshold >= 1, "frequency_threshold", "must be an integer >= 1")
+        need(_num(self.entropy_threshold) and self.entropy_threshold >= 0, "entropy_threshold", "must be >= 0 (nats)")
+        need(_num(self.target_agreement) and 0 < self.target_agreement <= 1, "target_agreement", "must be in (0, 1]")
+        need(_num(self.confidence_level) and 0.5 <= self.confidence_level < 1, "confidence_level", "must be in [0.5, 1)")
+        need(_num(self.confidence_threshold) and 0 < self.confidence_threshold <= 1, "confidence_threshold", "must be in (0, 1]")
+        need(isinstance(self.cache_size, int) and self.cache_size >= 0, "cache_size", "must be an integer >= 0")
+        need(self.cache_ttl_seconds is None or (_num(self.cache_ttl_seconds) and self.cache_ttl_seconds > 0),
+             "cache_ttl_seconds", "must be > 0 or null")
+        need(self.cache_ttl_steps is None or (isinstance(self.cache_ttl_steps, int) and self.cache_ttl_steps >= 1),
+             "cache_ttl_steps", "must be an integer >= 1 or null")
+        need(isinstance(self.context_window_size, int) and 0 <= self.context_window_size <= 64,
+             "context_window_size", "must be an integer in [0, 64]")
+        need(self.weights_source in WEIGHT_SOURCES, "weights_source", f"must be one of {WEIGHT_SOURCES}")
+        need(_num(self.adaptive_k_min_weight) and 0.5 < self.adaptive_k_min_weight <= 1,
+             "adaptive_k_min_weight", "must be in (0.5, 1]")
+        need(_num(self.shadow_rate) and 0 <= self.shadow_rate <= 1, "shadow_rate", "must be in [0, 1]")
+        need(_num(self.max_quality_degradation) and self.max_quality_degradation >= 0, "max_quality_degradation", "must be >= 0")
+        for flag in ("enable_fast_path", "enable_cache", "adaptive_k", "enable_var", "track_performance"):
+            need(isinstance(getattr(self, flag), bool), flag, "must be true or false")
+        need(isinstance(self.seed, int), "seed", "must be an integer")
+
+    @property
+    def wilson_z(self) -> float:
+        """Normal quantile of the two-sided interval (1.96 for 95%)."""
+        return NormalDist().inv_cdf(0.5 + self.confidence_level / 2)
+
+    @property
+    def cache_enabled(self) -> bool:
+        return self.enable_cache and self.cache_size > 0
+
+    # -- JSON ------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text + "\n", encoding="utf-8")
+        return text
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "VARConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"a VAR config must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown VARConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> "VARConfig":
+        """From a JSON string or a path to a JSON file."""
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            path = Path(text)
+            if not path.exists():
+                raise FileNotFoundError(f"VAR config file {path} does not exist")
+            text = path.read_text(encoding="utf-8")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"VAR config is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+        return cls.from_dict(data)
+
+    def replace(self, **changes: Any) -> "VARConfig":
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown VARConfig field(s) {unknown}")
+        return replace(self, **changes)
+
+    @classmethod
+    def from_routing_stats(cls, path: str | Path, preset: str = "balanced", **overrides: Any) -> "VARConfig":
+        """A preset pointed at a Phase 1 statistics file (checked to exist and be readable)."""
+        from .stats_io import read_stats_metadata
+
+        read_stats_metadata(path)  # fails early with a clear message on a missing / foreign file
+        return get_preset(preset).replace(routing_stats_path=str(path), **overrides)
+
+
+def _num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def get_conservative_config() -> VARConfig:
+    """Few, very safe table entries; the cache only repeats near-certain decisions."""
+    return VARConfig(frequency_threshold=50, entropy_threshold=0.3, target_agreement=0.95,
+                     confidence_threshold=0.95, cache_size=5_000, context_window_size=2)
+
+
+def get_balanced_config() -> VARConfig:
+    return VARConfig()
+
+
+def get_aggressive_config() -> VARConfig:
+    """More tokens on the fast path at a lower stated agreement; cache takes less certain decisions."""
+    return VARConfig(frequency_threshold=10, entropy_threshold=1.0, target_agreement=0.8,
+                     confidence_threshold=0.75, cache_size=20_000, context_window_size=1)
+
+
+PRESETS = {"conservative": get_conservative_config, "balanced": get_balanced_config, "aggressive": get_aggressive_config}
+
+
+def get_preset(name: str) -> VARConfig:
+    if name not in PRESETS:
+        raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {name!r}")
+    return PRESETS[name]()

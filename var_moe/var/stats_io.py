@@ -1,0 +1,85 @@
+"""Reading Phase 1 statistics files for table building, and checking they fit a model.
+
+Uses `var_moe.capture.schema.read_stats` when the capture package provides it; otherwise reads the
+Parquet file with pyarrow and decodes its key-value metadata (JSON values). Either way the result
+is `(DataFrame, metadata dict)`. `check_stats_for_model` refuses statistics captured from another
+architecture, vocabulary, expert count or top-k. Test: `pytest tests/test_var_tables.py`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+REQUIRED_COLUMNS = ("layer", "token_id", "frequency", "mean_entropy", "modal_topk_set", "modal_set_count",
+                    "topk_counts", "topk_weight_sums")
+
+
+def _decode_metadata(raw: dict[bytes, bytes] | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    for k, v in (raw or {}).items():
+        key = k.decode("utf-8", "replace")
+        if key in ("pandas", "ARROW:schema"):
+            continue
+        text = v.decode("utf-8", "replace")
+        try:
+            meta[key] = json.loads(text)
+        except json.JSONDecodeError:
+            meta[key] = text
+    # a schema module may nest everything under one key
+    for nest in ("varmoe", "var_moe", "metadata"):
+        if isinstance(meta.get(nest), dict):
+            meta = {**meta, **meta[nest]}
+    return meta
+
+
+def read_stats_metadata(path: str | Path) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"routing statistics file {p} does not exist (run `varmoe capture` first)")
+    try:
+        return _decode_metadata(pq.read_schema(p).metadata)
+    except Exception as exc:  # pyarrow raises several types for a non-Parquet file
+        raise ValueError(f"{p} is not a readable Parquet statistics file ({exc})") from exc
+
+
+def read_stats(path: str | Path) -> tuple[Any, dict[str, Any]]:
+    """`(DataFrame, metadata)` of a Phase 1 statistics file, with the columns tables need checked."""
+    try:
+        from ..capture.schema import read_stats as capture_read_stats  # the Phase 1 schema module
+    except ImportError:
+        capture_read_stats = None
+    p = Path(path)
+    if capture_read_stats is not None and p.exists():
+        df, meta = capture_read_stats(p)
+        meta = dict(meta or {})
+    else:
+        import pyarrow.parquet as pq
+
+        meta = read_stats_metadata(p)
+        df = pq.read_table(p).to_pandas()
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{p}: statistics file lacks column(s) {missing}; is it a Phase 1 `varmoe capture` output?")
+    return df, meta
+
+
+def check_stats_for_model(meta: dict[str, Any], model: Any, adapter: Any, source: str = "statistics") -> None:
+    """Refuse statistics made for another architecture / vocabulary / E / k (fields absent are not checked)."""
+    cfg = model.config
+    expected = {
+        "model_type": getattr(cfg, "model_type", None),
+        "vocab_size": int(cfg.vocab_size),
+        "num_experts": adapter.num_experts,
+        "top_k": adapter.top_k,
+    }
+    for key, want in expected.items():
+        got = meta.get(key)
+        if got is not None and want is not None and got != want:
+            raise ValueError(
+                f"{source} were made for {key}={got!r} but the model has {key}={want!r}; "
+                f"capture statistics / build tables for this model (source model: {meta.get('model')!r})"
+            )

@@ -1,0 +1,229 @@
+"""`VARModelWrapper` (alias `VARMixtralWrapper`): puts a `VARRouter` on every (chosen) MoE layer.
+
+    wrapper = VARModelWrapper(model, VARConfig.from_routing_stats("calib.parquet"))
+    out = wrapper(input_ids=ids, attention_mask=mask)      # same outputs object as the model
+    wrapper.disable_var(); wrapper.enable_var()            # A/B switch at run time
+    wrapper.get_performance_stats(); wrapper.restore()     # original router modules back
+
+The wrapper attaches a `TokenTracker` (token ids, padding and context aligned with router rows,
+also across `generate()` steps) and hands it to every VAR router. With VAR disabled each router
+calls the original module with the original input, so routing is exactly the original's.
+`suspended()` is a context manager that takes VAR out completely (original modules, no hooks) for
+timing the unmodified model in the same process. Counters (per layer: tier counts, cache hits,
+shadow agreement) live on device in each router; per-batch-row tier counts for the server are in
+`row_tier_counts()`. Test: `pytest tests/test_var_wrapper.py tests/test_var_exact.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from ..adapters import get_adapter
+from ..token_tracker import TokenTracker
+from .config import VARConfig
+from .router import C, COUNTERS, TIERS, VARRouter
+from .tables import VARTables
+
+
+class VARModelWrapper:
+    def __init__(self, model: Any, config: VARConfig | None = None, tables: VARTables | None = None,
+                 patch_layers: Sequence[int] | None = None, clock: Any = None):
+        self.model = model
+        self.config = config or VARConfig()
+        self.adapter = get_adapter(model)
+        moe = self.adapter.moe_layers(model)
+        available = [m.layer for m in moe]
+        if patch_layers is not None:
+            missing = sorted(set(patch_layers) - set(available))
+            if missing:
+                raise ValueError(f"patch_layers {missing} are not MoE layers; MoE layers are {available}")
+            moe = [m for m in moe if m.layer in set(patch_layers)]
+        self.moe_layers = moe
+        if tables is None:
+            if self.config.routing_stats_path:
+                tables = VARTables.from_stats_file(self.config.routing_stats_path, model, self.adapter, self.config,
+                                                   layers=[m.layer for m in moe])
+            else:
+                tables = VARTables.empty(model, self.adapter, [m.layer for m in moe])
+        else:
+            tables.check_model(model, self.adapter)
+        self.tables = tables
+        self.tracker = TokenTracker(model, window=self.config.context_window_size)
+        self._row_counts: torch.Tensor | None = None
+        kwargs = {"clock": clock} if clock is not None else {}
+        self.originals = {m.layer: getattr(m.block, m.router_attr) for m in moe}
+        self.routers: dict[int, VARRouter] = {}
+        for m in moe:
+            table = tables.layers.get(m.layer)
+            if table is None:
+                raise ValueError(f"VAR tables have no table for MoE layer {m.layer} (they hold {sorted(tables.layers)})")
+            self.routers[m.layer] = VARRouter(self.originals[m.layer], m.layer, self.adapter, self.config, table,
+                                              tokens=lambda: self.tracker.current, on_tiers=self._on_tiers, **kwargs)
+        self._installed = False
+        self.install()
+
+    # -- patching --------------------------------------------------------------------------------
+    def install(self) -> None:
+        if self._installed:
+            return
+        self.tracker.attach()
+        for m in self.moe_layers:
+            setattr(m.block, m.router_attr, self.routers[m.layer])
+        self._installed = True
+
+    def restore(self) -> None:
+        """Put the original router modules back and detach the token tracker (idempotent)."""
+        if not self._installed:
+            return
+        for m in self.moe_layers:
+            setattr(m.block, m.router_attr, self.originals[m.layer])
+        self.tracker.detach()
+        self._installed = False
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[Any]:
+        """The unmodified model (original routers, no hooks) inside the block; VAR back afterwards."""
+        was = self._installed
+        self.restore()
+        try:
+            yield self.model
+        finally:
+            if was:
+                self.install()
+
+    def __enter__(self) -> "VARModelWrapper":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.restore()
+
+    # -- switching ---------------------------------------------------------------------------------
+    def enable_var(self) -> None:
+        for r in self.routers.values():
+            r.enabled = True
+
+    def disable_var(self) -> None:
+        for r in self.routers.values():
+            r.enabled = False
+
+    @property
+    def var_enabled(self) -> bool:
+        return any(r.enabled for r in self.routers.values())
+
+    def set_audit(self, on: bool) -> None:
+        """Audit mode: compute the learned router for every fast/cached row and count agreement."""
+        for r in self.routers.values():
+            r.audit = on
+
+    def clear_cache(self) -> None:
+        for r in self.routers.values():
+            r.clear_cache()
+
+    def reset_stats(self) -> None:
+        for r in self.routers.values():
+            r.counts.zero_()
+
+    # -- running -----------------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    __call__ = forward
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.generate(*args, **kwargs)
+
+    # -- accounting --------------------------------------------------------------------------------
+    def _on_tiers(self, tier_T: torch.Tensor, tok: Any) -> None:
+        b, s = tok.batch_size, tok.seq_len
+        if self._row_counts is None or self._row_counts.shape[0] != b:
+            self._row_counts = torch.zeros(b, 3, dtype=torch.long, device=tier_T.device)
+        valid_T = tok.valid_T.to(tier_T.device)
+        row_T = torch.arange(tier_T.shape[0], device=tier_T.device) // s
+        flat = (row_T * 3 + tier_T)[valid_T]
+        self._row_counts += torch.bincount(flat, minlength=b * 3).reshape(b, 3)
+
+    def row_tier_counts(self) -> torch.Tensor:
+        """(B, 3) fast/cached/learned counts per batch row since `reset_row_counts()`, valid tokens,
+        summed over layers (a new batch size starts a new tensor)."""
+        if self._row_counts is None:
+            return torch.zeros(0, 3, dtype=torch.long)
+        return self._row_counts.cpu().clone()
+
+    def reset_row_counts(self) -> None:
+        self._row_counts = None
+
+    def _counts(self) -> dict[int, list[int]]:
+        return {l: r.counts.cpu().tolist() for l, r in self.routers.items()}
+
+    def tier_counts(self) -> dict[tuple[int, str], int]:
+        return {(l, t): c[C[t]] for l, c in self._counts().items() for t in TIERS}
+
+    def verification_counts(self) -> dict[tuple[int, str], int]:
+        return {(l, o): c[C[f"shadow_{o}"]] for l, c in self._counts().items() for o in ("agree", "disagree")}
+
+    def table_sizes(self) -> dict[int, int]:
+        return {l: int(r.member_V.sum()) for l, r in self.routers.items()}
+
+    def get_performance_stats(self) -> dict[str, Any]:
+        per_layer: dict[str, Any] = {}
+        total = [0] * len(COUNTERS)
+        for l, c in self._counts().items():
+            per_layer[str(l)] = _summary(c) | {"table_size": int(self.routers[l].member_V.sum()),
+                                               "cache_entries": len(self.routers[l].cache)}
+            total = [a + b for a, b in zip(total, c)]
+        overall = _summary(total) | {"table_size": sum(self.table_sizes().values()), "var_enabled": self.var_enabled}
+        return {"layers": per_layer, "overall": overall}
+
+    def print_performance_summary(self) -> None:
+        s = self.get_performance_stats()
+        o = s["overall"]
+        print("VAR performance summary")
+        print(f"  routed tokens x layers: {o['calls']}   VAR {'on' if o['var_enabled'] else 'off'}")
+        for t in TIERS:
+            print(f"  {t:8s}: {100 * o['routing_distribution'][t]:5.1f}%")
+        print(f"  cache hit rate: {100 * o['cache_hit_rate']:.1f}%   table entries: {o['table_size']}")
+        if o["shadow_checked"]:
+            print(f"  shadow agreement: {100 * o['shadow_agreement']:.1f}% of {o['shadow_checked']}  demoted: {o['demoted']}")
+        for l, d in s["layers"].items():
+            dist = " ".join(f"{t}={100 * d['routing_distribution'][t]:.1f}%" for t in TIERS)
+            print(f"  layer {l}: {dist} table={d['table_size']} cache={d['cache_entries']}")
+
+    def save_performance_stats(self, path: str | Path) -> Path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(self.get_performance_stats(), indent=2) + "\n", encoding="utf-8")
+        return p
+
+
+def _summary(c: list[int]) -> dict[str, Any]:
+    calls = c[C["fast"]] + c[C["cached"]] + c[C["learned"]]
+    share = lambda x: x / calls if calls else 0.0  # noqa: E731
+    checked = c[C["shadow_agree"]] + c[C["shadow_disagree"]]
+    out = {
+        "calls": calls,
+        "forwards": c[C["forwards"]],
+        "tier_counts": {t: c[C[t]] for t in TIERS},
+        "routing_distribution": {t: share(c[C[t]]) for t in TIERS},
+        "cache_lookups": c[C["cache_lookups"]],
+        "cache_hits": c[C["cache_hits"]],
+        "cache_hit_rate": c[C["cache_hits"]] / c[C["cache_lookups"]] if c[C["cache_lookups"]] else 0.0,
+        "cache_inserts": c[C["cache_inserts"]],
+        "shadow_checked": checked,
+        "shadow_agreement": c[C["shadow_agree"]] / checked if checked else None,
+        "demoted": c[C["demoted"]],
+        "adaptive_single": c[C["adaptive_single"]],
+        "fallback_forwards": c[C["fallback_forwards"]],
+    }
+    for tier in ("fast", "cached"):
+        n = c[C[f"audit_{tier}_n"]]
+        out[f"audit_{tier}"] = {"n": n, "exact_agreement": c[C[f"audit_{tier}_exact"]] / n if n else None,
+                                "overlap": c[C[f"audit_{tier}_overlap_x1000"]] / 1000 / n if n else None}
+    return out
+
+
+VARMixtralWrapper = VARModelWrapper
