@@ -1,0 +1,78 @@
+"""`varmoe serve`: parse flags into `ServerSettings` and run the app under uvicorn.
+
+Every flag has a `VARMOE_*` environment twin (flag wins). With no arguments it serves the
+reference model on 127.0.0.1:8000 with its VAR tables when they are present. Examples:
+    varmoe serve
+    VARMOE_ADMIN_TOKEN=secret varmoe serve --port 9000 --max-batch-size 16 --no-var-on-start
+Test: `pytest tests/test_server_api.py` (starts `varmoe serve` in a subprocess).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+# flag name -> (type, help); None type = boolean switch with a --no- twin
+FLAGS: dict[str, tuple[type | None, str]] = {
+    "model": (str, "local folder or hub id (default: the reference model)"),
+    "dtype": (str, "auto | float32 | bfloat16 | float16"),
+    "device": (str, "cpu | cuda | auto"),
+    "quantization": (str, "4bit | 8bit (bitsandbytes, CUDA only)"),
+    "trust_remote_code": (None, "run the model repo's own Python"),
+    "threads": (int, "torch CPU threads of the engine"),
+    "var_tables": (str, "VAR tables (.safetensors); default <model>/var_tables.safetensors"),
+    "routing_stats": (str, "Phase 1 statistics; default <model>/routing_stats_calibration.parquet"),
+    "var_config": (str, "VARConfig JSON file or preset name"),
+    "var_on_start": (None, "start in VAR mode when VAR is available (default on)"),
+    "host": (str, "bind address (default 127.0.0.1)"),
+    "port": (int, "port (default 8000; 0 = any free port)"),
+    "max_batch_size": (int, "rows per model batch"),
+    "max_wait_ms": (float, "how long a batch waits to fill"),
+    "max_queue": (int, "waiting requests before 429"),
+    "request_timeout_s": (float, "per-request time limit"),
+    "max_prompt_tokens": (int, "longest accepted prompt"),
+    "max_new_tokens_limit": (int, "largest accepted max_new_tokens / max_tokens"),
+    "shutdown_grace_s": (float, "how long shutdown waits for in-flight work"),
+}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="run the HTTP inference server (FastAPI + uvicorn)",
+                              description=__doc__.split("\n\n")[0])
+    for name, (typ, help_) in FLAGS.items():
+        flag = "--" + name.replace("_", "-")
+        if typ is None:
+            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            p.add_argument(flag, dest=name, type=typ, default=None, help=help_)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=run)
+
+
+def build_settings(args: argparse.Namespace):
+    from pydantic import ValidationError
+
+    from .settings import ServerSettings
+
+    given = {k: getattr(args, k) for k in FLAGS if getattr(args, k, None) is not None}
+    try:
+        return ServerSettings(**given)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "settings"
+        raise ValueError(f"--{field.replace('_', '-')} (or VARMOE_{field.upper()}): {first['msg']}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    settings = build_settings(args)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    print(f"varmoe serve: http://{settings.host}:{settings.port} model={settings.model}", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
+                timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None)
+    return 0

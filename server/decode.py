@@ -1,0 +1,219 @@
+"""Padded-batch decoding: one left-padded (B, S) prefill, then one (B, 1) step per new token.
+
+This is the model-facing half of the engine (the queue and the thread live in `engine.py`).
+`BatchDecoder(model, rows, pad_id, eos_id)` runs a batch of `RowSpec`s of possibly different
+lengths, sampling settings and limits:
+
+- prefill: prompts are left-padded to a (B, S) `input_ids` batch with an attention mask and
+  position ids counted over the valid tokens only (what `generate()` does), so a row's logits do
+  not depend on its neighbours. Prompt log-probabilities (perplexity, `echo` completions) come
+  from this one forward; without them only the last position goes through the output layer.
+- step: every live row gets its new token; a finished row is fed a pad token with mask 0, so it
+  costs compute but is masked out of every routing statistic (the token tracker reads the mask)
+  and never changes the live rows. Rows are not dropped from the KV cache because the VAR
+  router's token tracker keeps per-row context that a shrinking batch would reset.
+
+Why (B, S) batches and not transformers' continuous batching: the VAR router and the capture
+need `input_ids` shaped (B, S) to align token ids with router rows; continuous batching packs
+sequences into (1, T). The throughput comparison is in docs/BENCHMARKS.md.
+
+Sampling per row: temperature 0 is greedy; otherwise softmax(logits / T) with nucleus (top_p)
+filtering, drawn with the row's own seeded generator, so a seeded request gives the same text
+whatever it is batched with. Reported log-probabilities are those of the unmodified model.
+
+Shapes: B rows, S positions, V vocabulary, N top log-probabilities. Test:
+`pytest tests/test_server_decode.py`.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from var_moe.loading import model_device
+
+
+@dataclass
+class RowSpec:
+    """One request's share of a batch."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    prompt_logprobs: bool = False  # log p(prompt[i] | prompt[:i]) for i >= 1
+    top_logprobs: int = 0  # also the N most likely tokens at every reported position
+
+
+@dataclass
+class RowState:
+    """What the decoder produced for one row so far."""
+
+    new_ids: list[int] = field(default_factory=list)
+    new_logprobs: list[float] = field(default_factory=list)
+    new_top: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt_logprobs: list[float | None] = field(default_factory=list)
+    prompt_top: list[list[tuple[int, float]] | None] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None  # length | stop | eos | cancelled | timeout
+    forwarded_tokens: int = 0  # valid tokens this row sent through the model
+
+
+def _top_pairs(logp_BV: torch.Tensor, n: int) -> list[list[tuple[int, float]]]:
+    vals, idx = torch.topk(logp_BV, n, dim=-1)
+    return [list(zip(i.tolist(), v.tolist())) for i, v in zip(idx, vals)]
+
+
+def nucleus_probs(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_p_B: torch.Tensor) -> torch.Tensor:
+    """Sampling distribution per row: softmax(logits / T) restricted to the top_p nucleus."""
+    probs_BV = torch.softmax(logits_BV / temperature_B.clamp_min(1e-6)[:, None], dim=-1)
+    sorted_BV, order_BV = torch.sort(probs_BV, dim=-1, descending=True)
+    mass_before_BV = torch.cumsum(sorted_BV, dim=-1) - sorted_BV
+    keep_sorted_BV = mass_before_BV < top_p_B[:, None]  # always keeps the most likely token
+    keep_BV = torch.zeros_like(keep_sorted_BV).scatter_(1, order_BV, keep_sorted_BV)
+    probs_BV = torch.where(keep_BV, probs_BV, torch.zeros_like(probs_BV))
+    return probs_BV / probs_BV.sum(-1, keepdim=True)
+
+
+class BatchDecoder:
+    """Runs one batch of rows; `prefill()` once, then `step()` until `done`."""
+
+    def __init__(self, model, rows: list[RowSpec], pad_id: int, eos_id: int | None):
+        if not rows:
+            raise ValueError("a batch needs at least one row")
+        if any(len(r.prompt_ids) == 0 for r in rows):
+            raise ValueError("every prompt needs at least one token")
+        self.model = model
+        self.rows = rows
+        self.pad_id = pad_id
+        self.eos_id = eos_id
+        self.device = model_device(model)
+        self.state = [RowState() for _ in rows]
+        self.generators = []
+        for r in rows:
+            g = torch.Generator(device="cpu")
+            g.manual_seed(r.seed if r.seed is not None else random.getrandbits(63))
+            self.generators.append(g)
+        self.temperature_B = torch.tensor([r.temperature for r in rows], dtype=torch.float32)
+        self.top_p_B = torch.tensor([r.top_p for r in rows], dtype=torch.float32)
+        self.cache = None
+        self.mask_BS: torch.Tensor | None = None
+        self.next_pos_B: torch.Tensor | None = None
+        self.steps = 0
+
+    # -- helpers ---------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return all(s.finished for s in self.state)
+
+    def finish(self, i: int, reason: str) -> None:
+        """Mark row i finished (cancelled, timed out, stop string); its slot keeps idling."""
+        if not self.state[i].finished:
+            self.state[i].finished = True
+            self.state[i].finish_reason = reason
+
+    def _forward(self, ids_BS: torch.Tensor, pos_BS: torch.Tensor, keep_all: bool) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        if self.cache is None:
+            self.cache = DynamicCache(config=self.model.config)
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=ids_BS.to(self.device),
+                attention_mask=self.mask_BS.to(self.device),
+                position_ids=pos_BS.to(self.device),
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=0 if keep_all else 1,
+            )
+        return out.logits.float().cpu()
+
+    def _choose(self, logits_BV: torch.Tensor) -> torch.Tensor:
+        """Next token per row (greedy rows by argmax, the others sampled with their generator)."""
+        next_B = logits_BV.argmax(-1)
+        sample = (self.temperature_B > 0).tolist()
+        if any(sample):
+            probs_BV = nucleus_probs(logits_BV, self.temperature_B, self.top_p_B)
+            for i, on in enumerate(sample):  # a loop over batch rows (<= max batch), not tokens
+                if on and not self.state[i].finished:
+                    next_B[i] = torch.multinomial(probs_BV[i], 1, generator=self.generators[i])[0]
+        return next_B
+
+    def _emit(self, logits_BV: torch.Tensor) -> list[int | None]:
+        """Pick and record the next token of every live row; returns the new ids (None if idle)."""
+        next_B = self._choose(logits_BV)
+        logp_BV = torch.log_softmax(logits_BV, dim=-1)
+        chosen_B = logp_BV.gather(1, next_B[:, None])[:, 0]
+        n_top = max(r.top_logprobs for r in self.rows)
+        tops = _top_pairs(logp_BV, n_top) if n_top else None
+        emitted: list[int | None] = []
+        for i, (row, st) in enumerate(zip(self.rows, self.state)):
+            if st.finished or len(st.new_ids) >= row.max_new_tokens:
+                if not st.finished:
+                    self.finish(i, "length")
+                emitted.append(None)
+                continue
+            tok = int(next_B[i])
+            st.new_ids.append(tok)
+            st.new_logprobs.append(float(chosen_B[i]))
+            if row.top_logprobs:
+                st.new_top.append(tops[i][: row.top_logprobs])
+            emitted.append(tok)
+            if self.eos_id is not None and tok == self.eos_id:
+                self.finish(i, "eos")
+            elif len(st.new_ids) >= row.max_new_tokens:
+                self.finish(i, "length")
+        self._last_B = next_B
+        return emitted
+
+    # -- the two phases ----------------------------------------------------------------------
+    def prefill(self) -> list[int | None]:
+        """Forward the left-padded prompts; returns each row's first new token (None if none)."""
+        lengths = [len(r.prompt_ids) for r in self.rows]
+        b, s = len(self.rows), max(lengths)
+        ids_BS = torch.full((b, s), self.pad_id, dtype=torch.long)
+        self.mask_BS = torch.zeros((b, s), dtype=torch.long)
+        for i, r in enumerate(self.rows):  # copy each prompt into its row (B rows)
+            ids_BS[i, s - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            self.mask_BS[i, s - len(r.prompt_ids):] = 1
+        pos_BS = (self.mask_BS.cumsum(-1) - 1).clamp_min(0)
+        self.next_pos_B = pos_BS[:, -1] + 1
+        want_prompt = any(r.prompt_logprobs for r in self.rows)
+        logits = self._forward(ids_BS, pos_BS, keep_all=want_prompt)
+        for st, n in zip(self.state, lengths):
+            st.forwarded_tokens += n
+        if want_prompt:
+            self._prompt_logprobs(ids_BS, logits)
+        self.steps = 1
+        return self._emit(logits[:, -1])
+
+    def _prompt_logprobs(self, ids_BS: torch.Tensor, logits_BSV: torch.Tensor) -> None:
+        logp_BSV = torch.log_softmax(logits_BSV[:, :-1], dim=-1)  # predicts positions 1..S-1
+        target_BS = ids_BS[:, 1:]
+        lp_BS = logp_BSV.gather(2, target_BS[..., None])[..., 0]
+        s = ids_BS.shape[1]
+        for i, (row, st) in enumerate(zip(self.rows, self.state)):
+            if not row.prompt_logprobs:
+                continue
+            n = len(row.prompt_ids)
+            start = s - n  # first real position; its token has no prediction
+            st.prompt_logprobs = [None] + lp_BS[i, start:].tolist()
+            if row.top_logprobs:
+                tops = _top_pairs(logp_BSV[i, start:], row.top_logprobs) if n > 1 else []
+                st.prompt_top = [None] + tops
+
+    def step(self) -> list[int | None]:
+        """One decode step for the whole batch; returns each row's new token (None if idle)."""
+        live_B = torch.tensor([not st.finished for st in self.state])
+        ids_B1 = torch.where(live_B, self._last_B, torch.full_like(self._last_B, self.pad_id))[:, None]
+        self.mask_BS = torch.cat([self.mask_BS, live_B.long()[:, None]], dim=1)
+        pos_B1 = self.next_pos_B[:, None].clone()
+        self.next_pos_B = self.next_pos_B + live_B.long()
+        logits = self._forward(ids_B1, pos_B1, keep_all=False)
+        for st, live in zip(self.state, live_B.tolist()):
+            st.forwarded_tokens += int(live)
+        self.steps += 1
+        return self._emit(logits[:, -1])

@@ -1,0 +1,99 @@
+"""OpenAI-compatible `/v1/completions` bodies: prompt forms in, `text_completion` objects out.
+
+Accepted prompts: a string, a list of strings, a list of token ids, or a list of token-id lists
+(lm-evaluation-harness's `local-completions` sends token ids by default). With `echo: true` the
+returned text and log-probabilities cover the prompt too: `token_logprobs[0]` is null (the first
+token has no prediction) and `top_logprobs[i]` maps the `logprobs` most likely tokens to their
+log-probabilities. That is what `local-completions` needs for loglikelihood requests
+(`max_tokens` 0 or 1, `echo`, `logprobs: 1`). Test: `pytest tests/test_server_api.py`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from .schemas import MAX_TEXTS, CompletionRequest
+
+
+def prompt_ids(state, body: CompletionRequest) -> list[list[int]]:
+    """Token ids of every prompt; raises the app's APIError naming the field."""
+    from .app import APIError
+
+    p = body.prompt
+    if isinstance(p, str):
+        return [state.tokenize(p, "prompt")]
+    if not p:
+        raise APIError(422, "invalid_request", "prompt must not be empty", "prompt")
+    if all(isinstance(x, int) for x in p):
+        return [list(p)]
+    if len(p) > MAX_TEXTS:
+        raise APIError(422, "invalid_request", f"at most {MAX_TEXTS} prompts per request", "prompt")
+    out = []
+    for i, item in enumerate(p):
+        out.append(state.tokenize(item, f"prompt[{i}]") if isinstance(item, str) else list(item))
+    return out
+
+
+def _token_strings(tokenizer, ids: list[int]) -> list[str]:
+    return [tokenizer.decode([i]) for i in ids]
+
+
+def _top_dicts(tokenizer, tops) -> list[dict[str, float] | None]:
+    out = []
+    for pairs in tops:
+        if pairs is None:
+            out.append(None)
+            continue
+        d: dict[str, float] = {}
+        for tok_id, lp in pairs:
+            d.setdefault(tokenizer.decode([tok_id]), lp)  # two ids may decode alike: keep the likelier
+        out.append(d)
+    return out
+
+
+def _choice(runtime, body: CompletionRequest, ids: list[int], result, index: int, stops: list[str]) -> dict[str, Any]:
+    tok = runtime.tokenizer
+    st = result.state
+    gen_ids = list(st.new_ids)
+    reason = {"eos": "stop", "stop": "stop"}.get(st.finish_reason or "length", "length")
+    gen_text = tok.decode(gen_ids, skip_special_tokens=True)
+    if st.finish_reason == "stop":
+        cut = min((gen_text.find(s) for s in stops if s in gen_text), default=-1)
+        if cut >= 0:
+            gen_text = gen_text[:cut]
+    prompt_text = tok.decode(ids) if body.echo else ""
+    logprobs = None
+    if body.logprobs is not None:
+        n = body.logprobs
+        tokens, token_lps, tops = [], [], []
+        if body.echo:
+            tokens += _token_strings(tok, ids)
+            token_lps += list(st.prompt_logprobs) or [None] * len(ids)
+            tops += _top_dicts(tok, st.prompt_top) if n else [{} for _ in ids]
+        tokens += _token_strings(tok, gen_ids)
+        token_lps += list(st.new_logprobs)
+        tops += _top_dicts(tok, st.new_top) if n else [{} for _ in gen_ids]
+        offsets, pos = [], 0
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        logprobs = {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+    return {"text": prompt_text + gen_text, "index": index, "logprobs": logprobs, "finish_reason": reason}
+
+
+def completion_body(runtime, body: CompletionRequest, prompts: list[list[int]], results, stops) -> dict[str, Any]:
+    choices = [_choice(runtime, body, ids, r, i, stops) for i, (ids, r) in enumerate(zip(prompts, results))]
+    prompt_tokens = sum(len(p) for p in prompts)
+    completion_tokens = sum(len(r.state.new_ids) for r in results)
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": body.model or runtime.model_name,
+        "choices": choices,
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+        "mode": results[0].mode if results else None,
+    }

@@ -1,0 +1,80 @@
+"""Server settings: one pydantic-settings class read from `VARMOE_*` environment variables and flags.
+
+Precedence: command-line flags (`varmoe serve --port 9000`) > environment (`VARMOE_PORT=9000`) >
+defaults. Defaults serve the reference model (`models/reference-moe`) on 127.0.0.1:8000 with its
+VAR tables and calibration routing statistics when those files are present next to the weights.
+Invalid values fail at start-up with a message naming the setting. Test: `pytest tests/test_server_api.py`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from var_moe.loading import REFERENCE_MODEL_DIR
+
+VAR_TABLES_FILE = "var_tables.safetensors"
+ROUTING_STATS_FILE = "routing_stats_calibration.parquet"
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VARMOE_", extra="forbid", frozen=True)
+
+    # -- model -------------------------------------------------------------------------------
+    model: str = Field(str(REFERENCE_MODEL_DIR), description="local folder or hub id")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    quantization: Literal["4bit", "8bit"] | None = None
+    trust_remote_code: bool = False
+    threads: int | None = Field(None, ge=1, description="torch CPU threads of the engine thread")
+    # -- VAR ---------------------------------------------------------------------------------
+    var_tables: Path | None = Field(None, description=f"default: <model>/{VAR_TABLES_FILE} if present")
+    routing_stats: Path | None = Field(None, description=f"default: <model>/{ROUTING_STATS_FILE} if present")
+    var_config: str | None = Field(None, description="VARConfig JSON file or preset name")
+    var_on_start: bool = Field(True, description="start in VAR mode when VAR is available")
+    # -- HTTP --------------------------------------------------------------------------------
+    host: str = "127.0.0.1"  # loopback unless the operator opens it on purpose
+    port: int = Field(8000, ge=0, le=65535)
+    admin_token: SecretStr | None = Field(None, description="Bearer token for admin endpoints; none = refuse")
+    # -- batching and limits -----------------------------------------------------------------
+    max_batch_size: int = Field(8, ge=1, le=256)
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000)
+    max_queue: int = Field(64, ge=1, description="waiting requests beyond this get 429")
+    request_timeout_s: float = Field(120.0, gt=0)
+    max_prompt_tokens: int = Field(1024, ge=1, description="capped by the model's context length")
+    max_new_tokens_limit: int = Field(512, ge=1)
+    shutdown_grace_s: float = Field(30.0, ge=0)
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, v):
+        return None if v in ("", None) else v
+
+    @model_validator(mode="after")
+    def _check_paths(self):
+        for name in ("var_tables", "routing_stats"):
+            p = getattr(self, name)
+            if p is not None and not Path(p).exists():
+                raise ValueError(f"{name}: file {p} does not exist")
+        return self
+
+    def default_file(self, explicit: Path | None, filename: str) -> Path | None:
+        """The explicit path, else `<model>/<filename>` when the model is a local folder holding it."""
+        if explicit is not None:
+            return Path(explicit)
+        candidate = Path(self.model) / filename
+        return candidate if candidate.exists() else None
+
+    @property
+    def var_tables_path(self) -> Path | None:
+        return self.default_file(self.var_tables, VAR_TABLES_FILE)
+
+    @property
+    def routing_stats_path(self) -> Path | None:
+        return self.default_file(self.routing_stats, ROUTING_STATS_FILE)
+
+    def admin_token_value(self) -> str | None:
+        return self.admin_token.get_secret_value() if self.admin_token else None
