@@ -87,7 +87,7 @@ def fig_entropy_distribution(df: pd.DataFrame, meta: dict[str, Any]) -> plt.Figu
     """Box plots per layer of token mean entropy, and the occurrence-weighted CDF per layer."""
     layers = _layers(df)
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    a.boxplot([df[df["layer"] == l]["mean_entropy"].dropna() for l in layers], labels=[str(l) for l in layers],
+    a.boxplot([df[df["layer"] == l]["mean_entropy"].dropna() for l in layers], tick_labels=[str(l) for l in layers],
               patch_artist=False, medianprops={"color": "black"}, flierprops={"markersize": 2})
     a.axhline(_ln_e(meta), ls="--", c="0.4", lw=1, label="max ln E")
     a.set_xlabel("layer")
@@ -157,7 +157,7 @@ def fig_token_expert_heatmap(df: pd.DataFrame, meta: dict[str, Any], n: int = 50
     fig, axes = plt.subplots(1, len(layers), figsize=(1.2 + 0.25 * e * len(layers) + 1.5, 0.18 * n + 1.5), squeeze=False)
     first = df[df["layer"] == layers[0]].nlargest(n, "frequency")
     order = first["token_id"].to_numpy()
-    labels = [repr(s)[1:-1][:12] if isinstance(s, str) else str(t) for s, t in
+    labels = [repr(s)[1:-1].replace(" ", "\u2423")[:12] if isinstance(s, str) else str(t) for s, t in
               zip(first.get("token_str", first["token_id"]), order)]
     for ax, layer in zip(axes.flat, layers):
         sub = df[df["layer"] == layer].set_index("token_id").reindex(order)
@@ -196,7 +196,8 @@ def fig_heldout(heldout: dict[str, Any]) -> plt.Figure:
         ax.set_ylabel(label)
         ax.set_xticks(sorted(rows["layer"].unique()))
         ax.set_ylim(0, 1.02)
-    axes[0].legend(fontsize=6, ncol=2, loc="upper left")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=6, fontsize=7, bbox_to_anchor=(0.5, -0.12))
     fig.suptitle(f"Held-out predictability (tables: {heldout.get('calibration_split', 'calibration')} split; "
                  f"scored on {heldout.get('num_tokens_test')} {heldout.get('test_split', 'test')} tokens); "
                  "solid = trained, dashed = random-init control")
