@@ -80,12 +80,12 @@ def build_layer_table(df_layer: Any, vocab: int, num_experts: int, k: int, confi
     table = LayerTable.empty(vocab, k)
     if len(df_layer) == 0:
         return table
-    tok = torch.as_tensor(df_layer["token_id"].to_numpy(), dtype=torch.long)
+    tok = torch.as_tensor(df_layer["token_id"].to_numpy().copy(), dtype=torch.long)
     if int(tok.max()) >= vocab or int(tok.min()) < 0:
         raise ValueError(f"statistics hold token ids outside the model vocabulary [0, {vocab})")
-    freq = torch.as_tensor(df_layer["frequency"].to_numpy(), dtype=torch.float64)
-    agree = torch.as_tensor(df_layer["modal_set_count"].to_numpy(), dtype=torch.float64)
-    entropy = torch.as_tensor(df_layer["mean_entropy"].to_numpy(), dtype=torch.float64)
+    freq = torch.as_tensor(df_layer["frequency"].to_numpy().copy(), dtype=torch.float64)
+    agree = torch.as_tensor(df_layer["modal_set_count"].to_numpy().copy(), dtype=torch.float64)
+    entropy = torch.as_tensor(df_layer["mean_entropy"].to_numpy().copy(), dtype=torch.float64)
     modal_NK = torch.as_tensor(_stack(df_layer["modal_topk_set"], k, "modal_topk_set"), dtype=torch.long)
     counts_NE = torch.as_tensor(_stack(df_layer["topk_counts"], num_experts, "topk_counts"), dtype=torch.float64)
     wsums_NE = torch.as_tensor(_stack(df_layer["topk_weight_sums"], num_experts, "topk_weight_sums"), dtype=torch.float64)

@@ -1,0 +1,52 @@
+"""VARConfig: validation names the field, JSON round-trip, presets, unknown fields refused.
+Run: `pytest tests/test_var_config.py`."""
+
+import json
+
+import pytest
+
+from var_moe.var.config import (VARConfig, get_aggressive_config, get_balanced_config, get_conservative_config,
+                                get_preset)
+
+
+def test_json_round_trip(tmp_path):
+    cfg = get_conservative_config().replace(cache_ttl_steps=7, adaptive_k=True, shadow_rate=0.25)
+    assert VARConfig.from_json(cfg.to_json()) == cfg
+    path = tmp_path / "cfg.json"
+    cfg.to_json(path)
+    assert VARConfig.from_json(path) == cfg
+
+
+def test_presets_are_ordered():
+    c, b, a = get_conservative_config(), get_balanced_config(), get_aggressive_config()
+    assert c.target_agreement > b.target_agreement > a.target_agreement
+    assert c.frequency_threshold > b.frequency_threshold > a.frequency_threshold
+    assert c.entropy_threshold < b.entropy_threshold < a.entropy_threshold
+    assert get_preset("balanced") == b
+    with pytest.raises(ValueError, match="--preset"):
+        get_preset("fast")
+
+
+@pytest.mark.parametrize("field,value", [("entropy_threshold", -1.0), ("target_agreement", 1.5),
+                                         ("confidence_threshold", 0.0), ("cache_size", -1), ("cache_ttl_steps", 0),
+                                         ("weights_source", "magic"), ("shadow_rate", 2.0), ("frequency_threshold", 0),
+                                         ("adaptive_k_min_weight", 0.3), ("enable_var", "yes")])
+def test_validation_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        VARConfig(**{field: value})
+
+
+def test_unknown_json_field_refused():
+    data = json.loads(VARConfig().to_json())
+    data["frequency_treshold"] = 3
+    with pytest.raises(ValueError, match="frequency_treshold"):
+        VARConfig.from_json(json.dumps(data))
+
+
+def test_wilson_z():
+    assert abs(VARConfig().wilson_z - 1.959964) < 1e-5
+
+
+def test_from_routing_stats_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="varmoe capture"):
+        VARConfig.from_routing_stats(tmp_path / "nope.parquet")

@@ -1,0 +1,241 @@
+"""Each VAR tier in isolation, checked against brute-force expectations on tiny models:
+fast (table sets and weights reach the experts), cached (hits exactly where the key was seen,
+no leak across rows or sequences), shadow verification and demotion, adaptive k, learned-weight
+restriction, per-row counts. Run: `pytest tests/test_var_router.py`."""
+
+import pytest
+import torch
+from scipy import stats as sps
+
+from var_moe.adapters import get_adapter
+from var_moe.capture.recorder import RoutingRecorder
+from var_moe.tiny import tiny_model
+from var_moe.var.config import VARConfig
+from var_moe.var.tables import VARTables
+from var_moe.var.wrapper import VARModelWrapper
+
+torch.set_num_threads(1)
+E, K = 4, 2
+
+
+def table_with(model, layers, sets, weights=None, agree=1000.0, total=1000.0):
+    """Tables where every token of the vocabulary is a member routed to sets[token % len(sets)]."""
+    adapter = get_adapter(model)
+    tables = VARTables.empty(model, adapter, layers)
+    v = model.config.vocab_size
+    sets_SK = torch.tensor(sets)
+    w_SK = torch.tensor(weights if weights is not None else [[0.6, 0.4]] * len(sets))
+    for l in layers:
+        t = tables[l]
+        pick = torch.arange(v) % len(sets)
+        t.experts_VK[:] = sets_SK[pick]
+        t.weights_VK[:] = w_SK[pick]
+        t.member_V[:] = True
+        t.bound_V[:] = 0.99
+        t.agree_V[:] = agree
+        t.total_V[:] = total
+    return tables
+
+
+def experts_inputs(model, layer):
+    seen = []
+    experts = model.model.layers[layer].mlp.experts
+    h = experts.register_forward_pre_hook(lambda m, args: seen.append((args[1].clone(), args[2].clone())))
+    return seen, h
+
+
+def learned_layer0(model, ids, mask):
+    out = {}
+    with RoutingRecorder(model, callback=lambda l, tok, d: out.setdefault(l, d), layer_indices=[0]):
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+    return out[0]
+
+
+def batch(seed=0, b=2, s=12, pad_row1=3):
+    ids = torch.stack([torch.randperm(90, generator=torch.Generator().manual_seed(seed + i))[:s] + 3 for i in range(b)])
+    mask = torch.ones_like(ids)
+    if b > 1 and pad_row1:
+        mask[1, :pad_row1] = 0
+        ids[1, :pad_row1] = 0
+    return ids, mask
+
+
+def test_fast_tier_sends_table_sets_and_weights_to_experts():
+    model = tiny_model("mixtral", seed=0)
+    tables = table_with(model, [0, 1], [[1, 3], [0, 2]], [[0.7, 0.3], [0.55, 0.45]])
+    w = VARModelWrapper(model, VARConfig(enable_cache=False), tables=tables)
+    seen, h = experts_inputs(model, 0)
+    ids, mask = batch()
+    with torch.no_grad():
+        w(input_ids=ids, attention_mask=mask)
+    h.remove()
+    idx_TK, w_TK = seen[0]
+    valid = mask.reshape(-1).bool()
+    flat = ids.reshape(-1)
+    expect_idx = torch.where((flat % 2 == 0)[:, None], torch.tensor([1, 3]), torch.tensor([0, 2]))
+    expect_w = torch.where((flat % 2 == 0)[:, None], torch.tensor([0.7, 0.3]), torch.tensor([0.55, 0.45]))
+    assert torch.equal(idx_TK[valid], expect_idx[valid])
+    torch.testing.assert_close(w_TK[valid], expect_w[valid])
+    counts = w.tier_counts()
+    assert counts[(0, "fast")] == int(valid.sum()) and counts[(0, "learned")] == 0
+    # the padding rows went to the learned router, so they match the original decision
+    ref = learned_layer0(tiny_model("mixtral", seed=0), ids, mask)
+    assert torch.equal(idx_TK[~valid], ref.topk_idx_TK[~valid])
+
+
+def _keys(ids, mask):
+    """(prev valid token or -1, token) of every valid position, per row (brute force)."""
+    out = []
+    for row, m in zip(ids.tolist(), mask.tolist()):
+        prev = -1
+        keys = []
+        for t, v in zip(row, m):
+            keys.append((prev, t) if v else None)
+            if v:
+                prev = t
+        out.append(keys)
+    return out
+
+
+def test_cached_tier_hits_exactly_the_seen_keys_without_leaks():
+    model = tiny_model("mixtral", seed=0)
+    ref = tiny_model("mixtral", seed=0)
+    cfg = VARConfig(enable_fast_path=False, confidence_threshold=1e-6, context_window_size=1, cache_ttl_seconds=None)
+    w = VARModelWrapper(model, cfg)
+    ids1, mask1 = batch(seed=0)
+    with torch.no_grad():
+        first = w(input_ids=ids1, attention_mask=mask1).logits
+        torch.testing.assert_close(first, ref(input_ids=ids1, attention_mask=mask1).logits, rtol=0, atol=0)
+    assert w.tier_counts()[(0, "cached")] == 0
+    # same batch again: every valid key is cached, decisions are the learned ones -> identical logits
+    with torch.no_grad():
+        again = w(input_ids=ids1, attention_mask=mask1).logits
+    valid = mask1.bool()
+    torch.testing.assert_close(again[valid], first[valid], rtol=0, atol=0)
+    assert w.tier_counts()[(0, "cached")] == int(valid.sum())
+    # rows swapped in content / context: hits exactly where (prev, token) was seen in any row before
+    seen = {k for row in _keys(ids1, mask1) for k in row if k}
+    ids2 = torch.tensor([[ids1[0, 0], ids1[1, 5], ids1[1, 6], ids1[0, 3], 5],
+                         [ids1[0, 1], ids1[0, 2], ids1[0, 3], 7, 8]])
+    mask2 = torch.ones_like(ids2)
+    before = w.tier_counts()[(0, "cached")]
+    with torch.no_grad():
+        w(input_ids=ids2, attention_mask=mask2)
+    expect = sum(1 for row in _keys(ids2, mask2) for k in row if k in seen)
+    assert w.tier_counts()[(0, "cached")] - before == expect
+    assert 0 < expect < ids2.numel()
+
+
+def test_cache_ttl_in_steps_through_the_wrapper():
+    model = tiny_model("mixtral", seed=0)
+    cfg = VARConfig(enable_fast_path=False, confidence_threshold=1e-6, cache_ttl_steps=1, cache_ttl_seconds=None)
+    w = VARModelWrapper(model, cfg, patch_layers=[0])
+    ids, mask = batch(seed=1, b=1)
+    other, omask = batch(seed=9, b=1)
+    with torch.no_grad():
+        w(input_ids=ids, attention_mask=mask)  # step 1 fills
+        w(input_ids=other, attention_mask=omask)  # step 2
+        w(input_ids=ids, attention_mask=mask)  # step 3: entries from step 1 are 2 steps old -> expired
+    assert w.tier_counts()[(0, "cached")] == sum(1 for k in _keys(other, omask)[0] if k in set(_keys(ids, mask)[0]))
+
+
+def test_shadow_verification_counts_and_demotes_like_brute_force():
+    model = tiny_model("mixtral", seed=4)
+    ids, mask = batch(seed=3, b=3, s=16)
+    learned = learned_layer0(tiny_model("mixtral", seed=4), ids, mask)
+    sets = [[0, 1], [2, 3], [0, 2]]
+    tables = table_with(model, [0], sets, agree=88.0, total=100.0)
+    cfg = VARConfig(enable_cache=False, shadow_rate=1.0, target_agreement=0.8)
+    w = VARModelWrapper(model, cfg, tables=tables, patch_layers=[0])
+    with torch.no_grad():
+        w(input_ids=ids, attention_mask=mask)
+    valid = mask.reshape(-1).bool()
+    flat = ids.reshape(-1)
+    agree_T = torch.tensor([set(sets[t % 3]) == set(l) for t, l in zip(flat.tolist(), learned.topk_idx_TK.tolist())])
+    counts = w.verification_counts()
+    assert counts[(0, "agree")] == int(agree_T[valid].sum())
+    assert counts[(0, "disagree")] == int((~agree_T[valid]).sum())
+    expect_demoted = set()
+    for tok in set(flat[valid].tolist()):
+        sel = (flat == tok) & valid
+        a, n = 88 + int(agree_T[sel].sum()), 100 + int(sel.sum())
+        if sps.binomtest(a, n).proportion_ci(0.95, method="wilson").low < 0.8:
+            expect_demoted.add(tok)
+    got = set(torch.nonzero(~w.routers[0].member_V).squeeze(1).tolist())
+    assert got == expect_demoted and expect_demoted
+    assert w.get_performance_stats()["overall"]["demoted"] == len(expect_demoted)
+
+
+def test_adaptive_k_uses_one_expert_and_the_empty_slot():
+    model = tiny_model("mixtral", seed=0)
+    tables = table_with(model, [0], [[2, 0], [1, 3]], [[0.95, 0.05], [0.6, 0.4]])
+    w = VARModelWrapper(model, VARConfig(enable_cache=False, adaptive_k=True, adaptive_k_min_weight=0.9),
+                        tables=tables, patch_layers=[0])
+    seen, h = experts_inputs(model, 0)
+    ids, mask = batch(seed=2, b=1)
+    with torch.no_grad():
+        w(input_ids=ids, attention_mask=mask)
+    h.remove()
+    idx, wt = seen[0]
+    single = ids.reshape(-1) % 2 == 0
+    assert torch.equal(idx[single], torch.tensor([[2, E]]).expand(int(single.sum()), 2))
+    torch.testing.assert_close(wt[single], torch.tensor([[1.0, 0.0]]).expand(int(single.sum()), 2))
+    assert torch.equal(idx[~single], torch.tensor([[1, 3]]).expand(int((~single).sum()), 2))
+    assert w.get_performance_stats()["overall"]["adaptive_single"] == int(single.sum())
+
+
+def test_learned_weights_restricted_to_the_table_set():
+    model = tiny_model("mixtral", seed=0)
+    ids, mask = batch(seed=5, b=1)
+    probs = learned_layer0(tiny_model("mixtral", seed=0), ids, mask).probs_TE
+    tables = table_with(model, [0], [[1, 2]])
+    w = VARModelWrapper(model, VARConfig(enable_cache=False, weights_source="learned"), tables=tables, patch_layers=[0])
+    seen, h = experts_inputs(model, 0)
+    with torch.no_grad():
+        w(input_ids=ids, attention_mask=mask)
+    h.remove()
+    p = probs[:, [1, 2]]
+    torch.testing.assert_close(seen[0][1], p / p.sum(1, keepdim=True))
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_fast_tier_other_families_keep_weight_scale(family):
+    model = tiny_model(family, seed=0)
+    adapter = get_adapter(model)
+    layer = adapter.moe_layers(model)[0].layer
+    ids, mask = batch(seed=6, b=1)
+    tables = table_with(model, [layer], [[0, 1]], [[0.5, 0.5]])
+    w = VARModelWrapper(model, VARConfig(enable_cache=False), tables=tables, patch_layers=[layer])
+    seen, h = experts_inputs(model, layer)
+    with torch.no_grad():
+        w(input_ids=ids, attention_mask=mask)
+    h.remove()
+    scale = w.routers[layer].weight_scale
+    got = seen[0][1].float().sum(1)
+    if family == "deepseek_v3":  # normalised top-k weights times routed_scaling_factor
+        assert scale == pytest.approx(model.config.routed_scaling_factor)
+        torch.testing.assert_close(got, torch.full((ids.numel(),), scale))
+    else:  # qwen2_moe does not renormalise top-k weights: the table's raw mass is used
+        assert scale is None
+        torch.testing.assert_close(got, tables[layer].mass_V[ids.reshape(-1)])
+
+
+def test_row_tier_counts_sum_to_tier_counts_and_skip_padding():
+    model = tiny_model("mixtral", seed=0)
+    tables = table_with(model, [0, 1], [[0, 1]])
+    tables[0].member_V[::2] = False
+    tables[1].member_V[::2] = False
+    w = VARModelWrapper(model, VARConfig(confidence_threshold=1e-6), tables=tables)
+    ids, mask = batch(seed=7, b=2)
+    with torch.no_grad():
+        w(input_ids=ids, attention_mask=mask)
+        w(input_ids=ids, attention_mask=mask)
+    rows = w.row_tier_counts()
+    assert rows.shape == (2, 3)
+    assert rows.sum(1).tolist() == [int(mask[0].sum()) * 2 * 2, int(mask[1].sum()) * 2 * 2]
+    tc = w.tier_counts()
+    assert [sum(tc[(l, t)] for l in (0, 1)) for t in ("fast", "cached", "learned")] == rows.sum(0).tolist()
+    assert rows[:, 1].sum() > 0  # the second pass hit the cache
+    w.reset_row_counts()
+    assert w.row_tier_counts().numel() == 0
