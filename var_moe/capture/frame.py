@@ -100,6 +100,10 @@ def stats_to_dataframe(stats: StreamingTokenStats, tokenizer: Any = None):
     return table.to_pandas()
 
 
+def _tensor(arr: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(arr, copy=True))  # pandas may hand out read-only buffers
+
+
 def _stack(column: Any, width: int, dtype: Any) -> np.ndarray:
     if len(column) == 0:
         return np.zeros((0, width), dtype=dtype)
@@ -122,13 +126,13 @@ def stats_from_dataframe(df: Any, metadata: dict[str, Any], device: str | torch.
     if len(df) and (layer_N.max() >= len(slot_of) or (slot_of[layer_N] < 0).any()):
         raise ValueError(f"rows name layers outside the metadata's layers {layers}")
     slot_N = torch.from_numpy(slot_of[layer_N])
-    tok_N = torch.from_numpy(df["token_id"].to_numpy().astype(np.int64))
+    tok_N = _tensor(df["token_id"].to_numpy().astype(np.int64))
     t = stats.tensors
-    t["count_LV"][slot_N, tok_N] = torch.from_numpy(df["frequency"].to_numpy().astype(np.int64))
+    t["count_LV"][slot_N, tok_N] = _tensor(df["frequency"].to_numpy().astype(np.int64))
     for name in ("entropy", "confidence"):
-        t[f"mean_{name}_LV"][slot_N, tok_N] = torch.from_numpy(df[f"mean_{name}"].to_numpy(np.float64))
-        t[f"m2_{name}_LV"][slot_N, tok_N] = torch.from_numpy(df[f"m2_{name}"].to_numpy(np.float64))
-    t["sum_margin_LV"][slot_N, tok_N] = torch.from_numpy(df["sum_margin"].to_numpy(np.float64))
+        t[f"mean_{name}_LV"][slot_N, tok_N] = _tensor(df[f"mean_{name}"].to_numpy(np.float64))
+        t[f"m2_{name}_LV"][slot_N, tok_N] = _tensor(df[f"m2_{name}"].to_numpy(np.float64))
+    t["sum_margin_LV"][slot_N, tok_N] = _tensor(df["sum_margin"].to_numpy(np.float64))
     t["top1_LVE"][slot_N, tok_N] = torch.from_numpy(_stack(df["top1_counts"], E, np.int64))
     t["topk_LVE"][slot_N, tok_N] = torch.from_numpy(_stack(df["topk_counts"], E, np.int64))
     t["topk_w_LVE"][slot_N, tok_N] = torch.from_numpy(_stack(df["topk_weight_sums"], E, np.float64))
@@ -149,3 +153,34 @@ def stats_from_dataframe(df: Any, metadata: dict[str, Any], device: str | torch.
         stats.tensors = {k: v.to(device) for k, v in t.items()}
         stats._binom = stats._binom.to(device)
     return stats
+
+
+def compare_stats(a: Any, b: Any, rtol: float = 0.0, atol: float = 0.0) -> list[str]:
+    """Columns in which two statistics frames differ (integers and lists of ints exactly, floats to rtol/atol).
+
+    Rows are matched on (layer, token_id) / (layer, prev_token_id, token_id). An empty list means equal.
+    """
+    keys = [k for k in ("layer", "prev_token_id", "token_id") if k in a.columns]
+    a, b = a.sort_values(keys).reset_index(drop=True), b.sort_values(keys).reset_index(drop=True)
+    if list(a.columns) != list(b.columns):
+        return ["<columns>"]
+    if a[keys].values.tolist() != b[keys].values.tolist():
+        return ["<rows>"]
+    bad = []
+    for col in a.columns:
+        x, y = a[col].to_numpy(), b[col].to_numpy()
+        if col == "token_str":
+            same = a[col].fillna("<null>").tolist() == b[col].fillna("<null>").tolist()
+        elif x.dtype == object:  # list columns: one array (or None) per row
+            nx = [None if v is None else np.asarray(v) for v in x]
+            ny = [None if v is None else np.asarray(v) for v in y]
+            same = all((u is None and v is None) or (u is not None and v is not None and u.shape == v.shape and
+                       (np.allclose(u, v, rtol=rtol, atol=atol) if u.dtype.kind == "f" else np.array_equal(u, v)))
+                       for u, v in zip(nx, ny))
+        elif x.dtype.kind == "f":
+            same = np.allclose(x, y, rtol=rtol, atol=atol, equal_nan=True)
+        else:
+            same = np.array_equal(x, y)
+        if not same:
+            bad.append(col)
+    return bad

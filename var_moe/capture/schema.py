@@ -113,6 +113,14 @@ def _write(table: pa.Table, path: Path) -> None:
     tmp.replace(path)  # atomic: a killed job never leaves a half-written file under the real name
 
 
+def _canonical(typ: pa.DataType) -> pa.DataType:
+    if pa.types.is_large_string(typ):
+        return pa.string()
+    if pa.types.is_large_list(typ) or pa.types.is_list(typ):
+        return pa.list_(_canonical(typ.value_type))
+    return typ
+
+
 def _read(path: str | Path, schema: pa.Schema, what: str) -> tuple[Any, dict[str, Any]]:
     path = Path(path)
     if not path.exists():
@@ -126,8 +134,11 @@ def _read(path: str | Path, schema: pa.Schema, what: str) -> tuple[Any, dict[str
         raise StatsFileError(f"{path}: not a var-moe {what} file, missing columns {missing}")
     for field in schema:
         got = table.schema.field(field.name).type
-        if got != field.type:
+        if _canonical(got) != field.type:
             raise StatsFileError(f"{path}: column {field.name!r} has type {got}, expected {field.type}")
+        if got != field.type:  # large_string / large_list from other writers: same values
+            table = table.set_column(table.schema.get_field_index(field.name), field.name,
+                                     table.column(field.name).cast(field.type))
     raw = (table.schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
         raise StatsFileError(f"{path}: no var-moe run metadata in the file")

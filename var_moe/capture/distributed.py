@@ -1,0 +1,108 @@
+"""Data-parallel capture: `torchrun --nproc_per_node N -m var_moe.capture.distributed <capture flags>`.
+
+Rank r forwards batches r, r+N, r+2N, ... of the same corpus order; at the end every statistic is
+all-reduced exactly (integer sums; the moments by the N-way parallel Welford formula, see
+`StreamingTokenStats.all_reduce_`), the pair tables are gathered and merged, and rank 0 writes
+the files. Backend: nccl when the model is on CUDA, gloo otherwise. Each rank checkpoints its own
+state (`<output>.ckpt.rank<r>-of-<N>.safetensors`), so `--resume` works with the same N.
+
+Flags are those of `varmoe capture` (see `var_moe/commands/capture.py`).
+Test: `pytest tests/test_capture_distributed.py` (2 processes, gloo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from .analyzer import RouterAnalyzer
+from .pairs import PairStats
+
+
+def _gather_variable(t: torch.Tensor, world: int) -> list[torch.Tensor]:
+    """all_gather for 1-D tensors of different lengths (pad to the longest, then trim)."""
+    n = torch.tensor([t.numel()], dtype=torch.long, device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    longest = int(max(int(s) for s in sizes))
+    padded = torch.cat([t, t.new_zeros(longest - t.numel())])
+    out = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded)
+    return [o[: int(s)] for o, s in zip(out, sizes)]
+
+
+def all_reduce_pairs(pairs: PairStats) -> None:
+    """Every rank ends with the merge of all ranks' pair tables (merged in rank order)."""
+    world = dist.get_world_size()
+    pairs.flush()
+    gathered = []
+    for slot in range(len(pairs.layer_ids)):
+        gathered.append([_gather_variable(x, world) for x in (pairs.keys[slot], pairs.counts[slot], pairs.deltas[slot])])
+    errs = [torch.zeros(len(pairs.layer_ids), dtype=torch.long, device=pairs.device) for _ in range(world)]
+    dist.all_gather(errs, torch.tensor(pairs.err, dtype=torch.long, device=pairs.device))
+    shards = []
+    for r in range(world):
+        shard = PairStats(pairs.layer_ids, pairs.vocab_size, pairs.num_experts, pairs.top_k, capacity=pairs.capacity,
+                          device=pairs.device)
+        for slot in range(len(pairs.layer_ids)):
+            keys, counts, deltas = (g[r] for g in gathered[slot])
+            shard.keys[slot], shard.counts[slot], shard.deltas[slot] = keys, counts, deltas
+        shard.err = [int(e) for e in errs[r]]
+        shards.append(shard)
+    merged = shards[0]
+    for shard in shards[1:]:
+        merged.merge(shard)
+    pairs.load_state_dict(merged.state_dict())
+
+
+def reduce_analyzer(analyzer: RouterAnalyzer) -> None:
+    analyzer.stats.all_reduce_()
+    padding = torch.tensor([analyzer.padding_excluded], dtype=torch.long, device=analyzer.stats.device)
+    dist.all_reduce(padding)
+    analyzer.padding_excluded = int(padding)
+    if analyzer.pairs is not None:
+        all_reduce_pairs(analyzer.pairs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..commands import capture as capture_cmd
+    from ..commands._common import load_spec
+    from .job import CaptureConfig, run_capture
+    from .pairs import DEFAULT_CAPACITY
+
+    parser = argparse.ArgumentParser(prog="python -m var_moe.capture.distributed",
+                                     description="data-parallel `varmoe capture` under torchrun")
+    sub = parser.add_subparsers()
+    capture_cmd.register(sub)
+    args = parser.parse_args(["capture", *(sys.argv[1:] if argv is None else argv)])
+    if args.server:
+        parser.error("--server is not supported by the distributed capture")
+    try:
+        load_spec(args)
+        config = CaptureConfig(
+            model=args.model, dataset=args.dataset, split=args.split, num_samples=args.num_samples,
+            max_length=args.max_length, batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
+            control=args.control, seed=args.seed, dtype=args.dtype, device=args.device,
+            pair_capacity=DEFAULT_CAPACITY if args.pair_capacity is None else args.pair_capacity,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    if config.device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+    backend = "nccl" if config.device == "cuda" else "gloo"
+    dist.init_process_group(backend)
+    try:
+        run_capture(config, args.output, resume=args.resume, rank=dist.get_rank(), world_size=dist.get_world_size(),
+                    reduce=reduce_analyzer, progress=not args.no_progress)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
