@@ -87,11 +87,9 @@ class ServerState:
     def __init__(self, settings: ServerSettings, runtime: RoutingRuntime):
         self.settings = settings
         self.runtime = runtime
-        self.metrics = ServerMetrics(runtime.layers)
+        self.metrics = ServerMetrics(runtime.layers, verification=runtime.var_available)
         self.engine = Engine(runtime, self.metrics, settings.max_batch_size, settings.max_wait_ms,
                              settings.max_queue, settings.threads)
-        self.tiers_since_start: dict[tuple[int, str], int] = {}
-        self.verification_since_start: dict[tuple[int, str], int] = {}
         self.started_at = time.time()
         ctx = getattr(runtime.base_model.config, "max_position_embeddings", None) or 10**9
         self.context_len = int(ctx)
@@ -127,9 +125,7 @@ class ServerState:
             raise APIError(422, "invalid_request", f"{field} must be at most {self.settings.max_new_tokens_limit}", field)
 
     def record(self, result: JobResult) -> None:
-        for layer, tiers in result.tier_counts.items():
-            for tier, n in tiers.items():
-                self.tiers_since_start[(layer, tier)] = self.tiers_since_start.get((layer, tier), 0) + n
+        """Hook for per-request bookkeeping (the counters since start live in the metrics)."""
 
     async def run(self, request: Request, jobs: list[Job]) -> list[JobResult]:
         """Submit jobs, wait for all of them; cancel them if the client leaves or time runs out."""
@@ -349,8 +345,9 @@ def ppl_item(nll: float, n: int) -> dict[str, float]:
     return {"tokens": n, "mean_nll": mean, "perplexity": math.exp(min(mean, 700.0))}
 
 
-def routing_body(tier_counts: dict[int, dict[str, int]]) -> dict[str, dict[str, int]]:
-    return {str(layer): {t: tiers.get(t, 0) for t in TIERS} for layer, tiers in sorted(tier_counts.items())}
+def routing_body(tier_counts: dict[str, int]) -> dict[str, int]:
+    """Routing decisions of one request (valid tokens x MoE layers), by tier."""
+    return {t: int(tier_counts.get(t, 0)) for t in TIERS}
 
 
 def generate_body(state: ServerState, result: JobResult, job: Job) -> dict[str, Any]:
@@ -413,17 +410,21 @@ def sse(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
+def counter_by_layer(counter, label: str) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for s in counter.collect()[0].samples:
+        if s.name.endswith("_total"):
+            out.setdefault(s.labels["layer"], {})[s.labels[label]] = int(s.value)
+    return out
+
+
 def var_status_body(state: ServerState) -> dict[str, Any]:
     rt = state.runtime
     per_layer: dict[str, dict[str, float]] = {}
-    for layer in rt.layers:
-        counts = {t: state.tiers_since_start.get((layer, t), 0) for t in TIERS}
+    for layer, counts in counter_by_layer(state.metrics.routing_decisions, "tier").items():
         total = sum(counts.values())
-        per_layer[str(layer)] = {t: (n / total if total else 0.0) for t, n in counts.items()}
-    checks: dict[str, dict[str, float]] = {}
-    for s in state.metrics.verification_checks.collect()[0].samples:
-        if s.name.endswith("_total"):
-            checks.setdefault(s.labels["layer"], {})[s.labels["outcome"]] = s.value
+        per_layer[layer] = {t: (counts.get(t, 0) / total if total else 0.0) for t in TIERS}
+    checks = counter_by_layer(state.metrics.verification_checks, "outcome")
     agreement = {layer: (c.get("agree", 0.0) / sum(c.values()) if sum(c.values()) else None) for layer, c in checks.items()}
     return {
         "mode": "var" if state.engine.var_mode else "baseline",

@@ -60,7 +60,7 @@ class JobResult:
     queue_s: float
     ttft_s: float | None
     total_s: float
-    tier_counts: dict[int, dict[str, int]]
+    tier_counts: dict[str, int]  # routing decisions of this request by tier (all layers)
     error: str | None = None
 
 

@@ -20,6 +20,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 MODES = ("var", "baseline")
 TIERS = ("fast", "cached", "learned")
+OUTCOMES = ("agree", "disagree")  # shadow checks of fast / cached decisions by the learned router
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -27,7 +28,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 class ServerMetrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, moe_layers: list[int] | None = None):
+    def __init__(self, moe_layers: list[int] | None = None, verification: bool = False):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.routing_decisions = Counter(
@@ -58,6 +59,9 @@ class ServerMetrics:
         for layer in moe_layers or []:
             for tier in TIERS:
                 self.routing_decisions.labels(layer=str(layer), tier=tier)
+            if verification:  # only when a VAR router exists to verify anything
+                for outcome in OUTCOMES:
+                    self.verification_checks.labels(layer=str(layer), outcome=outcome)
 
     def add_routing(self, tier_counts: dict[tuple[int, str], int]) -> None:
         for (layer, tier), n in tier_counts.items():

@@ -45,7 +45,7 @@ class GenerateResponse(BaseModel):
     finish_reason: str
     mode: Literal["var", "baseline"]
     timings: Timings
-    routing: dict[str, dict[str, int]] = Field(description="layer -> tier -> decisions for this request")
+    routing: dict[str, int] = Field(description="tier -> routing decisions of this request (tokens x MoE layers)")
 
 
 class PerplexityRequest(StrictBody):

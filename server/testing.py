@@ -100,3 +100,24 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def calibration_stats(model_dir: str | Path, out_path: str | Path, num_docs: int = 40, max_length: int = 128) -> Path:
+    """Phase 1 statistics of a (tiny) model on var_moe's own sources, marked as the calibration split.
+
+    Lets tests build VAR tables for a model that has none; the texts are not a real calibration set.
+    """
+    import torch
+
+    from var_moe.capture.analyzer import RouterAnalyzer
+    from var_moe.loading import load_model
+
+    model, tok = load_model(str(model_dir))
+    texts = [p.read_text() for p in sorted((REPO_ROOT / "var_moe").rglob("*.py"))][:num_docs]
+    analyzer = RouterAnalyzer(model, tokenizer=tok)
+    for i in range(0, len(texts), 8):
+        enc = tok(texts[i:i + 8], return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        with torch.no_grad():
+            analyzer.analyze_batch(enc["input_ids"], enc["attention_mask"])
+    return analyzer.write_parquet(out_path, {"model": str(model_dir), "dataset": "var_moe-sources",
+                                             "split": "calibration"})

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import json
 import logging
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,7 @@ from var_moe.loading import LoadSpec, load_model
 
 log = logging.getLogger("varmoe.server")
 
-TierCounts = dict[int, dict[str, int]]  # layer -> tier -> decisions
+TIERS = ("fast", "cached", "learned")
 
 
 def _optional_import(name: str):
@@ -71,40 +69,39 @@ class RoutingRuntime:
                         quantization=settings.quantization, trust_remote_code=settings.trust_remote_code)
         model, tokenizer = load_model(spec)
         wrapper, reason = None, ""
-        tables = settings.var_tables_path
         var_pkg = _optional_import("var_moe.var")
         if var_pkg is None or not hasattr(var_pkg, "VARModelWrapper"):
             reason = "the VAR package (var_moe.var) is not installed in this build"
-        elif tables is None:
-            reason = f"no VAR tables: pass --var-tables or put var_tables.safetensors in {settings.model}"
+        elif settings.var_tables_path is None and settings.routing_stats_path is None:
+            reason = (f"no VAR tables: pass --var-tables or --routing-stats, or put var_tables.safetensors "
+                      f"or routing_stats_calibration.parquet in {settings.model}")
         else:
             try:
-                wrapper = cls._build_wrapper(var_pkg, model, tables, settings)
-            except (ValueError, OSError, KeyError, RuntimeError) as exc:  # wrong model / bad file
-                reason = f"VAR tables {tables} could not be used: {exc}"
+                wrapper = cls._build_wrapper(var_pkg, model, settings)
+            except (ValueError, OSError, KeyError) as exc:  # wrong model / bad file / bad config
+                if settings.var_tables or settings.routing_stats or settings.var_config:
+                    raise ValueError(f"VAR could not be set up: {exc}") from exc  # the operator asked for it
+                reason = f"VAR could not be set up from the files next to the model: {exc}"
                 log.warning(reason)
         rt = cls(model, tokenizer, settings.model, wrapper, reason)
         rt.set_mode(bool(wrapper is not None and settings.var_on_start))
         return rt
 
     @staticmethod
-    def _build_wrapper(var_pkg, model, tables_path: Path, settings):
-        config = None
+    def _build_wrapper(var_pkg, model, settings):
+        """VARModelWrapper from the tables file, or tables built from the calibration statistics."""
+        tables_path, stats_path = settings.var_tables_path, settings.routing_stats_path
+        tables = var_pkg.VARTables.load(tables_path, model=model) if tables_path else None
         if settings.var_config:
-            cfg_cls = var_pkg.VARConfig
             p = Path(settings.var_config)
-            if p.exists():
-                config = cfg_cls.from_json(p.read_text()) if hasattr(cfg_cls, "from_json") else cfg_cls(**json.loads(p.read_text()))
-            elif hasattr(cfg_cls, "preset"):
-                config = cfg_cls.preset(settings.var_config)
-            else:
-                raise ValueError(f"var_config: {settings.var_config} is neither a file nor a preset")
-        tables = var_pkg.VARTables.load(tables_path, model=model) if _accepts(var_pkg.VARTables.load, "model") \
-            else var_pkg.VARTables.load(tables_path)
-        kwargs = {"model": model, "tables": tables}
-        if config is not None:
-            kwargs["config"] = config
-        return _call_with_supported(var_pkg.VARModelWrapper, **kwargs)
+            config = var_pkg.VARConfig.from_json(p) if p.exists() else var_pkg.get_preset(settings.var_config)
+        elif tables is not None and tables.metadata.get("config"):
+            config = var_pkg.VARConfig.from_dict(tables.metadata["config"])  # the config the tables were built with
+        else:
+            config = var_pkg.VARConfig()
+        if tables is None:
+            config = config.replace(routing_stats_path=str(stats_path))
+        return var_pkg.VARModelWrapper(model, config.replace(enable_var=False), tables)
 
     # -- mode ----------------------------------------------------------------------------------
     @property
@@ -131,12 +128,13 @@ class RoutingRuntime:
             self._tier_before = dict(self.wrapper.tier_counts())
             self._verif_before = dict(self.wrapper.verification_counts())
 
-    def end_batch(self, valid_tokens_B: list[int]) -> tuple[list[TierCounts], dict, dict]:
-        """(per-row tier counts, routing decisions added, verification checks added)."""
+    def end_batch(self, valid_tokens_B: list[int]) -> tuple[list[dict[str, int]], dict, dict]:
+        """(per-row tier counts summed over layers, routing decisions added, verification checks added)."""
         if self.capturing:
             self.capture_tokens += sum(valid_tokens_B)
         if not self.var_active:
-            rows = [{layer: {"learned": n} for layer in self.layers} for n in valid_tokens_B]
+            # the learned router made every decision: valid tokens x MoE layers
+            rows = [{"fast": 0, "cached": 0, "learned": n * len(self.layers)} for n in valid_tokens_B]
             added = {(layer, "learned"): sum(valid_tokens_B) for layer in self.layers}
             return rows, added, {}
         rows = self._rows_from_wrapper(len(valid_tokens_B))
@@ -144,17 +142,10 @@ class RoutingRuntime:
         verif = _delta(self.wrapper.verification_counts(), self._verif_before)
         return rows, tiers, verif
 
-    def _rows_from_wrapper(self, b: int) -> list[TierCounts]:
-        raw = self.wrapper.row_tier_counts()
-        rows: list[TierCounts] = [dict() for _ in range(b)]
-        # Accepted shapes: {row: {(layer, tier): n}} or [{(layer, tier): n}, ...].
-        items = raw.items() if isinstance(raw, dict) else enumerate(raw)
-        for row, counts in items:
-            if int(row) >= b:
-                continue
-            for (layer, tier), n in counts.items():
-                rows[int(row)].setdefault(int(layer), {})[str(tier)] = int(n)
-        return rows
+    def _rows_from_wrapper(self, b: int) -> list[dict[str, int]]:
+        counts_B3 = self.wrapper.row_tier_counts()  # fast / cached / learned, valid tokens, all layers
+        rows = [dict(zip(TIERS, map(int, r))) for r in counts_B3.tolist()]
+        return (rows + [dict.fromkeys(TIERS, 0) for _ in range(b)])[:b]
 
     # -- status --------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -162,11 +153,9 @@ class RoutingRuntime:
         if not self.var_available:
             out["unavailable_reason"] = self.unavailable_reason
             return out
-        cfg = getattr(self.wrapper, "config", None)
-        if cfg is not None:
-            out["config"] = json.loads(cfg.to_json()) if hasattr(cfg, "to_json") else (asdict(cfg) if is_dataclass(cfg) else str(cfg))
-        sizes = self.wrapper.table_sizes()
-        out["table_sizes"] = {str(k): v for k, v in dict(sizes).items()}
+        out["config"] = self.wrapper.config.to_dict()
+        out["table_sizes"] = {str(k): int(v) for k, v in self.wrapper.table_sizes().items()}
+        out["tables_source"] = self.wrapper.tables.metadata.get("source")
         return out
 
     # -- capture -------------------------------------------------------------------------------
@@ -199,13 +188,6 @@ class RoutingRuntime:
         meta = {"model": self.model_name, "dataset": "live-traffic", "split": "server",
                 "source": "varmoe serve", "var_enabled": self.var_active}
         self.analyzer.write_parquet(path, meta)
-
-
-def _accepts(fn, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _delta(now: dict, before: dict) -> dict:
