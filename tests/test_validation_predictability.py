@@ -153,3 +153,37 @@ def test_bad_control_is_rejected():
         heldout_predictability(tiny_model("mixtral"), _batches(0, 1), _batches(1, 1), control="shuffled")
     with pytest.raises(ValueError, match="--min-pair-count"):
         PredictabilityConfig(min_pair_count=0)
+
+
+def test_tables_from_a_capture_file_agree_with_the_pass(tmp_path):
+    from var_moe.capture.analyzer import RouterAnalyzer
+    from var_moe.capture.schema import pairs_path, read_pairs, read_stats
+    from var_moe.validation.predictability import calibrate
+    from var_moe.validation.stats_tables import tables_from_stats
+
+    model = tiny_model("mixtral", seed=3)
+    calib = _batches(0, 6)
+    analyzer = RouterAnalyzer(model)
+    for ids, mask in calib:
+        analyzer.analyze_batch(ids, mask)
+    path = analyzer.write_parquet(tmp_path / "calib.parquet", {"split": "calibration"})
+    df, meta = read_stats(path)
+    pairs, _ = read_pairs(pairs_path(path))
+    own, _ = calibrate(model, calib, PredictabilityConfig(min_pair_count=1))
+    got = tables_from_stats(df, meta, pairs, own, min_pair_count=1)
+    for layer, tab in own.items():
+        st = got[layer]
+        seen = tab.token_counts_V > 0
+        assert torch.equal(st.token_counts_V, tab.token_counts_V)
+        once = tab.token_counts_V == 1  # a single occurrence has no tie: both must hold its set
+        assert torch.equal(st.token_sets_VK[once], tab.token_sets_VK[once])
+        assert (st.token_sets_VK[seen] == tab.token_sets_VK[seen]).all(dim=1).float().mean() > 0.8
+        assert set(st.pair_keys_P.tolist()) == set(tab.pair_keys_P.tolist())
+    with pytest.raises(ValueError, match="test split"):
+        tables_from_stats(df, {**meta, "split": "test"}, pairs, own)
+    with pytest.raises(ValueError, match="vocabulary"):
+        tables_from_stats(df, {**meta, "vocab_size": 5}, pairs, own)
+    # scored end to end as two extra predictors
+    res = heldout_predictability(model, calib, _batches(1, 2), PredictabilityConfig(min_pair_count=1),
+                                 stats_tables=lambda own: tables_from_stats(df, meta, pairs, own, 1))
+    assert "stats_token_table" in res["predictors"] and "stats_pair_table" in res["summary"]["trained"]

@@ -46,6 +46,8 @@ DEFINITIONS = {
     "top1": "the expert with the highest routing weight lies in the prediction",
     "overlap": "|prediction & true top-k set| / k",
     "control": "same architecture and config with seeded random weights, its own calibration tables",
+    "stats_token_table": "token_table read from a calibration statistics file (its modal_topk_set column)",
+    "stats_pair_table": "pair_table read from that file's pair sidecar, falling back to stats_token_table",
 }
 
 
@@ -111,8 +113,11 @@ def score_cache(cache_TE: torch.Tensor, sets_TK: torch.Tensor, top1_T: torch.Ten
 class _Scorer:
     """Accumulates metric sums per (layer, predictor) over the test pass."""
 
-    def __init__(self, tables: dict[int, ModalTables], num_experts: int, top_k: int):
+    def __init__(self, tables: dict[int, ModalTables], num_experts: int, top_k: int,
+                 stats_tables: dict[int, ModalTables] | None = None):
         self.tables = tables
+        self.stats_tables = stats_tables
+        self.names = PREDICTORS + (("stats_token_table", "stats_pair_table") if stats_tables else ())
         self.num_experts = num_experts
         self.top_k = top_k
         self.sums: dict[tuple[int, str], dict[str, float]] = {}
@@ -140,6 +145,12 @@ class _Scorer:
         pred, hit = tab.pair_predict(prev_T, ids_T)
         self._add(layer, "pair_table", score_sets(pred, s_TK, t1_T), hit)
         self._add(layer, "global_set", score_sets(tab.global_set_K.expand_as(s_TK), s_TK, t1_T))
+        if self.stats_tables:
+            st = self.stats_tables[layer]
+            pred, hit = st.token_predict(ids_T)
+            self._add(layer, "stats_token_table", score_sets(pred, s_TK, t1_T), hit)
+            pred, hit = st.pair_predict(prev_T, ids_T)
+            self._add(layer, "stats_pair_table", score_sets(pred, s_TK, t1_T), hit)
         b, s, k = tokens.batch_size, tokens.seq_len, self.top_k
         idx_BSK = decision.topk_idx_TK.long().reshape(b, s, k)
         w_BSK = decision.topk_w_TK.reshape(b, s, k)
@@ -150,7 +161,7 @@ class _Scorer:
     def rows(self, model_name: str) -> list[dict[str, Any]]:
         out = []
         layers = sorted({layer for layer, _ in self.sums})
-        for name in PREDICTORS:
+        for name in self.names:
             total = {"exact": 0.0, "top1": 0.0, "overlap": 0.0, "n": 0.0}
             hit_total = 0.0
             for layer in layers:
@@ -167,7 +178,7 @@ class _Scorer:
             n = max(total["n"], 1.0)
             row = {"model": model_name, "layer": "all", "predictor": name, "n": int(total["n"]),
                    **{m: total[m] / n for m in ("exact", "top1", "overlap")}}
-            if name in ("token_table", "pair_table"):
+            if name.endswith("_table"):
                 row["table_hit"] = hit_total / n
             out.append(row)
         return out
@@ -198,9 +209,10 @@ def calibrate(model: Any, batches: Iterable, config: PredictabilityConfig) -> tu
     return {layer: c.finalize(config.min_pair_count) for layer, c in counters.items()}, n
 
 
-def evaluate(model: Any, tables: dict[int, ModalTables], batches: Iterable, model_name: str) -> tuple[list[dict], int]:
+def evaluate(model: Any, tables: dict[int, ModalTables], batches: Iterable, model_name: str,
+             stats_tables: dict[int, ModalTables] | None = None) -> tuple[list[dict], int]:
     adapter = get_adapter(model)
-    scorer = _Scorer(tables, adapter.num_experts, adapter.top_k)
+    scorer = _Scorer(tables, adapter.num_experts, adapter.top_k, stats_tables)
     _run(model, batches, scorer)
     return scorer.rows(model_name), scorer.num_tokens
 
@@ -223,24 +235,31 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     if "trained" in out and "control" in out:
         out["margin_trained_minus_control"] = {
             p: {m: out["trained"][p][m] - out["control"][p][m] for m in ("exact", "top1", "overlap")}
-            for p in out["trained"]}
+            for p in out["trained"] if p in out["control"]}
     return out
 
 
 def heldout_predictability(model: Any, calib_batches: list, test_batches: list,
                            config: PredictabilityConfig | None = None, control: str | None = None,
-                           info: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The held-out report for `model` (and its random-init control when control == "random-init")."""
+                           info: dict[str, Any] | None = None, stats_tables: Any = None,
+                           control_stats_tables: Any = None) -> dict[str, Any]:
+    """The held-out report for `model` (and its random-init control when control == "random-init").
+
+    `stats_tables` / `control_stats_tables`: optional callables mapping the pass-built tables
+    (the fallback for the global set) to tables read from statistics files (`stats_tables.py`).
+    """
     config = config or PredictabilityConfig()
     if control not in (None, "none", "random-init"):
         raise ValueError(f"--control must be 'random-init' or 'none', got {control!r}")
     adapter = get_adapter(model)
     tables, n_cal = calibrate(model, calib_batches, config)
-    rows, n_test = evaluate(model, tables, test_batches, "trained")
+    extra = stats_tables(tables) if stats_tables else None
+    rows, n_test = evaluate(model, tables, test_batches, "trained", extra)
     if control == "random-init":
         ctrl = random_init_control(model, config.control_seed)
         ctrl_tables, _ = calibrate(ctrl, calib_batches, config)
-        ctrl_rows, _ = evaluate(ctrl, ctrl_tables, test_batches, "control")
+        ctrl_extra = control_stats_tables(ctrl_tables) if control_stats_tables else None
+        ctrl_rows, _ = evaluate(ctrl, ctrl_tables, test_batches, "control", ctrl_extra)
         rows += ctrl_rows
         del ctrl
     return {
@@ -248,7 +267,8 @@ def heldout_predictability(model: Any, calib_batches: list, test_batches: list,
         "num_experts": adapter.num_experts, "top_k": adapter.top_k,
         "num_tokens_calibration": n_cal, "num_tokens_test": n_test,
         "config": json.loads(config.to_json()), "control": control if control != "none" else None,
-        "predictors": list(PREDICTORS), "definitions": DEFINITIONS,
+        "predictors": list(PREDICTORS) + (["stats_token_table", "stats_pair_table"] if extra else []),
+        "definitions": DEFINITIONS,
         "random_exact_baseline": 1.0 / _comb(adapter.num_experts, adapter.top_k),
         "rows": rows, "summary": _summary(rows),
     }
