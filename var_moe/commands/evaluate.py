@@ -1,0 +1,65 @@
+"""`varmoe evaluate`: perplexity, throughput and routing of the baseline model or of VAR on held-out text.
+
+    varmoe evaluate --mode baseline --split test --num-samples 64 --output results/phase2/baseline.json
+    varmoe evaluate --mode var --routing-stats calib.parquet --preset balanced --split test \
+        --num-samples 64 --output results/phase2/var_balanced.json [--adaptive-k] [--weights-source learned]
+
+A `--mode var` run also times the unmodified model interleaved with VAR in the same process (the
+paired speedup `varmoe compare` reports). The seed's spellings (--num_samples, --routing_stats) are
+accepted. Parses flags, builds a config, calls `var_moe.var.evaluate`. Test: `pytest tests/test_var_eval.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ._common import add_dataset_flags, add_model_flags, load_spec
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..var.setup import add_var_flags
+
+    p = sub.add_parser("evaluate", help="Phase 2: evaluate the baseline model or VAR (perplexity, throughput, routing)")
+    p.add_argument("--mode", required=True, choices=["baseline", "var"])
+    add_model_flags(p)
+    add_dataset_flags(p, default_split="test")
+    add_var_flags(p)
+    p.add_argument("--repeats", type=int, default=3, help="timed passes over the batches (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up forwards per mode")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples over documents")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", "-o", required=True, help="JSON file to write")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..loading import load_model
+    from ..var.evaluate import eval_batches, evaluate
+    from ..var.setup import config_from_args, tables_from_args
+
+    spec = load_spec(args)
+    config = config_from_args(args, for_evaluation=True) if args.mode == "var" else None
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_model(spec)
+    tables = tables_from_args(args, model, config) if args.mode == "var" else None
+    batches = eval_batches(tokenizer, args.dataset, args.split, args.num_samples, args.max_length, args.batch_size)
+    info = {"model": args.model, "dataset": args.dataset, "split": args.split, "num_samples": args.num_samples,
+            "max_length": args.max_length, "batch_size": args.batch_size, "preset": args.preset if args.mode == "var" else None,
+            "routing_stats": args.routing_stats, "tables": args.tables}
+    result = evaluate(model, tokenizer, args.mode, batches, config=config, tables=tables, repeats=args.repeats,
+                      warmup=args.warmup, bootstrap=args.bootstrap, seed=args.seed, info=info)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    ev, tp = result["evaluation"], result["throughput"]
+    print(f"{args.mode}: perplexity {ev['perplexity']:.4f} over {ev['predicted_tokens']} tokens, "
+          f"{tp['tokens_per_second']:.1f} tokens/s -> {out}")
+    if args.mode == "var":
+        d = result["var_stats"]["overall"]["routing_distribution"]
+        print(f"  fast {100 * d['fast']:.1f}%  cached {100 * d['cached']:.1f}%  learned {100 * d['learned']:.1f}%  "
+              f"paired speedup {result['paired']['speedup']:.3f}x")
+    return 0

@@ -1,0 +1,242 @@
+"""Baseline vs VAR evaluation on held-out text: perplexity, throughput, latency, agreement.
+
+`evaluate(model, tokenizer, mode, ...)` returns the JSON document `varmoe evaluate` writes:
+- evaluation: perplexity of the (VAR or baseline) model, padding masked, per-document sums kept
+  for a paired bootstrap;
+- throughput: tokens/s and per-batch latency percentiles (p50/p95/p99) after warm-up, median
+  over repeats; each repeat replays the batches from an empty cache, so repeats are identical;
+- var mode only: the unmodified model (original routers, no hooks) is run on the same batches in
+  the same process, interleaved batch by batch with alternating order, giving the paired speed
+  ratio `paired.speedup` and the paired perplexity difference with a bootstrap CI over
+  documents; an untimed audit pass counts how often fast/cached decisions equal the learned
+  router's (exact top-k set, overlap); `var_stats` holds the wrapper's per-layer statistics.
+Test: `pytest tests/test_var_eval.py`.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..corpus import chunk_sequences, iter_documents, pad_batch
+from .config import VARConfig
+
+
+@dataclass
+class EvalBatch:
+    ids: torch.Tensor
+    mask: torch.Tensor
+    doc_B: list[int]  # document index of each row (for the bootstrap over documents)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.mask.sum())
+
+
+def eval_batches(tokenizer: Any, dataset: str, split: str, num_samples: int | None, max_length: int,
+                 batch_size: int) -> list[EvalBatch]:
+    """Held-out sequences (documents cut into <= max_length pieces) in padded batches with doc ids."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eos = tokenizer.eos_token_id
+    seqs: list[tuple[int, list[int]]] = []
+    for d, doc in enumerate(iter_documents(dataset, split)):
+        ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        for piece in chunk_sequences([ids], max_length):
+            seqs.append((d, piece))
+            if num_samples is not None and len(seqs) >= num_samples:
+                break
+        if num_samples is not None and len(seqs) >= num_samples:
+            break
+    if not seqs:
+        raise ValueError(f"--dataset {dataset!r} --split {split!r} gave no sequences to evaluate")
+    out = []
+    for i in range(0, len(seqs), batch_size):  # a loop over batches, not tokens
+        chunk = seqs[i : i + batch_size]
+        ids, mask = pad_batch([s for _, s in chunk], pad_id)
+        out.append(EvalBatch(ids, mask, [d for d, _ in chunk]))
+    return out
+
+
+@torch.no_grad()
+def batch_nll(model: Any, b: EvalBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row summed next-token NLL (nats, float64) and counts; a target counts only when it and
+    its predecessor are real tokens."""
+    ids, mask = b.ids.to(device), b.mask.to(device)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    keep = (mask[:, 1:] * mask[:, :-1]).bool()
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    return (nll.reshape(keep.shape).double() * keep).sum(1).cpu(), keep.sum(1).cpu()
+
+
+def _per_doc(batches: list[EvalBatch], nll_rows: list[torch.Tensor], n_rows: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    docs = np.concatenate([np.asarray(b.doc_B) for b in batches])
+    _, inv = np.unique(docs, return_inverse=True)
+    nll = np.bincount(inv, weights=torch.cat(nll_rows).numpy())
+    cnt = np.bincount(inv, weights=torch.cat(n_rows).double().numpy())
+    return nll, cnt
+
+
+def paired_bootstrap(base_nll: np.ndarray, base_n: np.ndarray, var_nll: np.ndarray, var_n: np.ndarray,
+                     resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Relative perplexity difference (VAR / baseline - 1, %) resampling documents with replacement."""
+    rng = np.random.default_rng(seed)
+    d = len(base_nll)
+    pick = rng.integers(0, d, size=(resamples, d))
+    ppl = lambda nll, n: np.exp(nll[pick].sum(1) / np.maximum(n[pick].sum(1), 1))  # noqa: E731
+    diff = 100 * (ppl(var_nll, var_n) / ppl(base_nll, base_n) - 1)
+    point = 100 * (math.exp(var_nll.sum() / var_n.sum()) / math.exp(base_nll.sum() / base_n.sum()) - 1)
+    lo, hi = np.percentile(diff, [2.5, 97.5])
+    return {"diff_pct": point, "ci95_pct": [float(lo), float(hi)], "resamples": resamples, "documents": d}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def _timed(model: Any, b: EvalBatch, device: torch.device) -> float:
+    ids, mask = b.ids.to(device), b.mask.to(device)
+    _sync(device)
+    t0 = time.perf_counter()
+    model(input_ids=ids, attention_mask=mask)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _latency(seconds: list[float], tokens: int, repeats: int) -> dict[str, Any]:
+    ms = np.asarray(seconds) * 1000
+    return {"p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95)), "p99": float(np.percentile(ms, 99)),
+            "unit": "ms per batch forward", "samples": len(ms)}
+
+
+def _environment(device: torch.device) -> dict[str, Any]:
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+            "device": str(device), "machine": platform.machine(), "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+
+
+def evaluate(model: Any, tokenizer: Any, mode: str, batches: list[EvalBatch], config: VARConfig | None = None,
+             tables: Any = None, repeats: int = 3, warmup: int = 1, bootstrap: int = 2000, seed: int = 0,
+             info: dict[str, Any] | None = None) -> dict[str, Any]:
+    if mode not in ("baseline", "var"):
+        raise ValueError(f"--mode must be baseline or var, got {mode!r}")
+    if repeats < 1 or warmup < 0:
+        raise ValueError("--repeats must be >= 1 and --warmup >= 0")
+    device = next(model.parameters()).device
+    tokens = sum(b.tokens for b in batches)
+    result: dict[str, Any] = {"mode": mode, **(info or {}), "sequences": sum(len(b.doc_B) for b in batches),
+                              "tokens": tokens, "environment": _environment(device)}
+    if mode == "baseline":
+        rows = [batch_nll(model, b, device) for b in batches]
+        nll, cnt = _per_doc(batches, [r[0] for r in rows], [r[1] for r in rows])
+        for _ in range(warmup):
+            _timed(model, batches[0], device)
+        per_rep, lat = [], []
+        for _ in range(repeats):
+            times = [_timed(model, b, device) for b in batches]
+            lat += times
+            per_rep.append(sum(times))
+        result["evaluation"] = _ppl_block(nll, cnt)
+        result["throughput"] = _tput(tokens, per_rep, lat, repeats, warmup)
+        return result
+
+    from .wrapper import VARModelWrapper
+
+    config = config or VARConfig()
+    wrapper = VARModelWrapper(model, config, tables=tables)
+    try:
+        # 1) quality + audit pass (untimed): baseline and VAR on the same batches, cache from empty
+        wrapper.clear_cache()
+        wrapper.reset_stats()
+        wrapper.set_audit(True)
+        base_rows, var_rows = [], []
+        for b in batches:
+            with wrapper.suspended():
+                base_rows.append(batch_nll(model, b, device))
+            var_rows.append(batch_nll(wrapper, b, device))
+        wrapper.set_audit(False)
+        stats = wrapper.get_performance_stats()
+        b_nll, b_cnt = _per_doc(batches, [r[0] for r in base_rows], [r[1] for r in base_rows])
+        v_nll, v_cnt = _per_doc(batches, [r[0] for r in var_rows], [r[1] for r in var_rows])
+        # 2) timing: interleaved, alternating order; every repeat replays from an empty cache
+        for _ in range(warmup):
+            with wrapper.suspended():
+                _timed(model, batches[0], device)
+            _timed(wrapper, batches[0], device)
+        base_rep, var_rep, base_lat, var_lat, ratios = [], [], [], [], []
+        for r in range(repeats):
+            wrapper.clear_cache()
+            tb, tv = [], []
+            for i, b in enumerate(batches):
+                order = ("base", "var") if (r + i) % 2 == 0 else ("var", "base")
+                for which in order:
+                    if which == "base":
+                        with wrapper.suspended():
+                            tb.append(_timed(model, b, device))
+                    else:
+                        tv.append(_timed(wrapper, b, device))
+                ratios.append(tb[-1] / tv[-1])
+            base_rep.append(sum(tb))
+            var_rep.append(sum(tv))
+            base_lat += tb
+            var_lat += tv
+    finally:
+        wrapper.restore()
+    result["config"] = config.to_dict()
+    result["table_sizes"] = {str(l): n for l, n in wrapper.table_sizes().items()}
+    result["evaluation"] = _ppl_block(v_nll, v_cnt)
+    result["throughput"] = _tput(tokens, var_rep, var_lat, repeats, warmup)
+    base_tput = _tput(tokens, base_rep, base_lat, repeats, warmup)
+    result["paired"] = {
+        "baseline_evaluation": _ppl_block(b_nll, b_cnt),
+        "baseline_throughput": base_tput,
+        "speedup": statistics.median(b / v for b, v in zip(base_rep, var_rep)),
+        "speedup_per_repeat": [b / v for b, v in zip(base_rep, var_rep)],
+        "speedup_batch_median": statistics.median(ratios),
+        "perplexity_bootstrap": paired_bootstrap(b_nll, b_cnt, v_nll, v_cnt, bootstrap, seed),
+        "method": "same process, batches interleaved with alternating order; baseline = original routers, no hooks",
+    }
+    result["agreement"] = _agreement(stats["overall"])
+    result["var_stats"] = stats
+    return result
+
+
+def _ppl_block(nll: np.ndarray, cnt: np.ndarray) -> dict[str, Any]:
+    mean = float(nll.sum() / max(cnt.sum(), 1))
+    return {"perplexity": math.exp(mean), "mean_nll_nats": mean, "predicted_tokens": int(cnt.sum()), "documents": len(nll)}
+
+
+def _tput(tokens: int, per_rep: list[float], lat: list[float], repeats: int, warmup: int) -> dict[str, Any]:
+    med = statistics.median(per_rep)
+    return {"tokens_per_second": tokens / med, "seconds_per_pass_median": med, "seconds_per_pass": per_rep,
+            "repeats": repeats, "warmup_batches": warmup, "latency": _latency(lat, tokens, repeats)}
+
+
+def _agreement(overall: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    n_all, exact_all, overlap_all = 0, 0.0, 0.0
+    for tier in ("fast", "cached"):
+        a = overall[f"audit_{tier}"]
+        out[tier] = a
+        if a["n"]:
+            n_all += a["n"]
+            exact_all += a["exact_agreement"] * a["n"]
+            overlap_all += a["overlap"] * a["n"]
+    out["fast_and_cached"] = {"n": n_all, "exact_agreement": exact_all / n_all if n_all else None,
+                              "overlap": overlap_all / n_all if n_all else None}
+    calls = overall["calls"]
+    # learned decisions agree with themselves; share of all (token, layer) decisions equal to learned
+    out["all_decisions_exact"] = 1 - (n_all - exact_all) / calls if calls else None
+    out["note"] = "local agreement: the learned router evaluated on the same hidden states VAR saw"
+    return out
