@@ -1,0 +1,99 @@
+"""Training and inference throughput of the reference model on this machine.
+
+Training: tokens/s of full optimizer steps (recipe batch x seq_len, the per-layer balancing loss
+on) for each experts implementation, interleaved (A B A B ...) after a warm-up, median of repeats.
+Inference: forward tokens/s at batch 8 x 256 (no KV cache), same interleaving.
+
+Run: `python benchmarks/reference_throughput.py [--model models/reference-moe] [--repeats 5] [--threads 1]`
+Prints a table and writes benchmarks/results/reference_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from var_moe.corpus import iter_batches
+from var_moe.loading import REFERENCE_MODEL_DIR, load_model
+from var_moe.reference.recipe import Recipe
+from var_moe.reference.train import per_layer_balance_loss
+
+IMPLS = ("grouped_mm", "eager", "batched_mm")
+
+
+def train_step_seconds(model, batch, recipe, optimizer) -> float:
+    t0 = time.perf_counter()
+    out = model(input_ids=batch[:, :-1], output_router_logits=True, use_cache=False)
+    ce = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), batch[:, 1:].reshape(-1))
+    loss = ce + recipe.balance_coef * per_layer_balance_loss(out.router_logits, recipe.num_experts_per_tok,
+                                                            recipe.balance_top1_weight)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def forward_seconds(model, ids) -> float:
+    t0 = time.perf_counter()
+    model(input_ids=ids, use_cache=False)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(REFERENCE_MODEL_DIR))
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--output", default="benchmarks/results/reference_throughput.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    recipe = Recipe.from_json((Path(args.model) / "recipe.json").read_text())
+    models = {impl: load_model(args.model, experts_implementation=impl)[0] for impl in IMPLS}
+    tok = load_model(args.model)[1]
+    ids = next(iter_batches(tok, "stdlib", "test", 256, 8, 8))[0]
+    g = torch.Generator().manual_seed(0)
+    train_batch = torch.randint(0, recipe.vocab_size, (recipe.batch_size, recipe.seq_len + 1), generator=g)
+    opts = {}
+    for impl, m in models.items():
+        m.train()
+        opts[impl] = torch.optim.AdamW(m.parameters(), lr=1e-5)
+    train_s = {impl: [] for impl in IMPLS}
+    fwd_s = {impl: [] for impl in IMPLS}
+    for i in range(args.repeats + 1):  # first round is the warm-up
+        for impl in IMPLS:
+            s = train_step_seconds(models[impl], train_batch, recipe, opts[impl])
+            if i:
+                train_s[impl].append(s)
+    for m in models.values():
+        m.eval()
+    for i in range(args.repeats + 1):
+        for impl in IMPLS:
+            s = forward_seconds(models[impl], ids)
+            if i:
+                fwd_s[impl].append(s)
+    train_tokens = recipe.batch_size * recipe.seq_len
+    rows = {}
+    for impl in IMPLS:
+        rows[impl] = {
+            "train_tokens_per_s": train_tokens / statistics.median(train_s[impl]),
+            "forward_tokens_per_s": ids.numel() / statistics.median(fwd_s[impl]),
+            "train_vs_grouped_mm": statistics.median(a / b for a, b in zip(train_s[impl], train_s["grouped_mm"])),
+        }
+    print(f"threads={args.threads} repeats={args.repeats} train batch {recipe.batch_size}x{recipe.seq_len}, forward batch 8x256")
+    print(f"{'experts impl':<12} {'train tok/s':>12} {'forward tok/s':>14} {'train time / grouped_mm':>24}")
+    for impl, r in rows.items():
+        print(f"{impl:<12} {r['train_tokens_per_s']:>12,.0f} {r['forward_tokens_per_s']:>14,.0f} {r['train_vs_grouped_mm']:>24.2f}")
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"threads": args.threads, "repeats": args.repeats, "results": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
