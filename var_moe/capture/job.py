@@ -174,6 +174,8 @@ def run_capture(
             raise CaptureInterrupted(f"stopped after {done_here} batches (test hook)")
     bar.close()
     seconds = time.perf_counter() - start
+    if world_size > 1:
+        log(f"rank {rank} of {world_size}: forwarded {done_here} batches, {tokens - position.tokens} tokens")
     if reduce is not None:
         reduce(analyzer)
     if output is not None and rank == 0:
