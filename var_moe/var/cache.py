@@ -41,33 +41,37 @@ def encode_keys(full_TW: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 class ContextCache:
+    """All entries live in one int64 tensor `data_CN` (one row per entry, kept sorted by key), so
+    eviction, expiry and re-sorting are one index operation each. Columns: key | full key (W+1) |
+    experts (K) | weights (K, float64 bits) | born step | born time (float64 bits) | last use."""
+
     def __init__(self, capacity: int, width: int, k: int, vocab: int, ttl_steps: int | None = None,
                  ttl_seconds: float | None = None, device: torch.device | str = "cpu"):
         self.capacity, self.width, self.k, self.vocab = capacity, width, k, vocab
         self.ttl_steps, self.ttl_seconds = ttl_steps, ttl_seconds
         self.device = torch.device(device)
+        w = width
+        self._full = slice(1, 1 + w)
+        self._experts = slice(1 + w, 1 + w + k)
+        self._weights = slice(1 + w + k, 1 + w + 2 * k)
+        self._born_step, self._born_time, self._used = 1 + w + 2 * k, 2 + w + 2 * k, 3 + w + 2 * k
+        self.ncols = 4 + w + 2 * k
         self.clear()
 
     def clear(self) -> None:
-        d = self.device
-        self.keys_C = torch.empty(0, dtype=torch.long, device=d)
-        self.full_CW = torch.empty(0, self.width, dtype=torch.long, device=d)
-        self.experts_CK = torch.empty(0, self.k, dtype=torch.long, device=d)
-        self.weights_CK = torch.empty(0, self.k, dtype=torch.float32, device=d)
-        self.born_step_C = torch.empty(0, dtype=torch.long, device=d)
-        self.born_time_C = torch.empty(0, dtype=torch.float64, device=d)
-        self.used_C = torch.empty(0, dtype=torch.long, device=d)
+        self.data_CN = torch.empty(0, self.ncols, dtype=torch.long, device=self.device)
+        self.keys_C = torch.empty(0, dtype=torch.long, device=self.device)
         self._tick = 0
 
     def __len__(self) -> int:
         return int(self.keys_C.shape[0])
 
-    def _alive(self, step: int, now: float) -> torch.Tensor:
-        alive = torch.ones_like(self.keys_C, dtype=torch.bool)
+    def _alive(self, rows_N: torch.Tensor, step: int, now: float) -> torch.Tensor:
+        alive = torch.ones(rows_N.shape[0], dtype=torch.bool, device=rows_N.device)
         if self.ttl_steps is not None:
-            alive &= (step - self.born_step_C) <= self.ttl_steps
+            alive &= (step - rows_N[:, self._born_step]) <= self.ttl_steps
         if self.ttl_seconds is not None:
-            alive &= (now - self.born_time_C) <= self.ttl_seconds
+            alive &= (now - rows_N[:, self._born_time].view(torch.float64)) <= self.ttl_seconds
         return alive
 
     def lookup(self, full_TW: torch.Tensor, step: int, now: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -80,9 +84,11 @@ class ContextCache:
                     torch.zeros(t, self.k, dtype=torch.float32, device=full_TW.device))
         q_T = encode_keys(full_TW, self.vocab)
         pos_T = torch.searchsorted(self.keys_C, q_T).clamp_max(len(self) - 1)
-        hit_T = (self.keys_C[pos_T] == q_T) & (self.full_CW[pos_T] == full_TW).all(1) & self._alive(step, now)[pos_T]
-        self.used_C[pos_T[hit_T]] = self._tick
-        return hit_T, self.experts_CK[pos_T], self.weights_CK[pos_T]
+        rows_TN = self.data_CN[pos_T]
+        hit_T = (rows_TN[:, 0] == q_T) & (rows_TN[:, self._full] == full_TW).all(1) & self._alive(rows_TN, step, now)
+        self.data_CN[pos_T[hit_T], self._used] = self._tick
+        weights = rows_TN[:, self._weights].contiguous().view(torch.float64).float()
+        return hit_T, rows_TN[:, self._experts], weights
 
     def insert(self, full_NW: torch.Tensor, experts_NK: torch.Tensor, weights_NK: torch.Tensor, step: int, now: float) -> None:
         if self.capacity == 0 or full_NW.shape[0] == 0:
@@ -92,23 +98,21 @@ class ContextCache:
         # one entry per key within the batch: the last occurrence wins (latest decision)
         uniq, inv = torch.unique(q_N, return_inverse=True)
         last = torch.full_like(uniq, -1).scatter_reduce(0, inv, torch.arange(len(q_N), device=q_N.device), "amax")
-        q_N, full_NW, experts_NK, weights_NK = q_N[last], full_NW[last], experts_NK[last], weights_NK[last]
-        n = q_N.shape[0]
-        keep_C = self._alive(step, now) & ~torch.isin(self.keys_C, q_N)  # replaced keys and expired entries go
-        cat = lambda old, new: torch.cat([old[keep_C], new])  # noqa: E731
-        keys = cat(self.keys_C, q_N)
-        full = cat(self.full_CW, full_NW)
-        experts = cat(self.experts_CK, experts_NK.long())
-        weights = cat(self.weights_CK, weights_NK.float())
-        born_step = cat(self.born_step_C, torch.full((n,), step, dtype=torch.long, device=q_N.device))
-        born_time = cat(self.born_time_C, torch.full((n,), now, dtype=torch.float64, device=q_N.device))
-        used = cat(self.used_C, torch.full((n,), self._tick, dtype=torch.long, device=q_N.device))
-        if keys.shape[0] > self.capacity:
-            # LRU: keep the most recently used; among equals, the youngest (stable sort keeps order)
-            order = torch.sort(used * (keys.shape[0] + 1) + torch.arange(keys.shape[0], device=keys.device), descending=True).indices
-            sel = order[: self.capacity]
-            keys, full, experts, weights = keys[sel], full[sel], experts[sel], weights[sel]
-            born_step, born_time, used = born_step[sel], born_time[sel], used[sel]
-        order = torch.argsort(keys)
-        self.keys_C, self.full_CW, self.experts_CK, self.weights_CK = keys[order], full[order], experts[order], weights[order]
-        self.born_step_C, self.born_time_C, self.used_C = born_step[order], born_time[order], used[order]
+        n = uniq.shape[0]
+        dev = q_N.device
+        new_NN = torch.cat([
+            q_N[last, None], full_NW[last].long(), experts_NK[last].long(),
+            weights_NK[last].double().view(torch.long),
+            torch.full((n, 1), step, dtype=torch.long, device=dev),
+            torch.tensor([now], dtype=torch.float64, device=dev).view(torch.long).expand(n, 1),
+            torch.full((n, 1), self._tick, dtype=torch.long, device=dev),
+        ], dim=1)
+        # replaced keys and expired entries go
+        keep_C = self._alive(self.data_CN, step, now) & ~torch.isin(self.keys_C, uniq)
+        data = torch.cat([self.data_CN[keep_C], new_NN])
+        if data.shape[0] > self.capacity:
+            # LRU: keep the most recently used; among equals the later rows (younger entries)
+            rank = data[:, self._used] * (data.shape[0] + 1) + torch.arange(data.shape[0], device=dev)
+            data = data[torch.sort(rank, descending=True).indices[: self.capacity]]
+        self.data_CN = data[torch.argsort(data[:, 0])]
+        self.keys_C = self.data_CN[:, 0].contiguous()
