@@ -88,6 +88,10 @@ def test_predictability_cli_then_validate_and_plot(toy, stats_file, tmp_path):
                  "--n-boot", "20"]) == 0
     text = rep_path.read_text()
     assert "held-out predictability" in text and "H5:" in text and "H3b:" in text
+    # every layer row of the held-out table shows trained / control (margin) from the JSON rows
+    t0 = next(r for r in h["rows"] if r["model"] == "trained" and r["layer"] == 0 and r["predictor"] == "token_table")
+    c0 = next(r for r in h["rows"] if r["model"] == "control" and r["layer"] == 0 and r["predictor"] == "token_table")
+    assert f"{100 * t0['exact']:.1f}% / {100 * c0['exact']:.1f}% ({100 * (t0['exact'] - c0['exact']):+.1f})" in text
     figs = tmp_path / "figs"
     assert main(["plot", "--input", str(stats_file), "--output-dir", str(figs), "--heldout", str(held)]) == 0
     names = {p.name for p in figs.iterdir()}

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from ..corpus import SPLITS, iter_batches
     from ..loading import load_model
     from ..validation.predictability import PredictabilityConfig, heldout_predictability
-    from ..validation.render import heldout_table
+    from ..validation.render import heldout_margin_table
 
     if args.calibration_split not in SPLITS:
         raise ValueError(f"--calibration-split must be one of {', '.join(SPLITS)}, got {args.calibration_split!r}")
@@ -89,6 +89,6 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    print(heldout_table(result, "exact"))
-    print(f"exact top-k set match per layer; {result['num_tokens_test']} test tokens; written to {out}")
+    print(heldout_margin_table(result, "exact"))
+    print(f"exact top-k set match per layer, trained / control (margin); {result['num_tokens_test']} test tokens; written to {out}")
     return 0

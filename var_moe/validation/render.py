@@ -57,10 +57,10 @@ def _section(name: str, sec: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def heldout_table(heldout: dict[str, Any], metric: str = "exact") -> str:
+def heldout_table(heldout: dict[str, Any], metric: str = "exact", predictors: list[str] | None = None) -> str:
     """Markdown table: one row per layer, trained vs control per predictor (metric: exact|top1|overlap)."""
     rows = heldout["rows"]
-    preds = heldout["predictors"]
+    preds = predictors or heldout["predictors"]
     models = [m for m in ("trained", "control") if any(r["model"] == m for r in rows)]
     layers = sorted({r["layer"] for r in rows if r["layer"] != "all"}, key=int) + ["all"]
     head = ["layer"] + [f"{p} ({m})" for p in preds for m in models]
@@ -73,6 +73,26 @@ def heldout_table(heldout: dict[str, Any], metric: str = "exact") -> str:
                 r = idx.get((m, str(layer), p))
                 cells.append(_p(r[metric]) if r else "n/a")
         out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def heldout_margin_table(heldout: dict[str, Any], metric: str = "exact", predictors: list[str] | None = None) -> str:
+    """Markdown table: per layer and predictor, "trained / control (margin in points)"."""
+    preds = predictors or heldout["predictors"]
+    idx = {(r["model"], str(r["layer"]), r["predictor"]): r[metric] for r in heldout["rows"]}
+    layers = sorted({str(r["layer"]) for r in heldout["rows"] if r["layer"] != "all"}, key=int) + ["all"]
+    out = ["| layer | " + " | ".join(preds) + " |", "|" + "---|" * (len(preds) + 1)]
+    for layer in layers:
+        cells = []
+        for p in preds:
+            t, c = idx.get(("trained", layer, p)), idx.get(("control", layer, p))
+            if t is None:
+                cells.append("n/a")
+            elif c is None:
+                cells.append(_p(t))
+            else:
+                cells.append(f"{_p(t)} / {_p(c)} ({100 * (t - c):+.1f})")
+        out.append(f"| {layer} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
@@ -95,8 +115,10 @@ def render_text(rep: dict[str, Any]) -> str:
         h = rep["heldout"]
         lines += ["== held-out predictability (tables from the calibration split, scored on the test split) ==",
                   f"test tokens: {h.get('num_tokens_test')}  calibration tokens: {h.get('num_tokens_calibration')}",
-                  "exact top-k set match:", heldout_table(h, "exact"), "", "top-1 hit:", heldout_table(h, "top1"), "",
-                  "mean overlap:", heldout_table(h, "overlap"), ""]
+                  "cells: trained / random-init control (trained minus control, points)",
+                  "exact top-k set match:", heldout_margin_table(h, "exact"), "",
+                  "top-1 hit:", heldout_margin_table(h, "top1"), "",
+                  "mean overlap:", heldout_margin_table(h, "overlap"), ""]
         for k, v in h.get("definitions", {}).items():
             lines.append(f"  {k}: {v}")
         lines.append("")

@@ -185,7 +185,9 @@ def hypotheses(rep: dict[str, Any]) -> list[dict[str, str]]:
     out.append({"hypothesis": "H4: frequent tokens keep their top-1 expert",
                 "verdict": "supported" if c["pass"] else "not supported",
                 "sentence": f"{'Supported' if c['pass'] else 'Not supported'}: the most frequent tokens keep their "
-                            f"modal top-1 expert {_pct(c['measured'])} of the time on average."})
+                            f"modal top-1 expert {_pct(c['measured'])} of the time on average (a token seen once is trivially "
+                            f"consistent; the least frequent of the top-N per layer was seen "
+                            f"{min(rep['layers'][l]['top_n_consistency']['min_frequency'] for l in rep['layers'])} times)."})
     if rep.get("heldout"):
         out.extend(heldout_hypotheses(rep["heldout"]))
     return out
