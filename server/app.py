@@ -381,9 +381,9 @@ async def stream_generate(state: ServerState, request: Request, job: Job) -> Str
                 if event[0] == "token":
                     ids.append(event[1])
                     text = tok.decode(ids, skip_special_tokens=True)
-                    if text.endswith("\ufffd"):  # half a UTF-8 character: wait for the rest
-                        continue
-                    delta, sent = text[len(sent):], text
+                    delta = ""
+                    if not text.endswith("\ufffd"):  # half a UTF-8 character: its text comes with the rest
+                        delta, sent = text[len(sent):], text
                     yield sse({"type": "token", "token_id": event[1], "text": delta, "logprob": event[2]})
                     continue
                 result = event[1]

@@ -1,0 +1,139 @@
+"""The engine thread (server/engine.py) in-process: batching limits, one VAR mode per batch, queue
+bound, cancellation, timeouts and draining shutdown, on a tiny model with a real VAR wrapper.
+
+Run: `pytest tests/test_server_engine.py` (seconds, CPU).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+import torch
+
+from server.decode import RowSpec
+from server.engine import Engine, Job, QueueFull
+from server.metrics import ServerMetrics
+from server.testing import calibration_stats, tiny_model_dir
+from server.var_runtime import RoutingRuntime
+
+torch.set_num_threads(1)
+PERMISSIVE_VAR = {"frequency_threshold": 1, "entropy_threshold": 5.0, "target_agreement": 0.05, "shadow_rate": 0.5}
+
+
+class _Settings:
+    """The fields RoutingRuntime.load reads (a plain object keeps this test independent of env vars)."""
+
+    def __init__(self, model_dir, stats, var_config):
+        self.model, self.dtype, self.device, self.quantization, self.trust_remote_code = str(model_dir), "float32", "cpu", None, False
+        self.var_tables, self.routing_stats, self.var_config, self.var_on_start = None, stats, var_config, True
+        self.var_tables_path, self.routing_stats_path = None, stats
+
+
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory):
+    d = tiny_model_dir(tmp_path_factory.mktemp("engine") / "tiny")
+    stats = calibration_stats(d, d / "calib.parquet")
+    # A random tiny model routes with high entropy: permissive thresholds so the tables are not empty.
+    (d / "var.json").write_text(json.dumps(PERMISSIVE_VAR))
+    return RoutingRuntime.load(_Settings(d, stats, str(d / "var.json")))
+
+
+def make_engine(runtime, **kw) -> Engine:
+    runtime.set_mode(True)
+    eng = Engine(runtime, ServerMetrics(runtime.layers), **kw)
+    return eng
+
+
+async def _collect(jobs):
+    loop = asyncio.get_running_loop()
+    for j in jobs:
+        j.loop, j.events = loop, asyncio.Queue()
+    return jobs
+
+
+async def _results(jobs):
+    out = []
+    for j in jobs:
+        while True:
+            ev = await asyncio.wait_for(j.events.get(), 60)
+            if ev[0] == "done":
+                out.append(ev[1])
+                break
+    return out
+
+
+def test_runtime_has_var(runtime):
+    assert runtime.var_available, runtime.unavailable_reason
+
+
+def test_batches_respect_max_size_and_one_mode(runtime):
+    eng = make_engine(runtime, max_batch_size=3, max_wait_ms=200)
+
+    async def main():
+        jobs = [Job(RowSpec([5, 6, 7 + i], 4), pinned_mode=("var" if i % 2 else "baseline")) for i in range(8)]
+        await _collect(jobs)
+        eng.submit(jobs)  # queued before the thread starts: batches form from a full queue
+        eng.start()
+        return jobs, await _results(jobs)
+
+    jobs, results = asyncio.run(main())
+    eng.stop()
+    assert max(eng.last_batch_sizes) <= 3
+    assert sum(eng.last_batch_sizes) == 8
+    for job, res in zip(jobs, results):
+        assert res.mode == job.pinned_mode
+        if res.mode == "baseline":
+            assert res.tier_counts["fast"] == 0 and res.tier_counts["cached"] == 0
+        decisions = sum(res.tier_counts.values())
+        assert decisions == (len(job.spec.prompt_ids) + len(res.state.new_ids) - 1) * len(runtime.layers)
+    # 4 baseline + 4 VAR jobs with at most 3 per batch and one mode per batch: at least 4 batches
+    assert eng.batches_run >= 4
+
+
+def test_var_and_baseline_greedy_counts(runtime):
+    """VAR mode uses the fast tier for some tokens; baseline counts every decision as learned."""
+    eng = make_engine(runtime, max_batch_size=4, max_wait_ms=1)
+    eng.start()
+
+    async def main():
+        ids = runtime.tokenizer("def forward(self, x):\n    return self")["input_ids"]
+        jobs = [Job(RowSpec(ids, 6), pinned_mode=m) for m in ("var", "baseline")]
+        await _collect(jobs)
+        eng.submit(jobs)
+        return await _results(jobs)
+
+    var, base = asyncio.run(main())
+    eng.stop()
+    assert var.tier_counts["fast"] + var.tier_counts["cached"] > 0
+    assert base.tier_counts["learned"] == sum(base.tier_counts.values())
+
+
+def test_queue_bound_cancel_timeout_and_drain(runtime):
+    eng = make_engine(runtime, max_batch_size=1, max_wait_ms=0, max_queue=2)
+
+    async def main():
+        long = Job(RowSpec([5, 6, 7], 200))
+        cancel_me = Job(RowSpec([5, 6, 8], 200))
+        await _collect([long, cancel_me])
+        eng.submit([long, cancel_me])
+        with pytest.raises(QueueFull):
+            eng.submit([Job(RowSpec([1, 2], 1))])
+        cancel_me.cancelled = True  # still queued: dropped without running
+        long.timeout_s = 0.0  # already past its deadline: stops at the first check
+        eng.start()
+        res_long, res_cancel = await _results([long, cancel_me])
+        late = Job(RowSpec([5, 6, 9], 3))
+        await _collect([late])
+        eng.submit([late])
+        return res_long, res_cancel, late
+
+    res_long, res_cancel, late = asyncio.run(main())
+    assert res_cancel is None
+    assert res_long.state.finish_reason == "timeout" and len(res_long.state.new_ids) < 200
+    t0 = time.monotonic()
+    assert eng.stop(timeout_s=30)  # drains the queued job before the thread ends
+    assert time.monotonic() - t0 < 30
+    assert late.first_token_at is not None
