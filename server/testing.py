@@ -4,6 +4,7 @@
 - `tiny_model_dir(out_dir)`: a seeded tiny Mixtral plus a byte-level BPE tokenizer trained on
   var_moe's own source files, saved as a loadable folder (used while the reference model is absent).
 - `servable_model_dir(tmp)`: the reference model when it is present, else a tiny one.
+- `var_args(model_dir, tmp)`: serve flags giving the model VAR with shadow checks (tests).
 - `ServerProcess(model_dir, env=..., args=...)`: `varmoe serve` as a subprocess on a free port;
   waits for /readyz; `stop()` sends SIGTERM (graceful drain) and returns the exit code.
 Test: used by `pytest tests/test_server_*.py` and `python benchmarks/server_throughput.py`.
@@ -11,6 +12,7 @@ Test: used by `pytest tests/test_server_*.py` and `python benchmarks/server_thro
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -121,3 +123,24 @@ def calibration_stats(model_dir: str | Path, out_path: str | Path, num_docs: int
             analyzer.analyze_batch(enc["input_ids"], enc["attention_mask"])
     return analyzer.write_parquet(out_path, {"model": str(model_dir), "dataset": "var_moe-sources",
                                              "split": "calibration"})
+
+
+# A random tiny model routes with high entropy: permissive thresholds so its tables are not empty.
+PERMISSIVE_VAR = {"frequency_threshold": 1, "entropy_threshold": 5.0, "target_agreement": 0.05, "shadow_rate": 0.5}
+
+
+def var_args(model_dir: Path, tmp: Path) -> list[str]:
+    """VAR for the test server: the model's own tables if it has them (shadow checks on), else tables
+    from a quick capture with permissive thresholds (a random tiny model routes with high entropy)."""
+    tables = model_dir / "var_tables.safetensors"
+    cfg_path = tmp / "var.json"
+    if tables.exists():
+        from var_moe.var import VARTables
+
+        cfg = dict(VARTables.load(tables).metadata.get("config") or {})
+        cfg.pop("routing_stats_path", None)
+        cfg_path.write_text(json.dumps({**cfg, "shadow_rate": 0.5}))
+        return ["--var-config", str(cfg_path)]
+    stats = calibration_stats(model_dir, tmp / "calib.parquet")
+    cfg_path.write_text(json.dumps(PERMISSIVE_VAR))
+    return ["--routing-stats", str(stats), "--var-config", str(cfg_path)]

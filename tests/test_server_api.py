@@ -14,31 +14,13 @@ import httpx
 import pytest
 import torch
 
-from server.testing import ServerProcess, calibration_stats, servable_model_dir
+from server.testing import ServerProcess, servable_model_dir, var_args
 from var_moe.loading import load_model
 from var_moe.perplexity import sequence_nll
 
 TOKEN = "test-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-PERMISSIVE_VAR = {"frequency_threshold": 1, "entropy_threshold": 5.0, "target_agreement": 0.05, "shadow_rate": 0.5}
 PROMPT = "def forward(self, x):\n    return self"
-
-
-def var_args(model_dir, tmp) -> list[str]:
-    """VAR for the test server: the model's own tables if it has them (shadow checks on), else tables
-    from a quick capture with permissive thresholds (a random tiny model routes with high entropy)."""
-    tables = model_dir / "var_tables.safetensors"
-    cfg_path = tmp / "var.json"
-    if tables.exists():
-        from var_moe.var import VARTables
-
-        cfg = dict(VARTables.load(tables).metadata.get("config") or {})
-        cfg.pop("routing_stats_path", None)
-        cfg_path.write_text(json.dumps({**cfg, "shadow_rate": 0.5}))
-        return ["--var-config", str(cfg_path)]
-    stats = calibration_stats(model_dir, tmp / "calib.parquet")
-    cfg_path.write_text(json.dumps(PERMISSIVE_VAR))
-    return ["--routing-stats", str(stats), "--var-config", str(cfg_path)]
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,10 @@ import torch
 from server.decode import RowSpec
 from server.engine import Engine, Job, QueueFull
 from server.metrics import ServerMetrics
-from server.testing import calibration_stats, tiny_model_dir
+from server.testing import PERMISSIVE_VAR, calibration_stats, tiny_model_dir
 from server.var_runtime import RoutingRuntime
 
 torch.set_num_threads(1)
-PERMISSIVE_VAR = {"frequency_threshold": 1, "entropy_threshold": 5.0, "target_agreement": 0.05, "shadow_rate": 0.5}
 
 
 class _Settings:
@@ -36,7 +35,6 @@ class _Settings:
 def runtime(tmp_path_factory):
     d = tiny_model_dir(tmp_path_factory.mktemp("engine") / "tiny")
     stats = calibration_stats(d, d / "calib.parquet")
-    # A random tiny model routes with high entropy: permissive thresholds so the tables are not empty.
     (d / "var.json").write_text(json.dumps(PERMISSIVE_VAR))
     return RoutingRuntime.load(_Settings(d, stats, str(d / "var.json")))
 

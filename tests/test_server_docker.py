@@ -1,0 +1,76 @@
+"""Container and dashboard files (Docker does not run here): compose, Dockerfile, Prometheus config
+and Grafana provisioning parse and agree with each other and with the server's metric names.
+The dashboard queries themselves run against a real Prometheus in tests/test_server_metrics.py.
+
+Run: `pytest tests/test_server_docker.py` (seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from server.metrics import ServerMetrics
+from server.testing import REPO_ROOT
+
+DOCKER = REPO_ROOT / "docker"
+DASHBOARD = DOCKER / "grafana" / "dashboards" / "varmoe-server.json"
+
+
+def test_compose_parses_and_mounts_existing_files():
+    compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"server", "prometheus", "grafana"}
+    assert (REPO_ROOT / services["server"]["build"]["dockerfile"]).exists()
+    for name in ("prometheus", "grafana"):
+        for volume in services[name]["volumes"]:
+            host = volume.split(":")[0]
+            assert (REPO_ROOT / host).exists(), volume
+    for svc in services.values():
+        for port in svc.get("ports", []):
+            assert port.startswith("127.0.0.1:"), port  # nothing opened beyond the host
+
+
+def test_dockerfile_cpu_default_with_cuda_build_arg():
+    text = (DOCKER / "Dockerfile").read_text()
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.\d+-slim$", text, re.M)
+    assert "FROM ${BASE_IMAGE}" in text and "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in text
+    assert 'CMD ["varmoe", "serve"]' in text
+    for src in re.findall(r"^COPY (\S+)", text, re.M):
+        assert (REPO_ROOT / src).exists() or src == "models/reference-moe", src
+
+
+def test_prometheus_config_scrapes_server():
+    cfg = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
+    job = cfg["scrape_configs"][0]
+    assert job["metrics_path"] == "/metrics" and job["static_configs"][0]["targets"] == ["server:8000"]
+    if shutil.which("promtool"):
+        res = subprocess.run(["promtool", "check", "config", str(DOCKER / "prometheus.yml")], capture_output=True,
+                             text=True, timeout=60)
+        assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_grafana_provisioning_and_dashboard():
+    ds = yaml.safe_load((DOCKER / "grafana/provisioning/datasources/prometheus.yml").read_text())["datasources"][0]
+    prov = yaml.safe_load((DOCKER / "grafana/provisioning/dashboards/varmoe.yml").read_text())["providers"][0]
+    assert prov["options"]["path"] == "/var/lib/grafana/dashboards"
+    dash = json.loads(DASHBOARD.read_text())
+    titles = " | ".join(p["title"].lower() for p in dash["panels"])
+    for topic in ("tokens/s", "tier share", "latency", "first token", "var enabled", "verification",
+                  "queue depth", "batch size", "error rate"):
+        assert topic in titles, topic
+    known = {m.name for m in ServerMetrics([0]).registry.collect()}
+    for panel in dash["panels"]:
+        assert panel["datasource"]["uid"] == ds["uid"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            names = set(re.findall(r"varmoe_[a-z_]+", target["expr"]))
+            assert names, target["expr"]
+            for name in names:
+                base = re.sub(r"_(total|bucket|sum|count)$", "", name)
+                assert base in known, (name, panel["title"])
