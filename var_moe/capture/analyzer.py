@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -32,6 +33,21 @@ from .pairs import DEFAULT_CAPACITY, PairStats
 from .recorder import RoutingRecorder
 from .schema import library_versions, pairs_path, write_pairs, write_stats
 from .streaming_stats import StreamingTokenStats, previous_rows, ranked_choices
+
+
+@dataclass
+class _Aligned:
+    """Valid rows of one forward and their alignment (N = valid rows, B = batch rows)."""
+
+    keep_N: torch.Tensor  # indices of the valid rows among the T router rows
+    all_valid: bool
+    ids_N: torch.Tensor
+    prev_ids_N: torch.Tensor  # previous valid token id of the same sequence, -1 at a start
+    prev_N: torch.Tensor  # index (among valid rows) of the previous token in this forward, -1 if none
+    continues_N: torch.Tensor  # True where the previous token was in an earlier forward (decode step)
+    row_N: torch.Tensor  # batch row of each valid row
+    last_N_B: torch.Tensor  # index of each batch row's last valid row, -1 if the row is all padding
+    batch_size: int
 
 
 class RouterAnalyzer:
@@ -56,42 +72,59 @@ class RouterAnalyzer:
         self.pairs = PairStats(layers, vocab, E, K, capacity=pair_capacity, device=device) if track_pairs else None
         self.padding_excluded = 0
         self._carry: list[torch.Tensor | None] = [None] * len(layers)  # (B, 2) last choices per batch row
+        self._aligned: tuple[TokenBatch, _Aligned] | None = None
 
     # -- hooks ---------------------------------------------------------------------------------
+    def _prepare(self, tokens: TokenBatch) -> _Aligned:
+        """Per-forward alignment shared by every layer (computed at the first hooked layer)."""
+        if self._aligned is not None and self._aligned[0] is tokens:
+            return self._aligned[1]
+        dev = self.stats.device
+        b, s = tokens.batch_size, tokens.seq_len
+        valid_BS = tokens.valid_T.to(dev).reshape(b, s)
+        keep_N = valid_BS.reshape(-1).nonzero().squeeze(1)  # N = valid rows
+        n = keep_N.numel()
+        self.padding_excluded += b * s - n
+        compact_T = valid_BS.reshape(-1).long().cumsum(0) - 1  # row index -> index among valid rows
+        prev_row_N = previous_rows(valid_BS)[keep_N]
+        prev_N = torch.where(prev_row_N >= 0, compact_T[prev_row_N.clamp_min(0)], prev_row_N)
+        prev_ids_N = tokens.prev_T.to(dev)[keep_N]
+        # first valid token of a row whose sequence continues from an earlier forward (decode step)
+        continues_N = (prev_N < 0) & (prev_ids_N >= 0)
+        row_N = keep_N // s
+        pos_BS = torch.arange(s, device=dev).expand(b, s)
+        last_B = torch.where(valid_BS, pos_BS, torch.full_like(pos_BS, -1)).max(dim=1).values
+        last_N_B = torch.where(last_B >= 0, compact_T[(torch.arange(b, device=dev) * s + last_B.clamp_min(0))], last_B)
+        aligned = _Aligned(keep_N, n == b * s, tokens.ids_T.to(dev)[keep_N], prev_ids_N, prev_N, continues_N, row_N,
+                           last_N_B, b)
+        self._aligned = (tokens, aligned)
+        return aligned
+
     def _on_router(self, layer: int, tokens: TokenBatch, decision: RouterDecision) -> None:
         slot = self.stats.slot(layer)
-        valid_T = tokens.valid_T.to(self.stats.device)
-        if slot == 0:
-            self.padding_excluded += int((~valid_T).sum())
-        ids_T = tokens.ids_T.to(self.stats.device)
-        probs_TE, idx_TK, w_TK = decision.probs_TE, decision.topk_idx_TK, decision.topk_w_TK
-        choices_T2 = ranked_choices(probs_TE, idx_TK, w_TK).to(self.stats.device)
-        self.stats.update(slot, ids_T[valid_T], probs_TE[valid_T], idx_TK[valid_T], w_TK[valid_T], choices_T2[valid_T])
-        prev_choices_T2 = self._previous_choices(slot, tokens, valid_T, choices_T2)
-        self.stats.update_consecutive(slot, choices_T2[valid_T], prev_choices_T2[valid_T])
+        a = self._prepare(tokens)
+        probs, idx, w = decision.probs_TE, decision.topk_idx_TK, decision.topk_w_TK
+        if not a.all_valid:  # padding out of every statistic
+            keep = a.keep_N.to(probs.device)
+            probs, idx, w = probs.index_select(0, keep), idx.index_select(0, keep), w.index_select(0, keep)
+        choices_N2 = ranked_choices(probs, idx, w).to(self.stats.device)
+        self.stats.update(slot, a.ids_N, probs, idx, w, choices_N2)
+        self.stats.update_consecutive(slot, choices_N2, self._previous_choices(slot, a, choices_N2))
         if self.pairs is not None:
-            self.pairs.update(slot, tokens.prev_T.to(self.stats.device)[valid_T], ids_T[valid_T], idx_TK[valid_T])
+            self.pairs.update(slot, a.prev_ids_N, a.ids_N, idx)
 
-    def _previous_choices(self, slot: int, tokens: TokenBatch, valid_T: torch.Tensor, choices_T2: torch.Tensor) -> torch.Tensor:
-        """Choices of each row's previous valid token of the same sequence ((-1, -1) where none)."""
-        b, s = tokens.batch_size, tokens.seq_len
-        valid_BS = valid_T.reshape(b, s)
-        prev_row_T = previous_rows(valid_BS)
-        none = choices_T2.new_full((1, 2), -1)
-        prev_choices = torch.where((prev_row_T >= 0)[:, None], choices_T2[prev_row_T.clamp_min(0)], none)
+    def _previous_choices(self, slot: int, a: _Aligned, choices_N2: torch.Tensor) -> torch.Tensor:
+        """Choices of each valid row's previous valid token of the same sequence ((-1, -1) where none)."""
+        none = choices_N2.new_full((1, 2), -1)
+        prev = torch.where((a.prev_N >= 0)[:, None], choices_N2[a.prev_N.clamp_min(0)], none)
         carry = self._carry[slot]
-        # first valid token of a row whose sequence continues from an earlier forward (decode step)
-        continues_T = (prev_row_T < 0) & (tokens.prev_T.to(prev_row_T.device) >= 0)
-        if carry is not None and carry.shape[0] == b:
-            row_T = torch.arange(b, device=prev_row_T.device).repeat_interleave(s)
-            prev_choices = torch.where(continues_T[:, None], carry[row_T], prev_choices)
-        # carry the last valid token's choices of every row to the next forward
-        pos_BS = torch.arange(s, device=valid_BS.device).expand(b, s)
-        last_B = torch.where(valid_BS, pos_BS, torch.full_like(pos_BS, -1)).max(dim=1).values
-        last_choices = choices_T2.reshape(b, s, 2)[torch.arange(b, device=valid_BS.device), last_B.clamp_min(0)]
-        keep = carry if carry is not None and carry.shape[0] == b else none.expand(b, 2)
-        self._carry[slot] = torch.where((last_B >= 0)[:, None], last_choices, keep)
-        return prev_choices
+        if carry is not None and carry.shape[0] == a.batch_size:
+            prev = torch.where(a.continues_N[:, None], carry[a.row_N], prev)
+        # carry the last valid token's choices of every batch row to the next forward
+        keep = carry if carry is not None and carry.shape[0] == a.batch_size else none.expand(a.batch_size, 2)
+        last = choices_N2[a.last_N_B.clamp_min(0)] if choices_N2.shape[0] else keep
+        self._carry[slot] = torch.where((a.last_N_B >= 0)[:, None], last, keep)
+        return prev
 
     def attach(self) -> "RouterAnalyzer":
         self.recorder.attach()
@@ -100,6 +133,7 @@ class RouterAnalyzer:
     def detach(self) -> None:
         self.recorder.detach()
         self._carry = [None] * len(self._carry)
+        self._aligned = None
 
     @contextlib.contextmanager
     def capturing(self) -> Iterator["RouterAnalyzer"]:
@@ -138,6 +172,7 @@ class RouterAnalyzer:
             self.pairs.reset()
         self.padding_excluded = 0
         self._carry = [None] * len(self._carry)
+        self._aligned = None
 
     # -- output --------------------------------------------------------------------------------
     def metadata(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -174,16 +174,18 @@ class StreamingTokenStats:
         margin_T = top2_T2[:, 0] - top2_T2[:, 1] if E > 1 else top2_T2[:, 0]
 
         uniq_U, inv_T = torch.unique(ids_T, return_inverse=True)
-        n_b = torch.bincount(inv_T, minlength=uniq_U.numel()).double()
-        n_a = t["count_LV"][slot, uniq_U].double()
-        for name, x_T in (("entropy", entropy_T), ("confidence", conf_T)):
-            mean_b = torch.zeros_like(n_b).index_add_(0, inv_T, x_T) / n_b
-            m2_b = torch.zeros_like(n_b).index_add_(0, inv_T, (x_T - mean_b[inv_T]) ** 2)
-            mean_a = t[f"mean_{name}_LV"][slot, uniq_U]
-            m2_a = t[f"m2_{name}_LV"][slot, uniq_U]
-            mean, m2 = chan_combine(n_a, mean_a, m2_a, n_b, mean_b, m2_b)
-            t[f"mean_{name}_LV"][slot, uniq_U] = mean
-            t[f"m2_{name}_LV"][slot, uniq_U] = m2
+        n_b = torch.bincount(inv_T, minlength=uniq_U.numel()).double()[:, None]
+        n_a = t["count_LV"][slot, uniq_U].double()[:, None]
+        # both Welford moments at once: column 0 entropy, column 1 confidence
+        x_T2 = torch.stack([entropy_T, conf_T], dim=1)
+        mean_b = x_T2.new_zeros(n_b.shape[0], 2).index_add_(0, inv_T, x_T2) / n_b
+        m2_b = x_T2.new_zeros(n_b.shape[0], 2).index_add_(0, inv_T, (x_T2 - mean_b[inv_T]) ** 2)
+        mean_a = torch.stack([t["mean_entropy_LV"][slot, uniq_U], t["mean_confidence_LV"][slot, uniq_U]], dim=1)
+        m2_a = torch.stack([t["m2_entropy_LV"][slot, uniq_U], t["m2_confidence_LV"][slot, uniq_U]], dim=1)
+        mean, m2 = chan_combine(n_a, mean_a, m2_a, n_b, mean_b, m2_b)
+        for j, name in enumerate(_WELFORD):
+            t[f"mean_{name}_LV"][slot, uniq_U] = mean[:, j]
+            t[f"m2_{name}_LV"][slot, uniq_U] = m2[:, j]
         t["count_LV"][slot].index_add_(0, ids_T, torch.ones_like(ids_T))
         t["sum_margin_LV"][slot].index_add_(0, ids_T, margin_T)
         flat_TK = ids_T[:, None] * E + idx_TK
