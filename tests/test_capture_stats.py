@@ -146,3 +146,31 @@ def test_decode_steps_continue_sequences():
     pa_, pb = a.get_pair_analysis(), b.get_pair_analysis()
     assert pa_[["layer", "prev_token_id", "token_id", "frequency"]].values.tolist() == \
         pb[["layer", "prev_token_id", "token_id", "frequency"]].values.tolist()
+
+
+def test_many_experts_fall_back_to_expert_counts():
+    """C(E, k) > 128: no set counts (modal_set_count null), pair table in expert mode; counts stay exact."""
+    model = tiny_model("mixtral", seed=5, num_local_experts=16, num_experts_per_tok=4)
+    analyzer = RouterAnalyzer(model)
+    assert not analyzer.stats.exact_sets and analyzer.pairs.mode == "expert"
+    rows, rec = record_raw(model, None)
+    with rec:
+        for ids, mask in padded_batches(99, seed=2):
+            analyzer.analyze_batch(ids, mask)
+    occ, _, pairs = brute_force(rows, 16, 4)
+    df = analyzer.get_vocabulary_analysis()
+    assert df.modal_set_count.isna().all() and df.topk_set_ids.isna().all()
+    for row in df.itertuples():
+        o = occ[(row.layer, row.token_id)]
+        topk = np.bincount([e for x in o for e in x[4]], minlength=16)
+        assert row.frequency == len(o) and row.topk_counts.tolist() == topk.tolist()
+        expected = sorted(np.argsort(-topk, kind="stable")[:4].tolist())
+        assert row.modal_topk_set.tolist() == expected
+        assert row.topk_overlap == pytest.approx(topk[expected].sum() / (4 * len(o)))
+    pdf = analyzer.get_pair_analysis()
+    assert len(pdf) == len(pairs)
+    for row in pdf.itertuples():
+        c = pairs[(row.layer, row.prev_token_id, row.token_id)]
+        assert row.frequency == sum(c.values())
+        members = Counter(e for s, n in c.items() for e in s for _ in range(n))
+        assert dict(zip(row.key_ids.tolist(), row.key_counts.tolist())) == {**members, 16: sum(c.values())}
