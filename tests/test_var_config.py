@@ -50,3 +50,12 @@ def test_wilson_z():
 def test_from_routing_stats_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="varmoe capture"):
         VARConfig.from_routing_stats(tmp_path / "nope.parquet")
+
+
+def test_relative_entropy_threshold():
+    import math
+
+    assert VARConfig(entropy_threshold=0.5).entropy_limit_nats(8) == pytest.approx(0.5 * math.log(8))
+    assert VARConfig(entropy_threshold=0.5, entropy_relative=False).entropy_limit_nats(8) == 0.5
+    with pytest.raises(ValueError, match="entropy_threshold"):
+        VARConfig(entropy_threshold=1.2)  # a share of ln E cannot exceed 1

@@ -39,7 +39,7 @@ def tiny_dir(tmp_path_factory):
 def test_pipeline_end_to_end(tiny_dir, capsys):
     m, data, out = str(tiny_dir / "model"), str(tiny_dir / "docs.jsonl"), tiny_dir
     # a random tiny router is nearly uniform (max entropy ln 4): loose thresholds so tables are not empty
-    VARConfig(frequency_threshold=3, entropy_threshold=1.4, target_agreement=0.2).to_json(out / "cfg.json")
+    VARConfig(frequency_threshold=3, entropy_threshold=1.4, entropy_relative=False, target_agreement=0.2).to_json(out / "cfg.json")
     common = ["--model", m, "--dataset", data, "--max-length", "32", "--batch-size", "4"]
     assert main(["capture", *common, "--split", "calibration", "--output", str(out / "calib.parquet"), "--no-progress"]) == 0
     assert main(["build-tables", "--model", m, "--routing-stats", str(out / "calib.parquet"), "--config", str(out / "cfg.json"),

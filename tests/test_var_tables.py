@@ -49,7 +49,7 @@ def test_admission_rule_matches_brute_force():
     model = tiny_model("mixtral", seed=0)
     adapter = get_adapter(model)
     df, meta = synthetic_stats()
-    cfg = VARConfig(frequency_threshold=30, entropy_threshold=0.8, target_agreement=0.7)
+    cfg = VARConfig(frequency_threshold=30, entropy_threshold=0.8, entropy_relative=False, target_agreement=0.7)
     tables = VARTables.from_stats(df, meta, model, adapter, cfg)
     for layer in (0, 1):
         sub = df[df.layer == layer]
@@ -82,7 +82,7 @@ def test_save_load_and_refusal(tmp_path):
     model = tiny_model("mixtral", seed=0)
     adapter = get_adapter(model)
     df, meta = synthetic_stats()
-    cfg = VARConfig(frequency_threshold=10, entropy_threshold=1.5, target_agreement=0.3)
+    cfg = VARConfig(frequency_threshold=10, entropy_threshold=1.5, entropy_relative=False, target_agreement=0.3)
     tables = VARTables.from_stats(df, meta, model, adapter, cfg)
     path = tables.save(tmp_path / "t.safetensors")
     assert (tmp_path / "t.json").exists()
@@ -108,7 +108,7 @@ def test_tables_from_real_capture_route_like_the_router():
     batches = [(torch.randint(3, 20, (4, 32), generator=g), torch.ones(4, 32, dtype=torch.long)) for _ in range(4)]
     df, meta = brute_force_stats(model, batches)
     tables = VARTables.from_stats(df, meta, model, get_adapter(model),
-                                  VARConfig(frequency_threshold=5, entropy_threshold=5.0, target_agreement=0.5))
+                                  VARConfig(frequency_threshold=5, entropy_threshold=5.0, entropy_relative=False, target_agreement=0.5))
     sub = df[df.layer == 0].set_index("token_id")
     members = torch.nonzero(tables[0].member_V).squeeze(1).tolist()
     assert members

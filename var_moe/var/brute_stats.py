@@ -62,7 +62,7 @@ def brute_force_stats(model: Any, batches: Iterable[tuple[torch.Tensor, torch.Te
         # modal set: the most frequent; ties -> the smallest code (deterministic)
         sizes = sizes.sort_values(["tok", "n", "code"], ascending=[True, False, True]).drop_duplicates("tok")
         toks = sizes["tok"].to_numpy()
-        codes = torch.as_tensor(sizes["code"].to_numpy())
+        codes = torch.as_tensor(sizes["code"].to_numpy().copy())
         modal = torch.stack([(codes // e**i) % e for i in range(k)], 1)
         n = freq_V[toks].double()
         mean_ent = ent_sum[toks] / n

@@ -25,7 +25,8 @@ WEIGHT_SOURCES = ("table", "learned")
 class VARConfig:
     # -- which tokens enter the fast-path table (per layer, from calibration statistics) -------------
     frequency_threshold: int = 20  # minimum calibration occurrences of (layer, token)
-    entropy_threshold: float = 0.6  # maximum mean routing entropy, nats (max is ln E)
+    entropy_threshold: float = 0.85  # maximum mean routing entropy: nats, or a share of ln E if entropy_relative
+    entropy_relative: bool = True  # True: entropy_threshold is a share of the maximum ln E (same meaning for any E)
     target_agreement: float = 0.9  # Wilson lower bound of exact top-k agreement must reach this
     confidence_level: float = 0.95  # two-sided level of the Wilson interval (0.95 -> z = 1.96)
     # -- context cache ---------------------------------------------------------------------------
@@ -56,6 +57,8 @@ class VARConfig:
 
         need(isinstance(self.frequency_threshold, int) and self.frequency_threshold >= 1, "frequency_threshold", "must be an integer >= 1")
         need(_num(self.entropy_threshold) and self.entropy_threshold >= 0, "entropy_threshold", "must be >= 0 (nats)")
+        need(not self.entropy_relative or self.entropy_threshold <= 1, "entropy_threshold",
+             "must be in [0, 1] when entropy_relative is true (a share of ln E)")
         need(_num(self.target_agreement) and 0 < self.target_agreement <= 1, "target_agreement", "must be in (0, 1]")
         need(_num(self.confidence_level) and 0.5 <= self.confidence_level < 1, "confidence_level", "must be in [0.5, 1)")
         need(_num(self.confidence_threshold) and 0 < self.confidence_threshold <= 1, "confidence_threshold", "must be in (0, 1]")
@@ -71,7 +74,7 @@ class VARConfig:
              "adaptive_k_min_weight", "must be in (0.5, 1]")
         need(_num(self.shadow_rate) and 0 <= self.shadow_rate <= 1, "shadow_rate", "must be in [0, 1]")
         need(_num(self.max_quality_degradation) and self.max_quality_degradation >= 0, "max_quality_degradation", "must be >= 0")
-        for flag in ("enable_fast_path", "enable_cache", "adaptive_k", "enable_var", "track_performance"):
+        for flag in ("entropy_relative", "enable_fast_path", "enable_cache", "adaptive_k", "enable_var", "track_performance"):
             need(isinstance(getattr(self, flag), bool), flag, "must be true or false")
         need(isinstance(self.seed, int), "seed", "must be an integer")
 
@@ -79,6 +82,9 @@ class VARConfig:
     def wilson_z(self) -> float:
         """Normal quantile of the two-sided interval (1.96 for 95%)."""
         return NormalDist().inv_cdf(0.5 + self.confidence_level / 2)
+
+    def entropy_limit_nats(self, num_experts: int) -> float:
+        return self.entropy_threshold * math.log(num_experts) if self.entropy_relative else self.entropy_threshold
 
     @property
     def cache_enabled(self) -> bool:
@@ -141,7 +147,7 @@ def _num(x: Any) -> bool:
 
 def get_conservative_config() -> VARConfig:
     """Few, very safe table entries; the cache only repeats near-certain decisions."""
-    return VARConfig(frequency_threshold=50, entropy_threshold=0.3, target_agreement=0.95,
+    return VARConfig(frequency_threshold=50, entropy_threshold=0.75, target_agreement=0.95,
                      confidence_threshold=0.95, cache_size=5_000, context_window_size=2)
 
 

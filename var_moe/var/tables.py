@@ -2,7 +2,7 @@
 
 A token enters layer l's table only when, in the calibration statistics of layer l,
 - frequency >= `frequency_threshold`,
-- mean routing entropy <= `entropy_threshold` (nats), and
+- mean routing entropy <= `entropy_threshold` (nats, or a share of ln E: `entropy_relative`), and
 - the Wilson lower bound (at `confidence_level`) of its agreement rate -- the share of its
   occurrences whose top-k set equals its modal top-k set exactly (`modal_set_count / frequency`) --
   is >= `target_agreement`.
@@ -93,7 +93,7 @@ def build_layer_table(df_layer: Any, vocab: int, num_experts: int, k: int, confi
         raise ValueError("statistics have modal_set_count > frequency; the file is corrupt")
 
     bound_N = wilson_lower_bound(agree, freq, config.wilson_z)
-    member_N = (freq >= config.frequency_threshold) & (entropy <= config.entropy_threshold) & (bound_N >= config.target_agreement)
+    member_N = (freq >= config.frequency_threshold) & (entropy <= config.entropy_limit_nats(num_experts)) & (bound_N >= config.target_agreement)
     mean_w_NE = wsums_NE / counts_NE.clamp_min(1)
     w_NK = mean_w_NE.gather(1, modal_NK.clamp(0, num_experts - 1))
     mass_N = w_NK.sum(1)

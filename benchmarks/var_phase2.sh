@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Phase 2 results on the reference model: calibration capture -> tables -> evaluations -> compare.
+# Run from the repository root:  bash benchmarks/var_phase2.sh   (about 15-25 minutes on 2 CPU cores)
+# Tables are built on the calibration split and every number is measured on the test split.
+set -euo pipefail
+OUT=results/phase2
+N=${N:-128}          # test sequences per evaluation (256 tokens each)
+CAL=${CAL:-1024}     # calibration sequences for the statistics
+THREADS=${THREADS:-1}
+mkdir -p "$OUT"
+STATS=$OUT/routing_stats_calibration.parquet
+[ -f "$STATS" ] || varmoe capture --split calibration --num-samples "$CAL" --threads "$THREADS" --output "$STATS" --no-progress
+python -m benchmarks.router_share --threads "$THREADS" --output "$OUT/router_share.json"
+for p in conservative balanced aggressive; do
+  varmoe build-tables --routing-stats "$STATS" --preset "$p" --output "$OUT/tables_$p.safetensors"
+done
+EV="varmoe evaluate --split test --num-samples $N --threads $THREADS --repeats 3"
+$EV --mode baseline --output "$OUT/baseline.json"
+for p in conservative balanced aggressive; do
+  $EV --mode var --tables "$OUT/tables_$p.safetensors" --preset "$p" --output "$OUT/var_$p.json"
+done
+$EV --mode var --tables "$OUT/tables_balanced.safetensors" --preset balanced --weights-source learned --output "$OUT/var_balanced_learned_weights.json"
+$EV --mode var --tables "$OUT/tables_balanced.safetensors" --preset balanced --adaptive-k --output "$OUT/var_balanced_adaptive_k.json"
+$EV --mode var --tables "$OUT/tables_aggressive.safetensors" --preset aggressive --adaptive-k --adaptive-k-min-weight 0.8 --output "$OUT/var_aggressive_adaptive_k.json"
+for f in conservative balanced aggressive balanced_learned_weights balanced_adaptive_k aggressive_adaptive_k; do
+  varmoe compare "$OUT/baseline.json" "$OUT/var_$f.json" --json "$OUT/compare_$f.json" | tee "$OUT/compare_$f.txt"
+done
