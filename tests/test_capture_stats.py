@@ -48,7 +48,7 @@ def record_raw(model, batches, layer_indices=None):
 
 def brute_force(rows, E, k):
     occ = defaultdict(list)  # (layer, tok) -> list of (entropy, conf, margin, first, second, set, weights)
-    consec = defaultdict(lambda: [0, 0, 0])
+    consec = defaultdict(lambda: [0, 0, 0, 0])
     pairs = defaultdict(Counter)
     for r in rows:
         b, s = r["b"], r["s"]
@@ -74,6 +74,7 @@ def brute_force(rows, E, k):
                 c[0] += 1
                 c[1] += firsts[prev[-1]][0] == firsts[t][0]
                 c[2] += firsts[t][0] in firsts[prev[-1]]
+                c[3] += bool(set(firsts[t]) & set(firsts[prev[-1]]))
     return occ, consec, pairs
 
 
@@ -118,9 +119,9 @@ def test_streaming_equals_brute_force(family):
         overlap = np.mean([len(modal & set(x[4])) / k for x in o])
         assert row.topk_overlap == pytest.approx(overlap)
     rates = analyzer.stats.consecutive_rates()
-    for layer, (n, same, in2) in consec.items():
+    for layer, (n, same, in2, share) in consec.items():
         r = rates[str(layer)]
-        assert (r["pairs"], r["same_top1"], r["in_top2"]) == (n, same, in2)
+        assert (r["pairs"], r["same_top1"], r["in_top2"], r["share_top2"]) == (n, same, in2, share)
     pdf = analyzer.get_pair_analysis()
     assert len(pdf) == len(pairs)
     for row in pdf.itertuples():
@@ -141,7 +142,7 @@ def test_decode_steps_continue_sequences():
                              pad_token_id=0)
     b = RouterAnalyzer(model)
     b.analyze_batch(out[:, :-1])  # the last generated token was never fed back
-    for key in ("count_LV", "top1_LVE", "pairs_L", "same_top1_L", "in_top2_L"):
+    for key in ("count_LV", "top1_LVE", "pairs_L", "same_top1_L", "in_top2_L", "share_top2_L"):
         torch.testing.assert_close(a.stats.tensors[key], b.stats.tensors[key])
     pa_, pb = a.get_pair_analysis(), b.get_pair_analysis()
     assert pa_[["layer", "prev_token_id", "token_id", "frequency"]].values.tolist() == \

@@ -148,6 +148,7 @@ def stats_from_dataframe(df: Any, metadata: dict[str, Any], device: str | torch.
         t["pairs_L"][slot] = int(c.get("pairs", 0))
         t["same_top1_L"][slot] = int(c.get("same_top1", 0))
         t["in_top2_L"][slot] = int(c.get("in_top2", 0))
+        t["share_top2_L"][slot] = int(c.get("share_top2", 0))
     if torch.device(device) != torch.device("cpu"):
         stats.device = torch.device(device)
         stats.tensors = {k: v.to(device) for k, v in t.items()}

@@ -13,7 +13,9 @@ model's device; nothing grows with the number of tokens. Held per MoE layer slot
                                     integer with the combinatorial number system) when C(E, k) is
                                     at most `max_sets`; otherwise None (modal set = top-k of
                                     `topk_LVE`, `modal_set_count` not exact and written as null),
-- `pairs_L`, `same_top1_L`, `in_top2_L`  consecutive-token counts for the Mixtral paper's Table 5.
+- `pairs_L`, `same_top1_L`, `in_top2_L`, `share_top2_L`  consecutive-token counts for the Mixtral
+                                    paper's Table 5: pairs, same first choice, first choice in the
+                                    previous token's top-2, top-2 sets sharing any expert.
 
 A batch updates the Welford state with Chan's formula: the batch's per-token mean and M2 are
 computed with `index_add_` over the unique ids, then combined with the running state. `merge`
@@ -137,6 +139,7 @@ class StreamingTokenStats:
             "pairs_L": torch.zeros(L, **zi),
             "same_top1_L": torch.zeros(L, **zi),
             "in_top2_L": torch.zeros(L, **zi),
+            "share_top2_L": torch.zeros(L, **zi),
         }
         if self.exact_sets:
             self.tensors["set_LVS"] = torch.zeros(L, V, self.num_sets, **zi)
@@ -204,6 +207,7 @@ class StreamingTokenStats:
         self.tensors["pairs_L"][slot] += cur.shape[0]
         self.tensors["same_top1_L"][slot] += (cur[:, 0] == prev[:, 0]).sum()
         self.tensors["in_top2_L"][slot] += (cur[:, :1] == prev).any(dim=1).sum()
+        self.tensors["share_top2_L"][slot] += (cur[:, :, None] == prev[:, None, :]).any(dim=2).any(dim=1).sum()
 
     # -- merge / state ------------------------------------------------------------------------
     def _check_compatible(self, other: "StreamingTokenStats") -> None:
@@ -278,7 +282,7 @@ class StreamingTokenStats:
 
     def consecutive_rates(self) -> dict[str, dict[str, float | int]]:
         """Per layer: pairs counted, share with the same first choice, share with first in previous top-2."""
-        t = {k: self.tensors[k].cpu() for k in ("pairs_L", "same_top1_L", "in_top2_L")}
+        t = {k: self.tensors[k].cpu() for k in ("pairs_L", "same_top1_L", "in_top2_L", "share_top2_L")}
         out = {}
         for slot, layer in enumerate(self.layer_ids):
             n = int(t["pairs_L"][slot])
@@ -286,8 +290,10 @@ class StreamingTokenStats:
                 "pairs": n,
                 "same_top1": int(t["same_top1_L"][slot]),
                 "in_top2": int(t["in_top2_L"][slot]),
+                "share_top2": int(t["share_top2_L"][slot]),
                 "same_top1_rate": int(t["same_top1_L"][slot]) / n if n else float("nan"),
                 "top1_in_prev_top2_rate": int(t["in_top2_L"][slot]) / n if n else float("nan"),
+                "top2_sets_intersect_rate": int(t["share_top2_L"][slot]) / n if n else float("nan"),
             }
         return out
 
