@@ -61,7 +61,8 @@ def _ln_e(meta: dict[str, Any]) -> float:
 def _grid(n: int) -> tuple[plt.Figure, np.ndarray]:
     cols = min(n, 4)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.0 * rows), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.0 * rows + 0.6), squeeze=False, sharey=True,
+                             layout="constrained")
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, axes.flat
@@ -76,7 +77,7 @@ def fig_frequency_vs_entropy(df: pd.DataFrame, meta: dict[str, Any]) -> plt.Figu
         hb = ax.hexbin(np.log10(sub["frequency"]), sub["mean_entropy"], gridsize=30, cmap="Greys", bins="log", mincnt=1)
         ax.axhline(_ln_e(meta), ls="--", c="0.4", lw=1)
         ax.set_title(f"layer {layer}")
-        ax.set_xlabel("log10 token frequency (occurrences)")
+    fig.supxlabel("log10 token frequency (occurrences in the split)")
     axes[0].set_ylabel("mean router entropy (nats)")
     fig.colorbar(hb, ax=list(axes), label="tokens per cell (log scale)")
     fig.suptitle(f"Frequency vs routing entropy (dashed: max ln E = {_ln_e(meta):.2f} nats)")
@@ -114,7 +115,7 @@ def fig_consistency_vs_frequency(df: pd.DataFrame, meta: dict[str, Any]) -> plt.
         sub = df[(df["layer"] == layer) & (df["frequency"] > 0)]
         x = np.log10(sub["frequency"].to_numpy(np.float64))
         y = sub["routing_consistency"].to_numpy(np.float64)
-        ax.hexbin(x, y, gridsize=25, cmap="Greys", bins="log", mincnt=1)
+        hb = ax.hexbin(x, y, gridsize=25, cmap="Greys", bins="log", mincnt=1)
         edges = np.linspace(x.min(), x.max() + 1e-9, 11)
         which = np.digitize(x, edges)
         med = [(edges[i - 1:i + 1].mean(), np.median(y[which == i])) for i in range(1, 11) if (which == i).any()]
@@ -122,9 +123,10 @@ def fig_consistency_vs_frequency(df: pd.DataFrame, meta: dict[str, Any]) -> plt.
             ax.plot(*zip(*med), c="black", marker="o", lw=1.5, label="binned median")
         ax.axhline(1 / int(meta["num_experts"]), ls=":", c="0.4", lw=1, label="1/E")
         ax.set_title(f"layer {layer}")
-        ax.set_xlabel("log10 token frequency (occurrences)")
+    fig.supxlabel("log10 token frequency (occurrences in the split)")
     axes[0].set_ylabel("top-1 routing consistency (share)")
     axes[0].legend(loc="lower right", fontsize=7)
+    fig.colorbar(hb, ax=list(axes), label="tokens per cell (log scale)")
     fig.suptitle("Top-1 consistency vs frequency")
     return fig
 
@@ -176,31 +178,34 @@ def fig_token_expert_heatmap(df: pd.DataFrame, meta: dict[str, Any], n: int = 50
 
 
 def fig_heldout(heldout: dict[str, Any]) -> plt.Figure:
-    """Held-out predictability per layer: every predictor, trained (solid) vs random-init control (dashed)."""
+    """Held-out predictability per layer: trained model (top row) above its random-init control (bottom row)."""
     rows = pd.DataFrame([r for r in heldout["rows"] if r["layer"] != "all"])
     rows["layer"] = rows["layer"].astype(int)
-    metrics = [("exact", "exact top-k set match (share)"), ("top1", "top-1 expert hit (share)"),
-               ("overlap", "mean overlap with top-k set (share)")]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
-    for ax, (metric, label) in zip(axes, metrics):
-        for i, pred in enumerate(heldout["predictors"]):
-            _, mk = STYLES[i % len(STYLES)]
-            for model, ls in (("trained", "-"), ("control", "--")):
+    metrics = [("exact", "exact top-k set match"), ("top1", "top-1 expert hit"), ("overlap", "mean overlap with top-k set")]
+    models = [m for m in ("trained", "control") if (rows["model"] == m).any()]
+    preds = [p for p in heldout["predictors"] if not p.startswith("stats_")]  # file-read tables duplicate these
+    fig, axes = plt.subplots(len(models), 3, figsize=(13, 3.6 * len(models)), sharey=True, sharex=True,
+                             squeeze=False, layout="constrained")
+    for r, model in enumerate(models):
+        for c, (metric, label) in enumerate(metrics):
+            ax = axes[r, c]
+            for i, pred in enumerate(preds):
+                ls, mk = STYLES[i % len(STYLES)]
                 sub = rows[(rows["predictor"] == pred) & (rows["model"] == model)].sort_values("layer")
-                if len(sub):
-                    ax.plot(sub["layer"], sub[metric], ls=ls, marker=mk, c=GREYS[i % len(GREYS)],
-                            label=f"{pred} ({model})")
-        if metric == "exact" and heldout.get("random_exact_baseline") is not None:
-            ax.axhline(heldout["random_exact_baseline"], ls=":", c="0.6", lw=1, label="random set")
-        ax.set_xlabel("layer")
-        ax.set_ylabel(label)
-        ax.set_xticks(sorted(rows["layer"].unique()))
-        ax.set_ylim(0, 1.02)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=6, fontsize=7, bbox_to_anchor=(0.5, -0.12))
-    fig.suptitle(f"Held-out predictability (tables: {heldout.get('calibration_split', 'calibration')} split; "
-                 f"scored on {heldout.get('num_tokens_test')} {heldout.get('test_split', 'test')} tokens); "
-                 "solid = trained, dashed = random-init control")
+                ax.plot(sub["layer"], sub[metric], ls=ls, marker=mk, c=GREYS[i % len(GREYS)], label=pred)
+            if metric == "exact" and heldout.get("random_exact_baseline") is not None:
+                ax.axhline(heldout["random_exact_baseline"], ls=":", c="0.6", lw=1, label="random set")
+            ax.set_title(f"{'trained model' if model == 'trained' else 'random-init control'}: {label}", fontsize=9)
+            ax.set_ylim(0, 1.02)
+            ax.set_xticks(sorted(rows["layer"].unique()))
+            if c == 0:
+                ax.set_ylabel("share of test tokens")
+            if r == len(models) - 1:
+                ax.set_xlabel("layer")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=8)
+    fig.suptitle(f"Held-out predictability: tables from the {heldout.get('calibration_split', 'calibration')} split, "
+                 f"scored on {heldout.get('num_tokens_test')} {heldout.get('test_split', 'test')} tokens")
     return fig
 
 
