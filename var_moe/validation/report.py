@@ -212,10 +212,14 @@ def heldout_hypotheses(heldout: dict[str, Any]) -> list[dict[str, str]]:
     pair = tr.get("pair_table", {}).get("exact")
     if pair is not None and tok is not None:
         ok = pair > tok
+        hit = next((r.get("table_hit") for r in heldout["rows"]
+                    if r["model"] == "trained" and r["layer"] == "all" and r["predictor"] == "pair_table"), None)
         out.append({"hypothesis": "H3b: the previous token pins the route",
                     "verdict": "supported" if ok else "not supported",
                     "sentence": f"{'Supported' if ok else 'Not supported'}: the (previous, current) table reaches "
-                                f"{_pct(pair)} exact matches against {_pct(tok)} for the token table alone."})
+                                f"{_pct(pair)} exact matches against {_pct(tok)} for the token table alone "
+                                f"({100 * (pair - tok):+.1f} points; the pair table answered {_pct(hit)} of test "
+                                f"tokens, the rest fell back to the token table)."})
     return out
 
 
