@@ -125,8 +125,19 @@ def calibration_stats(model_dir: str | Path, out_path: str | Path, num_docs: int
                                              "split": "calibration"})
 
 
-# A random tiny model routes with high entropy: permissive thresholds so its tables are not empty.
-PERMISSIVE_VAR = {"frequency_threshold": 1, "entropy_threshold": 5.0, "target_agreement": 0.05, "shadow_rate": 0.5}
+def permissive_var_config() -> dict:
+    """VARConfig fields under which a random tiny model (high routing entropy) still gets table entries."""
+    from dataclasses import fields
+
+    from var_moe.var import VARConfig
+
+    names = {f.name for f in fields(VARConfig)}
+    cfg = {"frequency_threshold": 1, "target_agreement": 0.05, "shadow_rate": 0.5}
+    if "entropy_relative" in names:  # threshold as a share of ln E
+        cfg.update(entropy_relative=True, entropy_threshold=1.0)
+    else:
+        cfg["entropy_threshold"] = 5.0  # nats, above ln E for any E here
+    return cfg
 
 
 def var_args(model_dir: Path, tmp: Path) -> list[str]:
@@ -142,5 +153,5 @@ def var_args(model_dir: Path, tmp: Path) -> list[str]:
         cfg_path.write_text(json.dumps({**cfg, "shadow_rate": 0.5}))
         return ["--var-config", str(cfg_path)]
     stats = calibration_stats(model_dir, tmp / "calib.parquet")
-    cfg_path.write_text(json.dumps(PERMISSIVE_VAR))
+    cfg_path.write_text(json.dumps(permissive_var_config()))
     return ["--routing-stats", str(stats), "--var-config", str(cfg_path)]

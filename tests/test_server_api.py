@@ -269,3 +269,14 @@ def test_malformed_json_and_toggle_body(client):
     assert r.status_code == 422 and r.json()["error"]["field"] == "enabled"
     assert client.get("/admin/capture/stats?part=other", headers=AUTH).status_code == 422
     assert client.get("/nope").status_code == 404
+
+
+def test_openai_python_client(server):
+    openai = pytest.importorskip("openai", reason="the openai package is not installed")
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    r = c.completions.create(model="served", prompt=PROMPT, max_tokens=4, temperature=0, logprobs=2, echo=True)
+    choice = r.choices[0]
+    assert choice.text.startswith(PROMPT.strip()[:8]) and r.usage.completion_tokens == 4
+    assert choice.logprobs.token_logprobs[0] is None and len(choice.logprobs.top_logprobs[-1]) <= 2
+    with pytest.raises(openai.UnprocessableEntityError):
+        c.completions.create(model="served", prompt=PROMPT, max_tokens=4, n=3)

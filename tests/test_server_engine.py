@@ -16,7 +16,7 @@ import torch
 from server.decode import RowSpec
 from server.engine import Engine, Job, QueueFull
 from server.metrics import ServerMetrics
-from server.testing import PERMISSIVE_VAR, calibration_stats, tiny_model_dir
+from server.testing import calibration_stats, permissive_var_config, tiny_model_dir
 from server.var_runtime import RoutingRuntime
 
 torch.set_num_threads(1)
@@ -35,7 +35,7 @@ class _Settings:
 def runtime(tmp_path_factory):
     d = tiny_model_dir(tmp_path_factory.mktemp("engine") / "tiny")
     stats = calibration_stats(d, d / "calib.parquet")
-    (d / "var.json").write_text(json.dumps(PERMISSIVE_VAR))
+    (d / "var.json").write_text(json.dumps(permissive_var_config()))
     return RoutingRuntime.load(_Settings(d, stats, str(d / "var.json")))
 
 

@@ -1,0 +1,184 @@
+"""Generated tokens/s of the server at 1, 4 and 16 concurrent clients, next to the same model's
+in-process `generate()` at batch 1 and at the server's batch size, and `transformers serve
+--continuous-batching` on the same model under the same load, all in one run.
+
+Every client sends greedy requests of `--new-tokens` new tokens (prompts: the first lines of
+var_moe's source files) back to back; tokens/s = generated tokens / wall time of the whole load.
+All contenders get one torch thread (`--threads`), so the numbers compare the serving, not the cores.
+
+Run:  python benchmarks/server_throughput.py                       (reference model)
+      python benchmarks/server_throughput.py --model DIR --skip-cb --out runs/bench.json
+Results go to docs/BENCHMARKS.md (section "Server") with the command that produced them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from server.testing import REPO_ROOT, ServerProcess, free_port  # noqa: E402
+from var_moe.loading import REFERENCE_MODEL_DIR, load_model  # noqa: E402
+
+
+def prompts(n: int) -> list[str]:
+    files = sorted((REPO_ROOT / "var_moe").rglob("*.py"))
+    return ["".join(f.read_text().splitlines(True)[:3])[:160] for f in files[:n]]
+
+
+def run_load(send, clients: int, requests_per_client: int, texts: list[str]) -> dict:
+    """`clients` threads, each sending `requests_per_client` requests back to back; send(text) -> tokens."""
+
+    def client(c: int) -> int:
+        return sum(send(texts[(c * 7 + i) % len(texts)]) for i in range(requests_per_client))
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        tokens = sum(pool.map(client, range(clients)))
+    wall = time.perf_counter() - t0
+    return {"clients": clients, "requests": clients * requests_per_client, "tokens": tokens, "wall_s": wall,
+            "tokens_per_s": tokens / wall}
+
+
+def varmoe_sender(url: str, new_tokens: int, var: bool):
+    http = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=64))
+
+    def send(text: str) -> int:
+        r = http.post(url + "/v1/generate", json={"prompt": text, "max_new_tokens": new_tokens, "var": var})
+        r.raise_for_status()
+        return r.json()["generated_tokens"]
+
+    return send
+
+
+def cb_sender(url: str, model: str, new_tokens: int, tokenizer):
+    http = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=64))
+
+    def send(text: str) -> int:
+        r = http.post(url + "/v1/completions", json={"model": model, "prompt": text, "max_tokens": new_tokens,
+                                                     "temperature": 0})
+        r.raise_for_status()
+        body = r.json()
+        usage = body.get("usage") or {}
+        return int(usage.get("completion_tokens") or len(tokenizer(body["choices"][0]["text"])["input_ids"]))
+
+    return send
+
+
+def in_process(model, tok, texts: list[str], batch: int, new_tokens: int, repeats: int) -> dict:
+    """Plain `generate()` on left-padded batches (greedy, no early stop), the reference point."""
+    tok.padding_side = "left"
+    total, t0 = 0, time.perf_counter()
+    for r in range(repeats):
+        chunk = [texts[(r * batch + i) % len(texts)] for i in range(batch)]
+        enc = tok(chunk, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+        total += (out.shape[1] - enc["input_ids"].shape[1]) * batch
+    wall = time.perf_counter() - t0
+    return {"batch": batch, "tokens": total, "wall_s": wall, "tokens_per_s": total / wall}
+
+
+def start_cb_server(model: str, threads: int, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    cmd = ["transformers", "serve", model, "--continuous-batching", "--cb-num-blocks", "64",
+           "--cb-max-batch-tokens", "512", "--attn-implementation", "sdpa", "--host", "127.0.0.1",
+           "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"transformers serve exited: {log.read_text()[-2000:]}")
+        try:
+            httpx.get(url + "/v1/models", timeout=2)
+            return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    raise TimeoutError("transformers serve did not come up in 180 s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=str(REFERENCE_MODEL_DIR))
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16, help="the server's max batch size")
+    p.add_argument("--clients", default="1,4,16")
+    p.add_argument("--requests", type=int, default=48, help="requests per load level (split over the clients)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--modes", default="baseline,var", help="server modes to measure (var needs VAR tables)")
+    p.add_argument("--skip-cb", action="store_true", help="skip transformers serve --continuous-batching")
+    p.add_argument("--out", default="runs/server_throughput.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    levels = [int(c) for c in args.clients.split(",")]
+    texts = prompts(64)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results: dict = {"model": args.model, "new_tokens": args.new_tokens, "threads": args.threads,
+                     "batch_size": args.batch_size, "server": {}, "in_process": {}, "transformers_cb": {}}
+
+    model, tok = load_model(args.model, dtype="float32")
+    for b in (1, args.batch_size):
+        in_process(model, tok, texts, b, 4, 1)  # warm-up
+        results["in_process"][b] = in_process(model, tok, texts, b, args.new_tokens, max(1, 4 // b))
+        print(f"in-process generate batch {b}: {results['in_process'][b]['tokens_per_s']:.0f} tokens/s", flush=True)
+
+    srv = ServerProcess(args.model, args=["--max-batch-size", str(args.batch_size), "--max-wait-ms", "5",
+                                          "--max-queue", "256"], threads=args.threads,
+                        log_path=out.with_suffix(".server.log")).wait_ready(300)
+    try:
+        var_ok = httpx.get(srv.url + "/readyz").json()["var_available"]
+        for mode in args.modes.split(","):
+            if mode == "var" and not var_ok:
+                print("server: VAR unavailable (no tables); skipping the var mode", flush=True)
+                continue
+            send = varmoe_sender(srv.url, args.new_tokens, var=(mode == "var"))
+            send(texts[0])  # warm-up
+            for c in levels:
+                r = run_load(send, c, max(1, args.requests // c), texts)
+                results["server"].setdefault(mode, {})[c] = r
+                print(f"server {mode} {c:2d} clients: {r['tokens_per_s']:.0f} tokens/s", flush=True)
+    finally:
+        srv.stop()
+
+    if not args.skip_cb:
+        try:
+            proc, url = start_cb_server(args.model, args.threads, out.with_suffix(".cb.log"))
+        except (RuntimeError, TimeoutError, OSError) as exc:
+            results["transformers_cb"] = {"error": str(exc)[-500:]}
+            print(f"transformers serve: {exc}", flush=True)
+        else:
+            try:
+                send = cb_sender(url, args.model, args.new_tokens, tok)
+                send(texts[0])
+                for c in levels:
+                    r = run_load(send, c, max(1, args.requests // c), texts)
+                    results["transformers_cb"][c] = r
+                    print(f"transformers serve CB {c:2d} clients: {r['tokens_per_s']:.0f} tokens/s", flush=True)
+            except httpx.HTTPError as exc:
+                results["transformers_cb"]["error"] = str(exc)
+                print(f"transformers serve failed under load: {exc}", flush=True)
+            finally:
+                proc.terminate()
+                proc.wait(30)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
