@@ -6,7 +6,9 @@ precomputed lookup that returns the same decision at zero cost (so the experts d
 
 The two variants run interleaved (alternating order) in one process; the share is
 1 - median(t_lookup) / median(t_router), with the median of per-pair ratios beside it. This bounds
-what skipping the router can save: the whole router, nothing else. `--tiny` runs on a tiny random
+what skipping the router can save: the whole router, nothing else. On a shared machine that
+difference of two noisy times is itself noisy, so the routers are also timed alone on the hidden
+states they saw (`router_share_isolated` = their summed median time / the forward's median time). `--tiny` runs on a tiny random
 model (smoke test only).
 """
 
@@ -59,7 +61,9 @@ def main(argv: list[str] | None = None) -> dict:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (a.batch, a.seq), generator=g)
     recorded: dict[int, tuple] = {}
+    inputs: dict[int, torch.Tensor] = {}
     handles = [m.router.register_forward_hook(lambda mod, i, out, l=m.layer: recorded.__setitem__(l, out)) for m in layers]
+    handles += [m.router.register_forward_pre_hook(lambda mod, i, l=m.layer: inputs.__setitem__(l, i[0].detach())) for m in layers]
     with torch.no_grad():
         ref = model(input_ids=ids).logits
     for h in handles:
@@ -85,7 +89,16 @@ def main(argv: list[str] | None = None) -> dict:
                 model(input_ids=ids)
                 times[kind].append(time.perf_counter() - t0)
     use("router")
+    # isolated: each router alone on the hidden states it saw in the forward (less noisy than a difference)
+    iso = []
+    with torch.no_grad():
+        for _ in range(a.repeats):
+            t0 = time.perf_counter()
+            for m in layers:
+                m.router.forward(inputs[m.layer])
+            iso.append(time.perf_counter() - t0)
     tr, tl = statistics.median(times["router"]), statistics.median(times["lookup"])
+    q = lambda xs: [round(v, 5) for v in statistics.quantiles(xs, n=4)]  # noqa: E731
     result = {
         "model": a.model or ("tiny-mixtral" if a.tiny else "reference-moe"),
         "batch": a.batch, "seq": a.seq, "repeats": a.repeats, "threads": a.threads,
@@ -93,6 +106,9 @@ def main(argv: list[str] | None = None) -> dict:
         "router_share_of_forward": 1 - tl / tr,
         "router_share_pairwise_median": statistics.median(1 - l / r for r, l in zip(times["router"], times["lookup"])),
         "max_speedup_from_skipping_router": tr / tl,
+        "quartiles_s_with_router": q(times["router"]), "quartiles_s_with_lookup": q(times["lookup"]),
+        "routers_isolated_median_s": statistics.median(iso),
+        "router_share_isolated": statistics.median(iso) / tr,
         "layers": len(layers), "num_experts": adapter.num_experts, "top_k": adapter.top_k,
         "torch": torch.__version__,
     }

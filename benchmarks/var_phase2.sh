@@ -5,16 +5,15 @@
 set -euo pipefail
 OUT=results/phase2
 N=${N:-128}          # test sequences per evaluation (256 tokens each)
-CAL=${CAL:-1024}     # calibration sequences for the statistics
 THREADS=${THREADS:-1}
 mkdir -p "$OUT"
 STATS=$OUT/routing_stats_calibration.parquet
-[ -f "$STATS" ] || varmoe capture --split calibration --num-samples "$CAL" --threads "$THREADS" --output "$STATS" --no-progress
+[ -f "$STATS" ] || varmoe capture --split calibration --threads "$THREADS" --output "$STATS" --no-progress  # whole split
 python -m benchmarks.router_share --threads "$THREADS" --output "$OUT/router_share.json"
 for p in conservative balanced aggressive; do
   varmoe build-tables --routing-stats "$STATS" --preset "$p" --output "$OUT/tables_$p.safetensors"
 done
-EV="varmoe evaluate --split test --num-samples $N --threads $THREADS --repeats 3"
+EV="varmoe evaluate --split test --num-samples $N --max-per-doc 1 --threads $THREADS --repeats 3"
 $EV --mode baseline --output "$OUT/baseline.json"
 for p in conservative balanced aggressive; do
   $EV --mode var --tables "$OUT/tables_$p.safetensors" --preset "$p" --output "$OUT/var_$p.json"

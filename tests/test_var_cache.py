@@ -81,3 +81,14 @@ def test_wide_keys_use_hash_and_still_verify():
     other[0, 0] = 9
     hit, _, _ = c.lookup(torch.cat([full, other]), step=2, now=0.0)
     assert hit.tolist() == [True, False]
+
+
+def test_confirmations_gate_serving():
+    c = ContextCache(10, 2, 2, vocab=50, min_confirmations=1)
+    full = torch.tensor([[1, 2]])
+    c.insert(full, torch.tensor([[0, 1]]), torch.ones(1, 2), step=1, now=0.0)
+    assert not c.lookup(full, step=2, now=0.0)[0].item()  # a candidate, not served yet
+    c.insert(full, torch.tensor([[1, 0]]), torch.ones(1, 2), step=2, now=0.0)  # same set (order irrelevant)
+    assert c.lookup(full, step=3, now=0.0)[0].item()
+    c.insert(full, torch.tensor([[2, 3]]), torch.ones(1, 2), step=3, now=0.0)  # another set restarts the count
+    assert not c.lookup(full, step=4, now=0.0)[0].item()

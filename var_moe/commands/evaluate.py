@@ -29,6 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed passes over the batches (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up forwards per mode")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples over documents")
+    p.add_argument("--max-per-doc", dest="max_per_doc", type=int, default=1,
+                   help="at most this many max-length pieces per document (0 = no limit), so samples span documents")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", "-o", required=True, help="JSON file to write")
     p.set_defaults(func=run)
@@ -46,10 +48,11 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(spec)
     tables = tables_from_args(args, model, config) if args.mode == "var" else None
-    batches = eval_batches(tokenizer, args.dataset, args.split, args.num_samples, args.max_length, args.batch_size)
+    batches = eval_batches(tokenizer, args.dataset, args.split, args.num_samples, args.max_length, args.batch_size,
+                           args.max_per_doc or None)
     info = {"model": args.model, "dataset": args.dataset, "split": args.split, "num_samples": args.num_samples,
             "max_length": args.max_length, "batch_size": args.batch_size, "preset": args.preset if args.mode == "var" else None,
-            "routing_stats": args.routing_stats, "tables": args.tables}
+            "routing_stats": args.routing_stats, "tables": args.tables, "max_per_doc": args.max_per_doc}
     result = evaluate(model, tokenizer, args.mode, batches, config=config, tables=tables, repeats=args.repeats,
                       warmup=args.warmup, bootstrap=args.bootstrap, seed=args.seed, info=info)
     out = Path(args.output)

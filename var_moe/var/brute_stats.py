@@ -61,7 +61,7 @@ def brute_force_stats(model: Any, batches: Iterable[tuple[torch.Tensor, torch.Te
         sizes = pairs.groupby(["tok", "code"]).size().reset_index(name="n")
         # modal set: the most frequent; ties -> the smallest code (deterministic)
         sizes = sizes.sort_values(["tok", "n", "code"], ascending=[True, False, True]).drop_duplicates("tok")
-        toks = sizes["tok"].to_numpy()
+        toks = sizes["tok"].to_numpy().copy()
         codes = torch.as_tensor(sizes["code"].to_numpy().copy())
         modal = torch.stack([(codes // e**i) % e for i in range(k)], 1)
         n = freq_V[toks].double()

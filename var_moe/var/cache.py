@@ -11,6 +11,10 @@ cases the full key (W+1 ids) is stored and compared on every hit, so a hash coll
 cause a miss (or replace the older entry), never a wrong decision. Because the key holds the row's
 own context (from `TokenTracker`, which never mixes rows or sequences), nothing leaks across rows.
 
+Confirmation: with `min_confirmations` = m > 0 an entry is served only after m later learned
+decisions for the same key chose the same expert set (a different set restarts the count), so a
+decision seen once in one context is not repeated in others. m = 0 is the seed's behaviour.
+
 Expiry: an entry older than `ttl_steps` forward steps or `ttl_seconds` seconds is a miss and is
 purged on the next insert. Capacity: when full, the least recently used entries go (ties: oldest).
 Test: `pytest tests/test_var_cache.py`.
@@ -43,11 +47,13 @@ def encode_keys(full_TW: torch.Tensor, vocab: int) -> torch.Tensor:
 class ContextCache:
     """All entries live in one int64 tensor `data_CN` (one row per entry, kept sorted by key), so
     eviction, expiry and re-sorting are one index operation each. Columns: key | full key (W+1) |
-    experts (K) | weights (K, float64 bits) | born step | born time (float64 bits) | last use."""
+    experts (K) | weights (K, float64 bits) | born step | born time (float64 bits) | last use |
+    confirmations (later learned decisions for the key that chose the same set)."""
 
     def __init__(self, capacity: int, width: int, k: int, vocab: int, ttl_steps: int | None = None,
-                 ttl_seconds: float | None = None, device: torch.device | str = "cpu"):
+                 ttl_seconds: float | None = None, device: torch.device | str = "cpu", min_confirmations: int = 0):
         self.capacity, self.width, self.k, self.vocab = capacity, width, k, vocab
+        self.min_confirmations = min_confirmations
         self.ttl_steps, self.ttl_seconds = ttl_steps, ttl_seconds
         self.device = torch.device(device)
         w = width
@@ -55,7 +61,8 @@ class ContextCache:
         self._experts = slice(1 + w, 1 + w + k)
         self._weights = slice(1 + w + k, 1 + w + 2 * k)
         self._born_step, self._born_time, self._used = 1 + w + 2 * k, 2 + w + 2 * k, 3 + w + 2 * k
-        self.ncols = 4 + w + 2 * k
+        self._conf = 4 + w + 2 * k
+        self.ncols = 5 + w + 2 * k
         self.clear()
 
     def clear(self) -> None:
@@ -86,6 +93,7 @@ class ContextCache:
         pos_T = torch.searchsorted(self.keys_C, q_T).clamp_max(len(self) - 1)
         rows_TN = self.data_CN[pos_T]
         hit_T = (rows_TN[:, 0] == q_T) & (rows_TN[:, self._full] == full_TW).all(1) & self._alive(rows_TN, step, now)
+        hit_T &= rows_TN[:, self._conf] >= self.min_confirmations  # unconfirmed entries are candidates only
         self.data_CN[pos_T[hit_T], self._used] = self._tick
         weights = rows_TN[:, self._weights].contiguous().view(torch.float64).float()
         return hit_T, rows_TN[:, self._experts], weights
@@ -100,12 +108,21 @@ class ContextCache:
         last = torch.full_like(uniq, -1).scatter_reduce(0, inv, torch.arange(len(q_N), device=q_N.device), "amax")
         n = uniq.shape[0]
         dev = q_N.device
+        new_experts = experts_NK[last].long()
+        conf_N = torch.zeros(n, dtype=torch.long, device=dev)
+        if len(self):  # a key seen again with the same expert set gains a confirmation; another set restarts it
+            pos = torch.searchsorted(self.keys_C, uniq).clamp_max(len(self) - 1)
+            old = self.data_CN[pos]
+            same = (old[:, 0] == uniq) & (old[:, self._full] == full_NW[last]).all(1) & self._alive(old, step, now)
+            same &= (old[:, self._experts].sort(1).values == new_experts.sort(1).values).all(1)
+            conf_N = torch.where(same, old[:, self._conf] + 1, conf_N)
         new_NN = torch.cat([
-            q_N[last, None], full_NW[last].long(), experts_NK[last].long(),
+            q_N[last, None], full_NW[last].long(), new_experts,
             weights_NK[last].double().view(torch.long),
             torch.full((n, 1), step, dtype=torch.long, device=dev),
             torch.tensor([now], dtype=torch.float64, device=dev).view(torch.long).expand(n, 1),
             torch.full((n, 1), self._tick, dtype=torch.long, device=dev),
+            conf_N[:, None],
         ], dim=1)
         # replaced keys and expired entries go
         keep_C = self._alive(self.data_CN, step, now) & ~torch.isin(self.keys_C, uniq)

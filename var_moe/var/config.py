@@ -35,6 +35,7 @@ class VARConfig:
     cache_ttl_seconds: float | None = 300.0  # wall-clock TTL (machine dependent); None = no limit
     cache_ttl_steps: int | None = None  # TTL in forward steps (reproducible; used in evaluations)
     context_window_size: int = 1  # previous tokens in the cache key (0 = the token alone)
+    cache_min_confirmations: int = 1  # same-set learned decisions after the first before an entry is served
     # -- tiers and weights -----------------------------------------------------------------------
     enable_fast_path: bool = True
     enable_cache: bool = True
@@ -67,6 +68,8 @@ class VARConfig:
              "cache_ttl_seconds", "must be > 0 or null")
         need(self.cache_ttl_steps is None or (isinstance(self.cache_ttl_steps, int) and self.cache_ttl_steps >= 1),
              "cache_ttl_steps", "must be an integer >= 1 or null")
+        need(isinstance(self.cache_min_confirmations, int) and self.cache_min_confirmations >= 0,
+             "cache_min_confirmations", "must be an integer >= 0")
         need(isinstance(self.context_window_size, int) and 0 <= self.context_window_size <= 64,
              "context_window_size", "must be an integer in [0, 64]")
         need(self.weights_source in WEIGHT_SOURCES, "weights_source", f"must be one of {WEIGHT_SOURCES}")
@@ -148,7 +151,7 @@ def _num(x: Any) -> bool:
 def get_conservative_config() -> VARConfig:
     """Few, very safe table entries; the cache only repeats near-certain decisions."""
     return VARConfig(frequency_threshold=50, entropy_threshold=0.75, target_agreement=0.95,
-                     confidence_threshold=0.95, cache_size=5_000, context_window_size=2)
+                     confidence_threshold=0.95, cache_size=5_000, context_window_size=2, cache_min_confirmations=2)
 
 
 def get_balanced_config() -> VARConfig:

@@ -42,14 +42,19 @@ class EvalBatch:
 
 
 def eval_batches(tokenizer: Any, dataset: str, split: str, num_samples: int | None, max_length: int,
-                 batch_size: int) -> list[EvalBatch]:
-    """Held-out sequences (documents cut into <= max_length pieces) in padded batches with doc ids."""
+                 batch_size: int, max_per_doc: int | None = 1) -> list[EvalBatch]:
+    """Held-out sequences (documents cut into <= max_length pieces, at most `max_per_doc` per
+    document so a sample spans many documents) in padded batches with doc ids."""
+    if max_per_doc is not None and max_per_doc < 1:
+        raise ValueError("--max-per-doc must be >= 1")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos = tokenizer.eos_token_id
     seqs: list[tuple[int, list[int]]] = []
     for d, doc in enumerate(iter_documents(dataset, split)):
         ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-        for piece in chunk_sequences([ids], max_length):
+        for j, piece in enumerate(chunk_sequences([ids], max_length)):
+            if max_per_doc is not None and j >= max_per_doc:
+                break
             seqs.append((d, piece))
             if num_samples is not None and len(seqs) >= num_samples:
                 break

@@ -80,7 +80,8 @@ class VARRouter(nn.Module):
         self.single_V = self.weights_VK[:, 0] >= config.adaptive_k_min_weight
         width = config.context_window_size + 1
         self.cache = ContextCache(config.cache_size if config.cache_enabled else 0, width, self.top_k, self.vocab,
-                                  config.cache_ttl_steps, config.cache_ttl_seconds, param.device)
+                                  config.cache_ttl_steps, config.cache_ttl_seconds, param.device,
+                                  min_confirmations=config.cache_min_confirmations)
         self.generator = torch.Generator(device=param.device).manual_seed(config.seed * 1000 + layer)
         self._probe(param)
 
