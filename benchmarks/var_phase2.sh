@@ -24,3 +24,4 @@ $EV --mode var --tables "$OUT/tables_aggressive.safetensors" --preset aggressive
 for f in conservative balanced aggressive balanced_learned_weights balanced_adaptive_k aggressive_adaptive_k; do
   varmoe compare "$OUT/baseline.json" "$OUT/var_$f.json" --json "$OUT/compare_$f.json" | tee "$OUT/compare_$f.txt"
 done
+python -m benchmarks.var_phase2_table $OUT/baseline.json $OUT/var_*.json | tee $OUT/summary.md

@@ -33,14 +33,19 @@ def load_result(path: str | Path, mode: str) -> dict[str, Any]:
 
 
 def comparison(base: dict[str, Any], var: dict[str, Any]) -> dict[str, Any]:
-    pb, pv = base["evaluation"]["perplexity"], var["evaluation"]["perplexity"]
+    pv = var["evaluation"]["perplexity"]
     paired = var.get("paired", {})
+    pb_file = base["evaluation"]["perplexity"]
+    pb_paired = paired.get("baseline_evaluation", {}).get("perplexity")
+    # the difference uses the baseline measured on the same batches inside the VAR run when present
+    pb = pb_paired if pb_paired is not None else pb_file
+    same_text = pb_paired is None or abs(pb_paired / pb_file - 1) < 1e-6
     dist = var["var_stats"]["overall"]["routing_distribution"]
     max_deg = var.get("config", {}).get("max_quality_degradation", 0.01)
     diff = 100 * (pv / pb - 1)
     return {
-        "perplexity": {"baseline": pb, "var": pv, "diff_pct": diff,
-                       "paired_baseline": paired.get("baseline_evaluation", {}).get("perplexity"),
+        "perplexity": {"baseline": pb, "var": pv, "diff_pct": diff, "baseline_file": pb_file,
+                       "same_text_as_baseline_file": same_text,
                        "bootstrap": paired.get("perplexity_bootstrap")},
         "throughput": {"baseline": base["throughput"]["tokens_per_second"], "var": var["throughput"]["tokens_per_second"],
                        "paired_baseline": paired.get("baseline_throughput", {}).get("tokens_per_second"),
@@ -61,6 +66,9 @@ def format_comparison(c: dict[str, Any], base: dict[str, Any], var: dict[str, An
     p, t = c["perplexity"], c["throughput"]
     lines = ["Comparison: Baseline vs VAR", "=" * 66, "", "Perplexity:",
              f"  Baseline: {p['baseline']:.4f}", f"  VAR:      {p['var']:.4f}", f"  Difference: {p['diff_pct']:+.3f}%"]
+    if not p["same_text_as_baseline_file"]:
+        lines.insert(4, f"  WARNING: the baseline file scored other text (perplexity {p['baseline_file']:.4f}); "
+                        "shown is the baseline measured inside the VAR run on the same batches")
     if p["bootstrap"]:
         lo, hi = p["bootstrap"]["ci95_pct"]
         lines.append(f"  Paired bootstrap over {p['bootstrap']['documents']} documents: {p['bootstrap']['diff_pct']:+.3f}% "
