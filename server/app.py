@@ -106,19 +106,19 @@ class ServerState:
         self.check_prompt(ids, field)
         return ids
 
-    def check_prompt(self, ids: list[int], field: str, max_new: int = 0) -> None:
+    def check_prompt(self, ids: list[int], field: str, max_new: int = 0, new_field: str = "max_new_tokens") -> None:
         if not ids:
             raise APIError(422, "invalid_request", "the prompt encodes to zero tokens", field)
         if len(ids) > self.prompt_limit:
             raise APIError(413, "prompt_too_long",
                            f"the prompt has {len(ids)} tokens; the limit is {self.prompt_limit}", field)
-        vocab = len(self.runtime.tokenizer)
-        if max(ids) >= max(vocab, self.runtime.base_model.config.vocab_size):
+        vocab = int(self.runtime.base_model.config.vocab_size)  # the embedding's size, not the tokenizer's
+        if max(ids) >= vocab:
             raise APIError(422, "invalid_request", f"token ids must be below the vocabulary size {vocab}", field)
         if len(ids) + max_new > self.context_len:
             raise APIError(422, "invalid_request",
                            f"prompt ({len(ids)}) + new tokens ({max_new}) exceed the context of {self.context_len}",
-                           "max_new_tokens")
+                           new_field)
 
     def check_max_new(self, n: int, field: str) -> None:
         if n > self.settings.max_new_tokens_limit:
@@ -140,6 +140,8 @@ class ServerState:
         gone.cancel()
         if waiter not in done:
             waiter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiter  # collect the cancellation so it is not logged as an unretrieved error
             for job in jobs:
                 job.cancelled = True
             if gone in done:
@@ -272,7 +274,7 @@ def create_app(settings: ServerSettings | None = None, runtime: RoutingRuntime |
         stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
         jobs = []
         for i, ids in enumerate(prompts):
-            state.check_prompt(ids, "prompt" if len(prompts) == 1 else f"prompt[{i}]", body.max_tokens)
+            state.check_prompt(ids, "prompt" if len(prompts) == 1 else f"prompt[{i}]", body.max_tokens, "max_tokens")
             n_top = body.logprobs or 0
             spec = RowSpec(ids, body.max_tokens, body.temperature, body.top_p, body.seed,
                            prompt_logprobs=body.echo and body.logprobs is not None, top_logprobs=n_top)

@@ -27,7 +27,7 @@ def model_dir(tmp_path_factory):
 
 
 def long_tokens(url: str) -> int:
-    """As many new tokens as the model's context allows (<= 240): long enough to outlast a 0.2 s limit."""
+    """As many new tokens as the model's context allows (<= 240): long enough to outlast a 0.05 s limit."""
     from var_moe.loading import load_config
 
     model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
@@ -43,7 +43,7 @@ def metric(url: str, name: str) -> float:
 @pytest.fixture(scope="module")
 def strict_server(model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("strict")
-    args = ["--max-batch-size", "1", "--max-queue", "1", "--request-timeout-s", "0.2", "--max-wait-ms", "0"]
+    args = ["--max-batch-size", "1", "--max-queue", "1", "--request-timeout-s", "0.05", "--max-wait-ms", "0"]
     with ServerProcess(model_dir, args=args, env={"VARMOE_ADMIN_TOKEN": ""}, log_path=tmp / "log") as s:
         yield s
 
@@ -57,7 +57,7 @@ def test_admin_refused_without_configured_token(strict_server):
 def test_timeout_is_408(strict_server):
     n = long_tokens(strict_server.url)
     r = httpx.post(strict_server.url + "/v1/generate", json={"prompt": PROMPT, "max_new_tokens": n}, timeout=30)
-    assert r.status_code == 408 and r.json()["error"]["type"] == "timeout"
+    assert r.status_code == 408 and r.json()["error"]["type"] == "timeout", r.text
     assert "request_timeout_s" in r.json()["error"]["message"]
 
 
@@ -98,6 +98,19 @@ def test_disconnect_cancels_generation(server):
     time.sleep(0.5)
     assert metric(server.url, "varmoe_generated_tokens_total") - before == first  # nothing runs any more
     assert first < n
+
+
+def test_disconnect_cancels_non_streaming_request(server):
+    n = long_tokens(server.url)
+    before = metric(server.url, "varmoe_generated_tokens_total")
+    with pytest.raises(httpx.TimeoutException):  # the client gives up and closes the connection
+        httpx.post(server.url + "/v1/generate", json={"prompt": PROMPT, "max_new_tokens": n}, timeout=0.15)
+    time.sleep(1.0)
+    first = metric(server.url, "varmoe_generated_tokens_total") - before
+    time.sleep(0.5)
+    assert metric(server.url, "varmoe_generated_tokens_total") - before == first
+    assert first < n
+    assert metric(server.url, 'varmoe_requests_total{endpoint="/v1/generate",status="499"}') >= 1
 
 
 def test_sigterm_drains_in_flight_work(server):
