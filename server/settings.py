@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from var_moe.loading import REFERENCE_MODEL_DIR
@@ -53,13 +53,12 @@ class ServerSettings(BaseSettings):
     def _empty_token_is_none(cls, v):
         return None if v in ("", None) else v
 
-    @model_validator(mode="after")
-    def _check_paths(self):
-        for name in ("var_tables", "routing_stats"):
-            p = getattr(self, name)
-            if p is not None and not Path(p).exists():
-                raise ValueError(f"{name}: file {p} does not exist")
-        return self
+    @field_validator("var_tables", "routing_stats")
+    @classmethod
+    def _file_exists(cls, p: Path | None):
+        if p is not None and not Path(p).is_file():
+            raise ValueError(f"file {p} does not exist")
+        return p
 
     def default_file(self, explicit: Path | None, filename: str) -> Path | None:
         """The explicit path, else `<model>/<filename>` when the model is a local folder holding it."""
