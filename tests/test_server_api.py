@@ -146,7 +146,7 @@ def test_completions_loglikelihood_like_lm_eval(client, local):
     ctx, cont = tok("def f(x):\n    ")["input_ids"], tok("return x")["input_ids"]
     ids = ctx + cont
     r = client.post("/v1/completions", json={"model": "m", "prompt": [ids], "max_tokens": 1, "temperature": 0,
-                                             "logprobs": 1, "echo": True, "seed": 1234})
+                                             "logprobs": 1, "echo": True, "seed": 1234, "var": False})
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
     lp = choice["logprobs"]
@@ -268,7 +268,9 @@ def test_malformed_json_and_toggle_body(client):
     r = client.post("/var/toggle", json={"enabled": "yes"}, headers=AUTH)
     assert r.status_code == 422 and r.json()["error"]["field"] == "enabled"
     assert client.get("/admin/capture/stats?part=other", headers=AUTH).status_code == 422
-    assert client.get("/nope").status_code == 404
+    r = client.get("/nope")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"
+    assert client.get("/v1/generate").status_code == 405
 
 
 def test_openai_python_client(server):
