@@ -33,7 +33,8 @@ from var_moe.loading import REFERENCE_MODEL_DIR, load_model  # noqa: E402
 
 def prompts(n: int) -> list[str]:
     files = sorted((REPO_ROOT / "var_moe").rglob("*.py"))
-    return ["".join(f.read_text().splitlines(True)[:3])[:160] for f in files[:n]]
+    heads = ["".join(f.read_text().splitlines(True)[:3])[:160] for f in files]
+    return [h for h in heads if h.strip()][:n]
 
 
 def run_load(send, clients: int, requests_per_client: int, texts: list[str]) -> dict:
