@@ -51,6 +51,14 @@ def run_load(send, clients: int, requests_per_client: int, texts: list[str]) -> 
             "tokens_per_s": tokens / wall}
 
 
+def median_run(fn, repeats: int) -> dict:
+    """Run fn() `repeats` times; the run with the median tokens/s, plus every repeat's tokens/s."""
+    runs = sorted((fn() for _ in range(repeats)), key=lambda r: r["tokens_per_s"])
+    mid = dict(runs[len(runs) // 2])
+    mid["repeats_tokens_per_s"] = [round(r["tokens_per_s"], 1) for r in runs]
+    return mid
+
+
 def varmoe_sender(url: str, new_tokens: int, var: bool):
     http = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=64))
 
@@ -112,14 +120,31 @@ def start_cb_server(model: str, threads: int, log: Path) -> tuple[subprocess.Pop
     raise TimeoutError("transformers serve did not come up in 180 s")
 
 
+def summarize(results: dict, levels: list[int]) -> dict:
+    """The three goals: overhead at 1 client, 16-client scaling, server vs transformers serve CB."""
+    out: dict = {}
+    base1 = results["in_process"][1]["tokens_per_s"]
+    cb = results["transformers_cb"]
+    for mode, by_level in results["server"].items():
+        lo, hi = by_level[levels[0]]["tokens_per_s"], by_level[levels[-1]]["tokens_per_s"]
+        out[mode] = {
+            "overhead_vs_generate_batch1": round(1 - lo / base1, 3),  # goal <= 0.10
+            f"scaling_{levels[-1]}_vs_{levels[0]}_clients": round(hi / lo, 2),  # goal >= 4
+            "vs_transformers_cb": {c: round(by_level[c]["tokens_per_s"] / cb[c]["tokens_per_s"], 2)
+                                   for c in levels if c in cb},  # goal >= 1
+        }
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(REFERENCE_MODEL_DIR))
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16, help="the server's max batch size")
     p.add_argument("--clients", default="1,4,16")
-    p.add_argument("--requests", type=int, default=48, help="requests per load level (split over the clients)")
+    p.add_argument("--requests", type=int, default=32, help="requests per load level (split over the clients)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3, help="median of this many runs per measurement")
     p.add_argument("--modes", default="baseline,var", help="server modes to measure (var needs VAR tables)")
     p.add_argument("--skip-cb", action="store_true", help="skip transformers serve --continuous-batching")
     p.add_argument("--out", default="runs/server_throughput.json")
@@ -135,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     model, tok = load_model(args.model, dtype="float32")
     for b in (1, args.batch_size):
         in_process(model, tok, texts, b, 4, 1)  # warm-up
-        results["in_process"][b] = in_process(model, tok, texts, b, args.new_tokens, max(1, 4 // b))
+        results["in_process"][b] = median_run(
+            lambda: in_process(model, tok, texts, b, args.new_tokens, max(1, 4 // b)), args.repeats)
         print(f"in-process generate batch {b}: {results['in_process'][b]['tokens_per_s']:.0f} tokens/s", flush=True)
 
     srv = ServerProcess(args.model, args=["--max-batch-size", str(args.batch_size), "--max-wait-ms", "5",
@@ -150,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             send = varmoe_sender(srv.url, args.new_tokens, var=(mode == "var"))
             send(texts[0])  # warm-up
             for c in levels:
-                r = run_load(send, c, max(1, args.requests // c), texts)
+                r = median_run(lambda: run_load(send, c, max(1, args.requests // c), texts), args.repeats)
                 results["server"].setdefault(mode, {})[c] = r
                 print(f"server {mode} {c:2d} clients: {r['tokens_per_s']:.0f} tokens/s", flush=True)
     finally:
@@ -167,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                 send = cb_sender(url, args.model, args.new_tokens, tok)
                 send(texts[0])
                 for c in levels:
-                    r = run_load(send, c, max(1, args.requests // c), texts)
+                    r = median_run(lambda: run_load(send, c, max(1, args.requests // c), texts), args.repeats)
                     results["transformers_cb"][c] = r
                     print(f"transformers serve CB {c:2d} clients: {r['tokens_per_s']:.0f} tokens/s", flush=True)
             except httpx.HTTPError as exc:
@@ -176,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 proc.terminate()
                 proc.wait(30)
+    results["summary"] = summarize(results, levels)
+    print(json.dumps(results["summary"], indent=2))
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
