@@ -4,7 +4,8 @@
 
 Servers (each on a free 127.0.0.1 port, one after the other):
 - main (default settings): fuzz, disconnects, toggle, soak (`--duration` s), then SIGTERM under load;
-- overload (`--max-queue 4 --max-batch-size 2`): low / over / low load;
+- overload (`--max-queue 4 --max-batch-size 2 --no-var-on-start`): low / over / low load (baseline
+  mode, so the recovery measure is about the queue, not about VAR's own speed variations);
 - timeout (`--request-timeout-s 0.25`): a long generation gets 408, a stream ends cleanly;
 - no server: bad VAR tables at start (malformed and mismatched files) must be refused.
 Prints the counts (requests sent, failures by kind, 5xx, memory growth) and writes them as JSON.
@@ -60,7 +61,7 @@ def run_checks(model: str | Path, out_dir: str | Path, duration_s: float = 120.0
         finally:
             server.stop()
     if "overload" in checks:
-        with ManagedServer(model, args=["--max-queue", "4", "--max-batch-size", "2"],
+        with ManagedServer(model, args=["--max-queue", "4", "--max-batch-size", "2", "--no-var-on-start"],
                            log_path=out / "server_overload.log") as server:
             record("overload", lambda: rc.check_overload(server))
     if "timeout" in checks:

@@ -1,0 +1,54 @@
+"""`varmoe capture --server`: statistics captured through a running server equal an offline capture.
+
+The server forwards the same token sequences (the offline job's, sent as token ids) through the
+learned routers; padding and batch composition differ between the two, so float columns agree to a
+tolerance and the count columns exactly (a top-k choice could only flip on an exact tie).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from analysis_jobs.fixtures import tiny_var_model
+from analysis_jobs.server_process import ManagedServer
+from var_moe.capture.frame import compare_stats
+from var_moe.capture.job import CaptureConfig, run_capture
+from var_moe.capture.schema import read_stats
+from var_moe.loading import load_model
+from var_moe.remote_capture import RemoteCaptureError, capture_via_server
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rc")
+    model_dir = tiny_var_model(tmp / "m")
+    server = ManagedServer(model_dir, log_path=tmp / "server.log").wait_ready()
+    yield tmp, model_dir, server
+    server.stop()
+
+
+def test_server_capture_equals_offline_capture(setup):
+    tmp, model_dir, server = setup
+    torch.set_num_threads(1)
+    model, tok = load_model(str(model_dir))
+    kw = dict(dataset="stdlib", split="calibration", num_samples=12, max_length=64)
+    remote = capture_via_server(server.url, server.admin_token, tok, tmp / "remote.parquet", batch_size=5, **kw)
+    offline = tmp / "offline.parquet"
+    run_capture(CaptureConfig(model=str(model_dir), batch_size=4, **kw), offline, model=model, tokenizer=tok, progress=False)
+    a, ma = read_stats(remote)
+    b, mb = read_stats(offline)
+    assert ma["num_tokens"] == mb["num_tokens"] > 0
+    assert ma["dataset"] == "stdlib" and ma["split"] == "calibration"
+    exact = ["frequency", "top1_counts", "topk_counts", "top_expert", "modal_topk_set", "modal_set_count"]
+    assert compare_stats(a[["layer", "token_id"] + exact], b[["layer", "token_id"] + exact]) == []
+    assert compare_stats(a, b, rtol=1e-4, atol=1e-5) == []
+
+
+def test_admin_token_is_required(setup):
+    tmp, model_dir, server = setup
+    _, tok = load_model(str(model_dir))
+    with pytest.raises(RemoteCaptureError, match="401"):
+        capture_via_server(server.url, "wrong", tok, tmp / "x.parquet", num_samples=2, max_length=32)
+    with pytest.raises(ValueError, match="admin token"):
+        capture_via_server(server.url, None, tok, tmp / "x.parquet", num_samples=2)

@@ -1,0 +1,103 @@
+"""Phase 1 through the server: `varmoe capture --server URL` pushes the corpus through a running
+server with routing capture on and downloads the statistics (same Parquet schema as `varmoe capture`).
+
+The sequences are exactly those of the offline capture job: the corpus split is tokenized and cut
+with `var_moe.corpus` (`tokenize_documents` + `chunk_sequences`, the same code as `iter_batches`)
+using the tokenizer of `model`, which must be the model the server serves. They are sent as token
+ids to `/v1/completions` (`max_tokens: 0`, `var: false`), so the server forwards those very tokens
+through the learned routers (a text endpoint would re-tokenize, and decode/encode of a cut chunk is
+not always the identity). Admin calls (`/admin/capture/start|stop`, `GET /admin/capture/stats`)
+need the server's admin token. The capture records *all* traffic in its window: run it on a server
+that nothing else is using when the statistics must equal an offline capture.
+
+HTTP only (httpx); reads the corpus and the tokenizer through the library.
+Test: `pytest tests/test_remote_capture.py`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+
+MAX_PROMPTS_PER_REQUEST = 64  # the server's limit of prompts per completion request
+
+
+class RemoteCaptureError(RuntimeError):
+    """The server refused or failed a step; the message names the step and the server's answer."""
+
+
+def _check(r: httpx.Response, step: str) -> httpx.Response:
+    if r.status_code != 200:
+        try:
+            detail = r.json().get("error", {}).get("message", r.text[:300])
+        except ValueError:
+            detail = r.text[:300]
+        hint = " (pass the server's admin token: VARMOE_ADMIN_TOKEN)" if r.status_code in (401, 403) else ""
+        raise RemoteCaptureError(f"{step}: the server answered {r.status_code}: {detail}{hint}")
+    return r
+
+
+def corpus_sequences(tokenizer: Any, dataset: str, split: str, max_length: int, num_samples: int | None):
+    """The token sequences the offline capture job forwards, in the same order."""
+    from .corpus import chunk_sequences, iter_documents, tokenize_documents
+
+    seqs = chunk_sequences(tokenize_documents(tokenizer, iter_documents(dataset, split)), max_length)
+    return itertools.islice(seqs, num_samples) if num_samples is not None else seqs
+
+
+def capture_via_server(url: str, admin_token: str | None, tokenizer: Any, output: str | Path,
+                       dataset: str = "stdlib", split: str = "train", num_samples: int | None = None,
+                       max_length: int = 256, batch_size: int = 8, timeout_s: float = 600.0,
+                       log: Callable[[str], None] = print) -> Path:
+    """Capture routing statistics of `dataset`/`split` through the server at `url`; write `output`."""
+    from .capture.schema import pairs_path, read_pairs, read_stats, write_pairs, write_stats
+
+    if not admin_token:
+        raise ValueError("--server: the admin token is missing (set VARMOE_ADMIN_TOKEN to the server's token)")
+    if not 1 <= batch_size <= MAX_PROMPTS_PER_REQUEST:
+        raise ValueError(f"--batch-size must be in 1..{MAX_PROMPTS_PER_REQUEST} for --server")
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    headers = {"Authorization": f"Bearer {admin_token}"}
+    sent_seqs = sent_tokens = 0
+    with httpx.Client(base_url=url.rstrip("/"), timeout=timeout_s, headers=headers) as client:
+        _check(client.get("/readyz"), "GET /readyz")
+        _check(client.post("/admin/capture/start"), "POST /admin/capture/start")
+        try:
+            batch: list[list[int]] = []
+            for seq in itertools.chain(corpus_sequences(tokenizer, dataset, split, max_length, num_samples), [None]):
+                if seq is not None:
+                    batch.append(seq)
+                if batch and (seq is None or len(batch) == batch_size):
+                    _check(client.post("/v1/completions", json={"prompt": batch, "max_tokens": 0, "var": False,
+                                                                "temperature": 0.0}), "POST /v1/completions")
+                    sent_seqs += len(batch)
+                    sent_tokens += sum(map(len, batch))
+                    batch = []
+        finally:
+            stop = client.post("/admin/capture/stop")  # always stop, even when a push failed
+        _check(stop, "POST /admin/capture/stop")
+        if sent_seqs == 0:
+            raise ValueError(f"--dataset {dataset!r} split {split!r} gave no sequences to capture")
+        stats = _check(client.get("/admin/capture/stats", params={"part": "stats"}), "GET /admin/capture/stats")
+        pairs = client.get("/admin/capture/stats", params={"part": "pairs"})
+    # Re-label the files: they describe the corpus pushed, not anonymous live traffic.
+    download = output.with_name(output.name + ".download")
+    try:
+        download.write_bytes(stats.content)
+        df, meta = read_stats(download)
+        meta.update({"dataset": dataset, "split": split, "source": f"varmoe capture --server {url}",
+                     "sequences_sent": sent_seqs, "tokens_sent": sent_tokens, "max_length": max_length})
+        write_stats(df, output, meta)
+        if pairs.status_code == 200:
+            download.write_bytes(pairs.content)
+            pdf, pmeta = read_pairs(download)
+            pmeta.update({"dataset": dataset, "split": split})
+            write_pairs(pdf, pairs_path(output), pmeta)
+    finally:
+        download.unlink(missing_ok=True)
+    log(f"wrote {output} ({sent_seqs} sequences, {sent_tokens} tokens pushed through {url})")
+    return output
