@@ -39,7 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import openai_compat
 from .decode import RowSpec
-from .engine import Engine, EngineError, Job, JobResult
+from .engine import Engine, EngineError, Job, JobResult, QueueFull
 from .metrics import TIERS, ServerMetrics
 from .schemas import MAX_TEXTS, CompletionRequest, GenerateRequest, PerplexityRequest, ToggleRequest
 from .settings import ServerSettings
@@ -103,6 +103,9 @@ class ServerState:
         return None if pinned is None else ("var" if pinned else "baseline")
 
     def tokenize(self, text: str, field: str) -> list[int]:
+        if len(text) > 64 * self.prompt_limit:  # refuse huge bodies before spending time tokenizing them
+            raise APIError(413, "prompt_too_long",
+                           f"the prompt has {len(text)} characters; the limit is {self.prompt_limit} tokens", field)
         ids = self.runtime.tokenizer(text)["input_ids"]
         self.check_prompt(ids, field)
         return ids
@@ -124,9 +127,6 @@ class ServerState:
     def check_max_new(self, n: int, field: str) -> None:
         if n > self.settings.max_new_tokens_limit:
             raise APIError(422, "invalid_request", f"{field} must be at most {self.settings.max_new_tokens_limit}", field)
-
-    def record(self, result: JobResult) -> None:
-        """Hook for per-request bookkeeping (the counters since start live in the metrics)."""
 
     async def run(self, request: Request, jobs: list[Job]) -> list[JobResult]:
         """Submit jobs, wait for all of them; cancel them if the client leaves or time runs out."""
@@ -154,7 +154,6 @@ class ServerState:
                 raise timeout_error(self.settings.request_timeout_s)
             if r.error:
                 raise APIError(500, "engine_error", r.error)
-            self.record(r)
         return results
 
 
@@ -166,7 +165,7 @@ def submit(engine: Engine, jobs: list[Job]) -> None:
     try:
         engine.submit(jobs)
     except EngineError as exc:
-        status = 429 if type(exc).__name__ == "QueueFull" else 503
+        status = 429 if isinstance(exc, QueueFull) else 503
         raise APIError(status, "overloaded" if status == 429 else "unavailable", str(exc),
                        headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}) from None
 
@@ -394,7 +393,6 @@ async def stream_generate(state: ServerState, request: Request, job: Job) -> Str
                     msg = "cancelled or timed out" if result is None else result.error
                     yield sse({"type": "error", "error": {"type": "engine_error", "message": msg}})
                 else:
-                    state.record(result)
                     state.metrics.request_duration.labels(endpoint="/v1/generate", mode=result.mode).observe(
                         time.perf_counter() - t0)
                     yield sse({"type": "done", **generate_body(state, result, job)})

@@ -239,6 +239,7 @@ BAD = [
     ("/v1/generate", {"max_new_tokens": 3}, 422, "prompt"),
     ("/v1/generate", {"prompt": "x", "max_new_token": 3}, 422, "max_new_token"),
     ("/v1/generate", {"prompt": "def " * 5000}, 413, "prompt"),
+    ("/v1/generate", {"prompt": "x" * 2_000_000}, 413, "prompt"),
     ("/v1/generate", [1, 2], 400, "body"),
     ("/v1/perplexity", {"text": []}, 422, "text"),
     ("/v1/perplexity", {"text": "a"}, 422, "text"),
