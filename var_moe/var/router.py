@@ -186,40 +186,35 @@ class VARRouter(nn.Module):
         k, e = self.top_k, self.num_experts
         logits_dtype = l_logits.dtype if n_need else self.logits_dtype
         weights_dtype = l_w.dtype if n_need else self.weights_dtype
-        idx_TK = torch.empty(t, k, dtype=self.index_dtype, device=dev)
-        w_TK = torch.empty(t, k, dtype=torch.float32, device=dev)
-        # fast rows
-        f_ids = ids_T[fast_T]
-        idx_TK[fast_T] = self.experts_VK[f_ids].to(self.index_dtype)
-        w_TK[fast_T] = self._scale(self.weights_VK[f_ids], self.mass_V[f_ids])
-        if hit_T.any():
-            idx_TK[hit_T] = c_idx[hit_T].to(self.index_dtype)
-            w_TK[hit_T] = c_w[hit_T]
-        nominal_TK = idx_TK.clone()  # the table / cache set before adaptive k (for verification)
+        # assembled with gathers over all T rows and `where` (no boolean-mask indexing, no host syncs)
+        idx_TK = self.experts_VK[safe_T].to(self.index_dtype)
+        w_TK = self._scale(self.weights_VK[safe_T], self.mass_V[safe_T])
+        if self.cache.capacity > 0:
+            idx_TK = torch.where(hit_T[:, None], c_idx.to(self.index_dtype), idx_TK)
+            w_TK = torch.where(hit_T[:, None], c_w, w_TK)
+        nominal_TK = idx_TK  # the table / cache set before adaptive k (for verification)
         if self.config.adaptive_k:
             single_T = fast_T & self.single_V[safe_T]
-            if single_T.any():
-                total = w_TK[single_T].sum(1)
-                idx_TK[single_T, 1:] = e  # experts skip index E
-                w_TK[single_T] = 0
-                w_TK[single_T, 0] = total
-                self._count("adaptive_single", single_T.sum())
+            slot0 = torch.arange(k, device=dev) == 0
+            idx_TK = torch.where(single_T[:, None] & ~slot0, torch.full_like(idx_TK, e), idx_TK)  # experts skip index E
+            w_TK = torch.where(single_T[:, None], torch.where(slot0, w_TK.sum(1, keepdim=True), 0.0), w_TK)
+            self._count("adaptive_single", single_T.sum())
 
-        # learned outputs scattered into full tensors
-        logits_TE = torch.empty(t, e, dtype=logits_dtype, device=dev)
+        lrn_T = ~routed_T
         if n_need:
-            sel = slice(None) if rows is None else rows
-            learned_idx_TK = torch.empty(t, k, dtype=self.index_dtype, device=dev)
-            learned_idx_TK[sel] = l_idx
-            logits_TE[sel] = l_logits.reshape(-1, e)
-            lrn_T = need_T & ~routed_T
-            idx_TK[lrn_T] = learned_idx_TK[lrn_T]
-            full_w = torch.empty(t, k, dtype=torch.float32, device=dev)
-            full_w[sel] = l_w.float()
-            w_TK[lrn_T] = full_w[lrn_T]
+            if rows is None:
+                learned_idx_TK, full_w, logits_TE = l_idx, l_w.float(), l_logits.reshape(t, e)
+            else:
+                learned_idx_TK = torch.zeros(t, k, dtype=self.index_dtype, device=dev).index_copy_(0, rows, l_idx)
+                full_w = torch.zeros(t, k, dtype=torch.float32, device=dev).index_copy_(0, rows, l_w.float())
+                logits_TE = torch.zeros(t, e, dtype=logits_dtype, device=dev).index_copy_(0, rows, l_logits.reshape(-1, e))
+            idx_TK = torch.where(lrn_T[:, None], learned_idx_TK, idx_TK)
+            w_TK = torch.where(lrn_T[:, None], full_w, w_TK)
             if self.config.weights_source == "learned":
-                w_TK[routed_T] = self._restricted(logits_TE[routed_T].float(), idx_TK[routed_T].long())
+                w_TK = torch.where(routed_T[:, None], self._restricted(logits_TE.float(), idx_TK.long()), w_TK)
             self._verify(fast_T, hit_T, need_T, nominal_TK, learned_idx_TK, shadow_T, safe_T)
+        else:
+            logits_TE = torch.empty(t, e, dtype=logits_dtype, device=dev)
         not_computed = routed_T & ~need_T
         if not_computed.any():
             logits_TE[not_computed] = self._synthetic_logits(idx_TK[not_computed], w_TK[not_computed])
