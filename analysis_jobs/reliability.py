@@ -6,7 +6,7 @@ Servers (each on a free 127.0.0.1 port, one after the other):
 - main (default settings): fuzz, disconnects, toggle, soak (`--duration` s), then SIGTERM under load;
 - overload (`--max-queue 4 --max-batch-size 2 --no-var-on-start`): low / over / low load (baseline
   mode, so the recovery measure is about the queue, not about VAR's own speed variations);
-- timeout (`--request-timeout-s 0.25`): a long generation gets 408, a stream ends cleanly;
+- timeout (`--request-timeout-s 0.1`): a long generation gets 408, a stream ends cleanly;
 - no server: bad VAR tables at start (malformed and mismatched files) must be refused.
 Prints the counts (requests sent, failures by kind, 5xx, memory growth) and writes them as JSON.
 Exit 0 when every check passed, 1 otherwise. `--model` defaults to the reference model when it has
@@ -24,7 +24,7 @@ from . import reliability_checks as rc
 from .server_process import ManagedServer
 
 CHECKS = ("fuzz", "disconnects", "toggle", "soak", "sigterm", "overload", "timeout", "bad_tables")
-TIMEOUT_LIMIT_S = 0.25
+TIMEOUT_LIMIT_S = 0.1
 
 
 def run_checks(model: str | Path, out_dir: str | Path, duration_s: float = 120.0, checks=CHECKS,

@@ -99,7 +99,7 @@ def check_fuzz(server: ManagedServer, max_examples: int = 10, max_time_s: float 
            "ready_after": _ready(server.url)}
     problems = []
     if report.exists():
-        out["failure_messages"] = [(f.get("message") or f.text or "")[:600] for f in ET.parse(report).getroot().iter("failure")]
+        out["failure_messages"] = [" ".join((f.text or f.get("message") or "").split())[:600] for f in ET.parse(report).getroot().iter("failure")]
     if rc != 0:
         problems.append(f"schemathesis exit {rc}: {'; '.join(out.get('failure_messages', [])) or tail[-1500:]}")
     if out["server_5xx"]:
@@ -223,17 +223,17 @@ def check_timeout(server: ManagedServer, limit_s: float, max_new: int = 500) -> 
     """Needs a server started with a short --request-timeout-s (`limit_s`)."""
     before = fetch(server.url)
     prompt = PROMPTS[0]
-    for _ in range(4):  # the longest generation the model's context allows (a 422 names the limit)
+    for max_new in (max_new, max_new - 20, max_new - 100, max_new // 2, max_new // 4):
+        # the longest generation the model's context allows (413/422 when prompt + new is too long)
         t0 = time.monotonic()
         r = httpx.post(server.url + "/v1/generate", json={"prompt": prompt, "max_new_tokens": max_new}, timeout=limit_s + 60)
         if r.status_code not in (413, 422):
             break
-        max_new //= 2
     is_json = r.headers.get("content-type", "").startswith("application/json")
     plain = {"status": r.status_code, "latency_s": time.monotonic() - t0, "max_new_tokens": max_new,
              "error_type": (r.json().get("error") or {}).get("type") if is_json else None}
     rows = drive(server.url, 1, limit_s + 60, _gen(max_new, stream=True), max_requests=1)
-    follow = drive(server.url, 1, 30.0, _gen(2), max_requests=2)
+    follow = drive(server.url, 1, 30.0, _gen(1), max_requests=2)
     out = {"limit_s": limit_s, "plain": plain, "stream": rows[0].to_dict(), "follow_up": summarize(follow),
            "server_5xx": server_5xx(before, fetch(server.url)), "ready_after": _ready(server.url)}
     problems = []

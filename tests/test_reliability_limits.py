@@ -23,8 +23,8 @@ def test_overload_gets_429_with_retry_after_and_recovers(model_dir, tmp_path):
 
 
 def test_request_over_the_time_limit(model_dir, tmp_path):
-    with ManagedServer(model_dir, args=["--request-timeout-s", "0.25"], log_path=tmp_path / "s.log") as s:
-        r = rc.check_timeout(s, 0.25)
+    with ManagedServer(model_dir, args=["--request-timeout-s", "0.1"], log_path=tmp_path / "s.log") as s:
+        r = rc.check_timeout(s, 0.1)
     assert r["plain"]["status"] == 408
     assert r["ok"], r.get("why", "") + f"\n{r}"
 
