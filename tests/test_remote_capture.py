@@ -52,3 +52,17 @@ def test_admin_token_is_required(setup):
         capture_via_server(server.url, "wrong", tok, tmp / "x.parquet", num_samples=2, max_length=32)
     with pytest.raises(ValueError, match="admin token"):
         capture_via_server(server.url, None, tok, tmp / "x.parquet", num_samples=2)
+
+
+def test_run_from_args_is_what_the_capture_command_calls(setup, monkeypatch):
+    import argparse
+
+    from var_moe.remote_capture import run_from_args
+
+    tmp, model_dir, server = setup
+    monkeypatch.setenv("VARMOE_ADMIN_TOKEN", server.admin_token)
+    args = argparse.Namespace(server=server.url, model=str(model_dir), dataset="stdlib", split="test", num_samples=3,
+                              max_length=32, batch_size=8, output=str(tmp / "cli.parquet"), trust_remote_code=False)
+    assert run_from_args(args) == 0
+    df, meta = read_stats(tmp / "cli.parquet")
+    assert meta["split"] == "test" and meta["sequences_sent"] == 3 and len(df) > 0

@@ -101,3 +101,16 @@ def capture_via_server(url: str, admin_token: str | None, tokenizer: Any, output
         download.unlink(missing_ok=True)
     log(f"wrote {output} ({sent_seqs} sequences, {sent_tokens} tokens pushed through {url})")
     return output
+
+
+def run_from_args(args: Any) -> int:
+    """`varmoe capture --server URL ...`: the flags of the capture command, token from VARMOE_ADMIN_TOKEN."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(args.model), trust_remote_code=getattr(args, "trust_remote_code", False))
+    capture_via_server(args.server, os.environ.get("VARMOE_ADMIN_TOKEN"), tokenizer, args.output,
+                       dataset=args.dataset, split=args.split, num_samples=args.num_samples,
+                       max_length=args.max_length, batch_size=min(args.batch_size, MAX_PROMPTS_PER_REQUEST))
+    return 0
