@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import time
 from pathlib import Path
 
@@ -28,10 +29,12 @@ TIMEOUT_LIMIT_S = 0.1
 
 
 def run_checks(model: str | Path, out_dir: str | Path, duration_s: float = 120.0, checks=CHECKS,
-               fuzz_examples: int = 10, fuzz_time_s: float = 60.0, log=print) -> dict:
+               fuzz_examples: int = 10, fuzz_time_s: float = 60.0, server_args: list[str] | None = None,
+               log=print) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"model": str(model), "started_unix": time.time(), "checks": {}}
+    extra = list(server_args or [])
+    results: dict = {"model": str(model), "server_args": extra, "started_unix": time.time(), "checks": {}}
 
     def record(name, fn):
         t0 = time.monotonic()
@@ -46,7 +49,7 @@ def run_checks(model: str | Path, out_dir: str | Path, duration_s: float = 120.0
 
     main_checks = [c for c in ("fuzz", "disconnects", "toggle", "soak", "sigterm") if c in checks]
     if main_checks:
-        server = ManagedServer(model, log_path=out / "server_main.log").wait_ready()
+        server = ManagedServer(model, args=extra, log_path=out / "server_main.log").wait_ready()
         try:
             if "fuzz" in checks:
                 record("fuzz", lambda: rc.check_fuzz(server, fuzz_examples, fuzz_time_s, out))
@@ -61,11 +64,11 @@ def run_checks(model: str | Path, out_dir: str | Path, duration_s: float = 120.0
         finally:
             server.stop()
     if "overload" in checks:
-        with ManagedServer(model, args=["--max-queue", "4", "--max-batch-size", "2", "--no-var-on-start"],
+        with ManagedServer(model, args=extra + ["--max-queue", "4", "--max-batch-size", "2", "--no-var-on-start"],
                            log_path=out / "server_overload.log") as server:
             record("overload", lambda: rc.check_overload(server))
     if "timeout" in checks:
-        with ManagedServer(model, args=["--request-timeout-s", str(TIMEOUT_LIMIT_S)],
+        with ManagedServer(model, args=extra + ["--request-timeout-s", str(TIMEOUT_LIMIT_S)],
                            log_path=out / "server_timeout.log") as server:
             record("timeout", lambda: rc.check_timeout(server, TIMEOUT_LIMIT_S))
     if "bad_tables" in checks:
@@ -108,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checks", default=",".join(CHECKS), help=f"comma-separated subset of {','.join(CHECKS)}")
     p.add_argument("--fuzz-examples", type=int, default=10, help="schemathesis examples per operation")
     p.add_argument("--fuzz-time", type=float, default=60.0, help="schemathesis time budget, seconds")
+    p.add_argument("--server-args", default="", help='extra `varmoe serve` flags, e.g. "--routing-stats calib.parquet"')
     p.add_argument("--output", default="runs/reliability/reliability.json")
     args = p.parse_args(argv)
     checks = tuple(c.strip() for c in args.checks.split(",") if c.strip())
@@ -120,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     from .fixtures import servable_var_model
 
     model = args.model or servable_var_model(out_path.parent)
-    results = run_checks(model, out_path.parent, args.duration, checks, args.fuzz_examples, args.fuzz_time)
+    results = run_checks(model, out_path.parent, args.duration, checks, args.fuzz_examples, args.fuzz_time,
+                         shlex.split(args.server_args))
     out_path.write_text(json.dumps(results, indent=2, default=str))
     t = results["totals"]
     print(f"requests sent: {t['requests']}; 5xx (client-seen): {t['status_5xx']}; 5xx (server counter): "
