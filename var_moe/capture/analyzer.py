@@ -71,7 +71,8 @@ class RouterAnalyzer:
         self.stats = StreamingTokenStats(len(layers), vocab, E, K, device=device, layer_ids=layers)
         self.pairs = PairStats(layers, vocab, E, K, capacity=pair_capacity, device=device) if track_pairs else None
         self.padding_excluded = 0
-        self._carry: list[torch.Tensor | None] = [None] * len(layers)  # (B, 2) last choices per batch row
+        self._carry: torch.Tensor | None = None  # (L, B, 2) last choices of every batch row, per layer
+        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # slot -> this forward's decision
         self._aligned: tuple[TokenBatch, _Aligned] | None = None
 
     # -- hooks ---------------------------------------------------------------------------------
@@ -79,6 +80,7 @@ class RouterAnalyzer:
         """Per-forward alignment shared by every layer (computed at the first hooked layer)."""
         if self._aligned is not None and self._aligned[0] is tokens:
             return self._aligned[1]
+        self.flush_pending()  # a forward that did not reach every tracked layer
         dev = self.stats.device
         b, s = tokens.batch_size, tokens.seq_len
         valid_BS = tokens.valid_T.to(dev).reshape(b, s)
@@ -107,23 +109,46 @@ class RouterAnalyzer:
         if not a.all_valid:  # padding out of every statistic
             keep = a.keep_N.to(probs.device)
             probs, idx, w = probs.index_select(0, keep), idx.index_select(0, keep), w.index_select(0, keep)
-        choices_N2 = ranked_choices(probs, idx, w).to(self.stats.device)
-        self.stats.update(slot, a.ids_N, probs, idx, w, choices_N2)
-        self.stats.update_consecutive(slot, choices_N2, self._previous_choices(slot, a, choices_N2))
-        if self.pairs is not None:
-            self.pairs.update(slot, a.prev_ids_N, a.ids_N, idx)
+        dev = self.stats.device
+        self._pending[slot] = (probs.to(dev), idx.to(dev), w.to(dev))
+        if len(self._pending) == self.stats.num_layers:
+            self.flush_pending()  # every tracked layer of this forward is in: one update for all
 
-    def _previous_choices(self, slot: int, a: _Aligned, choices_N2: torch.Tensor) -> torch.Tensor:
+    def flush_pending(self) -> None:
+        """Fold the buffered router decisions of the current forward into the statistics."""
+        if not self._pending or self._aligned is None:
+            return
+        a = self._aligned[1]
+        slots = sorted(self._pending)
+        probs_LNE = torch.stack([self._pending[s][0] for s in slots])
+        idx_LNK = torch.stack([self._pending[s][1] for s in slots])
+        w_LNK = torch.stack([self._pending[s][2] for s in slots])
+        self._pending = {}
+        Lb, N, E = probs_LNE.shape
+        choices_LN2 = ranked_choices(probs_LNE.reshape(Lb * N, E), idx_LNK.reshape(Lb * N, -1),
+                                     w_LNK.reshape(Lb * N, -1)).reshape(Lb, N, 2)
+        set_LN = self.stats.update_layers(slots, a.ids_N, probs_LNE, idx_LNK, w_LNK, choices_LN2)
+        self.stats.update_consecutive_layers(slots, choices_LN2, self._previous_choices(slots, a, choices_LN2))
+        if self.pairs is not None:
+            self.pairs.update_layers(slots, a.prev_ids_N, a.ids_N, idx_LNK, set_LN)
+
+    def _previous_choices(self, slots: list[int], a: _Aligned, choices_LN2: torch.Tensor) -> torch.Tensor:
         """Choices of each valid row's previous valid token of the same sequence ((-1, -1) where none)."""
-        none = choices_N2.new_full((1, 2), -1)
-        prev = torch.where((a.prev_N >= 0)[:, None], choices_N2[a.prev_N.clamp_min(0)], none)
-        carry = self._carry[slot]
-        if carry is not None and carry.shape[0] == a.batch_size:
-            prev = torch.where(a.continues_N[:, None], carry[a.row_N], prev)
+        Lb, B = len(slots), a.batch_size
+        none = choices_LN2.new_full((1, 1, 2), -1)
+        prev = torch.where((a.prev_N >= 0)[None, :, None], choices_LN2[:, a.prev_N.clamp_min(0)], none)
+        slot_L = torch.as_tensor(slots, dtype=torch.long, device=choices_LN2.device)
+        carry = self._carry
+        fits = carry is not None and carry.shape[1] == B
+        if fits:
+            prev = torch.where(a.continues_N[None, :, None], carry[slot_L][:, a.row_N], prev)
         # carry the last valid token's choices of every batch row to the next forward
-        keep = carry if carry is not None and carry.shape[0] == a.batch_size else none.expand(a.batch_size, 2)
-        last = choices_N2[a.last_N_B.clamp_min(0)] if choices_N2.shape[0] else keep
-        self._carry[slot] = torch.where((a.last_N_B >= 0)[:, None], last, keep)
+        if not fits:
+            carry = none.expand(self.stats.num_layers, B, 2).clone()
+        if choices_LN2.shape[1]:
+            last = choices_LN2[:, a.last_N_B.clamp_min(0)]
+            carry[slot_L] = torch.where((a.last_N_B >= 0)[None, :, None], last, carry[slot_L])
+        self._carry = carry
         return prev
 
     def attach(self) -> "RouterAnalyzer":
@@ -131,8 +156,9 @@ class RouterAnalyzer:
         return self
 
     def detach(self) -> None:
+        self.flush_pending()
         self.recorder.detach()
-        self._carry = [None] * len(self._carry)
+        self._carry = None
         self._aligned = None
 
     @contextlib.contextmanager
@@ -143,6 +169,7 @@ class RouterAnalyzer:
         try:
             yield self
         finally:
+            self.flush_pending()
             if not attached:
                 self.detach()
 
@@ -159,6 +186,7 @@ class RouterAnalyzer:
 
     def get_vocabulary_analysis(self):
         """One row per (layer, token id) seen; columns of `var_moe.capture.schema`."""
+        self.flush_pending()
         return self.stats.to_dataframe(self.tokenizer)
 
     def get_pair_analysis(self):
@@ -171,11 +199,13 @@ class RouterAnalyzer:
         if self.pairs is not None:
             self.pairs.reset()
         self.padding_excluded = 0
-        self._carry = [None] * len(self._carry)
+        self._carry = None
         self._aligned = None
+        self._pending = {}
 
     # -- output --------------------------------------------------------------------------------
     def metadata(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        self.flush_pending()
         cfg = self.model.config
         meta = {
             "model": str(getattr(cfg, "_name_or_path", "") or type(self.model).__name__),

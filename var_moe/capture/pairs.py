@@ -69,20 +69,31 @@ class PairStats:
 
     # -- updates -------------------------------------------------------------------------------
     def update(self, slot: int, prev_T: torch.Tensor, ids_T: torch.Tensor, topk_idx_TK: torch.Tensor) -> None:
-        """Add valid rows; rows with prev < 0 (sequence start) are skipped."""
-        has = prev_T >= 0
-        prev, tok = prev_T[has].to(self.device).long(), ids_T[has].to(self.device).long()
-        idx_TK = topk_idx_TK[has].to(self.device).long()
+        """Add valid rows of one slot; rows with prev < 0 (sequence start) are skipped."""
+        self.update_layers([slot], prev_T, ids_T, topk_idx_TK[None])
+
+    def update_layers(self, slots: Sequence[int], prev_T: torch.Tensor, ids_T: torch.Tensor, topk_idx_LTK: torch.Tensor,
+                      set_LT: torch.Tensor | None = None) -> None:
+        """Add the same valid tokens as routed by several slots (`set_LT`: their set ids, if known)."""
+        has = (prev_T >= 0).to(self.device)
+        prev, tok = prev_T.to(self.device)[has].long(), ids_T.to(self.device)[has].long()
         pair_T = prev * self.vocab_size + tok
+        idx_LTK = topk_idx_LTK.to(self.device)[:, has].long()
         if self.mode == "set":
-            keys = pair_T * self.width + encode_sets(idx_TK, self._binom)
+            if set_LT is None:
+                L, T, K = idx_LTK.shape
+                sets = encode_sets(idx_LTK.reshape(L * T, K), self._binom).reshape(L, T)
+            else:
+                sets = set_LT.to(self.device)[:, has]
+            keys_L = pair_T[None, :] * self.width + sets
         else:
-            sub_TK1 = torch.cat([idx_TK, idx_TK.new_full((idx_TK.shape[0], 1), self.num_experts)], dim=1)
-            keys = (pair_T[:, None] * self.width + sub_TK1).reshape(-1)
-        self._buffer[slot].append(keys)
-        self._buffered[slot] += keys.numel()
-        if self._buffered[slot] >= self.buffer_size:
-            self._flush(slot)
+            total = idx_LTK.new_full((*idx_LTK.shape[:2], 1), self.num_experts)
+            keys_L = (pair_T[None, :, None] * self.width + torch.cat([idx_LTK, total], dim=2)).flatten(1)
+        for j, slot in enumerate(slots):  # a loop over layers, not tokens
+            self._buffer[slot].append(keys_L[j])
+            self._buffered[slot] += keys_L.shape[1]
+            if self._buffered[slot] >= self.buffer_size:
+                self._flush(slot)
 
     def _combine(self, slot: int, keys_b, counts_b, deltas_b, err_b: int) -> None:
         """Merge a (sorted, unique) key table into the slot's table; prune past capacity."""

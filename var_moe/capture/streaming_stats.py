@@ -67,14 +67,45 @@ def decode_table(num_experts: int, top_k: int) -> torch.Tensor:
 
 
 def ranked_choices(probs_TE: torch.Tensor, topk_idx_TK: torch.Tensor, topk_w_TK: torch.Tensor) -> torch.Tensor:
-    """(T, 2) first and second choice: chosen experts by weight (by probability when k = 1)."""
-    if topk_idx_TK.shape[1] >= 2:
-        order = topk_w_TK.float().argsort(dim=1, descending=True, stable=True)[:, :2]
-        return topk_idx_TK.gather(1, order).long()
-    second = probs_TE.masked_fill(
-        torch.nn.functional.one_hot(topk_idx_TK[:, 0].long(), probs_TE.shape[1]).bool(), -1.0
-    ).argmax(dim=1)
-    return torch.stack([topk_idx_TK[:, 0].long(), second], dim=1)
+    """(T, 2) first and second choice: chosen experts by weight (by probability when k = 1).
+
+    Ties go to the earlier top-k slot (as a stable descending sort would). A running comparison
+    over the K slots (a loop over top-k slots, not tokens): argsort of tiny rows is slow on CPU.
+    """
+    idx_TK = topk_idx_TK.long()
+    if idx_TK.shape[1] == 1:
+        second = probs_TE.masked_fill(
+            torch.nn.functional.one_hot(idx_TK[:, 0], probs_TE.shape[1]).bool(), -1.0
+        ).argmax(dim=1)
+        return torch.stack([idx_TK[:, 0], second], dim=1)
+    w_TK = topk_w_TK.float()
+    w1, i1 = w_TK[:, 0], idx_TK[:, 0]
+    w2, i2 = w_TK[:, 1], idx_TK[:, 1]
+    swap = w2 > w1
+    w1, w2 = torch.where(swap, w2, w1), torch.where(swap, w1, w2)
+    i1, i2 = torch.where(swap, i2, i1), torch.where(swap, i1, i2)
+    for j in range(2, idx_TK.shape[1]):
+        w, i = w_TK[:, j], idx_TK[:, j]
+        beats1, beats2 = w > w1, w > w2
+        w2 = torch.where(beats1, w1, torch.where(beats2, w, w2))
+        i2 = torch.where(beats1, i1, torch.where(beats2, i, i2))
+        w1, i1 = torch.where(beats1, w, w1), torch.where(beats1, i, i1)
+    return torch.stack([i1, i2], dim=1)
+
+
+def top2_probabilities(probs_XE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Largest and second-largest value over the last dim (a running max over the E experts).
+
+    `topk`/`max` with indices over a short last dimension are several times slower on CPU.
+    """
+    p_EX = probs_XE.movedim(-1, 0).contiguous()
+    m1 = p_EX[0].clone()
+    m2 = torch.full_like(m1, 0.0 if p_EX.shape[0] == 1 else -1.0)
+    for e in range(1, p_EX.shape[0]):
+        x = p_EX[e]
+        m2 = torch.maximum(m2, torch.minimum(m1, x))
+        m1 = torch.maximum(m1, x)
+    return m1, m2
 
 
 def previous_rows(valid_BS: torch.Tensor) -> torch.Tensor:
@@ -160,57 +191,93 @@ class StreamingTokenStats:
         topk_w_TK: torch.Tensor,
         choices_T2: torch.Tensor | None = None,
     ) -> None:
-        """Add T already-filtered (valid) rows of layer slot `slot`."""
-        if ids_T.numel() == 0:
-            return
-        t = self.tensors
-        ids_T = ids_T.to(self.device).long()  # out-of-range ids fail in index_add_ (no device sync here)
-        probs_TE = probs_TE.to(self.device).float()
-        idx_TK = topk_idx_TK.to(self.device).long()
-        w_TK = topk_w_TK.to(self.device).double()
-        E = self.num_experts
-        if choices_T2 is None:
-            choices_T2 = ranked_choices(probs_TE, idx_TK, w_TK)
-        entropy_T = -torch.special.xlogy(probs_TE, probs_TE).sum(dim=1).double()  # 0 log 0 = 0, no NaN
-        # top-1 / top-2 probabilities with max + masked max (topk is several times slower on CPU)
-        p1_T, i1_T = probs_TE.max(dim=1)
-        p2_T = probs_TE.scatter(1, i1_T[:, None], -1.0).max(dim=1).values if E > 1 else torch.zeros_like(p1_T)
-        conf_T = p1_T.double()
-        margin_T = conf_T - p2_T.double()
+        """Add T already-filtered (valid) rows of one layer slot."""
+        self.update_layers(
+            [slot], ids_T, probs_TE[None], topk_idx_TK[None], topk_w_TK[None],
+            None if choices_T2 is None else choices_T2[None],
+        )
 
+    def update_layers(
+        self,
+        slots: Sequence[int],
+        ids_T: torch.Tensor,
+        probs_LTE: torch.Tensor,
+        topk_idx_LTK: torch.Tensor,
+        topk_w_LTK: torch.Tensor,
+        choices_LT2: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """Add the same T valid tokens as routed by several layer slots, in one set of tensor ops.
+
+        All layers of a forward see the same tokens, so the unique ids, the per-token batch moments
+        and every scatter run once over (layers x tokens) with flat indices slot * V + id.
+        Returns the (L, T) top-k set ids when sets are counted (reused by the pair table).
+        """
+        if ids_T.numel() == 0:
+            return None
+        t = self.tensors
+        dev, V, E = self.device, self.vocab_size, self.num_experts
+        Lb, T = probs_LTE.shape[0], ids_T.shape[0]
+        slot_L = torch.as_tensor(list(slots), dtype=torch.long, device=dev)
+        ids_T = ids_T.to(dev).long()  # out-of-range ids fail in index_add_ (no device sync here)
+        probs_LTE = probs_LTE.to(dev).float()
+        idx_LTK = topk_idx_LTK.to(dev).long()
+        w_LTK = topk_w_LTK.to(dev).double()
+        if choices_LT2 is None:
+            choices_LT2 = ranked_choices(probs_LTE.reshape(Lb * T, E), idx_LTK.reshape(Lb * T, -1),
+                                         w_LTK.reshape(Lb * T, -1)).reshape(Lb, T, 2)
+        # entropy in nats; the clamp makes 0 log 0 = 0 (no NaN), p < 1e-30 contributes < 1e-28
+        entropy_LT = -(probs_LTE * probs_LTE.clamp_min(1e-30).log()).sum(dim=2).double()
+        p1_LT, p2_LT = top2_probabilities(probs_LTE)
+        conf_LT = p1_LT.double()
+        margin_LT = conf_LT - p2_LT.double()
+
+        # Welford: per (layer, unique id) batch mean and M2, then Chan's combination with the state
         uniq_U, inv_T = torch.unique(ids_T, return_inverse=True)
-        n_b = torch.bincount(inv_T, minlength=uniq_U.numel()).double()[:, None]
-        n_a = t["count_LV"][slot].index_select(0, uniq_U).double()[:, None]
-        # both Welford moments at once: column 0 entropy, column 1 confidence
-        x_T2 = torch.stack([entropy_T, conf_T], dim=1)
-        mean_b = x_T2.new_zeros(n_b.shape[0], 2).index_add_(0, inv_T, x_T2) / n_b
-        m2_b = x_T2.new_zeros(n_b.shape[0], 2).index_add_(0, inv_T, (x_T2 - mean_b.index_select(0, inv_T)) ** 2)
+        U = uniq_U.numel()
+        row_LT = (torch.arange(Lb, device=dev)[:, None] * U + inv_T[None, :]).reshape(-1)  # into (L*U)
+        state_LU = (slot_L[:, None] * V + uniq_U[None, :]).reshape(-1)  # into the flat (L*V) state
+        n_b = torch.bincount(inv_T, minlength=U).double().repeat(Lb)[:, None]
+        n_a = t["count_LV"].view(-1).index_select(0, state_LU).double()[:, None]
+        x_R2 = torch.stack([entropy_LT.reshape(-1), conf_LT.reshape(-1)], dim=1)  # col 0 entropy, col 1 confidence
+        mean_b = x_R2.new_zeros(Lb * U, 2).index_add_(0, row_LT, x_R2) / n_b
+        m2_b = x_R2.new_zeros(Lb * U, 2).index_add_(0, row_LT, (x_R2 - mean_b.index_select(0, row_LT)) ** 2)
         names = [(f"mean_{n}_LV", f"m2_{n}_LV") for n in _WELFORD]
-        mean_a = torch.stack([t[m][slot].index_select(0, uniq_U) for m, _ in names], dim=1)
-        m2_a = torch.stack([t[m2][slot].index_select(0, uniq_U) for _, m2 in names], dim=1)
+        mean_a = torch.stack([t[m].view(-1).index_select(0, state_LU) for m, _ in names], dim=1)
+        m2_a = torch.stack([t[m2].view(-1).index_select(0, state_LU) for _, m2 in names], dim=1)
         mean, m2 = chan_combine(n_a, mean_a, m2_a, n_b, mean_b, m2_b)
         for j, (m, m2_name) in enumerate(names):
-            t[m][slot].index_copy_(0, uniq_U, mean[:, j])
-            t[m2_name][slot].index_copy_(0, uniq_U, m2[:, j])
-        t["count_LV"][slot].index_add_(0, ids_T, torch.ones_like(ids_T))
-        t["sum_margin_LV"][slot].index_add_(0, ids_T, margin_T)
-        flat_TK = ids_T[:, None] * E + idx_TK
-        t["topk_LVE"][slot].view(-1).index_add_(0, flat_TK.reshape(-1), torch.ones_like(flat_TK).reshape(-1))
-        t["topk_w_LVE"][slot].view(-1).index_add_(0, flat_TK.reshape(-1), w_TK.reshape(-1))
-        top1_T = ids_T * E + choices_T2[:, 0].to(self.device)
-        t["top1_LVE"][slot].view(-1).index_add_(0, top1_T, torch.ones_like(top1_T))
-        if self.exact_sets:
-            set_T = ids_T * self.num_sets + encode_sets(idx_TK, self._binom)
-            t["set_LVS"][slot].view(-1).index_add_(0, set_T, torch.ones_like(set_T))
+            t[m].view(-1).index_copy_(0, state_LU, mean[:, j].contiguous())
+            t[m2_name].view(-1).index_copy_(0, state_LU, m2[:, j].contiguous())
+
+        flat_LT = slot_L[:, None] * V + ids_T[None, :]  # (L, T) into the flat (L*V) state
+        ones = torch.ones(Lb * T * max(idx_LTK.shape[2], 1), dtype=torch.long, device=dev)
+        t["count_LV"].view(-1).index_add_(0, flat_LT.reshape(-1), ones[: Lb * T])
+        t["sum_margin_LV"].view(-1).index_add_(0, flat_LT.reshape(-1), margin_LT.reshape(-1))
+        flat_LTK = (flat_LT[..., None] * E + idx_LTK).reshape(-1)
+        t["topk_LVE"].view(-1).index_add_(0, flat_LTK, ones[: flat_LTK.numel()])
+        t["topk_w_LVE"].view(-1).index_add_(0, flat_LTK, w_LTK.reshape(-1))
+        top1 = (flat_LT * E + choices_LT2[..., 0].to(dev)).reshape(-1)
+        t["top1_LVE"].view(-1).index_add_(0, top1, ones[: Lb * T])
+        if not self.exact_sets:
+            return None
+        set_LT = encode_sets(idx_LTK.reshape(Lb * T, -1), self._binom).reshape(Lb, T)
+        t["set_LVS"].view(-1).index_add_(0, (flat_LT * self.num_sets + set_LT).reshape(-1), ones[: Lb * T])
+        return set_LT
 
     def update_consecutive(self, slot: int, choices_T2: torch.Tensor, prev_choices_T2: torch.Tensor) -> None:
-        """Count consecutive pairs (rows whose previous token's choices are given, -1 = none)."""
-        has_T = prev_choices_T2[:, 0] >= 0
-        cur, prev = choices_T2[has_T].to(self.device), prev_choices_T2[has_T].to(self.device)
-        self.tensors["pairs_L"][slot] += cur.shape[0]
-        self.tensors["same_top1_L"][slot] += (cur[:, 0] == prev[:, 0]).sum()
-        self.tensors["in_top2_L"][slot] += (cur[:, :1] == prev).any(dim=1).sum()
-        self.tensors["share_top2_L"][slot] += (cur[:, :, None] == prev[:, None, :]).any(dim=2).any(dim=1).sum()
+        """Count consecutive pairs of one slot (rows whose previous token's choices are given, -1 = none)."""
+        self.update_consecutive_layers([slot], choices_T2[None], prev_choices_T2[None])
+
+    def update_consecutive_layers(self, slots: Sequence[int], choices_LT2: torch.Tensor, prev_LT2: torch.Tensor) -> None:
+        """Consecutive-pair counts of several slots; rows with prev (-1, -1) have no previous token."""
+        slot_L = torch.as_tensor(list(slots), dtype=torch.long, device=self.device)
+        cur, prev = choices_LT2.to(self.device), prev_LT2.to(self.device)
+        has_LT = prev[..., 0] >= 0
+        same = (cur[..., 0] == prev[..., 0]) & has_LT
+        in2 = (cur[..., :1] == prev).any(dim=2) & has_LT
+        share = (cur[..., :, None] == prev[..., None, :]).any(dim=3).any(dim=2) & has_LT
+        for key, hit_LT in (("pairs_L", has_LT), ("same_top1_L", same), ("in_top2_L", in2), ("share_top2_L", share)):
+            self.tensors[key].index_add_(0, slot_L, hit_LT.sum(dim=1))
 
     # -- merge / state ------------------------------------------------------------------------
     def _check_compatible(self, other: "StreamingTokenStats") -> None:
