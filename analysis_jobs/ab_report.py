@@ -158,6 +158,10 @@ def markdown(results: dict) -> str:
     for layer, s in sorted(tiers["var_perplexity_pass"]["per_layer"].items(), key=lambda kv: int(kv[0])):
         lines.append(f"| {layer} | {_pct(s['fast'])} | {_pct(s['cached'])} | {_pct(s['learned'])} | {s['decisions']:,.0f} |")
     ver = results["verification"]
+    if not ver["under_load"]["checks"] and not ver["var_perplexity_pass"]["checks"]:
+        shadow = ((results.get("var_status") or {}).get("var") or {}).get("config", {}).get("shadow_rate")
+        lines += ["", f"No verification checks ran: the served VAR configuration has shadow_rate = {shadow} "
+                  "(verification of fast/cached decisions against the learned router is off), so agreement is n/a."]
     lines += ["", f"Verification agreement under load: {_pct(ver['under_load']['agreement'])} of "
               f"{ver['under_load']['checks']:,.0f} checks; in the perplexity pass: {_pct(ver['var_perplexity_pass']['agreement'])} "
               f"of {ver['var_perplexity_pass']['checks']:,.0f} (outcomes {ver['var_perplexity_pass']['counts']}).", "",
