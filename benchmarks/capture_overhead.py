@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -164,7 +165,15 @@ def markdown(res: dict) -> str:
     for row in m:
         lines.append(f"| {row['batches']} batches | {row['tokens']} | {row['peak_bytes'] / 2**20:.1f} MiB | "
                      f"{row['stats_state_bytes'] / 2**20:.2f} MiB | {row['pair_table_bytes'] / 2**20:.2f} MiB |")
-    lines.append("")
+    lines += [
+        "",
+        "Peak memory is the whole process (model, torch, tokenizer); the statistics state is fixed at",
+        "L x V x (E-sized counts + top-k set counts) and does not grow with tokens. The pair table grows",
+        "with the number of distinct (previous, token) pairs seen, up to its capacity (default 2M keys per",
+        "layer, 48 MiB), after which lossy counting keeps it bounded. "
+        f"Load average during the run: {res['load_average']}.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -201,6 +210,7 @@ def main() -> int:
     res = {"model": desc, "device": args.device, "machine": f"{platform.machine()}, {torch.get_num_threads()} thread(s)",
            "command": "python " + " ".join(["benchmarks/capture_overhead.py", *sys.argv[1:]])}
     res["throughput"] = throughput(model_dir, dataset, args)
+    res["load_average"] = " / ".join(f"{x:.1f}" for x in os.getloadavg()) + f" on {os.cpu_count()} cores"
     res["memory"] = []
     for n in (max(1, args.batches // 2), 2 * args.batches):
         cmd = [sys.executable, __file__, "--memory-probe", str(n), "--model", model_dir, "--dataset", dataset,
