@@ -7,12 +7,14 @@ OUT=results/phase2
 N=${N:-128}          # test sequences per evaluation (256 tokens each)
 THREADS=${THREADS:-1}
 mkdir -p "$OUT"
-STATS=$OUT/routing_stats_calibration.parquet
+STATS=models/reference-moe/routing_stats_calibration.parquet  # committed: the server loads it by default
 [ -f "$STATS" ] || varmoe capture --split calibration --threads "$THREADS" --output "$STATS" --no-progress  # whole split
 python -m benchmarks.router_share --threads "$THREADS" --output "$OUT/router_share.json"
 for p in conservative balanced aggressive; do
   varmoe build-tables --routing-stats "$STATS" --preset "$p" --output "$OUT/tables_$p.safetensors"
 done
+cp "$OUT/tables_balanced.safetensors" models/reference-moe/var_tables.safetensors
+cp "$OUT/tables_balanced.json" models/reference-moe/var_tables.json
 EV="varmoe evaluate --split test --num-samples $N --max-per-doc 1 --threads $THREADS --repeats 3"
 $EV --mode baseline --output "$OUT/baseline.json"
 for p in conservative balanced aggressive; do
@@ -20,8 +22,10 @@ for p in conservative balanced aggressive; do
 done
 $EV --mode var --tables "$OUT/tables_balanced.safetensors" --preset balanced --weights-source learned --output "$OUT/var_balanced_learned_weights.json"
 $EV --mode var --tables "$OUT/tables_balanced.safetensors" --preset balanced --adaptive-k --output "$OUT/var_balanced_adaptive_k.json"
-$EV --mode var --tables "$OUT/tables_aggressive.safetensors" --preset aggressive --adaptive-k --adaptive-k-min-weight 0.8 --output "$OUT/var_aggressive_adaptive_k.json"
-for f in conservative balanced aggressive balanced_learned_weights balanced_adaptive_k aggressive_adaptive_k; do
+$EV --mode var --tables "$OUT/tables_balanced.safetensors" --preset balanced --no-cache --output "$OUT/var_balanced_no_cache.json"
+$EV --mode var --tables "$OUT/tables_aggressive.safetensors" --preset aggressive --adaptive-k --adaptive-k-min-weight 0.8 --output "$OUT/var_aggressive_adaptive_k08.json"
+$EV --mode var --tables "$OUT/tables_aggressive.safetensors" --preset aggressive --adaptive-k --adaptive-k-min-weight 0.7 --output "$OUT/var_aggressive_adaptive_k07.json"
+for f in conservative balanced aggressive balanced_learned_weights balanced_adaptive_k balanced_no_cache aggressive_adaptive_k08 aggressive_adaptive_k07; do
   varmoe compare "$OUT/baseline.json" "$OUT/var_$f.json" --json "$OUT/compare_$f.json" | tee "$OUT/compare_$f.txt"
 done
 python -m benchmarks.var_phase2_table $OUT/baseline.json $OUT/var_*.json | tee $OUT/summary.md

@@ -65,6 +65,7 @@ class VARModelWrapper:
             self.routers[m.layer] = VARRouter(self.originals[m.layer], m.layer, self.adapter, self.config, table,
                                               tokens=lambda: self.tracker.current, on_tiers=self._on_tiers, **kwargs)
         self._installed = False
+        self._ep_flags: dict[int, bool] = {}
         self.install()
 
     # -- patching --------------------------------------------------------------------------------
@@ -74,6 +75,12 @@ class VARModelWrapper:
         self.tracker.attach()
         for m in self.moe_layers:
             setattr(m.block, m.router_attr, self.routers[m.layer])
+            if self.config.adaptive_k and hasattr(m.experts, "_is_expert_parallel"):
+                # Index E (the empty slot) is skipped by the eager experts, but the grouped_mm /
+                # batched_mm kernels only mask such sentinel rows when this flag is set; without it
+                # they leave them uninitialised (NaN * 0 = NaN). Set while VAR is installed.
+                self._ep_flags[m.layer] = m.experts._is_expert_parallel
+                m.experts._is_expert_parallel = True
         self._installed = True
 
     def restore(self) -> None:
@@ -82,6 +89,8 @@ class VARModelWrapper:
             return
         for m in self.moe_layers:
             setattr(m.block, m.router_attr, self.originals[m.layer])
+            if m.layer in self._ep_flags:
+                m.experts._is_expert_parallel = self._ep_flags.pop(m.layer)
         self.tracker.detach()
         self._installed = False
 
