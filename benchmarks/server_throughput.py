@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16, help="the server's max batch size")
     p.add_argument("--clients", default="1,4,16")
-    p.add_argument("--requests", type=int, default=32, help="requests per load level (split over the clients)")
+    p.add_argument("--requests-per-client", type=int, default=6, help="requests each client sends per load level")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3, help="median of this many runs per measurement")
     p.add_argument("--modes", default="baseline,var", help="server modes to measure (var needs VAR tables)")
@@ -164,8 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             lambda: in_process(model, tok, texts, b, args.new_tokens, max(1, 4 // b)), args.repeats)
         print(f"in-process generate batch {b}: {results['in_process'][b]['tokens_per_s']:.0f} tokens/s", flush=True)
 
-    srv = ServerProcess(args.model, args=["--max-batch-size", str(args.batch_size), "--max-wait-ms", "5",
-                                          "--max-queue", "256"], threads=args.threads,
+    srv = ServerProcess(args.model, args=["--max-batch-size", str(args.batch_size), "--max-queue", "256"], threads=args.threads,
                         log_path=out.with_suffix(".server.log")).wait_ready(300)
     try:
         var_ok = httpx.get(srv.url + "/readyz").json()["var_available"]
@@ -176,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             send = varmoe_sender(srv.url, args.new_tokens, var=(mode == "var"))
             send(texts[0])  # warm-up
             for c in levels:
-                r = median_run(lambda: run_load(send, c, max(1, args.requests // c), texts), args.repeats)
+                r = median_run(lambda: run_load(send, c, args.requests_per_client, texts), args.repeats)
                 results["server"].setdefault(mode, {})[c] = r
                 print(f"server {mode} {c:2d} clients: {r['tokens_per_s']:.0f} tokens/s", flush=True)
     finally:
@@ -193,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                 send = cb_sender(url, args.model, args.new_tokens, tok)
                 send(texts[0])
                 for c in levels:
-                    r = median_run(lambda: run_load(send, c, max(1, args.requests // c), texts), args.repeats)
+                    r = median_run(lambda: run_load(send, c, args.requests_per_client, texts), args.repeats)
                     results["transformers_cb"][c] = r
                     print(f"transformers serve CB {c:2d} clients: {r['tokens_per_s']:.0f} tokens/s", flush=True)
             except httpx.HTTPError as exc:

@@ -1,8 +1,10 @@
 """The engine: one thread owns the model; requests wait in a bounded queue and run in dynamic batches.
 
 The HTTP side calls `submit(jobs)` from the event loop; the engine thread takes the oldest job,
-waits up to `max_wait_ms` (counted from that job's arrival) for more jobs of the same VAR mode,
-and runs up to `max_batch_size` of them through `BatchDecoder` (decode.py). Every batch runs in
+waits up to `max_wait_ms` (counted from that job's arrival) until the clients of the batch that
+just finished are back (closed-loop clients return together but not in the same millisecond;
+a lone client never waits), and runs up to
+`max_batch_size` of them through `BatchDecoder` (decode.py). Every batch runs in
 one mode: a pinned request (`var: true|false`) runs in its mode, the others in the mode current
 when the batch forms; `set_var()` only changes what later batches use, so a toggle lands between
 batches. Control actions (capture start/stop/export) also run on this thread between batches,
@@ -109,6 +111,8 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.var_mode = runtime.var_active  # the mode new batches get
+        self._returning = 0  # rows of the batch that just finished: clients likely to send again soon
+        self._last_batch_end = 0.0
         self.batches_run = 0
         self.last_batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)
         metrics.var_enabled.set(int(self.var_mode))
@@ -205,11 +209,18 @@ class Engine:
             if not self._pending:
                 return [], ""
             mode = self._mode_of(self._pending[0])
-            wait_until = self._pending[0].enqueued_at + self.max_wait_s
+            # counted from the oldest job's arrival, or from the end of the last batch for its clients
+            wait_until = max(self._pending[0].enqueued_at, self._last_batch_end) + self.max_wait_s
+            # Wait for the clients of the batch that just finished: closed-loop clients send their next
+            # request right after an answer, but the requests trickle in over some milliseconds. Without
+            # this, a batch splits into cohorts that never merge again. A lone client never waits.
+            queued = sum(1 for j in self._pending if self._mode_of(j) == mode)
+            target = min(self.max_batch_size, queued + self._returning)
+            self._returning = 0
             while not self._stopping and not self._controls:
                 ready = sum(1 for j in self._pending if self._mode_of(j) == mode)
                 remaining = wait_until - time.monotonic()
-                if ready >= self.max_batch_size or remaining <= 0:
+                if ready >= target or remaining <= 0:
                     break
                 self._cond.wait(remaining)
             batch, keep = [], collections.deque()
@@ -256,6 +267,7 @@ class Engine:
                                            time.monotonic() - job.enqueued_at, {}, error=f"{type(exc).__name__}: {exc}"))
             return
         now = time.monotonic()
+        self._returning, self._last_batch_end = len(jobs), now
         for job, st, row_tiers in zip(jobs, dec.state, rows):
             ttft = None if job.first_token_at is None else job.first_token_at - job.enqueued_at
             job.post("done", JobResult(st, mode, len(job.spec.prompt_ids), started - job.enqueued_at, ttft,

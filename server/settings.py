@@ -41,7 +41,7 @@ class ServerSettings(BaseSettings):
     admin_token: SecretStr | None = Field(None, description="Bearer token for admin endpoints; none = refuse")
     # -- batching and limits -----------------------------------------------------------------
     max_batch_size: int = Field(8, ge=1, le=256)
-    max_wait_ms: float = Field(5.0, ge=0, le=10_000)
+    max_wait_ms: float = Field(50.0, ge=0, le=10_000, description="longest wait for the previous batch's row count")
     max_queue: int = Field(64, ge=1, description="waiting requests beyond this get 429")
     request_timeout_s: float = Field(120.0, gt=0)
     max_prompt_tokens: int = Field(1024, ge=1, description="capped by the model's context length")
