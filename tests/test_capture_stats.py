@@ -175,3 +175,21 @@ def test_many_experts_fall_back_to_expert_counts():
         assert row.frequency == sum(c.values())
         members = Counter(e for s, n in c.items() for e in s for _ in range(n))
         assert dict(zip(row.key_ids.tolist(), row.key_counts.tolist())) == {**members, 16: sum(c.values())}
+
+
+def test_layer_by_layer_update_equals_batched_update():
+    """`update` per slot and `update_layers` for all slots at once give identical state."""
+    from var_moe.capture.streaming_stats import StreamingTokenStats
+
+    g = torch.Generator().manual_seed(0)
+    L, T, V, E, K = 3, 50, 20, 6, 2
+    ids = torch.randint(0, V, (T,), generator=g)
+    probs = torch.softmax(torch.randn(L, T, E, generator=g), dim=2)
+    w, idx = probs.topk(K, dim=2)
+    one, many = StreamingTokenStats(L, V, E, K), StreamingTokenStats(L, V, E, K)
+    for step in range(2):  # two steps so the Chan combination with a non-empty state is exercised
+        for slot in range(L):
+            one.update(slot, ids, probs[slot], idx[slot], w[slot])
+        many.update_layers(list(range(L)), ids, probs, idx, w)
+    for key, value in one.tensors.items():
+        torch.testing.assert_close(many.tensors[key], value, rtol=0, atol=1e-12)

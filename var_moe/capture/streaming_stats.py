@@ -17,8 +17,10 @@ model's device; nothing grows with the number of tokens. Held per MoE layer slot
                                     paper's Table 5: pairs, same first choice, first choice in the
                                     previous token's top-2, top-2 sets sharing any expert.
 
-A batch updates the Welford state with Chan's formula: the batch's per-token mean and M2 are
-computed with `index_add_` over the unique ids, then combined with the running state. `merge`
+A forward updates the Welford state with Chan's formula: the batch's per-token mean and M2 are
+computed with `index_add_` over the unique ids, then combined with the running state. All layers
+of one forward see the same tokens, so `update_layers` folds them in with one set of tensor ops
+(flat indices slot * V + id); `update` is the one-layer form. `merge`
 uses the same formula, so shards merge exactly (counts bit-exact, floats to rounding).
 
 "First choice" is the chosen expert with the largest routing weight (what the experts actually
