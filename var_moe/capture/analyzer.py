@@ -13,6 +13,10 @@ A server can accumulate statistics from its own forwards, `generate()` decode st
 Consecutive-token pairs cross forwards only where the tracker says the sequence continues (a
 decode step); the previous token's choices are carried per batch row for that.
 
+Each layer's hook only keeps its (valid rows of the) decision; when the last tracked layer of a
+forward has run, all layers are folded into the statistics with one vectorized update
+(`flush_pending`, also called by every reader, `detach` and the end of `capturing`).
+
 Test: `pytest tests/test_capture_stats.py`.
 """
 
