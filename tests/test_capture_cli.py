@@ -50,9 +50,16 @@ def test_bad_flags_exit_2_naming_the_flag(toy, tmp_path, capsys, flag, value):
     assert flag.lstrip("-").split("-")[0] in capsys.readouterr().err
 
 
-def test_server_flag_is_a_clear_error(toy, tmp_path, capsys):
-    assert main(base(toy, tmp_path / "x.parquet") + ["--server", "http://localhost:8000"]) == 2
-    assert "--server" in capsys.readouterr().err
+def test_unreachable_server_is_a_clear_error(toy, tmp_path, capsys, monkeypatch):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("VARMOE_ADMIN_TOKEN", "t")
+    assert main(base(toy, tmp_path / "x.parquet") + ["--server", f"http://127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err
+    assert "--server" in err and "cannot reach" in err and "Traceback" not in err
 
 
 def test_missing_model_is_a_clear_error(tmp_path, capsys):

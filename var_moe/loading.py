@@ -49,7 +49,8 @@ class LoadSpec:
             raise ValueError(f"--quantization must be one of 4bit, 8bit or none, got {self.quantization!r}")
 
 
-def _resolve_device(device: str) -> str:
+def resolve_device(device: str) -> str:
+    """cpu | cuda | auto -> the device to use here ('auto' and no GPU -> cpu; 'cuda' and no GPU -> error)."""
     if device in ("cuda", "auto") and not torch.cuda.is_available():
         if device == "cuda":
             raise ModelLoadError("--device cuda was asked for but no CUDA device is available")
@@ -95,7 +96,7 @@ def load_model(spec: LoadSpec | str | None = None, **overrides: Any) -> tuple[An
         spec = LoadSpec(path=str(spec or REFERENCE_MODEL_DIR), **overrides)
     elif overrides:
         spec = LoadSpec(**{**spec.__dict__, **overrides})
-    device = _resolve_device(spec.device)
+    device = resolve_device(spec.device)
     kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code, "dtype": DTYPES[spec.dtype]}
     if spec.experts_implementation:
         kwargs["experts_implementation"] = spec.experts_implementation

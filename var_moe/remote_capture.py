@@ -64,7 +64,11 @@ def capture_via_server(url: str, admin_token: str | None, tokenizer: Any, output
     headers = {"Authorization": f"Bearer {admin_token}"}
     sent_seqs = sent_tokens = 0
     with httpx.Client(base_url=url.rstrip("/"), timeout=timeout_s, headers=headers) as client:
-        _check(client.get("/readyz"), "GET /readyz")
+        try:
+            ready = client.get("/readyz")
+        except httpx.TransportError as exc:
+            raise RemoteCaptureError(f"--server {url}: cannot reach the server ({type(exc).__name__}: {exc})") from exc
+        _check(ready, "GET /readyz")
         _check(client.post("/admin/capture/start"), "POST /admin/capture/start")
         try:
             batch: list[list[int]] = []

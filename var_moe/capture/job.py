@@ -92,14 +92,14 @@ def load_for_capture(config: CaptureConfig) -> tuple[Any, Any]:
         return load_model(LoadSpec(path=config.model, dtype=config.dtype, device=config.device))
     from transformers import AutoModelForCausalLM
 
-    from ..loading import DTYPES, _resolve_device
+    from ..loading import DTYPES, resolve_device
 
     torch.manual_seed(config.seed)
     model = AutoModelForCausalLM.from_config(load_config(config.model))
     dtype = DTYPES[config.dtype]
     if dtype != "auto":
         model.to(dtype)
-    model.to(_resolve_device(config.device)).eval()
+    model.to(resolve_device(config.device)).eval()
     return model, load_tokenizer(config.model)
 
 
