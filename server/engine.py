@@ -214,8 +214,9 @@ class Engine:
             # Wait for the clients of the batch that just finished: closed-loop clients send their next
             # request right after an answer, but the requests trickle in over some milliseconds. Without
             # this, a batch splits into cohorts that never merge again. A lone client never waits.
-            queued = sum(1 for j in self._pending if self._mode_of(j) == mode)
-            target = min(self.max_batch_size, queued + self._returning)
+            # jobs that were already waiting when the last batch ended, plus that batch's clients
+            earlier = sum(1 for j in self._pending if self._mode_of(j) == mode and j.enqueued_at < self._last_batch_end)
+            target = min(self.max_batch_size, earlier + self._returning)
             self._returning = 0
             while not self._stopping and not self._controls:
                 ready = sum(1 for j in self._pending if self._mode_of(j) == mode)
