@@ -114,3 +114,19 @@ def test_tables_from_real_capture_route_like_the_router():
     assert members
     for t in members:
         assert sub.loc[t, "modal_set_count"] / sub.loc[t, "frequency"] >= float(tables[0].bound_V[t])
+
+
+def test_committed_reference_tables_fit_the_committed_model(reference_model_dir):
+    """The server loads models/reference-moe/var_tables.safetensors by default: it must match the
+    committed model (a retrained model changes the router fingerprint and is refused)."""
+    from var_moe.loading import load_model
+
+    path = reference_model_dir / "var_tables.safetensors"
+    if not path.exists():
+        pytest.skip("no committed VAR tables next to the reference model")
+    model, _ = load_model(reference_model_dir)
+    tables = VARTables.load(path, model)
+    assert tables.metadata["source_split"] == "calibration"
+    assert sum(tables.sizes().values()) > 0
+    for layer, t in tables.layers.items():  # every entry states a bound at or above its target
+        assert bool((t.bound_V[t.member_V] >= tables.metadata["config"]["target_agreement"]).all())
