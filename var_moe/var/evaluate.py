@@ -117,7 +117,7 @@ def _timed(model: Any, b: EvalBatch, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def _latency(seconds: list[float], tokens: int, repeats: int) -> dict[str, Any]:
+def _latency(seconds: list[float]) -> dict[str, Any]:
     ms = np.asarray(seconds) * 1000
     return {"p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95)), "p99": float(np.percentile(ms, 99)),
             "unit": "ms per batch forward", "samples": len(ms)}
@@ -225,7 +225,7 @@ def _ppl_block(nll: np.ndarray, cnt: np.ndarray) -> dict[str, Any]:
 def _tput(tokens: int, per_rep: list[float], lat: list[float], repeats: int, warmup: int) -> dict[str, Any]:
     med = statistics.median(per_rep)
     return {"tokens_per_second": tokens / med, "seconds_per_pass_median": med, "seconds_per_pass": per_rep,
-            "repeats": repeats, "warmup_batches": warmup, "latency": _latency(lat, tokens, repeats)}
+            "repeats": repeats, "warmup_batches": warmup, "latency": _latency(lat)}
 
 
 def _agreement(overall: dict[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ calls the original module with the original input, so routing is exactly the ori
 `suspended()` is a context manager that takes VAR out completely (original modules, no hooks) for
 timing the unmodified model in the same process. Counters (per layer: tier counts, cache hits,
 shadow agreement) live on device in each router; per-batch-row tier counts for the server are in
-`row_tier_counts()`. Test: `pytest tests/test_var_wrapper.py tests/test_var_exact.py`.
+`row_tier_counts()`. Test: `pytest tests/test_var_exact.py tests/test_var_router.py`.
 """
 
 from __future__ import annotations
