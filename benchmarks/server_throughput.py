@@ -5,6 +5,8 @@ in-process `generate()` at batch 1 and at the server's batch size, and `transfor
 Every client sends greedy requests of `--new-tokens` new tokens (prompts: the first lines of
 var_moe's source files) back to back; tokens/s = generated tokens / wall time of the whole load.
 All contenders get one torch thread (`--threads`), so the numbers compare the serving, not the cores.
+Contenders are interleaved (each repeat runs every one of them once) and the median is reported,
+because the machine is shared and its load drifts during a run.
 
 Run:  python benchmarks/server_throughput.py                       (reference model)
       python benchmarks/server_throughput.py --model DIR --skip-cb --out runs/bench.json
@@ -49,14 +51,6 @@ def run_load(send, clients: int, requests_per_client: int, texts: list[str]) -> 
     wall = time.perf_counter() - t0
     return {"clients": clients, "requests": clients * requests_per_client, "tokens": tokens, "wall_s": wall,
             "tokens_per_s": tokens / wall}
-
-
-def median_run(fn, repeats: int) -> dict:
-    """Run fn() `repeats` times; the run with the median tokens/s, plus every repeat's tokens/s."""
-    runs = sorted((fn() for _ in range(repeats)), key=lambda r: r["tokens_per_s"])
-    mid = dict(runs[len(runs) // 2])
-    mid["repeats_tokens_per_s"] = [round(r["tokens_per_s"], 1) for r in runs]
-    return mid
 
 
 def varmoe_sender(url: str, new_tokens: int, var: bool):
@@ -124,7 +118,7 @@ def summarize(results: dict, levels: list[int]) -> dict:
     """The three goals: overhead at 1 client, 16-client scaling, server vs transformers serve CB."""
     out: dict = {}
     base1 = results["in_process"][1]["tokens_per_s"]
-    cb = results["transformers_cb"]
+    cb = {k: v for k, v in results["transformers_cb"].items() if k != "error"}
     for mode, by_level in results["server"].items():
         lo, hi = by_level[levels[0]]["tokens_per_s"], by_level[levels[-1]]["tokens_per_s"]
         out[mode] = {
@@ -158,14 +152,14 @@ def main(argv: list[str] | None = None) -> int:
                      "batch_size": args.batch_size, "server": {}, "in_process": {}, "transformers_cb": {}}
 
     model, tok = load_model(args.model, dtype="float32")
+    # contender name -> (where in results, function returning one measurement)
+    runs: dict[tuple, object] = {}
     for b in (1, args.batch_size):
         in_process(model, tok, texts, b, 4, 1)  # warm-up
-        results["in_process"][b] = median_run(
-            lambda: in_process(model, tok, texts, b, args.new_tokens, max(1, 4 // b)), args.repeats)
-        print(f"in-process generate batch {b}: {results['in_process'][b]['tokens_per_s']:.0f} tokens/s", flush=True)
-
-    srv = ServerProcess(args.model, args=["--max-batch-size", str(args.batch_size), "--max-queue", "256"], threads=args.threads,
-                        log_path=out.with_suffix(".server.log")).wait_ready(300)
+        runs[("in_process", b)] = lambda b=b: in_process(model, tok, texts, b, args.new_tokens, max(1, 4 // b))
+    srv = ServerProcess(args.model, args=["--max-batch-size", str(args.batch_size), "--max-queue", "256"],
+                        threads=args.threads, log_path=out.with_suffix(".server.log")).wait_ready(300)
+    cb_proc = None
     try:
         var_ok = httpx.get(srv.url + "/readyz").json()["var_available"]
         for mode in args.modes.split(","):
@@ -175,32 +169,37 @@ def main(argv: list[str] | None = None) -> int:
             send = varmoe_sender(srv.url, args.new_tokens, var=(mode == "var"))
             send(texts[0])  # warm-up
             for c in levels:
-                r = median_run(lambda: run_load(send, c, args.requests_per_client, texts), args.repeats)
-                results["server"].setdefault(mode, {})[c] = r
-                print(f"server {mode} {c:2d} clients: {r['tokens_per_s']:.0f} tokens/s", flush=True)
-    finally:
-        srv.stop()
-
-    if not args.skip_cb:
-        try:
-            proc, url = start_cb_server(args.model, args.threads, out.with_suffix(".cb.log"))
-        except (RuntimeError, TimeoutError, OSError) as exc:
-            results["transformers_cb"] = {"error": str(exc)[-500:]}
-            print(f"transformers serve: {exc}", flush=True)
-        else:
+                runs[("server", mode, c)] = lambda send=send, c=c: run_load(send, c, args.requests_per_client, texts)
+        if not args.skip_cb:
             try:
+                cb_proc, url = start_cb_server(args.model, args.threads, out.with_suffix(".cb.log"))
                 send = cb_sender(url, args.model, args.new_tokens, tok)
                 send(texts[0])
                 for c in levels:
-                    r = median_run(lambda: run_load(send, c, args.requests_per_client, texts), args.repeats)
-                    results["transformers_cb"][c] = r
-                    print(f"transformers serve CB {c:2d} clients: {r['tokens_per_s']:.0f} tokens/s", flush=True)
-            except httpx.HTTPError as exc:
-                results["transformers_cb"]["error"] = str(exc)
-                print(f"transformers serve failed under load: {exc}", flush=True)
-            finally:
-                proc.terminate()
-                proc.wait(30)
+                    runs[("transformers_cb", c)] = lambda send=send, c=c: run_load(send, c, args.requests_per_client, texts)
+            except (RuntimeError, TimeoutError, OSError, httpx.HTTPError) as exc:
+                results["transformers_cb"] = {"error": str(exc)[-500:]}
+                print(f"transformers serve: {exc}", flush=True)
+        # Interleave: every repeat runs every contender once, so load drift on a shared machine hits all alike.
+        measured: dict[tuple, list[dict]] = {key: [] for key in runs}
+        for rep in range(args.repeats):
+            for key, fn in runs.items():
+                measured[key].append(fn())
+                print(f"repeat {rep + 1}: {' '.join(map(str, key))}: {measured[key][-1]['tokens_per_s']:.0f} tokens/s",
+                      flush=True)
+        for key, values in measured.items():
+            values.sort(key=lambda r: r["tokens_per_s"])
+            mid = dict(values[len(values) // 2])
+            mid["repeats_tokens_per_s"] = [round(r["tokens_per_s"], 1) for r in values]
+            slot = results[key[0]]
+            for part in key[1:-1]:
+                slot = slot.setdefault(part, {})
+            slot[key[-1]] = mid
+    finally:
+        srv.stop()
+        if cb_proc is not None:
+            cb_proc.terminate()
+            cb_proc.wait(30)
     results["summary"] = summarize(results, levels)
     print(json.dumps(results["summary"], indent=2))
     out.write_text(json.dumps(results, indent=2) + "\n")
