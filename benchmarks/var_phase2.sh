@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Phase 2 results on the reference model: calibration capture -> tables -> evaluations -> compare.
-# Run from the repository root:  bash benchmarks/var_phase2.sh   (about 15-25 minutes on 2 CPU cores)
+# Run from the repository root:  bash benchmarks/var_phase2.sh   (about 30 minutes on 2 CPU cores)
 # Tables are built on the calibration split and every number is measured on the test split.
 set -euo pipefail
 OUT=results/phase2
@@ -25,7 +25,10 @@ $EV --mode var --tables "$OUT/tables_balanced.safetensors" --preset balanced --a
 $EV --mode var --tables "$OUT/tables_balanced.safetensors" --preset balanced --no-cache --output "$OUT/var_balanced_no_cache.json"
 $EV --mode var --tables "$OUT/tables_aggressive.safetensors" --preset aggressive --adaptive-k --adaptive-k-min-weight 0.8 --output "$OUT/var_aggressive_adaptive_k08.json"
 $EV --mode var --tables "$OUT/tables_aggressive.safetensors" --preset aggressive --adaptive-k --adaptive-k-min-weight 0.7 --output "$OUT/var_aggressive_adaptive_k07.json"
-for f in conservative balanced aggressive balanced_learned_weights balanced_adaptive_k balanced_no_cache aggressive_adaptive_k08 aggressive_adaptive_k07; do
+$EV --mode var --tables "$OUT/tables_aggressive.safetensors" --preset aggressive --shadow-rate 0.1 --output "$OUT/var_aggressive_shadow.json"
+for f in conservative balanced aggressive balanced_learned_weights balanced_adaptive_k balanced_no_cache aggressive_adaptive_k08 aggressive_adaptive_k07 aggressive_shadow; do
   varmoe compare "$OUT/baseline.json" "$OUT/var_$f.json" --json "$OUT/compare_$f.json" | tee "$OUT/compare_$f.txt"
 done
+python -m benchmarks.var_adaptive_k --threads "$THREADS" --output "$OUT/adaptive_k_timing.json"
+python -m benchmarks.var_adaptive_k --threads "$THREADS" --experts-implementation eager --output "$OUT/adaptive_k_timing_eager.json"
 python -m benchmarks.var_phase2_table $OUT/baseline.json $OUT/var_*.json | tee $OUT/summary.md
