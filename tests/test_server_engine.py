@@ -135,3 +135,23 @@ def test_queue_bound_cancel_timeout_and_drain(runtime):
     assert eng.stop(timeout_s=30)  # drains the queued job before the thread ends
     assert time.monotonic() - t0 < 30
     assert late.first_token_at is not None
+
+
+def test_lone_client_never_waits_for_the_batch_window(runtime):
+    """max_wait_ms only holds a batch for clients of the batch that just ended; one client sending
+    requests back to back must not pay the window (here 2 s) on any of them."""
+    eng = make_engine(runtime, max_batch_size=8, max_wait_ms=2000)
+    eng.start()
+
+    async def main():
+        waits = []
+        for i in range(3):
+            (job,) = await _collect([Job(RowSpec([5, 6, 7 + i], 3), pinned_mode="baseline")])
+            eng.submit([job])
+            (res,) = await _results([job])
+            waits.append(res.queue_s)
+        return waits
+
+    waits = asyncio.run(main())
+    eng.stop()
+    assert max(waits) < 1.0, waits
