@@ -72,7 +72,9 @@ def nucleus_probs(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_p_B:
     probs_BV = torch.softmax(logits_BV / temperature_B.clamp_min(1e-6)[:, None], dim=-1)
     sorted_BV, order_BV = torch.sort(probs_BV, dim=-1, descending=True)
     mass_before_BV = torch.cumsum(sorted_BV, dim=-1) - sorted_BV
-    keep_sorted_BV = mass_before_BV < top_p_B[:, None]  # always keeps the most likely token
+    keep_sorted_BV = mass_before_BV < top_p_B[:, None]
+    # the most likely token always stays: a top_p that underflows float32 (1e-116 -> 0) would keep none
+    keep_sorted_BV[:, 0] = True
     keep_BV = torch.zeros_like(keep_sorted_BV).scatter_(1, order_BV, keep_sorted_BV)
     probs_BV = torch.where(keep_BV, probs_BV, torch.zeros_like(probs_BV))
     return probs_BV / probs_BV.sum(-1, keepdim=True)
