@@ -160,7 +160,7 @@ class VarMoeUser(HttpUser):
                     resp.failure("200 with a body that is not JSON")
                 self._finish(resp, "generate", kind, started, data=data)
             return
-        ttft, final = None, None
+        ttft, final, error = None, None, None
         with self.client.post("/v1/generate", json=body, name=name, stream=True, catch_response=True) as resp:
             if resp.status_code == 200:
                 try:
@@ -169,10 +169,12 @@ class VarMoeUser(HttpUser):
                             ttft = time.perf_counter() - started
                         if event.get("type") in ("done", "final", "end") or "timings" in event:
                             final = event
+                        elif event.get("type") == "error":  # the server ended the stream with a reason
+                            error = (event.get("error") or {}).get("type", "error")
                 except Exception as exc:  # a broken stream is a failure of this request, not of the user
                     resp.failure(f"stream broke: {type(exc).__name__}")
                 if final is None:
-                    resp.failure("stream ended without a final event")
+                    resp.failure(f"stream ended with error event: {error}" if error else "stream ended without a final event")
             self._finish(resp, "generate_stream", kind, started, ttft, final if final is not None else None)
         if ttft is not None:
             events.request.fire(request_type="TTFT", name=f"generate {kind}{self.tag}", response_time=ttft * 1000,
