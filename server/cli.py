@@ -28,7 +28,7 @@ FLAGS: dict[str, tuple[type | None, str]] = {
     "host": (str, "bind address (default 127.0.0.1)"),
     "port": (int, "port (default 8000; 0 = any free port)"),
     "max_batch_size": (int, "rows per model batch"),
-    "max_wait_ms": (float, "how long a batch waits to fill"),
+    "max_wait_ms": (float, "longest wait (ms) for the clients of the batch that just ended"),
     "max_queue": (int, "waiting requests before 429"),
     "request_timeout_s": (float, "per-request time limit"),
     "max_prompt_tokens": (int, "longest accepted prompt"),
