@@ -271,7 +271,7 @@ def create_app(settings: ServerSettings | None = None, runtime: RoutingRuntime |
         prompts = openai_compat.prompt_ids(state, body)
         state.check_max_new(body.max_tokens, "max_tokens")
         mode = state.mode_for(body.var)
-        stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+        stops = [s for s in ([body.stop] if isinstance(body.stop, str) else (body.stop or [])) if s]  # "" stops nothing
         jobs = []
         for i, ids in enumerate(prompts):
             state.check_prompt(ids, "prompt" if len(prompts) == 1 else f"prompt[{i}]", body.max_tokens, "max_tokens")

@@ -77,7 +77,7 @@ class CompletionRequest(StrictBody):
     n: Literal[1] = 1
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
     stream: Literal[False] = False
     var: bool | None = None

@@ -170,6 +170,8 @@ def test_completions_text_prompts(client):
     assert body["object"] == "text_completion" and body["usage"]["completion_tokens"] == 10
     r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 0, "echo": True, "logprobs": 0})
     assert r.json()["choices"][0]["text"].strip() == PROMPT.strip()
+    r = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, "temperature": 0, "stop": ""})
+    assert r.json()["usage"]["completion_tokens"] == 3  # an empty stop string stops nothing
 
 
 # -- VAR control ---------------------------------------------------------------------------------
@@ -251,6 +253,7 @@ BAD = [
     ("/v1/completions", {"prompt": []}, 422, "prompt"),
     ("/v1/completions", {"prompt": "x", "frequency_penalty": 1.5}, 422, "frequency_penalty"),
     ("/v1/completions", {"prompt": "x", "max_tokens": -1}, 422, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "stop": ["a"] * 17}, 422, "stop"),
 ]
 
 
