@@ -124,8 +124,18 @@ def load_model(spec: LoadSpec | str | None = None, **overrides: Any) -> tuple[An
         raise ModelLoadError(_hub_hint(spec.path)) from exc
     if "device_map" not in kwargs:
         model.to(device)
+    # result files record the model's name: keep it free of this machine's absolute paths
+    model.config._name_or_path = model.name_or_path = portable_path(spec.path)
     model.eval()
     return model, load_tokenizer(spec.path, spec.trust_remote_code)
+
+
+def portable_path(path: str | os.PathLike) -> str:
+    """A path inside this repository as a repo-relative string (what result files record), else unchanged."""
+    try:
+        return Path(path).resolve().relative_to(REPO_ROOT).as_posix()
+    except (ValueError, OSError):
+        return str(path)
 
 
 def model_device(model: Any) -> torch.device:
