@@ -1,14 +1,14 @@
 # var-moe: every set-up step lives here so a fresh machine needs exactly one command per job.
 #   make serve   - install, then serve the reference model with VAR on 127.0.0.1:8000
 #   make test    - install (incl. Debian's prometheus for the scrape tests), then run the whole suite
-# Other targets: demo, bench-*, reliability, ab-test (see README).
+# Other targets: demo, ab-test, reliability, bench-* (see README and docs/BENCHMARKS.md).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup prometheus test serve demo clean
+.PHONY: setup prometheus test serve demo ab-test reliability bench-reference bench-capture bench-router bench-server clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,27 @@ serve: setup
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/varmoe info
+
+# Phase 2 under traffic: the server with VAR, Locust A/B load, report under results/ab_test/
+ab-test: setup
+	HF_HUB_OFFLINE=1 $(BIN)/varmoe ab-test --duration 120 --users 8 --output-dir results/ab_test
+
+# fuzz, overload, faults and soak against a real server; prints counts, writes runs/reliability/
+reliability: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m analysis_jobs.reliability --duration 120
+
+bench-reference: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/reference_throughput.py --repeats 7
+
+bench-capture: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/capture_overhead.py --batches 8 --repeats 7
+
+bench-router: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/router_share.py
+
+bench-server: setup
+	$(BIN)/pip install -q -c constraints.txt -e ".[bench]"
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/server_throughput.py --repeats 3
 
 clean:
 	rm -rf $(VENV) .pytest_cache
