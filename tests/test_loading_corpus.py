@@ -59,3 +59,9 @@ def test_chunks_never_cross_documents_and_padding_mask():
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
     ids, mask = pad_batch([[5, 6, 7], [8]], pad_id=0, side="left")
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_unreachable_hub_dataset_is_a_clear_error():
+    # the suite runs with HF_HUB_OFFLINE=1 (conftest), as on a machine without the hub
+    with pytest.raises(DatasetError, match="'c4'.*could not be streamed"):
+        list(iter_documents("c4", "test", limit=1))

@@ -127,7 +127,8 @@ def iter_hub(name: str, split: str | None = None, text_field: str = "text") -> I
     try:
         import datasets
     except ImportError as exc:  # pragma: no cover
-        raise DatasetError("hub datasets need the `datasets` package") from exc
+        raise DatasetError(f"dataset {name!r} could not be streamed from the hub: the `datasets` package is not "
+                           "installed (pip install datasets)") from exc
     repo, subset = HUB_ALIASES.get(name, (name, None))
     try:
         stream = datasets.load_dataset(repo, subset, split="train", streaming=True)
