@@ -1,5 +1,5 @@
 # var-moe: every set-up step lives here so a fresh machine needs exactly one command per job.
-#   make serve   - install, then serve the reference model with VAR on 127.0.0.1:8000
+#   make serve   - install, then serve the reference model with VAR (5% shadow-verified) on 127.0.0.1:8000
 #   make test    - install (incl. Debian's prometheus for the scrape tests), then run the whole suite
 # Other targets: demo, ab-test, reliability, bench-* (see README and docs/BENCHMARKS.md).
 PY ?= python3
@@ -25,15 +25,17 @@ prometheus:
 test: setup prometheus
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# --shadow-rate: 5% of table/cache decisions are re-checked by the learned router (verification metrics)
 serve: setup
-	HF_HUB_OFFLINE=1 $(BIN)/varmoe serve
+	HF_HUB_OFFLINE=1 $(BIN)/varmoe serve --shadow-rate 0.05
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/varmoe info
 
 # Phase 2 under traffic: the server with VAR, Locust A/B load, report under results/ab_test/
 ab-test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/varmoe ab-test --duration 120 --users 8 --output-dir results/ab_test
+	HF_HUB_OFFLINE=1 $(BIN)/varmoe ab-test --duration 120 --users 8 --output-dir results/ab_test \
+	  --server-args "--shadow-rate 0.05"
 
 # fuzz, overload, faults and soak against a real server; prints counts, writes runs/reliability/
 reliability: setup

@@ -25,6 +25,7 @@ FLAGS: dict[str, tuple[type | None, str]] = {
     "routing_stats": (str, "Phase 1 statistics; default <model>/routing_stats_calibration.parquet"),
     "var_config": (str, "VARConfig JSON file or preset name"),
     "var_on_start": (None, "start in VAR mode when VAR is available (default on)"),
+    "shadow_rate": (float, "share of table/cache decisions re-checked by the learned router (verification)"),
     "host": (str, "bind address (default 127.0.0.1)"),
     "port": (int, "port (default 8000; 0 = any free port)"),
     "max_batch_size": (int, "rows per model batch"),

@@ -35,6 +35,9 @@ class ServerSettings(BaseSettings):
     routing_stats: Path | None = Field(None, description=f"default: <model>/{ROUTING_STATS_FILE} if present")
     var_config: str | None = Field(None, description="VARConfig JSON file or preset name")
     var_on_start: bool = Field(True, description="start in VAR mode when VAR is available")
+    shadow_rate: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="share of fast/cached decisions re-checked by the learned router (overrides the VAR config)")
     # -- HTTP --------------------------------------------------------------------------------
     host: str = "127.0.0.1"  # loopback unless the operator opens it on purpose
     port: int = Field(8000, ge=0, le=65535)

@@ -99,6 +99,8 @@ class RoutingRuntime:
             config = var_pkg.VARConfig.from_dict(tables.metadata["config"])  # the config the tables were built with
         else:
             config = var_pkg.VARConfig()
+        if settings.shadow_rate is not None:
+            config = config.replace(shadow_rate=settings.shadow_rate)
         if tables is None:
             config = config.replace(routing_stats_path=str(stats_path))
         return var_pkg.VARModelWrapper(model, config.replace(enable_var=False), tables)
