@@ -2,13 +2,25 @@
 in-process `generate()` at batch 1 and at the server's batch size, and `transformers serve
 --continuous-batching` on the same model under the same load, all in one run.
 
-Every client sends greedy requests of `--new-tokens` new tokens (prompts: the first lines of
-var_moe's source files) back to back; tokens/s = generated tokens / wall time of the whole load.
-All contenders get one torch thread (`--threads`), so the numbers compare the serving, not the cores.
-Contenders are interleaved (each repeat runs every one of them once) and the median is reported,
-because the machine is shared and its load drifts during a run.
+Load (default `--load locust`): for each server and client count, Locust runs headless in a
+subprocess (`locust -f benchmarks/locust_completions.py --headless -u N -r N --run-time Ts ...`)
+with N closed-loop users posting greedy `POST /v1/completions` requests (fixed prompts: the first
+lines of var_moe's source files; `max_tokens` = --new-tokens, temperature 0, no wait between
+requests). tokens/s = usage.completion_tokens of the requests that complete inside the load window
+/ the window's length. The window runs from the first completion at least --warmup seconds after
+all users have spawned to the last completion before Locust starts stopping; counting the tokens
+completed in (first, last] makes the window begin and end on completions, so a batched server is
+credited exactly the batches that finished inside it. `--load httpx` keeps the earlier method (a
+pool of httpx threads, each sending --requests-per-client requests to /v1/generate, or
+/v1/completions for transformers serve; tokens / wall time of the whole load).
+In-process `generate()` runs greedy left-padded batches with no early stop for at least
+--in-process-s seconds. All contenders get one torch thread (`--threads`), so the numbers compare
+the serving, not the cores. Contenders are interleaved (each repeat runs every one of them once)
+and the median is reported, because the machine is shared and its load drifts during a run.
 
-Run:  python benchmarks/server_throughput.py                       (reference model)
+Run:  python benchmarks/server_throughput.py                       (reference model, Locust load)
+      python benchmarks/server_throughput.py --run-time 20 --repeats 3 --out benchmarks/results/server_throughput.json
+      python benchmarks/server_throughput.py --load httpx          (the earlier httpx-thread load)
       python benchmarks/server_throughput.py --model DIR --skip-cb --out runs/bench.json
 Results go to docs/BENCHMARKS.md (section "Server") with the command that produced them.
 """
@@ -17,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import itertools
 import json
 import os
 import subprocess
@@ -37,6 +50,68 @@ def prompts(n: int) -> list[str]:
     files = sorted((REPO_ROOT / "var_moe").rglob("*.py"))
     heads = ["".join(f.read_text().splitlines(True)[:3])[:160] for f in files]
     return [h for h in heads if h.strip()][:n]
+
+
+LOCUSTFILE = Path(__file__).resolve().with_name("locust_completions.py")
+_cells = itertools.count(1)
+
+
+def load_window(log: Path, warmup_s: float, tokenizer=None) -> dict:
+    """tokens/s inside the load window of one Locust run, from its per-request log (see module doc)."""
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.exists() else []
+    marks = {r["event"]: r["t"] for r in rows if "event" in r}
+    reqs = [r for r in rows if "event" not in r]
+    ok = [r for r in reqs if r["status"] == 200]
+    for r in ok:
+        if r.get("tokens") is None:
+            r["tokens"] = len(tokenizer(r.get("text", ""), add_special_tokens=False)["input_ids"]) if tokenizer else 0
+    if "spawning_complete" not in marks:
+        raise RuntimeError(f"{log}: Locust never finished spawning users")
+    begin = marks["spawning_complete"] + warmup_s
+    end = marks.get("test_stopping", float("inf"))
+    ends = sorted(r["t_end"] for r in ok if begin <= r["t_end"] <= end)
+    if len(ends) < 2:
+        raise RuntimeError(f"{log}: fewer than 2 requests completed inside the load window "
+                           f"({len(ok)} ok, {len(reqs) - len(ok)} failed)")
+    t_a, t_b = ends[0], ends[-1]
+    inside = [r for r in ok if t_a < r["t_end"] <= t_b]
+    tokens = sum(r["tokens"] for r in inside)
+    lat = sorted(r["t_end"] - r["t_start"] for r in inside)
+    return {"requests": len(inside), "tokens": tokens, "wall_s": t_b - t_a, "tokens_per_s": tokens / (t_b - t_a),
+            "latency_p50_s": round(lat[len(lat) // 2], 4), "requests_total": len(reqs),
+            "failed_total": len(reqs) - len(ok)}
+
+
+def locust_load(url: str, clients: int, args, prompts_file: Path, log_dir: Path, name: str, tokenizer,
+                model: str | None = None, var: bool | None = None) -> dict:
+    """One headless Locust run of `clients` closed-loop users against `url`; returns the window's tokens/s."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    name = f"{next(_cells):03d}-{name}"  # one set of files per run
+    log = log_dir / f"{name}.jsonl"
+    log.unlink(missing_ok=True)
+    env = {**os.environ, "VARMOE_BL_PROMPTS": str(prompts_file), "VARMOE_BL_LOG": str(log),
+           "VARMOE_BL_MAX_TOKENS": str(args.new_tokens)}
+    env.pop("VARMOE_BL_MODEL", None)
+    env.pop("VARMOE_BL_VAR", None)
+    if model is not None:
+        env["VARMOE_BL_MODEL"] = model
+    if var is not None:
+        env["VARMOE_BL_VAR"] = "true" if var else "false"
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(clients),
+           "-r", str(clients), "--run-time", f"{args.run_time}s", "--stop-timeout", "120", "--host", url,
+           "--csv", str(log_dir / name), "--only-summary", "--loglevel", "WARNING", "--exit-code-on-error", "0"]
+    limit = args.run_time + 120 + 90
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                            stderr=open(log_dir / f"{name}.stderr", "wb"))
+    try:
+        rc = proc.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"locust ({name}) did not finish within {limit} s; killed") from None
+    if rc != 0:
+        raise RuntimeError(f"locust ({name}) exited {rc}: {(log_dir / f'{name}.stderr').read_text()[-1500:]}")
+    return {"clients": clients, **load_window(log, args.warmup, tokenizer)}
 
 
 def run_load(send, clients: int, requests_per_client: int, texts: list[str]) -> dict:
@@ -78,11 +153,14 @@ def cb_sender(url: str, model: str, new_tokens: int, tokenizer):
     return send
 
 
-def in_process(model, tok, texts: list[str], batch: int, new_tokens: int, repeats: int) -> dict:
+def in_process(model, tok, texts: list[str], batch: int, new_tokens: int, repeats: int,
+               min_s: float = 0.0) -> dict:
     """Plain `generate()` on left-padded batches (greedy, no early stop), the reference point."""
     tok.padding_side = "left"
     total, t0 = 0, time.perf_counter()
-    for r in range(repeats):
+    for r in range(1000):  # bounded; stops after `repeats` calls and at least min_s seconds
+        if r >= repeats and time.perf_counter() - t0 >= min_s:
+            break
         chunk = [texts[(r * batch + i) % len(texts)] for i in range(batch)]
         enc = tok(chunk, return_tensors="pt", padding=True)
         with torch.no_grad():
@@ -136,29 +214,46 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16, help="the server's max batch size")
     p.add_argument("--clients", default="1,4,16")
-    p.add_argument("--requests-per-client", type=int, default=6, help="requests each client sends per load level")
+    p.add_argument("--load", choices=("locust", "httpx"), default="locust",
+                   help="locust: headless Locust users on /v1/completions (default); httpx: the earlier thread pool")
+    p.add_argument("--run-time", type=int, default=20, help="locust: seconds of load per cell")
+    p.add_argument("--warmup", type=float, default=3.0, help="locust: seconds after spawning left out of the window")
+    p.add_argument("--requests-per-client", type=int, default=6, help="httpx: requests each client sends per load level")
+    p.add_argument("--in-process-s", type=float, default=4.0, help="in-process generate(): seconds per measurement")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3, help="median of this many runs per measurement")
     p.add_argument("--modes", default="baseline,var", help="server modes to measure (var needs VAR tables)")
     p.add_argument("--skip-cb", action="store_true", help="skip transformers serve --continuous-batching")
     p.add_argument("--out", default="runs/server_throughput.json")
+    p.add_argument("--log-dir", default="runs/server_throughput_locust",
+                   help="locust: per-request logs and Locust CSVs of every cell, and the server logs")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     levels = [int(c) for c in args.clients.split(",")]
     texts = prompts(64)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    results: dict = {"model": args.model, "new_tokens": args.new_tokens, "threads": args.threads,
-                     "batch_size": args.batch_size, "server": {}, "in_process": {}, "transformers_cb": {}}
+    model_name = Path(args.model).resolve()
+    model_name = str(model_name.relative_to(REPO_ROOT)) if model_name.is_relative_to(REPO_ROOT) else args.model
+    results: dict = {"model": model_name, "new_tokens": args.new_tokens, "threads": args.threads,
+                     "batch_size": args.batch_size, "load": args.load, "repeats": args.repeats,
+                     "server": {}, "in_process": {}, "transformers_cb": {}}
+    if args.load == "locust":
+        results.update(run_time_s=args.run_time, warmup_s=args.warmup, endpoint="/v1/completions")
+    log_dir = Path(args.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    prompts_file = log_dir / "prompts.json"
+    prompts_file.write_text(json.dumps(texts))
 
     model, tok = load_model(args.model, dtype="float32")
     # contender name -> (where in results, function returning one measurement)
     runs: dict[tuple, object] = {}
     for b in (1, args.batch_size):
         in_process(model, tok, texts, b, 4, 1)  # warm-up
-        runs[("in_process", b)] = lambda b=b: in_process(model, tok, texts, b, args.new_tokens, max(1, 4 // b))
+        runs[("in_process", b)] = lambda b=b: in_process(model, tok, texts, b, args.new_tokens, max(1, 4 // b),
+                                                         args.in_process_s)
     srv = ServerProcess(args.model, args=["--max-batch-size", str(args.batch_size), "--max-queue", "256"],
-                        threads=args.threads, log_path=out.with_suffix(".server.log")).wait_ready(300)
+                        threads=args.threads, log_path=log_dir / "server.log").wait_ready(300)
     cb_proc = None
     try:
         var_ok = httpx.get(srv.url + "/readyz").json()["var_available"]
@@ -169,14 +264,23 @@ def main(argv: list[str] | None = None) -> int:
             send = varmoe_sender(srv.url, args.new_tokens, var=(mode == "var"))
             send(texts[0])  # warm-up
             for c in levels:
-                runs[("server", mode, c)] = lambda send=send, c=c: run_load(send, c, args.requests_per_client, texts)
+                if args.load == "locust":
+                    runs[("server", mode, c)] = lambda mode=mode, c=c: locust_load(
+                        srv.url, c, args, prompts_file, log_dir, f"server-{mode}-{c}", tok, var=(mode == "var"))
+                else:
+                    runs[("server", mode, c)] = lambda send=send, c=c: run_load(send, c, args.requests_per_client, texts)
         if not args.skip_cb:
             try:
-                cb_proc, url = start_cb_server(args.model, args.threads, out.with_suffix(".cb.log"))
+                cb_proc, url = start_cb_server(args.model, args.threads, log_dir / "transformers_serve.log")
                 send = cb_sender(url, args.model, args.new_tokens, tok)
                 send(texts[0])
                 for c in levels:
-                    runs[("transformers_cb", c)] = lambda send=send, c=c: run_load(send, c, args.requests_per_client, texts)
+                    if args.load == "locust":
+                        runs[("transformers_cb", c)] = lambda c=c: locust_load(
+                            url, c, args, prompts_file, log_dir, f"transformers_cb-{c}", tok, model=args.model)
+                    else:
+                        runs[("transformers_cb", c)] = lambda send=send, c=c: run_load(send, c, args.requests_per_client,
+                                                                                       texts)
             except (RuntimeError, TimeoutError, OSError, httpx.HTTPError) as exc:
                 results["transformers_cb"] = {"error": str(exc)[-500:]}
                 print(f"transformers serve: {exc}", flush=True)
