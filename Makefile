@@ -52,7 +52,7 @@ bench-router: setup
 
 bench-server: setup
 	$(BIN)/pip install -q -c constraints.txt -e ".[bench]"
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/server_throughput.py --repeats 3
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/server_throughput.py --run-time 20 --repeats 3 --out benchmarks/results/server_throughput.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache
