@@ -7,6 +7,8 @@ only colour, so they read in greyscale. Test: `pytest tests/test_ab_report.py`.
 
 from __future__ import annotations
 
+import shlex
+
 import math
 from pathlib import Path
 
@@ -114,9 +116,11 @@ def _pct(x) -> str:
 def markdown(results: dict) -> str:
     cfg, th, ppl = results["config"], results["throughput"], results["perplexity"]
     req = results["requests"]
+    server_args = cfg.get("server_args") or []
+    extra = f" --server-args \"{shlex.join(server_args)}\"" if server_args else ""
     lines = [
         "# Phase 2 A/B test: VAR on vs off under the same load", "",
-        f"Command: `varmoe ab-test --duration {cfg['duration_s']:.0f} --users {cfg['users']} --output-dir {cfg['output_dir']}`"
+        f"Command: `varmoe ab-test --duration {cfg['duration_s']:.0f} --users {cfg['users']} --output-dir {cfg['output_dir']}{extra}`"
         f" (model: {cfg['model'] or 'server default (reference model)'}; wall time {results['wall_s']:.0f} s).", "",
         "Half of the Locust users pin `var: true`, half `var: false` on every request, so both modes share one server "
         "and one load. Time windows are the /metrics sampling interval "
