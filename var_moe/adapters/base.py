@@ -112,6 +112,18 @@ class MoEAdapter:
             raise ValueError(f"no MoE layers found in {type(model).__name__} by the {self.family} adapter")
         return found
 
+    def select_moe_layers(self, model: nn.Module, indices: Any = None, name: str = "layers") -> list[MoELayer]:
+        """The MoE layers whose decoder index is in `indices` (all when None); an index without an
+        MoE block is an error naming the argument `name` and listing the MoE layers."""
+        layers = self.moe_layers(model)
+        if indices is None:
+            return layers
+        available = [m.layer for m in layers]
+        missing = sorted(set(indices) - set(available))
+        if missing:
+            raise ValueError(f"{name} {missing} have no MoE block; MoE layers are {available}")
+        return [m for m in layers if m.layer in set(indices)]
+
     # -- reading router outputs --------------------------------------------------------------
     def probabilities(self, scores_TE: torch.Tensor) -> torch.Tensor:
         """Float32 probabilities over all experts from the router's first output.

@@ -44,14 +44,7 @@ class RoutingRecorder:
     ):
         self.model = model
         self.adapter = adapter or get_adapter(model)
-        layers = self.adapter.moe_layers(model)
-        available = [m.layer for m in layers]
-        if layer_indices is not None:
-            missing = sorted(set(layer_indices) - set(available))
-            if missing:
-                raise ValueError(f"layers {missing} have no MoE block; MoE layers are {available}")
-            layers = [m for m in layers if m.layer in set(layer_indices)]
-        self.layers = layers
+        self.layers = self.adapter.select_moe_layers(model, layer_indices, "layers")
         self.callback = callback
         self.tracker = TokenTracker(model, window=window)
         self._handles: list[Any] = []

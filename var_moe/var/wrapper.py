@@ -36,13 +36,7 @@ class VARModelWrapper:
         self.model = model
         self.config = config or VARConfig()
         self.adapter = get_adapter(model)
-        moe = self.adapter.moe_layers(model)
-        available = [m.layer for m in moe]
-        if patch_layers is not None:
-            missing = sorted(set(patch_layers) - set(available))
-            if missing:
-                raise ValueError(f"patch_layers {missing} are not MoE layers; MoE layers are {available}")
-            moe = [m for m in moe if m.layer in set(patch_layers)]
+        moe = self.adapter.select_moe_layers(model, patch_layers, "patch_layers")
         self.moe_layers = moe
         if tables is None:
             if self.config.routing_stats_path:
