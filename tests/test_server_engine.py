@@ -29,6 +29,7 @@ class _Settings:
         self.model, self.dtype, self.device, self.quantization, self.trust_remote_code = str(model_dir), "float32", "cpu", None, False
         self.var_tables, self.routing_stats, self.var_config, self.var_on_start = None, stats, var_config, True
         self.var_tables_path, self.routing_stats_path = None, stats
+        self.shadow_rate = None  # keep the VAR config's own shadow rate
 
 
 @pytest.fixture(scope="module")
