@@ -55,11 +55,11 @@ def main() -> None:
     ap.add_argument("--output", default="benchmarks/results/reference_throughput.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    IMPLS = tuple(args.impls.split(","))  # noqa: N806 (local: the subset asked for)
-    if "grouped_mm" not in IMPLS or not set(IMPLS) <= set(ALL_IMPLS):
+    impls = tuple(args.impls.split(","))
+    if "grouped_mm" not in impls or not set(impls) <= set(ALL_IMPLS):
         ap.error(f"--impls must include grouped_mm and be a subset of {ALL_IMPLS}")
     recipe = Recipe.from_json((Path(args.model) / "recipe.json").read_text())
-    models = {impl: load_model(args.model, experts_implementation=impl)[0] for impl in IMPLS}
+    models = {impl: load_model(args.model, experts_implementation=impl)[0] for impl in impls}
     tok = load_model(args.model)[1]
     ids = next(iter_batches(tok, "stdlib", "test", 256, 8, 8))[0]
     g = torch.Generator().manual_seed(0)
@@ -68,23 +68,23 @@ def main() -> None:
     for impl, m in models.items():
         m.train()
         opts[impl] = torch.optim.AdamW(m.parameters(), lr=1e-5)
-    train_s = {impl: [] for impl in IMPLS}
-    fwd_s = {impl: [] for impl in IMPLS}
+    train_s = {impl: [] for impl in impls}
+    fwd_s = {impl: [] for impl in impls}
     for i in range(args.repeats + 1):  # first round is the warm-up
-        for impl in IMPLS:
+        for impl in impls:
             s = train_step_seconds(models[impl], train_batch, recipe, opts[impl])
             if i:
                 train_s[impl].append(s)
     for m in models.values():
         m.eval()
     for i in range(args.repeats + 1):
-        for impl in IMPLS:
+        for impl in impls:
             s = forward_seconds(models[impl], ids)
             if i:
                 fwd_s[impl].append(s)
     train_tokens = recipe.batch_size * recipe.seq_len
     rows = {}
-    for impl in IMPLS:
+    for impl in impls:
         rows[impl] = {
             "train_tokens_per_s": train_tokens / statistics.median(train_s[impl]),
             "forward_tokens_per_s": ids.numel() / statistics.median(fwd_s[impl]),

@@ -138,10 +138,9 @@ def train(r: Recipe, work_dir: str | Path, progress: bool = True, log: Callable[
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(r.threads)
     recipe_file = work / "recipe.json"
-    if recipe_file.exists() and Recipe.from_json(recipe_file.read_text()) != r:
-        old = Recipe.from_json(recipe_file.read_text())
-        if replace(old, max_steps=r.max_steps) != r:
-            raise ValueError(f"{work} holds a run with a different recipe; use another --work-dir")
+    # only the step count may change between runs of one work dir (training on means a larger --max-steps)
+    if recipe_file.exists() and replace(Recipe.from_json(recipe_file.read_text()), max_steps=r.max_steps) != r:
+        raise ValueError(f"{work} holds a run with a different recipe; use another --work-dir")
     recipe_file.write_text(r.to_json())
 
     tokenizer, tokens = prepare_data(work, r, log)
