@@ -2,6 +2,7 @@
 what VAR uses) vs a Python dict keyed by int64 built from one `.tolist()` per forward.
 
     python -m benchmarks.var_cache [--tokens 2048 --capacity 10000 --vocab 4096 --window 1 --repeats 30]
+    python -m benchmarks.var_cache --tokens 4 --prefill 10000 --repeats 300   # decode steps, full cache
 
 Both see the same key stream (Zipf-like token ids, so hits happen) and do the same work: look up
 T keys, then insert the misses. Reports the median microseconds per forward-layer for each.
@@ -45,7 +46,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--window", type=int, default=1)
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--prefill", type=int, default=0, help="random keys inserted before timing (a filled cache)")
     a = p.parse_args(argv)
+    if min(a.tokens, a.capacity, a.vocab, a.repeats) < 1 or a.window < 0 or a.prefill < 0:
+        p.error("--tokens, --capacity, --vocab, --repeats must be >= 1; --window, --prefill >= 0")
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     weights = 1.0 / torch.arange(1, a.vocab + 1).double()
@@ -54,6 +58,11 @@ def main(argv: list[str] | None = None) -> dict:
     experts = torch.randint(0, 8, (a.tokens, 2), generator=g)
     tc = ContextCache(a.capacity, a.window + 1, 2, a.vocab)
     dc: OrderedDict = OrderedDict()
+    if a.prefill:  # uniform random keys: mostly distinct, so the cache starts (nearly) full
+        full = torch.randint(0, a.vocab, (a.prefill, a.window + 1), generator=g)
+        pre_experts = torch.randint(0, 8, (a.prefill, 2), generator=g)
+        tc.insert(full, pre_experts, torch.ones(a.prefill, 2), 0, 0.0)
+        dict_step(dc, full, a.vocab, a.capacity, pre_experts)
     t_tensor, t_dict, h_tensor, h_dict = [], [], 0, 0
     for i, full in enumerate(streams):
         t0 = time.perf_counter()
@@ -67,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
             t_dict.append(t2 - t1)
             h_tensor += int(hit.sum())
             h_dict += hd
-    result = {"tokens": a.tokens, "capacity": a.capacity, "vocab": a.vocab, "window": a.window,
+    result = {"tokens": a.tokens, "capacity": a.capacity, "prefill": a.prefill, "entries_at_end": len(tc), "vocab": a.vocab, "window": a.window,
               "tensor_us_median": 1e6 * statistics.median(t_tensor), "dict_us_median": 1e6 * statistics.median(t_dict),
               "tensor_hits": h_tensor, "dict_hits": h_dict,
               "note": "hit counts differ slightly: LRU tie-breaking differs between the two"}

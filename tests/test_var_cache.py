@@ -3,6 +3,8 @@ answers under forced hash collisions. Run: `pytest tests/test_var_cache.py`."""
 
 import torch
 
+import math
+
 from var_moe.var.cache import ContextCache, encode_keys
 
 
@@ -92,3 +94,115 @@ def test_confirmations_gate_serving():
     assert c.lookup(full, step=3, now=0.0)[0].item()
     c.insert(full, torch.tensor([[2, 3]]), torch.ones(1, 2), step=3, now=0.0)  # another set restarts the count
     assert not c.lookup(full, step=4, now=0.0)[0].item()
+
+
+
+class _SortedReference:
+    """The previous implementation: one key-sorted row table, re-sorted on every insert."""
+
+    def __init__(self, capacity: int, width: int, k: int, vocab: int, ttl_steps: int | None = None,
+                 ttl_seconds: float | None = None, device: torch.device | str = "cpu", min_confirmations: int = 0):
+        self.capacity, self.width, self.k, self.vocab = capacity, width, k, vocab
+        self.min_confirmations = min_confirmations
+        self.ttl_steps, self.ttl_seconds = ttl_steps, ttl_seconds
+        self.device = torch.device(device)
+        w = width
+        self._full = slice(1, 1 + w)
+        self._experts = slice(1 + w, 1 + w + k)
+        self._weights = slice(1 + w + k, 1 + w + 2 * k)
+        self._born_step, self._born_time, self._used = 1 + w + 2 * k, 2 + w + 2 * k, 3 + w + 2 * k
+        self._conf = 4 + w + 2 * k
+        self.ncols = 5 + w + 2 * k
+        self.clear()
+
+    def clear(self) -> None:
+        self.data_CN = torch.empty(0, self.ncols, dtype=torch.long, device=self.device)
+        self.keys_C = torch.empty(0, dtype=torch.long, device=self.device)
+        self._tick = 0
+
+    def __len__(self) -> int:
+        return int(self.keys_C.shape[0])
+
+    def _alive(self, rows_N: torch.Tensor, step: int, now: float) -> torch.Tensor:
+        alive = torch.ones(rows_N.shape[0], dtype=torch.bool, device=rows_N.device)
+        if self.ttl_steps is not None:
+            alive &= (step - rows_N[:, self._born_step]) <= self.ttl_steps
+        if self.ttl_seconds is not None:
+            alive &= (now - rows_N[:, self._born_time].view(torch.float64)) <= self.ttl_seconds
+        return alive
+
+    def lookup(self, full_TW: torch.Tensor, step: int, now: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(hit_T, experts_TK, weights_TK); rows without a hit hold garbage in experts/weights."""
+        t = full_TW.shape[0]
+        self._tick += 1
+        if len(self) == 0 or t == 0:
+            return (torch.zeros(t, dtype=torch.bool, device=full_TW.device),
+                    torch.zeros(t, self.k, dtype=torch.long, device=full_TW.device),
+                    torch.zeros(t, self.k, dtype=torch.float32, device=full_TW.device))
+        q_T = encode_keys(full_TW, self.vocab)
+        pos_T = torch.searchsorted(self.keys_C, q_T).clamp_max(len(self) - 1)
+        rows_TN = self.data_CN[pos_T]
+        hit_T = (rows_TN[:, 0] == q_T) & (rows_TN[:, self._full] == full_TW).all(1) & self._alive(rows_TN, step, now)
+        hit_T &= rows_TN[:, self._conf] >= self.min_confirmations  # unconfirmed entries are candidates only
+        self.data_CN[pos_T[hit_T], self._used] = self._tick
+        weights = rows_TN[:, self._weights].contiguous().view(torch.float64).float()
+        return hit_T, rows_TN[:, self._experts], weights
+
+    def insert(self, full_NW: torch.Tensor, experts_NK: torch.Tensor, weights_NK: torch.Tensor, step: int, now: float) -> None:
+        if self.capacity == 0 or full_NW.shape[0] == 0:
+            return
+        self._tick += 1
+        q_N = encode_keys(full_NW, self.vocab)
+        # one entry per key within the batch: the last occurrence wins (latest decision)
+        uniq, inv = torch.unique(q_N, return_inverse=True)
+        last = torch.full_like(uniq, -1).scatter_reduce(0, inv, torch.arange(len(q_N), device=q_N.device), "amax")
+        n = uniq.shape[0]
+        dev = q_N.device
+        new_experts = experts_NK[last].long()
+        conf_N = torch.zeros(n, dtype=torch.long, device=dev)
+        if len(self):  # a key seen again with the same expert set gains a confirmation; another set restarts it
+            pos = torch.searchsorted(self.keys_C, uniq).clamp_max(len(self) - 1)
+            old = self.data_CN[pos]
+            same = (old[:, 0] == uniq) & (old[:, self._full] == full_NW[last]).all(1) & self._alive(old, step, now)
+            same &= (old[:, self._experts].sort(1).values == new_experts.sort(1).values).all(1)
+            conf_N = torch.where(same, old[:, self._conf] + 1, conf_N)
+        new_NN = torch.cat([
+            q_N[last, None], full_NW[last].long(), new_experts,
+            weights_NK[last].double().view(torch.long),
+            torch.full((n, 1), step, dtype=torch.long, device=dev),
+            torch.tensor([now], dtype=torch.float64, device=dev).view(torch.long).expand(n, 1),
+            torch.full((n, 1), self._tick, dtype=torch.long, device=dev),
+            conf_N[:, None],
+        ], dim=1)
+        # replaced keys and expired entries go
+        keep_C = self._alive(self.data_CN, step, now) & ~torch.isin(self.keys_C, uniq)
+        data = torch.cat([self.data_CN[keep_C], new_NN])
+        if data.shape[0] > self.capacity:
+            # LRU: keep the most recently used; among equals the later rows (younger entries)
+            rank = data[:, self._used] * (data.shape[0] + 1) + torch.arange(data.shape[0], device=dev)
+            data = data[torch.sort(rank, descending=True).indices[: self.capacity]]
+        self.data_CN = data[torch.argsort(data[:, 0])]
+        self.keys_C = self.data_CN[:, 0].contiguous()
+
+
+def test_slot_cache_equals_sorted_table_reference():
+    """Random lookups and inserts (repeated keys, expiry, overflow, batches larger than the cache):
+    the slot cache answers every lookup like the straightforward sorted-table algorithm and holds
+    exactly the same entries (compared in key order)."""
+    g = torch.Generator().manual_seed(7)
+    for capacity, ttl in ((5, 4), (17, None), (40, 9)):
+        fast = ContextCache(capacity, 2, 2, vocab=12, ttl_steps=ttl, min_confirmations=1)
+        ref = _SortedReference(capacity, 2, 2, vocab=12, ttl_steps=ttl, min_confirmations=1)
+        for step in range(1, 150):
+            n = int(torch.randint(1, 3 * capacity if step % 17 == 0 else 6, (1,), generator=g))
+            full = torch.randint(-1, 12, (n, 2), generator=g)
+            experts = torch.randint(0, 4, (n, 2), generator=g)
+            weights = torch.rand(n, 2, generator=g)
+            query = torch.randint(-1, 12, (7, 2), generator=g)
+            got, want = fast.lookup(query, step, 0.0), ref.lookup(query, step, 0.0)
+            assert torch.equal(got[0], want[0]), (capacity, step)
+            assert torch.equal(got[1][got[0]], want[1][want[0]]) and torch.equal(got[2][got[0]], want[2][want[0]])
+            fast.insert(full, experts, weights, step, 0.0)
+            ref.insert(full, experts, weights, step, 0.0)
+            assert torch.equal(fast.data_CN, ref.data_CN), (capacity, step)
+            assert torch.equal(fast.keys_C, ref.keys_C)
