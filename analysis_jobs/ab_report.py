@@ -124,7 +124,9 @@ def markdown(results: dict) -> str:
         f" (model: {cfg['model'] or 'server default (reference model)'}; wall time {results['wall_s']:.0f} s).", "",
         "Half of the Locust users pin `var: true`, half `var: false` on every request, so both modes share one server "
         "and one load. Time windows are the /metrics sampling interval "
-        f"({th['window_s']:.0f} s); intervals are 95% (Student t over windows; bootstrap for ratios).", "",
+        f"({th['window_s']:.0f} s); intervals are 95%: Student t over windows with the sample size reduced for the "
+        "windows' lag-1 autocorrelation, and for ratios a circular block bootstrap over windows (blocks of "
+        f"{th['service_ratio'].get('block', 1)} consecutive windows), since neighbouring windows share batches and load.", "",
         "## Success criteria", "", "| criterion | rule | value | 95% CI | result |", "|---|---|---|---|---|",
     ]
     for c in results["criteria"]:

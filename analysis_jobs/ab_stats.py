@@ -2,11 +2,16 @@
 
 - `window_rates(snapshots, name, label)`: per consecutive /metrics snapshots, the increase of a
   counter per second for each label value (tokens/s per mode per window).
-- `mean_ci(x)`: mean with a Student-t interval over windows (windows are treated as independent;
-  with dynamic batching neighbouring windows are mildly correlated, so the interval is optimistic).
+- `mean_ci(x, autocorrelation=True)`: mean with a Student-t interval over windows whose sample
+  size is reduced for positive lag-1 autocorrelation (n_eff = n (1 - r) / (1 + r), the AR(1)
+  variance inflation of a mean): neighbouring windows share batches and load, so treating them as
+  independent would make the interval too narrow. `autocorrelation=False` is the plain t interval.
 - `service_windows(rows, window_s)`: per window and mode, generated tokens per second of model time
   (sum of generated tokens / sum of (total - queue) seconds over the requests finishing in it).
-- `paired_ratio_ci(a, b)`: bootstrap over windows (resampled together) of mean(a) / mean(b).
+- `paired_ratio_ci(a, b)`: circular block bootstrap over windows (pairs resampled together, in
+  runs of `block` consecutive windows, default round(n^(1/3))) of mean(a) / mean(b); block=1 is
+  the ordinary bootstrap. Blocks keep the short-range correlation of neighbouring windows inside
+  each resample (Politis & Romano 1992), so the interval is not narrowed by it.
 - `paired_bootstrap_ppl(...)`: paired bootstrap over texts of perplexity(var) / perplexity(base).
 - `percentiles(x)`: p50 / p90 / p99 (numpy's linear interpolation).
 All resampling is vectorized (one index matrix); test: `pytest tests/test_ab_stats.py`.
@@ -45,7 +50,17 @@ def window_rates(snapshots: list[tuple[float, Samples]], name: str, label: str, 
     return rows
 
 
-def mean_ci(x, level: float = 0.95) -> dict:
+def lag1_autocorrelation(x) -> float:
+    """Sample lag-1 autocorrelation (0 for fewer than 3 values or a constant series)."""
+    x = np.asarray(x, dtype=float)
+    if len(x) < 3:
+        return 0.0
+    d = x - x.mean()
+    den = float((d * d).sum())
+    return float((d[1:] * d[:-1]).sum() / den) if den > 0 else 0.0
+
+
+def mean_ci(x, level: float = 0.95, autocorrelation: bool = True) -> dict:
     x = np.asarray([v for v in x if v is not None and math.isfinite(v)], dtype=float)
     n = len(x)
     if n == 0:
@@ -53,8 +68,24 @@ def mean_ci(x, level: float = 0.95) -> dict:
     m = float(x.mean())
     if n < 2:
         return {"mean": m, "lo": None, "hi": None, "n": 1}
-    half = float(sps.t.ppf(0.5 + level / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
-    return {"mean": m, "lo": m - half, "hi": m + half, "n": n}
+    # negative autocorrelation would shrink the interval: never narrower than the plain t interval
+    r = min(max(lag1_autocorrelation(x), 0.0), 0.95) if autocorrelation else 0.0
+    n_eff = max(n * (1 - r) / (1 + r), 2.0)
+    half = float(sps.t.ppf(0.5 + level / 2, n_eff - 1) * x.std(ddof=1) / math.sqrt(n_eff))
+    return {"mean": m, "lo": m - half, "hi": m + half, "n": n, "n_eff": n_eff, "lag1_autocorr": r}
+
+
+def block_length(n: int) -> int:
+    """Rule-of-thumb block length for a block bootstrap of a mean: round(n^(1/3)), at least 1."""
+    return max(1, round(n ** (1 / 3)))
+
+
+def block_indices(n: int, block: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_boot, n) indices of circular block resamples: runs of `block` consecutive positions
+    (wrapping around) from uniform starts, cut to n. block=1 draws exactly `integers(0, n, (n_boot, n))`."""
+    n_blocks = -(-n // block)
+    starts = rng.integers(0, n, size=(n_boot, n_blocks))
+    return ((starts[:, :, None] + np.arange(block)) % n).reshape(n_boot, n_blocks * block)[:, :n]
 
 
 def service_windows(rows: list[dict], window_s: float, modes=("var", "baseline")) -> list[dict]:
@@ -83,8 +114,9 @@ def service_windows(rows: list[dict], window_s: float, modes=("var", "baseline")
     return out
 
 
-def paired_ratio_ci(a, b, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
-    """mean(a) / mean(b) over paired windows, with a bootstrap interval (windows resampled together)."""
+def paired_ratio_ci(a, b, n_boot: int = 2000, seed: int = 0, level: float = 0.95, block: int | None = None) -> dict:
+    """mean(a) / mean(b) over paired windows, with a circular block bootstrap interval (pairs
+    resampled together; `block` consecutive windows per draw, default `block_length(n)`)."""
     pairs = np.array([(x, y) for x, y in zip(a, b) if x is not None and y is not None], dtype=float).reshape(-1, 2)
     n = len(pairs)
     if n == 0 or pairs[:, 1].mean() <= 0:
@@ -92,10 +124,13 @@ def paired_ratio_ci(a, b, n_boot: int = 2000, seed: int = 0, level: float = 0.95
     ratio = float(pairs[:, 0].mean() / pairs[:, 1].mean())
     if n < 2:
         return {"ratio": ratio, "lo": None, "hi": None, "n": n}
-    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    block = block_length(n) if block is None else block
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    idx = block_indices(n, min(block, n), n_boot, np.random.default_rng(seed))
     boot = pairs[idx, 0].mean(axis=1) / pairs[idx, 1].mean(axis=1)
     lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
-    return {"ratio": ratio, "lo": float(lo), "hi": float(hi), "n": n}
+    return {"ratio": ratio, "lo": float(lo), "hi": float(hi), "n": n, "block": min(block, n)}
 
 
 def paired_bootstrap_ppl(nll_var, nll_base, tokens, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
