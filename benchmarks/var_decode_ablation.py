@@ -1,0 +1,113 @@
+"""What each part of VAR costs in batch-1 decoding: baseline vs VAR variants, interleaved.
+
+Greedy generation of --new-tokens tokens from one short prompt on the reference model with its
+committed tables, 1 thread. Variants (each a fresh `VARModelWrapper` from the tables' own config):
+  baseline     - VAR disabled (the original routers, called through the wrapper)
+  var          - the tables' config as committed (fast tier + context cache + counters)
+  no-cache     - same without the cached tier
+  no-counters  - same with track_performance off (no per-layer tier counters)
+  learned-only - fast tier and cache off: every row takes the learned tier through VAR's code
+Each variant keeps its wrapper (and so its context cache) for the whole run and is installed only
+while it is timed. `--warm-sequences N` first forwards N sequences of the calibration split
+through every VAR variant, so their caches hold what a server's caches hold after a while (up to
+`cache_size` entries per layer). Each repeat runs every variant once (order rotated per repeat),
+after one warm-up generation; the table gives the median time and the median of per-repeat
+ratios to baseline.
+
+Run: `python benchmarks/var_decode_ablation.py [--new-tokens 64] [--repeats 7] [--warm-sequences 0] [--json F]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+
+import torch
+
+from var_moe.corpus import iter_batches
+from var_moe.loading import REFERENCE_MODEL_DIR, load_model
+from var_moe.var.config import VARConfig
+from var_moe.var.tables import VARTables
+from var_moe.var.wrapper import VARModelWrapper
+
+VARIANTS = {
+    "baseline": None,
+    "var": {},
+    "no-cache": {"enable_cache": False},
+    "no-counters": {"track_performance": False},
+    "learned-only": {"enable_cache": False, "enable_fast_path": False},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(REFERENCE_MODEL_DIR))
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--warm-sequences", type=int, default=0,
+                    help="calibration sequences (256 tokens) forwarded through each VAR variant first")
+    ap.add_argument("--json", default=None, help="write the per-repeat times and the summary here")
+    args = ap.parse_args()
+    if args.new_tokens < 1 or args.repeats < 1:
+        ap.error("--new-tokens and --repeats must be >= 1")
+    if args.warm_sequences < 0:
+        ap.error("--warm-sequences must be >= 0")
+    torch.set_num_threads(1)
+    model, tok = load_model(args.model)
+    tables = VARTables.load(f"{args.model}/var_tables.safetensors", model=model)
+    base_config = VARConfig.from_dict(tables.metadata["config"])
+    ids = tok("import os\nimport sys\n", return_tensors="pt")
+
+    wrappers = {}
+    for name, change in VARIANTS.items():
+        wrappers[name] = VARModelWrapper(model, dataclasses.replace(base_config, **(change or {})), tables)
+        if change is None:
+            wrappers[name].disable_var()
+        elif args.warm_sequences:
+            with torch.no_grad():
+                for batch_ids, mask in iter_batches(tok, "stdlib", "calibration", 256, 8, args.warm_sequences):
+                    model(input_ids=batch_ids, attention_mask=mask)
+        wrappers[name].restore()
+    entries = {n: sum(len(r.cache) for r in w.routers.values()) for n, w in wrappers.items()}
+    gen = dict(**ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
+
+    def timed(name: str) -> float:
+        wrapper = wrappers[name]
+        wrapper.install()
+        try:
+            wrapper.generate(**gen)  # warm-up
+            t0 = time.perf_counter()
+            wrapper.generate(**gen)
+            return time.perf_counter() - t0
+        finally:
+            wrapper.restore()
+
+    names = list(VARIANTS)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(args.repeats):
+        order = names[rep % len(names):] + names[: rep % len(names)]
+        for name in order:
+            times[name].append(timed(name))
+    summary = {}
+    print(f"batch-1 greedy decode, {args.new_tokens} new tokens, {args.repeats} interleaved repeats, 1 thread; "
+          f"cache entries (all layers) after warming: {entries}")
+    print(f"{'variant':<14}{'median s':>10}{'tokens/s':>10}{'x baseline':>12}{'min-max ratio':>16}")
+    for name in names:
+        ratios = [b / t for b, t in zip(times["baseline"], times[name])]
+        med = statistics.median(times[name])
+        summary[name] = {"median_s": med, "tokens_per_s": args.new_tokens / med,
+                         "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
+        print(f"{name:<14}{med:>10.4f}{args.new_tokens / med:>10.0f}{statistics.median(ratios):>12.3f}"
+              f"{min(ratios):>8.3f}-{max(ratios):.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"new_tokens": args.new_tokens, "repeats": args.repeats, "warm_sequences": args.warm_sequences,
+                       "cache_entries": entries, "times_s": times, "summary": summary},
+                      f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
