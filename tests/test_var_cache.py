@@ -1,9 +1,8 @@
-"""Context cache: exact hits, TTL in steps and seconds, capacity with LRU eviction, and no wrong
-answers under forced hash collisions. Run: `pytest tests/test_var_cache.py`."""
+"""Context cache: exact hits, TTL in steps and seconds, capacity with LRU eviction, no wrong answers
+under forced hash collisions, and the merging insert equal to the re-sorting one it replaced.
+Run: `pytest tests/test_var_cache.py`."""
 
 import torch
-
-import math
 
 from var_moe.var.cache import ContextCache, encode_keys
 
@@ -97,56 +96,8 @@ def test_confirmations_gate_serving():
 
 
 
-class _SortedReference:
-    """The previous implementation: one key-sorted row table, re-sorted on every insert."""
-
-    def __init__(self, capacity: int, width: int, k: int, vocab: int, ttl_steps: int | None = None,
-                 ttl_seconds: float | None = None, device: torch.device | str = "cpu", min_confirmations: int = 0):
-        self.capacity, self.width, self.k, self.vocab = capacity, width, k, vocab
-        self.min_confirmations = min_confirmations
-        self.ttl_steps, self.ttl_seconds = ttl_steps, ttl_seconds
-        self.device = torch.device(device)
-        w = width
-        self._full = slice(1, 1 + w)
-        self._experts = slice(1 + w, 1 + w + k)
-        self._weights = slice(1 + w + k, 1 + w + 2 * k)
-        self._born_step, self._born_time, self._used = 1 + w + 2 * k, 2 + w + 2 * k, 3 + w + 2 * k
-        self._conf = 4 + w + 2 * k
-        self.ncols = 5 + w + 2 * k
-        self.clear()
-
-    def clear(self) -> None:
-        self.data_CN = torch.empty(0, self.ncols, dtype=torch.long, device=self.device)
-        self.keys_C = torch.empty(0, dtype=torch.long, device=self.device)
-        self._tick = 0
-
-    def __len__(self) -> int:
-        return int(self.keys_C.shape[0])
-
-    def _alive(self, rows_N: torch.Tensor, step: int, now: float) -> torch.Tensor:
-        alive = torch.ones(rows_N.shape[0], dtype=torch.bool, device=rows_N.device)
-        if self.ttl_steps is not None:
-            alive &= (step - rows_N[:, self._born_step]) <= self.ttl_steps
-        if self.ttl_seconds is not None:
-            alive &= (now - rows_N[:, self._born_time].view(torch.float64)) <= self.ttl_seconds
-        return alive
-
-    def lookup(self, full_TW: torch.Tensor, step: int, now: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(hit_T, experts_TK, weights_TK); rows without a hit hold garbage in experts/weights."""
-        t = full_TW.shape[0]
-        self._tick += 1
-        if len(self) == 0 or t == 0:
-            return (torch.zeros(t, dtype=torch.bool, device=full_TW.device),
-                    torch.zeros(t, self.k, dtype=torch.long, device=full_TW.device),
-                    torch.zeros(t, self.k, dtype=torch.float32, device=full_TW.device))
-        q_T = encode_keys(full_TW, self.vocab)
-        pos_T = torch.searchsorted(self.keys_C, q_T).clamp_max(len(self) - 1)
-        rows_TN = self.data_CN[pos_T]
-        hit_T = (rows_TN[:, 0] == q_T) & (rows_TN[:, self._full] == full_TW).all(1) & self._alive(rows_TN, step, now)
-        hit_T &= rows_TN[:, self._conf] >= self.min_confirmations  # unconfirmed entries are candidates only
-        self.data_CN[pos_T[hit_T], self._used] = self._tick
-        weights = rows_TN[:, self._weights].contiguous().view(torch.float64).float()
-        return hit_T, rows_TN[:, self._experts], weights
+class _SortedReference(ContextCache):
+    """The previous insert: concatenate the new rows, LRU-sort when over capacity, re-sort by key."""
 
     def insert(self, full_NW: torch.Tensor, experts_NK: torch.Tensor, weights_NK: torch.Tensor, step: int, now: float) -> None:
         if self.capacity == 0 or full_NW.shape[0] == 0:
@@ -185,10 +136,10 @@ class _SortedReference:
         self.keys_C = self.data_CN[:, 0].contiguous()
 
 
-def test_slot_cache_equals_sorted_table_reference():
+def test_merge_insert_equals_the_re_sorting_reference():
     """Random lookups and inserts (repeated keys, expiry, overflow, batches larger than the cache):
-    the slot cache answers every lookup like the straightforward sorted-table algorithm and holds
-    exactly the same entries (compared in key order)."""
+    after every step the merging insert leaves exactly the table the re-sorting insert leaves, and
+    every lookup answers the same."""
     g = torch.Generator().manual_seed(7)
     for capacity, ttl in ((5, 4), (17, None), (40, 9)):
         fast = ContextCache(capacity, 2, 2, vocab=12, ttl_steps=ttl, min_confirmations=1)
