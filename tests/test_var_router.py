@@ -161,8 +161,10 @@ def test_shadow_verification_counts_and_demotes_like_brute_force():
     expect_demoted = set()
     for tok in set(flat[valid].tolist()):
         sel = (flat == tok) & valid
-        a, n = 88 + int(agree_T[sel].sum()), 100 + int(sel.sum())
-        if sps.binomtest(a, n).proportion_ci(0.95, method="wilson").low < 0.8:
+        sa, sn = int(agree_T[sel].sum()), int(sel.sum())
+        combined = sps.binomtest(88 + sa, 100 + sn).proportion_ci(0.95, method="wilson").low < 0.8
+        served = sn >= cfg.shadow_min_checks and sps.binomtest(sa, sn).proportion_ci(0.95, method="wilson").high < 0.8
+        if combined or served:
             expect_demoted.add(tok)
     got = set(torch.nonzero(~w.routers[0].member_V).squeeze(1).tolist())
     assert got == expect_demoted and expect_demoted
@@ -262,3 +264,39 @@ def test_adaptive_k_outputs_match_eager_experts(impl):
         assert all(not layer.mlp.experts._is_expert_parallel for layer in model.model.layers)
     assert torch.isfinite(out[impl]).all()
     torch.testing.assert_close(out[impl], out["eager"], rtol=1e-4, atol=1e-5)
+
+
+def test_demote_mask_equals_scipy_wilson_on_a_grid():
+    from var_moe.var.tables import demote_mask
+
+    rows = [(ca, ct, sa, st) for ct in (0, 50, 2000) for ca in {0, ct // 2, ct} for st in (0, 5, 20, 60)
+            for sa in {0, st // 2, (9 * st) // 10, st}]
+    t = torch.tensor(rows, dtype=torch.float64)
+    for min_checks in (0, 20):
+        got = demote_mask(t[:, 0], t[:, 1], t[:, 2], t[:, 3], 0.8, 1.959963984540054, min_checks).tolist()
+        for (ca, ct, sa, st), g in zip(rows, got):
+            want = ct + st > 0 and sps.binomtest(ca + sa, ct + st).proportion_ci(0.95, method="wilson").low < 0.8
+            want = want or (ct + st == 0)  # no evidence at all: the lower bound is 0
+            if min_checks and st >= min_checks:
+                want = want or sps.binomtest(sa, st).proportion_ci(0.95, method="wilson").high < 0.8
+            assert g == want, (ca, ct, sa, st, min_checks)
+
+
+def test_served_disagreement_demotes_despite_large_calibration_counts():
+    """One token everywhere, a table set the learned router never picks, calibration 1000/1000:
+    the running bound alone would keep the entry; shadow checks alone demote it."""
+    model = tiny_model("mixtral", seed=4)
+    ids = torch.full((2, 16), 7, dtype=torch.long)
+    mask = torch.ones_like(ids)
+    learned = learned_layer0(tiny_model("mixtral", seed=4), ids, mask)
+    chosen = {tuple(sorted(x)) for x in learned.topk_idx_TK.tolist()}
+    never = next((a, b) for a in range(E) for b in range(a + 1, E) if (a, b) not in chosen)
+    for min_checks, demoted in ((0, False), (20, True)):
+        w = VARModelWrapper(model, VARConfig(enable_cache=False, shadow_rate=1.0, target_agreement=0.8,
+                                             shadow_min_checks=min_checks),
+                            tables=table_with(model, [0], [list(never)]), patch_layers=[0])
+        with torch.no_grad():
+            w(input_ids=ids, attention_mask=mask)
+        assert w.verification_counts()[(0, "disagree")] == 32
+        assert bool(w.routers[0].member_V[7]) is not demoted
+        w.restore()

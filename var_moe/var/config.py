@@ -44,6 +44,7 @@ class VARConfig:
     adaptive_k_min_weight: float = 0.9  # table weight of the top expert (share of the set) needed for k=1
     # -- verification ----------------------------------------------------------------------------
     shadow_rate: float = 0.0  # share of fast/cached decisions re-checked by the learned router
+    shadow_min_checks: int = 20  # shadow checks of a token before its served agreement alone can demote it (0 = off)
     seed: int = 0  # seeds the shadow sampling
     # -- seed API --------------------------------------------------------------------------------
     routing_stats_path: str | None = None  # Phase 1 statistics (calibration split) to build tables from
@@ -76,6 +77,8 @@ class VARConfig:
         need(_num(self.adaptive_k_min_weight) and 0.5 < self.adaptive_k_min_weight <= 1,
              "adaptive_k_min_weight", "must be in (0.5, 1]")
         need(_num(self.shadow_rate) and 0 <= self.shadow_rate <= 1, "shadow_rate", "must be in [0, 1]")
+        need(isinstance(self.shadow_min_checks, int) and not isinstance(self.shadow_min_checks, bool)
+             and self.shadow_min_checks >= 0, "shadow_min_checks", "must be an integer >= 0")
         need(_num(self.max_quality_degradation) and self.max_quality_degradation >= 0, "max_quality_degradation", "must be >= 0")
         for flag in ("entropy_relative", "enable_fast_path", "enable_cache", "adaptive_k", "enable_var", "track_performance"):
             need(isinstance(getattr(self, flag), bool), flag, "must be true or false")

@@ -22,8 +22,9 @@ Adaptive k: fast rows whose table gives the top expert >= `adaptive_k_min_weight
 weight go to that expert alone with the full weight; the other slots hold index E (the experts'
 empty slot) with weight 0. Shadow verification re-runs the learned router on a seeded sample of
 fast/cached rows, counts agreement (exact top-k set) and demotes table entries whose Wilson lower
-bound over calibration + shadow evidence drops below target. Audit mode (evaluation) checks every
-fast/cached row without demoting.
+bound over calibration + shadow evidence drops below target, or whose shadow checks alone (at least
+`shadow_min_checks`) put the upper bound below target (`tables.demote_mask`). Audit mode
+(evaluation) checks every fast/cached row without demoting.
 
 Shapes: T tokens, H hidden, E experts, K top-k, V vocabulary, W context window.
 Test: `pytest tests/test_var_router.py tests/test_var_exact.py`.
@@ -39,7 +40,7 @@ from torch import nn
 
 from .cache import ContextCache
 from .config import VARConfig
-from .tables import LayerTable, wilson_lower_bound
+from .tables import LayerTable, demote_mask, wilson_lower_bound
 
 FAST, CACHED, LEARNED = 0, 1, 2
 TIERS = ("fast", "cached", "learned")
@@ -243,7 +244,9 @@ class VARRouter(nn.Module):
             self.shadow_agree_V.index_add_(0, ids, exact[fs].double())
             bound = wilson_lower_bound(self.agree_V[ids] + self.shadow_agree_V[ids],
                                        self.total_V[ids] + self.shadow_total_V[ids], self.config.wilson_z)
-            drop = ids[(bound < self.config.target_agreement) & self.member_V[ids]].unique()
+            demote = demote_mask(self.agree_V[ids], self.total_V[ids], self.shadow_agree_V[ids], self.shadow_total_V[ids],
+                                 self.config.target_agreement, self.config.wilson_z, self.config.shadow_min_checks)
+            drop = ids[demote & self.member_V[ids]].unique()
             if drop.numel():
                 self.member_V[drop] = False
                 self._count("demoted", drop.numel())

@@ -23,6 +23,8 @@ def add_var_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adaptive-k-min-weight", dest="adaptive_k_min_weight", type=float, default=None)
     p.add_argument("--weights-source", dest="weights_source", choices=["table", "learned"], default=None)
     p.add_argument("--shadow-rate", dest="shadow_rate", type=float, default=None)
+    p.add_argument("--shadow-min-checks", dest="shadow_min_checks", type=int, default=None,
+                   help="shadow checks of a token before its served agreement alone can demote it (0 = off)")
     p.add_argument("--cache-ttl-steps", dest="cache_ttl_steps", type=int, default=None)
     p.add_argument("--no-cache", dest="no_cache", action="store_true", help="turn the cached tier off")
     p.add_argument("--no-fast-path", dest="no_fast_path", action="store_true", help="turn the fast tier off")
@@ -31,7 +33,8 @@ def add_var_flags(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace, for_evaluation: bool = False) -> VARConfig:
     cfg = VARConfig.from_json(args.config) if args.config else get_preset(args.preset)
     changes: dict[str, Any] = {}
-    for name in ("adaptive_k", "adaptive_k_min_weight", "weights_source", "shadow_rate", "cache_ttl_steps"):
+    for name in ("adaptive_k", "adaptive_k_min_weight", "weights_source", "shadow_rate", "shadow_min_checks",
+                 "cache_ttl_steps"):
         if getattr(args, name, None) is not None:
             changes[name] = getattr(args, name)
     if getattr(args, "no_cache", False):

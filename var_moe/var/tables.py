@@ -44,6 +44,32 @@ def wilson_lower_bound(successes: torch.Tensor, trials: torch.Tensor, z: float) 
     return torch.where(n > 0, lower.clamp(0, 1), torch.zeros_like(lower))
 
 
+def wilson_upper_bound(successes: torch.Tensor, trials: torch.Tensor, z: float) -> torch.Tensor:
+    """Upper end of the Wilson score interval (1 where trials == 0): the interval is symmetric
+    under p -> 1 - p, so it is one minus the lower end for the failures."""
+    return 1 - wilson_lower_bound(trials - successes, trials, z)
+
+
+def demote_mask(cal_agree: torch.Tensor, cal_total: torch.Tensor, shadow_agree: torch.Tensor,
+                shadow_total: torch.Tensor, target: float, z: float, min_checks: int) -> torch.Tensor:
+    """Which table entries to take out, from calibration counts plus shadow checks in service.
+
+    Two tests, either one demotes:
+      - the running bound: Wilson lower bound of calibration + shadow agreement < target (the
+        admission rule, re-checked with the new evidence);
+      - served agreement alone: with at least `min_checks` shadow checks (0 = off), the Wilson
+        upper bound of the shadow agreement < target, i.e. the entry is below target on the traffic
+        actually served, at the same confidence, however large its calibration counts. Without it
+        an entry admitted on thousands of calibration tokens needs thousands of disagreeing
+        checks before the running bound drops (measured: 4 demotions at 75% served agreement).
+    """
+    combined = wilson_lower_bound(cal_agree + shadow_agree, cal_total + shadow_total, z) < target
+    if min_checks <= 0:
+        return combined
+    served = (shadow_total >= min_checks) & (wilson_upper_bound(shadow_agree, shadow_total, z) < target)
+    return combined | served
+
+
 @dataclass
 class LayerTable:
     experts_VK: torch.Tensor  # long
