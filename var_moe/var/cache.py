@@ -161,5 +161,6 @@ class ContextCache:
         old_keys, new_keys = self.keys_C.index_select(0, kept_C), new_NN[:, 0].contiguous()
         src = torch.empty(c + n, dtype=torch.long, device=dev)  # output row -> row of cat(data_CN, new_NN)
         src[torch.arange(c, device=dev) + torch.searchsorted(new_keys, old_keys)] = kept_C
-        src[torch.arange(n, device=dev) + torch.searchsorted(old_keys, new_keys)] = len(self) + torch.arange(n, device=dev)
+        new_rows = len(self) + torch.arange(n, device=dev)
+        src[torch.arange(n, device=dev) + torch.searchsorted(old_keys, new_keys)] = new_rows
         return torch.cat([self.data_CN, new_NN]).index_select(0, src)
