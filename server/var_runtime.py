@@ -157,6 +157,8 @@ class RoutingRuntime:
             return out
         out["config"] = self.wrapper.config.to_dict()
         out["table_sizes"] = {str(k): int(v) for k, v in self.wrapper.table_sizes().items()}
+        # entries taken out by shadow verification since start (table_sizes already excludes them)
+        out["demoted"] = {l: s["demoted"] for l, s in self.wrapper.get_performance_stats()["layers"].items()}
         out["tables_source"] = self.wrapper.tables.metadata.get("source")
         return out
 

@@ -192,7 +192,8 @@ def test_var_status_fields(client):
     client.post("/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 4, "var": True})
     s = client.get("/var/status").json()
     assert s["var"]["available"] and set(s["var"]["table_sizes"]) == {str(l) for l in s["var"]["layers"]}
-    assert "shadow_rate" in s["var"]["config"]
+    assert "shadow_rate" in s["var"]["config"] and s["var"]["config"]["shadow_min_checks"] == 20
+    assert set(s["var"]["demoted"]) == set(s["var"]["table_sizes"]) and all(v >= 0 for v in s["var"]["demoted"].values())
     for shares in s["tier_shares_since_start"].values():
         assert sum(shares.values()) == pytest.approx(1.0)
     assert any(v is not None for v in s["verification_agreement"].values())
