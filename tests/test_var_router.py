@@ -267,13 +267,15 @@ def test_adaptive_k_outputs_match_eager_experts(impl):
 
 
 def test_demote_mask_equals_scipy_wilson_on_a_grid():
-    from var_moe.var.tables import demote_mask
+    from var_moe.var.tables import demote_mask, wilson_lower_bound
 
     rows = [(ca, ct, sa, st) for ct in (0, 50, 2000) for ca in {0, ct // 2, ct} for st in (0, 5, 20, 60)
             for sa in {0, st // 2, (9 * st) // 10, st}]
     t = torch.tensor(rows, dtype=torch.float64)
     for min_checks in (0, 20):
-        got = demote_mask(t[:, 0], t[:, 1], t[:, 2], t[:, 3], 0.8, 1.959963984540054, min_checks).tolist()
+        z = 1.959963984540054
+        running = wilson_lower_bound(t[:, 0] + t[:, 2], t[:, 1] + t[:, 3], z)
+        got = demote_mask(running, t[:, 2], t[:, 3], 0.8, z, min_checks).tolist()
         for (ca, ct, sa, st), g in zip(rows, got):
             want = ct + st > 0 and sps.binomtest(ca + sa, ct + st).proportion_ci(0.95, method="wilson").low < 0.8
             want = want or (ct + st == 0)  # no evidence at all: the lower bound is 0

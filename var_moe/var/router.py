@@ -244,8 +244,8 @@ class VARRouter(nn.Module):
             self.shadow_agree_V.index_add_(0, ids, exact[fs].double())
             bound = wilson_lower_bound(self.agree_V[ids] + self.shadow_agree_V[ids],
                                        self.total_V[ids] + self.shadow_total_V[ids], self.config.wilson_z)
-            demote = demote_mask(self.agree_V[ids], self.total_V[ids], self.shadow_agree_V[ids], self.shadow_total_V[ids],
-                                 self.config.target_agreement, self.config.wilson_z, self.config.shadow_min_checks)
+            demote = demote_mask(bound, self.shadow_agree_V[ids], self.shadow_total_V[ids], self.config.target_agreement,
+                                 self.config.wilson_z, self.config.shadow_min_checks)
             drop = ids[demote & self.member_V[ids]].unique()
             if drop.numel():
                 self.member_V[drop] = False

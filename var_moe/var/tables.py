@@ -50,20 +50,20 @@ def wilson_upper_bound(successes: torch.Tensor, trials: torch.Tensor, z: float) 
     return 1 - wilson_lower_bound(trials - successes, trials, z)
 
 
-def demote_mask(cal_agree: torch.Tensor, cal_total: torch.Tensor, shadow_agree: torch.Tensor,
-                shadow_total: torch.Tensor, target: float, z: float, min_checks: int) -> torch.Tensor:
+def demote_mask(running_bound: torch.Tensor, shadow_agree: torch.Tensor, shadow_total: torch.Tensor,
+                target: float, z: float, min_checks: int) -> torch.Tensor:
     """Which table entries to take out, from calibration counts plus shadow checks in service.
 
     Two tests, either one demotes:
-      - the running bound: Wilson lower bound of calibration + shadow agreement < target (the
-        admission rule, re-checked with the new evidence);
+      - the running bound (`running_bound`: Wilson lower bound of calibration + shadow agreement,
+        as the router keeps it) < target: the admission rule, re-checked with the new evidence;
       - served agreement alone: with at least `min_checks` shadow checks (0 = off), the Wilson
         upper bound of the shadow agreement < target, i.e. the entry is below target on the traffic
         actually served, at the same confidence, however large its calibration counts. Without it
         an entry admitted on thousands of calibration tokens needs thousands of disagreeing
         checks before the running bound drops (measured: 4 demotions at 75% served agreement).
     """
-    combined = wilson_lower_bound(cal_agree + shadow_agree, cal_total + shadow_total, z) < target
+    combined = running_bound < target
     if min_checks <= 0:
         return combined
     served = (shadow_total >= min_checks) & (wilson_upper_bound(shadow_agree, shadow_total, z) < target)
