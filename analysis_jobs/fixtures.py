@@ -3,7 +3,7 @@
 `servable_var_model(tmp)` returns the reference model folder when it holds weights, a tokenizer and
 VAR files (tables or calibration statistics); otherwise it writes a seeded tiny Mixtral, a small
 byte-level BPE tokenizer trained on var_moe's own sources, and calibration routing statistics
-captured from those sources (`routing_stats_calibration.parquet`), which `varmoe serve` turns into
+captured from those sources (`var/routing_stats_calibration.parquet`), which `varmoe serve` turns into
 VAR tables at start-up. Test: used by `pytest tests/test_reliability_*.py tests/test_ab_*.py`.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from var_moe.loading import REFERENCE_MODEL_DIR
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-VAR_FILES = ("var_tables.safetensors", "routing_stats_calibration.parquet")
+VAR_FILES = ("var/var_tables.safetensors", "var/routing_stats_calibration.parquet")
 
 
 def reference_ready(path: Path = REFERENCE_MODEL_DIR) -> bool:
@@ -45,7 +45,8 @@ def tiny_var_model(out_dir: str | Path, seed: int = 0, vocab_size: int = 512, se
         for i in range(0, len(seqs), 16):
             input_ids, mask = pad_batch(seqs[i:i + 16], tok.pad_token_id)
             analyzer.analyze_batch(input_ids, mask)
-    analyzer.write_parquet(out / "routing_stats_calibration.parquet",
+    (out / "var").mkdir(exist_ok=True)
+    analyzer.write_parquet(out / "var" / "routing_stats_calibration.parquet",
                            {"model": str(out), "dataset": "var_moe sources", "split": "calibration"})
     return out
 

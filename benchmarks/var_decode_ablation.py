@@ -57,7 +57,7 @@ def main() -> None:
         ap.error("--warm-sequences must be >= 0")
     torch.set_num_threads(1)
     model, tok = load_model(args.model)
-    tables = VARTables.load(f"{args.model}/var_tables.safetensors", model=model)
+    tables = VARTables.load(f"{args.model}/var/var_tables.safetensors", model=model)
     base_config = VARConfig.from_dict(tables.metadata["config"])
     ids = tok("import os\nimport sys\n", return_tensors="pt")
 

@@ -31,7 +31,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     model, tok = load_model(args.model)
-    tables = VARTables.load(f"{args.model}/var_tables.safetensors", model=model)
+    tables = VARTables.load(f"{args.model}/var/var_tables.safetensors", model=model)
     wrapper = VARModelWrapper(model, VARConfig.from_dict(tables.metadata["config"]), tables)
     ids = tok("import os\nimport sys\n", return_tensors="pt")
 

@@ -2,7 +2,7 @@
 
 Precedence: command-line flags (`varmoe serve --port 9000`) > environment (`VARMOE_PORT=9000`) >
 defaults. Defaults serve the reference model (`models/reference-moe`) on 127.0.0.1:8000 with its
-VAR tables and calibration routing statistics when those files are present next to the weights.
+VAR tables and calibration routing statistics when those files are present in `<model>/var/`.
 Invalid values fail at start-up with a message naming the setting. Test: `pytest tests/test_server_api.py`.
 """
 
@@ -18,6 +18,9 @@ from var_moe.loading import REFERENCE_MODEL_DIR
 
 VAR_TABLES_FILE = "var_tables.safetensors"
 ROUTING_STATS_FILE = "routing_stats_calibration.parquet"
+# VAR artifacts live in a sub-folder, never beside the weights: engines such as vLLM load every
+# top-level *.safetensors of a model folder and refuse one holding VAR tables.
+VAR_DIR = "var"
 
 
 class ServerSettings(BaseSettings):
@@ -31,8 +34,8 @@ class ServerSettings(BaseSettings):
     trust_remote_code: bool = False
     threads: int | None = Field(None, ge=1, description="torch CPU threads of the engine thread")
     # -- VAR ---------------------------------------------------------------------------------
-    var_tables: Path | None = Field(None, description=f"default: <model>/{VAR_TABLES_FILE} if present")
-    routing_stats: Path | None = Field(None, description=f"default: <model>/{ROUTING_STATS_FILE} if present")
+    var_tables: Path | None = Field(None, description=f"default: <model>/{VAR_DIR}/{VAR_TABLES_FILE} if present")
+    routing_stats: Path | None = Field(None, description=f"default: <model>/{VAR_DIR}/{ROUTING_STATS_FILE} if present")
     var_config: str | None = Field(None, description="VARConfig JSON file or preset name")
     var_on_start: bool = Field(True, description="start in VAR mode when VAR is available")
     shadow_rate: float | None = Field(
@@ -64,10 +67,10 @@ class ServerSettings(BaseSettings):
         return p
 
     def default_file(self, explicit: Path | None, filename: str) -> Path | None:
-        """The explicit path, else `<model>/<filename>` when the model is a local folder holding it."""
+        """The explicit path, else `<model>/var/<filename>` when the model is a local folder holding it."""
         if explicit is not None:
             return Path(explicit)
-        candidate = Path(self.model) / filename
+        candidate = Path(self.model) / VAR_DIR / filename
         return candidate if candidate.exists() else None
 
     @property

@@ -143,7 +143,7 @@ def permissive_var_config() -> dict:
 def var_args(model_dir: Path, tmp: Path) -> list[str]:
     """VAR for the test server: the model's own tables if it has them (shadow checks on), else tables
     from a quick capture with permissive thresholds (a random tiny model routes with high entropy)."""
-    tables = model_dir / "var_tables.safetensors"
+    tables = model_dir / "var" / "var_tables.safetensors"
     cfg_path = tmp / "var.json"
     if tables.exists():
         from var_moe.var import VARTables

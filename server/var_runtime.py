@@ -74,7 +74,7 @@ class RoutingRuntime:
             reason = "the VAR package (var_moe.var) is not installed in this build"
         elif settings.var_tables_path is None and settings.routing_stats_path is None:
             reason = (f"no VAR tables: pass --var-tables or --routing-stats, or put var_tables.safetensors "
-                      f"or routing_stats_calibration.parquet in {settings.model}")
+                      f"or routing_stats_calibration.parquet in {settings.model}/var/")
         else:
             try:
                 wrapper = cls._build_wrapper(var_pkg, model, settings)

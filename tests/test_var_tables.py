@@ -117,11 +117,11 @@ def test_tables_from_real_capture_route_like_the_router():
 
 
 def test_committed_reference_tables_fit_the_committed_model(reference_model_dir):
-    """The server loads models/reference-moe/var_tables.safetensors by default: it must match the
+    """The server loads models/reference-moe/var/var_tables.safetensors by default: it must match the
     committed model (a retrained model changes the router fingerprint and is refused)."""
     from var_moe.loading import load_model
 
-    path = reference_model_dir / "var_tables.safetensors"
+    path = reference_model_dir / "var" / "var_tables.safetensors"
     if not path.exists():
         pytest.skip("no committed VAR tables next to the reference model")
     model, _ = load_model(reference_model_dir)
