@@ -25,9 +25,16 @@ from pathlib import Path
 
 import httpx
 
+from var_moe.errors import InvalidInputError, VarMoeError
+
 from . import ab_stats
 from .prom import MetricsSampler, diff, fetch, histogram_quantile, label_values, series
 from .server_process import ManagedServer
+
+
+class ServerAnswerError(VarMoeError, RuntimeError):
+    """The server under test answered something the job cannot go on with (the message quotes it)."""
+
 
 MODES = ("var", "baseline")
 TIERS = ("fast", "cached", "learned")
@@ -55,12 +62,12 @@ class ABConfig:
     def __post_init__(self):
         for name in ("duration_s", "spawn_rate", "sample_every_s"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"--{name.replace('_s', '').replace('_', '-')} must be positive")
+                raise InvalidInputError(f"--{name.replace('_s', '').replace('_', '-')} must be positive")
         for name in ("users", "ppl_texts", "ppl_chars", "n_boot", "threads"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+                raise InvalidInputError(f"--{name.replace('_', '-')} must be at least 1")
         if self.users < 2:
-            raise ValueError("--users must be at least 2 (half of the users run each mode)")
+            raise InvalidInputError("--users must be at least 2 (half of the users run each mode)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -80,7 +87,7 @@ def perplexity_texts(dataset: str, n: int, chars: int) -> list[str]:
         if len(out) >= n:
             break
     if not out:
-        raise ValueError(f"--dataset {dataset!r} has no test-split text to measure perplexity on")
+        raise InvalidInputError(f"--dataset {dataset!r} has no test-split text to measure perplexity on")
     return out
 
 
@@ -95,7 +102,7 @@ def measure_perplexity(url: str, texts: list[str], var: bool, chunk: int = 8, ti
                 out.extend(r.json()["results"])
                 continue
             if r.status_code != 413:
-                raise RuntimeError(f"/v1/perplexity answered {r.status_code}: {r.text[:300]}")
+                raise ServerAnswerError(f"/v1/perplexity answered {r.status_code}: {r.text[:300]}")
             for text in part:  # one by one, shortening the text that is too long
                 for _ in range(8):
                     r = client.post("/v1/perplexity", json={"text": text, "var": var})
@@ -103,7 +110,7 @@ def measure_perplexity(url: str, texts: list[str], var: bool, chunk: int = 8, ti
                         break
                     text = text[: len(text) // 2]
                 if r.status_code != 200:
-                    raise RuntimeError(f"/v1/perplexity answered {r.status_code}: {r.text[:300]}")
+                    raise ServerAnswerError(f"/v1/perplexity answered {r.status_code}: {r.text[:300]}")
                 out.append(r.json()["results"][0])
     return out
 
@@ -174,7 +181,7 @@ def _warm_up(url: str, prompt: str) -> None:
         for var in (True, False):
             r = c.post("/v1/generate", json={"prompt": prompt, "max_new_tokens": 4, "var": var})
             if r.status_code != 200:
-                raise RuntimeError(f"warm-up /v1/generate (var={var}) answered {r.status_code}: {r.text[:300]}")
+                raise ServerAnswerError(f"warm-up /v1/generate (var={var}) answered {r.status_code}: {r.text[:300]}")
 
 
 def run_ab_test(cfg: ABConfig, log=print) -> dict:
@@ -196,7 +203,7 @@ def run_ab_test(cfg: ABConfig, log=print) -> dict:
             url = server.url
         status = httpx.get(url + "/var/status", timeout=30).json()
         if not status.get("var", {}).get("available"):
-            raise RuntimeError(f"VAR is unavailable on the server: {status.get('var', {}).get('unavailable_reason')}")
+            raise ServerAnswerError(f"VAR is unavailable on the server: {status.get('var', {}).get('unavailable_reason')}")
         model_dir = Path(cfg.model or httpx.get(url + "/readyz", timeout=30).json().get("model", ""))
         fit = (model_dir / "tokenizer_config.json").exists() or (model_dir / "tokenizer.json").exists()
         prompts = build_prompts(cfg.dataset, "test", 200, cfg.seed)
@@ -236,7 +243,7 @@ def run_ab_test(cfg: ABConfig, log=print) -> dict:
                                         [i["mean_nll"] * i["tokens"] for i in base_items],
                                         [i["tokens"] for i in base_items], cfg.n_boot, cfg.seed)
     if [i["tokens"] for i in var_items] != [i["tokens"] for i in base_items]:
-        raise RuntimeError("the two modes scored different token counts for the same texts")
+        raise ServerAnswerError("the two modes scored different token counts for the same texts")
     load_tiers_var = request_tiers(rows, "var")
     results = {
         "config": cfg.to_dict() | {"url": url if cfg.url else "(started on a free port)"},

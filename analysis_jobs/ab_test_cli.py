@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import shlex
 
+from var_moe.errors import InvalidInputError
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("ab-test", help="A/B test VAR on vs off under Locust load through the server",
@@ -42,11 +44,11 @@ def config_from_args(args: argparse.Namespace):
     try:
         max_new = tuple(int(x) for x in args.max_new.split(","))
     except ValueError:
-        raise ValueError(f"--max-new must be two integers like 16,48, got {args.max_new!r}") from None
+        raise InvalidInputError(f"--max-new must be two integers like 16,48, got {args.max_new!r}") from None
     if len(max_new) != 2 or min(max_new) < 1:
-        raise ValueError("--max-new must be two positive integers, e.g. 16,48")
+        raise InvalidInputError("--max-new must be two positive integers, e.g. 16,48")
     if args.url is not None and not args.url.startswith(("http://127.0.0.1", "http://localhost")):
-        raise ValueError(f"--url {args.url!r}: only loopback servers are targeted by this job")
+        raise InvalidInputError(f"--url {args.url!r}: only loopback servers are targeted by this job")
     return ABConfig(url=args.url, model=args.model, server_args=tuple(shlex.split(args.server_args)),
                     duration_s=args.duration, users=args.users, spawn_rate=args.spawn_rate,
                     output_dir=args.output_dir, sample_every_s=args.sample_every, dataset=args.dataset,

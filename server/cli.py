@@ -13,6 +13,8 @@ import argparse
 import logging
 import sys
 
+from var_moe.errors import InvalidInputError
+
 # flag name -> (type, help); None type = boolean switch with a --no- twin
 FLAGS: dict[str, tuple[type | None, str]] = {
     "model": (str, "local folder or hub id (default: the reference model)"),
@@ -62,7 +64,7 @@ def build_settings(args: argparse.Namespace):
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "settings"
-        raise ValueError(f"--{field.replace('_', '-')} (or VARMOE_{field.upper()}): {first['msg']}") from None
+        raise InvalidInputError(f"--{field.replace('_', '-')} (or VARMOE_{field.upper()}): {first['msg']}") from None
 
 
 def run(args: argparse.Namespace) -> int:

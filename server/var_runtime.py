@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from var_moe.adapters import get_adapter
+from var_moe.errors import InvalidInputError
 from var_moe.loading import LoadSpec, load_model
 
 log = logging.getLogger("varmoe.server")
@@ -80,7 +81,7 @@ class RoutingRuntime:
                 wrapper = cls._build_wrapper(var_pkg, model, settings)
             except (ValueError, OSError, KeyError) as exc:  # wrong model / bad file / bad config
                 if settings.var_tables or settings.routing_stats or settings.var_config:
-                    raise ValueError(f"VAR could not be set up: {exc}") from exc  # the operator asked for it
+                    raise InvalidInputError(f"VAR could not be set up: {exc}") from exc  # the operator asked for it
                 reason = f"VAR could not be set up from the files next to the model: {exc}"
                 log.warning(reason)
         rt = cls(model, tokenizer, settings.model, wrapper, reason)

@@ -5,8 +5,9 @@ Subcommands are modules in `var_moe/commands/` (found with pkgutil) plus plug-in
 package never imports `server/` or `analysis_jobs/` directly. A subcommand module defines
 `register(subparsers)`, which adds its parser and sets `func=run` (run(args) -> exit code).
 
-Bad flags exit with status 2 and a message naming the flag; library errors that are the user's
-(ValueError and friends) print `varmoe: error: ...` and exit 2, never a stack trace.
+Bad flags exit with status 2 and a message naming the flag; errors that are the user's (the
+project's own `VarMoeError` types, and a file that is missing or unreadable) print
+`varmoe CMD: error: ...` and exit 2. Any other exception is a bug and keeps its traceback.
 Run: `varmoe --help`. Test: `pytest tests/test_cli.py`.
 """
 
@@ -18,7 +19,11 @@ import pkgutil
 import sys
 from importlib.metadata import entry_points
 
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError, PermissionError, TypeError, RuntimeError)
+from .errors import VarMoeError
+
+# Only the project's own error types, plus the operating system's word on a path the user gave:
+# catching TypeError or RuntimeError here would print a bug as if it were the user's mistake.
+USER_ERRORS = (VarMoeError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 def build_parser() -> argparse.ArgumentParser:

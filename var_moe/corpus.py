@@ -25,6 +25,8 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from .errors import InvalidInputError
+
 SPLITS = ("train", "calibration", "test")
 _SPLIT_BOUNDS = (80, 90)  # percent: [0,80) train, [80,90) calibration, [90,100) test
 HUB_ALIASES = {
@@ -36,7 +38,7 @@ _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 MAX_DOC_BYTES = 400_000  # larger files (generated tables) would dominate a split
 
 
-class DatasetError(ValueError):
+class DatasetError(InvalidInputError):
     """A dataset name/path could not be read; the message names it."""
 
 
@@ -178,7 +180,7 @@ def tokenize_documents(tokenizer: Any, docs: Iterable[Document], eos: bool = Tru
 def chunk_sequences(token_lists: Iterable[list[int]], max_length: int) -> Iterator[list[int]]:
     """Cut each document into pieces of at most `max_length` tokens; no piece crosses documents."""
     if max_length < 2:
-        raise ValueError("--max-length must be at least 2")
+        raise InvalidInputError("--max-length must be at least 2")
     for ids in token_lists:
         for start in range(0, len(ids), max_length):
             piece = ids[start : start + max_length]

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from .errors import InvalidInputError, VarMoeError
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_MODEL_DIR = Path(os.environ.get("VARMOE_REFERENCE_MODEL", REPO_ROOT / "models" / "reference-moe"))
 
@@ -25,7 +27,7 @@ DEVICES = ("cpu", "cuda", "auto")
 QUANTIZATIONS = (None, "4bit", "8bit")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(VarMoeError, RuntimeError):
     """A model could not be loaded; the message says which path/flag and why."""
 
 
@@ -42,11 +44,11 @@ class LoadSpec:
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+            raise InvalidInputError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.device not in DEVICES:
-            raise ValueError(f"--device must be one of {DEVICES}, got {self.device!r}")
+            raise InvalidInputError(f"--device must be one of {DEVICES}, got {self.device!r}")
         if self.quantization not in QUANTIZATIONS:
-            raise ValueError(f"--quantization must be one of 4bit, 8bit or none, got {self.quantization!r}")
+            raise InvalidInputError(f"--quantization must be one of 4bit, 8bit or none, got {self.quantization!r}")
 
 
 def resolve_device(device: str) -> str:

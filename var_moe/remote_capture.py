@@ -22,10 +22,12 @@ from typing import Any, Callable
 
 import httpx
 
+from .errors import InvalidInputError, VarMoeError
+
 MAX_PROMPTS_PER_REQUEST = 64  # the server's limit of prompts per completion request
 
 
-class RemoteCaptureError(RuntimeError):
+class RemoteCaptureError(VarMoeError, RuntimeError):
     """The server refused or failed a step; the message names the step and the server's answer."""
 
 
@@ -56,9 +58,9 @@ def capture_via_server(url: str, admin_token: str | None, tokenizer: Any, output
     from .capture.schema import pairs_path, read_pairs, read_stats, write_pairs, write_stats
 
     if not admin_token:
-        raise ValueError("--server: the admin token is missing (set VARMOE_ADMIN_TOKEN to the server's token)")
+        raise InvalidInputError("--server: the admin token is missing (set VARMOE_ADMIN_TOKEN to the server's token)")
     if not 1 <= batch_size <= MAX_PROMPTS_PER_REQUEST:
-        raise ValueError(f"--batch-size must be in 1..{MAX_PROMPTS_PER_REQUEST} for --server")
+        raise InvalidInputError(f"--batch-size must be in 1..{MAX_PROMPTS_PER_REQUEST} for --server")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     headers = {"Authorization": f"Bearer {admin_token}"}
@@ -85,7 +87,7 @@ def capture_via_server(url: str, admin_token: str | None, tokenizer: Any, output
             stop = client.post("/admin/capture/stop")  # always stop, even when a push failed
         _check(stop, "POST /admin/capture/stop")
         if sent_seqs == 0:
-            raise ValueError(f"--dataset {dataset!r} split {split!r} gave no sequences to capture")
+            raise InvalidInputError(f"--dataset {dataset!r} split {split!r} gave no sequences to capture")
         stats = _check(client.get("/admin/capture/stats", params={"part": "stats"}), "GET /admin/capture/stats")
         pairs = client.get("/admin/capture/stats", params={"part": "pairs"})
     # Re-label the files: they describe the corpus pushed, not anonymous live traffic.

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from .errors import InvalidInputError
+
 _COMMON = dict(
     vocab_size=99,
     hidden_size=32,
@@ -62,7 +64,7 @@ def tiny_config(family: str, **overrides: Any) -> Any:
     import transformers
 
     if family not in _FAMILIES:
-        raise ValueError(f"unknown family {family!r}; tiny models exist for {', '.join(TINY_FAMILIES)}")
+        raise InvalidInputError(f"unknown family {family!r}; tiny models exist for {', '.join(TINY_FAMILIES)}")
     cls_name, fields = _FAMILIES[family]
     kwargs = {**_COMMON, **fields, **overrides}
     kwargs = {k: v for k, v in kwargs.items() if v is not None}

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import InvalidInputError
+
 
 @dataclass
 class TokenBatch:
@@ -102,7 +104,7 @@ class TokenTracker:
 
     def __init__(self, model: nn.Module, window: int = 1):
         if window < 0:
-            raise ValueError("window must be >= 0")
+            raise InvalidInputError("window must be >= 0")
         self.model = model
         self.window = window
         self.current: TokenBatch | None = None

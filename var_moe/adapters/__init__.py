@@ -11,6 +11,7 @@ import difflib
 import importlib
 from typing import Any
 
+from ..errors import InvalidInputError
 from .base import MoEAdapter, MoELayer, RouterDecision, looks_like_probabilities
 
 # model_type -> "module:Class" (relative to this package)
@@ -29,7 +30,7 @@ _REGISTRY: dict[str, str] = {
 SUPPORTED_FAMILIES: tuple[str, ...] = tuple(sorted(_REGISTRY))
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(InvalidInputError):
     """Raised for a model whose architecture has no adapter."""
 
 

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import InvalidInputError
+
 
 @dataclass(frozen=True)
 class MoELayer:
@@ -95,7 +97,7 @@ class MoEAdapter:
         base = getattr(model, "model", model)
         layers = getattr(base, "layers", None)
         if layers is None:
-            raise ValueError(f"{type(model).__name__} has no `model.layers`; is it a causal LM?")
+            raise InvalidInputError(f"{type(model).__name__} has no `model.layers`; is it a causal LM?")
         return layers
 
     def moe_layers(self, model: nn.Module) -> list[MoELayer]:
@@ -109,7 +111,7 @@ class MoEAdapter:
                     found.append(MoELayer(i, block, router, self.router_attr, block.experts))
                     break
         if not found:
-            raise ValueError(f"no MoE layers found in {type(model).__name__} by the {self.family} adapter")
+            raise InvalidInputError(f"no MoE layers found in {type(model).__name__} by the {self.family} adapter")
         return found
 
     def select_moe_layers(self, model: nn.Module, indices: Any = None, name: str = "layers") -> list[MoELayer]:
@@ -121,7 +123,7 @@ class MoEAdapter:
         available = [m.layer for m in layers]
         missing = sorted(set(indices) - set(available))
         if missing:
-            raise ValueError(f"{name} {missing} have no MoE block; MoE layers are {available}")
+            raise InvalidInputError(f"{name} {missing} have no MoE block; MoE layers are {available}")
         return [m for m in layers if m.layer in set(indices)]
 
     # -- reading router outputs --------------------------------------------------------------

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ..adapters import RouterDecision, get_adapter
+from ..errors import InvalidInputError
 from ..token_tracker import TokenBatch
 from .pairs import DEFAULT_CAPACITY, PairStats
 from .recorder import RoutingRecorder
@@ -195,7 +196,7 @@ class RouterAnalyzer:
 
     def get_pair_analysis(self):
         if self.pairs is None:
-            raise ValueError("pair statistics are off (track_pairs=False)")
+            raise InvalidInputError("pair statistics are off (track_pairs=False)")
         return self.pairs.to_dataframe()
 
     def reset(self) -> None:

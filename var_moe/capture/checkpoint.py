@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from ..errors import InvalidInputError
+
 FORMAT = "var_moe.capture.checkpoint/1"
 
 
@@ -55,7 +57,7 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], Position, dict
             meta = fh.metadata() or {}
         tensors = load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise ValueError(f"checkpoint {path} is unreadable ({exc}); delete it to start over") from exc
+        raise InvalidInputError(f"checkpoint {path} is unreadable ({exc}); delete it to start over") from exc
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a var-moe capture checkpoint")
+        raise InvalidInputError(f"{path} is not a var-moe capture checkpoint")
     return tensors, Position(**json.loads(meta["position"])), json.loads(meta["config"])

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ..errors import InvalidInputError
 from .schema import STATS_SCHEMA
 from .streaming_stats import StreamingTokenStats, decode_table
 
@@ -116,15 +117,15 @@ def stats_from_dataframe(df: Any, metadata: dict[str, Any], device: str | torch.
         layers = [int(x) for x in metadata["layers"]]
         V, E, K = int(metadata["vocab_size"]), int(metadata["num_experts"]), int(metadata["top_k"])
     except KeyError as exc:
-        raise ValueError(f"statistics metadata lacks {exc.args[0]!r}") from None
+        raise InvalidInputError(f"statistics metadata lacks {exc.args[0]!r}") from None
     stats = StreamingTokenStats(len(layers), V, E, K, device="cpu", layer_ids=layers)
     if bool(metadata.get("exact_sets", stats.exact_sets)) != stats.exact_sets:
-        raise ValueError("statistics file and this version disagree on whether top-k sets are counted")
+        raise InvalidInputError("statistics file and this version disagree on whether top-k sets are counted")
     slot_of = np.full(max(layers) + 1, -1, dtype=np.int64)
     slot_of[layers] = np.arange(len(layers))
     layer_N = df["layer"].to_numpy().astype(np.int64)
     if len(df) and (layer_N.max() >= len(slot_of) or (slot_of[layer_N] < 0).any()):
-        raise ValueError(f"rows name layers outside the metadata's layers {layers}")
+        raise InvalidInputError(f"rows name layers outside the metadata's layers {layers}")
     slot_N = torch.from_numpy(slot_of[layer_N])
     tok_N = _tensor(df["token_id"].to_numpy().astype(np.int64))
     t = stats.tensors

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 
 from ..corpus import SPLITS, iter_batches
+from ..errors import InvalidInputError
 from .analyzer import RouterAnalyzer
 from .checkpoint import Position, checkpoint_path, load_checkpoint, save_checkpoint
 from .pairs import DEFAULT_CAPACITY
@@ -50,19 +51,19 @@ class CaptureConfig:
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
-            raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+            raise InvalidInputError(f"--split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         if self.num_samples is not None and self.num_samples < 1:
-            raise ValueError(f"--num-samples must be >= 1, got {self.num_samples}")
+            raise InvalidInputError(f"--num-samples must be >= 1, got {self.num_samples}")
         if self.max_length < 2:
-            raise ValueError(f"--max-length must be >= 2, got {self.max_length}")
+            raise InvalidInputError(f"--max-length must be >= 2, got {self.max_length}")
         if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+            raise InvalidInputError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
-            raise ValueError(f"--checkpoint-every must be >= 1 token, got {self.checkpoint_every}")
+            raise InvalidInputError(f"--checkpoint-every must be >= 1 token, got {self.checkpoint_every}")
         if self.control not in CONTROLS:
-            raise ValueError(f"--control must be 'random-init' or absent, got {self.control!r}")
+            raise InvalidInputError(f"--control must be 'random-init' or absent, got {self.control!r}")
         if self.pair_capacity < 0 or self.pair_capacity == 1:
-            raise ValueError(f"--pair-capacity must be 0 (off) or >= 2, got {self.pair_capacity}")
+            raise InvalidInputError(f"--pair-capacity must be 0 (off) or >= 2, got {self.pair_capacity}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -72,7 +73,7 @@ class CaptureConfig:
         data = json.loads(text)
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown capture config fields {sorted(unknown)}")
+            raise InvalidInputError(f"unknown capture config fields {sorted(unknown)}")
         return cls(**data)
 
 
@@ -133,7 +134,7 @@ def run_capture(
     if model is None:
         model, tokenizer = load_for_capture(config)
     if tokenizer is None:
-        raise ValueError("a tokenizer is needed to read the corpus")
+        raise InvalidInputError("a tokenizer is needed to read the corpus")
     analyzer = RouterAnalyzer(model, tokenizer=tokenizer, track_pairs=config.pair_capacity > 0,
                               pair_capacity=max(config.pair_capacity, 2))
     ckpt = checkpoint_path(output, rank, world_size) if output is not None else None
@@ -141,7 +142,7 @@ def run_capture(
     if resume and ckpt is not None and ckpt.exists():
         tensors, position, saved = load_checkpoint(ckpt)
         if saved != json.loads(config.to_json()):
-            raise ValueError(f"--resume: checkpoint {ckpt} was written by another configuration: {saved}")
+            raise InvalidInputError(f"--resume: checkpoint {ckpt} was written by another configuration: {saved}")
         _restore(analyzer, tensors)
         analyzer.padding_excluded = position.padding_excluded
         log(f"resuming from {ckpt}: {position.batches} batches, {position.tokens} tokens done")

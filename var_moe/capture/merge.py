@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 
+from ..errors import InvalidInputError
 from .frame import stats_from_dataframe, stats_to_dataframe
 from .pairs import PairStats
 from .schema import StatsFileError, pairs_path, read_pairs, read_stats, write_pairs, write_stats
@@ -34,9 +35,9 @@ def _check_same_shape(metas: Sequence[dict[str, Any]], paths: Sequence[Path]) ->
 def merge_files(inputs: Sequence[str | Path], output: str | Path) -> Path:
     paths = [Path(p) for p in inputs]
     if len(paths) < 2:
-        raise ValueError("merge-stats needs at least two input files")
+        raise InvalidInputError("merge-stats needs at least two input files")
     if Path(output).resolve() in {p.resolve() for p in paths}:
-        raise ValueError(f"-o {output}: the output must not be one of the inputs")
+        raise InvalidInputError(f"-o {output}: the output must not be one of the inputs")
     frames, metas = zip(*(read_stats(p) for p in paths))
     _check_same_shape(metas, paths)
     merged = stats_from_dataframe(frames[0], metas[0])

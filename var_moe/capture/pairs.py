@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ..errors import InvalidInputError
 from .schema import PAIR_SCHEMA
 from .streaming_stats import MAX_SETS, binomial_table, decode_table, encode_sets
 
@@ -48,7 +49,7 @@ class PairStats:
         device: str | torch.device = "cpu",
     ):
         if capacity < 2:
-            raise ValueError(f"pair capacity must be >= 2, got {capacity}")
+            raise InvalidInputError(f"pair capacity must be >= 2, got {capacity}")
         self.layer_ids = list(layer_ids)
         self.vocab_size, self.num_experts, self.top_k = vocab_size, num_experts, top_k
         self.capacity, self.buffer_size = capacity, buffer_size
@@ -57,7 +58,7 @@ class PairStats:
         self.mode = "set" if S <= MAX_SETS and vocab_size * vocab_size * S < 2**62 else "expert"
         self.width = S if self.mode == "set" else num_experts + 1
         if vocab_size * vocab_size * self.width >= 2**62:
-            raise ValueError(f"vocabulary {vocab_size} is too large for int64 pair keys")
+            raise InvalidInputError(f"vocabulary {vocab_size} is too large for int64 pair keys")
         self._binom = binomial_table(num_experts, top_k).to(self.device)
         n = len(self.layer_ids)
         self.keys = [torch.zeros(0, dtype=torch.long, device=self.device) for _ in range(n)]
@@ -130,7 +131,7 @@ class PairStats:
     # -- merge / state ------------------------------------------------------------------------
     def merge(self, other: "PairStats") -> "PairStats":
         if (other.layer_ids, other.vocab_size, other.mode, other.width) != (self.layer_ids, self.vocab_size, self.mode, self.width):
-            raise ValueError("cannot merge pair statistics of different layers / vocabularies / modes")
+            raise InvalidInputError("cannot merge pair statistics of different layers / vocabularies / modes")
         self.flush()
         other.flush()
         for slot in range(len(self.layer_ids)):
@@ -150,7 +151,7 @@ class PairStats:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.err = [int(x) for x in state["pairs.err"].tolist()]
         if len(self.err) != len(self.layer_ids):
-            raise ValueError("pair state has a different number of layers")
+            raise InvalidInputError("pair state has a different number of layers")
         for slot in range(len(self.layer_ids)):
             self.keys[slot] = state[f"pairs.keys.{slot}"].to(self.device)
             self.counts[slot] = state[f"pairs.counts.{slot}"].to(self.device)
@@ -227,7 +228,7 @@ class PairStats:
         layers = [int(x) for x in metadata["layers"]]
         out = cls(layers, int(metadata["vocab_size"]), int(metadata["num_experts"]), int(metadata["top_k"]), capacity=capacity)
         if metadata.get("pairs", {}).get("mode", out.mode) != out.mode:
-            raise ValueError("pair sidecar was written in another key mode")
+            raise InvalidInputError("pair sidecar was written in another key mode")
         bounds = metadata.get("pairs", {}).get("error_bound", {})
         lengths = df["key_ids"].map(len).to_numpy() if len(df) else np.zeros(0, dtype=np.int64)
         for slot, layer in enumerate(layers):

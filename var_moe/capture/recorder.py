@@ -24,12 +24,13 @@ from typing import Any, Callable, Sequence
 from torch import nn
 
 from ..adapters import RouterDecision, get_adapter
+from ..errors import VarMoeError
 from ..token_tracker import TokenBatch, TokenTracker
 
 Callback = Callable[[int, TokenBatch, RouterDecision], None]
 
 
-class MissingTokenIdsError(RuntimeError):
+class MissingTokenIdsError(VarMoeError, RuntimeError):
     """The forward was called without `input_ids` (e.g. inputs_embeds), so rows cannot be attributed."""
 
 

@@ -26,6 +26,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..errors import InvalidInputError
+
 METADATA_KEY = b"var_moe"
 SCHEMA_VERSION = 1
 
@@ -74,7 +76,7 @@ PAIR_SCHEMA = pa.schema(
 PAIR_COLUMNS = tuple(PAIR_SCHEMA.names)
 
 
-class StatsFileError(ValueError):
+class StatsFileError(InvalidInputError):
     """A statistics file is missing, unreadable or has the wrong schema; the message names it."""
 
 

@@ -39,6 +39,8 @@ from typing import Any, Sequence
 
 import torch
 
+from ..errors import InvalidInputError, UnknownLayerError
+
 MAX_SETS = 128  # exact top-k set counts when C(E, k) <= this (dense (L, V, S) int64 counts)
 _WELFORD = ("entropy", "confidence")
 
@@ -145,13 +147,13 @@ class StreamingTokenStats:
     ):
         for name, value in (("num_layers", num_layers), ("vocab_size", vocab_size), ("num_experts", num_experts)):
             if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+                raise InvalidInputError(f"{name} must be >= 1, got {value}")
         if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+            raise InvalidInputError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
         self.num_layers, self.vocab_size, self.num_experts, self.top_k = num_layers, vocab_size, num_experts, top_k
         self.layer_ids = list(layer_ids) if layer_ids is not None else list(range(num_layers))
         if len(self.layer_ids) != num_layers:
-            raise ValueError(f"layer_ids has {len(self.layer_ids)} entries for num_layers={num_layers}")
+            raise InvalidInputError(f"layer_ids has {len(self.layer_ids)} entries for num_layers={num_layers}")
         self.device = torch.device(device)
         self.num_sets = math.comb(num_experts, top_k)
         self.exact_sets = self.num_sets <= max_sets
@@ -182,7 +184,7 @@ class StreamingTokenStats:
         try:
             return self.layer_ids.index(layer)
         except ValueError:
-            raise KeyError(f"layer {layer} is not tracked; tracked layers are {self.layer_ids}") from None
+            raise UnknownLayerError(f"layer {layer} is not tracked; tracked layers are {self.layer_ids}") from None
 
     def update(
         self,
@@ -286,7 +288,7 @@ class StreamingTokenStats:
         mine = (self.layer_ids, self.vocab_size, self.num_experts, self.top_k, self.exact_sets)
         theirs = (other.layer_ids, other.vocab_size, other.num_experts, other.top_k, other.exact_sets)
         if mine != theirs:
-            raise ValueError(f"cannot merge statistics of different shapes: (layers, V, E, k, exact_sets) {mine} vs {theirs}")
+            raise InvalidInputError(f"cannot merge statistics of different shapes: (layers, V, E, k, exact_sets) {mine} vs {theirs}")
 
     def merge(self, other: "StreamingTokenStats") -> "StreamingTokenStats":
         """Add another shard's statistics in place (Chan's parallel algorithm); returns self."""
@@ -328,10 +330,10 @@ class StreamingTokenStats:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing = set(self.tensors) - set(state)
         if missing:
-            raise ValueError(f"statistics state is missing {sorted(missing)}")
+            raise InvalidInputError(f"statistics state is missing {sorted(missing)}")
         for k, v in self.tensors.items():
             if tuple(state[k].shape) != tuple(v.shape):
-                raise ValueError(f"statistics state {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
+                raise InvalidInputError(f"statistics state {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
             v.copy_(state[k].to(self.device))
 
     def reset(self) -> None:

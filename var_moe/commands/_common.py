@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..corpus import SPLITS
+from ..errors import InvalidInputError
 from ..loading import DEVICES, DTYPES, REFERENCE_MODEL_DIR, LoadSpec
 
 
@@ -31,7 +32,7 @@ def load_spec(args: argparse.Namespace) -> LoadSpec:
 
     if getattr(args, "threads", None):
         if args.threads < 1:
-            raise ValueError("--threads must be at least 1")
+            raise InvalidInputError("--threads must be at least 1")
         torch.set_num_threads(args.threads)
     return LoadSpec(path=args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
                     trust_remote_code=args.trust_remote_code)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import InvalidInputError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..var.setup import add_var_flags
@@ -31,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from ._common import load_spec
 
     if not args.routing_stats:
-        raise ValueError("--routing-stats is required (Phase 1 statistics of the calibration split)")
+        raise InvalidInputError("--routing-stats is required (Phase 1 statistics of the calibration split)")
     config = config_from_args(args)
     model, _ = load_model(load_spec(args))
     tables = VARTables.from_stats_file(args.routing_stats, model, get_adapter(model), config)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import InvalidInputError
 from ._common import add_dataset_flags, add_model_flags, load_spec
 
 
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     model = tokenizer = None
     if spec.quantization or spec.trust_remote_code:
         if config.control:
-            raise ValueError("--control random-init cannot be combined with --quantization/--trust-remote-code")
+            raise InvalidInputError("--control random-init cannot be combined with --quantization/--trust-remote-code")
         from ..loading import load_model
 
         model, tokenizer = load_model(spec)

@@ -16,6 +16,7 @@ import json
 import time
 from pathlib import Path
 
+from ..errors import InvalidInputError
 from ._common import add_dataset_flags, add_model_flags, load_spec
 
 
@@ -59,12 +60,12 @@ def run(args: argparse.Namespace) -> int:
     from ..validation.render import heldout_margin_table
 
     if args.calibration_split not in SPLITS:
-        raise ValueError(f"--calibration-split must be one of {', '.join(SPLITS)}, got {args.calibration_split!r}")
+        raise InvalidInputError(f"--calibration-split must be one of {', '.join(SPLITS)}, got {args.calibration_split!r}")
     if args.calibration_split == args.split:
-        raise ValueError("--calibration-split and --split are the same: tables would be scored on their own data")
+        raise InvalidInputError("--calibration-split and --split are the same: tables would be scored on their own data")
     for flag, v in (("--num-samples", args.num_samples), ("--calibration-samples", args.calibration_samples)):
         if v is not None and v < 1:
-            raise ValueError(f"{flag} must be at least 1")
+            raise InvalidInputError(f"{flag} must be at least 1")
     config = PredictabilityConfig(min_pair_count=args.min_pair_count, control_seed=args.control_seed)
     model, tok = load_model(load_spec(args))
     cal_n = args.calibration_samples or args.num_samples
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     calib, test = batches(args.calibration_split, cal_n), batches(args.split, args.num_samples)
     if not calib or not test:
-        raise ValueError(f"--dataset {args.dataset}: the calibration or test split produced no sequences")
+        raise InvalidInputError(f"--dataset {args.dataset}: the calibration or test split produced no sequences")
     info = {"model": str(args.model), "dataset": args.dataset, "calibration_split": args.calibration_split,
             "test_split": args.split, "num_samples_calibration": sum(len(b[0]) for b in calib),
             "num_samples_test": sum(len(b[0]) for b in test), "max_length": args.max_length}

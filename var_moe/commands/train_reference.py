@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
+from ..errors import InvalidInputError
 from ..loading import REFERENCE_MODEL_DIR
 
 
@@ -33,11 +34,11 @@ def run(args: argparse.Namespace) -> int:
     recipe = Recipe.from_json(Path(args.recipe).read_text()) if args.recipe else Recipe()
     if args.max_steps is not None:
         if args.max_steps < 1:
-            raise ValueError("--max-steps must be at least 1")
+            raise InvalidInputError("--max-steps must be at least 1")
         recipe = replace(recipe, max_steps=args.max_steps)
     if args.threads is not None:
         if args.threads < 1:
-            raise ValueError("--threads must be at least 1")
+            raise InvalidInputError("--threads must be at least 1")
         recipe = replace(recipe, threads=args.threads)
     if args.card_only:
         saved = Path(args.work_dir) / "recipe.json"

@@ -13,6 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..errors import InvalidInputError
 from ..validation.config import ValidationConfig
 
 
@@ -43,9 +44,9 @@ def load_heldout(path: str | None) -> dict | None:
     try:
         data = json.loads(p.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"--heldout: {p} is not JSON ({exc.msg})") from exc
+        raise InvalidInputError(f"--heldout: {p} is not JSON ({exc.msg})") from exc
     if not isinstance(data, dict) or "rows" not in data:
-        raise ValueError(f"--heldout: {p} is not a held-out predictability file (no 'rows')")
+        raise InvalidInputError(f"--heldout: {p} is not a held-out predictability file (no 'rows')")
     return data
 
 

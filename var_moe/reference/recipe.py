@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 
+from ..errors import InvalidInputError
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -46,14 +48,14 @@ class Recipe:
 
     def __post_init__(self) -> None:
         if self.num_experts_per_tok > self.num_local_experts:
-            raise ValueError("num_experts_per_tok must not exceed num_local_experts")
+            raise InvalidInputError("num_experts_per_tok must not exceed num_local_experts")
         if self.seq_len > self.max_position_embeddings:
-            raise ValueError("seq_len must not exceed max_position_embeddings")
+            raise InvalidInputError("seq_len must not exceed max_position_embeddings")
         for name in ("vocab_size", "hidden_size", "batch_size", "max_steps", "threads", "checkpoint_every"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
+                raise InvalidInputError(f"{name} must be positive")
         if not 0 <= self.balance_top1_weight <= 1:
-            raise ValueError("balance_top1_weight must be in [0, 1]")
+            raise InvalidInputError("balance_top1_weight must be in [0, 1]")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -64,7 +66,7 @@ class Recipe:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown recipe fields: {unknown}")
+            raise InvalidInputError(f"unknown recipe fields: {unknown}")
         return cls(**data)
 
     def model_config(self, tokenizer_ids: dict[str, int]):

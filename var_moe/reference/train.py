@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..corpus import iter_documents, tokenize_documents
+from ..errors import InvalidInputError
 from .recipe import Recipe
 from .tokenizer import special_ids, train_tokenizer
 
@@ -140,7 +141,7 @@ def train(r: Recipe, work_dir: str | Path, progress: bool = True, log: Callable[
     recipe_file = work / "recipe.json"
     # only the step count may change between runs of one work dir (training on means a larger --max-steps)
     if recipe_file.exists() and replace(Recipe.from_json(recipe_file.read_text()), max_steps=r.max_steps) != r:
-        raise ValueError(f"{work} holds a run with a different recipe; use another --work-dir")
+        raise InvalidInputError(f"{work} holds a run with a different recipe; use another --work-dir")
     recipe_file.write_text(r.to_json())
 
     tokenizer, tokens = prepare_data(work, r, log)

@@ -10,6 +10,8 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 
+from ..errors import InvalidInputError
+
 
 @dataclass(frozen=True)
 class ValidationConfig:
@@ -28,7 +30,7 @@ class ValidationConfig:
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> None:
-            raise ValueError(f"validation config field {name!r} ({getattr(self, name)!r}): {why}")
+            raise InvalidInputError(f"validation config field {name!r} ({getattr(self, name)!r}): {why}")
 
         for name in ("fast_path_min_frequency", "equal_n", "top_n_consistency", "n_boot"):
             if getattr(self, name) < 1:
@@ -51,5 +53,5 @@ class ValidationConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown validation config fields {unknown}; known: {sorted(known)}")
+            raise InvalidInputError(f"unknown validation config fields {unknown}; known: {sorted(known)}")
         return cls(**data)

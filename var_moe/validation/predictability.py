@@ -32,6 +32,7 @@ import torch
 
 from ..adapters import RouterDecision, get_adapter
 from ..capture.recorder import RoutingRecorder
+from ..errors import InvalidInputError
 from ..token_tracker import TokenBatch
 from .tables import ModalTables, SetCounter
 
@@ -58,7 +59,7 @@ class PredictabilityConfig:
 
     def __post_init__(self) -> None:
         if self.min_pair_count < 1:
-            raise ValueError(f"--min-pair-count must be at least 1, got {self.min_pair_count}")
+            raise InvalidInputError(f"--min-pair-count must be at least 1, got {self.min_pair_count}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -204,7 +205,7 @@ def calibrate(model: Any, batches: Iterable, config: PredictabilityConfig) -> tu
 
     _run(model, batches, cb)
     if not counters:
-        raise ValueError("the calibration pass produced no routing (empty --split or --num-samples 0?)")
+        raise InvalidInputError("the calibration pass produced no routing (empty --split or --num-samples 0?)")
     n = next(iter(counters.values())).num_tokens
     return {layer: c.finalize(config.min_pair_count) for layer, c in counters.items()}, n
 
@@ -250,7 +251,7 @@ def heldout_predictability(model: Any, calib_batches: list, test_batches: list,
     """
     config = config or PredictabilityConfig()
     if control not in (None, "none", "random-init"):
-        raise ValueError(f"--control must be 'random-init' or 'none', got {control!r}")
+        raise InvalidInputError(f"--control must be 'random-init' or 'none', got {control!r}")
     adapter = get_adapter(model)
     tables, n_cal = calibrate(model, calib_batches, config)
     extra = stats_tables(tables) if stats_tables else None

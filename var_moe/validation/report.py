@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..errors import InvalidInputError
 from . import stats
 from .config import ValidationConfig
 
@@ -31,11 +32,11 @@ ENTROPY_GRID = np.round(np.linspace(0.0, 1.0, 51), 4)  # fractions of ln E for c
 def check_stats_frame(df: pd.DataFrame, metadata: dict[str, Any]) -> None:
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
-        raise ValueError(f"--input: statistics file lacks columns {missing} (has {list(df.columns)})")
+        raise InvalidInputError(f"--input: statistics file lacks columns {missing} (has {list(df.columns)})")
     if len(df) == 0:
-        raise ValueError("--input: statistics file has no rows")
+        raise InvalidInputError("--input: statistics file has no rows")
     if "num_experts" not in metadata:
-        raise ValueError("--input: statistics metadata lacks 'num_experts'")
+        raise InvalidInputError("--input: statistics metadata lacks 'num_experts'")
 
 
 def counts_matrix(df: pd.DataFrame, column: str = "top1_counts") -> np.ndarray:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats as sps
 
+from ..errors import InvalidInputError
+
 
 @dataclass(frozen=True)
 class ZipfFit:
@@ -126,7 +128,7 @@ def equal_n_entropy(counts_NE: np.ndarray, n: int) -> np.ndarray:
     expectation is linear so no joint distribution is needed. NaN where a row has N < n.
     """
     if n < 1:
-        raise ValueError("the equal-sample-size n must be at least 1")
+        raise InvalidInputError("the equal-sample-size n must be at least 1")
     c = np.asarray(counts_NE, dtype=np.int64)
     total_N = c.sum(axis=1)
     out = np.full(c.shape[0], np.nan)

@@ -20,13 +20,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..errors import InvalidInputError
 from .tables import ModalTables
 
 
 def _sets(column: pd.Series, k: int, flag: str) -> torch.Tensor:
     arr = np.stack([np.asarray(x, dtype=np.int64) for x in column]) if len(column) else np.zeros((0, k), np.int64)
     if arr.shape[1] != k:
-        raise ValueError(f"{flag}: modal_topk_set has {arr.shape[1]} experts, the model routes to top-{k}")
+        raise InvalidInputError(f"{flag}: modal_topk_set has {arr.shape[1]} experts, the model routes to top-{k}")
     return torch.sort(torch.from_numpy(arr), dim=1).values
 
 
@@ -36,14 +37,14 @@ def tables_from_stats(stats_df: pd.DataFrame, stats_meta: dict[str, Any], pairs_
     some = next(iter(fallback.values()))
     v, k = some.vocab_size, some.top_k
     if int(stats_meta.get("vocab_size", v)) != v:
-        raise ValueError(f"{flag}: statistics of a vocabulary of {stats_meta.get('vocab_size')} tokens, the model has {v}")
+        raise InvalidInputError(f"{flag}: statistics of a vocabulary of {stats_meta.get('vocab_size')} tokens, the model has {v}")
     if stats_meta.get("split") == "test":
-        raise ValueError(f"{flag}: these statistics were captured on the test split; tables must come from calibration")
+        raise InvalidInputError(f"{flag}: these statistics were captured on the test split; tables must come from calibration")
     out: dict[int, ModalTables] = {}
     for layer, own in fallback.items():
         sub = stats_df[(stats_df["layer"] == layer) & (stats_df["frequency"] > 0)]
         if sub.empty:
-            raise ValueError(f"{flag}: no rows for layer {layer}")
+            raise InvalidInputError(f"{flag}: no rows for layer {layer}")
         ids = torch.from_numpy(sub["token_id"].to_numpy(np.int64).copy())
         token_sets = torch.full((v, k), -1, dtype=torch.long)
         token_sets[ids] = _sets(sub["modal_topk_set"], k, flag)

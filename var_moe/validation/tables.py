@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import InvalidInputError
+
 _CONSOLIDATE_ROWS = 2_000_000  # pending rows before an intermediate unique (bounds memory)
 
 
@@ -107,7 +109,7 @@ class SetCounter:
     def finalize(self, min_pair_count: int = 1) -> ModalTables:
         rows, counts = self._consolidate()
         if rows.shape[0] == 0:
-            raise ValueError("no calibration tokens were seen: cannot build prediction tables (check --split / --num-samples)")
+            raise InvalidInputError("no calibration tokens were seen: cannot build prediction tables (check --split / --num-samples)")
         k, v = self.top_k, self.vocab_size
         # pair table: rows are already (prev, token, set) sorted
         has_prev = rows[:, 0] >= 0

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..errors import InvalidInputError
+
 SPEEDUP_TARGET = 1.2
 LEARNED_MAX = 0.15
 
@@ -24,11 +26,11 @@ def load_result(path: str | Path, mode: str) -> dict[str, Any]:
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{p} is not valid JSON ({exc.msg})") from exc
+        raise InvalidInputError(f"{p} is not valid JSON ({exc.msg})") from exc
     if not isinstance(data, dict) or "evaluation" not in data or "throughput" not in data:
-        raise ValueError(f"{p} is not a `varmoe evaluate` output (no evaluation / throughput)")
+        raise InvalidInputError(f"{p} is not a `varmoe evaluate` output (no evaluation / throughput)")
     if data.get("mode") != mode:
-        raise ValueError(f"{p} is a --mode {data.get('mode')} result; expected --mode {mode}")
+        raise InvalidInputError(f"{p} is a --mode {data.get('mode')} result; expected --mode {mode}")
     return data
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 from statistics import NormalDist
 from typing import Any
 
+from ..errors import InvalidInputError
+
 WEIGHT_SOURCES = ("table", "learned")
 
 
@@ -55,7 +57,7 @@ class VARConfig:
     def __post_init__(self) -> None:
         def need(ok: bool, field: str, what: str) -> None:
             if not ok:
-                raise ValueError(f"VARConfig.{field} {what}, got {getattr(self, field)!r}")
+                raise InvalidInputError(f"VARConfig.{field} {what}, got {getattr(self, field)!r}")
 
         need(isinstance(self.frequency_threshold, int) and self.frequency_threshold >= 1, "frequency_threshold", "must be an integer >= 1")
         need(_num(self.entropy_threshold) and self.entropy_threshold >= 0, "entropy_threshold", "must be >= 0 (nats)")
@@ -109,11 +111,11 @@ class VARConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "VARConfig":
         if not isinstance(data, dict):
-            raise ValueError(f"a VAR config must be a JSON object, got {type(data).__name__}")
+            raise InvalidInputError(f"a VAR config must be a JSON object, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown VARConfig field(s) {unknown}; known fields: {sorted(known)}")
+            raise InvalidInputError(f"unknown VARConfig field(s) {unknown}; known fields: {sorted(known)}")
         return cls(**data)
 
     @classmethod
@@ -128,14 +130,14 @@ class VARConfig:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"VAR config is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+            raise InvalidInputError(f"VAR config is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
         return cls.from_dict(data)
 
     def replace(self, **changes: Any) -> "VARConfig":
         known = {f.name for f in fields(self)}
         unknown = sorted(set(changes) - known)
         if unknown:
-            raise ValueError(f"unknown VARConfig field(s) {unknown}")
+            raise InvalidInputError(f"unknown VARConfig field(s) {unknown}")
         return replace(self, **changes)
 
     @classmethod
@@ -172,5 +174,5 @@ PRESETS = {"conservative": get_conservative_config, "balanced": get_balanced_con
 
 def get_preset(name: str) -> VARConfig:
     if name not in PRESETS:
-        raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {name!r}")
+        raise InvalidInputError(f"--preset must be one of {', '.join(PRESETS)}, got {name!r}")
     return PRESETS[name]()

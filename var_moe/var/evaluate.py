@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..corpus import chunk_sequences, iter_documents, pad_batch
+from ..errors import InvalidInputError
 from .config import VARConfig
 
 
@@ -46,7 +47,7 @@ def eval_batches(tokenizer: Any, dataset: str, split: str, num_samples: int | No
     """Held-out sequences (documents cut into <= max_length pieces, at most `max_per_doc` per
     document so a sample spans many documents) in padded batches with doc ids."""
     if max_per_doc is not None and max_per_doc < 1:
-        raise ValueError("--max-per-doc must be >= 1")
+        raise InvalidInputError("--max-per-doc must be >= 1")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos = tokenizer.eos_token_id
     seqs: list[tuple[int, list[int]]] = []
@@ -61,7 +62,7 @@ def eval_batches(tokenizer: Any, dataset: str, split: str, num_samples: int | No
         if num_samples is not None and len(seqs) >= num_samples:
             break
     if not seqs:
-        raise ValueError(f"--dataset {dataset!r} --split {split!r} gave no sequences to evaluate")
+        raise InvalidInputError(f"--dataset {dataset!r} --split {split!r} gave no sequences to evaluate")
     out = []
     for i in range(0, len(seqs), batch_size):  # a loop over batches, not tokens
         chunk = seqs[i : i + batch_size]
@@ -135,9 +136,9 @@ def evaluate(model: Any, tokenizer: Any, mode: str, batches: list[EvalBatch], co
              tables: Any = None, repeats: int = 3, warmup: int = 1, bootstrap: int = 2000, seed: int = 0,
              info: dict[str, Any] | None = None) -> dict[str, Any]:
     if mode not in ("baseline", "var"):
-        raise ValueError(f"--mode must be baseline or var, got {mode!r}")
+        raise InvalidInputError(f"--mode must be baseline or var, got {mode!r}")
     if repeats < 1 or warmup < 0:
-        raise ValueError("--repeats must be >= 1 and --warmup >= 0")
+        raise InvalidInputError("--repeats must be >= 1 and --warmup >= 0")
     device = next(model.parameters()).device
     tokens = sum(b.tokens for b in batches)
     result: dict[str, Any] = {"mode": mode, **(info or {}), "sequences": sum(len(b.doc_B) for b in batches),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..errors import InvalidInputError
 from .config import VARConfig, get_preset
 
 
@@ -58,5 +59,5 @@ def tables_from_args(args: argparse.Namespace, model: Any, config: VARConfig) ->
     if getattr(args, "tables", None):
         return VARTables.load(args.tables, model, adapter)
     if not config.routing_stats_path:
-        raise ValueError("--routing-stats (calibration statistics) or --tables is required for --mode var")
+        raise InvalidInputError("--routing-stats (calibration statistics) or --tables is required for --mode var")
     return VARTables.from_stats_file(config.routing_stats_path, model, adapter, config)

@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..errors import InvalidInputError
+
 REQUIRED_COLUMNS = ("layer", "token_id", "frequency", "mean_entropy", "modal_topk_set", "modal_set_count",
                     "topk_counts", "topk_weight_sums")
 
@@ -43,7 +45,7 @@ def read_stats_metadata(path: str | Path) -> dict[str, Any]:
     try:
         return _decode_metadata(pq.read_schema(p).metadata)
     except Exception as exc:  # pyarrow raises several types for a non-Parquet file
-        raise ValueError(f"{p} is not a readable Parquet statistics file ({exc})") from exc
+        raise InvalidInputError(f"{p} is not a readable Parquet statistics file ({exc})") from exc
 
 
 def read_stats(path: str | Path) -> tuple[Any, dict[str, Any]]:
@@ -63,7 +65,7 @@ def read_stats(path: str | Path) -> tuple[Any, dict[str, Any]]:
         df = pq.read_table(p).to_pandas()
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
-        raise ValueError(f"{p}: statistics file lacks column(s) {missing}; is it a Phase 1 `varmoe capture` output?")
+        raise InvalidInputError(f"{p}: statistics file lacks column(s) {missing}; is it a Phase 1 `varmoe capture` output?")
     return df, meta
 
 
@@ -79,7 +81,7 @@ def check_stats_for_model(meta: dict[str, Any], model: Any, adapter: Any, source
     for key, want in expected.items():
         got = meta.get(key)
         if got is not None and want is not None and got != want:
-            raise ValueError(
+            raise InvalidInputError(
                 f"{source} were made for {key}={got!r} but the model has {key}={want!r}; "
                 f"capture statistics / build tables for this model (source model: {meta.get('model')!r})"
             )

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import InvalidInputError
 from .config import VARConfig
 
 FORMAT_VERSION = 1
@@ -97,7 +98,7 @@ def _stack(series: Any, width: int, name: str) -> np.ndarray:
     """A list column (one list per row) as an (N, width) array, checked."""
     arr = np.asarray(series.tolist())
     if arr.ndim != 2 or arr.shape[1] != width:
-        raise ValueError(f"statistics column {name!r} must hold lists of length {width}, got shape {arr.shape}")
+        raise InvalidInputError(f"statistics column {name!r} must hold lists of length {width}, got shape {arr.shape}")
     return arr
 
 
@@ -108,7 +109,7 @@ def build_layer_table(df_layer: Any, vocab: int, num_experts: int, k: int, confi
         return table
     tok = torch.as_tensor(df_layer["token_id"].to_numpy().copy(), dtype=torch.long)
     if int(tok.max()) >= vocab or int(tok.min()) < 0:
-        raise ValueError(f"statistics hold token ids outside the model vocabulary [0, {vocab})")
+        raise InvalidInputError(f"statistics hold token ids outside the model vocabulary [0, {vocab})")
     freq = torch.as_tensor(df_layer["frequency"].to_numpy().copy(), dtype=torch.float64)
     agree = torch.as_tensor(df_layer["modal_set_count"].to_numpy().copy(), dtype=torch.float64)
     entropy = torch.as_tensor(df_layer["mean_entropy"].to_numpy().copy(), dtype=torch.float64)
@@ -116,7 +117,7 @@ def build_layer_table(df_layer: Any, vocab: int, num_experts: int, k: int, confi
     counts_NE = torch.as_tensor(_stack(df_layer["topk_counts"], num_experts, "topk_counts"), dtype=torch.float64)
     wsums_NE = torch.as_tensor(_stack(df_layer["topk_weight_sums"], num_experts, "topk_weight_sums"), dtype=torch.float64)
     if bool((agree > freq).any()):
-        raise ValueError("statistics have modal_set_count > frequency; the file is corrupt")
+        raise InvalidInputError("statistics have modal_set_count > frequency; the file is corrupt")
 
     bound_N = wilson_lower_bound(agree, freq, config.wilson_z)
     member_N = (freq >= config.frequency_threshold) & (entropy <= config.entropy_limit_nats(num_experts)) & (bound_N >= config.target_agreement)
@@ -236,9 +237,9 @@ class VARTables:
                 meta = json.loads((fh.metadata() or {}).get("varmoe_tables", "null"))
                 tensors = {name: fh.get_tensor(name) for name in fh.keys()}
         except Exception as exc:
-            raise ValueError(f"{p} is not a VAR tables file ({exc})") from exc
+            raise InvalidInputError(f"{p} is not a VAR tables file ({exc})") from exc
         if not isinstance(meta, dict):
-            raise ValueError(f"{p} has no VAR tables metadata; was it written by VARTables.save?")
+            raise InvalidInputError(f"{p} has no VAR tables metadata; was it written by VARTables.save?")
         layers = {int(l): LayerTable(*(tensors[f"layer{l}.{n}"] for n in LayerTable.NAMES)) for l in meta["layers"]}
         tables = cls(layers, meta)
         if model is not None:
@@ -253,7 +254,7 @@ class VARTables:
         keys = ["model_type", "vocab_size", "num_experts", "top_k"] + (["router_fingerprint"] if check_fingerprint else [])
         for key in keys:
             if self.metadata.get(key) != ident[key]:
-                raise ValueError(
+                raise InvalidInputError(
                     f"VAR tables {source} were built for {key}={self.metadata.get(key)!r} (model "
                     f"{self.metadata.get('model')!r}) but this model has {key}={ident[key]!r}; rebuild them "
                     "with `varmoe build-tables` for this model"
@@ -261,4 +262,4 @@ class VARTables:
         moe = {m.layer for m in adapter.moe_layers(model)}
         extra = sorted(set(self.layers) - moe)
         if extra:
-            raise ValueError(f"VAR tables {source} have layers {extra} that are not MoE layers of this model ({sorted(moe)})")
+            raise InvalidInputError(f"VAR tables {source} have layers {extra} that are not MoE layers of this model ({sorted(moe)})")

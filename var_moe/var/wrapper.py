@@ -24,9 +24,10 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from ..adapters import get_adapter
+from ..errors import InvalidInputError
 from ..token_tracker import TokenTracker
 from .config import VARConfig
-from .router import C, COUNTERS, TIERS, VARRouter
+from .router import COUNTERS, TIERS, C, VARRouter
 from .tables import VARTables
 
 
@@ -55,7 +56,7 @@ class VARModelWrapper:
         for m in moe:
             table = tables.layers.get(m.layer)
             if table is None:
-                raise ValueError(f"VAR tables have no table for MoE layer {m.layer} (they hold {sorted(tables.layers)})")
+                raise InvalidInputError(f"VAR tables have no table for MoE layer {m.layer} (they hold {sorted(tables.layers)})")
             self.routers[m.layer] = VARRouter(self.originals[m.layer], m.layer, self.adapter, self.config, table,
                                               tokens=lambda: self.tracker.current, on_tiers=self._on_tiers, **kwargs)
         self._installed = False
