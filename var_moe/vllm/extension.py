@@ -1,0 +1,67 @@
+"""`VarWorkerExtension`: the worker-side VAR controls, called from the engine with `collective_rpc`.
+
+vLLM mixes this class into every worker (`worker_extension_cls`), so the same call reaches the
+in-process worker, spawned worker processes, and each tensor/data-parallel rank:
+
+    llm.collective_rpc("varmoe_load_tables", args=(path,))   # checked against the loaded weights
+    llm.collective_rpc("varmoe_set_enabled", args=(True,))   # writes the device flag in place
+    llm.collective_rpc("varmoe_counts")                      # {layer: [fast, learned, agree, disagree]}
+
+The model must have been built as a Var* architecture (models.py): the routing is installed at
+construction, before compilation; these methods only write data into its buffers or read them.
+A flag change lands at the next model step. Test: `pytest tests/vllm/test_vllm_exact.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class VarWorkerExtension:
+    def _varmoe_state(self):
+        model = self.model_runner.model
+        model = getattr(model, "unwrap", lambda: model)()  # CUDA-graph wrappers hold the model inside
+        state = getattr(model, "_varmoe_state", None)
+        if state is None:
+            raise RuntimeError("this vLLM model was not built with VAR: start the engine with "
+                               "var_moe.vllm.engine_kwargs(...) (a Var* architecture)")
+        return state
+
+    def varmoe_load_tables(self, path: str, check_fingerprint: bool = True) -> dict[str, Any]:
+        from .tables import load_tables
+
+        return load_tables(self._varmoe_state(), path, check_fingerprint)
+
+    def varmoe_clear_tables(self) -> None:
+        from .tables import clear_tables
+
+        clear_tables(self._varmoe_state())
+
+    def varmoe_set_enabled(self, enabled: bool) -> bool:
+        self._varmoe_state().flag.fill_(bool(enabled))
+        return bool(enabled)
+
+    def varmoe_enabled(self) -> bool:
+        return bool(self._varmoe_state().flag.item())
+
+    def varmoe_counts(self) -> dict[int, list[int]]:
+        """Cumulative counters per MoE layer (one device-to-host copy for all layers)."""
+        state = self._varmoe_state()
+        layers = sorted(state.layers)
+        rows = torch.stack([state.layers[l].counts for l in layers]).cpu().tolist()
+        return dict(zip(layers, rows))
+
+    def varmoe_reset_counts(self) -> None:
+        for lv in self._varmoe_state().layers.values():
+            lv.counts.zero_()
+
+    def varmoe_info(self) -> dict[str, Any]:
+        from .tables import model_identity
+
+        state = self._varmoe_state()
+        ident = model_identity(state)
+        ident["table_sizes"] = {l: int(lv.member_V.sum()) for l, lv in sorted(state.layers.items())}
+        ident["enabled"] = bool(state.flag.item())
+        return ident

@@ -1,0 +1,87 @@
+"""VAR model classes for vLLM: each supported vLLM MoE model, subclassed to install VAR when built.
+
+vLLM builds the model object, loads its weights, then compiles it (CPU: inductor; GPU: also CUDA
+graphs). A router patched after that is ignored, so VAR is installed in `__init__` of a subclass
+(`VarMixtralForCausalLM`, ...) that vLLM is told to use with
+`hf_overrides={"architectures": ["VarMixtralForCausalLM"]}`: vLLM's own model code runs, three
+module classes get a VAR mixin (routing.py), and the tables start empty with VAR off. Tables, the
+flag and counters are then handled through the worker extension (extension.py).
+
+`register()` adds the classes to vLLM's `ModelRegistry`; it runs in every vLLM process through the
+`vllm.general_plugins` entry point of this package (pyproject.toml) and is also called by
+`engine_kwargs()` for the in-process engine. It only adds architecture names, so an engine that does
+not ask for a Var* architecture is untouched. Test: `pytest tests/vllm/`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# vLLM architecture -> (module under vllm.model_executor.models, class name). Mixtral is tested on the
+# reference model; the others build the same way (gate + FusedMoE runner + embed_tokens).
+SUPPORTED = {
+    "MixtralForCausalLM": ("mixtral", "MixtralForCausalLM"),
+    "Qwen2MoeForCausalLM": ("qwen2_moe", "Qwen2MoeForCausalLM"),
+    "Qwen3MoeForCausalLM": ("qwen3_moe", "Qwen3MoeForCausalLM"),
+    "OlmoeForCausalLM": ("olmoe", "OlmoeForCausalLM"),
+}
+PREFIX = "Var"
+_CLASSES: dict[str, type] = {}
+
+
+def var_arch(arch: str) -> str:
+    if arch not in SUPPORTED:
+        from ..errors import InvalidInputError
+
+        raise InvalidInputError(f"VAR on vLLM supports the architectures {sorted(SUPPORTED)}; this model is {arch!r}")
+    return PREFIX + arch
+
+
+def var_class(arch: str) -> type:
+    """The Var subclass of vLLM's class for `arch` (built once)."""
+    if arch in _CLASSES:
+        return _CLASSES[arch]
+    module, name = SUPPORTED[arch]
+    base = getattr(importlib.import_module(f"vllm.model_executor.models.{module}"), name)
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        base.__init__(self, vllm_config=vllm_config, prefix=prefix)
+        from .routing import install_var
+
+        hf = vllm_config.model_config.hf_config
+        top_k = int(getattr(hf, "num_experts_per_tok"))
+        self._varmoe_state = install_var(self, int(hf.vocab_size), top_k)
+
+    def load_weights(self, weights: Any) -> Any:
+        loaded = base.load_weights(self, weights)
+        # Fingerprint the gates now: after loading, vLLM may repack or drop them (CPU does).
+        from .tables import record_identity
+
+        record_identity(self._varmoe_state, vllm_config_hf(self))
+        return loaded
+
+    cls = type(PREFIX + name, (base,), {"__init__": __init__, "load_weights": load_weights, "__module__": __name__,
+                                         "__doc__": f"vLLM's {name} with VAR installed at construction."})
+    _CLASSES[arch] = cls
+    return cls
+
+
+def vllm_config_hf(model: Any) -> Any:
+    return model.config  # vLLM's model classes keep the Hugging Face config as .config
+
+
+def register() -> None:
+    """Register the Var* architectures with vLLM (idempotent; the `vllm.general_plugins` hook)."""
+    from vllm import ModelRegistry
+
+    for arch in SUPPORTED:
+        if PREFIX + arch not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(PREFIX + arch, f"{__name__}:{PREFIX}{SUPPORTED[arch][1]}")
+
+
+def __getattr__(name: str) -> type:
+    """`var_moe.vllm.models:VarMixtralForCausalLM` (the registry's lazy import) builds the class."""
+    if name.startswith(PREFIX) and name[len(PREFIX):] in SUPPORTED:
+        return var_class(name[len(PREFIX):])
+    raise AttributeError(name)

@@ -1,0 +1,177 @@
+"""VAR inside vLLM's MoE layers: token ids to the routers, table decisions as tensor ops, device counters.
+
+`install_var(model)` runs when the model object is built (vllm_models.py), before vLLM compiles it,
+and changes three things, each by giving one module a subclass of its own class (no model code is
+copied, parameter names stay, the weight loader sees the same tree):
+
+- the token embedding records the step's `input_ids` on a shared `VarState` (vLLM's Mixtral,
+  Qwen2-MoE, Qwen3-MoE and OLMoE blocks call `experts(hidden, router_logits)` without them);
+- each MoE runner (`FusedMoE` / `MoERunner`) passes those ids on when its caller gave none: vLLM's
+  routers already take `input_ids` (DeepSeek-V4's hash routing reads `hash_indices_table[input_ids]`);
+- each router's `_compute_routing` computes the learned decision as before, then, for rows whose
+  token is in this layer's verified table and while the flag is on, takes the table's experts
+  and weights (`where`). With the flag off, or an empty table, every value is the learned one.
+
+Everything a step does is tensor work on fixed buffers (a 0-d flag, vocabulary-sized tables,
+a per-layer int64 counter), so it stays valid in a compiled graph and under CUDA graphs: turning
+VAR on/off and loading tables write into those buffers in place, never replace them. Counters
+(per layer: fast, learned, fast rows whose table set equals the learned set, fast rows where it
+differs) are added on the device and read on request (one sync per read, none per step). The
+context-cache tier of the builtin router is not implemented here (its per-sequence state does not
+fit continuous batching); shadow verification becomes a free audit of every fast row, because the
+learned decision is computed anyway.
+
+Shapes: T tokens, K top-k, V vocabulary, E experts. Test: `pytest tests/vllm/test_vllm_exact.py`
+(runs in the vLLM environment only).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+# counter slots (one int64 vector per MoE layer)
+FAST, LEARNED, AGREE, DISAGREE = 0, 1, 2, 3
+COUNTERS = ("fast", "learned", "audit_agree", "audit_disagree")
+_LAYER_RE = re.compile(r"layers\.(\d+)\.")
+
+
+class VarState:
+    """What every patched module of one model shares: the step's token ids and the on/off flag."""
+
+    def __init__(self, device: torch.device):
+        self.ids: torch.Tensor | None = None  # set by the embedding during a forward
+        self.flag = torch.zeros((), dtype=torch.bool, device=device)  # VAR on (written in place)
+        self.layers: dict[int, "LayerVar"] = {}
+        self.identity: dict[str, Any] | None = None  # model type, vocabulary, experts, top-k, fingerprint
+
+
+@dataclass
+class LayerVar:
+    """One MoE layer's table as device buffers (vocabulary-sized, fixed shapes) and its counters."""
+
+    layer: int
+    gate: nn.Module  # the learned router's linear (its weights are the fingerprint)
+    experts_VK: torch.Tensor  # int64
+    weights_VK: torch.Tensor  # float32, already scaled the way the router scales its weights
+    member_V: torch.Tensor  # bool
+    counts: torch.Tensor  # int64 [len(COUNTERS)]
+    renormalize: bool
+
+    def route(self, state: VarState, ids_T: torch.Tensor, w_TK: torch.Tensor, idx_TK: torch.Tensor):
+        safe_T = ids_T.long().clamp(0, self.member_V.shape[0] - 1)
+        use_T = self.member_V[safe_T] & state.flag
+        tab_idx_TK = self.experts_VK[safe_T].to(idx_TK.dtype)
+        tab_w_TK = self.weights_VK[safe_T].to(w_TK.dtype)
+        out_idx_TK = torch.where(use_T[:, None], tab_idx_TK, idx_TK)
+        out_w_TK = torch.where(use_T[:, None], tab_w_TK, w_TK)
+        same_T = (tab_idx_TK.sort(dim=1).values == idx_TK.sort(dim=1).values).all(dim=1)
+        fast = use_T.sum()
+        agree = (use_T & same_T).sum()
+        self.counts.add_(torch.stack([fast, use_T.numel() - fast, agree, fast - agree]))
+        return out_w_TK.contiguous(), out_idx_TK.contiguous()
+
+
+# The three overrides below become methods of a one-level subclass of each patched object's class
+# (`_subclass`); they reach the original method through `_varmoe_base` (the class they replace).
+
+def _embedding_forward(self, input_ids, *args, **kwargs):
+    """Token embedding: remember the step's token ids for the MoE routers."""
+    self._varmoe.ids = input_ids
+    return self._varmoe_base.forward(self, input_ids, *args, **kwargs)
+
+
+def _runner_forward(self, hidden_states, router_logits, input_ids=None, shared_experts_input=None):
+    """MoE runner: hand the step's token ids to the router when the caller did not."""
+    if input_ids is None:
+        input_ids = self._varmoe.ids
+    return self._varmoe_base.forward(self, hidden_states, router_logits, input_ids=input_ids,
+                                     shared_experts_input=shared_experts_input)
+
+
+def _router_compute_routing(self, hidden_states, router_logits, indices_type, *, input_ids=None):
+    """Router: the learned decision first, then table rows where VAR applies."""
+    w_TK, idx_TK = self._varmoe_base._compute_routing(self, hidden_states, router_logits, indices_type,
+                                                      input_ids=input_ids)
+    if input_ids is None:  # inputs_embeds or a later pipeline stage: the learned router decides
+        return w_TK, idx_TK
+    return self._varmoe_layer.route(self._varmoe, input_ids, w_TK, idx_TK)
+
+
+def _subclass(obj: Any, method: str, fn: Any) -> None:
+    """Give one object a subclass of its own class whose `method` is `fn` (one subclass per class).
+
+    Single inheritance on purpose: CPython refuses a `__class__` swap to a class with a mixin base
+    for some vLLM classes ("object layout differs")."""
+    cls = type(obj)
+    if getattr(cls, "_varmoe_base", None) is not None:
+        return
+    sub = _SUBCLASSES.get(cls)
+    if sub is None:
+        sub = type(f"Var{cls.__name__}", (cls,), {method: fn, "_varmoe_base": cls, "__module__": __name__})
+        _SUBCLASSES[cls] = sub
+    obj.__class__ = sub
+
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+@dataclass
+class MoEBlock:
+    layer: int
+    block: nn.Module  # holds .gate and .experts
+    runner: nn.Module  # the FusedMoE / MoERunner
+    router: Any
+
+
+def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
+    """MoE blocks of a vLLM model: modules with a `gate` and an `experts` runner that has a `router`."""
+    out = []
+    for name, mod in model.named_modules():
+        gate, experts = getattr(mod, "gate", None), getattr(mod, "experts", None)
+        if gate is None or experts is None or not hasattr(experts, "router"):
+            continue
+        m = _LAYER_RE.search(name + ".")
+        if m is None:
+            continue
+        out.append(MoEBlock(int(m.group(1)), mod, experts, experts.router))
+    return sorted(out, key=lambda b: b.layer)
+
+
+def find_embedding(model: nn.Module) -> nn.Module:
+    inner = getattr(model, "model", model)
+    emb = getattr(inner, "embed_tokens", None)
+    if emb is None:
+        raise ValueError(f"{type(model).__name__}: no model.embed_tokens; VAR needs the token ids")
+    return emb
+
+
+def install_var(model: nn.Module, vocab_size: int, top_k: int) -> VarState:
+    """Patch the embedding, MoE runners and routers of `model` (before compilation); empty tables."""
+    blocks = find_moe_blocks(model)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no MoE blocks with a gate and a FusedMoE runner")
+    device = blocks[0].block.gate.weight.device
+    state = VarState(device)
+    emb = find_embedding(model)
+    object.__setattr__(emb, "_varmoe", state)  # a plain attribute, not a submodule
+    _subclass(emb, "forward", _embedding_forward)
+    for b in blocks:
+        renorm = bool(getattr(b.router, "renormalize", True))
+        lv = LayerVar(b.layer, b.block.gate,
+                      torch.zeros(vocab_size, top_k, dtype=torch.long, device=device),
+                      torch.zeros(vocab_size, top_k, dtype=torch.float32, device=device),
+                      torch.zeros(vocab_size, dtype=torch.bool, device=device),
+                      torch.zeros(len(COUNTERS), dtype=torch.long, device=device), renorm)
+        state.layers[b.layer] = lv
+        object.__setattr__(b.runner, "_varmoe", state)
+        _subclass(b.runner, "forward", _runner_forward)
+        b.router._varmoe = state
+        b.router._varmoe_layer = lv
+        _subclass(b.router, "_compute_routing", _router_compute_routing)
+    model._varmoe_state = state
+    return state
