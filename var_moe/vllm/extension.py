@@ -57,6 +57,15 @@ class VarWorkerExtension:
         for lv in self._varmoe_state().layers.values():
             lv.counts.zero_()
 
+    def varmoe_record(self, on: bool) -> None:
+        """Keep every forward's per-row decisions (token, table row?, experts used, learned experts).
+        Only an eager engine (`enforce_eager=True`) records: compiled graphs skip this Python branch."""
+        for lv in self._varmoe_state().layers.values():
+            lv.record = [] if on else None
+
+    def varmoe_records(self) -> dict[int, list]:
+        return {l: list(lv.record or []) for l, lv in sorted(self._varmoe_state().layers.items())}
+
     def varmoe_info(self) -> dict[str, Any]:
         from .tables import model_identity
 

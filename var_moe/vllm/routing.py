@@ -61,6 +61,9 @@ class LayerVar:
     member_V: torch.Tensor  # bool
     counts: torch.Tensor  # int64 [len(COUNTERS)]
     renormalize: bool
+    # per-row decisions of each forward, for the exactness tests; eager mode only (a compiled
+    # graph was traced with None here and never records)
+    record: list | None = None
 
     def route(self, state: VarState, ids_T: torch.Tensor, w_TK: torch.Tensor, idx_TK: torch.Tensor):
         safe_T = ids_T.long().clamp(0, self.member_V.shape[0] - 1)
@@ -73,6 +76,9 @@ class LayerVar:
         fast = use_T.sum()
         agree = (use_T & same_T).sum()
         self.counts.add_(torch.stack([fast, use_T.numel() - fast, agree, fast - agree]))
+        if self.record is not None:
+            self.record.append({"ids": ids_T.tolist(), "fast": use_T.tolist(), "experts": out_idx_TK.tolist(),
+                                "learned": idx_TK.tolist()})
         return out_w_TK.contiguous(), out_idx_TK.contiguous()
 
 

@@ -1,0 +1,82 @@
+"""Runs one vLLM engine in its own process for the tests and writes what it saw as JSON.
+
+    python tests/vllm/engine_script.py SPEC.json OUT.json
+
+SPEC: {"model", "prompts", "max_tokens", "var": bool, "eager": bool, "tables", "empty_tables",
+"bad_tables"}. A plain engine ("var": false) generates greedily once. A VAR engine generates with
+VAR off, on with empty tables, on with the real tables, off again, and records counters after each;
+eager VAR engines also record per-row decisions of one prefill per prompt. A fresh process per
+engine keeps vLLM's global state (distributed groups, compile caches) apart between engines.
+Used by tests/vllm/test_vllm_exact.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main(spec_path: str, out_path: str) -> None:
+    from vllm import LLM, SamplingParams
+
+    spec = json.load(open(spec_path, encoding="utf-8"))
+    common = {"dtype": "float32", "max_model_len": 512, "enforce_eager": spec["eager"], "seed": 0}
+    if spec["var"]:
+        from var_moe.vllm import engine_kwargs
+
+        llm = LLM(**engine_kwargs(spec["model"], **common))
+    else:
+        llm = LLM(model=spec["model"], **common)
+    prompts = spec["prompts"]
+    tok = llm.get_tokenizer()
+    out: dict = {"prompt_ids": [tok(p)["input_ids"] for p in prompts]}
+    sp = SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"])
+
+    def generate() -> list[list[int]]:
+        return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, sp, use_tqdm=False)]
+
+    if not spec["var"]:
+        out["plain"] = generate()
+        json.dump(out, open(out_path, "w", encoding="utf-8"))
+        return
+
+    rpc = llm.collective_rpc
+    counts = lambda: {str(k): v for k, v in rpc("varmoe_counts")[0].items()}  # noqa: E731
+    rpc("varmoe_reset_counts")  # start-up and profiling runs are not traffic
+    out["off"] = generate()
+    out["counts_off"] = counts()
+    rpc("varmoe_load_tables", args=(spec["empty_tables"],))
+    rpc("varmoe_set_enabled", args=(True,))
+    rpc("varmoe_reset_counts")
+    out["empty"] = generate()
+    out["counts_empty"] = counts()
+    out["load"] = rpc("varmoe_load_tables", args=(spec["tables"],))[0]
+    rpc("varmoe_reset_counts")
+    out["on"] = generate()
+    out["counts_on"] = counts()
+    rpc("varmoe_set_enabled", args=(False,))
+    out["off_again"] = generate()
+    try:
+        rpc("varmoe_load_tables", args=(spec["bad_tables"],))
+        out["bad_tables_error"] = None
+    except Exception as exc:  # the worker's InvalidInputError, as the engine hands it back
+        out["bad_tables_error"] = f"{type(exc).__name__}: {exc}"
+    out["info"] = rpc("varmoe_info")[0]
+    if spec["eager"]:
+        rpc("varmoe_set_enabled", args=(True,))
+        out["records"] = []
+        for p in prompts:  # one prefill per prompt: rows are exactly that prompt's tokens
+            rpc("varmoe_record", args=(True,))
+            llm.generate([p], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
+            out["records"].append({str(k): v for k, v in rpc("varmoe_records")[0].items()})
+        rpc("varmoe_record", args=(False,))
+    json.dump(out, open(out_path, "w", encoding="utf-8"))
+
+
+if __name__ == "__main__":  # vLLM may spawn workers that import this file
+    main(sys.argv[1], sys.argv[2])
