@@ -1,14 +1,16 @@
 """The engine: one thread owns the model; requests wait in a bounded queue and run in dynamic batches.
 
-The HTTP side calls `submit(jobs)` from the event loop; the engine thread takes the oldest job,
-waits up to `max_wait_ms` (counted from that job's arrival) until the clients of the batch that
-just finished are back (closed-loop clients return together but not in the same millisecond;
-a lone client never waits), and runs up to
-`max_batch_size` of them through `BatchDecoder` (decode.py). Every batch runs in
-one mode: a pinned request (`var: true|false`) runs in its mode, the others in the mode current
-when the batch forms; `set_var()` only changes what later batches use, so a toggle lands between
-batches. Control actions (capture start/stop/export) also run on this thread between batches,
-through `call()`, because they attach hooks to the model.
+The HTTP side calls `submit(jobs)` from the event loop; the engine thread takes the oldest job
+and forms a batch of up to `max_batch_size` jobs of its mode, which it runs through `BatchDecoder`
+(decode.py). Before forming it, it waits until as many jobs of that mode are ready as were already
+waiting when the previous batch ended plus that batch's rows (closed-loop clients send their next
+request right after an answer, but not in the same millisecond), and at most until `max_wait_ms`
+after the later of the oldest job's arrival and the previous batch's end. A lone client never
+waits. Every batch runs in one mode: a pinned request (`var: true|false`) runs in its mode, the
+others in the mode `VarRuntime` (var_runtime.py) says when the batch forms, so a toggle lands
+between batches; the engine makes the routers match (`host.apply_mode`) and reports each batch to
+the runtime (`record_batch`). Control actions (capture start/stop/export) also run on this thread
+between batches, through `call()`, because they attach hooks to the model.
 
 Per job: a deadline (timeout -> finish reason `timeout`), a `cancelled` flag set by the HTTP side
 when the client disconnects (the row stops at the next step), stop strings, and an asyncio queue
@@ -34,6 +36,8 @@ import torch
 
 from .decode import BatchDecoder, RowSpec, RowState
 from .metrics import ServerMetrics
+from .model_host import ModelHost
+from .var_runtime import VarRuntime
 
 log = logging.getLogger("varmoe.server")
 
@@ -94,15 +98,16 @@ class Job:
 
 
 class Engine:
-    def __init__(self, runtime, metrics: ServerMetrics, max_batch_size: int = 8, max_wait_ms: float = 5.0,
-                 max_queue: int = 64, threads: int | None = None):
-        self.runtime = runtime
+    def __init__(self, host: ModelHost, var: VarRuntime, metrics: ServerMetrics, max_batch_size: int = 8,
+                 max_wait_ms: float = 50.0, max_queue: int = 64, threads: int | None = None):
+        self.host = host
+        self.var = var
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.threads = threads
-        tok = runtime.tokenizer
+        tok = host.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         self.eos_id = tok.eos_token_id
         self._pending: collections.deque[Job] = collections.deque()
@@ -110,12 +115,10 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.var_mode = runtime.var_active  # the mode new batches get
         self._returning = 0  # rows of the batch that just finished: clients likely to send again soon
         self._last_batch_end = 0.0
         self.batches_run = 0
         self.last_batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)
-        metrics.var_enabled.set(int(self.var_mode))
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -168,13 +171,6 @@ class Engine:
             self._cond.notify_all()
         return fut
 
-    def set_var(self, enabled: bool) -> None:
-        if enabled and not self.runtime.var_available:
-            raise ValueError(f"VAR is unavailable: {self.runtime.unavailable_reason}")
-        with self._cond:
-            self.var_mode = enabled
-        self.metrics.var_enabled.set(int(enabled))
-
     @property
     def queue_depth(self) -> int:
         return len(self._pending)
@@ -201,7 +197,7 @@ class Engine:
                 self._run_batch(batch, mode)
 
     def _mode_of(self, job: Job) -> str:
-        return job.pinned_mode or ("var" if self.var_mode else "baseline")
+        return self.var.mode_for(job.pinned_mode)
 
     def _take_batch(self) -> tuple[list[Job], str]:
         with self._cond:
@@ -244,13 +240,12 @@ class Engine:
     def _run_batch(self, jobs: list[Job], mode: str) -> None:
         started = time.monotonic()
         try:
-            if self.runtime.var_active != (mode == "var"):
-                self.runtime.set_mode(mode == "var")
-            self.runtime.begin_batch()
+            self.host.apply_mode(mode == "var")
+            self.host.begin_batch()
             self.metrics.batch_size.observe(len(jobs))
             self.batches_run += 1
             self.last_batch_sizes.append(len(jobs))
-            dec = BatchDecoder(self.runtime.model, [j.spec for j in jobs], self.pad_id, self.eos_id)
+            dec = BatchDecoder(self.host.model, [j.spec for j in jobs], self.pad_id, self.eos_id)
             self.metrics.prompt_tokens.labels(mode=mode).inc(sum(len(j.spec.prompt_ids) for j in jobs))
             self._deliver(jobs, dec, dec.prefill(), mode)
             while not dec.done:
@@ -258,9 +253,9 @@ class Engine:
                 if dec.done:
                     break
                 self._deliver(jobs, dec, dec.step(), mode)
-            rows, tiers, verif = self.runtime.end_batch([st.forwarded_tokens for st in dec.state])
-            self.metrics.add_routing(tiers)
-            self.metrics.add_verification(verif)
+            valid_B = [st.forwarded_tokens for st in dec.state]
+            rows = self.host.row_tier_counts(valid_B)
+            self.var.record_batch(mode, sum(valid_B))
         except Exception as exc:  # a model error must not kill the engine or hang the clients
             log.exception("batch failed")
             for job in jobs:
@@ -291,7 +286,7 @@ class Engine:
 
     def _check_jobs(self, jobs: list[Job], dec: BatchDecoder) -> None:
         now = time.monotonic()
-        tok = self.runtime.tokenizer
+        tok = self.host.tokenizer
         for i, (job, st) in enumerate(zip(jobs, dec.state)):
             if st.finished:
                 continue
