@@ -56,9 +56,18 @@ class RequestCounter:
             self.metrics.requests.labels(endpoint=path, status=str(status["code"])).inc()
 
 
+def load_host(settings: ServerSettings):
+    """The builtin engine's ModelHost, or the vLLM engine's host (`--engine vllm`, vLLM environment)."""
+    if settings.engine == "vllm":
+        from .vllm_host import VllmHost
+
+        return VllmHost.load(settings)
+    return ModelHost.load(settings)
+
+
 def create_app(settings: ServerSettings | None = None, host: ModelHost | None = None) -> FastAPI:
     settings = settings or ServerSettings()
-    state = ServerState(settings, host or ModelHost.load(settings))
+    state = ServerState(settings, host or load_host(settings))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

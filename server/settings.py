@@ -33,6 +33,15 @@ class ServerSettings(BaseSettings):
     quantization: Literal["4bit", "8bit"] | None = None
     trust_remote_code: bool = False
     threads: int | None = Field(None, ge=1, description="torch CPU threads of the engine thread")
+    # -- engine (the builtin engine is the reference for capture and audit) ------------------
+    engine: Literal["builtin", "vllm"] = Field("builtin", description="builtin (transformers) | vllm")
+    # passed through to vLLM (--engine vllm only)
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM: GPUs per replica (tensor parallel)")
+    data_parallel_size: int = Field(1, ge=1, description="vLLM: model replicas in this server (data parallel)")
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="vLLM: share of GPU memory")
+    max_model_len: int | None = Field(None, ge=16, description="vLLM: context length (default: the model's)")
+    vllm_quantization: str | None = Field(None, description="vLLM: quantization method (awq, gptq, fp8, ...)")
+    enforce_eager: bool = Field(False, description="vLLM: no torch.compile / CUDA graphs")
     # -- VAR ---------------------------------------------------------------------------------
     var_tables: Path | None = Field(None, description=f"default: <model>/{VAR_DIR}/{VAR_TABLES_FILE} if present")
     routing_stats: Path | None = Field(None, description=f"default: <model>/{VAR_DIR}/{ROUTING_STATS_FILE} if present")

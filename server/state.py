@@ -30,7 +30,8 @@ class ServerState:
         self.host = host
         self.var = VarRuntime(host, enabled=settings.var_on_start)
         self.metrics = ServerMetrics(self.var)
-        self.engine = Engine(host, self.var, self.metrics, settings.max_batch_size, settings.max_wait_ms,
+        engine_class = getattr(host, "engine_class", Engine)  # a vLLM host brings its own engine
+        self.engine = engine_class(host, self.var, self.metrics, settings.max_batch_size, settings.max_wait_ms,
                              settings.max_queue, settings.threads)
         self.started_at = time.time()
         ctx = getattr(host.model.config, "max_position_embeddings", None) or 10**9

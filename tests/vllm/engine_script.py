@@ -25,7 +25,9 @@ def main(spec_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
 
     spec = json.load(open(spec_path, encoding="utf-8"))
-    common = {"dtype": "float32", "max_model_len": 512, "enforce_eager": spec["eager"], "seed": 0}
+    # no prefix cache: a prompt seen with VAR off must be recomputed with VAR on (and counted)
+    common = {"dtype": "float32", "max_model_len": 512, "enforce_eager": spec["eager"], "seed": 0,
+              "enable_prefix_caching": False}
     if spec["var"]:
         from var_moe.vllm import engine_kwargs
 

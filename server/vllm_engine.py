@@ -1,0 +1,275 @@
+"""`VllmEngine`: the server's engine interface (submit / call / start / stop) over vLLM's LLMEngine.
+
+One thread owns the `LLMEngine` (vllm_host.py): it admits queued jobs as vLLM requests, steps the
+engine (vLLM batches continuously: requests join and leave between steps) and hands each job its
+events (`("token", id, logprob)` for streams, then `("done", JobResult)`), like the builtin engine.
+
+A/B modes are time-sliced: VAR on/off is one flag on the workers' devices, so every request in
+flight runs in the mode applied when it was admitted. Jobs are admitted in arrival order while their
+mode (pinned, else the admin's current mode from `VarRuntime`) is the applied one; the first job
+of the other mode stops admission, the requests in flight finish, the flag switches (between two
+steps), and admission goes on. A toggle therefore lands once the requests in flight have finished.
+Per-request pinning is exact; under a mix of pinned modes the slices are short and the engine
+drains often (slower than the builtin engine's per-batch modes; see the report in docs/SERVER.md).
+
+Accounting: `VarRuntime.record_batch(mode, tokens)` after every step in which requests finished
+(one counter read of the workers in VAR mode), tokens and TTFT metrics as the builtin engine.
+Cancelled or timed-out jobs are aborted in vLLM. `stop()` refuses new jobs and lets running ones
+finish. Test: `pytest tests/vllm/test_vllm_server.py`.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import itertools
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+from .decode import RowState
+from .engine import EngineStopping, Job, JobResult, QueueFull
+from .metrics import ServerMetrics
+from .var_runtime import VarRuntime
+
+log = logging.getLogger("varmoe.server")
+_ids = itertools.count()
+
+
+def sampling_params(job: Job) -> Any:
+    """vLLM SamplingParams for one job (perplexity jobs generate one token that is thrown away)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    spec = job.spec
+    return SamplingParams(
+        max_tokens=max(1, spec.max_new_tokens), temperature=spec.temperature, top_p=spec.top_p, seed=spec.seed,
+        logprobs=spec.top_logprobs, prompt_logprobs=spec.top_logprobs if spec.prompt_logprobs else None,
+        stop=job.stop or None, detokenize=bool(job.stop), output_kind=RequestOutputKind.DELTA)
+
+
+class _Flight:
+    """A job that vLLM is running."""
+
+    def __init__(self, job: Job, mode: str, started: float):
+        self.job, self.mode, self.started = job, mode, started
+        self.state = RowState()
+        self.prompt_done = False
+
+
+class VllmEngine:
+    def __init__(self, host, var: VarRuntime, metrics: ServerMetrics, max_batch_size: int = 8,
+                 max_wait_ms: float = 50.0, max_queue: int = 64, threads: int | None = None):
+        self.host, self.var, self.metrics = host, var, metrics
+        self.llm = host.llm
+        self.max_queue = max_queue
+        self.eos_id = host.tokenizer.eos_token_id
+        self._pending: collections.deque[Job] = collections.deque()
+        self._controls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
+        self._flights: dict[str, _Flight] = {}
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._mode: str | None = None  # the mode applied on the workers
+        self.batches_run = 0  # engine steps
+        self.last_batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)
+
+    # -- lifecycle (same interface as server.engine.Engine) --------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="varmoe-vllm-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def stop(self, timeout_s: float = 30.0) -> bool:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            return not self._thread.is_alive()
+        return True
+
+    def submit(self, jobs: list[Job]) -> None:
+        with self._cond:
+            if self._stopping:
+                raise EngineStopping("the server is shutting down", retry_after_s=5.0)
+            if len(self._pending) + len(jobs) > self.max_queue:
+                raise QueueFull(f"queue full ({len(self._pending)} waiting, limit {self.max_queue}); retry later",
+                                retry_after_s=1.0)
+            now = time.monotonic()
+            for job in jobs:
+                job.enqueued_at = now
+                job.pinned_mode = self.var.mode_for(job.pinned_mode)  # the mode is fixed at arrival
+                self._pending.append(job)
+            self.metrics.queue_depth.set(len(self._pending))
+            self._cond.notify_all()
+
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                fut.set_exception(EngineStopping("the engine is not running"))
+                return fut
+            self._controls.append((fn, fut))
+            self._cond.notify_all()
+        return fut
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    # -- the engine thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._controls and not self._flights and not self._stopping:
+                    self._cond.wait()
+                if self._stopping and not self._pending and not self._controls and not self._flights:
+                    break
+                controls = list(self._controls)
+                self._controls.clear()
+            for fn, fut in controls:
+                try:
+                    fut.set_result(fn())
+                except Exception as exc:
+                    fut.set_exception(exc)
+            try:
+                self._admit()
+                if self._flights:
+                    self._step()
+            except Exception as exc:  # a model error must not kill the engine or hang the clients
+                log.exception("vLLM step failed")
+                self._fail_all(f"{type(exc).__name__}: {exc}")
+
+    def _admit(self) -> None:
+        """Start queued jobs of the applied mode, in order; switch modes only when nothing runs."""
+        with self._cond:
+            gone = [j for j in self._pending if j.cancelled]
+            if gone:
+                self._pending = collections.deque(j for j in self._pending if not j.cancelled)
+            if not self._pending:
+                admit = []
+            else:
+                if not self._flights:
+                    mode = self._pending[0].pinned_mode
+                    self.host.apply_mode(mode == "var")
+                    self._mode = mode
+                admit = []
+                while self._pending and self._pending[0].pinned_mode == self._mode:
+                    admit.append(self._pending.popleft())
+            self.metrics.queue_depth.set(len(self._pending))
+        for j in gone:
+            j.post("done", None)
+        now = time.monotonic()
+        for job in admit:
+            rid = f"varmoe-{next(_ids)}"
+            # cache_salt: the prefix cache never hands a VAR request KV computed in baseline mode, nor the reverse
+            prompt = {"prompt_token_ids": list(job.spec.prompt_ids), "cache_salt": job.pinned_mode}
+            self.llm.add_request(rid, prompt, sampling_params(job))
+            self._flights[rid] = _Flight(job, job.pinned_mode, now)
+            self.metrics.prompt_tokens.labels(mode=job.pinned_mode).inc(len(job.spec.prompt_ids))
+
+    def _step(self) -> None:
+        self._abort_gone()
+        outputs = self.llm.step()
+        self.batches_run += 1
+        self.last_batch_sizes.append(len(self._flights))
+        self.metrics.batch_size.observe(len(self._flights))
+        now = time.monotonic()
+        finished_tokens, finished_mode = 0, None
+        for out in outputs:
+            fl = self._flights.get(out.request_id)
+            if fl is None:
+                continue
+            self._take(fl, out, now)
+            if out.finished:
+                del self._flights[out.request_id]
+                finished_tokens += fl.state.forwarded_tokens
+                finished_mode = fl.mode
+                self._finish(fl, out, now)
+        if finished_mode is not None:
+            self.var.record_batch(finished_mode, finished_tokens)
+
+    def _take(self, fl: _Flight, out: Any, now: float) -> None:
+        job, st = fl.job, fl.state
+        if not fl.prompt_done and out.prompt_logprobs is not None:
+            ids = job.spec.prompt_ids
+            st.prompt_logprobs = [None] + [d[t].logprob for d, t in zip(out.prompt_logprobs[1:], ids[1:])]
+            if job.spec.top_logprobs:
+                st.prompt_top = [None] + [_top(d, job.spec.top_logprobs) for d in out.prompt_logprobs[1:]]
+        fl.prompt_done = True
+        if job.spec.max_new_tokens == 0:  # perplexity: the one generated token is not part of the answer
+            return
+        comp = out.outputs[0]
+        new = list(comp.token_ids)
+        if not new:
+            return
+        lps = comp.logprobs or [None] * len(new)
+        for tok, d in zip(new, lps):
+            st.new_ids.append(tok)
+            st.new_logprobs.append(float(d[tok].logprob) if d is not None and tok in d else float("nan"))
+            if job.spec.top_logprobs:
+                st.new_top.append(_top(d, job.spec.top_logprobs) if d is not None else [])
+            if job.first_token_at is None:
+                job.first_token_at = now
+                self.metrics.ttft.labels(mode=fl.mode).observe(now - job.enqueued_at)
+            if job.stream:
+                job.post("token", tok, st.new_logprobs[-1])
+        self.metrics.generated_tokens.labels(mode=fl.mode).inc(len(new))
+
+    def _finish(self, fl: _Flight, out: Any, now: float) -> None:
+        job, st = fl.job, fl.state
+        comp = out.outputs[0]
+        reason = comp.finish_reason or "length"
+        if reason == "stop" and comp.stop_reason is None:
+            reason = "eos"
+        if reason == "abort":
+            reason = "cancelled" if job.cancelled else "timeout"
+        st.finished, st.finish_reason = True, reason
+        # tokens this request sent through the model: the prompt less what the prefix cache held, then
+        # every generated token but the last
+        cached = int(getattr(out, "num_cached_tokens", 0) or 0)
+        forwarded = list(job.spec.prompt_ids)[cached:] + st.new_ids[:-1]
+        st.forwarded_tokens = len(forwarded)
+        tiers = self.host.request_tiers(fl.mode == "var", forwarded)
+        ttft = None if job.first_token_at is None else job.first_token_at - job.enqueued_at
+        job.post("done", JobResult(st, fl.mode, len(job.spec.prompt_ids), fl.started - job.enqueued_at, ttft,
+                                   now - job.enqueued_at, tiers))
+
+    def _abort_gone(self) -> None:
+        now = time.monotonic()
+        gone = [rid for rid, fl in self._flights.items() if fl.job.cancelled or now > fl.job.deadline]
+        if not gone:
+            return
+        self.llm.abort_request(gone)
+        for rid in gone:
+            fl = self._flights.pop(rid)
+            fl.state.finished = True
+            fl.state.finish_reason = "cancelled" if fl.job.cancelled else "timeout"
+            fl.job.post("done", None if fl.job.cancelled else JobResult(
+                fl.state, fl.mode, len(fl.job.spec.prompt_ids), fl.started - fl.job.enqueued_at, None,
+                now - fl.job.enqueued_at, {}))
+
+    def _fail_all(self, error: str) -> None:
+        now = time.monotonic()
+        rids = list(self._flights)
+        if rids:
+            try:
+                self.llm.abort_request(rids)
+            except Exception:  # the engine itself may be gone; the clients still get an answer
+                log.exception("abort after a failed step")
+        for fl in self._flights.values():
+            fl.job.post("done", JobResult(RowState(), fl.mode, len(fl.job.spec.prompt_ids), 0.0, None,
+                                          now - fl.job.enqueued_at, {}, error=error))
+        self._flights.clear()
+
+
+def _top(d: dict | None, n: int) -> list[tuple[int, float]]:
+    if not d:
+        return []
+    pairs = sorted(((int(t), float(lp.logprob)) for t, lp in d.items()), key=lambda p: -p[1])
+    return pairs[:n]

@@ -1,0 +1,186 @@
+"""`VllmHost`: `varmoe serve --engine vllm`'s model side: a vLLM engine with VAR, as a RoutingBackend.
+
+`VllmHost.load(settings)` builds a vLLM `LLMEngine` (engine settings passed through: tensor/data
+parallel size, GPU memory share, max model length, dtype, quantization, eager mode) for a model
+whose MoE routers carry VAR (var_moe.vllm: installed before vLLM compiles the model), then loads
+the tables file through `collective_rpc` on every worker (refused for other weights: the
+fingerprint is checked against the gates vLLM loaded). Without a tables file, or for an
+architecture VAR does not support on vLLM, it serves the plain vLLM model and reports VAR as
+unavailable with the reason.
+
+RoutingBackend (server/var_runtime.py): `apply_mode` writes the workers' device flag; `counts()`
+reads the device counters of VAR-mode steps only (counts added while baseline was applied are set
+aside at each switch); verification outcomes are the free audit of every table row against the
+learned decision (no sampling, no demotion on this engine). Per-request tier counts are exact
+without reading the device: table membership depends on the token only (no context cache here),
+so a request's fast decisions are the table members among the tokens it sent through the model,
+summed over layers (the vLLM tests check this equals the device counters).
+Capture runs on the builtin engine only (409 here). Test: `pytest tests/vllm/test_vllm_server.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from var_moe.errors import InvalidInputError
+
+from .errors import APIError
+from .var_runtime import Counts
+
+log = logging.getLogger("varmoe.server")
+
+
+def engine_args(settings) -> dict[str, Any]:
+    """vLLM engine keyword arguments from the server settings (only what the operator set)."""
+    kw: dict[str, Any] = {"dtype": settings.dtype, "seed": 0, "tensor_parallel_size": settings.tensor_parallel_size,
+                          "data_parallel_size": settings.data_parallel_size,
+                          "enforce_eager": settings.enforce_eager, "max_num_seqs": settings.max_batch_size}
+    if settings.gpu_memory_utilization is not None:
+        kw["gpu_memory_utilization"] = settings.gpu_memory_utilization
+    if settings.max_model_len is not None:
+        kw["max_model_len"] = settings.max_model_len
+    if settings.vllm_quantization:
+        kw["quantization"] = settings.vllm_quantization
+    if settings.trust_remote_code:
+        kw["trust_remote_code"] = True
+    return kw
+
+
+class VllmHost:
+    capturing = False
+    capture_tokens = 0
+    analyzer = None
+
+    def __init__(self, engine: Any, model_name: str, tables_info: dict | None, member_LV: torch.Tensor | None,
+                 layers: list[int], reason: str = ""):
+        from .vllm_engine import VllmEngine
+
+        self.engine_class = VllmEngine  # ServerState builds this engine instead of the builtin one
+        self.llm = engine
+        self.model_name = model_name
+        self.tokenizer = engine.get_tokenizer()
+        cfg = engine.vllm_config.model_config
+        # the routes read only model.config (vocabulary, context length)
+        self.model = SimpleNamespace(config=SimpleNamespace(vocab_size=int(cfg.hf_config.vocab_size),
+                                                            max_position_embeddings=int(cfg.max_model_len)))
+        self.layers = layers
+        self.tables_info = tables_info
+        self.member_LV = member_LV  # host copy of table membership, for per-request counts
+        self.unavailable_reason = "" if tables_info is not None else (reason or "VAR is not available")
+        self._var_applied = False
+        self._set_aside: dict[int, list[int]] = {}  # device counts added while baseline was applied
+        self._at_switch: dict[int, list[int]] | None = None
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def load(cls, settings) -> "VllmHost":
+        try:
+            from vllm.engine.arg_utils import EngineArgs
+            from vllm.v1.engine.llm_engine import LLMEngine
+        except ImportError as exc:
+            raise InvalidInputError(f"--engine vllm needs vLLM in this environment (make setup-vllm): {exc}") from None
+        from var_moe.vllm import engine_kwargs, model_architecture
+        from var_moe.vllm.models import SUPPORTED
+
+        tables_path = settings.var_tables_path
+        reason = ""
+        arch = model_architecture(settings.model) if os.path.isdir(settings.model) else None
+        if tables_path is None:
+            reason = (f"no VAR tables: pass --var-tables or put var_tables.safetensors in {settings.model}/var/ "
+                      "(the vLLM engine reads tables files, not statistics)")
+        elif arch not in SUPPORTED:
+            reason = f"VAR on vLLM supports {sorted(SUPPORTED)}; this model is {arch!r}"
+        kw = engine_args(settings)
+        kw = engine_kwargs(settings.model, **kw) if not reason else {"model": settings.model, **kw}
+        engine = LLMEngine.from_engine_args(EngineArgs(**kw))
+        if reason:
+            hf = engine.vllm_config.model_config.hf_config
+            return cls(engine, settings.model, None, None, list(range(int(hf.num_hidden_layers))), reason)
+        try:
+            info = engine.collective_rpc("varmoe_load_tables", args=(str(tables_path),))[0]
+        except InvalidInputError:
+            raise
+        except Exception as exc:  # a worker process hands the error back wrapped
+            raise InvalidInputError(f"VAR could not be set up on vLLM: {exc}") from None
+        from var_moe.var.tables import VARTables
+
+        tables = VARTables.load(tables_path)
+        layers = sorted(int(l) for l in engine.collective_rpc("varmoe_counts")[0])
+        vocab = int(tables.metadata["vocab_size"])
+        member_LV = torch.stack([tables.layers[l].member_V if l in tables.layers else torch.zeros(vocab, dtype=torch.bool)
+                                 for l in layers])
+        return cls(engine, settings.model, info, member_LV, layers)
+
+    # -- RoutingBackend --------------------------------------------------------------------------
+    @property
+    def available(self) -> bool:
+        return self.tables_info is not None
+
+    def _device_counts(self) -> dict[int, list[int]]:
+        merged: dict[int, list[int]] = {}
+        for worker in self.llm.collective_rpc("varmoe_counts"):  # one dict per worker; data-parallel ranks add up
+            for layer, c in worker.items():
+                merged[int(layer)] = [a + b for a, b in zip(merged.get(int(layer), [0] * len(c)), c)]
+        if merged and self.llm.vllm_config.parallel_config.tensor_parallel_size > 1:
+            tp = self.llm.vllm_config.parallel_config.tensor_parallel_size  # TP ranks route the same rows
+            merged = {l: [v // tp for v in c] for l, c in merged.items()}
+        return merged
+
+    def apply_mode(self, var: bool) -> None:
+        """Engine thread, when no request is in flight (vLLM batches continuously)."""
+        if var == self._var_applied:
+            return
+        if var and not self.available:
+            raise InvalidInputError(self.unavailable_reason)
+        if self.available:
+            now = self._device_counts()
+            if var and self._at_switch is not None:  # baseline period ends: set its counts aside
+                for l, c in now.items():
+                    prev = self._at_switch.get(l, [0] * len(c))
+                    acc = self._set_aside.get(l, [0] * len(c))
+                    self._set_aside[l] = [a + x - p for a, x, p in zip(acc, c, prev)]
+            self._at_switch = now
+            self.llm.collective_rpc("varmoe_set_enabled", args=(var,))
+        self._var_applied = var
+
+    def counts(self) -> tuple[Counts, Counts]:
+        if not self.available:
+            return {}, {}
+        tiers: Counts = {}
+        verification: Counts = {}
+        for l, c in self._device_counts().items():
+            c = [x - a for x, a in zip(c, self._set_aside.get(l, [0] * len(c)))]
+            tiers.update({(l, "fast"): c[0], (l, "cached"): 0, (l, "learned"): c[1]})
+            verification.update({(l, "agree"): c[2], (l, "disagree"): c[3]})
+        return tiers, verification
+
+    def info(self) -> dict[str, Any]:
+        if not self.available:
+            return {}
+        return {"config": self.tables_info.get("config") or {}, "table_sizes": {str(k): int(v) for k, v in
+                                                                                 self.tables_info["sizes"].items()},
+                "demoted": {str(l): 0 for l in self.layers}, "tables_source": self.tables_info["source"],
+                "engine": "vllm", "router_fingerprint": self.tables_info.get("fingerprint"),
+                "tiers": "fast (verified table) and learned; no context cache on this engine; every table "
+                         "decision is checked against the learned router (verification)"}
+
+    # -- per-request tier counts -----------------------------------------------------------------
+    def request_tiers(self, var: bool, forwarded_ids: list[int]) -> dict[str, int]:
+        """Routing decisions of one request summed over MoE layers (valid tokens x layers)."""
+        n = len(forwarded_ids) * len(self.layers)
+        if not var or self.member_LV is None or not forwarded_ids:
+            return {"fast": 0, "cached": 0, "learned": n}
+        fast = int(self.member_LV[:, torch.tensor(forwarded_ids, dtype=torch.long)].sum())
+        return {"fast": fast, "cached": 0, "learned": n - fast}
+
+    # -- capture: builtin engine only ----------------------------------------------------------------
+    def _no_capture(self, *args: Any) -> None:
+        raise APIError(409, "capture_unavailable", "capture runs on the builtin engine (varmoe serve without "
+                       "--engine vllm): it needs per-token router hooks that vLLM's compiled model does not offer")
+
+    capture_start = capture_stop = capture_parquet = _no_capture

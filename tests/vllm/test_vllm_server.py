@@ -1,0 +1,153 @@
+"""`varmoe serve --engine vllm` end to end on the reference model (subprocess on 127.0.0.1).
+
+Endpoints (generate + stream, perplexity, completions, models, health), the toggle and its admin
+token, per-request A/B pinning, /var/status and /metrics with the builtin server's names, and that
+the per-request tier counts add up to the device counters the metrics export. Outputs are checked
+against a plain in-process computation where one exists, never hard-coded.
+Runs in the vLLM environment only (skipped elsewhere). Test: `pytest tests/vllm/test_vllm_server.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import httpx
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed in this environment (see make setup-vllm)")
+
+from analysis_jobs.server_process import ManagedServer  # noqa: E402
+
+TOKEN = "test-admin-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+PROMPT = "The history of the city of"
+
+
+@pytest.fixture(scope="module")
+def server(reference_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("vllm_server")
+    env = {"VARMOE_ADMIN_TOKEN": TOKEN, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = ManagedServer(reference_model_dir, args=["--engine", "vllm", "--dtype", "float32", "--max-model-len", "512"],
+                         env=env, log_path=tmp / "server.log")
+    with proc:
+        proc.wait_ready(timeout_s=600)
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+
+
+def sse_events(text: str) -> list:
+    out = []
+    for block in text.strip().split("\n\n"):
+        data = block.removeprefix("data: ")
+        out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` carrying all `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        head, _, value = line.rpartition(" ")
+        if head.split("{")[0] == name and all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def test_health_and_status(client):
+    assert client.get("/healthz").json()["status"] == "ok"
+    ready = client.get("/readyz").json()
+    assert ready["status"] == "ready" and ready["var_available"] is True
+    assert client.get("/v1/models").json()["data"][0]["id"]
+    s = client.get("/var/status").json()
+    assert s["mode"] == "var" and s["var"]["engine"] == "vllm"
+    assert set(s["var"]["table_sizes"]) == {str(l) for l in s["var"]["layers"]}
+
+
+def test_pinning_greedy_and_routing(client):
+    base = client.post("/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 16, "var": False}).json()
+    again = client.post("/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 16, "var": False}).json()
+    var = client.post("/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 16, "var": True}).json()
+    assert base["mode"] == "baseline" and var["mode"] == "var"
+    assert base["text"] == again["text"]
+    assert base["routing"]["fast"] == 0 and base["routing"]["learned"] > 0
+    assert var["routing"]["fast"] > 0
+    n_layers = len(client.get("/var/status").json()["var"]["layers"])
+    for r in (base, var):  # every processed token was routed once per MoE layer
+        assert sum(r["routing"].values()) == (r["prompt_tokens"] + r["generated_tokens"] - 1) * n_layers
+
+
+def test_stream_equals_non_stream(client):
+    req = {"prompt": PROMPT, "max_new_tokens": 10, "var": False}
+    plain = client.post("/v1/generate", json=req).json()
+    r = client.post("/v1/generate", json={**req, "stream": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    tokens = [e for e in events[:-1] if e["type"] == "token"]
+    done = events[-2]
+    assert done["type"] == "done" and done["text"] == plain["text"]
+    assert len(tokens) == plain["generated_tokens"]
+    assert all(math.isfinite(t["logprob"]) and t["logprob"] <= 0 for t in tokens)
+
+
+def test_perplexity_and_completions(client):
+    texts = ["The river runs through the old town.", "In the beginning there was a small village."]
+    base = client.post("/v1/perplexity", json={"text": texts, "var": False}).json()
+    var = client.post("/v1/perplexity", json={"text": texts, "var": True}).json()
+    assert base["mode"] == "baseline" and var["mode"] == "var"
+    assert [r["tokens"] for r in base["results"]] == [r["tokens"] for r in var["results"]]
+    assert all(math.isfinite(r["perplexity"]) and r["perplexity"] > 1 for r in base["results"] + var["results"])
+    # completions echo + logprobs scores the same prompt as /v1/perplexity
+    r = client.post("/v1/completions", json={"prompt": texts[0], "max_tokens": 0, "echo": True, "logprobs": 0,
+                                             "var": False})
+    assert r.status_code == 200, r.text
+    lps = r.json()["choices"][0]["logprobs"]["token_logprobs"]
+    assert lps[0] is None
+    assert -sum(lps[1:]) / len(lps[1:]) == pytest.approx(base["results"][0]["mean_nll"], rel=1e-4)
+    r = client.post("/v1/completions", json={"prompt": [PROMPT, "Water is"], "max_tokens": 5, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 10
+
+
+def test_toggle_needs_token_and_switches_mode(client):
+    assert client.post("/var/toggle", json={"enabled": False}).status_code == 401
+    assert client.post("/var/toggle", json={"enabled": False}, headers=AUTH).status_code == 200
+    assert client.get("/var/status").json()["mode"] == "baseline"
+    assert client.post("/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 2}).json()["mode"] == "baseline"
+    assert "varmoe_var_enabled 0.0" in client.get("/metrics").text
+    assert client.post("/var/toggle", json={"enabled": True}, headers=AUTH).json()["enabled"] is True
+    assert client.post("/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 2}).json()["mode"] == "var"
+
+
+def test_request_counts_add_up_to_device_counters(client):
+    """Per-request fast counts (host, from token ids) == what the workers counted on the device."""
+    before = client.get("/var/status").json()["decisions_since_start"]["var"]
+    prompts = ["Once upon a time there was a", "The first thing to know about the market is", "Water is"]
+    fast = 0
+    for p in prompts:
+        fast += client.post("/v1/generate", json={"prompt": p, "max_new_tokens": 12, "var": True}).json()["routing"]["fast"]
+    after = client.get("/var/status").json()
+    added = sum(after["decisions_since_start"]["var"][l]["fast"] - before[l]["fast"] for l in before)
+    assert fast > 0 and added == fast
+    checks = after["verification_checks_since_start"]
+    assert sum(c["agree"] + c["disagree"] for c in checks.values()) > 0  # every table row is audited
+    text = client.get("/metrics").text
+    assert metric(text, "varmoe_routing_decisions_total", tier="fast") >= fast
+    assert metric(text, "varmoe_generated_tokens_total", mode="var") > 0
+    assert metric(text, "varmoe_generated_tokens_total", mode="baseline") > 0
+
+
+def test_capture_is_refused_on_this_engine(client):
+    r = client.post("/admin/capture/start", headers=AUTH)
+    assert r.status_code == 409 and r.json()["error"]["type"] == "capture_unavailable"
+
+
+def test_bad_input(client):
+    r = client.post("/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 100000})
+    assert r.status_code == 422
+    assert client.post("/v1/generate", json={"prompt": ""}).status_code == 422
