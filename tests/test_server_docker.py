@@ -24,7 +24,12 @@ DASHBOARD = DOCKER / "grafana" / "dashboards" / "varmoe-server.json"
 def test_compose_parses_and_mounts_existing_files():
     compose = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert set(services) == {"server", "prometheus", "grafana"}
+    # the default stack; the vLLM engine is an opt-in profile
+    assert {n for n, s in services.items() if not s.get("profiles")} == {"server", "prometheus", "grafana"}
+    vllm = services["server-vllm"]
+    assert vllm["profiles"] == ["vllm"] and vllm["environment"]["VARMOE_ENGINE"] == "vllm"
+    assert "server" in vllm["networks"]["default"]["aliases"]  # scraped like the builtin server
+    assert (REPO_ROOT / vllm["build"]["dockerfile"]).exists()
     assert (REPO_ROOT / services["server"]["build"]["dockerfile"]).exists()
     for name in ("prometheus", "grafana"):
         for volume in services[name]["volumes"]:

@@ -1,0 +1,160 @@
+"""VAR on vLLM, side by side: generated tokens/s at 1 / 4 / 16 clients of plain vLLM, `varmoe serve
+--engine vllm` in baseline and in VAR mode, and the builtin engine (`varmoe serve`), in one run.
+
+Load: the same Locust completions load as benchmarks/server_throughput.py (closed-loop users,
+greedy `POST /v1/completions`, `max_tokens` = --new-tokens, the same prompts; tokens/s counted
+inside the load window from Locust's per-request log). Contenders:
+
+- `vllm`: plain vLLM, `python -m vllm.entrypoints.openai.api_server` on the same model;
+- `vllm_engine_baseline` / `vllm_engine_var`: one `varmoe serve --engine vllm` server, every request
+  pinned to the mode (`"var": false|true`), so each cell runs one mode (no time-slicing);
+- `builtin`: `varmoe serve --max-batch-size 16` in baseline mode, in the main environment
+  (`--builtin-python`), the reference engine.
+
+One compute thread each: vLLM's engine processes are pinned to `--core` (VLLM_CPU_OMP_THREADS_BIND),
+the builtin engine gets `--threads 1`. All servers stay up; each repeat runs every contender at
+every client count once (interleaved), and the median of the repeats is reported with every
+repeat's value, and the ratios to plain vLLM inside the run. Goals (issue 12): baseline >= 0.95x
+plain vLLM, VAR >= 0.90x, at every client count.
+
+Run (vLLM environment):
+    .venv-vllm/bin/python benchmarks/vllm_throughput.py --repeats 3 --run-time 20 \
+        --builtin-python .venv/bin/python --out benchmarks/results/vllm_throughput.json
+Results go to docs/BENCHMARKS.md (section "VAR on vLLM").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from server_throughput import locust_load, prompts  # noqa: E402
+
+from analysis_jobs.server_process import REPO_ROOT, ManagedServer, free_port  # noqa: E402
+from var_moe.loading import REFERENCE_MODEL_DIR  # noqa: E402
+
+
+def vllm_env(core: int, kv_gb: int) -> dict[str, str]:
+    return {"VLLM_CPU_OMP_THREADS_BIND": str(core), "VLLM_CPU_KVCACHE_SPACE": str(kv_gb), "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1"}
+
+
+def start(cmd: list[str], env: dict, log: Path, ready_path: str, timeout_s: float = 900) -> tuple[subprocess.Popen, str]:
+    """Start a server process (cmd gets --host/--port appended) and wait until `ready_path` answers 200."""
+    port = free_port()
+    proc = subprocess.Popen(cmd + ["--host", "127.0.0.1", "--port", str(port)], env={**os.environ, **env},
+                            cwd=REPO_ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[:4]} exited: {log.read_text(errors='replace')[-2000:]}")
+        try:
+            if httpx.get(url + ready_path, timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    proc.kill()
+    raise TimeoutError(f"{cmd[:4]} did not come up in {timeout_s:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=str(REFERENCE_MODEL_DIR))
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--clients", default="1,4,16")
+    p.add_argument("--run-time", type=int, default=20, help="seconds of load per cell")
+    p.add_argument("--warmup", type=float, default=3.0, help="seconds after spawning left out of the window")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--core", type=int, default=0, help="the core vLLM's compute thread is pinned to")
+    p.add_argument("--kv-gb", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE of each vLLM server")
+    p.add_argument("--builtin-python", default="", help="python of the main environment for the builtin engine "
+                                                        "(empty: skip the builtin engine)")
+    p.add_argument("--out", default="runs/vllm_throughput.json")
+    p.add_argument("--log-dir", default="runs/vllm_throughput")
+    args = p.parse_args(argv)
+    levels = [int(c) for c in args.clients.split(",")]
+    log_dir = Path(args.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    prompts_file = log_dir / "prompts.json"
+    prompts_file.write_text(json.dumps(prompts(64)))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    env = vllm_env(args.core, args.kv_gb)
+    max_len = 512
+    procs: list = []
+    try:
+        plain, plain_url = start([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model,
+                                  "--served-model-name", "plain", "--dtype", "float32", "--max-model-len", str(max_len),
+                                  "--max-num-seqs", "16", "--disable-log-stats"], env, log_dir / "vllm.log", "/v1/models")
+        procs.append(plain)
+        ours = ManagedServer(args.model, args=["--engine", "vllm", "--dtype", "float32", "--max-model-len", str(max_len),
+                                               "--max-batch-size", "16", "--max-queue", "256"],
+                             env=env, log_path=log_dir / "varmoe_vllm.log").wait_ready(900)
+        procs.append(ours)
+        contenders = {"vllm": (plain_url, "plain", None), "vllm_engine_baseline": (ours.url, None, False),
+                      "vllm_engine_var": (ours.url, None, True)}
+        if args.builtin_python:  # the main environment's python: the builtin engine's own transformers
+            builtin, builtin_url = start([args.builtin_python, "-m", "var_moe.cli", "serve", "--model", args.model,
+                                          "--threads", "1", "--max-batch-size", "16", "--max-queue", "256",
+                                          "--no-var-on-start", "--log-level", "warning"],
+                                         {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, log_dir / "builtin.log",
+                                         "/readyz", 300)
+            procs.append(builtin)
+            contenders["builtin"] = (builtin_url, None, False)
+        for url, model, var in contenders.values():  # warm-up: compile caches, first requests
+            locust_load(url, 4, argparse.Namespace(new_tokens=8, run_time=5, warmup=0.5), prompts_file,
+                        log_dir, "warmup", tokenizer, model=model, var=var)
+        runs: dict = {name: {c: [] for c in levels} for name in contenders}
+        for rep in range(args.repeats):
+            for c in levels:
+                for name, (url, model, var) in contenders.items():
+                    r = locust_load(url, c, args, prompts_file, log_dir, f"{name}-{c}", tokenizer, model=model, var=var)
+                    runs[name][c].append(r)
+                    print(f"repeat {rep} clients {c:2d} {name:22s} {r['tokens_per_s']:8.1f} tok/s", flush=True)
+    finally:
+        for proc in reversed(procs):
+            if isinstance(proc, ManagedServer):
+                proc.stop()
+            else:
+                proc.terminate()
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+    med = {n: {c: statistics.median(r["tokens_per_s"] for r in rs) for c, rs in by.items()} for n, by in runs.items()}
+    ratios = {n: {c: round(med[n][c] / med["vllm"][c], 3) for c in levels} for n in med if n != "vllm"}
+    # ratio per repeat (same repeat, same client count: the closest pairs in time)
+    paired = {n: {c: [round(a["tokens_per_s"] / b["tokens_per_s"], 3) for a, b in zip(runs[n][c], runs["vllm"][c])]
+                  for c in levels} for n in runs if n != "vllm"}
+    result = {"model": args.model, "new_tokens": args.new_tokens, "run_time_s": args.run_time, "repeats": args.repeats,
+              "core": args.core, "endpoint": "/v1/completions", "median_tokens_per_s": med, "ratio_to_vllm": ratios,
+              "ratio_to_vllm_per_repeat": paired,
+              "runs": {n: {c: [r["tokens_per_s"] for r in rs] for c, rs in by.items()} for n, by in runs.items()},
+              "goals": {"vllm_engine_baseline": 0.95, "vllm_engine_var": 0.90}}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n{'contender':22s} " + " ".join(f"{c:>16d}" for c in levels))
+    for n in med:
+        cells = " ".join(f"{med[n][c]:8.1f} ({ratios.get(n, {}).get(c, 1.0):.2f}x)" for c in levels)
+        print(f"{n:22s} {cells}")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":  # vLLM spawns processes that may import this file
+    raise SystemExit(main())
