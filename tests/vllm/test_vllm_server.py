@@ -30,9 +30,11 @@ def server(reference_model_dir, tmp_path_factory):
     env = {"VARMOE_ADMIN_TOKEN": TOKEN, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
     proc = ManagedServer(reference_model_dir, args=["--engine", "vllm", "--dtype", "float32", "--max-model-len", "512"],
                          env=env, log_path=tmp / "server.log")
-    with proc:
-        proc.wait_ready(timeout_s=600)
+    try:  # not `with proc`: vLLM compiles at start-up, longer than the builtin server's ready timeout
+        proc.wait_ready(timeout_s=900)
         yield proc
+    finally:
+        proc.stop()
 
 
 @pytest.fixture(scope="module")
