@@ -5,7 +5,7 @@
 SPEC: {"model", "prompts", "max_tokens", "var": bool, "eager": bool, "tables", "empty_tables",
 "bad_tables"}. A plain engine ("var": false) generates greedily once. A VAR engine generates with
 VAR off, on with empty tables, on with the real tables, off again, and records counters after each;
-eager VAR engines also record per-row decisions of one prefill per prompt. A fresh process per
+eager VAR engines also record per-row decisions of one prefill per prompt + its VAR continuation. A fresh process per
 engine keeps vLLM's global state (distributed groups, compile caches) apart between engines.
 Used by tests/vllm/test_vllm_exact.py.
 """
@@ -70,11 +70,14 @@ def main(spec_path: str, out_path: str) -> None:
         out["bad_tables_error"] = f"{type(exc).__name__}: {exc}"
     out["info"] = rpc("varmoe_info")[0]
     if spec["eager"]:
+        # one prefill per sequence, of each prompt followed by its VAR-mode continuation (more table
+        # tokens than the prompts alone): the rows of that forward are exactly those tokens
         rpc("varmoe_set_enabled", args=(True,))
+        out["record_ids"] = [ids + gen for ids, gen in zip(out["prompt_ids"], out["on"])]
         out["records"] = []
-        for p in prompts:  # one prefill per prompt: rows are exactly that prompt's tokens
+        for ids in out["record_ids"]:
             rpc("varmoe_record", args=(True,))
-            llm.generate([p], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
+            llm.generate([{"prompt_token_ids": ids}], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
             out["records"].append({str(k): v for k, v in rpc("varmoe_records")[0].items()})
         rpc("varmoe_record", args=(False,))
     json.dump(out, open(out_path, "w", encoding="utf-8"))

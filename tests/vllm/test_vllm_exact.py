@@ -127,11 +127,11 @@ def builtin_decisions(model_dir: Path, tables: VARTables, prompt_ids: list[list[
 
 def test_table_rows_and_experts_equal_the_builtin_engine(runs, reference_model_dir):
     eager = runs["eager"]
-    builtin = builtin_decisions(reference_model_dir, runs["tables"], eager["prompt_ids"])
+    builtin = builtin_decisions(reference_model_dir, runs["tables"], eager["record_ids"])
     learned_same = learned_n = fast_n = 0
-    for ids, rec, ref in zip(eager["prompt_ids"], eager["records"], builtin):
+    for ids, rec, ref in zip(eager["record_ids"], eager["records"], builtin):
         for layer, calls in rec.items():
-            (call,) = [c for c in calls if c["ids"] == ids]  # the prefill of this prompt
+            (call,) = [c for c in calls if c["ids"] == ids]  # the prefill of this sequence
             b = ref[int(layer)]
             assert call["fast"] == b["fast"], f"layer {layer}: table rows differ for {ids}"
             for is_fast, v_exp, b_exp, v_learned in zip(call["fast"], call["experts"], b["experts"], call["learned"]):
@@ -141,7 +141,7 @@ def test_table_rows_and_experts_equal_the_builtin_engine(runs, reference_model_d
                 else:
                     learned_n += 1
                     learned_same += sorted(v_exp) == sorted(b_exp)
-    assert fast_n > 0
+    assert fast_n >= 20  # enough table rows for the comparison to mean something
     print(f"\nlearned-tier agreement vLLM vs builtin: {learned_same}/{learned_n} rows same expert set; "
           f"table rows identical: {fast_n}")
     assert learned_same / learned_n > 0.9  # kernels differ only at near-ties
