@@ -61,6 +61,7 @@ class LayerVar:
     member_V: torch.Tensor  # bool
     counts: torch.Tensor  # int64 [len(COUNTERS)]
     renormalize: bool
+    num_experts: int
     # per-row decisions of each forward, for the exactness tests; eager mode only (a compiled
     # graph was traced with None here and never records)
     record: list | None = None
@@ -72,7 +73,7 @@ class LayerVar:
         tab_w_TK = self.weights_VK[safe_T].to(w_TK.dtype)
         out_idx_TK = torch.where(use_T[:, None], tab_idx_TK, idx_TK)
         out_w_TK = torch.where(use_T[:, None], tab_w_TK, w_TK)
-        same_T = (tab_idx_TK.sort(dim=1).values == idx_TK.sort(dim=1).values).all(dim=1)
+        same_T = _same_set(tab_idx_TK, idx_TK, self.num_experts)
         fast = use_T.sum()
         agree = (use_T & same_T).sum()
         self.counts.add_(torch.stack([fast, use_T.numel() - fast, agree, fast - agree]))
@@ -80,6 +81,15 @@ class LayerVar:
             self.record.append({"ids": ids_T.tolist(), "fast": use_T.tolist(), "experts": out_idx_TK.tolist(),
                                 "learned": idx_TK.tolist()})
         return out_w_TK.contiguous(), out_idx_TK.contiguous()
+
+
+def _same_set(a_TK: torch.Tensor, b_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Rows whose two top-k sets are equal. Up to 63 experts: one bit per expert, summed (pointwise
+    work that the compiler fuses; top-k ids within a row are distinct); more: sorted comparison."""
+    if num_experts <= 63:
+        one = torch.ones((), dtype=torch.long, device=a_TK.device)
+        return (one << a_TK.long()).sum(1) == (one << b_TK.long()).sum(1)
+    return (a_TK.sort(dim=1).values == b_TK.sort(dim=1).values).all(dim=1)
 
 
 # The three overrides below become methods of a one-level subclass of each patched object's class
@@ -172,7 +182,8 @@ def install_var(model: nn.Module, vocab_size: int, top_k: int) -> VarState:
                       torch.zeros(vocab_size, top_k, dtype=torch.long, device=device),
                       torch.zeros(vocab_size, top_k, dtype=torch.float32, device=device),
                       torch.zeros(vocab_size, dtype=torch.bool, device=device),
-                      torch.zeros(len(COUNTERS), dtype=torch.long, device=device), renorm)
+                      torch.zeros(len(COUNTERS), dtype=torch.long, device=device), renorm,
+                      int(b.block.gate.weight.shape[0]))
         state.layers[b.layer] = lv
         object.__setattr__(b.runner, "_varmoe", state)
         _subclass(b.runner, "forward", _runner_forward)
