@@ -12,7 +12,7 @@ VLLM_VENV ?= $(VENV)-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
 
-.PHONY: setup setup-vllm serve-vllm bench-vllm prometheus test serve demo ab-test reliability bench-reference bench-capture bench-router bench-server clean
+.PHONY: setup setup-vllm serve-vllm bench-vllm gpu-check-vllm prometheus test serve demo ab-test reliability bench-reference bench-capture bench-router bench-server clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -77,6 +77,13 @@ bench-server: setup
 bench-vllm: setup setup-vllm
 	HF_HUB_OFFLINE=1 $(VLLM_BIN)/python benchmarks/vllm_throughput.py --repeats 3 --run-time 20 \
 	  --builtin-python $(BIN)/python --out benchmarks/results/vllm_throughput.json
+
+# On a CUDA machine: the vLLM tests with vLLM's CUDA build (compiled engines with CUDA graphs, VAR
+# toggled, exactness against plain vLLM and the builtin engine). `make gpu-check` should call this.
+gpu-check-vllm:
+	$(PY) -m venv $(VENV)-vllm-cuda
+	$(VENV)-vllm-cuda/bin/pip install -q vllm==0.32.0 -e ".[server,loadtest,dev,analysis]"
+	HF_HUB_OFFLINE=1 $(VENV)-vllm-cuda/bin/python -m pytest -q tests/vllm tests/test_vllm_routing.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache
