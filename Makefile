@@ -35,10 +35,10 @@ prometheus:
 	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null)
 
-# two runs: the whole suite in the main environment (tests/vllm skip there), then the vLLM engine's tests
+# two runs: the whole suite in the main environment (tests/vllm_engine skip there), then the vLLM engine's tests
 test: setup setup-vllm prometheus
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
-	HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/python -m pytest -q tests/vllm $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_BIN)/python -m pytest -q tests/vllm_engine $(PYTEST_ARGS)
 
 # --shadow-rate: 5% of table/cache decisions are re-checked by the learned router (verification metrics)
 serve: setup
@@ -83,7 +83,7 @@ bench-vllm: setup setup-vllm
 gpu-check-vllm:
 	$(PY) -m venv $(VENV)-vllm-cuda
 	$(VENV)-vllm-cuda/bin/pip install -q vllm==0.32.0 -e ".[server,loadtest,dev,analysis]"
-	HF_HUB_OFFLINE=1 $(VENV)-vllm-cuda/bin/python -m pytest -q tests/vllm tests/test_vllm_routing.py
+	HF_HUB_OFFLINE=1 $(VENV)-vllm-cuda/bin/python -m pytest -q tests/vllm_engine tests/test_vllm_routing.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

@@ -15,7 +15,7 @@ drains often (slower than the builtin engine's per-batch modes; see the report i
 Accounting: `VarRuntime.record_batch(mode, tokens)` after every step in which requests finished
 (one counter read of the workers in VAR mode), tokens and TTFT metrics as the builtin engine.
 Cancelled or timed-out jobs are aborted in vLLM. `stop()` refuses new jobs and lets running ones
-finish. Test: `pytest tests/vllm/test_vllm_server.py`.
+finish. Test: `pytest tests/vllm_engine/test_vllm_server.py`.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ learned decision (no sampling, no demotion on this engine). Per-request tier cou
 without reading the device: table membership depends on the token only (no context cache here),
 so a request's fast decisions are the table members among the tokens it sent through the model,
 summed over layers (the vLLM tests check this equals the device counters).
-Capture runs on the builtin engine only (409 here). Test: `pytest tests/vllm/test_vllm_server.py`.
+Capture runs on the builtin engine only (409 here). Test: `pytest tests/vllm_engine/test_vllm_server.py`.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Modules: routing.py (what a step computes), models.py (Var* model classes, insta
 time, before compilation), tables.py (tables file + fingerprint check), extension.py (worker
 methods for `collective_rpc`). Needs the `vllm` extra (its own environment: see constraints-vllm.txt);
 importing this package without vLLM works, building an engine does not.
-Test: `pytest tests/vllm/` in the vLLM environment.
+Test: `pytest tests/vllm_engine/` in the vLLM environment.
 """
 
 from __future__ import annotations

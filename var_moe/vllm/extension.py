@@ -9,7 +9,7 @@ in-process worker, spawned worker processes, and each tensor/data-parallel rank:
 
 The model must have been built as a Var* architecture (models.py): the routing is installed at
 construction, before compilation; these methods only write data into its buffers or read them.
-A flag change lands at the next model step. Test: `pytest tests/vllm/test_vllm_exact.py`.
+A flag change lands at the next model step. Test: `pytest tests/vllm_engine/test_vllm_exact.py`.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ flag and counters are then handled through the worker extension (extension.py).
 `register()` adds the classes to vLLM's `ModelRegistry`; it runs in every vLLM process through the
 `vllm.general_plugins` entry point of this package (pyproject.toml) and is also called by
 `engine_kwargs()` for the in-process engine. It only adds architecture names, so an engine that does
-not ask for a Var* architecture is untouched. Test: `pytest tests/vllm/`.
+not ask for a Var* architecture is untouched. Test: `pytest tests/vllm_engine/`.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ context-cache tier of the builtin router is not implemented here (its per-sequen
 fit continuous batching); shadow verification becomes a free audit of every fast row, because the
 learned decision is computed anyway.
 
-Shapes: T tokens, K top-k, V vocabulary, E experts. Test: `pytest tests/vllm/test_vllm_exact.py`
+Shapes: T tokens, K top-k, V vocabulary, E experts. Test: `pytest tests/vllm_engine/test_vllm_exact.py`
 (runs in the vLLM environment only).
 """
 

@@ -8,7 +8,7 @@ a table built on the Hugging Face model is accepted by vLLM on the same weights,
 other weights or another dtype). Entries are copied into the existing device buffers (in place:
 compiled graphs and CUDA graphs keep pointing at them). Weights are stored scaled the way the
 router scales its own: renormalising routers sum their top-k weights to 1, the others keep the
-table's raw mass. Test: `pytest tests/vllm/test_vllm_exact.py`.
+table's raw mass. Test: `pytest tests/vllm_engine/test_vllm_exact.py`.
 """
 
 from __future__ import annotations

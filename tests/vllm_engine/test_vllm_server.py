@@ -4,7 +4,7 @@ Endpoints (generate + stream, perplexity, completions, models, health), the togg
 token, per-request A/B pinning, /var/status and /metrics with the builtin server's names, and that
 the per-request tier counts add up to the device counters the metrics export. Outputs are checked
 against a plain in-process computation where one exists, never hard-coded.
-Runs in the vLLM environment only (skipped elsewhere). Test: `pytest tests/vllm/test_vllm_server.py`.
+Runs in the vLLM environment only (skipped elsewhere). Test: `pytest tests/vllm_engine/test_vllm_server.py`.
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """Runs one vLLM engine in its own process for the tests and writes what it saw as JSON.
 
-    python tests/vllm/engine_script.py SPEC.json OUT.json
+    python tests/vllm_engine/engine_script.py SPEC.json OUT.json
 
 SPEC: {"model", "prompts", "max_tokens", "var": bool, "eager": bool, "tables", "empty_tables",
 "bad_tables"}. A plain engine ("var": false) generates greedily once. A VAR engine generates with
 VAR off, on with empty tables, on with the real tables, off again, and records counters after each;
 eager VAR engines also record per-row decisions of one prefill per prompt + its VAR continuation. A fresh process per
 engine keeps vLLM's global state (distributed groups, compile caches) apart between engines.
-Used by tests/vllm/test_vllm_exact.py.
+Used by tests/vllm_engine/test_vllm_exact.py.
 """
 
 from __future__ import annotations

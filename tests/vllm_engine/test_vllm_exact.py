@@ -10,7 +10,7 @@
 
 Runs in the vLLM environment only (`make test` runs it there); skipped where vLLM is absent.
 Three engines start in subprocesses (plain compiled, VAR compiled, VAR eager): a few minutes.
-Test: `.venv-vllm/bin/python -m pytest -q tests/vllm/test_vllm_exact.py`.
+Test: `.venv-vllm/bin/python -m pytest -q tests/vllm_engine/test_vllm_exact.py`.
 """
 
 from __future__ import annotations
