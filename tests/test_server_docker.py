@@ -13,9 +13,11 @@ import shutil
 import subprocess
 
 import yaml
+from server_helpers import FakeBackend
 
 from analysis_jobs.server_process import REPO_ROOT
 from server.metrics import ServerMetrics
+from server.var_runtime import VarRuntime
 
 DOCKER = REPO_ROOT / "docker"
 DASHBOARD = DOCKER / "grafana" / "dashboards" / "varmoe-server.json"
@@ -63,7 +65,7 @@ def test_grafana_provisioning_and_dashboard():
     for topic in ("tokens/s", "tier share", "latency", "first token", "var enabled", "verification",
                   "queue depth", "batch size", "error rate"):
         assert topic in titles, topic
-    known = {m.name for m in ServerMetrics([0]).registry.collect()}
+    known = {m.name for m in ServerMetrics(VarRuntime(FakeBackend())).registry.collect()}
     for panel in dash["panels"]:
         assert panel["datasource"]["uid"] == ds["uid"]
         assert panel["targets"], panel["title"]
