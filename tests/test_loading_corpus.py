@@ -26,6 +26,26 @@ def test_quantization_on_cpu_is_a_clear_error(reference_model_dir):
         load_model(str(reference_model_dir), quantization="4bit")
 
 
+def test_quantization_without_bitsandbytes_is_a_clear_error(reference_model_dir, monkeypatch):
+    """On a CUDA machine without bitsandbytes the loader says so before transformers is asked."""
+    import importlib.util
+
+    import var_moe.loading as loading
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(loading, "resolve_device", lambda device: "cuda")  # as if a GPU were present
+    monkeypatch.setattr(loading.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
+
+    def no_load(*a, **kw):  # the check must fire before any weights are read
+        raise AssertionError("from_pretrained reached without bitsandbytes")
+
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_load)
+    for bits in ("4bit", "8bit"):
+        with pytest.raises(ModelLoadError, match=f"--quantization {bits} needs the bitsandbytes package"):
+            load_model(str(reference_model_dir), quantization=bits)
+
+
 def test_missing_model_names_the_path(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(ModelLoadError, match="nope"):
