@@ -10,7 +10,7 @@ Datasets by name:
 
 Splits are deterministic: a document's split is decided by the SHA-256 of its id (the relative
 path for stdlib), 80% train / 10% calibration / 10% test, so tables built on `calibration` are
-measured on `test` without overlap. Test: `pytest tests/test_corpus.py`.
+measured on `test` without overlap. Test: `pytest tests/test_loading_corpus.py`.
 """
 
 from __future__ import annotations
@@ -166,13 +166,22 @@ def iter_documents(dataset: str = "stdlib", split: str | None = None, limit: int
         yield doc
 
 
-def tokenize_documents(tokenizer: Any, docs: Iterable[Document], eos: bool = True) -> Iterator[list[int]]:
-    """Token ids of each document (with EOS appended so documents stay separated when packed)."""
+def encode_document(tokenizer: Any, text: str, eos: bool = True) -> list[int]:
+    """Token ids of a whole document (EOS appended so documents stay separated when packed).
+
+    A document is longer than the model's context on purpose: `chunk_sequences` cuts it to
+    `--max-length` before the model sees it. `verbose=False` keeps transformers from warning that
+    the sequence "will result in indexing errors", which is untrue for chunked input.
+    """
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     eos_id = tokenizer.eos_token_id
+    return ids + [eos_id] if eos and eos_id is not None else ids
+
+
+def tokenize_documents(tokenizer: Any, docs: Iterable[Document], eos: bool = True) -> Iterator[list[int]]:
+    """Token ids of each document (see `encode_document`); empty documents are skipped."""
     for doc in docs:
-        ids = tokenizer(doc.text, add_special_tokens=False, verbose=False)["input_ids"]
-        if eos and eos_id is not None:
-            ids = ids + [eos_id]
+        ids = encode_document(tokenizer, doc.text, eos)
         if ids:
             yield ids
 
