@@ -4,7 +4,8 @@ Datasets by name:
 - `stdlib` (default): the `.py` files of the running interpreter's standard library (its own
   source and docstrings; site-packages excluded), one document per file. Every machine has it,
   so anyone can rebuild the reference model and evaluate offline.
-- a local path: a `.txt` file (one document), a `.jsonl` file (field `text`), a `.parquet` file
+- a local path: a `.txt` file (one document), a `.jsonl` file (field `text`; an optional string
+  field `doc_id` is the document's id, as `varmoe prepare-datasets` writes), a `.parquet` file
   (column `text`), or a folder of such files.
 - anything else is a Hugging Face dataset id, streamed (`c4`, `wikitext`, `slimpajama` are aliases).
 
@@ -101,7 +102,10 @@ def _iter_local_file(path: Path, base: Path) -> Iterator[Document]:
                     raise DatasetError(f"{path}:{i + 1}: not valid JSON ({exc.msg})") from exc
                 if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                     raise DatasetError(f"{path}:{i + 1}: each line needs a string field 'text'")
-                yield Document(f"{rel}#{i}", row["text"])
+                # files from `varmoe prepare-datasets` keep each document's original id, so its
+                # split (hashed from the id) is the one it had in the source dataset
+                doc_id = row.get("doc_id")
+                yield Document(doc_id if isinstance(doc_id, str) and doc_id else f"{rel}#{i}", row["text"])
     elif path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
