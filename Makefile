@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup prometheus test serve demo ab-test reliability bench-reference bench-capture bench-router bench-server clean
+.PHONY: setup prometheus test serve demo ab-test reliability bench-reference bench-capture bench-router bench-server bench-offload clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -53,6 +53,11 @@ bench-router: setup
 bench-server: setup
 	$(BIN)/pip install -q -c constraints.txt -e ".[bench]"
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/server_throughput.py --run-time 20 --repeats 3 --out benchmarks/results/server_throughput.json
+
+# expert-offloading simulator speed (needs the test trace: see docs/OFFLOAD.md)
+bench-offload: setup
+	$(BIN)/pip install -q -c constraints.txt -e ".[offload]"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.offload_simulator --output benchmarks/results/offload_simulator.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache

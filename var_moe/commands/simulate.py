@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trace", required=True, help="trace Parquet file (varmoe trace)")
     p.add_argument("--hardware", default="rtx3060", help=f"hardware profile: {', '.join(sorted(PROFILES))}")
     p.add_argument("--cache-size", type=int, default=2, help="experts per layer held on the GPU")
-    p.add_argument("--policy", default="all", help=f"'all' (the six main policies) or a comma list of: {', '.join(POLICIES)}")
+    p.add_argument("--policy", default="all", help=f"'all' (the six main policies) and/or a comma list of: {', '.join(POLICIES)}")
     p.add_argument("--output", "-o", required=True, help="JSON file to write (the plot goes beside it)")
     p.add_argument("--tables", default=None, help="VAR tables (.safetensors); default: <trace model>/var/var_tables.safetensors")
     p.add_argument("--calibration-trace", default=None, help="calibration-split trace for the (previous, token) table")
@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     profile = get_profile(args.hardware)
     if args.overhead_ms:
         profile = profile.with_overhead(args.overhead_ms)
-    policies = POLICIES_ALL if args.policy == "all" else tuple(p.strip() for p in args.policy.split(",") if p.strip())
+    names = [p.strip() for p in args.policy.split(",") if p.strip()]
+    policies = tuple(dict.fromkeys(q for p in names for q in (POLICIES_ALL if p == "all" else (p,))))
     bad = [p for p in policies if p not in POLICIES]
     if bad or not policies:
         raise InvalidInputError(f"--policy: unknown {bad or args.policy!r}; use 'all' or a comma list of {', '.join(POLICIES)}")
@@ -90,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.trace}: {trace.num_tokens} tokens x {shape.num_layers} layers on {profile.name} "
           f"({shape.name}, {args.bits} bits, cache {args.cache_size}/layer)")
     print(report.format_table(results))
+    print("predictors (test trace, before any layer mapping):")
+    print(report.format_predictors(accuracy))
     meta = {"trace": str(args.trace), "trace_model": trace.metadata.get("model"), "tables": str(tables) if tables else None,
             "calibration_trace": args.calibration_trace, "config": config.to_dict(), "hardware": profile.to_dict(),
             "shape": shape.to_dict(), "layer_map": sim_trace.metadata.get("layer_map"), "predictors": accuracy}

@@ -17,7 +17,8 @@ Three predictions per cell, each from the same trace:
   machines (Colab vs Azure), so its fit mixes two hosts.
 
 Run: `python -m var_moe.offload.anchor --trace results/offload/trace_test.parquet
---output results/offload/anchor.json`. Test: `pytest tests/test_offload_simulator.py -k anchor`.
+--tables models/reference-moe/var/var_tables.safetensors --calibration-trace
+results/offload/trace_calibration.parquet --output results/offload/anchor.json`. Test: `pytest tests/test_offload_simulator.py -k anchor`.
 """
 
 from __future__ import annotations
@@ -75,8 +76,12 @@ def fit_bandwidth_and_overhead(shape: ModelShape, profile: HardwareProfile) -> t
     return bw, fit_overhead(shape, fitted, EXPERT_BITS["2"], PUBLISHED["nocache"]["2"][profile.name])
 
 
-def run_anchor(trace: Trace, preds: dict[str, Any], shape: ModelShape = MIXTRAL_8X7B) -> dict[str, Any]:
-    """Every (row, bits, GPU) cell: published, and predicted three ways (see module docstring)."""
+def run_anchor(trace: Trace, preds: dict[str, Any], shape: ModelShape = MIXTRAL_8X7B,
+               extra_policies: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Every (row, bits, GPU) cell: published, and predicted three ways (see module docstring).
+
+    `extra_policies` (e.g. var, combined, oracle) are simulated on the same set-ups with the
+    `fit_overhead` profile: what they would have given in the published system."""
     if trace.num_layers != shape.num_layers:
         preds = map_predictions(preds, trace.num_layers, shape.num_layers)
         trace = trace.map_layers(shape.num_layers)
@@ -100,6 +105,12 @@ def run_anchor(trace: Trace, preds: dict[str, Any], shape: ModelShape = MIXTRAL_
                     cell[f"{variant}_tps"] = r.tokens_per_s
                     cell[f"{variant}_hit_rate"] = r.hit_rate
                 cells.append(cell)
+            for pol in extra_policies:
+                r = simulate(trace, preds, config, profiles["fit_overhead"], shape, pol)
+                cells.append({"row": pol, "row_name": "(not published)", "bits": int(bits), "gpu": gpu,
+                              "cache_size": CACHE_SIZE[gpu], "published_tps": None, "fit_overhead_tps": r.tokens_per_s,
+                              "fit_overhead_hit_rate": r.hit_rate, "stall_share": r.stall_share,
+                              "gb_moved_per_token": r.bytes_moved / 1e9 / r.tokens})
     return {"source": SOURCE, "shape": shape.to_dict(), "expert_bits": EXPERT_BITS, "attn_bits": ATTN_BITS,
             "cache_size": CACHE_SIZE, "fits": fits, "cells": cells,
             "trace": {k: trace.metadata.get(k) for k in ("model", "source", "config", "layer_map", "source_layers")},
@@ -110,8 +121,16 @@ def format_anchor(result: dict[str, Any]) -> str:
     head = f"{'row':<12}{'bits':>5}{'gpu':>10}{'k':>3}{'published':>11}{'spec':>8}{'fit_ov':>8}{'fit_both':>9}{'hit(ov)':>9}"
     lines = [head, "-" * len(head)]
     for c in result["cells"]:
+        if c["published_tps"] is None:
+            continue
         lines.append(f"{c['row']:<12}{c['bits']:>5}{c['gpu']:>10}{c['cache_size']:>3}{c['published_tps']:>11.3f}"
                      f"{c['spec_tps']:>8.3f}{c['fit_overhead_tps']:>8.3f}{c['fit_both_tps']:>9.3f}{c['fit_overhead_hit_rate']:>9.3f}")
+    extra = [c for c in result["cells"] if c["published_tps"] is None]
+    if extra:
+        lines += ["", "same set-ups, overhead fitted on the no-cache row (policies the paper did not run):",
+                  f"{'policy':<12}{'bits':>5}{'gpu':>10}{'k':>3}{'tokens/s':>10}{'hit rate':>10}"]
+        lines += [f"{c['row']:<12}{c['bits']:>5}{c['gpu']:>10}{c['cache_size']:>3}{c['fit_overhead_tps']:>10.3f}"
+                  f"{c['fit_overhead_hit_rate']:>10.3f}" for c in extra]
     return "\n".join(lines)
 
 
@@ -121,9 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Simulated vs published Mixtral-offloading tokens/s")
     p.add_argument("--trace", required=True, help="test-split trace (varmoe trace)")
     p.add_argument("--output", required=True, help="JSON file to write")
+    p.add_argument("--tables", default=None, help="VAR tables (.safetensors) for the extra policies")
+    p.add_argument("--calibration-trace", default=None, help="calibration trace for the var_pair/token_modal extras")
     args = p.parse_args(argv)
     trace = Trace.read(args.trace)
-    result = run_anchor(trace, all_predictions(trace))
+    calib = Trace.read(args.calibration_trace) if args.calibration_trace else None
+    preds = all_predictions(trace, args.tables, calib)
+    extras = tuple(x for x, need in (("var", "var"), ("combined", "var"), ("var_pair", "var_pair"),
+                                     ("token_modal", "token_modal"), ("oracle", "oracle")) if need in preds)
+    result = run_anchor(trace, preds, extra_policies=extras)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(format_anchor(result))

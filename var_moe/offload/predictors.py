@@ -221,9 +221,19 @@ def accuracy(pred_TLK: np.ndarray, true_TLK: np.ndarray) -> dict[str, list[float
 
 
 def accuracy_report(test: Trace, preds: dict[str, np.ndarray]) -> dict[str, Any]:
+    """`accuracy` of every predictor with its lead per layer; with `var` present, also each
+    predictor's precision on the tokens the VAR table covers (are table tokens just easy ones?)."""
     out: dict[str, Any] = {}
+    var_TL = preds["var"][..., 0] >= 0 if "var" in preds else None
     for name, pred in preds.items():
         acc = accuracy(pred, test.experts_TLK)
         acc["lead_layers"] = [lead_layers(name, i, test.num_layers) for i in range(test.num_layers)]
+        if var_TL is not None:
+            on_table = np.where(var_TL[..., None], pred, np.int16(-1))
+            acc["precision_on_var_tokens"] = accuracy(on_table, test.experts_TLK)["precision"]
         out[name] = acc
+    if var_TL is not None:
+        per_token = var_TL.sum(1)
+        out["var_token_share"] = {"any_layer": float((per_token > 0).mean()), "all_layers": float((per_token == test.num_layers).mean()),
+                                  "mean_layers_covered": float(per_token.mean())}
     return out

@@ -25,6 +25,21 @@ def format_table(results: dict[str, SimResult]) -> str:
     return "\n".join(lines)
 
 
+def format_predictors(acc: dict[str, Any]) -> str:
+    """Per predictor: coverage / precision / recall over all tokens, one column per layer, and the lead."""
+    lines = [f"{'predictor':<12}{'measure':<11}per layer"]
+    for name, a in acc.items():
+        if not isinstance(a, dict) or "coverage" not in a:
+            continue
+        for key in ("coverage", "precision", "recall_all", "lead_layers"):
+            lines.append(f"{name:<12}{key.replace('_layers', ''):<11}" + " ".join(f"{x:6.3f}" for x in a[key]))
+    if "var_token_share" in acc:
+        s = acc["var_token_share"]
+        lines.append(f"VAR table tokens: {100 * s['any_layer']:.1f}% of tokens at some layer, {100 * s['all_layers']:.1f}% "
+                     f"at every layer, {s['mean_layers_covered']:.2f} layers per token on average")
+    return "\n".join(lines)
+
+
 def results_document(results: dict[str, SimResult], meta: dict[str, Any]) -> dict[str, Any]:
     return {**meta, "policies": {name: r.to_dict() for name, r in results.items()}}
 
