@@ -81,6 +81,31 @@ def test_speculative_prefetch_right_and_wrong():
     assert wrong["stall"] == 10.0 + 18.0
 
 
+def test_oracle_prefetch_with_belady_by_hand():
+    # t0: expert 0 queued at 0, lands at 10, layer routes at 1 -> stall 9, ends 11
+    # t1: expert 1 queued at 11 (evicting 0), lands 21, routes at 12 -> stall 9, ends 22
+    r = run(col([0, 1]), cache=1, eviction=BELADY, start=col([0, 1]))
+    assert (r["hits"], r["prefetch"], r["useful"], r["demand"]) == (2, 2, 2, 0)
+    assert r["stall"] == 18.0 and r["total"] == 22.0
+    assert run(col([0, 1]), cache=1, eviction=LRU)["total"] == 24.0
+
+
+def test_combined_uses_the_gate_only_where_the_table_is_silent():
+    from var_moe.offload.simulator import _plan_arrays
+
+    ex = np.asarray([[[0], [1]], [[2], [1]]], np.int16)
+    tr = Trace(np.array([5, 6], np.int32), np.zeros(2, np.int32), ex, 3, [0, 1])
+    var = np.asarray([[[0], [-1]], [[2], [1]]], np.int16)  # token 0 has no entry at layer 1
+    spec = np.asarray([[[-1], [2]], [[-1], [0]]], np.int16)
+    ev, start, nxt = _plan_arrays(tr, {"var": var, "speculative": spec}, "combined")
+    assert ev == LRU and np.array_equal(start, var)
+    assert nxt[:, 1, 0].tolist() == [2, -1]  # gate kept for token 0, dropped for token 1
+    out = run(ex, 1, LRU, start=start, nxt=nxt)
+    # token 0: layer 0 prefetched; layer 1's gate prefetch (2) is wrong -> its miss waits behind it
+    # token 1: both layers prefetched from the table at token start
+    assert (out["prefetch"], out["wasted"], out["hits"]) == (3, 1, 3)
+
+
 def test_prefetch_of_a_cached_expert_moves_nothing():
     ex = [[[0]], [[0]]]
     r = run(ex, 1, LRU, start=ex)

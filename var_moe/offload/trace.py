@@ -253,7 +253,7 @@ def record_trace(model: Any, tokenizer: Any, config: TraceConfig, progress: bool
     from ..capture.recorder import RoutingRecorder
     from ..capture.schema import library_versions
     from ..corpus import iter_batches
-    from ..loading import model_device
+    from ..loading import model_device, portable_path
     from .hardware import shape_from_config
 
     adapter = get_adapter(model)
@@ -298,7 +298,9 @@ def record_trace(model: Any, tokenizer: Any, config: TraceConfig, progress: bool
             seq_base += b
     if not out_ids:
         raise InvalidInputError(f"dataset {config.dataset!r} split {config.split!r} produced no sequences")
-    meta = {"model": str(getattr(model.config, "_name_or_path", config.model)), "config": config.to_dict(),
+    # result files record the model's name, never this machine's absolute paths
+    meta = {"model": str(getattr(model.config, "_name_or_path", config.model)),
+            "config": {**config.to_dict(), "model": portable_path(config.model)},
             "source": "teacher-forced", "model_type": getattr(model.config, "model_type", None),
             "vocab_size": int(model.config.vocab_size), "versions": library_versions(),
             "spec_definition": "spec[t, l] = top-k of router l applied to the hidden state entering MoE block l-1",
