@@ -54,9 +54,8 @@ bench-server: setup
 	$(BIN)/pip install -q -c constraints.txt -e ".[bench]"
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/server_throughput.py --run-time 20 --repeats 3 --out benchmarks/results/server_throughput.json
 
-# expert-offloading simulator speed (needs the test trace: see docs/OFFLOAD.md)
+# expert-offloading simulator speed on the committed test trace (docs/OFFLOAD.md)
 bench-offload: setup
-	$(BIN)/pip install -q -c constraints.txt -e ".[offload]"
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.offload_simulator --output benchmarks/results/offload_simulator.json
 
 clean:
