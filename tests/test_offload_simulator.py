@@ -20,14 +20,14 @@ NONE = np.full((0, 1, 1), -1, np.int16)
 LRU, LFU, BELADY, NOCACHE = 0, 1, 2, 3
 
 
-def run(experts, cache, eviction, start=None, nxt=None, e=3, pre=1.0, post=1.0, xfer=10.0):
+def run(experts, cache, eviction, start=None, nxt=None, e=3, pre=1.0, post=1.0, xfer=10.0, demand_first=False):
     ex = np.asarray(experts, np.int16)
     t, l, k = ex.shape
     none = np.full((0, l, k), -1, np.int16)
     st = none if start is None else np.asarray(start, np.int16)
     nx = none if nxt is None else np.asarray(nxt, np.int16)
     nu = next_use(ex, e) if eviction == BELADY else np.zeros((1, 1, 1), np.int64)
-    out = kernel.run_kernel_python(ex, st, nx, nu, e, cache, eviction, xfer, pre, post, 0.0)
+    out = kernel.run_kernel_python(ex, st, nx, nu, e, cache, eviction, xfer, pre, post, 0.0, demand_first)
     hits_L, misses_L, stall_L, cnt, total = out
     return {"hits": int(hits_L.sum()), "misses": int(misses_L.sum()), "stall": float(stall_L.sum()), "total": float(total),
             "demand": int(cnt[0]), "prefetch": int(cnt[1]), "useful": int(cnt[2]), "wasted": int(cnt[3]), "late": int(cnt[4])}
@@ -106,6 +106,22 @@ def test_combined_uses_the_gate_only_where_the_table_is_silent():
     assert (out["prefetch"], out["wasted"], out["hits"]) == (3, 1, 3)
 
 
+def test_demand_fetch_overtakes_queued_prefetches():
+    # one token, two layers, cache 1; the table predicts layer 0 wrongly (2) and layer 1 rightly (1).
+    ex = [[[0], [1]]]
+    start = [[[2], [1]]]
+    fifo = run(ex, 1, LRU, start=start)
+    # FIFO: 2 on the link 0-10, 1 on 10-20; layer 0's miss (0) waits until 20-30 -> layer 0 ends 31,
+    # layer 1 routes at 32 with 1 landed at 20: no stall
+    assert (fifo["total"], fifo["stall"], fifo["hits"]) == (33.0, 29.0, 1)
+    first = run(ex, 1, LRU, start=start, demand_first=True)
+    # demand first: 2 is already on the link (0-10); 0 goes before the queued 1: 10-20, 1 moves to 20-30.
+    # layer 0 ends 21; layer 1 routes at 22 and waits for 1 until 30 -> ends 31
+    assert (first["total"], first["stall"], first["hits"]) == (31.0, 19.0 + 8.0, 1)
+    # without prefetches the flag changes nothing
+    assert run(col([0, 1, 0, 2, 1]), 2, LRU, demand_first=True) == run(col([0, 1, 0, 2, 1]), 2, LRU)
+
+
 def test_prefetch_of_a_cached_expert_moves_nothing():
     ex = [[[0]], [[0]]]
     r = run(ex, 1, LRU, start=ex)
@@ -131,10 +147,11 @@ SHAPE = ModelShape("toy", num_layers=3, num_experts=6, top_k=2, hidden=64, inter
 PROFILE = HardwareProfile("toy", h2d_GBps=1e-4, gpu_mem_GBps=1e-2, pcie="none", h2d_source="test", gpu_source="test")
 
 
+@pytest.mark.parametrize("demand_first", [False, True])
 @pytest.mark.parametrize("policy", POLICIES)
-def test_compiled_equals_python(policy):
+def test_compiled_equals_python(policy, demand_first):
     tr = _random_trace()
-    cfg = SimConfig(cache_size=3)
+    cfg = SimConfig(cache_size=3, demand_first=demand_first)
     a = simulate(tr, _preds(tr), cfg, PROFILE, SHAPE, policy, compiled=True)
     b = simulate(tr, _preds(tr), cfg, PROFILE, SHAPE, policy, compiled=False)
     assert a.to_dict() == b.to_dict()

@@ -35,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bits", type=float, default=2.6, help="bits per expert weight incl. quantisation scales")
     p.add_argument("--attn-bits", type=float, default=4.0, help="bits per attention weight")
     p.add_argument("--overhead-ms", type=float, default=0.0, help="fixed software time per layer (ms)")
+    p.add_argument("--demand-first", action="store_true",
+                   help="demand fetches overtake prefetches not yet on the link (default: one first-in first-out queue)")
     p.add_argument("--max-tokens", type=int, default=None, help="simulate only the first N tokens")
     p.add_argument("--no-plot", action="store_true", help="skip the figure")
     p.set_defaults(func=run)
@@ -69,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"--policy: unknown {bad or args.policy!r}; use 'all' or a comma list of {', '.join(POLICIES)}")
     if args.max_tokens is not None and args.max_tokens < 1:
         raise InvalidInputError("--max-tokens must be >= 1")
-    config = SimConfig(cache_size=args.cache_size, expert_bits=args.bits, attn_bits=args.attn_bits)
+    config = SimConfig(cache_size=args.cache_size, expert_bits=args.bits, attn_bits=args.attn_bits,
+                       demand_first=args.demand_first)
     trace = Trace.read(args.trace)
     if args.max_tokens:
         trace = trace.slice_tokens(args.max_tokens)

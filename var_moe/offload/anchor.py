@@ -77,7 +77,7 @@ def fit_bandwidth_and_overhead(shape: ModelShape, profile: HardwareProfile) -> t
 
 
 def run_anchor(trace: Trace, preds: dict[str, Any], shape: ModelShape = MIXTRAL_8X7B,
-               extra_policies: tuple[str, ...] = ()) -> dict[str, Any]:
+               extra_policies: tuple[str, ...] = (), demand_first: bool = False) -> dict[str, Any]:
     """Every (row, bits, GPU) cell: published, and predicted three ways (see module docstring).
 
     `extra_policies` (e.g. var, combined, oracle) are simulated on the same set-ups with the
@@ -96,7 +96,8 @@ def run_anchor(trace: Trace, preds: dict[str, Any], shape: ModelShape = MIXTRAL_
             fits[gpu]["fit_overhead"][bits] = ov
             profiles = {"spec": base, "fit_overhead": base.with_overhead(max(ov, 0.0)),
                         "fit_both": HardwareProfile(**{**base.to_dict(), "h2d_GBps": bw, "overhead_ms_per_layer": max(ov_both, 0.0)})}
-            config = SimConfig(cache_size=CACHE_SIZE[gpu], expert_bits=EXPERT_BITS[bits], attn_bits=ATTN_BITS)
+            config = SimConfig(cache_size=CACHE_SIZE[gpu], expert_bits=EXPERT_BITS[bits], attn_bits=ATTN_BITS,
+                               demand_first=demand_first)
             for row in ("nocache", "lru", "speculative"):
                 cell = {"row": row, "row_name": ROW_NAMES[row], "bits": int(bits), "gpu": gpu,
                         "cache_size": CACHE_SIZE[gpu], "published_tps": PUBLISHED[row][bits][gpu]}
@@ -112,6 +113,7 @@ def run_anchor(trace: Trace, preds: dict[str, Any], shape: ModelShape = MIXTRAL_
                               "fit_overhead_hit_rate": r.hit_rate, "stall_share": r.stall_share,
                               "gb_moved_per_token": r.bytes_moved / 1e9 / r.tokens})
     return {"source": SOURCE, "shape": shape.to_dict(), "expert_bits": EXPERT_BITS, "attn_bits": ATTN_BITS,
+            "demand_first": demand_first,
             "cache_size": CACHE_SIZE, "fits": fits, "cells": cells,
             "trace": {k: trace.metadata.get(k) for k in ("model", "source", "config", "layer_map", "source_layers")},
             "trace_tokens": trace.num_tokens}
@@ -142,13 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True, help="JSON file to write")
     p.add_argument("--tables", default=None, help="VAR tables (.safetensors) for the extra policies")
     p.add_argument("--calibration-trace", default=None, help="calibration trace for the var_pair/token_modal extras")
+    p.add_argument("--demand-first", action="store_true", help="demand fetches overtake queued prefetches")
     args = p.parse_args(argv)
     trace = Trace.read(args.trace)
     calib = Trace.read(args.calibration_trace) if args.calibration_trace else None
     preds = all_predictions(trace, args.tables, calib)
     extras = tuple(x for x, need in (("var", "var"), ("combined", "var"), ("var_pair", "var_pair"),
                                      ("token_modal", "token_modal"), ("oracle", "oracle")) if need in preds)
-    result = run_anchor(trace, preds, extra_policies=extras)
+    result = run_anchor(trace, preds, extra_policies=extras, demand_first=args.demand_first)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(format_anchor(result))

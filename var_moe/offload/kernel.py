@@ -31,7 +31,7 @@ NEVER = np.iinfo(np.int64).max
 
 
 def _kernel(experts_TLK, start_pred_TLK, next_pred_TLK, next_use_TLK, num_experts, cache_size, eviction,
-            xfer_ms, pre_ms, post_ms, token_ms):
+            xfer_ms, pre_ms, post_ms, token_ms, demand_first):
     t_n, l_n, k_n = experts_TLK.shape
     slot_e = np.full((l_n, cache_size), -1, np.int64)
     slot_rec = np.zeros((l_n, cache_size), np.int64)
@@ -46,6 +46,13 @@ def _kernel(experts_TLK, start_pred_TLK, next_pred_TLK, next_use_TLK, num_expert
     cnt = np.zeros(5, np.int64)
     has_start = start_pred_TLK.shape[0] == t_n
     has_next = next_pred_TLK.shape[0] == t_n
+    # prefetches not yet on the link, which a demand fetch may overtake (demand_first only)
+    q_cap = 4 * l_n * k_n + 16
+    q_l = np.zeros(q_cap, np.int64)
+    q_s = np.zeros(q_cap, np.int64)
+    q_e = np.zeros(q_cap, np.int64)
+    q_begin = np.zeros(q_cap, np.float64)
+    q_n = 0
     now = 0.0
     copy_free = 0.0
     clock = 0
@@ -99,6 +106,17 @@ def _kernel(experts_TLK, start_pred_TLK, next_pred_TLK, next_use_TLK, num_expert
                     begin = max(now, copy_free)
                     copy_free = begin + xfer_ms
                     cnt[1] += 1
+                    if demand_first:
+                        if q_n == q_cap:  # keep only the entries not yet started
+                            kept = 0
+                            for i in range(q_n):
+                                if q_begin[i] > now:
+                                    q_l[kept], q_s[kept], q_e[kept], q_begin[kept] = q_l[i], q_s[i], q_e[i], q_begin[i]
+                                    kept += 1
+                            q_n = kept
+                        if q_n < q_cap:  # a full queue leaves this one first-in first-out
+                            q_l[q_n], q_s[q_n], q_e[q_n], q_begin[q_n] = l, victim, e, begin
+                            q_n += 1
                     slot_e[l, victim] = e
                     slot_rec[l, victim] = clock
                     slot_arr[l, victim] = copy_free
@@ -127,8 +145,6 @@ def _kernel(experts_TLK, start_pred_TLK, next_pred_TLK, next_use_TLK, num_expert
                     slot_pf[l, found] = False
                 if slot_arr[l, found] > route:
                     cnt[4] += 1
-                    if slot_arr[l, found] > ready:
-                        ready = slot_arr[l, found]
             for j in range(k_n):
                 e = experts_TLK[t, l, j]
                 freq[l, e] += 1
@@ -166,23 +182,45 @@ def _kernel(experts_TLK, start_pred_TLK, next_pred_TLK, next_use_TLK, num_expert
                         b = 0
                     if victim < 0 or a > best_a or (a == best_a and b > best_b):
                         victim, best_a, best_b = c, a, b
-                begin = max(route, copy_free)
-                copy_free = begin + xfer_ms
+                first = copy_free
+                pending = 0
+                if demand_first:
+                    for i in range(q_n):
+                        if q_begin[i] > route:
+                            pending += 1
+                            if q_begin[i] < first:
+                                first = q_begin[i]
+                if pending > 0:  # go ahead of every prefetch not yet started; they move back by one transfer
+                    arrival = first + xfer_ms
+                    for i in range(q_n):
+                        if q_begin[i] > route:
+                            q_begin[i] += xfer_ms
+                            if slot_e[q_l[i], q_s[i]] == q_e[i]:
+                                slot_arr[q_l[i], q_s[i]] = q_begin[i] + xfer_ms
+                    copy_free += xfer_ms
+                else:
+                    begin = max(route, copy_free)
+                    copy_free = begin + xfer_ms
+                    arrival = copy_free
                 cnt[0] += 1
                 if eviction == 3:
-                    if copy_free > ready:
-                        ready = copy_free
+                    if arrival > ready:
+                        ready = arrival
                     continue
                 if slot_e[l, victim] >= 0 and slot_pf[l, victim]:
                     cnt[3] += 1
                 slot_e[l, victim] = e
                 slot_rec[l, victim] = clock
-                slot_arr[l, victim] = copy_free
+                slot_arr[l, victim] = arrival
                 if eviction == 2:
                     slot_next[l, victim] = next_use_TLK[t, l, j]
                 slot_pf[l, victim] = False
-                if copy_free > ready:
-                    ready = copy_free
+            if eviction != 3:  # every needed expert is in the cache now: wait for the last to land
+                for j in range(k_n):
+                    e = experts_TLK[t, l, j]
+                    for c in range(cache_size):
+                        if slot_e[l, c] == e and slot_arr[l, c] > ready:
+                            ready = slot_arr[l, c]
             if has_next and l + 1 < l_n and eviction != 3:
                 nl = l + 1
                 for j in range(k_n):
@@ -229,6 +267,17 @@ def _kernel(experts_TLK, start_pred_TLK, next_pred_TLK, next_use_TLK, num_expert
                     begin = max(route, copy_free)
                     copy_free = begin + xfer_ms
                     cnt[1] += 1
+                    if demand_first:
+                        if q_n == q_cap:
+                            kept = 0
+                            for i in range(q_n):
+                                if q_begin[i] > route:
+                                    q_l[kept], q_s[kept], q_e[kept], q_begin[kept] = q_l[i], q_s[i], q_e[i], q_begin[i]
+                                    kept += 1
+                            q_n = kept
+                        if q_n < q_cap:
+                            q_l[q_n], q_s[q_n], q_e[q_n], q_begin[q_n] = nl, victim, e, begin
+                            q_n += 1
                     slot_e[nl, victim] = e
                     slot_rec[nl, victim] = clock
                     slot_arr[nl, victim] = copy_free

@@ -55,6 +55,7 @@ class SimConfig:
     attn_bits: float = 4.0  # bits per attention weight
     router_share: float = 0.5  # share of a layer's compute before its router (attention)
     token_ms: float = 0.0  # per-token time outside the layers (embedding, output layer)
+    demand_first: bool = False  # a demand fetch overtakes prefetches not yet on the link (else first in first out)
 
     def __post_init__(self) -> None:
         if self.cache_size < 1:
@@ -166,7 +167,7 @@ def simulate(trace: Trace, preds: dict[str, np.ndarray], config: SimConfig, prof
     hits_L, misses_L, stall_L, cnt, total_ms = run(
         np.ascontiguousarray(trace.experts_TLK, dtype=np.int16), start, nxt, next_use_TLK, int(trace.num_experts),
         int(config.cache_size), int(eviction), float(xfer_ms), float(layer_ms * config.router_share),
-        float(layer_ms * (1 - config.router_share)), float(config.token_ms))
+        float(layer_ms * (1 - config.router_share)), float(config.token_ms), bool(config.demand_first))
     need_L = hits_L + misses_L
     transfers = int(cnt[0] + cnt[1])
     stall = float(stall_L.sum())
