@@ -13,6 +13,8 @@ for the experts it needs):
   fetched on demand (queued behind whatever is already on the link), and prefetches from
   `next_pred` for layer l+1 (the speculative predictor) are queued after them;
 - the experts run (`post_ms`) once every needed expert has arrived; the wait is the stall.
+With `demand_first`, a demand fetch goes ahead of every prefetch not yet on the link (those move
+back by one transfer), as a copy scheduler with priorities would.
 A needed expert that is in the cache (arrived or still in flight) is a hit; a hit still in flight
 stalls until it lands (counted in `late_hits`). Eviction: 0 LRU, 1 LFU (use counts since the start,
 ties by recency), 2 Belady (the cached expert whose next use at this layer is farthest), 3 no cache
