@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup prometheus test serve demo ab-test reliability bench-reference bench-capture bench-router bench-server gpu-check clean
+.PHONY: setup prometheus test serve demo ab-test reliability bench-reference bench-capture bench-router bench-server bench-offload gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -60,6 +60,9 @@ gpu-check: setup
 	@if $(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
 	  $(BIN)/pip install -q -c constraints.txt -e ".[gpu]"; fi
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/gpu_check.py --out runs/gpu_check.json
+# expert-offloading simulator speed on the committed test trace (docs/OFFLOAD.md)
+bench-offload: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.offload_simulator --output benchmarks/results/offload_simulator.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 
+import pytest
 import yaml
 from server_helpers import FakeBackend
 
