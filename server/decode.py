@@ -293,13 +293,16 @@ class BatchDecoder:
     def admit(self, rows: list[RowSpec]) -> list[int | None]:
         """Prefill `rows` on their own and stack them under the running batch (after its rows);
         returns the first new token of every row of the grown batch (None for the old rows)."""
-        if not self.can_admit:
-            raise RuntimeError("this batch's cache cannot take new rows")
         sub = BatchDecoder(self.model, rows, self.pad_id, self.eos_id)
         first = sub.prefill()
         old = len(self.rows)
-        if not sub.can_admit:
-            raise RuntimeError("the new rows' cache cannot be stacked")
+        self.admit_prefilled(sub)
+        return [None] * old + first
+
+    def admit_prefilled(self, sub: "BatchDecoder") -> None:
+        """Stack the rows of `sub` (prefilled, not stepped) under this batch's rows."""
+        if not (self.can_admit and sub.can_admit):
+            raise RuntimeError("this batch's cache cannot take new rows")
         sa, sb = self.mask_BS.shape[1], sub.mask_BS.shape[1]
         s = max(sa, sb)
 
@@ -321,4 +324,3 @@ class BatchDecoder:
         self.rows += sub.rows
         self.state += sub.state
         self.generators += sub.generators
-        return [None] * old + first

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from server.decode import RowSpec
-from server.engine import Engine, Job, QueueFull
+from server.engine import Engine, Job, QueueFull, RequestTooLarge
 from server.metrics import ServerMetrics
 from server.testing import calibration_stats, permissive_var_config, tiny_model_dir
 from server.var_runtime import RoutingRuntime
@@ -156,3 +156,49 @@ def test_lone_client_never_waits_for_the_batch_window(runtime):
     waits = asyncio.run(main())
     eng.stop()
     assert max(waits) < 1.0, waits
+
+
+def test_small_request_finishes_before_a_big_one_sent_earlier(runtime):
+    """Fair scheduling: a 4-token request sent while a 16 x 200-token one runs joins the running
+    batch and is answered long before the big one, and routing counts stay exact per row."""
+    eng = make_engine(runtime, max_batch_size=4, max_wait_ms=1)
+    eng.start()
+
+    async def main():
+        big = [Job(RowSpec([5, 6, 7 + i % 5], 200)) for i in range(16)]
+        await _collect(big)
+        eng.submit(big)
+        while big[0].first_token_at is None:  # the big request holds the engine
+            await asyncio.sleep(0.005)
+        (small,) = await _collect([Job(RowSpec([9, 8, 7], 4))])
+        eng.submit([small])
+        done_at = {}
+
+        async def wait(name, jobs):
+            res = await _results(jobs)
+            done_at[name] = time.monotonic()
+            return res
+
+        big_res, (small_res,) = await asyncio.gather(wait("big", big), wait("small", [small]))
+        return big, big_res, small, small_res, done_at
+
+    big, big_res, small, small_res, done_at = asyncio.run(main())
+    eng.stop()
+    assert done_at["small"] < done_at["big"]
+    big_total = max(r.total_s for r in big_res)
+    assert small_res.total_s < 0.25 * big_total, (small_res.total_s, big_total)
+    assert len(small_res.state.new_ids) == 4
+    for job, res in [(small, small_res)] + list(zip(big, big_res)):
+        decisions = sum(res.tier_counts.values())
+        assert decisions == (len(job.spec.prompt_ids) + len(res.state.new_ids) - 1) * len(runtime.layers)
+    assert max(eng.last_batch_sizes) <= 2 * 4
+
+
+def test_request_size_limits(runtime):
+    eng = make_engine(runtime, max_request_rows=4, max_request_tokens=100)
+    with pytest.raises(RequestTooLarge, match="prompts"):
+        eng.submit([Job(RowSpec([5, 6], 1)) for _ in range(5)])
+    with pytest.raises(RequestTooLarge, match="limit is 100"):
+        eng.submit([Job(RowSpec([5, 6], 49)), Job(RowSpec([5, 6], 48))])  # 51 + 50 tokens
+    eng.submit([Job(RowSpec([5, 6], 48)), Job(RowSpec([5, 6], 48))])  # 100: accepted
+    assert eng.queue_depth == 2
