@@ -39,7 +39,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import openai_compat
 from .decode import RowSpec
-from .engine import Engine, EngineError, Job, JobResult, QueueFull
+from .engine import Engine, EngineError, Job, JobResult, QueueFull, RequestTooLarge
+from .limits import BodyLimit
 from .metrics import TIERS, ServerMetrics
 from .schemas import MAX_TEXTS, CompletionRequest, GenerateRequest, PerplexityRequest, ToggleRequest
 from .settings import ServerSettings
@@ -90,11 +91,23 @@ class ServerState:
         self.runtime = runtime
         self.metrics = ServerMetrics(runtime.layers, verification=runtime.var_available)
         self.engine = Engine(runtime, self.metrics, settings.max_batch_size, settings.max_wait_ms,
-                             settings.max_queue, settings.threads)
+                             settings.max_queue, settings.threads, max_request_rows=settings.max_request_prompts,
+                             max_request_tokens=settings.max_request_tokens)
         self.started_at = time.time()
+        self.shutdown_deadline: float | None = None
         ctx = getattr(runtime.base_model.config, "max_position_embeddings", None) or 10**9
         self.context_len = int(ctx)
         self.prompt_limit = min(settings.max_prompt_tokens, self.context_len - 1)
+
+    # -- shutdown: one grace period for open requests and the engine drain together -----------------
+    def begin_shutdown(self) -> None:
+        if self.shutdown_deadline is None:
+            self.shutdown_deadline = time.monotonic() + self.settings.shutdown_grace_s
+
+    def remaining_grace(self) -> float:
+        if self.shutdown_deadline is None:
+            return self.settings.shutdown_grace_s
+        return max(0.0, self.shutdown_deadline - time.monotonic())
 
     # -- helpers shared by the model routes ---------------------------------------------------------
     def mode_for(self, pinned: bool | None) -> str | None:
@@ -164,6 +177,8 @@ def timeout_error(limit: float) -> APIError:
 def submit(engine: Engine, jobs: list[Job]) -> None:
     try:
         engine.submit(jobs)
+    except RequestTooLarge as exc:
+        raise APIError(413, "request_too_large", str(exc), "prompt") from None
     except EngineError as exc:
         status = 429 if isinstance(exc, QueueFull) else 503
         raise APIError(status, "overloaded" if status == 429 else "unavailable", str(exc),
@@ -194,8 +209,10 @@ def create_app(settings: ServerSettings | None = None, runtime: RoutingRuntime |
     async def lifespan(app: FastAPI):
         state.engine.start()
         yield
-        # uvicorn has stopped accepting connections and waited for open ones; drain the rest.
-        await asyncio.get_running_loop().run_in_executor(None, state.engine.stop, settings.shutdown_grace_s)
+        # uvicorn has stopped accepting connections and waited for open ones; drain the rest within
+        # what is left of the one grace period (the clock starts when uvicorn's shutdown begins).
+        state.begin_shutdown()
+        await asyncio.get_running_loop().run_in_executor(None, state.engine.stop, state.remaining_grace())
 
     app = FastAPI(title="var-moe inference server", version="0.1.0", lifespan=lifespan)
     app.state.varmoe = state
@@ -331,7 +348,8 @@ def create_app(settings: ServerSettings | None = None, runtime: RoutingRuntime |
         return FileResponse(path, media_type="application/vnd.apache.parquet", filename=path.name, background=cleanup)
 
     known = {r.path for r in app.routes if hasattr(r, "path")}
-    app.add_middleware(RequestCounter, metrics=state.metrics, known_paths=known)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(RequestCounter, metrics=state.metrics, known_paths=known)  # outermost: counts 413/408 too
     return app
 
 
@@ -460,6 +478,8 @@ def validation_response(errors) -> JSONResponse:
     first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": "invalid"}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     field = ".".join(loc) or "body"
+    if first.get("type") == "prompt_too_long":
+        return error_response(413, "prompt_too_long", f"{field}: {first.get('msg')}", field)
     if first.get("type") == "json_invalid":
         return error_response(400, "malformed_json", f"the body is not valid JSON: {first.get('msg')}", "body")
     if field == "body" and first.get("type") in ("model_attributes_type", "dict_type", "missing"):

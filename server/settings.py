@@ -52,7 +52,15 @@ class ServerSettings(BaseSettings):
     request_timeout_s: float = Field(120.0, gt=0)
     max_prompt_tokens: int = Field(1024, ge=1, description="capped by the model's context length")
     max_new_tokens_limit: int = Field(512, ge=1)
-    shutdown_grace_s: float = Field(30.0, ge=0)
+    max_request_prompts: int = Field(16, ge=1, le=64, description="prompts / texts per request (keep well below max_queue)")
+    max_request_tokens: int = Field(
+        16_384, ge=1, description="work budget of one request: prompt tokens + max new tokens, summed over its prompts")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="total shutdown time: open requests, then the engine drain")
+    # -- HTTP hardening ------------------------------------------------------------------------
+    max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="larger request bodies get 413 before parsing")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request body must arrive within this time (else 408)")
+    max_connections: int = Field(256, ge=1, description="open connections + requests before uvicorn answers 503")
+    keep_alive_s: float = Field(5.0, gt=0, description="idle keep-alive connections close after this time")
 
     @field_validator("admin_token", mode="before")
     @classmethod
