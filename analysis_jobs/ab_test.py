@@ -116,14 +116,14 @@ def measure_perplexity(url: str, texts: list[str], var: bool, chunk: int = 8, ti
 
 
 def tier_shares(delta, per_layer: bool = True) -> dict:
-    """Shares of fast/cached/learned from a /metrics difference, overall and per layer."""
+    """Shares of fast/cached/learned of VAR-mode decisions from a /metrics difference, overall and per layer."""
     layers = label_values(delta, "varmoe_routing_decisions_total", "layer")
     out = {"overall": {}, "per_layer": {}}
-    tot = {t: series(delta, "varmoe_routing_decisions_total", tier=t) for t in TIERS}
+    tot = {t: series(delta, "varmoe_routing_decisions_total", tier=t, mode="var") for t in TIERS}
     n = sum(tot.values())
     out["overall"] = {t: (tot[t] / n if n else None) for t in TIERS} | {"decisions": n}
     for layer in layers if per_layer else []:
-        c = {t: series(delta, "varmoe_routing_decisions_total", layer=layer, tier=t) for t in TIERS}
+        c = {t: series(delta, "varmoe_routing_decisions_total", layer=layer, tier=t, mode="var") for t in TIERS}
         m = sum(c.values())
         out["per_layer"][layer] = {t: (c[t] / m if m else None) for t in TIERS} | {"decisions": m}
     return out

@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from server.testing import REPO_ROOT, ServerProcess, free_port  # noqa: E402
+from analysis_jobs.server_process import REPO_ROOT, ManagedServer, free_port  # noqa: E402
 from var_moe.loading import REFERENCE_MODEL_DIR, load_model  # noqa: E402
 
 
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         in_process(model, tok, texts, b, 4, 1)  # warm-up
         runs[("in_process", b)] = lambda b=b: in_process(model, tok, texts, b, args.new_tokens, max(1, 4 // b),
                                                          args.in_process_s)
-    srv = ServerProcess(args.model, args=["--max-batch-size", str(args.batch_size), "--max-queue", "256"],
+    srv = ManagedServer(args.model, args=["--max-batch-size", str(args.batch_size), "--max-queue", "256"],
                         threads=args.threads, log_path=log_dir / "server.log").wait_ready(300)
     cb_proc = None
     try:

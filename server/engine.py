@@ -17,12 +17,14 @@ posted as soon as the row finishes, not when its batch ends. A request's size is
 raises `RequestTooLarge`.
 
 Every batch runs in one mode: a pinned request (`var: true|false`) runs in its mode, the others
-in the mode current when the batch forms; rows join only while the oldest waiting job has the
-batch's mode and no control action waits, otherwise the batch drains and the next one forms. So
-`set_var()` lands once the running batch has drained. Control actions (capture start/stop/export)
-run on this thread between batches, through `call()`, because they attach hooks to the model.
-Tier counts are read per segment (between row-set changes: a row joining or finishing), because
-the VAR wrapper counts per batch row and restarts when the batch changes size.
+in the mode `VarRuntime` (var_runtime.py) says when the batch forms; rows join only while the
+oldest waiting job has the batch's mode and no control action waits, otherwise the batch drains
+and the next one forms, so a toggle lands once the running batch has drained. The engine makes
+the routers match (`host.apply_mode`) and reports what ran to the runtime (`record_batch`).
+Control actions (capture start/stop/export) run on this thread between batches, through
+`call()`, because they attach hooks to the model. Tier counts are read per segment (between
+row-set changes: a row joining or finishing), because the VAR wrapper counts per batch row and
+restarts when the batch changes size.
 
 Per job: a deadline (timeout -> finish reason `timeout`), a `cancelled` flag set by the HTTP side
 when the client disconnects (the row stops at the next step), stop strings, and an asyncio queue
@@ -48,6 +50,8 @@ import torch
 
 from .decode import BatchDecoder, RowSpec, RowState
 from .metrics import ServerMetrics
+from .model_host import ModelHost
+from .var_runtime import VarRuntime
 
 log = logging.getLogger("varmoe.server")
 
@@ -117,10 +121,11 @@ class Job:
 
 
 class Engine:
-    def __init__(self, runtime, metrics: ServerMetrics, max_batch_size: int = 8, max_wait_ms: float = 5.0,
-                 max_queue: int = 64, threads: int | None = None, max_request_rows: int | None = None,
-                 max_request_tokens: int | None = None):
-        self.runtime = runtime
+    def __init__(self, host: ModelHost, var: VarRuntime, metrics: ServerMetrics, max_batch_size: int = 8,
+                 max_wait_ms: float = 50.0, max_queue: int = 64, threads: int | None = None,
+                 max_request_rows: int | None = None, max_request_tokens: int | None = None):
+        self.host = host
+        self.var = var
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
@@ -129,7 +134,7 @@ class Engine:
         self.max_request_rows = max_request_rows
         self.max_request_tokens = max_request_tokens
         self._requests = 0
-        tok = runtime.tokenizer
+        tok = host.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         self.eos_id = tok.eos_token_id
         self._pending: collections.deque[Job] = collections.deque()
@@ -137,12 +142,10 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.var_mode = runtime.var_active  # the mode new batches get
         self._returning = 0  # rows of the batch that just finished: clients likely to send again soon
         self._last_batch_end = 0.0
         self.batches_run = 0
         self.last_batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)
-        metrics.var_enabled.set(int(self.var_mode))
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -202,13 +205,6 @@ class Engine:
             self._cond.notify_all()
         return fut
 
-    def set_var(self, enabled: bool) -> None:
-        if enabled and not self.runtime.var_available:
-            raise ValueError(f"VAR is unavailable: {self.runtime.unavailable_reason}")
-        with self._cond:
-            self.var_mode = enabled
-        self.metrics.var_enabled.set(int(enabled))
-
     @property
     def queue_depth(self) -> int:
         return len(self._pending)
@@ -235,7 +231,7 @@ class Engine:
                 self._run_batch(batch, mode)
 
     def _mode_of(self, job: Job) -> str:
-        return job.pinned_mode or ("var" if self.var_mode else "baseline")
+        return self.var.mode_for(job.pinned_mode)
 
     def _take_batch(self) -> tuple[list[Job], str]:
         with self._cond:
@@ -307,9 +303,9 @@ class Engine:
 
     def _run_batch(self, jobs: list[Job], mode: str) -> None:
         try:
-            if self.runtime.var_active != (mode == "var"):
-                self.runtime.set_mode(mode == "var")
+            self.host.apply_mode(mode == "var")
             self.batches_run += 1
+            self._batch_mode, self._first_segment = mode, True
             dec = self._start_rows(jobs, mode)
             self._observe_size(len(jobs))
             while True:
@@ -348,8 +344,8 @@ class Engine:
         now = time.monotonic()
         for job in jobs:
             job.started_at = now
-        self.runtime.begin_batch()
-        dec = BatchDecoder(self.runtime.model, [j.spec for j in jobs], self.pad_id, self.eos_id)
+        self.host.begin_batch()
+        dec = BatchDecoder(self.host.model, [j.spec for j in jobs], self.pad_id, self.eos_id)
         self.metrics.prompt_tokens.labels(mode=mode).inc(sum(len(j.spec.prompt_ids) for j in jobs))
         self._deliver(jobs, dec, dec.prefill(), mode)
         return dec
@@ -362,14 +358,14 @@ class Engine:
         """Read the tier counts of the forwards since the last segment (per row and in all), then
         start a new segment. Called whenever the batch's rows change."""
         valid_B = [st.forwarded_tokens - j.segment_tokens for j, st in zip(jobs, dec.state)]
-        rows, tiers, verif = self.runtime.end_batch(valid_B)
-        self.metrics.add_routing(tiers)
-        self.metrics.add_verification(verif)
+        rows = self.host.row_tier_counts(valid_B)
+        self.var.record_batch(self._batch_mode, sum(valid_B), new_batch=self._first_segment)
+        self._first_segment = False
         for job, st, row in zip(jobs, dec.state, rows):
             for tier, n in row.items():
                 job.tier_counts[tier] = job.tier_counts.get(tier, 0) + int(n)
             job.segment_tokens = st.forwarded_tokens
-        self.runtime.begin_batch()
+        self.host.begin_batch()
 
     def _post_finished(self, jobs: list[Job], dec: BatchDecoder, mode: str) -> None:
         now = time.monotonic()
@@ -397,7 +393,7 @@ class Engine:
 
     def _check_jobs(self, jobs: list[Job], dec: BatchDecoder) -> None:
         now = time.monotonic()
-        tok = self.runtime.tokenizer
+        tok = self.host.tokenizer
         for i, (job, st) in enumerate(zip(jobs, dec.state)):
             if st.finished:
                 continue

@@ -1,12 +1,15 @@
 """Prometheus metrics of the server, on a registry of their own (one per app, so tests can run
 several apps in one process). Names are fixed: dashboards and analysis jobs rely on them.
 
-- varmoe_routing_decisions_total{layer,tier}        tier = fast | cached | learned
-- varmoe_verification_checks_total{layer,outcome}   outcomes as reported by the VAR router
+- varmoe_routing_decisions_total{layer,tier,mode}   tier = fast | cached | learned
+- varmoe_verification_checks_total{layer,outcome}   shadow checks of fast/cached decisions
 - varmoe_generated_tokens_total{mode}, varmoe_prompt_tokens_total{mode}   mode = var | baseline
 - varmoe_request_duration_seconds{endpoint,mode}    histogram
 - varmoe_time_to_first_token_seconds{mode}          histogram
 - varmoe_var_enabled, varmoe_queue_depth            gauges
+
+The routing, verification and mode series are not kept here: `VarCollector` reads them from
+`VarRuntime` (their one owner) at scrape time.
 - varmoe_batch_size                                 histogram (rows per model batch)
 - varmoe_requests_total{endpoint,status}            every HTTP answer, errors included
 
@@ -16,11 +19,11 @@ Test: `pytest tests/test_server_metrics.py` (runs `promtool check metrics` on th
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-MODES = ("var", "baseline")
-TIERS = ("fast", "cached", "learned")
-OUTCOMES = ("agree", "disagree")  # shadow checks of fast / cached decisions by the learned router
+from .var_runtime import MODES, OUTCOMES, TIERS, VarRuntime
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -28,16 +31,10 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 class ServerMetrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, moe_layers: list[int] | None = None, verification: bool = False):
+    def __init__(self, var: VarRuntime):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.routing_decisions = Counter(
-            "varmoe_routing_decisions_total", "Routing decisions per MoE layer and tier", ["layer", "tier"], registry=r
-        )
-        self.verification_checks = Counter(
-            "varmoe_verification_checks_total", "VAR verification checks per layer and outcome",
-            ["layer", "outcome"], registry=r,
-        )
+        r.register(VarCollector(var))
         self.generated_tokens = Counter("varmoe_generated_tokens", "Generated tokens", ["mode"], registry=r)
         self.prompt_tokens = Counter("varmoe_prompt_tokens", "Prompt tokens processed", ["mode"], registry=r)
         self.request_duration = Histogram(
@@ -48,7 +45,6 @@ class ServerMetrics:
             "varmoe_time_to_first_token_seconds", "Time to first generated token", ["mode"],
             buckets=LATENCY_BUCKETS, registry=r,
         )
-        self.var_enabled = Gauge("varmoe_var_enabled", "1 when new batches run in VAR mode", registry=r)
         self.queue_depth = Gauge("varmoe_queue_depth", "Requests waiting for a batch", registry=r)
         self.batch_size = Histogram("varmoe_batch_size", "Rows per model batch", buckets=BATCH_BUCKETS, registry=r)
         self.requests = Counter("varmoe_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r)
@@ -56,22 +52,36 @@ class ServerMetrics:
         for mode in MODES:
             self.generated_tokens.labels(mode=mode)
             self.prompt_tokens.labels(mode=mode)
-        for layer in moe_layers or []:
-            for tier in TIERS:
-                self.routing_decisions.labels(layer=str(layer), tier=tier)
-            if verification:  # only when a VAR router exists to verify anything
-                for outcome in OUTCOMES:
-                    self.verification_checks.labels(layer=str(layer), outcome=outcome)
-
-    def add_routing(self, tier_counts: dict[tuple[int, str], int]) -> None:
-        for (layer, tier), n in tier_counts.items():
-            if n:
-                self.routing_decisions.labels(layer=str(layer), tier=tier).inc(n)
-
-    def add_verification(self, outcome_counts: dict[tuple[int, str], int]) -> None:
-        for (layer, outcome), n in outcome_counts.items():
-            if n:
-                self.verification_checks.labels(layer=str(layer), outcome=outcome).inc(n)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class VarCollector:
+    """Exports `VarRuntime`'s counts and mode at scrape time (every label set from the start, so
+    a rate() exists before the first request; verification only when VAR exists to verify)."""
+
+    def __init__(self, var: VarRuntime):
+        self.var = var
+
+    def describe(self):
+        return []  # no fixed samples to check at registration; names are unique in this registry
+
+    def collect(self):
+        decisions = CounterMetricFamily("varmoe_routing_decisions", "Routing decisions per MoE layer, tier and mode",
+                                        labels=["layer", "tier", "mode"])
+        for mode in MODES:
+            counts = self.var.tier_counts(mode)
+            for layer in self.var.layers:
+                for tier in TIERS:
+                    decisions.add_metric([str(layer), tier, mode], counts.get((layer, tier), 0))
+        yield decisions
+        if self.var.available:
+            checks = CounterMetricFamily("varmoe_verification_checks", "VAR verification checks per layer and outcome",
+                                         labels=["layer", "outcome"])
+            counts = self.var.verification_counts()
+            for layer in self.var.layers:
+                for outcome in OUTCOMES:
+                    checks.add_metric([str(layer), outcome], counts.get((layer, outcome), 0))
+            yield checks
+        yield GaugeMetricFamily("varmoe_var_enabled", "1 when new batches run in VAR mode", value=int(self.var.enabled))

@@ -14,13 +14,12 @@ import time
 import uuid
 from typing import Any
 
+from .errors import APIError
 from .schemas import MAX_TEXTS, CompletionRequest
 
 
 def prompt_ids(state, body: CompletionRequest) -> list[list[int]]:
-    """Token ids of every prompt; raises the app's APIError naming the field."""
-    from .app import APIError
-
+    """Token ids of every prompt; raises APIError naming the field."""
     p = body.prompt
     if isinstance(p, str):
         return [state.tokenize(p, "prompt")]
@@ -53,8 +52,8 @@ def _top_dicts(tokenizer, tops) -> list[dict[str, float] | None]:
     return out
 
 
-def _choice(runtime, body: CompletionRequest, ids: list[int], result, index: int, stops: list[str]) -> dict[str, Any]:
-    tok = runtime.tokenizer
+def _choice(host, body: CompletionRequest, ids: list[int], result, index: int, stops: list[str]) -> dict[str, Any]:
+    tok = host.tokenizer
     st = result.state
     gen_ids = list(st.new_ids)
     reason = {"eos": "stop", "stop": "stop"}.get(st.finish_reason or "length", "length")
@@ -83,15 +82,15 @@ def _choice(runtime, body: CompletionRequest, ids: list[int], result, index: int
     return {"text": prompt_text + gen_text, "index": index, "logprobs": logprobs, "finish_reason": reason}
 
 
-def completion_body(runtime, body: CompletionRequest, prompts: list[list[int]], results, stops) -> dict[str, Any]:
-    choices = [_choice(runtime, body, ids, r, i, stops) for i, (ids, r) in enumerate(zip(prompts, results))]
+def completion_body(host, body: CompletionRequest, prompts: list[list[int]], results, stops) -> dict[str, Any]:
+    choices = [_choice(host, body, ids, r, i, stops) for i, (ids, r) in enumerate(zip(prompts, results))]
     prompt_tokens = sum(len(p) for p in prompts)
     completion_tokens = sum(len(r.state.new_ids) for r in results)
     return {
         "id": f"cmpl-{uuid.uuid4().hex[:24]}",
         "object": "text_completion",
         "created": int(time.time()),
-        "model": body.model or runtime.model_name,
+        "model": body.model or host.model_name,
         "choices": choices,
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},

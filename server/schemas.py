@@ -5,14 +5,15 @@ Requests are strict (no "5" for 5, no 1 for true) and refuse unknown fields, so 
 bounded whatever the model (characters and token ids per prompt: 413 `prompt_too_long`; prompts
 per request, stop strings and their length: 422), so a body inside the body-size limit
 (server/limits.py) cannot ask for unbounded validation or tokenizing. Limits that depend on the
-loaded model (prompt tokens, context, vocabulary) are checked after tokenizing. The OpenAI-compatible
+loaded model (prompt tokens, context, vocabulary) are checked in state.py after tokenizing.
+Response models document what each route returns in the OpenAPI schema. The OpenAI-compatible
 completion body accepts the OpenAI fields a client may send with their neutral values.
 Test: `pytest tests/test_server_api.py`.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
@@ -149,6 +150,65 @@ class CompletionRequest(StrictBody):
 
 class ToggleRequest(StrictBody):
     enabled: bool
+
+
+class ToggleResponse(BaseModel):
+    enabled: bool
+    previous: bool
+    applies: str
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: dict[str, Any] | None
+    finish_reason: str
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: CompletionUsage
+    mode: Literal["var", "baseline"] | None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class VarStatusResponse(BaseModel):
+    mode: Literal["var", "baseline"]
+    var: dict[str, Any] = Field(description="availability, config (enable_var = mode), table sizes, demotions")
+    decisions_since_start: dict[str, dict[str, dict[str, int]]] = Field(description="mode -> layer -> tier -> n")
+    tier_shares_since_start: dict[str, dict[str, dict[str, float]]] = Field(description="mode -> layer -> tier -> share")
+    batches_since_start: dict[str, int]
+    verification_checks_since_start: dict[str, dict[str, int]]
+    verification_agreement: dict[str, float | None]
+    capturing: bool
+    batches_run: int
+    uptime_s: float
+
+
+class CaptureStatus(BaseModel):
+    capturing: bool
+    tokens: int | None = None
+    note: str
 
 
 class ErrorBody(BaseModel):

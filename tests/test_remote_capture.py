@@ -1,4 +1,4 @@
-"""`varmoe capture --server`: statistics captured through a running server equal an offline capture.
+"""`varmoe capture-server`: statistics captured through a running server equal an offline capture.
 
 The server forwards the same token sequences (the offline job's, sent as token ids) through the
 learned routers; padding and batch composition differ between the two, so float columns agree to a
@@ -16,7 +16,7 @@ from var_moe.capture.frame import compare_stats
 from var_moe.capture.job import CaptureConfig, run_capture
 from var_moe.capture.schema import read_stats
 from var_moe.loading import load_model
-from var_moe.remote_capture import RemoteCaptureError, capture_via_server
+from analysis_jobs.remote_capture import RemoteCaptureError, capture_via_server
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +54,16 @@ def test_admin_token_is_required(setup):
         capture_via_server(server.url, None, tok, tmp / "x.parquet", num_samples=2)
 
 
-def test_run_from_args_is_what_the_capture_command_calls(setup, monkeypatch):
-    import argparse
-
-    from var_moe.remote_capture import run_from_args
+def test_capture_server_command(setup, monkeypatch, capsys):
+    from var_moe.cli import main
 
     tmp, model_dir, server = setup
     monkeypatch.setenv("VARMOE_ADMIN_TOKEN", server.admin_token)
-    args = argparse.Namespace(server=server.url, model=str(model_dir), dataset="stdlib", split="test", num_samples=3,
-                              max_length=32, batch_size=8, output=str(tmp / "cli.parquet"), trust_remote_code=False)
-    assert run_from_args(args) == 0
+    # no --model: the tokenizer of the model the server names in /v1/models
+    assert main(["capture-server", "--server", server.url, "--split", "test", "--num-samples", "3",
+                 "--max-length", "32", "--output", str(tmp / "cli.parquet")]) == 0
     df, meta = read_stats(tmp / "cli.parquet")
     assert meta["split"] == "test" and meta["sequences_sent"] == 3 and len(df) > 0
+
+    assert main(["capture", "--server", server.url, "--output", str(tmp / "old.parquet")]) == 2
+    assert "varmoe capture-server" in capsys.readouterr().err

@@ -13,8 +13,9 @@ import json
 import httpx
 import pytest
 import torch
+from server_helpers import shadowed_var_args
 
-from server.testing import ServerProcess, servable_model_dir, var_args
+from analysis_jobs.server_process import ManagedServer
 from var_moe.loading import load_model
 from var_moe.perplexity import sequence_nll
 
@@ -24,14 +25,14 @@ PROMPT = "def forward(self, x):\n    return self"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return servable_model_dir(tmp_path_factory.mktemp("model"))
+def model_dir(reference_model_dir):
+    return reference_model_dir
 
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("server")
-    proc = ServerProcess(model_dir, args=var_args(model_dir, tmp) + ["--max-wait-ms", "20"],
+    proc = ManagedServer(model_dir, args=shadowed_var_args(model_dir, tmp) + ["--max-wait-ms", "20"],
                          env={"VARMOE_ADMIN_TOKEN": TOKEN}, log_path=tmp / "server.log")
     with proc:
         yield proc
@@ -194,9 +195,28 @@ def test_var_status_fields(client):
     assert s["var"]["available"] and set(s["var"]["table_sizes"]) == {str(l) for l in s["var"]["layers"]}
     assert "shadow_rate" in s["var"]["config"] and s["var"]["config"]["shadow_min_checks"] == 20
     assert set(s["var"]["demoted"]) == set(s["var"]["table_sizes"]) and all(v >= 0 for v in s["var"]["demoted"].values())
-    for shares in s["tier_shares_since_start"].values():
+    assert s["var"]["config"]["enable_var"] == (s["mode"] == "var")  # the config shown is the mode served
+    var_shares = s["tier_shares_since_start"]["var"]
+    for shares in var_shares.values():
         assert sum(shares.values()) == pytest.approx(1.0)
     assert any(v is not None for v in s["verification_agreement"].values())
+
+
+def test_var_status_keeps_baseline_traffic_out_of_vars_shares(client):
+    before = client.get("/var/status").json()["decisions_since_start"]
+    client.post("/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 4, "var": False})
+    after = client.get("/var/status").json()
+    assert after["decisions_since_start"]["var"] == before["var"]  # a baseline request adds nothing to VAR's
+    added = {l: sum(after["decisions_since_start"]["baseline"][l].values()) - sum(before["baseline"][l].values())
+             for l in before["baseline"]}
+    assert all(n > 0 for n in added.values())
+    for counts in after["decisions_since_start"]["baseline"].values():
+        assert counts["fast"] == 0 and counts["cached"] == 0
+    toggled = client.post("/var/toggle", json={"enabled": False}, headers=AUTH)
+    assert toggled.status_code == 200
+    s = client.get("/var/status").json()
+    assert s["mode"] == "baseline" and s["var"]["config"]["enable_var"] is False
+    client.post("/var/toggle", json={"enabled": True}, headers=AUTH)
 
 
 def test_capture_roundtrip(client):

@@ -12,11 +12,10 @@ import re
 import shutil
 import subprocess
 
-import pytest
 import yaml
 
+from analysis_jobs.server_process import REPO_ROOT
 from server.metrics import ServerMetrics
-from server.testing import REPO_ROOT
 
 DOCKER = REPO_ROOT / "docker"
 DASHBOARD = DOCKER / "grafana" / "dashboards" / "varmoe-server.json"

@@ -12,18 +12,20 @@ import time
 
 import pytest
 import torch
+from server_helpers import permissive_var_config
 
+from analysis_jobs.fixtures import tiny_var_model
 from server.decode import RowSpec
 from server.engine import Engine, Job, QueueFull, RequestTooLarge
 from server.metrics import ServerMetrics
-from server.testing import calibration_stats, permissive_var_config, tiny_model_dir
-from server.var_runtime import RoutingRuntime
+from server.model_host import ModelHost
+from server.var_runtime import VarRuntime
 
 torch.set_num_threads(1)
 
 
 class _Settings:
-    """The fields RoutingRuntime.load reads (a plain object keeps this test independent of env vars)."""
+    """The fields ModelHost.load reads (a plain object keeps this test independent of env vars)."""
 
     def __init__(self, model_dir, stats, var_config):
         self.model, self.dtype, self.device, self.quantization, self.trust_remote_code = str(model_dir), "float32", "cpu", None, False
@@ -33,17 +35,15 @@ class _Settings:
 
 
 @pytest.fixture(scope="module")
-def runtime(tmp_path_factory):
-    d = tiny_model_dir(tmp_path_factory.mktemp("engine") / "tiny")
-    stats = calibration_stats(d, d / "calib.parquet")
+def host(tmp_path_factory):
+    d = tiny_var_model(tmp_path_factory.mktemp("engine") / "tiny")
     (d / "var.json").write_text(json.dumps(permissive_var_config()))
-    return RoutingRuntime.load(_Settings(d, stats, str(d / "var.json")))
+    return ModelHost.load(_Settings(d, d / "var" / "routing_stats_calibration.parquet", str(d / "var.json")))
 
 
-def make_engine(runtime, **kw) -> Engine:
-    runtime.set_mode(True)
-    eng = Engine(runtime, ServerMetrics(runtime.layers), **kw)
-    return eng
+def make_engine(host, **kw) -> Engine:
+    var = VarRuntime(host, enabled=True)
+    return Engine(host, var, ServerMetrics(var), **kw)
 
 
 async def _collect(jobs):
@@ -64,12 +64,12 @@ async def _results(jobs):
     return out
 
 
-def test_runtime_has_var(runtime):
-    assert runtime.var_available, runtime.unavailable_reason
+def test_host_has_var(host):
+    assert host.available, host.unavailable_reason
 
 
-def test_batches_respect_max_size_and_one_mode(runtime):
-    eng = make_engine(runtime, max_batch_size=3, max_wait_ms=200)
+def test_batches_respect_max_size_and_one_mode(host):
+    eng = make_engine(host, max_batch_size=3, max_wait_ms=200)
 
     async def main():
         jobs = [Job(RowSpec([5, 6, 7 + i], 4), pinned_mode=("var" if i % 2 else "baseline")) for i in range(8)]
@@ -87,18 +87,18 @@ def test_batches_respect_max_size_and_one_mode(runtime):
         if res.mode == "baseline":
             assert res.tier_counts["fast"] == 0 and res.tier_counts["cached"] == 0
         decisions = sum(res.tier_counts.values())
-        assert decisions == (len(job.spec.prompt_ids) + len(res.state.new_ids) - 1) * len(runtime.layers)
+        assert decisions == (len(job.spec.prompt_ids) + len(res.state.new_ids) - 1) * len(host.layers)
     # 4 baseline + 4 VAR jobs with at most 3 per batch and one mode per batch: at least 4 batches
     assert eng.batches_run >= 4
 
 
-def test_var_and_baseline_greedy_counts(runtime):
+def test_var_and_baseline_greedy_counts(host):
     """VAR mode uses the fast tier for some tokens; baseline counts every decision as learned."""
-    eng = make_engine(runtime, max_batch_size=4, max_wait_ms=1)
+    eng = make_engine(host, max_batch_size=4, max_wait_ms=1)
     eng.start()
 
     async def main():
-        ids = runtime.tokenizer("def forward(self, x):\n    return self")["input_ids"]
+        ids = host.tokenizer("def forward(self, x):\n    return self")["input_ids"]
         jobs = [Job(RowSpec(ids, 6), pinned_mode=m) for m in ("var", "baseline")]
         await _collect(jobs)
         eng.submit(jobs)
@@ -110,8 +110,8 @@ def test_var_and_baseline_greedy_counts(runtime):
     assert base.tier_counts["learned"] == sum(base.tier_counts.values())
 
 
-def test_queue_bound_cancel_timeout_and_drain(runtime):
-    eng = make_engine(runtime, max_batch_size=1, max_wait_ms=0, max_queue=2)
+def test_queue_bound_cancel_timeout_and_drain(host):
+    eng = make_engine(host, max_batch_size=1, max_wait_ms=0, max_queue=2)
 
     async def main():
         long = Job(RowSpec([5, 6, 7], 200))
@@ -138,10 +138,10 @@ def test_queue_bound_cancel_timeout_and_drain(runtime):
     assert late.first_token_at is not None
 
 
-def test_lone_client_never_waits_for_the_batch_window(runtime):
+def test_lone_client_never_waits_for_the_batch_window(host):
     """max_wait_ms only holds a batch for clients of the batch that just ended; one client sending
     requests back to back must not pay the window (here 2 s) on any of them."""
-    eng = make_engine(runtime, max_batch_size=8, max_wait_ms=2000)
+    eng = make_engine(host, max_batch_size=8, max_wait_ms=2000)
     eng.start()
 
     async def main():
@@ -158,10 +158,10 @@ def test_lone_client_never_waits_for_the_batch_window(runtime):
     assert max(waits) < 1.0, waits
 
 
-def test_small_request_finishes_before_a_big_one_sent_earlier(runtime):
+def test_small_request_finishes_before_a_big_one_sent_earlier(host):
     """Fair scheduling: a 4-token request sent while a 16 x 200-token one runs joins the running
     batch and is answered long before the big one, and routing counts stay exact per row."""
-    eng = make_engine(runtime, max_batch_size=4, max_wait_ms=1)
+    eng = make_engine(host, max_batch_size=4, max_wait_ms=1)
     eng.start()
 
     async def main():
@@ -190,12 +190,12 @@ def test_small_request_finishes_before_a_big_one_sent_earlier(runtime):
     assert len(small_res.state.new_ids) == 4
     for job, res in [(small, small_res)] + list(zip(big, big_res)):
         decisions = sum(res.tier_counts.values())
-        assert decisions == (len(job.spec.prompt_ids) + len(res.state.new_ids) - 1) * len(runtime.layers)
+        assert decisions == (len(job.spec.prompt_ids) + len(res.state.new_ids) - 1) * len(host.layers)
     assert max(eng.last_batch_sizes) <= 2 * 4
 
 
-def test_request_size_limits(runtime):
-    eng = make_engine(runtime, max_request_rows=4, max_request_tokens=100)
+def test_request_size_limits(host):
+    eng = make_engine(host, max_request_rows=4, max_request_tokens=100)
     with pytest.raises(RequestTooLarge, match="prompts"):
         eng.submit([Job(RowSpec([5, 6], 1)) for _ in range(5)])
     with pytest.raises(RequestTooLarge, match="limit is 100"):

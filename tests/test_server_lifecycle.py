@@ -16,14 +16,14 @@ import time
 import httpx
 import pytest
 
-from server.testing import ServerProcess, servable_model_dir
+from analysis_jobs.server_process import ManagedServer
 
 PROMPT = "import os\n"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return servable_model_dir(tmp_path_factory.mktemp("model"))
+def model_dir(reference_model_dir):
+    return reference_model_dir
 
 
 def long_tokens(url: str) -> int:
@@ -44,7 +44,7 @@ def metric(url: str, name: str) -> float:
 def strict_server(model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("strict")
     args = ["--max-batch-size", "1", "--max-queue", "1", "--request-timeout-s", "0.05", "--max-wait-ms", "0"]
-    with ServerProcess(model_dir, args=args, env={"VARMOE_ADMIN_TOKEN": ""}, log_path=tmp / "log") as s:
+    with ManagedServer(model_dir, args=args, env={"VARMOE_ADMIN_TOKEN": ""}, log_path=tmp / "log") as s:
         yield s
 
 
@@ -80,7 +80,7 @@ def test_queue_full_is_429_with_retry_after(strict_server):
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("drain")
-    proc = ServerProcess(model_dir, args=["--max-wait-ms", "0"], log_path=tmp / "log")
+    proc = ManagedServer(model_dir, args=["--max-wait-ms", "0"], log_path=tmp / "log")
     with proc:
         yield proc
 
@@ -130,5 +130,5 @@ def test_sigterm_drains_in_flight_work(server):
     t.join(60)
     assert out["r"].status_code == 200 and out["r"].json()["generated_tokens"] == n
     # uvicorn re-raises the captured SIGTERM after its graceful shutdown: "killed by SIGTERM" is a clean exit
-    assert code in (0, -signal.SIGTERM), server.log_text()
-    assert "Traceback" not in server.log_text()
+    assert code in (0, -signal.SIGTERM), server.log_tail(100_000)
+    assert "Traceback" not in server.log_tail(100_000)

@@ -2,7 +2,7 @@
 parsing (Content-Length and while streaming), half-sent bodies closed, schema limits on prompts,
 token ids and stop strings, per-request prompt and work budgets, and one shutdown grace period.
 
-Runs on the reference model when it is present, else on a tiny model.
+Runs on the reference model.
 Run: `pytest tests/test_server_limits.py` (about a minute on 2 CPU cores).
 """
 
@@ -19,14 +19,14 @@ import pydantic
 import pytest
 
 from server.schemas import MAX_STOPS, MAX_TOKEN_IDS, CompletionRequest, GenerateRequest, PerplexityRequest
-from server.testing import ServerProcess, servable_model_dir
+from analysis_jobs.server_process import ManagedServer
 
 LIMIT = 100_000  # bytes of request body in the test server
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return servable_model_dir(tmp_path_factory.mktemp("model"))
+def model_dir(reference_model_dir):
+    return reference_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def server(model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("limits")
     args = ["--max-body-bytes", str(LIMIT), "--body-timeout-s", "1", "--max-request-tokens", "600",
             "--max-request-prompts", "4"]
-    with ServerProcess(model_dir, args=args, log_path=tmp / "server.log") as proc:
+    with ManagedServer(model_dir, args=args, log_path=tmp / "server.log") as proc:
         yield proc
 
 
@@ -117,7 +117,7 @@ def test_request_budgets(server):
 def test_shutdown_grace_is_one_total_and_below_one_second_still_a_limit(model_dir, tmp_path):
     """A long request is in flight at SIGTERM; with a 0.5 s grace the process exits within seconds
     (it used to be "no limit" for uvicorn, then the grace again for the engine)."""
-    proc = ServerProcess(model_dir, args=["--shutdown-grace-s", "0.5", "--max-request-tokens", "100000",
+    proc = ManagedServer(model_dir, args=["--shutdown-grace-s", "0.5", "--max-request-tokens", "100000",
                                           "--max-request-prompts", "16"], log_path=tmp_path / "s.log").wait_ready()
     body = {"prompt": [[5, 6, 7 + i] for i in range(16)], "max_tokens": 400, "temperature": 0.0}
     th = threading.Thread(target=lambda: httpx.post(proc.url + "/v1/completions", json=body, timeout=120), daemon=True)
@@ -129,4 +129,4 @@ def test_shutdown_grace_is_one_total_and_below_one_second_still_a_limit(model_di
         proc.proc.wait(30)
     finally:
         proc.stop()
-    assert time.monotonic() - t0 < 5.0, proc.log_text()
+    assert time.monotonic() - t0 < 5.0, proc.log_tail()

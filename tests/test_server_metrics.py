@@ -16,8 +16,9 @@ import time
 
 import httpx
 import pytest
+from server_helpers import shadowed_var_args
 
-from server.testing import REPO_ROOT, ServerProcess, free_port, servable_model_dir, var_args
+from analysis_jobs.server_process import REPO_ROOT, ManagedServer, free_port
 
 DASHBOARD = REPO_ROOT / "docker" / "grafana" / "dashboards" / "varmoe-server.json"
 TOKEN = "metrics-token"
@@ -37,11 +38,11 @@ def ensure_prometheus() -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, reference_model_dir):
     ensure_prometheus()
     tmp = tmp_path_factory.mktemp("metrics")
-    model_dir = servable_model_dir(tmp)
-    with ServerProcess(model_dir, args=var_args(model_dir, tmp), env={"VARMOE_ADMIN_TOKEN": TOKEN},
+    model_dir = reference_model_dir
+    with ManagedServer(model_dir, args=shadowed_var_args(model_dir, tmp), env={"VARMOE_ADMIN_TOKEN": TOKEN},
                        log_path=tmp / "server.log") as s:
         yield s
 

@@ -4,17 +4,17 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from server.model_host import ModelHost
 from server.settings import ServerSettings
-from server.var_runtime import RoutingRuntime
 
 
 def test_shadow_rate_overrides_the_tables_config(reference_model_dir):
     torch.set_num_threads(1)
-    plain = RoutingRuntime.load(ServerSettings(model=str(reference_model_dir)))
-    checked = RoutingRuntime.load(ServerSettings(model=str(reference_model_dir), shadow_rate=0.25))
+    plain = ModelHost.load(ServerSettings(model=str(reference_model_dir)))
+    checked = ModelHost.load(ServerSettings(model=str(reference_model_dir), shadow_rate=0.25))
     assert plain.wrapper.config.shadow_rate == 0.0  # the committed tables were built without it
     assert checked.wrapper.config.shadow_rate == 0.25
-    checked.set_mode(True)
+    checked.apply_mode(True)
     ids = torch.randint(0, 4096, (4, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         checked.model(input_ids=ids)

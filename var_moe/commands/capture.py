@@ -29,8 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random-init control")
     p.add_argument("--pair-capacity", dest="pair_capacity", type=int, default=None,
                    help="keys per layer of the (previous, token) table; 0 turns pair statistics off")
-    p.add_argument("--server", default=None, metavar="URL", help="capture through a running var-moe server (admin token from VARMOE_ADMIN_TOKEN); "
-                   "--model must name the tokenizer of the served model")
+    p.add_argument("--server", default=None, metavar="URL", help=argparse.SUPPRESS)  # moved: see run()
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -39,10 +38,9 @@ def run(args: argparse.Namespace) -> int:
     from ..capture.job import CaptureConfig, run_capture
     from ..capture.pairs import DEFAULT_CAPACITY
 
-    if args.server:
-        from ..remote_capture import run_from_args
-
-        return run_from_args(args)
+    if args.server:  # the library holds no web code: capture through a server is an analysis job
+        raise InvalidInputError(f"--server: capture through a server is `varmoe capture-server --server {args.server} "
+                                "--split ... --output ...` (installed with the analysis jobs)")
     spec = load_spec(args)  # validates --dtype/--device/--threads and sets the thread count
     config = CaptureConfig(
         model=args.model, dataset=args.dataset, split=args.split, num_samples=args.num_samples,

@@ -1,4 +1,4 @@
-"""Phase 1 through the server: `varmoe capture --server URL` pushes the corpus through a running
+"""Phase 1 through the server: `varmoe capture-server --server URL` pushes the corpus through a running
 server with routing capture on and downloads the statistics (same Parquet schema as `varmoe capture`).
 
 The sequences are exactly those of the offline capture job: the corpus split is tokenized and cut
@@ -10,7 +10,8 @@ not always the identity). Admin calls (`/admin/capture/start|stop`, `GET /admin/
 need the server's admin token. The capture records *all* traffic in its window: run it on a server
 that nothing else is using when the statistics must equal an offline capture.
 
-HTTP only (httpx); reads the corpus and the tokenizer through the library.
+HTTP only (httpx); reads the corpus and the tokenizer through the library. The subcommand is a
+plug-in of the `varmoe` CLI (entry point `capture-server`), so var_moe itself has no web code.
 Test: `pytest tests/test_remote_capture.py`.
 """
 
@@ -22,7 +23,7 @@ from typing import Any, Callable
 
 import httpx
 
-from .errors import InvalidInputError, VarMoeError
+from var_moe.errors import InvalidInputError, VarMoeError
 
 MAX_PROMPTS_PER_REQUEST = 64  # the server's limit of prompts per completion request
 
@@ -44,7 +45,7 @@ def _check(r: httpx.Response, step: str) -> httpx.Response:
 
 def corpus_sequences(tokenizer: Any, dataset: str, split: str, max_length: int, num_samples: int | None):
     """The token sequences the offline capture job forwards, in the same order."""
-    from .corpus import chunk_sequences, iter_documents, tokenize_documents
+    from var_moe.corpus import chunk_sequences, iter_documents, tokenize_documents
 
     seqs = chunk_sequences(tokenize_documents(tokenizer, iter_documents(dataset, split)), max_length)
     return itertools.islice(seqs, num_samples) if num_samples is not None else seqs
@@ -55,7 +56,7 @@ def capture_via_server(url: str, admin_token: str | None, tokenizer: Any, output
                        max_length: int = 256, batch_size: int = 8, timeout_s: float = 600.0,
                        log: Callable[[str], None] = print) -> Path:
     """Capture routing statistics of `dataset`/`split` through the server at `url`; write `output`."""
-    from .capture.schema import pairs_path, read_pairs, read_stats, write_pairs, write_stats
+    from var_moe.capture.schema import pairs_path, read_pairs, read_stats, write_pairs, write_stats
 
     if not admin_token:
         raise InvalidInputError("--server: the admin token is missing (set VARMOE_ADMIN_TOKEN to the server's token)")
@@ -95,7 +96,7 @@ def capture_via_server(url: str, admin_token: str | None, tokenizer: Any, output
     try:
         download.write_bytes(stats.content)
         df, meta = read_stats(download)
-        meta.update({"dataset": dataset, "split": split, "source": f"varmoe capture --server {url}",
+        meta.update({"dataset": dataset, "split": split, "source": f"varmoe capture-server --server {url}",
                      "sequences_sent": sent_seqs, "tokens_sent": sent_tokens, "max_length": max_length})
         write_stats(df, output, meta)
         if pairs.status_code == 200:
@@ -109,14 +110,35 @@ def capture_via_server(url: str, admin_token: str | None, tokenizer: Any, output
     return output
 
 
+def register(subparsers) -> None:
+    from var_moe.commands._common import add_dataset_flags
+
+    p = subparsers.add_parser("capture-server", help="Phase 1 through a running var-moe server (admin token from "
+                              "VARMOE_ADMIN_TOKEN); the same statistics file as `varmoe capture`")
+    p.add_argument("--server", required=True, metavar="URL", help="the server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--model", default=None, help="tokenizer of the served model (default: the model /v1/models names)")
+    add_dataset_flags(p, default_split="test")
+    p.add_argument("--output", "-o", required=True, help="statistics Parquet file to write")
+    p.set_defaults(func=run_from_args)
+
+
 def run_from_args(args: Any) -> int:
-    """`varmoe capture --server URL ...`: the flags of the capture command, token from VARMOE_ADMIN_TOKEN."""
+    """`varmoe capture-server --server URL ...`: the capture command's dataset flags, token from VARMOE_ADMIN_TOKEN."""
     import os
 
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(args.model), trust_remote_code=getattr(args, "trust_remote_code", False))
+    model = args.model or _served_model(args.server)
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
     capture_via_server(args.server, os.environ.get("VARMOE_ADMIN_TOKEN"), tokenizer, args.output,
                        dataset=args.dataset, split=args.split, num_samples=args.num_samples,
                        max_length=args.max_length, batch_size=min(args.batch_size, MAX_PROMPTS_PER_REQUEST))
     return 0
+
+
+def _served_model(url: str) -> str:
+    try:
+        r = _check(httpx.get(url.rstrip("/") + "/v1/models", timeout=30), "GET /v1/models")
+    except httpx.TransportError as exc:
+        raise RemoteCaptureError(f"--server {url}: cannot reach the server ({type(exc).__name__}: {exc})") from exc
+    return r.json()["data"][0]["id"]

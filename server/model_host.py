@@ -1,0 +1,151 @@
+"""`ModelHost`: the builtin engine's model, tokenizer, VAR router and live capture.
+
+`ModelHost.load(settings)` loads the model and, when a tables file or calibration statistics are
+available (`--var-tables`, `--routing-stats`, or `<model>/var/`), wraps it with `VARModelWrapper`.
+It is the builtin engine's `RoutingBackend` (server/var_runtime.py): `apply_mode`, `counts`,
+`info`, `layers`, `available`. Without VAR (no tables, or files that do not fit the model and were
+not asked for explicitly) VAR is reported as unavailable with the reason; it is never simulated.
+
+Per-request tier counts (`begin_batch()` / `row_tier_counts(valid_tokens_B)`) come from the
+wrapper's per-row counts of the batch; the mode and the cumulative accounting belong to
+`VarRuntime`. Capture (`capture_start/stop/parquet`) attaches a `RouterAnalyzer` to the model and
+runs on the engine thread between batches. Test: `pytest tests/test_server_engine.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from var_moe.adapters import get_adapter
+from var_moe.capture.analyzer import RouterAnalyzer
+from var_moe.errors import InvalidInputError
+from var_moe.loading import LoadSpec, load_model
+from var_moe.var import VARConfig, VARModelWrapper, VARTables, get_preset
+
+from .var_runtime import TIERS, Counts
+
+log = logging.getLogger("varmoe.server")
+
+
+class ModelHost:
+    def __init__(self, model: Any, tokenizer: Any, model_name: str, wrapper: VARModelWrapper | None = None,
+                 reason: str = ""):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.wrapper = wrapper
+        self.unavailable_reason = "" if wrapper is not None else (reason or "VAR is not available")
+        self.layers = [m.layer for m in get_adapter(model).moe_layers(model)]
+        self._var_applied = False
+        self.analyzer: RouterAnalyzer | None = None
+        self.capturing = False
+        self.capture_tokens = 0
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def load(cls, settings) -> "ModelHost":
+        spec = LoadSpec(path=settings.model, dtype=settings.dtype, device=settings.device,
+                        quantization=settings.quantization, trust_remote_code=settings.trust_remote_code)
+        model, tokenizer = load_model(spec)
+        wrapper, reason = None, ""
+        if settings.var_tables_path is None and settings.routing_stats_path is None:
+            reason = (f"no VAR tables: pass --var-tables or --routing-stats, or put var_tables.safetensors "
+                      f"or routing_stats_calibration.parquet in {settings.model}/var/")
+        else:
+            try:
+                wrapper = _build_wrapper(model, settings)
+            except (ValueError, OSError, KeyError) as exc:  # wrong model / bad file / bad config
+                if settings.var_tables or settings.routing_stats or settings.var_config:
+                    raise InvalidInputError(f"VAR could not be set up: {exc}") from exc  # the operator asked for it
+                reason = f"VAR could not be set up from the files in the model's var/ folder: {exc}"
+                log.warning(reason)
+        return cls(model, tokenizer, settings.model, wrapper, reason)
+
+    # -- RoutingBackend --------------------------------------------------------------------------
+    @property
+    def available(self) -> bool:
+        return self.wrapper is not None
+
+    def apply_mode(self, var: bool) -> None:
+        """Engine thread only, between batches."""
+        if var == self._var_applied:
+            return
+        if var and self.wrapper is None:
+            raise InvalidInputError(self.unavailable_reason)
+        if self.wrapper is not None:
+            self.wrapper.enable_var() if var else self.wrapper.disable_var()
+        self._var_applied = var
+
+    def counts(self) -> tuple[Counts, Counts]:
+        if self.wrapper is None:
+            return {}, {}
+        return dict(self.wrapper.tier_counts()), dict(self.wrapper.verification_counts())
+
+    def info(self) -> dict[str, Any]:
+        w = self.wrapper
+        if w is None:
+            return {}
+        return {
+            "config": w.config.to_dict(),
+            "table_sizes": {str(k): int(v) for k, v in w.table_sizes().items()},
+            # entries taken out by shadow verification since start (table_sizes already excludes them)
+            "demoted": {l: s["demoted"] for l, s in w.get_performance_stats()["layers"].items()},
+            "tables_source": w.tables.metadata.get("source"),
+        }
+
+    # -- per-request tier counts -----------------------------------------------------------------
+    def begin_batch(self) -> None:
+        if self._var_applied:
+            self.wrapper.reset_row_counts()
+
+    def row_tier_counts(self, valid_tokens_B: list[int]) -> list[dict[str, int]]:
+        """Routing decisions of each row of the batch just run, summed over MoE layers."""
+        if self.capturing:
+            self.capture_tokens += sum(valid_tokens_B)
+        b = len(valid_tokens_B)
+        if not self._var_applied:  # the learned router made every decision
+            return [{"fast": 0, "cached": 0, "learned": n * len(self.layers)} for n in valid_tokens_B]
+        rows = [dict(zip(TIERS, map(int, r))) for r in self.wrapper.row_tier_counts().tolist()]
+        return (rows + [dict.fromkeys(TIERS, 0) for _ in range(b)])[:b]
+
+    # -- capture -------------------------------------------------------------------------------
+    def capture_start(self) -> None:
+        if self.capturing:
+            return
+        self.analyzer = RouterAnalyzer(self.model, tokenizer=self.tokenizer)
+        self.analyzer.attach()
+        self.capturing = True
+        self.capture_tokens = 0
+
+    def capture_stop(self) -> None:
+        if self.analyzer is not None and self.capturing:
+            self.analyzer.detach()
+        self.capturing = False
+
+    def capture_parquet(self, path: Path, var_enabled: bool) -> None:
+        if self.analyzer is None:
+            raise LookupError("no capture has been started on this server")
+        meta = {"model": self.model_name, "dataset": "live-traffic", "split": "server",
+                "source": "varmoe serve", "var_enabled": var_enabled}
+        self.analyzer.write_parquet(path, meta)
+
+
+def _build_wrapper(model: Any, settings) -> VARModelWrapper:
+    """VARModelWrapper from the tables file, or tables built from the calibration statistics."""
+    tables_path, stats_path = settings.var_tables_path, settings.routing_stats_path
+    tables = VARTables.load(tables_path, model=model) if tables_path else None
+    if settings.var_config:
+        p = Path(settings.var_config)
+        config = VARConfig.from_json(p) if p.exists() else get_preset(settings.var_config)
+    elif tables is not None and tables.metadata.get("config"):
+        config = VARConfig.from_dict(tables.metadata["config"])  # the config the tables were built with
+    else:
+        config = VARConfig()
+    if settings.shadow_rate is not None:
+        config = config.replace(shadow_rate=settings.shadow_rate)
+    if tables is None:
+        config = config.replace(routing_stats_path=str(stats_path))
+    # built disabled: the runtime's mode is applied by the engine before the first batch
+    return VARModelWrapper(model, config.replace(enable_var=False), tables)

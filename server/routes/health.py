@@ -1,0 +1,32 @@
+"""Liveness (`/healthz`), readiness (`/readyz`: the engine thread runs) and `/metrics`.
+
+Test: `pytest tests/test_server_api.py tests/test_server_metrics.py`.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import Response
+
+from ..errors import error_response
+from ..state import ServerState, get_state
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz():
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(state: ServerState = Depends(get_state)):
+    if not state.engine.running:
+        return error_response(503, "not_ready", "the engine is not running", headers={"Retry-After": "5"})
+    return {"status": "ready", "model": state.host.model_name, "var_available": state.var.available}
+
+
+@router.get("/metrics")
+async def metrics(state: ServerState = Depends(get_state)):
+    state.metrics.queue_depth.set(state.engine.queue_depth)
+    return Response(state.metrics.exposition(), media_type=state.metrics.content_type)

@@ -1,0 +1,165 @@
+"""What the route modules share: `ServerState` (settings, model host, VAR runtime, engine, metrics),
+the request checks every model route makes, running jobs on the engine, and the FastAPI
+dependencies `get_state` and `require_admin`.
+
+Test: `pytest tests/test_server_api.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import math
+import time
+from typing import Any
+
+from fastapi import Request
+
+from .engine import Engine, EngineError, Job, JobResult, QueueFull, RequestTooLarge
+from .errors import APIError, timeout_error
+from .metrics import ServerMetrics
+from .model_host import ModelHost
+from .settings import ServerSettings
+from .var_runtime import VarRuntime
+
+
+class ServerState:
+    def __init__(self, settings: ServerSettings, host: ModelHost):
+        self.settings = settings
+        self.host = host
+        self.var = VarRuntime(host, enabled=settings.var_on_start)
+        self.metrics = ServerMetrics(self.var)
+        self.engine = Engine(host, self.var, self.metrics, settings.max_batch_size, settings.max_wait_ms,
+                             settings.max_queue, settings.threads, max_request_rows=settings.max_request_prompts,
+                             max_request_tokens=settings.max_request_tokens)
+        self.started_at = time.time()
+        self.shutdown_deadline: float | None = None
+        ctx = getattr(host.model.config, "max_position_embeddings", None) or 10**9
+        self.context_len = int(ctx)
+        self.prompt_limit = min(settings.max_prompt_tokens, self.context_len - 1)
+
+    # -- shutdown: one grace period for open requests and the engine drain together -------------
+    def begin_shutdown(self) -> None:
+        if self.shutdown_deadline is None:
+            self.shutdown_deadline = time.monotonic() + self.settings.shutdown_grace_s
+
+    def remaining_grace(self) -> float:
+        if self.shutdown_deadline is None:
+            return self.settings.shutdown_grace_s
+        return max(0.0, self.shutdown_deadline - time.monotonic())
+
+    # -- checks shared by the model routes ------------------------------------------------------
+    def mode_for(self, pinned: bool | None) -> str | None:
+        if pinned and not self.var.available:
+            raise APIError(409, "var_unavailable", f"VAR is unavailable: {self.var.unavailable_reason}", "var")
+        return None if pinned is None else ("var" if pinned else "baseline")
+
+    def tokenize(self, text: str, field: str) -> list[int]:
+        if len(text) > 64 * self.prompt_limit:  # refuse huge bodies before spending time tokenizing them
+            raise APIError(413, "prompt_too_long",
+                           f"the prompt has {len(text)} characters; the limit is {self.prompt_limit} tokens", field)
+        ids = self.host.tokenizer(text)["input_ids"]
+        self.check_prompt(ids, field)
+        return ids
+
+    def check_prompt(self, ids: list[int], field: str, max_new: int = 0, new_field: str = "max_new_tokens") -> None:
+        if not ids:
+            raise APIError(422, "invalid_request", "the prompt encodes to zero tokens", field)
+        if len(ids) > self.prompt_limit:
+            raise APIError(413, "prompt_too_long",
+                           f"the prompt has {len(ids)} tokens; the limit is {self.prompt_limit}", field)
+        vocab = int(self.host.model.config.vocab_size)  # the embedding's size, not the tokenizer's
+        if max(ids) >= vocab:
+            raise APIError(422, "invalid_request", f"token ids must be below the vocabulary size {vocab}", field)
+        if len(ids) + max_new > self.context_len:
+            raise APIError(422, "invalid_request",
+                           f"prompt ({len(ids)}) + new tokens ({max_new}) exceed the context of {self.context_len}",
+                           new_field)
+
+    def check_max_new(self, n: int, field: str) -> None:
+        if n > self.settings.max_new_tokens_limit:
+            raise APIError(422, "invalid_request", f"{field} must be at most {self.settings.max_new_tokens_limit}", field)
+
+    def observe(self, endpoint: str, mode: str, t0: float) -> None:
+        self.metrics.request_duration.labels(endpoint=endpoint, mode=mode).observe(time.perf_counter() - t0)
+
+    # -- running jobs ----------------------------------------------------------------------------
+    def prepare(self, jobs: list[Job]) -> None:
+        loop = asyncio.get_running_loop()
+        for job in jobs:
+            job.loop, job.events, job.timeout_s = loop, asyncio.Queue(), self.settings.request_timeout_s
+
+    def submit(self, jobs: list[Job]) -> None:
+        try:
+            self.engine.submit(jobs)
+        except RequestTooLarge as exc:
+            raise APIError(413, "request_too_large", str(exc)) from None
+        except EngineError as exc:
+            status = 429 if isinstance(exc, QueueFull) else 503
+            raise APIError(status, "overloaded" if status == 429 else "unavailable", str(exc),
+                           headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}) from None
+
+    async def run(self, request: Request, jobs: list[Job]) -> list[JobResult]:
+        """Submit jobs, wait for all of them; cancel them if the client leaves or time runs out."""
+        self.prepare(jobs)
+        self.submit(jobs)
+        waiter = asyncio.ensure_future(asyncio.gather(*(wait_done(j) for j in jobs)))
+        gone = asyncio.ensure_future(wait_disconnect(request))
+        done, _ = await asyncio.wait({waiter, gone}, timeout=self.settings.request_timeout_s + 2.0,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if waiter not in done:
+            waiter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiter  # collect the cancellation so it is not logged as an unretrieved error
+            for job in jobs:
+                job.cancelled = True
+            if gone in done:
+                raise APIError(499, "client_closed", "the client closed the connection")
+            raise timeout_error(self.settings.request_timeout_s)
+        results = waiter.result()
+        for r in results:
+            if r is None or r.state.finish_reason == "timeout":
+                raise timeout_error(self.settings.request_timeout_s)
+            if r.error:
+                raise APIError(500, "engine_error", r.error)
+        return results
+
+    async def engine_call(self, fn) -> Any:
+        """Run fn on the engine thread between batches (hooks on the model change only there)."""
+        try:
+            return await asyncio.wrap_future(self.engine.call(fn))
+        except EngineError as exc:
+            raise APIError(503, "unavailable", str(exc), headers={"Retry-After": "5"}) from None
+
+
+async def wait_done(job: Job) -> JobResult | None:
+    while True:
+        event = await job.events.get()
+        if event[0] == "done":
+            return event[1]
+
+
+async def wait_disconnect(request: Request) -> None:
+    """Returns when the client disconnects (the ASGI server sends http.disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+# -- dependencies --------------------------------------------------------------------------------
+def get_state(request: Request) -> ServerState:
+    return request.app.state.varmoe
+
+
+def require_admin(request: Request) -> None:
+    """Admin routes: a Bearer token equal to VARMOE_ADMIN_TOKEN; none configured = refuse all."""
+    token = get_state(request).settings.admin_token_value()
+    if not token:
+        raise APIError(403, "forbidden", "admin endpoints are disabled: no VARMOE_ADMIN_TOKEN is configured")
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+        raise APIError(401, "unauthorized", "a valid 'Authorization: Bearer <token>' header is required",
+                       "Authorization", headers={"WWW-Authenticate": "Bearer"})

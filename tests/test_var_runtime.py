@@ -1,0 +1,100 @@
+"""VarRuntime (server/var_runtime.py), the one owner of VAR mode and tier accounting, on a fake
+backend: counts are attributed to the mode of the batch that added them, the switch refuses VAR
+when the backend has none, status shows the mode in its config, and Prometheus exports exactly
+the runtime's numbers.
+
+Run: `pytest tests/test_var_runtime.py` (no model, milliseconds).
+"""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.metrics import ServerMetrics
+from server.var_runtime import VarRuntime, VarUnavailable
+
+
+class FakeBackend:
+    """Cumulative counters the test advances by hand, like a VAR wrapper's device counters."""
+
+    def __init__(self, available: bool = True):
+        self.layers = [0, 2]
+        self.unavailable_reason = "" if available else "no tables"
+        self._available = available
+        self.tiers: dict = {}
+        self.verification: dict = {}
+        self.applied: list[bool] = []
+
+    @property
+    def available(self) -> bool:
+        return self._available
+
+    def apply_mode(self, var: bool) -> None:
+        self.applied.append(var)
+
+    def counts(self):
+        return dict(self.tiers), dict(self.verification)
+
+    def info(self):
+        return {"config": {"enable_var": False, "shadow_rate": 0.1}, "table_sizes": {"0": 3, "2": 1}}
+
+    def add(self, **by_key):
+        for key, n in by_key.items():
+            layer, tier = key.split("_", 1)
+            store = self.verification if tier in ("agree", "disagree") else self.tiers
+            k = (int(layer[1:]), tier)
+            store[k] = store.get(k, 0) + n
+
+
+def test_counts_go_to_the_mode_of_the_batch():
+    be = FakeBackend()
+    be.add(l0_fast=5)  # decisions made before the runtime existed are not the server's
+    rt = VarRuntime(be, enabled=True)
+    be.add(l0_fast=3, l0_learned=1, l2_cached=2, l2_learned=2, l0_agree=1, l0_disagree=1)
+    rt.record_batch("var", valid_tokens=4)
+    rt.record_batch("baseline", valid_tokens=7)
+    var, base = rt.tier_counts("var"), rt.tier_counts("baseline")
+    assert var[(0, "fast")] == 3 and var[(0, "learned")] == 1 and var[(2, "cached")] == 2
+    assert base == {(0, "fast"): 0, (0, "cached"): 0, (0, "learned"): 7,
+                    (2, "fast"): 0, (2, "cached"): 0, (2, "learned"): 7}
+    assert rt.tier_counts()[(0, "learned")] == 8
+    assert rt.verification_counts()[(0, "agree")] == 1
+    be.add(l2_fast=4)
+    rt.record_batch("var", valid_tokens=2)
+    assert rt.tier_counts("var")[(2, "fast")] == 4  # only what was added since the last read
+
+
+def test_switch_and_status_agree():
+    rt = VarRuntime(FakeBackend(), enabled=True)
+    assert rt.mode == "var" and rt.mode_for(None) == "var" and rt.mode_for("baseline") == "baseline"
+    assert rt.set_enabled(False) is True
+    s = rt.status()
+    assert s["mode"] == "baseline" and s["var"]["config"]["enable_var"] is False
+    rt.set_enabled(True)
+    assert rt.status()["var"]["config"]["enable_var"] is True
+    assert set(s["tier_shares_since_start"]) == {"var", "baseline"}
+
+
+def test_no_var_backend_refuses_var_mode():
+    rt = VarRuntime(FakeBackend(available=False), enabled=True)
+    assert rt.mode == "baseline"  # asked for at start, but there is nothing to enable
+    with pytest.raises(VarUnavailable, match="no tables"):
+        rt.set_enabled(True)
+    assert rt.status()["var"] == {"available": False, "layers": [0, 2], "unavailable_reason": "no tables"}
+
+
+def test_prometheus_exports_the_runtime():
+    be = FakeBackend()
+    rt = VarRuntime(be, enabled=False)
+    be.add(l0_fast=2, l2_learned=1, l2_agree=3)
+    rt.record_batch("var", valid_tokens=1)
+    rt.record_batch("baseline", valid_tokens=5)
+    text = ServerMetrics(rt).exposition().decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(text) for s in fam.samples}
+    key = lambda **kw: tuple(sorted(kw.items()))  # noqa: E731
+    assert samples[("varmoe_routing_decisions_total", key(layer="0", tier="fast", mode="var"))] == 2
+    assert samples[("varmoe_routing_decisions_total", key(layer="2", tier="learned", mode="baseline"))] == 5
+    assert samples[("varmoe_verification_checks_total", key(layer="2", outcome="agree"))] == 3
+    assert samples[("varmoe_var_enabled", ())] == 0
