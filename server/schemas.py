@@ -185,6 +185,7 @@ class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     owned_by: str
+    max_model_len: int = Field(description="context length: prompt + new tokens (lm-eval's max_length stays below)")
 
 
 class ModelList(BaseModel):

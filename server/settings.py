@@ -32,12 +32,16 @@ class ServerSettings(BaseSettings):
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     quantization: Literal["4bit", "8bit"] | None = None
     trust_remote_code: bool = False
+    served_model_name: str | None = Field(
+        None, max_length=256, description="the model's name in the API (default: the folder's name or the hub id)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads of the engine thread")
     # -- VAR ---------------------------------------------------------------------------------
     var_tables: Path | None = Field(None, description=f"default: <model>/{VAR_DIR}/{VAR_TABLES_FILE} if present")
     routing_stats: Path | None = Field(None, description=f"default: <model>/{VAR_DIR}/{ROUTING_STATS_FILE} if present")
     var_config: str | None = Field(None, description="VARConfig JSON file or preset name")
     var_on_start: bool = Field(True, description="start in VAR mode when VAR is available")
+    allow_var_pin_when_off: bool = Field(
+        False, description="accept a per-request `var: true` while the admin has VAR off (default: 409)")
     shadow_rate: float | None = Field(
         None, ge=0.0, le=1.0,
         description="share of fast/cached decisions re-checked by the learned router (overrides the VAR config)")
@@ -88,6 +92,13 @@ class ServerSettings(BaseSettings):
     @property
     def routing_stats_path(self) -> Path | None:
         return self.default_file(self.routing_stats, ROUTING_STATS_FILE)
+
+    @property
+    def model_label(self) -> str:
+        """The name the API reports: never a local path (it would tell clients the server's file layout)."""
+        if self.served_model_name:
+            return self.served_model_name
+        return Path(self.model).name if Path(self.model).exists() else self.model
 
     def admin_token_value(self) -> str | None:
         return self.admin_token.get_secret_value() if self.admin_token else None
