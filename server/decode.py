@@ -136,8 +136,8 @@ class BatchDecoder:
 
         if self.cache is None:
             self.cache = DynamicCache(config=self.model.config)
-        kwargs = dict(input_ids=ids_BS.to(self.device), attention_mask=self.mask_BS.to(self.device),
-                      position_ids=pos_BS.to(self.device), past_key_values=self.cache, use_cache=True)
+        kwargs = {"input_ids": ids_BS.to(self.device), "attention_mask": self.mask_BS.to(self.device),
+                  "position_ids": pos_BS.to(self.device), "past_key_values": self.cache, "use_cache": True}
         with torch.inference_mode():
             if keep_all and self._head() is not None:
                 return self.model.get_decoder()(**kwargs).last_hidden_state
@@ -299,7 +299,7 @@ class BatchDecoder:
         self.admit_prefilled(sub)
         return [None] * old + first
 
-    def admit_prefilled(self, sub: "BatchDecoder") -> None:
+    def admit_prefilled(self, sub: BatchDecoder) -> None:
         """Stack the rows of `sub` (prefilled, not stepped) under this batch's rows."""
         if not (self.can_admit and sub.can_admit):
             raise RuntimeError("this batch's cache cannot take new rows")

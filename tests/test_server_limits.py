@@ -18,8 +18,14 @@ import httpx
 import pydantic
 import pytest
 
-from server.schemas import MAX_STOPS, MAX_TOKEN_IDS, CompletionRequest, GenerateRequest, PerplexityRequest
 from analysis_jobs.server_process import ManagedServer
+from server.schemas import (
+    MAX_STOPS,
+    MAX_TOKEN_IDS,
+    CompletionRequest,
+    GenerateRequest,
+    PerplexityRequest,
+)
 
 LIMIT = 100_000  # bytes of request body in the test server
 
@@ -48,7 +54,7 @@ def raw_request(url: str, head: str, body: bytes = b"", wait_s: float = 10.0) ->
         try:
             while chunk := s.recv(65536):
                 data += chunk
-        except socket.timeout:
+        except TimeoutError:
             pass
     return data, time.monotonic() - t0
 
