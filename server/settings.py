@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from var_moe.loading import REFERENCE_MODEL_DIR
@@ -70,6 +70,14 @@ class ServerSettings(BaseSettings):
     @classmethod
     def _empty_token_is_none(cls, v):
         return None if v in ("", None) else v
+
+    @field_validator("max_request_prompts")
+    @classmethod
+    def _prompts_fit_the_queue(cls, n: int, info: ValidationInfo):
+        queue = info.data.get("max_queue")
+        if queue is not None and n > queue:  # such a request could never be queued: 429 forever
+            raise ValueError(f"must be at most max_queue ({queue}); keep it well below")
+        return n
 
     @field_validator("var_tables", "routing_stats")
     @classmethod
