@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from var_moe.loading import REFERENCE_MODEL_DIR
@@ -56,7 +56,7 @@ class ServerSettings(BaseSettings):
     request_timeout_s: float = Field(120.0, gt=0)
     max_prompt_tokens: int = Field(1024, ge=1, description="capped by the model's context length")
     max_new_tokens_limit: int = Field(512, ge=1)
-    max_request_prompts: int = Field(16, ge=1, le=64, description="prompts / texts per request (keep well below max_queue)")
+    max_request_prompts: int = Field(16, ge=1, le=64, description="prompts / texts per request (at most max_queue applies; keep it well below)")
     max_request_tokens: int = Field(
         16_384, ge=1, description="work budget of one request: prompt tokens + max new tokens, summed over its prompts")
     shutdown_grace_s: float = Field(30.0, ge=0, description="total shutdown time: open requests, then the engine drain")
@@ -70,14 +70,6 @@ class ServerSettings(BaseSettings):
     @classmethod
     def _empty_token_is_none(cls, v):
         return None if v in ("", None) else v
-
-    @field_validator("max_request_prompts")
-    @classmethod
-    def _prompts_fit_the_queue(cls, n: int, info: ValidationInfo):
-        queue = info.data.get("max_queue")
-        if queue is not None and n > queue:  # such a request could never be queued: 429 forever
-            raise ValueError(f"must be at most max_queue ({queue}); keep it well below")
-        return n
 
     @field_validator("var_tables", "routing_stats")
     @classmethod

@@ -47,7 +47,6 @@ def test_flag_beats_environment(monkeypatch):
     ([], {"VARMOE_MAX_QUEUE": "0"}, "VARMOE_MAX_QUEUE"),
     (["--var-tables", "/nonexistent/t.safetensors"], {}, "--var-tables"),
     (["--dtype", "int3"], {}, "--dtype"),
-    (["--max-request-prompts", "40", "--max-queue", "32"], {}, "--max-request-prompts"),
     (["--max-body-bytes", "10"], {}, "--max-body-bytes"),
 ])
 def test_bad_settings_name_the_flag(monkeypatch, argv, env, needle):
