@@ -56,7 +56,8 @@ class ServerSettings(BaseSettings):
     request_timeout_s: float = Field(120.0, gt=0)
     max_prompt_tokens: int = Field(1024, ge=1, description="capped by the model's context length")
     max_new_tokens_limit: int = Field(512, ge=1)
-    max_request_prompts: int = Field(16, ge=1, le=64, description="prompts / texts per request (at most max_queue applies; keep it well below)")
+    max_request_prompts: int = Field(
+        16, ge=1, le=64, description="prompts / texts per request (capped at max_queue; keep it well below)")
     max_request_tokens: int = Field(
         16_384, ge=1, description="work budget of one request: prompt tokens + max new tokens, summed over its prompts")
     shutdown_grace_s: float = Field(30.0, ge=0, description="total shutdown time: open requests, then the engine drain")

@@ -33,8 +33,10 @@ class ServerState:
         self.var = VarRuntime(host, enabled=settings.var_on_start)
         self.metrics = ServerMetrics(self.var)
         self.engine = Engine(host, self.var, self.metrics, settings.max_batch_size, settings.max_wait_ms,
-                             settings.max_queue, settings.threads, max_request_rows=min(settings.max_request_prompts, settings.max_queue),
-                             max_request_tokens=settings.max_request_tokens)  # a request over max_queue: 413, not 429 forever
+                             settings.max_queue, settings.threads,
+                             # a request larger than the queue gets 413, never 429 for ever
+                             max_request_rows=min(settings.max_request_prompts, settings.max_queue),
+                             max_request_tokens=settings.max_request_tokens)
         self.started_at = time.time()
         self.shutdown_deadline: float | None = None
         self._tokenizer_lock = threading.Lock()
