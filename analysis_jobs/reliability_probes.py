@@ -9,7 +9,7 @@ returns its figures with `ok` against the goal. They need a server that accepts 
 - `probe_healthz_echo`    /healthz latency while a 64 x 500-id `echo` + `logprobs` request is
                           tokenized, scored and answered (goal: every probe within 0.5 s)
 - `probe_ppl_memory`      peak resident memory of a 64 x 456-token perplexity request, beside the
-                          size full (B, S, V) float32 logits would have taken
+                          size of one full (B, S, V) float32 logits copy for an 8-row batch
 
 Figures come from one run on a shared machine: they are noisy; the JSON keeps every sample.
 Run them: `python -m analysis_jobs.reliability --checks body_limit,fairness,healthz_echo,ppl_memory`.
@@ -172,7 +172,8 @@ def probe_healthz_echo(server, prompts: int = 64, ids: int = 500, logprobs: int 
     return _verdict(out, problems)
 
 
-def probe_ppl_memory(server, texts: int = 64, repeat: int = 8, vocab_size: int | None = None) -> dict:
+def probe_ppl_memory(server, texts: int = 64, repeat: int = 8, vocab_size: int | None = None,
+                     batch_rows: int = 8) -> dict:
     text = TEXT * repeat
     before = _rss_mb(server.pid)
     with Sampler(server.url, server.pid, every_s=0.02) as s:
@@ -182,7 +183,8 @@ def probe_ppl_memory(server, texts: int = 64, repeat: int = 8, vocab_size: int |
     out = {"texts": texts, "tokens_per_text": tokens, "status": r.status_code, "rss_before_mb": before, **s.figures()}
     out["rss_growth_mb"] = out["rss_peak_mb"] - before
     if tokens and vocab_size:
-        out["full_logits_mb"] = texts * tokens * vocab_size * 4 / 2**20  # one float32 (B, S, V) copy
+        # one float32 (B, S, V) copy for one engine batch (the default max_batch_size rows)
+        out["full_logits_mb"] = min(texts, batch_rows) * tokens * vocab_size * 4 / 2**20
     problems = [] if r.status_code == 200 else [f"perplexity answered {r.status_code}"]
     return _verdict(out, problems)
 
@@ -213,7 +215,8 @@ def summary_lines(checks: dict) -> list[str]:
                      f"{h['healthz_samples']} probes (goal {h['goal_s']} s)")
     if "ppl_memory" in checks and "rss_peak_mb" in checks["ppl_memory"]:
         p = checks["ppl_memory"]
-        full = f"; one full (B, S, V) float32 copy would be {p['full_logits_mb']:.0f} MB" if "full_logits_mb" in p else ""
+        full = (f"; one full (B, S, V) float32 copy per 8-row batch would be {p['full_logits_mb']:.0f} MB"
+                if "full_logits_mb" in p else "")
         lines.append(f"perplexity {p['texts']} x {p['tokens_per_text']} tokens: resident memory {p['rss_before_mb']:.0f} "
                      f"-> peak {p['rss_peak_mb']:.0f} MB (+{p['rss_growth_mb']:.0f}){full}")
     return lines
