@@ -302,6 +302,7 @@ class Engine:
                 j.post("done", None)
 
     def _run_batch(self, jobs: list[Job], mode: str) -> None:
+        everyone = list(jobs)  # every job that entered this batch: each gets an answer, whatever fails
         try:
             self.host.apply_mode(mode == "var")
             self.batches_run += 1
@@ -315,6 +316,7 @@ class Engine:
                     self._post_finished(jobs, dec, mode)
                 joining = self._take_joining(mode, jobs) if dec.can_admit else []
                 if joining:
+                    everyone += joining
                     self._close_segment(jobs, dec)
                     jobs = [jobs[i] for i in dec.drop_finished()]
                     sub = self._start_rows(joining, mode)
@@ -329,7 +331,7 @@ class Engine:
             self._close_segment(jobs, dec)
         except Exception as exc:  # a model error must not kill the engine or hang the clients
             log.exception("batch failed")
-            for job in jobs:
+            for job in everyone:
                 if not job.posted:
                     job.posted = True
                     job.post("done", JobResult(RowState(), mode, len(job.spec.prompt_ids), 0.0, None,
