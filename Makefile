@@ -1,14 +1,14 @@
 # var-moe: every set-up step lives here so a fresh machine needs exactly one command per job.
 #   make serve   - install, then serve the reference model with VAR (5% shadow-verified) on 127.0.0.1:8000
 #   make test    - install (incl. Debian's prometheus for the scrape tests), then run the whole suite
-# Other targets: demo, ab-test, reliability, bench-* (see README and docs/BENCHMARKS.md).
+# Other targets: demo, ab-test, reliability, bench-*, gpu-check (see README and docs/BENCHMARKS.md).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup prometheus test serve demo ab-test reliability bench-reference bench-capture bench-router bench-server clean
+.PHONY: setup prometheus test serve demo ab-test reliability bench-reference bench-capture bench-router bench-server bench-offload gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -53,6 +53,16 @@ bench-router: setup
 bench-server: setup
 	$(BIN)/pip install -q -c constraints.txt -e ".[bench]"
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/server_throughput.py --run-time 20 --repeats 3 --out benchmarks/results/server_throughput.json
+
+# The CUDA-only paths (bf16 routing and capture, bitsandbytes 4/8-bit, device_map=auto, the server on
+# CUDA) on the reference model: one table + runs/gpu_check.json. Without CUDA it says so and exits 0.
+gpu-check: setup
+	@if $(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+	  $(BIN)/pip install -q -c constraints.txt -e ".[gpu]"; fi
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/gpu_check.py --out runs/gpu_check.json
+# expert-offloading simulator speed on the committed test trace (docs/OFFLOAD.md)
+bench-offload: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.offload_simulator --output benchmarks/results/offload_simulator.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache

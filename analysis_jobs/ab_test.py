@@ -185,8 +185,9 @@ def _warm_up(url: str, prompt: str) -> None:
 
 
 def run_ab_test(cfg: ABConfig, log=print) -> dict:
-    from loadtests.prompts import build_prompts, fit_to_model, write_prompts
     from loadtests.run import LoadConfig, read_request_log, run_load, summarize
+
+    from .prompt_file import build_prompts, fit_to_model, write_prompts
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)

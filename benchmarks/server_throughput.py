@@ -3,7 +3,8 @@ in-process `generate()` at batch 1 and at the server's batch size, and `transfor
 --continuous-batching` on the same model under the same load, all in one run.
 
 Load (default `--load locust`): for each server and client count, Locust runs headless in a
-subprocess (`locust -f benchmarks/locust_completions.py --headless -u N -r N --run-time Ts ...`)
+subprocess started by `loadtests.run.launch_locust` (`locust -f benchmarks/locust_completions.py
+--headless -u N -r N -t Ts ...`)
 with N closed-loop users posting greedy `POST /v1/completions` requests (fixed prompts: the first
 lines of var_moe's source files; `max_tokens` = --new-tokens, temperature 0, no wait between
 requests). tokens/s = usage.completion_tokens of the requests that complete inside the load window
@@ -42,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from loadtests.run import headless_command, launch_locust  # noqa: E402
 from analysis_jobs.server_process import REPO_ROOT, ManagedServer, free_port  # noqa: E402
 from var_moe.loading import REFERENCE_MODEL_DIR, load_model  # noqa: E402
 
@@ -97,18 +99,9 @@ def locust_load(url: str, clients: int, args, prompts_file: Path, log_dir: Path,
         env["VARMOE_BL_MODEL"] = model
     if var is not None:
         env["VARMOE_BL_VAR"] = "true" if var else "false"
-    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(clients),
-           "-r", str(clients), "--run-time", f"{args.run_time}s", "--stop-timeout", "120", "--host", url,
-           "--csv", str(log_dir / name), "--only-summary", "--loglevel", "WARNING", "--exit-code-on-error", "0"]
-    limit = args.run_time + 120 + 90
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
-                            stderr=open(log_dir / f"{name}.stderr", "wb"))
-    try:
-        rc = proc.wait(timeout=limit)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(f"locust ({name}) did not finish within {limit} s; killed") from None
+    cmd = headless_command(LOCUSTFILE, url, clients, clients, args.run_time, 120, log_dir / name)
+    with open(log_dir / f"{name}.stderr", "wb") as err:
+        rc = launch_locust(cmd, env, args.run_time + 120 + 90, stdout=subprocess.DEVNULL, stderr=err, cwd=REPO_ROOT)
     if rc != 0:
         raise RuntimeError(f"locust ({name}) exited {rc}: {(log_dir / f'{name}.stderr').read_text()[-1500:]}")
     return {"clients": clients, **load_window(log, args.warmup, tokenizer)}

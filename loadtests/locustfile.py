@@ -1,9 +1,17 @@
 """Locust user classes for the var-moe server: the real request mix, A/B pinning and VAR toggling.
 
-HTTP only: this file reads a prompt file and talks to the server; it imports nothing of var_moe.
-Settings come from the environment (the runner `python -m loadtests.run` sets them):
+Runs on its own, the way Locust users start it (headless, or the web UI on :8089 without
+`--headless`), with built-in prompts:
 
-- `VARMOE_LT_PROMPTS`   JSONL prompt file (`python -m loadtests.prompts`); required.
+    locust -f loadtests/locustfile.py --host http://127.0.0.1:8000
+    locust -f loadtests/locustfile.py --host http://127.0.0.1:8000 --headless -u 4 -r 2 -t 30s
+
+HTTP only: it imports nothing of var_moe, server, analysis_jobs, torch or transformers. Every
+setting below is an optional override from the environment (`python -m loadtests.run` sets them
+from its flags):
+
+- `VARMOE_LT_PROMPTS`   JSONL prompt file (`python -m analysis_jobs.prompt_file` cuts one from a
+                        corpus's test split); unset = the built-in prompts of `loadtests/prompts.py`.
 - `VARMOE_LT_MODE`      `mix` (requests in the server's current mode), `ab` (each user pinned to one
                         VAR mode through the `var` field, alternately, so half the users run each
                         mode under the same load), `toggle` (mix, plus `ToggleUser` flipping
@@ -26,12 +34,19 @@ import itertools
 import json
 import os
 import random
+import sys
 import threading
 import time
+from pathlib import Path
 from urllib.parse import urlparse
 
 from locust import HttpUser, between, constant, events, task
 from locust.exception import StopUser
+
+if str(Path(__file__).resolve().parent.parent) not in sys.path:
+    # `locust -f loadtests/locustfile.py` puts this folder, not the repository, on sys.path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from loadtests.prompts import prompts_from_env  # noqa: E402
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 _pin_counter = itertools.count()
@@ -49,19 +64,10 @@ def _env_int_pair(name: str, default: tuple[int, int]) -> tuple[int, int]:
 
 
 def load_prompts() -> list[dict]:
-    path = os.environ.get("VARMOE_LT_PROMPTS")
-    if not path:
-        raise RuntimeError("VARMOE_LT_PROMPTS is not set (a JSONL prompt file from `python -m loadtests.prompts`)")
+    """The prompts of VARMOE_LT_PROMPTS when set, else the built-in ones (read once per file)."""
+    path = os.environ.get("VARMOE_LT_PROMPTS") or ""
     if path not in _prompts_cache:
-        rows = []
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    row = json.loads(line)
-                    rows.append({"text": row["text"], "kind": row.get("kind", "short")})
-        if not rows:
-            raise RuntimeError(f"{path}: no prompts")
-        _prompts_cache[path] = rows
+        _prompts_cache[path] = prompts_from_env(path or None)
     return _prompts_cache[path]
 
 
@@ -82,7 +88,7 @@ def _check_target(environment, **_kw):
     host = urlparse(environment.host or "").hostname
     if host not in LOCAL_HOSTS and os.environ.get("VARMOE_LT_ALLOW_REMOTE") != "1":
         raise RuntimeError(f"--host {environment.host!r} is not a loopback address; set VARMOE_LT_ALLOW_REMOTE=1 to allow it")
-    load_prompts()  # fail before any user starts when the prompt file is missing or empty
+    load_prompts()  # fail before any user starts when a prompt file is given but missing or empty
 
 
 @events.test_stop.add_listener
@@ -219,8 +225,13 @@ class VarMoeUser(HttpUser):
 
 
 class ToggleUser(HttpUser):
-    """Flips VAR on and off every VARMOE_LT_TOGGLE_S seconds (admin token from VARMOE_ADMIN_TOKEN)."""
+    """Flips VAR on and off every VARMOE_LT_TOGGLE_S seconds (admin token from VARMOE_ADMIN_TOKEN).
 
+    Only in `VARMOE_LT_MODE=toggle`: otherwise Locust does not pick it up (abstract), so a plain
+    `locust -f loadtests/locustfile.py` sends no admin requests.
+    """
+
+    abstract = os.environ.get("VARMOE_LT_MODE", "mix") != "toggle"
     fixed_count = 1
     wait_time = constant(float(os.environ.get("VARMOE_LT_TOGGLE_S", "5")))
 

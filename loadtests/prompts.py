@@ -1,100 +1,147 @@
-"""Prompt preparation for the load tests: a JSONL file of realistic prompts, one per line.
+"""Prompts for the load tests: built-in ones, or a JSONL prompt file read without the library.
 
-Prompts come from the *test* split of a corpus (`stdlib` by default, or any dataset path that
-`var_moe.corpus.iter_documents` reads), so load tests never replay calibration text. Each line is
-`{"id": ..., "kind": "short"|"long", "text": ...}`: short prompts are a few lines of a document,
-long ones a larger chunk, cut at line boundaries. This is the only loadtests module that imports
-the library; the locustfile reads the file only and speaks HTTP.
-
-Run: `python -m loadtests.prompts --output runs/loadtest/prompts.jsonl --num 200`.
+`BUILTIN_PROMPTS` lets `locust -f loadtests/locustfile.py --host http://127.0.0.1:8000` run on its
+own: short and long pieces of ordinary Python, written for this file (the reference model is
+trained on Python's standard library, so they are in-domain; a long one stays well inside its
+512-token context with room for the generated tokens). A prompt file (`VARMOE_LT_PROMPTS`,
+`python -m loadtests.run --prompts FILE`) overrides them: one JSON object per line with a string
+`text` and optionally `kind` (`short` | `long`, defaulting by length). Files cut from a corpus's
+test split come from `python -m analysis_jobs.prompt_file`, which needs the library; this module
+imports nothing but the standard library (loadtests speaks HTTP only).
 Test: `pytest tests/test_loadtests_prompts.py`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import random
 from pathlib import Path
 
-SHORT_CHARS = (80, 300)  # character ranges; ~4 characters per token on code with the reference BPE
-LONG_CHARS = (600, 1800)
+LONG_MIN_CHARS = 600  # a prompt file's line without `kind` is `long` from this many characters
+
+_SHORT = (
+    "import os\n",
+    "def main():\n    ",
+    "class Config:\n    \"\"\"Settings read from the environment.\"\"\"\n\n    def __init__(self, name):\n",
+    "for key, value in sorted(items.items()):\n    if value is None:\n",
+    "try:\n    import json\nexcept ImportError:\n    json = None\n\n",
+    "def read_lines(path):\n    \"\"\"Return the lines of a text file without their newlines.\"\"\"\n",
+    "    def __repr__(self):\n        return '%s(%r)' % (self.__class__.__name__,",
+    "if __name__ == '__main__':\n    import sys\n",
+    "def _check_type(value, expected):\n    if not isinstance(value, expected):\n        raise TypeError(",
+    "import re\n\n_WORD = re.compile(r'\\w+')\n\n\ndef words(text):\n",
+    "    with open(filename, encoding='utf-8') as f:\n        for lineno, line in enumerate(f, 1):\n",
+    "def parse_args(argv=None):\n    parser = argparse.ArgumentParser(description=__doc__)\n",
+)
+
+_LONG = (
+    '''"""Utilities for reading simple key=value configuration files."""
+
+import os
+
+__all__ = ['load', 'dump']
 
 
-def _cut(text: str, lo: int, hi: int, rng: random.Random) -> str:
-    """A window of `text` of about lo..hi characters, starting and ending at line boundaries."""
-    lines = text.splitlines(keepends=True)
-    start = rng.randrange(len(lines))
-    out, n = [], 0
-    target = rng.randint(lo, hi)
-    for line in lines[start:]:
-        if n + len(line) > target and n >= lo:
-            break
-        out.append(line)
-        n += len(line)
-    piece = "".join(out)[:hi].strip()
-    return piece
+def load(path, defaults=None):
+    """Return a dict of the settings in *path*.
 
-
-def build_prompts(dataset: str = "stdlib", split: str = "test", num: int = 200, seed: int = 0,
-                  long_share: float = 0.3, max_docs: int = 400) -> list[dict]:
-    """`num` prompts drawn from `split` of `dataset` (deterministic for a seed)."""
-    if num < 1:
-        raise ValueError("--num must be at least 1")
-    if not 0.0 <= long_share <= 1.0:
-        raise ValueError("--long-share must be in [0, 1]")
-    from var_moe.corpus import iter_documents  # prompt preparation only; the locustfile never imports it
-
-    docs = [d for d in iter_documents(dataset, split, limit=max_docs) if len(d.text.strip()) >= SHORT_CHARS[0]]
-    if not docs:
-        raise ValueError(f"--dataset {dataset!r} has no usable documents in split {split!r}")
-    rng = random.Random(seed)
-    prompts: list[dict] = []
-    attempts = 0
-    while len(prompts) < num and attempts < 20 * num:  # bounded: documents may yield empty windows
-        attempts += 1
-        doc = docs[rng.randrange(len(docs))]
-        kind = "long" if rng.random() < long_share else "short"
-        text = _cut(doc.text, *(LONG_CHARS if kind == "long" else SHORT_CHARS), rng)
-        if len(text) >= 20:
-            prompts.append({"id": f"{doc.doc_id}@{len(prompts)}", "kind": kind, "text": text})
-    if not prompts:
-        raise ValueError(f"could not cut any prompt from --dataset {dataset!r}")
-    return prompts
-
-
-def fit_to_model(prompts: list[dict], model_dir: str | Path, reserve: int = 64, max_tokens: int = 1024) -> list[dict]:
-    """Cut prompts to what the model accepts: at most min(max_tokens, context - reserve) tokens.
-
-    `reserve` leaves room for the generated tokens (prompt + new tokens must fit the context).
-    Uses the model folder's tokenizer; a cut prompt is re-encoded with a margin of 8 tokens because
-    decoding and re-encoding a cut can merge bytes differently.
+    Blank lines and lines starting with '#' are ignored. Values keep their
+    surrounding whitespace stripped; a key given twice keeps the last value.
     """
-    from transformers import AutoConfig, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    ctx = int(getattr(AutoConfig.from_pretrained(str(model_dir)), "max_position_embeddings", 10**9) or 10**9)
-    limit = min(max_tokens, ctx - 1 - reserve)
-    if limit < 16:
-        raise ValueError(f"the model's context ({ctx}) leaves no room for prompts after reserving {reserve} tokens")
-    out = []
-    for p in prompts:
-        ids = tok(p["text"])["input_ids"]
-        text = p["text"] if len(ids) <= limit else tok.decode(ids[: limit - 8], skip_special_tokens=True)
-        out.append({**p, "text": text})
-    return out
+    result = dict(defaults or {})
+    with open(path, encoding='utf-8') as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith('#'):
+                continue
+            if '=' not in line:
+                raise ValueError('%s:%d: expected key=value' % (path, lineno))
+            key, value = line.split('=', 1)
+            result[key.strip()] = value.strip()
+    return result
 
 
-def write_prompts(prompts: list[dict], path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as fh:
-        for p in prompts:
-            fh.write(json.dumps(p, ensure_ascii=False) + "\n")
-    return path
+def dump(settings, path):
+''',
+    '''class LRUCache:
+    """A mapping that keeps at most *maxsize* items, dropping the least recently used."""
+
+    def __init__(self, maxsize=128):
+        if maxsize < 1:
+            raise ValueError('maxsize must be at least 1')
+        self.maxsize = maxsize
+        self._data = {}
+
+    def __len__(self):
+        return len(self._data)
+
+    def __contains__(self, key):
+        return key in self._data
+
+    def get(self, key, default=None):
+        try:
+            value = self._data.pop(key)
+        except KeyError:
+            return default
+        self._data[key] = value
+        return value
+
+    def put(self, key, value):
+''',
+    '''def walk_tree(top, onerror=None, followlinks=False):
+    """Yield (dirpath, dirnames, filenames) for each directory under *top*.
+
+    Directories are visited top-down; the caller may prune *dirnames* in place
+    to skip sub-trees, as with os.walk.
+    """
+    stack = [top]
+    while stack:
+        top = stack.pop()
+        try:
+            entries = list(os.scandir(top))
+        except OSError as error:
+            if onerror is not None:
+                onerror(error)
+            continue
+        dirs, files = [], []
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir(follow_symlinks=followlinks)
+            except OSError:
+                is_dir = False
+            (dirs if is_dir else files).append(entry.name)
+''',
+    '''import unittest
 
 
-def read_prompts(path: Path) -> list[dict]:
+class TestSplitWords(unittest.TestCase):
+
+    def test_empty(self):
+        self.assertEqual(split_words(''), [])
+
+    def test_spaces(self):
+        self.assertEqual(split_words('  a  b '), ['a', 'b'])
+
+    def test_punctuation(self):
+        self.assertEqual(split_words('a, b; c.'), ['a', 'b', 'c'])
+
+    def test_unicode(self):
+        self.assertEqual(split_words('caf\\u00e9 cr\\u00e8me'), ['caf\\u00e9', 'cr\\u00e8me'])
+
+    def test_type_error(self):
+        with self.assertRaises(TypeError):
+            split_words(None)
+
+    def test_keeps_order(self):
+''',
+)
+
+BUILTIN_PROMPTS: tuple[dict, ...] = tuple(
+    [{"id": f"builtin-short-{i}", "kind": "short", "text": t} for i, t in enumerate(_SHORT)]
+    + [{"id": f"builtin-long-{i}", "kind": "long", "text": t} for i, t in enumerate(_LONG)]
+)
+
+
+def read_prompts(path: str | Path) -> list[dict]:
     """Prompts of a JSONL file; each line needs a string `text` (`kind` defaults by length)."""
     out = []
     with Path(path).open(encoding="utf-8") as fh:
@@ -107,34 +154,15 @@ def read_prompts(path: Path) -> list[dict]:
                 raise ValueError(f"{path}:{i + 1}: not valid JSON ({exc.msg})") from exc
             if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"]:
                 raise ValueError(f"{path}:{i + 1}: each line needs a non-empty string field 'text'")
-            row.setdefault("kind", "long" if len(row["text"]) >= LONG_CHARS[0] else "short")
+            row.setdefault("kind", "long" if len(row["text"]) >= LONG_MIN_CHARS else "short")
+            if row["kind"] not in ("short", "long"):
+                raise ValueError(f"{path}:{i + 1}: 'kind' must be short or long, got {row['kind']!r}")
             out.append(row)
     if not out:
         raise ValueError(f"{path}: no prompts")
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m loadtests.prompts", description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", default="stdlib", help="stdlib or a local .txt/.jsonl/.parquet path")
-    p.add_argument("--split", default="test")
-    p.add_argument("--num", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--long-share", type=float, default=0.3)
-    p.add_argument("--fit-model", default=None, help="model folder: cut prompts to its context (tokenizer + config)")
-    p.add_argument("--reserve", type=int, default=64, help="tokens left for generation when cutting (--fit-model)")
-    p.add_argument("--output", type=Path, required=True)
-    args = p.parse_args(argv)
-    try:
-        prompts = build_prompts(args.dataset, args.split, args.num, args.seed, args.long_share)
-        if args.fit_model:
-            prompts = fit_to_model(prompts, args.fit_model, args.reserve)
-        path = write_prompts(prompts, args.output)
-    except ValueError as exc:
-        p.exit(2, f"{p.prog}: error: {exc}\n")
-    print(f"wrote {args.num} prompts to {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def prompts_from_env(path: str | None) -> list[dict]:
+    """The prompt file at `path` when given (the override), else the built-in prompts."""
+    return read_prompts(path) if path else [dict(p) for p in BUILTIN_PROMPTS]

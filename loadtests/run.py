@@ -5,11 +5,15 @@
 
 writes `<out-dir>/locust_stats.csv`, `locust_stats_history.csv`, `locust_failures.csv`,
 `locust_exceptions.csv`, `locust.html` and the per-request log `requests.jsonl`. Prompts come from
-`--prompts FILE` (JSONL) or are built from the test split of `--dataset` (default stdlib).
-`--mode toggle` needs `VARMOE_ADMIN_TOKEN` in the environment. Only loopback targets are allowed
-unless `--allow-remote`; the run is bounded by `--duration` (Locust's `-t`) and `--max-requests`
-per user, and the Locust process is killed if it overstays its time by a minute.
-Test: `pytest tests/test_loadtests_run.py`.
+`--prompts FILE` (JSONL; `python -m analysis_jobs.prompt_file` cuts one from a corpus's test
+split), else the locustfile's built-in prompts. `--mode toggle` needs `VARMOE_ADMIN_TOKEN` in the
+environment. Only loopback targets are allowed unless `--allow-remote`; the run is bounded by
+`--duration` (Locust's `-t`) and `--max-requests` per user, and the Locust process is killed if it
+overstays its time by a minute.
+
+`launch_locust(...)` is the one place that starts Locust as a subprocess (headless, bounded,
+killed when it overstays); `benchmarks/server_throughput.py` runs its own locustfile through it.
+HTTP only, like the rest of loadtests/. Test: `pytest tests/test_loadtests_run.py`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from .prompts import read_prompts
+
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 MODES = ("mix", "ab", "toggle")
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -37,9 +43,7 @@ class LoadConfig:
     duration_s: float = 60.0  # Locust run time
     mode: str = "mix"  # mix | ab | toggle (see locustfile.py)
     out_dir: str = "runs/loadtest"
-    prompts: str | None = None  # JSONL; None = build from the dataset's test split
-    dataset: str = "stdlib"
-    num_prompts: int = 200
+    prompts: str | None = None  # JSONL prompt file; None = the locustfile's built-in prompts
     toggle_s: float = 5.0  # seconds between /var/toggle flips in toggle mode
     max_new: tuple[int, int] = (16, 48)  # max_new_tokens of short / long generations
     max_requests: int = 100_000  # per user: bounds every loop
@@ -49,7 +53,7 @@ class LoadConfig:
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        for name in ("users", "num_prompts", "max_requests"):
+        for name in ("users", "max_requests"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         for name in ("spawn_rate", "duration_s", "toggle_s"):
@@ -83,50 +87,63 @@ class LoadRun:
     requests_log: Path
 
 
-def ensure_prompts(cfg: LoadConfig) -> Path:
-    if cfg.prompts:
-        path = Path(cfg.prompts)
-        if not path.exists():
-            raise FileNotFoundError(f"--prompts {path}: no such file")
-        return path
-    from .prompts import build_prompts, write_prompts
-
-    return write_prompts(build_prompts(cfg.dataset, "test", cfg.num_prompts), Path(cfg.out_dir) / "prompts.jsonl")
+def check_prompts(cfg: LoadConfig) -> Path | None:
+    """The prompt file of `cfg`, read once here so a bad file fails before Locust starts; None = built-in."""
+    if not cfg.prompts:
+        return None
+    path = Path(cfg.prompts)
+    if not path.exists():
+        raise FileNotFoundError(f"--prompts {path}: no such file")
+    read_prompts(path)  # raises ValueError naming the line
+    return path
 
 
 def locust_command(cfg: LoadConfig, prefix: Path) -> list[str]:
     classes = ["VarMoeUser"] + (["ToggleUser"] if cfg.mode == "toggle" else [])
     users = cfg.users + (1 if cfg.mode == "toggle" else 0)  # the toggler takes one slot (fixed_count)
-    return [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", cfg.url,
-            "-u", str(users), "-r", str(cfg.spawn_rate), "-t", f"{max(1, round(cfg.duration_s))}s",
-            "--stop-timeout", str(int(cfg.stop_timeout_s)), "--csv", str(prefix), "--csv-full-history",
-            "--html", f"{prefix}.html", "--exit-code-on-error", "0", "--only-summary", "--loglevel", "WARNING",
-            *classes]
+    return headless_command(LOCUSTFILE, cfg.url, users, cfg.spawn_rate, cfg.duration_s, cfg.stop_timeout_s, prefix,
+                            html=True, full_history=True, classes=classes)
+
+
+def headless_command(locustfile: Path, url: str, users: int, spawn_rate: float, run_time_s: float,
+                     stop_timeout_s: float, csv_prefix: Path, html: bool = False, full_history: bool = False,
+                     classes: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """`python -m locust ... --headless` for one bounded run writing CSVs under `csv_prefix`."""
+    return [sys.executable, "-m", "locust", "-f", str(locustfile), "--headless", "--host", url,
+            "-u", str(users), "-r", str(spawn_rate), "-t", f"{max(1, round(run_time_s))}s",
+            "--stop-timeout", str(int(stop_timeout_s)), "--csv", str(csv_prefix),
+            *(["--csv-full-history"] if full_history else []), *(["--html", f"{csv_prefix}.html"] if html else []),
+            "--exit-code-on-error", "0", "--only-summary", "--loglevel", "WARNING", *classes]
+
+
+def launch_locust(cmd: list[str], env: dict[str, str], limit_s: float, stdout=None, stderr=None,
+                  cwd: str | Path | None = None) -> int:
+    """Run one Locust command; kill it if it overstays `limit_s` (RuntimeError). Returns its exit code."""
+    proc = subprocess.Popen(cmd, env=env, stdout=stdout, stderr=stderr, cwd=cwd)
+    try:
+        return proc.wait(timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"locust did not finish within {limit_s:.0f} s; killed") from None
 
 
 def run_load(cfg: LoadConfig, quiet: bool = False) -> LoadRun:
     """Run Locust headless with `cfg`; returns where its reports are."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    prompts = ensure_prompts(cfg)
+    prompts = check_prompts(cfg)
     if cfg.mode == "toggle" and not os.environ.get("VARMOE_ADMIN_TOKEN"):
         raise ValueError("--mode toggle needs VARMOE_ADMIN_TOKEN in the environment")
     log = out / "requests.jsonl"
     log.unlink(missing_ok=True)
     prefix = out / "locust"
-    env = dict(os.environ, VARMOE_LT_PROMPTS=str(prompts), VARMOE_LT_MODE=cfg.mode, VARMOE_LT_LOG=str(log),
+    env = dict(os.environ, VARMOE_LT_PROMPTS=str(prompts or ""), VARMOE_LT_MODE=cfg.mode, VARMOE_LT_LOG=str(log),
                VARMOE_LT_TOGGLE_S=str(cfg.toggle_s), VARMOE_LT_MAX_NEW=f"{cfg.max_new[0]},{cfg.max_new[1]}",
                VARMOE_LT_MAX_REQUESTS=str(cfg.max_requests), VARMOE_LT_ALLOW_REMOTE="1" if cfg.allow_remote else "0")
     (out / "load_config.json").write_text(cfg.to_json())
-    limit = cfg.duration_s + cfg.stop_timeout_s + 60
     stream = subprocess.DEVNULL if quiet else None
-    proc = subprocess.Popen(locust_command(cfg, prefix), env=env, stdout=stream, stderr=stream)
-    try:
-        rc = proc.wait(timeout=limit)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(f"locust did not finish within {limit:.0f} s; killed") from None
+    rc = launch_locust(locust_command(cfg, prefix), env, cfg.duration_s + cfg.stop_timeout_s + 60, stream, stream)
     return LoadRun(out, rc, Path(f"{prefix}_stats.csv"), Path(f"{prefix}_stats_history.csv"),
                    Path(f"{prefix}.html"), log)
 
@@ -158,8 +175,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=LoadConfig.duration_s, help="seconds")
     p.add_argument("--mode", default="mix", choices=MODES)
     p.add_argument("--out-dir", default=LoadConfig.out_dir)
-    p.add_argument("--prompts", default=None, help="JSONL prompt file (default: built from --dataset's test split)")
-    p.add_argument("--dataset", default="stdlib")
+    p.add_argument("--prompts", default=None,
+                   help="JSONL prompt file (default: the built-in prompts; `python -m analysis_jobs.prompt_file` "
+                        "cuts one from a corpus's test split)")
     p.add_argument("--toggle-every", type=float, default=LoadConfig.toggle_s, help="seconds between VAR flips (--mode toggle)")
     p.add_argument("--max-new", default="16,48", help="max_new_tokens of short,long generations")
     p.add_argument("--max-requests", type=int, default=LoadConfig.max_requests, help="per user")
@@ -173,7 +191,7 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
     except ValueError:
         raise ValueError(f"--max-new must be two integers like 16,48, got {args.max_new!r}") from None
     return LoadConfig(url=args.url, users=args.users, spawn_rate=args.spawn_rate, duration_s=args.duration,
-                      mode=args.mode, out_dir=args.out_dir, prompts=args.prompts, dataset=args.dataset,
+                      mode=args.mode, out_dir=args.out_dir, prompts=args.prompts,
                       toggle_s=args.toggle_every, max_new=max_new, max_requests=args.max_requests,
                       allow_remote=args.allow_remote)
 

@@ -1,6 +1,7 @@
 """`varmoe serve`: parse flags into `ServerSettings` and run the app under uvicorn.
 
-Every flag has a `VARMOE_*` environment twin (flag wins). With no arguments it serves the
+Every flag has a `VARMOE_*` environment twin (flag wins); `--help` lists them all, derived from
+`ServerSettings` (the admin token, environment only, first). With no arguments it serves the
 reference model on 127.0.0.1:8000 with its VAR tables when they are present. Examples:
     varmoe serve
     VARMOE_ADMIN_TOKEN=secret varmoe serve --port 9000 --max-batch-size 16 --no-var-on-start
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
 
 from var_moe.errors import InvalidInputError
 
@@ -48,9 +50,43 @@ FLAGS: dict[str, tuple[type | None, str]] = {
 }
 
 
+SERVICE = (
+    "Serve a causal MoE model over HTTP (FastAPI + uvicorn) with the VAR router switchable at run time: "
+    "POST /v1/generate, /v1/perplexity, /v1/completions (OpenAI-compatible), GET /v1/models, /var/status, "
+    "/healthz, /readyz, /metrics (Prometheus); admin: POST /var/toggle, /admin/capture/*. With no arguments "
+    "it serves the reference model on 127.0.0.1:8000 with its VAR tables. Request bodies must be JSON "
+    "(Content-Type: application/json)."
+)
+
+
+def env_epilog() -> str:
+    """Every `VARMOE_*` variable, derived from ServerSettings' fields (so the list cannot drift), token first."""
+    from .settings import ServerSettings
+
+    fields = ServerSettings.model_fields
+    names = ["admin_token"] + [n for n in fields if n != "admin_token"]
+    width = max(len(n) for n in names) + len("VARMOE_") + 4
+    lines = ["environment (each flag above has a VARMOE_* twin; the flag wins):"]
+    for name in names:
+        info = fields[name]
+        if name == "admin_token":
+            text = ("Bearer token of the admin endpoints (no flag: keep it out of the process list). "
+                    "Unset: POST /var/toggle and /admin/capture/* refuse with 403.")
+        else:
+            text = FLAGS[name][1] if name in FLAGS else (info.description or "")
+            if "default" not in text and info.default is not None and not isinstance(info.default, bool):
+                text += f" (default {info.default})"
+        wrapped = textwrap.wrap(text, 100 - width) or [""]
+        lines.append(f"  {('VARMOE_' + name.upper()).ljust(width - 2)}{wrapped[0]}")
+        lines.extend(" " * width + more for more in wrapped[1:])
+    lines += ["", "example: VARMOE_ADMIN_TOKEN=secret varmoe serve --port 9000 --max-batch-size 16"]
+    return "\n".join(lines)
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="run the HTTP inference server (FastAPI + uvicorn)",
-                              description=__doc__.split("\n\n")[0])
+                              description=textwrap.fill(SERVICE, 100), epilog=env_epilog(),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, (typ, help_) in FLAGS.items():
         flag = "--" + name.replace("_", "-")
         if typ is None:

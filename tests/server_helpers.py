@@ -4,6 +4,7 @@
   tables' config with shadow checks on half of the fast/cached decisions (verification metrics).
 - `permissive_var_config()`: VARConfig fields under which a random tiny model (high routing
   entropy) still gets table entries.
+- `FakeBackend`: a RoutingBackend whose cumulative counters a test advances by hand.
 """
 
 from __future__ import annotations
@@ -29,3 +30,35 @@ def permissive_var_config() -> dict:
     if "entropy_relative" in names:  # threshold as a share of ln E
         cfg.update(entropy_relative=True, entropy_threshold=1.0)
     return cfg
+
+
+class FakeBackend:
+    """Cumulative counters the test advances by hand, like a VAR wrapper's device counters."""
+
+    def __init__(self, available: bool = True):
+        self.layers = [0, 2]
+        self.unavailable_reason = "" if available else "no tables"
+        self._available = available
+        self.tiers: dict = {}
+        self.verification: dict = {}
+        self.applied: list[bool] = []
+
+    @property
+    def available(self) -> bool:
+        return self._available
+
+    def apply_mode(self, var: bool) -> None:
+        self.applied.append(var)
+
+    def counts(self):
+        return dict(self.tiers), dict(self.verification)
+
+    def info(self):
+        return {"config": {"enable_var": False, "shadow_rate": 0.1}, "table_sizes": {"0": 3, "2": 1}}
+
+    def add(self, **by_key):
+        for key, n in by_key.items():
+            layer, tier = key.split("_", 1)
+            store = self.verification if tier in ("agree", "disagree") else self.tiers
+            k = (int(layer[1:]), tier)
+            store[k] = store.get(k, 0) + n

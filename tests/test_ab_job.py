@@ -72,7 +72,7 @@ def test_criteria_follow_from_the_raw_numbers(ab_run):
 
 
 def test_baseline_perplexity_matches_the_model_in_process(ab_run):
-    from loadtests.prompts import fit_to_model
+    from analysis_jobs.prompt_file import fit_to_model
     from var_moe.loading import load_model
 
     model_dir, _, res, _ = ab_run

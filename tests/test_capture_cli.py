@@ -57,7 +57,10 @@ def test_unreachable_server_is_a_clear_error(toy, tmp_path, capsys, monkeypatch)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("VARMOE_ADMIN_TOKEN", "t")
-    assert main(base(toy, tmp_path / "x.parquet") + ["--server", f"http://127.0.0.1:{port}"]) == 2
+    model_dir, corpus = toy
+    argv = ["capture-server", "--server", f"http://127.0.0.1:{port}", "--model", str(model_dir), "--dataset",
+            str(corpus), "--split", "train", "-o", str(tmp_path / "x.parquet")]
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert "--server" in err and "cannot reach" in err and "Traceback" not in err
 

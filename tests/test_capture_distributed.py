@@ -6,8 +6,8 @@ import sys
 
 import pytest
 import torch
+from stats_compare import compare_stats
 
-from var_moe.capture.frame import compare_stats
 from var_moe.capture.job import CaptureConfig, run_capture
 from var_moe.capture.schema import pairs_path, read_pairs, read_stats
 from var_moe.capture.toy import make_toy_setup
@@ -25,7 +25,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     out = tmp_path / "dp.parquet"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "var_moe.capture.distributed", *flags, "-o", str(out)],
+                           "-m", "var_moe.cli", "capture", *flags, "-o", str(out)],
                           capture_output=True, text=True, env=env, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):  # both ranks did part of the work

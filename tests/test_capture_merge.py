@@ -4,9 +4,9 @@ from collections import Counter
 
 import pytest
 import torch
+from stats_compare import compare_stats
 
 from var_moe.capture.analyzer import RouterAnalyzer
-from var_moe.capture.frame import compare_stats
 from var_moe.capture.pairs import PairStats
 from var_moe.capture.schema import StatsFileError, pairs_path, read_pairs, read_stats
 from var_moe.cli import main

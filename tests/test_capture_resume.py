@@ -6,9 +6,9 @@ import time
 
 import pytest
 import torch
+from stats_compare import compare_stats
 
 from var_moe.capture.checkpoint import checkpoint_path, load_checkpoint
-from var_moe.capture.frame import compare_stats
 from var_moe.capture.job import CaptureConfig, CaptureInterrupted, run_capture
 from var_moe.capture.schema import pairs_path, read_pairs, read_stats
 from var_moe.capture.toy import make_toy_setup

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from var_moe.capture.analyzer import RouterAnalyzer
-from var_moe.capture.schema import (STATS_COLUMNS, StatsFileError, pairs_path, read_pairs, read_stats, write_stats)
+from var_moe.capture.schema import STATS_COLUMNS, StatsFileError, pairs_path, read_pairs, read_stats, write_stats
 from var_moe.tiny import tiny_model
 
 torch.set_num_threads(1)

@@ -26,6 +26,26 @@ def test_quantization_on_cpu_is_a_clear_error(reference_model_dir):
         load_model(str(reference_model_dir), quantization="4bit")
 
 
+def test_quantization_without_bitsandbytes_is_a_clear_error(reference_model_dir, monkeypatch):
+    """On a CUDA machine without bitsandbytes the loader says so before transformers is asked."""
+    import importlib.util
+
+    import var_moe.loading as loading
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(loading, "resolve_device", lambda device: "cuda")  # as if a GPU were present
+    monkeypatch.setattr(loading.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
+
+    def no_load(*a, **kw):  # the check must fire before any weights are read
+        raise AssertionError("from_pretrained reached without bitsandbytes")
+
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_load)
+    for bits in ("4bit", "8bit"):
+        with pytest.raises(ModelLoadError, match=f"--quantization {bits} needs the bitsandbytes package"):
+            load_model(str(reference_model_dir), quantization=bits)
+
+
 def test_missing_model_names_the_path(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(ModelLoadError, match="nope"):
@@ -65,3 +85,36 @@ def test_unreachable_hub_dataset_is_a_clear_error():
     # the suite runs with HF_HUB_OFFLINE=1 (conftest), as on a machine without the hub
     with pytest.raises(DatasetError, match="'c4'.*could not be streamed"):
         list(iter_documents("c4", "test", limit=1))
+
+
+def test_chunked_tokenizing_does_not_warn_about_the_context(reference_model_dir):
+    """Whole documents are longer than the context on purpose (they are chunked): transformers'
+    "Token indices sequence length is longer than ... indexing errors" must not be printed."""
+    import logging
+
+    from transformers import AutoTokenizer
+
+    from var_moe.corpus import Document, tokenize_documents
+    from var_moe.var.evaluate import eval_batches
+
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Keep(level=logging.WARNING)
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        def fresh():  # transformers warns once per tokenizer object: each check gets a new one
+            return AutoTokenizer.from_pretrained(str(reference_model_dir))
+
+        long_doc = Document("long.py", "def f(x):\n    return x + 1\n" * 400)
+        ids = next(tokenize_documents(fresh(), [long_doc]))
+        assert len(ids) > fresh().model_max_length  # the case that used to warn
+        eval_batches(fresh(), "stdlib", "test", num_samples=16, max_length=64, batch_size=8, max_per_doc=1)
+        assert not [m for m in records if "indexing errors" in m], records
+        fresh()(long_doc.text)  # the plain call does warn: the handler sees the message
+        assert [m for m in records if "indexing errors" in m]
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)

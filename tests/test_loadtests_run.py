@@ -7,6 +7,9 @@ per user, streams read to the end, toggles with the admin token, and the reports
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +20,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from analysis_jobs.server_process import free_port
-from loadtests.run import LoadConfig, locust_command, read_request_log, run_load, summarize
+from loadtests.prompts import BUILTIN_PROMPTS
+from loadtests.run import LOCUSTFILE, LoadConfig, locust_command, read_request_log, run_load, summarize
 
 
 def stub_app(seen: list, token: str) -> FastAPI:
@@ -143,3 +147,75 @@ def test_toggle_mode_needs_a_token(tmp_path, monkeypatch):
     prompts.write_text(json.dumps({"text": "hello"}) + "\n")
     with pytest.raises(ValueError, match="VARMOE_ADMIN_TOKEN"):
         run_load(LoadConfig(mode="toggle", prompts=str(prompts), out_dir=str(tmp_path)))
+
+
+def _plain_locust(url: str, tmp_path: Path, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
+    """`locust -f loadtests/locustfile.py --host URL --headless ...` the way a Locust user starts it:
+    the `locust` script, another working directory, no VARMOE_* settings unless given."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VARMOE_")}
+    locust = Path(sys.executable).with_name("locust")
+    cmd = [str(locust), "-f", str(LOCUSTFILE), "--host", url, "--headless", "-u", "2", "-r", "2", "-t", "3s",
+           "--stop-timeout", "5", "--only-summary"]
+    return subprocess.run(cmd, env={**env, **env_extra}, cwd=tmp_path, capture_output=True, text=True, timeout=90)
+
+
+def test_locustfile_runs_on_its_own_with_builtin_prompts(stub, tmp_path):
+    url, seen = stub
+    seen.clear()
+    res = _plain_locust(url, tmp_path, {})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "VARMOE_LT_PROMPTS" not in res.stderr
+    kinds = {kind for kind, _ in seen}
+    assert len(seen) > 5 and "toggle" not in kinds  # no admin traffic unless --mode toggle
+    builtin = {p["text"] for p in BUILTIN_PROMPTS}
+    sent = [d.get("prompt", d.get("text")) for _, d in seen]
+    assert sent and all(t in builtin for t in sent)
+
+
+def test_prompt_file_in_the_environment_overrides_the_builtin_prompts(stub, tmp_path):
+    url, seen = stub
+    seen.clear()
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"text": "only this prompt"}) + "\n")
+    res = _plain_locust(url, tmp_path, {"VARMOE_LT_PROMPTS": str(prompts)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert seen and {d.get("prompt", d.get("text")) for _, d in seen} == {"only this prompt"}
+
+
+def test_runner_without_prompts_uses_the_builtin_ones(stub, tmp_path):
+    url, seen = stub
+    seen.clear()
+    run = run_load(LoadConfig(url=url, users=2, spawn_rate=4, duration_s=3, out_dir=str(tmp_path / "out"),
+                              max_new=(2, 3)), quiet=True)
+    assert run.returncode == 0 and read_request_log(run.requests_log)
+    assert {d.get("prompt", d.get("text")) for _, d in seen} <= {p["text"] for p in BUILTIN_PROMPTS}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1"):  # checked before Locust starts
+        run_load(LoadConfig(url=url, prompts=str(bad), out_dir=str(tmp_path / "out2")))
+
+
+def test_server_throughput_benchmark_runs_locust_through_the_same_launcher(stub, tmp_path, monkeypatch):
+    """benchmarks/server_throughput.py keeps no Locust launcher of its own: it calls loadtests.run's."""
+    import argparse
+
+    import loadtests.run as lt_run
+    from benchmarks import server_throughput as bench
+
+    calls = []
+    real = lt_run.launch_locust
+
+    def spy(cmd, env, limit_s, **kw):
+        calls.append(cmd)
+        return real(cmd, env, limit_s, **kw)
+
+    monkeypatch.setattr(bench, "launch_locust", spy)
+    url, seen = stub
+    seen.clear()
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(["def f():", "import os"]))
+    args = argparse.Namespace(run_time=4, warmup=0.5, new_tokens=4)
+    cell = bench.locust_load(url, 2, args, prompts, tmp_path / "logs", "stub", tokenizer=None)
+    assert len(calls) == 1 and str(bench.LOCUSTFILE) in calls[0] and "--headless" in calls[0]
+    assert cell["clients"] == 2 and cell["requests"] >= 1 and cell["tokens"] == 4 * cell["requests"]
+    assert all(kind == "completions" for kind, _ in seen)

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from stats_compare import compare_stats
 
 from analysis_jobs.fixtures import tiny_var_model
+from analysis_jobs.remote_capture import RemoteCaptureError, capture_via_server
 from analysis_jobs.server_process import ManagedServer
-from var_moe.capture.frame import compare_stats
 from var_moe.capture.job import CaptureConfig, run_capture
 from var_moe.capture.schema import read_stats
 from var_moe.loading import load_model
-from analysis_jobs.remote_capture import RemoteCaptureError, capture_via_server
 
 
 @pytest.fixture(scope="module")

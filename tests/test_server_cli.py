@@ -65,3 +65,17 @@ def test_cli_exit_code_and_message():
 def test_settings_refuse_unknown_environment_free_fields():
     with pytest.raises(ValueError):
         ServerSettings(max_batch=3)
+
+
+def test_help_describes_the_service_and_lists_every_variable_token_first():
+    res = subprocess.run([sys.executable, "-m", "var_moe.cli", "serve", "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    text = res.stdout
+    assert "/v1/generate" in text and "/metrics" in text and "reference model" in text
+    env_part = text[text.index("environment"):]
+    listed = [line.split()[0] for line in env_part.splitlines() if line.strip().startswith("VARMOE_")]
+    expected = {"VARMOE_" + name.upper() for name in ServerSettings.model_fields}
+    assert set(listed) == expected and len(listed) == len(expected)  # every setting, once
+    assert listed[0] == "VARMOE_ADMIN_TOKEN"
+    assert "/var/toggle" in env_part.split("VARMOE_MODEL")[0] and "403" in env_part.split("VARMOE_MODEL")[0]

@@ -12,10 +12,13 @@ import re
 import shutil
 import subprocess
 
+import pytest
 import yaml
+from server_helpers import FakeBackend
 
 from analysis_jobs.server_process import REPO_ROOT
 from server.metrics import ServerMetrics
+from server.var_runtime import VarRuntime
 
 DOCKER = REPO_ROOT / "docker"
 DASHBOARD = DOCKER / "grafana" / "dashboards" / "varmoe-server.json"
@@ -63,7 +66,7 @@ def test_grafana_provisioning_and_dashboard():
     for topic in ("tokens/s", "tier share", "latency", "first token", "var enabled", "verification",
                   "queue depth", "batch size", "error rate"):
         assert topic in titles, topic
-    known = {m.name for m in ServerMetrics([0]).registry.collect()}
+    known = {m.name for m in ServerMetrics(VarRuntime(FakeBackend())).registry.collect()}
     for panel in dash["panels"]:
         assert panel["datasource"]["uid"] == ds["uid"]
         assert panel["targets"], panel["title"]
@@ -73,3 +76,55 @@ def test_grafana_provisioning_and_dashboard():
             for name in names:
                 base = re.sub(r"_(total|bucket|sum|count)$", "", name)
                 assert base in known, (name, panel["title"])
+
+
+def _run_steps(text: str) -> list[str]:
+    """The Dockerfile's RUN commands with their line continuations joined."""
+    joined = text.replace("\\\n", " ")
+    return [line[4:] for line in joined.splitlines() if line.startswith("RUN ")]
+
+
+@pytest.mark.parametrize("device,args,torch_index,extras", [
+    ("cpu", {}, "https://download.pytorch.org/whl/cpu", ".[server]"),
+    ("cuda", {}, "https://download.pytorch.org/whl/cu124", ".[server,gpu]"),
+    ("cuda", {"TORCH_CUDA": "cu121"}, "https://download.pytorch.org/whl/cu121", ".[server,gpu]"),
+    ("cuda", {"TORCH_INDEX": "https://mirror.example/whl/cu118"}, "https://mirror.example/whl/cu118", ".[server,gpu]"),
+])
+def test_dockerfile_pip_installs_honour_constraints_and_the_gpu_extra(tmp_path, device, args, torch_index, extras):
+    """Run the Dockerfile's pip steps under sh with a fake pip that records its arguments."""
+    text = (DOCKER / "Dockerfile").read_text()
+    assert re.search(r"^COPY constraints\.txt ", text, re.M)
+    defaults = dict(re.findall(r"^ARG (\w+)=(\S*)$", text, re.M))
+    fake = tmp_path / "pip"
+    fake.write_text('#!/bin/sh\necho "$@" >> "$PIP_LOG"\n')
+    fake.chmod(0o755)
+    log = tmp_path / "pip.log"
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "PIP_LOG": str(log), **defaults, "DEVICE": device, **args}
+    steps = [s for s in _run_steps(text) if "pip install" in s]
+    assert len(steps) == 2
+    for step in steps:
+        res = subprocess.run(["sh", "-c", step], env=env, capture_output=True, text=True, timeout=30)
+        assert res.returncode == 0, res.stderr
+    torch_line, package_line = log.read_text().splitlines()
+    for line in (torch_line, package_line):
+        assert "-c constraints.txt" in line, line  # the tested versions, in the image too
+    assert torch_line.split()[-1] == torch_index and " torch " in f" {torch_line} "
+    assert package_line.split()[-1] == extras
+
+
+def test_dockerfile_refuses_an_unknown_device(tmp_path):
+    text = (DOCKER / "Dockerfile").read_text()
+    step = next(s for s in _run_steps(text) if "torch" in s)
+    res = subprocess.run(["sh", "-c", step], env={"PATH": "/usr/bin:/bin", "DEVICE": "tpu", "TORCH_INDEX": "x"},
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode != 0 and "DEVICE must be cpu or cuda" in res.stderr
+
+
+def test_grafana_needs_an_admin_password_and_is_not_anonymous_by_default():
+    env = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"]["grafana"]["environment"]
+    password = env["GF_SECURITY_ADMIN_PASSWORD"]
+    # `${VAR:?message}`: compose refuses to start without it (no default such as admin/admin)
+    assert re.fullmatch(r"\$\{GRAFANA_ADMIN_PASSWORD:\?[^}]+\}", password), password
+    anonymous = str(env.get("GF_AUTH_ANONYMOUS_ENABLED", "false"))
+    assert anonymous in ("false", "${GRAFANA_ANONYMOUS:-false}"), anonymous
+    assert env.get("GF_AUTH_ANONYMOUS_ORG_ROLE", "Viewer") == "Viewer"  # when asked for, read-only

@@ -10,41 +10,10 @@ from __future__ import annotations
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from server_helpers import FakeBackend
 
 from server.metrics import ServerMetrics
 from server.var_runtime import VarRuntime, VarUnavailable
-
-
-class FakeBackend:
-    """Cumulative counters the test advances by hand, like a VAR wrapper's device counters."""
-
-    def __init__(self, available: bool = True):
-        self.layers = [0, 2]
-        self.unavailable_reason = "" if available else "no tables"
-        self._available = available
-        self.tiers: dict = {}
-        self.verification: dict = {}
-        self.applied: list[bool] = []
-
-    @property
-    def available(self) -> bool:
-        return self._available
-
-    def apply_mode(self, var: bool) -> None:
-        self.applied.append(var)
-
-    def counts(self):
-        return dict(self.tiers), dict(self.verification)
-
-    def info(self):
-        return {"config": {"enable_var": False, "shadow_rate": 0.1}, "table_sizes": {"0": 3, "2": 1}}
-
-    def add(self, **by_key):
-        for key, n in by_key.items():
-            layer, tier = key.split("_", 1)
-            store = self.verification if tier in ("agree", "disagree") else self.tiers
-            k = (int(layer[1:]), tier)
-            store[k] = store.get(k, 0) + n
 
 
 def test_counts_go_to_the_mode_of_the_batch():

@@ -4,13 +4,14 @@ Datasets by name:
 - `stdlib` (default): the `.py` files of the running interpreter's standard library (its own
   source and docstrings; site-packages excluded), one document per file. Every machine has it,
   so anyone can rebuild the reference model and evaluate offline.
-- a local path: a `.txt` file (one document), a `.jsonl` file (field `text`), a `.parquet` file
+- a local path: a `.txt` file (one document), a `.jsonl` file (field `text`; an optional string
+  field `doc_id` is the document's id, as `varmoe prepare-datasets` writes), a `.parquet` file
   (column `text`), or a folder of such files.
 - anything else is a Hugging Face dataset id, streamed (`c4`, `wikitext`, `slimpajama` are aliases).
 
 Splits are deterministic: a document's split is decided by the SHA-256 of its id (the relative
 path for stdlib), 80% train / 10% calibration / 10% test, so tables built on `calibration` are
-measured on `test` without overlap. Test: `pytest tests/test_corpus.py`.
+measured on `test` without overlap. Test: `pytest tests/test_loading_corpus.py`.
 """
 
 from __future__ import annotations
@@ -101,7 +102,10 @@ def _iter_local_file(path: Path, base: Path) -> Iterator[Document]:
                     raise DatasetError(f"{path}:{i + 1}: not valid JSON ({exc.msg})") from exc
                 if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                     raise DatasetError(f"{path}:{i + 1}: each line needs a string field 'text'")
-                yield Document(f"{rel}#{i}", row["text"])
+                # files from `varmoe prepare-datasets` keep each document's original id, so its
+                # split (hashed from the id) is the one it had in the source dataset
+                doc_id = row.get("doc_id")
+                yield Document(doc_id if isinstance(doc_id, str) and doc_id else f"{rel}#{i}", row["text"])
     elif path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -166,13 +170,22 @@ def iter_documents(dataset: str = "stdlib", split: str | None = None, limit: int
         yield doc
 
 
-def tokenize_documents(tokenizer: Any, docs: Iterable[Document], eos: bool = True) -> Iterator[list[int]]:
-    """Token ids of each document (with EOS appended so documents stay separated when packed)."""
+def encode_document(tokenizer: Any, text: str, eos: bool = True) -> list[int]:
+    """Token ids of a whole document (EOS appended so documents stay separated when packed).
+
+    A document is longer than the model's context on purpose: `chunk_sequences` cuts it to
+    `--max-length` before the model sees it. `verbose=False` keeps transformers from warning that
+    the sequence "will result in indexing errors", which is untrue for chunked input.
+    """
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     eos_id = tokenizer.eos_token_id
+    return ids + [eos_id] if eos and eos_id is not None else ids
+
+
+def tokenize_documents(tokenizer: Any, docs: Iterable[Document], eos: bool = True) -> Iterator[list[int]]:
+    """Token ids of each document (see `encode_document`); empty documents are skipped."""
     for doc in docs:
-        ids = tokenizer(doc.text, add_special_tokens=False, verbose=False)["input_ids"]
-        if eos and eos_id is not None:
-            ids = ids + [eos_id]
+        ids = encode_document(tokenizer, doc.text, eos)
         if ids:
             yield ids
 

@@ -5,11 +5,12 @@
 auto (`device_map="auto"` across GPUs); quantization: None | 4bit | 8bit (bitsandbytes, CUDA only).
 A path that is neither a local folder nor reachable on the hub gets an error naming it.
 
-The default model is the committed reference MoE (`REFERENCE_MODEL_DIR`). Test: `pytest tests/test_loading.py`.
+The default model is the committed reference MoE (`REFERENCE_MODEL_DIR`). Test: `pytest tests/test_loading_corpus.py`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,19 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def require_bitsandbytes(quantization: str) -> None:
+    """Fail with the install hint when bitsandbytes is absent.
+
+    Importing transformers' `BitsAndBytesConfig` succeeds without bitsandbytes installed, so only
+    looking for the package itself tells; otherwise the load fails later inside transformers.
+    """
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError(
+            f"--quantization {quantization} needs the bitsandbytes package, which is not installed: "
+            "pip install 'var-moe[gpu]' (bitsandbytes, accelerate)"
+        )
+
+
 def _hub_hint(path: str) -> str:
     return (
         f"{path!r} is not a local folder and could not be fetched from the Hugging Face hub "
@@ -108,10 +122,9 @@ def load_model(spec: LoadSpec | str | None = None, **overrides: Any) -> tuple[An
                 f"--quantization {spec.quantization} needs a CUDA GPU (bitsandbytes); this process has none. "
                 "Drop the flag to load in float32/bfloat16 on the CPU."
             )
-        try:
-            from transformers import BitsAndBytesConfig
-        except ImportError as exc:  # pragma: no cover - depends on install
-            raise ModelLoadError("quantization needs `pip install var-moe[gpu]` (bitsandbytes)") from exc
+        require_bitsandbytes(spec.quantization)
+        from transformers import BitsAndBytesConfig
+
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=spec.quantization == "4bit",
             load_in_8bit=spec.quantization == "8bit",

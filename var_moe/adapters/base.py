@@ -64,7 +64,6 @@ class MoEAdapter:
     """Base adapter: subclasses set class attributes and override what their family does differently."""
 
     family: str = ""  # human name, e.g. "mixtral"
-    model_types: tuple[str, ...] = ()  # config.model_type values this adapter serves
     block_attrs: tuple[str, ...] = ("mlp",)  # attribute(s) on the decoder layer holding the MoE block
     router_attr: str = "gate"  # attribute on the block holding the router
     experts_key: str = "num_local_experts"  # config field for E

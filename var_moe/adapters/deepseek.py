@@ -8,7 +8,6 @@ from .base import MoEAdapter
 
 class DeepseekV3Adapter(MoEAdapter):
     family = "deepseek_v3"
-    model_types = ("deepseek_v3",)
     experts_key = "n_routed_experts"
     score_function = "sigmoid"
 
@@ -19,7 +18,6 @@ class DeepseekV3Adapter(MoEAdapter):
 
 class DeepseekV2Adapter(MoEAdapter):
     family = "deepseek_v2"
-    model_types = ("deepseek_v2",)
     experts_key = "n_routed_experts"
 
     @property

@@ -6,5 +6,4 @@ from .base import MoEAdapter
 
 class GptOssAdapter(MoEAdapter):
     family = "gpt_oss"
-    model_types = ("gpt_oss",)
     router_attr = "router"

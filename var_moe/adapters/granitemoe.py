@@ -6,6 +6,5 @@ from .base import MoEAdapter
 
 class GraniteMoeAdapter(MoEAdapter):
     family = "granitemoe"
-    model_types = ("granitemoe",)
     block_attrs = ("block_sparse_moe", "mlp")
     router_attr = "router"

@@ -6,4 +6,3 @@ from .base import MoEAdapter
 
 class MixtralAdapter(MoEAdapter):
     family = "mixtral"
-    model_types = ("mixtral",)

@@ -6,5 +6,4 @@ from .base import MoEAdapter
 
 class OlmoeAdapter(MoEAdapter):
     family = "olmoe"
-    model_types = ("olmoe",)
     experts_key = "num_experts"

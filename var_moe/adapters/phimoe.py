@@ -7,5 +7,4 @@ from .base import MoEAdapter
 
 class PhimoeAdapter(MoEAdapter):
     family = "phimoe"
-    model_types = ("phimoe",)
     router_attr = "router"

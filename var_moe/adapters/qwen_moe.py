@@ -7,7 +7,6 @@ from .base import MoEAdapter
 
 class Qwen2MoeAdapter(MoEAdapter):
     family = "qwen2_moe"
-    model_types = ("qwen2_moe",)
     experts_key = "num_experts"
 
     @property
@@ -17,5 +16,4 @@ class Qwen2MoeAdapter(MoEAdapter):
 
 class Qwen3MoeAdapter(MoEAdapter):
     family = "qwen3_moe"
-    model_types = ("qwen3_moe",)
     experts_key = "num_experts"

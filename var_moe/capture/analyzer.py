@@ -34,6 +34,7 @@ from torch import nn
 from ..adapters import RouterDecision, get_adapter
 from ..errors import InvalidInputError
 from ..token_tracker import TokenBatch
+from .frame import stats_to_dataframe
 from .pairs import DEFAULT_CAPACITY, PairStats
 from .recorder import RoutingRecorder
 from .schema import library_versions, pairs_path, write_pairs, write_stats
@@ -139,7 +140,7 @@ class RouterAnalyzer:
 
     def _previous_choices(self, slots: list[int], a: _Aligned, choices_LN2: torch.Tensor) -> torch.Tensor:
         """Choices of each valid row's previous valid token of the same sequence ((-1, -1) where none)."""
-        Lb, B = len(slots), a.batch_size
+        B = a.batch_size
         none = choices_LN2.new_full((1, 1, 2), -1)
         prev = torch.where((a.prev_N >= 0)[None, :, None], choices_LN2[:, a.prev_N.clamp_min(0)], none)
         slot_L = torch.as_tensor(slots, dtype=torch.long, device=choices_LN2.device)
@@ -192,7 +193,7 @@ class RouterAnalyzer:
     def get_vocabulary_analysis(self):
         """One row per (layer, token id) seen; columns of `var_moe.capture.schema`."""
         self.flush_pending()
-        return self.stats.to_dataframe(self.tokenizer)
+        return stats_to_dataframe(self.stats, self.tokenizer)
 
     def get_pair_analysis(self):
         if self.pairs is None:

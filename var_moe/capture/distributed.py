@@ -1,4 +1,4 @@
-"""Data-parallel capture: `torchrun --nproc_per_node N -m var_moe.capture.distributed <capture flags>`.
+"""Data-parallel capture: `torchrun --nproc_per_node N -m var_moe.cli capture <capture flags>`.
 
 Rank r forwards batches r, r+N, r+2N, ... of the same corpus order; at the end every statistic is
 all-reduced exactly (integer sums; the moments by the N-way parallel Welford formula, see
@@ -6,20 +6,22 @@ all-reduced exactly (integer sums; the moments by the N-way parallel Welford for
 the files. Backend: nccl when the model is on CUDA, gloo otherwise. Each rank checkpoints its own
 state (`<output>.ckpt.rank<r>-of-<N>.safetensors`), so `--resume` works with the same N.
 
-Flags are those of `varmoe capture` (see `var_moe/commands/capture.py`).
+`varmoe capture` calls `run_distributed` when it runs under torchrun (WORLD_SIZE > 1); flags and
+the `CaptureConfig` come from that one command.
 Test: `pytest tests/test_capture_distributed.py` (2 processes, gloo).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from .analyzer import RouterAnalyzer
+from .job import CaptureConfig, run_capture
 from .pairs import PairStats
 
 
@@ -68,44 +70,26 @@ def reduce_analyzer(analyzer: RouterAnalyzer) -> None:
         all_reduce_pairs(analyzer.pairs)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from ..commands import capture as capture_cmd
-    from ..commands._common import load_spec
-    from .job import CaptureConfig, run_capture
-    from .pairs import DEFAULT_CAPACITY
-
-    parser = argparse.ArgumentParser(prog="python -m var_moe.capture.distributed",
-                                     description="data-parallel `varmoe capture` under torchrun")
-    sub = parser.add_subparsers()
-    capture_cmd.register(sub)
-    args = parser.parse_args(["capture", *(sys.argv[1:] if argv is None else argv)])
-    if args.server:
-        parser.error("--server is not supported by the distributed capture")
-    try:
-        load_spec(args)
-        config = CaptureConfig(
-            model=args.model, dataset=args.dataset, split=args.split, num_samples=args.num_samples,
-            max_length=args.max_length, batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
-            control=args.control, seed=args.seed, dtype=args.dtype, device=args.device,
-            pair_capacity=DEFAULT_CAPACITY if args.pair_capacity is None else args.pair_capacity,
-        )
-    except ValueError as exc:
-        parser.error(str(exc))
+def run_distributed(config: CaptureConfig, output: str | Path, resume: bool = False, progress: bool = True) -> None:
+    """This rank's share of the capture; rank 0 writes the files. Leaves the process (see `exit_now`)."""
     if config.device == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     backend = "nccl" if config.device == "cuda" else "gloo"
     dist.init_process_group(backend)
     try:
-        run_capture(config, args.output, resume=args.resume, rank=dist.get_rank(), world_size=dist.get_world_size(),
-                    reduce=reduce_analyzer, progress=not args.no_progress)
+        run_capture(config, output, resume=resume, rank=dist.get_rank(), world_size=dist.get_world_size(),
+                    reduce=reduce_analyzer, progress=progress)
         dist.barrier()  # no rank leaves while rank 0 is still writing the files
     finally:
         dist.destroy_process_group()
-    return 0
+    exit_now(0)
 
 
-def _exit_now(code: int) -> None:
+def under_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def exit_now(code: int) -> None:
     """Leave without interpreter finalization, once every file is written and stdio is flushed.
 
     Why: a gloo worker thread frees the last collective's work object (and with it a reference
@@ -119,7 +103,3 @@ def _exit_now(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-if __name__ == "__main__":
-    _exit_now(main())

@@ -268,10 +268,6 @@ class StreamingTokenStats:
         t["set_LVS"].view(-1).index_add_(0, (flat_LT * self.num_sets + set_LT).reshape(-1), ones[: Lb * T])
         return set_LT
 
-    def update_consecutive(self, slot: int, choices_T2: torch.Tensor, prev_choices_T2: torch.Tensor) -> None:
-        """Count consecutive pairs of one slot (rows whose previous token's choices are given, -1 = none)."""
-        self.update_consecutive_layers([slot], choices_T2[None], prev_choices_T2[None])
-
     def update_consecutive_layers(self, slots: Sequence[int], choices_LT2: torch.Tensor, prev_LT2: torch.Tensor) -> None:
         """Consecutive-pair counts of several slots; rows with prev (-1, -1) have no previous token."""
         slot_L = torch.as_tensor(list(slots), dtype=torch.long, device=self.device)
@@ -370,15 +366,3 @@ class StreamingTokenStats:
                 "top2_sets_intersect_rate": int(t["share_top2_L"][slot]) / n if n else float("nan"),
             }
         return out
-
-    def to_dataframe(self, tokenizer: Any = None):
-        """One row per (layer, token id) seen at least once; see `var_moe.capture.schema`."""
-        from .frame import stats_to_dataframe
-
-        return stats_to_dataframe(self, tokenizer)
-
-    @classmethod
-    def from_dataframe(cls, df, metadata: dict[str, Any], device: str | torch.device = "cpu") -> "StreamingTokenStats":
-        from .frame import stats_from_dataframe
-
-        return stats_from_dataframe(df, metadata, device)

@@ -2,6 +2,7 @@
 
     varmoe capture --split test --num-samples 2000 --max-length 256 --output results/stats.parquet \
         [--checkpoint-every 200000 --resume] [--control random-init --seed 0]
+    torchrun --nproc_per_node 2 -m var_moe.cli capture --split test --output stats.parquet   # data parallel
 
 The model defaults to the reference model and the dataset to the built-in `stdlib` corpus. The
 pair statistics go beside the output as `<stem>.pairs.parquet`. Parses flags, builds a
@@ -34,20 +35,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..capture.job import CaptureConfig, run_capture
+def config_from_args(args: argparse.Namespace):
+    """The one place that turns capture flags into a `CaptureConfig` (single process or torchrun)."""
+    from ..capture.job import CaptureConfig
     from ..capture.pairs import DEFAULT_CAPACITY
 
-    if args.server:  # the library holds no web code: capture through a server is an analysis job
-        raise InvalidInputError(f"--server: capture through a server is `varmoe capture-server --server {args.server} "
-                                "--split ... --output ...` (installed with the analysis jobs)")
-    spec = load_spec(args)  # validates --dtype/--device/--threads and sets the thread count
-    config = CaptureConfig(
+    return CaptureConfig(
         model=args.model, dataset=args.dataset, split=args.split, num_samples=args.num_samples,
         max_length=args.max_length, batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
         control=args.control, seed=args.seed, dtype=args.dtype, device=args.device,
         pair_capacity=DEFAULT_CAPACITY if args.pair_capacity is None else args.pair_capacity,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..capture.distributed import run_distributed, under_torchrun
+    from ..capture.job import run_capture
+
+    if args.server:  # the library holds no web code: capture through a server is an analysis job
+        raise InvalidInputError(f"--server: capture through a server is `varmoe capture-server --server {args.server} "
+                                "--split ... --output ...` (installed with the analysis jobs)")
+    spec = load_spec(args)  # validates --dtype/--device/--threads and sets the thread count
+    config = config_from_args(args)
+    if under_torchrun():  # torchrun --nproc_per_node N -m var_moe.cli capture ...: data parallel
+        if spec.quantization or spec.trust_remote_code:
+            raise InvalidInputError("--quantization/--trust-remote-code are not supported by the distributed capture")
+        run_distributed(config, args.output, resume=args.resume, progress=not args.no_progress)
     model = tokenizer = None
     if spec.quantization or spec.trust_remote_code:
         if config.control:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..corpus import chunk_sequences, iter_documents, pad_batch
+from ..corpus import chunk_sequences, encode_document, iter_documents, pad_batch
 from ..errors import InvalidInputError
 from .config import VARConfig
 
@@ -49,10 +49,9 @@ def eval_batches(tokenizer: Any, dataset: str, split: str, num_samples: int | No
     if max_per_doc is not None and max_per_doc < 1:
         raise InvalidInputError("--max-per-doc must be >= 1")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    eos = tokenizer.eos_token_id
     seqs: list[tuple[int, list[int]]] = []
     for d, doc in enumerate(iter_documents(dataset, split)):
-        ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        ids = encode_document(tokenizer, doc.text)  # whole document, chunked below: no length warning
         for j, piece in enumerate(chunk_sequences([ids], max_length)):
             if max_per_doc is not None and j >= max_per_doc:
                 break
