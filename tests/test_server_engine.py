@@ -202,3 +202,23 @@ def test_request_size_limits(host):
         eng.submit([Job(RowSpec([5, 6], 49)), Job(RowSpec([5, 6], 48))])  # 51 + 50 tokens
     eng.submit([Job(RowSpec([5, 6], 48)), Job(RowSpec([5, 6], 48))])  # 100: accepted
     assert eng.queue_depth == 2
+
+
+def test_a_new_batch_never_exceeds_max_batch_size_with_many_requests(host):
+    """Forming a batch takes at most max_batch_size rows even from many one-row requests (only
+    joining a running batch may go beyond, for a request with nothing running)."""
+    eng = make_engine(host, max_batch_size=3, max_wait_ms=1)
+
+    async def main():
+        jobs = [Job(RowSpec([5, 6, 7 + i], 2), pinned_mode="baseline") for i in range(7)]
+        await _collect(jobs)
+        for j in jobs:
+            eng.submit([j])  # seven requests, queued before the thread starts
+        eng.start()
+        return await _results(jobs)
+
+    results = asyncio.run(main())
+    eng.stop()
+    assert all(r is not None and len(r.state.new_ids) == 2 for r in results)
+    assert eng.last_batch_sizes[0] == 3
+    assert max(eng.last_batch_sizes) <= 6
