@@ -210,7 +210,7 @@ def calibrate(model: Any, batches: Iterable, config: PredictabilityConfig) -> tu
     return {layer: c.finalize(config.min_pair_count) for layer, c in counters.items()}, n
 
 
-def evaluate(model: Any, tables: dict[int, ModalTables], batches: Iterable, model_name: str,
+def score_predictors(model: Any, tables: dict[int, ModalTables], batches: Iterable, model_name: str,
              stats_tables: dict[int, ModalTables] | None = None) -> tuple[list[dict], int]:
     adapter = get_adapter(model)
     scorer = _Scorer(tables, adapter.num_experts, adapter.top_k, stats_tables)
@@ -255,12 +255,12 @@ def heldout_predictability(model: Any, calib_batches: list, test_batches: list,
     adapter = get_adapter(model)
     tables, n_cal = calibrate(model, calib_batches, config)
     extra = stats_tables(tables) if stats_tables else None
-    rows, n_test = evaluate(model, tables, test_batches, "trained", extra)
+    rows, n_test = score_predictors(model, tables, test_batches, "trained", extra)
     if control == "random-init":
         ctrl = random_init_control(model, config.control_seed)
         ctrl_tables, _ = calibrate(ctrl, calib_batches, config)
         ctrl_extra = control_stats_tables(ctrl_tables) if control_stats_tables else None
-        ctrl_rows, _ = evaluate(ctrl, ctrl_tables, test_batches, "control", ctrl_extra)
+        ctrl_rows, _ = score_predictors(ctrl, ctrl_tables, test_batches, "control", ctrl_extra)
         rows += ctrl_rows
         del ctrl
     return {

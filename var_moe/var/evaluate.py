@@ -1,6 +1,6 @@
 """Baseline vs VAR evaluation on held-out text: perplexity, throughput, latency, agreement.
 
-`evaluate(model, tokenizer, mode, ...)` returns the JSON document `varmoe evaluate` writes:
+`evaluate_quality_and_speed(model, tokenizer, mode, ...)` returns the JSON document `varmoe evaluate` writes:
 - evaluation: perplexity of the (VAR or baseline) model, padding masked, per-document sums kept
   for a paired bootstrap;
 - throughput: tokens/s and per-batch latency percentiles (p50/p95/p99) after warm-up, median
@@ -132,7 +132,7 @@ def _environment(device: torch.device) -> dict[str, Any]:
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
 
-def evaluate(model: Any, tokenizer: Any, mode: str, batches: list[EvalBatch], config: VARConfig | None = None,
+def evaluate_quality_and_speed(model: Any, tokenizer: Any, mode: str, batches: list[EvalBatch], config: VARConfig | None = None,
              tables: Any = None, repeats: int = 3, warmup: int = 1, bootstrap: int = 2000, seed: int = 0,
              info: dict[str, Any] | None = None) -> dict[str, Any]:
     if mode not in ("baseline", "var"):
@@ -181,6 +181,8 @@ def evaluate(model: Any, tokenizer: Any, mode: str, batches: list[EvalBatch], co
                 _timed(model, batches[0], device)
             _timed(wrapper, batches[0], device)
         base_rep, var_rep, base_lat, var_lat, ratios = [], [], [], [], []
+        frozen = wrapper.frozen_tables()  # shadow demotion must not change tables between timed repeats
+        frozen.__enter__()
         for r in range(repeats):
             wrapper.clear_cache()
             tb, tv = [], []
@@ -197,6 +199,7 @@ def evaluate(model: Any, tokenizer: Any, mode: str, batches: list[EvalBatch], co
             var_rep.append(sum(tv))
             base_lat += tb
             var_lat += tv
+        frozen.__exit__(None, None, None)
     finally:
         wrapper.restore()
     result["config"] = config.to_dict()

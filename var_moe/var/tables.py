@@ -1,26 +1,36 @@
-"""Verified routing tables: per layer, which tokens may skip the learned router, and how to route them.
+"""Verified routing tables -- the one table module: chosen, certified, saved, served and scored.
 
-A token enters layer l's table only when, in the calibration statistics of layer l,
-- frequency >= `frequency_threshold`,
-- mean routing entropy <= `entropy_threshold` (nats, or a share of ln E: `entropy_relative`), and
-- the Wilson lower bound (at `confidence_level`) of its agreement rate -- the share of its
-  occurrences whose top-k set equals its modal top-k set exactly (`modal_set_count / frequency`) --
-  is >= `target_agreement`.
-So each entry carries a stated, checked agreement level (`bound_V`). Stored per layer:
-`experts_VK` (modal set, ordered by weight, top expert first), `weights_VK` (mean learned weight of
-each expert when chosen, renormalised over the set to sum 1), `mass_V` (the raw sum of those mean
-weights, for routers that do not normalise), `member_V`, `bound_V`, and the calibration counts
-`agree_V` / `total_V` that shadow verification extends.
+Input: routing evidence by document (`evidence.py`: a routing pass over the calibration documents a
+capture's metadata names; `from_stats_file` checks the pass reproduces the capture's token counts).
+Per layer and token:
+1. choose: the token's modal top-k set on the *even* calibration documents (ties -> smallest set);
+   filters use the same half only: occurrences >= `frequency_threshold`, mean entropy <=
+   `entropy_threshold` (a share of ln E if `entropy_relative`; None = no cap);
+2. certify: on the *odd* documents, the share of the token's occurrences routed to exactly that
+   set, with each document counting at most `max_per_document` occurrences (a document with n
+   occurrences, a agreeing, counts w = min(n, cap) trials and a*w/n agreements), so occurrences
+   inside one document, which are correlated, cannot stand in for independent evidence;
+3. multiplicity: a one-sided score (Wilson) test of "agreement <= target_agreement" per candidate,
+   over ALL candidates of all layers as one family: `multiplicity` "bh" bounds the expected share
+   of wrong entries among those served (Benjamini-Hochberg), "holm" the chance of any wrong entry,
+   "none" tests each alone; alpha = (1 - confidence_level) / 2. `bound_V` is the Wilson lower
+   bound at the entry's adjusted level (>= target for served entries).
+The assumption left: documents are independent draws of the text the tables will serve.
 
-Files: safetensors (tensors `layer{l}.{name}`) + the same metadata as JSON next to it
-(`tables.json`). `VARTables.load(path, model)` refuses a file made for another model type,
-vocabulary, expert count, top-k or router weights (fingerprint). Test: `pytest tests/test_var_tables.py`.
+Stored per layer: `experts_VK` (chosen set, top expert first), `weights_VK` (mean learned weight of
+each expert when chosen on the choosing half, renormalised to sum 1), `mass_V` (raw sum),
+`member_V`, `bound_V`, and the certifying counts `agree_V` / `total_V` that shadow verification
+extends; for validation also (previous, token) modal sets (`pairs`) and the global modal set.
+Files: safetensors (tensors `layer{l}.{name}`) + the metadata as JSON beside it. `VARTables.load(path,
+model)` refuses a file made for another model type, vocabulary, E, k or router weights.
+Test: `pytest tests/test_var_tables.py tests/test_var_verification.py`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,9 +39,10 @@ import numpy as np
 import torch
 
 from ..errors import InvalidInputError
-from .config import VARConfig
+from .config import MULTIPLICITY, VARConfig
+from .evidence import Evidence, LayerEvidence, collect_evidence, decode_sets, half_of
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def wilson_lower_bound(successes: torch.Tensor, trials: torch.Tensor, z: float) -> torch.Tensor:
@@ -94,49 +105,237 @@ class LayerTable:
         return int(self.member_V.sum())
 
 
-def _stack(series: Any, width: int, name: str) -> np.ndarray:
-    """A list column (one list per row) as an (N, width) array, checked."""
-    arr = np.asarray(series.tolist())
-    if arr.ndim != 2 or arr.shape[1] != width:
-        raise InvalidInputError(f"statistics column {name!r} must hold lists of length {width}, got shape {arr.shape}")
-    return arr
+def _modal(keys_RC: torch.Tensor, counts_R: torch.Tensor, num_key_cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per distinct key (first `num_key_cols` columns of `keys_RC`), the row of its most frequent
+    last column (ties -> the smallest, i.e. the first in sorted order) and the key's total count.
+    Returns (keys_GC, modal_row_G, total_G); rows are made unique and sorted here."""
+    u, inv = torch.unique(keys_RC, dim=0, return_inverse=True)
+    c = torch.zeros(u.shape[0], dtype=counts_R.dtype).index_add_(0, inv, counts_R)
+    keys_G, group_R = torch.unique(u[:, :num_key_cols], dim=0, return_inverse=True)
+    g = keys_G.shape[0]
+    max_G = torch.zeros(g, dtype=c.dtype).scatter_reduce(0, group_R, c, "amax", include_self=False)
+    total_G = torch.zeros(g, dtype=c.dtype).index_add_(0, group_R, c)
+    row_R = torch.arange(u.shape[0])
+    cand_R = torch.where(c == max_G[group_R], row_R, torch.full_like(row_R, u.shape[0]))
+    first_G = torch.full((g,), u.shape[0], dtype=torch.long).scatter_reduce(0, group_R, cand_R, "amin")
+    return keys_G, u[first_G, num_key_cols], total_G
 
 
-def build_layer_table(df_layer: Any, vocab: int, num_experts: int, k: int, config: VARConfig) -> LayerTable:
-    """One layer's table from its rows of the statistics DataFrame (vectorised over rows)."""
-    table = LayerTable.empty(vocab, k)
-    if len(df_layer) == 0:
-        return table
-    tok = torch.as_tensor(df_layer["token_id"].to_numpy().copy(), dtype=torch.long)
-    if int(tok.max()) >= vocab or int(tok.min()) < 0:
-        raise InvalidInputError(f"statistics hold token ids outside the model vocabulary [0, {vocab})")
-    freq = torch.as_tensor(df_layer["frequency"].to_numpy().copy(), dtype=torch.float64)
-    agree = torch.as_tensor(df_layer["modal_set_count"].to_numpy().copy(), dtype=torch.float64)
-    entropy = torch.as_tensor(df_layer["mean_entropy"].to_numpy().copy(), dtype=torch.float64)
-    modal_NK = torch.as_tensor(_stack(df_layer["modal_topk_set"], k, "modal_topk_set"), dtype=torch.long)
-    counts_NE = torch.as_tensor(_stack(df_layer["topk_counts"], num_experts, "topk_counts"), dtype=torch.float64)
-    wsums_NE = torch.as_tensor(_stack(df_layer["topk_weight_sums"], num_experts, "topk_weight_sums"), dtype=torch.float64)
-    if bool((agree > freq).any()):
-        raise InvalidInputError("statistics have modal_set_count > frequency; the file is corrupt")
+def certified_counts(ev: LayerEvidence, modal_code_V: torch.Tensor, max_per_document: int | None) -> tuple[torch.Tensor, ...]:
+    """Agreement of each token's chosen set on the certifying documents, capped per document.
 
-    bound_N = wilson_lower_bound(agree, freq, config.wilson_z)
-    member_N = (freq >= config.frequency_threshold) & (entropy <= config.entropy_limit_nats(num_experts)) & (bound_N >= config.target_agreement)
-    mean_w_NE = wsums_NE / counts_NE.clamp_min(1)
-    w_NK = mean_w_NE.gather(1, modal_NK.clamp(0, num_experts - 1))
-    mass_N = w_NK.sum(1)
-    w_NK = w_NK / mass_N.clamp_min(1e-12)[:, None]
+    A document with n occurrences of the token, a of them routed to the chosen set, counts
+    w = min(n, cap) trials and a * w / n agreements (cap None: w = n). Returns float64
+    (agree_V, total_V, documents_V)."""
+    v = ev.vocab
+    rows, counts = ev.rows_R4, ev.counts_R.double()
+    cert = half_of(rows[:, 0]) == 1
+    rows, counts = rows[cert], counts[cert]
+    tok = rows[:, 2]
+    agree_R = (rows[:, 3] == modal_code_V[tok]).double() * counts
+    key_R = torch.stack([rows[:, 0], tok], 1)
+    dt, inv = torch.unique(key_R, dim=0, return_inverse=True)
+    n_D = torch.zeros(dt.shape[0], dtype=torch.float64).index_add_(0, inv, counts)
+    a_D = torch.zeros(dt.shape[0], dtype=torch.float64).index_add_(0, inv, agree_R)
+    w_D = n_D if max_per_document is None else n_D.clamp_max(max_per_document)
+    a_D = a_D * w_D / n_D.clamp_min(1)
+    tok_D = dt[:, 1]
+    agree_V = torch.zeros(v, dtype=torch.float64).index_add_(0, tok_D, a_D)
+    total_V = torch.zeros(v, dtype=torch.float64).index_add_(0, tok_D, w_D)
+    docs_V = torch.zeros(v, dtype=torch.float64).index_add_(0, tok_D, torch.ones_like(w_D))
+    return agree_V, total_V, docs_V
+
+
+def score_pvalues(agree: torch.Tensor, total: torch.Tensor, target: float) -> torch.Tensor:
+    """One-sided p-value of H0 "agreement <= target" by the score (Wilson) test; 1 where total == 0.
+    Wilson's lower bound at level z is >= target exactly when this p-value is <= 1 - Phi(z)."""
+    n = total.clamp_min(1e-12)
+    p = agree / n
+    se = math.sqrt(max(target * (1 - target), 1e-12)) / n.sqrt()
+    z = (p - target) / se
+    pval = 0.5 * torch.special.erfc(z / math.sqrt(2))
+    return torch.where(total > 0, pval, torch.ones_like(pval))
+
+
+def multiplicity_levels(pvals_M: torch.Tensor, alpha: float, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(accepted_M, level_M) over the family of M candidate entries.
+
+    holm: family-wise error (any wrong entry) <= alpha, Holm's step-down;
+    bh:   expected share of wrong entries among those accepted <= alpha (Benjamini-Hochberg; valid
+          for independent or positively dependent tests);
+    none: every entry tested at alpha on its own.
+    `level_M` is the per-entry one-sided level the entry was (or would have been) tested at."""
+    m = pvals_M.numel()
+    if m == 0:
+        return torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.float64)
+    order = torch.argsort(pvals_M, stable=True)
+    ranked = pvals_M[order]
+    i = torch.arange(1, m + 1, dtype=torch.float64)
+    if method == "none":
+        level = torch.full((m,), alpha, dtype=torch.float64)
+        return pvals_M <= alpha, level
+    if method == "holm":
+        thr = alpha / (m - i + 1)
+        fails = (ranked > thr).nonzero()
+        stop = int(fails[0]) if fails.numel() else m  # accept ranks before the first failure
+        acc_sorted = torch.arange(m) < stop
+        level_sorted = thr
+    elif method == "bh":
+        ok = (ranked <= alpha * i / m).nonzero()
+        r = int(ok[-1]) + 1 if ok.numel() else 0
+        acc_sorted = torch.arange(m) < r
+        level_sorted = torch.full((m,), alpha * max(r, 1) / m, dtype=torch.float64)
+    else:
+        raise InvalidInputError(f"multiplicity must be one of {MULTIPLICITY}, got {method!r}")
+    accepted = torch.zeros(m, dtype=torch.bool)
+    accepted[order] = acc_sorted
+    level = torch.zeros(m, dtype=torch.float64)
+    level[order] = level_sorted
+    return accepted, level
+
+
+@dataclass
+class Candidates:
+    """One layer's chosen sets and evidence before the multiplicity step."""
+
+    modal_VK: torch.Tensor
+    seen_V: torch.Tensor  # token seen on the choosing half
+    eligible_V: torch.Tensor  # passes frequency / entropy filters (choosing half only)
+    agree_V: torch.Tensor
+    total_V: torch.Tensor
+    docs_V: torch.Tensor
+    weights_VK: torch.Tensor
+    mass_V: torch.Tensor
+    pvalue_V: torch.Tensor
+
+
+def layer_candidates(ev: LayerEvidence, config: VARConfig) -> Candidates:
+    """Choose each token's set on the choosing half; count its agreement on the certifying half."""
+    v, e, k = ev.vocab, ev.num_experts, ev.top_k
+    rows, counts = ev.rows_R4, ev.counts_R
+    sel = half_of(rows[:, 0]) == 0
+    keys, code_G, _ = _modal(rows[sel][:, 2:4], counts[sel], 1)
+    modal_code_V = torch.full((v,), -1, dtype=torch.long)
+    modal_code_V[keys[:, 0]] = code_G
+    seen_V = modal_code_V >= 0
+    modal_VK = torch.zeros(v, k, dtype=torch.long)
+    modal_VK[seen_V] = decode_sets(modal_code_V[seen_V], e, k)
+    freq_V = ev.freq_2V[0]
+    ent_V = ev.ent_2V[0] / freq_V.clamp_min(1)
+    eligible = seen_V & (freq_V >= config.frequency_threshold)
+    if config.entropy_threshold is not None:
+        eligible &= ent_V <= config.entropy_limit_nats(e)
+    agree_V, total_V, docs_V = certified_counts(ev, modal_code_V, config.max_per_document)
+    mean_w_VE = ev.wsum_2VE[0] / ev.chosen_2VE[0].clamp_min(1)
+    w_VK = mean_w_VE.gather(1, modal_VK)
+    mass_V = w_VK.sum(1)
+    w_VK = torch.where(seen_V[:, None], w_VK / mass_V.clamp_min(1e-12)[:, None], torch.full_like(w_VK, 1.0 / k))
+    mass_V = torch.where(seen_V, mass_V, torch.ones_like(mass_V))
     # slot 0 = the expert with the largest stored weight (adaptive k keeps that one)
-    w_NK, order = w_NK.sort(dim=1, descending=True)
-    modal_NK = modal_NK.gather(1, order)
+    w_VK, order = w_VK.sort(dim=1, descending=True)
+    modal_VK = modal_VK.gather(1, order)
+    pvals = score_pvalues(agree_V, total_V, config.target_agreement)
+    return Candidates(modal_VK, seen_V, eligible & (total_V > 0), agree_V, total_V, docs_V, w_VK, mass_V, pvals)
 
-    table.experts_VK[tok] = modal_NK
-    table.weights_VK[tok] = w_NK.float()
-    table.mass_V[tok] = mass_N.float()
-    table.member_V[tok] = member_N
-    table.bound_V[tok] = bound_N.float()
-    table.agree_V[tok] = agree
-    table.total_V[tok] = freq
-    return table
+
+def pair_table(ev: LayerEvidence, min_pair_count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(keys_P = prev * V + token sorted, sets_PK sorted, counts_P): modal set of each (previous,
+    token) pair seen >= min_pair_count times on the choosing half; plus nothing else."""
+    rows, counts = ev.rows_R4, ev.counts_R
+    sel = (half_of(rows[:, 0]) == 0) & (rows[:, 1] >= 0)
+    if not bool(sel.any()):
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, ev.top_k, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    keys, code_G, total_G = _modal(rows[sel][:, 1:4], counts[sel], 2)
+    keep = total_G >= min_pair_count
+    return keys[keep, 0] * ev.vocab + keys[keep, 1], decode_sets(code_G[keep], ev.num_experts, ev.top_k), total_G[keep]
+
+
+def global_set(ev: LayerEvidence) -> torch.Tensor:
+    """The single most frequent set on the choosing half (ties -> smallest)."""
+    rows, counts = ev.rows_R4, ev.counts_R
+    sel = half_of(rows[:, 0]) == 0
+    codes, inv = torch.unique(rows[sel][:, 3], return_inverse=True)
+    c = torch.zeros(codes.numel(), dtype=torch.long).index_add_(0, inv, counts[sel])
+    return decode_sets(codes[int(torch.argmax(c))].reshape(1), ev.num_experts, ev.top_k)[0]
+
+
+def certify_layers(cands: dict[int, Candidates], config: VARConfig) -> tuple[dict[int, LayerTable], dict[str, Any]]:
+    """The multiplicity step over every candidate entry of every layer (one family), then tables."""
+    alpha = (1 - config.confidence_level) / 2  # one-sided; equals the old two-sided Wilson level for m = 1
+    layers = sorted(cands)
+    pv = torch.cat([cands[l].pvalue_V[cands[l].eligible_V] for l in layers])
+    accepted, level = multiplicity_levels(pv, alpha, config.multiplicity)
+    out: dict[int, LayerTable] = {}
+    start = 0
+    for l in layers:
+        c = cands[l]
+        idx = c.eligible_V.nonzero().squeeze(1)
+        n = idx.numel()
+        member_V = torch.zeros_like(c.seen_V)
+        member_V[idx] = accepted[start:start + n]
+        level_V = torch.full(c.seen_V.shape, alpha, dtype=torch.float64)
+        level_V[idx] = level[start:start + n]
+        z_V = torch.special.ndtri(1 - level_V.clamp(1e-300, 0.5))
+        start += n
+        bound_V = wilson_lower_bound(c.agree_V, c.total_V, z_V)
+        out[l] = LayerTable(c.modal_VK, c.weights_VK.float(), c.mass_V.float(), member_V, bound_V.float(),
+                            c.agree_V, c.total_V)
+    info = {"method": "choose on even documents, certify on odd documents", "multiplicity": config.multiplicity,
+            "alpha_one_sided": alpha, "candidates": int(pv.numel()), "accepted": int(accepted.sum()),
+            "max_per_document": config.max_per_document}
+    return out, info
+
+
+
+def check_split(meta: dict[str, Any], source: str, allow_test_split: bool) -> None:
+    """Refuse statistics of the test split: tables built there would be judged on their own data."""
+    split = meta.get("split")
+    if split is None and isinstance(meta.get("config"), dict):
+        split = meta["config"].get("split")
+    if split == "test" and not allow_test_split:
+        raise InvalidInputError(f"{source}: these statistics were captured on the 'test' split, which the evaluation "
+                                "scores; capture `--split calibration` for tables, or pass --allow-test-split to "
+                                "build on it anyway")
+
+
+def evidence_for_stats(meta: dict[str, Any], model: Any, adapter: Any, tokenizer: Any = None,
+                       batch_size: int = 8) -> Evidence:
+    """Collect evidence over the documents a capture's metadata names (dataset, split, max_length,
+    num_samples), keeping every piece of every document (as the capture did)."""
+    from .evaluate import eval_batches
+
+    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    dataset, split = meta.get("dataset") or cfg.get("dataset"), meta.get("split") or cfg.get("split")
+    max_length, num_samples = cfg.get("max_length") or meta.get("max_length"), cfg.get("num_samples")
+    if not dataset or not split or not max_length:
+        raise InvalidInputError("the statistics metadata does not name its dataset / split / max_length, so the "
+                                "documents cannot be found again; capture them with `varmoe capture`")
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        name = meta.get("model") or cfg.get("model")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except Exception as exc:  # a missing or foreign tokenizer folder
+            raise InvalidInputError(f"cannot load the tokenizer of {name!r} named by the statistics ({exc})") from exc
+    batches = eval_batches(tokenizer, dataset, split, num_samples, int(max_length), batch_size, max_per_doc=None)
+    info = {"model": meta.get("model"), "dataset": dataset, "split": split, "max_length": int(max_length),
+            "router_fingerprint": model_identity(model, adapter)["router_fingerprint"]}
+    return collect_evidence(model, batches, adapter, info)
+
+
+def frequency_check(df: Any, evidence: Evidence) -> dict[str, Any]:
+    """How far the evidence pass's token counts are from the capture's (0 = the same documents)."""
+    import numpy as np
+
+    worst = 0.0
+    for l, ev in evidence.layers.items():
+        sub = df[df["layer"] == l]
+        freq_V = (ev.freq_2V[0] + ev.freq_2V[1]).numpy()
+        want = np.zeros_like(freq_V)
+        want[sub["token_id"].to_numpy()] = sub["frequency"].to_numpy()
+        worst = max(worst, float(np.abs(freq_V - want).sum() / max(want.sum(), 1)))
+    return {"relative_l1_difference": worst, "same_tokens": worst == 0.0}
 
 
 def router_fingerprint(routers: list[torch.nn.Module]) -> str:
@@ -164,9 +363,13 @@ def model_identity(model: Any, adapter: Any) -> dict[str, Any]:
 class VARTables:
     """Per-layer verified tables plus metadata (model identity, config, source statistics)."""
 
-    def __init__(self, layers: dict[int, LayerTable], metadata: dict[str, Any]):
+    def __init__(self, layers: dict[int, LayerTable], metadata: dict[str, Any],
+                 pairs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+                 global_sets: dict[int, torch.Tensor] | None = None):
         self.layers = layers
         self.metadata = metadata
+        self.pairs = pairs or {}  # layer -> (keys_P = prev * V + token, sets_PK, counts_P); for validation
+        self.global_sets = global_sets or {}  # layer -> the most frequent set (fallback predictor)
 
     def __getitem__(self, layer: int) -> LayerTable:
         return self.layers[layer]
@@ -183,36 +386,52 @@ class VARTables:
         return cls(tabs, {**ident, "layers": layers, "config": None, "source": "empty"})
 
     @classmethod
-    def from_stats(cls, df: Any, stats_meta: dict[str, Any], model: Any, adapter: Any, config: VARConfig,
-                   layers: list[int] | None = None, source: str = "") -> "VARTables":
-        """Tables for `model` from a statistics DataFrame (one table per MoE layer present)."""
-        from .stats_io import check_stats_for_model
-
-        check_stats_for_model(stats_meta, model, adapter, source=f"statistics {source}".strip())
-        split = stats_meta.get("split")
+    def from_evidence(cls, evidence: Evidence, model: Any, adapter: Any, config: VARConfig,
+                      layers: list[int] | None = None, source: str = "", min_pair_count: int = 2) -> "VARTables":
+        """Tables for `model`: each entry's set chosen on even calibration documents, certified on
+        odd ones (per-document cap, multiplicity over all entries; see the module docstring)."""
         ident = model_identity(model, adapter)
+        for key in ("vocab_size", "num_experts", "top_k"):
+            if evidence.metadata.get(key) != ident[key]:
+                raise InvalidInputError(f"evidence {source} was collected for {key}={evidence.metadata.get(key)!r}, "
+                                        f"the model has {key}={ident[key]!r}")
+        fp = evidence.metadata.get("router_fingerprint")
+        if fp is not None and fp != ident["router_fingerprint"]:
+            raise InvalidInputError(f"evidence {source} was collected with other router weights; collect it again for this model")
         moe = [m.layer for m in adapter.moe_layers(model)]
         layers = layers if layers is not None else moe
-        vocab, k, e = ident["vocab_size"], ident["top_k"], ident["num_experts"]
-        layer_col = df["layer"].to_numpy()
-        tabs = {l: build_layer_table(df[layer_col == l], vocab, e, k, config) for l in layers}
+        missing = sorted(set(layers) - set(evidence.layers))
+        if missing:
+            raise InvalidInputError(f"evidence {source} has no routing for layers {missing}")
+        cands = {l: layer_candidates(evidence.layers[l], config) for l in layers}
+        tabs, info = certify_layers(cands, config)
+        pairs = {l: pair_table(evidence.layers[l], min_pair_count) for l in layers}
+        glob = {l: global_set(evidence.layers[l]) for l in layers}
         meta = {**ident, "layers": layers, "config": config.to_dict(), "source": str(source),
-                "source_split": split, "source_model": stats_meta.get("model"),
-                "source_tokens": stats_meta.get("num_tokens"), "format_version": FORMAT_VERSION}
-        return cls(tabs, meta)
+                "source_split": evidence.metadata.get("split"), "source_model": evidence.metadata.get("model"),
+                "source_tokens": evidence.metadata.get("num_tokens"),
+                "source_documents": evidence.metadata.get("documents_per_half"),
+                "verification": info, "min_pair_count": min_pair_count, "format_version": FORMAT_VERSION}
+        return cls(tabs, meta, pairs, glob)
 
     @classmethod
     def from_stats_file(cls, path: str | Path, model: Any, adapter: Any, config: VARConfig,
-                        layers: list[int] | None = None) -> "VARTables":
-        from .stats_io import read_stats
+                        layers: list[int] | None = None, tokenizer: Any = None, evidence: Evidence | None = None,
+                        allow_test_split: bool = False, batch_size: int = 8) -> "VARTables":
+        """Tables from a calibration capture: its metadata names the documents (dataset, split,
+        max_length, num_samples); a routing pass over them collects the evidence by document
+        (unless `evidence` is given), and the pass must reproduce the capture's token counts."""
+        from .stats_io import check_stats_for_model, read_stats
 
         df, meta = read_stats(path)
-        if meta.get("split") not in (None, "calibration"):
-            # tables must be verified on held-out calibration text, never on the split they are judged on
-            import warnings
-
-            warnings.warn(f"{path}: statistics are from split {meta.get('split')!r}, not 'calibration'", stacklevel=2)
-        return cls.from_stats(df, meta, model, adapter, config, layers, source=str(path))
+        check_stats_for_model(meta, model, adapter, source=f"statistics {path}")
+        check_split(meta, str(path), allow_test_split)
+        if evidence is None:
+            evidence = evidence_for_stats(meta, model, adapter, tokenizer, batch_size)
+        tables = cls.from_evidence(evidence, model, adapter, config, layers, source=str(path))
+        tables.metadata["frequency_check"] = frequency_check(df, evidence)
+        tables.metadata["source_split"] = meta.get("split")
+        return tables
 
     # -- files -----------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -220,6 +439,10 @@ class VARTables:
 
         p = Path(path)
         tensors = {f"layer{l}.{n}": getattr(t, n).contiguous() for l, t in self.layers.items() for n in LayerTable.NAMES}
+        for l, (keys, sets, counts) in self.pairs.items():
+            tensors |= {f"layer{l}.pair_keys_P": keys.contiguous(), f"layer{l}.pair_sets_PK": sets.contiguous(),
+                        f"layer{l}.pair_counts_P": counts.contiguous()}
+        tensors |= {f"layer{l}.global_set_K": g.contiguous() for l, g in self.global_sets.items()}
         meta = {**self.metadata, "sizes": {str(l): s for l, s in self.sizes().items()}, "format_version": FORMAT_VERSION}
         save_file(tensors, str(p), metadata={"varmoe_tables": json.dumps(meta)})
         p.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -241,7 +464,10 @@ class VARTables:
         if not isinstance(meta, dict):
             raise InvalidInputError(f"{p} has no VAR tables metadata; was it written by VARTables.save?")
         layers = {int(l): LayerTable(*(tensors[f"layer{l}.{n}"] for n in LayerTable.NAMES)) for l in meta["layers"]}
-        tables = cls(layers, meta)
+        pairs = {int(l): tuple(tensors[f"layer{l}.{n}"] for n in ("pair_keys_P", "pair_sets_PK", "pair_counts_P"))
+                 for l in meta["layers"] if f"layer{l}.pair_keys_P" in tensors}
+        glob = {int(l): tensors[f"layer{l}.global_set_K"] for l in meta["layers"] if f"layer{l}.global_set_K" in tensors}
+        tables = cls(layers, meta, pairs, glob)
         if model is not None:
             tables.check_model(model, adapter, check_fingerprint=check_fingerprint, source=str(p))
         return tables
