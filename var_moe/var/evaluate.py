@@ -43,15 +43,18 @@ class EvalBatch:
 
 
 def eval_batches(tokenizer: Any, dataset: str, split: str, num_samples: int | None, max_length: int,
-                 batch_size: int, max_per_doc: int | None = 1) -> list[EvalBatch]:
+                 batch_size: int, max_per_doc: int | None = 1, max_docs: int | None = None) -> list[EvalBatch]:
     """Held-out sequences (documents cut into <= max_length pieces, at most `max_per_doc` per
-    document so a sample spans many documents) in padded batches with doc ids."""
+    document so a sample spans many documents; None = whole documents; at most `max_docs`
+    documents) in padded batches with doc ids."""
     if max_per_doc is not None and max_per_doc < 1:
         raise InvalidInputError("--max-per-doc must be >= 1")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos = tokenizer.eos_token_id
     seqs: list[tuple[int, list[int]]] = []
     for d, doc in enumerate(iter_documents(dataset, split)):
+        if max_docs is not None and d >= max_docs:
+            break
         ids = tokenizer(doc.text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
         for j, piece in enumerate(chunk_sequences([ids], max_length)):
             if max_per_doc is not None and j >= max_per_doc:

@@ -5,8 +5,8 @@ document id (`EvalBatch.doc_B`) under a `RoutingRecorder` (the router's own outp
 masked) and keeps, per MoE layer:
 
 - `rows_R4` / `counts_R`: distinct (document, previous token, token, set code) rows and how often
-  each occurred (previous = -1 at a sequence start; set code = sum_i set_i * E**i of the sorted
-  top-k set), so every per-token and per-(previous, token) count can be recomputed by document;
+  each occurred (previous = -1 at a sequence start; set code = sum_i set_i * E**(K-1-i) of the
+  sorted top-k set), so every per-token and per-(previous, token) count can be recomputed by document;
 - per half (0 = choose, 1 = certify) and token: occurrences, summed routing entropy (nats), and per
   expert how often it was chosen and its summed weight (for the served weights).
 
@@ -37,12 +37,14 @@ def half_of(doc: torch.Tensor) -> torch.Tensor:
 
 
 def set_codes(sets_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    powers = num_experts ** torch.arange(sets_TK.shape[1], dtype=torch.long)
+    """Integer code of each sorted set, first expert most significant (code order = lexicographic
+    order of the sorted sets, so "smallest code" breaks ties towards the smallest set)."""
+    powers = num_experts ** torch.arange(sets_TK.shape[1] - 1, -1, -1, dtype=torch.long, device=sets_TK.device)
     return (sets_TK.long() * powers).sum(1)
 
 
 def decode_sets(code_N: torch.Tensor, num_experts: int, k: int) -> torch.Tensor:
-    powers = num_experts ** torch.arange(k, dtype=torch.long)
+    powers = num_experts ** torch.arange(k - 1, -1, -1, dtype=torch.long, device=code_N.device)
     return (code_N[:, None] // powers) % num_experts
 
 
@@ -96,6 +98,7 @@ class LayerEvidence:
         self.rows_R4, inv = torch.unique(rows, dim=0, return_inverse=True)
         self.counts_R = torch.zeros(self.rows_R4.shape[0], dtype=torch.long).index_add_(0, inv, counts)
         self._pending = []
+        self._summary_cache = None  # derived tables (var.tables._summary) are stale now
 
     TENSORS = ("rows_R4", "counts_R", "freq_2V", "ent_2V", "chosen_2VE", "wsum_2VE")
 

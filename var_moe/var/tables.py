@@ -91,14 +91,19 @@ class LayerTable:
     bound_V: torch.Tensor  # float32 Wilson lower bound (0 for tokens never seen)
     agree_V: torch.Tensor  # float64 calibration occurrences with the modal set
     total_V: torch.Tensor  # float64 calibration occurrences
+    select_V: torch.Tensor | None = None  # float64 occurrences on the choosing side (0 = token unseen there)
 
-    NAMES = ("experts_VK", "weights_VK", "mass_V", "member_V", "bound_V", "agree_V", "total_V")
+    NAMES = ("experts_VK", "weights_VK", "mass_V", "member_V", "bound_V", "agree_V", "total_V", "select_V")
+
+    def __post_init__(self) -> None:
+        if self.select_V is None:  # files of format 1 did not store it
+            self.select_V = torch.zeros_like(self.total_V)
 
     @classmethod
     def empty(cls, vocab: int, k: int) -> "LayerTable":
         return cls(torch.zeros(vocab, k, dtype=torch.long), torch.full((vocab, k), 1.0 / k), torch.ones(vocab),
                    torch.zeros(vocab, dtype=torch.bool), torch.zeros(vocab), torch.zeros(vocab, dtype=torch.float64),
-                   torch.zeros(vocab, dtype=torch.float64))
+                   torch.zeros(vocab, dtype=torch.float64), torch.zeros(vocab, dtype=torch.float64))
 
     @property
     def size(self) -> int:
@@ -121,25 +126,55 @@ def _modal(keys_RC: torch.Tensor, counts_R: torch.Tensor, num_key_cols: int) -> 
     return keys_G, u[first_G, num_key_cols], total_G
 
 
-def certified_counts(ev: LayerEvidence, modal_code_V: torch.Tensor, max_per_document: int | None) -> tuple[torch.Tensor, ...]:
-    """Agreement of each token's chosen set on the certifying documents, capped per document.
-
-    A document with n occurrences of the token, a of them routed to the chosen set, counts
-    w = min(n, cap) trials and a * w / n agreements (cap None: w = n). Returns float64
-    (agree_V, total_V, documents_V)."""
-    v = ev.vocab
+def _certifying_groups(ev: LayerEvidence, modal_code_V: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per (certifying document, token): occurrences n_D, agreements a_D with the chosen set, token_D.
+    Independent of the config, so it is computed once per evidence object (`_summary`)."""
     rows, counts = ev.rows_R4, ev.counts_R.double()
     cert = half_of(rows[:, 0]) == 1
     rows, counts = rows[cert], counts[cert]
     tok = rows[:, 2]
     agree_R = (rows[:, 3] == modal_code_V[tok]).double() * counts
-    key_R = torch.stack([rows[:, 0], tok], 1)
-    dt, inv = torch.unique(key_R, dim=0, return_inverse=True)
+    dt, inv = torch.unique(torch.stack([rows[:, 0], tok], 1), dim=0, return_inverse=True)
     n_D = torch.zeros(dt.shape[0], dtype=torch.float64).index_add_(0, inv, counts)
     a_D = torch.zeros(dt.shape[0], dtype=torch.float64).index_add_(0, inv, agree_R)
+    return n_D, a_D, dt[:, 1]
+
+
+def _choosing(rows_R4: torch.Tensor, choose: str) -> torch.Tensor:
+    """Rows that choose sets: even documents ("even", the served tables) or all ("all", Phase 1's
+    unverified predictors, which are scored on another split)."""
+    if choose == "all":
+        return torch.ones(rows_R4.shape[0], dtype=torch.bool)
+    return half_of(rows_R4[:, 0]) == 0
+
+
+def _summary(ev: LayerEvidence, choose: str = "even") -> dict[str, torch.Tensor]:
+    """Config-independent parts of one layer's evidence: chosen sets and certifying groups (cached)."""
+    cache = getattr(ev, "_summary_cache", None) or {}
+    if choose in cache:
+        return cache[choose]
+    rows, counts = ev.rows_R4, ev.counts_R
+    sel = _choosing(rows, choose)
+    keys, code_G, _ = _modal(rows[sel][:, 2:4], counts[sel], 1)
+    modal_code_V = torch.full((ev.vocab,), -1, dtype=torch.long)
+    modal_code_V[keys[:, 0]] = code_G
+    n_D, a_D, tok_D = _certifying_groups(ev, modal_code_V)
+    out = {"modal_code_V": modal_code_V, "n_D": n_D, "a_D": a_D, "tok_D": tok_D, "choose": choose}
+    ev._summary_cache = {**cache, choose: out}
+    return out
+
+
+def certified_counts(ev: LayerEvidence, max_per_document: int | None, choose: str = "even") -> tuple[torch.Tensor, ...]:
+    """Agreement of each token's chosen set on the certifying documents, capped per document.
+
+    A document with n occurrences of the token, a of them routed to the chosen set, counts
+    w = min(n, cap) trials and a * w / n agreements (cap None: w = n). Returns float64
+    (agree_V, total_V, documents_V)."""
+    sm = _summary(ev, choose)
+    n_D, a_D, tok_D = sm["n_D"], sm["a_D"], sm["tok_D"]
     w_D = n_D if max_per_document is None else n_D.clamp_max(max_per_document)
     a_D = a_D * w_D / n_D.clamp_min(1)
-    tok_D = dt[:, 1]
+    v = ev.vocab
     agree_V = torch.zeros(v, dtype=torch.float64).index_add_(0, tok_D, a_D)
     total_V = torch.zeros(v, dtype=torch.float64).index_add_(0, tok_D, w_D)
     docs_V = torch.zeros(v, dtype=torch.float64).index_add_(0, tok_D, torch.ones_like(w_D))
@@ -207,26 +242,27 @@ class Candidates:
     weights_VK: torch.Tensor
     mass_V: torch.Tensor
     pvalue_V: torch.Tensor
+    select_V: torch.Tensor
 
 
-def layer_candidates(ev: LayerEvidence, config: VARConfig) -> Candidates:
-    """Choose each token's set on the choosing half; count its agreement on the certifying half."""
+def layer_candidates(ev: LayerEvidence, config: VARConfig, choose: str = "even") -> Candidates:
+    """Choose each token's set on the choosing half; count its agreement on the certifying half.
+    With choose="all" nothing is held out, so no entry is eligible (Phase 1 predictors only)."""
     v, e, k = ev.vocab, ev.num_experts, ev.top_k
-    rows, counts = ev.rows_R4, ev.counts_R
-    sel = half_of(rows[:, 0]) == 0
-    keys, code_G, _ = _modal(rows[sel][:, 2:4], counts[sel], 1)
-    modal_code_V = torch.full((v,), -1, dtype=torch.long)
-    modal_code_V[keys[:, 0]] = code_G
+    modal_code_V = _summary(ev, choose)["modal_code_V"]
     seen_V = modal_code_V >= 0
     modal_VK = torch.zeros(v, k, dtype=torch.long)
     modal_VK[seen_V] = decode_sets(modal_code_V[seen_V], e, k)
-    freq_V = ev.freq_2V[0]
-    ent_V = ev.ent_2V[0] / freq_V.clamp_min(1)
+    halves = slice(0, 2) if choose == "all" else slice(0, 1)
+    freq_V = ev.freq_2V[halves].sum(0)
+    ent_V = ev.ent_2V[halves].sum(0) / freq_V.clamp_min(1)
     eligible = seen_V & (freq_V >= config.frequency_threshold)
     if config.entropy_threshold is not None:
         eligible &= ent_V <= config.entropy_limit_nats(e)
-    agree_V, total_V, docs_V = certified_counts(ev, modal_code_V, config.max_per_document)
-    mean_w_VE = ev.wsum_2VE[0] / ev.chosen_2VE[0].clamp_min(1)
+    if choose == "all":  # nothing held out: nothing can be certified
+        eligible = torch.zeros_like(eligible)
+    agree_V, total_V, docs_V = certified_counts(ev, config.max_per_document, choose)
+    mean_w_VE = ev.wsum_2VE[halves].sum(0) / ev.chosen_2VE[halves].sum(0).clamp_min(1)
     w_VK = mean_w_VE.gather(1, modal_VK)
     mass_V = w_VK.sum(1)
     w_VK = torch.where(seen_V[:, None], w_VK / mass_V.clamp_min(1e-12)[:, None], torch.full_like(w_VK, 1.0 / k))
@@ -235,25 +271,33 @@ def layer_candidates(ev: LayerEvidence, config: VARConfig) -> Candidates:
     w_VK, order = w_VK.sort(dim=1, descending=True)
     modal_VK = modal_VK.gather(1, order)
     pvals = score_pvalues(agree_V, total_V, config.target_agreement)
-    return Candidates(modal_VK, seen_V, eligible & (total_V > 0), agree_V, total_V, docs_V, w_VK, mass_V, pvals)
+    return Candidates(modal_VK, seen_V, eligible & (total_V > 0), agree_V, total_V, docs_V, w_VK, mass_V, pvals, freq_V)
 
 
-def pair_table(ev: LayerEvidence, min_pair_count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pair_table(ev: LayerEvidence, min_pair_count: int, choose: str = "even") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(keys_P = prev * V + token sorted, sets_PK sorted, counts_P): modal set of each (previous,
-    token) pair seen >= min_pair_count times on the choosing half; plus nothing else."""
+    token) pair seen >= min_pair_count times on the choosing side."""
+    sm = _summary(ev, choose)
+    if "pairs" not in sm:
+        sm["pairs"] = _all_pairs(ev, choose)
+    keys, sets, counts = sm["pairs"]
+    keep = counts >= min_pair_count
+    return keys[keep], sets[keep], counts[keep]
+
+
+def _all_pairs(ev: LayerEvidence, choose: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     rows, counts = ev.rows_R4, ev.counts_R
-    sel = (half_of(rows[:, 0]) == 0) & (rows[:, 1] >= 0)
+    sel = _choosing(rows, choose) & (rows[:, 1] >= 0)
     if not bool(sel.any()):
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, ev.top_k, dtype=torch.long), torch.zeros(0, dtype=torch.long)
     keys, code_G, total_G = _modal(rows[sel][:, 1:4], counts[sel], 2)
-    keep = total_G >= min_pair_count
-    return keys[keep, 0] * ev.vocab + keys[keep, 1], decode_sets(code_G[keep], ev.num_experts, ev.top_k), total_G[keep]
+    return keys[:, 0] * ev.vocab + keys[:, 1], decode_sets(code_G, ev.num_experts, ev.top_k), total_G
 
 
-def global_set(ev: LayerEvidence) -> torch.Tensor:
-    """The single most frequent set on the choosing half (ties -> smallest)."""
+def global_set(ev: LayerEvidence, choose: str = "even") -> torch.Tensor:
+    """The single most frequent set on the choosing side (ties -> smallest)."""
     rows, counts = ev.rows_R4, ev.counts_R
-    sel = half_of(rows[:, 0]) == 0
+    sel = _choosing(rows, choose)
     codes, inv = torch.unique(rows[sel][:, 3], return_inverse=True)
     c = torch.zeros(codes.numel(), dtype=torch.long).index_add_(0, inv, counts[sel])
     return decode_sets(codes[int(torch.argmax(c))].reshape(1), ev.num_experts, ev.top_k)[0]
@@ -279,7 +323,7 @@ def certify_layers(cands: dict[int, Candidates], config: VARConfig) -> tuple[dic
         start += n
         bound_V = wilson_lower_bound(c.agree_V, c.total_V, z_V)
         out[l] = LayerTable(c.modal_VK, c.weights_VK.float(), c.mass_V.float(), member_V, bound_V.float(),
-                            c.agree_V, c.total_V)
+                            c.agree_V, c.total_V, c.select_V)
     info = {"method": "choose on even documents, certify on odd documents", "multiplicity": config.multiplicity,
             "alpha_one_sided": alpha, "candidates": int(pv.numel()), "accepted": int(accepted.sum()),
             "max_per_document": config.max_per_document}
@@ -387,7 +431,8 @@ class VARTables:
 
     @classmethod
     def from_evidence(cls, evidence: Evidence, model: Any, adapter: Any, config: VARConfig,
-                      layers: list[int] | None = None, source: str = "", min_pair_count: int = 2) -> "VARTables":
+                      layers: list[int] | None = None, source: str = "", min_pair_count: int = 2,
+                      choose: str = "even") -> "VARTables":
         """Tables for `model`: each entry's set chosen on even calibration documents, certified on
         odd ones (per-document cap, multiplicity over all entries; see the module docstring)."""
         ident = model_identity(model, adapter)
@@ -403,10 +448,14 @@ class VARTables:
         missing = sorted(set(layers) - set(evidence.layers))
         if missing:
             raise InvalidInputError(f"evidence {source} has no routing for layers {missing}")
-        cands = {l: layer_candidates(evidence.layers[l], config) for l in layers}
+        if choose not in ("even", "all"):
+            raise InvalidInputError(f"choose must be 'even' or 'all', got {choose!r}")
+        cands = {l: layer_candidates(evidence.layers[l], config, choose) for l in layers}
         tabs, info = certify_layers(cands, config)
-        pairs = {l: pair_table(evidence.layers[l], min_pair_count) for l in layers}
-        glob = {l: global_set(evidence.layers[l]) for l in layers}
+        if choose == "all":
+            info = {"method": "sets chosen on all calibration documents; nothing certified (Phase 1 predictors)"}
+        pairs = {l: pair_table(evidence.layers[l], min_pair_count, choose) for l in layers}
+        glob = {l: global_set(evidence.layers[l], choose) for l in layers}
         meta = {**ident, "layers": layers, "config": config.to_dict(), "source": str(source),
                 "source_split": evidence.metadata.get("split"), "source_model": evidence.metadata.get("model"),
                 "source_tokens": evidence.metadata.get("num_tokens"),
@@ -463,7 +512,7 @@ class VARTables:
             raise InvalidInputError(f"{p} is not a VAR tables file ({exc})") from exc
         if not isinstance(meta, dict):
             raise InvalidInputError(f"{p} has no VAR tables metadata; was it written by VARTables.save?")
-        layers = {int(l): LayerTable(*(tensors[f"layer{l}.{n}"] for n in LayerTable.NAMES)) for l in meta["layers"]}
+        layers = {int(l): LayerTable(*(tensors.get(f"layer{l}.{n}") for n in LayerTable.NAMES)) for l in meta["layers"]}
         pairs = {int(l): tuple(tensors[f"layer{l}.{n}"] for n in ("pair_keys_P", "pair_sets_PK", "pair_counts_P"))
                  for l in meta["layers"] if f"layer{l}.pair_keys_P" in tensors}
         glob = {int(l): tensors[f"layer{l}.global_set_K"] for l in meta["layers"] if f"layer{l}.global_set_K" in tensors}
