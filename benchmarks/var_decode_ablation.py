@@ -2,9 +2,9 @@
 
 Greedy generation of --new-tokens tokens from one short prompt on the reference model with its
 committed tables, 1 thread. Variants (each a fresh `VARModelWrapper` from the tables' own config):
-  baseline     - VAR disabled (the original routers, called through the wrapper)
-  var          - the tables' config as committed (fast tier + context cache + counters)
-  no-cache     - same without the cached tier
+  baseline     - the unmodified model (original routers, no wrapper installed, no hooks)
+  var          - the tables' config as committed (fast tier + counters; the presets leave the cache off)
+  cache-on     - same with the cached tier on
   no-counters  - same with track_performance off (no per-layer tier counters)
   learned-only - fast tier and cache off: every row takes the learned tier through VAR's code
 Each variant keeps its wrapper (and so its context cache) for the whole run and is installed only
@@ -36,7 +36,7 @@ from var_moe.var.wrapper import VARModelWrapper
 VARIANTS = {
     "baseline": None,
     "var": {},
-    "no-cache": {"enable_cache": False},
+    "cache-on": {"enable_cache": True, "cache_ttl_seconds": None},
     "no-counters": {"track_performance": False},
     "learned-only": {"enable_cache": False, "enable_fast_path": False},
 }
@@ -76,6 +76,11 @@ def main() -> None:
 
     def timed(name: str) -> float:
         wrapper = wrappers[name]
+        if name == "baseline":  # nothing installed: the model exactly as loaded
+            model.generate(**gen)  # warm-up
+            t0 = time.perf_counter()
+            model.generate(**gen)
+            return time.perf_counter() - t0
         wrapper.install()
         try:
             wrapper.generate(**gen)  # warm-up

@@ -4,8 +4,8 @@ agreement, perplexity change, paired speed ratio.
 Stage 1 (tables, cheap): for every (target agreement, minimum frequency, entropy cap incl. none,
 per-document cap) the tables are rebuilt from saved calibration evidence and scored on test
 evidence (`validation.served`): coverage and agreement per layer with document-bootstrap intervals.
-Stage 2 (runtime, model runs): for the table points `runtime_points` picks (each target's largest
-coverage with every layer on target, the loose check at target 0.5, and any named presets), and
+Stage 2 (runtime, model runs): for the table points `runtime_points` picks (the presets, and the
+loosest target's largest coverage as the degradation check), and
 each runtime setting (adaptive-k threshold or none, cache on/off): perplexity of VAR vs the
 unmodified model on whole test documents (every piece, no cap per document) with a paired
 bootstrap interval over documents, and the paired speed ratio (baseline time / VAR time; batches
