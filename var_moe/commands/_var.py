@@ -13,10 +13,11 @@ from ..errors import InvalidInputError
 from ..var.config import MULTIPLICITY, PRESETS, VARConfig, get_preset
 
 
-def add_var_flags(p: argparse.ArgumentParser) -> None:
+def add_var_flags(p: argparse.ArgumentParser, with_tables: bool = True) -> None:
     p.add_argument("--routing-stats", "--routing_stats", dest="routing_stats", default=None,
                    help="Phase 1 statistics of the calibration split (Parquet) to build tables from")
-    p.add_argument("--tables", default=None, help="prebuilt tables file (from `varmoe build-tables`) instead of --routing-stats")
+    if with_tables:
+        p.add_argument("--tables", default=None, help="prebuilt tables file (from `varmoe build-tables`) instead of --routing-stats")
     p.add_argument("--preset", default="balanced", choices=list(PRESETS), help="starting VARConfig (default balanced)")
     p.add_argument("--config", default=None, help="VARConfig JSON file (replaces the preset)")
     p.add_argument("--target-agreement", dest="target_agreement", type=float, default=None,

@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Choose each token's expert set on half of the calibration documents, certify it "
                        "on the other half, and write the tables the router serves.")
     add_model_flags(p)
-    add_var_flags(p)
+    add_var_flags(p, with_tables=False)
     p.add_argument("--output", "-o", required=True, help="tables file (.safetensors); metadata goes to .json beside it")
     p.add_argument("--evidence", default=None,
                    help="evidence file (.safetensors): read if it exists, else collected and written there")
