@@ -29,6 +29,7 @@ import torch
 from ..errors import InvalidInputError
 
 _CONSOLIDATE_ROWS = 2_000_000
+SET_CODE = "sum_i s_i * E**(K-1-i), sorted set"  # recorded in the metadata; files with another code are refused
 
 
 def half_of(doc: torch.Tensor) -> torch.Tensor:
@@ -135,6 +136,8 @@ class Evidence:
             raise InvalidInputError(f"{p} is not a VAR evidence file ({exc})") from exc
         if not isinstance(meta, dict):
             raise InvalidInputError(f"{p} has no VAR evidence metadata")
+        if meta.get("set_code") != SET_CODE:
+            raise InvalidInputError(f"{p} encodes top-k sets as {meta.get('set_code')!r}, not {SET_CODE!r}; collect it again")
         v, e, k = meta["vocab_size"], meta["num_experts"], meta["top_k"]
         layers = {int(l): LayerEvidence(v, e, k, *(tensors[f"layer{l}.{n}"] for n in LayerEvidence.TENSORS))
                   for l in meta["layers"]}
@@ -172,7 +175,7 @@ def collect_evidence(model: Any, batches: Iterable[Any], adapter: Any = None, in
         raise InvalidInputError("the calibration pass produced no routing (empty split?)")
     for ev in layers.values():
         ev.consolidate()
-    meta = {**(info or {}), "vocab_size": vocab, "num_experts": adapter.num_experts, "top_k": adapter.top_k,
+    meta = {**(info or {}), "set_code": SET_CODE, "vocab_size": vocab, "num_experts": adapter.num_experts, "top_k": adapter.top_k,
             "layers": sorted(layers), "num_tokens": n_tokens, "num_documents": len(docs),
             "documents_per_half": [sum(1 for d in docs if d % 2 == h) for h in (0, 1)],
             "split_rule": "documents with an even index choose each entry's set, odd ones certify it"}
