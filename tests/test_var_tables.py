@@ -81,3 +81,20 @@ def test_committed_reference_tables_fit_the_committed_model(reference_model_dir)
     assert sum(tables.sizes().values()) > 0
     for layer, t in tables.layers.items():  # every entry states a bound at or above its target
         assert bool((t.bound_V[t.member_V] >= tables.metadata["config"]["target_agreement"]).all())
+
+
+def test_from_texts_builds_certified_tables_for_a_tiny_model():
+    """Callers without a capture (tests, the server's tiny models) build tables from documents."""
+
+    class Tok:  # whitespace "tokenizer" over a fixed vocabulary
+        pad_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [3 + ord(w) - ord("a") for w in text.split()]}
+
+    model = tiny_model("mixtral", seed=3)
+    texts = [" ".join(["a", "b", "c", "d", "e"][(i + j) % 5] for j in range(40)) for i in range(30)]
+    tables = VARTables.from_texts(model, Tok(), texts, VARConfig(frequency_threshold=2, target_agreement=0.5))
+    assert tables.metadata["verification"]["candidates"] > 0
+    assert tables.metadata["source_documents"] == [15, 15]
+    tables.check_model(model)

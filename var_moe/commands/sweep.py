@@ -105,6 +105,10 @@ def run(args: argparse.Namespace) -> int:
         keys = runtime_points(doc, {name: get_preset(name) for name in PRESETS})
         doc = sweep_runtime(cal, model, adapter, ppl, ppl[: args.speed_batches], grid, base, keys, out)
     doc["grid"] = json.loads(json.dumps(grid.__dict__, default=str))
+    if doc.get("runtime"):
+        from ..var.sweep import render_runtime
+
+        print(render_runtime(doc))
     if args.figure_dir and doc.get("runtime"):
         from ..validation.figures import fig_frontier, save_figure
 

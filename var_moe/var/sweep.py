@@ -193,3 +193,20 @@ def paired_speed(model: Any, wrapper: Any, batches: list[EvalBatch], device: Any
 
 def grid_to_dict(grid: SweepGrid) -> dict[str, Any]:
     return asdict(grid)
+
+
+def render_runtime(doc: dict[str, Any]) -> str:
+    """The runtime points as a markdown table (what docs/PHASE2.md quotes)."""
+    tables = {r["key"]: r for r in doc["tables"]}
+    lines = ["| target | min freq | per-doc cap | adaptive k | cache | fast | cached | test agreement (served) | "
+             "perplexity change (95% CI) | speed ratio (repeats) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["runtime"]:
+        t = tables[r["table_key"]]
+        c, d = t["config"], r["routing_distribution"]
+        lo, hi = r["perplexity_change_ci95_pct"]
+        reps = ", ".join(f"{x:.2f}" for x in r["speed_ratio_per_repeat"])
+        lines.append(f"| {c['target_agreement']} | {c['frequency_threshold']} | {c['max_per_document']} | "
+                     f"{r['adaptive_k_min_weight'] or 'off'} | {'on' if r['cache'] else 'off'} | {100 * d['fast']:.1f}% | "
+                     f"{100 * d['cached']:.1f}% | {100 * (t['agreement'] or 0):.1f}% | {r['perplexity_change_pct']:+.2f}% "
+                     f"({lo:+.2f}, {hi:+.2f}) | {r['speed_ratio']:.3f} ({reps}) |")
+    return "\n".join(lines)

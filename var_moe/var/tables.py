@@ -352,8 +352,9 @@ def evidence_for_stats(meta: dict[str, Any], model: Any, adapter: Any, tokenizer
     dataset, split = meta.get("dataset") or cfg.get("dataset"), meta.get("split") or cfg.get("split")
     max_length, num_samples = cfg.get("max_length") or meta.get("max_length"), cfg.get("num_samples")
     if not dataset or not split or not max_length:
-        raise InvalidInputError("the statistics metadata does not name its dataset / split / max_length, so the "
-                                "documents cannot be found again; capture them with `varmoe capture`")
+        raise InvalidInputError("the statistics metadata does not name its dataset / split / max_length, so its "
+                                "documents cannot be found again to certify tables by document; capture them with "
+                                "`varmoe capture`, or build tables with `VARTables.from_texts` / `varmoe build-tables`")
     if tokenizer is None:
         from transformers import AutoTokenizer
 
@@ -462,6 +463,29 @@ class VARTables:
                 "source_documents": evidence.metadata.get("documents_per_half"),
                 "verification": info, "min_pair_count": min_pair_count, "format_version": FORMAT_VERSION}
         return cls(tabs, meta, pairs, glob)
+
+    @classmethod
+    def from_texts(cls, model: Any, tokenizer: Any, texts: list[str], config: VARConfig, max_length: int = 256,
+                   batch_size: int = 8, source: str = "texts") -> "VARTables":
+        """Tables from a list of documents (each text one document; even ones choose, odd ones
+        certify) -- for callers without a capture, e.g. tests that build tables for a tiny model."""
+        from ..corpus import chunk_sequences, pad_batch
+        from .evaluate import EvalBatch
+
+        from ..adapters import get_adapter
+
+        adapter = get_adapter(model)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        seqs = [(d, piece) for d, text in enumerate(texts)
+                for piece in chunk_sequences([tokenizer(text, add_special_tokens=False)["input_ids"]], max_length)]
+        if not seqs:
+            raise InvalidInputError("no text to build tables from")
+        batches = []
+        for i in range(0, len(seqs), batch_size):  # a loop over batches, not tokens
+            ids, mask = pad_batch([p for _, p in seqs[i:i + batch_size]], pad_id)
+            batches.append(EvalBatch(ids, mask, [d for d, _ in seqs[i:i + batch_size]]))
+        info = {"source": source, "router_fingerprint": model_identity(model, adapter)["router_fingerprint"]}
+        return cls.from_evidence(collect_evidence(model, batches, adapter, info), model, adapter, config, source=source)
 
     @classmethod
     def from_stats_file(cls, path: str | Path, model: Any, adapter: Any, config: VARConfig,
