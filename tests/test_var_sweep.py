@@ -5,7 +5,6 @@ resumable. Run: `pytest tests/test_var_sweep.py`."""
 
 import json
 
-import pytest
 import torch
 
 from var_moe.adapters import get_adapter

@@ -46,7 +46,6 @@ def test_split_metadata_test_is_refused_unless_allowed(tmp_path):
 
 def test_save_load_and_refusal(tmp_path):
     model = tiny_model("mixtral", seed=0)
-    adapter = get_adapter(model)
     tables = tiny_tables(model, VARConfig(frequency_threshold=4, target_agreement=0.5))
     assert sum(tables.sizes().values()) > 0
     path = tables.save(tmp_path / "t.safetensors")
