@@ -9,8 +9,10 @@ The wrapper attaches a `TokenTracker` (token ids, padding and context aligned wi
 also across `generate()` steps) and hands it to every VAR router. With VAR disabled each router
 calls the original module with the original input, so routing is exactly the original's.
 `suspended()` is a context manager that takes VAR out completely (original modules, no hooks) for
-timing the unmodified model in the same process. Counters (per layer: tier counts, cache hits,
-shadow agreement) live on device in each router; per-batch-row tier counts for the server are in
+timing the unmodified model in the same process; `frozen_tables()` holds shadow demotions back
+(timed passes). The tables of all patched layers are stacked once (`router.TableStack`): the fast
+tier of a whole forward is one lookup. Counters (per layer: tier counts, cache hits, shadow
+agreement) live on device in the stack; per-batch-row tier counts for the server are in
 `row_tier_counts()`. Test: `pytest tests/test_var_exact.py tests/test_var_router.py`.
 """
 
