@@ -1,6 +1,6 @@
 """`varmoe evaluate`: perplexity, throughput and routing of the baseline model or of VAR on held-out text.
 
-    varmoe evaluate --mode baseline --split test --num-samples 64 --output results/phase2/baseline.json
+    varmoe evaluate --mode baseline --split test --num-docs 6 --output results/phase2/baseline.json   # whole documents
     varmoe evaluate --mode var --routing-stats calib.parquet --preset balanced --split test \
         --num-samples 64 --output results/phase2/var_balanced.json [--adaptive-k] [--weights-source learned]
     varmoe evaluate --compare baseline.json var.json        # the seed's spelling of `varmoe compare`
@@ -32,8 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed passes over the batches (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up forwards per mode")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples over documents")
-    p.add_argument("--max-per-doc", dest="max_per_doc", type=int, default=1,
-                   help="at most this many max-length pieces per document (0 = no limit), so samples span documents")
+    p.add_argument("--max-per-doc", dest="max_per_doc", type=int, default=0,
+                   help="at most this many max-length pieces per document (default 0 = whole documents)")
+    p.add_argument("--num-docs", dest="num_docs", type=int, default=None,
+                   help="score this many documents of the split, each whole (every max-length piece)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", "-o", default=None, help="JSON file to write (required with --mode)")
     p.set_defaults(func=run)
@@ -58,11 +60,14 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(spec)
     tables = tables_from_args(args, model, config, tokenizer) if args.mode == "var" else None
+    if args.num_docs is not None and args.num_docs < 1:
+        raise InvalidInputError("--num-docs must be >= 1")
     batches = eval_batches(tokenizer, args.dataset, args.split, args.num_samples, args.max_length, args.batch_size,
-                           args.max_per_doc or None)
+                           args.max_per_doc or None, max_docs=args.num_docs)
     info = {"model": args.model, "dataset": args.dataset, "split": args.split, "num_samples": args.num_samples,
             "max_length": args.max_length, "batch_size": args.batch_size, "preset": args.preset if args.mode == "var" else None,
-            "routing_stats": args.routing_stats, "tables": args.tables, "max_per_doc": args.max_per_doc}
+            "routing_stats": args.routing_stats, "tables": args.tables, "max_per_doc": args.max_per_doc,
+            "num_docs": args.num_docs}
     result = evaluate_quality_and_speed(model, tokenizer, args.mode, batches, config=config, tables=tables, repeats=args.repeats,
                       warmup=args.warmup, bootstrap=args.bootstrap, seed=args.seed, info=info)
     out = Path(args.output)
