@@ -14,7 +14,8 @@ through every VAR variant, so their caches hold what a server's caches hold afte
 after one warm-up generation; the table gives the median time and the median of per-repeat
 ratios to baseline.
 
-Run: `python benchmarks/var_decode_ablation.py [--new-tokens 64] [--repeats 7] [--warm-sequences 0] [--json F]`
+Run: `python benchmarks/var_decode_ablation.py [--new-tokens 64] [--repeats 7] [--warm-sequences 0]
+[--variants baseline,var] [--json F]`
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def main() -> None:
     ap.add_argument("--warm-sequences", type=int, default=0,
                     help="calibration sequences (256 tokens) forwarded through each VAR variant first")
     ap.add_argument("--json", default=None, help="write the per-repeat times and the summary here")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants (baseline always runs)")
     args = ap.parse_args()
     if args.new_tokens < 1 or args.repeats < 1:
         ap.error("--new-tokens and --repeats must be >= 1")
@@ -61,8 +63,12 @@ def main() -> None:
     base_config = VARConfig.from_dict(tables.metadata["config"])
     ids = tok("import os\nimport sys\n", return_tensors="pt")
 
+    chosen = ["baseline"] + [v for v in args.variants.split(",") if v and v != "baseline"]
+    unknown = sorted(set(chosen) - set(VARIANTS))
+    if unknown:
+        ap.error(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
     wrappers = {}
-    for name, change in VARIANTS.items():
+    for name, change in ((n, VARIANTS[n]) for n in chosen):
         wrappers[name] = VARModelWrapper(model, dataclasses.replace(base_config, **(change or {})), tables)
         if change is None:
             wrappers[name].disable_var()
@@ -90,7 +96,7 @@ def main() -> None:
         finally:
             wrapper.restore()
 
-    names = list(VARIANTS)
+    names = chosen
     times: dict[str, list[float]] = {n: [] for n in names}
     for rep in range(args.repeats):
         order = names[rep % len(names):] + names[: rep % len(names)]

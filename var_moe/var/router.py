@@ -115,6 +115,7 @@ class TableStack:
         self.counts_LC = torch.zeros(len(layers), len(COUNTERS), dtype=torch.long, device=device)
         self.frozen = False
         self.counts_fast_path = not config.cache_enabled  # tiers fully known at lookup time
+        self._lookup_cols = torch.tensor([C["forwards"], C["fast"], C["learned"]], device=device)
         self.on_rows: Callable[[torch.Tensor, Any], None] | None = None
         self._last: Lookup | None = None
 
@@ -139,15 +140,19 @@ class TableStack:
             fast_LT = self.member_LV[:, safe_T] & ok_T
         else:
             fast_LT = torch.zeros(len(self.layers), ids_T.shape[0], dtype=torch.bool, device=device)
-        look = Lookup(tok, safe_T, valid_T, fast_LT, self.nominal_LVK[:, safe_T], self.idx_LVK[:, safe_T],
-                      self.weights_LVK[:, safe_T])
-        self.counts_LC[:, C["forwards"]] += 1
+        idx_LTK = self.idx_LVK[:, safe_T]
+        # the pre-adaptive-k set is only read by verification and the cache
+        nominal_LTK = idx_LTK if not self.config.adaptive_k else self.nominal_LVK[:, safe_T]
+        look = Lookup(tok, safe_T, valid_T, fast_LT, nominal_LTK, idx_LTK, self.weights_LVK[:, safe_T])
         if self.config.track_performance and self.counts_fast_path:
             n_fast_L = fast_LT.sum(1)
-            self.counts_LC[:, C["fast"]] += n_fast_L
-            self.counts_LC[:, C["learned"]] += valid_T.sum() - n_fast_L
+            # forwards, fast, learned in one indexed add
+            self.counts_LC[:, self._lookup_cols] += torch.stack([torch.ones_like(n_fast_L), n_fast_L,
+                                                                 valid_T.sum() - n_fast_L], 1)
             if self.config.adaptive_k:
                 self.counts_LC[:, C["adaptive_single"]] += (fast_LT & self.single_LV[:, safe_T]).sum(1)
+        else:
+            self.counts_LC[:, C["forwards"]] += 1
         if self.counts_fast_path and self.on_rows is not None:
             self.on_rows(fast_LT.sum(0), tok)
         self._last = look

@@ -51,7 +51,8 @@ class VARModelWrapper:
         else:
             tables.check_model(model, self.adapter)
         self.tables = tables
-        self.tracker = TokenTracker(model, window=self.config.context_window_size)
+        # the context (previous tokens) is only read by the cache; without it the tracker skips that work
+        self.tracker = TokenTracker(model, window=self.config.context_window_size if self.config.cache_enabled else 0)
         self._row_counts: torch.Tensor | None = None
         kwargs = {"clock": clock} if clock is not None else {}
         self.originals = {m.layer: getattr(m.block, m.router_attr) for m in moe}
