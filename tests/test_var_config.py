@@ -65,3 +65,19 @@ def test_relative_entropy_threshold():
     assert VARConfig(entropy_threshold=0.5, entropy_relative=False).entropy_limit_nats(8) == 0.5
     with pytest.raises(ValueError, match="entropy_threshold"):
         VARConfig(entropy_threshold=1.2)  # a share of ln E cannot exceed 1
+
+
+def test_from_routing_stats_refuses_the_test_split_unless_allowed(tmp_path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from var_moe.var.config import VARConfig
+
+    path = tmp_path / "stats_test.parquet"
+    table = pa.table({"layer": [0]}).replace_schema_metadata({b"var_moe": json.dumps({"split": "test"}).encode()})
+    pq.write_table(table, path)
+    with pytest.raises(ValueError, match="--allow-test-split"):
+        VARConfig.from_routing_stats(path)
+    assert VARConfig.from_routing_stats(path, allow_test_split=True).allow_test_split
