@@ -27,10 +27,10 @@ torch.set_num_threads(1)
 class _Settings:
     """The fields ModelHost.load reads (a plain object keeps this test independent of env vars)."""
 
-    def __init__(self, model_dir, stats, var_config):
+    def __init__(self, model_dir, tables, var_config):
         self.model, self.dtype, self.device, self.quantization, self.trust_remote_code = str(model_dir), "float32", "cpu", None, False
-        self.var_tables, self.routing_stats, self.var_config, self.var_on_start = None, stats, var_config, True
-        self.var_tables_path, self.routing_stats_path = None, stats
+        self.var_tables, self.routing_stats, self.var_config, self.var_on_start = tables, None, var_config, True
+        self.var_tables_path, self.routing_stats_path = tables, None
         self.shadow_rate = None  # keep the VAR config's own shadow rate
 
 
@@ -38,7 +38,7 @@ class _Settings:
 def host(tmp_path_factory):
     d = tiny_var_model(tmp_path_factory.mktemp("engine") / "tiny")
     (d / "var.json").write_text(json.dumps(permissive_var_config()))
-    return ModelHost.load(_Settings(d, d / "var" / "routing_stats_calibration.parquet", str(d / "var.json")))
+    return ModelHost.load(_Settings(d, d / "var" / "var_tables.safetensors", str(d / "var.json")))
 
 
 def make_engine(host, **kw) -> Engine:

@@ -1,6 +1,6 @@
 """Baseline vs VAR evaluation on held-out text: perplexity, throughput, latency, agreement.
 
-`evaluate(model, tokenizer, mode, ...)` returns the JSON document `varmoe evaluate` writes:
+`evaluate_quality_and_speed(model, tokenizer, mode, ...)` returns the JSON document `varmoe evaluate` writes:
 - evaluation: perplexity of the (VAR or baseline) model, padding masked, per-document sums kept
   for a paired bootstrap;
 - throughput: tokens/s and per-batch latency percentiles (p50/p95/p99) after warm-up, median
@@ -43,14 +43,17 @@ class EvalBatch:
 
 
 def eval_batches(tokenizer: Any, dataset: str, split: str, num_samples: int | None, max_length: int,
-                 batch_size: int, max_per_doc: int | None = 1) -> list[EvalBatch]:
+                 batch_size: int, max_per_doc: int | None = 1, max_docs: int | None = None) -> list[EvalBatch]:
     """Held-out sequences (documents cut into <= max_length pieces, at most `max_per_doc` per
-    document so a sample spans many documents) in padded batches with doc ids."""
+    document so a sample spans many documents; None = whole documents; at most `max_docs`
+    documents) in padded batches with doc ids."""
     if max_per_doc is not None and max_per_doc < 1:
         raise InvalidInputError("--max-per-doc must be >= 1")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     seqs: list[tuple[int, list[int]]] = []
     for d, doc in enumerate(iter_documents(dataset, split)):
+        if max_docs is not None and d >= max_docs:
+            break
         ids = encode_document(tokenizer, doc.text)  # whole document, chunked below: no length warning
         for j, piece in enumerate(chunk_sequences([ids], max_length)):
             if max_per_doc is not None and j >= max_per_doc:
@@ -131,7 +134,7 @@ def _environment(device: torch.device) -> dict[str, Any]:
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
 
-def evaluate(model: Any, tokenizer: Any, mode: str, batches: list[EvalBatch], config: VARConfig | None = None,
+def evaluate_quality_and_speed(model: Any, tokenizer: Any, mode: str, batches: list[EvalBatch], config: VARConfig | None = None,
              tables: Any = None, repeats: int = 3, warmup: int = 1, bootstrap: int = 2000, seed: int = 0,
              info: dict[str, Any] | None = None) -> dict[str, Any]:
     if mode not in ("baseline", "var"):
@@ -180,6 +183,8 @@ def evaluate(model: Any, tokenizer: Any, mode: str, batches: list[EvalBatch], co
                 _timed(model, batches[0], device)
             _timed(wrapper, batches[0], device)
         base_rep, var_rep, base_lat, var_lat, ratios = [], [], [], [], []
+        frozen = wrapper.frozen_tables()  # shadow demotion must not change tables between timed repeats
+        frozen.__enter__()
         for r in range(repeats):
             wrapper.clear_cache()
             tb, tv = [], []
@@ -196,6 +201,7 @@ def evaluate(model: Any, tokenizer: Any, mode: str, batches: list[EvalBatch], co
             var_rep.append(sum(tv))
             base_lat += tb
             var_lat += tv
+        frozen.__exit__(None, None, None)
     finally:
         wrapper.restore()
     result["config"] = config.to_dict()
