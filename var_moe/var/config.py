@@ -153,9 +153,7 @@ class VARConfig:
     @classmethod
     def from_routing_stats(cls, path: str | Path, preset: str = "balanced", **overrides: Any) -> "VARConfig":
         """A preset pointed at a Phase 1 statistics file (checked to exist and be readable)."""
-        from .stats_io import read_stats_metadata
-
-        from .tables import check_split
+        from .stats_io import check_split, read_stats_metadata
 
         meta = read_stats_metadata(path)  # fails early with a clear message on a missing / foreign file
         check_split(meta, str(path), bool(overrides.get("allow_test_split", False)))

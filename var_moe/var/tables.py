@@ -53,6 +53,7 @@ from .certify import (  # noqa: F401  (re-exported: the table API in one place)
 )
 from .config import VARConfig
 from .evidence import Evidence, collect_evidence
+from .stats_io import check_split  # noqa: F401  (re-exported: callers check a file before loading a model)
 
 FORMAT_VERSION = 2
 
@@ -113,22 +114,11 @@ def certify_layers(cands: dict[int, Candidates], config: VARConfig) -> tuple[dic
 
 
 
-def check_split(meta: dict[str, Any], source: str, allow_test_split: bool) -> None:
-    """Refuse statistics of the test split: tables built there would be judged on their own data."""
-    split = meta.get("split")
-    if split is None and isinstance(meta.get("config"), dict):
-        split = meta["config"].get("split")
-    if split == "test" and not allow_test_split:
-        raise InvalidInputError(f"{source}: these statistics were captured on the 'test' split, which the evaluation "
-                                "scores; capture `--split calibration` for tables, or pass --allow-test-split to "
-                                "build on it anyway")
-
-
 def evidence_for_stats(meta: dict[str, Any], model: Any, adapter: Any, tokenizer: Any = None,
                        batch_size: int = 8) -> Evidence:
     """Collect evidence over the documents a capture's metadata names (dataset, split, max_length,
     num_samples), keeping every piece of every document (as the capture did)."""
-    from .evaluate import eval_batches
+    from .eval_data import eval_batches
 
     cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
     dataset, split = meta.get("dataset") or cfg.get("dataset"), meta.get("split") or cfg.get("split")
@@ -250,10 +240,9 @@ class VARTables:
                    batch_size: int = 8, source: str = "texts") -> "VARTables":
         """Tables from a list of documents (each text one document; even ones choose, odd ones
         certify) -- for callers without a capture, e.g. tests that build tables for a tiny model."""
-        from ..corpus import chunk_sequences, pad_batch
-        from .evaluate import EvalBatch
-
         from ..adapters import get_adapter
+        from ..corpus import chunk_sequences, pad_batch
+        from .eval_data import EvalBatch
 
         adapter = get_adapter(model)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
