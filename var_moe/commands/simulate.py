@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
         shape = ModelShape(**trace.metadata["shape"])
     else:
         shape = get_shape(args.shape)
-    preds = predictors.all_predictions(trace, tables, calib, args.min_count)
+    sources: dict = {}
+    preds = predictors.all_predictions(trace, tables, calib, args.min_count, info=sources)
     accuracy = predictors.accuracy_report(trace, preds)
     sim_trace, sim_preds = trace, preds
     if shape.num_layers != trace.num_layers:
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     print("predictors (test trace, before any layer mapping):")
     print(report.format_predictors(accuracy))
     meta = {"trace": str(args.trace), "trace_model": trace.metadata.get("model"), "tables": str(tables) if tables else None,
-            "calibration_trace": args.calibration_trace, "config": config.to_dict(), "hardware": profile.to_dict(),
+            "calibration_trace": args.calibration_trace, **sources, "config": config.to_dict(), "hardware": profile.to_dict(),
             "shape": shape.to_dict(), "layer_map": sim_trace.metadata.get("layer_map"), "predictors": accuracy}
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
