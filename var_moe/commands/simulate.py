@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", default="all", help=f"'all' (the six main policies) and/or a comma list of: {', '.join(POLICIES)}")
     p.add_argument("--output", "-o", required=True, help="JSON file to write (the plot goes beside it)")
     p.add_argument("--tables", default=None, help="VAR tables (.safetensors); default: <trace model>/var/var_tables.safetensors")
-    p.add_argument("--calibration-trace", default=None, help="calibration-split trace for the (previous, token) table")
+    p.add_argument("--calibration-trace", default=None, help="calibration-split trace for the token modal table (and the (previous, token) table when the VAR tables hold none)")
     p.add_argument("--min-count", type=int, default=3, help="minimum evidence for a modal set from the calibration trace")
     p.add_argument("--shape", default="trace", help=f"model shape for sizes: 'trace' (the traced model) or {', '.join(SHAPES)}")
     p.add_argument("--bits", type=float, default=2.6, help="bits per expert weight incl. quantisation scales")
