@@ -2,9 +2,10 @@
 
 `servable_var_model(tmp)` returns the reference model folder when it holds weights, a tokenizer and
 VAR files (tables or calibration statistics); otherwise it writes a seeded tiny Mixtral, a small
-byte-level BPE tokenizer trained on var_moe's own sources, and calibration routing statistics
-captured from those sources (`var/routing_stats_calibration.parquet`), which `varmoe serve` turns into
-VAR tables at start-up. Test: used by `pytest tests/test_reliability_*.py tests/test_ab_*.py`.
+byte-level BPE tokenizer trained on var_moe's own sources, calibration routing statistics captured
+from those sources (`var/routing_stats_calibration.parquet`) and VAR tables built from the same
+sources (`var/var_tables.safetensors`, chosen on even and certified on odd files with thresholds
+loose enough for a random model's soft routing), which `varmoe serve` loads by default. Test: used by `pytest tests/test_reliability_*.py tests/test_ab_*.py`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def tiny_var_model(out_dir: str | Path, seed: int = 0, vocab_size: int = 512, se
     from var_moe.corpus import pad_batch
     from var_moe.reference.tokenizer import train_tokenizer
     from var_moe.tiny import tiny_model
+    from var_moe.var import VARConfig, VARTables
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -48,6 +50,8 @@ def tiny_var_model(out_dir: str | Path, seed: int = 0, vocab_size: int = 512, se
     (out / "var").mkdir(exist_ok=True)
     analyzer.write_parquet(out / "var" / "routing_stats_calibration.parquet",
                            {"model": str(out), "dataset": "var_moe sources", "split": "calibration"})
+    loose = VARConfig(frequency_threshold=1, target_agreement=0.05, entropy_threshold=None, shadow_rate=0.5)
+    VARTables.from_texts(model, tok, texts[:40], loose, max_length=seq_len).save(out / "var" / "var_tables.safetensors")
     return out
 
 

@@ -7,7 +7,9 @@ Servers (each on a free 127.0.0.1 port, one after the other):
 - overload (`--max-queue 4 --max-batch-size 2 --no-var-on-start`): low / over / low load (baseline
   mode, so the recovery measure is about the queue, not about VAR's own speed variations);
 - timeout (`--request-timeout-s 0.1`): a long generation gets 408, a stream ends cleanly;
-- no server: bad VAR tables at start (malformed and mismatched files) must be refused.
+- no server: bad VAR tables at start (malformed and mismatched files) must be refused;
+- probes (`reliability_probes.py`, flags `PROBE_SERVER_ARGS`): a 21 MB body, a small request
+  beside a 64 x 500 one, /healthz under a big echo + logprobs request, perplexity memory.
 Prints the counts (requests sent, failures by kind, 5xx, memory growth) and writes them as JSON.
 Exit 0 when every check passed, 1 otherwise. `--model` defaults to the reference model when it has
 VAR files, else a tiny model built in the output folder. Test: `pytest tests/test_reliability_*.py`.
@@ -22,9 +24,12 @@ import time
 from pathlib import Path
 
 from . import reliability_checks as rc
+from . import reliability_probes as rp
 from .server_process import ManagedServer
 
-CHECKS = ("fuzz", "disconnects", "toggle", "soak", "sigterm", "overload", "timeout", "bad_tables")
+CHECKS = ("fuzz", "disconnects", "toggle", "soak", "sigterm", "overload", "timeout", "bad_tables",
+          "body_limit", "fairness", "healthz_echo", "ppl_memory")
+PROBES = ("body_limit", "fairness", "healthz_echo", "ppl_memory")  # one server with PROBE_SERVER_ARGS
 TIMEOUT_LIMIT_S = 0.1
 
 
@@ -73,6 +78,19 @@ def run_checks(model: str | Path, out_dir: str | Path, duration_s: float = 120.0
             record("timeout", lambda: rc.check_timeout(server, TIMEOUT_LIMIT_S))
     if "bad_tables" in checks:
         record("bad_tables", lambda: rc.check_bad_tables(model, out / "bad_tables"))
+    if any(c in checks for c in PROBES):
+        from var_moe.loading import load_config
+
+        vocab = int(load_config(str(model)).vocab_size)
+        with ManagedServer(model, args=extra + rp.PROBE_SERVER_ARGS, log_path=out / "server_probes.log") as server:
+            if "body_limit" in checks:
+                record("body_limit", lambda: rp.probe_body_limit(server))
+            if "fairness" in checks:
+                record("fairness", lambda: rp.probe_fairness(server))
+            if "healthz_echo" in checks:
+                record("healthz_echo", lambda: rp.probe_healthz_echo(server))
+            if "ppl_memory" in checks:
+                record("ppl_memory", lambda: rp.probe_ppl_memory(server, vocab_size=vocab))
     results["all_ok"] = all(r["ok"] for r in results["checks"].values())
     results["totals"] = totals(results["checks"])
     return results
@@ -135,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     growth = t["soak_rss_growth"]
     print(f"soak: failures apart from 429: {t['soak_failures_excluding_429']}; resident memory growth after warm-up: "
           f"{'n/a' if growth is None else f'{100 * growth:.2f}%'}")
+    for line in rp.summary_lines(results["checks"]):
+        print(line)
     for name, r in results["checks"].items():
         print(f"  {name:12s} {'ok' if r['ok'] else 'FAILED'}  {r.get('why', '')[:200]}")
     print(f"wrote {out_path}")

@@ -141,4 +141,12 @@ def _served_model(url: str) -> str:
         r = _check(httpx.get(url.rstrip("/") + "/v1/models", timeout=30), "GET /v1/models")
     except httpx.TransportError as exc:
         raise RemoteCaptureError(f"--server {url}: cannot reach the server ({type(exc).__name__}: {exc})") from exc
-    return r.json()["data"][0]["id"]
+    name = r.json()["data"][0]["id"]
+    # The server reports a name, not its file path: the repository's models/<name> when it has one.
+    local = Path(__file__).resolve().parent.parent / "models" / name
+    if local.is_dir():
+        return str(local)
+    if Path(name).is_dir() or name.count("/") == 1:  # a local folder, or a hub id such as org/model
+        return name
+    raise RemoteCaptureError(f"--server {url} serves {name!r}: pass --model with that model's folder or hub id "
+                             "(its tokenizer is needed)")

@@ -66,12 +66,12 @@ def main(argv: list[str] | None = None) -> dict:
                      "small_events": small_tr.num_tokens * layers, "small_compiled_s": statistics.median(comp),
                      "small_python_s": statistics.median(py),
                      "python_over_compiled": statistics.median(py) / statistics.median(comp)})
-    print(f"compiled helper: {'numba' if kernel.COMPILED else 'none (plain Python)'}")
+    print(f"compiled helper: {'numba' if kernel.compiled() else 'none (plain Python)'}")
     print(f"{'policy':<12}{'events':>10}{'compiled s':>12}{'Mevents/s':>11}{'py events':>11}{'python s':>10}{'py/compiled':>13}")
     for r in rows:
         print(f"{r['policy']:<12}{r['events']:>10}{r['compiled_s']:>12.3f}{r['events'] / r['compiled_s'] / 1e6:>11.2f}"
               f"{r['small_events']:>11}{r['small_python_s']:>10.2f}{r['python_over_compiled']:>13.0f}")
-    doc = {"trace": a.trace, "repeats": a.repeats, "compiled": kernel.COMPILED, "rows": rows,
+    doc = {"trace": a.trace, "repeats": a.repeats, "compiled": kernel.compiled(), "rows": rows,
            "command": "python -m benchmarks.offload_simulator " + " ".join(argv or [])}
     if a.output:
         Path(a.output).parent.mkdir(parents=True, exist_ok=True)

@@ -43,8 +43,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from loadtests.run import headless_command, launch_locust  # noqa: E402
 from analysis_jobs.server_process import REPO_ROOT, ManagedServer, free_port  # noqa: E402
+from loadtests.run import headless_command, launch_locust  # noqa: E402
 from var_moe.loading import REFERENCE_MODEL_DIR, load_model  # noqa: E402
 
 

@@ -2,9 +2,9 @@
 
 Greedy generation of --new-tokens tokens from one short prompt on the reference model with its
 committed tables, 1 thread. Variants (each a fresh `VARModelWrapper` from the tables' own config):
-  baseline     - VAR disabled (the original routers, called through the wrapper)
-  var          - the tables' config as committed (fast tier + context cache + counters)
-  no-cache     - same without the cached tier
+  baseline     - the unmodified model (original routers, no wrapper installed, no hooks)
+  var          - the tables' config as committed (fast tier + counters; the presets leave the cache off)
+  cache-on     - same with the cached tier on
   no-counters  - same with track_performance off (no per-layer tier counters)
   learned-only - fast tier and cache off: every row takes the learned tier through VAR's code
 Each variant keeps its wrapper (and so its context cache) for the whole run and is installed only
@@ -14,7 +14,8 @@ through every VAR variant, so their caches hold what a server's caches hold afte
 after one warm-up generation; the table gives the median time and the median of per-repeat
 ratios to baseline.
 
-Run: `python benchmarks/var_decode_ablation.py [--new-tokens 64] [--repeats 7] [--warm-sequences 0] [--json F]`
+Run: `python benchmarks/var_decode_ablation.py [--new-tokens 64] [--repeats 7] [--warm-sequences 0]
+[--variants baseline,var] [--json F]`
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from var_moe.var.wrapper import VARModelWrapper
 VARIANTS = {
     "baseline": None,
     "var": {},
-    "no-cache": {"enable_cache": False},
+    "cache-on": {"enable_cache": True, "cache_ttl_seconds": None},
     "no-counters": {"track_performance": False},
     "learned-only": {"enable_cache": False, "enable_fast_path": False},
 }
@@ -50,6 +51,7 @@ def main() -> None:
     ap.add_argument("--warm-sequences", type=int, default=0,
                     help="calibration sequences (256 tokens) forwarded through each VAR variant first")
     ap.add_argument("--json", default=None, help="write the per-repeat times and the summary here")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants (baseline always runs)")
     args = ap.parse_args()
     if args.new_tokens < 1 or args.repeats < 1:
         ap.error("--new-tokens and --repeats must be >= 1")
@@ -61,8 +63,12 @@ def main() -> None:
     base_config = VARConfig.from_dict(tables.metadata["config"])
     ids = tok("import os\nimport sys\n", return_tensors="pt")
 
+    chosen = ["baseline"] + [v for v in args.variants.split(",") if v and v != "baseline"]
+    unknown = sorted(set(chosen) - set(VARIANTS))
+    if unknown:
+        ap.error(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
     wrappers = {}
-    for name, change in VARIANTS.items():
+    for name, change in ((n, VARIANTS[n]) for n in chosen):
         wrappers[name] = VARModelWrapper(model, dataclasses.replace(base_config, **(change or {})), tables)
         if change is None:
             wrappers[name].disable_var()
@@ -76,6 +82,11 @@ def main() -> None:
 
     def timed(name: str) -> float:
         wrapper = wrappers[name]
+        if name == "baseline":  # nothing installed: the model exactly as loaded
+            model.generate(**gen)  # warm-up
+            t0 = time.perf_counter()
+            model.generate(**gen)
+            return time.perf_counter() - t0
         wrapper.install()
         try:
             wrapper.generate(**gen)  # warm-up
@@ -85,7 +96,7 @@ def main() -> None:
         finally:
             wrapper.restore()
 
-    names = list(VARIANTS)
+    names = chosen
     times: dict[str, list[float]] = {n: [] for n in names}
     for rep in range(args.repeats):
         order = names[rep % len(names):] + names[: rep % len(names)]

@@ -6,12 +6,12 @@ set -euo pipefail
 OUT=results/phase2
 N=${N:-128}          # test sequences per evaluation (256 tokens each)
 THREADS=${THREADS:-1}
-mkdir -p "$OUT"
+mkdir -p "$OUT/cache"
 STATS=models/reference-moe/var/routing_stats_calibration.parquet  # committed: the server loads it by default
 [ -f "$STATS" ] || varmoe capture --split calibration --threads "$THREADS" --output "$STATS" --no-progress  # whole split
 python -m benchmarks.router_share --threads "$THREADS" --output "$OUT/router_share.json"
 for p in conservative balanced aggressive; do
-  varmoe build-tables --routing-stats "$STATS" --preset "$p" --output "$OUT/tables_$p.safetensors"
+  varmoe build-tables --routing-stats "$STATS" --preset "$p" --evidence "$OUT/cache/evidence_calibration.safetensors" --threads "$THREADS" --output "$OUT/tables_$p.safetensors"
 done
 cp "$OUT/tables_balanced.safetensors" models/reference-moe/var/var_tables.safetensors
 cp "$OUT/tables_balanced.json" models/reference-moe/var/var_tables.json

@@ -14,6 +14,7 @@ start-up and drains it on shutdown. Routes, one router per concern (server/route
   POST /admin/capture/start | /admin/capture/stop, GET /admin/capture/stats (Parquet)
   GET  /healthz, /readyz, /metrics
 
+Request bodies are bounded in size and read time before parsing (server/limits.py).
 Errors are JSON `{"error": {"type", "message", "field"}}` (server/errors.py). Run: `varmoe serve`.
 Test: `pytest tests/test_server_api.py`.
 """
@@ -26,6 +27,7 @@ import contextlib
 from fastapi import FastAPI
 
 from .errors import install_error_handlers
+from .limits import BodyLimit
 from .metrics import ServerMetrics
 from .model_host import ModelHost
 from .routes import ROUTERS
@@ -73,8 +75,10 @@ def create_app(settings: ServerSettings | None = None, host: ModelHost | None = 
     async def lifespan(app: FastAPI):
         state.engine.start()
         yield
-        # uvicorn has stopped accepting connections and waited for open ones; drain the rest.
-        await asyncio.get_running_loop().run_in_executor(None, state.engine.stop, settings.shutdown_grace_s)
+        # uvicorn has stopped accepting connections and waited for open ones; drain the rest within
+        # what is left of the one grace period (the clock starts when uvicorn's shutdown begins).
+        state.begin_shutdown()
+        await asyncio.get_running_loop().run_in_executor(None, state.engine.stop, state.remaining_grace())
 
     app = FastAPI(title="var-moe inference server", version="0.1.0", lifespan=lifespan)
     app.state.varmoe = state
@@ -83,5 +87,6 @@ def create_app(settings: ServerSettings | None = None, host: ModelHost | None = 
         app.include_router(router)
     # from the routers themselves: included routers are resolved lazily, app.routes lacks their paths
     known = {r.path for router in ROUTERS for r in router.routes}
-    app.add_middleware(RequestCounter, metrics=state.metrics, known_paths=known)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    app.add_middleware(RequestCounter, metrics=state.metrics, known_paths=known)  # outermost: counts 413/408 too
     return app

@@ -24,6 +24,7 @@ FLAGS: dict[str, tuple[type | None, str]] = {
     "device": (str, "cpu | cuda | auto"),
     "quantization": (str, "4bit | 8bit (bitsandbytes, CUDA only)"),
     "trust_remote_code": (None, "run the model repo's own Python"),
+    "served_model_name": (str, "the model's name in /v1/models, /readyz and completions (default: folder name)"),
     "threads": (int, "torch CPU threads of the engine"),
     "engine": (str, "builtin (default; capture and audit) | vllm (needs the vLLM environment)"),
     "tensor_parallel_size": (int, "vLLM: GPUs per replica (tensor parallel)"),
@@ -36,6 +37,7 @@ FLAGS: dict[str, tuple[type | None, str]] = {
     "routing_stats": (str, "Phase 1 statistics; default <model>/var/routing_stats_calibration.parquet"),
     "var_config": (str, "VARConfig JSON file or preset name"),
     "var_on_start": (None, "start in VAR mode when VAR is available (default on)"),
+    "allow_var_pin_when_off": (None, "accept per-request var: true while VAR is off (default: 409)"),
     "shadow_rate": (float, "share of table/cache decisions re-checked by the learned router (verification)"),
     "host": (str, "bind address (default 127.0.0.1)"),
     "port": (int, "port (default 8000; 0 = any free port)"),
@@ -45,7 +47,13 @@ FLAGS: dict[str, tuple[type | None, str]] = {
     "request_timeout_s": (float, "per-request time limit"),
     "max_prompt_tokens": (int, "longest accepted prompt"),
     "max_new_tokens_limit": (int, "largest accepted max_new_tokens / max_tokens"),
-    "shutdown_grace_s": (float, "how long shutdown waits for in-flight work"),
+    "max_request_prompts": (int, "prompts / texts per request"),
+    "max_request_tokens": (int, "work budget per request: prompt + new tokens over all its prompts"),
+    "shutdown_grace_s": (float, "total time shutdown waits for in-flight work (requests, then the engine)"),
+    "max_body_bytes": (int, "largest request body; larger ones get 413 before parsing"),
+    "body_timeout_s": (float, "time a request body may take to arrive (408 after it)"),
+    "max_connections": (int, "concurrent connections before 503 (uvicorn limit_concurrency)"),
+    "keep_alive_s": (float, "idle keep-alive timeout"),
 }
 
 
@@ -110,6 +118,20 @@ def build_settings(args: argparse.Namespace):
         raise InvalidInputError(f"--{field.replace('_', '-')} (or VARMOE_{field.upper()}): {first['msg']}") from None
 
 
+def graceful_server(config, state):
+    """uvicorn's Server that starts the app's shutdown clock when shutdown begins, so waiting for
+    open requests and draining the engine share one `shutdown_grace_s` (compose's stop_grace_period
+    must stay above it)."""
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            state.begin_shutdown()
+            await super().shutdown(sockets)
+
+    return GracefulServer(config)
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -119,6 +141,9 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     print(f"varmoe serve: http://{settings.host}:{settings.port} model={settings.model}", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
-                timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None)
+    # A float grace (never `int(grace) or None`: 0.5 s used to become "no limit").
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=settings.shutdown_grace_s,
+                            limit_concurrency=settings.max_connections, timeout_keep_alive=settings.keep_alive_s)
+    graceful_server(config, app.state.varmoe).run()
     return 0

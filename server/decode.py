@@ -7,11 +7,19 @@ lengths, sampling settings and limits:
 - prefill: prompts are left-padded to a (B, S) `input_ids` batch with an attention mask and
   position ids counted over the valid tokens only (what `generate()` does), so a row's logits do
   not depend on its neighbours. Prompt log-probabilities (perplexity, `echo` completions) come
-  from this one forward; without them only the last position goes through the output layer.
+  from this one forward: the decoder's hidden states go through the output layer in chunks of
+  positions (`LOGITS_CHUNK_ELEMS` floats at a time), so a long batch never holds (B, S, V) logits
+  or their log-softmax copy (5 GB each at 8 x 1,024 x 152k). Without them only the last position
+  goes through the output layer.
 - step: every live row gets its new token; a finished row is fed a pad token with mask 0, so it
   costs compute but is masked out of every routing statistic (the token tracker reads the mask)
-  and never changes the live rows. Rows are not dropped from the KV cache because the VAR
-  router's token tracker keeps per-row context that a shrinking batch would reset.
+  and never changes the live rows.
+- admit(rows): new rows join a running batch (the engine's fair scheduling): they are prefilled
+  on their own, then their KV cache is left-padded to the batch's length and stacked under it;
+  finished rows leave at the same moment. A batch-size change restarts the VAR token tracker's
+  per-row context for one step (it keeps no history across a size change), which only costs
+  cached-tier hits, never correctness. Only plain `DynamicLayer` caches can be merged; for any
+  other cache (sliding windows) `can_admit` is False and batches run to completion.
 
 Why (B, S) batches and not transformers' continuous batching: the VAR router and the capture
 need `input_ids` shaped (B, S) to align token ids with router rows; continuous batching packs
@@ -21,8 +29,8 @@ Sampling per row: temperature 0 is greedy; otherwise softmax(logits / T) with nu
 filtering, drawn with the row's own seeded generator, so a seeded request gives the same text
 whatever it is batched with. Reported log-probabilities are those of the unmodified model.
 
-Shapes: B rows, S positions, V vocabulary, N top log-probabilities. Test:
-`pytest tests/test_server_decode.py`.
+Shapes: B rows, S positions, C a chunk of positions, H hidden, V vocabulary, N top
+log-probabilities. Test: `pytest tests/test_server_decode.py`.
 """
 
 from __future__ import annotations
@@ -33,6 +41,10 @@ from dataclasses import dataclass, field
 import torch
 
 from var_moe.loading import model_device
+
+# Floats of output-layer logits computed at once for prompt log-probabilities (32 MB of float32):
+# bounds the (B, C, V) chunk and its log-softmax copy whatever the batch, prompt and vocabulary.
+LOGITS_CHUNK_ELEMS = 1 << 23
 
 
 @dataclass
@@ -118,20 +130,25 @@ class BatchDecoder:
             self.state[i].finish_reason = reason
 
     def _forward(self, ids_BS: torch.Tensor, pos_BS: torch.Tensor, keep_all: bool) -> torch.Tensor:
+        """Logits of the last position (B, V), or with keep_all the decoder's hidden states (B, S, H)
+        (the output layer is then applied in chunks by `_prompt_logprobs`)."""
         from transformers import DynamicCache
 
         if self.cache is None:
             self.cache = DynamicCache(config=self.model.config)
+        kwargs = {"input_ids": ids_BS.to(self.device), "attention_mask": self.mask_BS.to(self.device),
+                  "position_ids": pos_BS.to(self.device), "past_key_values": self.cache, "use_cache": True}
         with torch.inference_mode():
-            out = self.model(
-                input_ids=ids_BS.to(self.device),
-                attention_mask=self.mask_BS.to(self.device),
-                position_ids=pos_BS.to(self.device),
-                past_key_values=self.cache,
-                use_cache=True,
-                logits_to_keep=0 if keep_all else 1,
-            )
+            if keep_all and self._head() is not None:
+                return self.model.get_decoder()(**kwargs).last_hidden_state
+            out = self.model(**kwargs, logits_to_keep=0 if keep_all else 1)
         return out.logits.float().cpu()
+
+    def _head(self):
+        """The output layer when the model exposes decoder and head separately (every causal LM here)."""
+        get_dec = getattr(self.model, "get_decoder", None)
+        get_head = getattr(self.model, "get_output_embeddings", None)
+        return get_head() if get_dec is not None and get_head is not None and get_dec() is not None else None
 
     def _choose(self, logits_BV: torch.Tensor) -> torch.Tensor:
         """Next token per row (greedy rows by argmax, the others sampled with their generator)."""
@@ -184,28 +201,51 @@ class BatchDecoder:
         pos_BS = (self.mask_BS.cumsum(-1) - 1).clamp_min(0)
         self.next_pos_B = pos_BS[:, -1] + 1
         want_prompt = any(r.prompt_logprobs for r in self.rows)
-        logits = self._forward(ids_BS, pos_BS, keep_all=want_prompt)
+        out = self._forward(ids_BS, pos_BS, keep_all=want_prompt)
         for st, n in zip(self.state, lengths):
             st.forwarded_tokens += n
-        if want_prompt:
-            self._prompt_logprobs(ids_BS, logits)
+        last_BV = self._prompt_logprobs(ids_BS, out) if want_prompt else out[:, -1]
         self.steps = 1
-        return self._emit(logits[:, -1])
+        return self._emit(last_BV)
 
-    def _prompt_logprobs(self, ids_BS: torch.Tensor, logits_BSV: torch.Tensor) -> None:
-        logp_BSV = torch.log_softmax(logits_BSV[:, :-1], dim=-1)  # predicts positions 1..S-1
-        target_BS = ids_BS[:, 1:]
-        lp_BS = logp_BSV.gather(2, target_BS[..., None])[..., 0]
-        s = ids_BS.shape[1]
+    def _prompt_logprobs(self, ids_BS: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Record log p(prompt[i] | prompt[:i]) (+ top-N) per row; returns the last position's logits.
+
+        `out` is (B, S, H) hidden states: the output layer runs on C positions at a time, so only a
+        (B, C, V) chunk of logits and its log-softmax exist at once (a loop over chunks, not tokens).
+        A model without a separate head gives (B, S, V) logits, handled as one chunk."""
+        head = self._head()  # None: `out` already holds the logits (see _forward)
+        b, s = ids_BS.shape
+        n_top = max((r.top_logprobs for r in self.rows if r.prompt_logprobs), default=0)
+        lp_BS = torch.zeros(b, s - 1)
+        top_val_BSN = torch.zeros(b, s - 1, n_top)
+        top_idx_BSN = torch.zeros(b, s - 1, n_top, dtype=torch.long)
+        vocab = int(self.model.config.vocab_size)
+        c = max(1, LOGITS_CHUNK_ELEMS // max(1, b * vocab))
+
+        def logits_of(a: int, z: int) -> torch.Tensor:
+            if head is None:
+                return out[:, a:z].float().cpu()
+            with torch.inference_mode():
+                return head(out[:, a:z]).float().cpu()
+
+        for a in range(0, s - 1, c):
+            z = min(s - 1, a + c)
+            logp_BCV = torch.log_softmax(logits_of(a, z), dim=-1)
+            lp_BS[:, a:z] = logp_BCV.gather(2, ids_BS[:, a + 1:z + 1, None])[..., 0]
+            if n_top:
+                top_val_BSN[:, a:z], top_idx_BSN[:, a:z] = torch.topk(logp_BCV, n_top, dim=-1)
+            del logp_BCV
         for i, (row, st) in enumerate(zip(self.rows, self.state)):
             if not row.prompt_logprobs:
                 continue
-            n = len(row.prompt_ids)
-            start = s - n  # first real position; its token has no prediction
+            start = s - len(row.prompt_ids)  # first real position; its token has no prediction
             st.prompt_logprobs = [None] + lp_BS[i, start:].tolist()
             if row.top_logprobs:
-                tops = _top_pairs(logp_BSV[i, start:], row.top_logprobs) if n > 1 else []
-                st.prompt_top = [None] + tops
+                n = row.top_logprobs
+                idx, val = top_idx_BSN[i, start:, :n].tolist(), top_val_BSN[i, start:, :n].tolist()
+                st.prompt_top = [None] + [list(zip(ii, vv)) for ii, vv in zip(idx, val)]
+        return logits_of(s - 1, s)[:, -1]
 
     def step(self) -> list[int | None]:
         """One decode step for the whole batch; returns each row's new token (None if idle)."""
@@ -219,3 +259,68 @@ class BatchDecoder:
             st.forwarded_tokens += int(live)
         self.steps += 1
         return self._emit(logits[:, -1])
+
+    # -- rows joining and leaving a running batch ---------------------------------------------
+    @property
+    def can_admit(self) -> bool:
+        """True once prefilled, when every cache layer is a plain growing one (stackable by row)."""
+        from transformers.cache_utils import DynamicLayer
+
+        layers = getattr(self.cache, "layers", None)
+        return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+    def drop_finished(self) -> list[int]:
+        """Take finished rows out of the batch (cache, mask, per-row settings); returns the kept
+        indices in their old numbering. Leading positions no kept row uses are cut off too."""
+        keep = [i for i, st in enumerate(self.state) if not st.finished]
+        if len(keep) == len(self.state):
+            return keep
+        idx_B = torch.tensor(keep, dtype=torch.long)
+        self.mask_BS = self.mask_BS[idx_B]
+        used_S = self.mask_BS.any(0).nonzero()
+        first = int(used_S[0]) if len(used_S) else self.mask_BS.shape[1]
+        self.mask_BS = self.mask_BS[:, first:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[idx_B.to(layer.keys.device), :, first:]
+            layer.values = layer.values[idx_B.to(layer.values.device), :, first:]
+        self.next_pos_B, self._last_B = self.next_pos_B[idx_B], self._last_B[idx_B]
+        self.temperature_B, self.top_p_B = self.temperature_B[idx_B], self.top_p_B[idx_B]
+        self.rows = [self.rows[i] for i in keep]
+        self.state = [self.state[i] for i in keep]
+        self.generators = [self.generators[i] for i in keep]
+        return keep
+
+    def admit(self, rows: list[RowSpec]) -> list[int | None]:
+        """Prefill `rows` on their own and stack them under the running batch (after its rows);
+        returns the first new token of every row of the grown batch (None for the old rows)."""
+        sub = BatchDecoder(self.model, rows, self.pad_id, self.eos_id)
+        first = sub.prefill()
+        old = len(self.rows)
+        self.admit_prefilled(sub)
+        return [None] * old + first
+
+    def admit_prefilled(self, sub: BatchDecoder) -> None:
+        """Stack the rows of `sub` (prefilled, not stepped) under this batch's rows."""
+        if not (self.can_admit and sub.can_admit):
+            raise RuntimeError("this batch's cache cannot take new rows")
+        sa, sb = self.mask_BS.shape[1], sub.mask_BS.shape[1]
+        s = max(sa, sb)
+
+        def left_pad(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+            if n == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = n
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        self.mask_BS = torch.cat([left_pad(self.mask_BS, s - sa, 1), left_pad(sub.mask_BS, s - sb, 1)], 0)
+        for mine, theirs in zip(self.cache.layers, sub.cache.layers):
+            mine.keys = torch.cat([left_pad(mine.keys, s - sa, 2), left_pad(theirs.keys, s - sb, 2)], 0)
+            mine.values = torch.cat([left_pad(mine.values, s - sa, 2), left_pad(theirs.values, s - sb, 2)], 0)
+        self.next_pos_B = torch.cat([self.next_pos_B, sub.next_pos_B])
+        self._last_B = torch.cat([self._last_B, sub._last_B])
+        self.temperature_B = torch.cat([self.temperature_B, sub.temperature_B])
+        self.top_p_B = torch.cat([self.top_p_B, sub.top_p_B])
+        self.rows += sub.rows
+        self.state += sub.state
+        self.generators += sub.generators

@@ -1,16 +1,30 @@
-"""The engine: one thread owns the model; requests wait in a bounded queue and run in dynamic batches.
+"""The engine: one thread owns the model; requests wait in a bounded queue and share running batches.
 
-The HTTP side calls `submit(jobs)` from the event loop; the engine thread takes the oldest job
-and forms a batch of up to `max_batch_size` jobs of its mode, which it runs through `BatchDecoder`
-(decode.py). Before forming it, it waits until as many jobs of that mode are ready as were already
-waiting when the previous batch ended plus that batch's rows (closed-loop clients send their next
-request right after an answer, but not in the same millisecond), and at most until `max_wait_ms`
-after the later of the oldest job's arrival and the previous batch's end. A lone client never
-waits. Every batch runs in one mode: a pinned request (`var: true|false`) runs in its mode, the
-others in the mode `VarRuntime` (var_runtime.py) says when the batch forms, so a toggle lands
-between batches; the engine makes the routers match (`host.apply_mode`) and reports each batch to
-the runtime (`record_batch`). Control actions (capture start/stop/export) also run on this thread
-between batches, through `call()`, because they attach hooks to the model.
+The HTTP side calls `submit(jobs)` from the event loop (the jobs of one call are one request); the
+engine thread forms a batch from the oldest jobs, waiting up to `max_wait_ms` (counted from that
+job's arrival) until the clients of the batch that just finished are back (closed-loop clients
+return together but not in the same millisecond; a lone client never waits), and decodes it with
+`BatchDecoder` (decode.py).
+
+Fair scheduling: one request must not monopolise the model. Rows are picked request by request,
+the request with the fewest rows running first (round-robin across requests), and waiting rows
+join the running batch between decode steps (`BatchDecoder.admit`) instead of waiting for it to
+end: while the batch holds fewer than `max_batch_size` rows, and also beyond that (up to twice
+`max_batch_size`) for a request that has no row running yet. So a 4-token request sent beside a
+64 x 500 one starts at the next step and finishes in about its own decode time. A row's result is
+posted as soon as the row finishes, not when its batch ends. A request's size is bounded too
+(`max_request_rows` prompts, `max_request_tokens` prompt + new tokens in all): over it, `submit`
+raises `RequestTooLarge`.
+
+Every batch runs in one mode: a pinned request (`var: true|false`) runs in its mode, the others
+in the mode `VarRuntime` (var_runtime.py) says when the batch forms; rows join only while the
+oldest waiting job has the batch's mode and no control action waits, otherwise the batch drains
+and the next one forms, so a toggle lands once the running batch has drained. The engine makes
+the routers match (`host.apply_mode`) and reports what ran to the runtime (`record_batch`).
+Control actions (capture start/stop/export) run on this thread between batches, through
+`call()`, because they attach hooks to the model. Tier counts are read per segment (between
+row-set changes: a row joining or finishing), because the VAR wrapper counts per batch row and
+restarts when the batch changes size.
 
 Per job: a deadline (timeout -> finish reason `timeout`), a `cancelled` flag set by the HTTP side
 when the client disconnects (the row stops at the next step), stop strings, and an asyncio queue
@@ -58,6 +72,20 @@ class EngineStopping(EngineError):
     pass
 
 
+class RequestTooLarge(EngineError):
+    """More prompts or more work (prompt + new tokens) in one request than the engine accepts."""
+
+
+def check_request_budget(jobs: list["Job"], max_rows: int | None, max_tokens: int | None) -> None:
+    """A request's work budget (every engine applies it in `submit`): prompts, and prompt + new tokens."""
+    if max_rows is not None and len(jobs) > max_rows:
+        raise RequestTooLarge(f"{len(jobs)} prompts in one request; the limit is {max_rows}")
+    work = sum(len(j.spec.prompt_ids) + j.spec.max_new_tokens for j in jobs)
+    if max_tokens is not None and work > max_tokens:
+        raise RequestTooLarge(f"the request asks for {work} tokens (prompt tokens + new tokens, all prompts); "
+                              f"the limit is {max_tokens}: send fewer prompts or fewer new tokens")
+
+
 @dataclass
 class JobResult:
     state: RowState
@@ -82,6 +110,11 @@ class Job:
     cancelled: bool = False  # set by the HTTP side; read by the engine thread between steps
     enqueued_at: float = 0.0
     first_token_at: float | None = None
+    request: int = 0  # jobs submitted together share it (fair scheduling is per request)
+    started_at: float | None = None  # when its row entered a batch
+    tier_counts: dict[str, int] = field(default_factory=dict)  # summed over segments
+    segment_tokens: int = 0  # forwarded tokens already counted in tier_counts
+    posted: bool = False  # its "done" event has been sent
 
     @property
     def deadline(self) -> float:
@@ -99,7 +132,8 @@ class Job:
 
 class Engine:
     def __init__(self, host: ModelHost, var: VarRuntime, metrics: ServerMetrics, max_batch_size: int = 8,
-                 max_wait_ms: float = 50.0, max_queue: int = 64, threads: int | None = None):
+                 max_wait_ms: float = 50.0, max_queue: int = 64, threads: int | None = None,
+                 max_request_rows: int | None = None, max_request_tokens: int | None = None):
         self.host = host
         self.var = var
         self.metrics = metrics
@@ -107,6 +141,9 @@ class Engine:
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.threads = threads
+        self.max_request_rows = max_request_rows
+        self.max_request_tokens = max_request_tokens
+        self._requests = 0
         tok = host.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         self.eos_id = tok.eos_token_id
@@ -142,6 +179,7 @@ class Engine:
     # -- called from the event loop -------------------------------------------------------------
     def submit(self, jobs: list[Job]) -> None:
         """Queue all jobs or none (a perplexity list is one request)."""
+        check_request_budget(jobs, self.max_request_rows, self.max_request_tokens)
         with self._cond:
             if self._stopping:
                 raise EngineStopping("the server is shutting down", retry_after_s=5.0)
@@ -151,8 +189,9 @@ class Engine:
                     retry_after_s=max(1.0, self._retry_estimate()),
                 )
             now = time.monotonic()
+            self._requests += 1
             for job in jobs:
-                job.enqueued_at = now
+                job.enqueued_at, job.request = now, self._requests
                 self._pending.append(job)
             self.metrics.queue_depth.set(len(self._pending))
             self._cond.notify_all()
@@ -220,15 +259,47 @@ class Engine:
                 if ready >= target or remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            batch, keep = [], collections.deque()
-            for job in self._pending:
-                if len(batch) < self.max_batch_size and self._mode_of(job) == mode and not job.cancelled:
-                    batch.append(job)
-                else:
-                    keep.append(job)
-            self._pending = keep
-            self.metrics.queue_depth.set(len(self._pending))
+            batch = self._pick(mode, [], overflow=False)
         return batch, mode
+
+    def _pick(self, mode: str, running: list[Job], overflow: bool = True) -> list[Job]:
+        """Take waiting jobs of `mode` for a batch now running `running`, fairest first (lock held).
+
+        The request with the fewest rows running goes first (ties: the older request), so rows
+        alternate between requests. Up to `max_batch_size` rows in all; beyond that (`overflow`,
+        joining a running batch) only a row of a request with nothing running, up to twice
+        `max_batch_size`."""
+        cap = 2 * self.max_batch_size if overflow else self.max_batch_size
+        per_request = collections.Counter(j.request for j in running if not j.posted)
+        live = sum(per_request.values())
+        waiting: dict[int, collections.deque[Job]] = {}
+        for job in self._pending:
+            if self._mode_of(job) == mode and not job.cancelled:
+                waiting.setdefault(job.request, collections.deque()).append(job)
+        picked: list[Job] = []
+        while waiting:
+            req = min(waiting, key=lambda r: (per_request[r], r))
+            if live >= self.max_batch_size and (per_request[req] > 0 or live >= cap):
+                break
+            picked.append(waiting[req].popleft())
+            if not waiting[req]:
+                del waiting[req]
+            per_request[req] += 1
+            live += 1
+        if picked:
+            chosen = set(map(id, picked))
+            self._pending = collections.deque(j for j in self._pending if id(j) not in chosen)
+            self.metrics.queue_depth.set(len(self._pending))
+        return picked
+
+    def _take_joining(self, mode: str, running: list[Job]) -> list[Job]:
+        """Waiting jobs that may join the running batch now (none while a control or a job of the
+        other mode waits: the batch then drains so that they get their turn)."""
+        with self._cond:
+            self._drop_cancelled()
+            if self._controls or not self._pending or self._mode_of(self._pending[0]) != mode:
+                return []
+            return self._pick(mode, running)
 
     def _drop_cancelled(self) -> None:
         gone = [j for j in self._pending if j.cancelled]
@@ -238,36 +309,81 @@ class Engine:
                 j.post("done", None)
 
     def _run_batch(self, jobs: list[Job], mode: str) -> None:
-        started = time.monotonic()
+        everyone = list(jobs)  # every job that entered this batch: each gets an answer, whatever fails
         try:
             self.host.apply_mode(mode == "var")
-            self.host.begin_batch()
-            self.metrics.batch_size.observe(len(jobs))
             self.batches_run += 1
-            self.last_batch_sizes.append(len(jobs))
-            dec = BatchDecoder(self.host.model, [j.spec for j in jobs], self.pad_id, self.eos_id)
-            self.metrics.prompt_tokens.labels(mode=mode).inc(sum(len(j.spec.prompt_ids) for j in jobs))
-            self._deliver(jobs, dec, dec.prefill(), mode)
-            while not dec.done:
+            self._batch_mode, self._first_segment = mode, True
+            dec = self._start_rows(jobs, mode)
+            self._observe_size(len(jobs))
+            while True:
                 self._check_jobs(jobs, dec)
+                if any(st.finished and not j.posted for j, st in zip(jobs, dec.state)):
+                    self._close_segment(jobs, dec)
+                    self._post_finished(jobs, dec, mode)
+                joining = self._take_joining(mode, jobs) if dec.can_admit else []
+                if joining:
+                    everyone += joining
+                    self._close_segment(jobs, dec)
+                    jobs = [jobs[i] for i in dec.drop_finished()]
+                    sub = self._start_rows(joining, mode)
+                    self._close_segment(joining, sub)  # the new rows' prefill was a batch of its own
+                    dec.admit_prefilled(sub)
+                    jobs = jobs + joining
+                    self._observe_size(len(jobs))
+                    continue  # a new row may already be finished (max_new_tokens 1, eos)
                 if dec.done:
                     break
                 self._deliver(jobs, dec, dec.step(), mode)
-            valid_B = [st.forwarded_tokens for st in dec.state]
-            rows = self.host.row_tier_counts(valid_B)
-            self.var.record_batch(mode, sum(valid_B))
+            self._close_segment(jobs, dec)
         except Exception as exc:  # a model error must not kill the engine or hang the clients
             log.exception("batch failed")
-            for job in jobs:
-                job.post("done", JobResult(RowState(), mode, len(job.spec.prompt_ids), 0.0, None,
-                                           time.monotonic() - job.enqueued_at, {}, error=f"{type(exc).__name__}: {exc}"))
+            for job in everyone:
+                if not job.posted:
+                    job.posted = True
+                    job.post("done", JobResult(RowState(), mode, len(job.spec.prompt_ids), 0.0, None,
+                                               time.monotonic() - job.enqueued_at, {},
+                                               error=f"{type(exc).__name__}: {exc}"))
             return
+        self._returning, self._last_batch_end = len(jobs), time.monotonic()
+        self._post_finished(jobs, dec, mode)
+
+    def _start_rows(self, jobs: list[Job], mode: str) -> BatchDecoder:
+        """Prefill `jobs` as a batch of their own (a new batch, or rows about to join one)."""
         now = time.monotonic()
-        self._returning, self._last_batch_end = len(jobs), now
-        for job, st, row_tiers in zip(jobs, dec.state, rows):
-            ttft = None if job.first_token_at is None else job.first_token_at - job.enqueued_at
-            job.post("done", JobResult(st, mode, len(job.spec.prompt_ids), started - job.enqueued_at, ttft,
-                                       now - job.enqueued_at, row_tiers))
+        for job in jobs:
+            job.started_at = now
+        self.host.begin_batch()
+        dec = BatchDecoder(self.host.model, [j.spec for j in jobs], self.pad_id, self.eos_id)
+        self.metrics.prompt_tokens.labels(mode=mode).inc(sum(len(j.spec.prompt_ids) for j in jobs))
+        self._deliver(jobs, dec, dec.prefill(), mode)
+        return dec
+
+    def _observe_size(self, rows: int) -> None:
+        self.metrics.batch_size.observe(rows)
+        self.last_batch_sizes.append(rows)
+
+    def _close_segment(self, jobs: list[Job], dec: BatchDecoder) -> None:
+        """Read the tier counts of the forwards since the last segment (per row and in all), then
+        start a new segment. Called whenever the batch's rows change."""
+        valid_B = [st.forwarded_tokens - j.segment_tokens for j, st in zip(jobs, dec.state)]
+        rows = self.host.row_tier_counts(valid_B)
+        self.var.record_batch(self._batch_mode, sum(valid_B), new_batch=self._first_segment)
+        self._first_segment = False
+        for job, st, row in zip(jobs, dec.state, rows):
+            for tier, n in row.items():
+                job.tier_counts[tier] = job.tier_counts.get(tier, 0) + int(n)
+            job.segment_tokens = st.forwarded_tokens
+        self.host.begin_batch()
+
+    def _post_finished(self, jobs: list[Job], dec: BatchDecoder, mode: str) -> None:
+        now = time.monotonic()
+        for job, st in zip(jobs, dec.state):
+            if st.finished and not job.posted:
+                job.posted = True
+                ttft = None if job.first_token_at is None else job.first_token_at - job.enqueued_at
+                job.post("done", JobResult(st, mode, len(job.spec.prompt_ids), (job.started_at or now) - job.enqueued_at,
+                                           ttft, now - job.enqueued_at, dict(job.tier_counts)))
 
     def _deliver(self, jobs: list[Job], dec: BatchDecoder, emitted: list[int | None], mode: str) -> None:
         now = time.monotonic()

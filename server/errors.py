@@ -50,6 +50,8 @@ def validation_response(errors) -> JSONResponse:
     first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": "invalid"}
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     field = ".".join(loc) or "body"
+    if first.get("type") == "prompt_too_long":  # schemas.check_sizes: like a prompt over the token limit
+        return error_response(413, "prompt_too_long", f"{field}: {first.get('msg')}", field)
     if first.get("type") == "json_invalid":
         return error_response(400, "malformed_json", f"the body is not valid JSON: {first.get('msg')}", "body")
     if field == "body" and first.get("type") in ("model_attributes_type", "dict_type", "missing"):

@@ -112,8 +112,9 @@ class ModelHost:
 
     # -- capture -------------------------------------------------------------------------------
     def capture_start(self) -> None:
+        """Start a capture from zero; a second start drops what the running one had gathered."""
         if self.capturing:
-            return
+            self.analyzer.detach()
         self.analyzer = RouterAnalyzer(self.model, tokenizer=self.tokenizer)
         self.analyzer.attach()
         self.capturing = True

@@ -82,7 +82,8 @@ def _choice(host, body: CompletionRequest, ids: list[int], result, index: int, s
     return {"text": prompt_text + gen_text, "index": index, "logprobs": logprobs, "finish_reason": reason}
 
 
-def completion_body(host, body: CompletionRequest, prompts: list[list[int]], results, stops) -> dict[str, Any]:
+def completion_body(host, body: CompletionRequest, prompts: list[list[int]], results, stops,
+                    served_name: str) -> dict[str, Any]:
     choices = [_choice(host, body, ids, r, i, stops) for i, (ids, r) in enumerate(zip(prompts, results))]
     prompt_tokens = sum(len(p) for p in prompts)
     completion_tokens = sum(len(r.state.new_ids) for r in results)
@@ -90,7 +91,7 @@ def completion_body(host, body: CompletionRequest, prompts: list[list[int]], res
         "id": f"cmpl-{uuid.uuid4().hex[:24]}",
         "object": "text_completion",
         "created": int(time.time()),
-        "model": body.model or host.model_name,
+        "model": body.model or served_name,
         "choices": choices,
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},

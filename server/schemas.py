@@ -1,9 +1,12 @@
 """Request and response bodies of the HTTP API (pydantic), separate from routes and the engine.
 
 Requests are strict (no "5" for 5, no 1 for true) and refuse unknown fields, so a typo such as
-`max_new_token` is a 422 naming the field instead of a silently ignored setting. Limits that
-depend on the loaded model (prompt length, context) are checked in state.py. Response models
-document what each route returns in the OpenAPI schema. The OpenAI-compatible
+`max_new_token` is a 422 naming the field instead of a silently ignored setting. Sizes are
+bounded whatever the model (characters and token ids per prompt: 413 `prompt_too_long`; prompts
+per request, stop strings and their length: 422), so a body inside the body-size limit
+(server/limits.py) cannot ask for unbounded validation or tokenizing. Limits that depend on the
+loaded model (prompt tokens, context, vocabulary) are checked in state.py after tokenizing.
+Response models document what each route returns in the OpenAPI schema. The OpenAI-compatible
 completion body accepts the OpenAI fields a client may send with their neutral values.
 Test: `pytest tests/test_server_api.py`.
 """
@@ -12,25 +15,73 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 SEED_MAX = 2**63 - 1
-MAX_TEXTS = 64  # texts per perplexity / prompts per completion request
+MAX_TEXTS = 64  # texts per perplexity / prompts per completion request (the setting max_request_prompts is lower)
+# Parsing bounds, whatever the model: the model's own limits (prompt tokens, context, vocabulary)
+# are checked after tokenizing. These keep a body within the body-size limit from asking for
+# unbounded work in validation, tokenizing or stop-string matching.
+MAX_PROMPT_CHARS = 262_144
+MAX_TOKEN_IDS = 32_768  # token ids in one prompt
+MAX_STOPS = 8
+MAX_STOP_CHARS = 256
+TOKEN_ID_MAX = 2**31 - 1
+
+
+Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+Text = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
 
 
 class StrictBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+def check_sizes(value, what: str):
+    """Size limits of a prompt / text / stop field with one clear message (a union's own errors
+    name every branch it tried, e.g. "Input should be a valid string" for a too-long id list)."""
+    if isinstance(value, list) and value and all(isinstance(x, int) for x in value):
+        items = [value]  # one prompt of token ids
+    elif isinstance(value, list):
+        if len(value) > MAX_TEXTS:
+            raise ValueError(f"at most {MAX_TEXTS} {what}s per request (got {len(value)})")
+        items = value
+    else:
+        items = [value]
+    for x in items:
+        # type "prompt_too_long": answered 413 like a prompt over the model's token limit
+        if isinstance(x, str) and len(x) > MAX_PROMPT_CHARS:
+            raise PydanticCustomError("prompt_too_long", f"a {what} may have at most {MAX_PROMPT_CHARS} characters "
+                                      f"(got {len(x)})")
+        if isinstance(x, list) and len(x) > MAX_TOKEN_IDS:
+            raise PydanticCustomError("prompt_too_long", f"a {what} may have at most {MAX_TOKEN_IDS} token ids "
+                                      f"(got {len(x)})")
+    return value
+
+
+def check_stops(value):
+    stops = [value] if isinstance(value, str) else value
+    if isinstance(stops, list):
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings (got {len(stops)})")
+        if any(isinstance(x, str) and len(x) > MAX_STOP_CHARS for x in stops):
+            raise ValueError(f"a stop string may have at most {MAX_STOP_CHARS} characters")
+    return value
+
+
 class GenerateRequest(StrictBody):
-    prompt: str = Field(min_length=1)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=10.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
     stream: bool = False
     var: bool | None = Field(None, description="pin VAR on/off for this request; null = current mode")
-    stop: list[Annotated[str, Field(min_length=1)]] | None = Field(None, max_length=8)
+    stop: list[Stop] | None = Field(None, max_length=MAX_STOPS)
+
+    _sizes = field_validator("prompt", mode="before")(lambda v: check_sizes(v, "prompt"))
+    _stops = field_validator("stop", mode="before")(check_stops)
 
 
 class Timings(BaseModel):
@@ -50,8 +101,10 @@ class GenerateResponse(BaseModel):
 
 
 class PerplexityRequest(StrictBody):
-    text: str | list[str] = Field(min_length=1)
+    text: Annotated[Text, Field(min_length=1)] | Annotated[list[Text], Field(min_length=1, max_length=MAX_TEXTS)]
     var: bool | None = None
+
+    _sizes = field_validator("text", mode="before")(lambda v: check_sizes(v, "text"))
 
 
 class PerplexityItem(BaseModel):
@@ -66,19 +119,20 @@ class PerplexityResponse(BaseModel):
     overall: PerplexityItem
 
 
-TokenIds = list[Annotated[int, Field(ge=0)]]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=TOKEN_ID_MAX)]], Field(max_length=MAX_TOKEN_IDS)]
 
 
 class CompletionRequest(StrictBody):
-    model: str | None = None
-    prompt: str | list[str] | TokenIds | list[TokenIds]
+    model: str | None = Field(None, max_length=256)
+    prompt: Text | Annotated[list[Text], Field(max_length=MAX_TEXTS)] | TokenIds | Annotated[list[TokenIds], Field(max_length=MAX_TEXTS)]
     max_tokens: int = Field(16, ge=0)
     temperature: float = Field(1.0, ge=0.0, le=10.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: Literal[1] = 1
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
-    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
+    stop: Annotated[str, Field(max_length=MAX_STOP_CHARS)] | Annotated[
+        list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOPS)] | None = None
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
     stream: Literal[False] = False
     var: bool | None = None
@@ -87,8 +141,11 @@ class CompletionRequest(StrictBody):
     presence_penalty: Literal[0, 0.0] | None = None
     frequency_penalty: Literal[0, 0.0] | None = None
     logit_bias: dict[str, float] | None = Field(None, max_length=0)
-    user: str | None = None
+    user: str | None = Field(None, max_length=256)
     suffix: None = None
+
+    _sizes = field_validator("prompt", mode="before")(lambda v: check_sizes(v, "prompt"))
+    _stops = field_validator("stop", mode="before")(check_stops)
 
 
 class ToggleRequest(StrictBody):
@@ -128,6 +185,7 @@ class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     owned_by: str
+    max_model_len: int = Field(description="context length: prompt + new tokens (lm-eval's max_length stays below)")
 
 
 class ModelList(BaseModel):

@@ -32,6 +32,8 @@ class ServerSettings(BaseSettings):
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     quantization: Literal["4bit", "8bit"] | None = None
     trust_remote_code: bool = False
+    served_model_name: str | None = Field(
+        None, max_length=256, description="the model's name in the API (default: the folder's name or the hub id)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads of the engine thread")
     # -- engine (the builtin engine is the reference for capture and audit) ------------------
     engine: Literal["builtin", "vllm"] = Field("builtin", description="builtin (transformers) | vllm")
@@ -47,6 +49,8 @@ class ServerSettings(BaseSettings):
     routing_stats: Path | None = Field(None, description=f"default: <model>/{VAR_DIR}/{ROUTING_STATS_FILE} if present")
     var_config: str | None = Field(None, description="VARConfig JSON file or preset name")
     var_on_start: bool = Field(True, description="start in VAR mode when VAR is available")
+    allow_var_pin_when_off: bool = Field(
+        False, description="accept a per-request `var: true` while the admin has VAR off (default: 409)")
     shadow_rate: float | None = Field(
         None, ge=0.0, le=1.0,
         description="share of fast/cached decisions re-checked by the learned router (overrides the VAR config)")
@@ -61,7 +65,16 @@ class ServerSettings(BaseSettings):
     request_timeout_s: float = Field(120.0, gt=0)
     max_prompt_tokens: int = Field(1024, ge=1, description="capped by the model's context length")
     max_new_tokens_limit: int = Field(512, ge=1)
-    shutdown_grace_s: float = Field(30.0, ge=0)
+    max_request_prompts: int = Field(
+        16, ge=1, le=64, description="prompts / texts per request (capped at max_queue; keep it well below)")
+    max_request_tokens: int = Field(
+        16_384, ge=1, description="work budget of one request: prompt tokens + max new tokens, summed over its prompts")
+    shutdown_grace_s: float = Field(30.0, ge=0, description="total shutdown time: open requests, then the engine drain")
+    # -- HTTP hardening ------------------------------------------------------------------------
+    max_body_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="larger request bodies get 413 before parsing")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request body must arrive within this time (else 408)")
+    max_connections: int = Field(256, ge=1, description="open connections + requests before uvicorn answers 503")
+    keep_alive_s: float = Field(5.0, gt=0, description="idle keep-alive connections close after this time")
 
     @field_validator("admin_token", mode="before")
     @classmethod
@@ -89,6 +102,13 @@ class ServerSettings(BaseSettings):
     @property
     def routing_stats_path(self) -> Path | None:
         return self.default_file(self.routing_stats, ROUTING_STATS_FILE)
+
+    @property
+    def model_label(self) -> str:
+        """The name the API reports: never a local path (it would tell clients the server's file layout)."""
+        if self.served_model_name:
+            return self.served_model_name
+        return Path(self.model).name if Path(self.model).exists() else self.model
 
     def admin_token_value(self) -> str | None:
         return self.admin_token.get_secret_value() if self.admin_token else None

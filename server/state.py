@@ -11,12 +11,14 @@ import asyncio
 import contextlib
 import hmac
 import math
+import threading
 import time
 from typing import Any
 
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
-from .engine import Engine, EngineError, Job, JobResult, QueueFull
+from .engine import Engine, EngineError, Job, JobResult, QueueFull, RequestTooLarge
 from .errors import APIError, timeout_error
 from .metrics import ServerMetrics
 from .model_host import ModelHost
@@ -32,23 +34,53 @@ class ServerState:
         self.metrics = ServerMetrics(self.var)
         engine_class = getattr(host, "engine_class", Engine)  # a vLLM host brings its own engine
         self.engine = engine_class(host, self.var, self.metrics, settings.max_batch_size, settings.max_wait_ms,
-                             settings.max_queue, settings.threads)
+                                   settings.max_queue, settings.threads,
+                                   # a request larger than the queue gets 413, never 429 for ever
+                                   max_request_rows=min(settings.max_request_prompts, settings.max_queue),
+                                   max_request_tokens=settings.max_request_tokens)
         self.started_at = time.time()
+        self.shutdown_deadline: float | None = None
+        self._tokenizer_lock = threading.Lock()
         ctx = getattr(host.model.config, "max_position_embeddings", None) or 10**9
         self.context_len = int(ctx)
         self.prompt_limit = min(settings.max_prompt_tokens, self.context_len - 1)
 
+    # -- shutdown: one grace period for open requests and the engine drain together -------------
+    def begin_shutdown(self) -> None:
+        if self.shutdown_deadline is None:
+            self.shutdown_deadline = time.monotonic() + self.settings.shutdown_grace_s
+
+    def remaining_grace(self) -> float:
+        if self.shutdown_deadline is None:
+            return self.settings.shutdown_grace_s
+        return max(0.0, self.shutdown_deadline - time.monotonic())
+
     # -- checks shared by the model routes ------------------------------------------------------
-    def mode_for(self, pinned: bool | None) -> str | None:
+    def mode_for(self, pinned: bool | None, request: Request | None = None) -> str | None:
+        """The pinned mode of a request. `var: true` is for A/B tests while VAR is on: once the admin
+        turned VAR off it is refused (409), unless the request carries the admin token or the
+        setting allow_var_pin_when_off is on; a wrong token is 403."""
         if pinned and not self.var.available:
             raise APIError(409, "var_unavailable", f"VAR is unavailable: {self.var.unavailable_reason}", "var")
+        if pinned and not self.var.enabled and not self.settings.allow_var_pin_when_off:
+            if request is not None and request.headers.get("authorization"):
+                require_admin(request)  # 401/403 unless it is the admin's token
+            else:
+                raise APIError(409, "var_disabled", "the admin has turned VAR off; a request may pin var: true only "
+                               "while VAR is enabled (or with the admin token)", "var")
         return None if pinned is None else ("var" if pinned else "baseline")
+
+    async def in_worker(self, fn, *args) -> Any:
+        """CPU work of a request (tokenizing, decoding, building a response) on a worker thread, so
+        the event loop keeps answering /healthz and streams meanwhile."""
+        return await run_in_threadpool(fn, *args)
 
     def tokenize(self, text: str, field: str) -> list[int]:
         if len(text) > 64 * self.prompt_limit:  # refuse huge bodies before spending time tokenizing them
             raise APIError(413, "prompt_too_long",
                            f"the prompt has {len(text)} characters; the limit is {self.prompt_limit} tokens", field)
-        ids = self.host.tokenizer(text)["input_ids"]
+        with self._tokenizer_lock:  # worker threads share one tokenizer; its Rust side is not re-entrant
+            ids = self.host.tokenizer(text)["input_ids"]
         self.check_prompt(ids, field)
         return ids
 
@@ -82,6 +114,8 @@ class ServerState:
     def submit(self, jobs: list[Job]) -> None:
         try:
             self.engine.submit(jobs)
+        except RequestTooLarge as exc:
+            raise APIError(413, "request_too_large", str(exc)) from None
         except EngineError as exc:
             status = 429 if isinstance(exc, QueueFull) else 503
             raise APIError(status, "overloaded" if status == 429 else "unavailable", str(exc),

@@ -97,10 +97,11 @@ class VarRuntime:
         return pinned or self.mode
 
     # -- accounting -------------------------------------------------------------------------------
-    def record_batch(self, mode: str, valid_tokens: int) -> None:
-        """Attribute what the batch just run added to `mode` (engine thread, after the batch)."""
+    def record_batch(self, mode: str, valid_tokens: int, new_batch: bool = True) -> None:
+        """Attribute what the batch just run added to `mode` (engine thread, after the batch, or after
+        each segment of a batch that rows join and leave: `new_batch` False for the later ones)."""
         with self._lock:
-            self._batches[mode] += 1
+            self._batches[mode] += int(new_batch)
             if mode == "baseline":
                 for layer in self.layers:
                     self._tiers["baseline"][(layer, "learned")] += int(valid_tokens)

@@ -29,7 +29,7 @@ import time
 from typing import Any, Callable
 
 from .decode import RowState
-from .engine import EngineStopping, Job, JobResult, QueueFull
+from .engine import EngineStopping, Job, JobResult, QueueFull, check_request_budget
 from .metrics import ServerMetrics
 from .var_runtime import VarRuntime
 
@@ -60,8 +60,10 @@ class _Flight:
 
 class VllmEngine:
     def __init__(self, host, var: VarRuntime, metrics: ServerMetrics, max_batch_size: int = 8,
-                 max_wait_ms: float = 50.0, max_queue: int = 64, threads: int | None = None):
+                 max_wait_ms: float = 50.0, max_queue: int = 64, threads: int | None = None,
+                 max_request_rows: int | None = None, max_request_tokens: int | None = None):
         self.host, self.var, self.metrics = host, var, metrics
+        self.max_request_rows, self.max_request_tokens = max_request_rows, max_request_tokens
         self.llm = host.llm
         self.max_queue = max_queue
         self.eos_id = host.tokenizer.eos_token_id
@@ -94,6 +96,7 @@ class VllmEngine:
         return True
 
     def submit(self, jobs: list[Job]) -> None:
+        check_request_budget(jobs, self.max_request_rows, self.max_request_tokens)
         with self._cond:
             if self._stopping:
                 raise EngineStopping("the server is shutting down", retry_after_s=5.0)

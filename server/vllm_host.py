@@ -20,10 +20,8 @@ Capture runs on the builtin engine only (409 here). Test: `pytest tests/vllm_eng
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import sys
 from types import SimpleNamespace
 from typing import Any
 
@@ -35,19 +33,6 @@ from .errors import APIError
 from .var_runtime import Counts
 
 log = logging.getLogger("varmoe.server")
-
-
-@contextlib.contextmanager
-def _numba_hidden():
-    """vLLM 0.32 walks every loaded module when a worker starts (its Triton kernel overrides) and fails
-    on llvmlite's function wrappers ("'_lib_fn_wrapper' object has no attribute 'get'"). `varmoe` loads
-    numba when it lists its subcommands (the offload simulator's compiled kernel), so numba and llvmlite
-    are taken out of sys.modules while the engine starts and put back afterwards."""
-    hidden = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split(".")[0] in ("numba", "llvmlite")}
-    try:
-        yield
-    finally:
-        sys.modules.update(hidden)
 
 
 def engine_args(settings) -> dict[str, Any]:
@@ -112,8 +97,7 @@ class VllmHost:
             reason = f"VAR on vLLM supports {sorted(SUPPORTED)}; this model is {arch!r}"
         kw = engine_args(settings)
         kw = engine_kwargs(settings.model, **kw) if not reason else {"model": settings.model, **kw}
-        with _numba_hidden():
-            engine = LLMEngine.from_engine_args(EngineArgs(**kw))
+        engine = LLMEngine.from_engine_args(EngineArgs(**kw))
         if reason:
             hf = engine.vllm_config.model_config.hf_config
             return cls(engine, settings.model, None, None, list(range(int(hf.num_hidden_layers))), reason)

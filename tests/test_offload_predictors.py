@@ -84,3 +84,37 @@ def test_reference_tables_load(repo_root):
 def test_lead_times():
     assert P.lead_layers("var", 3, 32) == 3.0 and P.lead_layers("speculative", 3, 32) == 1.0
     assert math.isnan(P.lead_layers("speculative", 0, 32)) and P.lead_layers("prev_token", 0, 32) == 32.0
+
+
+def test_pair_tables_come_from_the_artifact(repo_root):
+    """The artifact's (prev * V + token) keys are re-keyed: a hand-made trace holding one stored pair
+    (and the same token after another previous token) gets the stored set only for that pair."""
+    from var_moe.var.tables import VARTables
+
+    path = repo_root / "models" / "reference-moe" / "var" / "var_tables.safetensors"
+    stored = VARTables.load(path)
+    assert stored.pairs, "the committed tables are expected to hold pair tables"
+    keys_P, sets_PK, _ = stored.pairs[2]
+    prev, tok = divmod(int(keys_P[100]), 4096)
+    other = next(p for p in range(4096) if p != prev and p * 4096 + tok not in set(keys_P.tolist()))
+    ids = [prev, tok, other, tok]
+    ex = np.zeros((4, 4, 2), np.int16)
+    tr = Trace(np.asarray(ids, np.int32), np.zeros(4, np.int32), ex, 8, [0, 1, 2, 3], metadata={"vocab_size": 4096})
+    info: dict = {}
+    preds = P.all_predictions(tr, path, info=info)
+    assert "tables artifact" in info["var_pair_source"]
+    assert sorted(preds["var_pair"][1, 2].tolist()) == sorted(sets_PK[100].tolist())
+    assert preds["var_pair"][3, 2].tolist() == [-1, -1] and preds["var_pair"][0, 2].tolist() == [-1, -1]
+    table = P.load_pair_table(path, [0, 1, 2, 3], 8, 2)
+    assert [len(k) for k in table.keys] == [len(stored.pairs[l][0]) for l in range(4)]
+    with pytest.raises(ValueError, match="num_experts"):
+        P.load_pair_table(path, [0], 4, 2)
+
+
+def test_pair_table_falls_back_to_the_calibration_trace_without_artifact_pairs():
+    ids, seq = [3, 5, 3, 5], [0, 0, 1, 1]
+    ex = [[[0, 2]], [[0, 1]], [[0, 2]], [[1, 0]]]
+    info: dict = {}
+    preds = P.all_predictions(trace(ids, seq, ex), None, trace(ids, seq, ex), min_count=2, info=info)
+    assert info["var_pair_source"].startswith("calibration trace")
+    assert sorted(preds["var_pair"][1, 0].tolist()) == [0, 1]

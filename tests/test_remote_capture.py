@@ -23,7 +23,9 @@ from var_moe.loading import load_model
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rc")
     model_dir = tiny_var_model(tmp / "m")
-    server = ManagedServer(model_dir, log_path=tmp / "server.log").wait_ready()
+    # the server names its model by folder name unless told; here the name is the folder itself, so that
+    # capture-server without --model can load the tokenizer the server names
+    server = ManagedServer(model_dir, args=["--served-model-name", str(model_dir)], log_path=tmp / "server.log").wait_ready()
     yield tmp, model_dir, server
     server.stop()
 

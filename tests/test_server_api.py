@@ -63,7 +63,9 @@ def test_health_ready_models(client, model_dir):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz").json()
     assert ready["status"] == "ready" and ready["var_available"] is True
-    assert client.get("/v1/models").json()["data"][0]["id"] == str(model_dir)
+    card = client.get("/v1/models").json()["data"][0]
+    assert card["id"] == model_dir.name == ready["model"]  # a name, not the server's file path
+    assert card["max_model_len"] == 512  # the reference model's context
 
 
 # -- generation ----------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ def test_flag_beats_environment(monkeypatch):
     ([], {"VARMOE_MAX_QUEUE": "0"}, "VARMOE_MAX_QUEUE"),
     (["--var-tables", "/nonexistent/t.safetensors"], {}, "--var-tables"),
     (["--dtype", "int3"], {}, "--dtype"),
+    (["--max-body-bytes", "10"], {}, "--max-body-bytes"),
 ])
 def test_bad_settings_name_the_flag(monkeypatch, argv, env, needle):
     for k, v in env.items():

@@ -104,3 +104,47 @@ def test_nucleus_matches_brute_force():
         ref = torch.zeros_like(p)
         ref[keep] = p[keep] / p[keep].sum()
         torch.testing.assert_close(got[b], ref, atol=1e-6, rtol=1e-5)
+
+
+def test_admitted_rows_equal_solo_rows(model):
+    """Rows joining a running batch (and finished rows leaving it) give what they give alone."""
+    first = [RowSpec([5, 6, 7, 8, 9], 12), RowSpec([3, 4], 2)]
+    later = [RowSpec(list(range(20, 31)), 6, prompt_logprobs=True, top_logprobs=2), RowSpec([7, 7], 9, 1.0, seed=7)]
+    dec = BatchDecoder(model, first, PAD, None)
+    dec.prefill()
+    for _ in range(3):
+        dec.step()
+    assert dec.state[1].finished and dec.can_admit
+    kept = dec.drop_finished()
+    assert kept == [0] and len(dec.rows) == 1
+    emitted = dec.admit(later)
+    assert emitted[0] is None and all(t is not None for t in emitted[1:])
+    while not dec.done:
+        dec.step()
+    for spec, st in zip([first[0]] + later, dec.state):
+        (solo,) = run(model, [spec])
+        assert st.new_ids == solo.new_ids
+        if spec.prompt_logprobs:
+            torch.testing.assert_close(torch.tensor(st.prompt_logprobs[1:]), torch.tensor(solo.prompt_logprobs[1:]),
+                                       atol=1e-4, rtol=1e-4)
+            assert [[i for i, _ in p] for p in st.prompt_top[1:]] == [[i for i, _ in p] for p in solo.prompt_top[1:]]
+
+
+def test_prompt_logprobs_never_hold_full_logits(model, monkeypatch):
+    """Prompt log-probabilities go through the output layer in chunks: no (B, S, V) logits at once."""
+    import server.decode as decode
+
+    vocab = model.config.vocab_size
+    monkeypatch.setattr(decode, "LOGITS_CHUNK_ELEMS", 2 * 4 * vocab, raising=False)  # 4 positions of 2 rows
+    seen = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(o.numel()))
+    try:
+        prompts = [list(range(5, 45)), list(range(60, 90))]
+        batch = run(model, [RowSpec(p, 2, prompt_logprobs=True, top_logprobs=3) for p in prompts])
+    finally:
+        handle.remove()
+    assert max(seen) <= 2 * 4 * vocab, f"the output layer produced {max(seen)} logits at once"
+    for p, st in zip(prompts, batch):
+        nll, _ = sequence_nll(model, torch.tensor([p]), torch.ones(1, len(p), dtype=torch.long))
+        assert -sum(st.prompt_logprobs[1:]) == pytest.approx(float(nll[0]), rel=1e-4)
+        assert len(st.prompt_top) == len(p)

@@ -16,7 +16,7 @@ from server_helpers import permissive_var_config
 
 from analysis_jobs.fixtures import tiny_var_model
 from server.decode import RowSpec
-from server.engine import Engine, Job, QueueFull
+from server.engine import Engine, Job, QueueFull, RequestTooLarge
 from server.metrics import ServerMetrics
 from server.model_host import ModelHost
 from server.var_runtime import VarRuntime
@@ -27,10 +27,10 @@ torch.set_num_threads(1)
 class _Settings:
     """The fields ModelHost.load reads (a plain object keeps this test independent of env vars)."""
 
-    def __init__(self, model_dir, stats, var_config):
+    def __init__(self, model_dir, tables, var_config):
         self.model, self.dtype, self.device, self.quantization, self.trust_remote_code = str(model_dir), "float32", "cpu", None, False
-        self.var_tables, self.routing_stats, self.var_config, self.var_on_start = None, stats, var_config, True
-        self.var_tables_path, self.routing_stats_path = None, stats
+        self.var_tables, self.routing_stats, self.var_config, self.var_on_start = tables, None, var_config, True
+        self.var_tables_path, self.routing_stats_path = tables, None
         self.shadow_rate = None  # keep the VAR config's own shadow rate
 
 
@@ -38,7 +38,7 @@ class _Settings:
 def host(tmp_path_factory):
     d = tiny_var_model(tmp_path_factory.mktemp("engine") / "tiny")
     (d / "var.json").write_text(json.dumps(permissive_var_config()))
-    return ModelHost.load(_Settings(d, d / "var" / "routing_stats_calibration.parquet", str(d / "var.json")))
+    return ModelHost.load(_Settings(d, d / "var" / "var_tables.safetensors", str(d / "var.json")))
 
 
 def make_engine(host, **kw) -> Engine:
@@ -156,3 +156,69 @@ def test_lone_client_never_waits_for_the_batch_window(host):
     waits = asyncio.run(main())
     eng.stop()
     assert max(waits) < 1.0, waits
+
+
+def test_small_request_finishes_before_a_big_one_sent_earlier(host):
+    """Fair scheduling: a 4-token request sent while a 16 x 200-token one runs joins the running
+    batch and is answered long before the big one, and routing counts stay exact per row."""
+    eng = make_engine(host, max_batch_size=4, max_wait_ms=1)
+    eng.start()
+
+    async def main():
+        big = [Job(RowSpec([5, 6, 7 + i % 5], 200)) for i in range(16)]
+        await _collect(big)
+        eng.submit(big)
+        while big[0].first_token_at is None:  # the big request holds the engine
+            await asyncio.sleep(0.005)
+        (small,) = await _collect([Job(RowSpec([9, 8, 7], 4))])
+        eng.submit([small])
+        done_at = {}
+
+        async def wait(name, jobs):
+            res = await _results(jobs)
+            done_at[name] = time.monotonic()
+            return res
+
+        big_res, (small_res,) = await asyncio.gather(wait("big", big), wait("small", [small]))
+        return big, big_res, small, small_res, done_at
+
+    big, big_res, small, small_res, done_at = asyncio.run(main())
+    eng.stop()
+    assert done_at["small"] < done_at["big"]
+    big_total = max(r.total_s for r in big_res)
+    assert small_res.total_s < 0.25 * big_total, (small_res.total_s, big_total)
+    assert len(small_res.state.new_ids) == 4
+    for job, res in [(small, small_res)] + list(zip(big, big_res)):
+        decisions = sum(res.tier_counts.values())
+        assert decisions == (len(job.spec.prompt_ids) + len(res.state.new_ids) - 1) * len(host.layers)
+    assert max(eng.last_batch_sizes) <= 2 * 4
+
+
+def test_request_size_limits(host):
+    eng = make_engine(host, max_request_rows=4, max_request_tokens=100)
+    with pytest.raises(RequestTooLarge, match="prompts"):
+        eng.submit([Job(RowSpec([5, 6], 1)) for _ in range(5)])
+    with pytest.raises(RequestTooLarge, match="limit is 100"):
+        eng.submit([Job(RowSpec([5, 6], 49)), Job(RowSpec([5, 6], 48))])  # 51 + 50 tokens
+    eng.submit([Job(RowSpec([5, 6], 48)), Job(RowSpec([5, 6], 48))])  # 100: accepted
+    assert eng.queue_depth == 2
+
+
+def test_a_new_batch_never_exceeds_max_batch_size_with_many_requests(host):
+    """Forming a batch takes at most max_batch_size rows even from many one-row requests (only
+    joining a running batch may go beyond, for a request with nothing running)."""
+    eng = make_engine(host, max_batch_size=3, max_wait_ms=1)
+
+    async def main():
+        jobs = [Job(RowSpec([5, 6, 7 + i], 2), pinned_mode="baseline") for i in range(7)]
+        await _collect(jobs)
+        for j in jobs:
+            eng.submit([j])  # seven requests, queued before the thread starts
+        eng.start()
+        return await _results(jobs)
+
+    results = asyncio.run(main())
+    eng.stop()
+    assert all(r is not None and len(r.state.new_ids) == 2 for r in results)
+    assert eng.last_batch_sizes[0] == 3
+    assert max(eng.last_batch_sizes) <= 6

@@ -21,7 +21,11 @@ def test_presets_are_ordered():
     c, b, a = get_conservative_config(), get_balanced_config(), get_aggressive_config()
     assert c.target_agreement > b.target_agreement > a.target_agreement
     assert c.frequency_threshold > b.frequency_threshold > a.frequency_threshold
-    assert c.entropy_threshold < b.entropy_threshold < a.entropy_threshold
+    # the measured frontier (docs/PHASE2.md): an entropy cap removes coverage without raising
+    # held-out agreement, so no preset caps entropy; the cache stays off and TTLs count steps
+    assert c.entropy_threshold is None and b.entropy_threshold is None and a.entropy_threshold is None
+    assert not any(p.enable_cache for p in (c, b, a))
+    assert all(p.cache_ttl_seconds is None and p.cache_ttl_steps for p in (c, b, a))
     assert get_preset("balanced") == b
     with pytest.raises(ValueError, match="--preset"):
         get_preset("fast")
@@ -30,7 +34,9 @@ def test_presets_are_ordered():
 @pytest.mark.parametrize("field,value", [("entropy_threshold", -1.0), ("target_agreement", 1.5),
                                          ("confidence_threshold", 0.0), ("cache_size", -1), ("cache_ttl_steps", 0),
                                          ("weights_source", "magic"), ("shadow_rate", 2.0), ("frequency_threshold", 0),
-                                         ("adaptive_k_min_weight", 0.3), ("enable_var", "yes")])
+                                         ("adaptive_k_min_weight", 0.3), ("enable_var", "yes"),
+                                         ("max_per_document", 0), ("multiplicity", "bonferroni"),
+                                         ("allow_test_split", "yes")])
 def test_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         VARConfig(**{field: value})
@@ -59,3 +65,19 @@ def test_relative_entropy_threshold():
     assert VARConfig(entropy_threshold=0.5, entropy_relative=False).entropy_limit_nats(8) == 0.5
     with pytest.raises(ValueError, match="entropy_threshold"):
         VARConfig(entropy_threshold=1.2)  # a share of ln E cannot exceed 1
+
+
+def test_from_routing_stats_refuses_the_test_split_unless_allowed(tmp_path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from var_moe.var.config import VARConfig
+
+    path = tmp_path / "stats_test.parquet"
+    table = pa.table({"layer": [0]}).replace_schema_metadata({b"var_moe": json.dumps({"split": "test"}).encode()})
+    pq.write_table(table, path)
+    with pytest.raises(ValueError, match="--allow-test-split"):
+        VARConfig.from_routing_stats(path)
+    assert VARConfig.from_routing_stats(path, allow_test_split=True).allow_test_split

@@ -56,6 +56,8 @@ def test_pipeline_end_to_end(tiny_dir, capsys):
     text = capsys.readouterr().out
     for needle in ("Perplexity:", "Speedup:", "VAR Routing Distribution:", "Success Criteria:", "secondary"):
         assert needle in text
+    assert main(["evaluate", "--compare", str(out / "base.json"), str(out / "var.json")]) == 0  # the seed's spelling
+    assert capsys.readouterr().out == text
     base = json.loads((out / "base.json").read_text())
     var = json.loads((out / "var.json").read_text())
     # the paired baseline inside the VAR run is the same computation as the baseline run

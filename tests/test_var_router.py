@@ -101,7 +101,7 @@ def _keys(ids, mask):
 def test_cached_tier_hits_exactly_the_seen_keys_without_leaks():
     model = tiny_model("mixtral", seed=0)
     ref = tiny_model("mixtral", seed=0)
-    cfg = VARConfig(enable_fast_path=False, confidence_threshold=1e-6, context_window_size=1, cache_ttl_seconds=None,
+    cfg = VARConfig(enable_cache=True, enable_fast_path=False, confidence_threshold=1e-6, context_window_size=1, cache_ttl_seconds=None,
                     cache_min_confirmations=0)
     w = VARModelWrapper(model, cfg)
     ids1, mask1 = batch(seed=0)
@@ -130,7 +130,7 @@ def test_cached_tier_hits_exactly_the_seen_keys_without_leaks():
 
 def test_cache_ttl_in_steps_through_the_wrapper():
     model = tiny_model("mixtral", seed=0)
-    cfg = VARConfig(enable_fast_path=False, confidence_threshold=1e-6, cache_ttl_steps=1, cache_ttl_seconds=None,
+    cfg = VARConfig(enable_cache=True, enable_fast_path=False, confidence_threshold=1e-6, cache_ttl_steps=1, cache_ttl_seconds=None,
                     cache_min_confirmations=0)
     w = VARModelWrapper(model, cfg, patch_layers=[0])
     ids, mask = batch(seed=1, b=1)
@@ -230,7 +230,7 @@ def test_row_tier_counts_sum_to_tier_counts_and_skip_padding():
     tables = table_with(model, [0, 1], [[0, 1]])
     tables[0].member_V[::2] = False
     tables[1].member_V[::2] = False
-    w = VARModelWrapper(model, VARConfig(confidence_threshold=1e-6, cache_min_confirmations=0), tables=tables)
+    w = VARModelWrapper(model, VARConfig(enable_cache=True, confidence_threshold=1e-6, cache_min_confirmations=0), tables=tables)
     ids, mask = batch(seed=7, b=2)
     with torch.no_grad():
         w(input_ids=ids, attention_mask=mask)

@@ -18,9 +18,7 @@ for split in test calibration; do
     --output "$OUT/stats_${split}_control.parquet" --no-progress
 done
 
-varmoe predictability "${common[@]}" --output "$OUT/heldout.json" --control random-init --control-seed "$SEED" \
-  --calibration-stats "$OUT/stats_calibration.parquet" \
-  --control-calibration-stats "$OUT/stats_calibration_control.parquet"
+varmoe predictability "${common[@]}" --output "$OUT/heldout.json" --control random-init --control-seed "$SEED"
 
 varmoe validate --input "$OUT/stats_test.parquet" --output "$OUT/report.txt" --json "$OUT/report.json" \
   --heldout "$OUT/heldout.json"

@@ -25,7 +25,7 @@ router = APIRouter(prefix="/admin/capture", tags=["capture"], dependencies=[Depe
 @router.post("/start", response_model=CaptureStatus)
 async def capture_start(state: ServerState = Depends(get_state)):
     await state.engine_call(state.host.capture_start)
-    return {"capturing": True, "note": "statistics restart from zero at every start"}
+    return {"capturing": True, "note": "statistics restart from zero at every start (a running capture's too)"}
 
 
 @router.post("/stop", response_model=CaptureStatus)
@@ -41,11 +41,18 @@ async def capture_stats(part: Literal["stats", "pairs"] = "stats", state: Server
     host = state.host
     if host.analyzer is None:
         raise APIError(409, "no_capture", "no capture has been started on this server")
-    tmp = Path(tempfile.mkdtemp(prefix="varmoe-capture-")) / "routing_stats.parquet"
-    await state.engine_call(lambda: host.capture_parquet(tmp, state.var.enabled))
-    path = tmp if part == "stats" else tmp.with_name("routing_stats.pairs.parquet")
-    cleanup = BackgroundTask(shutil.rmtree, tmp.parent, ignore_errors=True)
-    if not path.exists():
-        cleanup.func(*cleanup.args, **cleanup.kwargs)
-        raise APIError(404, "not_found", f"this capture has no {part} file", "part")
-    return FileResponse(path, media_type="application/vnd.apache.parquet", filename=path.name, background=cleanup)
+    folder = Path(tempfile.mkdtemp(prefix="varmoe-capture-"))
+    tmp = folder / "routing_stats.parquet"
+    try:  # the folder goes away on every path: written and sent, missing part, or failed write
+        await state.engine_call(lambda: host.capture_parquet(tmp, state.var.enabled))
+        path = tmp if part == "stats" else tmp.with_name("routing_stats.pairs.parquet")
+        if not path.exists():
+            raise APIError(404, "not_found", f"this capture has no {part} file", "part")
+    except APIError:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    except Exception as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise APIError(500, "capture_failed", f"writing the statistics failed: {type(exc).__name__}: {exc}") from exc
+    return FileResponse(path, media_type="application/vnd.apache.parquet", filename=path.name,
+                        background=BackgroundTask(shutil.rmtree, folder, ignore_errors=True))

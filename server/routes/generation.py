@@ -1,7 +1,8 @@
 """`/v1/generate` (JSON or a server-sent-event stream) and `/v1/perplexity` (one text or a list).
 
 Each request becomes engine jobs (server/engine.py); the response carries timings and the
-request's routing decisions by tier. Test: `pytest tests/test_server_api.py`.
+request's routing decisions by tier. Tokenizing and building bodies run on a worker thread
+(`state.in_worker`), never on the event loop. Test: `pytest tests/test_server_api.py`.
 """
 
 from __future__ import annotations
@@ -30,16 +31,17 @@ router = APIRouter(prefix="/v1", tags=["generation"])
                          "of `token` events and a final `done` event holding this body.")
 async def generate(body: GenerateRequest, request: Request, state: ServerState = Depends(get_state)):
     state.check_max_new(body.max_new_tokens, "max_new_tokens")
-    ids = state.tokenize(body.prompt, "prompt")
+    mode = state.mode_for(body.var, request)
+    ids = await state.in_worker(state.tokenize, body.prompt, "prompt")
     state.check_prompt(ids, "prompt", body.max_new_tokens)
     spec = RowSpec(ids, body.max_new_tokens, body.temperature, body.top_p, body.seed)
-    job = Job(spec, pinned_mode=state.mode_for(body.var), stop=body.stop or [], stream=body.stream)
+    job = Job(spec, pinned_mode=mode, stop=body.stop or [], stream=body.stream)
     if body.stream:
         return stream_generate(state, job)
     t0 = time.perf_counter()
     (result,) = await state.run(request, [job])
     state.observe("/v1/generate", result.mode, t0)
-    return generate_body(state, result, job)
+    return await state.in_worker(generate_body, state, result, job)
 
 
 @router.post("/perplexity", response_model=PerplexityResponse)
@@ -47,14 +49,19 @@ async def perplexity(body: PerplexityRequest, request: Request, state: ServerSta
     texts = [body.text] if isinstance(body.text, str) else body.text
     if len(texts) > MAX_TEXTS:
         raise APIError(422, "invalid_request", f"at most {MAX_TEXTS} texts per request", "text")
-    mode = state.mode_for(body.var)
-    jobs = []
-    for i, text in enumerate(texts):
-        field = "text" if isinstance(body.text, str) else f"text[{i}]"
-        ids = state.tokenize(text, field)
-        if len(ids) < 2:
-            raise APIError(422, "invalid_request", "a text needs at least 2 tokens to have a perplexity", field)
-        jobs.append(Job(RowSpec(ids, 0, prompt_logprobs=True), pinned_mode=mode))
+    mode = state.mode_for(body.var, request)
+
+    def make_jobs() -> list[Job]:
+        jobs = []
+        for i, text in enumerate(texts):
+            field = "text" if isinstance(body.text, str) else f"text[{i}]"
+            ids = state.tokenize(text, field)
+            if len(ids) < 2:
+                raise APIError(422, "invalid_request", "a text needs at least 2 tokens to have a perplexity", field)
+            jobs.append(Job(RowSpec(ids, 0, prompt_logprobs=True), pinned_mode=mode))
+        return jobs
+
+    jobs = await state.in_worker(make_jobs)
     t0 = time.perf_counter()
     results = await state.run(request, jobs)
     state.observe("/v1/perplexity", results[0].mode, t0)

@@ -11,8 +11,8 @@ from ..loading import DEVICES, DTYPES, REFERENCE_MODEL_DIR, LoadSpec
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=str(REFERENCE_MODEL_DIR), help="hub id or local folder (default: the reference model)")
-    p.add_argument("--dtype", default="auto", choices=sorted(DTYPES))
-    p.add_argument("--device", default="cpu", choices=DEVICES)
+    p.add_argument("--dtype", default="auto", choices=sorted(DTYPES), help="weights dtype (auto: the checkpoint's)")
+    p.add_argument("--device", default="cpu", choices=DEVICES, help="where the model runs (default cpu)")
     p.add_argument("--quantization", default=None, choices=["4bit", "8bit"], help="bitsandbytes, CUDA only")
     p.add_argument("--trust-remote-code", action="store_true", help="run the model repo's own Python (off by default)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -3,7 +3,7 @@
     varmoe compare results/phase2/baseline.json results/phase2/var_balanced.json [--json out.json]
 
 Speedup = the paired ratio measured inside the VAR run; the ratio of separate runs is shown as a
-secondary line. Exit status 0 whatever the verdict. Test: `pytest tests/test_var_eval.py`.
+secondary line. `varmoe evaluate --compare A B` does the same. Exit status 0 whatever the verdict. Test: `pytest tests/test_var_eval.py`.
 """
 
 from __future__ import annotations
@@ -22,10 +22,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    return print_comparison(args.baseline, args.var, args.json)
+
+
+def print_comparison(baseline: str, var: str, json_out: str | None) -> int:
+    """Shared with `varmoe evaluate --compare A B` (the seed's spelling)."""
     from ..var.compare import compare_files
 
-    text, data = compare_files(args.baseline, args.var)
+    text, data = compare_files(baseline, var)
     print(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    if json_out:
+        Path(json_out).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return 0

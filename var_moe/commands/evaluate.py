@@ -1,8 +1,9 @@
 """`varmoe evaluate`: perplexity, throughput and routing of the baseline model or of VAR on held-out text.
 
-    varmoe evaluate --mode baseline --split test --num-samples 64 --output results/phase2/baseline.json
+    varmoe evaluate --mode baseline --split test --num-docs 6 --output results/phase2/baseline.json   # whole documents
     varmoe evaluate --mode var --routing-stats calib.parquet --preset balanced --split test \
         --num-samples 64 --output results/phase2/var_balanced.json [--adaptive-k] [--weights-source learned]
+    varmoe evaluate --compare baseline.json var.json        # the seed's spelling of `varmoe compare`
 
 A `--mode var` run also times the unmodified model interleaved with VAR in the same process (the
 paired speedup `varmoe compare` reports). The seed's spellings (--num_samples, --routing_stats) are
@@ -19,41 +20,55 @@ from ._common import add_dataset_flags, add_model_flags, load_spec
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..var.setup import add_var_flags
+    from ._var import add_var_flags
 
     p = sub.add_parser("evaluate", help="Phase 2: evaluate the baseline model or VAR (perplexity, throughput, routing)")
-    p.add_argument("--mode", required=True, choices=["baseline", "var"])
+    p.add_argument("--mode", choices=["baseline", "var"], help="what to evaluate (required unless --compare)")
+    p.add_argument("--compare", nargs=2, metavar=("BASELINE_JSON", "VAR_JSON"), default=None,
+                   help="compare two evaluate outputs instead (same as `varmoe compare A B`)")
     add_model_flags(p)
     add_dataset_flags(p, default_split="test")
     add_var_flags(p)
     p.add_argument("--repeats", type=int, default=3, help="timed passes over the batches (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up forwards per mode")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples over documents")
-    p.add_argument("--max-per-doc", dest="max_per_doc", type=int, default=1,
-                   help="at most this many max-length pieces per document (0 = no limit), so samples span documents")
+    p.add_argument("--max-per-doc", dest="max_per_doc", type=int, default=0,
+                   help="at most this many max-length pieces per document (default 0 = whole documents)")
+    p.add_argument("--num-docs", dest="num_docs", type=int, default=None,
+                   help="score this many documents of the split, each whole (every max-length piece)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", "-o", required=True, help="JSON file to write")
+    p.add_argument("--output", "-o", default=None, help="JSON file to write (required with --mode)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..errors import InvalidInputError
     from ..loading import load_model
-    from ..var.evaluate import eval_batches, evaluate
-    from ..var.setup import config_from_args, tables_from_args
+    from ..var.evaluate import eval_batches, evaluate_quality_and_speed
+    from ._var import config_from_args, tables_from_args
 
+    if args.compare:
+        from .compare import print_comparison
+
+        return print_comparison(args.compare[0], args.compare[1], None)
+    if args.mode is None or args.output is None:
+        raise InvalidInputError("--mode and --output are required (or give --compare BASELINE_JSON VAR_JSON)")
     spec = load_spec(args)
     config = config_from_args(args, for_evaluation=True) if args.mode == "var" else None
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(spec)
-    tables = tables_from_args(args, model, config) if args.mode == "var" else None
+    tables = tables_from_args(args, model, config, tokenizer) if args.mode == "var" else None
+    if args.num_docs is not None and args.num_docs < 1:
+        raise InvalidInputError("--num-docs must be >= 1")
     batches = eval_batches(tokenizer, args.dataset, args.split, args.num_samples, args.max_length, args.batch_size,
-                           args.max_per_doc or None)
+                           args.max_per_doc or None, max_docs=args.num_docs)
     info = {"model": args.model, "dataset": args.dataset, "split": args.split, "num_samples": args.num_samples,
             "max_length": args.max_length, "batch_size": args.batch_size, "preset": args.preset if args.mode == "var" else None,
-            "routing_stats": args.routing_stats, "tables": args.tables, "max_per_doc": args.max_per_doc}
-    result = evaluate(model, tokenizer, args.mode, batches, config=config, tables=tables, repeats=args.repeats,
+            "routing_stats": args.routing_stats, "tables": args.tables, "max_per_doc": args.max_per_doc,
+            "num_docs": args.num_docs}
+    result = evaluate_quality_and_speed(model, tokenizer, args.mode, batches, config=config, tables=tables, repeats=args.repeats,
                       warmup=args.warmup, bootstrap=args.bootstrap, seed=args.seed, info=info)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)

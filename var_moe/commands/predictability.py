@@ -3,7 +3,8 @@
     varmoe predictability --model models/reference-moe --num-samples 200 --max-length 256 \
         --output heldout.json --control random-init
 
-Tables (token, (previous, token), most frequent set) are built in one pass over the calibration
+Tables (token, (previous, token), most frequent set) are built by the one tables module
+(`var_moe.var.tables`, sets chosen on every calibration sequence) in one pass over the calibration
 split and scored against the LRU baselines in one pass over the test split; with
 `--control random-init` the same is done for the same architecture with seeded random weights.
 Library: `var_moe.validation.predictability`. Test: `pytest tests/test_validation_cli.py`.
@@ -33,24 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--control-seed", type=int, default=0)
     p.add_argument("--min-pair-count", type=int, default=2,
                    help="calibration occurrences a (previous, token) pair needs to be used")
-    p.add_argument("--calibration-stats", default=None,
-                   help="also score tables read from this calibration capture (and its .pairs.parquet sidecar)")
-    p.add_argument("--control-calibration-stats", default=None,
-                   help="the same for the control (a `varmoe capture --control random-init` file of the calibration split)")
     p.set_defaults(func=run)
-
-
-def _file_tables(path: str | None, flag: str, min_pair_count: int):
-    """A callable building tables from a statistics file (loaded now, so a bad path fails early)."""
-    if path is None:
-        return None
-    from ..capture.schema import pairs_path, read_pairs, read_stats
-    from ..validation.stats_tables import tables_from_stats
-
-    df, meta = read_stats(path)
-    side = pairs_path(path)
-    pairs = read_pairs(side)[0] if side.exists() else None
-    return lambda own: tables_from_stats(df, meta, pairs, own, min_pair_count, flag)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,11 +65,7 @@ def run(args: argparse.Namespace) -> int:
     info = {"model": str(args.model), "dataset": args.dataset, "calibration_split": args.calibration_split,
             "test_split": args.split, "num_samples_calibration": sum(len(b[0]) for b in calib),
             "num_samples_test": sum(len(b[0]) for b in test), "max_length": args.max_length}
-    result = heldout_predictability(
-        model, calib, test, config, control=args.control, info=info,
-        stats_tables=_file_tables(args.calibration_stats, "--calibration-stats", args.min_pair_count),
-        control_stats_tables=_file_tables(args.control_calibration_stats, "--control-calibration-stats",
-                                          args.min_pair_count))
+    result = heldout_predictability(model, calib, test, config, control=args.control, info=info)
     result["seconds"] = round(time.perf_counter() - t0, 2)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)

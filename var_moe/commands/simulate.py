@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", default="all", help=f"'all' (the six main policies) and/or a comma list of: {', '.join(POLICIES)}")
     p.add_argument("--output", "-o", required=True, help="JSON file to write (the plot goes beside it)")
     p.add_argument("--tables", default=None, help="VAR tables (.safetensors); default: <trace model>/var/var_tables.safetensors")
-    p.add_argument("--calibration-trace", default=None, help="calibration-split trace for the (previous, token) table")
+    p.add_argument("--calibration-trace", default=None, help="calibration-split trace for the token modal table (and the (previous, token) table when the VAR tables hold none)")
     p.add_argument("--min-count", type=int, default=3, help="minimum evidence for a modal set from the calibration trace")
     p.add_argument("--shape", default="trace", help=f"model shape for sizes: 'trace' (the traced model) or {', '.join(SHAPES)}")
     p.add_argument("--bits", type=float, default=2.6, help="bits per expert weight incl. quantisation scales")
@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
         shape = ModelShape(**trace.metadata["shape"])
     else:
         shape = get_shape(args.shape)
-    preds = predictors.all_predictions(trace, tables, calib, args.min_count)
+    sources: dict = {}
+    preds = predictors.all_predictions(trace, tables, calib, args.min_count, info=sources)
     accuracy = predictors.accuracy_report(trace, preds)
     sim_trace, sim_preds = trace, preds
     if shape.num_layers != trace.num_layers:
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     print("predictors (test trace, before any layer mapping):")
     print(report.format_predictors(accuracy))
     meta = {"trace": str(args.trace), "trace_model": trace.metadata.get("model"), "tables": str(tables) if tables else None,
-            "calibration_trace": args.calibration_trace, "config": config.to_dict(), "hardware": profile.to_dict(),
+            "calibration_trace": args.calibration_trace, **sources, "config": config.to_dict(), "hardware": profile.to_dict(),
             "shape": shape.to_dict(), "layer_map": sim_trace.metadata.get("layer_map"), "predictors": accuracy}
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)

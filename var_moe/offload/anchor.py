@@ -148,10 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     trace = Trace.read(args.trace)
     calib = Trace.read(args.calibration_trace) if args.calibration_trace else None
-    preds = all_predictions(trace, args.tables, calib)
+    sources: dict = {}
+    preds = all_predictions(trace, args.tables, calib, info=sources)
     extras = tuple(x for x, need in (("var", "var"), ("combined", "var"), ("var_pair", "var_pair"),
                                      ("token_modal", "token_modal"), ("oracle", "oracle")) if need in preds)
     result = run_anchor(trace, preds, extra_policies=extras, demand_first=args.demand_first)
+    result = {"tables": args.tables, "calibration_trace": args.calibration_trace, **sources, **result}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(format_anchor(result))

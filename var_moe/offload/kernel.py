@@ -292,11 +292,25 @@ def _kernel(experts_TLK, start_pred_TLK, next_pred_TLK, next_use_TLK, num_expert
 
 run_kernel_python = _kernel
 
-try:  # the compiled helper is an optional extra; the plain function gives the same numbers
-    from numba import njit
+_compiled: object | None = None
 
-    run_kernel = njit(cache=True, nogil=True)(_kernel)
-    COMPILED = True
-except ImportError:  # pragma: no cover - depends on the install
-    run_kernel = _kernel
-    COMPILED = False
+
+def compiled() -> bool:
+    """Whether `run_kernel` runs compiled (numba installed). Imports numba on first use, never at
+    import time: `varmoe` imports this module while it lists its subcommands, and numba in
+    sys.modules breaks engines that walk every loaded module when their workers start (vLLM 0.32)."""
+    global _compiled
+    if _compiled is None:
+        try:  # the compiled helper is an optional extra; the plain function gives the same numbers
+            from numba import njit
+
+            _compiled = njit(cache=True, nogil=True)(_kernel)
+        except ImportError:  # pragma: no cover - depends on the install
+            _compiled = _kernel
+    return _compiled is not _kernel
+
+
+def run_kernel(*args):
+    """The event loop, compiled when numba is installed (compiled on the first call)."""
+    compiled()
+    return _compiled(*args)

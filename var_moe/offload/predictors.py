@@ -7,9 +7,11 @@ Every predictor returns `pred_TLK` (int16, -1 = no prediction for that token and
 - `token_modal`: the modal set of the token at each layer in a calibration trace, for every token
   seen at least `min_count` times with that set (no verification): the coverage/precision trade
   the tables' admission rule makes, seen from the other side. Lead as `var`.
-- `var_pair`: the modal set per (previous token, token) key in a calibration trace, at least
-  `min_count` occurrences of it. Lead as `var`. (The tables work will serve pair tables from the
-  same artifact; this builds them here from a trace until it does.)
+- `var_pair`: the modal set per (previous token, token) key. Read from the tables artifact when it
+  holds pair tables (`VARTables.pairs`: keys prev * V + token, the pair's modal set on the even
+  calibration documents, pairs seen at least the artifact's `min_pair_count` times; unverified);
+  built from a calibration trace (modal set seen at least `min_count` times) only when the
+  artifact has none. `all_predictions(..., info=)` says which was used. Lead as `var`.
 - `speculative`: layer l's router on the hidden state entering layer l-1's MoE block, recorded in
   the trace (Mixtral-offloading's prefetch). Lead = 1 layer; none at layer 0.
 - `prev_token`: the experts the previous token of the sequence used at the same layer. Lead = one
@@ -19,7 +21,7 @@ Every predictor returns `pred_TLK` (int16, -1 = no prediction for that token and
 `accuracy(pred_TLK, true_TLK)` gives per layer: coverage (share of tokens with a prediction),
 precision and recall on covered tokens, and recall over all tokens (no prediction = nothing
 prefetched). Vectorised throughout (unique / searchsorted on encoded keys). Every access to the
-VAR tables artifact is in `load_table_sets` so it is easy to adapt when the tables module changes.
+VAR tables artifact is in `load_table_sets` / `load_pair_table` so it is easy to adapt when the tables module changes.
 
 Test: `pytest tests/test_offload_predictors.py`.
 """
@@ -75,6 +77,32 @@ def load_table_sets(tables_path: str | Path, layers: list[int], vocab_size: int 
             member_LV[i] = t.member_V.numpy().astype(bool)
             experts_LVK[i] = t.experts_VK.numpy().astype(np.int16)
     return member_LV, experts_LVK
+
+
+def load_pair_table(tables_path: str | Path, layers: list[int], num_experts: int, top_k: int) -> ModalTable | None:
+    """The artifact's (previous, token) tables as a `ModalTable` for the trace's `layers`, or None
+    when the artifact holds none. Its keys (prev * V + token) are re-encoded as this module's
+    (prev << 32) + token; a layer the artifact lacks gets no keys."""
+    from ..var.tables import VARTables
+
+    tables = VARTables.load(tables_path)
+    if not tables.pairs:
+        return None
+    meta = tables.metadata
+    if int(meta["num_experts"]) != int(num_experts) or int(meta["top_k"]) != int(top_k):
+        raise InvalidInputError(f"VAR tables {tables_path} were built for num_experts={meta['num_experts']}, "
+                                f"top_k={meta['top_k']} but the trace has {num_experts}, {top_k}")
+    vocab = int(meta["vocab_size"])
+    keys, codes, counts = [], [], []
+    for layer in layers:
+        empty = (np.zeros(0, np.int64), np.zeros((0, top_k), np.int64), np.zeros(0, np.int64))
+        keys_P, sets_PK, counts_P = (t.numpy().astype(np.int64) for t in tables.pairs[layer]) if layer in tables.pairs else empty
+        key_P = (keys_P // vocab) * (1 << 32) + keys_P % vocab
+        order = np.argsort(key_P, kind="stable")
+        keys.append(key_P[order])
+        codes.append(_set_codes(sets_PK[order], num_experts))
+        counts.append(counts_P[order])
+    return ModalTable(keys, codes, counts, num_experts, top_k, "pair", int(meta.get("min_pair_count") or 1))
 
 
 def var_predict(trace: Trace, member_LV: np.ndarray, experts_LVK: np.ndarray) -> np.ndarray:
@@ -182,16 +210,28 @@ def speculative_predict(trace: Trace) -> np.ndarray:
 
 
 def all_predictions(test: Trace, tables_path: str | Path | None = None, calib: Trace | None = None,
-                    min_count: int = DEFAULT_MIN_COUNT) -> dict[str, np.ndarray]:
-    """Every predictor that the inputs allow: `var` needs tables, `token_modal`/`var_pair` a calibration trace."""
+                    min_count: int = DEFAULT_MIN_COUNT, info: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """Every predictor that the inputs allow: `var` needs tables, `token_modal` a calibration trace,
+    `var_pair` the artifact's pair tables or, when it has none, a calibration trace. `info`, when
+    given, receives where each table came from (`var_pair_source`)."""
     preds: dict[str, np.ndarray] = {}
+    info = {} if info is None else info
+    pair_table = None
     if tables_path is not None:
         member_LV, experts_LVK = load_table_sets(tables_path, test.layers, test.metadata.get("vocab_size"),
                                                  test.num_experts, test.top_k)
         preds["var"] = var_predict(test, member_LV, experts_LVK)
+        pair_table = load_pair_table(tables_path, test.layers, test.num_experts, test.top_k)
+        if pair_table is not None:
+            info["var_pair_source"] = (f"tables artifact {tables_path}: pairs seen >= {pair_table.min_count} times "
+                                       "on the even calibration documents")
     if calib is not None:
         preds["token_modal"] = modal_predict(test, build_modal_table(calib, "token", min_count))
-        preds["var_pair"] = modal_predict(test, build_modal_table(calib, "pair", min_count))
+        if pair_table is None:
+            pair_table = build_modal_table(calib, "pair", min_count)
+            info["var_pair_source"] = f"calibration trace: modal set seen >= {min_count} times"
+    if pair_table is not None:
+        preds["var_pair"] = modal_predict(test, pair_table)
     preds["speculative"] = speculative_predict(test)
     preds["prev_token"] = prev_token_predict(test)
     preds["oracle"] = test.experts_TLK.astype(np.int16)

@@ -130,7 +130,8 @@ def _plan_arrays(trace: Trace, preds: dict[str, np.ndarray], policy: str) -> tup
     def need(name: str) -> np.ndarray:
         if name not in preds:
             raise InvalidInputError(f"policy {policy!r} needs the {name!r} predictor, which these inputs do not give "
-                                    "(var: --tables; var_pair/token_modal: --calibration-trace)")
+                                    "(var: --tables; var_pair: --tables with pair tables, else --calibration-trace; "
+                                    "token_modal: --calibration-trace)")
         pred = preds[name]
         if pred.shape != trace.experts_TLK.shape:
             raise InvalidInputError(f"predictor {name!r} has shape {pred.shape}, the trace {trace.experts_TLK.shape}")

@@ -1,4 +1,5 @@
-"""Publication figures of Phase 1: one function per figure (DataFrame/dict in, Figure out).
+"""Publication figures of Phase 1 (and the Phase 2 frontier, `fig_frontier`): one function per
+figure (DataFrame/dict in, Figure out).
 
 Every figure has labelled axes with units and is readable in greyscale (grey colour maps, line
 styles and markers instead of hues). `save_figure` writes PNG and PDF; `plot_all` makes every
@@ -238,6 +239,40 @@ def fig_consecutive_rates(meta: dict[str, Any]) -> plt.Figure:
                  "they could not be checked offline.\nCompare with the paper's table; the dashed lines are the random "
                  "baselines for E = 8, k = 2 that its caption gives.", fontsize=7, y=0.02, va="bottom")
     fig.get_layout_engine().set(rect=(0, 0.07, 1, 0.93))
+    return fig
+
+
+def fig_frontier(sweep: dict[str, Any]) -> plt.Figure:
+    """Phase 2 frontier from a `varmoe sweep` JSON: fast-tier share and paired speed ratio against
+    the perplexity change (with its paired 95% interval); marker = target agreement, filled =
+    no adaptive k, open = adaptive k."""
+    rows = pd.DataFrame(sweep["runtime"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    targets = sorted(rows["target_agreement"].unique())
+    for i, t in enumerate(targets):
+        sub = rows[rows["target_agreement"] == t]
+        for adaptive in (False, True):
+            part = sub[sub["adaptive_k_min_weight"].notna() == adaptive]
+            if part.empty:
+                continue
+            x = part["perplexity_change_pct"].to_numpy()
+            lo = x - np.array([c[0] for c in part["perplexity_change_ci95_pct"]])
+            hi = np.array([c[1] for c in part["perplexity_change_ci95_pct"]]) - x
+            fast = np.array([d["fast"] for d in part["routing_distribution"]]) * 100
+            face = "none" if adaptive else GREYS[i % len(GREYS)]
+            label = f"target {t:g}" + (" + adaptive k" if adaptive else "")
+            for ax, y in ((axes[0], fast), (axes[1], part["speed_ratio"].to_numpy())):
+                ax.errorbar(x, y, xerr=[lo, hi], fmt=STYLES[i % len(STYLES)][1], mfc=face, color=GREYS[i % len(GREYS)],
+                            ecolor="0.7", capsize=2, label=label)
+    axes[0].set_ylabel("fast-tier share of routing decisions (%)")
+    axes[1].set_ylabel("paired speed ratio, baseline time / VAR time")
+    axes[1].axhline(1.0, color="0.6", lw=0.8, ls=":")
+    for ax in axes:
+        ax.set_xlabel("perplexity change vs unmodified model (%)")
+        ax.axvline(0.0, color="0.6", lw=0.8, ls=":")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("VAR frontier on whole test documents (bars: paired 95% bootstrap over documents)")
+    fig.tight_layout()
     return fig
 
 

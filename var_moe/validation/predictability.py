@@ -2,7 +2,9 @@
 
 `heldout_predictability(model, calib_batches, test_batches, config) -> dict` runs the model twice
 under a `RoutingRecorder` (the router's own outputs, padding masked): once over calibration batches
-to count (previous, token) -> top-k set rows (`tables.SetCounter`), once over test batches to score,
+to collect routing evidence and build the tables artifact from it (`var_moe.var.evidence` /
+`var_moe.var.tables.VARTables.from_evidence` with sets chosen on all calibration sequences, the
+same module the router's tables come from), once over test batches to score,
 per layer and every valid test token, these predictors of the token's real top-k set S:
 
 - token_table: the token's modal calibration set; unseen tokens fall back to global_set,
@@ -34,7 +36,10 @@ from ..adapters import RouterDecision, get_adapter
 from ..capture.recorder import RoutingRecorder
 from ..errors import InvalidInputError
 from ..token_tracker import TokenBatch
-from .tables import ModalTables, SetCounter
+from ..var.config import VARConfig
+from ..var.evaluate import EvalBatch
+from ..var.evidence import collect_evidence
+from ..var.tables import VARTables
 
 PREDICTORS = ("token_table", "pair_table", "global_set", "lru_k", "lru_2k")
 DEFINITIONS = {
@@ -47,9 +52,37 @@ DEFINITIONS = {
     "top1": "the expert with the highest routing weight lies in the prediction",
     "overlap": "|prediction & true top-k set| / k",
     "control": "same architecture and config with seeded random weights, its own calibration tables",
-    "stats_token_table": "token_table read from a calibration statistics file (its modal_topk_set column)",
-    "stats_pair_table": "pair_table read from that file's pair sidecar, falling back to stats_token_table",
 }
+
+
+class Predictor:
+    """Phase 1 predictions from one layer of a `VARTables` artifact (sorted sets)."""
+
+    def __init__(self, tables: VARTables, layer: int):
+        t = tables.layers[layer]
+        self.vocab_size = int(t.experts_VK.shape[0])
+        self.token_sets_VK = torch.where((t.select_V > 0)[:, None], t.experts_VK.sort(1).values,
+                                         torch.full_like(t.experts_VK, -1))
+        self.global_set_K = tables.global_sets[layer].sort().values
+        keys, sets, _ = tables.pairs[layer]
+        self.pair_keys_P, self.pair_sets_PK = keys, sets.sort(1).values
+
+    def token_predict(self, ids_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sets_TK, hit_T): the token's modal set, or the global set when the token is unknown."""
+        inside = (ids_T >= 0) & (ids_T < self.vocab_size)
+        sets = self.token_sets_VK[ids_T.clamp(0, self.vocab_size - 1)]
+        hit = inside & (sets[:, 0] >= 0)
+        return torch.where(hit[:, None], sets, self.global_set_K.expand_as(sets)), hit
+
+    def pair_predict(self, prev_T: torch.Tensor, ids_T: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sets_TK, hit_T): the pair's modal set, else the token table's prediction."""
+        fallback, _ = self.token_predict(ids_T)
+        if self.pair_keys_P.numel() == 0:
+            return fallback, torch.zeros_like(ids_T, dtype=torch.bool)
+        key_T = prev_T * self.vocab_size + ids_T
+        pos_T = torch.searchsorted(self.pair_keys_P, key_T).clamp_max(self.pair_keys_P.numel() - 1)
+        hit = (prev_T >= 0) & (self.pair_keys_P[pos_T] == key_T)
+        return torch.where(hit[:, None], self.pair_sets_PK[pos_T], fallback), hit
 
 
 @dataclass(frozen=True)
@@ -114,11 +147,9 @@ def score_cache(cache_TE: torch.Tensor, sets_TK: torch.Tensor, top1_T: torch.Ten
 class _Scorer:
     """Accumulates metric sums per (layer, predictor) over the test pass."""
 
-    def __init__(self, tables: dict[int, ModalTables], num_experts: int, top_k: int,
-                 stats_tables: dict[int, ModalTables] | None = None):
-        self.tables = tables
-        self.stats_tables = stats_tables
-        self.names = PREDICTORS + (("stats_token_table", "stats_pair_table") if stats_tables else ())
+    def __init__(self, tables: VARTables, num_experts: int, top_k: int):
+        self.tables = {layer: Predictor(tables, layer) for layer in tables.layers}
+        self.names = PREDICTORS
         self.num_experts = num_experts
         self.top_k = top_k
         self.sums: dict[tuple[int, str], dict[str, float]] = {}
@@ -146,12 +177,6 @@ class _Scorer:
         pred, hit = tab.pair_predict(prev_T, ids_T)
         self._add(layer, "pair_table", score_sets(pred, s_TK, t1_T), hit)
         self._add(layer, "global_set", score_sets(tab.global_set_K.expand_as(s_TK), s_TK, t1_T))
-        if self.stats_tables:
-            st = self.stats_tables[layer]
-            pred, hit = st.token_predict(ids_T)
-            self._add(layer, "stats_token_table", score_sets(pred, s_TK, t1_T), hit)
-            pred, hit = st.pair_predict(prev_T, ids_T)
-            self._add(layer, "stats_pair_table", score_sets(pred, s_TK, t1_T), hit)
         b, s, k = tokens.batch_size, tokens.seq_len, self.top_k
         idx_BSK = decision.topk_idx_TK.long().reshape(b, s, k)
         w_BSK = decision.topk_w_TK.reshape(b, s, k)
@@ -192,28 +217,29 @@ def _run(model: Any, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], callb
             model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
 
 
-def calibrate(model: Any, batches: Iterable, config: PredictabilityConfig) -> tuple[dict[int, ModalTables], int]:
-    """One pass over calibration batches -> per-layer modal tables (and the token count)."""
+def as_documents(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> list[EvalBatch]:
+    """(ids, mask) batches as `EvalBatch`es, each sequence its own document (ids in order)."""
+    out, n = [], 0
+    for ids, mask in batches:
+        out.append(EvalBatch(ids, mask, list(range(n, n + ids.shape[0]))))
+        n += ids.shape[0]
+    return out
+
+
+def calibrate(model: Any, batches: Iterable, config: PredictabilityConfig) -> tuple[VARTables, int]:
+    """One pass over calibration batches -> the tables artifact (sets chosen on every calibration
+    sequence, nothing certified: Phase 1 scores predictability, not served entries) and the token count."""
     adapter = get_adapter(model)
-    vocab = int(model.config.vocab_size)
-    counters: dict[int, SetCounter] = {}
-
-    def cb(layer: int, tokens: TokenBatch, decision: RouterDecision) -> None:
-        v = tokens.valid_T.bool()
-        counter = counters.setdefault(layer, SetCounter(vocab, adapter.top_k))
-        counter.add(tokens.prev_T[v], tokens.ids_T[v], decision.topk_idx_TK[v])
-
-    _run(model, batches, cb)
-    if not counters:
-        raise InvalidInputError("the calibration pass produced no routing (empty --split or --num-samples 0?)")
-    n = next(iter(counters.values())).num_tokens
-    return {layer: c.finalize(config.min_pair_count) for layer, c in counters.items()}, n
+    evidence = collect_evidence(model, as_documents(batches), adapter)
+    tables = VARTables.from_evidence(evidence, model, adapter, VARConfig(), min_pair_count=config.min_pair_count,
+                                     choose="all", source="calibration pass")
+    return tables, int(evidence.metadata["num_tokens"])
 
 
-def evaluate(model: Any, tables: dict[int, ModalTables], batches: Iterable, model_name: str,
-             stats_tables: dict[int, ModalTables] | None = None) -> tuple[list[dict], int]:
+def score_predictors(model: Any, tables: VARTables, batches: Iterable, model_name: str) -> tuple[list[dict], int]:
+    """Scores every predictor on the test batches (one pass)."""
     adapter = get_adapter(model)
-    scorer = _Scorer(tables, adapter.num_experts, adapter.top_k, stats_tables)
+    scorer = _Scorer(tables, adapter.num_experts, adapter.top_k)
     _run(model, batches, scorer)
     return scorer.rows(model_name), scorer.num_tokens
 
@@ -242,25 +268,18 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def heldout_predictability(model: Any, calib_batches: list, test_batches: list,
                            config: PredictabilityConfig | None = None, control: str | None = None,
-                           info: dict[str, Any] | None = None, stats_tables: Any = None,
-                           control_stats_tables: Any = None) -> dict[str, Any]:
-    """The held-out report for `model` (and its random-init control when control == "random-init").
-
-    `stats_tables` / `control_stats_tables`: optional callables mapping the pass-built tables
-    (the fallback for the global set) to tables read from statistics files (`stats_tables.py`).
-    """
+                           info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The held-out report for `model` (and its random-init control when control == "random-init")."""
     config = config or PredictabilityConfig()
     if control not in (None, "none", "random-init"):
         raise InvalidInputError(f"--control must be 'random-init' or 'none', got {control!r}")
     adapter = get_adapter(model)
     tables, n_cal = calibrate(model, calib_batches, config)
-    extra = stats_tables(tables) if stats_tables else None
-    rows, n_test = evaluate(model, tables, test_batches, "trained", extra)
+    rows, n_test = score_predictors(model, tables, test_batches, "trained")
     if control == "random-init":
         ctrl = random_init_control(model, config.control_seed)
         ctrl_tables, _ = calibrate(ctrl, calib_batches, config)
-        ctrl_extra = control_stats_tables(ctrl_tables) if control_stats_tables else None
-        ctrl_rows, _ = evaluate(ctrl, ctrl_tables, test_batches, "control", ctrl_extra)
+        ctrl_rows, _ = score_predictors(ctrl, ctrl_tables, test_batches, "control")
         rows += ctrl_rows
         del ctrl
     return {
@@ -268,7 +287,7 @@ def heldout_predictability(model: Any, calib_batches: list, test_batches: list,
         "num_experts": adapter.num_experts, "top_k": adapter.top_k,
         "num_tokens_calibration": n_cal, "num_tokens_test": n_test,
         "config": json.loads(config.to_json()), "control": control if control != "none" else None,
-        "predictors": list(PREDICTORS) + (["stats_token_table", "stats_pair_table"] if extra else []),
+        "predictors": list(PREDICTORS),
         "definitions": DEFINITIONS,
         "random_exact_baseline": 1.0 / _comb(adapter.num_experts, adapter.top_k),
         "rows": rows, "summary": _summary(rows),

@@ -122,9 +122,10 @@ def render_text(rep: dict[str, Any]) -> str:
         for k, v in h.get("definitions", {}).items():
             lines.append(f"  {k}: {v}")
         lines.append("")
-    lines.append("== success criteria (the seed's) ==")
+    lines.append("== success criteria (the seed's three; [project] marks one this project added) ==")
     for c in rep["criteria"]:
-        lines.append(f"[{'PASS' if c['pass'] else 'FAIL'}] {c['name']}: measured {_n(c['measured'], '.4f')} "
+        tag = " [project]" if c.get("origin") == "project" else ""
+        lines.append(f"[{'PASS' if c['pass'] else 'FAIL'}]{tag} {c['name']}: measured {_n(c['measured'], '.4f')} "
                      f"(target {c['op']} {c['target']}) - {c['what']}")
     lines += ["", "== hypotheses =="]
     for h in rep["hypotheses"]:

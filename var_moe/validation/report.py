@@ -135,9 +135,11 @@ def consecutive_rates(metadata: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _criterion(name: str, measured: float | None, op: str, target: float, what: str) -> dict[str, Any]:
+def _criterion(name: str, measured: float | None, op: str, target: float, what: str, origin: str = "seed") -> dict[str, Any]:
+    """`origin`: "seed" for the seed's three Phase 1 criteria, "project" for one this project added."""
     ok = measured is not None and (measured < target if op == "<" else measured > target if op == ">" else measured >= target)
-    return {"name": name, "measured": measured, "op": op, "target": target, "pass": bool(ok), "what": what}
+    return {"name": name, "measured": measured, "op": op, "target": target, "pass": bool(ok), "what": what,
+            "origin": origin}
 
 
 def criteria(overall: dict[str, Any], cfg: ValidationConfig, consistency_overall: float | None) -> list[dict[str, Any]]:
@@ -150,7 +152,8 @@ def criteria(overall: dict[str, Any], cfg: ValidationConfig, consistency_overall
                    f"share of occurrences whose token has frequency >= {cfg.fast_path_min_frequency} and mean "
                    f"entropy < {cfg.fast_path_max_entropy} nats"),
         _criterion("top_n_consistency", consistency_overall, ">=", cfg.criterion_consistency,
-                   f"mean top-1 consistency of the {cfg.top_n_consistency} most frequent tokens, averaged over layers"),
+                   f"mean top-1 consistency of the {cfg.top_n_consistency} most frequent tokens, averaged over layers",
+                   origin="project"),
     ]
 
 

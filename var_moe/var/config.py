@@ -21,26 +21,29 @@ from typing import Any
 from ..errors import InvalidInputError
 
 WEIGHT_SOURCES = ("table", "learned")
+MULTIPLICITY = ("bh", "holm", "none")
 
 
 @dataclass(frozen=True)
 class VARConfig:
     # -- which tokens enter the fast-path table (per layer, from calibration statistics) -------------
     frequency_threshold: int = 20  # minimum calibration occurrences of (layer, token)
-    entropy_threshold: float = 0.85  # maximum mean routing entropy: nats, or a share of ln E if entropy_relative
+    entropy_threshold: float | None = None  # maximum mean routing entropy: nats, or a share of ln E; None = no cap
     entropy_relative: bool = True  # True: entropy_threshold is a share of the maximum ln E (same meaning for any E)
     target_agreement: float = 0.9  # Wilson lower bound of exact top-k agreement must reach this
-    confidence_level: float = 0.95  # two-sided level of the Wilson interval (0.95 -> z = 1.96)
+    confidence_level: float = 0.95  # two-sided level of the Wilson interval (0.95 -> z = 1.96; one-sided alpha 0.025)
+    max_per_document: int | None = 16  # certifying occurrences one document may contribute (None = all)
+    multiplicity: str = "bh"  # over all entries: bh (expected share of wrong entries) | holm (any wrong) | none
     # -- context cache ---------------------------------------------------------------------------
     confidence_threshold: float = 0.9  # learned decisions enter the cache only if top-1 prob >= this
     cache_size: int = 10_000  # entries per layer; 0 turns the cached tier off
-    cache_ttl_seconds: float | None = 300.0  # wall-clock TTL (machine dependent); None = no limit
-    cache_ttl_steps: int | None = None  # TTL in forward steps (reproducible; used in evaluations)
+    cache_ttl_seconds: float | None = None  # wall-clock TTL (machine dependent, so off by default); None = no limit
+    cache_ttl_steps: int | None = 1000  # TTL in forward steps (reproducible); None = no limit
     context_window_size: int = 1  # previous tokens in the cache key (0 = the token alone)
     cache_min_confirmations: int = 1  # same-set learned decisions after the first before an entry is served
     # -- tiers and weights -----------------------------------------------------------------------
     enable_fast_path: bool = True
-    enable_cache: bool = True
+    enable_cache: bool = False  # off unless the sweep shows it pays (docs/PHASE2.md)
     weights_source: str = "table"  # table: stored weights | learned: router weights restricted to the set
     adaptive_k: bool = False  # verified tokens with a dominant top expert use one expert
     adaptive_k_min_weight: float = 0.9  # table weight of the top expert (share of the set) needed for k=1
@@ -50,6 +53,7 @@ class VARConfig:
     seed: int = 0  # seeds the shadow sampling
     # -- seed API --------------------------------------------------------------------------------
     routing_stats_path: str | None = None  # Phase 1 statistics (calibration split) to build tables from
+    allow_test_split: bool = False  # build tables from statistics of the test split anyway (normally refused)
     enable_var: bool = True  # start with VAR on (switch with wrapper.enable_var()/disable_var())
     track_performance: bool = True  # keep per-layer tier counters
     max_quality_degradation: float = 0.01  # perplexity increase the evaluation accepts (1%)
@@ -60,12 +64,16 @@ class VARConfig:
                 raise InvalidInputError(f"VARConfig.{field} {what}, got {getattr(self, field)!r}")
 
         need(isinstance(self.frequency_threshold, int) and self.frequency_threshold >= 1, "frequency_threshold", "must be an integer >= 1")
-        need(_num(self.entropy_threshold) and self.entropy_threshold >= 0, "entropy_threshold", "must be >= 0 (nats)")
-        need(not self.entropy_relative or self.entropy_threshold <= 1, "entropy_threshold",
+        need(self.entropy_threshold is None or (_num(self.entropy_threshold) and self.entropy_threshold >= 0),
+             "entropy_threshold", "must be >= 0 (nats) or null")
+        need(self.entropy_threshold is None or not self.entropy_relative or self.entropy_threshold <= 1, "entropy_threshold",
              "must be in [0, 1] when entropy_relative is true (a share of ln E)")
         need(_num(self.target_agreement) and 0 < self.target_agreement <= 1, "target_agreement", "must be in (0, 1]")
         need(_num(self.confidence_level) and 0.5 <= self.confidence_level < 1, "confidence_level", "must be in [0.5, 1)")
         need(_num(self.confidence_threshold) and 0 < self.confidence_threshold <= 1, "confidence_threshold", "must be in (0, 1]")
+        need(self.max_per_document is None or (isinstance(self.max_per_document, int) and not isinstance(self.max_per_document, bool)
+             and self.max_per_document >= 1), "max_per_document", "must be an integer >= 1 or null")
+        need(self.multiplicity in MULTIPLICITY, "multiplicity", f"must be one of {MULTIPLICITY}")
         need(isinstance(self.cache_size, int) and self.cache_size >= 0, "cache_size", "must be an integer >= 0")
         need(self.cache_ttl_seconds is None or (_num(self.cache_ttl_seconds) and self.cache_ttl_seconds > 0),
              "cache_ttl_seconds", "must be > 0 or null")
@@ -82,7 +90,7 @@ class VARConfig:
         need(isinstance(self.shadow_min_checks, int) and not isinstance(self.shadow_min_checks, bool)
              and self.shadow_min_checks >= 0, "shadow_min_checks", "must be an integer >= 0")
         need(_num(self.max_quality_degradation) and self.max_quality_degradation >= 0, "max_quality_degradation", "must be >= 0")
-        for flag in ("entropy_relative", "enable_fast_path", "enable_cache", "adaptive_k", "enable_var", "track_performance"):
+        for flag in ("allow_test_split", "entropy_relative", "enable_fast_path", "enable_cache", "adaptive_k", "enable_var", "track_performance"):
             need(isinstance(getattr(self, flag), bool), flag, "must be true or false")
         need(isinstance(self.seed, int), "seed", "must be an integer")
 
@@ -92,6 +100,8 @@ class VARConfig:
         return NormalDist().inv_cdf(0.5 + self.confidence_level / 2)
 
     def entropy_limit_nats(self, num_experts: int) -> float:
+        if self.entropy_threshold is None:
+            return math.inf
         return self.entropy_threshold * math.log(num_experts) if self.entropy_relative else self.entropy_threshold
 
     @property
@@ -143,9 +153,10 @@ class VARConfig:
     @classmethod
     def from_routing_stats(cls, path: str | Path, preset: str = "balanced", **overrides: Any) -> "VARConfig":
         """A preset pointed at a Phase 1 statistics file (checked to exist and be readable)."""
-        from .stats_io import read_stats_metadata
+        from .stats_io import check_split, read_stats_metadata
 
-        read_stats_metadata(path)  # fails early with a clear message on a missing / foreign file
+        meta = read_stats_metadata(path)  # fails early with a clear message on a missing / foreign file
+        check_split(meta, str(path), bool(overrides.get("allow_test_split", False)))
         return get_preset(preset).replace(routing_stats_path=str(path), **overrides)
 
 
@@ -154,19 +165,19 @@ def _num(x: Any) -> bool:
 
 
 def get_conservative_config() -> VARConfig:
-    """Few, very safe table entries; the cache only repeats near-certain decisions."""
-    return VARConfig(frequency_threshold=50, entropy_threshold=0.75, target_agreement=0.95,
-                     confidence_threshold=0.95, cache_size=5_000, context_window_size=2, cache_min_confirmations=2)
+    """Target 95%: every entry certified at 95% on held-out documents (docs/PHASE2.md, frontier)."""
+    return VARConfig(frequency_threshold=50, target_agreement=0.95, confidence_threshold=0.95, cache_size=5_000,
+                     context_window_size=2, cache_min_confirmations=2)
 
 
 def get_balanced_config() -> VARConfig:
+    """Target 90%, no entropy cap (entropy does not track consistency), <= 16 occurrences per document."""
     return VARConfig()
 
 
 def get_aggressive_config() -> VARConfig:
-    """More tokens on the fast path at a lower stated agreement; cache takes less certain decisions."""
-    return VARConfig(frequency_threshold=10, entropy_threshold=1.0, target_agreement=0.8,
-                     confidence_threshold=0.75, cache_size=20_000, context_window_size=1)
+    """Target 80%: more tokens on the fast path at a lower certified agreement."""
+    return VARConfig(frequency_threshold=5, target_agreement=0.8, confidence_threshold=0.75, cache_size=20_000)
 
 
 PRESETS = {"conservative": get_conservative_config, "balanced": get_balanced_config, "aggressive": get_aggressive_config}

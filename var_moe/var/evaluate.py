@@ -1,6 +1,6 @@
 """Baseline vs VAR evaluation on held-out text: perplexity, throughput, latency, agreement.
 
-`evaluate(model, tokenizer, mode, ...)` returns the JSON document `varmoe evaluate` writes:
+`evaluate_quality_and_speed(model, tokenizer, mode, ...)` returns the JSON document `varmoe evaluate` writes:
 - evaluation: perplexity of the (VAR or baseline) model, padding masked, per-document sums kept
   for a paired bootstrap;
 - throughput: tokens/s and per-batch latency percentiles (p50/p95/p99) after warm-up, median
@@ -19,55 +19,15 @@ import math
 import platform
 import statistics
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..corpus import chunk_sequences, encode_document, iter_documents, pad_batch
 from ..errors import InvalidInputError
 from .config import VARConfig
-
-
-@dataclass
-class EvalBatch:
-    ids: torch.Tensor
-    mask: torch.Tensor
-    doc_B: list[int]  # document index of each row (for the bootstrap over documents)
-
-    @property
-    def tokens(self) -> int:
-        return int(self.mask.sum())
-
-
-def eval_batches(tokenizer: Any, dataset: str, split: str, num_samples: int | None, max_length: int,
-                 batch_size: int, max_per_doc: int | None = 1) -> list[EvalBatch]:
-    """Held-out sequences (documents cut into <= max_length pieces, at most `max_per_doc` per
-    document so a sample spans many documents) in padded batches with doc ids."""
-    if max_per_doc is not None and max_per_doc < 1:
-        raise InvalidInputError("--max-per-doc must be >= 1")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    seqs: list[tuple[int, list[int]]] = []
-    for d, doc in enumerate(iter_documents(dataset, split)):
-        ids = encode_document(tokenizer, doc.text)  # whole document, chunked below: no length warning
-        for j, piece in enumerate(chunk_sequences([ids], max_length)):
-            if max_per_doc is not None and j >= max_per_doc:
-                break
-            seqs.append((d, piece))
-            if num_samples is not None and len(seqs) >= num_samples:
-                break
-        if num_samples is not None and len(seqs) >= num_samples:
-            break
-    if not seqs:
-        raise InvalidInputError(f"--dataset {dataset!r} --split {split!r} gave no sequences to evaluate")
-    out = []
-    for i in range(0, len(seqs), batch_size):  # a loop over batches, not tokens
-        chunk = seqs[i : i + batch_size]
-        ids, mask = pad_batch([s for _, s in chunk], pad_id)
-        out.append(EvalBatch(ids, mask, [d for d, _ in chunk]))
-    return out
+from .eval_data import EvalBatch, eval_batches  # noqa: F401  (re-exported: the evaluation's inputs)
 
 
 @torch.no_grad()
@@ -131,7 +91,7 @@ def _environment(device: torch.device) -> dict[str, Any]:
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
 
-def evaluate(model: Any, tokenizer: Any, mode: str, batches: list[EvalBatch], config: VARConfig | None = None,
+def evaluate_quality_and_speed(model: Any, tokenizer: Any, mode: str, batches: list[EvalBatch], config: VARConfig | None = None,
              tables: Any = None, repeats: int = 3, warmup: int = 1, bootstrap: int = 2000, seed: int = 0,
              info: dict[str, Any] | None = None) -> dict[str, Any]:
     if mode not in ("baseline", "var"):
@@ -180,6 +140,8 @@ def evaluate(model: Any, tokenizer: Any, mode: str, batches: list[EvalBatch], co
                 _timed(model, batches[0], device)
             _timed(wrapper, batches[0], device)
         base_rep, var_rep, base_lat, var_lat, ratios = [], [], [], [], []
+        frozen = wrapper.frozen_tables()  # shadow demotion must not change tables between timed repeats
+        frozen.__enter__()
         for r in range(repeats):
             wrapper.clear_cache()
             tb, tv = [], []
@@ -196,6 +158,7 @@ def evaluate(model: Any, tokenizer: Any, mode: str, batches: list[EvalBatch], co
             var_rep.append(sum(tv))
             base_lat += tb
             var_lat += tv
+        frozen.__exit__(None, None, None)
     finally:
         wrapper.restore()
     result["config"] = config.to_dict()

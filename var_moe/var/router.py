@@ -1,38 +1,45 @@
 """`VARRouter`: drop-in replacement of one MoE layer's router with three tiers per token.
 
-For each row (token) of the (T, H) hidden states, vectorised over the batch:
+For each row (token) of the (T, H) hidden states:
   fast    - the token is in this layer's verified table: use the table's expert set,
   cached  - else the (last W tokens, token) key is in this layer's context cache: repeat that
-            learned decision,
+            learned decision (off in the presets),
   learned - else (and for padding, and when token ids are unknown): the original router.
 It returns the transformers v5 router contract `(router_logits, weights, indices)`, so the
-experts run untouched. The original router is called through `.forward` (not `__call__`) so
-hooks on it never see partial batches; when every row is learned it is called on the whole batch
-unchanged, so an empty table reproduces the original routing bit for bit.
+experts run untouched.
 
-Weights (`weights_source`): "table" uses the table's stored weights (cached rows: the cached
-learned weights); "learned" runs the router on those rows and restricts its probabilities to the
-chosen set, renormalised the way the router normalises (a probe at construction measures whether
-its top-k weights sum to a constant, e.g. 1 for Mixtral, routed_scaling_factor for DeepSeek-V3).
-router_logits of fast/cached rows whose learned scores were not computed are synthetic: the
-chosen set's weight distribution (floor 1e-6 elsewhere) as log-probabilities (softmax routers) or
-logits (sigmoid routers), so the adapter reads back the distribution actually used.
+The fast tier depends on token ids only, so `TableStack.lookup` resolves it for every layer at
+once, at the first router call of a forward: one gather over (layers x tokens) of the stacked
+tables, plus the tier counters (on device). Per layer the router then runs the learned router on
+all rows (it is ~1% of a forward, and running it on a subset would need the subset's size on the
+host) and selects rows with `torch.where` over the precomputed rows: no boolean-mask indexing
+and no host synchronisation on this path. An empty table therefore returns the learned outputs
+unchanged (bit for bit). The cached tier, when on, looks up and fills a `ContextCache`, which
+does index with masks and syncs with the host; it is the one place that does.
+
+Weights (`weights_source`): "table" uses the table's stored weights, scaled the way the router
+normalises (a probe at construction measures whether its top-k weights sum to a constant, e.g. 1
+for Mixtral); "learned" restricts the learned probabilities to the chosen set. router_logits are
+the learned router's (computed for every row anyway).
 
 Adaptive k: fast rows whose table gives the top expert >= `adaptive_k_min_weight` of the set's
 weight go to that expert alone with the full weight; the other slots hold index E (the experts'
-empty slot) with weight 0. Shadow verification re-runs the learned router on a seeded sample of
-fast/cached rows, counts agreement (exact top-k set) and demotes table entries whose Wilson lower
-bound over calibration + shadow evidence drops below target, or whose shadow checks alone (at least
-`shadow_min_checks`) put the upper bound below target (`tables.demote_mask`). Audit mode
-(evaluation) checks every fast/cached row without demoting.
+empty slot) with weight 0 -- precomputed in the stacked tables, so it costs nothing per forward.
+Shadow verification compares a seeded sample of fast rows with the learned decision (already
+computed) and queues demotions (`tables.demote_mask`: the running Wilson bound over certifying +
+shadow evidence below target, or, after `shadow_min_checks` checks, the shadow upper bound below
+target). Queued demotions are applied between forwards (`TableStack.apply_demotions`), never
+inside one, and not at all while the tables are frozen (`VARModelWrapper.frozen_tables()`, used
+by timed passes). Audit mode counts agreement of every fast/cached row without demoting.
 
-Shapes: T tokens, H hidden, E experts, K top-k, V vocabulary, W context window.
+Shapes: T tokens, H hidden, E experts, K top-k, V vocabulary, L layers, W context window.
 Test: `pytest tests/test_var_router.py tests/test_var_exact.py`.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -59,6 +66,99 @@ def compare_sets(a_TK: torch.Tensor, b_TK: torch.Tensor) -> tuple[torch.Tensor, 
     return exact, overlap
 
 
+@dataclass
+class Lookup:
+    """The fast tier of one forward, for every layer (rows in router order)."""
+
+    tokens: Any  # the TokenBatch it was computed for (identity marks the forward)
+    safe_T: torch.Tensor  # token id, 0 where out of vocabulary
+    valid_T: torch.Tensor
+    fast_LT: torch.Tensor
+    nominal_LTK: torch.Tensor  # table set (before adaptive k), for verification
+    idx_LTK: torch.Tensor  # served set (after adaptive k)
+    w_LTK: torch.Tensor  # served weights, scaled like the router's
+
+
+class TableStack:
+    """The tables of all patched layers stacked on device (L, V, ...), shared by the routers.
+
+    Each router holds views of its row (`member_LV[slot]` etc.), so a demotion is one write seen
+    by both. Counters live in `counts_LC` (int64, on device)."""
+
+    def __init__(self, tables: dict[int, LayerTable], layers: list[int], config: VARConfig, num_experts: int,
+                 scales: dict[int, float | None], device: torch.device, index_dtype: torch.dtype):
+        self.layers, self.config, self.num_experts = layers, config, num_experts
+        self.slot = {l: i for i, l in enumerate(layers)}
+        st = lambda name: torch.stack([getattr(tables[l], name) for l in layers]).to(device)  # noqa: E731
+        self.member_LV = st("member_V").clone()
+        self.bound_LV = st("bound_V").clone()
+        self.agree_LV, self.total_LV = st("agree_V"), st("total_V")
+        self.nominal_LVK = st("experts_VK").to(index_dtype)
+        w_LVK = st("weights_VK").float()
+        mass_LV = st("mass_V").float()
+        scale_L1 = torch.tensor([[s if s is not None else float("nan")] for s in (scales[l] for l in layers)],
+                                device=device)
+        # routers whose weights do not sum to a constant use the table's raw mass instead
+        scaled = torch.where(scale_L1.isnan()[..., None], w_LVK * mass_LV[..., None], w_LVK * scale_L1[..., None])
+        self.weights_LVK = scaled
+        self.idx_LVK = self.nominal_LVK
+        self.single_LV = w_LVK[..., 0] >= config.adaptive_k_min_weight
+        if config.adaptive_k:  # one expert, full weight; other slots -> the experts' empty slot E
+            slot0 = torch.arange(self.nominal_LVK.shape[-1], device=device) == 0
+            one = self.single_LV[..., None]
+            self.idx_LVK = torch.where(one & ~slot0, torch.full_like(self.nominal_LVK, num_experts), self.nominal_LVK)
+            self.weights_LVK = torch.where(one, torch.where(slot0, scaled.sum(-1, keepdim=True), 0.0), scaled)
+        self.vocab = int(self.member_LV.shape[1])
+        self.shadow_agree_LV = torch.zeros_like(self.agree_LV)
+        self.shadow_total_LV = torch.zeros_like(self.total_LV)
+        self.pending_LV = torch.zeros_like(self.member_LV)
+        self.counts_LC = torch.zeros(len(layers), len(COUNTERS), dtype=torch.long, device=device)
+        self.frozen = False
+        self.counts_fast_path = not config.cache_enabled  # tiers fully known at lookup time
+        self._lookup_cols = torch.tensor([C["forwards"], C["fast"], C["learned"]], device=device)
+        self.on_rows: Callable[[torch.Tensor, Any], None] | None = None
+        self._last: Lookup | None = None
+
+    def apply_demotions(self) -> None:
+        """Take queued entries out (between forwards; a no-op while frozen)."""
+        if self.frozen or self.config.shadow_rate <= 0:
+            return
+        drop = self.pending_LV & self.member_LV
+        self.counts_LC[:, C["demoted"]] += drop.sum(1)
+        self.member_LV &= ~drop
+        self.pending_LV.zero_()
+
+    def lookup(self, tok: Any, device: torch.device) -> Lookup:
+        if self._last is not None and self._last.tokens is tok:
+            return self._last
+        self.apply_demotions()
+        ids_T, valid_T = tok.ids_T.to(device), tok.valid_T.to(device).bool()
+        in_vocab_T = (ids_T >= 0) & (ids_T < self.vocab)
+        safe_T = torch.where(in_vocab_T, ids_T, torch.zeros_like(ids_T))
+        ok_T = valid_T & in_vocab_T
+        if self.config.enable_fast_path:
+            fast_LT = self.member_LV[:, safe_T] & ok_T
+        else:
+            fast_LT = torch.zeros(len(self.layers), ids_T.shape[0], dtype=torch.bool, device=device)
+        idx_LTK = self.idx_LVK[:, safe_T]
+        # the pre-adaptive-k set is only read by verification and the cache
+        nominal_LTK = idx_LTK if not self.config.adaptive_k else self.nominal_LVK[:, safe_T]
+        look = Lookup(tok, safe_T, valid_T, fast_LT, nominal_LTK, idx_LTK, self.weights_LVK[:, safe_T])
+        if self.config.track_performance and self.counts_fast_path:
+            n_fast_L = fast_LT.sum(1)
+            # forwards, fast, learned in one indexed add
+            self.counts_LC[:, self._lookup_cols] += torch.stack([torch.ones_like(n_fast_L), n_fast_L,
+                                                                 valid_T.sum() - n_fast_L], 1)
+            if self.config.adaptive_k:
+                self.counts_LC[:, C["adaptive_single"]] += (fast_LT & self.single_LV[:, safe_T]).sum(1)
+        else:
+            self.counts_LC[:, C["forwards"]] += 1
+        if self.counts_fast_path and self.on_rows is not None:
+            self.on_rows(fast_LT.sum(0), tok)
+        self._last = look
+        return look
+
+
 class VARRouter(nn.Module):
     def __init__(self, learned: nn.Module, layer: int, adapter: Any, config: VARConfig, table: LayerTable,
                  tokens: Callable[[], Any], on_tiers: Callable[[torch.Tensor, Any], None] | None = None,
@@ -72,19 +172,37 @@ class VARRouter(nn.Module):
         self.audit = False
         self.steps = 0
         param = next(learned.parameters())
-        for name in LayerTable.NAMES:
-            self.register_buffer(name, getattr(table, name).clone().to(param.device), persistent=False)
-        self.vocab = int(self.member_V.shape[0])
-        self.register_buffer("shadow_agree_V", torch.zeros(self.vocab, dtype=torch.float64, device=param.device), persistent=False)
-        self.register_buffer("shadow_total_V", torch.zeros(self.vocab, dtype=torch.float64, device=param.device), persistent=False)
-        self.register_buffer("counts", torch.zeros(len(COUNTERS), dtype=torch.long, device=param.device), persistent=False)
-        self.single_V = self.weights_VK[:, 0] >= config.adaptive_k_min_weight
+        self.device = param.device
+        self.vocab = int(table.member_V.shape[0])
         width = config.context_window_size + 1
         self.cache = ContextCache(config.cache_size if config.cache_enabled else 0, width, self.top_k, self.vocab,
                                   config.cache_ttl_steps, config.cache_ttl_seconds, param.device,
                                   min_confirmations=config.cache_min_confirmations)
         self.generator = torch.Generator(device=param.device).manual_seed(config.seed * 1000 + layer)
         self._probe(param)
+        self.stack: TableStack | None = None
+        self.slot = 0
+        self._own = table  # until attach() is called (a router used on its own gets a one-layer stack)
+
+    def attach(self, stack: TableStack) -> None:
+        self.stack, self.slot = stack, stack.slot[self.layer]
+
+    def _ensure_stack(self) -> TableStack:
+        if self.stack is None:
+            self.attach(TableStack({self.layer: self._own}, [self.layer], self.config, self.num_experts,
+                                   {self.layer: self.weight_scale}, self.device, self.index_dtype))
+        return self.stack
+
+    # views of this layer's row of the stack (the seed-era attribute names)
+    @property
+    def member_V(self) -> torch.Tensor:
+        stack = self._ensure_stack()
+        stack.apply_demotions()
+        return stack.member_LV[self.slot]
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return self._ensure_stack().counts_LC[self.slot]
 
     @torch.no_grad()
     def _probe(self, param: torch.Tensor) -> None:
@@ -97,30 +215,13 @@ class VARRouter(nn.Module):
         constant = bool((sums - sums[0]).abs().max() <= 1e-3 * sums[0].abs().clamp_min(1e-6))
         self.weight_scale = float(sums[0]) if constant else None  # None: use the table's raw mass
 
-    # -- helpers -----------------------------------------------------------------------------------
-    def _scale(self, w_NK: torch.Tensor, mass_N: torch.Tensor) -> torch.Tensor:
-        return w_NK * (self.weight_scale if self.weight_scale is not None else mass_N[:, None])
-
-    def _restricted(self, logits_NE: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+    def _restricted(self, logits_NE: torch.Tensor, idx_NK: torch.Tensor, mass_N: torch.Tensor | None = None) -> torch.Tensor:
         """Learned weights restricted to a chosen set (index E = empty slot gets 0)."""
         probs = self.adapter.probabilities(logits_NE)
         g = probs.gather(1, idx_NK.clamp_max(self.num_experts - 1)) * (idx_NK < self.num_experts)
         if self.weight_scale is None:
             return g
         return g / g.sum(1, keepdim=True).clamp_min(1e-20) * self.weight_scale
-
-    def _synthetic_logits(self, idx_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
-        p = torch.full((idx_NK.shape[0], self.num_experts + 1), 1e-6, device=idx_NK.device)
-        w = w_NK.float().clamp_min(0)
-        p.scatter_add_(1, idx_NK.long(), w / w.sum(1, keepdim=True).clamp_min(1e-20))
-        p = p[:, : self.num_experts]
-        p = p / p.sum(1, keepdim=True)
-        out = torch.logit(p) if self.adapter.score_function == "sigmoid" else p.log()
-        return out.to(self.logits_dtype)
-
-    def _count(self, name: str, value: Any) -> None:
-        if self.config.track_performance:
-            self.counts[C[name]] += value
 
     def clear_cache(self) -> None:
         self.cache.clear()
@@ -133,138 +234,86 @@ class VARRouter(nn.Module):
             return self._route(hidden_states)
 
     def _route(self, hidden_states: torch.Tensor):
+        stack = self._ensure_stack()
+        counts = stack.counts_LC[self.slot]
         h_TH = hidden_states.reshape(-1, hidden_states.shape[-1])
         t = h_TH.shape[0]
-        self.steps += 1
-        self._count("forwards", 1)
-        step, now = self.steps, self.clock()
+        l_logits, l_w, l_idx = self.learned.forward(h_TH)
         tok = self.tokens()
         if tok is None or tok.ids_T.shape[0] != t:  # no token ids (inputs_embeds): learned for all
-            out = self.learned.forward(h_TH)
-            self._count("fallback_forwards", 1)
-            self._count("learned", t)
-            return out
-        dev = h_TH.device
-        ids_T = tok.ids_T.to(dev)
-        valid_T = tok.valid_T.to(dev)
-        in_vocab_T = (ids_T >= 0) & (ids_T < self.vocab)
-        safe_T = torch.where(in_vocab_T, ids_T, torch.zeros_like(ids_T))
-        tier_T = torch.full((t,), LEARNED, dtype=torch.long, device=dev)
-        fast_T = valid_T & in_vocab_T & self.member_V[safe_T] if self.config.enable_fast_path else torch.zeros_like(valid_T)
-        tier_T[fast_T] = FAST
-        full_TW = None
-        hit_T = torch.zeros_like(fast_T)
+            counts[C["forwards"]] += 1
+            counts[C["fallback_forwards"]] += 1
+            counts[C["learned"]] += t
+            return l_logits, l_w, l_idx
+        look = stack.lookup(tok, h_TH.device)
+        fast_T = look.fast_LT[self.slot]
+        nominal_TK = look.nominal_LTK[self.slot]
+        idx_TK = torch.where(fast_T[:, None], look.idx_LTK[self.slot].to(l_idx.dtype), l_idx)
+        w_TK = torch.where(fast_T[:, None], look.w_LTK[self.slot].to(l_w.dtype), l_w)
+        routed_T = fast_T
         if self.cache.capacity > 0:
-            full_TW = torch.cat([tok.context_TW.to(dev), ids_T[:, None]], dim=1)
-            ask_T = valid_T & ~fast_T
-            hit_all, c_idx, c_w = self.cache.lookup(full_TW, step, now)
-            hit_T = hit_all & ask_T
-            tier_T[hit_T] = CACHED
-            self._count("cache_lookups", ask_T.sum())
-            self._count("cache_hits", hit_T.sum())
+            idx_TK, w_TK, nominal_TK, routed_T = self._cached(look, tok, fast_T, idx_TK, w_TK, nominal_TK,
+                                                              l_logits, l_idx, l_w, counts)
+        if self.config.weights_source == "learned":
+            w_TK = torch.where(routed_T[:, None], self._restricted(l_logits.reshape(t, -1).float(), idx_TK.long())
+                               .to(l_w.dtype), w_TK)
+        if self.audit or self.config.shadow_rate > 0:
+            self._verify(look, fast_T, routed_T & ~fast_T, nominal_TK, l_idx, counts)
+        return l_logits, w_TK, idx_TK
 
-        routed_T = tier_T != LEARNED
-        # rows that need the learned router: learned tier, shadow sample, audit, learned weights
-        need_T = ~routed_T
-        shadow_T = torch.zeros_like(routed_T)
-        if self.config.shadow_rate > 0:
-            shadow_T = routed_T & (torch.rand(t, generator=self.generator, device=dev) < self.config.shadow_rate)
-        if self.audit or self.config.weights_source == "learned":
-            need_T = torch.ones_like(need_T)
-        need_T = need_T | shadow_T
-
-        n_need = int(need_T.sum())
-        if n_need == t:
-            l_logits, l_w, l_idx = self.learned.forward(h_TH)
-            rows = None
-        elif n_need > 0:
-            rows = need_T.nonzero().squeeze(1)
-            l_logits, l_w, l_idx = self.learned.forward(h_TH[rows])
-        if n_need == t and not bool(routed_T.any()):
-            self._after(tier_T, valid_T, full_TW, l_logits, l_w, l_idx, step, now, tok)
-            return l_logits, l_w, l_idx  # all learned: exactly the original router's output
-
-        k, e = self.top_k, self.num_experts
-        logits_dtype = l_logits.dtype if n_need else self.logits_dtype
-        weights_dtype = l_w.dtype if n_need else self.weights_dtype
-        # assembled with gathers over all T rows and `where` (no boolean-mask indexing, no host syncs)
-        idx_TK = self.experts_VK[safe_T].to(self.index_dtype)
-        w_TK = self._scale(self.weights_VK[safe_T], self.mass_V[safe_T])
-        if self.cache.capacity > 0:
-            idx_TK = torch.where(hit_T[:, None], c_idx.to(self.index_dtype), idx_TK)
-            w_TK = torch.where(hit_T[:, None], c_w, w_TK)
-        nominal_TK = idx_TK  # the table / cache set before adaptive k (for verification)
-        if self.config.adaptive_k:
-            single_T = fast_T & self.single_V[safe_T]
-            slot0 = torch.arange(k, device=dev) == 0
-            idx_TK = torch.where(single_T[:, None] & ~slot0, torch.full_like(idx_TK, e), idx_TK)  # experts skip index E
-            w_TK = torch.where(single_T[:, None], torch.where(slot0, w_TK.sum(1, keepdim=True), 0.0), w_TK)
-            self._count("adaptive_single", single_T.sum())
-
-        lrn_T = ~routed_T
-        if n_need:
-            if rows is None:
-                learned_idx_TK, full_w, logits_TE = l_idx, l_w.float(), l_logits.reshape(t, e)
-            else:
-                learned_idx_TK = torch.zeros(t, k, dtype=self.index_dtype, device=dev).index_copy_(0, rows, l_idx)
-                full_w = torch.zeros(t, k, dtype=torch.float32, device=dev).index_copy_(0, rows, l_w.float())
-                logits_TE = torch.zeros(t, e, dtype=logits_dtype, device=dev).index_copy_(0, rows, l_logits.reshape(-1, e))
-            idx_TK = torch.where(lrn_T[:, None], learned_idx_TK, idx_TK)
-            w_TK = torch.where(lrn_T[:, None], full_w, w_TK)
-            if self.config.weights_source == "learned":
-                w_TK = torch.where(routed_T[:, None], self._restricted(logits_TE.float(), idx_TK.long()), w_TK)
-            self._verify(fast_T, hit_T, need_T, nominal_TK, learned_idx_TK, shadow_T, safe_T)
-        else:
-            logits_TE = torch.empty(t, e, dtype=logits_dtype, device=dev)
-        not_computed = routed_T & ~need_T
-        if not_computed.any():
-            logits_TE[not_computed] = self._synthetic_logits(idx_TK[not_computed], w_TK[not_computed])
-        w_TK = w_TK.to(weights_dtype)
-        self._after(tier_T, valid_T, full_TW, logits_TE, w_TK, idx_TK, step, now, tok, fresh_T=need_T & ~routed_T)
-        return logits_TE, w_TK, idx_TK
-
-    def _verify(self, fast_T, hit_T, need_T, nominal_TK, learned_idx_TK, shadow_T, safe_T) -> None:
-        """Shadow verification (with demotion) and audit counts, on rows whose learned decision exists."""
-        if self.audit:
-            for name, mask in (("fast", fast_T), ("cached", hit_T)):
-                if mask.any():
-                    exact, overlap = compare_sets(nominal_TK[mask], learned_idx_TK[mask])
-                    self._count(f"audit_{name}_n", mask.sum())
-                    self._count(f"audit_{name}_exact", exact.sum())
-                    self._count(f"audit_{name}_overlap_x1000", (overlap * 1000).round().long().sum())
-        if not shadow_T.any():
-            return
-        exact, _ = compare_sets(nominal_TK[shadow_T], learned_idx_TK[shadow_T])
-        self._count("shadow_agree", exact.sum())
-        self._count("shadow_disagree", (~exact).sum())
-        fs = fast_T[shadow_T]
-        if fs.any():  # running evidence of table entries: calibration counts + shadow checks
-            ids = safe_T[shadow_T][fs]
-            self.shadow_total_V.index_add_(0, ids, torch.ones_like(ids, dtype=torch.float64))
-            self.shadow_agree_V.index_add_(0, ids, exact[fs].double())
-            bound = wilson_lower_bound(self.agree_V[ids] + self.shadow_agree_V[ids],
-                                       self.total_V[ids] + self.shadow_total_V[ids], self.config.wilson_z)
-            demote = demote_mask(bound, self.shadow_agree_V[ids], self.shadow_total_V[ids], self.config.target_agreement,
-                                 self.config.wilson_z, self.config.shadow_min_checks)
-            drop = ids[demote & self.member_V[ids]].unique()
-            if drop.numel():
-                self.member_V[drop] = False
-                self._count("demoted", drop.numel())
-            self.bound_V[ids] = bound.float()
-
-    def _after(self, tier_T, valid_T, full_TW, logits_TE, w_TK, idx_TK, step, now, tok, fresh_T=None) -> None:
-        """Fill the cache with confident learned decisions; count tiers of valid tokens."""
-        if self.cache.capacity > 0 and full_TW is not None:
-            cand_T = valid_T & (tier_T == LEARNED) & (fresh_T if fresh_T is not None else torch.ones_like(valid_T))
-            if cand_T.any():
-                probs = self.adapter.probabilities(logits_TE[cand_T].reshape(-1, self.num_experts))
-                ok = probs.max(1).values >= self.config.confidence_threshold
-                if ok.any():
-                    rows = cand_T.nonzero().squeeze(1)[ok]
-                    self.cache.insert(full_TW[rows], idx_TK[rows], w_TK[rows].float(), step, now)
-                    self._count("cache_inserts", ok.sum())
+    def _cached(self, look: Lookup, tok: Any, fast_T, idx_TK, w_TK, nominal_TK, l_logits, l_idx, l_w, counts):
+        """The context cache tier (host syncs inside the cache); also does this layer's counting."""
+        self.steps += 1
+        step, now = self.steps, self.clock()
+        valid_T = look.valid_T
+        full_TW = torch.cat([tok.context_TW.to(fast_T.device), tok.ids_T.to(fast_T.device)[:, None]], dim=1)
+        ask_T = valid_T & ~fast_T
+        hit_all, c_idx, c_w = self.cache.lookup(full_TW, step, now)
+        hit_T = hit_all & ask_T
+        counts[C["cache_lookups"]] += ask_T.sum()
+        counts[C["cache_hits"]] += hit_T.sum()
+        idx_TK = torch.where(hit_T[:, None], c_idx.to(idx_TK.dtype), idx_TK)
+        w_TK = torch.where(hit_T[:, None], c_w.to(w_TK.dtype), w_TK)
+        nominal_TK = torch.where(hit_T[:, None], c_idx.to(nominal_TK.dtype), nominal_TK)
+        tier_T = torch.full_like(look.safe_T, LEARNED)
+        tier_T = torch.where(fast_T, torch.full_like(tier_T, FAST), torch.where(hit_T, torch.full_like(tier_T, CACHED), tier_T))
+        cand_T = valid_T & (tier_T == LEARNED)
+        if cand_T.any():
+            probs = self.adapter.probabilities(l_logits.reshape(-1, self.num_experts)[cand_T])
+            ok = probs.max(1).values >= self.config.confidence_threshold
+            if ok.any():
+                rows = cand_T.nonzero().squeeze(1)[ok]
+                self.cache.insert(full_TW[rows], l_idx[rows], l_w[rows].float(), step, now)
+                counts[C["cache_inserts"]] += ok.sum()
         if self.config.track_performance:
-            counts = torch.bincount(tier_T[valid_T], minlength=3)
-            self.counts[:3] += counts
+            counts[:3] += torch.bincount(tier_T[valid_T], minlength=3)
+            if self.config.adaptive_k:
+                counts[C["adaptive_single"]] += (fast_T & self.stack.single_LV[self.slot][look.safe_T]).sum()
         if self.on_tiers is not None:
             self.on_tiers(tier_T, tok)
+        return idx_TK, w_TK, nominal_TK, tier_T != LEARNED
+
+    def _verify(self, look: Lookup, fast_T, cached_T, nominal_TK, learned_idx_TK, counts) -> None:
+        """Audit counts and shadow checks, vectorised over all rows (the learned decision exists)."""
+        exact_T, overlap_T = compare_sets(nominal_TK.long(), learned_idx_TK.long())
+        if self.audit:
+            for name, mask in (("fast", fast_T), ("cached", cached_T)):
+                counts[C[f"audit_{name}_n"]] += mask.sum()
+                counts[C[f"audit_{name}_exact"]] += (exact_T & mask).sum()
+                counts[C[f"audit_{name}_overlap_x1000"]] += ((overlap_T * 1000).round().long() * mask).sum()
+        if self.config.shadow_rate <= 0:
+            return
+        t = fast_T.shape[0]
+        shadow_T = (fast_T | cached_T) & (torch.rand(t, generator=self.generator, device=fast_T.device) < self.config.shadow_rate)
+        counts[C["shadow_agree"]] += (shadow_T & exact_T).sum()
+        counts[C["shadow_disagree"]] += (shadow_T & ~exact_T).sum()
+        s = self.stack
+        fs_T = (shadow_T & fast_T).double()
+        sa_V = s.shadow_agree_LV[self.slot].index_add_(0, look.safe_T, fs_T * exact_T.double())
+        st_V = s.shadow_total_LV[self.slot].index_add_(0, look.safe_T, fs_T)
+        cfg = self.config
+        bound_V = wilson_lower_bound(s.agree_LV[self.slot] + sa_V, s.total_LV[self.slot] + st_V, cfg.wilson_z)
+        checked_V = st_V > 0
+        s.pending_LV[self.slot] |= checked_V & demote_mask(bound_V, sa_V, st_V, cfg.target_agreement, cfg.wilson_z,
+                                                           cfg.shadow_min_checks)
+        s.bound_LV[self.slot] = torch.where(checked_V, bound_V.to(s.bound_LV.dtype), s.bound_LV[self.slot])

@@ -85,3 +85,14 @@ def check_stats_for_model(meta: dict[str, Any], model: Any, adapter: Any, source
                 f"{source} were made for {key}={got!r} but the model has {key}={want!r}; "
                 f"capture statistics / build tables for this model (source model: {meta.get('model')!r})"
             )
+
+
+def check_split(meta: dict[str, Any], source: str, allow_test_split: bool) -> None:
+    """Refuse statistics of the test split: tables built there would be judged on their own data."""
+    split = meta.get("split")
+    if split is None and isinstance(meta.get("config"), dict):
+        split = meta["config"].get("split")
+    if split == "test" and not allow_test_split:
+        raise InvalidInputError(f"{source}: these statistics were captured on the 'test' split, which the evaluation "
+                                "scores; capture `--split calibration` for tables, or pass --allow-test-split to "
+                                "build on it anyway")

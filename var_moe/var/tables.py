@@ -1,20 +1,30 @@
-"""Verified routing tables: per layer, which tokens may skip the learned router, and how to route them.
+"""Verified routing tables -- the one table module: chosen, certified, saved, served and scored.
 
-A token enters layer l's table only when, in the calibration statistics of layer l,
-- frequency >= `frequency_threshold`,
-- mean routing entropy <= `entropy_threshold` (nats, or a share of ln E: `entropy_relative`), and
-- the Wilson lower bound (at `confidence_level`) of its agreement rate -- the share of its
-  occurrences whose top-k set equals its modal top-k set exactly (`modal_set_count / frequency`) --
-  is >= `target_agreement`.
-So each entry carries a stated, checked agreement level (`bound_V`). Stored per layer:
-`experts_VK` (modal set, ordered by weight, top expert first), `weights_VK` (mean learned weight of
-each expert when chosen, renormalised over the set to sum 1), `mass_V` (the raw sum of those mean
-weights, for routers that do not normalise), `member_V`, `bound_V`, and the calibration counts
-`agree_V` / `total_V` that shadow verification extends.
+Input: routing evidence by document (`evidence.py`: a routing pass over the calibration documents a
+capture's metadata names; `from_stats_file` checks the pass reproduces the capture's token counts).
+Per layer and token:
+1. choose: the token's modal top-k set on the *even* calibration documents (ties -> smallest set);
+   filters use the same half only: occurrences >= `frequency_threshold`, mean entropy <=
+   `entropy_threshold` (a share of ln E if `entropy_relative`; None = no cap);
+2. certify: on the *odd* documents, the share of the token's occurrences routed to exactly that
+   set, with each document counting at most `max_per_document` occurrences (a document with n
+   occurrences, a agreeing, counts w = min(n, cap) trials and a*w/n agreements), so occurrences
+   inside one document, which are correlated, cannot stand in for independent evidence;
+3. multiplicity: a one-sided score (Wilson) test of "agreement <= target_agreement" per candidate,
+   over ALL candidates of all layers as one family: `multiplicity` "bh" bounds the expected share
+   of wrong entries among those served (Benjamini-Hochberg), "holm" the chance of any wrong entry,
+   "none" tests each alone; alpha = (1 - confidence_level) / 2. `bound_V` is the Wilson lower
+   bound at the entry's adjusted level (>= target for served entries).
+The assumption left: documents are independent draws of the text the tables will serve.
 
-Files: safetensors (tensors `layer{l}.{name}`) + the same metadata as JSON next to it
-(`tables.json`). `VARTables.load(path, model)` refuses a file made for another model type,
-vocabulary, expert count, top-k or router weights (fingerprint). Test: `pytest tests/test_var_tables.py`.
+Stored per layer: `experts_VK` (chosen set, top expert first), `weights_VK` (mean learned weight of
+each expert when chosen on the choosing half, renormalised to sum 1), `mass_V` (raw sum),
+`member_V`, `bound_V`, and the certifying counts `agree_V` / `total_V` that shadow verification
+extends; for validation also (previous, token) modal sets (`pairs`) and the global modal set.
+Files: safetensors (tensors `layer{l}.{name}`) + the metadata as JSON beside it. `VARTables.load(path,
+model)` refuses a file made for another model type, vocabulary, E, k or router weights.
+The statistics (choose, certify, multiplicity) are in `certify.py`, the counting in `evidence.py`.
+Test: `pytest tests/test_var_tables.py tests/test_var_verification.py`.
 """
 
 from __future__ import annotations
@@ -29,46 +39,23 @@ import numpy as np
 import torch
 
 from ..errors import InvalidInputError
+from .certify import (  # noqa: F401  (re-exported: the table API in one place)
+    Candidates,
+    certified_counts,
+    demote_mask,
+    global_set,
+    layer_candidates,
+    multiplicity_levels,
+    pair_table,
+    score_pvalues,
+    wilson_lower_bound,
+    wilson_upper_bound,
+)
 from .config import VARConfig
+from .evidence import Evidence, collect_evidence
+from .stats_io import check_split  # noqa: F401  (re-exported: callers check a file before loading a model)
 
-FORMAT_VERSION = 1
-
-
-def wilson_lower_bound(successes: torch.Tensor, trials: torch.Tensor, z: float) -> torch.Tensor:
-    """Lower end of the Wilson score interval for a binomial proportion (0 where trials == 0)."""
-    n = trials.double()
-    p = successes.double() / n.clamp_min(1)
-    z2 = z * z
-    centre = p + z2 / (2 * n.clamp_min(1))
-    spread = z * torch.sqrt(p * (1 - p) / n.clamp_min(1) + z2 / (4 * n.clamp_min(1) ** 2))
-    lower = (centre - spread) / (1 + z2 / n.clamp_min(1))
-    return torch.where(n > 0, lower.clamp(0, 1), torch.zeros_like(lower))
-
-
-def wilson_upper_bound(successes: torch.Tensor, trials: torch.Tensor, z: float) -> torch.Tensor:
-    """Upper end of the Wilson score interval (1 where trials == 0): the interval is symmetric
-    under p -> 1 - p, so it is one minus the lower end for the failures."""
-    return 1 - wilson_lower_bound(trials - successes, trials, z)
-
-
-def demote_mask(running_bound: torch.Tensor, shadow_agree: torch.Tensor, shadow_total: torch.Tensor,
-                target: float, z: float, min_checks: int) -> torch.Tensor:
-    """Which table entries to take out, from calibration counts plus shadow checks in service.
-
-    Two tests, either one demotes:
-      - the running bound (`running_bound`: Wilson lower bound of calibration + shadow agreement,
-        as the router keeps it) < target: the admission rule, re-checked with the new evidence;
-      - served agreement alone: with at least `min_checks` shadow checks (0 = off), the Wilson
-        upper bound of the shadow agreement < target, i.e. the entry is below target on the traffic
-        actually served, at the same confidence, however large its calibration counts. Without it
-        an entry admitted on thousands of calibration tokens needs thousands of disagreeing
-        checks before the running bound drops (measured: 4 demotions at 75% served agreement).
-    """
-    combined = running_bound < target
-    if min_checks <= 0:
-        return combined
-    served = (shadow_total >= min_checks) & (wilson_upper_bound(shadow_agree, shadow_total, z) < target)
-    return combined | served
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -80,63 +67,91 @@ class LayerTable:
     bound_V: torch.Tensor  # float32 Wilson lower bound (0 for tokens never seen)
     agree_V: torch.Tensor  # float64 calibration occurrences with the modal set
     total_V: torch.Tensor  # float64 calibration occurrences
+    select_V: torch.Tensor | None = None  # float64 occurrences on the choosing side (0 = token unseen there)
 
-    NAMES = ("experts_VK", "weights_VK", "mass_V", "member_V", "bound_V", "agree_V", "total_V")
+    NAMES = ("experts_VK", "weights_VK", "mass_V", "member_V", "bound_V", "agree_V", "total_V", "select_V")
+
+    def __post_init__(self) -> None:
+        if self.select_V is None:  # files of format 1 did not store it
+            self.select_V = torch.zeros_like(self.total_V)
 
     @classmethod
     def empty(cls, vocab: int, k: int) -> "LayerTable":
         return cls(torch.zeros(vocab, k, dtype=torch.long), torch.full((vocab, k), 1.0 / k), torch.ones(vocab),
                    torch.zeros(vocab, dtype=torch.bool), torch.zeros(vocab), torch.zeros(vocab, dtype=torch.float64),
-                   torch.zeros(vocab, dtype=torch.float64))
+                   torch.zeros(vocab, dtype=torch.float64), torch.zeros(vocab, dtype=torch.float64))
 
     @property
     def size(self) -> int:
         return int(self.member_V.sum())
 
 
-def _stack(series: Any, width: int, name: str) -> np.ndarray:
-    """A list column (one list per row) as an (N, width) array, checked."""
-    arr = np.asarray(series.tolist())
-    if arr.ndim != 2 or arr.shape[1] != width:
-        raise InvalidInputError(f"statistics column {name!r} must hold lists of length {width}, got shape {arr.shape}")
-    return arr
+def certify_layers(cands: dict[int, Candidates], config: VARConfig) -> tuple[dict[int, LayerTable], dict[str, Any]]:
+    """The multiplicity step over every candidate entry of every layer (one family), then tables."""
+    alpha = (1 - config.confidence_level) / 2  # one-sided; equals the old two-sided Wilson level for m = 1
+    layers = sorted(cands)
+    pv = torch.cat([cands[l].pvalue_V[cands[l].eligible_V] for l in layers])
+    accepted, level = multiplicity_levels(pv, alpha, config.multiplicity)
+    out: dict[int, LayerTable] = {}
+    start = 0
+    for l in layers:
+        c = cands[l]
+        idx = c.eligible_V.nonzero().squeeze(1)
+        n = idx.numel()
+        member_V = torch.zeros_like(c.seen_V)
+        member_V[idx] = accepted[start:start + n]
+        level_V = torch.full(c.seen_V.shape, alpha, dtype=torch.float64)
+        level_V[idx] = level[start:start + n]
+        z_V = torch.special.ndtri(1 - level_V.clamp(1e-300, 0.5))
+        start += n
+        bound_V = wilson_lower_bound(c.agree_V, c.total_V, z_V)
+        out[l] = LayerTable(c.modal_VK, c.weights_VK.float(), c.mass_V.float(), member_V, bound_V.float(),
+                            c.agree_V, c.total_V, c.select_V)
+    info = {"method": "choose on even documents, certify on odd documents", "multiplicity": config.multiplicity,
+            "alpha_one_sided": alpha, "candidates": int(pv.numel()), "accepted": int(accepted.sum()),
+            "max_per_document": config.max_per_document}
+    return out, info
 
 
-def build_layer_table(df_layer: Any, vocab: int, num_experts: int, k: int, config: VARConfig) -> LayerTable:
-    """One layer's table from its rows of the statistics DataFrame (vectorised over rows)."""
-    table = LayerTable.empty(vocab, k)
-    if len(df_layer) == 0:
-        return table
-    tok = torch.as_tensor(df_layer["token_id"].to_numpy().copy(), dtype=torch.long)
-    if int(tok.max()) >= vocab or int(tok.min()) < 0:
-        raise InvalidInputError(f"statistics hold token ids outside the model vocabulary [0, {vocab})")
-    freq = torch.as_tensor(df_layer["frequency"].to_numpy().copy(), dtype=torch.float64)
-    agree = torch.as_tensor(df_layer["modal_set_count"].to_numpy().copy(), dtype=torch.float64)
-    entropy = torch.as_tensor(df_layer["mean_entropy"].to_numpy().copy(), dtype=torch.float64)
-    modal_NK = torch.as_tensor(_stack(df_layer["modal_topk_set"], k, "modal_topk_set"), dtype=torch.long)
-    counts_NE = torch.as_tensor(_stack(df_layer["topk_counts"], num_experts, "topk_counts"), dtype=torch.float64)
-    wsums_NE = torch.as_tensor(_stack(df_layer["topk_weight_sums"], num_experts, "topk_weight_sums"), dtype=torch.float64)
-    if bool((agree > freq).any()):
-        raise InvalidInputError("statistics have modal_set_count > frequency; the file is corrupt")
 
-    bound_N = wilson_lower_bound(agree, freq, config.wilson_z)
-    member_N = (freq >= config.frequency_threshold) & (entropy <= config.entropy_limit_nats(num_experts)) & (bound_N >= config.target_agreement)
-    mean_w_NE = wsums_NE / counts_NE.clamp_min(1)
-    w_NK = mean_w_NE.gather(1, modal_NK.clamp(0, num_experts - 1))
-    mass_N = w_NK.sum(1)
-    w_NK = w_NK / mass_N.clamp_min(1e-12)[:, None]
-    # slot 0 = the expert with the largest stored weight (adaptive k keeps that one)
-    w_NK, order = w_NK.sort(dim=1, descending=True)
-    modal_NK = modal_NK.gather(1, order)
+def evidence_for_stats(meta: dict[str, Any], model: Any, adapter: Any, tokenizer: Any = None,
+                       batch_size: int = 8) -> Evidence:
+    """Collect evidence over the documents a capture's metadata names (dataset, split, max_length,
+    num_samples), keeping every piece of every document (as the capture did)."""
+    from .eval_data import eval_batches
 
-    table.experts_VK[tok] = modal_NK
-    table.weights_VK[tok] = w_NK.float()
-    table.mass_V[tok] = mass_N.float()
-    table.member_V[tok] = member_N
-    table.bound_V[tok] = bound_N.float()
-    table.agree_V[tok] = agree
-    table.total_V[tok] = freq
-    return table
+    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    dataset, split = meta.get("dataset") or cfg.get("dataset"), meta.get("split") or cfg.get("split")
+    max_length, num_samples = cfg.get("max_length") or meta.get("max_length"), cfg.get("num_samples")
+    if not dataset or not split or not max_length:
+        raise InvalidInputError("the statistics metadata does not name its dataset / split / max_length, so its "
+                                "documents cannot be found again to certify tables by document; capture them with "
+                                "`varmoe capture`, or build tables with `VARTables.from_texts` / `varmoe build-tables`")
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        name = meta.get("model") or cfg.get("model")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except Exception as exc:  # a missing or foreign tokenizer folder
+            raise InvalidInputError(f"cannot load the tokenizer of {name!r} named by the statistics ({exc})") from exc
+    batches = eval_batches(tokenizer, dataset, split, num_samples, int(max_length), batch_size, max_per_doc=None)
+    info = {"model": meta.get("model"), "dataset": dataset, "split": split, "max_length": int(max_length),
+            "router_fingerprint": model_identity(model, adapter)["router_fingerprint"]}
+    return collect_evidence(model, batches, adapter, info)
+
+
+def frequency_check(df: Any, evidence: Evidence) -> dict[str, Any]:
+    """How far the evidence pass's token counts are from the capture's (0 = the same documents)."""
+
+    worst = 0.0
+    for l, ev in evidence.layers.items():
+        sub = df[df["layer"] == l]
+        freq_V = (ev.freq_2V[0] + ev.freq_2V[1]).numpy()
+        want = np.zeros_like(freq_V)
+        want[sub["token_id"].to_numpy()] = sub["frequency"].to_numpy()
+        worst = max(worst, float(np.abs(freq_V - want).sum() / max(want.sum(), 1)))
+    return {"relative_l1_difference": worst, "same_tokens": worst == 0.0}
 
 
 def router_fingerprint(routers: list[torch.nn.Module]) -> str:
@@ -164,9 +179,13 @@ def model_identity(model: Any, adapter: Any) -> dict[str, Any]:
 class VARTables:
     """Per-layer verified tables plus metadata (model identity, config, source statistics)."""
 
-    def __init__(self, layers: dict[int, LayerTable], metadata: dict[str, Any]):
+    def __init__(self, layers: dict[int, LayerTable], metadata: dict[str, Any],
+                 pairs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+                 global_sets: dict[int, torch.Tensor] | None = None):
         self.layers = layers
         self.metadata = metadata
+        self.pairs = pairs or {}  # layer -> (keys_P = prev * V + token, sets_PK, counts_P); for validation
+        self.global_sets = global_sets or {}  # layer -> the most frequent set (fallback predictor)
 
     def __getitem__(self, layer: int) -> LayerTable:
         return self.layers[layer]
@@ -183,36 +202,79 @@ class VARTables:
         return cls(tabs, {**ident, "layers": layers, "config": None, "source": "empty"})
 
     @classmethod
-    def from_stats(cls, df: Any, stats_meta: dict[str, Any], model: Any, adapter: Any, config: VARConfig,
-                   layers: list[int] | None = None, source: str = "") -> "VARTables":
-        """Tables for `model` from a statistics DataFrame (one table per MoE layer present)."""
-        from .stats_io import check_stats_for_model
-
-        check_stats_for_model(stats_meta, model, adapter, source=f"statistics {source}".strip())
-        split = stats_meta.get("split")
+    def from_evidence(cls, evidence: Evidence, model: Any, adapter: Any, config: VARConfig,
+                      layers: list[int] | None = None, source: str = "", min_pair_count: int = 2,
+                      choose: str = "even") -> "VARTables":
+        """Tables for `model`: each entry's set chosen on even calibration documents, certified on
+        odd ones (per-document cap, multiplicity over all entries; see the module docstring)."""
         ident = model_identity(model, adapter)
+        for key in ("vocab_size", "num_experts", "top_k"):
+            if evidence.metadata.get(key) != ident[key]:
+                raise InvalidInputError(f"evidence {source} was collected for {key}={evidence.metadata.get(key)!r}, "
+                                        f"the model has {key}={ident[key]!r}")
+        fp = evidence.metadata.get("router_fingerprint")
+        if fp is not None and fp != ident["router_fingerprint"]:
+            raise InvalidInputError(f"evidence {source} was collected with other router weights; collect it again for this model")
         moe = [m.layer for m in adapter.moe_layers(model)]
         layers = layers if layers is not None else moe
-        vocab, k, e = ident["vocab_size"], ident["top_k"], ident["num_experts"]
-        layer_col = df["layer"].to_numpy()
-        tabs = {l: build_layer_table(df[layer_col == l], vocab, e, k, config) for l in layers}
+        missing = sorted(set(layers) - set(evidence.layers))
+        if missing:
+            raise InvalidInputError(f"evidence {source} has no routing for layers {missing}")
+        if choose not in ("even", "all"):
+            raise InvalidInputError(f"choose must be 'even' or 'all', got {choose!r}")
+        cands = {l: layer_candidates(evidence.layers[l], config, choose) for l in layers}
+        tabs, info = certify_layers(cands, config)
+        if choose == "all":
+            info = {"method": "sets chosen on all calibration documents; nothing certified (Phase 1 predictors)"}
+        pairs = {l: pair_table(evidence.layers[l], min_pair_count, choose) for l in layers}
+        glob = {l: global_set(evidence.layers[l], choose) for l in layers}
         meta = {**ident, "layers": layers, "config": config.to_dict(), "source": str(source),
-                "source_split": split, "source_model": stats_meta.get("model"),
-                "source_tokens": stats_meta.get("num_tokens"), "format_version": FORMAT_VERSION}
-        return cls(tabs, meta)
+                "source_split": evidence.metadata.get("split"), "source_model": evidence.metadata.get("model"),
+                "source_tokens": evidence.metadata.get("num_tokens"),
+                "source_documents": evidence.metadata.get("documents_per_half"),
+                "verification": info, "min_pair_count": min_pair_count, "format_version": FORMAT_VERSION}
+        return cls(tabs, meta, pairs, glob)
+
+    @classmethod
+    def from_texts(cls, model: Any, tokenizer: Any, texts: list[str], config: VARConfig, max_length: int = 256,
+                   batch_size: int = 8, source: str = "texts") -> "VARTables":
+        """Tables from a list of documents (each text one document; even ones choose, odd ones
+        certify) -- for callers without a capture, e.g. tests that build tables for a tiny model."""
+        from ..adapters import get_adapter
+        from ..corpus import chunk_sequences, pad_batch
+        from .eval_data import EvalBatch
+
+        adapter = get_adapter(model)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        seqs = [(d, piece) for d, text in enumerate(texts)
+                for piece in chunk_sequences([tokenizer(text, add_special_tokens=False)["input_ids"]], max_length)]
+        if not seqs:
+            raise InvalidInputError("no text to build tables from")
+        batches = []
+        for i in range(0, len(seqs), batch_size):  # a loop over batches, not tokens
+            ids, mask = pad_batch([p for _, p in seqs[i:i + batch_size]], pad_id)
+            batches.append(EvalBatch(ids, mask, [d for d, _ in seqs[i:i + batch_size]]))
+        info = {"source": source, "router_fingerprint": model_identity(model, adapter)["router_fingerprint"]}
+        return cls.from_evidence(collect_evidence(model, batches, adapter, info), model, adapter, config, source=source)
 
     @classmethod
     def from_stats_file(cls, path: str | Path, model: Any, adapter: Any, config: VARConfig,
-                        layers: list[int] | None = None) -> "VARTables":
-        from .stats_io import read_stats
+                        layers: list[int] | None = None, tokenizer: Any = None, evidence: Evidence | None = None,
+                        allow_test_split: bool = False, batch_size: int = 8) -> "VARTables":
+        """Tables from a calibration capture: its metadata names the documents (dataset, split,
+        max_length, num_samples); a routing pass over them collects the evidence by document
+        (unless `evidence` is given), and the pass must reproduce the capture's token counts."""
+        from .stats_io import check_stats_for_model, read_stats
 
         df, meta = read_stats(path)
-        if meta.get("split") not in (None, "calibration"):
-            # tables must be verified on held-out calibration text, never on the split they are judged on
-            import warnings
-
-            warnings.warn(f"{path}: statistics are from split {meta.get('split')!r}, not 'calibration'", stacklevel=2)
-        return cls.from_stats(df, meta, model, adapter, config, layers, source=str(path))
+        check_stats_for_model(meta, model, adapter, source=f"statistics {path}")
+        check_split(meta, str(path), allow_test_split)
+        if evidence is None:
+            evidence = evidence_for_stats(meta, model, adapter, tokenizer, batch_size)
+        tables = cls.from_evidence(evidence, model, adapter, config, layers, source=str(path))
+        tables.metadata["frequency_check"] = frequency_check(df, evidence)
+        tables.metadata["source_split"] = meta.get("split")
+        return tables
 
     # -- files -----------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -220,6 +282,10 @@ class VARTables:
 
         p = Path(path)
         tensors = {f"layer{l}.{n}": getattr(t, n).contiguous() for l, t in self.layers.items() for n in LayerTable.NAMES}
+        for l, (keys, sets, counts) in self.pairs.items():
+            tensors |= {f"layer{l}.pair_keys_P": keys.contiguous(), f"layer{l}.pair_sets_PK": sets.contiguous(),
+                        f"layer{l}.pair_counts_P": counts.contiguous()}
+        tensors |= {f"layer{l}.global_set_K": g.contiguous() for l, g in self.global_sets.items()}
         meta = {**self.metadata, "sizes": {str(l): s for l, s in self.sizes().items()}, "format_version": FORMAT_VERSION}
         save_file(tensors, str(p), metadata={"varmoe_tables": json.dumps(meta)})
         p.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -240,8 +306,11 @@ class VARTables:
             raise InvalidInputError(f"{p} is not a VAR tables file ({exc})") from exc
         if not isinstance(meta, dict):
             raise InvalidInputError(f"{p} has no VAR tables metadata; was it written by VARTables.save?")
-        layers = {int(l): LayerTable(*(tensors[f"layer{l}.{n}"] for n in LayerTable.NAMES)) for l in meta["layers"]}
-        tables = cls(layers, meta)
+        layers = {int(l): LayerTable(*(tensors.get(f"layer{l}.{n}") for n in LayerTable.NAMES)) for l in meta["layers"]}
+        pairs = {int(l): tuple(tensors[f"layer{l}.{n}"] for n in ("pair_keys_P", "pair_sets_PK", "pair_counts_P"))
+                 for l in meta["layers"] if f"layer{l}.pair_keys_P" in tensors}
+        glob = {int(l): tensors[f"layer{l}.global_set_K"] for l in meta["layers"] if f"layer{l}.global_set_K" in tensors}
+        tables = cls(layers, meta, pairs, glob)
         if model is not None:
             tables.check_model(model, adapter, check_fingerprint=check_fingerprint, source=str(p))
         return tables

@@ -9,8 +9,10 @@ The wrapper attaches a `TokenTracker` (token ids, padding and context aligned wi
 also across `generate()` steps) and hands it to every VAR router. With VAR disabled each router
 calls the original module with the original input, so routing is exactly the original's.
 `suspended()` is a context manager that takes VAR out completely (original modules, no hooks) for
-timing the unmodified model in the same process. Counters (per layer: tier counts, cache hits,
-shadow agreement) live on device in each router; per-batch-row tier counts for the server are in
+timing the unmodified model in the same process; `frozen_tables()` holds shadow demotions back
+(timed passes). The tables of all patched layers are stacked once (`router.TableStack`): the fast
+tier of a whole forward is one lookup. Counters (per layer: tier counts, cache hits, shadow
+agreement) live on device in the stack; per-batch-row tier counts for the server are in
 `row_tier_counts()`. Test: `pytest tests/test_var_exact.py tests/test_var_router.py`.
 """
 
@@ -27,7 +29,7 @@ from ..adapters import get_adapter
 from ..errors import InvalidInputError
 from ..token_tracker import TokenTracker
 from .config import VARConfig
-from .router import COUNTERS, TIERS, C, VARRouter
+from .router import COUNTERS, TIERS, C, TableStack, VARRouter
 from .tables import VARTables
 
 
@@ -42,13 +44,15 @@ class VARModelWrapper:
         if tables is None:
             if self.config.routing_stats_path:
                 tables = VARTables.from_stats_file(self.config.routing_stats_path, model, self.adapter, self.config,
-                                                   layers=[m.layer for m in moe])
+                                                   layers=[m.layer for m in moe],
+                                                   allow_test_split=self.config.allow_test_split)
             else:
                 tables = VARTables.empty(model, self.adapter, [m.layer for m in moe])
         else:
             tables.check_model(model, self.adapter)
         self.tables = tables
-        self.tracker = TokenTracker(model, window=self.config.context_window_size)
+        # the context (previous tokens) is only read by the cache; without it the tracker skips that work
+        self.tracker = TokenTracker(model, window=self.config.context_window_size if self.config.cache_enabled else 0)
         self._row_counts: torch.Tensor | None = None
         kwargs = {"clock": clock} if clock is not None else {}
         self.originals = {m.layer: getattr(m.block, m.router_attr) for m in moe}
@@ -59,6 +63,15 @@ class VARModelWrapper:
                 raise InvalidInputError(f"VAR tables have no table for MoE layer {m.layer} (they hold {sorted(tables.layers)})")
             self.routers[m.layer] = VARRouter(self.originals[m.layer], m.layer, self.adapter, self.config, table,
                                               tokens=lambda: self.tracker.current, on_tiers=self._on_tiers, **kwargs)
+        first = next(iter(self.routers.values()), None)
+        device = first.device if first is not None else torch.device("cpu")
+        index_dtype = first.index_dtype if first is not None else torch.long
+        self.stack = TableStack({m.layer: tables.layers[m.layer] for m in moe}, [m.layer for m in moe], self.config,
+                                self.adapter.num_experts, {l: r.weight_scale for l, r in self.routers.items()},
+                                device, index_dtype)
+        self.stack.on_rows = self._on_fast_rows
+        for r in self.routers.values():
+            r.attach(self.stack)
         self._installed = False
         self._ep_flags: dict[int, bool] = {}
         self.install()
@@ -129,8 +142,17 @@ class VARModelWrapper:
             r.clear_cache()
 
     def reset_stats(self) -> None:
-        for r in self.routers.values():
-            r.counts.zero_()
+        self.stack.counts_LC.zero_()
+
+    @contextlib.contextmanager
+    def frozen_tables(self) -> Iterator[None]:
+        """No demotion is applied inside the block (queued ones wait): for timed or replayed passes."""
+        was = self.stack.frozen
+        self.stack.frozen = True
+        try:
+            yield
+        finally:
+            self.stack.frozen = was
 
     # -- running -----------------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -142,10 +164,23 @@ class VARModelWrapper:
         return self.model.generate(*args, **kwargs)
 
     # -- accounting --------------------------------------------------------------------------------
+    def _rows(self, b: int, device: torch.device) -> torch.Tensor:
+        if self._row_counts is None or self._row_counts.shape[0] != b:
+            self._row_counts = torch.zeros(b, 3, dtype=torch.long, device=device)
+        return self._row_counts
+
+    def _on_fast_rows(self, fast_count_T: torch.Tensor, tok: Any) -> None:
+        """Fast-only mode: per token, how many layers served it from the table (all layers at once)."""
+        b, s = tok.batch_size, tok.seq_len
+        rows = self._rows(b, fast_count_T.device)
+        valid_BS = tok.valid_T.to(fast_count_T.device).reshape(b, s).long()
+        fast_B = (fast_count_T.reshape(b, s) * valid_BS).sum(1)
+        rows[:, 0] += fast_B
+        rows[:, 2] += valid_BS.sum(1) * len(self.routers) - fast_B
+
     def _on_tiers(self, tier_T: torch.Tensor, tok: Any) -> None:
         b, s = tok.batch_size, tok.seq_len
-        if self._row_counts is None or self._row_counts.shape[0] != b:
-            self._row_counts = torch.zeros(b, 3, dtype=torch.long, device=tier_T.device)
+        self._rows(b, tier_T.device)
         valid_T = tok.valid_T.to(tier_T.device)
         row_T = torch.arange(tier_T.shape[0], device=tier_T.device) // s
         flat = (row_T * 3 + tier_T)[valid_T]
@@ -162,7 +197,8 @@ class VARModelWrapper:
         self._row_counts = None
 
     def _counts(self) -> dict[int, list[int]]:
-        return {l: r.counts.cpu().tolist() for l, r in self.routers.items()}
+        rows = self.stack.counts_LC.cpu().tolist()
+        return {l: rows[self.stack.slot[l]] for l in self.routers}
 
     def tier_counts(self) -> dict[tuple[int, str], int]:
         return {(l, t): c[C[t]] for l, c in self._counts().items() for t in TIERS}
@@ -171,13 +207,15 @@ class VARModelWrapper:
         return {(l, o): c[C[f"shadow_{o}"]] for l, c in self._counts().items() for o in ("agree", "disagree")}
 
     def table_sizes(self) -> dict[int, int]:
-        return {l: int(r.member_V.sum()) for l, r in self.routers.items()}
+        self.stack.apply_demotions()
+        sizes = self.stack.member_LV.sum(1).cpu().tolist()
+        return {l: int(sizes[self.stack.slot[l]]) for l in self.routers}
 
     def get_performance_stats(self) -> dict[str, Any]:
         per_layer: dict[str, Any] = {}
         total = [0] * len(COUNTERS)
         for l, c in self._counts().items():
-            per_layer[str(l)] = _summary(c) | {"table_size": int(self.routers[l].member_V.sum()),
+            per_layer[str(l)] = _summary(c) | {"table_size": self.table_sizes()[l],
                                                "cache_entries": len(self.routers[l].cache)}
             total = [a + b for a, b in zip(total, c)]
         overall = _summary(total) | {"table_size": sum(self.table_sizes().values()), "var_enabled": self.var_enabled}

@@ -1,4 +1,9 @@
-"""Brute-force per-(layer, token) routing statistics with the Phase 1 column contract.
+"""Test helpers: brute-force routing statistics and table evidence, obviously correct and slow.
+
+`brute_force_stats`: per-(layer, token) statistics with the Phase 1 column contract.
+`brute_force_occurrences` / `brute_force_candidates`: every decision with its document, and each
+token's chosen set and capped certifying counts computed with Python counters (the reference the
+vectorised table builder is checked against).
 
 A small, obviously-correct reference: it records every routing decision with `RoutingRecorder`
 and reduces them in one pass at the end (bincount / index_add_ / a pandas groupby for the modal
@@ -7,7 +12,7 @@ streaming capture. Not meant for large corpora: it keeps every decision in memor
 
     df, meta = brute_force_stats(model, batches)   # batches: iterable of (input_ids, attention_mask)
 
-Test: `pytest tests/test_var_tables.py`.
+Used by `tests/test_var_tables.py` and `tests/test_var_verification.py`.
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from ..adapters import get_adapter
-from ..capture.recorder import RoutingRecorder
+from var_moe.adapters import get_adapter
+from var_moe.capture.recorder import RoutingRecorder
 
 
 @torch.no_grad()
@@ -83,3 +88,56 @@ def brute_force_stats(model: Any, batches: Iterable[tuple[torch.Tensor, torch.Te
             "vocab_size": vocab, "num_experts": e, "top_k": k, "split": split,
             "max_entropy_nats": math.log(e), "num_tokens": int(df[df.layer == df.layer.min()].frequency.sum())}
     return df, meta
+
+
+@torch.no_grad()
+def brute_force_occurrences(model: Any, batches: list) -> dict[int, list[tuple[int, int, int, tuple[int, ...], float]]]:
+    """Every valid routing decision as (doc, prev, token, sorted set, entropy) per layer, in
+    plain Python (batches: `EvalBatch`-like objects with .ids, .mask, .doc_B)."""
+    out: dict[int, list] = {}
+    current: dict[str, Any] = {}
+
+    def callback(layer: int, tokens: Any, decision: Any) -> None:
+        s = tokens.seq_len
+        probs = decision.probs_TE.double()
+        ent = (-(probs * probs.clamp_min(1e-30).log()).sum(1)).tolist()
+        for r, (tok, prev, ok) in enumerate(zip(tokens.ids_T.tolist(), tokens.prev_T.tolist(), tokens.valid_T.tolist())):
+            if ok:  # a loop over tokens is fine in a brute-force reference
+                out.setdefault(layer, []).append((current["doc_B"][r // s], prev, tok,
+                                                  tuple(sorted(decision.topk_idx_TK[r].tolist())), ent[r]))
+
+    with RoutingRecorder(model, callback=callback, window=1):
+        for b in batches:
+            current["doc_B"] = list(b.doc_B)
+            model(input_ids=b.ids, attention_mask=b.mask, use_cache=False)
+    return out
+
+
+def brute_force_candidates(occ: list, cap: int | None, min_freq: int, max_entropy: float | None) -> dict[int, dict]:
+    """Per token: modal set on even documents (ties -> smallest), eligibility, capped certifying counts."""
+    from collections import Counter, defaultdict
+
+    sel: dict[int, Counter] = defaultdict(Counter)
+    ent: dict[int, list] = defaultdict(list)
+    cert: dict[int, dict[int, list]] = defaultdict(lambda: defaultdict(list))
+    for doc, _prev, tok, st, e in occ:
+        if doc % 2 == 0:
+            sel[tok][st] += 1
+            ent[tok].append(e)
+        else:
+            cert[tok][doc].append(st)
+    out = {}
+    for tok, counter in sel.items():
+        best = max(counter.values())
+        modal = min(s for s, c in counter.items() if c == best)
+        agree = total = 0.0
+        for sets in cert[tok].values():
+            n = len(sets)
+            a = sum(1 for s in sets if s == modal)
+            w = n if cap is None else min(n, cap)
+            agree += a * w / n
+            total += w
+        freq = sum(counter.values())
+        eligible = freq >= min_freq and (max_entropy is None or sum(ent[tok]) / freq <= max_entropy) and total > 0
+        out[tok] = {"modal": modal, "agree": agree, "total": total, "eligible": eligible}
+    return out

@@ -1,0 +1,254 @@
+"""Choosing and certifying table entries: the statistics behind `var_moe.var.tables`.
+
+Per layer (from `evidence.LayerEvidence`): each token's set is its most frequent exact top-k set on
+the choosing documents (`_summary`; even documents, or all for Phase 1's unverified predictors);
+its agreement is counted on the certifying (odd) documents with at most `max_per_document`
+occurrences per document (`certified_counts`); a one-sided score test per candidate
+(`score_pvalues`) and a multiplicity rule over all candidates (`multiplicity_levels`: bh / holm /
+none) decide which entries are served; `wilson_lower_bound` states each entry's bound.
+Also the (previous, token) and global modal sets for validation, and the shadow demotion rule.
+Vectorised (`torch.unique`, `index_add_`, `scatter_reduce`); config-independent parts are cached
+on the evidence object. Test: `pytest tests/test_var_verification.py tests/test_var_tables.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InvalidInputError
+from .config import MULTIPLICITY, VARConfig
+from .evidence import LayerEvidence, decode_sets, half_of
+
+
+def wilson_lower_bound(successes: torch.Tensor, trials: torch.Tensor, z: float) -> torch.Tensor:
+    """Lower end of the Wilson score interval for a binomial proportion (0 where trials == 0)."""
+    n = trials.double()
+    p = successes.double() / n.clamp_min(1)
+    z2 = z * z
+    centre = p + z2 / (2 * n.clamp_min(1))
+    spread = z * torch.sqrt(p * (1 - p) / n.clamp_min(1) + z2 / (4 * n.clamp_min(1) ** 2))
+    lower = (centre - spread) / (1 + z2 / n.clamp_min(1))
+    return torch.where(n > 0, lower.clamp(0, 1), torch.zeros_like(lower))
+
+
+def wilson_upper_bound(successes: torch.Tensor, trials: torch.Tensor, z: float) -> torch.Tensor:
+    """Upper end of the Wilson score interval (1 where trials == 0): the interval is symmetric
+    under p -> 1 - p, so it is one minus the lower end for the failures."""
+    return 1 - wilson_lower_bound(trials - successes, trials, z)
+
+
+def demote_mask(running_bound: torch.Tensor, shadow_agree: torch.Tensor, shadow_total: torch.Tensor,
+                target: float, z: float, min_checks: int) -> torch.Tensor:
+    """Which table entries to take out, from calibration counts plus shadow checks in service.
+
+    Two tests, either one demotes:
+      - the running bound (`running_bound`: Wilson lower bound of calibration + shadow agreement,
+        as the router keeps it) < target: the admission rule, re-checked with the new evidence;
+      - served agreement alone: with at least `min_checks` shadow checks (0 = off), the Wilson
+        upper bound of the shadow agreement < target, i.e. the entry is below target on the traffic
+        actually served, at the same confidence, however large its calibration counts. Without it
+        an entry admitted on thousands of calibration tokens needs thousands of disagreeing
+        checks before the running bound drops (measured: 4 demotions at 75% served agreement).
+    """
+    combined = running_bound < target
+    if min_checks <= 0:
+        return combined
+    served = (shadow_total >= min_checks) & (wilson_upper_bound(shadow_agree, shadow_total, z) < target)
+    return combined | served
+
+
+
+def _modal(keys_RC: torch.Tensor, counts_R: torch.Tensor, num_key_cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per distinct key (first `num_key_cols` columns of `keys_RC`), the row of its most frequent
+    last column (ties -> the smallest, i.e. the first in sorted order) and the key's total count.
+    Returns (keys_GC, modal_row_G, total_G); rows are made unique and sorted here."""
+    u, inv = torch.unique(keys_RC, dim=0, return_inverse=True)
+    c = torch.zeros(u.shape[0], dtype=counts_R.dtype).index_add_(0, inv, counts_R)
+    keys_G, group_R = torch.unique(u[:, :num_key_cols], dim=0, return_inverse=True)
+    g = keys_G.shape[0]
+    max_G = torch.zeros(g, dtype=c.dtype).scatter_reduce(0, group_R, c, "amax", include_self=False)
+    total_G = torch.zeros(g, dtype=c.dtype).index_add_(0, group_R, c)
+    row_R = torch.arange(u.shape[0])
+    cand_R = torch.where(c == max_G[group_R], row_R, torch.full_like(row_R, u.shape[0]))
+    first_G = torch.full((g,), u.shape[0], dtype=torch.long).scatter_reduce(0, group_R, cand_R, "amin")
+    return keys_G, u[first_G, num_key_cols], total_G
+
+
+def _certifying_groups(ev: LayerEvidence, modal_code_V: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per (certifying document, token): occurrences n_D, agreements a_D with the chosen set, token_D.
+    Independent of the config, so it is computed once per evidence object (`_summary`)."""
+    rows, counts = ev.rows_R4, ev.counts_R.double()
+    cert = half_of(rows[:, 0]) == 1
+    rows, counts = rows[cert], counts[cert]
+    tok = rows[:, 2]
+    agree_R = (rows[:, 3] == modal_code_V[tok]).double() * counts
+    dt, inv = torch.unique(torch.stack([rows[:, 0], tok], 1), dim=0, return_inverse=True)
+    n_D = torch.zeros(dt.shape[0], dtype=torch.float64).index_add_(0, inv, counts)
+    a_D = torch.zeros(dt.shape[0], dtype=torch.float64).index_add_(0, inv, agree_R)
+    return n_D, a_D, dt[:, 1]
+
+
+def _choosing(rows_R4: torch.Tensor, choose: str) -> torch.Tensor:
+    """Rows that choose sets: even documents ("even", the served tables) or all ("all", Phase 1's
+    unverified predictors, which are scored on another split)."""
+    if choose == "all":
+        return torch.ones(rows_R4.shape[0], dtype=torch.bool)
+    return half_of(rows_R4[:, 0]) == 0
+
+
+def _summary(ev: LayerEvidence, choose: str = "even") -> dict[str, torch.Tensor]:
+    """Config-independent parts of one layer's evidence: chosen sets and certifying groups (cached)."""
+    cache = getattr(ev, "_summary_cache", None) or {}
+    if choose in cache:
+        return cache[choose]
+    rows, counts = ev.rows_R4, ev.counts_R
+    sel = _choosing(rows, choose)
+    keys, code_G, _ = _modal(rows[sel][:, 2:4], counts[sel], 1)
+    modal_code_V = torch.full((ev.vocab,), -1, dtype=torch.long)
+    modal_code_V[keys[:, 0]] = code_G
+    n_D, a_D, tok_D = _certifying_groups(ev, modal_code_V)
+    out = {"modal_code_V": modal_code_V, "n_D": n_D, "a_D": a_D, "tok_D": tok_D, "choose": choose}
+    ev._summary_cache = {**cache, choose: out}
+    return out
+
+
+def certified_counts(ev: LayerEvidence, max_per_document: int | None, choose: str = "even") -> tuple[torch.Tensor, ...]:
+    """Agreement of each token's chosen set on the certifying documents, capped per document.
+
+    A document with n occurrences of the token, a of them routed to the chosen set, counts
+    w = min(n, cap) trials and a * w / n agreements (cap None: w = n). Returns float64
+    (agree_V, total_V, documents_V)."""
+    sm = _summary(ev, choose)
+    n_D, a_D, tok_D = sm["n_D"], sm["a_D"], sm["tok_D"]
+    w_D = n_D if max_per_document is None else n_D.clamp_max(max_per_document)
+    a_D = a_D * w_D / n_D.clamp_min(1)
+    v = ev.vocab
+    agree_V = torch.zeros(v, dtype=torch.float64).index_add_(0, tok_D, a_D)
+    total_V = torch.zeros(v, dtype=torch.float64).index_add_(0, tok_D, w_D)
+    docs_V = torch.zeros(v, dtype=torch.float64).index_add_(0, tok_D, torch.ones_like(w_D))
+    return agree_V, total_V, docs_V
+
+
+def score_pvalues(agree: torch.Tensor, total: torch.Tensor, target: float) -> torch.Tensor:
+    """One-sided p-value of H0 "agreement <= target" by the score (Wilson) test; 1 where total == 0.
+    Wilson's lower bound at level z is >= target exactly when this p-value is <= 1 - Phi(z)."""
+    n = total.clamp_min(1e-12)
+    p = agree / n
+    se = math.sqrt(max(target * (1 - target), 1e-12)) / n.sqrt()
+    z = (p - target) / se
+    pval = 0.5 * torch.special.erfc(z / math.sqrt(2))
+    return torch.where(total > 0, pval, torch.ones_like(pval))
+
+
+def multiplicity_levels(pvals_M: torch.Tensor, alpha: float, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(accepted_M, level_M) over the family of M candidate entries.
+
+    holm: family-wise error (any wrong entry) <= alpha, Holm's step-down;
+    bh:   expected share of wrong entries among those accepted <= alpha (Benjamini-Hochberg; valid
+          for independent or positively dependent tests);
+    none: every entry tested at alpha on its own.
+    `level_M` is the per-entry one-sided level the entry was (or would have been) tested at."""
+    m = pvals_M.numel()
+    if m == 0:
+        return torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.float64)
+    order = torch.argsort(pvals_M, stable=True)
+    ranked = pvals_M[order]
+    i = torch.arange(1, m + 1, dtype=torch.float64)
+    if method == "none":
+        level = torch.full((m,), alpha, dtype=torch.float64)
+        return pvals_M <= alpha, level
+    if method == "holm":
+        thr = alpha / (m - i + 1)
+        fails = (ranked > thr).nonzero()
+        stop = int(fails[0]) if fails.numel() else m  # accept ranks before the first failure
+        acc_sorted = torch.arange(m) < stop
+        level_sorted = thr
+    elif method == "bh":
+        ok = (ranked <= alpha * i / m).nonzero()
+        r = int(ok[-1]) + 1 if ok.numel() else 0
+        acc_sorted = torch.arange(m) < r
+        level_sorted = torch.full((m,), alpha * max(r, 1) / m, dtype=torch.float64)
+    else:
+        raise InvalidInputError(f"multiplicity must be one of {MULTIPLICITY}, got {method!r}")
+    accepted = torch.zeros(m, dtype=torch.bool)
+    accepted[order] = acc_sorted
+    level = torch.zeros(m, dtype=torch.float64)
+    level[order] = level_sorted
+    return accepted, level
+
+
+@dataclass
+class Candidates:
+    """One layer's chosen sets and evidence before the multiplicity step."""
+
+    modal_VK: torch.Tensor
+    seen_V: torch.Tensor  # token seen on the choosing half
+    eligible_V: torch.Tensor  # passes frequency / entropy filters (choosing half only)
+    agree_V: torch.Tensor
+    total_V: torch.Tensor
+    docs_V: torch.Tensor
+    weights_VK: torch.Tensor
+    mass_V: torch.Tensor
+    pvalue_V: torch.Tensor
+    select_V: torch.Tensor
+
+
+def layer_candidates(ev: LayerEvidence, config: VARConfig, choose: str = "even") -> Candidates:
+    """Choose each token's set on the choosing half; count its agreement on the certifying half.
+    With choose="all" nothing is held out, so no entry is eligible (Phase 1 predictors only)."""
+    v, e, k = ev.vocab, ev.num_experts, ev.top_k
+    modal_code_V = _summary(ev, choose)["modal_code_V"]
+    seen_V = modal_code_V >= 0
+    modal_VK = torch.zeros(v, k, dtype=torch.long)
+    modal_VK[seen_V] = decode_sets(modal_code_V[seen_V], e, k)
+    halves = slice(0, 2) if choose == "all" else slice(0, 1)
+    freq_V = ev.freq_2V[halves].sum(0)
+    ent_V = ev.ent_2V[halves].sum(0) / freq_V.clamp_min(1)
+    eligible = seen_V & (freq_V >= config.frequency_threshold)
+    if config.entropy_threshold is not None:
+        eligible &= ent_V <= config.entropy_limit_nats(e)
+    if choose == "all":  # nothing held out: nothing can be certified
+        eligible = torch.zeros_like(eligible)
+    agree_V, total_V, docs_V = certified_counts(ev, config.max_per_document, choose)
+    mean_w_VE = ev.wsum_2VE[halves].sum(0) / ev.chosen_2VE[halves].sum(0).clamp_min(1)
+    w_VK = mean_w_VE.gather(1, modal_VK)
+    mass_V = w_VK.sum(1)
+    w_VK = torch.where(seen_V[:, None], w_VK / mass_V.clamp_min(1e-12)[:, None], torch.full_like(w_VK, 1.0 / k))
+    mass_V = torch.where(seen_V, mass_V, torch.ones_like(mass_V))
+    # slot 0 = the expert with the largest stored weight (adaptive k keeps that one)
+    w_VK, order = w_VK.sort(dim=1, descending=True)
+    modal_VK = modal_VK.gather(1, order)
+    pvals = score_pvalues(agree_V, total_V, config.target_agreement)
+    return Candidates(modal_VK, seen_V, eligible & (total_V > 0), agree_V, total_V, docs_V, w_VK, mass_V, pvals, freq_V)
+
+
+def pair_table(ev: LayerEvidence, min_pair_count: int, choose: str = "even") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(keys_P = prev * V + token sorted, sets_PK sorted, counts_P): modal set of each (previous,
+    token) pair seen >= min_pair_count times on the choosing side."""
+    sm = _summary(ev, choose)
+    if "pairs" not in sm:
+        sm["pairs"] = _all_pairs(ev, choose)
+    keys, sets, counts = sm["pairs"]
+    keep = counts >= min_pair_count
+    return keys[keep], sets[keep], counts[keep]
+
+
+def _all_pairs(ev: LayerEvidence, choose: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows, counts = ev.rows_R4, ev.counts_R
+    sel = _choosing(rows, choose) & (rows[:, 1] >= 0)
+    if not bool(sel.any()):
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, ev.top_k, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    keys, code_G, total_G = _modal(rows[sel][:, 1:4], counts[sel], 2)
+    return keys[:, 0] * ev.vocab + keys[:, 1], decode_sets(code_G, ev.num_experts, ev.top_k), total_G
+
+
+def global_set(ev: LayerEvidence, choose: str = "even") -> torch.Tensor:
+    """The single most frequent set on the choosing side (ties -> smallest)."""
+    rows, counts = ev.rows_R4, ev.counts_R
+    sel = _choosing(rows, choose)
+    codes, inv = torch.unique(rows[sel][:, 3], return_inverse=True)
+    c = torch.zeros(codes.numel(), dtype=torch.long).index_add_(0, inv, counts[sel])
+    return decode_sets(codes[int(torch.argmax(c))].reshape(1), ev.num_experts, ev.top_k)[0]

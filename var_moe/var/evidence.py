@@ -1,0 +1,182 @@
+"""Routing evidence by document: what the table builder chooses and certifies entries from.
+
+`collect_evidence(model, batches)` runs the model over calibration batches whose rows carry a
+document id (`EvalBatch.doc_B`) under a `RoutingRecorder` (the router's own outputs, padding
+masked) and keeps, per MoE layer:
+
+- `rows_R4` / `counts_R`: distinct (document, previous token, token, set code) rows and how often
+  each occurred (previous = -1 at a sequence start; set code = sum_i set_i * E**(K-1-i) of the
+  sorted top-k set), so every per-token and per-(previous, token) count can be recomputed by document;
+- per half (0 = choose, 1 = certify) and token: occurrences, summed routing entropy (nats), and per
+  expert how often it was chosen and its summed weight (for the served weights).
+
+Documents are split by parity of their index: even documents choose each entry's set, odd ones
+certify it (`half_of`). Counting is vectorised (`torch.unique(dim=0)`, `index_add_`); pending
+rows are consolidated past a size bound so memory is O(distinct rows). The result saves as
+safetensors + JSON (`save` / `load`) so a sweep can rebuild tables without rerunning the model.
+Shapes: T tokens, K top-k, E experts, V vocabulary, R rows. Test: `pytest tests/test_var_tables.py`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from ..errors import InvalidInputError
+
+_CONSOLIDATE_ROWS = 2_000_000
+SET_CODE = "sum_i s_i * E**(K-1-i), sorted set"  # recorded in the metadata; files with another code are refused
+
+
+def half_of(doc: torch.Tensor) -> torch.Tensor:
+    """0 for documents that choose entries, 1 for those that certify them (by index parity)."""
+    return doc.remainder(2)
+
+
+def set_codes(sets_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Integer code of each sorted set, first expert most significant (code order = lexicographic
+    order of the sorted sets, so "smallest code" breaks ties towards the smallest set)."""
+    powers = num_experts ** torch.arange(sets_TK.shape[1] - 1, -1, -1, dtype=torch.long, device=sets_TK.device)
+    return (sets_TK.long() * powers).sum(1)
+
+
+def decode_sets(code_N: torch.Tensor, num_experts: int, k: int) -> torch.Tensor:
+    powers = num_experts ** torch.arange(k - 1, -1, -1, dtype=torch.long, device=code_N.device)
+    return (code_N[:, None] // powers) % num_experts
+
+
+@dataclass
+class LayerEvidence:
+    vocab: int
+    num_experts: int
+    top_k: int
+    rows_R4: torch.Tensor = None  # (doc, prev, token, code)
+    counts_R: torch.Tensor = None
+    freq_2V: torch.Tensor = None  # per half
+    ent_2V: torch.Tensor = None  # summed entropy (nats)
+    chosen_2VE: torch.Tensor = None  # times expert e was in the token's top-k
+    wsum_2VE: torch.Tensor = None  # summed weight of e when chosen
+    _pending: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        v, e = self.vocab, self.num_experts
+        if self.rows_R4 is None:
+            self.rows_R4 = torch.zeros(0, 4, dtype=torch.long)
+            self.counts_R = torch.zeros(0, dtype=torch.long)
+            self.freq_2V = torch.zeros(2, v, dtype=torch.float64)
+            self.ent_2V = torch.zeros(2, v, dtype=torch.float64)
+            self.chosen_2VE = torch.zeros(2, v, e, dtype=torch.float64)
+            self.wsum_2VE = torch.zeros(2, v, e, dtype=torch.float64)
+
+    def add(self, doc_T: torch.Tensor, prev_T: torch.Tensor, ids_T: torch.Tensor, idx_TK: torch.Tensor,
+            w_TK: torch.Tensor, probs_TE: torch.Tensor) -> None:
+        e = self.num_experts
+        doc_T, prev_T, ids_T = doc_T.long().cpu(), prev_T.long().cpu(), ids_T.long().cpu()
+        idx_TK, w_TK, probs_TE = idx_TK.long().cpu(), w_TK.double().cpu(), probs_TE.double().cpu()
+        code_T = set_codes(idx_TK.sort(1).values, e)
+        u, c = torch.unique(torch.stack([doc_T, prev_T, ids_T, code_T], 1), dim=0, return_counts=True)
+        self._pending.append((u, c))
+        if sum(x.shape[0] for x, _ in self._pending) > _CONSOLIDATE_ROWS:
+            self.consolidate()
+        flat_T = half_of(doc_T) * self.vocab + ids_T  # index into the flattened (2, V)
+        self.freq_2V.view(-1).index_add_(0, flat_T, torch.ones_like(flat_T, dtype=torch.float64))
+        ent_T = -(probs_TE * probs_TE.clamp_min(1e-30).log()).sum(1)
+        self.ent_2V.view(-1).index_add_(0, flat_T, ent_T)
+        onehot_TE = torch.zeros(len(ids_T), e, dtype=torch.float64).scatter_(1, idx_TK, 1.0)
+        wdense_TE = torch.zeros(len(ids_T), e, dtype=torch.float64).scatter_(1, idx_TK, w_TK)
+        self.chosen_2VE.view(-1, e).index_add_(0, flat_T, onehot_TE)
+        self.wsum_2VE.view(-1, e).index_add_(0, flat_T, wdense_TE)
+
+    def consolidate(self) -> None:
+        if not self._pending:
+            return
+        rows = torch.cat([self.rows_R4] + [u for u, _ in self._pending])
+        counts = torch.cat([self.counts_R] + [c for _, c in self._pending])
+        self.rows_R4, inv = torch.unique(rows, dim=0, return_inverse=True)
+        self.counts_R = torch.zeros(self.rows_R4.shape[0], dtype=torch.long).index_add_(0, inv, counts)
+        self._pending = []
+        self._summary_cache = None  # derived tables (var.tables._summary) are stale now
+
+    TENSORS = ("rows_R4", "counts_R", "freq_2V", "ent_2V", "chosen_2VE", "wsum_2VE")
+
+
+class Evidence:
+    """Per-layer `LayerEvidence` plus metadata (model identity, documents, tokens, source)."""
+
+    def __init__(self, layers: dict[int, LayerEvidence], metadata: dict[str, Any]):
+        self.layers = layers
+        self.metadata = metadata
+
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        p = Path(path)
+        for ev in self.layers.values():
+            ev.consolidate()
+        tensors = {f"layer{l}.{n}": getattr(ev, n).contiguous() for l, ev in self.layers.items() for n in LayerEvidence.TENSORS}
+        save_file(tensors, str(p), metadata={"varmoe_evidence": json.dumps(self.metadata)})
+        return p
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Evidence":
+        from safetensors import safe_open
+
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"evidence file {p} does not exist")
+        try:
+            with safe_open(str(p), framework="pt") as fh:
+                meta = json.loads((fh.metadata() or {}).get("varmoe_evidence", "null"))
+                tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+        except Exception as exc:
+            raise InvalidInputError(f"{p} is not a VAR evidence file ({exc})") from exc
+        if not isinstance(meta, dict):
+            raise InvalidInputError(f"{p} has no VAR evidence metadata")
+        if meta.get("set_code") != SET_CODE:
+            raise InvalidInputError(f"{p} encodes top-k sets as {meta.get('set_code')!r}, not {SET_CODE!r}; collect it again")
+        v, e, k = meta["vocab_size"], meta["num_experts"], meta["top_k"]
+        layers = {int(l): LayerEvidence(v, e, k, *(tensors[f"layer{l}.{n}"] for n in LayerEvidence.TENSORS))
+                  for l in meta["layers"]}
+        return cls(layers, meta)
+
+
+@torch.no_grad()
+def collect_evidence(model: Any, batches: Iterable[Any], adapter: Any = None, info: dict[str, Any] | None = None) -> Evidence:
+    """One routing pass over batches with document ids (`.ids`, `.mask`, `.doc_B`)."""
+    from ..adapters import get_adapter
+    from ..capture.recorder import RoutingRecorder
+
+    adapter = adapter or get_adapter(model)
+    vocab = int(model.config.vocab_size)
+    layers: dict[int, LayerEvidence] = {}
+    device = next(model.parameters()).device
+    current: dict[str, torch.Tensor] = {}
+    docs: set[int] = set()
+
+    def cb(layer: int, tokens: Any, decision: Any) -> None:
+        v = tokens.valid_T.bool()
+        ev = layers.setdefault(layer, LayerEvidence(vocab, adapter.num_experts, adapter.top_k))
+        doc_T = current["doc_B"].repeat_interleave(tokens.seq_len)
+        ev.add(doc_T[v.cpu()], tokens.prev_T[v], tokens.ids_T[v], decision.topk_idx_TK[v], decision.topk_w_TK[v],
+               decision.probs_TE[v])
+
+    n_tokens = 0
+    with RoutingRecorder(model, callback=cb, window=1, adapter=adapter):
+        for b in batches:
+            current["doc_B"] = torch.as_tensor(b.doc_B, dtype=torch.long)
+            docs.update(int(d) for d in b.doc_B)
+            n_tokens += int(b.mask.sum())
+            model(input_ids=b.ids.to(device), attention_mask=b.mask.to(device), use_cache=False)
+    if not layers:
+        raise InvalidInputError("the calibration pass produced no routing (empty split?)")
+    for ev in layers.values():
+        ev.consolidate()
+    meta = {**(info or {}), "set_code": SET_CODE, "vocab_size": vocab, "num_experts": adapter.num_experts, "top_k": adapter.top_k,
+            "layers": sorted(layers), "num_tokens": n_tokens, "num_documents": len(docs),
+            "documents_per_half": [sum(1 for d in docs if d % 2 == h) for h in (0, 1)],
+            "split_rule": "documents with an even index choose each entry's set, odd ones certify it"}
+    return Evidence(layers, meta)

@@ -1,0 +1,212 @@
+"""The measured frontier behind the presets: table knobs x runtime knobs -> coverage, held-out
+agreement, perplexity change, paired speed ratio.
+
+Stage 1 (tables, cheap): for every (target agreement, minimum frequency, entropy cap incl. none,
+per-document cap) the tables are rebuilt from saved calibration evidence and scored on test
+evidence (`validation.served`): coverage and agreement per layer with document-bootstrap intervals.
+Stage 2 (runtime, model runs): for the table points `runtime_points` picks (the presets, and the
+loosest target's largest coverage as the degradation check), and
+each runtime setting (adaptive-k threshold or none, cache on/off): perplexity of VAR vs the
+unmodified model on whole test documents (every piece, no cap per document) with a paired
+bootstrap interval over documents, and the paired speed ratio (baseline time / VAR time; batches
+interleaved with alternating order after a warm-up, median over repeats, tables frozen).
+Results are appended to a JSON file after every point, and points already there are skipped,
+so an interrupted sweep resumes. CLI: `varmoe sweep`. Test: `pytest tests/test_var_sweep.py`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import InvalidInputError
+from .config import VARConfig
+from .evaluate import EvalBatch, _per_doc, _timed, batch_nll, paired_bootstrap
+
+
+@dataclass(frozen=True)
+class SweepGrid:
+    targets: tuple[float, ...] = (0.5, 0.8, 0.9, 0.95)
+    min_frequencies: tuple[int, ...] = (5, 20, 50)
+    entropy_caps: tuple[float | None, ...] = (None, 0.85)
+    per_document_caps: tuple[int | None, ...] = (1, 4)
+    adaptive_k: tuple[float | None, ...] = (None, 0.9, 0.8)
+    cache: tuple[bool, ...] = (False, True)
+    repeats: int = 5
+    warmup: int = 2
+
+    def __post_init__(self) -> None:
+        if not self.targets or any(not 0 < t <= 1 for t in self.targets):
+            raise InvalidInputError("--targets must be numbers in (0, 1]")
+        if self.repeats < 1 or self.warmup < 0:
+            raise InvalidInputError("--repeats must be >= 1 and --warmup >= 0")
+
+    def table_configs(self, base: VARConfig) -> list[VARConfig]:
+        return [base.replace(target_agreement=t, frequency_threshold=f, entropy_threshold=e, max_per_document=c)
+                for t, f, e, c in itertools.product(self.targets, self.min_frequencies, self.entropy_caps,
+                                                   self.per_document_caps)]
+
+
+def table_key(cfg: VARConfig) -> str:
+    return (f"t{cfg.target_agreement}-f{cfg.frequency_threshold}-e{cfg.entropy_threshold}-"
+            f"c{cfg.max_per_document}-{cfg.multiplicity}")
+
+
+def runtime_key(cfg: VARConfig) -> str:
+    k = cfg.adaptive_k_min_weight if cfg.adaptive_k else None
+    return f"{table_key(cfg)}-k{k}-cache{cfg.enable_cache}"
+
+
+def _load(path: Path) -> dict[str, Any]:
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))
+    return {"tables": [], "runtime": [], "baseline": None}
+
+
+def _save(path: Path, doc: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def sweep_tables(calibration: Any, test: Any, model: Any, adapter: Any, grid: SweepGrid, base: VARConfig,
+                 out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    from ..validation.served import served_agreement
+    from .tables import VARTables
+
+    doc = _load(out)
+    done = {r["key"] for r in doc["tables"]}
+    for cfg in grid.table_configs(base):
+        key = table_key(cfg)
+        if key in done:
+            continue
+        tables = VARTables.from_evidence(calibration, model, adapter, cfg)
+        s = served_agreement(tables, test, resamples=1000)
+        layers = s["layers"]
+        row = {"key": key, "config": {k: getattr(cfg, k) for k in ("target_agreement", "frequency_threshold",
+                                                                    "entropy_threshold", "max_per_document", "multiplicity")},
+               "sizes": tables.sizes(), "coverage": s["overall"]["coverage"], "agreement": s["overall"]["agreement"],
+               "layers": layers, "all_layers_meet_target": all(v["meets_target"] in (True, None) for v in layers.values()),
+               "all_layers_ci_above_target": all(v["agreement_ci95"] is None or v["agreement_ci95"][0] >= cfg.target_agreement
+                                                 for v in layers.values())}
+        doc["tables"].append(row)
+        _save(out, doc)
+        log(f"{key}: coverage {100 * row['coverage']:.1f}%  agreement "
+            f"{100 * (row['agreement'] or 0):.1f}%  layers on target: {row['all_layers_meet_target']}")
+    return doc
+
+
+def runtime_points(doc: dict[str, Any], named: dict[str, VARConfig] | None = None) -> list[str]:
+    """Table keys worth model runs: the named configs (the presets) and, for the loosest target
+    (the degradation check), its largest coverage. Named keys must be points of the table grid."""
+    rows = doc["tables"]
+    keys = [table_key(cfg) for cfg in (named or {}).values()]
+    missing = [k for k in keys if k not in {r["key"] for r in rows}]
+    if missing:
+        raise InvalidInputError(f"named configs {missing} are not points of the table grid; widen the grid")
+    loose = min(r["config"]["target_agreement"] for r in rows)
+    keys.append(max((r for r in rows if r["config"]["target_agreement"] == loose), key=lambda r: r["coverage"])["key"])
+    return list(dict.fromkeys(keys))
+
+
+def _config_for(key: str, doc: dict[str, Any], base: VARConfig) -> VARConfig:
+    row = next(r for r in doc["tables"] if r["key"] == key)
+    return base.replace(**row["config"])
+
+
+def sweep_runtime(calibration: Any, model: Any, adapter: Any, ppl_batches: list[EvalBatch],
+                  speed_batches: list[EvalBatch], grid: SweepGrid, base: VARConfig, keys: list[str], out: Path,
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
+    import torch
+
+    from .tables import VARTables
+    from .wrapper import VARModelWrapper
+
+    doc = _load(out)
+    device = next(model.parameters()).device
+    if doc.get("baseline") is None:
+        rows = [batch_nll(model, b, device) for b in ppl_batches]
+        nll, cnt = _per_doc(ppl_batches, [r[0] for r in rows], [r[1] for r in rows])
+        doc["baseline"] = {"nll": nll.tolist(), "count": cnt.tolist(), "documents": len(nll), "tokens": int(cnt.sum())}
+        _save(out, doc)
+    b_nll, b_cnt = np.asarray(doc["baseline"]["nll"]), np.asarray(doc["baseline"]["count"])
+    done = {r["key"] for r in doc["runtime"]}
+    for key in keys:
+        table_cfg = _config_for(key, doc, base)
+        tables = VARTables.from_evidence(calibration, model, adapter, table_cfg)
+        for k, cache in itertools.product(grid.adaptive_k, grid.cache):
+            cfg = table_cfg.replace(adaptive_k=k is not None, adaptive_k_min_weight=k or base.adaptive_k_min_weight,
+                                    enable_cache=cache, cache_ttl_seconds=None)
+            rkey = runtime_key(cfg)
+            if rkey in done:
+                continue
+            w = VARModelWrapper(model, cfg, tables=tables)
+            try:
+                with w.frozen_tables(), torch.no_grad():
+                    w.clear_cache()
+                    w.reset_stats()
+                    rows = [batch_nll(w, b, device) for b in ppl_batches]
+                    dist = w.get_performance_stats()["overall"]["routing_distribution"]
+                    ratios = paired_speed(model, w, speed_batches, device, grid.repeats, grid.warmup)
+            finally:
+                w.restore()
+            v_nll, v_cnt = _per_doc(ppl_batches, [r[0] for r in rows], [r[1] for r in rows])
+            ppl = paired_bootstrap(b_nll, b_cnt, v_nll, v_cnt, 1000, 0)
+            row = {"key": rkey, "table_key": key, "adaptive_k_min_weight": k, "cache": cache,
+                   "target_agreement": table_cfg.target_agreement, "routing_distribution": dist,
+                   "perplexity_change_pct": ppl["diff_pct"], "perplexity_change_ci95_pct": ppl["ci95_pct"],
+                   "speed_ratio": statistics.median(ratios), "speed_ratio_per_repeat": ratios}
+            doc["runtime"].append(row)
+            _save(out, doc)
+            log(f"{rkey}: fast {100 * dist['fast']:.1f}% cached {100 * dist['cached']:.1f}%  ppl "
+                f"{ppl['diff_pct']:+.2f}% [{ppl['ci95_pct'][0]:+.2f}, {ppl['ci95_pct'][1]:+.2f}]  speed x{row['speed_ratio']:.3f}")
+    return doc
+
+
+def paired_speed(model: Any, wrapper: Any, batches: list[EvalBatch], device: Any, repeats: int, warmup: int) -> list[float]:
+    """Per repeat: baseline seconds / VAR seconds over the same batches, interleaved batch by batch
+    with alternating order (the cache replays from empty each repeat)."""
+    for b in batches[:warmup]:
+        with wrapper.suspended():
+            _timed(model, b, device)
+        _timed(wrapper, b, device)
+    out = []
+    for r in range(repeats):
+        wrapper.clear_cache()
+        tb = tv = 0.0
+        for i, b in enumerate(batches):
+            for which in (("base", "var") if (r + i) % 2 == 0 else ("var", "base")):
+                if which == "base":
+                    with wrapper.suspended():
+                        tb += _timed(model, b, device)
+                else:
+                    tv += _timed(wrapper, b, device)
+        out.append(tb / tv)
+    return out
+
+
+def grid_to_dict(grid: SweepGrid) -> dict[str, Any]:
+    return asdict(grid)
+
+
+def render_runtime(doc: dict[str, Any]) -> str:
+    """The runtime points as a markdown table (what docs/PHASE2.md quotes)."""
+    tables = {r["key"]: r for r in doc["tables"]}
+    lines = ["| target | min freq | per-doc cap | adaptive k | cache | fast | cached | test agreement (served) | "
+             "perplexity change (95% CI) | speed ratio (repeats) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["runtime"]:
+        t = tables[r["table_key"]]
+        c, d = t["config"], r["routing_distribution"]
+        lo, hi = r["perplexity_change_ci95_pct"]
+        reps = ", ".join(f"{x:.2f}" for x in r["speed_ratio_per_repeat"])
+        lines.append(f"| {c['target_agreement']} | {c['frequency_threshold']} | {c['max_per_document']} | "
+                     f"{r['adaptive_k_min_weight'] or 'off'} | {'on' if r['cache'] else 'off'} | {100 * d['fast']:.1f}% | "
+                     f"{100 * d['cached']:.1f}% | {100 * (t['agreement'] or 0):.1f}% | {r['perplexity_change_pct']:+.2f}% "
+                     f"({lo:+.2f}, {hi:+.2f}) | {r['speed_ratio']:.3f} ({reps}) |")
+    return "\n".join(lines)
