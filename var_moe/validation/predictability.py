@@ -178,7 +178,8 @@ class _Scorer:
         self.seq_docs: list[int] = []  # document of every test sequence, in order
         self.seq_tokens: dict[int, list[torch.Tensor]] = {}  # layer -> per-batch (B,) valid token counts
         self.seq_sums: dict[tuple[int, str, str], list[torch.Tensor]] = {}  # (layer, predictor, metric) -> (B,) sums
-        self._row_T = torch.zeros(0, dtype=torch.long)
+        self._row_T = torch.zeros(0, dtype=torch.long)  # batch row of each valid token of the batch in flight
+        self._b = 0  # its batch size
 
     def _add(self, layer: int, name: str, scores: dict[str, torch.Tensor], hit: torch.Tensor | None = None) -> None:
         acc = self.sums.setdefault((layer, name), {"exact": 0.0, "top1": 0.0, "overlap": 0.0, "n": 0.0})
