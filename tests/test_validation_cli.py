@@ -83,6 +83,8 @@ def test_predictability_cli_then_validate_and_plot(toy, stats_file, tmp_path):
     assert h["num_tokens_test"] > 0 and h["num_tokens_calibration"] > 0
     for r in h["rows"]:
         assert 0.0 <= r["exact"] <= r["overlap"] + 1e-12 <= 1.0 + 1e-12
+        assert 0.0 <= r["exact_ci95"][0] <= r["exact_ci95"][1] <= 1.0
+    assert sum(h["per_document"]["tokens_LD"][0]) == h["num_tokens_test"]  # compact last line parses too
     rep_path = tmp_path / "r.txt"
     assert main(["validate", "--input", str(stats_file), "--output", str(rep_path), "--heldout", str(held),
                  "--n-boot", "20"]) == 0

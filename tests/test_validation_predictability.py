@@ -2,16 +2,20 @@
 
 The reference below records every router decision with its own hook, then builds the tables with
 Counters and replays an LRU list position by position: nothing shared with the library except
-the recorder. Run: `pytest tests/test_validation_predictability.py`.
+the recorder. The document-bootstrap intervals are checked the same way: per-document hits from the
+brute-force scorer, resampled in a Python loop. Run: `pytest tests/test_validation_predictability.py`.
 """
 
 from collections import Counter, defaultdict
 
+import numpy as np
 import pytest
 import torch
 
 from var_moe.capture.recorder import RoutingRecorder
 from var_moe.tiny import tiny_model
+from var_moe.validation.bootstrap import document_resamples, ratio_ci95
+from var_moe.var.evaluate import EvalBatch
 from var_moe.validation.predictability import (
     PREDICTORS,
     PredictabilityConfig,
@@ -61,7 +65,8 @@ def _modal(counter):
     return min(s for s, c in counter.items() if c == best)
 
 
-def _brute(model, calib, test, min_pair_count):
+def _brute(model, calib, test, min_pair_count, per_seq=None):
+    """Rates per (layer, predictor); fills `per_seq[(layer, predictor)]` with [exact hits, tokens] per test sequence."""
     cal, tst = _record(model, calib), _record(model, test)
     k = model.config.num_experts_per_tok
     result = {}
@@ -82,6 +87,9 @@ def _brute(model, calib, test, min_pair_count):
         for seq in tst[layer]:
             prev = None
             lru = []  # most recent last
+            if per_seq is not None:
+                for name in PREDICTORS:
+                    per_seq.setdefault((layer, name), []).append([0.0, 0])
             for t, chosen in seq:
                 truth = set(e for e, _ in chosen)
                 top1 = max(chosen, key=lambda x: x[1])[0]
@@ -96,6 +104,9 @@ def _brute(model, calib, test, min_pair_count):
                     sums[name][0] += float(truth <= p) if name.startswith("lru") else float(truth == p)
                     sums[name][1] += float(top1 in p)
                     sums[name][2] += len(truth & p) / k
+                    if per_seq is not None:
+                        per_seq[(layer, name)][-1][0] += float(truth <= p) if name.startswith("lru") else float(truth == p)
+                        per_seq[(layer, name)][-1][1] += 1
                 n += 1
                 for e, _ in sorted(chosen, key=lambda x: x[1]):  # highest weight becomes most recent
                     if e in lru:
@@ -183,3 +194,70 @@ def test_artifact_from_the_pass_agrees_with_a_capture_file(tmp_path):
         got = t.experts_VK[ids].sort(1).values
         assert (got == want).all(1).float().mean() > 0.8  # ties may break differently
         assert int(t.member_V.sum()) == 0  # nothing certified when nothing is held out
+
+
+def _loop_ci(num_D, den_D, pick_RD):
+    ratios = [sum(num_D[d] for d in row) / sum(den_D[d] for d in row) for row in pick_RD.tolist()]
+    return list(np.percentile(ratios, [2.5, 97.5]))
+
+
+def test_ratio_ci95_matches_a_loop():
+    num_D, den_D = np.array([3.0, 0.0, 7.0, 1.0]), np.array([4.0, 5.0, 9.0, 1.0])
+    pick_RD = document_resamples(4, 300, seed=2)
+    assert pick_RD.shape == (300, 4) and pick_RD.min() >= 0 and pick_RD.max() <= 3
+    assert ratio_ci95(num_D, den_D, pick_RD) == pytest.approx(_loop_ci(num_D, den_D, pick_RD), abs=1e-12)
+    # one document: no spread
+    assert ratio_ci95(np.array([2.0]), np.array([8.0]), document_resamples(1, 50)) == [0.25, 0.25]
+
+
+def test_intervals_resample_documents_like_a_brute_force_loop():
+    """Hand-made documents spanning batches (ids 2, 5, 9, not in order): per-document counts and every
+    interval (trained, control, paired margin, layers pooled) equal a loop over the brute-force scorer's
+    per-sequence hits folded by document."""
+    model = tiny_model("mixtral", seed=3)
+    calib, test = _batches(0, 6), _batches(1, 3)
+    doc_S = [5, 5, 2, 2, 9, 5, 9, 9, 2]
+    batches = [EvalBatch(ids, mask, doc_S[3 * i:3 * i + 3]) for i, (ids, mask) in enumerate(test)]
+    cfg = PredictabilityConfig(control_seed=4, resamples=200, bootstrap_seed=1)
+    got = heldout_predictability(model, calib, batches, cfg, control="random-init")
+    pd_ = got["per_document"]
+    assert pd_["document_ids"] == [2, 5, 9] and pd_["documents"] == 3
+    pick_RD = document_resamples(3, 200, seed=1)
+    ref = {}
+    for name, m in (("trained", model), ("control", random_init_control(model, 4))):
+        per_seq = {}
+        _brute(m, calib, test, 2, per_seq)
+        ref[name] = {}
+        for key, seqs in per_seq.items():
+            hits, toks = np.zeros(3), np.zeros(3)
+            for doc, (h, n) in zip(doc_S, seqs):
+                hits[[2, 5, 9].index(doc)] += h
+                toks[[2, 5, 9].index(doc)] += n
+            ref[name][key] = (hits, toks)
+    layers = sorted({layer for layer, _ in ref["trained"]})
+    for layer in layers:
+        assert pd_["tokens_LD"][layers.index(layer)] == ref["trained"][(layer, "token_table")][1].tolist()
+    for r in got["rows"]:
+        def counts(model_name, r=r):
+            if r["layer"] == "all":
+                parts = [ref[model_name][(layer, r["predictor"])] for layer in layers]
+                return sum(h for h, _ in parts), sum(n for _, n in parts)
+            return ref[model_name][(r["layer"], r["predictor"])]
+        hits, toks = counts(r["model"])
+        if r["layer"] != "all":
+            assert pd_["hits_LD"][r["model"]][r["predictor"]]["exact"][layers.index(r["layer"])] == hits.tolist()
+        assert r["exact_ci95"] == pytest.approx(_loop_ci(hits, toks, pick_RD), abs=1e-12), (r["model"], r["layer"])
+        if r["model"] == "trained":
+            margin = hits - counts("control")[0]
+            assert r["exact_margin_ci95"] == pytest.approx(_loop_ci(margin, toks, pick_RD), abs=1e-12)
+    spread = [r["exact_ci95"][1] - r["exact_ci95"][0] for r in got["rows"]]
+    assert max(spread) > 0  # three unequal documents: the resamples differ
+
+
+def test_without_documents_each_sequence_is_one():
+    model = tiny_model("mixtral", seed=3)
+    got = heldout_predictability(model, _batches(0, 2), _batches(1, 2), PredictabilityConfig(resamples=20))
+    assert got["per_document"]["documents"] == 6
+    assert sum(got["per_document"]["tokens_LD"][0]) == got["num_tokens_test"]
+    with pytest.raises(ValueError, match="--resamples"):
+        PredictabilityConfig(resamples=1)

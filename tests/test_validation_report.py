@@ -94,3 +94,18 @@ def test_bad_frames_get_clear_errors():
         build_report(df.drop(columns=["mean_entropy"]), meta, CFG)
     with pytest.raises(ValueError, match="num_experts"):
         build_report(df, {}, CFG)
+
+
+def test_heldout_seed_table_shows_intervals_and_the_seed_spread():
+    from var_moe.validation.render import heldout_seed_table
+
+    def run(ctrl):
+        return {"rows": [{"model": "trained", "layer": 0, "predictor": "token_table", "exact": 0.9,
+                          "exact_ci95": [0.88, 0.92], "exact_margin_ci95": [0.35, 0.45]},
+                         {"model": "control", "layer": 0, "predictor": "token_table", "exact": ctrl,
+                          "exact_ci95": [ctrl - 0.05, ctrl + 0.05]}]}
+
+    text = heldout_seed_table({0: run(0.5), 1: run(0.6), 2: run(0.4)})
+    row = [line for line in text.splitlines() if line.startswith("| 0 |")][0]
+    assert "90.0% [88.0, 92.0]" in row and "50.0% [45.0, 55.0]" in row and "+40.0 [+35.0, +45.0]" in row
+    assert "50.0% / 60.0% / 40.0%" in row and "50.0% ± 10.0" in row and "+30.0 to +50.0" in row

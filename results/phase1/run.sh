@@ -5,7 +5,7 @@
 # Every number in docs/PHASE1.md comes from the files this script writes.
 set -euo pipefail
 MODEL=${MODEL:-models/reference-moe}
-N=${N:-400}          # sequences per split and pass
+N=${N:-1500}         # sequences per split and pass (the committed results use 1500)
 LEN=${LEN:-256}      # tokens per sequence
 OUT=${OUT:-results/phase1}
 SEED=${SEED:-0}      # seed of the random-init control (the same weights in capture and predictability)

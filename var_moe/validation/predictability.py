@@ -20,6 +20,15 @@ k is the same thing); top1 = the expert with the highest routing weight is in th
 overlap = |prediction & S| / k. The LRU is vectorised too: each expert's last-use position comes
 from a `cummax` over positions, and the cache is the top-c experts by recency.
 
+Intervals: the scorer also keeps per-sequence sums (`bincount` over the batch row of every valid
+token), folded into per-DOCUMENT counts (tokens per layer; exact and top1 hits per layer and
+predictor) -- test batches given as `EvalBatch`es carry each sequence's document, bare
+`(ids, mask)` batches count each sequence as its own document. Every row gets `exact_ci95` and
+`top1_ci95`, 95% percentile intervals from resampling test documents with replacement
+(`validation.bootstrap`), and with a control each trained row gets `exact_margin_ci95`, the
+trained-minus-control difference resampled on the same documents (paired). The counts are written
+to the report (`per_document`) so the intervals can be recomputed.
+
 `random_init_control(model, seed)` builds the control: the same config with seeded random weights.
 The library never loops over tokens. Test: `pytest tests/test_validation_predictability.py`.
 """
@@ -30,6 +39,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 
 from ..adapters import RouterDecision, get_adapter
@@ -40,6 +50,7 @@ from ..var.config import VARConfig
 from ..var.evaluate import EvalBatch
 from ..var.evidence import collect_evidence
 from ..var.tables import VARTables
+from .bootstrap import difference_ci95, document_resamples, ratio_ci95
 
 PREDICTORS = ("token_table", "pair_table", "global_set", "lru_k", "lru_2k")
 DEFINITIONS = {
@@ -89,10 +100,14 @@ class Predictor:
 class PredictabilityConfig:
     min_pair_count: int = 2  # a pair seen fewer times in calibration falls back to the token table
     control_seed: int = 0  # seed of the random-init control's weights
+    resamples: int = 2000  # bootstrap resamples of test documents for the 95% intervals
+    bootstrap_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.min_pair_count < 1:
             raise InvalidInputError(f"--min-pair-count must be at least 1, got {self.min_pair_count}")
+        if self.resamples < 10:
+            raise InvalidInputError(f"--resamples must be at least 10, got {self.resamples}")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -144,10 +159,14 @@ def score_cache(cache_TE: torch.Tensor, sets_TK: torch.Tensor, top1_T: torch.Ten
             "overlap": inside_TK.float().mean(dim=1)}
 
 
-class _Scorer:
-    """Accumulates metric sums per (layer, predictor) over the test pass."""
+DOC_METRICS = ("exact", "top1")  # metrics kept per document (0/1 per token, so the sums are hit counts)
 
-    def __init__(self, tables: VARTables, num_experts: int, top_k: int):
+
+class _Scorer:
+    """Accumulates metric sums per (layer, predictor) over the test pass, and per-sequence sums
+    of the DOC_METRICS for the bootstrap (`batch_docs[i]`: document of each row of batch i)."""
+
+    def __init__(self, tables: VARTables, num_experts: int, top_k: int, batch_docs: list[list[int]] | None = None):
         self.tables = {layer: Predictor(tables, layer) for layer in tables.layers}
         self.names = PREDICTORS
         self.num_experts = num_experts
@@ -155,6 +174,12 @@ class _Scorer:
         self.sums: dict[tuple[int, str], dict[str, float]] = {}
         self.hits: dict[tuple[int, str], float] = {}
         self.num_tokens = 0
+        self.batch_docs = batch_docs
+        self.seq_docs: list[int] = []  # document of every test sequence, in order
+        self.seq_tokens: dict[int, list[torch.Tensor]] = {}  # layer -> per-batch (B,) valid token counts
+        self.seq_sums: dict[tuple[int, str, str], list[torch.Tensor]] = {}  # (layer, predictor, metric) -> (B,) sums
+        self._row_T = torch.zeros(0, dtype=torch.long)  # batch row of each valid token of the batch in flight
+        self._b = 0  # its batch size
 
     def _add(self, layer: int, name: str, scores: dict[str, torch.Tensor], hit: torch.Tensor | None = None) -> None:
         acc = self.sums.setdefault((layer, name), {"exact": 0.0, "top1": 0.0, "overlap": 0.0, "n": 0.0})
@@ -163,6 +188,19 @@ class _Scorer:
         acc["n"] += float(next(iter(scores.values())).numel())
         if hit is not None:
             self.hits[(layer, name)] = self.hits.get((layer, name), 0.0) + float(hit.float().sum())
+        for m in DOC_METRICS:
+            self.seq_sums.setdefault((layer, name, m), []).append(
+                torch.bincount(self._row_T, weights=scores[m].double(), minlength=self._b))
+
+    def _start_batch(self, b: int) -> None:
+        i = len(self.seq_tokens.get(min(self.tables), []))  # batches seen so far
+        if self.batch_docs is None:
+            docs = list(range(len(self.seq_docs), len(self.seq_docs) + b))  # each sequence its own document
+        else:
+            if i >= len(self.batch_docs) or len(self.batch_docs[i]) != b:
+                raise InvalidInputError("test batches and their document ids disagree")
+            docs = list(self.batch_docs[i])
+        self.seq_docs.extend(docs)
 
     def __call__(self, layer: int, tokens: TokenBatch, decision: RouterDecision) -> None:
         valid_T = tokens.valid_T.bool()
@@ -170,8 +208,13 @@ class _Scorer:
         tab = self.tables[layer]
         ids_T, prev_T = tokens.ids_T[valid_T].long(), tokens.prev_T[valid_T].long()
         s_TK, t1_T = sets_TK[valid_T], top1_T[valid_T]
+        self._b = tokens.batch_size
         if layer == min(self.tables):
             self.num_tokens += int(valid_T.sum())
+            self._start_batch(tokens.batch_size)
+        # batch row of every valid token (rows are contiguous in the flattened T axis)
+        self._row_T = torch.arange(tokens.batch_size, device=valid_T.device).repeat_interleave(tokens.seq_len)[valid_T]
+        self.seq_tokens.setdefault(layer, []).append(torch.bincount(self._row_T, minlength=tokens.batch_size))
         pred, hit = tab.token_predict(ids_T)
         self._add(layer, "token_table", score_sets(pred, s_TK, t1_T), hit)
         pred, hit = tab.pair_predict(prev_T, ids_T)
@@ -183,6 +226,19 @@ class _Scorer:
         for name, size in (("lru_k", k), ("lru_2k", 2 * k)):
             cache_TE = lru_cache_BSE(idx_BSK, w_BSK, tokens.valid_T.bool().reshape(b, s), self.num_experts, size)
             self._add(layer, name, score_cache(cache_TE.reshape(b * s, -1)[valid_T], s_TK, t1_T))
+
+    def per_document(self) -> dict[str, Any]:
+        """Per-document counts: document ids (sorted), tokens_LD, and {predictor: {metric: sums_LD}}."""
+        docs, inv_S = np.unique(np.asarray(self.seq_docs, dtype=np.int64), return_inverse=True)
+        layers = sorted(self.seq_tokens)
+
+        def fold(parts: list[torch.Tensor]) -> np.ndarray:  # per-sequence sums -> per-document sums
+            return np.bincount(inv_S, weights=torch.cat(parts).double().cpu().numpy(), minlength=len(docs))
+
+        tokens_LD = np.stack([fold(self.seq_tokens[layer]) for layer in layers])
+        hits = {name: {m: np.stack([fold(self.seq_sums[(layer, name, m)]) for layer in layers]) for m in DOC_METRICS}
+                for name in self.names}
+        return {"layers": layers, "document_ids": docs, "tokens_LD": tokens_LD, "hits": hits}
 
     def rows(self, model_name: str) -> list[dict[str, Any]]:
         out = []
@@ -236,12 +292,49 @@ def calibrate(model: Any, batches: Iterable, config: PredictabilityConfig) -> tu
     return tables, int(evidence.metadata["num_tokens"])
 
 
-def score_predictors(model: Any, tables: VARTables, batches: Iterable, model_name: str) -> tuple[list[dict], int]:
-    """Scores every predictor on the test batches (one pass)."""
+def score_predictors(model: Any, tables: VARTables, batches: Iterable, model_name: str,
+                     batch_docs: list[list[int]] | None = None) -> tuple[list[dict], int, dict[str, Any]]:
+    """Scores every predictor on the test batches (one pass): rows, token count, per-document counts."""
     adapter = get_adapter(model)
-    scorer = _Scorer(tables, adapter.num_experts, adapter.top_k)
+    scorer = _Scorer(tables, adapter.num_experts, adapter.top_k, batch_docs)
     _run(model, batches, scorer)
-    return scorer.rows(model_name), scorer.num_tokens
+    return scorer.rows(model_name), scorer.num_tokens, scorer.per_document()
+
+
+def add_intervals(rows: list[dict[str, Any]], per_doc: dict[str, dict[str, Any]], resamples: int,
+                  seed: int) -> dict[str, Any]:
+    """Adds `<metric>_ci95` to every row (and `exact_margin_ci95` to trained rows when a control was
+    scored), resampling test documents; returns the per-document counts as JSON-ready lists."""
+    first = next(iter(per_doc.values()))
+    layers, tokens_LD = first["layers"], first["tokens_LD"]
+    pick_RD = document_resamples(tokens_LD.shape[1], resamples, seed)
+
+    def counts(model: str, layer: Any, name: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
+        hits_LD = per_doc[model]["hits"][name][metric]
+        if layer == "all":  # layers pooled per document, as in the point estimate
+            return hits_LD.sum(0), tokens_LD.sum(0)
+        i = layers.index(layer)
+        return hits_LD[i], tokens_LD[i]
+
+    for r in rows:
+        for m in DOC_METRICS:
+            num_D, den_D = counts(r["model"], r["layer"], r["predictor"], m)
+            r[f"{m}_ci95"] = ratio_ci95(num_D, den_D, pick_RD)
+        if r["model"] == "trained" and "control" in per_doc:
+            (t_D, den_D), (c_D, _) = (counts(mod, r["layer"], r["predictor"], "exact") for mod in ("trained", "control"))
+            r["exact_margin_ci95"] = difference_ci95(t_D, c_D, den_D, pick_RD)
+    as_int = lambda a: np.rint(a).astype(np.int64).tolist()  # noqa: E731 -- the sums are counts
+    return {"unit": "test document", "resamples": resamples, "seed": seed, "documents": int(tokens_LD.shape[1]),
+            "layers": layers, "document_ids": first["document_ids"].tolist(), "tokens_LD": as_int(tokens_LD),
+            "hits_LD": {model: {name: {m: as_int(v) for m, v in d["hits"][name].items()} for name in d["hits"]}
+                        for model, d in per_doc.items()}}
+
+
+def _split_docs(batches: list) -> tuple[list, list[list[int]] | None]:
+    """(ids, mask) batches and each row's document; EvalBatches carry it, bare tuples do not (None)."""
+    if batches and all(isinstance(b, EvalBatch) for b in batches):
+        return [(b.ids, b.mask) for b in batches], [list(b.doc_B) for b in batches]
+    return batches, None
 
 
 def random_init_control(model: Any, seed: int = 0) -> Any:
@@ -269,19 +362,23 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def heldout_predictability(model: Any, calib_batches: list, test_batches: list,
                            config: PredictabilityConfig | None = None, control: str | None = None,
                            info: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The held-out report for `model` (and its random-init control when control == "random-init")."""
+    """The held-out report for `model` (and its random-init control when control == "random-init").
+    `test_batches`: `EvalBatch`es (documents known) or (ids, mask) tuples (each sequence a document)."""
     config = config or PredictabilityConfig()
     if control not in (None, "none", "random-init"):
         raise InvalidInputError(f"--control must be 'random-init' or 'none', got {control!r}")
     adapter = get_adapter(model)
+    test_batches, batch_docs = _split_docs(list(test_batches))
     tables, n_cal = calibrate(model, calib_batches, config)
-    rows, n_test = score_predictors(model, tables, test_batches, "trained")
+    rows, n_test, docs = score_predictors(model, tables, test_batches, "trained", batch_docs)
+    per_doc = {"trained": docs}
     if control == "random-init":
         ctrl = random_init_control(model, config.control_seed)
         ctrl_tables, _ = calibrate(ctrl, calib_batches, config)
-        ctrl_rows, _ = score_predictors(ctrl, ctrl_tables, test_batches, "control")
+        ctrl_rows, _, per_doc["control"] = score_predictors(ctrl, ctrl_tables, test_batches, "control", batch_docs)
         rows += ctrl_rows
         del ctrl
+    per_document = add_intervals(rows, per_doc, config.resamples, config.bootstrap_seed)
     return {
         **(info or {}),
         "num_experts": adapter.num_experts, "top_k": adapter.top_k,
@@ -290,7 +387,9 @@ def heldout_predictability(model: Any, calib_batches: list, test_batches: list,
         "predictors": list(PREDICTORS),
         "definitions": DEFINITIONS,
         "random_exact_baseline": 1.0 / _comb(adapter.num_experts, adapter.top_k),
-        "rows": rows, "summary": _summary(rows),
+        "intervals": "exact_ci95 / top1_ci95: 95% percentile bootstrap over test documents (resampled with "
+                     "replacement, the same resamples for every row); exact_margin_ci95: trained minus control, paired",
+        "rows": rows, "summary": _summary(rows), "per_document": per_document,
     }
 
 

@@ -1,7 +1,9 @@
 """Plain-text rendering of the hypothesis report dict (see report.py) and of the held-out table.
 
-`render_text(report) -> str`; `heldout_table(heldout) -> str` (also used by docs). No statistics
-are computed here. Test: `pytest tests/test_validation_report.py`.
+`render_text(report) -> str`; `heldout_table(heldout) -> str` (also used by docs);
+`heldout_seed_table({control seed: heldout})`, the Phase 1 headline with intervals and the control's
+spread over seeds. No statistics are computed here beyond that spread (mean, sd and range of a few
+numbers). Test: `pytest tests/test_validation_report.py`.
 """
 
 from __future__ import annotations
@@ -131,3 +133,40 @@ def render_text(rep: dict[str, Any]) -> str:
     for h in rep["hypotheses"]:
         lines.append(f"{h['hypothesis']}: {h['sentence']}")
     return "\n".join(lines) + "\n"
+
+
+def _pci(x: float, ci: list[float] | None) -> str:
+    return _p(x) if not ci else f"{_p(x)} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def heldout_seed_table(heldouts: dict[int, dict[str, Any]], predictor: str = "token_table", metric: str = "exact") -> str:
+    """Markdown headline: per layer, the trained model and the control of the first seed with their
+    95% document-bootstrap intervals, the paired margin with its interval, and the control's spread
+    over all the given runs (control seed -> `varmoe predictability` report: min-max, mean +- sd)."""
+    seeds = sorted(heldouts)
+    idx = {(s, r["model"], str(r["layer"])): r for s in seeds for r in heldouts[s]["rows"] if r["predictor"] == predictor}
+    layers = sorted({k[2] for k in idx if k[2] != "all"}, key=int) + ["all"]
+    head = "/".join(str(s) for s in seeds)
+    out = [f"| layer | trained [95% CI] | control seed {seeds[0]} [95% CI] | margin [95% CI] | "
+           f"control seeds {head} | control mean ± sd | margin over seeds |", "|---|---|---|---|---|---|---|"]
+    for layer in layers:
+        t, c = idx.get((seeds[0], "trained", layer)), idx.get((seeds[0], "control", layer))
+        if t is None or c is None:
+            continue
+        ctrl = [idx[(s, "control", layer)][metric] for s in seeds if (s, "control", layer) in idx]
+        m_ci = t.get(f"{metric}_margin_ci95")
+        margin = f"{100 * (t[metric] - c[metric]):+.1f}" + (f" [{100 * m_ci[0]:+.1f}, {100 * m_ci[1]:+.1f}]" if m_ci else "")
+        sd = float(_sample_sd(ctrl))
+        out.append(f"| {layer} | {_pci(t[metric], t.get(f'{metric}_ci95'))} | {_pci(c[metric], c.get(f'{metric}_ci95'))} | "
+                   f"{margin} | {' / '.join(_p(v) for v in ctrl)} | {_p(sum(ctrl) / len(ctrl))} ± {100 * sd:.1f} | "
+                   f"{100 * (t[metric] - max(ctrl)):+.1f} to {100 * (t[metric] - min(ctrl)):+.1f} |")
+    return "\n".join(out)
+
+
+def _sample_sd(values: list[float]) -> float:
+    """Sample standard deviation (n - 1); 0 for a single value."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    mean = sum(values) / n
+    return (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5

@@ -16,18 +16,12 @@ from typing import Any
 import numpy as np
 
 from ..var.evidence import Evidence, set_codes
-
-
-def _ci(num_RD: np.ndarray, den_RD: np.ndarray) -> list[float]:
-    ratio = num_RD.sum(1) / np.maximum(den_RD.sum(1), 1e-12)
-    lo, hi = np.percentile(ratio, [2.5, 97.5])
-    return [float(lo), float(hi)]
+from .bootstrap import document_resamples, ratio_ci95
 
 
 def served_agreement(tables: Any, test: Evidence, resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
     target = (tables.metadata.get("config") or {}).get("target_agreement")
     out: dict[str, Any] = {"target_agreement": target, "resamples": resamples, "layers": {}}
-    rng = np.random.default_rng(seed)
     pick = None
     tot_all = srv_all = agr_all = None
     for layer in sorted(tables.layers):
@@ -46,23 +40,23 @@ def served_agreement(tables: Any, test: Evidence, resamples: int = 2000, seed: i
         srv_D = np.bincount(inv, weights=(counts * served_R).numpy(), minlength=d)
         agr_D = np.bincount(inv, weights=(counts * agree_R).numpy(), minlength=d)
         if pick is None:
-            pick = rng.integers(0, d, size=(resamples, d))
+            pick = document_resamples(d, resamples, seed)
             tot_all, srv_all, agr_all = np.zeros(d), np.zeros(d), np.zeros(d)
         n_srv, n_tot = srv_D.sum(), tot_D.sum()
         agreement = float(agr_D.sum() / n_srv) if n_srv else None
         out["layers"][str(layer)] = {
             "served": int(n_srv), "tokens": int(n_tot), "coverage": float(n_srv / max(n_tot, 1)),
-            "coverage_ci95": _ci(srv_D[pick], tot_D[pick]), "agreement": agreement,
-            "agreement_ci95": _ci(agr_D[pick], srv_D[pick]) if n_srv else None,
+            "coverage_ci95": ratio_ci95(srv_D, tot_D, pick), "agreement": agreement,
+            "agreement_ci95": ratio_ci95(agr_D, srv_D, pick) if n_srv else None,
             "meets_target": None if agreement is None or target is None else bool(agreement >= target),
             "table_size": int(t.member_V.sum()), "documents": d,
         }
         tot_all, srv_all, agr_all = tot_all + tot_D, srv_all + srv_D, agr_all + agr_D
     if pick is not None:
         n = srv_all.sum()
-        out["overall"] = {"coverage": float(n / max(tot_all.sum(), 1)), "coverage_ci95": _ci(srv_all[pick], tot_all[pick]),
+        out["overall"] = {"coverage": float(n / max(tot_all.sum(), 1)), "coverage_ci95": ratio_ci95(srv_all, tot_all, pick),
                           "agreement": float(agr_all.sum() / n) if n else None,
-                          "agreement_ci95": _ci(agr_all[pick], srv_all[pick]) if n else None}
+                          "agreement_ci95": ratio_ci95(agr_all, srv_all, pick) if n else None}
     out["method"] = ("coverage = served valid test tokens / valid test tokens per (layer); agreement = served rows whose "
                      "learned top-k set equals the table set; 95% percentile intervals resampling test documents")
     return out
