@@ -99,7 +99,6 @@ def builtin_decisions(model_dir: Path, tables: VARTables, prompt_ids: list[list[
     """Per prompt and layer: tier and experts per row from the builtin VAR router (fast tier only)."""
     from var_moe.loading import load_model
     from var_moe.var import VARConfig, VARModelWrapper
-    from var_moe.var.router import FAST
 
     model, _ = load_model(str(model_dir), dtype="float32")
     config = VARConfig.from_dict(tables.metadata["config"]).replace(enable_cache=False, shadow_rate=0.0)
@@ -109,11 +108,12 @@ def builtin_decisions(model_dir: Path, tables: VARTables, prompt_ids: list[list[
     def hook(layer):
         def fn(module, args, output):
             seen[layer]["experts"] = output[2].tolist()
+            # the rows this forward routed from the table (looked up once per forward for all layers)
+            seen[layer]["fast"] = module.stack._last.fast_LT[module.slot].tolist()
         return fn
 
     for layer, router in wrapper.routers.items():
         router.register_forward_hook(hook(layer))
-        router.on_tiers = (lambda l: lambda tier_T, tok: seen[l].__setitem__("fast", (tier_T == FAST).tolist()))(layer)
     out = []
     with torch.no_grad():
         for ids in prompt_ids:
