@@ -39,51 +39,27 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from .decode import BatchDecoder, RowSpec, RowState
+from .engine_thread import (  # noqa: F401  (re-exported: the errors submit raises)
+    EngineError,
+    EngineStopping,
+    EngineThread,
+    QueueFull,
+    RequestTooLarge,
+    check_request_budget,
+)
 from .metrics import ServerMetrics
 from .model_host import ModelHost
 from .var_runtime import VarRuntime
 
 log = logging.getLogger("varmoe.server")
-
-
-class EngineError(Exception):
-    """A job could not be accepted; `retry_after_s` tells the client when to come back."""
-
-    def __init__(self, message: str, retry_after_s: float = 1.0):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class QueueFull(EngineError):
-    pass
-
-
-class EngineStopping(EngineError):
-    pass
-
-
-class RequestTooLarge(EngineError):
-    """More prompts or more work (prompt + new tokens) in one request than the engine accepts."""
-
-
-def check_request_budget(jobs: list["Job"], max_rows: int | None, max_tokens: int | None) -> None:
-    """A request's work budget (every engine applies it in `submit`): prompts, and prompt + new tokens."""
-    if max_rows is not None and len(jobs) > max_rows:
-        raise RequestTooLarge(f"{len(jobs)} prompts in one request; the limit is {max_rows}")
-    work = sum(len(j.spec.prompt_ids) + j.spec.max_new_tokens for j in jobs)
-    if max_tokens is not None and work > max_tokens:
-        raise RequestTooLarge(f"the request asks for {work} tokens (prompt tokens + new tokens, all prompts); "
-                              f"the limit is {max_tokens}: send fewer prompts or fewer new tokens")
 
 
 @dataclass
@@ -130,89 +106,30 @@ class Job:
             self.cancelled = True
 
 
-class Engine:
+class Engine(EngineThread):
     def __init__(self, host: ModelHost, var: VarRuntime, metrics: ServerMetrics, max_batch_size: int = 8,
                  max_wait_ms: float = 50.0, max_queue: int = 64, threads: int | None = None,
                  max_request_rows: int | None = None, max_request_tokens: int | None = None):
+        super().__init__(var, metrics, max_queue, max_request_rows, max_request_tokens)
         self.host = host
-        self.var = var
-        self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
-        self.max_queue = max_queue
         self.threads = threads
-        self.max_request_rows = max_request_rows
-        self.max_request_tokens = max_request_tokens
         self._requests = 0
         tok = host.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         self.eos_id = tok.eos_token_id
-        self._pending: collections.deque[Job] = collections.deque()
-        self._controls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
-        self._cond = threading.Condition()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
         self._returning = 0  # rows of the batch that just finished: clients likely to send again soon
         self._last_batch_end = 0.0
-        self.batches_run = 0
-        self.last_batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)
 
-    # -- lifecycle ---------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="varmoe-engine", daemon=True)
-        self._thread.start()
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
-
-    def stop(self, timeout_s: float = 30.0) -> bool:
-        """Refuse new jobs, finish queued and running ones, end the thread; True if it ended in time."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            return not self._thread.is_alive()
-        return True
-
-    # -- called from the event loop -------------------------------------------------------------
-    def submit(self, jobs: list[Job]) -> None:
-        """Queue all jobs or none (a perplexity list is one request)."""
-        check_request_budget(jobs, self.max_request_rows, self.max_request_tokens)
-        with self._cond:
-            if self._stopping:
-                raise EngineStopping("the server is shutting down", retry_after_s=5.0)
-            if len(self._pending) + len(jobs) > self.max_queue:
-                raise QueueFull(
-                    f"queue full ({len(self._pending)} waiting, limit {self.max_queue}); retry later",
-                    retry_after_s=max(1.0, self._retry_estimate()),
-                )
-            now = time.monotonic()
-            self._requests += 1
-            for job in jobs:
-                job.enqueued_at, job.request = now, self._requests
-                self._pending.append(job)
-            self.metrics.queue_depth.set(len(self._pending))
-            self._cond.notify_all()
+    def _enqueue(self, jobs: list[Job], now: float) -> None:
+        self._requests += 1
+        for job in jobs:
+            job.enqueued_at, job.request = now, self._requests
+            self._pending.append(job)
 
     def _retry_estimate(self) -> float:
         return round(len(self._pending) / max(1, self.max_batch_size) * 0.5, 1)
-
-    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
-        """Run fn on the engine thread between batches; returns a future of its result."""
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        with self._cond:
-            if self._thread is None or not self._thread.is_alive():
-                fut.set_exception(EngineStopping("the engine is not running"))
-                return fut
-            self._controls.append((fn, fut))
-            self._cond.notify_all()
-        return fut
-
-    @property
-    def queue_depth(self) -> int:
-        return len(self._pending)
 
     # -- the engine thread ---------------------------------------------------------------------
     def _run(self) -> None:

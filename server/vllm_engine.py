@@ -21,15 +21,14 @@ finish. Test: `pytest tests/vllm_engine/test_vllm_server.py`.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import itertools
 import logging
-import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
 from .decode import RowState
-from .engine import EngineStopping, Job, JobResult, QueueFull, check_request_budget
+from .engine import Job, JobResult
+from .engine_thread import EngineThread
 from .metrics import ServerMetrics
 from .var_runtime import VarRuntime
 
@@ -58,72 +57,25 @@ class _Flight:
         self.prompt_done = False
 
 
-class VllmEngine:
+class VllmEngine(EngineThread):
+    thread_name = "varmoe-vllm-engine"
+
     def __init__(self, host, var: VarRuntime, metrics: ServerMetrics, max_batch_size: int = 8,
                  max_wait_ms: float = 50.0, max_queue: int = 64, threads: int | None = None,
                  max_request_rows: int | None = None, max_request_tokens: int | None = None):
-        self.host, self.var, self.metrics = host, var, metrics
-        self.max_request_rows, self.max_request_tokens = max_request_rows, max_request_tokens
+        super().__init__(var, metrics, max_queue, max_request_rows, max_request_tokens)
+        self.host = host
         self.llm = host.llm
-        self.max_queue = max_queue
         self.eos_id = host.tokenizer.eos_token_id
-        self._pending: collections.deque[Job] = collections.deque()
-        self._controls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
         self._flights: dict[str, _Flight] = {}
-        self._cond = threading.Condition()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
         self._mode: str | None = None  # the mode applied on the workers
-        self.batches_run = 0  # engine steps
-        self.last_batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)
+        # batches_run counts engine steps here
 
-    # -- lifecycle (same interface as server.engine.Engine) --------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="varmoe-vllm-engine", daemon=True)
-        self._thread.start()
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping
-
-    def stop(self, timeout_s: float = 30.0) -> bool:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            return not self._thread.is_alive()
-        return True
-
-    def submit(self, jobs: list[Job]) -> None:
-        check_request_budget(jobs, self.max_request_rows, self.max_request_tokens)
-        with self._cond:
-            if self._stopping:
-                raise EngineStopping("the server is shutting down", retry_after_s=5.0)
-            if len(self._pending) + len(jobs) > self.max_queue:
-                raise QueueFull(f"queue full ({len(self._pending)} waiting, limit {self.max_queue}); retry later",
-                                retry_after_s=1.0)
-            now = time.monotonic()
-            for job in jobs:
-                job.enqueued_at = now
-                job.pinned_mode = self.var.mode_for(job.pinned_mode)  # the mode is fixed at arrival
-                self._pending.append(job)
-            self.metrics.queue_depth.set(len(self._pending))
-            self._cond.notify_all()
-
-    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        with self._cond:
-            if self._thread is None or not self._thread.is_alive():
-                fut.set_exception(EngineStopping("the engine is not running"))
-                return fut
-            self._controls.append((fn, fut))
-            self._cond.notify_all()
-        return fut
-
-    @property
-    def queue_depth(self) -> int:
-        return len(self._pending)
+    def _enqueue(self, jobs: list[Job], now: float) -> None:
+        for job in jobs:
+            job.enqueued_at = now
+            job.pinned_mode = self.var.mode_for(job.pinned_mode)  # the mode is fixed at arrival
+            self._pending.append(job)
 
     # -- the engine thread -----------------------------------------------------------------------
     def _run(self) -> None:

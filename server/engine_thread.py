@@ -1,0 +1,126 @@
+"""`EngineThread`: what every engine shares -- a bounded queue of jobs, control actions run between
+steps, one thread that owns the model, and a draining stop -- plus the errors `submit` raises.
+
+Subclasses (the builtin `Engine` in engine.py, `VllmEngine` in vllm_engine.py) implement `_run`
+(the thread's loop) and `_enqueue(jobs, now)` (stamp and queue a request's jobs, under the lock).
+`submit` applies the request budget (`check_request_budget`) and the queue bound (429 with
+Retry-After). Test: `pytest tests/test_server_engine.py`.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import threading
+import time
+from typing import Any, Callable
+
+from .metrics import ServerMetrics
+from .var_runtime import VarRuntime
+
+
+class EngineError(Exception):
+    """A job could not be accepted; `retry_after_s` tells the client when to come back."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class QueueFull(EngineError):
+    pass
+
+
+class EngineStopping(EngineError):
+    pass
+
+
+class RequestTooLarge(EngineError):
+    """More prompts or more work (prompt + new tokens) in one request than the engine accepts."""
+
+
+def check_request_budget(jobs: list[Any], max_rows: int | None, max_tokens: int | None) -> None:
+    """A request's work budget (every engine applies it in `submit`): prompts, and prompt + new tokens."""
+    if max_rows is not None and len(jobs) > max_rows:
+        raise RequestTooLarge(f"{len(jobs)} prompts in one request; the limit is {max_rows}")
+    work = sum(len(j.spec.prompt_ids) + j.spec.max_new_tokens for j in jobs)
+    if max_tokens is not None and work > max_tokens:
+        raise RequestTooLarge(f"the request asks for {work} tokens (prompt tokens + new tokens, all prompts); "
+                              f"the limit is {max_tokens}: send fewer prompts or fewer new tokens")
+
+
+class EngineThread:
+    thread_name = "varmoe-engine"
+
+    def __init__(self, var: VarRuntime, metrics: ServerMetrics, max_queue: int = 64,
+                 max_request_rows: int | None = None, max_request_tokens: int | None = None):
+        self.var, self.metrics = var, metrics
+        self.max_queue = max_queue
+        self.max_request_rows, self.max_request_tokens = max_request_rows, max_request_tokens
+        self._pending: collections.deque[Any] = collections.deque()  # Job (engine.py)
+        self._controls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.batches_run = 0
+        self.last_batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+        self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def stop(self, timeout_s: float = 30.0) -> bool:
+        """Refuse new jobs, finish queued and running ones, end the thread; True if it ended in time."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            return not self._thread.is_alive()
+        return True
+
+    # -- called from the event loop -------------------------------------------------------------
+    def submit(self, jobs: list[Any]) -> None:
+        """Queue all jobs or none (a perplexity list is one request)."""
+        check_request_budget(jobs, self.max_request_rows, self.max_request_tokens)
+        with self._cond:
+            if self._stopping:
+                raise EngineStopping("the server is shutting down", retry_after_s=5.0)
+            if len(self._pending) + len(jobs) > self.max_queue:
+                raise QueueFull(
+                    f"queue full ({len(self._pending)} waiting, limit {self.max_queue}); retry later",
+                    retry_after_s=max(1.0, self._retry_estimate()),
+                )
+            self._enqueue(jobs, time.monotonic())
+            self.metrics.queue_depth.set(len(self._pending))
+            self._cond.notify_all()
+
+    def _retry_estimate(self) -> float:
+        return 1.0
+
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run fn on the engine thread between steps; returns a future of its result."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                fut.set_exception(EngineStopping("the engine is not running"))
+                return fut
+            self._controls.append((fn, fut))
+            self._cond.notify_all()
+        return fut
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    # -- for subclasses ------------------------------------------------------------------------
+    def _enqueue(self, jobs: list[Any], now: float) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        raise NotImplementedError
