@@ -135,19 +135,7 @@ class Engine(EngineThread):
     def _run(self) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)
-        while True:
-            with self._cond:
-                while not self._pending and not self._controls and not self._stopping:
-                    self._cond.wait()
-                if self._stopping and not self._pending and not self._controls:
-                    break
-                controls = list(self._controls)
-                self._controls.clear()
-            for fn, fut in controls:
-                try:
-                    fut.set_result(fn())
-                except Exception as exc:  # handed to the caller, who turns it into an HTTP error
-                    fut.set_exception(exc)
+        while self._wait_for_work():
             batch, mode = self._take_batch()
             if batch:
                 self._run_batch(batch, mode)

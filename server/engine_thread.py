@@ -119,6 +119,23 @@ class EngineThread:
         return len(self._pending)
 
     # -- for subclasses ------------------------------------------------------------------------
+    def _wait_for_work(self, busy: Callable[[], bool] = lambda: False) -> bool:
+        """Engine thread: sleep until there is a job, a control action or work in flight (`busy`),
+        then run the queued control actions; False once stopping with nothing left to do."""
+        with self._cond:
+            while not self._pending and not self._controls and not busy() and not self._stopping:
+                self._cond.wait()
+            if self._stopping and not self._pending and not self._controls and not busy():
+                return False
+            controls = list(self._controls)
+            self._controls.clear()
+        for fn, fut in controls:
+            try:
+                fut.set_result(fn())
+            except Exception as exc:  # handed to the caller, who turns it into an HTTP error
+                fut.set_exception(exc)
+        return True
+
     def _enqueue(self, jobs: list[Any], now: float) -> None:
         raise NotImplementedError
 

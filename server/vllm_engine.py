@@ -79,19 +79,7 @@ class VllmEngine(EngineThread):
 
     # -- the engine thread -----------------------------------------------------------------------
     def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._pending and not self._controls and not self._flights and not self._stopping:
-                    self._cond.wait()
-                if self._stopping and not self._pending and not self._controls and not self._flights:
-                    break
-                controls = list(self._controls)
-                self._controls.clear()
-            for fn, fut in controls:
-                try:
-                    fut.set_result(fn())
-                except Exception as exc:
-                    fut.set_exception(exc)
+        while self._wait_for_work(busy=lambda: bool(self._flights)):
             try:
                 self._admit()
                 if self._flights:
