@@ -4,16 +4,14 @@ One thread owns the `LLMEngine` (vllm_host.py): it admits queued jobs as vLLM re
 engine (vLLM batches continuously: requests join and leave between steps) and hands each job its
 events (`("token", id, logprob)` for streams, then `("done", JobResult)`), like the builtin engine.
 
-A/B modes are time-sliced: VAR on/off is one flag on the workers' devices, so every request in
-flight runs in the mode applied when it was admitted. Jobs are admitted in arrival order while their
-mode (pinned, else the admin's current mode from `VarRuntime`) is the applied one; the first job
-of the other mode stops admission, the requests in flight finish, the flag switches (between two
-steps), and admission goes on. A toggle therefore lands once the requests in flight have finished.
-Per-request pinning is exact; under a mix of pinned modes the slices are short and the engine
-drains often (slower than the builtin engine's per-batch modes; see the report in docs/SERVER.md).
+A/B modes are per request, inside one batch: each job's mode (pinned, else the admin's mode when
+it arrived, from `VarRuntime`) travels in its sampling parameters (`extra_args`), and before every
+step the workers mark each token row with its request's mode (var_moe/vllm/rows.py). Baseline and
+VAR requests share vLLM's continuous batch; a toggle applies to requests that arrive after it.
 
-Accounting: `VarRuntime.record_batch(mode, tokens)` after every step in which requests finished
-(one counter read of the workers in VAR mode), tokens and TTFT metrics as the builtin engine.
+Accounting: `VarRuntime.record_batch(mode, tokens)` per mode after every step in which requests
+finished (one counter read of the workers when VAR requests finished; the device counters count
+VAR-mode rows only), tokens and TTFT metrics as the builtin engine.
 Cancelled or timed-out jobs are aborted in vLLM. `stop()` refuses new jobs and lets running ones
 finish. Test: `pytest tests/vllm_engine/test_vllm_server.py`.
 """
@@ -36,16 +34,20 @@ log = logging.getLogger("varmoe.server")
 _ids = itertools.count()
 
 
-def sampling_params(job: Job) -> Any:
-    """vLLM SamplingParams for one job (perplexity jobs generate one token that is thrown away)."""
+def sampling_params(job: Job, var: bool) -> Any:
+    """vLLM SamplingParams for one job (perplexity jobs generate one token that is thrown away), with
+    its VAR mode for the workers' row marking."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
+
+    from var_moe.vllm.rows import MODE_KEY
 
     spec = job.spec
     return SamplingParams(
         max_tokens=max(1, spec.max_new_tokens), temperature=spec.temperature, top_p=spec.top_p, seed=spec.seed,
         logprobs=spec.top_logprobs, prompt_logprobs=spec.top_logprobs if spec.prompt_logprobs else None,
-        stop=job.stop or None, detokenize=bool(job.stop), output_kind=RequestOutputKind.DELTA)
+        stop=job.stop or None, detokenize=bool(job.stop), output_kind=RequestOutputKind.DELTA,
+        extra_args={MODE_KEY: bool(var)})
 
 
 class _Flight:
@@ -68,7 +70,7 @@ class VllmEngine(EngineThread):
         self.llm = host.llm
         self.eos_id = host.tokenizer.eos_token_id
         self._flights: dict[str, _Flight] = {}
-        self._mode: str | None = None  # the mode applied on the workers
+        self.max_in_flight = 2 * max_batch_size
         # batches_run counts engine steps here
 
     def _enqueue(self, jobs: list[Job], now: float) -> None:
@@ -89,21 +91,15 @@ class VllmEngine(EngineThread):
                 self._fail_all(f"{type(exc).__name__}: {exc}")
 
     def _admit(self) -> None:
-        """Start queued jobs of the applied mode, in order; switch modes only when nothing runs."""
+        """Hand queued jobs to vLLM in arrival order, up to twice its max_num_seqs in flight: vLLM
+        schedules them itself, and keeping the rest here keeps --max-queue and the queue metric true."""
         with self._cond:
             gone = [j for j in self._pending if j.cancelled]
             if gone:
                 self._pending = collections.deque(j for j in self._pending if not j.cancelled)
-            if not self._pending:
-                admit = []
-            else:
-                if not self._flights:
-                    mode = self._pending[0].pinned_mode
-                    self.host.apply_mode(mode == "var")
-                    self._mode = mode
-                admit = []
-                while self._pending and self._pending[0].pinned_mode == self._mode:
-                    admit.append(self._pending.popleft())
+            admit = []
+            while self._pending and len(self._flights) + len(admit) < self.max_in_flight:
+                admit.append(self._pending.popleft())
             self.metrics.queue_depth.set(len(self._pending))
         for j in gone:
             j.post("done", None)
@@ -112,7 +108,7 @@ class VllmEngine(EngineThread):
             rid = f"varmoe-{next(_ids)}"
             # cache_salt: the prefix cache never hands a VAR request KV computed in baseline mode, nor the reverse
             prompt = {"prompt_token_ids": list(job.spec.prompt_ids), "cache_salt": job.pinned_mode}
-            self.llm.add_request(rid, prompt, sampling_params(job))
+            self.llm.add_request(rid, prompt, sampling_params(job, job.pinned_mode == "var"))
             self._flights[rid] = _Flight(job, job.pinned_mode, now)
             self.metrics.prompt_tokens.labels(mode=job.pinned_mode).inc(len(job.spec.prompt_ids))
 
@@ -123,7 +119,7 @@ class VllmEngine(EngineThread):
         self.last_batch_sizes.append(len(self._flights))
         self.metrics.batch_size.observe(len(self._flights))
         now = time.monotonic()
-        finished_tokens, finished_mode = 0, None
+        finished: dict[str, int] = {}  # mode -> tokens of the requests that finished in this step
         for out in outputs:
             fl = self._flights.get(out.request_id)
             if fl is None:
@@ -131,11 +127,10 @@ class VllmEngine(EngineThread):
             self._take(fl, out, now)
             if out.finished:
                 del self._flights[out.request_id]
-                finished_tokens += fl.state.forwarded_tokens
-                finished_mode = fl.mode
                 self._finish(fl, out, now)
-        if finished_mode is not None:
-            self.var.record_batch(finished_mode, finished_tokens)
+                finished[fl.mode] = finished.get(fl.mode, 0) + fl.state.forwarded_tokens
+        for mode, tokens in finished.items():
+            self.var.record_batch(mode, tokens)
 
     def _take(self, fl: _Flight, out: Any, now: float) -> None:
         job, st = fl.job, fl.state

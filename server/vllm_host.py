@@ -8,9 +8,9 @@ fingerprint is checked against the gates vLLM loaded). Without a tables file, or
 architecture VAR does not support on vLLM, it serves the plain vLLM model and reports VAR as
 unavailable with the reason.
 
-RoutingBackend (server/var_runtime.py): `apply_mode` writes the workers' device flag; `counts()`
-reads the device counters of VAR-mode steps only (counts added while baseline was applied are set
-aside at each switch); verification outcomes are the free audit of every table row against the
+RoutingBackend (server/var_runtime.py): each request carries its own mode to the workers
+(server/vllm_engine.py), so `apply_mode` only sets the workers' default for requests that name
+none; `counts()` reads the device counters, which count VAR-mode rows only; verification outcomes are the free audit of every table row against the
 learned decision (no sampling, no demotion on this engine). Per-request tier counts are exact
 without reading the device: table membership depends on the token only (no context cache here),
 so a request's fast decisions are the table members among the tokens it sent through the model,
@@ -72,9 +72,7 @@ class VllmHost:
         self.tables_info = tables_info
         self.member_LV = member_LV  # host copy of table membership, for per-request counts
         self.unavailable_reason = "" if tables_info is not None else (reason or "VAR is not available")
-        self._var_applied = False
-        self._set_aside: dict[int, list[int]] = {}  # device counts added while baseline was applied
-        self._at_switch: dict[int, list[int]] | None = None
+        self._var_default = False
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -132,21 +130,14 @@ class VllmHost:
         return merged
 
     def apply_mode(self, var: bool) -> None:
-        """Engine thread, when no request is in flight (vLLM batches continuously)."""
-        if var == self._var_applied:
+        """The workers' mode for requests that do not name one (the server's requests always do)."""
+        if var == self._var_default:
             return
         if var and not self.available:
             raise InvalidInputError(self.unavailable_reason)
         if self.available:
-            now = self._device_counts()
-            if var and self._at_switch is not None:  # baseline period ends: set its counts aside
-                for l, c in now.items():
-                    prev = self._at_switch.get(l, [0] * len(c))
-                    acc = self._set_aside.get(l, [0] * len(c))
-                    self._set_aside[l] = [a + x - p for a, x, p in zip(acc, c, prev)]
-            self._at_switch = now
             self.llm.collective_rpc("varmoe_set_enabled", args=(var,))
-        self._var_applied = var
+        self._var_default = var
 
     def counts(self) -> tuple[Counts, Counts]:
         if not self.available:
@@ -154,7 +145,6 @@ class VllmHost:
         tiers: Counts = {}
         verification: Counts = {}
         for l, c in self._device_counts().items():
-            c = [x - a for x, a in zip(c, self._set_aside.get(l, [0] * len(c)))]
             tiers.update({(l, "fast"): c[0], (l, "cached"): 0, (l, "learned"): c[1]})
             verification.update({(l, "agree"): c[2], (l, "disagree"): c[3]})
         return tiers, verification

@@ -84,6 +84,30 @@ def test_pinning_greedy_and_routing(client):
         assert sum(r["routing"].values()) == (r["prompt_tokens"] + r["generated_tokens"] - 1) * n_layers
 
 
+def test_pinned_modes_share_a_batch_row_by_row(client):
+    """Baseline and VAR requests in flight together: each gets exactly what it gets alone."""
+    import concurrent.futures
+
+    prompts = [PROMPT, "Once upon a time there was a", "In the beginning the river", "Water is"]
+    alone = {(p, v): client.post("/v1/generate", json={"prompt": p, "max_new_tokens": 16, "var": v}).json()
+             for p in prompts for v in (False, True)}
+    assert any(alone[(p, False)]["text"] != alone[(p, True)]["text"] for p in prompts)  # the modes differ
+    before = client.get("/metrics").text
+    with concurrent.futures.ThreadPoolExecutor(len(alone)) as pool:
+        futs = {key: pool.submit(client.post, "/v1/generate", json={"prompt": key[0], "max_new_tokens": 16,
+                                                                    "var": key[1]}) for key in alone}
+        together = {key: f.result().json() for key, f in futs.items()}
+    after = client.get("/metrics").text
+    for key, r in together.items():
+        assert r["mode"] == ("var" if key[1] else "baseline")
+        assert r["text"] == alone[key]["text"], key
+        assert r["routing"] == alone[key]["routing"], key
+    # the engine stepped with more than one request in flight (mean rows per step > 1)
+    steps = metric(after, "varmoe_batch_size_count") - metric(before, "varmoe_batch_size_count")
+    rows = metric(after, "varmoe_batch_size_sum") - metric(before, "varmoe_batch_size_sum")
+    assert steps > 0 and rows / steps > 1.5
+
+
 def test_stream_equals_non_stream(client):
     req = {"prompt": PROMPT, "max_new_tokens": 10, "var": False}
     plain = client.post("/v1/generate", json=req).json()

@@ -6,7 +6,7 @@
     llm.collective_rpc("varmoe_load_tables", args=("models/reference-moe/var/var_tables.safetensors",))
     llm.collective_rpc("varmoe_set_enabled", args=(True,))
 
-Modules: routing.py (what a step computes), models.py (Var* model classes, installed at build
+Modules: routing.py (what a step computes), rows.py (per-request modes: which rows run VAR), models.py (Var* model classes, installed at build
 time, before compilation), tables.py (tables file + fingerprint check), extension.py (worker
 methods for `collective_rpc`). Needs the `vllm` extra (its own environment: see constraints-vllm.txt);
 importing this package without vLLM works, building an engine does not.
@@ -42,9 +42,14 @@ def engine_kwargs(model: str, **kwargs: Any) -> dict[str, Any]:
     The Var* architecture changes vLLM's config hash, and `additional_config` says so explicitly,
     so a VAR engine never loads a plain engine's compiled graph from the cache, nor the reverse.
     """
+    import os
+
     from .models import register, var_arch
 
     register()
+    # Per-request modes read each request's sampling parameters from vLLM's V1 model runner (rows.py);
+    # the V2 runner (vLLM's default on GPUs with Triton) keeps none, so VAR engines ask for V1.
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     arch = var_arch(model_architecture(model))
     extra = dict(kwargs.pop("additional_config", None) or {})
     extra["varmoe"] = {"routing": "var-tables", "version": 1}

@@ -4,12 +4,15 @@ vLLM mixes this class into every worker (`worker_extension_cls`), so the same ca
 in-process worker, spawned worker processes, and each tensor/data-parallel rank:
 
     llm.collective_rpc("varmoe_load_tables", args=(path,))   # checked against the loaded weights
-    llm.collective_rpc("varmoe_set_enabled", args=(True,))   # writes the device flag in place
+    llm.collective_rpc("varmoe_set_enabled", args=(True,))   # the mode of requests that name none
     llm.collective_rpc("varmoe_counts")                      # {layer: [fast, learned, agree, disagree]}
 
 The model must have been built as a Var* architecture (models.py): the routing is installed at
 construction, before compilation; these methods only write data into its buffers or read them.
-A flag change lands at the next model step. Test: `pytest tests/vllm_engine/test_vllm_exact.py`.
+The first call also hooks the model runner (rows.py), which from then on writes each step's
+per-token modes: a request pinned with `extra_args={"varmoe_var": ...}` runs in that mode, the
+others in the default set here (it applies from the next step). Counters count VAR-mode rows only.
+Test: `pytest tests/vllm_engine/test_vllm_exact.py`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ class VarWorkerExtension:
         if state is None:
             raise RuntimeError("this vLLM model was not built with VAR: start the engine with "
                                "var_moe.vllm.engine_kwargs(...) (a Var* architecture)")
+        from .rows import install_rows
+
+        install_rows(self.model_runner, state)  # idempotent
         return state
 
     def varmoe_load_tables(self, path: str, check_fingerprint: bool = True) -> dict[str, Any]:
@@ -40,11 +46,11 @@ class VarWorkerExtension:
         clear_tables(self._varmoe_state())
 
     def varmoe_set_enabled(self, enabled: bool) -> bool:
-        self._varmoe_state().flag.fill_(bool(enabled))
+        self._varmoe_state().default_on = bool(enabled)
         return bool(enabled)
 
     def varmoe_enabled(self) -> bool:
-        return bool(self._varmoe_state().flag.item())
+        return self._varmoe_state().default_on
 
     def varmoe_counts(self) -> dict[int, list[int]]:
         """Cumulative counters per MoE layer (one device-to-host copy for all layers)."""
@@ -72,5 +78,5 @@ class VarWorkerExtension:
         state = self._varmoe_state()
         ident = model_identity(state)
         ident["table_sizes"] = {l: int(lv.member_V.sum()) for l, lv in sorted(state.layers.items())}
-        ident["enabled"] = bool(state.flag.item())
+        ident["enabled"] = state.default_on
         return ident

@@ -51,7 +51,11 @@ def var_class(arch: str) -> type:
 
         hf = vllm_config.model_config.hf_config
         top_k = int(getattr(hf, "num_experts_per_tok"))
-        self._varmoe_state = install_var(self, int(hf.vocab_size), top_k)
+        sched = vllm_config.scheduler_config
+        # every forward carries at most max_num_batched_tokens tokens (the runner's own buffers
+        # have that size); dummy runs at start-up stay within it too
+        max_tokens = max(int(sched.max_num_batched_tokens), int(vllm_config.model_config.max_model_len))
+        self._varmoe_state = install_var(self, int(hf.vocab_size), top_k, max_tokens)
 
     def load_weights(self, weights: Any) -> Any:
         loaded = base.load_weights(self, weights)

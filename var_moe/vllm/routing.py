@@ -9,14 +9,18 @@ copied, parameter names stay, the weight loader sees the same tree):
 - each MoE runner (`FusedMoE` / `MoERunner`) passes those ids on when its caller gave none: vLLM's
   routers already take `input_ids` (DeepSeek-V4's hash routing reads `hash_indices_table[input_ids]`);
 - each router's `_compute_routing` computes the learned decision as before, then, for rows whose
-  token is in this layer's verified table and while the flag is on, takes the table's experts
-  and weights (`where`). With the flag off, or an empty table, every value is the learned one.
+  token is in this layer's verified table and whose request runs in VAR mode, takes the table's
+  experts and weights (`where`). For baseline rows, or with an empty table, every value is the
+  learned one.
 
-Everything a step does is tensor work on fixed buffers (a 0-d flag, vocabulary-sized tables,
-a per-layer int64 counter), so it stays valid in a compiled graph and under CUDA graphs: turning
-VAR on/off and loading tables write into those buffers in place, never replace them. Counters
-(per layer: fast, learned, fast rows whose table set equals the learned set, fast rows where it
-differs) are added on the device and read on request (one sync per read, none per step). The
+Which rows run in VAR mode is a per-token bool buffer (`VarState.rows_N`, one slot per token of
+the largest step), written before each forward by the model runner hook in rows.py from each
+request's mode. Everything a step does is tensor work on fixed buffers (that row buffer,
+vocabulary-sized tables, a per-layer int64 counter), so it stays valid in a compiled graph and
+under CUDA graphs: modes and tables are written into those buffers in place, never replaced.
+Counters (per layer, VAR-mode rows only: fast, learned, fast rows whose table set equals the
+learned set, fast rows where it differs) are added on the device and read on request (one sync
+per read, none per step). The
 context-cache tier of the builtin router is not implemented here (its per-sequence state does not
 fit continuous batching); shadow verification becomes a free audit of every fast row, because the
 learned decision is computed anyway.
@@ -41,11 +45,14 @@ _LAYER_RE = re.compile(r"layers\.(\d+)\.")
 
 
 class VarState:
-    """What every patched module of one model shares: the step's token ids and the on/off flag."""
+    """What every patched module of one model shares: the step's token ids and which rows run VAR."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, max_tokens: int):
         self.ids: torch.Tensor | None = None  # set by the embedding during a forward
-        self.flag = torch.zeros((), dtype=torch.bool, device=device)  # VAR on (written in place)
+        # per-token VAR mode of the current step (rows.py writes it in place before each forward;
+        # slots past the step's tokens, e.g. CUDA-graph padding, stay False)
+        self.rows_N = torch.zeros(max_tokens, dtype=torch.bool, device=device)
+        self.default_on = False  # the mode of requests that do not name one (varmoe_set_enabled)
         self.layers: dict[int, "LayerVar"] = {}
         self.identity: dict[str, Any] | None = None  # model type, vocabulary, experts, top-k, fingerprint
 
@@ -68,7 +75,8 @@ class LayerVar:
 
     def route(self, state: VarState, ids_T: torch.Tensor, w_TK: torch.Tensor, idx_TK: torch.Tensor):
         safe_T = ids_T.long().clamp(0, self.member_V.shape[0] - 1)
-        use_T = self.member_V[safe_T] & state.flag
+        rows_T = state.rows_N[: ids_T.shape[0]]
+        use_T = self.member_V[safe_T] & rows_T
         tab_idx_TK = self.experts_VK[safe_T].to(idx_TK.dtype)
         tab_w_TK = self.weights_VK[safe_T].to(w_TK.dtype)
         out_idx_TK = torch.where(use_T[:, None], tab_idx_TK, idx_TK)
@@ -76,7 +84,7 @@ class LayerVar:
         same_T = _same_set(tab_idx_TK, idx_TK, self.num_experts)
         fast = use_T.sum()
         agree = (use_T & same_T).sum()
-        self.counts.add_(torch.stack([fast, use_T.numel() - fast, agree, fast - agree]))
+        self.counts.add_(torch.stack([fast, rows_T.sum() - fast, agree, fast - agree]))
         if self.record is not None:
             self.record.append({"ids": ids_T.tolist(), "fast": use_T.tolist(), "experts": out_idx_TK.tolist(),
                                 "learned": idx_TK.tolist()})
@@ -166,13 +174,14 @@ def find_embedding(model: nn.Module) -> nn.Module:
     return emb
 
 
-def install_var(model: nn.Module, vocab_size: int, top_k: int) -> VarState:
-    """Patch the embedding, MoE runners and routers of `model` (before compilation); empty tables."""
+def install_var(model: nn.Module, vocab_size: int, top_k: int, max_tokens: int) -> VarState:
+    """Patch the embedding, MoE runners and routers of `model` (before compilation); empty tables.
+    `max_tokens`: the most tokens one forward carries (the scheduler's max_num_batched_tokens)."""
     blocks = find_moe_blocks(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no MoE blocks with a gate and a FusedMoE runner")
     device = blocks[0].block.gate.weight.device
-    state = VarState(device)
+    state = VarState(device, max_tokens)
     emb = find_embedding(model)
     object.__setattr__(emb, "_varmoe", state)  # a plain attribute, not a submodule
     _subclass(emb, "forward", _embedding_forward)
