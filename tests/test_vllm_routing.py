@@ -1,14 +1,20 @@
-"""The per-step VAR decision of the vLLM integration (var_moe/vllm/routing.py), without vLLM:
-flag off or non-member tokens give the learned decision back bit for bit, member tokens get the
-table's experts and weights, and the device counters (fast, learned, audit agree/disagree) match a
-brute-force count. Runs in both environments. Test: `pytest tests/test_vllm_routing.py`.
+"""The per-step VAR decision of the vLLM integration (var_moe/vllm/routing.py, rows.py), without
+vLLM: baseline rows or non-member tokens give the learned decision back bit for bit, VAR rows of
+member tokens get the table's experts and weights, the device counters (fast, learned, audit
+agree/disagree; VAR rows only) match a brute-force count, and per-request modes become per-token
+rows in the runner's order. Runs in both environments. Test: `pytest tests/test_vllm_routing.py`.
 """
 
 from __future__ import annotations
 
 import torch
 
+from types import SimpleNamespace
+
+import numpy as np
+
 from var_moe.vllm.routing import COUNTERS, LayerVar, VarState, _same_set
+from var_moe.vllm.rows import MODE_KEY, RowWriter, request_modes, token_rows
 
 
 def make_layer(vocab: int = 50, k: int = 2, e: int = 8, seed: int = 0) -> LayerVar:
@@ -39,20 +45,39 @@ def test_same_set_matches_sorted_comparison():
     assert bool(expect.any()) and not bool(expect.all())
 
 
-def test_flag_off_gives_learned_back_and_flag_on_takes_table_rows():
-    lv, state = make_layer(), VarState(torch.device("cpu"))
+def test_baseline_rows_give_learned_back_and_var_rows_take_table_rows():
+    lv, state = make_layer(), VarState(torch.device("cpu"), max_tokens=100)
     ids = torch.randint(0, 50, (64,), generator=torch.Generator().manual_seed(2))
     w, idx = learned(64)
     out_w, out_idx = lv.route(state, ids, w, idx)
-    assert torch.equal(out_w, w) and torch.equal(out_idx, idx)  # flag off: bit for bit
-    assert lv.counts.tolist()[:2] == [0, 64]
-    state.flag.fill_(True)
+    assert torch.equal(out_w, w) and torch.equal(out_idx, idx)  # every row baseline: bit for bit
+    assert lv.counts.tolist() == [0, 0, 0, 0]  # baseline rows are not VAR traffic
+    rows = torch.arange(64) % 3 != 0  # a mixed batch: every third row baseline
+    state.rows_N[:64] = rows
     out_w, out_idx = lv.route(state, ids, w, idx)
-    member = lv.member_V[ids]
-    assert torch.equal(out_idx[member], lv.experts_VK[ids][member].int())
-    assert torch.equal(out_w[member], lv.weights_VK[ids][member])
-    assert torch.equal(out_idx[~member], idx[~member]) and torch.equal(out_w[~member], w[~member])
+    use = lv.member_V[ids] & rows
+    assert torch.equal(out_idx[use], lv.experts_VK[ids][use].int())
+    assert torch.equal(out_w[use], lv.weights_VK[ids][use])
+    assert torch.equal(out_idx[~use], idx[~use]) and torch.equal(out_w[~use], w[~use])
     same = (lv.experts_VK[ids].sort(1).values == idx.long().sort(1).values).all(1)
-    fast, learned_n, agree, disagree = (lv.counts - torch.tensor([0, 64, 0, 0])).tolist()
-    assert fast == int(member.sum()) and learned_n == 64 - fast
-    assert agree == int((member & same).sum()) and disagree == fast - agree
+    fast, learned_n, agree, disagree = lv.counts.tolist()
+    assert fast == int(use.sum()) and learned_n == int(rows.sum()) - fast
+    assert agree == int((use & same).sum()) and disagree == fast - agree
+
+
+def test_request_modes_become_token_rows_in_runner_order():
+    params = lambda v: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=v))  # noqa: E731
+    requests = {"a": params({MODE_KEY: True}), "b": params({MODE_KEY: False}), "c": params(None),
+                "d": SimpleNamespace(sampling_params=None)}  # d: a pooling request
+    order = ["c", "a", "d", "b"]
+    for default in (False, True):
+        modes = request_modes(order, requests, default)
+        assert modes.tolist() == [default, True, default, False]
+        tokens = np.array([3, 1, 2, 4])
+        rows = token_rows(modes, tokens)
+        brute = [m for m, n in zip(modes.tolist(), tokens.tolist()) for _ in range(n)]
+        assert rows.tolist() == brute
+    state = VarState(torch.device("cpu"), max_tokens=16)
+    state.rows_N.fill_(True)  # stale rows of a larger previous step
+    RowWriter(state).write(np.array([True, False, True]))
+    assert state.rows_N.tolist() == [True, False, True] + [False] * 13  # the tail (padding) is baseline
