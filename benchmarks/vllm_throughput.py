@@ -12,7 +12,9 @@ inside the load window from Locust's per-request log). Contenders:
   (`--builtin-python`), the reference engine.
 
 One compute thread each: vLLM's engine processes are pinned to `--core` (VLLM_CPU_OMP_THREADS_BIND),
-the builtin engine gets `--threads 1`. All servers stay up; each repeat runs every contender at
+the builtin engine gets `--threads 1`. With `--isolate` (the default) the servers not under load are
+suspended (SIGSTOP of their whole process tree, SIGCONT before their turn): an idle vLLM worker
+polls its queues and took ~40% of a core on this 2-core machine, which every other contender paid. All servers stay up; each repeat runs every contender at
 every client count once (interleaved), and the median of the repeats is reported with every
 repeat's value, and the ratios to plain vLLM inside the run. Goals (issue 12): baseline >= 0.95x
 plain vLLM, VAR >= 0.90x, at every client count.
@@ -70,6 +72,34 @@ def start(cmd: list[str], env: dict, log: Path, ready_path: str, timeout_s: floa
     raise TimeoutError(f"{cmd[:4]} did not come up in {timeout_s:.0f} s")
 
 
+def _tree(pid: int) -> list:
+    import psutil
+
+    root = psutil.Process(pid)
+    return [root] + root.children(recursive=True)
+
+
+def only_running(pids: list[int], all_pids: list[int]) -> None:
+    """Resume the process trees of `pids`, suspend every other server's tree (children first)."""
+    import psutil
+
+    for pid in all_pids:
+        if pid in pids:
+            continue
+        for proc in reversed(_tree(pid)):
+            try:
+                proc.suspend()
+            except psutil.NoSuchProcess:
+                pass
+    for pid in pids:
+        for proc in _tree(pid):
+            try:
+                proc.resume()
+            except psutil.NoSuchProcess:
+                pass
+    time.sleep(0.5)  # let resumed processes get back to their loops
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=str(REFERENCE_MODEL_DIR))
@@ -82,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-gb", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE of each vLLM server")
     p.add_argument("--builtin-python", default="", help="python of the main environment for the builtin engine "
                                                         "(empty: skip the builtin engine)")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
+                   help="suspend the servers that are not under load (default on)")
     p.add_argument("--out", default="runs/vllm_throughput.json")
     p.add_argument("--log-dir", default="runs/vllm_throughput")
     args = p.parse_args(argv)
@@ -107,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         procs.append(ours)
         contenders = {"vllm": (plain_url, "plain", None), "vllm_engine_baseline": (ours.url, None, False),
                       "vllm_engine_var": (ours.url, None, True)}
+        server_pid = {"vllm": plain.pid, "vllm_engine_baseline": ours.pid, "vllm_engine_var": ours.pid}
         if args.builtin_python:  # the main environment's python: the builtin engine's own transformers
             builtin, builtin_url = start([args.builtin_python, "-m", "var_moe.cli", "serve", "--model", args.model,
                                           "--threads", "1", "--max-batch-size", "16", "--max-queue", "256",
@@ -115,7 +148,15 @@ def main(argv: list[str] | None = None) -> int:
                                          "/readyz", 300)
             procs.append(builtin)
             contenders["builtin"] = (builtin_url, None, False)
+            server_pid["builtin"] = builtin.pid
+        all_pids = sorted(set(server_pid.values()))
+
+        def turn(name: str) -> None:
+            if args.isolate:
+                only_running([server_pid[name]], all_pids)
+
         for name, (url, model, var) in contenders.items():  # warm-up: first requests of every shape
+            turn(name)
             try:
                 r = locust_load(url, 16, argparse.Namespace(new_tokens=args.new_tokens, run_time=10, warmup=0.5),
                                 prompts_file, log_dir, f"warmup-{name}", tokenizer, model=model, var=var)
@@ -126,10 +167,13 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(args.repeats):
             for c in levels:
                 for name, (url, model, var) in contenders.items():
+                    turn(name)
                     r = locust_load(url, c, args, prompts_file, log_dir, f"{name}-{c}", tokenizer, model=model, var=var)
                     runs[name][c].append(r)
                     print(f"repeat {rep} clients {c:2d} {name:22s} {r['tokens_per_s']:8.1f} tok/s", flush=True)
     finally:
+        if args.isolate and procs:
+            only_running([p.pid for p in procs], [p.pid for p in procs])  # resumed, so they can stop
         for proc in reversed(procs):
             if isinstance(proc, ManagedServer):
                 proc.stop()
@@ -145,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     paired = {n: {c: [round(a["tokens_per_s"] / b["tokens_per_s"], 3) for a, b in zip(runs[n][c], runs["vllm"][c])]
                   for c in levels} for n in runs if n != "vllm"}
     result = {"model": args.model, "new_tokens": args.new_tokens, "run_time_s": args.run_time, "repeats": args.repeats,
-              "core": args.core, "endpoint": "/v1/completions", "median_tokens_per_s": med, "ratio_to_vllm": ratios,
+              "core": args.core, "isolate": args.isolate, "endpoint": "/v1/completions", "median_tokens_per_s": med, "ratio_to_vllm": ratios,
               "ratio_to_vllm_per_repeat": paired,
               "runs": {n: {c: [r["tokens_per_s"] for r in rs] for c, rs in by.items()} for n, by in runs.items()},
               "goals": {"vllm_engine_baseline": 0.95, "vllm_engine_var": 0.90}}

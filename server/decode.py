@@ -58,6 +58,9 @@ class RowSpec:
     seed: int | None = None
     prompt_logprobs: bool = False  # log p(prompt[i] | prompt[:i]) for i >= 1
     top_logprobs: int = 0  # also the N most likely tokens at every reported position
+    # the generated tokens' own log-probs are reported (an engine that computes them apart, like
+    # vLLM, skips that work when the response does not show them)
+    sampled_logprobs: bool = True
 
 
 @dataclass

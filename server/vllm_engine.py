@@ -45,7 +45,8 @@ def sampling_params(job: Job, var: bool) -> Any:
     spec = job.spec
     return SamplingParams(
         max_tokens=max(1, spec.max_new_tokens), temperature=spec.temperature, top_p=spec.top_p, seed=spec.seed,
-        logprobs=spec.top_logprobs, prompt_logprobs=spec.top_logprobs if spec.prompt_logprobs else None,
+        logprobs=spec.top_logprobs if spec.sampled_logprobs else None,
+        prompt_logprobs=spec.top_logprobs if spec.prompt_logprobs else None,
         stop=job.stop or None, detokenize=bool(job.stop), output_kind=RequestOutputKind.DELTA,
         extra_args={MODE_KEY: bool(var)})
 

@@ -30,7 +30,8 @@ async def completions(body: CompletionRequest, request: Request, state: ServerSt
         for i, ids in enumerate(prompts):
             state.check_prompt(ids, "prompt" if len(prompts) == 1 else f"prompt[{i}]", body.max_tokens, "max_tokens")
             spec = RowSpec(ids, body.max_tokens, body.temperature, body.top_p, body.seed,
-                           prompt_logprobs=body.echo and body.logprobs is not None, top_logprobs=body.logprobs or 0)
+                           prompt_logprobs=body.echo and body.logprobs is not None, top_logprobs=body.logprobs or 0,
+                           sampled_logprobs=body.logprobs is not None)
             jobs.append(Job(spec, pinned_mode=mode, stop=stops))
         return prompts, jobs
 
