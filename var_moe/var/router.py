@@ -14,7 +14,8 @@ tables, plus the tier counters (on device). Per layer the router then runs the l
 all rows (it is ~1% of a forward, and running it on a subset would need the subset's size on the
 host) and selects rows with `torch.where` over the precomputed rows: no boolean-mask indexing
 and no host synchronisation on this path. An empty table therefore returns the learned outputs
-unchanged (bit for bit). The cached tier, when on, looks up and fills a `ContextCache`, which
+unchanged (bit for bit). On CPU the lookup also reads which layers have any fast row (no device
+to sync with), and a layer without one returns the learned decision without the selects. The cached tier, when on, looks up and fills a `ContextCache`, which
 does index with masks and syncs with the host; it is the one place that does.
 
 Weights (`weights_source`): "table" uses the table's stored weights, scaled the way the router
@@ -77,13 +78,19 @@ class Lookup:
     nominal_LTK: torch.Tensor  # table set (before adaptive k), for verification
     idx_LTK: torch.Tensor  # served set (after adaptive k)
     w_LTK: torch.Tensor  # served weights, scaled like the router's
+    # per layer, whether any row is fast: known on the host for CPU tensors only (reading it there
+    # is no device sync), None on accelerators
+    any_L: list[bool] | None = None
 
 
 class TableStack:
     """The tables of all patched layers stacked on device (L, V, ...), shared by the routers.
 
     Each router holds views of its row (`member_LV[slot]` etc.), so a demotion is one write seen
-    by both. Counters live in `counts_LC` (int64, on device)."""
+    by both. Counters live in `counts_LC` (int64, on device); read them with `counts()`. When the
+    cache is off every tier is known at lookup time, and a forward adds only its fast rows per
+    layer and its valid-token count (two in-place adds; forwards are counted on the host); the
+    learned column is their difference, filled in by `counts()`."""
 
     def __init__(self, tables: dict[int, LayerTable], layers: list[int], config: VARConfig, num_experts: int,
                  scales: dict[int, float | None], device: torch.device, index_dtype: torch.dtype):
@@ -113,11 +120,28 @@ class TableStack:
         self.shadow_total_LV = torch.zeros_like(self.total_LV)
         self.pending_LV = torch.zeros_like(self.member_LV)
         self.counts_LC = torch.zeros(len(layers), len(COUNTERS), dtype=torch.long, device=device)
+        # the lookup-time counts of the cache-off path (see counts())
+        self.fast_L = torch.zeros(len(layers), dtype=torch.long, device=device)
+        self.valid_tokens = torch.zeros((), dtype=torch.long, device=device)
+        self.forwards = 0
         self.frozen = False
         self.counts_fast_path = not config.cache_enabled  # tiers fully known at lookup time
-        self._lookup_cols = torch.tensor([C["forwards"], C["fast"], C["learned"]], device=device)
         self.on_rows: Callable[[torch.Tensor, Any], None] | None = None
         self._last: Lookup | None = None
+
+    def counts(self) -> torch.Tensor:
+        """(L, len(COUNTERS)) all counters, the lookup-time ones folded in (one new tensor)."""
+        out = self.counts_LC.clone()
+        out[:, C["fast"]] += self.fast_L
+        out[:, C["learned"]] += self.valid_tokens - self.fast_L
+        out[:, C["forwards"]] += self.forwards
+        return out
+
+    def reset_counts(self) -> None:
+        self.counts_LC.zero_()
+        self.fast_L.zero_()
+        self.valid_tokens.zero_()
+        self.forwards = 0
 
     def apply_demotions(self) -> None:
         """Take queued entries out (between forwards; a no-op while frozen)."""
@@ -133,9 +157,8 @@ class TableStack:
             return self._last
         self.apply_demotions()
         ids_T, valid_T = tok.ids_T.to(device), tok.valid_T.to(device).bool()
-        in_vocab_T = (ids_T >= 0) & (ids_T < self.vocab)
-        safe_T = torch.where(in_vocab_T, ids_T, torch.zeros_like(ids_T))
-        ok_T = valid_T & in_vocab_T
+        safe_T = ids_T.clamp(0, self.vocab - 1)  # out-of-vocabulary ids: a valid index, never fast
+        ok_T = valid_T & (safe_T == ids_T)
         if self.config.enable_fast_path:
             fast_LT = self.member_LV[:, safe_T] & ok_T
         else:
@@ -143,18 +166,16 @@ class TableStack:
         idx_LTK = self.idx_LVK[:, safe_T]
         # the pre-adaptive-k set is only read by verification and the cache
         nominal_LTK = idx_LTK if not self.config.adaptive_k else self.nominal_LVK[:, safe_T]
-        look = Lookup(tok, safe_T, valid_T, fast_LT, nominal_LTK, idx_LTK, self.weights_LVK[:, safe_T])
+        any_L = fast_LT.any(1).tolist() if fast_LT.device.type == "cpu" else None
+        look = Lookup(tok, safe_T, valid_T, fast_LT, nominal_LTK, idx_LTK, self.weights_LVK[:, safe_T], any_L)
+        self.forwards += 1
         if self.config.track_performance and self.counts_fast_path:
-            n_fast_L = fast_LT.sum(1)
-            # forwards, fast, learned in one indexed add
-            self.counts_LC[:, self._lookup_cols] += torch.stack([torch.ones_like(n_fast_L), n_fast_L,
-                                                                 valid_T.sum() - n_fast_L], 1)
+            self.fast_L += fast_LT.sum(1)
+            self.valid_tokens += valid_T.sum()
             if self.config.adaptive_k:
                 self.counts_LC[:, C["adaptive_single"]] += (fast_LT & self.single_LV[:, safe_T]).sum(1)
-        else:
-            self.counts_LC[:, C["forwards"]] += 1
         if self.counts_fast_path and self.on_rows is not None:
-            self.on_rows(fast_LT.sum(0), tok)
+            self.on_rows(fast_LT, tok)
         self._last = look
         return look
 
@@ -202,7 +223,8 @@ class VARRouter(nn.Module):
 
     @property
     def counts(self) -> torch.Tensor:
-        return self._ensure_stack().counts_LC[self.slot]
+        """This layer's counters (a copy with the lookup-time counts folded in)."""
+        return self._ensure_stack().counts()[self.slot]
 
     @torch.no_grad()
     def _probe(self, param: torch.Tensor) -> None:
@@ -241,11 +263,16 @@ class VARRouter(nn.Module):
         l_logits, l_w, l_idx = self.learned.forward(h_TH)
         tok = self.tokens()
         if tok is None or tok.ids_T.shape[0] != t:  # no token ids (inputs_embeds): learned for all
-            counts[C["forwards"]] += 1
+            counts[C["forwards"]] += 1  # this layer alone: no lookup ran
             counts[C["fallback_forwards"]] += 1
             counts[C["learned"]] += t
             return l_logits, l_w, l_idx
         look = stack.lookup(tok, h_TH.device)
+        if (look.any_L is not None and not look.any_L[self.slot] and self.cache.capacity == 0
+                and not (self.audit or self.config.shadow_rate > 0)):
+            # no table row in this layer and nothing else to do (most batch-1 decode steps): the
+            # learned decision as is, without the selects
+            return l_logits, l_w, l_idx
         fast_T = look.fast_LT[self.slot]
         nominal_TK = look.nominal_LTK[self.slot]
         idx_TK = torch.where(fast_T[:, None], look.idx_LTK[self.slot].to(l_idx.dtype), l_idx)

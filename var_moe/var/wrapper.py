@@ -142,7 +142,7 @@ class VARModelWrapper:
             r.clear_cache()
 
     def reset_stats(self) -> None:
-        self.stack.counts_LC.zero_()
+        self.stack.reset_counts()
 
     @contextlib.contextmanager
     def frozen_tables(self) -> Iterator[None]:
@@ -169,14 +169,15 @@ class VARModelWrapper:
             self._row_counts = torch.zeros(b, 3, dtype=torch.long, device=device)
         return self._row_counts
 
-    def _on_fast_rows(self, fast_count_T: torch.Tensor, tok: Any) -> None:
-        """Fast-only mode: per token, how many layers served it from the table (all layers at once)."""
+    def _on_fast_rows(self, fast_LT: torch.Tensor, tok: Any) -> None:
+        """Fast-only mode: per batch row, table decisions summed over layers (fast_LT is already
+        False for padding), the rest of its valid tokens x layers learned."""
         b, s = tok.batch_size, tok.seq_len
-        rows = self._rows(b, fast_count_T.device)
-        valid_BS = tok.valid_T.to(fast_count_T.device).reshape(b, s).long()
-        fast_B = (fast_count_T.reshape(b, s) * valid_BS).sum(1)
+        rows = self._rows(b, fast_LT.device)
+        fast_B = fast_LT.reshape(-1, b, s).sum((0, 2))
+        valid_B = tok.valid_T.to(fast_LT.device).reshape(b, s).sum(1)
         rows[:, 0] += fast_B
-        rows[:, 2] += valid_BS.sum(1) * len(self.routers) - fast_B
+        rows[:, 2] += valid_B * fast_LT.shape[0] - fast_B
 
     def _on_tiers(self, tier_T: torch.Tensor, tok: Any) -> None:
         b, s = tok.batch_size, tok.seq_len
@@ -197,7 +198,7 @@ class VARModelWrapper:
         self._row_counts = None
 
     def _counts(self) -> dict[int, list[int]]:
-        rows = self.stack.counts_LC.cpu().tolist()
+        rows = self.stack.counts().cpu().tolist()
         return {l: rows[self.stack.slot[l]] for l in self.routers}
 
     def tier_counts(self) -> dict[tuple[int, str], int]:
