@@ -12,8 +12,8 @@ VAR requests share vLLM's continuous batch; a toggle applies to requests that ar
 Accounting: `VarRuntime.record_batch(mode, tokens)` per mode after every step in which requests
 finished (one counter read of the workers when VAR requests finished; the device counters count
 VAR-mode rows only), tokens and TTFT metrics as the builtin engine.
-Cancelled or timed-out jobs are aborted in vLLM. `stop()` refuses new jobs and lets running ones
-finish. Test: `pytest tests/vllm_engine/test_vllm_server.py`.
+Cancelled or timed-out jobs are aborted in vLLM. `stop()` refuses new jobs, lets running ones
+finish, then shuts vLLM's engine-core and worker processes down. Test: `pytest tests/vllm_engine/test_vllm_server.py`.
 """
 
 from __future__ import annotations
@@ -73,6 +73,19 @@ class VllmEngine(EngineThread):
         self._flights: dict[str, _Flight] = {}
         self.max_in_flight = 2 * max_batch_size
         # batches_run counts engine steps here
+
+    def stop(self, timeout_s: float = 30.0) -> bool:
+        """Finish the work (EngineThread.stop), then shut vLLM's engine-core and worker processes down:
+        uvicorn ends the server by re-raising SIGTERM, so exit handlers would not run, and the
+        engine-core process (busy polling its queues) would outlive the server."""
+        ended = super().stop(timeout_s)
+        core = getattr(self.llm, "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            try:
+                core.shutdown()
+            except Exception:  # shutting down: log and go on
+                log.exception("vLLM engine shutdown")
+        return ended
 
     def _enqueue(self, jobs: list[Job], now: float) -> None:
         for job in jobs:

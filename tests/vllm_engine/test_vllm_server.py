@@ -13,6 +13,7 @@ import json
 import math
 
 import httpx
+import psutil
 import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed in this environment (see make setup-vllm)")
@@ -27,14 +28,23 @@ PROMPT = "The history of the city of"
 @pytest.fixture(scope="module")
 def server(reference_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vllm_server")
-    env = {"VARMOE_ADMIN_TOKEN": TOKEN, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    # vLLM's own process layout (engine core and worker in processes of their own), as deployed
+    env = {"VARMOE_ADMIN_TOKEN": TOKEN, "VLLM_CPU_KVCACHE_SPACE": "1"}
     proc = ManagedServer(reference_model_dir, args=["--engine", "vllm", "--dtype", "float32", "--max-model-len", "512"],
                          env=env, log_path=tmp / "server.log")
+    children = []
     try:  # not `with proc`: vLLM compiles at start-up, longer than the builtin server's ready timeout
         proc.wait_ready(timeout_s=900)
+        children = psutil.Process(proc.pid).children(recursive=True)  # vLLM's engine-core and workers
+        assert children, "expected vLLM's engine core in a process of its own"
         yield proc
     finally:
         proc.stop()
+        _, alive = psutil.wait_procs(children, timeout=30)
+        for child in alive:
+            child.kill()
+        # the server shuts vLLM's processes down with it (an orphaned engine core polls on forever)
+        assert not alive, f"vLLM processes outlived the server: {[c.pid for c in alive]}"
 
 
 @pytest.fixture(scope="module")
