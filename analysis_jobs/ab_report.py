@@ -146,10 +146,18 @@ def markdown(results: dict) -> str:
         v, b, r = th[key]["var"], th[key]["baseline"], th[ratio_key]
         cell = lambda m: f"{_f(m['mean'])} [{_f(m['lo'])}, {_f(m['hi'])}] (n={m['n']})"  # noqa: E731
         lines.append(f"| {name} | {cell(v)} | {cell(b)} | {_f(r['ratio'])} [{_f(r['lo'])}, {_f(r['hi'])}] |")
-    lines += ["", "The served rate is what each half of the clients received. Batches hold one mode and alternate, so "
-              "each client also waits for the other mode's batches; that rate therefore moves little even when one "
-              "mode is faster. The service rate (tokens per second between a request's batch start and its end) "
-              "measures the speed of each mode's own batches and is the speedup criterion.", "",
+    if ((results.get("var_status") or {}).get("var") or {}).get("engine") == "vllm":
+        how = ("The served rate is what each half of the clients received. On the vLLM engine both modes share every "
+               "batch, row by row (each request's rows are routed in its own mode), so each step runs at the speed of "
+               "its mix and neither rate can separate the modes' speeds: read the speed of each mode from a benchmark "
+               "that runs one mode at a time (benchmarks/vllm_throughput.py), and this report for quality, tiers and "
+               "verification.")
+    else:
+        how = ("The served rate is what each half of the clients received. Batches hold one mode and alternate, so "
+               "each client also waits for the other mode's batches; that rate therefore moves little even when one "
+               "mode is faster. The service rate (tokens per second between a request's batch start and its end) "
+               "measures the speed of each mode's own batches and is the speedup criterion.")
+    lines += ["", how, "",
               "## Latency (client side, seconds)", "", "| request | mode | p50 | p90 | p99 | n |", "|---|---|---|---|---|---|"]
     for m in MODES:
         for k, p in results["latency_s"][m].items():

@@ -108,3 +108,14 @@ def test_cli_refuses_remote_url():
     proc = subprocess.run([sys.executable, "-m", "var_moe.cli", "ab-test", "--url", "http://example.com:8000"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "loopback" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_report_says_how_modes_share_batches_on_each_engine(ab_run):
+    """The builtin engine alternates single-mode batches; the vLLM engine mixes modes row by row."""
+    from analysis_jobs.ab_report import markdown
+
+    res = ab_run[2]
+    assert "Batches hold one mode and alternate" in markdown(res)  # the builtin server ran this job
+    on_vllm = {**res, "var_status": {**res["var_status"], "var": {**res["var_status"]["var"], "engine": "vllm"}}}
+    md = markdown(on_vllm)
+    assert "both modes share every batch, row by row" in md and "Batches hold one mode" not in md
