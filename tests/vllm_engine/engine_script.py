@@ -3,7 +3,7 @@
     python tests/vllm_engine/engine_script.py SPEC.json OUT.json
 
 SPEC: {"model", "prompts", "max_tokens", "var": bool, "eager": bool, "tables", "empty_tables",
-"bad_tables"}. A plain engine ("var": false) generates greedily once. A VAR engine generates with
+"bad_tables", optional "tensor_parallel_size"}. A plain engine ("var": false) generates greedily once. A VAR engine generates with
 VAR off, on with empty tables, on with the real tables, off again, and records counters after each;
 eager VAR engines also record per-row decisions of one prefill per prompt + its VAR continuation. A fresh process per
 engine keeps vLLM's global state (distributed groups, compile caches) apart between engines.
@@ -27,7 +27,7 @@ def main(spec_path: str, out_path: str) -> None:
     spec = json.load(open(spec_path, encoding="utf-8"))
     # no prefix cache: a prompt seen with VAR off must be recomputed with VAR on (and counted)
     common = {"dtype": "float32", "max_model_len": 512, "enforce_eager": spec["eager"], "seed": 0,
-              "enable_prefix_caching": False}
+              "enable_prefix_caching": False, "tensor_parallel_size": spec.get("tensor_parallel_size", 1)}
     if spec["var"]:
         from var_moe.vllm import engine_kwargs
 
@@ -61,6 +61,7 @@ def main(spec_path: str, out_path: str) -> None:
     rpc("varmoe_reset_counts")
     out["on"] = generate()
     out["counts_on"] = counts()
+    out["counts_on_ranks"] = [{str(k): v for k, v in rank.items()} for rank in rpc("varmoe_counts")]
     rpc("varmoe_set_enabled", args=(False,))
     out["off_again"] = generate()
     try:

@@ -16,6 +16,7 @@ Test: `.venv-vllm/bin/python -m pytest -q tests/vllm_engine/test_vllm_exact.py`.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,11 +35,12 @@ PROMPTS = ["The history of the city", "Once upon a time there was a", "In the be
 MAX_TOKENS = 24
 
 
-def run_engine(tmp: Path, name: str, spec: dict) -> dict:
+def run_engine(tmp: Path, name: str, spec: dict, env: dict | None = None) -> dict:
     spec_path, out_path = tmp / f"{name}.spec.json", tmp / f"{name}.out.json"
     spec_path.write_text(json.dumps(spec), encoding="utf-8")
     proc = subprocess.run([sys.executable, str(HERE / "engine_script.py"), str(spec_path), str(out_path)],
-                          capture_output=True, text=True, timeout=900, cwd=str(HERE.parent.parent))
+                          capture_output=True, text=True, timeout=900, cwd=str(HERE.parent.parent),
+                          env={**os.environ, **(env or {})})
     if proc.returncode != 0:
         raise AssertionError(f"engine {name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(out_path.read_text(encoding="utf-8"))
@@ -93,6 +95,37 @@ def test_tables_of_other_weights_are_refused(runs):
     assert err is not None and "router_fingerprint" in err
     # the refused file left the loaded tables in place
     assert {int(l): s for l, s in runs["var"]["info"]["table_sizes"].items()} == runs["tables"].sizes()
+
+
+@pytest.fixture(scope="module")
+def tp_run(tmp_path_factory, reference_model_dir):
+    """The VAR engine with tensor parallelism 2 (two CPU worker processes, one core each)."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("tensor parallelism 2 needs two cores")
+    tmp = tmp_path_factory.mktemp("vllm_tp")
+    real = VARTables.load(reference_model_dir / "var" / "var_tables.safetensors")
+    empty = VARTables({l: LayerTable.empty(real.metadata["vocab_size"], real.metadata["top_k"]) for l in real.layers},
+                      dict(real.metadata))
+    empty.save(tmp / "empty.safetensors")
+    VARTables(real.layers, {**real.metadata, "router_fingerprint": "0123456789abcdef"}).save(tmp / "bad.safetensors")
+    spec = {"model": str(reference_model_dir), "prompts": PROMPTS[:3], "max_tokens": 8, "var": True, "eager": True,
+            "tables": str(reference_model_dir / "var" / "var_tables.safetensors"),
+            "empty_tables": str(tmp / "empty.safetensors"), "bad_tables": str(tmp / "bad.safetensors"),
+            "tensor_parallel_size": 2}
+    return run_engine(tmp, "tp2", spec, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}), real
+
+
+def test_tensor_parallel_ranks_route_the_same_rows(tp_run):
+    """Each rank routes every row with the same replicated gate: identical counters on both ranks
+    (the server counts them once), and they count the table members among the processed tokens."""
+    run, tables = tp_run
+    assert run["off"] == run["empty"] == run["off_again"]
+    assert "router_fingerprint" in run["bad_tables_error"]  # checked on every rank
+    ranks = run["counts_on_ranks"]
+    assert len(ranks) == 2 and ranks[0] == ranks[1]
+    rows = torch.tensor([t for ids, gen in zip(run["prompt_ids"], run["on"]) for t in ids + gen[:-1]])
+    for layer, (fast, learned, agree, disagree) in ranks[0].items():
+        assert fast == int(tables[int(layer)].member_V[rows].sum()) and fast + learned == len(rows)
 
 
 def builtin_decisions(model_dir: Path, tables: VARTables, prompt_ids: list[list[int]]) -> list[dict]:
