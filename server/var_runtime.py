@@ -97,22 +97,34 @@ class VarRuntime:
         return pinned or self.mode
 
     # -- accounting -------------------------------------------------------------------------------
-    def record_batch(self, mode: str, valid_tokens: int, new_batch: bool = True) -> None:
+    def record_batch(self, mode: str, valid_tokens: int, new_batch: bool = True, read_counts: bool = True) -> None:
         """Attribute what the batch just run added to `mode` (engine thread, after the batch, or after
-        each segment of a batch that rows join and leave: `new_batch` False for the later ones)."""
+        each segment of a batch that rows join and leave: `new_batch` False for the later ones).
+        `read_counts=False` defers reading the backend's VAR counts to a later `pull_counts()` (for a
+        backend whose counters count VAR-mode work only, where a read costs a round trip)."""
         with self._lock:
             self._batches[mode] += int(new_batch)
             if mode == "baseline":
                 for layer in self.layers:
                     self._tiers["baseline"][(layer, "learned")] += int(valid_tokens)
                 return
-            tiers, verification = self.backend.counts()
-            seen_tiers, seen_verification = self._seen
-            for key, n in tiers.items():
-                self._tiers["var"][key] = self._tiers["var"].get(key, 0) + int(n) - int(seen_tiers.get(key, 0))
-            for key, n in verification.items():
-                self._verification[key] = self._verification.get(key, 0) + int(n) - int(seen_verification.get(key, 0))
-            self._seen = (dict(tiers), dict(verification))
+            if read_counts:
+                self._pull()
+
+    def pull_counts(self) -> None:
+        """Read the backend's counters and attribute what they added since the last read to VAR mode
+        (engine thread; only valid when everything added since then was VAR-mode work)."""
+        with self._lock:
+            self._pull()
+
+    def _pull(self) -> None:
+        tiers, verification = self.backend.counts()
+        seen_tiers, seen_verification = self._seen
+        for key, n in tiers.items():
+            self._tiers["var"][key] = self._tiers["var"].get(key, 0) + int(n) - int(seen_tiers.get(key, 0))
+        for key, n in verification.items():
+            self._verification[key] = self._verification.get(key, 0) + int(n) - int(seen_verification.get(key, 0))
+        self._seen = (dict(tiers), dict(verification))
 
     def tier_counts(self, mode: str | None = None) -> Counts:
         """Cumulative routing decisions {(layer, tier): n} of one mode, or of both summed."""

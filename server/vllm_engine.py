@@ -10,8 +10,9 @@ step the workers mark each token row with its request's mode (var_moe/vllm/rows.
 VAR requests share vLLM's continuous batch; a toggle applies to requests that arrive after it.
 
 Accounting: `VarRuntime.record_batch(mode, tokens)` per mode after every step in which requests
-finished (one counter read of the workers when VAR requests finished; the device counters count
-VAR-mode rows only), tokens and TTFT metrics as the builtin engine.
+finished; the workers' device counters (VAR-mode rows only) are read at most every 0.5 s under load
+and as soon as nothing is in flight, before the finished requests get their answers (a read is a
+round trip through vLLM's engine core). Tokens and TTFT metrics as the builtin engine.
 Cancelled or timed-out jobs are aborted in vLLM. `stop()` refuses new jobs, lets running ones
 finish, then shuts vLLM's engine-core and worker processes down. Test: `pytest tests/vllm_engine/test_vllm_server.py`.
 """
@@ -32,6 +33,7 @@ from .var_runtime import VarRuntime
 
 log = logging.getLogger("varmoe.server")
 _ids = itertools.count()
+COUNTS_EVERY_S = 0.5
 
 
 def sampling_params(job: Job, var: bool) -> Any:
@@ -72,6 +74,8 @@ class VllmEngine(EngineThread):
         self.eos_id = host.tokenizer.eos_token_id
         self._flights: dict[str, _Flight] = {}
         self.max_in_flight = 2 * max_batch_size
+        self._var_unread = False  # VAR requests finished since the workers' counters were last read
+        self._counts_read_at = 0.0
         # batches_run counts engine steps here
 
     def stop(self, timeout_s: float = 30.0) -> bool:
@@ -134,6 +138,7 @@ class VllmEngine(EngineThread):
         self.metrics.batch_size.observe(len(self._flights))
         now = time.monotonic()
         finished: dict[str, int] = {}  # mode -> tokens of the requests that finished in this step
+        done: list[tuple[Job, JobResult]] = []
         for out in outputs:
             fl = self._flights.get(out.request_id)
             if fl is None:
@@ -141,10 +146,19 @@ class VllmEngine(EngineThread):
             self._take(fl, out, now)
             if out.finished:
                 del self._flights[out.request_id]
-                self._finish(fl, out, now)
+                done.append((fl.job, self._result(fl, out, now)))
                 finished[fl.mode] = finished.get(fl.mode, 0) + fl.state.forwarded_tokens
         for mode, tokens in finished.items():
-            self.var.record_batch(mode, tokens)
+            self.var.record_batch(mode, tokens, read_counts=False)
+        self._var_unread |= "var" in finished
+        # Reading the workers' counters is a round trip through vLLM's engine core: at most every
+        # COUNTS_EVERY_S under load (the device counters count VAR rows only, so late reads lose
+        # nothing), and at once when nothing is left in flight, before the clients get their answers.
+        if self._var_unread and (not self._flights or now - self._counts_read_at >= COUNTS_EVERY_S):
+            self.var.pull_counts()
+            self._var_unread, self._counts_read_at = False, now
+        for job, result in done:
+            job.post("done", result)
 
     def _take(self, fl: _Flight, out: Any, now: float) -> None:
         job, st = fl.job, fl.state
@@ -173,7 +187,7 @@ class VllmEngine(EngineThread):
                 job.post("token", tok, st.new_logprobs[-1])
         self.metrics.generated_tokens.labels(mode=fl.mode).inc(len(new))
 
-    def _finish(self, fl: _Flight, out: Any, now: float) -> None:
+    def _result(self, fl: _Flight, out: Any, now: float) -> JobResult:
         job, st = fl.job, fl.state
         comp = out.outputs[0]
         reason = comp.finish_reason or "length"
@@ -189,8 +203,8 @@ class VllmEngine(EngineThread):
         st.forwarded_tokens = len(forwarded)
         tiers = self.host.request_tiers(fl.mode == "var", forwarded)
         ttft = None if job.first_token_at is None else job.first_token_at - job.enqueued_at
-        job.post("done", JobResult(st, fl.mode, len(job.spec.prompt_ids), fl.started - job.enqueued_at, ttft,
-                                   now - job.enqueued_at, tiers))
+        return JobResult(st, fl.mode, len(job.spec.prompt_ids), fl.started - job.enqueued_at, ttft,
+                         now - job.enqueued_at, tiers)
 
     def _abort_gone(self) -> None:
         now = time.monotonic()
