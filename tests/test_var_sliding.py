@@ -100,3 +100,11 @@ def test_evaluate_cli_names_the_bad_flag(tmp_path, capsys, flags, needle):
     code = main(["evaluate", "--mode", "baseline", "--max-length", "256", *flags, "--output", str(tmp_path / "o.json")])
     assert code == 2
     assert needle in capsys.readouterr().err
+
+
+def test_sweep_cli_names_a_bad_ppl_stride(tmp_path, capsys, reference_model_dir):
+    stats = str(reference_model_dir / "var" / "routing_stats_calibration.parquet")
+    code = main(["sweep", "--routing-stats", stats, "--evidence", str(tmp_path / "e.safetensors"), "--test-evidence",
+                 str(tmp_path / "t.safetensors"), "--output", str(tmp_path / "s.json"), "--ppl-stride", "0"])
+    assert code == 2
+    assert "--ppl-stride" in capsys.readouterr().err and not (tmp_path / "e.safetensors").exists()

@@ -82,14 +82,6 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInputError("--ppl-docs and --speed-batches must be >= 1")
     meta = read_stats_metadata(args.routing_stats)
     check_split(meta, args.routing_stats, False)
-    model, tok = load_model(load_spec(args))
-    adapter = get_adapter(model)
-    cal_path, test_path = Path(args.evidence), Path(args.test_evidence)
-    if cal_path.exists():
-        cal = Evidence.load(cal_path)
-    else:
-        cal = evidence_for_stats(meta, model, adapter, tok)
-        cal.save(cal_path)
     cfg = meta.get("config") or {}
     max_length = int(cfg.get("max_length") or 256)
     stride = max_length // 2 if args.ppl_stride is None else args.ppl_stride
@@ -98,6 +90,14 @@ def run(args: argparse.Namespace) -> int:
     except InvalidInputError:
         raise InvalidInputError(f"--ppl-stride must be an integer in [1, {max_length}] (the capture's max length), "
                                 f"got {stride}") from None
+    model, tok = load_model(load_spec(args))
+    adapter = get_adapter(model)
+    cal_path, test_path = Path(args.evidence), Path(args.test_evidence)
+    if cal_path.exists():
+        cal = Evidence.load(cal_path)
+    else:
+        cal = evidence_for_stats(meta, model, adapter, tok)
+        cal.save(cal_path)
     dataset = cfg.get("dataset") or meta.get("dataset") or "stdlib"
     if test_path.exists():
         test = Evidence.load(test_path)
