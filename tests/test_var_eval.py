@@ -62,6 +62,10 @@ def test_pipeline_end_to_end(tiny_dir, capsys):
     var = json.loads((out / "var.json").read_text())
     # the paired baseline inside the VAR run is the same computation as the baseline run
     assert var["paired"]["baseline_evaluation"]["perplexity"] == pytest.approx(base["evaluation"]["perplexity"], rel=1e-9)
+    # the default scoring is sliding windows, half a window apart, and the output says so
+    assert var["scoring"] == base["scoring"]
+    assert var["scoring"]["method"] == "sliding windows" and var["scoring"]["stride"] == 16
+    assert var["scoring"]["scored_tokens"] == var["evaluation"]["predicted_tokens"] > 0
     dist = var["var_stats"]["overall"]["routing_distribution"]
     assert sum(dist.values()) == pytest.approx(1.0)
     assert dist["fast"] > 0 and var["agreement"]["fast"]["n"] > 0

@@ -49,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adaptive-k", default="none,0.9,0.8", help="adaptive-k thresholds to run, none = off")
     p.add_argument("--cache", default="off,on", help="cache settings to run: off, on or off,on")
     p.add_argument("--ppl-docs", type=int, default=16, help="whole test documents scored for perplexity")
+    p.add_argument("--ppl-stride", type=int, default=None,
+                   help="perplexity on sliding windows of the capture's max length advancing by this many tokens "
+                        "(default half the window; equal to the window = back-to-back pieces)")
     p.add_argument("--speed-batches", type=int, default=6, help="batches of the timed interleaved passes")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (median ratio reported)")
     p.add_argument("--split", default="test", help="split perplexity is scored on")
@@ -61,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from ..adapters import get_adapter
     from ..loading import load_model
     from ..var.config import PRESETS, get_preset
+    from ..var.eval_data import check_stride, scoring_info, sliding_batches
     from ..var.evaluate import eval_batches
     from ..var.evidence import Evidence, collect_evidence
     from ..var.stats_io import read_stats_metadata
@@ -78,6 +82,14 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidInputError("--ppl-docs and --speed-batches must be >= 1")
     meta = read_stats_metadata(args.routing_stats)
     check_split(meta, args.routing_stats, False)
+    cfg = meta.get("config") or {}
+    max_length = int(cfg.get("max_length") or 256)
+    stride = max_length // 2 if args.ppl_stride is None else args.ppl_stride
+    try:
+        check_stride(max_length, stride)
+    except InvalidInputError:
+        raise InvalidInputError(f"--ppl-stride must be an integer in [1, {max_length}] (the capture's max length), "
+                                f"got {stride}") from None
     model, tok = load_model(load_spec(args))
     adapter = get_adapter(model)
     cal_path, test_path = Path(args.evidence), Path(args.test_evidence)
@@ -86,8 +98,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         cal = evidence_for_stats(meta, model, adapter, tok)
         cal.save(cal_path)
-    cfg = meta.get("config") or {}
-    max_length = int(cfg.get("max_length") or 256)
     dataset = cfg.get("dataset") or meta.get("dataset") or "stdlib"
     if test_path.exists():
         test = Evidence.load(test_path)
@@ -101,9 +111,10 @@ def run(args: argparse.Namespace) -> int:
     base = get_preset("balanced")
     doc = sweep_tables(cal, test, model, adapter, grid, base, out)
     if args.stage in ("runtime", "all"):
-        ppl = eval_batches(tok, dataset, args.split, None, max_length, 8, max_per_doc=None, max_docs=args.ppl_docs)
+        ppl = sliding_batches(tok, dataset, args.split, max_length, stride, 8, max_docs=args.ppl_docs)
         keys = runtime_points(doc, {name: get_preset(name) for name in PRESETS})
-        doc = sweep_runtime(cal, model, adapter, ppl, ppl[: args.speed_batches], grid, base, keys, out)
+        doc = sweep_runtime(cal, model, adapter, ppl, ppl[: args.speed_batches], grid, base, keys, out,
+                            scoring={k: v for k, v in scoring_info(ppl, max_length, stride).items() if k != "tokens_fed"})
     doc["grid"] = json.loads(json.dumps(grid.__dict__, default=str))
     if doc.get("runtime"):
         from ..var.sweep import render_runtime

@@ -2,9 +2,11 @@
 
 `evaluate_quality_and_speed(model, tokenizer, mode, ...)` returns the JSON document `varmoe evaluate` writes:
 - evaluation: perplexity of the (VAR or baseline) model, padding masked, per-document sums kept
-  for a paired bootstrap;
+  for a paired bootstrap; `scoring` says how the tokens were scored (sliding windows: window,
+  stride; documents, scored tokens), see eval_data.py;
 - throughput: tokens/s and per-batch latency percentiles (p50/p95/p99) after warm-up, median
-  over repeats; each repeat replays the batches from an empty cache, so repeats are identical;
+  over repeats, over the first `timing_batches` batches (default all); each repeat replays the
+  batches from an empty cache, so repeats are identical;
 - var mode only: the unmodified model (original routers, no hooks) is run on the same batches in
   the same process, interleaved batch by batch with alternating order, giving the paired speed
   ratio `paired.speedup` and the paired perplexity difference with a bootstrap CI over
@@ -27,18 +29,28 @@ import torch.nn.functional as F
 
 from ..errors import InvalidInputError
 from .config import VARConfig
-from .eval_data import EvalBatch, eval_batches  # noqa: F401  (re-exported: the evaluation's inputs)
+from .eval_data import EvalBatch, eval_batches, sliding_batches  # noqa: F401  (re-exported: the evaluation's inputs)
 
 
 @torch.no_grad()
-def batch_nll(model: Any, b: EvalBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row summed next-token NLL (nats, float64) and counts; a target counts only when it and
-    its predecessor are real tokens."""
+def batch_token_nll(model: Any, b: EvalBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token NLL of every target position 1..S-1 (nats, float64, [B, S-1]) and which of them
+    are scored: the target and its predecessor are real tokens and, for sliding windows, the
+    target is at or after the row's `score_from_B` (earlier positions are context)."""
     ids, mask = b.ids.to(device), b.mask.to(device)
     logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
     keep = (mask[:, 1:] * mask[:, :-1]).bool()
+    if b.score_from_B is not None:
+        pos_S = torch.arange(1, ids.shape[1], device=device)
+        keep &= pos_S[None, :] >= b.score_from_B.to(device)[:, None]
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
-    return (nll.reshape(keep.shape).double() * keep).sum(1).cpu(), keep.sum(1).cpu()
+    return (nll.reshape(keep.shape).double() * keep).cpu(), keep.cpu()
+
+
+def batch_nll(model: Any, b: EvalBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row summed scored NLL (nats, float64) and counts (see `batch_token_nll`)."""
+    nll, keep = batch_token_nll(model, b, device)
+    return nll.sum(1), keep.sum(1)
 
 
 def _per_doc(batches: list[EvalBatch], nll_rows: list[torch.Tensor], n_rows: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
@@ -93,27 +105,34 @@ def _environment(device: torch.device) -> dict[str, Any]:
 
 def evaluate_quality_and_speed(model: Any, tokenizer: Any, mode: str, batches: list[EvalBatch], config: VARConfig | None = None,
              tables: Any = None, repeats: int = 3, warmup: int = 1, bootstrap: int = 2000, seed: int = 0,
-             info: dict[str, Any] | None = None) -> dict[str, Any]:
+             info: dict[str, Any] | None = None, timing_batches: int | None = None,
+             scoring: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Perplexity over all `batches`; the timed passes replay the first `timing_batches` of them
+    (None = all). `scoring` (from `eval_data.scoring_info`) is recorded with the scored tokens."""
     if mode not in ("baseline", "var"):
         raise InvalidInputError(f"--mode must be baseline or var, got {mode!r}")
     if repeats < 1 or warmup < 0:
         raise InvalidInputError("--repeats must be >= 1 and --warmup >= 0")
+    if timing_batches is not None and timing_batches < 1:
+        raise InvalidInputError(f"--timing-batches must be >= 1, got {timing_batches}")
     device = next(model.parameters()).device
-    tokens = sum(b.tokens for b in batches)
+    timed = batches[:timing_batches]
+    tokens = sum(b.tokens for b in timed)
     result: dict[str, Any] = {"mode": mode, **(info or {}), "sequences": sum(len(b.doc_B) for b in batches),
-                              "tokens": tokens, "environment": _environment(device)}
+                              "tokens": sum(b.tokens for b in batches), "environment": _environment(device)}
     if mode == "baseline":
         rows = [batch_nll(model, b, device) for b in batches]
         nll, cnt = _per_doc(batches, [r[0] for r in rows], [r[1] for r in rows])
         for _ in range(warmup):
-            _timed(model, batches[0], device)
+            _timed(model, timed[0], device)
         per_rep, lat = [], []
         for _ in range(repeats):
-            times = [_timed(model, b, device) for b in batches]
+            times = [_timed(model, b, device) for b in timed]
             lat += times
             per_rep.append(sum(times))
         result["evaluation"] = _ppl_block(nll, cnt)
-        result["throughput"] = _tput(tokens, per_rep, lat, repeats, warmup)
+        result["scoring"] = _scoring(scoring, nll, cnt)
+        result["throughput"] = _tput(tokens, per_rep, lat, repeats, warmup, len(timed))
         return result
 
     from .wrapper import VARModelWrapper
@@ -137,15 +156,15 @@ def evaluate_quality_and_speed(model: Any, tokenizer: Any, mode: str, batches: l
         # 2) timing: interleaved, alternating order; every repeat replays from an empty cache
         for _ in range(warmup):
             with wrapper.suspended():
-                _timed(model, batches[0], device)
-            _timed(wrapper, batches[0], device)
+                _timed(model, timed[0], device)
+            _timed(wrapper, timed[0], device)
         base_rep, var_rep, base_lat, var_lat, ratios = [], [], [], [], []
         frozen = wrapper.frozen_tables()  # shadow demotion must not change tables between timed repeats
         frozen.__enter__()
         for r in range(repeats):
             wrapper.clear_cache()
             tb, tv = [], []
-            for i, b in enumerate(batches):
+            for i, b in enumerate(timed):
                 order = ("base", "var") if (r + i) % 2 == 0 else ("var", "base")
                 for which in order:
                     if which == "base":
@@ -164,8 +183,9 @@ def evaluate_quality_and_speed(model: Any, tokenizer: Any, mode: str, batches: l
     result["config"] = config.to_dict()
     result["table_sizes"] = {str(l): n for l, n in wrapper.table_sizes().items()}
     result["evaluation"] = _ppl_block(v_nll, v_cnt)
-    result["throughput"] = _tput(tokens, var_rep, var_lat, repeats, warmup)
-    base_tput = _tput(tokens, base_rep, base_lat, repeats, warmup)
+    result["scoring"] = _scoring(scoring, b_nll, b_cnt)
+    result["throughput"] = _tput(tokens, var_rep, var_lat, repeats, warmup, len(timed))
+    base_tput = _tput(tokens, base_rep, base_lat, repeats, warmup, len(timed))
     result["paired"] = {
         "baseline_evaluation": _ppl_block(b_nll, b_cnt),
         "baseline_throughput": base_tput,
@@ -185,10 +205,15 @@ def _ppl_block(nll: np.ndarray, cnt: np.ndarray) -> dict[str, Any]:
     return {"perplexity": math.exp(mean), "mean_nll_nats": mean, "predicted_tokens": int(cnt.sum()), "documents": len(nll)}
 
 
-def _tput(tokens: int, per_rep: list[float], lat: list[float], repeats: int, warmup: int) -> dict[str, Any]:
+def _scoring(scoring: dict[str, Any] | None, nll: np.ndarray, cnt: np.ndarray) -> dict[str, Any]:
+    return {**(scoring or {"method": "as batched by the caller"}), "documents": len(nll), "scored_tokens": int(cnt.sum())}
+
+
+def _tput(tokens: int, per_rep: list[float], lat: list[float], repeats: int, warmup: int, batches: int) -> dict[str, Any]:
     med = statistics.median(per_rep)
     return {"tokens_per_second": tokens / med, "seconds_per_pass_median": med, "seconds_per_pass": per_rep,
-            "repeats": repeats, "warmup_batches": warmup, "latency": _latency(lat)}
+            "repeats": repeats, "warmup_batches": warmup, "batches_timed": batches, "tokens_per_pass": tokens,
+            "latency": _latency(lat)}
 
 
 def _agreement(overall: dict[str, Any]) -> dict[str, Any]:

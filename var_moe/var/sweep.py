@@ -7,8 +7,9 @@ evidence (`validation.served`): coverage and agreement per layer with document-b
 Stage 2 (runtime, model runs): for the table points `runtime_points` picks (the presets, and the
 loosest target's largest coverage as the degradation check), and
 each runtime setting (adaptive-k threshold or none, cache on/off): perplexity of VAR vs the
-unmodified model on whole test documents (every piece, no cap per document) with a paired
-bootstrap interval over documents, and the paired speed ratio (baseline time / VAR time; batches
+unmodified model on whole test documents (sliding windows, eval_data.py; the scoring is stored
+with the baseline and a resume with another scoring is refused) with a paired bootstrap
+interval over documents, and the paired speed ratio (baseline time / VAR time; batches
 interleaved with alternating order after a warm-up, median over repeats, tables frozen).
 Results are appended to a JSON file after every point, and points already there are skipped,
 so an interrupted sweep resumes. CLI: `varmoe sweep`. Test: `pytest tests/test_var_sweep.py`.
@@ -122,7 +123,7 @@ def _config_for(key: str, doc: dict[str, Any], base: VARConfig) -> VARConfig:
 
 def sweep_runtime(calibration: Any, model: Any, adapter: Any, ppl_batches: list[EvalBatch],
                   speed_batches: list[EvalBatch], grid: SweepGrid, base: VARConfig, keys: list[str], out: Path,
-                  log: Callable[[str], None] = print) -> dict[str, Any]:
+                  log: Callable[[str], None] = print, scoring: dict[str, Any] | None = None) -> dict[str, Any]:
     import torch
 
     from .tables import VARTables
@@ -133,8 +134,12 @@ def sweep_runtime(calibration: Any, model: Any, adapter: Any, ppl_batches: list[
     if doc.get("baseline") is None:
         rows = [batch_nll(model, b, device) for b in ppl_batches]
         nll, cnt = _per_doc(ppl_batches, [r[0] for r in rows], [r[1] for r in rows])
-        doc["baseline"] = {"nll": nll.tolist(), "count": cnt.tolist(), "documents": len(nll), "tokens": int(cnt.sum())}
+        doc["baseline"] = {"nll": nll.tolist(), "count": cnt.tolist(), "documents": len(nll), "tokens": int(cnt.sum()),
+                           "scoring": scoring}
         _save(out, doc)
+    elif not _same_scoring(doc["baseline"], scoring):
+        raise InvalidInputError(f"{out} holds perplexities scored as {doc['baseline'].get('scoring')}, not as {scoring}: "
+                                "the paired differences would mix scorings; give another --output")
     b_nll, b_cnt = np.asarray(doc["baseline"]["nll"]), np.asarray(doc["baseline"]["count"])
     done = {r["key"] for r in doc["runtime"]}
     for key in keys:
@@ -167,6 +172,14 @@ def sweep_runtime(calibration: Any, model: Any, adapter: Any, ppl_batches: list[
             log(f"{rkey}: fast {100 * dist['fast']:.1f}% cached {100 * dist['cached']:.1f}%  ppl "
                 f"{ppl['diff_pct']:+.2f}% [{ppl['ci95_pct'][0]:+.2f}, {ppl['ci95_pct'][1]:+.2f}]  speed x{row['speed_ratio']:.3f}")
     return doc
+
+
+def _same_scoring(stored: dict[str, Any], scoring: dict[str, Any] | None) -> bool:
+    """A stored baseline may be resumed only with the same scoring. Files from before the scoring
+    was recorded hold back-to-back pieces of their `documents` documents."""
+    if "scoring" in stored:
+        return stored["scoring"] == scoring
+    return scoring is None or (scoring["method"] == "back-to-back pieces" and scoring["documents"] == stored["documents"])
 
 
 def paired_speed(model: Any, wrapper: Any, batches: list[EvalBatch], device: Any, repeats: int, warmup: int) -> list[float]:
