@@ -260,13 +260,17 @@ def _check_held_out(choosing: dict[str, Any], certifying: dict[str, Any], choose
                                 "on another split (e.g. --choose-split train) or drop the choosing evidence")
 
 
-def _sides(evidence: Evidence, source: str, chooser: Evidence | None, choose_source: str) -> dict[str, Any]:
+def _sides(evidence: Evidence, source: str, chooser: Evidence | None, choose_source: str, choose: str) -> dict[str, Any]:
     """Where the tables' sets were chosen and where they were certified (for the metadata)."""
     def side(ev: Evidence, src: str, rule: str, documents: Any, tokens: Any) -> dict[str, Any]:
         m = ev.metadata
         return {"source": str(src), "dataset": m.get("dataset"), "split": m.get("split"), "documents": documents,
                 "tokens": tokens, "documents_rule": rule}
 
+    if choose == "all":
+        return {"choosing": side(evidence, source, "all documents", evidence.metadata.get("num_documents"),
+                                 evidence.metadata.get("num_tokens")),
+                "certifying": side(evidence, source, "none (nothing certified)", 0, 0)}
     if chooser is None:
         halves = evidence.metadata.get("documents_per_half") or [None, None]
         first = evidence.layers[min(evidence.layers)]
@@ -328,7 +332,7 @@ class VARTables:
             raise InvalidInputError(f"choose must be 'even' or 'all' without a choosing evidence, got {choose!r}")
         chooser = {l: (choose_evidence.layers[l] if choose_evidence is not None else None) for l in layers}
         cands = {l: layer_candidates(evidence.layers[l], config, choose, chooser[l]) for l in layers}
-        sides = _sides(evidence, source, choose_evidence, choose_source)
+        sides = _sides(evidence, source, choose_evidence, choose_source, choose)
         tabs, info = certify_layers(cands, config, f"choose on {sides['choosing']['documents_rule']}, "
                                                    f"certify on {sides['certifying']['documents_rule']}")
         if choose == "all":
