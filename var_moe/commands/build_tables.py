@@ -10,7 +10,7 @@ ones (`var_moe.var.tables`); with `--choose-evidence` the sets are chosen on ano
 documents (default train) and certified on every calibration document. Statistics or evidence of
 the test split are refused unless --allow-test-split.
 Writes the safetensors file and its JSON metadata beside it, and prints the table size of every
-layer. Test: `pytest tests/test_var_eval.py tests/test_var_verification.py`.
+layer. Test: `pytest tests/test_var_eval.py tests/test_var_verification.py tests/test_var_choosing.py`.
 """
 
 from __future__ import annotations
