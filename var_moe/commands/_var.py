@@ -113,7 +113,7 @@ def add_choose_flags(p: argparse.ArgumentParser) -> None:
 
 def check_choose_flags(args: argparse.Namespace, calibration_meta: dict[str, Any], allow_test_split: bool = False) -> None:
     """Flag errors before any model is loaded."""
-    from ..var.tables import check_split, stats_documents
+    from ..var.tables import stats_documents
 
     if not args.choose_evidence:
         if args.choose_split is not None or args.choose_max_docs is not None:
@@ -122,7 +122,9 @@ def check_choose_flags(args: argparse.Namespace, calibration_meta: dict[str, Any
     if args.choose_max_docs is not None and args.choose_max_docs < 1:
         raise InvalidInputError("--choose-max-docs must be >= 1")
     split = args.choose_split or "train"
-    check_split({"split": split}, "--choose-split", allow_test_split)
+    if split == "test" and not allow_test_split:
+        raise InvalidInputError("--choose-split test: the test split scores the tables, so it may not choose them; "
+                                "choose on train (or pass --allow-test-split to do it anyway)")
     if split == stats_documents(calibration_meta)[1]:
         raise InvalidInputError(f"--choose-split {split!r} is the split the tables are certified on; choose on another "
                                 "(e.g. train)")
