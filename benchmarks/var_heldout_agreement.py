@@ -3,12 +3,15 @@
     python -m benchmarks.var_heldout_agreement --test-evidence results/phase2/cache/evidence_test.safetensors \
         [--tables models/reference-moe/var/var_tables.safetensors ...] \
         [--presets conservative,balanced,aggressive --evidence results/phase2/cache/evidence_calibration.safetensors] \
-        [--json results/phase2/heldout_agreement.json]
+        [--choose-evidence results/phase2/cache/evidence_train.safetensors] [--json results/phase2/heldout_agreement.json]
 
 Scores tables files and/or presets built from calibration evidence (`var_moe.var.tables`) against
 test evidence (the unmodified model's own decisions on every test document; collect it once with
 `varmoe sweep ... --test-evidence F`). Prints a markdown table: entries, coverage and agreement of
-the served rows per layer, 95% percentile intervals from resampling test documents.
+the served rows per layer, 95% percentile intervals from resampling test documents. With
+--choose-evidence the presets choose their sets there (e.g. training-split documents, collected by
+`varmoe build-tables --choose-evidence F`) and certify on every calibration document; they are
+scored under the name `PRESET/choose:SPLIT`.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ def main() -> None:
     ap.add_argument("--tables", nargs="*", default=[], help="tables files to score")
     ap.add_argument("--presets", default="", help="comma-separated presets to build from --evidence and score")
     ap.add_argument("--evidence", default=None, help="calibration evidence (with --presets)")
+    ap.add_argument("--choose-evidence", default=None, help="choosing evidence of another split (with --presets)")
     ap.add_argument("--resamples", type=int, default=2000)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -46,9 +50,13 @@ def main() -> None:
             ap.error("--presets needs --evidence")
         model, _ = load_model(args.model)
         cal = Evidence.load(args.evidence)
+        chooser = Evidence.load(args.choose_evidence) if args.choose_evidence else None
         for name in args.presets.split(","):
-            tables = VARTables.from_evidence(cal, model, get_adapter(model), get_preset(name))
-            scored[name] = served_agreement(tables, test, args.resamples)
+            tables = VARTables.from_evidence(cal, model, get_adapter(model), get_preset(name), source=args.evidence,
+                                             choose_evidence=chooser, choose_source=args.choose_evidence or "")
+            label = name if chooser is None else f"{name}/choose:{chooser.metadata.get('split')}"
+            scored[label] = served_agreement(tables, test, args.resamples) | {"choosing": tables.metadata["choosing"],
+                                                                             "certifying": tables.metadata["certifying"]}
     print("| tables | target | layer | entries | coverage (95% CI) | agreement of served rows (95% CI) | meets target |")
     print("|---|---|---|---|---|---|---|")
     for name, s in scored.items():

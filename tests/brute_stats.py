@@ -113,18 +113,23 @@ def brute_force_occurrences(model: Any, batches: list) -> dict[int, list[tuple[i
     return out
 
 
-def brute_force_candidates(occ: list, cap: int | None, min_freq: int, max_entropy: float | None) -> dict[int, dict]:
-    """Per token: modal set on even documents (ties -> smallest), eligibility, capped certifying counts."""
+def brute_force_candidates(occ: list, cap: int | None, min_freq: int, max_entropy: float | None,
+                           chooser_occ: list | None = None) -> dict[int, dict]:
+    """Per token: modal set on even documents (ties -> smallest), eligibility, capped certifying
+    counts on odd ones; with `chooser_occ`, the set is chosen on all of those occurrences and
+    certified on all of `occ`."""
     from collections import Counter, defaultdict
 
     sel: dict[int, Counter] = defaultdict(Counter)
     ent: dict[int, list] = defaultdict(list)
     cert: dict[int, dict[int, list]] = defaultdict(lambda: defaultdict(list))
-    for doc, _prev, tok, st, e in occ:
-        if doc % 2 == 0:
+    choosing = occ if chooser_occ is None else chooser_occ
+    for doc, _prev, tok, st, e in choosing:
+        if chooser_occ is not None or doc % 2 == 0:
             sel[tok][st] += 1
             ent[tok].append(e)
-        else:
+    for doc, _prev, tok, st, e in occ:
+        if chooser_occ is not None or doc % 2 == 1:
             cert[tok][doc].append(st)
     out = {}
     for tok, counter in sel.items():
@@ -141,3 +146,12 @@ def brute_force_candidates(occ: list, cap: int | None, min_freq: int, max_entrop
         eligible = freq >= min_freq and (max_entropy is None or sum(ent[tok]) / freq <= max_entropy) and total > 0
         out[tok] = {"modal": modal, "agree": agree, "total": total, "eligible": eligible}
     return out
+
+
+def brute_force_bh(pvals: list[float], keys: list, alpha: float) -> set:
+    """Benjamini-Hochberg by hand: the keys of the r smallest p-values, r the largest rank i with
+    p_(i) <= alpha * i / m."""
+    m = len(pvals)
+    ranked = sorted(range(m), key=lambda i: pvals[i])
+    r = max([i + 1 for i, j in enumerate(ranked) if pvals[j] <= alpha * (i + 1) / m], default=0)
+    return {keys[j] for j in ranked[:r]}

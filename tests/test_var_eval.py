@@ -93,6 +93,28 @@ def test_tables_for_another_model_refused(tiny_dir, tmp_path):
     assert code == 2
 
 
+def test_build_tables_chooses_on_the_training_split(tiny_dir, tmp_path, capsys):
+    """--choose-evidence: sets chosen on (spread) training documents, certified on every calibration
+    document; the metadata says so; a test or calibration choosing split is refused, naming the flag."""
+    if not (tiny_dir / "calib.parquet").exists():
+        pytest.skip("needs the end-to-end test's capture")
+    m, cfg = str(tiny_dir / "model"), str(tiny_dir / "cfg.json")
+    base = ["build-tables", "--model", m, "--routing-stats", str(tiny_dir / "calib.parquet"), "--config", cfg]
+    train_ev = tmp_path / "train_ev.safetensors"
+    assert main([*base, "--output", str(tmp_path / "t.safetensors"), "--choose-evidence", str(train_ev),
+                 "--choose-max-docs", "40"]) == 0
+    meta = json.loads((tmp_path / "t.json").read_text())
+    assert meta["choosing"]["split"] == "train" and meta["choosing"]["documents"] == 40
+    assert meta["certifying"]["split"] == "calibration" and meta["source_split"] == "calibration"
+    assert meta["certifying"]["documents"] == sum(meta["source_documents"])  # every calibration document certifies
+    assert train_ev.exists() and "choosing evidence (train)" in capsys.readouterr().out
+    for split in ("test", "calibration"):
+        code = main([*base, "--output", str(tmp_path / "x.safetensors"), "--choose-evidence", str(tmp_path / "x.st"),
+                     "--choose-split", split])
+        assert code == 2 and "--choose-split" in capsys.readouterr().err
+    assert not (tmp_path / "x.st").exists()
+
+
 def test_paired_bootstrap_point_and_ci():
     rng = np.random.default_rng(1)
     n = rng.integers(10, 100, size=40).astype(float)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from brute_stats import brute_force_candidates, brute_force_occurrences
+from brute_stats import brute_force_bh, brute_force_candidates, brute_force_occurrences
 from var_moe.adapters import get_adapter
 from var_moe.tiny import tiny_model
 from var_moe.var.config import VARConfig
@@ -100,9 +100,7 @@ def test_builder_equals_brute_force_on_a_tiny_model(cap):
                 keys.append((layer, tok))
     # Benjamini-Hochberg by hand over all layers at one-sided alpha 0.025
     m = len(pvals)
-    ranked = sorted(range(m), key=lambda i: pvals[i])
-    r = max([i + 1 for i, j in enumerate(ranked) if pvals[j] <= 0.025 * (i + 1) / m], default=0)
-    want = {keys[j] for j in ranked[:r]}
+    want = brute_force_bh(pvals, keys, 0.025)
     got = {(l, tok) for l, t in tables.layers.items() for tok in torch.nonzero(t.member_V).squeeze(1).tolist()}
     assert got == want and 0 < len(want) < m
     for l, t in tables.layers.items():

@@ -1,4 +1,5 @@
-"""The VAR flags shared by `varmoe evaluate`, `build-tables` and `sweep`, and what they build.
+"""The VAR flags shared by `varmoe evaluate`, `build-tables` and `sweep`, and what they build
+(a config, tables, the separate choosing evidence of `--choose-evidence`).
 
 Order: preset (default balanced) -> `--config cfg.json` (replaces the preset) -> explicit flags.
 Not a subcommand (no `register`). Test: `pytest tests/test_var_eval.py`.
@@ -96,3 +97,56 @@ def tables_from_args(args: argparse.Namespace, model: Any, config: VARConfig, to
         raise InvalidInputError("--routing-stats (calibration statistics) or --tables is required for --mode var")
     return VARTables.from_stats_file(config.routing_stats_path, model, adapter, config, tokenizer=tokenizer,
                                      allow_test_split=config.allow_test_split)
+
+
+def add_choose_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of the separate choosing evidence (build-tables, sweep)."""
+    p.add_argument("--choose-evidence", dest="choose_evidence", default=None,
+                   help="choose each entry's set on this evidence (.safetensors: read if it exists, else collected over "
+                   "--choose-split and written there) and certify on every calibration document; default: choose on "
+                   "even calibration documents, certify on odd ones")
+    p.add_argument("--choose-split", dest="choose_split", default=None,
+                   help="split the choosing evidence is collected on (default train; never test or the calibration split)")
+    p.add_argument("--choose-max-docs", dest="choose_max_docs", type=int, default=None,
+                   help="collect the choosing evidence on at most this many documents, evenly spread (default all)")
+
+
+def check_choose_flags(args: argparse.Namespace, calibration_meta: dict[str, Any], allow_test_split: bool = False) -> None:
+    """Flag errors before any model is loaded."""
+    from ..var.tables import stats_documents
+
+    if not args.choose_evidence:
+        if args.choose_split is not None or args.choose_max_docs is not None:
+            raise InvalidInputError("--choose-split / --choose-max-docs need --choose-evidence (where the evidence goes)")
+        return
+    if args.choose_max_docs is not None and args.choose_max_docs < 1:
+        raise InvalidInputError("--choose-max-docs must be >= 1")
+    split = args.choose_split or "train"
+    if split == "test" and not allow_test_split:
+        raise InvalidInputError("--choose-split test: the test split scores the tables, so it may not choose them; "
+                                "choose on train (or pass --allow-test-split to do it anyway)")
+    if split == stats_documents(calibration_meta)[1]:
+        raise InvalidInputError(f"--choose-split {split!r} is the split the tables are certified on; choose on another "
+                                "(e.g. train)")
+
+
+def choose_evidence_from_args(args: argparse.Namespace, calibration_meta: dict[str, Any], model: Any, adapter: Any,
+                              tokenizer: Any) -> Any:
+    """The choosing evidence of `--choose-evidence` (read, or collected over the calibration capture's
+    dataset and max_length on --choose-split and written), or None for the even/odd scheme."""
+    from pathlib import Path
+
+    from ..var.evidence import Evidence
+    from ..var.tables import evidence_for_split, stats_documents
+
+    if not args.choose_evidence:
+        return None
+    path = Path(args.choose_evidence)
+    if path.exists():
+        return Evidence.load(path)
+    dataset, _, max_length, _ = stats_documents(calibration_meta)
+    ev = evidence_for_split(model, adapter, tokenizer, dataset, args.choose_split or "train", max_length,
+                            args.choose_max_docs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ev.save(path)
+    return ev

@@ -1,13 +1,16 @@
 """`varmoe build-tables`: held-out-certified per-layer VAR tables from a calibration capture, for one model.
 
     varmoe build-tables --routing-stats calib.parquet --preset balanced --output tables.safetensors \
-        [--evidence evidence.safetensors] [--target-agreement 0.9 --entropy-threshold none ...]
+        [--evidence evidence.safetensors] [--target-agreement 0.9 --entropy-threshold none ...] \
+        [--choose-evidence train_evidence.safetensors --choose-split train --choose-max-docs 600]
 
 The capture's metadata names its documents; a routing pass over them collects evidence by document
 (or `--evidence` reuses/saves it), each entry's set is chosen on even documents and certified on odd
-ones (`var_moe.var.tables`). Statistics of the test split are refused unless --allow-test-split.
+ones (`var_moe.var.tables`); with `--choose-evidence` the sets are chosen on another split's
+documents (default train) and certified on every calibration document. Statistics or evidence of
+the test split are refused unless --allow-test-split.
 Writes the safetensors file and its JSON metadata beside it, and prints the table size of every
-layer. Test: `pytest tests/test_var_eval.py tests/test_var_verification.py`.
+layer. Test: `pytest tests/test_var_eval.py tests/test_var_verification.py tests/test_var_choosing.py`.
 """
 
 from __future__ import annotations
@@ -20,16 +23,18 @@ from ..errors import InvalidInputError
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ._common import add_model_flags
-    from ._var import add_var_flags
+    from ._var import add_choose_flags, add_var_flags
 
     p = sub.add_parser("build-tables", help="Phase 2: build held-out-certified VAR tables from calibration statistics",
-                       description="Choose each token's expert set on half of the calibration documents, certify it "
-                       "on the other half, and write the tables the router serves.")
+                       description="Choose each token's expert set on half of the calibration documents (or on "
+                       "--choose-evidence), certify it on the other half (on every calibration document), and write "
+                       "the tables the router serves.")
     add_model_flags(p)
     add_var_flags(p, with_tables=False)
     p.add_argument("--output", "-o", required=True, help="tables file (.safetensors); metadata goes to .json beside it")
     p.add_argument("--evidence", default=None,
                    help="evidence file (.safetensors): read if it exists, else collected and written there")
+    add_choose_flags(p)
     p.set_defaults(func=run)
 
 
@@ -40,15 +45,17 @@ def run(args: argparse.Namespace) -> int:
     from ..var.stats_io import read_stats
     from ..var.tables import VARTables, check_split, evidence_for_stats
     from ._common import load_spec
-    from ._var import config_from_args
+    from ._var import check_choose_flags, choose_evidence_from_args, config_from_args
 
     if not args.routing_stats:
         raise InvalidInputError("--routing-stats is required (Phase 1 statistics of the calibration split)")
     config = config_from_args(args)
     _, meta = read_stats(args.routing_stats)
     check_split(meta, args.routing_stats, config.allow_test_split)  # before loading anything heavy
+    check_choose_flags(args, meta, config.allow_test_split)
     model, tokenizer = load_model(load_spec(args))
     adapter = get_adapter(model)
+    chooser = choose_evidence_from_args(args, meta, model, adapter, tokenizer)
     evidence = None
     if args.evidence and Path(args.evidence).exists():
         evidence = Evidence.load(args.evidence)
@@ -56,10 +63,11 @@ def run(args: argparse.Namespace) -> int:
         evidence = evidence_for_stats(meta, model, adapter, tokenizer)
         evidence.save(args.evidence)
     tables = VARTables.from_stats_file(args.routing_stats, model, adapter, config, tokenizer=tokenizer,
-                                       evidence=evidence, allow_test_split=config.allow_test_split)
+                                       evidence=evidence, allow_test_split=config.allow_test_split,
+                                       choose_evidence=chooser, choose_source=args.choose_evidence or "")
     path = tables.save(args.output)
     sizes = tables.sizes()
     v = tables.metadata["verification"]
     print(f"wrote {path} (+ {path.with_suffix('.json').name}): entries per layer {sizes}, total {sum(sizes.values())} "
-          f"({v['accepted']} of {v['candidates']} candidates certified, {v['multiplicity']})")
+          f"({v['accepted']} of {v['candidates']} candidates certified, {v['multiplicity']}; {v['method']})")
     return 0

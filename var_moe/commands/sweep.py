@@ -3,9 +3,12 @@ perplexity change, paired speed ratio) over table and runtime knobs.
 
     varmoe sweep --routing-stats models/reference-moe/var/routing_stats_calibration.parquet \
         --evidence cache/evidence_calibration.safetensors --test-evidence cache/evidence_test.safetensors \
-        --output results/phase2/sweep.json --figure-dir results/phase2/figures [--stage tables|runtime|all]
+        --output results/phase2/sweep.json --figure-dir results/phase2/figures [--stage tables|runtime|all] \
+        [--choose-evidence cache/evidence_train.safetensors --choose-max-docs 600]
 
-Evidence files are read when they exist, else collected (a routing pass) and written there.
+Evidence files are read when they exist, else collected (a routing pass) and written there. With
+--choose-evidence every table chooses its sets there (another split, default train) and certifies
+them on all calibration documents; without it, even calibration documents choose and odd ones certify.
 Resumable: points already in --output are skipped. Library: `var_moe.var.sweep`.
 Test: `pytest tests/test_var_sweep.py`.
 """
@@ -17,6 +20,7 @@ from pathlib import Path
 
 from ..errors import InvalidInputError
 from ._common import add_model_flags, load_spec
+from ._var import add_choose_flags, check_choose_flags, choose_evidence_from_args
 
 
 def _floats(text: str, flag: str, none_ok: bool = False, kind: type = float) -> tuple:
@@ -55,6 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--speed-batches", type=int, default=6, help="batches of the timed interleaved passes")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (median ratio reported)")
     p.add_argument("--split", default="test", help="split perplexity is scored on")
+    add_choose_flags(p)
     p.set_defaults(func=run)
 
 
@@ -90,8 +95,10 @@ def run(args: argparse.Namespace) -> int:
     except InvalidInputError:
         raise InvalidInputError(f"--ppl-stride must be an integer in [1, {max_length}] (the capture's max length), "
                                 f"got {stride}") from None
+    check_choose_flags(args, meta)
     model, tok = load_model(load_spec(args))
     adapter = get_adapter(model)
+    chooser = choose_evidence_from_args(args, meta, model, adapter, tok)
     cal_path, test_path = Path(args.evidence), Path(args.test_evidence)
     if cal_path.exists():
         cal = Evidence.load(cal_path)
@@ -109,12 +116,13 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     base = get_preset("balanced")
-    doc = sweep_tables(cal, test, model, adapter, grid, base, out)
+    doc = sweep_tables(cal, test, model, adapter, grid, base, out, chooser=chooser)
     if args.stage in ("runtime", "all"):
         ppl = sliding_batches(tok, dataset, args.split, max_length, stride, 8, max_docs=args.ppl_docs)
         keys = runtime_points(doc, {name: get_preset(name) for name in PRESETS})
         doc = sweep_runtime(cal, model, adapter, ppl, ppl[: args.speed_batches], grid, base, keys, out,
-                            scoring={k: v for k, v in scoring_info(ppl, max_length, stride).items() if k != "tokens_fed"})
+                            scoring={k: v for k, v in scoring_info(ppl, max_length, stride).items() if k != "tokens_fed"},
+                            chooser=chooser)
     doc["grid"] = json.loads(json.dumps(grid.__dict__, default=str))
     if doc.get("runtime"):
         from ..var.sweep import render_runtime

@@ -1,9 +1,14 @@
 """Choosing and certifying table entries: the statistics behind `var_moe.var.tables`.
 
 Per layer (from `evidence.LayerEvidence`): each token's set is its most frequent exact top-k set on
-the choosing documents (`_summary`; even documents, or all for Phase 1's unverified predictors);
-its agreement is counted on the certifying (odd) documents with at most `max_per_document`
-occurrences per document (`certified_counts`); a one-sided score test per candidate
+the choosing documents (`_summary`); its agreement is counted on the certifying documents with at
+most `max_per_document` occurrences per document (`certified_counts`). Which documents do which is
+the `choose` mode (`CHOOSE_MODES`):
+  "even":     one evidence object; even documents choose, odd ones certify (the default);
+  "separate": every document of a second evidence object (`chooser`, e.g. the training split)
+              chooses, every document of the certifying one (the calibration split) certifies;
+  "all":      every document chooses, nothing is certified (Phase 1's unverified predictors).
+A one-sided score test per candidate
 (`score_pvalues`) and a multiplicity rule over all candidates (`multiplicity_levels`: bh / holm /
 none) decide which entries are served; `wilson_lower_bound` states each entry's bound.
 Also the (previous, token) and global modal sets for validation, and the shadow demotion rule.
@@ -77,11 +82,11 @@ def _modal(keys_RC: torch.Tensor, counts_R: torch.Tensor, num_key_cols: int) -> 
     return keys_G, u[first_G, num_key_cols], total_G
 
 
-def _certifying_groups(ev: LayerEvidence, modal_code_V: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _certifying_groups(ev: LayerEvidence, modal_code_V: torch.Tensor, choose: str) -> tuple[torch.Tensor, ...]:
     """Per (certifying document, token): occurrences n_D, agreements a_D with the chosen set, token_D.
     Independent of the config, so it is computed once per evidence object (`_summary`)."""
     rows, counts = ev.rows_R4, ev.counts_R.double()
-    cert = half_of(rows[:, 0]) == 1
+    cert = _certifying(rows, choose)
     rows, counts = rows[cert], counts[cert]
     tok = rows[:, 2]
     agree_R = (rows[:, 3] == modal_code_V[tok]).double() * counts
@@ -91,37 +96,66 @@ def _certifying_groups(ev: LayerEvidence, modal_code_V: torch.Tensor) -> tuple[t
     return n_D, a_D, dt[:, 1]
 
 
+CHOOSE_MODES = ("even", "separate", "all")
+
+
 def _choosing(rows_R4: torch.Tensor, choose: str) -> torch.Tensor:
-    """Rows that choose sets: even documents ("even", the served tables) or all ("all", Phase 1's
-    unverified predictors, which are scored on another split)."""
-    if choose == "all":
+    """Rows that choose sets: even documents ("even", the served tables), or all rows ("all",
+    Phase 1's unverified predictors; "separate", where the rows are the chooser's own)."""
+    if choose in ("all", "separate"):
         return torch.ones(rows_R4.shape[0], dtype=torch.bool)
     return half_of(rows_R4[:, 0]) == 0
 
 
-def _summary(ev: LayerEvidence, choose: str = "even") -> dict[str, torch.Tensor]:
-    """Config-independent parts of one layer's evidence: chosen sets and certifying groups (cached)."""
+def _certifying(rows_R4: torch.Tensor, choose: str) -> torch.Tensor:
+    """Rows that certify: odd documents, or every row of the certifying evidence ("separate")."""
+    if choose == "separate":
+        return torch.ones(rows_R4.shape[0], dtype=torch.bool)
+    return half_of(rows_R4[:, 0]) == 1
+
+
+def choosing_side(ev: LayerEvidence, choose: str, chooser: LayerEvidence | None) -> LayerEvidence:
+    """The evidence sets are chosen from (checked against the certifying evidence's shape)."""
+    if choose not in CHOOSE_MODES:
+        raise InvalidInputError(f"choose must be one of {CHOOSE_MODES}, got {choose!r}")
+    if (choose == "separate") != (chooser is not None):
+        raise InvalidInputError('choose="separate" needs a chooser evidence object, and only it takes one')
+    if chooser is None:
+        return ev
+    if (chooser.vocab, chooser.num_experts, chooser.top_k) != (ev.vocab, ev.num_experts, ev.top_k):
+        raise InvalidInputError(f"choosing evidence has (vocab, E, k) = {(chooser.vocab, chooser.num_experts, chooser.top_k)}, "
+                                f"certifying evidence {(ev.vocab, ev.num_experts, ev.top_k)}")
+    return chooser
+
+
+def _summary(ev: LayerEvidence, choose: str = "even", chooser: LayerEvidence | None = None) -> dict[str, torch.Tensor]:
+    """Config-independent parts of one layer's evidence: chosen sets and certifying groups (cached
+    on the certifying evidence; with a chooser, per chooser row tensor, which consolidating replaces)."""
+    src = choosing_side(ev, choose, chooser)
     cache = getattr(ev, "_summary_cache", None) or {}
-    if choose in cache:
-        return cache[choose]
-    rows, counts = ev.rows_R4, ev.counts_R
+    key = choose if chooser is None else (choose, id(src.rows_R4))
+    if key in cache and cache[key]["chooser_rows"] is src.rows_R4:
+        return cache[key]
+    rows, counts = src.rows_R4, src.counts_R
     sel = _choosing(rows, choose)
     keys, code_G, _ = _modal(rows[sel][:, 2:4], counts[sel], 1)
     modal_code_V = torch.full((ev.vocab,), -1, dtype=torch.long)
     modal_code_V[keys[:, 0]] = code_G
-    n_D, a_D, tok_D = _certifying_groups(ev, modal_code_V)
-    out = {"modal_code_V": modal_code_V, "n_D": n_D, "a_D": a_D, "tok_D": tok_D, "choose": choose}
-    ev._summary_cache = {**cache, choose: out}
+    n_D, a_D, tok_D = _certifying_groups(ev, modal_code_V, choose)
+    out = {"modal_code_V": modal_code_V, "n_D": n_D, "a_D": a_D, "tok_D": tok_D, "choose": choose,
+           "chooser_rows": src.rows_R4}
+    ev._summary_cache = {**cache, key: out}
     return out
 
 
-def certified_counts(ev: LayerEvidence, max_per_document: int | None, choose: str = "even") -> tuple[torch.Tensor, ...]:
+def certified_counts(ev: LayerEvidence, max_per_document: int | None, choose: str = "even",
+                     chooser: LayerEvidence | None = None) -> tuple[torch.Tensor, ...]:
     """Agreement of each token's chosen set on the certifying documents, capped per document.
 
     A document with n occurrences of the token, a of them routed to the chosen set, counts
     w = min(n, cap) trials and a * w / n agreements (cap None: w = n). Returns float64
     (agree_V, total_V, documents_V)."""
-    sm = _summary(ev, choose)
+    sm = _summary(ev, choose, chooser)
     n_D, a_D, tok_D = sm["n_D"], sm["a_D"], sm["tok_D"]
     w_D = n_D if max_per_document is None else n_D.clamp_max(max_per_document)
     a_D = a_D * w_D / n_D.clamp_min(1)
@@ -196,24 +230,27 @@ class Candidates:
     select_V: torch.Tensor
 
 
-def layer_candidates(ev: LayerEvidence, config: VARConfig, choose: str = "even") -> Candidates:
-    """Choose each token's set on the choosing half; count its agreement on the certifying half.
+def layer_candidates(ev: LayerEvidence, config: VARConfig, choose: str = "even",
+                     chooser: LayerEvidence | None = None) -> Candidates:
+    """Choose each token's set on the choosing side; count its agreement on the certifying side.
+    Filters (frequency, entropy) and served weights come from the choosing side only.
     With choose="all" nothing is held out, so no entry is eligible (Phase 1 predictors only)."""
     v, e, k = ev.vocab, ev.num_experts, ev.top_k
-    modal_code_V = _summary(ev, choose)["modal_code_V"]
+    src = choosing_side(ev, choose, chooser)
+    modal_code_V = _summary(ev, choose, chooser)["modal_code_V"]
     seen_V = modal_code_V >= 0
     modal_VK = torch.zeros(v, k, dtype=torch.long)
     modal_VK[seen_V] = decode_sets(modal_code_V[seen_V], e, k)
-    halves = slice(0, 2) if choose == "all" else slice(0, 1)
-    freq_V = ev.freq_2V[halves].sum(0)
-    ent_V = ev.ent_2V[halves].sum(0) / freq_V.clamp_min(1)
+    halves = slice(0, 1) if choose == "even" else slice(0, 2)  # the chooser's both parity halves choose
+    freq_V = src.freq_2V[halves].sum(0)
+    ent_V = src.ent_2V[halves].sum(0) / freq_V.clamp_min(1)
     eligible = seen_V & (freq_V >= config.frequency_threshold)
     if config.entropy_threshold is not None:
         eligible &= ent_V <= config.entropy_limit_nats(e)
     if choose == "all":  # nothing held out: nothing can be certified
         eligible = torch.zeros_like(eligible)
-    agree_V, total_V, docs_V = certified_counts(ev, config.max_per_document, choose)
-    mean_w_VE = ev.wsum_2VE[halves].sum(0) / ev.chosen_2VE[halves].sum(0).clamp_min(1)
+    agree_V, total_V, docs_V = certified_counts(ev, config.max_per_document, choose, chooser)
+    mean_w_VE = src.wsum_2VE[halves].sum(0) / src.chosen_2VE[halves].sum(0).clamp_min(1)
     w_VK = mean_w_VE.gather(1, modal_VK)
     mass_V = w_VK.sum(1)
     w_VK = torch.where(seen_V[:, None], w_VK / mass_V.clamp_min(1e-12)[:, None], torch.full_like(w_VK, 1.0 / k))
@@ -225,12 +262,13 @@ def layer_candidates(ev: LayerEvidence, config: VARConfig, choose: str = "even")
     return Candidates(modal_VK, seen_V, eligible & (total_V > 0), agree_V, total_V, docs_V, w_VK, mass_V, pvals, freq_V)
 
 
-def pair_table(ev: LayerEvidence, min_pair_count: int, choose: str = "even") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pair_table(ev: LayerEvidence, min_pair_count: int, choose: str = "even",
+               chooser: LayerEvidence | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(keys_P = prev * V + token sorted, sets_PK sorted, counts_P): modal set of each (previous,
     token) pair seen >= min_pair_count times on the choosing side."""
-    sm = _summary(ev, choose)
+    sm = _summary(ev, choose, chooser)
     if "pairs" not in sm:
-        sm["pairs"] = _all_pairs(ev, choose)
+        sm["pairs"] = _all_pairs(choosing_side(ev, choose, chooser), choose)
     keys, sets, counts = sm["pairs"]
     keep = counts >= min_pair_count
     return keys[keep], sets[keep], counts[keep]
@@ -245,8 +283,9 @@ def _all_pairs(ev: LayerEvidence, choose: str) -> tuple[torch.Tensor, torch.Tens
     return keys[:, 0] * ev.vocab + keys[:, 1], decode_sets(code_G, ev.num_experts, ev.top_k), total_G
 
 
-def global_set(ev: LayerEvidence, choose: str = "even") -> torch.Tensor:
+def global_set(ev: LayerEvidence, choose: str = "even", chooser: LayerEvidence | None = None) -> torch.Tensor:
     """The single most frequent set on the choosing side (ties -> smallest)."""
+    ev = choosing_side(ev, choose, chooser)
     rows, counts = ev.rows_R4, ev.counts_R
     sel = _choosing(rows, choose)
     codes, inv = torch.unique(rows[sel][:, 3], return_inverse=True)

@@ -11,7 +11,8 @@ masked) and keeps, per MoE layer:
   expert how often it was chosen and its summed weight (for the served weights).
 
 Documents are split by parity of their index: even documents choose each entry's set, odd ones
-certify it (`half_of`). Counting is vectorised (`torch.unique(dim=0)`, `index_add_`); pending
+certify it (`half_of`); evidence used whole on one side (a separate choosing evidence of another
+split, `certify.py`'s "separate" mode) just sums both halves. Counting is vectorised (`torch.unique(dim=0)`, `index_add_`); pending
 rows are consolidated past a size bound so memory is O(distinct rows). The result saves as
 safetensors + JSON (`save` / `load`) so a sweep can rebuild tables without rerunning the model.
 Shapes: T tokens, K top-k, E experts, V vocabulary, R rows. Test: `pytest tests/test_var_tables.py`.

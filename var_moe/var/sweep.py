@@ -12,7 +12,10 @@ with the baseline and a resume with another scoring is refused) with a paired bo
 interval over documents, and the paired speed ratio (baseline time / VAR time; batches
 interleaved with alternating order after a warm-up, median over repeats, tables frozen).
 Results are appended to a JSON file after every point, and points already there are skipped,
-so an interrupted sweep resumes. CLI: `varmoe sweep`. Test: `pytest tests/test_var_sweep.py`.
+so an interrupted sweep resumes. With a separate choosing evidence (`chooser`, e.g. training-split
+documents) every table chooses its sets there and certifies them on all calibration documents; the
+JSON records the scheme (`choosing`) and refuses to resume a file made with another one.
+CLI: `varmoe sweep`. Test: `pytest tests/test_var_sweep.py tests/test_var_choosing.py`.
 """
 
 from __future__ import annotations
@@ -64,10 +67,26 @@ def runtime_key(cfg: VARConfig) -> str:
     return f"{table_key(cfg)}-k{k}-cache{cfg.enable_cache}"
 
 
-def _load(path: Path) -> dict[str, Any]:
-    if path.exists():
-        return json.loads(path.read_text(encoding="utf-8"))
-    return {"tables": [], "runtime": [], "baseline": None}
+EVEN_ODD = "even/odd documents of the calibration evidence"
+
+
+def choosing_scheme(chooser: Any = None) -> str:
+    """How the sweep's tables choose sets: one line naming the choosing evidence, if any."""
+    if chooser is None:
+        return EVEN_ODD
+    m = chooser.metadata
+    return f"{m.get('dataset')}/{m.get('split')}: {m.get('num_documents')} documents, {m.get('num_tokens')} tokens"
+
+
+def _load(path: Path, scheme: str = EVEN_ODD) -> dict[str, Any]:
+    if not path.exists():
+        return {"tables": [], "runtime": [], "baseline": None, "choosing": scheme}
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    found = doc.setdefault("choosing", EVEN_ODD)  # files before the choosing option all chose even/odd
+    if found != scheme:
+        raise InvalidInputError(f"{path} holds a sweep whose tables chose sets on {found!r}, not {scheme!r}; "
+                                "write this one to another --output")
+    return doc
 
 
 def _save(path: Path, doc: dict[str, Any]) -> None:
@@ -77,17 +96,17 @@ def _save(path: Path, doc: dict[str, Any]) -> None:
 
 
 def sweep_tables(calibration: Any, test: Any, model: Any, adapter: Any, grid: SweepGrid, base: VARConfig,
-                 out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+                 out: Path, log: Callable[[str], None] = print, chooser: Any = None) -> dict[str, Any]:
     from ..validation.served import served_agreement
     from .tables import VARTables
 
-    doc = _load(out)
+    doc = _load(out, choosing_scheme(chooser))
     done = {r["key"] for r in doc["tables"]}
     for cfg in grid.table_configs(base):
         key = table_key(cfg)
         if key in done:
             continue
-        tables = VARTables.from_evidence(calibration, model, adapter, cfg)
+        tables = VARTables.from_evidence(calibration, model, adapter, cfg, choose_evidence=chooser)
         s = served_agreement(tables, test, resamples=1000)
         layers = s["layers"]
         row = {"key": key, "config": {k: getattr(cfg, k) for k in ("target_agreement", "frequency_threshold",
@@ -123,13 +142,14 @@ def _config_for(key: str, doc: dict[str, Any], base: VARConfig) -> VARConfig:
 
 def sweep_runtime(calibration: Any, model: Any, adapter: Any, ppl_batches: list[EvalBatch],
                   speed_batches: list[EvalBatch], grid: SweepGrid, base: VARConfig, keys: list[str], out: Path,
-                  log: Callable[[str], None] = print, scoring: dict[str, Any] | None = None) -> dict[str, Any]:
+                  log: Callable[[str], None] = print, scoring: dict[str, Any] | None = None,
+                  chooser: Any = None) -> dict[str, Any]:
     import torch
 
     from .tables import VARTables
     from .wrapper import VARModelWrapper
 
-    doc = _load(out)
+    doc = _load(out, choosing_scheme(chooser))
     device = next(model.parameters()).device
     if doc.get("baseline") is None:
         rows = [batch_nll(model, b, device) for b in ppl_batches]
@@ -144,7 +164,7 @@ def sweep_runtime(calibration: Any, model: Any, adapter: Any, ppl_batches: list[
     done = {r["key"] for r in doc["runtime"]}
     for key in keys:
         table_cfg = _config_for(key, doc, base)
-        tables = VARTables.from_evidence(calibration, model, adapter, table_cfg)
+        tables = VARTables.from_evidence(calibration, model, adapter, table_cfg, choose_evidence=chooser)
         for k, cache in itertools.product(grid.adaptive_k, grid.cache):
             cfg = table_cfg.replace(adaptive_k=k is not None, adaptive_k_min_weight=k or base.adaptive_k_min_weight,
                                     enable_cache=cache, cache_ttl_seconds=None)

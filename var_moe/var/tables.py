@@ -3,10 +3,13 @@
 Input: routing evidence by document (`evidence.py`: a routing pass over the calibration documents a
 capture's metadata names; `from_stats_file` checks the pass reproduces the capture's token counts).
 Per layer and token:
-1. choose: the token's modal top-k set on the *even* calibration documents (ties -> smallest set);
-   filters use the same half only: occurrences >= `frequency_threshold`, mean entropy <=
-   `entropy_threshold` (a share of ln E if `entropy_relative`; None = no cap);
-2. certify: on the *odd* documents, the share of the token's occurrences routed to exactly that
+1. choose: the token's modal top-k set on the *even* calibration documents (ties -> smallest set),
+   or, given a separate choosing evidence object (`choose_evidence`: e.g. training-split documents,
+   `evidence_for_split`), on all of its documents; filters use the choosing side only:
+   occurrences >= `frequency_threshold`, mean entropy <= `entropy_threshold` (a share of ln E if
+   `entropy_relative`; None = no cap);
+2. certify: on the *odd* documents (on *all* calibration documents when a separate choosing
+   evidence chose the sets), the share of the token's occurrences routed to exactly that
    set, with each document counting at most `max_per_document` occurrences (a document with n
    occurrences, a agreeing, counts w = min(n, cap) trials and a*w/n agreements), so occurrences
    inside one document, which are correlated, cannot stand in for independent evidence;
@@ -16,6 +19,9 @@ Per layer and token:
    "none" tests each alone; alpha = (1 - confidence_level) / 2. `bound_V` is the Wilson lower
    bound at the entry's adjusted level (>= target for served entries).
 The assumption left: documents are independent draws of the text the tables will serve.
+Evidence of the test split is refused on either side (unless allowed), and so is a choosing
+evidence from the same dataset split as the certifying one (it would not be held out). The
+metadata records both sides (`choosing`, `certifying`: source, dataset, split, documents, tokens).
 
 Stored per layer: `experts_VK` (chosen set, top expert first), `weights_VK` (mean learned weight of
 each expert when chosen on the choosing half, renormalised to sum 1), `mass_V` (raw sum),
@@ -40,6 +46,7 @@ import torch
 
 from ..errors import InvalidInputError
 from .certify import (  # noqa: F401  (re-exported: the table API in one place)
+    CHOOSE_MODES,
     Candidates,
     certified_counts,
     demote_mask,
@@ -86,7 +93,8 @@ class LayerTable:
         return int(self.member_V.sum())
 
 
-def certify_layers(cands: dict[int, Candidates], config: VARConfig) -> tuple[dict[int, LayerTable], dict[str, Any]]:
+def certify_layers(cands: dict[int, Candidates], config: VARConfig,
+                   method: str = "choose on even documents, certify on odd documents") -> tuple[dict[int, LayerTable], dict[str, Any]]:
     """The multiplicity step over every candidate entry of every layer (one family), then tables."""
     alpha = (1 - config.confidence_level) / 2  # one-sided; equals the old two-sided Wilson level for m = 1
     layers = sorted(cands)
@@ -107,11 +115,66 @@ def certify_layers(cands: dict[int, Candidates], config: VARConfig) -> tuple[dic
         bound_V = wilson_lower_bound(c.agree_V, c.total_V, z_V)
         out[l] = LayerTable(c.modal_VK, c.weights_VK.float(), c.mass_V.float(), member_V, bound_V.float(),
                             c.agree_V, c.total_V, c.select_V)
-    info = {"method": "choose on even documents, certify on odd documents", "multiplicity": config.multiplicity,
+    info = {"method": method, "multiplicity": config.multiplicity,
             "alpha_one_sided": alpha, "candidates": int(pv.numel()), "accepted": int(accepted.sum()),
             "max_per_document": config.max_per_document}
     return out, info
 
+
+
+def document_batches(token_lists: list[tuple[int, list[int]]], max_length: int, batch_size: int, pad_id: int) -> list[Any]:
+    """(document index, token ids) -> padded `EvalBatch`es of every <= max_length piece, rows
+    keeping their document index."""
+    from ..corpus import chunk_sequences, pad_batch
+    from .eval_data import EvalBatch
+
+    seqs = [(d, piece) for d, ids in token_lists for piece in chunk_sequences([ids], max_length)]
+    if not seqs:
+        raise InvalidInputError("no text to collect routing evidence from")
+    out = []
+    for i in range(0, len(seqs), batch_size):  # a loop over batches, not tokens
+        ids, mask = pad_batch([p for _, p in seqs[i:i + batch_size]], pad_id)
+        out.append(EvalBatch(ids, mask, [d for d, _ in seqs[i:i + batch_size]]))
+    return out
+
+
+def spread_indices(n: int, max_docs: int | None) -> list[int]:
+    """At most `max_docs` of n document indices, evenly spread over the split (its order follows
+    the folder tree, so the first documents would all come from a few packages)."""
+    if max_docs is not None and max_docs < 1:
+        raise InvalidInputError("--choose-max-docs must be >= 1")
+    if max_docs is None or max_docs >= n:
+        return list(range(n))
+    return sorted({int(i) for i in np.linspace(0, n - 1, max_docs).round()})
+
+
+def evidence_for_split(model: Any, adapter: Any, tokenizer: Any, dataset: str, split: str, max_length: int,
+                       max_docs: int | None = None, batch_size: int = 8) -> Evidence:
+    """Evidence over whole documents of one split (every piece), at most `max_docs` of them spread
+    evenly; e.g. training-split documents that choose entries certified on the calibration split."""
+    from ..corpus import encode_document, iter_documents
+
+    docs = list(iter_documents(dataset, split))
+    keep = spread_indices(len(docs), max_docs)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = document_batches([(d, encode_document(tokenizer, docs[d].text)) for d in keep], max_length, batch_size, pad_id)
+    info = {"model": str(getattr(model.config, "_name_or_path", "")), "dataset": dataset, "split": split,
+            "max_length": int(max_length), "split_documents": len(docs),
+            "document_rule": f"{len(keep)} of the split's {len(docs)} documents, evenly spread",
+            "router_fingerprint": model_identity(model, adapter)["router_fingerprint"]}
+    return collect_evidence(model, batches, adapter, info)
+
+
+def stats_documents(meta: dict[str, Any]) -> tuple[str, str, int, int | None]:
+    """(dataset, split, max_length, num_samples) of the documents a capture's metadata names."""
+    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    dataset, split = meta.get("dataset") or cfg.get("dataset"), meta.get("split") or cfg.get("split")
+    max_length, num_samples = cfg.get("max_length") or meta.get("max_length"), cfg.get("num_samples")
+    if not dataset or not split or not max_length:
+        raise InvalidInputError("the statistics metadata does not name its dataset / split / max_length, so its "
+                                "documents cannot be found again to certify tables by document; capture them with "
+                                "`varmoe capture`, or build tables with `VARTables.from_texts` / `varmoe build-tables`")
+    return dataset, split, int(max_length), num_samples
 
 
 def evidence_for_stats(meta: dict[str, Any], model: Any, adapter: Any, tokenizer: Any = None,
@@ -120,13 +183,7 @@ def evidence_for_stats(meta: dict[str, Any], model: Any, adapter: Any, tokenizer
     num_samples), keeping every piece of every document (as the capture did)."""
     from .eval_data import eval_batches
 
-    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-    dataset, split = meta.get("dataset") or cfg.get("dataset"), meta.get("split") or cfg.get("split")
-    max_length, num_samples = cfg.get("max_length") or meta.get("max_length"), cfg.get("num_samples")
-    if not dataset or not split or not max_length:
-        raise InvalidInputError("the statistics metadata does not name its dataset / split / max_length, so its "
-                                "documents cannot be found again to certify tables by document; capture them with "
-                                "`varmoe capture`, or build tables with `VARTables.from_texts` / `varmoe build-tables`")
+    dataset, split, max_length, num_samples = stats_documents(meta)
     if tokenizer is None:
         from transformers import AutoTokenizer
 
@@ -176,6 +233,57 @@ def model_identity(model: Any, adapter: Any) -> dict[str, Any]:
     }
 
 
+def _check_evidence(evidence: Evidence, ident: dict[str, Any], layers: list[int], source: str, allow_test: bool) -> None:
+    """Evidence must fit the model (shape, router weights), cover the layers, and not be test data."""
+    for key in ("vocab_size", "num_experts", "top_k"):
+        if evidence.metadata.get(key) != ident[key]:
+            raise InvalidInputError(f"evidence {source} was collected for {key}={evidence.metadata.get(key)!r}, "
+                                    f"the model has {key}={ident[key]!r}")
+    fp = evidence.metadata.get("router_fingerprint")
+    if fp is not None and fp != ident["router_fingerprint"]:
+        raise InvalidInputError(f"evidence {source} was collected with other router weights; collect it again for this model")
+    missing = sorted(set(layers) - set(evidence.layers))
+    if missing:
+        raise InvalidInputError(f"evidence {source} has no routing for layers {missing}")
+    check_split(evidence.metadata, f"evidence {source}", allow_test)
+
+
+def _check_held_out(choosing: dict[str, Any], certifying: dict[str, Any], choose_source: str, source: str) -> None:
+    """A separate choosing evidence must come from other documents than the certifying one."""
+    split_c, split_v = choosing.get("split"), certifying.get("split")
+    if split_c is None or split_v is None:
+        raise InvalidInputError(f"choosing evidence {choose_source} and certifying evidence {source} must both name their "
+                                "split, so that they can be told apart (collect them with `varmoe build-tables`)")
+    if (choosing.get("dataset"), split_c) == (certifying.get("dataset"), split_v):
+        raise InvalidInputError(f"choosing evidence {choose_source} and certifying evidence {source} both come from split "
+                                f"{split_c!r} of {choosing.get('dataset')!r}: certification would not be held out; choose "
+                                "on another split (e.g. --choose-split train) or drop the choosing evidence")
+
+
+def _sides(evidence: Evidence, source: str, chooser: Evidence | None, choose_source: str, choose: str) -> dict[str, Any]:
+    """Where the tables' sets were chosen and where they were certified (for the metadata)."""
+    def side(ev: Evidence, src: str, rule: str, documents: Any, tokens: Any) -> dict[str, Any]:
+        m = ev.metadata
+        return {"source": str(src), "dataset": m.get("dataset"), "split": m.get("split"), "documents": documents,
+                "tokens": tokens, "documents_rule": rule}
+
+    if choose == "all":
+        return {"choosing": side(evidence, source, "all documents", evidence.metadata.get("num_documents"),
+                                 evidence.metadata.get("num_tokens")),
+                "certifying": side(evidence, source, "none (nothing certified)", 0, 0)}
+    if chooser is None:
+        halves = evidence.metadata.get("documents_per_half") or [None, None]
+        first = evidence.layers[min(evidence.layers)]
+        tokens = [int(first.freq_2V[h].sum()) for h in (0, 1)]  # every valid token is routed once per layer
+        return {"choosing": side(evidence, source, "even-indexed documents", halves[0], tokens[0]),
+                "certifying": side(evidence, source, "odd-indexed documents", halves[1], tokens[1])}
+    split_c, split_v = chooser.metadata.get("split"), evidence.metadata.get("split")
+    return {"choosing": side(chooser, choose_source, f"all documents of the choosing evidence ({split_c})",
+                             chooser.metadata.get("num_documents"), chooser.metadata.get("num_tokens")),
+            "certifying": side(evidence, source, f"all documents of the certifying evidence ({split_v})",
+                               evidence.metadata.get("num_documents"), evidence.metadata.get("num_tokens"))}
+
+
 class VARTables:
     """Per-layer verified tables plus metadata (model identity, config, source statistics)."""
 
@@ -204,34 +312,37 @@ class VARTables:
     @classmethod
     def from_evidence(cls, evidence: Evidence, model: Any, adapter: Any, config: VARConfig,
                       layers: list[int] | None = None, source: str = "", min_pair_count: int = 2,
-                      choose: str = "even") -> "VARTables":
+                      choose: str = "even", choose_evidence: Evidence | None = None, choose_source: str = "",
+                      allow_test_split: bool = False) -> "VARTables":
         """Tables for `model`: each entry's set chosen on even calibration documents, certified on
-        odd ones (per-document cap, multiplicity over all entries; see the module docstring)."""
+        odd ones; or, with `choose_evidence`, chosen on all of its documents and certified on all
+        of `evidence`'s (per-document cap, multiplicity over all entries; see the module docstring)."""
         ident = model_identity(model, adapter)
-        for key in ("vocab_size", "num_experts", "top_k"):
-            if evidence.metadata.get(key) != ident[key]:
-                raise InvalidInputError(f"evidence {source} was collected for {key}={evidence.metadata.get(key)!r}, "
-                                        f"the model has {key}={ident[key]!r}")
-        fp = evidence.metadata.get("router_fingerprint")
-        if fp is not None and fp != ident["router_fingerprint"]:
-            raise InvalidInputError(f"evidence {source} was collected with other router weights; collect it again for this model")
         moe = [m.layer for m in adapter.moe_layers(model)]
         layers = layers if layers is not None else moe
-        missing = sorted(set(layers) - set(evidence.layers))
-        if missing:
-            raise InvalidInputError(f"evidence {source} has no routing for layers {missing}")
-        if choose not in ("even", "all"):
-            raise InvalidInputError(f"choose must be 'even' or 'all', got {choose!r}")
-        cands = {l: layer_candidates(evidence.layers[l], config, choose) for l in layers}
-        tabs, info = certify_layers(cands, config)
+        allow = allow_test_split or config.allow_test_split
+        _check_evidence(evidence, ident, layers, source, allow)
+        if choose_evidence is not None:
+            if choose not in ("even", "separate"):
+                raise InvalidInputError(f"a separate choosing evidence cannot be combined with choose={choose!r}")
+            choose = "separate"
+            _check_evidence(choose_evidence, ident, layers, choose_source, allow)
+            _check_held_out(choose_evidence.metadata, evidence.metadata, choose_source, source)
+        elif choose not in ("even", "all"):
+            raise InvalidInputError(f"choose must be 'even' or 'all' without a choosing evidence, got {choose!r}")
+        chooser = {l: (choose_evidence.layers[l] if choose_evidence is not None else None) for l in layers}
+        cands = {l: layer_candidates(evidence.layers[l], config, choose, chooser[l]) for l in layers}
+        sides = _sides(evidence, source, choose_evidence, choose_source, choose)
+        tabs, info = certify_layers(cands, config, f"choose on {sides['choosing']['documents_rule']}, "
+                                                   f"certify on {sides['certifying']['documents_rule']}")
         if choose == "all":
             info = {"method": "sets chosen on all calibration documents; nothing certified (Phase 1 predictors)"}
-        pairs = {l: pair_table(evidence.layers[l], min_pair_count, choose) for l in layers}
-        glob = {l: global_set(evidence.layers[l], choose) for l in layers}
+        pairs = {l: pair_table(evidence.layers[l], min_pair_count, choose, chooser[l]) for l in layers}
+        glob = {l: global_set(evidence.layers[l], choose, chooser[l]) for l in layers}
         meta = {**ident, "layers": layers, "config": config.to_dict(), "source": str(source),
                 "source_split": evidence.metadata.get("split"), "source_model": evidence.metadata.get("model"),
                 "source_tokens": evidence.metadata.get("num_tokens"),
-                "source_documents": evidence.metadata.get("documents_per_half"),
+                "source_documents": evidence.metadata.get("documents_per_half"), **sides,
                 "verification": info, "min_pair_count": min_pair_count, "format_version": FORMAT_VERSION}
         return cls(tabs, meta, pairs, glob)
 
@@ -241,29 +352,23 @@ class VARTables:
         """Tables from a list of documents (each text one document; even ones choose, odd ones
         certify) -- for callers without a capture, e.g. tests that build tables for a tiny model."""
         from ..adapters import get_adapter
-        from ..corpus import chunk_sequences, pad_batch
-        from .eval_data import EvalBatch
 
         adapter = get_adapter(model)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        seqs = [(d, piece) for d, text in enumerate(texts)
-                for piece in chunk_sequences([tokenizer(text, add_special_tokens=False)["input_ids"]], max_length)]
-        if not seqs:
-            raise InvalidInputError("no text to build tables from")
-        batches = []
-        for i in range(0, len(seqs), batch_size):  # a loop over batches, not tokens
-            ids, mask = pad_batch([p for _, p in seqs[i:i + batch_size]], pad_id)
-            batches.append(EvalBatch(ids, mask, [d for d, _ in seqs[i:i + batch_size]]))
+        batches = document_batches([(d, tokenizer(text, add_special_tokens=False)["input_ids"]) for d, text in enumerate(texts)],
+                                   max_length, batch_size, pad_id)
         info = {"source": source, "router_fingerprint": model_identity(model, adapter)["router_fingerprint"]}
         return cls.from_evidence(collect_evidence(model, batches, adapter, info), model, adapter, config, source=source)
 
     @classmethod
     def from_stats_file(cls, path: str | Path, model: Any, adapter: Any, config: VARConfig,
                         layers: list[int] | None = None, tokenizer: Any = None, evidence: Evidence | None = None,
-                        allow_test_split: bool = False, batch_size: int = 8) -> "VARTables":
+                        allow_test_split: bool = False, batch_size: int = 8, choose_evidence: Evidence | None = None,
+                        choose_source: str = "") -> "VARTables":
         """Tables from a calibration capture: its metadata names the documents (dataset, split,
         max_length, num_samples); a routing pass over them collects the evidence by document
-        (unless `evidence` is given), and the pass must reproduce the capture's token counts."""
+        (unless `evidence` is given), and the pass must reproduce the capture's token counts.
+        With `choose_evidence` the sets are chosen there and certified on every calibration document."""
         from .stats_io import check_stats_for_model, read_stats
 
         df, meta = read_stats(path)
@@ -271,7 +376,9 @@ class VARTables:
         check_split(meta, str(path), allow_test_split)
         if evidence is None:
             evidence = evidence_for_stats(meta, model, adapter, tokenizer, batch_size)
-        tables = cls.from_evidence(evidence, model, adapter, config, layers, source=str(path))
+        tables = cls.from_evidence(evidence, model, adapter, config, layers, source=str(path),
+                                   choose_evidence=choose_evidence, choose_source=choose_source,
+                                   allow_test_split=allow_test_split)
         tables.metadata["frequency_check"] = frequency_check(df, evidence)
         tables.metadata["source_split"] = meta.get("split")
         return tables
