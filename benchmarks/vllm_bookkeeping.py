@@ -44,7 +44,9 @@ def worker(kind: str, model: str, tables: str, eager: bool, prompts: int, new_to
         from var_moe.vllm import engine_kwargs
 
         llm = LLM(**engine_kwargs(model, **common))
-        llm.collective_rpc("varmoe_load_tables", args=(tables,))
+        reply = llm.collective_rpc("varmoe_load_tables", args=(tables,))[0]
+        if "error" in reply:
+            raise SystemExit(f"tables refused: {reply['error']}")
     else:
         llm = LLM(model=model, **common)
     texts = [PROMPTS[i % len(PROMPTS)] for i in range(prompts)]

@@ -100,11 +100,13 @@ class VllmHost:
             hf = engine.vllm_config.model_config.hf_config
             return cls(engine, settings.model, None, None, list(range(int(hf.num_hidden_layers))), reason)
         try:
-            info = engine.collective_rpc("varmoe_load_tables", args=(str(tables_path),))[0]
-        except InvalidInputError:
-            raise
+            replies = engine.collective_rpc("varmoe_load_tables", args=(str(tables_path),))
         except Exception as exc:  # a worker process hands the error back wrapped
             raise InvalidInputError(f"VAR could not be set up on vLLM: {exc}") from None
+        refused = [r["error"] for r in replies if "error" in r]
+        if refused:  # every rank checks the same tables against the same gates
+            raise InvalidInputError(refused[0])
+        info = replies[0]
         from var_moe.var.tables import VARTables
 
         tables = VARTables.load(tables_path)

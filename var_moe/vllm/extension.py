@@ -4,6 +4,7 @@ vLLM mixes this class into every worker (`worker_extension_cls`), so the same ca
 in-process worker, spawned worker processes, and each tensor/data-parallel rank:
 
     llm.collective_rpc("varmoe_load_tables", args=(path,))   # checked against the loaded weights
+                                                             # ({"error": ...} per rank when refused)
     llm.collective_rpc("varmoe_set_enabled", args=(True,))   # the mode of requests that name none
     llm.collective_rpc("varmoe_counts")                      # {layer: [fast, learned, agree, disagree]}
 
@@ -36,9 +37,16 @@ class VarWorkerExtension:
         return state
 
     def varmoe_load_tables(self, path: str, check_fingerprint: bool = True) -> dict[str, Any]:
+        """{layer sizes, source, config, fingerprint}, or {"error": why} for tables refused for this model
+        (nothing written). Returned, not raised: with several workers vLLM hands the caller the first
+        rank's exception and leaves the other ranks' replies unread, so the next call would read them."""
+        from ..errors import InvalidInputError
         from .tables import load_tables
 
-        return load_tables(self._varmoe_state(), path, check_fingerprint)
+        try:
+            return load_tables(self._varmoe_state(), path, check_fingerprint)
+        except InvalidInputError as exc:
+            return {"error": str(exc)}
 
     def varmoe_clear_tables(self) -> None:
         from .tables import clear_tables
