@@ -5,6 +5,8 @@
 - `permissive_var_config()`: VARConfig fields under which a random tiny model (high routing
   entropy) still gets table entries.
 - `FakeBackend`: a RoutingBackend whose cumulative counters a test advances by hand.
+- `sse_events(text)`, `stream_matches_non_stream(client, prompt)`: the streaming checks both
+  engines' server tests share.
 """
 
 from __future__ import annotations
@@ -62,3 +64,28 @@ class FakeBackend:
             store = self.verification if tier in ("agree", "disagree") else self.tiers
             k = (int(layer[1:]), tier)
             store[k] = store.get(k, 0) + n
+
+
+def sse_events(text: str) -> list:
+    """The data of each server-sent event ("[DONE]" as is, the rest parsed as JSON)."""
+    out = []
+    for block in text.strip().split("\n\n"):
+        data = block.removeprefix("data: ")
+        out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def stream_matches_non_stream(client, prompt: str) -> list[dict]:
+    """Stream a greedy baseline generation and check it against the same request not streamed:
+    same text, one token event per generated token, [DONE] last. Returns the token events."""
+    req = {"prompt": prompt, "max_new_tokens": 10, "var": False}
+    plain = client.post("/v1/generate", json=req).json()
+    r = client.post("/v1/generate", json={**req, "stream": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    tokens = [e for e in events[:-1] if e["type"] == "token"]
+    done = events[-2]
+    assert done["type"] == "done" and done["text"] == plain["text"]
+    assert len(tokens) == plain["generated_tokens"]
+    return tokens

@@ -8,12 +8,10 @@ Run: `pytest tests/test_server_api.py` (about a minute on 2 CPU cores).
 
 from __future__ import annotations
 
-import json
-
 import httpx
 import pytest
 import torch
-from server_helpers import shadowed_var_args
+from server_helpers import shadowed_var_args, stream_matches_non_stream
 
 from analysis_jobs.server_process import ManagedServer
 from var_moe.loading import load_model
@@ -48,14 +46,6 @@ def client(server):
 def local(model_dir):
     torch.set_num_threads(1)
     return load_model(str(model_dir), dtype="float32")
-
-
-def sse_events(text: str) -> list:
-    out = []
-    for block in text.strip().split("\n\n"):
-        data = block.removeprefix("data: ")
-        out.append(data if data == "[DONE]" else json.loads(data))
-    return out
 
 
 # -- health --------------------------------------------------------------------------------------
@@ -97,16 +87,7 @@ def test_generate_var_pinned(client):
 
 
 def test_stream_equals_non_stream(client):
-    req = {"prompt": PROMPT, "max_new_tokens": 10, "var": False}
-    plain = client.post("/v1/generate", json=req).json()
-    r = client.post("/v1/generate", json={**req, "stream": True})
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-    events = sse_events(r.text)
-    assert events[-1] == "[DONE]"
-    tokens = [e for e in events[:-1] if e["type"] == "token"]
-    done = events[-2]
-    assert done["type"] == "done" and done["text"] == plain["text"]
-    assert len(tokens) == plain["generated_tokens"]
+    stream_matches_non_stream(client, PROMPT)
 
 
 def test_seeded_sampling_is_reproducible(client):

@@ -9,7 +9,6 @@ Runs in the vLLM environment only (skipped elsewhere). Test: `pytest tests/vllm_
 
 from __future__ import annotations
 
-import json
 import math
 
 import httpx
@@ -17,6 +16,8 @@ import psutil
 import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed in this environment (see make setup-vllm)")
+
+from server_helpers import stream_matches_non_stream  # noqa: E402  (tests/, on the path via conftest)
 
 from analysis_jobs.server_process import ManagedServer  # noqa: E402
 
@@ -51,14 +52,6 @@ def server(reference_model_dir, tmp_path_factory):
 def client(server):
     with httpx.Client(base_url=server.url, timeout=120) as c:
         yield c
-
-
-def sse_events(text: str) -> list:
-    out = []
-    for block in text.strip().split("\n\n"):
-        data = block.removeprefix("data: ")
-        out.append(data if data == "[DONE]" else json.loads(data))
-    return out
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -119,16 +112,7 @@ def test_pinned_modes_share_a_batch_row_by_row(client):
 
 
 def test_stream_equals_non_stream(client):
-    req = {"prompt": PROMPT, "max_new_tokens": 10, "var": False}
-    plain = client.post("/v1/generate", json=req).json()
-    r = client.post("/v1/generate", json={**req, "stream": True})
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-    events = sse_events(r.text)
-    assert events[-1] == "[DONE]"
-    tokens = [e for e in events[:-1] if e["type"] == "token"]
-    done = events[-2]
-    assert done["type"] == "done" and done["text"] == plain["text"]
-    assert len(tokens) == plain["generated_tokens"]
+    tokens = stream_matches_non_stream(client, PROMPT)
     assert all(math.isfinite(t["logprob"]) and t["logprob"] <= 0 for t in tokens)
 
 
