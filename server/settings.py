@@ -44,6 +44,9 @@ class ServerSettings(BaseSettings):
     max_model_len: int | None = Field(None, ge=16, description="vLLM: context length (default: the model's)")
     vllm_quantization: str | None = Field(None, description="vLLM: quantization method (awq, gptq, fp8, ...)")
     enforce_eager: bool = Field(False, description="vLLM: no torch.compile / CUDA graphs")
+    vllm_log_stats: bool = Field(
+        False, description="vLLM: its own per-step statistics and periodic log line (the server's /metrics "
+                           "does not need them; off, as `--disable-log-stats` on vLLM's server)")
     # -- VAR ---------------------------------------------------------------------------------
     var_tables: Path | None = Field(None, description=f"default: <model>/{VAR_DIR}/{VAR_TABLES_FILE} if present")
     routing_stats: Path | None = Field(None, description=f"default: <model>/{VAR_DIR}/{ROUTING_STATS_FILE} if present")

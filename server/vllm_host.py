@@ -39,7 +39,10 @@ def engine_args(settings) -> dict[str, Any]:
     """vLLM engine keyword arguments from the server settings (only what the operator set)."""
     kw: dict[str, Any] = {"dtype": settings.dtype, "seed": 0, "tensor_parallel_size": settings.tensor_parallel_size,
                           "data_parallel_size": settings.data_parallel_size,
-                          "enforce_eager": settings.enforce_eager, "max_num_seqs": settings.max_batch_size}
+                          "enforce_eager": settings.enforce_eager, "max_num_seqs": settings.max_batch_size,
+                          # vLLM's statistics cost work every step (scheduler stats in the engine core,
+                          # per-request timings here); the server counts what it exports itself
+                          "disable_log_stats": not settings.vllm_log_stats}
     if settings.gpu_memory_utilization is not None:
         kw["gpu_memory_utilization"] = settings.gpu_memory_utilization
     if settings.max_model_len is not None:

@@ -28,3 +28,15 @@ def test_unknown_engine_is_a_flag_error():
 def test_vllm_engine_without_vllm_says_how_to_get_it():
     r = serve("--engine", "vllm")
     assert r.returncode == 2 and "make setup-vllm" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_vllm_engine_arguments_pass_through_what_the_operator_set():
+    from server.settings import ServerSettings
+    from server.vllm_host import engine_args
+
+    kw = engine_args(ServerSettings(engine="vllm", tensor_parallel_size=2, max_model_len=512, max_batch_size=16))
+    assert kw["tensor_parallel_size"] == 2 and kw["max_model_len"] == 512 and kw["max_num_seqs"] == 16
+    assert "gpu_memory_utilization" not in kw and "quantization" not in kw  # vLLM's defaults stand
+    # vLLM's own statistics are off unless asked for (as `--disable-log-stats` on vLLM's server)
+    assert kw["disable_log_stats"] is True
+    assert engine_args(ServerSettings(engine="vllm", vllm_log_stats=True))["disable_log_stats"] is False
