@@ -28,7 +28,7 @@ FLAGS: dict[str, tuple[type | None, str]] = {
     "threads": (int, "torch CPU threads of the engine"),
     "engine": (str, "builtin (default; capture and audit) | vllm (needs the vLLM environment)"),
     "tensor_parallel_size": (int, "vLLM: GPUs per replica (tensor parallel)"),
-    "data_parallel_size": (int, "vLLM: replicas inside this server (data parallel)"),
+    "data_parallel_size": (int, "vLLM: 1 only; data parallel = servers behind a load balancer"),
     "gpu_memory_utilization": (float, "vLLM: share of GPU memory for weights and KV cache"),
     "max_model_len": (int, "vLLM: context length"),
     "vllm_quantization": (str, "vLLM: quantization method (awq, gptq, fp8, ...)"),

@@ -39,7 +39,8 @@ class ServerSettings(BaseSettings):
     engine: Literal["builtin", "vllm"] = Field("builtin", description="builtin (transformers) | vllm")
     # passed through to vLLM (--engine vllm only)
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM: GPUs per replica (tensor parallel)")
-    data_parallel_size: int = Field(1, ge=1, description="vLLM: model replicas in this server (data parallel)")
+    data_parallel_size: int = Field(1, ge=1, le=1, description="vLLM: 1 only (data parallel: replicas behind a "
+                                                               "load balancer, docs/SERVER.md)")
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="vLLM: share of GPU memory")
     max_model_len: int | None = Field(None, ge=16, description="vLLM: context length (default: the model's)")
     vllm_quantization: str | None = Field(None, description="vLLM: quantization method (awq, gptq, fp8, ...)")
@@ -83,6 +84,20 @@ class ServerSettings(BaseSettings):
     @classmethod
     def _empty_token_is_none(cls, v):
         return None if v in ("", None) else v
+
+    @field_validator("data_parallel_size", mode="before")
+    @classmethod
+    def _one_data_parallel_rank(cls, v):
+        # The server steps vLLM's synchronous LLMEngine, whose client sends every request and every
+        # collective_rpc to data-parallel rank 0 only (measured with 2 ranks: one reply, and
+        # generation hung waiting for the idle rank). Refused rather than served half-configured.
+        if v is not None and int(v) > 1:
+            raise ValueError(
+                "data parallelism is not supported by `varmoe serve --engine vllm`: vLLM's synchronous engine "
+                "reaches data-parallel rank 0 only (its other ranks would get no tables and no requests). "
+                "Scale out with one server per GPU group behind a load balancer, and with "
+                "--tensor-parallel-size inside each (docs/SERVER.md, Scaling out)")
+        return v
 
     @field_validator("var_tables", "routing_stats")
     @classmethod

@@ -126,7 +126,7 @@ class VllmHost:
 
     def _device_counts(self) -> dict[int, list[int]]:
         merged: dict[int, list[int]] = {}
-        for worker in self.llm.collective_rpc("varmoe_counts"):  # one dict per worker; data-parallel ranks add up
+        for worker in self.llm.collective_rpc("varmoe_counts"):  # one dict per worker (tensor-parallel ranks)
             for layer, c in worker.items():
                 merged[int(layer)] = [a + b for a, b in zip(merged.get(int(layer), [0] * len(c)), c)]
         if merged and self.llm.vllm_config.parallel_config.tensor_parallel_size > 1:

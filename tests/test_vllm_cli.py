@@ -40,3 +40,10 @@ def test_vllm_engine_arguments_pass_through_what_the_operator_set():
     # vLLM's own statistics are off unless asked for (as `--disable-log-stats` on vLLM's server)
     assert kw["disable_log_stats"] is True
     assert engine_args(ServerSettings(engine="vllm", vllm_log_stats=True))["disable_log_stats"] is False
+
+
+def test_data_parallel_is_refused_with_the_way_to_scale_out():
+    # vLLM's synchronous engine reaches data-parallel rank 0 only: refused before anything loads
+    r = serve("--engine", "vllm", "--data-parallel-size", "2")
+    assert r.returncode == 2 and "--data-parallel-size" in r.stderr and "load balancer" in r.stderr
+    assert "Traceback" not in r.stderr
