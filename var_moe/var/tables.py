@@ -60,6 +60,7 @@ from .certify import (  # noqa: F401  (re-exported: the table API in one place)
 )
 from .config import VARConfig
 from .evidence import Evidence, collect_evidence
+from .pairs import PairCandidates, PairTable, accepted_pairs
 from .stats_io import check_split  # noqa: F401  (re-exported: callers check a file before loading a model)
 
 FORMAT_VERSION = 2
@@ -96,29 +97,55 @@ class LayerTable:
 def certify_layers(cands: dict[int, Candidates], config: VARConfig,
                    method: str = "choose on even documents, certify on odd documents") -> tuple[dict[int, LayerTable], dict[str, Any]]:
     """The multiplicity step over every candidate entry of every layer (one family), then tables."""
+    tabs, _, info = certify_entries(cands, {}, config, method)
+    return tabs, info
+
+
+def certify_entries(cands: dict[int, Candidates], pair_cands: dict[int, PairCandidates], config: VARConfig,
+                    method: str = "choose on even documents, certify on odd documents",
+                    ) -> tuple[dict[int, LayerTable], dict[int, PairTable], dict[str, Any]]:
+    """The multiplicity step over every token candidate AND every (previous, token) candidate
+    (`pairs.py`) of every layer as one family, then token tables and pair tables."""
     alpha = (1 - config.confidence_level) / 2  # one-sided; equals the old two-sided Wilson level for m = 1
     layers = sorted(cands)
-    pv = torch.cat([cands[l].pvalue_V[cands[l].eligible_V] for l in layers])
+    players = sorted(pair_cands)
+    pv = torch.cat([cands[l].pvalue_V[cands[l].eligible_V] for l in layers]
+                   + [pair_cands[l].pvalue_P[pair_cands[l].eligible_P] for l in players])
     accepted, level = multiplicity_levels(pv, alpha, config.multiplicity)
-    out: dict[int, LayerTable] = {}
     start = 0
+
+    def split(eligible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(member, z) of one block of the family, in the block's own index space."""
+        nonlocal start
+        idx = eligible.nonzero().squeeze(1)
+        n = idx.numel()
+        member = torch.zeros_like(eligible)
+        member[idx] = accepted[start:start + n]
+        level_X = torch.full(eligible.shape, alpha, dtype=torch.float64)
+        level_X[idx] = level[start:start + n]
+        start += n
+        return member, torch.special.ndtri(1 - level_X.clamp(1e-300, 0.5))
+
+    out: dict[int, LayerTable] = {}
     for l in layers:
         c = cands[l]
-        idx = c.eligible_V.nonzero().squeeze(1)
-        n = idx.numel()
-        member_V = torch.zeros_like(c.seen_V)
-        member_V[idx] = accepted[start:start + n]
-        level_V = torch.full(c.seen_V.shape, alpha, dtype=torch.float64)
-        level_V[idx] = level[start:start + n]
-        z_V = torch.special.ndtri(1 - level_V.clamp(1e-300, 0.5))
-        start += n
+        member_V, z_V = split(c.eligible_V)
         bound_V = wilson_lower_bound(c.agree_V, c.total_V, z_V)
         out[l] = LayerTable(c.modal_VK, c.weights_VK.float(), c.mass_V.float(), member_V, bound_V.float(),
                             c.agree_V, c.total_V, c.select_V)
+    n_tok = sum(int(cands[l].eligible_V.sum()) for l in layers)
     info = {"method": method, "multiplicity": config.multiplicity,
-            "alpha_one_sided": alpha, "candidates": int(pv.numel()), "accepted": int(accepted.sum()),
+            "alpha_one_sided": alpha, "candidates": n_tok, "accepted": int(accepted[:n_tok].sum()),
             "max_per_document": config.max_per_document}
-    return out, info
+    ptabs: dict[int, PairTable] = {}
+    for l in players:
+        c = pair_cands[l]
+        member_P, z_P = split(c.eligible_P)
+        ptabs[l] = accepted_pairs(c, member_P, wilson_lower_bound(c.agree_P, c.total_P, z_P))
+    if players:
+        info |= {"pair_candidates": int(pv.numel()) - n_tok, "pair_accepted": int(accepted[n_tok:].sum()),
+                 "family": "token and (previous, token) candidates of all layers"}
+    return out, ptabs, info
 
 
 
