@@ -59,7 +59,9 @@ def joint_tables(cal, chooser, cfg, min_pair_count: int | None, prescreen: bool)
     side = {l: (None if chooser is None else chooser.layers[l]) for l in cal.layers}
     cands = {l: layer_candidates(cal.layers[l], cfg, choose, side[l]) for l in cal.layers}
     pcands = {l: pair_candidates(cal.layers[l], cfg, min_pair_count, prescreen, choose, side[l]) for l in cal.layers}
-    return cands, pcands, certify_entries(cands, pcands, cfg)
+    method = ("choose on even documents, certify on odd documents" if chooser is None else
+              "choose on all documents of the choosing evidence, certify on all documents of the certifying evidence")
+    return cands, pcands, certify_entries(cands, pcands, cfg, method + "; token and (previous, token) entries")
 
 
 def score(test, tabs, ptabs, target, resamples):

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InvalidInputError
-from .certify import _certifying, _choosing, _modal, capped_counts, choosing_side, document_groups, score_pvalues
+from .certify import (_certifying, _choosing, _modal, capped_counts, choosing_side, document_groups, mean_weights_VE,
+                      score_pvalues, served_weights)
 from .config import VARConfig
 from .evidence import LayerEvidence, decode_sets
 
@@ -37,7 +38,9 @@ class PairCandidates:
 
     keys_P: torch.Tensor  # long, prev * V + token, ascending
     code_P: torch.Tensor  # long, set code of the chosen set (`evidence.set_codes`)
-    sets_PK: torch.Tensor  # long, the chosen set (ascending expert ids)
+    sets_PK: torch.Tensor  # long, the chosen set, the expert with the largest stored weight first
+    weights_PK: torch.Tensor  # float64, the token's mean learned weights of those experts, renormalised
+    mass_P: torch.Tensor  # float64, their raw sum
     select_P: torch.Tensor  # float64, occurrences on the choosing side
     share_P: torch.Tensor  # float64, the chosen set's share of them
     eligible_P: torch.Tensor  # bool, enters the family (count, pre-screen, certifying occurrences > 0)
@@ -52,8 +55,10 @@ class PairTable:
     """One layer's certified pair entries (only the accepted ones, sorted by key)."""
 
     keys_P: torch.Tensor  # long, prev * V + token, ascending
-    sets_PK: torch.Tensor  # long, the chosen set (ascending expert ids)
-    code_P: torch.Tensor  # long, its set code
+    sets_PK: torch.Tensor  # long, the chosen set, the expert with the largest stored weight first
+    weights_PK: torch.Tensor  # float32, rows sum to 1 over the set
+    mass_P: torch.Tensor  # float32, raw sum of the mean learned weights over the set
+    code_P: torch.Tensor  # long, the set's code (`evidence.set_codes` of the sorted set)
     bound_P: torch.Tensor  # float32, Wilson lower bound at the entry's adjusted level
     agree_P: torch.Tensor  # float64
     total_P: torch.Tensor  # float64
@@ -115,13 +120,19 @@ def pair_candidates(ev: LayerEvidence, config: VARConfig, min_pair_count: int | 
     if prescreen:  # choosing side only: the pair's own split must already reach the target there
         eligible_P &= share_P >= config.target_agreement
     pvalue_P = score_pvalues(agree_P, total_P, config.target_agreement)
-    sets_PK = decode_sets(code_P, ev.num_experts, ev.top_k)
-    return PairCandidates(keys_P, code_P, sets_PK, select_P, share_P, eligible_P, agree_P, total_P, docs_P, pvalue_P)
+    # served weights: pairs keep no weights of their own, so the token's mean learned weight of each
+    # expert of the pair's set (on the choosing side), renormalised over the set
+    tok_P = keys_P % v
+    sets_PK, weights_PK, mass_P = served_weights(mean_weights_VE(src, choose)[tok_P],
+                                                 decode_sets(code_P, ev.num_experts, ev.top_k),
+                                                 torch.ones_like(tok_P, dtype=torch.bool))
+    return PairCandidates(keys_P, code_P, sets_PK, weights_PK, mass_P, select_P, share_P, eligible_P, agree_P, total_P, docs_P, pvalue_P)
 
 
 def accepted_pairs(c: PairCandidates, member_P: torch.Tensor, bound_P: torch.Tensor) -> PairTable:
     """The accepted entries of one layer's candidates."""
-    return PairTable(c.keys_P[member_P], c.sets_PK[member_P], c.code_P[member_P],
+    return PairTable(c.keys_P[member_P], c.sets_PK[member_P], c.weights_PK[member_P].float(), c.mass_P[member_P].float(),
+                     c.code_P[member_P],
                      bound_P[member_P].float(), c.agree_P[member_P], c.total_P[member_P])
 
 

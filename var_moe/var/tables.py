@@ -27,6 +27,9 @@ Stored per layer: `experts_VK` (chosen set, top expert first), `weights_VK` (mea
 each expert when chosen on the choosing half, renormalised to sum 1), `mass_V` (raw sum),
 `member_V`, `bound_V`, and the certifying counts `agree_V` / `total_V` that shadow verification
 extends; for validation also (previous, token) modal sets (`pairs`) and the global modal set.
+With `config.pair_entries`, also certified (previous, token) entries (`pair_tier`, `pairs.py`): pair
+candidates enter the same multiplicity family as token candidates, and the router serves a pair
+entry only where the row's token has no entry.
 Files: safetensors (tensors `layer{l}.{name}`) + the metadata as JSON beside it. `VARTables.load(path,
 model)` refuses a file made for another model type, vocabulary, E, k or router weights.
 The statistics (choose, certify, multiplicity) are in `certify.py`, the counting in `evidence.py`.
@@ -60,10 +63,11 @@ from .certify import (  # noqa: F401  (re-exported: the table API in one place)
 )
 from .config import VARConfig
 from .evidence import Evidence, collect_evidence
-from .pairs import PairCandidates, PairTable, accepted_pairs
+from .pairs import PairCandidates, PairTable, accepted_pairs, pair_candidates
 from .stats_io import check_split  # noqa: F401  (re-exported: callers check a file before loading a model)
 
 FORMAT_VERSION = 2
+PAIR_NAMES = ("keys_P", "sets_PK", "weights_PK", "mass_P", "code_P", "bound_P", "agree_P", "total_P")  # PairTable fields
 
 
 @dataclass
@@ -316,11 +320,15 @@ class VARTables:
 
     def __init__(self, layers: dict[int, LayerTable], metadata: dict[str, Any],
                  pairs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
-                 global_sets: dict[int, torch.Tensor] | None = None):
+                 global_sets: dict[int, torch.Tensor] | None = None, pair_tier: dict[int, PairTable] | None = None):
         self.layers = layers
         self.metadata = metadata
         self.pairs = pairs or {}  # layer -> (keys_P = prev * V + token, sets_PK, counts_P); for validation
         self.global_sets = global_sets or {}  # layer -> the most frequent set (fallback predictor)
+        self.pair_tier = pair_tier or {}  # layer -> certified (previous, token) entries the router serves
+
+    def pair_sizes(self) -> dict[int, int]:
+        return {l: p.size for l, p in sorted(self.pair_tier.items())}
 
     def __getitem__(self, layer: int) -> LayerTable:
         return self.layers[layer]
@@ -360,8 +368,15 @@ class VARTables:
         chooser = {l: (choose_evidence.layers[l] if choose_evidence is not None else None) for l in layers}
         cands = {l: layer_candidates(evidence.layers[l], config, choose, chooser[l]) for l in layers}
         sides = _sides(evidence, source, choose_evidence, choose_source, choose)
-        tabs, info = certify_layers(cands, config, f"choose on {sides['choosing']['documents_rule']}, "
-                                                   f"certify on {sides['certifying']['documents_rule']}")
+        pcands = {}
+        if config.pair_entries and choose != "all":  # candidates pre-screened on the choosing side (pairs.py)
+            pcands = {l: pair_candidates(evidence.layers[l], config, config.min_pair_count, True, choose, chooser[l])
+                      for l in layers}
+        tabs, served_pairs, info = certify_entries(cands, pcands, config, f"choose on {sides['choosing']['documents_rule']}, "
+                                                                          f"certify on {sides['certifying']['documents_rule']}")
+        if pcands:
+            info["pair_entries_without_token_entry"] = {
+                str(l): int((~tabs[l].member_V[p.keys_P % tabs[l].member_V.numel()]).sum()) for l, p in served_pairs.items()}
         if choose == "all":
             info = {"method": "sets chosen on all calibration documents; nothing certified (Phase 1 predictors)"}
         pairs = {l: pair_table(evidence.layers[l], min_pair_count, choose, chooser[l]) for l in layers}
@@ -371,7 +386,7 @@ class VARTables:
                 "source_tokens": evidence.metadata.get("num_tokens"),
                 "source_documents": evidence.metadata.get("documents_per_half"), **sides,
                 "verification": info, "min_pair_count": min_pair_count, "format_version": FORMAT_VERSION}
-        return cls(tabs, meta, pairs, glob)
+        return cls(tabs, meta, pairs, glob, served_pairs)
 
     @classmethod
     def from_texts(cls, model: Any, tokenizer: Any, texts: list[str], config: VARConfig, max_length: int = 256,
@@ -420,7 +435,10 @@ class VARTables:
             tensors |= {f"layer{l}.pair_keys_P": keys.contiguous(), f"layer{l}.pair_sets_PK": sets.contiguous(),
                         f"layer{l}.pair_counts_P": counts.contiguous()}
         tensors |= {f"layer{l}.global_set_K": g.contiguous() for l, g in self.global_sets.items()}
+        tensors |= {f"layer{l}.tier_pair.{n}": getattr(p, n).contiguous() for l, p in self.pair_tier.items() for n in PAIR_NAMES}
         meta = {**self.metadata, "sizes": {str(l): s for l, s in self.sizes().items()}, "format_version": FORMAT_VERSION}
+        if self.pair_tier:
+            meta["pair_sizes"] = {str(l): s for l, s in self.pair_sizes().items()}
         save_file(tensors, str(p), metadata={"varmoe_tables": json.dumps(meta)})
         p.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         return p
@@ -444,7 +462,9 @@ class VARTables:
         pairs = {int(l): tuple(tensors[f"layer{l}.{n}"] for n in ("pair_keys_P", "pair_sets_PK", "pair_counts_P"))
                  for l in meta["layers"] if f"layer{l}.pair_keys_P" in tensors}
         glob = {int(l): tensors[f"layer{l}.global_set_K"] for l in meta["layers"] if f"layer{l}.global_set_K" in tensors}
-        tables = cls(layers, meta, pairs, glob)
+        tier = {int(l): PairTable(*(tensors[f"layer{l}.tier_pair.{n}"] for n in PAIR_NAMES))
+                for l in meta["layers"] if f"layer{l}.tier_pair.keys_P" in tensors}
+        tables = cls(layers, meta, pairs, glob, tier)
         if model is not None:
             tables.check_model(model, adapter, check_fingerprint=check_fingerprint, source=str(p))
         return tables
