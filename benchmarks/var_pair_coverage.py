@@ -84,6 +84,38 @@ def score(test, tabs, ptabs, target, resamples):
     return out
 
 
+def router_check(model, tok, adapter, tables, num_batches: int) -> dict:
+    """The router's fast rows (token entries) and pair rows per layer on the first test batches
+    (back-to-back 256-token pieces) against the offline lookup (`served_masks`) on evidence of the
+    same batches: decisions depend on token ids only, so the counts must be equal."""
+    from var_moe.var.config import get_preset
+    from var_moe.var.evaluate import eval_batches
+    from var_moe.var.evidence import collect_evidence
+    from var_moe.var.pairs import served_masks
+    from var_moe.var.router import C
+    from var_moe.var.wrapper import VARModelWrapper
+
+    meta = tables.metadata.get("certifying") or {}
+    batches = eval_batches(tok, meta.get("dataset") or "stdlib", "test", None, 256, 8, max_per_doc=None)[:num_batches]
+    ev = collect_evidence(model, batches, adapter)
+    want = {}
+    for l, t in tables.layers.items():
+        m = served_masks(ev.layers[l], t, tables.pair_tier.get(l))
+        w = ev.layers[l].counts_R
+        want[l] = (int((w * m["token_served"]).sum()), int((w * m["pair_served"]).sum()))
+    wrapper = VARModelWrapper(model, get_preset("balanced"), tables=tables)
+    with torch.no_grad():
+        for b in batches:
+            wrapper(input_ids=b.ids, attention_mask=b.mask, use_cache=False)
+    counts = wrapper.stack.counts()
+    wrapper.restore()
+    got = {l: (int(counts[i, C["fast"]] - counts[i, C["fast_pair"]]), int(counts[i, C["fast_pair"]]))
+           for i, l in enumerate(wrapper.stack.layers)}
+    return {"batches": num_batches, "tokens": int(ev.metadata["num_tokens"]),
+            "offline_token_pair_rows": {str(l): v for l, v in want.items()},
+            "router_token_pair_rows": {str(l): v for l, v in got.items()}, "equal": got == want}
+
+
 def main() -> None:
     from var_moe.adapters import get_adapter
     from var_moe.loading import REFERENCE_MODEL_DIR, load_model
@@ -102,11 +134,16 @@ def main() -> None:
                     help="comma-separated minimum pair counts on the choosing side; 'preset' = the preset's frequency threshold")
     ap.add_argument("--prescreen", default="on", choices=["on", "off", "on,off", "off,on"],
                     help="pair candidates only if their set's share on the choosing side reaches the target")
+    ap.add_argument("--tables", nargs="*", default=[],
+                    help="also score these tables files (token entries + their pair tier, as the router serves them)")
+    ap.add_argument("--router-check-batches", type=int, default=0,
+                    help="with --tables: run the router on this many test batches (8 x 256) and check that its token and "
+                         "pair rows per layer equal the offline lookup on evidence of the same batches")
     ap.add_argument("--resamples", type=int, default=2000)
     ap.add_argument("--json", default="results/phase2/pair_coverage.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    model, _ = load_model(args.model)
+    model, tok = load_model(args.model)
     adapter = get_adapter(model)
     cal = Evidence.load(args.evidence)
     chooser = Evidence.load(args.choose_evidence) if args.choose_evidence else None
@@ -150,6 +187,20 @@ def main() -> None:
                       f"token+pair {100 * s['token+pair']['overall']['coverage']:.2f}% at "
                       f"{100 * (s['token+pair']['overall']['agreement'] or 0):.2f}%; pair entries served "
                       f"{sum(served.values())} ({run['pair_served_mb']:.3f} MB); {info}", flush=True)
+    for path in args.tables:
+        t = VARTables.load(path, model, adapter)
+        sc = score(test, t.layers, t.pair_tier, (t.metadata.get("config") or {}).get("target_agreement"), args.resamples)
+        served = {l: int((~t.layers[l].member_V[p.keys_P % p.keys_P.new_tensor(model.config.vocab_size)]).sum())
+                  for l, p in t.pair_tier.items()}
+        doc["runs"].append({"tables": path, "joint": sc, "pair_served_entries_per_layer": {str(l): n for l, n in served.items()},
+                            "verification": t.metadata.get("verification")})
+        for tiers in ("token", "pair", "token+pair"):
+            lines += _lines(f"| {path} | {t.metadata['config']['target_agreement']} | - | - | {tiers} ", sc[tiers],
+                            None if tiers == "pair" else t.sizes(), None if tiers == "token" else served)
+    if args.router_check_batches and args.tables:
+        doc["router_check"] = router_check(model, tok, adapter, VARTables.load(args.tables[-1], model, adapter),
+                                           args.router_check_batches)
+        print(f"router check ({args.tables[-1]}): {doc['router_check']}")
     print("\n".join(lines))
     doc["table_markdown"] = "\n".join(lines)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
