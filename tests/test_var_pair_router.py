@@ -129,6 +129,7 @@ def test_router_pair_decisions_equal_the_offline_lookup():
     from var_moe.var.router import C
 
     assert int(counts[:, C["fast_pair"]].sum()) == n_pair > 0
+    assert w.get_performance_stats()["overall"]["fast_pair"] == n_pair
     w.restore()
 
 

@@ -264,6 +264,7 @@ def _summary(c: list[int]) -> dict[str, Any]:
         "shadow_agreement": c[C["shadow_agree"]] / checked if checked else None,
         "demoted": c[C["demoted"]],
         "adaptive_single": c[C["adaptive_single"]],
+        "fast_pair": c[C["fast_pair"]],  # fast rows served by a (previous, token) entry
         "fallback_forwards": c[C["fallback_forwards"]],
     }
     for tier in ("fast", "cached"):
