@@ -199,3 +199,19 @@ def test_pair_lookup_and_refusals():
         pair_candidates(ev, VARConfig(entropy_threshold=0.9))
     with pytest.raises(InvalidInputError, match="min_pair_count"):
         pair_candidates(ev, VARConfig(entropy_threshold=None), min_pair_count=0)
+
+
+def test_pair_flags_reach_the_config():
+    import argparse
+
+    from var_moe.commands._var import add_var_flags, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_var_flags(p, with_tables=False)
+    cfg = config_from_args(p.parse_args(["--pair-entries", "--min-pair-count", "7"]))
+    assert cfg.pair_entries and cfg.min_pair_count == 7
+    assert not config_from_args(p.parse_args([])).pair_entries  # off in the presets
+    with pytest.raises(InvalidInputError, match="min_pair_count"):
+        config_from_args(p.parse_args(["--pair-entries", "--min-pair-count", "0"]))
+    with pytest.raises(InvalidInputError, match="pair_entries"):
+        config_from_args(p.parse_args(["--pair-entries", "--entropy-threshold", "0.85"]))
