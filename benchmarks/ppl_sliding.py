@@ -6,7 +6,7 @@ NLL sums written after every chunk, so a run cut short still gives every documen
         --tables balanced=models/reference-moe/var/var_tables.safetensors \
         --tables loose=results/phase2/tables_loose.safetensors          # and --shard 1/2 beside it
     python -m benchmarks.ppl_sliding --merge runs/ppl/shard0.json runs/ppl/shard1.json \
-        --output results/phase2/ppl_sliding.json
+        --output results/phase2/ppl_sliding.json [--against NAME]
 
 A shard takes the documents whose index is congruent to it (so a partial run covers the whole
 split evenly). Each VAR run uses the balanced preset's runtime settings (cache off) with the given
@@ -112,6 +112,13 @@ def merge(a: argparse.Namespace) -> None:
         result["var"][k] = {"perplexity_bootstrap": paired_bootstrap(nll["baseline"], cnt["baseline"], nll[k], cnt[k],
                                                                     a.bootstrap, 0),
                             "fast_share_of_fed_tokens_approx": fast}
+    if a.against:  # each other table set against this one instead of the baseline, paired on the same documents
+        if a.against not in names[1:]:
+            raise SystemExit(f"--against {a.against!r} is not one of the merged table sets {names[1:]}")
+        for k in names[1:]:
+            if k != a.against:
+                result["var"][k][f"perplexity_vs_{a.against}"] = paired_bootstrap(nll[a.against], cnt[a.against], nll[k],
+                                                                                  cnt[k], a.bootstrap, 0)
     result["documents"] = sorted(docs)
     Path(a.output).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps({k: v for k, v in result.items() if k != "documents"}, indent=1))
@@ -131,6 +138,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--bootstrap", type=int, default=2000)
     p.add_argument("--merge", nargs="+", default=None, help="shard files to merge instead of running")
+    p.add_argument("--against", default=None, help="with --merge: also compare every other table set to this NAME")
     p.add_argument("--output", required=True)
     a = p.parse_args()
     merge(a) if a.merge else run_shard(a)

@@ -15,7 +15,8 @@ after one warm-up generation; the table gives the median time and the median of 
 ratios to baseline.
 
 Run: `python benchmarks/var_decode_ablation.py [--new-tokens 64] [--repeats 7] [--warm-sequences 0]
-[--variants baseline,var] [--json F]`
+[--variants baseline,var] [--extra-tables NAME=PATH ...] [--json F]` (an extra tables file is one
+more variant with the committed tables' config).
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def main() -> None:
                     help="calibration sequences (256 tokens) forwarded through each VAR variant first")
     ap.add_argument("--json", default=None, help="write the per-repeat times and the summary here")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants (baseline always runs)")
+    ap.add_argument("--extra-tables", action="append", default=[], metavar="NAME=PATH",
+                    help="one more variant: the committed tables' config with this tables file (repeatable), e.g. "
+                         "tables with (previous, token) entries against the same token tables without them")
     args = ap.parse_args()
     if args.new_tokens < 1 or args.repeats < 1:
         ap.error("--new-tokens and --repeats must be >= 1")
@@ -67,9 +71,16 @@ def main() -> None:
     unknown = sorted(set(chosen) - set(VARIANTS))
     if unknown:
         ap.error(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
+    extra = {}
+    for spec in args.extra_tables:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or name in VARIANTS or name in extra:
+            ap.error(f"--extra-tables takes NAME=PATH with a new NAME, got {spec!r}")
+        extra[name] = VARTables.load(path, model=model)
+    chosen += list(extra)
     wrappers = {}
-    for name, change in ((n, VARIANTS[n]) for n in chosen):
-        wrappers[name] = VARModelWrapper(model, dataclasses.replace(base_config, **(change or {})), tables)
+    for name, change in ((n, VARIANTS.get(n, {})) for n in chosen):
+        wrappers[name] = VARModelWrapper(model, dataclasses.replace(base_config, **(change or {})), extra.get(name, tables))
         if change is None:
             wrappers[name].disable_var()
         elif args.warm_sequences:
@@ -113,6 +124,12 @@ def main() -> None:
                          "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
         print(f"{name:<14}{med:>10.4f}{args.new_tokens / med:>10.0f}{statistics.median(ratios):>12.3f}"
               f"{min(ratios):>8.3f}-{max(ratios):.3f}")
+    first = next(iter(extra), None)
+    for name in list(extra)[1:]:  # each further tables file against the first one, per repeat
+        ratios = [a / b for a, b in zip(times[first], times[name])]
+        summary[name][f"ratio_vs_{first}_median"] = statistics.median(ratios)
+        print(f"{name} / {first}: median of per-repeat ratios {statistics.median(ratios):.3f} "
+              f"(range {min(ratios):.3f}-{max(ratios):.3f})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"new_tokens": args.new_tokens, "repeats": args.repeats, "warm_sequences": args.warm_sequences,

@@ -31,6 +31,10 @@ def add_var_flags(p: argparse.ArgumentParser, with_tables: bool = True) -> None:
                    help="certifying occurrences one document may contribute, or 'none' for all")
     p.add_argument("--multiplicity", choices=list(MULTIPLICITY), default=None,
                    help="correction over all entries: bh (expected share of wrong entries), holm (any wrong entry), none")
+    p.add_argument("--pair-entries", dest="pair_entries", action="store_true", default=None,
+                   help="also certify (previous token, token) entries, served where the token has no entry")
+    p.add_argument("--min-pair-count", dest="min_pair_count", type=int, default=None,
+                   help="minimum occurrences of a (previous, token) pair on the choosing side (default: --frequency-threshold)")
     p.add_argument("--allow-test-split", dest="allow_test_split", action="store_true",
                    help="build tables from statistics of the test split (refused otherwise: the evaluation scores it)")
     p.add_argument("--adaptive-k", dest="adaptive_k", action="store_true", default=None, help="one expert for dominant verified tokens")
@@ -53,7 +57,8 @@ def config_from_args(args: argparse.Namespace, for_evaluation: bool = False) -> 
     cfg = VARConfig.from_json(args.config) if args.config else get_preset(args.preset)
     changes: dict[str, Any] = {}
     for name in ("adaptive_k", "adaptive_k_min_weight", "weights_source", "shadow_rate", "shadow_min_checks",
-                 "cache_ttl_steps", "target_agreement", "frequency_threshold", "multiplicity"):
+                 "cache_ttl_steps", "target_agreement", "frequency_threshold", "multiplicity", "pair_entries",
+                 "min_pair_count"):
         if getattr(args, name, None) is not None:
             changes[name] = getattr(args, name)
     for name, flag in (("entropy_threshold", "--entropy-threshold"), ("max_per_document", "--max-per-document")):

@@ -70,4 +70,8 @@ def run(args: argparse.Namespace) -> int:
     v = tables.metadata["verification"]
     print(f"wrote {path} (+ {path.with_suffix('.json').name}): entries per layer {sizes}, total {sum(sizes.values())} "
           f"({v['accepted']} of {v['candidates']} candidates certified, {v['multiplicity']}; {v['method']})")
+    if tables.pair_tier:
+        print(f"(previous, token) entries per layer {tables.pair_sizes()} ({v['pair_accepted']} of {v['pair_candidates']} "
+              f"pair candidates certified in the same family; without a token entry for their token: "
+              f"{v['pair_entries_without_token_entry']})")
     return 0

@@ -6,7 +6,8 @@ decisions): per layer, the share of valid test tokens the table serves (coverage
 of those whose learned top-k set equals the table's set exactly (agreement), each with a 95%
 percentile interval from resampling test documents with replacement (documents, not tokens, are
 the independent units). Vectorised: per (layer, document) sums with `np.bincount`, resamples as
-one matrix. Test: `pytest tests/test_validation_served.py`.
+one matrix. `score_served` scores any per-row served / agreeing masks the same way (e.g. token plus
+(previous, token) entries, `benchmarks/var_pair_coverage.py`). Test: `pytest tests/test_var_pairs.py`.
 """
 
 from __future__ import annotations
@@ -21,19 +22,29 @@ from .bootstrap import document_resamples, ratio_ci95
 
 def served_agreement(tables: Any, test: Evidence, resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
     target = (tables.metadata.get("config") or {}).get("target_agreement")
-    out: dict[str, Any] = {"target_agreement": target, "resamples": resamples, "layers": {}}
-    pick = None
-    tot_all = srv_all = agr_all = None
+    masks = {}
     for layer in sorted(tables.layers):
         ev = test.layers.get(layer)
         if ev is None:
             continue
         t = tables.layers[layer]
-        rows, counts = ev.rows_R4, ev.counts_R.double()
-        tok = rows[:, 2]
+        tok = ev.rows_R4[:, 2]
         code_V = set_codes(t.experts_VK.sort(1).values, ev.num_experts)
         served_R = t.member_V[tok]
-        agree_R = served_R & (rows[:, 3] == code_V[tok])
+        masks[layer] = (ev.rows_R4, ev.counts_R, served_R, served_R & (ev.rows_R4[:, 3] == code_V[tok]), t.size)
+    return score_served(masks, target, resamples, seed)
+
+
+def score_served(masks: dict[int, tuple[Any, ...]], target: float | None, resamples: int = 2000,
+                 seed: int = 0) -> dict[str, Any]:
+    """Coverage and agreement per layer and overall from per-row masks: layer -> (rows_R4,
+    counts_R, served_R, agree_R, table_size) over one test evidence object (rows = its distinct
+    (document, previous, token, set) rows); agree_R must imply served_R."""
+    out: dict[str, Any] = {"target_agreement": target, "resamples": resamples, "layers": {}}
+    pick = None
+    tot_all = srv_all = agr_all = None
+    for layer, (rows, counts, served_R, agree_R, size) in sorted(masks.items()):
+        counts = counts.double()
         docs, inv = np.unique(rows[:, 0].numpy(), return_inverse=True)
         d = len(docs)
         tot_D = np.bincount(inv, weights=counts.numpy(), minlength=d)
@@ -49,7 +60,7 @@ def served_agreement(tables: Any, test: Evidence, resamples: int = 2000, seed: i
             "coverage_ci95": ratio_ci95(srv_D, tot_D, pick), "agreement": agreement,
             "agreement_ci95": ratio_ci95(agr_D, srv_D, pick) if n_srv else None,
             "meets_target": None if agreement is None or target is None else bool(agreement >= target),
-            "table_size": int(t.member_V.sum()), "documents": d,
+            "table_size": int(size), "documents": d,
         }
         tot_all, srv_all, agr_all = tot_all + tot_D, srv_all + srv_D, agr_all + agr_D
     if pick is not None:

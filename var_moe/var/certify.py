@@ -66,10 +66,10 @@ def demote_mask(running_bound: torch.Tensor, shadow_agree: torch.Tensor, shadow_
 
 
 
-def _modal(keys_RC: torch.Tensor, counts_R: torch.Tensor, num_key_cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _modal(keys_RC: torch.Tensor, counts_R: torch.Tensor, num_key_cols: int) -> tuple[torch.Tensor, ...]:
     """Per distinct key (first `num_key_cols` columns of `keys_RC`), the row of its most frequent
     last column (ties -> the smallest, i.e. the first in sorted order) and the key's total count.
-    Returns (keys_GC, modal_row_G, total_G); rows are made unique and sorted here."""
+    Returns (keys_GC, modal_row_G, total_G, modal_count_G); rows are made unique and sorted here."""
     u, inv = torch.unique(keys_RC, dim=0, return_inverse=True)
     c = torch.zeros(u.shape[0], dtype=counts_R.dtype).index_add_(0, inv, counts_R)
     keys_G, group_R = torch.unique(u[:, :num_key_cols], dim=0, return_inverse=True)
@@ -79,7 +79,7 @@ def _modal(keys_RC: torch.Tensor, counts_R: torch.Tensor, num_key_cols: int) -> 
     row_R = torch.arange(u.shape[0])
     cand_R = torch.where(c == max_G[group_R], row_R, torch.full_like(row_R, u.shape[0]))
     first_G = torch.full((g,), u.shape[0], dtype=torch.long).scatter_reduce(0, group_R, cand_R, "amin")
-    return keys_G, u[first_G, num_key_cols], total_G
+    return keys_G, u[first_G, num_key_cols], total_G, max_G
 
 
 def _certifying_groups(ev: LayerEvidence, modal_code_V: torch.Tensor, choose: str) -> tuple[torch.Tensor, ...]:
@@ -89,11 +89,32 @@ def _certifying_groups(ev: LayerEvidence, modal_code_V: torch.Tensor, choose: st
     cert = _certifying(rows, choose)
     rows, counts = rows[cert], counts[cert]
     tok = rows[:, 2]
-    agree_R = (rows[:, 3] == modal_code_V[tok]).double() * counts
-    dt, inv = torch.unique(torch.stack([rows[:, 0], tok], 1), dim=0, return_inverse=True)
-    n_D = torch.zeros(dt.shape[0], dtype=torch.float64).index_add_(0, inv, counts)
-    a_D = torch.zeros(dt.shape[0], dtype=torch.float64).index_add_(0, inv, agree_R)
-    return n_D, a_D, dt[:, 1]
+    return document_groups(rows[:, 0], tok, rows[:, 3] == modal_code_V[tok], counts)
+
+
+def document_groups(doc_R: torch.Tensor, key_R: torch.Tensor, agree_R: torch.Tensor,
+                    counts_R: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per distinct (document, key) of certifying rows: occurrences n_D, agreements a_D (rows whose
+    set equals the key's chosen set, `agree_R`) and key_D. The key is a token for token entries and
+    a (previous, token) pair index for pair entries (`pairs.py`)."""
+    counts_R = counts_R.double()
+    dk, inv = torch.unique(torch.stack([doc_R, key_R], 1), dim=0, return_inverse=True)
+    n_D = torch.zeros(dk.shape[0], dtype=torch.float64).index_add_(0, inv, counts_R)
+    a_D = torch.zeros(dk.shape[0], dtype=torch.float64).index_add_(0, inv, agree_R.double() * counts_R)
+    return n_D, a_D, dk[:, 1]
+
+
+def capped_counts(n_D: torch.Tensor, a_D: torch.Tensor, key_D: torch.Tensor, num_keys: int,
+                  max_per_document: int | None) -> tuple[torch.Tensor, ...]:
+    """Per key, capped certifying counts from per-(document, key) groups: a group with n occurrences,
+    a agreeing, counts w = min(n, cap) trials and a * w / n agreements (cap None: w = n).
+    Returns float64 (agree, total, documents), each of length `num_keys`."""
+    w_D = n_D if max_per_document is None else n_D.clamp_max(max_per_document)
+    a_D = a_D * w_D / n_D.clamp_min(1)
+    agree = torch.zeros(num_keys, dtype=torch.float64).index_add_(0, key_D, a_D)
+    total = torch.zeros(num_keys, dtype=torch.float64).index_add_(0, key_D, w_D)
+    docs = torch.zeros(num_keys, dtype=torch.float64).index_add_(0, key_D, torch.ones_like(w_D))
+    return agree, total, docs
 
 
 CHOOSE_MODES = ("even", "separate", "all")
@@ -138,7 +159,7 @@ def _summary(ev: LayerEvidence, choose: str = "even", chooser: LayerEvidence | N
         return cache[key]
     rows, counts = src.rows_R4, src.counts_R
     sel = _choosing(rows, choose)
-    keys, code_G, _ = _modal(rows[sel][:, 2:4], counts[sel], 1)
+    keys, code_G, _, _ = _modal(rows[sel][:, 2:4], counts[sel], 1)
     modal_code_V = torch.full((ev.vocab,), -1, dtype=torch.long)
     modal_code_V[keys[:, 0]] = code_G
     n_D, a_D, tok_D = _certifying_groups(ev, modal_code_V, choose)
@@ -156,14 +177,7 @@ def certified_counts(ev: LayerEvidence, max_per_document: int | None, choose: st
     w = min(n, cap) trials and a * w / n agreements (cap None: w = n). Returns float64
     (agree_V, total_V, documents_V)."""
     sm = _summary(ev, choose, chooser)
-    n_D, a_D, tok_D = sm["n_D"], sm["a_D"], sm["tok_D"]
-    w_D = n_D if max_per_document is None else n_D.clamp_max(max_per_document)
-    a_D = a_D * w_D / n_D.clamp_min(1)
-    v = ev.vocab
-    agree_V = torch.zeros(v, dtype=torch.float64).index_add_(0, tok_D, a_D)
-    total_V = torch.zeros(v, dtype=torch.float64).index_add_(0, tok_D, w_D)
-    docs_V = torch.zeros(v, dtype=torch.float64).index_add_(0, tok_D, torch.ones_like(w_D))
-    return agree_V, total_V, docs_V
+    return capped_counts(sm["n_D"], sm["a_D"], sm["tok_D"], ev.vocab, max_per_document)
 
 
 def score_pvalues(agree: torch.Tensor, total: torch.Tensor, target: float) -> torch.Tensor:
@@ -250,16 +264,28 @@ def layer_candidates(ev: LayerEvidence, config: VARConfig, choose: str = "even",
     if choose == "all":  # nothing held out: nothing can be certified
         eligible = torch.zeros_like(eligible)
     agree_V, total_V, docs_V = certified_counts(ev, config.max_per_document, choose, chooser)
-    mean_w_VE = src.wsum_2VE[halves].sum(0) / src.chosen_2VE[halves].sum(0).clamp_min(1)
-    w_VK = mean_w_VE.gather(1, modal_VK)
-    mass_V = w_VK.sum(1)
-    w_VK = torch.where(seen_V[:, None], w_VK / mass_V.clamp_min(1e-12)[:, None], torch.full_like(w_VK, 1.0 / k))
-    mass_V = torch.where(seen_V, mass_V, torch.ones_like(mass_V))
-    # slot 0 = the expert with the largest stored weight (adaptive k keeps that one)
-    w_VK, order = w_VK.sort(dim=1, descending=True)
-    modal_VK = modal_VK.gather(1, order)
+    modal_VK, w_VK, mass_V = served_weights(mean_weights_VE(src, choose), modal_VK, seen_V)
     pvals = score_pvalues(agree_V, total_V, config.target_agreement)
     return Candidates(modal_VK, seen_V, eligible & (total_V > 0), agree_V, total_V, docs_V, w_VK, mass_V, pvals, freq_V)
+
+
+def mean_weights_VE(src: LayerEvidence, choose: str) -> torch.Tensor:
+    """Per token and expert, the mean learned weight of the expert when chosen, on the choosing side."""
+    halves = slice(0, 1) if choose == "even" else slice(0, 2)  # the chooser's both parity halves choose
+    return src.wsum_2VE[halves].sum(0) / src.chosen_2VE[halves].sum(0).clamp_min(1)
+
+
+def served_weights(mean_w_XE: torch.Tensor, sets_XK: torch.Tensor, seen_X: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(sets_XK, weights_XK, mass_X) as served: the mean learned weights of each set's experts
+    renormalised over the set (uniform where unseen), mass = their raw sum, and each set reordered
+    so slot 0 is the expert with the largest stored weight (adaptive k keeps that one)."""
+    k = sets_XK.shape[1]
+    w_XK = mean_w_XE.gather(1, sets_XK)
+    mass_X = w_XK.sum(1)
+    w_XK = torch.where(seen_X[:, None], w_XK / mass_X.clamp_min(1e-12)[:, None], torch.full_like(w_XK, 1.0 / k))
+    mass_X = torch.where(seen_X, mass_X, torch.ones_like(mass_X))
+    w_XK, order = w_XK.sort(dim=1, descending=True)
+    return sets_XK.gather(1, order), w_XK, mass_X
 
 
 def pair_table(ev: LayerEvidence, min_pair_count: int, choose: str = "even",
@@ -279,7 +305,7 @@ def _all_pairs(ev: LayerEvidence, choose: str) -> tuple[torch.Tensor, torch.Tens
     sel = _choosing(rows, choose) & (rows[:, 1] >= 0)
     if not bool(sel.any()):
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, ev.top_k, dtype=torch.long), torch.zeros(0, dtype=torch.long)
-    keys, code_G, total_G = _modal(rows[sel][:, 1:4], counts[sel], 2)
+    keys, code_G, total_G, _ = _modal(rows[sel][:, 1:4], counts[sel], 2)
     return keys[:, 0] * ev.vocab + keys[:, 1], decode_sets(code_G, ev.num_experts, ev.top_k), total_G
 
 

@@ -34,6 +34,8 @@ class VARConfig:
     confidence_level: float = 0.95  # two-sided level of the Wilson interval (0.95 -> z = 1.96; one-sided alpha 0.025)
     max_per_document: int | None = 16  # certifying occurrences one document may contribute (None = all)
     multiplicity: str = "bh"  # over all entries: bh (expected share of wrong entries) | holm (any wrong) | none
+    pair_entries: bool = False  # also certify (previous, token) entries, served where the token has none (var/pairs.py)
+    min_pair_count: int | None = None  # pair occurrences on the choosing side; None = frequency_threshold
     # -- context cache ---------------------------------------------------------------------------
     confidence_threshold: float = 0.9  # learned decisions enter the cache only if top-1 prob >= this
     cache_size: int = 10_000  # entries per layer; 0 turns the cached tier off
@@ -74,6 +76,10 @@ class VARConfig:
         need(self.max_per_document is None or (isinstance(self.max_per_document, int) and not isinstance(self.max_per_document, bool)
              and self.max_per_document >= 1), "max_per_document", "must be an integer >= 1 or null")
         need(self.multiplicity in MULTIPLICITY, "multiplicity", f"must be one of {MULTIPLICITY}")
+        need(self.min_pair_count is None or (isinstance(self.min_pair_count, int) and not isinstance(self.min_pair_count, bool)
+             and self.min_pair_count >= 1), "min_pair_count", "must be an integer >= 1 or null")
+        need(not self.pair_entries or self.entropy_threshold is None, "pair_entries",
+             "needs entropy_threshold=None (pairs have no per-pair entropy)")
         need(isinstance(self.cache_size, int) and self.cache_size >= 0, "cache_size", "must be an integer >= 0")
         need(self.cache_ttl_seconds is None or (_num(self.cache_ttl_seconds) and self.cache_ttl_seconds > 0),
              "cache_ttl_seconds", "must be > 0 or null")
@@ -90,7 +96,7 @@ class VARConfig:
         need(isinstance(self.shadow_min_checks, int) and not isinstance(self.shadow_min_checks, bool)
              and self.shadow_min_checks >= 0, "shadow_min_checks", "must be an integer >= 0")
         need(_num(self.max_quality_degradation) and self.max_quality_degradation >= 0, "max_quality_degradation", "must be >= 0")
-        for flag in ("allow_test_split", "entropy_relative", "enable_fast_path", "enable_cache", "adaptive_k", "enable_var", "track_performance"):
+        for flag in ("allow_test_split", "entropy_relative", "pair_entries", "enable_fast_path", "enable_cache", "adaptive_k", "enable_var", "track_performance"):
             need(isinstance(getattr(self, flag), bool), flag, "must be true or false")
         need(isinstance(self.seed, int), "seed", "must be an integer")
 

@@ -1,7 +1,9 @@
 """`VARRouter`: drop-in replacement of one MoE layer's router with three tiers per token.
 
 For each row (token) of the (T, H) hidden states:
-  fast    - the token is in this layer's verified table: use the table's expert set,
+  fast    - the token is in this layer's verified table: use the table's expert set; or, where
+            the token has no entry, the (previous token, token) pair is a certified pair entry
+            (`pairs.py`, tables built with `pair_entries`): use the pair's set,
   cached  - else the (last W tokens, token) key is in this layer's context cache: repeat that
             learned decision (off in the presets),
   learned - else (and for padding, and when token ids are unknown): the original router.
@@ -17,6 +19,13 @@ and no host synchronisation on this path. An empty table therefore returns the l
 unchanged (bit for bit). On CPU the lookup also reads which layers have any fast row (no device
 to sync with), and a layer without one returns the learned decision without the selects. The cached tier, when on, looks up and fills a `ContextCache`, which
 does index with masks and syncs with the host; it is the one place that does.
+
+Pair entries of all layers sit in one sorted key tensor (slot * V**2 + previous * V + token); the
+lookup finds them with one `torch.searchsorted` over (layers x tokens), on device, only for valid
+rows with a previous token (the tracker's, carried across decode steps) and no token entry; they
+are counted as fast rows and separately as `fast_pair`. Without pair entries none of this runs.
+Shadow checks of pair rows count towards the shadow agreement counters but never towards a token
+entry's evidence (pair entries are not demoted in service); adaptive k leaves pair rows whole.
 
 Weights (`weights_source`): "table" uses the table's stored weights, scaled the way the router
 normalises (a probe at construction measures whether its top-k weights sum to a constant, e.g. 1
@@ -48,6 +57,7 @@ from torch import nn
 
 from .cache import ContextCache
 from .config import VARConfig
+from .pairs import PairTable
 from .tables import LayerTable, demote_mask, wilson_lower_bound
 
 FAST, CACHED, LEARNED = 0, 1, 2
@@ -56,7 +66,7 @@ TIERS = ("fast", "cached", "learned")
 COUNTERS = ("fast", "cached", "learned", "cache_lookups", "cache_hits", "cache_inserts", "shadow_agree",
             "shadow_disagree", "demoted", "fallback_forwards", "audit_fast_n", "audit_fast_exact",
             "audit_fast_overlap_x1000", "audit_cached_n", "audit_cached_exact", "audit_cached_overlap_x1000",
-            "adaptive_single", "forwards")
+            "adaptive_single", "forwards", "fast_pair")
 C = {name: i for i, name in enumerate(COUNTERS)}
 
 
@@ -74,13 +84,14 @@ class Lookup:
     tokens: Any  # the TokenBatch it was computed for (identity marks the forward)
     safe_T: torch.Tensor  # token id, 0 where out of vocabulary
     valid_T: torch.Tensor
-    fast_LT: torch.Tensor
+    fast_LT: torch.Tensor  # served from a table: token entry, or (previous, token) entry where the token has none
     nominal_LTK: torch.Tensor  # table set (before adaptive k), for verification
     idx_LTK: torch.Tensor  # served set (after adaptive k)
     w_LTK: torch.Tensor  # served weights, scaled like the router's
     # per layer, whether any row is fast: known on the host for CPU tensors only (reading it there
     # is no device sync), None on accelerators
     any_L: list[bool] | None = None
+    pair_LT: torch.Tensor | None = None  # the rows of fast_LT served by a pair entry (None: no pair entries)
 
 
 class TableStack:
@@ -93,7 +104,8 @@ class TableStack:
     learned column is their difference, filled in by `counts()`."""
 
     def __init__(self, tables: dict[int, LayerTable], layers: list[int], config: VARConfig, num_experts: int,
-                 scales: dict[int, float | None], device: torch.device, index_dtype: torch.dtype):
+                 scales: dict[int, float | None], device: torch.device, index_dtype: torch.dtype,
+                 pair_tier: dict[int, PairTable] | None = None):
         self.layers, self.config, self.num_experts = layers, config, num_experts
         self.slot = {l: i for i, l in enumerate(layers)}
         st = lambda name: torch.stack([getattr(tables[l], name) for l in layers]).to(device)  # noqa: E731
@@ -116,12 +128,14 @@ class TableStack:
             self.idx_LVK = torch.where(one & ~slot0, torch.full_like(self.nominal_LVK, num_experts), self.nominal_LVK)
             self.weights_LVK = torch.where(one, torch.where(slot0, scaled.sum(-1, keepdim=True), 0.0), scaled)
         self.vocab = int(self.member_LV.shape[1])
+        self._stack_pairs(pair_tier or {}, scale_L1, device, index_dtype)
         self.shadow_agree_LV = torch.zeros_like(self.agree_LV)
         self.shadow_total_LV = torch.zeros_like(self.total_LV)
         self.pending_LV = torch.zeros_like(self.member_LV)
         self.counts_LC = torch.zeros(len(layers), len(COUNTERS), dtype=torch.long, device=device)
         # the lookup-time counts of the cache-off path (see counts())
         self.fast_L = torch.zeros(len(layers), dtype=torch.long, device=device)
+        self.pair_L = torch.zeros(len(layers), dtype=torch.long, device=device)
         self.valid_tokens = torch.zeros((), dtype=torch.long, device=device)
         self.forwards = 0
         self.frozen = False
@@ -129,17 +143,49 @@ class TableStack:
         self.on_rows: Callable[[torch.Tensor, Any], None] | None = None
         self._last: Lookup | None = None
 
+    def _stack_pairs(self, pair_tier: dict[int, PairTable], scale_L1: torch.Tensor, device: torch.device,
+                     index_dtype: torch.dtype) -> None:
+        """All layers' pair entries in one sorted key tensor: slot * V**2 + prev * V + token (each
+        layer's keys ascend and slots ascend, so the concatenation is sorted), with sets and weights
+        scaled like the token entries' (no adaptive k: a pair row keeps its whole set)."""
+        v2 = self.vocab * self.vocab
+        parts = [(i, pair_tier[l]) for i, l in enumerate(self.layers) if l in pair_tier and pair_tier[l].size]
+        self.has_pairs = bool(parts)  # decided once, on the host: without pair entries lookup() is unchanged
+        if not parts:
+            return
+        self.pair_keys_X = torch.cat([p.keys_P.long() + i * v2 for i, p in parts]).to(device)
+        self.pair_idx_XK = torch.cat([p.sets_PK for _, p in parts]).to(device, index_dtype)
+        w_XK = torch.cat([p.weights_PK for _, p in parts]).to(device, torch.float32)
+        mass_X = torch.cat([p.mass_P for _, p in parts]).to(device, torch.float32)
+        scale_X1 = torch.cat([scale_L1[i].expand(p.size) for i, p in parts])[:, None]
+        # routers whose weights do not sum to a constant use the raw mass, as for token entries
+        self.pair_w_XK = torch.where(scale_X1.isnan(), w_XK * mass_X[:, None], w_XK * scale_X1)
+        self.pair_offset_L = torch.arange(len(self.layers), device=device, dtype=torch.long) * v2
+
+    def _pair_rows(self, tok: Any, device: torch.device, safe_T: torch.Tensor, open_LT: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pair_LT, entry_LT): rows served by a pair entry (only where `open_LT`: valid, in
+        vocabulary, no token entry) and the entry's index. One searchsorted over (L, T); no host sync."""
+        prev_T = tok.prev_T.to(device).long()
+        has_T = (prev_T >= 0) & (prev_T < self.vocab)  # -1 at a sequence start; a foreign id never hits
+        key_LT = self.pair_offset_L[:, None] + torch.where(has_T, prev_T, 0) * self.vocab + safe_T
+        entry_LT = torch.searchsorted(self.pair_keys_X, key_LT).clamp_max(self.pair_keys_X.numel() - 1)
+        pair_LT = (self.pair_keys_X[entry_LT] == key_LT) & has_T & open_LT
+        return pair_LT, entry_LT
+
     def counts(self) -> torch.Tensor:
         """(L, len(COUNTERS)) all counters, the lookup-time ones folded in (one new tensor)."""
         out = self.counts_LC.clone()
         out[:, C["fast"]] += self.fast_L
         out[:, C["learned"]] += self.valid_tokens - self.fast_L
         out[:, C["forwards"]] += self.forwards
+        out[:, C["fast_pair"]] += self.pair_L
         return out
 
     def reset_counts(self) -> None:
         self.counts_LC.zero_()
         self.fast_L.zero_()
+        self.pair_L.zero_()
         self.valid_tokens.zero_()
         self.forwards = 0
 
@@ -166,14 +212,23 @@ class TableStack:
         idx_LTK = self.idx_LVK[:, safe_T]
         # the pre-adaptive-k set is only read by verification and the cache
         nominal_LTK = idx_LTK if not self.config.adaptive_k else self.nominal_LVK[:, safe_T]
+        w_LTK, token_LT, pair_LT = self.weights_LVK[:, safe_T], fast_LT, None
+        if self.has_pairs and self.config.enable_fast_path:
+            pair_LT, p_LT = self._pair_rows(tok, device, safe_T, ok_T & ~fast_LT)
+            fast_LT = fast_LT | pair_LT
+            idx_LTK = torch.where(pair_LT[..., None], self.pair_idx_XK[p_LT], idx_LTK)
+            nominal_LTK = torch.where(pair_LT[..., None], self.pair_idx_XK[p_LT], nominal_LTK)
+            w_LTK = torch.where(pair_LT[..., None], self.pair_w_XK[p_LT], w_LTK)
         any_L = fast_LT.any(1).tolist() if fast_LT.device.type == "cpu" else None
-        look = Lookup(tok, safe_T, valid_T, fast_LT, nominal_LTK, idx_LTK, self.weights_LVK[:, safe_T], any_L)
+        look = Lookup(tok, safe_T, valid_T, fast_LT, nominal_LTK, idx_LTK, w_LTK, any_L, pair_LT)
         self.forwards += 1
         if self.config.track_performance and self.counts_fast_path:
             self.fast_L += fast_LT.sum(1)
             self.valid_tokens += valid_T.sum()
+            if pair_LT is not None:
+                self.pair_L += pair_LT.sum(1)
             if self.config.adaptive_k:
-                self.counts_LC[:, C["adaptive_single"]] += (fast_LT & self.single_LV[:, safe_T]).sum(1)
+                self.counts_LC[:, C["adaptive_single"]] += (token_LT & self.single_LV[:, safe_T]).sum(1)
         if self.counts_fast_path and self.on_rows is not None:
             self.on_rows(fast_LT, tok)
         self._last = look
@@ -315,7 +370,8 @@ class VARRouter(nn.Module):
         if self.config.track_performance:
             counts[:3] += torch.bincount(tier_T[valid_T], minlength=3)
             if self.config.adaptive_k:
-                counts[C["adaptive_single"]] += (fast_T & self.stack.single_LV[self.slot][look.safe_T]).sum()
+                token_T = fast_T if look.pair_LT is None else fast_T & ~look.pair_LT[self.slot]
+                counts[C["adaptive_single"]] += (token_T & self.stack.single_LV[self.slot][look.safe_T]).sum()
         if self.on_tiers is not None:
             self.on_tiers(tier_T, tok)
         return idx_TK, w_TK, nominal_TK, tier_T != LEARNED
@@ -335,7 +391,8 @@ class VARRouter(nn.Module):
         counts[C["shadow_agree"]] += (shadow_T & exact_T).sum()
         counts[C["shadow_disagree"]] += (shadow_T & ~exact_T).sum()
         s = self.stack
-        fs_T = (shadow_T & fast_T).double()
+        token_T = fast_T if look.pair_LT is None else fast_T & ~look.pair_LT[self.slot]
+        fs_T = (shadow_T & token_T).double()  # pair rows are not this token's evidence
         sa_V = s.shadow_agree_LV[self.slot].index_add_(0, look.safe_T, fs_T * exact_T.double())
         st_V = s.shadow_total_LV[self.slot].index_add_(0, look.safe_T, fs_T)
         cfg = self.config

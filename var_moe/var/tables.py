@@ -27,6 +27,9 @@ Stored per layer: `experts_VK` (chosen set, top expert first), `weights_VK` (mea
 each expert when chosen on the choosing half, renormalised to sum 1), `mass_V` (raw sum),
 `member_V`, `bound_V`, and the certifying counts `agree_V` / `total_V` that shadow verification
 extends; for validation also (previous, token) modal sets (`pairs`) and the global modal set.
+With `config.pair_entries`, also certified (previous, token) entries (`pair_tier`, `pairs.py`): pair
+candidates enter the same multiplicity family as token candidates, and the router serves a pair
+entry only where the row's token has no entry.
 Files: safetensors (tensors `layer{l}.{name}`) + the metadata as JSON beside it. `VARTables.load(path,
 model)` refuses a file made for another model type, vocabulary, E, k or router weights.
 The statistics (choose, certify, multiplicity) are in `certify.py`, the counting in `evidence.py`.
@@ -60,9 +63,11 @@ from .certify import (  # noqa: F401  (re-exported: the table API in one place)
 )
 from .config import VARConfig
 from .evidence import Evidence, collect_evidence
+from .pairs import PairCandidates, PairTable, accepted_pairs, pair_candidates
 from .stats_io import check_split  # noqa: F401  (re-exported: callers check a file before loading a model)
 
 FORMAT_VERSION = 2
+PAIR_NAMES = ("keys_P", "sets_PK", "weights_PK", "mass_P", "code_P", "bound_P", "agree_P", "total_P")  # PairTable fields
 
 
 @dataclass
@@ -96,29 +101,55 @@ class LayerTable:
 def certify_layers(cands: dict[int, Candidates], config: VARConfig,
                    method: str = "choose on even documents, certify on odd documents") -> tuple[dict[int, LayerTable], dict[str, Any]]:
     """The multiplicity step over every candidate entry of every layer (one family), then tables."""
+    tabs, _, info = certify_entries(cands, {}, config, method)
+    return tabs, info
+
+
+def certify_entries(cands: dict[int, Candidates], pair_cands: dict[int, PairCandidates], config: VARConfig,
+                    method: str = "choose on even documents, certify on odd documents",
+                    ) -> tuple[dict[int, LayerTable], dict[int, PairTable], dict[str, Any]]:
+    """The multiplicity step over every token candidate AND every (previous, token) candidate
+    (`pairs.py`) of every layer as one family, then token tables and pair tables."""
     alpha = (1 - config.confidence_level) / 2  # one-sided; equals the old two-sided Wilson level for m = 1
     layers = sorted(cands)
-    pv = torch.cat([cands[l].pvalue_V[cands[l].eligible_V] for l in layers])
+    players = sorted(pair_cands)
+    pv = torch.cat([cands[l].pvalue_V[cands[l].eligible_V] for l in layers]
+                   + [pair_cands[l].pvalue_P[pair_cands[l].eligible_P] for l in players])
     accepted, level = multiplicity_levels(pv, alpha, config.multiplicity)
-    out: dict[int, LayerTable] = {}
     start = 0
+
+    def split(eligible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(member, z) of one block of the family, in the block's own index space."""
+        nonlocal start
+        idx = eligible.nonzero().squeeze(1)
+        n = idx.numel()
+        member = torch.zeros_like(eligible)
+        member[idx] = accepted[start:start + n]
+        level_X = torch.full(eligible.shape, alpha, dtype=torch.float64)
+        level_X[idx] = level[start:start + n]
+        start += n
+        return member, torch.special.ndtri(1 - level_X.clamp(1e-300, 0.5))
+
+    out: dict[int, LayerTable] = {}
     for l in layers:
         c = cands[l]
-        idx = c.eligible_V.nonzero().squeeze(1)
-        n = idx.numel()
-        member_V = torch.zeros_like(c.seen_V)
-        member_V[idx] = accepted[start:start + n]
-        level_V = torch.full(c.seen_V.shape, alpha, dtype=torch.float64)
-        level_V[idx] = level[start:start + n]
-        z_V = torch.special.ndtri(1 - level_V.clamp(1e-300, 0.5))
-        start += n
+        member_V, z_V = split(c.eligible_V)
         bound_V = wilson_lower_bound(c.agree_V, c.total_V, z_V)
         out[l] = LayerTable(c.modal_VK, c.weights_VK.float(), c.mass_V.float(), member_V, bound_V.float(),
                             c.agree_V, c.total_V, c.select_V)
+    n_tok = sum(int(cands[l].eligible_V.sum()) for l in layers)
     info = {"method": method, "multiplicity": config.multiplicity,
-            "alpha_one_sided": alpha, "candidates": int(pv.numel()), "accepted": int(accepted.sum()),
+            "alpha_one_sided": alpha, "candidates": n_tok, "accepted": int(accepted[:n_tok].sum()),
             "max_per_document": config.max_per_document}
-    return out, info
+    ptabs: dict[int, PairTable] = {}
+    for l in players:
+        c = pair_cands[l]
+        member_P, z_P = split(c.eligible_P)
+        ptabs[l] = accepted_pairs(c, member_P, wilson_lower_bound(c.agree_P, c.total_P, z_P))
+    if players:
+        info |= {"pair_candidates": int(pv.numel()) - n_tok, "pair_accepted": int(accepted[n_tok:].sum()),
+                 "family": "token and (previous, token) candidates of all layers"}
+    return out, ptabs, info
 
 
 
@@ -289,11 +320,15 @@ class VARTables:
 
     def __init__(self, layers: dict[int, LayerTable], metadata: dict[str, Any],
                  pairs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
-                 global_sets: dict[int, torch.Tensor] | None = None):
+                 global_sets: dict[int, torch.Tensor] | None = None, pair_tier: dict[int, PairTable] | None = None):
         self.layers = layers
         self.metadata = metadata
         self.pairs = pairs or {}  # layer -> (keys_P = prev * V + token, sets_PK, counts_P); for validation
         self.global_sets = global_sets or {}  # layer -> the most frequent set (fallback predictor)
+        self.pair_tier = pair_tier or {}  # layer -> certified (previous, token) entries the router serves
+
+    def pair_sizes(self) -> dict[int, int]:
+        return {l: p.size for l, p in sorted(self.pair_tier.items())}
 
     def __getitem__(self, layer: int) -> LayerTable:
         return self.layers[layer]
@@ -333,8 +368,15 @@ class VARTables:
         chooser = {l: (choose_evidence.layers[l] if choose_evidence is not None else None) for l in layers}
         cands = {l: layer_candidates(evidence.layers[l], config, choose, chooser[l]) for l in layers}
         sides = _sides(evidence, source, choose_evidence, choose_source, choose)
-        tabs, info = certify_layers(cands, config, f"choose on {sides['choosing']['documents_rule']}, "
-                                                   f"certify on {sides['certifying']['documents_rule']}")
+        pcands = {}
+        if config.pair_entries and choose != "all":  # candidates pre-screened on the choosing side (pairs.py)
+            pcands = {l: pair_candidates(evidence.layers[l], config, config.min_pair_count, True, choose, chooser[l])
+                      for l in layers}
+        tabs, served_pairs, info = certify_entries(cands, pcands, config, f"choose on {sides['choosing']['documents_rule']}, "
+                                                                          f"certify on {sides['certifying']['documents_rule']}")
+        if pcands:
+            info["pair_entries_without_token_entry"] = {
+                str(l): int((~tabs[l].member_V[p.keys_P % tabs[l].member_V.numel()]).sum()) for l, p in served_pairs.items()}
         if choose == "all":
             info = {"method": "sets chosen on all calibration documents; nothing certified (Phase 1 predictors)"}
         pairs = {l: pair_table(evidence.layers[l], min_pair_count, choose, chooser[l]) for l in layers}
@@ -344,7 +386,7 @@ class VARTables:
                 "source_tokens": evidence.metadata.get("num_tokens"),
                 "source_documents": evidence.metadata.get("documents_per_half"), **sides,
                 "verification": info, "min_pair_count": min_pair_count, "format_version": FORMAT_VERSION}
-        return cls(tabs, meta, pairs, glob)
+        return cls(tabs, meta, pairs, glob, served_pairs)
 
     @classmethod
     def from_texts(cls, model: Any, tokenizer: Any, texts: list[str], config: VARConfig, max_length: int = 256,
@@ -393,7 +435,10 @@ class VARTables:
             tensors |= {f"layer{l}.pair_keys_P": keys.contiguous(), f"layer{l}.pair_sets_PK": sets.contiguous(),
                         f"layer{l}.pair_counts_P": counts.contiguous()}
         tensors |= {f"layer{l}.global_set_K": g.contiguous() for l, g in self.global_sets.items()}
+        tensors |= {f"layer{l}.tier_pair.{n}": getattr(p, n).contiguous() for l, p in self.pair_tier.items() for n in PAIR_NAMES}
         meta = {**self.metadata, "sizes": {str(l): s for l, s in self.sizes().items()}, "format_version": FORMAT_VERSION}
+        if self.pair_tier:
+            meta["pair_sizes"] = {str(l): s for l, s in self.pair_sizes().items()}
         save_file(tensors, str(p), metadata={"varmoe_tables": json.dumps(meta)})
         p.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         return p
@@ -417,7 +462,9 @@ class VARTables:
         pairs = {int(l): tuple(tensors[f"layer{l}.{n}"] for n in ("pair_keys_P", "pair_sets_PK", "pair_counts_P"))
                  for l in meta["layers"] if f"layer{l}.pair_keys_P" in tensors}
         glob = {int(l): tensors[f"layer{l}.global_set_K"] for l in meta["layers"] if f"layer{l}.global_set_K" in tensors}
-        tables = cls(layers, meta, pairs, glob)
+        tier = {int(l): PairTable(*(tensors[f"layer{l}.tier_pair.{n}"] for n in PAIR_NAMES))
+                for l in meta["layers"] if f"layer{l}.tier_pair.keys_P" in tensors}
+        tables = cls(layers, meta, pairs, glob, tier)
         if model is not None:
             tables.check_model(model, adapter, check_fingerprint=check_fingerprint, source=str(p))
         return tables

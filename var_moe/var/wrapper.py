@@ -11,7 +11,8 @@ calls the original module with the original input, so routing is exactly the ori
 `suspended()` is a context manager that takes VAR out completely (original modules, no hooks) for
 timing the unmodified model in the same process; `frozen_tables()` holds shadow demotions back
 (timed passes). The tables of all patched layers are stacked once (`router.TableStack`): the fast
-tier of a whole forward is one lookup. Counters (per layer: tier counts, cache hits, shadow
+tier of a whole forward is one lookup. Tables with (previous, token) entries make the tracker keep
+the previous token of every row (also across `generate()` steps). Counters (per layer: tier counts, cache hits, shadow
 agreement) live on device in the stack; per-batch-row tier counts for the server are in
 `row_tier_counts()`. Test: `pytest tests/test_var_exact.py tests/test_var_router.py`.
 """
@@ -52,7 +53,10 @@ class VARModelWrapper:
             tables.check_model(model, self.adapter)
         self.tables = tables
         # the context (previous tokens) is only read by the cache; without it the tracker skips that work
-        self.tracker = TokenTracker(model, window=self.config.context_window_size if self.config.cache_enabled else 0)
+        # pair entries need the previous token (kept across decode steps by the tracker)
+        has_pairs = any(p.size for p in getattr(tables, "pair_tier", {}).values())
+        window = self.config.context_window_size if self.config.cache_enabled else 0
+        self.tracker = TokenTracker(model, window=max(window, 1) if has_pairs else window)
         self._row_counts: torch.Tensor | None = None
         kwargs = {"clock": clock} if clock is not None else {}
         self.originals = {m.layer: getattr(m.block, m.router_attr) for m in moe}
@@ -68,7 +72,7 @@ class VARModelWrapper:
         index_dtype = first.index_dtype if first is not None else torch.long
         self.stack = TableStack({m.layer: tables.layers[m.layer] for m in moe}, [m.layer for m in moe], self.config,
                                 self.adapter.num_experts, {l: r.weight_scale for l, r in self.routers.items()},
-                                device, index_dtype)
+                                device, index_dtype, pair_tier=tables.pair_tier)
         self.stack.on_rows = self._on_fast_rows
         for r in self.routers.values():
             r.attach(self.stack)
@@ -260,6 +264,7 @@ def _summary(c: list[int]) -> dict[str, Any]:
         "shadow_agreement": c[C["shadow_agree"]] / checked if checked else None,
         "demoted": c[C["demoted"]],
         "adaptive_single": c[C["adaptive_single"]],
+        "fast_pair": c[C["fast_pair"]],  # fast rows served by a (previous, token) entry
         "fallback_forwards": c[C["fallback_forwards"]],
     }
     for tier in ("fast", "cached"):

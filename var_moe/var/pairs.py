@@ -1,0 +1,158 @@
+"""The (previous token, token) tier: pair entries for rows whose token has no table entry.
+
+A token whose occurrences split between expert sets cannot reach the target with any single set,
+but its occurrences after one particular previous token often can. Per layer:
+1. choose (`pair_candidates`): on the choosing side, every (previous, token) pair's modal exact
+   top-k set (ties -> smallest set), kept if the pair occurs >= `min_pair_count` times there
+   (default: the config's `frequency_threshold`, the token entries' rule); optionally pre-screened
+   on the choosing side only (`prescreen`: the modal set's share of the pair's choosing
+   occurrences >= target). Nothing here looks at the certifying documents;
+2. certify: the pair's occurrences on the certifying documents, capped per document and tested
+   with the same score test as token entries (`certify.document_groups`, `certify.capped_counts`,
+   `certify.score_pvalues`); the multiplicity rule runs over token and pair candidates as ONE family
+   (`tables.certify_entries`);
+3. serve (`pair_lookup`): keys `prev * V + token` sorted, found with `torch.searchsorted`
+   (vectorised, device-agnostic); a pair entry serves a row only where the token tier has none.
+Rows at a sequence start (previous = -1) never hit. The entropy cap has no per-pair counterpart
+(evidence keeps entropy per token), so configs with one are refused here.
+Shapes: P pair entries, K top-k, V vocabulary, R evidence rows, T tokens.
+Test: `pytest tests/test_var_pairs.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import InvalidInputError
+from .certify import (_certifying, _choosing, _modal, capped_counts, choosing_side, document_groups, mean_weights_VE,
+                      score_pvalues, served_weights)
+from .config import VARConfig
+from .evidence import LayerEvidence, decode_sets
+
+
+@dataclass
+class PairCandidates:
+    """One layer's candidate pair entries before the multiplicity step (sorted by key)."""
+
+    keys_P: torch.Tensor  # long, prev * V + token, ascending
+    code_P: torch.Tensor  # long, set code of the chosen set (`evidence.set_codes`)
+    sets_PK: torch.Tensor  # long, the chosen set, the expert with the largest stored weight first
+    weights_PK: torch.Tensor  # float64, the token's mean learned weights of those experts, renormalised
+    mass_P: torch.Tensor  # float64, their raw sum
+    select_P: torch.Tensor  # float64, occurrences on the choosing side
+    share_P: torch.Tensor  # float64, the chosen set's share of them
+    eligible_P: torch.Tensor  # bool, enters the family (count, pre-screen, certifying occurrences > 0)
+    agree_P: torch.Tensor  # float64, capped certifying agreements
+    total_P: torch.Tensor  # float64, capped certifying trials
+    docs_P: torch.Tensor  # float64, certifying documents
+    pvalue_P: torch.Tensor  # float64, one-sided score test of "agreement <= target"
+
+
+@dataclass
+class PairTable:
+    """One layer's certified pair entries (only the accepted ones, sorted by key)."""
+
+    keys_P: torch.Tensor  # long, prev * V + token, ascending
+    sets_PK: torch.Tensor  # long, the chosen set, the expert with the largest stored weight first
+    weights_PK: torch.Tensor  # float32, rows sum to 1 over the set
+    mass_P: torch.Tensor  # float32, raw sum of the mean learned weights over the set
+    code_P: torch.Tensor  # long, the set's code (`evidence.set_codes` of the sorted set)
+    bound_P: torch.Tensor  # float32, Wilson lower bound at the entry's adjusted level
+    agree_P: torch.Tensor  # float64
+    total_P: torch.Tensor  # float64
+
+    @property
+    def size(self) -> int:
+        return int(self.keys_P.numel())
+
+    def served_bytes(self, weights: bool = True) -> int:
+        """Bytes served as sorted int64 keys + int64 sets (+ float32 weights per expert)."""
+        k = self.sets_PK.shape[1] if self.sets_PK.dim() == 2 else 0
+        return self.size * (8 + 8 * k + (4 * k if weights else 0))
+
+
+def pair_keys(prev_T: torch.Tensor, tok_T: torch.Tensor, vocab: int) -> torch.Tensor:
+    """`prev * V + token` (negative where there is no previous token)."""
+    return torch.where(prev_T >= 0, prev_T.long() * vocab + tok_T.long(), torch.full_like(prev_T, -1, dtype=torch.long))
+
+
+def pair_lookup(keys_P: torch.Tensor, prev_T: torch.Tensor, tok_T: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hit_T, idx_T): whether each row's (previous, token) is an entry of the sorted `keys_P`, and
+    its index there (clamped into range where it is not). No host sync, any device."""
+    key_T = pair_keys(prev_T, tok_T, vocab)
+    if keys_P.numel() == 0:
+        return torch.zeros_like(key_T, dtype=torch.bool), torch.zeros_like(key_T)
+    idx_T = torch.searchsorted(keys_P, key_T).clamp_max(keys_P.numel() - 1)
+    hit_T = (keys_P[idx_T] == key_T) & (key_T >= 0)
+    return hit_T, idx_T
+
+
+def pair_candidates(ev: LayerEvidence, config: VARConfig, min_pair_count: int | None = None, prescreen: bool = True,
+                    choose: str = "even", chooser: LayerEvidence | None = None) -> PairCandidates:
+    """Choose each (previous, token) pair's set on the choosing side, count its agreement on the
+    certifying side with the token entries' per-document cap, and its score-test p-value."""
+    if config.entropy_threshold is not None:
+        raise InvalidInputError("the (previous, token) tier has no per-pair entropy; use entropy_threshold=None")
+    min_count = config.frequency_threshold if min_pair_count is None else min_pair_count
+    if min_count < 1:
+        raise InvalidInputError(f"min_pair_count must be >= 1, got {min_count}")
+    v = ev.vocab
+    src = choosing_side(ev, choose, chooser)
+    sel = _choosing(src.rows_R4, choose) & (src.rows_R4[:, 1] >= 0)
+    if bool(sel.any()):
+        keys_G2, code_P, select_P, modal_P = _modal(src.rows_R4[sel][:, 1:4], src.counts_R[sel], 2)
+    else:
+        keys_G2, code_P = torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        select_P, modal_P = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    keep = select_P >= min_count
+    keys_P = keys_G2[keep, 0] * v + keys_G2[keep, 1]  # unique(dim=0) sorts by (prev, token): keys ascend
+    code_P, select_P = code_P[keep], select_P[keep].double()
+    share_P = modal_P[keep].double() / select_P.clamp_min(1)
+    rows, counts = ev.rows_R4, ev.counts_R
+    cert = _certifying(rows, choose)
+    rows, counts = rows[cert], counts[cert]
+    hit_R, idx_R = pair_lookup(keys_P, rows[:, 1], rows[:, 2], v)
+    n_D, a_D, key_D = document_groups(rows[hit_R, 0], idx_R[hit_R], rows[hit_R, 3] == code_P[idx_R[hit_R]], counts[hit_R])
+    agree_P, total_P, docs_P = capped_counts(n_D, a_D, key_D, keys_P.numel(), config.max_per_document)
+    eligible_P = total_P > 0
+    if prescreen:  # choosing side only: the pair's own split must already reach the target there
+        eligible_P &= share_P >= config.target_agreement
+    pvalue_P = score_pvalues(agree_P, total_P, config.target_agreement)
+    # served weights: pairs keep no weights of their own, so the token's mean learned weight of each
+    # expert of the pair's set (on the choosing side), renormalised over the set
+    tok_P = keys_P % v
+    sets_PK, weights_PK, mass_P = served_weights(mean_weights_VE(src, choose)[tok_P],
+                                                 decode_sets(code_P, ev.num_experts, ev.top_k),
+                                                 torch.ones_like(tok_P, dtype=torch.bool))
+    return PairCandidates(keys_P, code_P, sets_PK, weights_PK, mass_P, select_P, share_P, eligible_P, agree_P, total_P, docs_P, pvalue_P)
+
+
+def accepted_pairs(c: PairCandidates, member_P: torch.Tensor, bound_P: torch.Tensor) -> PairTable:
+    """The accepted entries of one layer's candidates."""
+    return PairTable(c.keys_P[member_P], c.sets_PK[member_P], c.weights_PK[member_P].float(), c.mass_P[member_P].float(),
+                     c.code_P[member_P],
+                     bound_P[member_P].float(), c.agree_P[member_P], c.total_P[member_P])
+
+
+def served_masks(ev: LayerEvidence, table: object, pairs: PairTable | None) -> dict[str, torch.Tensor]:
+    """Per row of (test) evidence: which rows the token tier serves and which the pair tier serves
+    (only where the token tier does not), and whether the served set equals the row's exact set.
+    `table` is a `tables.LayerTable` (token tier). The offline reference of the router's choice."""
+    from .evidence import set_codes
+
+    rows = ev.rows_R4
+    tok = rows[:, 2]
+    code_V = set_codes(table.experts_VK.sort(1).values, ev.num_experts)
+    tok_R = table.member_V[tok]
+    out = {"token_served": tok_R, "token_agree": tok_R & (rows[:, 3] == code_V[tok])}
+    if pairs is None:
+        pair_R = torch.zeros_like(tok_R)
+        agree_R = pair_R
+    else:
+        hit_R, idx_R = pair_lookup(pairs.keys_P, rows[:, 1], tok, ev.vocab)
+        pair_R = hit_R & ~tok_R
+        agree_R = pair_R & (rows[:, 3] == pairs.code_P[idx_R]) if pairs.size else pair_R
+    out |= {"pair_served": pair_R, "pair_agree": agree_R}
+    return out
