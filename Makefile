@@ -88,7 +88,7 @@ bench-offload: setup
 
 # plain vLLM vs varmoe serve --engine vllm (baseline, VAR) vs the builtin engine, Locust load, interleaved
 bench-vllm: setup setup-vllm
-	HF_HUB_OFFLINE=1 $(VLLM_BIN)/python benchmarks/vllm_throughput.py --repeats 3 --run-time 20 \
+	HF_HUB_OFFLINE=1 $(VLLM_BIN)/python benchmarks/vllm_throughput.py --repeats 3 --run-time 20 --pin-rest 1 \
 	  --builtin-python $(BIN)/python --out benchmarks/results/vllm_throughput.json
 
 # On a CUDA machine: the vLLM tests with vLLM's CUDA build (compiled engines with CUDA graphs, VAR

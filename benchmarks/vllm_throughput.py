@@ -16,7 +16,12 @@ the builtin engine gets `--threads 1`. With `--isolate` (the default) the server
 suspended (SIGSTOP of their whole process tree, SIGCONT before their turn): an idle vLLM worker
 polls its queues and took ~40% of a core on this 2-core machine, which every other contender paid. All servers stay up; each repeat runs every contender at
 every client count once (interleaved), and the median of the repeats is reported with every
-repeat's value, and the ratios to plain vLLM inside the run. Goals (issue 12): baseline >= 0.95x
+repeat's value, and the ratios to plain vLLM inside the run. With `--pin-rest CORE` the benchmark
+and everything it starts (vLLM's API-server and engine-core processes, the varmoe server's HTTP
+side, Locust) run on that core, so the compute core holds only the compute thread: vLLM's
+engine-core process polls its queues busily, and when the scheduler put it on the compute core
+it took time from the worker, which made cells swing by ~25%. The builtin engine then runs
+wholly on the compute core (`taskset`), its HTTP side included. Goals (issue 12): baseline >= 0.95x
 plain vLLM, VAR >= 0.90x, at every client count.
 
 Run (vLLM environment):
@@ -114,10 +119,16 @@ def main(argv: list[str] | None = None) -> int:
                                                         "(empty: skip the builtin engine)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True,
                    help="suspend the servers that are not under load (default on)")
+    p.add_argument("--pin-rest", type=int, default=None, metavar="CORE",
+                   help="run everything but the compute threads on this core (default: no pinning)")
     p.add_argument("--out", default="runs/vllm_throughput.json")
     p.add_argument("--log-dir", default="runs/vllm_throughput")
     args = p.parse_args(argv)
     levels = [int(c) for c in args.clients.split(",")]
+    if args.pin_rest is not None:
+        if args.pin_rest == args.core:
+            p.error("--pin-rest must differ from --core")
+        os.sched_setaffinity(0, {args.pin_rest})  # inherited by every process started from here
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     prompts_file = log_dir / "prompts.json"
@@ -141,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
                       "vllm_engine_var": (ours.url, None, True)}
         server_pid = {"vllm": plain.pid, "vllm_engine_baseline": ours.pid, "vllm_engine_var": ours.pid}
         if args.builtin_python:  # the main environment's python: the builtin engine's own transformers
-            builtin, builtin_url = start([args.builtin_python, "-m", "var_moe.cli", "serve", "--model", args.model,
+            pin = ["taskset", "-c", str(args.core)] if args.pin_rest is not None else []
+            builtin, builtin_url = start(pin + [args.builtin_python, "-m", "var_moe.cli", "serve", "--model", args.model,
                                           "--threads", "1", "--max-batch-size", "16", "--max-queue", "256",
                                           "--no-var-on-start", "--log-level", "warning"],
                                          {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, log_dir / "builtin.log",
@@ -189,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     paired = {n: {c: [round(a["tokens_per_s"] / b["tokens_per_s"], 3) for a, b in zip(runs[n][c], runs["vllm"][c])]
                   for c in levels} for n in runs if n != "vllm"}
     result = {"model": args.model, "new_tokens": args.new_tokens, "run_time_s": args.run_time, "repeats": args.repeats,
-              "core": args.core, "isolate": args.isolate, "endpoint": "/v1/completions", "median_tokens_per_s": med, "ratio_to_vllm": ratios,
+              "core": args.core, "pin_rest": args.pin_rest, "isolate": args.isolate, "endpoint": "/v1/completions", "median_tokens_per_s": med, "ratio_to_vllm": ratios,
               "ratio_to_vllm_per_repeat": paired,
               "runs": {n: {c: [r["tokens_per_s"] for r in rs] for c, rs in by.items()} for n, by in runs.items()},
               "goals": {"vllm_engine_baseline": 0.95, "vllm_engine_var": 0.90}}
