@@ -187,3 +187,35 @@ def test_pair_tier_built_certified_and_round_tripped(tmp_path):
     assert off.pair_tier == {} and "pair_accepted" not in off.metadata["verification"]
     with pytest.raises(ValueError, match="pair_entries"):
         VARConfig(pair_entries=True, entropy_threshold=0.5)
+
+
+def test_cpu_forward_without_a_pair_ending_token_skips_the_pair_lookup_and_routes_the_same():
+    """On CPU a forward in which no token ends a pair entry skips the pair lookup (`_may_pair`): no
+    pair rows and the same logits as the full lookup; a forward with such a token does not skip."""
+    model = tiny_model("mixtral", seed=3)
+    layers = [0, 1]
+    v = model.config.vocab_size
+    ids, mask, nxt = inputs(seed=2)
+    ends = sorted({int(t) for t in ids[0, 1:]} - {int(t) for t in nxt[:, 0]} - {int(t) for t in range(0, v, 3)})
+    assert ends  # a non-member token of the prefill that the decode step does not contain
+    pairs = {(int(ids[0, s - 1]), int(ids[0, s])): (2, 3) for s in range(1, ids.shape[1]) if int(ids[0, s]) in ends}
+    logits, looks = {}, {}
+    for name in ("skip", "full"):
+        tables = token_tables(model, layers)
+        tables.pair_tier = {l: pair_table(pairs, v) for l in layers}
+        w = VARModelWrapper(model, VARConfig(), tables=tables)
+        if name == "full":
+            w.stack._may_pair = lambda safe_T: True
+        with torch.no_grad():
+            o1 = w(input_ids=ids, attention_mask=mask, use_cache=True)
+            prefill = w.stack._last
+            o2 = w(input_ids=nxt, attention_mask=torch.cat([mask, torch.ones_like(nxt)], 1),
+                   past_key_values=o1.past_key_values, use_cache=True)
+        logits[name], looks[name] = (o1.logits, o2.logits), (prefill, w.stack._last, w.stack.counts())
+        w.restore()
+    prefill, decode, counts = looks["skip"]
+    assert prefill.pair_LT is not None and bool(prefill.pair_LT.any())  # the prefill has pair rows
+    assert decode.pair_LT is None  # skipped: no decode token ends a pair entry
+    assert looks["full"][1].pair_LT is not None and not bool(looks["full"][1].pair_LT.any())
+    assert all(torch.equal(a, b) for a, b in zip(logits["skip"], logits["full"]))
+    assert torch.equal(counts, looks["full"][2])

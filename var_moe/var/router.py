@@ -23,7 +23,8 @@ does index with masks and syncs with the host; it is the one place that does.
 Pair entries of all layers sit in one sorted key tensor (slot * V**2 + previous * V + token); the
 lookup finds them with one `torch.searchsorted` over (layers x tokens), on device, only for valid
 rows with a previous token (the tracker's, carried across decode steps) and no token entry; they
-are counted as fast rows and separately as `fast_pair`. Without pair entries none of this runs.
+are counted as fast rows and separately as `fast_pair`. Without pair entries none of this runs, and
+on CPU neither does it for a forward in which no token ends a pair entry (most decode steps).
 Shadow checks of pair rows count towards the shadow agreement counters but never towards a token
 entry's evidence (pair entries are not demoted in service); adaptive k leaves pair rows whole.
 
@@ -161,6 +162,15 @@ class TableStack:
         # routers whose weights do not sum to a constant use the raw mass, as for token entries
         self.pair_w_XK = torch.where(scale_X1.isnan(), w_XK * mass_X[:, None], w_XK * scale_X1)
         self.pair_offset_L = torch.arange(len(self.layers), device=device, dtype=torch.long) * v2
+        # tokens that end some pair entry (any layer): on CPU a forward with none skips the pair lookup
+        self.pair_tok_V = torch.zeros(self.vocab, dtype=torch.bool, device=device)
+        self.pair_tok_V[self.pair_keys_X % self.vocab] = True
+
+    def _may_pair(self, safe_T: torch.Tensor) -> bool:
+        """False only where it is known for free that no token of this forward ends a pair entry: on
+        CPU (reading a CPU tensor is no device sync; most decode steps have no such token). On
+        accelerators always True, so the lookup never waits for the device."""
+        return safe_T.device.type != "cpu" or bool(self.pair_tok_V[safe_T].any())
 
     def _pair_rows(self, tok: Any, device: torch.device, safe_T: torch.Tensor, open_LT: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,7 +223,7 @@ class TableStack:
         # the pre-adaptive-k set is only read by verification and the cache
         nominal_LTK = idx_LTK if not self.config.adaptive_k else self.nominal_LVK[:, safe_T]
         w_LTK, token_LT, pair_LT = self.weights_LVK[:, safe_T], fast_LT, None
-        if self.has_pairs and self.config.enable_fast_path:
+        if self.has_pairs and self.config.enable_fast_path and self._may_pair(safe_T):
             pair_LT, p_LT = self._pair_rows(tok, device, safe_T, ok_T & ~fast_LT)
             fast_LT = fast_LT | pair_LT
             idx_LTK = torch.where(pair_LT[..., None], self.pair_idx_XK[p_LT], idx_LTK)
