@@ -97,3 +97,22 @@ def test_from_texts_builds_certified_tables_for_a_tiny_model():
     assert tables.metadata["verification"]["candidates"] > 0
     assert tables.metadata["source_documents"] == [15, 15]
     tables.check_model(model)
+
+
+def test_tables_and_evidence_readers_refuse_each_other_and_garbage(tmp_path):
+    from safetensors.torch import save_file
+
+    from var_moe.errors import InvalidInputError
+    from var_moe.var.evidence import Evidence
+
+    foreign = tmp_path / "weights.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))  # a safetensors file without VAR metadata
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    for path in (foreign, garbage):
+        with pytest.raises(InvalidInputError, match=str(path.name)):
+            VARTables.load(path)
+        with pytest.raises(InvalidInputError, match=str(path.name)):
+            Evidence.load(path)
+    with pytest.raises(FileNotFoundError, match="build-tables"):
+        VARTables.load(tmp_path / "missing.safetensors")

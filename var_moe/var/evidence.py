@@ -124,19 +124,10 @@ class Evidence:
 
     @classmethod
     def load(cls, path: str | Path) -> "Evidence":
-        from safetensors import safe_open
+        from .artifact_io import read_artifact
 
         p = Path(path)
-        if not p.exists():
-            raise FileNotFoundError(f"evidence file {p} does not exist")
-        try:
-            with safe_open(str(p), framework="pt") as fh:
-                meta = json.loads((fh.metadata() or {}).get("varmoe_evidence", "null"))
-                tensors = {name: fh.get_tensor(name) for name in fh.keys()}
-        except Exception as exc:
-            raise InvalidInputError(f"{p} is not a VAR evidence file ({exc})") from exc
-        if not isinstance(meta, dict):
-            raise InvalidInputError(f"{p} has no VAR evidence metadata")
+        meta, tensors = read_artifact(p, "varmoe_evidence", "VAR evidence")
         if meta.get("set_code") != SET_CODE:
             raise InvalidInputError(f"{p} encodes top-k sets as {meta.get('set_code')!r}, not {SET_CODE!r}; collect it again")
         v, e, k = meta["vocab_size"], meta["num_experts"], meta["top_k"]

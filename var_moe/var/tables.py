@@ -445,19 +445,10 @@ class VARTables:
 
     @classmethod
     def load(cls, path: str | Path, model: Any = None, adapter: Any = None, check_fingerprint: bool = True) -> "VARTables":
-        from safetensors import safe_open
+        from .artifact_io import read_artifact
 
         p = Path(path)
-        if not p.exists():
-            raise FileNotFoundError(f"VAR tables file {p} does not exist (build it with `varmoe build-tables`)")
-        try:
-            with safe_open(str(p), framework="pt") as fh:
-                meta = json.loads((fh.metadata() or {}).get("varmoe_tables", "null"))
-                tensors = {name: fh.get_tensor(name) for name in fh.keys()}
-        except Exception as exc:
-            raise InvalidInputError(f"{p} is not a VAR tables file ({exc})") from exc
-        if not isinstance(meta, dict):
-            raise InvalidInputError(f"{p} has no VAR tables metadata; was it written by VARTables.save?")
+        meta, tensors = read_artifact(p, "varmoe_tables", "VAR tables", "build it with `varmoe build-tables`")
         layers = {int(l): LayerTable(*(tensors.get(f"layer{l}.{n}") for n in LayerTable.NAMES)) for l in meta["layers"]}
         pairs = {int(l): tuple(tensors[f"layer{l}.{n}"] for n in ("pair_keys_P", "pair_sets_PK", "pair_counts_P"))
                  for l in meta["layers"] if f"layer{l}.pair_keys_P" in tensors}
