@@ -161,6 +161,7 @@ class VllmHost:
                                                                                  self.tables_info["sizes"].items()},
                 "demoted": {str(l): 0 for l in self.layers}, "tables_source": self.tables_info["source"],
                 "engine": "vllm", "router_fingerprint": self.tables_info.get("fingerprint"),
+                "pair_entries_not_served": int(self.tables_info.get("pair_entries_not_served", 0)),
                 "tiers": "fast (verified table) and learned; no context cache on this engine; every table "
                          "decision is checked against the learned router (verification)"}
 

@@ -81,3 +81,36 @@ def test_request_modes_become_token_rows_in_runner_order():
     state.rows_N.fill_(True)  # stale rows of a larger previous step
     RowWriter(state).write(np.array([True, False, True]))
     assert state.rows_N.tolist() == [True, False, True] + [False] * 13  # the tail (padding) is baseline
+
+
+def test_loading_tables_with_pair_entries_says_they_are_not_served(tmp_path):
+    """The vLLM path serves token entries only; a tables file with (previous, token) entries loads,
+    and the reply counts the entries it does not serve instead of dropping them silently."""
+    from var_moe.adapters import get_adapter
+    from var_moe.tiny import tiny_model
+    from var_moe.var.evidence import set_codes
+    from var_moe.var.pairs import PairTable
+    from var_moe.var.tables import VARTables, model_identity
+    from var_moe.vllm.tables import load_tables
+
+    model = tiny_model("mixtral", seed=0)
+    adapter = get_adapter(model)
+    layers = list(range(model.config.num_hidden_layers))
+    tables = VARTables.empty(model, adapter, layers)
+    v, k, e = model.config.vocab_size, model.config.num_experts_per_tok, model.config.num_local_experts
+    sets = torch.tensor([[0, 1], [2, 3], [1, 2]])
+    tables.pair_tier = {layers[0]: PairTable(torch.tensor([5 * v + 7, 6 * v + 7, 9 * v + 1]), sets,
+                                             torch.full((3, k), 0.5), torch.ones(3), set_codes(sets, e),
+                                             torch.full((3,), 0.95), torch.full((3,), 50.0, dtype=torch.float64),
+                                             torch.full((3,), 50.0, dtype=torch.float64))}
+    path = tables.save(tmp_path / "tables.safetensors")
+    state = VarState(torch.device("cpu"), max_tokens=16)
+    for l in layers:
+        state.layers[l] = LayerVar(l, torch.nn.Linear(4, e), torch.zeros(v, k, dtype=torch.long),
+                                   torch.zeros(v, k), torch.zeros(v, dtype=torch.bool),
+                                   torch.zeros(len(COUNTERS), dtype=torch.long), True, e)
+    state.identity = {**model_identity(model, adapter), "layers": layers}
+    reply = load_tables(state, path)
+    assert reply["pair_entries_not_served"] == 3
+    VARTables.empty(model, adapter, layers).save(tmp_path / "plain.safetensors")
+    assert load_tables(state, tmp_path / "plain.safetensors")["pair_entries_not_served"] == 0

@@ -8,7 +8,8 @@ a table built on the Hugging Face model is accepted by vLLM on the same weights,
 other weights or another dtype). Entries are copied into the existing device buffers (in place:
 compiled graphs and CUDA graphs keep pointing at them). Weights are stored scaled the way the
 router scales its own: renormalising routers sum their top-k weights to 1, the others keep the
-table's raw mass. Test: `pytest tests/vllm_engine/test_vllm_exact.py`.
+table's raw mass. (Previous, token) entries, which the builtin router serves, are not served here;
+the reply counts them. Test: `pytest tests/vllm_engine/test_vllm_exact.py`.
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ def load_tables(state: VarState, path: str | Path, check_fingerprint: bool = Tru
         raise InvalidInputError(f"VAR tables {path} have layers {extra} that are not MoE layers of this model "
                                 f"({sorted(state.layers)})")
     fill_tables(state, tables)
+    # (previous, token) entries are served by the builtin router only: said, not silently dropped
     return {"sizes": tables.sizes(), "source": str(path), "config": tables.metadata.get("config"),
-            "fingerprint": ident["router_fingerprint"]}
+            "fingerprint": ident["router_fingerprint"], "pair_entries_not_served": sum(tables.pair_sizes().values())}
 
 
 @torch.no_grad()
