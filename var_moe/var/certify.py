@@ -288,25 +288,35 @@ def served_weights(mean_w_XE: torch.Tensor, sets_XK: torch.Tensor, seen_X: torch
     return sets_XK.gather(1, order), w_XK, mass_X
 
 
+def pair_modes(ev: LayerEvidence, choose: str = "even", chooser: LayerEvidence | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every (previous, token) pair on the choosing side: (keys_P = prev * V + token ascending,
+    code_P of its modal set (ties -> smallest), its occurrences, the modal set's occurrences).
+    Computed once per evidence object and choosing side (kept with the layer's summary): the
+    validation pairs (`pair_table`) and the served pair tier (`pairs.pair_candidates`) read it."""
+    sm = _summary(ev, choose, chooser)
+    if "pairs" not in sm:
+        sm["pairs"] = _all_pairs(choosing_side(ev, choose, chooser), choose)
+    return sm["pairs"]
+
+
 def pair_table(ev: LayerEvidence, min_pair_count: int, choose: str = "even",
                chooser: LayerEvidence | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(keys_P = prev * V + token sorted, sets_PK sorted, counts_P): modal set of each (previous,
     token) pair seen >= min_pair_count times on the choosing side."""
-    sm = _summary(ev, choose, chooser)
-    if "pairs" not in sm:
-        sm["pairs"] = _all_pairs(choosing_side(ev, choose, chooser), choose)
-    keys, sets, counts = sm["pairs"]
+    keys, code, counts, _ = pair_modes(ev, choose, chooser)
     keep = counts >= min_pair_count
-    return keys[keep], sets[keep], counts[keep]
+    return keys[keep], decode_sets(code[keep], ev.num_experts, ev.top_k), counts[keep]
 
 
-def _all_pairs(ev: LayerEvidence, choose: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _all_pairs(ev: LayerEvidence, choose: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     rows, counts = ev.rows_R4, ev.counts_R
     sel = _choosing(rows, choose) & (rows[:, 1] >= 0)
     if not bool(sel.any()):
-        return torch.zeros(0, dtype=torch.long), torch.zeros(0, ev.top_k, dtype=torch.long), torch.zeros(0, dtype=torch.long)
-    keys, code_G, total_G, _ = _modal(rows[sel][:, 1:4], counts[sel], 2)
-    return keys[:, 0] * ev.vocab + keys[:, 1], decode_sets(code_G, ev.num_experts, ev.top_k), total_G
+        none = torch.zeros(0, dtype=torch.long)
+        return none, none, counts.new_zeros(0), counts.new_zeros(0)
+    keys, code_G, total_G, modal_G = _modal(rows[sel][:, 1:4], counts[sel], 2)
+    return keys[:, 0] * ev.vocab + keys[:, 1], code_G, total_G, modal_G
 
 
 def global_set(ev: LayerEvidence, choose: str = "even", chooser: LayerEvidence | None = None) -> torch.Tensor:

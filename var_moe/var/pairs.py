@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InvalidInputError
-from .certify import (_certifying, _choosing, _modal, capped_counts, choosing_side, document_groups, mean_weights_VE,
+from .certify import (_certifying, capped_counts, choosing_side, document_groups, mean_weights_VE, pair_modes,
                       score_pvalues, served_weights)
 from .config import VARConfig
 from .evidence import LayerEvidence, decode_sets
@@ -78,15 +78,21 @@ def pair_keys(prev_T: torch.Tensor, tok_T: torch.Tensor, vocab: int) -> torch.Te
     return torch.where(prev_T >= 0, prev_T.long() * vocab + tok_T.long(), torch.full_like(prev_T, -1, dtype=torch.long))
 
 
+def find_sorted(keys_X: torch.Tensor, key_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hit, idx): whether each `key_N` (any shape) is in the sorted, non-empty `keys_X`, and its
+    index there (clamped into range where it is not). One searchsorted; no host sync, any device."""
+    idx = torch.searchsorted(keys_X, key_N).clamp_max(keys_X.numel() - 1)
+    return keys_X[idx] == key_N, idx
+
+
 def pair_lookup(keys_P: torch.Tensor, prev_T: torch.Tensor, tok_T: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(hit_T, idx_T): whether each row's (previous, token) is an entry of the sorted `keys_P`, and
-    its index there (clamped into range where it is not). No host sync, any device."""
+    its index there (`find_sorted`); rows without a previous token never hit."""
     key_T = pair_keys(prev_T, tok_T, vocab)
     if keys_P.numel() == 0:
         return torch.zeros_like(key_T, dtype=torch.bool), torch.zeros_like(key_T)
-    idx_T = torch.searchsorted(keys_P, key_T).clamp_max(keys_P.numel() - 1)
-    hit_T = (keys_P[idx_T] == key_T) & (key_T >= 0)
-    return hit_T, idx_T
+    hit_T, idx_T = find_sorted(keys_P, key_T)
+    return hit_T & (key_T >= 0), idx_T
 
 
 def pair_candidates(ev: LayerEvidence, config: VARConfig, min_pair_count: int | None = None, prescreen: bool = True,
@@ -100,15 +106,9 @@ def pair_candidates(ev: LayerEvidence, config: VARConfig, min_pair_count: int | 
         raise InvalidInputError(f"min_pair_count must be >= 1, got {min_count}")
     v = ev.vocab
     src = choosing_side(ev, choose, chooser)
-    sel = _choosing(src.rows_R4, choose) & (src.rows_R4[:, 1] >= 0)
-    if bool(sel.any()):
-        keys_G2, code_P, select_P, modal_P = _modal(src.rows_R4[sel][:, 1:4], src.counts_R[sel], 2)
-    else:
-        keys_G2, code_P = torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, dtype=torch.long)
-        select_P, modal_P = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    keys_P, code_P, select_P, modal_P = pair_modes(ev, choose, chooser)  # keys ascend
     keep = select_P >= min_count
-    keys_P = keys_G2[keep, 0] * v + keys_G2[keep, 1]  # unique(dim=0) sorts by (prev, token): keys ascend
-    code_P, select_P = code_P[keep], select_P[keep].double()
+    keys_P, code_P, select_P = keys_P[keep], code_P[keep], select_P[keep].double()
     share_P = modal_P[keep].double() / select_P.clamp_min(1)
     rows, counts = ev.rows_R4, ev.counts_R
     cert = _certifying(rows, choose)

@@ -58,7 +58,7 @@ from torch import nn
 
 from .cache import ContextCache
 from .config import VARConfig
-from .pairs import PairTable
+from .pairs import PairTable, find_sorted
 from .tables import LayerTable, demote_mask, wilson_lower_bound
 
 FAST, CACHED, LEARNED = 0, 1, 2
@@ -179,9 +179,8 @@ class TableStack:
         prev_T = tok.prev_T.to(device).long()
         has_T = (prev_T >= 0) & (prev_T < self.vocab)  # -1 at a sequence start; a foreign id never hits
         key_LT = self.pair_offset_L[:, None] + torch.where(has_T, prev_T, 0) * self.vocab + safe_T
-        entry_LT = torch.searchsorted(self.pair_keys_X, key_LT).clamp_max(self.pair_keys_X.numel() - 1)
-        pair_LT = (self.pair_keys_X[entry_LT] == key_LT) & has_T & open_LT
-        return pair_LT, entry_LT
+        hit_LT, entry_LT = find_sorted(self.pair_keys_X, key_LT)
+        return hit_LT & has_T & open_LT, entry_LT
 
     def counts(self) -> torch.Tensor:
         """(L, len(COUNTERS)) all counters, the lookup-time ones folded in (one new tensor)."""
