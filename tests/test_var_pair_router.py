@@ -219,3 +219,22 @@ def test_cpu_forward_without_a_pair_ending_token_skips_the_pair_lookup_and_route
     assert looks["full"][1].pair_LT is not None and not bool(looks["full"][1].pair_LT.any())
     assert all(torch.equal(a, b) for a, b in zip(logits["skip"], logits["full"]))
     assert torch.equal(counts, looks["full"][2])
+
+
+def test_pair_skip_flags_only_pair_entries_that_can_serve_and_a_demotion_opens_them():
+    """A pair entry whose token has a token entry in its layer never serves, so its token does not
+    make a CPU forward run the pair lookup; once that token entry is demoted, it does."""
+    model = tiny_model("mixtral", seed=3)
+    layers = [0, 1]
+    v = model.config.vocab_size
+    member, other = 6, 7  # 6 % 3 == 0: a token entry in every layer; 7 has none
+    tables = token_tables(model, layers)
+    tables.pair_tier = {l: pair_table({(5, member): (2, 3), (5, other): (3, 1)}, v) for l in layers}
+    w = VARModelWrapper(model, VARConfig(shadow_rate=0.5), tables=tables)
+    stack = w.stack
+    assert stack._may_pair(torch.tensor([other])) and not stack._may_pair(torch.tensor([member]))
+    stack.pending_LV[stack.slot[1], member] = True  # a demotion queued in layer 1 only
+    stack.apply_demotions()
+    assert not bool(stack.member_LV[stack.slot[1], member]) and bool(stack.member_LV[stack.slot[0], member])
+    assert stack._may_pair(torch.tensor([member]))
+    w.restore()

@@ -162,9 +162,19 @@ class TableStack:
         # routers whose weights do not sum to a constant use the raw mass, as for token entries
         self.pair_w_XK = torch.where(scale_X1.isnan(), w_XK * mass_X[:, None], w_XK * scale_X1)
         self.pair_offset_L = torch.arange(len(self.layers), device=device, dtype=torch.long) * v2
-        # tokens that end some pair entry (any layer): on CPU a forward with none skips the pair lookup
+        self.pair_slot_X = self.pair_keys_X // v2
+        self.pair_tok_X = self.pair_keys_X % self.vocab
         self.pair_tok_V = torch.zeros(self.vocab, dtype=torch.bool, device=device)
-        self.pair_tok_V[self.pair_keys_X % self.vocab] = True
+        self._refresh_pair_tokens()
+
+    def _refresh_pair_tokens(self) -> None:
+        """Tokens that end a pair entry that can serve (its layer has no token entry for the token):
+        on CPU a forward with none skips the pair lookup. Entries whose token has a token entry never
+        serve while it stands (most of layer 0's); a demotion may open them, so this is recomputed
+        after each (tensor ops, no host sync)."""
+        open_X = ~self.member_LV[self.pair_slot_X, self.pair_tok_X]
+        self.pair_tok_V.zero_()
+        self.pair_tok_V[self.pair_tok_X[open_X]] = True
 
     def _may_pair(self, safe_T: torch.Tensor) -> bool:
         """False only where it is known for free that no token of this forward ends a pair entry: on
@@ -206,6 +216,8 @@ class TableStack:
         self.counts_LC[:, C["demoted"]] += drop.sum(1)
         self.member_LV &= ~drop
         self.pending_LV.zero_()
+        if self.has_pairs:
+            self._refresh_pair_tokens()
 
     def lookup(self, tok: Any, device: torch.device) -> Lookup:
         if self._last is not None and self._last.tokens is tok:
