@@ -8,7 +8,10 @@ committed balanced tables loaded). Each repeat times, in rotated order, `llm.gen
 baseline (the bookkeeping alone: row marking, gathers, selects, counters); the VAR engine with every
 request VAR (fast rows served from the table). The engine not being timed is suspended (SIGSTOP),
 so it cannot take CPU from the one that is. Reported: median time per contender and the median of
-per-repeat ratios to plain (>1 = faster than plain), plus the fast share of VAR rows.
+per-repeat ratios to plain (>1 = faster than plain), plus the fast share of VAR rows. Each time is
+also taken as the timing thread's CPU time (`time.thread_time`): in-process with one compute thread
+the whole engine step runs on that thread, so CPU time leaves out the time the thread was not
+scheduled, the largest noise on a shared machine.
 
 Run (vLLM environment):
     .venv-vllm/bin/python benchmarks/vllm_bookkeeping.py --repeats 9 --json benchmarks/results/vllm_bookkeeping.json
@@ -62,14 +65,14 @@ def worker(kind: str, model: str, tables: str, eager: bool, prompts: int, new_to
         mode = line.split()[1]
         if kind == "var":
             llm.collective_rpc("varmoe_reset_counts")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         llm.generate(texts, params(None if mode == "plain" else mode == "var"), use_tqdm=False)
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.thread_time() - c0
         counts = {}
         if kind == "var":
             c = llm.collective_rpc("varmoe_counts")[0]
             counts = {"fast": sum(v[0] for v in c.values()), "learned": sum(v[1] for v in c.values())}
-        print(json.dumps({"seconds": dt, **counts}), flush=True)
+        print(json.dumps({"seconds": dt, "cpu_seconds": cpu, **counts}), flush=True)
 
 
 class Engine:
@@ -133,12 +136,14 @@ def main() -> int:
         engines["var"] = Engine("var", args)
         cells = [("plain", "plain"), ("var_engine_baseline", "base"), ("var_engine_var", "var")]
         times: dict[str, list[float]] = {name: [] for name, _ in cells}
+        cpu_times: dict[str, list[float]] = {name: [] for name, _ in cells}
         fast_share: list[float] = []
         for rep in range(args.repeats):
             order = cells[rep % len(cells):] + cells[: rep % len(cells)]
             for name, mode in order:
                 r = engines["plain" if mode == "plain" else "var"].time(mode)
                 times[name].append(r["seconds"])
+                cpu_times[name].append(r["cpu_seconds"])
                 if mode == "var":
                     fast_share.append(r["fast"] / max(1, r["fast"] + r["learned"]))
                 if mode == "base":
@@ -150,19 +155,25 @@ def main() -> int:
     tokens = args.prompts * args.new_tokens
     print(f"{'compiled' if not args.eager else 'eager'}: {args.prompts} prompts x {args.new_tokens} tokens, "
           f"{args.repeats} interleaved repeats, 1 thread; fast share of VAR rows {statistics.median(fast_share):.3f}")
-    print(f"{'contender':<22}{'median s':>10}{'tokens/s':>10}{'x plain':>10}{'ratio range':>16}")
+    print(f"{'contender':<22}{'median s':>10}{'tokens/s':>10}{'x plain':>10}{'ratio range':>16}"
+          f"{'cpu s':>9}{'cpu x plain':>13}{'cpu ratio range':>17}")
     for name in times:
         ratios = [p / t for p, t in zip(times["plain"], times[name])]
-        med = statistics.median(times[name])
+        cpu_ratios = [p / t for p, t in zip(cpu_times["plain"], cpu_times[name])]
+        med, cpu_med = statistics.median(times[name]), statistics.median(cpu_times[name])
         summary[name] = {"median_s": med, "tokens_per_s": tokens / med, "ratio_median": statistics.median(ratios),
-                         "ratio_min": min(ratios), "ratio_max": max(ratios)}
+                         "ratio_min": min(ratios), "ratio_max": max(ratios), "cpu_median_s": cpu_med,
+                         "cpu_ratio_median": statistics.median(cpu_ratios), "cpu_ratio_min": min(cpu_ratios),
+                         "cpu_ratio_max": max(cpu_ratios)}
         print(f"{name:<22}{med:>10.3f}{tokens / med:>10.0f}{statistics.median(ratios):>10.3f}"
-              f"{min(ratios):>8.3f}-{max(ratios):.3f}")
+              f"{min(ratios):>8.3f}-{max(ratios):.3f}{cpu_med:>9.3f}{statistics.median(cpu_ratios):>13.3f}"
+              f"{min(cpu_ratios):>9.3f}-{max(cpu_ratios):.3f}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"eager": args.eager, "prompts": args.prompts,
                                                "new_tokens": args.new_tokens, "repeats": args.repeats,
-                                               "fast_share": fast_share, "times_s": times, "summary": summary},
+                                               "fast_share": fast_share, "times_s": times, "cpu_times_s": cpu_times,
+                                               "summary": summary},
                                               indent=2) + "\n")
     return 0
 

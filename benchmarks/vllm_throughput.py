@@ -16,7 +16,8 @@ the builtin engine gets `--threads 1`. With `--isolate` (the default) the server
 suspended (SIGSTOP of their whole process tree, SIGCONT before their turn): an idle vLLM worker
 polls its queues and took ~40% of a core on this 2-core machine, which every other contender paid. All servers stay up; each repeat runs every contender at
 every client count once (interleaved), and the median of the repeats is reported with every
-repeat's value, and the ratios to plain vLLM inside the run. With `--pin-rest CORE` the benchmark
+repeat's value, and the ratios to plain vLLM inside the run. The contenders' order rotates from
+one repeat to the next. With `--pin-rest CORE` the benchmark
 and everything it starts (vLLM's API-server and engine-core processes, the varmoe server's HTTP
 side, Locust) run on that core, so the compute core holds only the compute thread: vLLM's
 engine-core process polls its queues busily, and when the scheduler put it on the compute core
@@ -176,9 +177,14 @@ def main(argv: list[str] | None = None) -> int:
             except RuntimeError as exc:  # too few requests in a short window is fine for a warm-up
                 print(f"warm-up {name}: {exc}", flush=True)
         runs: dict = {name: {c: [] for c in levels} for name in contenders}
+        names = list(contenders)
         for rep in range(args.repeats):
+            # the contenders' order rotates with the repeat: the machine's speed drifts over tens of
+            # seconds, and a fixed order would hand one contender the same slot of every drift
+            order = names[rep % len(names):] + names[: rep % len(names)]
             for c in levels:
-                for name, (url, model, var) in contenders.items():
+                for name in order:
+                    url, model, var = contenders[name]
                     turn(name)
                     r = locust_load(url, c, args, prompts_file, log_dir, f"{name}-{c}", tokenizer, model=model, var=var)
                     runs[name][c].append(r)
