@@ -24,10 +24,12 @@ def brute_contexts(history, ids, valid, w):
 
 
 def test_contexts_match_brute_force():
+    """Chunks of 6 positions and single decode positions (a path of its own), with padding and
+    partly filled histories, against the plain-Python reference."""
     g = torch.Generator().manual_seed(0)
-    for w in (0, 1, 3):
+    for w, s in ((0, 6), (1, 6), (3, 6), (1, 1), (3, 1)):  # s = 1: the decode-step path
         for _ in range(20):
-            b, s = 3, 6
+            b = 3
             ids = torch.randint(0, 50, (b, s), generator=g)
             valid = torch.rand((b, s), generator=g) > 0.3
             hist = torch.randint(-1, 50, (b, w), generator=g)

@@ -74,6 +74,23 @@ def contexts_with_history(
     if w == 0:
         empty = ids_BS.new_full((b, s, 0), -1)
         return empty, history_BW
+    if s == 1:
+        return _one_step(history_BW, ids_BS, valid_BS)
+    return _contexts_general(history_BW, ids_BS, valid_BS, w)
+
+
+def _one_step(history_BW: torch.Tensor, ids_BS: torch.Tensor, valid_BS: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One new position per row (a decode step): its context is the history itself (the history
+    holds the last valid tokens right-aligned, -1 on the left), and a valid token shifts into the
+    history. Equal to `_contexts_general` for S = 1 (a test checks it) in 3 ops instead of ~25, no sync."""
+    shifted_BW = torch.cat([history_BW[:, 1:], ids_BS], dim=1)
+    return history_BW[:, None, :], torch.where(valid_BS.bool(), shifted_BW, history_BW)
+
+
+def _contexts_general(history_BW: torch.Tensor, ids_BS: torch.Tensor, valid_BS: torch.Tensor, w: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    b, s = ids_BS.shape
     seq_BN = torch.cat([history_BW, ids_BS], dim=1)  # N = W + S
     ok_BN = torch.cat([history_BW >= 0, valid_BS.bool()], dim=1)
     n = seq_BN.shape[1]
