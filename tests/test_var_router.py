@@ -245,6 +245,34 @@ def test_row_tier_counts_sum_to_tier_counts_and_skip_padding():
     assert w.row_tier_counts().numel() == 0
 
 
+def test_row_tier_counts_fast_only_equal_a_brute_force_count():
+    """Cache off (the presets): per batch row, fast = table members among its valid tokens summed
+    over layers and forwards, learned = the rest of valid tokens x layers, cached = 0."""
+    model = tiny_model("mixtral", seed=0)
+    tables = table_with(model, [0, 1], [[0, 1]])
+    tables[0].member_V[::2] = False
+    tables[1].member_V[1::3] = False
+    w = VARModelWrapper(model, VARConfig(), tables=tables)
+    ids, mask = batch(seed=7, b=2)
+    with torch.no_grad():
+        w(input_ids=ids, attention_mask=mask)
+        w(input_ids=ids[:, :3], attention_mask=mask[:, :3])
+    expect = []
+    for r in range(2):
+        fast = valid = 0
+        for cols in (range(ids.shape[1]), range(3)):
+            for j in cols:
+                if mask[r, j]:
+                    valid += 1
+                    fast += sum(bool(tables[l].member_V[int(ids[r, j])]) for l in (0, 1))
+        expect.append([fast, 0, valid * 2 - fast])
+    assert w.row_tier_counts().tolist() == expect
+    tc = w.tier_counts()
+    assert [sum(tc[(l, t)] for l in (0, 1)) for t in ("fast", "cached", "learned")] == w.row_tier_counts().sum(0).tolist()
+    w.reset_row_counts()
+    assert w.row_tier_counts().numel() == 0
+
+
 @pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
 def test_adaptive_k_outputs_match_eager_experts(impl):
     """The empty slot must also be safe in the fused expert kernels (they leave sentinel rows

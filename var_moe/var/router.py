@@ -328,17 +328,19 @@ class VARRouter(nn.Module):
     def forward(self, hidden_states: torch.Tensor):
         if not self.enabled:
             return self.learned.forward(hidden_states)
+        if not torch.is_grad_enabled():  # generate() and the server: no context to enter per layer
+            return self._route(hidden_states)
         with torch.no_grad():
             return self._route(hidden_states)
 
     def _route(self, hidden_states: torch.Tensor):
         stack = self._ensure_stack()
-        counts = stack.counts_LC[self.slot]
         h_TH = hidden_states.reshape(-1, hidden_states.shape[-1])
         t = h_TH.shape[0]
         l_logits, l_w, l_idx = self.learned.forward(h_TH)
         tok = self.tokens()
         if tok is None or tok.ids_T.shape[0] != t:  # no token ids (inputs_embeds): learned for all
+            counts = stack.counts_LC[self.slot]
             counts[C["forwards"]] += 1  # this layer alone: no lookup ran
             counts[C["fallback_forwards"]] += 1
             counts[C["learned"]] += t
@@ -349,6 +351,7 @@ class VARRouter(nn.Module):
             # no table row in this layer and nothing else to do (most batch-1 decode steps): the
             # learned decision as is, without the selects
             return l_logits, l_w, l_idx
+        counts = stack.counts_LC[self.slot]
         fast_T = look.fast_LT[self.slot]
         nominal_TK = look.nominal_LTK[self.slot]
         idx_TK = torch.where(fast_T[:, None], look.idx_LTK[self.slot].to(l_idx.dtype), l_idx)

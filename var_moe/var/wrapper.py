@@ -57,7 +57,9 @@ class VARModelWrapper:
         has_pairs = any(p.size for p in getattr(tables, "pair_tier", {}).values())
         window = self.config.context_window_size if self.config.cache_enabled else 0
         self.tracker = TokenTracker(model, window=max(window, 1) if has_pairs else window)
-        self._row_counts: torch.Tensor | None = None
+        self._row_counts: torch.Tensor | None = None  # (B, 3) per-row tiers, cache mode (`_on_tiers`)
+        self._fast_valid_B2: torch.Tensor | None = None  # (B, 2) fast decisions, valid tokens (fast-only mode)
+        self._layers_counted = 0
         kwargs = {"clock": clock} if clock is not None else {}
         self.originals = {m.layer: getattr(m.block, m.router_attr) for m in moe}
         self.routers: dict[int, VARRouter] = {}
@@ -175,13 +177,13 @@ class VARModelWrapper:
 
     def _on_fast_rows(self, fast_LT: torch.Tensor, tok: Any) -> None:
         """Fast-only mode: per batch row, table decisions summed over layers (fast_LT is already
-        False for padding), the rest of its valid tokens x layers learned."""
+        False for padding) and valid tokens, accumulated raw (4 ops a forward: this runs at every
+        decode step); `row_tier_counts` turns them into fast / cached / learned."""
         b, s = tok.batch_size, tok.seq_len
-        rows = self._rows(b, fast_LT.device)
-        fast_B = fast_LT.reshape(-1, b, s).sum((0, 2))
-        valid_B = tok.valid_T.to(fast_LT.device).reshape(b, s).sum(1)
-        rows[:, 0] += fast_B
-        rows[:, 2] += valid_B * fast_LT.shape[0] - fast_B
+        if self._fast_valid_B2 is None or self._fast_valid_B2.shape[0] != b:
+            self._fast_valid_B2 = torch.zeros(b, 2, dtype=torch.long, device=fast_LT.device)
+        self._layers_counted = fast_LT.shape[0]
+        self._fast_valid_B2 += torch.stack([fast_LT.reshape(-1, b, s).sum((0, 2)), tok.valid_T.to(fast_LT.device).reshape(b, s).sum(1)], 1)
 
     def _on_tiers(self, tier_T: torch.Tensor, tok: Any) -> None:
         b, s = tok.batch_size, tok.seq_len
@@ -194,12 +196,19 @@ class VARModelWrapper:
     def row_tier_counts(self) -> torch.Tensor:
         """(B, 3) fast/cached/learned counts per batch row since `reset_row_counts()`, valid tokens,
         summed over layers (a new batch size starts a new tensor)."""
+        if self._fast_valid_B2 is not None:  # fast-only mode
+            fast_B, valid_B = self._fast_valid_B2.cpu().unbind(1)
+            rows = torch.stack([fast_B, torch.zeros_like(fast_B), valid_B * self._layers_counted - fast_B], 1)
+            if self._row_counts is not None and self._row_counts.shape == rows.shape:
+                rows += self._row_counts.cpu()
+            return rows
         if self._row_counts is None:
             return torch.zeros(0, 3, dtype=torch.long)
         return self._row_counts.cpu().clone()
 
     def reset_row_counts(self) -> None:
         self._row_counts = None
+        self._fast_valid_B2 = None
 
     def _counts(self) -> dict[int, list[int]]:
         rows = self.stack.counts().cpu().tolist()
