@@ -273,6 +273,40 @@ def test_row_tier_counts_fast_only_equal_a_brute_force_count():
     assert w.row_tier_counts().numel() == 0
 
 
+@pytest.mark.parametrize("track", [True, False])
+def test_row_tier_counts_of_one_row_decoding_equal_a_brute_force_count(track):
+    """Batch 1 (counted from the stack's own counters when they run, explicitly when they do not):
+    a prefill, decode steps, `reset_stats()` in the middle (the row keeps what it counted), then a
+    new record after `reset_row_counts()`; each equals the plain count."""
+    model = tiny_model("mixtral", seed=0)
+    tables = table_with(model, [0, 1], [[0, 1]])
+    tables[0].member_V[::2] = False
+    tables[1].member_V[1::3] = False
+    w = VARModelWrapper(model, VARConfig(track_performance=track), tables=tables)
+    ids, mask = batch(seed=5, b=1)
+    steps = torch.randint(0, model.config.vocab_size, (4,), generator=torch.Generator().manual_seed(1))
+
+    def expect(tokens):
+        fast = sum(bool(tables[l].member_V[t]) for t in tokens for l in (0, 1))
+        return [[fast, 0, len(tokens) * 2 - fast]]
+
+    seen = [int(t) for t, m in zip(ids[0], mask[0]) if m]
+    with torch.no_grad():
+        out = w(input_ids=ids, attention_mask=mask, use_cache=True)
+        past, full = out.past_key_values, mask
+        for i, t in enumerate(steps.tolist()):
+            full = torch.cat([full, torch.ones(1, 1, dtype=full.dtype)], 1)
+            out = w(input_ids=torch.tensor([[t]]), attention_mask=full, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            seen.append(t)
+            if i == 1:
+                w.reset_stats()
+        assert w.row_tier_counts().tolist() == expect(seen)
+        w.reset_row_counts()
+        w(input_ids=ids, attention_mask=mask)
+    assert w.row_tier_counts().tolist() == expect([int(t) for t, m in zip(ids[0], mask[0]) if m])
+
+
 @pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
 def test_adaptive_k_outputs_match_eager_experts(impl):
     """The empty slot must also be safe in the fused expert kernels (they leave sentinel rows

@@ -60,6 +60,7 @@ class VARModelWrapper:
         self._row_counts: torch.Tensor | None = None  # (B, 3) per-row tiers, cache mode (`_on_tiers`)
         self._fast_valid_B2: torch.Tensor | None = None  # (B, 2) fast decisions, valid tokens (fast-only mode)
         self._layers_counted = 0
+        self._rows_since: torch.Tensor | None = None  # (1, 2) the stack's totals when a one-row record began
         kwargs = {"clock": clock} if clock is not None else {}
         self.originals = {m.layer: getattr(m.block, m.router_attr) for m in moe}
         self.routers: dict[int, VARRouter] = {}
@@ -148,6 +149,11 @@ class VARModelWrapper:
             r.clear_cache()
 
     def reset_stats(self) -> None:
+        if self._rows_since is not None:  # bank the row's counts: they live in the counters being reset
+            self._fast_valid_B2 += self._totals_12() - self._rows_since
+            self.stack.reset_counts()
+            self._rows_since = self._totals_12()
+            return
         self.stack.reset_counts()
 
     @contextlib.contextmanager
@@ -177,13 +183,27 @@ class VARModelWrapper:
 
     def _on_fast_rows(self, fast_LT: torch.Tensor, tok: Any) -> None:
         """Fast-only mode: per batch row, table decisions summed over layers (fast_LT is already
-        False for padding) and valid tokens, accumulated raw (4 ops a forward: this runs at every
-        decode step); `row_tier_counts` turns them into fast / cached / learned."""
+        False for padding) and valid tokens, accumulated raw; `row_tier_counts` turns them into
+        fast / cached / learned. One row (batch-1 decoding, every step): the row's counts are the
+        stack's own running counters since the row's record began, so a step adds nothing here;
+        the start is remembered once (`_rows_since`), and `reset_stats` banks what the row counted."""
         b, s = tok.batch_size, tok.seq_len
-        if self._fast_valid_B2 is None or self._fast_valid_B2.shape[0] != b:
-            self._fast_valid_B2 = torch.zeros(b, 2, dtype=torch.long, device=fast_LT.device)
         self._layers_counted = fast_LT.shape[0]
-        self._fast_valid_B2 += torch.stack([fast_LT.reshape(-1, b, s).sum((0, 2)), tok.valid_T.to(fast_LT.device).reshape(b, s).sum(1)], 1)
+        dev = fast_LT.device
+        if b == 1 and self.config.track_performance:
+            if self._rows_since is None or self._fast_valid_B2 is None or self._fast_valid_B2.shape[0] != 1:
+                self._fast_valid_B2 = torch.zeros(1, 2, dtype=torch.long, device=dev)  # banked counts
+                this_12 = torch.stack([fast_LT.sum(), tok.valid_T.to(dev).sum()]).reshape(1, 2)
+                self._rows_since = self._totals_12() - this_12  # the lookup already counted this forward
+            return
+        self._rows_since = None
+        if self._fast_valid_B2 is None or self._fast_valid_B2.shape[0] != b:
+            self._fast_valid_B2 = torch.zeros(b, 2, dtype=torch.long, device=dev)
+        self._fast_valid_B2 += torch.stack([fast_LT.reshape(-1, b, s).sum((0, 2)), tok.valid_T.to(dev).reshape(b, s).sum(1)], 1)
+
+    def _totals_12(self) -> torch.Tensor:
+        """The stack's running (fast decisions summed over layers, valid tokens), shape (1, 2)."""
+        return torch.stack([self.stack.fast_L.sum(), self.stack.valid_tokens]).reshape(1, 2)
 
     def _on_tiers(self, tier_T: torch.Tensor, tok: Any) -> None:
         b, s = tok.batch_size, tok.seq_len
@@ -197,7 +217,10 @@ class VARModelWrapper:
         """(B, 3) fast/cached/learned counts per batch row since `reset_row_counts()`, valid tokens,
         summed over layers (a new batch size starts a new tensor)."""
         if self._fast_valid_B2 is not None:  # fast-only mode
-            fast_B, valid_B = self._fast_valid_B2.cpu().unbind(1)
+            acc_B2 = self._fast_valid_B2
+            if self._rows_since is not None:  # one row, counted by the stack's counters
+                acc_B2 = acc_B2 + self._totals_12() - self._rows_since
+            fast_B, valid_B = acc_B2.cpu().unbind(1)
             rows = torch.stack([fast_B, torch.zeros_like(fast_B), valid_B * self._layers_counted - fast_B], 1)
             if self._row_counts is not None and self._row_counts.shape == rows.shape:
                 rows += self._row_counts.cpu()
@@ -209,6 +232,7 @@ class VARModelWrapper:
     def reset_row_counts(self) -> None:
         self._row_counts = None
         self._fast_valid_B2 = None
+        self._rows_since = None
 
     def _counts(self) -> dict[int, list[int]]:
         rows = self.stack.counts().cpu().tolist()
