@@ -101,7 +101,8 @@ class VllmHost:
         elif arch not in SUPPORTED:
             reason = f"VAR on vLLM supports {sorted(SUPPORTED)}; this model is {arch!r}"
         kw = engine_args(settings)
-        kw = engine_kwargs(settings.model, **kw) if not reason else {"model": settings.model, **kw}
+        kw = (engine_kwargs(settings.model, pair_capacity=settings.vllm_pair_capacity, **kw) if not reason
+              else {"model": settings.model, **kw})
         engine = LLMEngine.from_engine_args(EngineArgs(**kw))
         if reason:
             hf = engine.vllm_config.model_config.hf_config

@@ -23,11 +23,9 @@ EXTENSION = "var_moe.vllm.extension.VarWorkerExtension"
 # room for (previous, token) entries, all layers together, in an engine built by engine_kwargs: the
 # buffers are fixed when the model is built (compiled graphs keep pointers to them). 65536 entries
 # cost 65536 * (8 + 12 * top_k) bytes per worker (1.6 MiB at top-k 2); a tables file with more is
-# refused when loaded. Set it per engine with engine_kwargs(..., pair_capacity=N) or, for engines
-# whose engine_kwargs call you do not write (the server), with this environment variable.
+# refused when loaded. Set it per engine with engine_kwargs(..., pair_capacity=N) (the server:
+# --vllm-pair-capacity).
 PAIR_CAPACITY = 65536
-PAIR_CAPACITY_ENV = "VARMOE_VLLM_PAIR_CAPACITY"
-
 
 def model_architecture(model: str) -> str:
     """The architecture named in a local model folder's config.json."""
@@ -43,30 +41,14 @@ def model_architecture(model: str) -> str:
     return archs[0]
 
 
-def pair_capacity_setting(value: int | None = None) -> int:
-    """The pair capacity to build with: `value`, else $VARMOE_VLLM_PAIR_CAPACITY, else PAIR_CAPACITY."""
-    import os
-
-    from ..errors import InvalidInputError
-
-    raw = value if value is not None else os.environ.get(PAIR_CAPACITY_ENV, PAIR_CAPACITY)
-    try:
-        cap = int(raw)
-    except (TypeError, ValueError):
-        cap = -1
-    if cap < 0:
-        raise InvalidInputError(f"the VAR pair capacity must be an integer >= 0 (entries), got {raw!r}"
-                                + ("" if value is not None else f" from {PAIR_CAPACITY_ENV}"))
-    return cap
-
-
 def engine_kwargs(model: str, pair_capacity: int | None = None, **kwargs: Any) -> dict[str, Any]:
     """Keyword arguments for `vllm.LLM` / `AsyncEngineArgs` that build `model` with VAR installed.
 
     The Var* architecture changes vLLM's config hash, and `additional_config` says so explicitly,
     so a VAR engine never loads a plain engine's compiled graph from the cache, nor the reverse.
-    `pair_capacity`: how many (previous, token) entries the engine can serve (`pair_capacity_setting`;
-    0 builds no pair tier). It is part of `additional_config`, hence of the compile-cache key.
+    `pair_capacity`: how many (previous, token) entries, all layers together, the engine can serve
+    (default PAIR_CAPACITY; 0 builds no pair tier). It is part of `additional_config`, hence of the
+    compile-cache key.
     """
     import os
 
@@ -78,7 +60,12 @@ def engine_kwargs(model: str, pair_capacity: int | None = None, **kwargs: Any) -
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     arch = var_arch(model_architecture(model))
     extra = dict(kwargs.pop("additional_config", None) or {})
-    extra["varmoe"] = {"routing": "var-tables", "version": 1, "pair_capacity": pair_capacity_setting(pair_capacity)}
+    cap = PAIR_CAPACITY if pair_capacity is None else pair_capacity
+    if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0:
+        from ..errors import InvalidInputError
+
+        raise InvalidInputError(f"pair_capacity must be an integer >= 0 ((previous, token) entries), got {cap!r}")
+    extra["varmoe"] = {"routing": "var-tables", "version": 1, "pair_capacity": cap}
     overrides = dict(kwargs.pop("hf_overrides", None) or {})
     overrides["architectures"] = [arch]
     return {"model": model, "hf_overrides": overrides, "worker_extension_cls": EXTENSION,

@@ -68,7 +68,7 @@ def load_tables(state: VarState, path: str | Path, check_fingerprint: bool = Tru
         raise InvalidInputError(
             f"VAR tables {path} hold {n_pairs} (previous, token) entries but this vLLM engine was built with room "
             f"for {state.pair_capacity}; start it with a pair capacity of at least {n_pairs} "
-            "(var_moe.vllm.engine_kwargs(..., pair_capacity=N), or VARMOE_VLLM_PAIR_CAPACITY=N for the server)")
+            "(var_moe.vllm.engine_kwargs(..., pair_capacity=N); the server: --vllm-pair-capacity N)")
     fill_tables(state, tables)
     return {"sizes": tables.sizes(), "source": str(path), "config": tables.metadata.get("config"),
             "fingerprint": ident["router_fingerprint"], "pair_sizes": tables.pair_sizes(), "pair_entries": n_pairs,
