@@ -131,14 +131,14 @@ def synthetic_pair_tables(real: VARTables, sequences: list[list[int]]) -> VARTab
     return tables
 
 
-def expected_rows(tables: VARTables, layer: int, seq: list[int], first: int = 0) -> tuple[list[bool], list[bool]]:
-    """Plain-Python reference of one sequence's rows from position `first` on: (fast, pair) per row.
+def expected_rows(tables: VARTables, layer: int, seq: list[int]) -> tuple[list[bool], list[bool]]:
+    """Plain-Python reference of one sequence's rows: (fast, pair) per row.
     A row is a pair row where its token has no token entry and (previous token, token) is an entry."""
     v = tables.metadata["vocab_size"]
     member = tables[layer].member_V.tolist()
     keys = set(tables.pair_tier[layer].keys_P.tolist()) if layer in tables.pair_tier else set()
     fast, pair = [], []
-    for pos in range(first, len(seq)):
+    for pos in range(len(seq)):
         is_pair = not member[seq[pos]] and pos > 0 and seq[pos - 1] * v + seq[pos] in keys
         fast.append(member[seq[pos]] or is_pair)
         pair.append(is_pair)
