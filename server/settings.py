@@ -45,6 +45,9 @@ class ServerSettings(BaseSettings):
     max_model_len: int | None = Field(None, ge=16, description="vLLM: context length (default: the model's)")
     vllm_quantization: str | None = Field(None, description="vLLM: quantization method (awq, gptq, fp8, ...)")
     enforce_eager: bool = Field(False, description="vLLM: no torch.compile / CUDA graphs")
+    vllm_pair_capacity: int | None = Field(
+        None, ge=0, description="vLLM: (previous, token) table entries the engine can hold, all layers together "
+                                "(default 65536; a tables file with more is refused; 0: none)")
     vllm_log_stats: bool = Field(
         False, description="vLLM: its own per-step statistics and periodic log line (the server's /metrics "
                            "does not need them; off, as `--disable-log-stats` on vLLM's server)")

@@ -12,9 +12,11 @@ RoutingBackend (server/var_runtime.py): each request carries its own mode to the
 (server/vllm_engine.py), so `apply_mode` only sets the workers' default for requests that name
 none; `counts()` reads the device counters, which count VAR-mode rows only; verification outcomes are the free audit of every table row against the
 learned decision (no sampling, no demotion on this engine). Per-request tier counts are exact
-without reading the device: table membership depends on the token only (no context cache here),
-so a request's fast decisions are the table members among the tokens it sent through the model,
-summed over layers (the vLLM tests check this equals the device counters).
+without reading the device: a fast decision depends on the token and its previous token only (no
+context cache here), so a request's fast decisions are, per layer, the table members among the
+tokens it sent through the model plus the rows whose (previous, token) pair is an entry where the
+token has none (the vLLM tests check the device counters against the same count). The caller
+passes the token before the first one sent (`prev_id`) when a prefix cache held the prompt's start.
 Capture runs on the builtin engine only (409 here). Test: `pytest tests/vllm_engine/test_vllm_server.py`.
 """
 
@@ -60,7 +62,7 @@ class VllmHost:
     analyzer = None
 
     def __init__(self, engine: Any, model_name: str, tables_info: dict | None, member_LV: torch.Tensor | None,
-                 layers: list[int], reason: str = ""):
+                 layers: list[int], reason: str = "", pair_keys_X: torch.Tensor | None = None):
         from .vllm_engine import VllmEngine
 
         self.engine_class = VllmEngine  # ServerState builds this engine instead of the builtin one
@@ -74,6 +76,8 @@ class VllmHost:
         self.layers = layers
         self.tables_info = tables_info
         self.member_LV = member_LV  # host copy of table membership, for per-request counts
+        # host copy of the pair entries' keys, slot * V**2 + previous * V + token (slot: index in layers)
+        self.pair_keys_X = pair_keys_X
         self.unavailable_reason = "" if tables_info is not None else (reason or "VAR is not available")
         self._var_default = False
 
@@ -97,7 +101,8 @@ class VllmHost:
         elif arch not in SUPPORTED:
             reason = f"VAR on vLLM supports {sorted(SUPPORTED)}; this model is {arch!r}"
         kw = engine_args(settings)
-        kw = engine_kwargs(settings.model, **kw) if not reason else {"model": settings.model, **kw}
+        kw = (engine_kwargs(settings.model, pair_capacity=settings.vllm_pair_capacity, **kw) if not reason
+              else {"model": settings.model, **kw})
         engine = LLMEngine.from_engine_args(EngineArgs(**kw))
         if reason:
             hf = engine.vllm_config.model_config.hf_config
@@ -117,7 +122,9 @@ class VllmHost:
         vocab = int(tables.metadata["vocab_size"])
         member_LV = torch.stack([tables.layers[l].member_V if l in tables.layers else torch.zeros(vocab, dtype=torch.bool)
                                  for l in layers])
-        return cls(engine, settings.model, info, member_LV, layers)
+        pairs = [tables.pair_tier[l].keys_P.long() + i * vocab * vocab for i, l in enumerate(layers)
+                 if l in tables.pair_tier and tables.pair_tier[l].size]
+        return cls(engine, settings.model, info, member_LV, layers, pair_keys_X=torch.cat(pairs) if pairs else None)
 
     # -- RoutingBackend --------------------------------------------------------------------------
     @property
@@ -161,17 +168,30 @@ class VllmHost:
                                                                                  self.tables_info["sizes"].items()},
                 "demoted": {str(l): 0 for l in self.layers}, "tables_source": self.tables_info["source"],
                 "engine": "vllm", "router_fingerprint": self.tables_info.get("fingerprint"),
-                "pair_entries_not_served": int(self.tables_info.get("pair_entries_not_served", 0)),
-                "tiers": "fast (verified table) and learned; no context cache on this engine; every table "
-                         "decision is checked against the learned router (verification)"}
+                "pair_entries": int(self.tables_info.get("pair_entries", 0)),
+                "pair_sizes": {str(k): int(v) for k, v in (self.tables_info.get("pair_sizes") or {}).items()},
+                "tiers": "fast (verified token table, and (previous, token) entries where the tables have them) "
+                         "and learned; no context cache on this engine; every table decision is checked against "
+                         "the learned router (verification)"}
 
     # -- per-request tier counts -----------------------------------------------------------------
-    def request_tiers(self, var: bool, forwarded_ids: list[int]) -> dict[str, int]:
-        """Routing decisions of one request summed over MoE layers (valid tokens x layers)."""
+    def request_tiers(self, var: bool, forwarded_ids: list[int], prev_id: int = -1) -> dict[str, int]:
+        """Routing decisions of one request summed over MoE layers (valid tokens x layers).
+        `prev_id`: the token before forwarded_ids[0] (-1: none, the sequence starts there)."""
         n = len(forwarded_ids) * len(self.layers)
         if not var or self.member_LV is None or not forwarded_ids:
             return {"fast": 0, "cached": 0, "learned": n}
-        fast = int(self.member_LV[:, torch.tensor(forwarded_ids, dtype=torch.long)].sum())
+        ids_T = torch.tensor(forwarded_ids, dtype=torch.long)
+        member_LT = self.member_LV[:, ids_T]
+        fast = int(member_LT.sum())
+        if self.pair_keys_X is not None:  # (previous, token) entries serve rows whose token has none
+            from var_moe.var.pairs import find_pairs
+
+            vocab = self.member_LV.shape[1]
+            prev_T = torch.cat([torch.tensor([prev_id], dtype=torch.long), ids_T[:-1]])
+            offset_L1 = torch.arange(len(self.layers), dtype=torch.long)[:, None] * vocab * vocab
+            hit_LT, _ = find_pairs(self.pair_keys_X, prev_T, ids_T, vocab, offset_L1)
+            fast += int((hit_LT & ~member_LT).sum())
         return {"fast": fast, "cached": 0, "learned": n - fast}
 
     # -- capture: builtin engine only ----------------------------------------------------------------

@@ -1,5 +1,5 @@
 """`varmoe serve --engine ...`: a clear CLI error (exit 2, naming the flag) for an unknown engine,
-and for `--engine vllm` where vLLM is not installed (the main environment). Test:
+a negative --vllm-pair-capacity, and for `--engine vllm` where vLLM is not installed (the main environment). Test:
 `pytest tests/test_vllm_cli.py` (seconds).
 """
 
@@ -40,6 +40,11 @@ def test_vllm_engine_arguments_pass_through_what_the_operator_set():
     # vLLM's own statistics are off unless asked for (as `--disable-log-stats` on vLLM's server)
     assert kw["disable_log_stats"] is True
     assert engine_args(ServerSettings(engine="vllm", vllm_log_stats=True))["disable_log_stats"] is False
+
+
+def test_negative_pair_capacity_is_a_flag_error():
+    r = serve("--engine", "vllm", "--vllm-pair-capacity", "-1")
+    assert r.returncode == 2 and "--vllm-pair-capacity" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_data_parallel_is_refused_with_the_way_to_scale_out():

@@ -1,8 +1,12 @@
-"""The per-step VAR decision of the vLLM integration (var_moe/vllm/routing.py, rows.py), without
-vLLM: baseline rows or non-member tokens give the learned decision back bit for bit, VAR rows of
-member tokens get the table's experts and weights, the device counters (fast, learned, audit
-agree/disagree; VAR rows only) match a brute-force count, and per-request modes become per-token
-rows in the runner's order. Runs in both environments. Test: `pytest tests/test_vllm_routing.py`.
+"""The per-step VAR decision of the vLLM integration (var_moe/vllm/routing.py, rows.py, tables.py),
+without vLLM: baseline rows or non-member tokens give the learned decision back bit for bit, VAR
+rows of member tokens get the table's experts and weights, the device counters (fast, learned,
+audit agree/disagree; VAR rows only) match a brute-force count, and per-request modes become
+per-token rows in the runner's order. The (previous, token) tier: each row's previous token from
+the runner's token table equals a plain-Python walk over a mixed batch (prefill chunks, decodes),
+pair entries serve exactly the rows a plain-Python lookup says, tables over the pair capacity are
+refused before anything is written, and the server's per-request count equals the routers'.
+Runs in both environments. Test: `pytest tests/test_vllm_routing.py`.
 """
 
 from __future__ import annotations
@@ -13,8 +17,11 @@ from types import SimpleNamespace
 
 import numpy as np
 
+import pytest
+
+from var_moe.errors import InvalidInputError
 from var_moe.vllm.routing import COUNTERS, LayerVar, VarState, _same_set
-from var_moe.vllm.rows import MODE_KEY, RowWriter, request_modes, token_rows
+from var_moe.vllm.rows import MODE_KEY, RowWriter, previous_tokens, request_modes, token_rows
 
 
 def make_layer(vocab: int = 50, k: int = 2, e: int = 8, seed: int = 0) -> LayerVar:
@@ -83,34 +90,171 @@ def test_request_modes_become_token_rows_in_runner_order():
     assert state.rows_N.tolist() == [True, False, True] + [False] * 13  # the tail (padding) is baseline
 
 
-def test_loading_tables_with_pair_entries_says_they_are_not_served(tmp_path):
-    """The vLLM path serves token entries only; a tables file with (previous, token) entries loads,
-    and the reply counts the entries it does not serve instead of dropping them silently."""
-    from var_moe.adapters import get_adapter
-    from var_moe.tiny import tiny_model
+def test_previous_tokens_equal_a_walk_over_each_request():
+    """A hand-made step as vLLM's runner lays it out: a fresh prefill, a later prefill chunk, two
+    decodes, a request with nothing scheduled; positions = computed tokens + position in the step."""
+    g = np.random.default_rng(0)
+    token_ids = g.integers(0, 100, size=(6, 40)).astype(np.int32)  # requests x max_model_len
+    computed = np.array([0, 16, 9, 30, 5, 1], dtype=np.int32)  # num_computed_tokens_cpu
+    scheduled = np.array([7, 8, 1, 1, 0, 3])  # fresh prefill, chunk 2, decode, decode, idle, short chunk
+    brute = []
+    for r, n in enumerate(scheduled.tolist()):
+        for j in range(n):
+            pos = int(computed[r]) + j
+            brute.append(int(token_ids[r, pos - 1]) if pos > 0 else -1)
+    got = previous_tokens(token_ids, computed, scheduled)
+    assert got.dtype == np.int64 and got.tolist() == brute
+    assert got[0] == -1 and (got == -1).sum() == 1  # only the fresh prefill's first row has none
+    assert previous_tokens(token_ids, computed[:0], scheduled[:0]).tolist() == []
+
+
+def test_row_writer_writes_previous_tokens_and_clears_the_tail():
+    state = VarState(torch.device("cpu"), max_tokens=8, pair_capacity=4, top_k=2)
+    state.prev_N.fill_(7)  # a larger previous step
+    RowWriter(state).write(np.array([True, True, False]), np.array([-1, 5, 6]))
+    assert state.prev_N.tolist() == [-1, 5, 6] + [-1] * 5  # padding slots have no previous token
+    assert VarState(torch.device("cpu"), max_tokens=8).prev_N is None  # no pair tier: no buffer, nothing written
+
+
+V, K, E = 60, 2, 8
+# (prev, tok) -> set; (2, 2) is never served: token 2 has a token entry in layer 0, which wins
+PAIRS = {0: {(5, 7): (2, 3), (6, 7): (0, 1), (9, 1): (1, 2), (11, 4): (6, 5), (2, 2): (4, 7)},
+         1: {(5, 7): (4, 5), (3, 8): (7, 0)}}
+
+
+def pair_tables(pairs=PAIRS, vocab=V):
+    """Tiny-model-shaped tables: layer 0 token entries for even tokens (not 4, 7, 1, 8), the pairs."""
     from var_moe.var.evidence import set_codes
     from var_moe.var.pairs import PairTable
-    from var_moe.var.tables import VARTables, model_identity
+    from var_moe.var.tables import LayerTable, VARTables
+
+    layers = {}
+    for l in (0, 1):
+        t = LayerTable.empty(vocab, K)
+        if l == 0:
+            t.member_V[::2] = True
+            t.member_V[[4, 8]] = False
+        t.experts_VK[:] = torch.tensor([3, 6])
+        t.weights_VK[:] = torch.tensor([0.75, 0.25])
+        t.mass_V[:] = 0.8
+        layers[l] = t
+    meta = {"model_type": "mixtral", "vocab_size": vocab, "num_experts": E, "top_k": K,
+            "router_fingerprint": "f", "layers": [0, 1]}
+    tables = VARTables(layers, meta)
+    for l, ps in pairs.items():
+        keys = sorted(ps)
+        sets = torch.tensor([ps[k] for k in keys], dtype=torch.long).reshape(-1, K)
+        n = len(keys)
+        w = torch.tensor([[0.6 + 0.1 * (i % 3), 0.4 - 0.1 * (i % 3)] for i in range(n)]).reshape(-1, K)
+        tables.pair_tier[l] = PairTable(torch.tensor([p * vocab + t for p, t in keys], dtype=torch.long), sets, w,
+                                        torch.full((n,), 0.9), set_codes(sets.sort(1).values, E), torch.full((n,), 0.95),
+                                        torch.full((n,), 50.0, dtype=torch.float64),
+                                        torch.full((n,), 50.0, dtype=torch.float64))
+    return tables
+
+
+def pair_state(capacity: int, renormalize=(True, False)) -> VarState:
+    state = VarState(torch.device("cpu"), max_tokens=64, pair_capacity=capacity, top_k=K)
+    for l in (0, 1):
+        state.layers[l] = LayerVar(l, torch.nn.Linear(4, E), torch.zeros(V, K, dtype=torch.long), torch.zeros(V, K),
+                                   torch.zeros(V, dtype=torch.bool), torch.zeros(len(COUNTERS), dtype=torch.long),
+                                   renormalize[l], E)
+    state.identity = {"model_type": "mixtral", "vocab_size": V, "num_experts": E, "top_k": K,
+                      "router_fingerprint": "f", "layers": [0, 1]}
+    return state
+
+
+def test_pair_entries_serve_exactly_the_rows_a_plain_lookup_says(tmp_path):
     from var_moe.vllm.tables import load_tables
 
-    model = tiny_model("mixtral", seed=0)
-    adapter = get_adapter(model)
-    layers = list(range(model.config.num_hidden_layers))
-    tables = VARTables.empty(model, adapter, layers)
-    v, k, e = model.config.vocab_size, model.config.num_experts_per_tok, model.config.num_local_experts
-    sets = torch.tensor([[0, 1], [2, 3], [1, 2]])
-    tables.pair_tier = {layers[0]: PairTable(torch.tensor([5 * v + 7, 6 * v + 7, 9 * v + 1]), sets,
-                                             torch.full((3, k), 0.5), torch.ones(3), set_codes(sets, e),
-                                             torch.full((3,), 0.95), torch.full((3,), 50.0, dtype=torch.float64),
-                                             torch.full((3,), 50.0, dtype=torch.float64))}
-    path = tables.save(tmp_path / "tables.safetensors")
-    state = VarState(torch.device("cpu"), max_tokens=16)
-    for l in layers:
-        state.layers[l] = LayerVar(l, torch.nn.Linear(4, e), torch.zeros(v, k, dtype=torch.long),
-                                   torch.zeros(v, k), torch.zeros(v, dtype=torch.bool),
-                                   torch.zeros(len(COUNTERS), dtype=torch.long), True, e)
-    state.identity = {**model_identity(model, adapter), "layers": layers}
+    tables = pair_tables()
+    path = tables.save(tmp_path / "pairs.safetensors")
+    state = pair_state(capacity=16)
     reply = load_tables(state, path)
-    assert reply["pair_entries_not_served"] == 3
-    VARTables.empty(model, adapter, layers).save(tmp_path / "plain.safetensors")
-    assert load_tables(state, tmp_path / "plain.safetensors")["pair_entries_not_served"] == 0
+    assert reply["pair_entries"] == 7 and reply["pair_sizes"] == {0: 5, 1: 2} and reply["pair_capacity"] == 16
+    # rows: (prev, tok); a pair of the other layer, a member token whose pair exists (token wins in
+    # layer 0), a sequence start, a padding slot's -1, an out-of-vocabulary previous token
+    prev = [5, 6, 9, 3, -1, 11, 5, 2, 70, 5, 6, 9]
+    ids = [7, 7, 1, 8, 7, 4, 7, 2, 1, 7, 7, 1]
+    t = len(ids)
+    modes = [True] * 9 + [False, True, True]  # one baseline row
+    state.rows_N[:t] = torch.tensor(modes)
+    state.prev_N[:t] = torch.tensor(prev)
+    w, idx = learned(t)
+    for l, lv in state.layers.items():
+        lv.counts.zero_()
+        out_w, out_idx = lv.route(state, torch.tensor(ids), w, idx)
+        fast_n = agree_n = 0
+        for r in range(t):
+            key = (prev[r], ids[r])
+            if modes[r] and bool(tables[l].member_V[ids[r]]):
+                want_idx, want_w = tables[l].experts_VK[ids[r]].tolist(), tables[l].weights_VK[ids[r]]
+                want_w = want_w if lv.renormalize else want_w * tables[l].mass_V[ids[r]]
+            elif modes[r] and key in PAIRS[l]:
+                p = tables.pair_tier[l]
+                i = int((p.keys_P == prev[r] * V + ids[r]).nonzero())
+                want_idx = list(PAIRS[l][key])
+                want_w = p.weights_PK[i] if lv.renormalize else p.weights_PK[i] * p.mass_P[i]
+            else:
+                assert out_idx[r].tolist() == idx[r].tolist() and torch.equal(out_w[r], w[r]), (l, r)
+                continue
+            fast_n += 1
+            agree_n += sorted(want_idx) == sorted(idx[r].tolist())
+            assert out_idx[r].tolist() == want_idx, (l, r)
+            torch.testing.assert_close(out_w[r], want_w.float())
+        assert fast_n > 0
+        assert lv.counts.tolist() == [fast_n, sum(modes) - fast_n, agree_n, fast_n - agree_n]
+    # layer 1 has no token entries: its pair rows are (5, 7) twice in VAR mode (a third is baseline), (3, 8)
+    assert state.layers[1].counts[0] == 3
+
+
+def test_tables_over_the_pair_capacity_are_refused_before_anything_is_written(tmp_path):
+    from var_moe.vllm.tables import clear_tables, load_tables
+
+    path = pair_tables().save(tmp_path / "pairs.safetensors")
+    state = pair_state(capacity=6)
+    with pytest.raises(InvalidInputError, match=r"hold 7 \(previous, token\) entries.*room for 6"):
+        load_tables(state, path)
+    assert not any(bool(lv.member_V.any()) for lv in state.layers.values())  # nothing written
+    assert bool((state.pair_keys_X == torch.iinfo(torch.long).max).all())
+    with pytest.raises(InvalidInputError, match="room for 0"):  # an engine built without a pair tier
+        load_tables(pair_state(capacity=0), path)
+    no_pairs = pair_tables(pairs={}).save(tmp_path / "tokens.safetensors")
+    assert load_tables(pair_state(capacity=0), no_pairs)["pair_entries"] == 0
+    # a smaller file after a larger one: the slots left are sentinels again; clearing empties all
+    state = pair_state(capacity=8)
+    load_tables(state, path)
+    load_tables(state, pair_tables(pairs={1: {(3, 8): (7, 0)}}).save(tmp_path / "one.safetensors"))
+    assert int((state.pair_keys_X != torch.iinfo(torch.long).max).sum()) == 1
+    clear_tables(state)
+    assert bool((state.pair_keys_X == torch.iinfo(torch.long).max).all())
+
+
+def test_server_request_counts_equal_the_routers_counts(tmp_path):
+    """`VllmHost.request_tiers` (host, from the forwarded tokens) counts the fast rows the routers
+    count for the same request, pair rows included, also when the first forwarded token has a
+    previous token (a prefix-cache hit)."""
+    from server.vllm_host import VllmHost
+    from var_moe.vllm.tables import load_tables
+
+    tables = pair_tables()
+    state = pair_state(capacity=16)
+    load_tables(state, tables.save(tmp_path / "pairs.safetensors"))
+    seq = [3, 5, 7, 6, 7, 9, 1, 11, 4, 5, 7, 3, 8, 2]
+    layers = [0, 1]
+    member_LV = torch.stack([tables[l].member_V for l in layers])
+    keys = torch.cat([tables.pair_tier[l].keys_P + i * V * V for i, l in enumerate(layers)])
+    host = SimpleNamespace(layers=layers, member_LV=member_LV, pair_keys_X=keys)
+    for cached in (0, 4):
+        token_ids = np.array([seq], dtype=np.int32)
+        n = len(seq) - cached
+        state.rows_N[:n] = True
+        state.prev_N[:n] = torch.from_numpy(previous_tokens(token_ids, np.array([cached]), np.array([n])))
+        w, idx = learned(n)
+        for lv in state.layers.values():
+            lv.counts.zero_()
+            lv.route(state, torch.tensor(seq[cached:]), w, idx)
+        fast = sum(int(lv.counts[0]) for lv in state.layers.values())
+        got = VllmHost.request_tiers(host, True, seq[cached:], seq[cached - 1] if cached else -1)
+        assert got["fast"] == fast and got["fast"] + got["learned"] == n * len(layers)
+        assert fast > int(member_LV[:, torch.tensor(seq[cached:])].sum())  # pair rows are among them

@@ -3,9 +3,13 @@
     python tests/vllm_engine/engine_script.py SPEC.json OUT.json
 
 SPEC: {"model", "prompts", "max_tokens", "var": bool, "eager": bool, "tables", "empty_tables",
-"bad_tables", optional "tensor_parallel_size"}. A plain engine ("var": false) generates greedily once. A VAR engine generates with
+"bad_tables", optional "tensor_parallel_size", "pair_tables", "over_tables"}. A plain engine ("var": false) generates greedily once. A VAR engine generates with
 VAR off, on with empty tables, on with the real tables, off again, and records counters after each;
-eager VAR engines also record per-row decisions of one prefill per prompt + its VAR continuation. A fresh process per
+eager VAR engines also record per-row decisions of one prefill per prompt + its VAR continuation.
+With "pair_tables" (tables with (previous, token) entries), a VAR engine then loads them, generates
+with VAR on and records counters, and refuses "over_tables" (more pair entries than its capacity);
+an eager one also records every forward of each prompt's generation on its own (the prefill, then
+each decode step). A fresh process per
 engine keeps vLLM's global state (distributed groups, compile caches) apart between engines.
 Used by tests/vllm_engine/test_vllm_exact.py.
 """
@@ -79,7 +83,33 @@ def main(spec_path: str, out_path: str) -> None:
             llm.generate([{"prompt_token_ids": ids}], SamplingParams(temperature=0.0, max_tokens=1), use_tqdm=False)
             out["records"].append({str(k): v for k, v in rpc("varmoe_records")[0].items()})
         rpc("varmoe_record", args=(False,))
+    if spec.get("pair_tables"):
+        pair_phase(llm, spec, out, generate, counts)
     json.dump(out, open(out_path, "w", encoding="utf-8"))
+
+
+def pair_phase(llm, spec: dict, out: dict, generate, counts) -> None:
+    """(previous, token) entries: batched generation with counters, the over-capacity refusal, and
+    (eager) each prompt's prefill + decode steps recorded row by row."""
+    from vllm import SamplingParams
+
+    rpc = llm.collective_rpc
+    rpc("varmoe_set_enabled", args=(True,))
+    out["pair_load"] = rpc("varmoe_load_tables", args=(spec["pair_tables"],))[0]
+    rpc("varmoe_reset_counts")
+    out["pairs_on"] = generate()
+    out["counts_pairs"] = counts()
+    out["over_error"] = rpc("varmoe_load_tables", args=(spec["over_tables"],))[0].get("error")
+    out["info_pairs"] = rpc("varmoe_info")[0]  # the refused file left the pair tables in place
+    if spec["eager"]:
+        out["pair_runs"] = []
+        for ids in out["prompt_ids"]:
+            rpc("varmoe_record", args=(True,))
+            res = llm.generate([{"prompt_token_ids": ids}], SamplingParams(temperature=0.0, max_tokens=spec["max_tokens"]),
+                               use_tqdm=False)
+            out["pair_runs"].append({"gen": list(res[0].outputs[0].token_ids),
+                                     "records": {str(k): v for k, v in rpc("varmoe_records")[0].items()}})
+        rpc("varmoe_record", args=(False,))
 
 
 if __name__ == "__main__":  # vLLM may spawn workers that import this file

@@ -72,7 +72,7 @@ def test_health_and_status(client):
     s = client.get("/var/status").json()
     assert s["mode"] == "var" and s["var"]["engine"] == "vllm"
     assert set(s["var"]["table_sizes"]) == {str(l) for l in s["var"]["layers"]}
-    assert s["var"]["pair_entries_not_served"] == 0  # the committed tables have token entries only
+    assert s["var"]["pair_entries"] == 0 and s["var"]["pair_sizes"] == {}  # the committed tables: token entries only
 
 
 def test_pinning_greedy_and_routing(client):

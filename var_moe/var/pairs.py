@@ -73,11 +73,6 @@ class PairTable:
         return self.size * (8 + 8 * k + (4 * k if weights else 0))
 
 
-def pair_keys(prev_T: torch.Tensor, tok_T: torch.Tensor, vocab: int) -> torch.Tensor:
-    """`prev * V + token` (negative where there is no previous token)."""
-    return torch.where(prev_T >= 0, prev_T.long() * vocab + tok_T.long(), torch.full_like(prev_T, -1, dtype=torch.long))
-
-
 def find_sorted(keys_X: torch.Tensor, key_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(hit, idx): whether each `key_N` (any shape) is in the sorted, non-empty `keys_X`, and its
     index there (clamped into range where it is not). One searchsorted; no host sync, any device."""
@@ -85,14 +80,23 @@ def find_sorted(keys_X: torch.Tensor, key_N: torch.Tensor) -> tuple[torch.Tensor
     return keys_X[idx] == key_N, idx
 
 
+def find_pairs(keys_X: torch.Tensor, prev_N: torch.Tensor, tok_N: torch.Tensor, vocab: int,
+               offset: int | torch.Tensor = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hit, idx): whether each row's key `offset + previous * V + token` is in the sorted, non-empty
+    `keys_X`, and its index there (`find_sorted`). Rows whose previous token is not in [0, V) (-1:
+    a sequence start) never hit. `offset`: 0, a layer's offset into keys of several layers, or a
+    tensor of them broadcasting against the rows (the routers' stacked keys). No host sync."""
+    has = (prev_N >= 0) & (prev_N < vocab)
+    hit, idx = find_sorted(keys_X, offset + torch.where(has, prev_N, 0).long() * vocab + tok_N.long())
+    return hit & has, idx
+
+
 def pair_lookup(keys_P: torch.Tensor, prev_T: torch.Tensor, tok_T: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(hit_T, idx_T): whether each row's (previous, token) is an entry of the sorted `keys_P`, and
-    its index there (`find_sorted`); rows without a previous token never hit."""
-    key_T = pair_keys(prev_T, tok_T, vocab)
+    its index there (`find_pairs`); rows without a previous token never hit."""
     if keys_P.numel() == 0:
-        return torch.zeros_like(key_T, dtype=torch.bool), torch.zeros_like(key_T)
-    hit_T, idx_T = find_sorted(keys_P, key_T)
-    return hit_T & (key_T >= 0), idx_T
+        return torch.zeros_like(tok_T, dtype=torch.bool), torch.zeros_like(tok_T, dtype=torch.long)
+    return find_pairs(keys_P, prev_T, tok_T, vocab)
 
 
 def pair_candidates(ev: LayerEvidence, config: VARConfig, min_pair_count: int | None = None, prescreen: bool = True,

@@ -58,7 +58,7 @@ from torch import nn
 
 from .cache import ContextCache
 from .config import VARConfig
-from .pairs import PairTable, find_sorted
+from .pairs import PairTable, find_pairs
 from .tables import LayerTable, demote_mask, wilson_lower_bound
 
 FAST, CACHED, LEARNED = 0, 1, 2
@@ -186,11 +186,10 @@ class TableStack:
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(pair_LT, entry_LT): rows served by a pair entry (only where `open_LT`: valid, in
         vocabulary, no token entry) and the entry's index. One searchsorted over (L, T); no host sync."""
-        prev_T = tok.prev_T.to(device).long()
-        has_T = (prev_T >= 0) & (prev_T < self.vocab)  # -1 at a sequence start; a foreign id never hits
-        key_LT = self.pair_offset_L[:, None] + torch.where(has_T, prev_T, 0) * self.vocab + safe_T
-        hit_LT, entry_LT = find_sorted(self.pair_keys_X, key_LT)
-        return hit_LT & has_T & open_LT, entry_LT
+        # -1 at a sequence start; a foreign id never hits
+        hit_LT, entry_LT = find_pairs(self.pair_keys_X, tok.prev_T.to(device).long(), safe_T, self.vocab,
+                                      self.pair_offset_L[:, None])
+        return hit_LT & open_LT, entry_LT
 
     def counts(self) -> torch.Tensor:
         """(L, len(COUNTERS)) all counters, the lookup-time ones folded in (one new tensor)."""

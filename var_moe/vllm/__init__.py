@@ -1,4 +1,4 @@
-"""VAR on vLLM: verified token tables inside vLLM's MoE routers, through vLLM's extension points.
+"""VAR on vLLM: verified token (and (previous, token)) tables inside vLLM's MoE routers, through vLLM's extension points.
 
     from vllm import LLM
     from var_moe.vllm import engine_kwargs
@@ -20,7 +20,12 @@ from pathlib import Path
 from typing import Any
 
 EXTENSION = "var_moe.vllm.extension.VarWorkerExtension"
-
+# room for (previous, token) entries, all layers together, in an engine built by engine_kwargs: the
+# buffers are fixed when the model is built (compiled graphs keep pointers to them). 65536 entries
+# cost 65536 * (8 + 12 * top_k) bytes per worker (1.6 MiB at top-k 2); a tables file with more is
+# refused when loaded. Set it per engine with engine_kwargs(..., pair_capacity=N) (the server:
+# --vllm-pair-capacity).
+PAIR_CAPACITY = 65536
 
 def model_architecture(model: str) -> str:
     """The architecture named in a local model folder's config.json."""
@@ -36,11 +41,14 @@ def model_architecture(model: str) -> str:
     return archs[0]
 
 
-def engine_kwargs(model: str, **kwargs: Any) -> dict[str, Any]:
+def engine_kwargs(model: str, pair_capacity: int | None = None, **kwargs: Any) -> dict[str, Any]:
     """Keyword arguments for `vllm.LLM` / `AsyncEngineArgs` that build `model` with VAR installed.
 
     The Var* architecture changes vLLM's config hash, and `additional_config` says so explicitly,
     so a VAR engine never loads a plain engine's compiled graph from the cache, nor the reverse.
+    `pair_capacity`: how many (previous, token) entries, all layers together, the engine can serve
+    (default PAIR_CAPACITY; 0 builds no pair tier). It is part of `additional_config`, hence of the
+    compile-cache key.
     """
     import os
 
@@ -52,7 +60,12 @@ def engine_kwargs(model: str, **kwargs: Any) -> dict[str, Any]:
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     arch = var_arch(model_architecture(model))
     extra = dict(kwargs.pop("additional_config", None) or {})
-    extra["varmoe"] = {"routing": "var-tables", "version": 1}
+    cap = PAIR_CAPACITY if pair_capacity is None else pair_capacity
+    if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0:
+        from ..errors import InvalidInputError
+
+        raise InvalidInputError(f"pair_capacity must be an integer >= 0 ((previous, token) entries), got {cap!r}")
+    extra["varmoe"] = {"routing": "var-tables", "version": 1, "pair_capacity": cap}
     overrides = dict(kwargs.pop("hf_overrides", None) or {})
     overrides["architectures"] = [arch]
     return {"model": model, "hf_overrides": overrides, "worker_extension_cls": EXTENSION,

@@ -3,8 +3,9 @@
 vLLM mixes this class into every worker (`worker_extension_cls`), so the same call reaches the
 in-process worker, spawned worker processes, and each tensor/data-parallel rank:
 
-    llm.collective_rpc("varmoe_load_tables", args=(path,))   # checked against the loaded weights
-                                                             # ({"error": ...} per rank when refused)
+    llm.collective_rpc("varmoe_load_tables", args=(path,))   # checked against the loaded weights and
+                                                             # the pair capacity ({"error": ...} per
+                                                             # rank when refused)
     llm.collective_rpc("varmoe_set_enabled", args=(True,))   # the mode of requests that name none
     llm.collective_rpc("varmoe_counts")                      # {layer: [fast, learned, agree, disagree]}
 
@@ -12,7 +13,8 @@ The model must have been built as a Var* architecture (models.py): the routing i
 construction, before compilation; these methods only write data into its buffers or read them.
 The first call also hooks the model runner (rows.py), which from then on writes each step's
 per-token modes: a request pinned with `extra_args={"varmoe_var": ...}` runs in that mode, the
-others in the default set here (it applies from the next step). Counters count VAR-mode rows only.
+others in the default set here (it applies from the next step). Counters count VAR-mode rows only;
+a row served by a (previous, token) entry counts as fast.
 Test: `pytest tests/vllm_engine/test_vllm_exact.py`.
 """
 
@@ -37,7 +39,8 @@ class VarWorkerExtension:
         return state
 
     def varmoe_load_tables(self, path: str, check_fingerprint: bool = True) -> dict[str, Any]:
-        """{layer sizes, source, config, fingerprint}, or {"error": why} for tables refused for this model
+        """{layer sizes, source, config, fingerprint, pair sizes, pair entries, pair capacity}, or
+        {"error": why} for tables refused for this model or over the pair capacity
         (nothing written). Returned, not raised: with several workers vLLM hands the caller the first
         rank's exception and leaves the other ranks' replies unread, so the next call would read them."""
         from ..errors import InvalidInputError
@@ -81,10 +84,13 @@ class VarWorkerExtension:
         return {l: list(lv.record or []) for l, lv in sorted(self._varmoe_state().layers.items())}
 
     def varmoe_info(self) -> dict[str, Any]:
+        from .routing import PAIR_SENTINEL
         from .tables import model_identity
 
         state = self._varmoe_state()
         ident = model_identity(state)
         ident["table_sizes"] = {l: int(lv.member_V.sum()) for l, lv in sorted(state.layers.items())}
+        ident["pair_capacity"] = state.pair_capacity
+        ident["pair_entries"] = 0 if state.pair_keys_X is None else int((state.pair_keys_X != PAIR_SENTINEL).sum())
         ident["enabled"] = state.default_on
         return ident

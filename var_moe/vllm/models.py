@@ -55,7 +55,9 @@ def var_class(arch: str) -> type:
         # every forward carries at most max_num_batched_tokens tokens (the runner's own buffers
         # have that size); dummy runs at start-up stay within it too
         max_tokens = max(int(sched.max_num_batched_tokens), int(vllm_config.model_config.max_model_len))
-        self._varmoe_state = install_var(self, int(hf.vocab_size), top_k, max_tokens)
+        extra = vllm_config.additional_config
+        pair_capacity = int((extra.get("varmoe") or {}).get("pair_capacity", 0)) if isinstance(extra, dict) else 0
+        self._varmoe_state = install_var(self, int(hf.vocab_size), top_k, max_tokens, pair_capacity)
 
     def load_weights(self, weights: Any) -> Any:
         loaded = base.load_weights(self, weights)

@@ -10,22 +10,29 @@ copied, parameter names stay, the weight loader sees the same tree):
   routers already take `input_ids` (DeepSeek-V4's hash routing reads `hash_indices_table[input_ids]`);
 - each router's `_compute_routing` computes the learned decision as before, then, for rows whose
   token is in this layer's verified table and whose request runs in VAR mode, takes the table's
-  experts and weights (`where`). For baseline rows, or with an empty table, every value is the
-  learned one.
+  experts and weights (`where`); for VAR rows whose token has no entry but whose (previous token,
+  token) pair has one (tables built with `--pair-entries`), the pair entry's. For baseline rows, or
+  with empty tables, every value is the learned one.
 
 Which rows run in VAR mode is a per-token bool buffer (`VarState.rows_N`, one slot per token of
-the largest step), written before each forward by the model runner hook in rows.py from each
-request's mode. Everything a step does is tensor work on fixed buffers (that row buffer,
-vocabulary-sized tables, a per-layer int64 counter), so it stays valid in a compiled graph and
-under CUDA graphs: modes and tables are written into those buffers in place, never replaced.
-Counters (per layer, VAR-mode rows only: fast, learned, fast rows whose table set equals the
-learned set, fast rows where it differs) are added on the device and read on request (one sync
-per read, none per step). The
+the largest step), and each row's previous token (the request's token at the position before the
+row's, -1 at a sequence start and in padding slots) an int64 buffer next to it (`prev_N`), both
+written before each forward by the model runner hook in rows.py. Pair entries of all layers sit
+in one sorted key buffer of fixed capacity (`layer * V**2 + previous * V + token`, padded with a
+key no row produces), found with one `searchsorted` per layer, as the builtin router does
+(var/router.py). The capacity is fixed when the model is built (`pair_capacity`, see
+`engine_kwargs`); 0 builds no pair buffers and no pair code into the graph. Everything a step does
+is tensor work on fixed buffers (those row buffers, vocabulary-sized tables, the pair buffers, a
+per-layer int64 counter), so it stays valid in a compiled graph and under CUDA graphs: modes and
+tables are written into those buffers in place, never replaced. Counters (per layer, VAR-mode
+rows only: fast, learned, fast rows whose table set equals the learned set, fast rows where it
+differs) are added on the device and read on request (one sync per read, none per step); a row
+served by a pair entry is a fast row, audited against its pair set, like the builtin router's. The
 context-cache tier of the builtin router is not implemented here (its per-sequence state does not
 fit continuous batching); shadow verification becomes a free audit of every fast row, because the
 learned decision is computed anyway.
 
-Shapes: T tokens, K top-k, V vocabulary, E experts. Test: `pytest tests/vllm_engine/test_vllm_exact.py`
+Shapes: T tokens, K top-k, V vocabulary, E experts, X pair-buffer slots (capacity). Test: `pytest tests/vllm_engine/test_vllm_exact.py`
 (runs in the vLLM environment only).
 """
 
@@ -38,20 +45,37 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..var.pairs import find_pairs
+
 # counter slots (one int64 vector per MoE layer)
 FAST, LEARNED, AGREE, DISAGREE = 0, 1, 2, 3
 COUNTERS = ("fast", "learned", "audit_agree", "audit_disagree")
 _LAYER_RE = re.compile(r"layers\.(\d+)\.")
+# pair-buffer slots past the loaded entries hold this key: larger than any row's key (keeps the buffer
+# sorted) and never equal to one (a row's key is below (layers + 1) * V**2)
+PAIR_SENTINEL = torch.iinfo(torch.long).max
 
 
 class VarState:
-    """What every patched module of one model shares: the step's token ids and which rows run VAR."""
+    """What every patched module of one model shares: the step's token ids, which rows run VAR,
+    each row's previous token and the pair entries of all layers (fixed-capacity buffers)."""
 
-    def __init__(self, device: torch.device, max_tokens: int):
+    def __init__(self, device: torch.device, max_tokens: int, pair_capacity: int = 0, top_k: int = 1):
         self.ids: torch.Tensor | None = None  # set by the embedding during a forward
         # per-token VAR mode of the current step (rows.py writes it in place before each forward;
         # slots past the step's tokens, e.g. CUDA-graph padding, stay False)
         self.rows_N = torch.zeros(max_tokens, dtype=torch.bool, device=device)
+        if pair_capacity < 0:
+            raise ValueError(f"pair_capacity must be >= 0, got {pair_capacity}")
+        self.pair_capacity = int(pair_capacity)
+        self.prev_N: torch.Tensor | None = None
+        self.pair_keys_X: torch.Tensor | None = None
+        if self.pair_capacity:
+            # previous token of every row of the step (rows.py); -1: none (sequence start, padding)
+            self.prev_N = torch.full((max_tokens,), -1, dtype=torch.long, device=device)
+            self.pair_keys_X = torch.full((self.pair_capacity,), PAIR_SENTINEL, dtype=torch.long, device=device)
+            self.pair_idx_XK = torch.zeros(self.pair_capacity, top_k, dtype=torch.long, device=device)
+            self.pair_w_XK = torch.zeros(self.pair_capacity, top_k, dtype=torch.float32, device=device)
         self.default_on = False  # the mode of requests that do not name one (varmoe_set_enabled)
         self.layers: dict[int, "LayerVar"] = {}
         self.identity: dict[str, Any] | None = None  # model type, vocabulary, experts, top-k, fingerprint
@@ -74,11 +98,18 @@ class LayerVar:
     record: list | None = None
 
     def route(self, state: VarState, ids_T: torch.Tensor, w_TK: torch.Tensor, idx_TK: torch.Tensor):
-        safe_T = ids_T.long().clamp(0, self.member_V.shape[0] - 1)
+        v = self.member_V.shape[0]
+        safe_T = ids_T.long().clamp(0, v - 1)
         rows_T = state.rows_N[: ids_T.shape[0]]
         use_T = self.member_V[safe_T] & rows_T
         tab_idx_TK = self.experts_VK[safe_T].to(idx_TK.dtype)
         tab_w_TK = self.weights_VK[safe_T].to(w_TK.dtype)
+        pair_T = None
+        if state.pair_keys_X is not None:  # fixed when the model is built: not a branch on data
+            pair_T, p_T = self.pair_rows(state, ids_T.long(), safe_T, rows_T & ~use_T)
+            use_T = use_T | pair_T
+            tab_idx_TK = torch.where(pair_T[:, None], state.pair_idx_XK[p_T].to(idx_TK.dtype), tab_idx_TK)
+            tab_w_TK = torch.where(pair_T[:, None], state.pair_w_XK[p_T].to(w_TK.dtype), tab_w_TK)
         out_idx_TK = torch.where(use_T[:, None], tab_idx_TK, idx_TK)
         out_w_TK = torch.where(use_T[:, None], tab_w_TK, w_TK)
         same_T = _same_set(tab_idx_TK, idx_TK, self.num_experts)
@@ -86,9 +117,21 @@ class LayerVar:
         agree = (use_T & same_T).sum()
         self.counts.add_(torch.stack([fast, rows_T.sum() - fast, agree, fast - agree]))
         if self.record is not None:
-            self.record.append({"ids": ids_T.tolist(), "fast": use_T.tolist(), "experts": out_idx_TK.tolist(),
-                                "learned": idx_TK.tolist()})
+            rec = {"ids": ids_T.tolist(), "fast": use_T.tolist(), "experts": out_idx_TK.tolist(),
+                   "learned": idx_TK.tolist()}
+            if pair_T is not None:
+                rec |= {"pair": pair_T.tolist(), "prev": state.prev_N[: ids_T.shape[0]].tolist()}
+            self.record.append(rec)
         return out_w_TK.contiguous(), out_idx_TK.contiguous()
+
+    def pair_rows(self, state: VarState, ids_T: torch.Tensor, safe_T: torch.Tensor, open_T: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pair_T, entry_T): rows served by this layer's pair entries, only where `open_T` (VAR
+        mode, no token entry), the token is in the vocabulary and a previous token is known; and
+        each row's index into the pair buffers. One searchsorted; no host sync."""
+        v = self.member_V.shape[0]
+        hit_T, entry_T = find_pairs(state.pair_keys_X, state.prev_N[: ids_T.shape[0]], safe_T, v, self.layer * v * v)
+        return hit_T & open_T & (safe_T == ids_T), entry_T
 
 
 def _same_set(a_TK: torch.Tensor, b_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -174,14 +217,16 @@ def find_embedding(model: nn.Module) -> nn.Module:
     return emb
 
 
-def install_var(model: nn.Module, vocab_size: int, top_k: int, max_tokens: int) -> VarState:
+def install_var(model: nn.Module, vocab_size: int, top_k: int, max_tokens: int, pair_capacity: int = 0) -> VarState:
     """Patch the embedding, MoE runners and routers of `model` (before compilation); empty tables.
-    `max_tokens`: the most tokens one forward carries (the scheduler's max_num_batched_tokens)."""
+    `max_tokens`: the most tokens one forward carries (the scheduler's max_num_batched_tokens);
+    `pair_capacity`: the most (previous, token) entries, all layers together, a tables file may hold
+    (0: no pair tier)."""
     blocks = find_moe_blocks(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no MoE blocks with a gate and a FusedMoE runner")
     device = blocks[0].block.gate.weight.device
-    state = VarState(device, max_tokens)
+    state = VarState(device, max_tokens, pair_capacity, top_k)
     emb = find_embedding(model)
     object.__setattr__(emb, "_varmoe", state)  # a plain attribute, not a submodule
     _subclass(emb, "forward", _embedding_forward)

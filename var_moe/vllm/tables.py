@@ -8,8 +8,11 @@ a table built on the Hugging Face model is accepted by vLLM on the same weights,
 other weights or another dtype). Entries are copied into the existing device buffers (in place:
 compiled graphs and CUDA graphs keep pointing at them). Weights are stored scaled the way the
 router scales its own: renormalising routers sum their top-k weights to 1, the others keep the
-table's raw mass. (Previous, token) entries, which the builtin router serves, are not served here;
-the reply counts them. Test: `pytest tests/vllm_engine/test_vllm_exact.py`.
+table's raw mass. (Previous, token) entries (tables built with `--pair-entries`) go into the pair
+buffers of fixed capacity (routing.py): keys `layer * V**2 + previous * V + token` in ascending
+order, then the sentinel key in every slot left; sets and weights scaled like the token entries'.
+A file with more pair entries than the capacity the engine was built with is refused before
+anything is written. Test: `pytest tests/test_vllm_routing.py tests/vllm_engine/test_vllm_exact.py`.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 
 from ..errors import InvalidInputError
 from ..var.tables import VARTables, router_fingerprint
-from .routing import VarState
+from .routing import PAIR_SENTINEL, VarState
 
 
 @torch.no_grad()
@@ -56,19 +59,27 @@ def load_tables(state: VarState, path: str | Path, check_fingerprint: bool = Tru
                 f"VAR tables {path} were built for {key}={tables.metadata.get(key)!r} (model "
                 f"{tables.metadata.get('model')!r}) but the model vLLM loaded has {key}={ident[key]!r}; "
                 "rebuild them with `varmoe build-tables` for these weights")
-    extra = sorted(set(tables.layers) - set(state.layers))
+    extra = sorted((set(tables.layers) | set(tables.pair_tier)) - set(state.layers))
     if extra:
         raise InvalidInputError(f"VAR tables {path} have layers {extra} that are not MoE layers of this model "
                                 f"({sorted(state.layers)})")
+    n_pairs = sum(tables.pair_sizes().values())
+    if n_pairs > state.pair_capacity:
+        raise InvalidInputError(
+            f"VAR tables {path} hold {n_pairs} (previous, token) entries but this vLLM engine was built with room "
+            f"for {state.pair_capacity}; start it with a pair capacity of at least {n_pairs} "
+            "(var_moe.vllm.engine_kwargs(..., pair_capacity=N); the server: --vllm-pair-capacity N)")
     fill_tables(state, tables)
-    # (previous, token) entries are served by the builtin router only: said, not silently dropped
     return {"sizes": tables.sizes(), "source": str(path), "config": tables.metadata.get("config"),
-            "fingerprint": ident["router_fingerprint"], "pair_entries_not_served": sum(tables.pair_sizes().values())}
+            "fingerprint": ident["router_fingerprint"], "pair_sizes": tables.pair_sizes(), "pair_entries": n_pairs,
+            "pair_capacity": state.pair_capacity}
 
 
 @torch.no_grad()
 def fill_tables(state: VarState, tables: VARTables) -> None:
-    """Write table entries into the buffers in place; layers without a table get an empty one."""
+    """Write table entries into the buffers in place; layers without a table get an empty one. The
+    pair entries are checked before anything is written."""
+    pairs = stacked_pairs(state, tables) if state.pair_keys_X is not None else None
     for layer, lv in state.layers.items():
         t = tables.layers.get(layer)
         if t is None:
@@ -79,9 +90,44 @@ def fill_tables(state: VarState, tables: VARTables) -> None:
         lv.experts_VK.copy_(t.experts_VK.to(dev))
         lv.weights_VK.copy_((t.weights_VK * scale_V[:, None]).to(dev))
         lv.member_V.copy_(t.member_V.to(dev))
+    if pairs is not None:
+        keys_X, idx_XK, w_XK = pairs
+        n = keys_X.shape[0]
+        dev = state.pair_keys_X.device
+        state.pair_keys_X[:n] = keys_X.to(dev)
+        state.pair_keys_X[n:] = PAIR_SENTINEL
+        state.pair_idx_XK[:n] = idx_XK.to(dev)
+        state.pair_w_XK[:n] = w_XK.to(dev)
+
+
+def stacked_pairs(state: VarState, tables: VARTables) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(keys_X, idx_XK, w_XK) of all layers' pair entries, host tensors: keys `layer * V**2 +
+    previous * V + token` (layers ascend and each layer's keys ascend, so they are sorted), sets,
+    and weights scaled like the token entries' (renormalising routers: as stored, rows sum to 1;
+    others: times the entry's raw mass). Refuses more entries than the capacity and malformed ones."""
+    parts = [(l, p) for l, p in sorted(tables.pair_tier.items()) if p.size]
+    n = sum(p.size for _, p in parts)
+    if n > state.pair_capacity:
+        raise InvalidInputError(f"{n} (previous, token) entries exceed this engine's pair capacity {state.pair_capacity}")
+    first = next(iter(state.layers.values()))
+    v, (e, k) = int(first.member_V.shape[0]), (first.num_experts, int(first.experts_VK.shape[1]))
+    if not parts:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k)
+    keys_X = torch.cat([p.keys_P.long() + l * v * v for l, p in parts])
+    idx_XK = torch.cat([p.sets_PK.long().reshape(p.size, -1) for _, p in parts])
+    w_XK = torch.cat([p.weights_PK.float().reshape(p.size, -1) * (1.0 if state.layers[l].renormalize
+                                                                  else p.mass_P.float()[:, None]) for l, p in parts])
+    in_range = all(bool(((p.keys_P >= 0) & (p.keys_P < v * v)).all()) for _, p in parts)
+    if not in_range or idx_XK.shape[1] != k or not bool(((idx_XK >= 0) & (idx_XK < e)).all()) \
+            or not bool((keys_X[1:] > keys_X[:-1]).all()):
+        raise InvalidInputError(f"the tables' (previous, token) entries are malformed (keys must ascend within "
+                                f"[0, {v}**2) per layer, sets hold {k} experts below {e})")
+    return keys_X, idx_XK, w_XK
 
 
 @torch.no_grad()
 def clear_tables(state: VarState) -> None:
     for lv in state.layers.values():
         lv.member_V.zero_()
+    if state.pair_keys_X is not None:
+        state.pair_keys_X.fill_(PAIR_SENTINEL)
