@@ -33,7 +33,7 @@ FLAGS: dict[str, tuple[type | None, str]] = {
     "max_model_len": (int, "vLLM: context length"),
     "vllm_quantization": (str, "vLLM: quantization method (awq, gptq, fp8, ...)"),
     "enforce_eager": (None, "vLLM: run eagerly (no torch.compile, no CUDA graphs)"),
-    "vllm_pair_capacity": (int, "vLLM: (previous, token) table entries the engine can hold (default 65536)"),
+    "vllm_pair_capacity": (int, "vLLM: (previous, token) table entries the engine can hold (default: those of the startup tables file)"),
     "vllm_log_stats": (None, "vLLM: collect and log vLLM's own engine statistics (default off)"),
     "var_tables": (str, "VAR tables (.safetensors); default <model>/var/var_tables.safetensors"),
     "routing_stats": (str, "Phase 1 statistics; default <model>/var/routing_stats_calibration.parquet"),

@@ -47,7 +47,8 @@ class ServerSettings(BaseSettings):
     enforce_eager: bool = Field(False, description="vLLM: no torch.compile / CUDA graphs")
     vllm_pair_capacity: int | None = Field(
         None, ge=0, description="vLLM: (previous, token) table entries the engine can hold, all layers together "
-                                "(default 65536; a tables file with more is refused; 0: none)")
+                                "(default: as many as the startup tables file holds, 0 for a file without "
+                                "them; a tables file with more is refused)")
     vllm_log_stats: bool = Field(
         False, description="vLLM: its own per-step statistics and periodic log line (the server's /metrics "
                            "does not need them; off, as `--disable-log-stats` on vLLM's server)")

@@ -201,7 +201,9 @@ class VllmEngine(EngineThread):
         cached = int(getattr(out, "num_cached_tokens", 0) or 0)
         forwarded = list(job.spec.prompt_ids)[cached:] + st.new_ids[:-1]
         st.forwarded_tokens = len(forwarded)
-        tiers = self.host.request_tiers(fl.mode == "var", forwarded)
+        # the token before the first forwarded one: a pair entry of that row keys on it
+        prev_id = job.spec.prompt_ids[cached - 1] if 0 < cached <= len(job.spec.prompt_ids) else -1
+        tiers = self.host.request_tiers(fl.mode == "var", forwarded, prev_id=prev_id)
         ttft = None if job.first_token_at is None else job.first_token_at - job.enqueued_at
         return JobResult(st, fl.mode, len(job.spec.prompt_ids), fl.started - job.enqueued_at, ttft,
                          now - job.enqueued_at, tiers)

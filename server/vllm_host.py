@@ -56,6 +56,18 @@ def engine_args(settings) -> dict[str, Any]:
     return kw
 
 
+def pair_capacity(settings, tables_path) -> int:
+    """Room for (previous, token) entries in the engine: the operator's --vllm-pair-capacity, else
+    exactly what the startup tables file holds. Every VAR step looks pairs up when the capacity is
+    above 0 (a searchsorted per MoE layer), so tables without pair entries build no pair tier and
+    cost nothing for it."""
+    if settings.vllm_pair_capacity is not None:
+        return int(settings.vllm_pair_capacity)
+    from var_moe.var.tables import VARTables
+
+    return sum(VARTables.load(tables_path).pair_sizes().values())
+
+
 class VllmHost:
     capturing = False
     capture_tokens = 0
@@ -101,7 +113,7 @@ class VllmHost:
         elif arch not in SUPPORTED:
             reason = f"VAR on vLLM supports {sorted(SUPPORTED)}; this model is {arch!r}"
         kw = engine_args(settings)
-        kw = (engine_kwargs(settings.model, pair_capacity=settings.vllm_pair_capacity, **kw) if not reason
+        kw = (engine_kwargs(settings.model, pair_capacity=pair_capacity(settings, tables_path), **kw) if not reason
               else {"model": settings.model, **kw})
         engine = LLMEngine.from_engine_args(EngineArgs(**kw))
         if reason:

@@ -258,3 +258,16 @@ def test_server_request_counts_equal_the_routers_counts(tmp_path):
         got = VllmHost.request_tiers(host, True, seq[cached:], seq[cached - 1] if cached else -1)
         assert got["fast"] == fast and got["fast"] + got["learned"] == n * len(layers)
         assert fast > int(member_LV[:, torch.tensor(seq[cached:])].sum())  # pair rows are among them
+
+
+def test_server_pair_capacity_defaults_to_the_startup_tables_pair_entries(tmp_path):
+    """`--vllm-pair-capacity` unset: room for exactly the startup file's pair entries (0 for a file
+    without them: no pair tier is built, so no step pays for a lookup); set: the operator's number."""
+    from server.vllm_host import pair_capacity
+
+    with_pairs = pair_tables().save(tmp_path / "pairs.safetensors")
+    without = pair_tables(pairs={}).save(tmp_path / "tokens.safetensors")
+    unset, set_to_9 = SimpleNamespace(vllm_pair_capacity=None), SimpleNamespace(vllm_pair_capacity=9)
+    assert pair_capacity(unset, with_pairs) == sum(pair_tables().pair_sizes().values()) > 0
+    assert pair_capacity(unset, without) == 0
+    assert pair_capacity(set_to_9, without) == 9
