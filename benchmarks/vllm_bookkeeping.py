@@ -11,7 +11,8 @@ so it cannot take CPU from the one that is. Reported: median time per contender 
 per-repeat ratios to plain (>1 = faster than plain), plus the fast share of VAR rows. Each time is
 also taken as the timing thread's CPU time (`time.thread_time`): in-process with one compute thread
 the whole engine step runs on that thread, so CPU time leaves out the time the thread was not
-scheduled, the largest noise on a shared machine.
+scheduled, the largest noise on a shared machine. The VAR engine is built with room for the tables
+file's own (previous, token) entries, as the server builds it (`--pair-capacity` to choose).
 
 Run (vLLM environment):
     .venv-vllm/bin/python benchmarks/vllm_bookkeeping.py --repeats 9 --json benchmarks/results/vllm_bookkeeping.json
@@ -37,7 +38,8 @@ PROMPTS = ["The history of the city", "Once upon a time there was a", "In the be
            "The weather today"]
 
 
-def worker(kind: str, model: str, tables: str, eager: bool, prompts: int, new_tokens: int) -> None:
+def worker(kind: str, model: str, tables: str, eager: bool, prompts: int, new_tokens: int,
+           pair_capacity: int | None = None) -> None:
     """Child process: build one engine, then answer "time <mode>" lines with seconds (and counts)."""
     from vllm import LLM, SamplingParams
 
@@ -46,7 +48,11 @@ def worker(kind: str, model: str, tables: str, eager: bool, prompts: int, new_to
     if kind == "var":
         from var_moe.vllm import engine_kwargs
 
-        llm = LLM(**engine_kwargs(model, **common))
+        if pair_capacity is None:  # as the server builds it: room for the file's own pair entries
+            from var_moe.var.tables import VARTables
+
+            pair_capacity = sum(VARTables.load(tables).pair_sizes().values())
+        llm = LLM(**engine_kwargs(model, pair_capacity=pair_capacity, **common))
         reply = llm.collective_rpc("varmoe_load_tables", args=(tables,))[0]
         if "error" in reply:
             raise SystemExit(f"tables refused: {reply['error']}")
@@ -80,7 +86,8 @@ class Engine:
         env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
                "VLLM_CPU_OMP_THREADS_BIND": str(args.core), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
         cmd = [sys.executable, __file__, "--worker", kind, "--model", args.model, "--tables", args.tables,
-               "--prompts", str(args.prompts), "--new-tokens", str(args.new_tokens)] + (["--eager"] if args.eager else [])
+               "--prompts", str(args.prompts), "--new-tokens", str(args.new_tokens)] + (["--eager"] if args.eager else []) \
+            + ([] if args.pair_capacity is None else ["--pair-capacity", str(args.pair_capacity)])
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                                      cwd=ROOT, stderr=open(Path(args.log_dir) / f"{kind}.log", "w"))
         for line in self.proc.stdout:
@@ -120,16 +127,20 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--eager", action="store_true", help="enforce_eager (no compilation)")
+    ap.add_argument("--pair-capacity", type=int, default=None,
+                    help="(previous, token) entries the VAR engine can hold (default: the tables file's, as the server)")
     ap.add_argument("--core", type=int, default=0)
     ap.add_argument("--log-dir", default="runs/vllm_bookkeeping")
     ap.add_argument("--json", default=None)
     ap.add_argument("--worker", choices=["plain", "var"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker, args.model, args.tables, args.eager, args.prompts, args.new_tokens)
+        worker(args.worker, args.model, args.tables, args.eager, args.prompts, args.new_tokens, args.pair_capacity)
         return 0
     if args.prompts < 1 or args.new_tokens < 1 or args.repeats < 1:
         ap.error("--prompts, --new-tokens and --repeats must be >= 1")
+    if args.pair_capacity is not None and args.pair_capacity < 0:
+        ap.error("--pair-capacity must be >= 0")
     Path(args.log_dir).mkdir(parents=True, exist_ok=True)
     engines = {"plain": Engine("plain", args)}
     try:
@@ -171,8 +182,8 @@ def main() -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"eager": args.eager, "prompts": args.prompts,
-                                               "new_tokens": args.new_tokens, "repeats": args.repeats,
-                                               "fast_share": fast_share, "times_s": times, "cpu_times_s": cpu_times,
+                                               "new_tokens": args.new_tokens, "repeats": args.repeats, "tables": args.tables,
+                                               "pair_capacity": args.pair_capacity, "fast_share": fast_share, "times_s": times, "cpu_times_s": cpu_times,
                                                "summary": summary},
                                               indent=2) + "\n")
     return 0
