@@ -221,10 +221,8 @@ class VARModelWrapper:
             if self._rows_since is not None:  # one row, counted by the stack's counters
                 acc_B2 = acc_B2 + self._totals_12() - self._rows_since
             fast_B, valid_B = acc_B2.cpu().unbind(1)
-            rows = torch.stack([fast_B, torch.zeros_like(fast_B), valid_B * self._layers_counted - fast_B], 1)
-            if self._row_counts is not None and self._row_counts.shape == rows.shape:
-                rows += self._row_counts.cpu()
-            return rows
+            # (the cache-mode counts `_row_counts` never run beside these: one mode per wrapper)
+            return torch.stack([fast_B, torch.zeros_like(fast_B), valid_B * self._layers_counted - fast_B], 1)
         if self._row_counts is None:
             return torch.zeros(0, 3, dtype=torch.long)
         return self._row_counts.cpu().clone()
