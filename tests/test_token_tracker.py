@@ -74,3 +74,33 @@ def test_tracker_forward_and_generate_with_left_padding():
     assert seen[1][1].tolist() == [11, 12]
     assert seen[2][0].tolist() == [7, int(gen[0, 0])]
     assert tr.current is None
+
+
+def test_one_row_cpu_steps_on_the_host_equal_brute_force():
+    """Batch-1 decoding on CPU keeps the history as host ints (`_host_step`): ids, padding, context
+    and prev of every forward equal the plain-Python reference, through a masked step, a 3-token
+    chunk in the middle (back to tensors) and more single steps, for windows 0, 1 and 3."""
+    model = tiny_model("mixtral")
+    prompt = torch.tensor([[0, 5, 6, 7]])
+    pmask = torch.tensor([[0, 1, 1, 1]])
+    feeds = [([9], [1]), ([10], [0]), ([11], [1]), ([12, 13, 14], [1, 0, 1]), ([15], [1]), ([16], [1])]
+    for w in (0, 1, 3):
+        seen_valid = [5, 6, 7]
+        with TokenTracker(model, window=w) as tr, torch.no_grad():
+            out = model(input_ids=prompt, attention_mask=pmask, use_cache=True)
+            mask = pmask
+            for toks, valid in feeds:
+                mask = torch.cat([mask, torch.tensor([valid])], 1)
+                out = model(input_ids=torch.tensor([toks]), attention_mask=mask, past_key_values=out.past_key_values,
+                            use_cache=True)
+                cur = tr.current
+                assert (cur.one is not None) == (len(toks) == 1)  # the host path ran for single steps
+                ctx = []
+                for t, v in zip(toks, valid):
+                    c = seen_valid[-w:] if w else []
+                    ctx.append([-1] * (w - len(c)) + c)
+                    if v:
+                        seen_valid.append(t)
+                assert cur.ids_T.tolist() == toks and cur.valid_T.tolist() == [bool(v) for v in valid]
+                assert cur.context_TW.tolist() == ctx and cur.rows == len(toks)
+                assert cur.prev_T.tolist() == [c[-1] if w else -1 for c in ctx]

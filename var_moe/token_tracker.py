@@ -13,15 +13,17 @@ forward and computes, vectorised over the batch:
 
 With a KV cache (`generate()`), each step sees only the new tokens; the tracker keeps the last W
 valid tokens of every batch row between steps and resets them when a forward starts a fresh
-sequence (empty cache). Context therefore never crosses batch rows or sequences.
+sequence (empty cache). Context therefore never crosses batch rows or sequences. One new token of
+one sequence on CPU (batch-1 decoding) is read as host ints and the history kept as a tuple, with
+no tensor op at all; its `TokenBatch` builds tensors only when read (`TokenBatch.one`). After each
+forward is recorded, `on_batch` (if set) is called with it.
 
 Shapes: B batch, S new positions, T = B*S, W context window. Test: `pytest tests/test_token_tracker.py`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -29,15 +31,48 @@ from torch import nn
 from .errors import InvalidInputError
 
 
-@dataclass
 class TokenBatch:
-    """What the tracker recorded for the forward in flight."""
+    """What the tracker recorded for the forward in flight: `ids_T`, `valid_T`, `context_TW` (see
+    the module docstring), `batch_size`, `seq_len` and `rows` (= T).
 
-    ids_T: torch.Tensor
-    valid_T: torch.Tensor
-    context_TW: torch.Tensor
-    batch_size: int
-    seq_len: int
+    A one-row CPU decode step (`TokenBatch.one_step`) also carries `one` = (token id, valid,
+    context tuple) as host values and builds the tensors only when something reads them: each
+    small tensor op costs several microseconds inside a decode step, and the VAR router's step
+    for a token without entries reads none of them."""
+
+    __slots__ = ("_ids_T", "_valid_T", "_context_TW", "batch_size", "seq_len", "rows", "one", "_src_BS")
+
+    def __init__(self, ids_T: torch.Tensor | None, valid_T: torch.Tensor | None, context_TW: torch.Tensor | None,
+                 batch_size: int, seq_len: int):
+        self._ids_T, self._valid_T, self._context_TW = ids_T, valid_T, context_TW
+        self.batch_size, self.seq_len, self.rows = batch_size, seq_len, batch_size * seq_len
+        self.one: tuple[int, bool, tuple[int, ...]] | None = None
+        self._src_BS: torch.Tensor | None = None
+
+    @classmethod
+    def one_step(cls, ids_BS: torch.Tensor, token: int, valid: bool, context: tuple[int, ...]) -> "TokenBatch":
+        """A (1, 1) CPU step: host values now, tensors on first read."""
+        batch = cls(None, None, None, 1, 1)
+        batch.one, batch._src_BS = (token, valid, context), ids_BS
+        return batch
+
+    @property
+    def ids_T(self) -> torch.Tensor:
+        if self._ids_T is None:
+            self._ids_T = self._src_BS.reshape(-1)
+        return self._ids_T
+
+    @property
+    def valid_T(self) -> torch.Tensor:
+        if self._valid_T is None:
+            self._valid_T = torch.tensor([self.one[1]], dtype=torch.bool)
+        return self._valid_T
+
+    @property
+    def context_TW(self) -> torch.Tensor:
+        if self._context_TW is None:
+            self._context_TW = torch.tensor([self.one[2]], dtype=self._src_BS.dtype).reshape(1, len(self.one[2]))
+        return self._context_TW
 
     @property
     def prev_T(self) -> torch.Tensor:
@@ -125,7 +160,11 @@ class TokenTracker:
         self.model = model
         self.window = window
         self.current: TokenBatch | None = None
-        self._history: torch.Tensor | None = None
+        # (B, W) tensor, or a tuple of W host ints after a one-row CPU step (`_host_step`)
+        self._history: torch.Tensor | tuple[int, ...] | None = None
+        # called with `current` (None included) as each forward starts, after it is recorded (the
+        # VAR wrapper resolves a batch-1 decode step's tables there, once per forward)
+        self.on_batch: Callable[[TokenBatch | None], None] | None = None
         self._handle = None
 
     def _decoder(self) -> nn.Module:
@@ -153,18 +192,30 @@ class TokenTracker:
         self._history = None
 
     def _hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        self._record(args, kwargs)
+        if self.on_batch is not None:
+            self.on_batch(self.current)
+
+    def _record(self, args: tuple, kwargs: dict[str, Any]) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None or not torch.is_tensor(ids):
             self.current = None
             return
-        ids_BS = ids.detach()
-        b, s = ids_BS.shape
+        b, s = ids.shape
         mask = kwargs.get("attention_mask")
-        if torch.is_tensor(mask) and mask.dim() == 2 and mask.shape[0] == b:
+        has_mask = torch.is_tensor(mask) and mask.dim() == 2 and mask.shape[0] == b
+        fresh = _past_length(kwargs) == 0
+        if b == 1 and s == 1 and not fresh and self._history is not None and ids.device.type == "cpu" \
+                and (not has_mask or mask.device.type == "cpu"):
+            self._host_step(ids, mask if has_mask else None)  # integer ids never need a detach
+            return
+        ids_BS = ids.detach()
+        if isinstance(self._history, tuple):  # kept on the host by one-row steps
+            self._history = ids_BS.new_tensor([self._history]).reshape(1, self.window)
+        if has_mask:
             valid_BS = mask[:, -s:].detach().bool()  # generate() passes the mask of past + new tokens
         else:
             valid_BS = torch.ones_like(ids_BS, dtype=torch.bool)
-        fresh = _past_length(kwargs) == 0
         if fresh or self._history is None or self._history.shape[0] != b:
             self._history = ids_BS.new_full((b, self.window), -1)
         context_BSW, self._history = contexts_with_history(self._history, ids_BS, valid_BS, self.window)
@@ -175,3 +226,15 @@ class TokenTracker:
             batch_size=b,
             seq_len=s,
         )
+
+    def _host_step(self, ids_BS: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """One new token of one sequence on CPU (batch-1 decoding): the history is a tuple of host
+        ints, read and shifted without tensor ops (`.numpy()` of a CPU tensor shares its memory and
+        dispatches nothing). Same result as `contexts_with_history` (a test checks it)."""
+        hist = self._history
+        if not isinstance(hist, tuple):  # after a prefill; another batch size starts over, as below
+            hist = tuple(int(x) for x in hist[0].tolist()) if hist.shape[0] == 1 else (-1,) * self.window
+        token = int(ids_BS.numpy()[0, 0])
+        valid = True if mask is None else bool((mask.detach() if mask.requires_grad else mask).numpy()[0, -1])
+        self._history = (hist[1:] + (token,)) if valid and self.window else hist
+        self.current = TokenBatch.one_step(ids_BS, token, valid, hist)

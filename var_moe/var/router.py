@@ -20,6 +20,14 @@ unchanged (bit for bit). On CPU the lookup also reads which layers have any fast
 to sync with), and a layer without one returns the learned decision without the selects. The cached tier, when on, looks up and fills a `ContextCache`, which
 does index with masks and syncs with the host; it is the one place that does.
 
+Batch-1 decoding on CPU: inside a decode step every small tensor op and every line of Python costs
+several times what it costs in a loop of its own (measured: the tracker's hook took 102 us in a
+5 ms step against 22 us alone), so a step does as little as it can. The tracker hands the step's
+token id to `TableStack.begin_forward` as host ints; a token that no layer can serve (no token
+entry in any layer, not the end of a servable pair entry: a host list) is resolved and counted
+there (`_EmptyStep`, a host counter), and each router returns its learned decision at once
+(`skip_step`) when it has nothing else to do (no cache, audit or shadow checks).
+
 Pair entries of all layers sit in one sorted key tensor (slot * V**2 + previous * V + token); the
 lookup finds them with one `torch.searchsorted` over (layers x tokens), on device, only for valid
 rows with a previous token (the tracker's, carried across decode steps) and no token entry; they
@@ -95,6 +103,26 @@ class Lookup:
     pair_LT: torch.Tensor | None = None  # the rows of fast_LT served by a pair entry (None: no pair entries)
 
 
+class _EmptyStep(Lookup):
+    """The lookup of a one-row CPU step whose token no layer serves (`TableStack._empty_step`):
+    nothing is fast; `safe_T` / `valid_T` are built from the tokens only if a reader asks (the
+    cache, audit and shadow paths; the plain skip reads neither)."""
+
+    def __init__(self, tok: Any, empty: tuple[torch.Tensor, torch.Tensor, torch.Tensor], none_L: list[bool]):
+        self.tokens = tok
+        self.fast_LT, self.idx_LTK, self.w_LTK = empty
+        self.nominal_LTK = self.idx_LTK
+        self.any_L, self.pair_LT = none_L, None
+
+    @property
+    def safe_T(self) -> torch.Tensor:  # the id is in the vocabulary (checked on the host)
+        return self.tokens.ids_T
+
+    @property
+    def valid_T(self) -> torch.Tensor:
+        return self.tokens.valid_T
+
+
 class TableStack:
     """The tables of all patched layers stacked on device (L, V, ...), shared by the routers.
 
@@ -138,11 +166,24 @@ class TableStack:
         self.fast_L = torch.zeros(len(layers), dtype=torch.long, device=device)
         self.pair_L = torch.zeros(len(layers), dtype=torch.long, device=device)
         self.valid_tokens = torch.zeros((), dtype=torch.long, device=device)
+        self.host_valid = 0  # valid tokens of the one-row CPU steps that took `_empty_step` (a host int)
         self.forwards = 0
         self.frozen = False
         self.counts_fast_path = not config.cache_enabled  # tiers fully known at lookup time
         self.on_rows: Callable[[torch.Tensor, Any], None] | None = None
         self._last: Lookup | None = None
+        # one-row CPU steps (batch-1 decoding): a host list of the tokens that may be served in some
+        # layer (a token entry, or the end of a pair entry that can serve), and the all-learned
+        # lookup's tensors; a step whose token is not in the list skips the gathers (`_empty_step`)
+        self._step_open: list[bool] | None = None
+        if device.type == "cpu":
+            k = self.idx_LVK.shape[-1]
+            self._empty1 = (torch.zeros(len(layers), 1, dtype=torch.bool),
+                            torch.zeros(len(layers), 1, k, dtype=self.idx_LVK.dtype),
+                            torch.zeros(len(layers), 1, k, dtype=self.weights_LVK.dtype))
+            self._refresh_step_open()
+        self._none_L = [False] * len(layers)
+        self.skip_step = False  # the forward in flight is an all-learned one-row step (`begin_forward`)
 
     def _stack_pairs(self, pair_tier: dict[int, PairTable], scale_L1: torch.Tensor, device: torch.device,
                      index_dtype: torch.dtype) -> None:
@@ -176,6 +217,47 @@ class TableStack:
         self.pair_tok_V.zero_()
         self.pair_tok_V[self.pair_tok_X[open_X]] = True
 
+    def _refresh_step_open(self) -> None:
+        """The host list `_empty_step` reads (CPU stacks only; after construction and each demotion)."""
+        open_V = self.member_LV.any(0) if self.config.enable_fast_path else torch.zeros_like(self.member_LV[0])
+        if self.has_pairs and self.config.enable_fast_path:
+            open_V = open_V | self.pair_tok_V
+        self._step_open = open_V.tolist()
+
+    def _empty_step(self, tok: Any) -> Lookup | None:
+        """The lookup of a one-row CPU forward whose token can be served in no layer (most batch-1
+        decode steps), without the ~20 tensor ops of the general path: the row goes to the learned
+        router in every layer (all rows not fast, `any_L` all False), and counts one valid token on
+        the host. None when the general path must run (another shape or device, a token that may be
+        served, an id outside the vocabulary). Reading a CPU tensor is no device sync."""
+        one = getattr(tok, "one", None)  # (id, valid, context) on the host: the tracker's one-row CPU step
+        if self._step_open is None or one is None:
+            return None
+        tid, valid = one[0], one[1]
+        if not 0 <= tid < self.vocab or self._step_open[tid]:
+            return None
+        look = _EmptyStep(tok, self._empty1, self._none_L)
+        self.forwards += 1
+        if self.config.track_performance and self.counts_fast_path:
+            self.host_valid += int(valid)
+        if self.counts_fast_path and self.on_rows is not None:
+            self.on_rows(look.fast_LT, tok)
+        self._last = look
+        return look
+
+    def begin_forward(self, tok: Any) -> None:
+        """Called as each forward starts, while the routers are on (the tracker's `on_batch`): a
+        one-row CPU step whose token no layer serves is resolved and counted here, once, and
+        `skip_step` tells the routers to return their learned decision without further work."""
+        self.skip_step = False
+        if tok is not None and tok.one is not None and self._step_open is not None:
+            self.apply_demotions()
+            self.skip_step = self._empty_step(tok) is not None
+
+    def valid_total(self) -> torch.Tensor:
+        """Valid tokens counted at lookup time (device counter + the host part), a 0-d tensor."""
+        return self.valid_tokens + self.host_valid
+
     def _may_pair(self, safe_T: torch.Tensor) -> bool:
         """False only where it is known for free that no token of this forward ends a pair entry: on
         CPU (reading a CPU tensor is no device sync; most decode steps have no such token). On
@@ -195,7 +277,7 @@ class TableStack:
         """(L, len(COUNTERS)) all counters, the lookup-time ones folded in (one new tensor)."""
         out = self.counts_LC.clone()
         out[:, C["fast"]] += self.fast_L
-        out[:, C["learned"]] += self.valid_tokens - self.fast_L
+        out[:, C["learned"]] += self.valid_total() - self.fast_L
         out[:, C["forwards"]] += self.forwards
         out[:, C["fast_pair"]] += self.pair_L
         return out
@@ -205,6 +287,7 @@ class TableStack:
         self.fast_L.zero_()
         self.pair_L.zero_()
         self.valid_tokens.zero_()
+        self.host_valid = 0
         self.forwards = 0
 
     def apply_demotions(self) -> None:
@@ -217,11 +300,15 @@ class TableStack:
         self.pending_LV.zero_()
         if self.has_pairs:
             self._refresh_pair_tokens()
+        if self._step_open is not None and bool(drop.any()):  # CPU only: no device to sync with
+            self._refresh_step_open()
 
     def lookup(self, tok: Any, device: torch.device) -> Lookup:
         if self._last is not None and self._last.tokens is tok:
             return self._last
         self.apply_demotions()
+        if device.type == "cpu" and (look := self._empty_step(tok)) is not None:
+            return look
         ids_T, valid_T = tok.ids_T.to(device), tok.valid_T.to(device).bool()
         safe_T = ids_T.clamp(0, self.vocab - 1)  # out-of-vocabulary ids: a valid index, never fast
         ok_T = valid_T & (safe_T == ids_T)
@@ -265,7 +352,7 @@ class VARRouter(nn.Module):
         self.num_experts, self.top_k = adapter.num_experts, adapter.top_k
         self.tokens, self.on_tiers, self.clock = tokens, on_tiers, clock
         self.enabled = config.enable_var
-        self.audit = False
+        self._audit = False
         self.steps = 0
         param = next(learned.parameters())
         self.device = param.device
@@ -277,6 +364,7 @@ class VARRouter(nn.Module):
         self.generator = torch.Generator(device=param.device).manual_seed(config.seed * 1000 + layer)
         self._probe(param)
         self.stack: TableStack | None = None
+        self.audit = False
         self.slot = 0
         self._own = table  # until attach() is called (a router used on its own gets a one-layer stack)
 
@@ -323,10 +411,23 @@ class VARRouter(nn.Module):
     def clear_cache(self) -> None:
         self.cache.clear()
 
+    @property
+    def audit(self) -> bool:
+        return self._audit
+
+    @audit.setter
+    def audit(self, on: bool) -> None:
+        self._audit = bool(on)
+        # nothing but the table decision to make per row: a forward the stack resolved as all
+        # learned (`TableStack.skip_step`) may return the learned decision straight away
+        self._plain = self.cache.capacity == 0 and not self._audit and self.config.shadow_rate <= 0
+
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor):
         if not self.enabled:
             return self.learned.forward(hidden_states)
+        if self._plain and self.stack is not None and self.stack.skip_step:
+            return self.learned.forward(hidden_states)  # batch-1 decode step whose token no layer serves
         if not torch.is_grad_enabled():  # generate() and the server: no context to enter per layer
             return self._route(hidden_states)
         with torch.no_grad():
@@ -334,11 +435,12 @@ class VARRouter(nn.Module):
 
     def _route(self, hidden_states: torch.Tensor):
         stack = self._ensure_stack()
-        h_TH = hidden_states.reshape(-1, hidden_states.shape[-1])
+        # Mixtral-style blocks already pass (T, H): no reshape op then
+        h_TH = hidden_states if hidden_states.dim() == 2 else hidden_states.reshape(-1, hidden_states.shape[-1])
         t = h_TH.shape[0]
         l_logits, l_w, l_idx = self.learned.forward(h_TH)
         tok = self.tokens()
-        if tok is None or tok.ids_T.shape[0] != t:  # no token ids (inputs_embeds): learned for all
+        if tok is None or tok.rows != t:  # no token ids (inputs_embeds): learned for all
             counts = stack.counts_LC[self.slot]
             counts[C["forwards"]] += 1  # this layer alone: no lookup ran
             counts[C["fallback_forwards"]] += 1

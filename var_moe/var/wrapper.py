@@ -79,6 +79,7 @@ class VARModelWrapper:
         self.stack.on_rows = self._on_fast_rows
         for r in self.routers.values():
             r.attach(self.stack)
+        self._sync_begin()
         self._installed = False
         self._ep_flags: dict[int, bool] = {}
         self.install()
@@ -130,10 +131,18 @@ class VARModelWrapper:
     def enable_var(self) -> None:
         for r in self.routers.values():
             r.enabled = True
+        self._sync_begin()
 
     def disable_var(self) -> None:
         for r in self.routers.values():
             r.enabled = False
+        self._sync_begin()
+
+    def _sync_begin(self) -> None:
+        """The stack resolves each forward's one-row steps as it starts only while VAR routes (its
+        counters count routed tokens only)."""
+        self.stack.skip_step = False
+        self.tracker.on_batch = self.stack.begin_forward if self.var_enabled else None
 
     @property
     def var_enabled(self) -> bool:
@@ -203,7 +212,7 @@ class VARModelWrapper:
 
     def _totals_12(self) -> torch.Tensor:
         """The stack's running (fast decisions summed over layers, valid tokens), shape (1, 2)."""
-        return torch.stack([self.stack.fast_L.sum(), self.stack.valid_tokens]).reshape(1, 2)
+        return torch.stack([self.stack.fast_L.sum(), self.stack.valid_total()]).reshape(1, 2)
 
     def _on_tiers(self, tier_T: torch.Tensor, tok: Any) -> None:
         b, s = tok.batch_size, tok.seq_len
