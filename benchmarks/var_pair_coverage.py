@@ -92,7 +92,7 @@ def router_check(model, tok, adapter, tables, num_batches: int) -> dict:
     from var_moe.var.evaluate import eval_batches
     from var_moe.var.evidence import collect_evidence
     from var_moe.var.pairs import served_masks
-    from var_moe.var.router import C
+    from var_moe.var.stack import C
     from var_moe.var.wrapper import VARModelWrapper
 
     meta = tables.metadata.get("certifying") or {}

@@ -126,7 +126,7 @@ def test_router_pair_decisions_equal_the_offline_lookup():
         history = new_hist
     assert any(bool(s[3].pair_LT.any()) for s in steps[1:])  # the decode step's first token used the carried token
     counts = w.stack.counts()
-    from var_moe.var.router import C
+    from var_moe.var.stack import C
 
     assert int(counts[:, C["fast_pair"]].sum()) == n_pair > 0
     assert w.get_performance_stats()["overall"]["fast_pair"] == n_pair

@@ -30,7 +30,8 @@ from ..adapters import get_adapter
 from ..errors import InvalidInputError
 from ..token_tracker import TokenTracker
 from .config import VARConfig
-from .router import COUNTERS, TIERS, C, TableStack, VARRouter
+from .router import VARRouter
+from .stack import COUNTERS, TIERS, C, TableStack
 from .tables import VARTables
 
 

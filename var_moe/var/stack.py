@@ -1,0 +1,315 @@
+"""`TableStack`: the verified tables of all patched layers stacked on device, shared by the routers
+of one `VARModelWrapper`, with the per-forward fast-tier lookup and the tier counters.
+
+The fast tier depends on token ids only, so `TableStack.lookup` resolves it for every layer at
+once, at the first router call of a forward: one gather over (layers x tokens) of the stacked
+tables, plus the tier counters (on device). Per layer the router then runs the learned router on
+all rows (it is ~1% of a forward, and running it on a subset would need the subset's size on the
+host) and selects rows with `torch.where` over the precomputed rows: no boolean-mask indexing
+and no host synchronisation on this path. An empty table therefore returns the learned outputs
+unchanged (bit for bit). On CPU the lookup also reads which layers have any fast row (no device
+to sync with), and a layer without one returns the learned decision without the selects. The cached tier (router.py) is the one place that
+indexes with masks and syncs with the host.
+
+Batch-1 decoding on CPU: inside a decode step every small tensor op and every line of Python costs
+several times what it costs in a loop of its own (measured: the tracker's hook took 102 us in a
+5 ms step against 22 us alone), so a step does as little as it can. The tracker hands the step's
+token id to `TableStack.begin_forward` as host ints; a token that no layer can serve (no token
+entry in any layer, not the end of a servable pair entry: a host list) is resolved and counted
+there (`_EmptyStep`, a host counter), and each router returns its learned decision at once
+(`skip_step`) when it has nothing else to do (no cache, audit or shadow checks).
+
+Pair entries of all layers sit in one sorted key tensor (slot * V**2 + previous * V + token); the
+lookup finds them with one `torch.searchsorted` over (layers x tokens), on device, only for valid
+rows with a previous token (the tracker's, carried across decode steps) and no token entry; they
+are counted as fast rows and separately as `fast_pair`. Without pair entries none of this runs, and
+on CPU neither does it for a forward in which no token ends a pair entry (most decode steps).
+Shadow checks of pair rows count towards the shadow agreement counters but never towards a token
+entry's evidence (pair entries are not demoted in service); adaptive k leaves pair rows whole.
+
+Shapes: T tokens, K top-k, V vocabulary, L layers, X stacked pair entries.
+Test: `pytest tests/test_var_router.py tests/test_var_decode_step.py tests/test_var_pair_router.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .config import VARConfig
+from .pairs import PairTable, find_pairs
+from .tables import LayerTable
+
+FAST, CACHED, LEARNED = 0, 1, 2
+TIERS = ("fast", "cached", "learned")
+# counters kept per router in one int64 tensor (no host sync per forward)
+COUNTERS = ("fast", "cached", "learned", "cache_lookups", "cache_hits", "cache_inserts", "shadow_agree",
+            "shadow_disagree", "demoted", "fallback_forwards", "audit_fast_n", "audit_fast_exact",
+            "audit_fast_overlap_x1000", "audit_cached_n", "audit_cached_exact", "audit_cached_overlap_x1000",
+            "adaptive_single", "forwards", "fast_pair")
+C = {name: i for i, name in enumerate(COUNTERS)}
+
+
+def compare_sets(a_TK: torch.Tensor, b_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exact_T, overlap_T): identical top-k sets, and |a & b| / K."""
+    exact = (a_TK.sort(1).values == b_TK.sort(1).values).all(1)
+    overlap = (a_TK[:, :, None] == b_TK[:, None, :]).any(2).sum(1).float() / a_TK.shape[1]
+    return exact, overlap
+
+
+@dataclass
+class Lookup:
+    """The fast tier of one forward, for every layer (rows in router order)."""
+
+    tokens: Any  # the TokenBatch it was computed for (identity marks the forward)
+    safe_T: torch.Tensor  # token id, 0 where out of vocabulary
+    valid_T: torch.Tensor
+    fast_LT: torch.Tensor  # served from a table: token entry, or (previous, token) entry where the token has none
+    nominal_LTK: torch.Tensor  # table set (before adaptive k), for verification
+    idx_LTK: torch.Tensor  # served set (after adaptive k)
+    w_LTK: torch.Tensor  # served weights, scaled like the router's
+    # per layer, whether any row is fast: known on the host for CPU tensors only (reading it there
+    # is no device sync), None on accelerators
+    any_L: list[bool] | None = None
+    pair_LT: torch.Tensor | None = None  # the rows of fast_LT served by a pair entry (None: no pair entries)
+
+
+class _EmptyStep(Lookup):
+    """The lookup of a one-row CPU step whose token no layer serves (`TableStack._empty_step`):
+    nothing is fast; `safe_T` / `valid_T` are built from the tokens only if a reader asks (the
+    cache, audit and shadow paths; the plain skip reads neither)."""
+
+    def __init__(self, tok: Any, empty: tuple[torch.Tensor, torch.Tensor, torch.Tensor], none_L: list[bool]):
+        self.tokens = tok
+        self.fast_LT, self.idx_LTK, self.w_LTK = empty
+        self.nominal_LTK = self.idx_LTK
+        self.any_L, self.pair_LT = none_L, None
+
+    @property
+    def safe_T(self) -> torch.Tensor:  # the id is in the vocabulary (checked on the host)
+        return self.tokens.ids_T
+
+    @property
+    def valid_T(self) -> torch.Tensor:
+        return self.tokens.valid_T
+
+
+class TableStack:
+    """The tables of all patched layers stacked on device (L, V, ...), shared by the routers.
+
+    Each router holds views of its row (`member_LV[slot]` etc.), so a demotion is one write seen
+    by both. Counters live in `counts_LC` (int64, on device); read them with `counts()`. When the
+    cache is off every tier is known at lookup time, and a forward adds only its fast rows per
+    layer and its valid-token count (two in-place adds; forwards are counted on the host); the
+    learned column is their difference, filled in by `counts()`."""
+
+    def __init__(self, tables: dict[int, LayerTable], layers: list[int], config: VARConfig, num_experts: int,
+                 scales: dict[int, float | None], device: torch.device, index_dtype: torch.dtype,
+                 pair_tier: dict[int, PairTable] | None = None):
+        self.layers, self.config, self.num_experts = layers, config, num_experts
+        self.slot = {l: i for i, l in enumerate(layers)}
+        st = lambda name: torch.stack([getattr(tables[l], name) for l in layers]).to(device)  # noqa: E731
+        self.member_LV = st("member_V").clone()
+        self.bound_LV = st("bound_V").clone()
+        self.agree_LV, self.total_LV = st("agree_V"), st("total_V")
+        self.nominal_LVK = st("experts_VK").to(index_dtype)
+        w_LVK = st("weights_VK").float()
+        mass_LV = st("mass_V").float()
+        scale_L1 = torch.tensor([[s if s is not None else float("nan")] for s in (scales[l] for l in layers)],
+                                device=device)
+        # routers whose weights do not sum to a constant use the table's raw mass instead
+        scaled = torch.where(scale_L1.isnan()[..., None], w_LVK * mass_LV[..., None], w_LVK * scale_L1[..., None])
+        self.weights_LVK = scaled
+        self.idx_LVK = self.nominal_LVK
+        self.single_LV = w_LVK[..., 0] >= config.adaptive_k_min_weight
+        if config.adaptive_k:  # one expert, full weight; other slots -> the experts' empty slot E
+            slot0 = torch.arange(self.nominal_LVK.shape[-1], device=device) == 0
+            one = self.single_LV[..., None]
+            self.idx_LVK = torch.where(one & ~slot0, torch.full_like(self.nominal_LVK, num_experts), self.nominal_LVK)
+            self.weights_LVK = torch.where(one, torch.where(slot0, scaled.sum(-1, keepdim=True), 0.0), scaled)
+        self.vocab = int(self.member_LV.shape[1])
+        self._stack_pairs(pair_tier or {}, scale_L1, device, index_dtype)
+        self.shadow_agree_LV = torch.zeros_like(self.agree_LV)
+        self.shadow_total_LV = torch.zeros_like(self.total_LV)
+        self.pending_LV = torch.zeros_like(self.member_LV)
+        self.counts_LC = torch.zeros(len(layers), len(COUNTERS), dtype=torch.long, device=device)
+        # the lookup-time counts of the cache-off path (see counts())
+        self.fast_L = torch.zeros(len(layers), dtype=torch.long, device=device)
+        self.pair_L = torch.zeros(len(layers), dtype=torch.long, device=device)
+        self.valid_tokens = torch.zeros((), dtype=torch.long, device=device)
+        self.host_valid = 0  # valid tokens of the one-row CPU steps that took `_empty_step` (a host int)
+        self.forwards = 0
+        self.frozen = False
+        self.counts_fast_path = not config.cache_enabled  # tiers fully known at lookup time
+        self.on_rows: Callable[[torch.Tensor, Any], None] | None = None
+        self._last: Lookup | None = None
+        # one-row CPU steps (batch-1 decoding): a host list of the tokens that may be served in some
+        # layer (a token entry, or the end of a pair entry that can serve), and the all-learned
+        # lookup's tensors; a step whose token is not in the list skips the gathers (`_empty_step`)
+        self._step_open: list[bool] | None = None
+        if device.type == "cpu":
+            k = self.idx_LVK.shape[-1]
+            self._empty1 = (torch.zeros(len(layers), 1, dtype=torch.bool),
+                            torch.zeros(len(layers), 1, k, dtype=self.idx_LVK.dtype),
+                            torch.zeros(len(layers), 1, k, dtype=self.weights_LVK.dtype))
+            self._refresh_step_open()
+        self._none_L = [False] * len(layers)
+        self.skip_step = False  # the forward in flight is an all-learned one-row step (`begin_forward`)
+
+    def _stack_pairs(self, pair_tier: dict[int, PairTable], scale_L1: torch.Tensor, device: torch.device,
+                     index_dtype: torch.dtype) -> None:
+        """All layers' pair entries in one sorted key tensor: slot * V**2 + prev * V + token (each
+        layer's keys ascend and slots ascend, so the concatenation is sorted), with sets and weights
+        scaled like the token entries' (no adaptive k: a pair row keeps its whole set)."""
+        v2 = self.vocab * self.vocab
+        parts = [(i, pair_tier[l]) for i, l in enumerate(self.layers) if l in pair_tier and pair_tier[l].size]
+        self.has_pairs = bool(parts)  # decided once, on the host: without pair entries lookup() is unchanged
+        if not parts:
+            return
+        self.pair_keys_X = torch.cat([p.keys_P.long() + i * v2 for i, p in parts]).to(device)
+        self.pair_idx_XK = torch.cat([p.sets_PK for _, p in parts]).to(device, index_dtype)
+        w_XK = torch.cat([p.weights_PK for _, p in parts]).to(device, torch.float32)
+        mass_X = torch.cat([p.mass_P for _, p in parts]).to(device, torch.float32)
+        scale_X1 = torch.cat([scale_L1[i].expand(p.size) for i, p in parts])[:, None]
+        # routers whose weights do not sum to a constant use the raw mass, as for token entries
+        self.pair_w_XK = torch.where(scale_X1.isnan(), w_XK * mass_X[:, None], w_XK * scale_X1)
+        self.pair_offset_L = torch.arange(len(self.layers), device=device, dtype=torch.long) * v2
+        self.pair_slot_X = self.pair_keys_X // v2
+        self.pair_tok_X = self.pair_keys_X % self.vocab
+        self.pair_tok_V = torch.zeros(self.vocab, dtype=torch.bool, device=device)
+        self._refresh_pair_tokens()
+
+    def _refresh_pair_tokens(self) -> None:
+        """Tokens that end a pair entry that can serve (its layer has no token entry for the token):
+        on CPU a forward with none skips the pair lookup. Entries whose token has a token entry never
+        serve while it stands (most of layer 0's); a demotion may open them, so this is recomputed
+        after each (tensor ops, no host sync)."""
+        open_X = ~self.member_LV[self.pair_slot_X, self.pair_tok_X]
+        self.pair_tok_V.zero_()
+        self.pair_tok_V[self.pair_tok_X[open_X]] = True
+
+    def _refresh_step_open(self) -> None:
+        """The host list `_empty_step` reads (CPU stacks only; after construction and each demotion)."""
+        open_V = self.member_LV.any(0) if self.config.enable_fast_path else torch.zeros_like(self.member_LV[0])
+        if self.has_pairs and self.config.enable_fast_path:
+            open_V = open_V | self.pair_tok_V
+        self._step_open = open_V.tolist()
+
+    def _empty_step(self, tok: Any) -> Lookup | None:
+        """The lookup of a one-row CPU forward whose token can be served in no layer (most batch-1
+        decode steps), without the ~20 tensor ops of the general path: the row goes to the learned
+        router in every layer (all rows not fast, `any_L` all False), and counts one valid token on
+        the host. None when the general path must run (another shape or device, a token that may be
+        served, an id outside the vocabulary). Reading a CPU tensor is no device sync."""
+        one = getattr(tok, "one", None)  # (id, valid, context) on the host: the tracker's one-row CPU step
+        if self._step_open is None or one is None:
+            return None
+        tid, valid = one[0], one[1]
+        if not 0 <= tid < self.vocab or self._step_open[tid]:
+            return None
+        look = _EmptyStep(tok, self._empty1, self._none_L)
+        self.forwards += 1
+        if self.config.track_performance and self.counts_fast_path:
+            self.host_valid += int(valid)
+        if self.counts_fast_path and self.on_rows is not None:
+            self.on_rows(look.fast_LT, tok)
+        self._last = look
+        return look
+
+    def begin_forward(self, tok: Any) -> None:
+        """Called as each forward starts, while the routers are on (the tracker's `on_batch`): a
+        one-row CPU step whose token no layer serves is resolved and counted here, once, and
+        `skip_step` tells the routers to return their learned decision without further work."""
+        self.skip_step = False
+        if tok is not None and tok.one is not None and self._step_open is not None:
+            self.apply_demotions()
+            self.skip_step = self._empty_step(tok) is not None
+
+    def valid_total(self) -> torch.Tensor:
+        """Valid tokens counted at lookup time (device counter + the host part), a 0-d tensor."""
+        return self.valid_tokens + self.host_valid
+
+    def _may_pair(self, safe_T: torch.Tensor) -> bool:
+        """False only where it is known for free that no token of this forward ends a pair entry: on
+        CPU (reading a CPU tensor is no device sync; most decode steps have no such token). On
+        accelerators always True, so the lookup never waits for the device."""
+        return safe_T.device.type != "cpu" or bool(self.pair_tok_V[safe_T].any())
+
+    def _pair_rows(self, tok: Any, device: torch.device, safe_T: torch.Tensor, open_LT: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pair_LT, entry_LT): rows served by a pair entry (only where `open_LT`: valid, in
+        vocabulary, no token entry) and the entry's index. One searchsorted over (L, T); no host sync."""
+        # -1 at a sequence start; a foreign id never hits
+        hit_LT, entry_LT = find_pairs(self.pair_keys_X, tok.prev_T.to(device).long(), safe_T, self.vocab,
+                                      self.pair_offset_L[:, None])
+        return hit_LT & open_LT, entry_LT
+
+    def counts(self) -> torch.Tensor:
+        """(L, len(COUNTERS)) all counters, the lookup-time ones folded in (one new tensor)."""
+        out = self.counts_LC.clone()
+        out[:, C["fast"]] += self.fast_L
+        out[:, C["learned"]] += self.valid_total() - self.fast_L
+        out[:, C["forwards"]] += self.forwards
+        out[:, C["fast_pair"]] += self.pair_L
+        return out
+
+    def reset_counts(self) -> None:
+        self.counts_LC.zero_()
+        self.fast_L.zero_()
+        self.pair_L.zero_()
+        self.valid_tokens.zero_()
+        self.host_valid = 0
+        self.forwards = 0
+
+    def apply_demotions(self) -> None:
+        """Take queued entries out (between forwards; a no-op while frozen)."""
+        if self.frozen or self.config.shadow_rate <= 0:
+            return
+        drop = self.pending_LV & self.member_LV
+        self.counts_LC[:, C["demoted"]] += drop.sum(1)
+        self.member_LV &= ~drop
+        self.pending_LV.zero_()
+        if self.has_pairs:
+            self._refresh_pair_tokens()
+        if self._step_open is not None and bool(drop.any()):  # CPU only: no device to sync with
+            self._refresh_step_open()
+
+    def lookup(self, tok: Any, device: torch.device) -> Lookup:
+        if self._last is not None and self._last.tokens is tok:
+            return self._last
+        self.apply_demotions()
+        if device.type == "cpu" and (look := self._empty_step(tok)) is not None:
+            return look
+        ids_T, valid_T = tok.ids_T.to(device), tok.valid_T.to(device).bool()
+        safe_T = ids_T.clamp(0, self.vocab - 1)  # out-of-vocabulary ids: a valid index, never fast
+        ok_T = valid_T & (safe_T == ids_T)
+        if self.config.enable_fast_path:
+            fast_LT = self.member_LV[:, safe_T] & ok_T
+        else:
+            fast_LT = torch.zeros(len(self.layers), ids_T.shape[0], dtype=torch.bool, device=device)
+        idx_LTK = self.idx_LVK[:, safe_T]
+        # the pre-adaptive-k set is only read by verification and the cache
+        nominal_LTK = idx_LTK if not self.config.adaptive_k else self.nominal_LVK[:, safe_T]
+        w_LTK, token_LT, pair_LT = self.weights_LVK[:, safe_T], fast_LT, None
+        if self.has_pairs and self.config.enable_fast_path and self._may_pair(safe_T):
+            pair_LT, p_LT = self._pair_rows(tok, device, safe_T, ok_T & ~fast_LT)
+            fast_LT = fast_LT | pair_LT
+            idx_LTK = torch.where(pair_LT[..., None], self.pair_idx_XK[p_LT], idx_LTK)
+            nominal_LTK = torch.where(pair_LT[..., None], self.pair_idx_XK[p_LT], nominal_LTK)
+            w_LTK = torch.where(pair_LT[..., None], self.pair_w_XK[p_LT], w_LTK)
+        any_L = fast_LT.any(1).tolist() if fast_LT.device.type == "cpu" else None
+        look = Lookup(tok, safe_T, valid_T, fast_LT, nominal_LTK, idx_LTK, w_LTK, any_L, pair_LT)
+        self.forwards += 1
+        if self.config.track_performance and self.counts_fast_path:
+            self.fast_L += fast_LT.sum(1)
+            self.valid_tokens += valid_T.sum()
+            if pair_LT is not None:
+                self.pair_L += pair_LT.sum(1)
+            if self.config.adaptive_k:
+                self.counts_LC[:, C["adaptive_single"]] += (token_LT & self.single_LV[:, safe_T]).sum(1)
+        if self.counts_fast_path and self.on_rows is not None:
+            self.on_rows(fast_LT, tok)
+        self._last = look
+        return look
