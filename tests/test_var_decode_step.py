@@ -1,7 +1,7 @@
-"""The one-row CPU step (batch-1 decoding) whose token can be served in no layer skips the lookup's
-gathers (`TableStack._empty_step`): logits, all counters and the per-row counts equal the general
-path's, step by step, for token entries, pair entries, padding, adaptive k, shadow checks and
-counting off; a token that ends a servable pair entry, or whose entry is demoted, is handled.
+"""One-row CPU steps (batch-1 decoding) decided on the host as they start (var/one_row.py): the
+all-learned ones and the served ones give the same logits, counters and per-row counts as the
+general path, step by step, for token entries, pair entries, padding, adaptive k, shadow checks and
+counting off; a (previous, token) pair entry, and a demotion, are seen by the host mirrors.
 Run: `pytest tests/test_var_decode_step.py`."""
 
 import pytest
@@ -28,8 +28,8 @@ def tables_for(model):
     tok = torch.arange(v)
     for l, member in ((0, tok % 2 == 1), (1, tok % 3 == 1)):
         t = tables[l]
-        t.experts_VK[:] = torch.tensor([[0, 1], [2, 3], [1, 3]])[tok % 3]
-        t.weights_VK[:] = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.5, 0.5]])[tok % 3]
+        t.experts_VK[:] = torch.tensor([[0, 1], [2, 3], [1, 3]])[(tok + l) % 3]  # differ per layer
+        t.weights_VK[:] = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.5, 0.5]])[(tok + 2 * l) % 3]
         t.member_V[:] = member
         t.bound_V[:], t.agree_V[:], t.total_V[:] = 0.99, 1000.0, 1000.0
     sets = torch.tensor([[2, 3]])
@@ -40,17 +40,29 @@ def tables_for(model):
     return tables
 
 
-# closed tokens (0, 2 mod 6: 12, 14, 30, 32, 38, 98), open ones, the pair (PREV, PAIR_END), a repeat
-STEPS = [12, 5, 14, PREV, PAIR_END, 30, 7, 32, 32, 38, 4, 98]
+# closed tokens (0, 2 mod 6: 12, 14, 30, 32, 38, 98), open ones, the pair (PREV, PAIR_END), a repeat,
+# and PAIR_END after another token (no pair entry: closed)
+STEPS = [12, 5, 14, PREV, PAIR_END, 30, 7, 32, 32, 38, 4, 98, 5, PAIR_END]
 PAD_STEP = 7  # the new token of this step is masked out (valid False)
+
+
+def closed_steps():
+    """Per step: no token entry in any layer and the (previous valid token, token) not the pair."""
+    out, prev = [], 11  # the prompt's last token
+    for i, t in enumerate(STEPS):
+        out.append(t % 6 in (0, 2) and not (prev == PREV and t == PAIR_END))
+        if i != PAD_STEP:
+            prev = t
+    return out
 
 
 def run(config, skip: bool):
     model = tiny_model("mixtral", seed=0)
     w = VARModelWrapper(model, config, tables=tables_for(model))
     if not skip:
-        w.stack._step_open = None  # the general path at every step
+        w.stack.host = None  # the general path at every step
     taken = []  # per decode step: the stack resolved it as all learned when it started
+    hosted = []  # per decode step: decided on the host as it started (all learned or served)
     ids = torch.tensor([[3, 9, 16, 11]])
     mask = torch.ones_like(ids)
     logits = []
@@ -63,9 +75,10 @@ def run(config, skip: bool):
                     use_cache=True)
             logits.append(out.logits)
             taken.append(w.stack.skip_step)
+            hosted.append(w.stack.step_rows is not None)
             if i == 2:
                 w.reset_stats()  # the row keeps what it counted
-    result = (logits, w.stack.counts(), w.tier_counts(), w.row_tier_counts(), taken)
+    result = (logits, w.stack.counts(), w.tier_counts(), w.row_tier_counts(), taken, hosted)
     w.restore()
     return result
 
@@ -85,15 +98,18 @@ def test_skipped_steps_equal_the_general_path(name):
     assert torch.equal(got[3], ref[3])
     assert not any(ref[4])
     # the empty step ran for the closed tokens only: never for an open one or the pair's end
-    closed = [t % 6 in (0, 2) and t != PAIR_END for t in STEPS]
+    closed = closed_steps()
+    assert closed[4] is False and closed[-1] is True  # the pair's end: open after PREV only
     if name != "shadow":  # shadow checks may demote entries and close more tokens
         assert got[4] == closed
     assert sum(got[4]) >= sum(closed)
+    # open steps are served on the host too, except where the config needs the general path
+    assert all(got[5]) == (name != "adaptive_k") and not any(ref[5])
 
 
 def test_fast_pair_and_valid_counts_of_one_row_steps_equal_a_brute_force_count():
     """Per layer: fast rows = valid tokens with an entry (or the pair), learned = the other valid ones."""
-    _, counts, tiers, rows, _ = run(VARConfig(), skip=True)
+    _, counts, tiers, rows, _, _ = run(VARConfig(), skip=True)
     fed = [3, 9, 16, 11] + STEPS
     valid = [True] * 4 + [i != PAD_STEP for i in range(len(STEPS))]
     prev = [None] + fed[:-1]
@@ -117,13 +133,13 @@ def test_a_demotion_closes_a_token_for_the_empty_step():
     w = VARModelWrapper(model, VARConfig(shadow_rate=0.5), tables=tables_for(model))
     stack = w.stack
     tok = 7  # 7 % 2 == 1: layer 0 only; 7 % 3 == 1: layer 1 too
-    assert stack._step_open[tok]
+    assert stack.host.open_V[tok]
     stack.pending_LV[stack.slot[0], tok] = True
     stack.apply_demotions()
-    assert stack._step_open[tok]  # still served in layer 1
+    assert stack.host.open_V[tok]  # still served in layer 1
     stack.pending_LV[stack.slot[1], tok] = True
     stack.apply_demotions()
-    assert not stack._step_open[tok]
+    assert not stack.host.open_V[tok]
     w.restore()
 
 

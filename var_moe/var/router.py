@@ -127,16 +127,23 @@ class VARRouter(nn.Module):
     @audit.setter
     def audit(self, on: bool) -> None:
         self._audit = bool(on)
-        # nothing but the table decision to make per row: a forward the stack resolved as all
-        # learned (`TableStack.skip_step`) may return the learned decision straight away
+        # nothing but the table decision to make per row: a one-row step the stack decided on the
+        # host (`TableStack.step_rows`) may return its row, or the learned decision, straight away
         self._plain = self.cache.capacity == 0 and not self._audit and self.config.shadow_rate <= 0
 
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor):
         if not self.enabled:
             return self.learned.forward(hidden_states)
-        if self._plain and self.stack is not None and self.stack.skip_step:
-            return self.learned.forward(hidden_states)  # batch-1 decode step whose token no layer serves
+        rows = self.stack.step_rows if self._plain and self.stack is not None else None
+        if rows is not None:  # a one-row CPU step decided on the host as it started (one_row.py)
+            out = self.learned.forward(hidden_states)
+            row = rows[self.slot]
+            if row is None:
+                return out
+            idx, w = row
+            return (out[0], w if w.dtype == out[1].dtype else w.to(out[1].dtype),
+                    idx if idx.dtype == out[2].dtype else idx.to(out[2].dtype))
         if not torch.is_grad_enabled():  # generate() and the server: no context to enter per layer
             return self._route(hidden_states)
         with torch.no_grad():

@@ -11,13 +11,9 @@ unchanged (bit for bit). On CPU the lookup also reads which layers have any fast
 to sync with), and a layer without one returns the learned decision without the selects. The cached tier (router.py) is the one place that
 indexes with masks and syncs with the host.
 
-Batch-1 decoding on CPU: inside a decode step every small tensor op and every line of Python costs
-several times what it costs in a loop of its own (measured: the tracker's hook took 102 us in a
-5 ms step against 22 us alone), so a step does as little as it can. The tracker hands the step's
-token id to `TableStack.begin_forward` as host ints; a token that no layer can serve (no token
-entry in any layer, not the end of a servable pair entry: a host list) is resolved and counted
-there (`_EmptyStep`, a host counter), and each router returns its learned decision at once
-(`skip_step`) when it has nothing else to do (no cache, audit or shadow checks).
+Batch-1 decoding on CPU: a one-row step is decided on the host as the forward starts
+(`begin_forward`, one_row.py): without the general lookup's tensor ops, counted in host counters
+that `counts()` folds in.
 
 Pair entries of all layers sit in one sorted key tensor (slot * V**2 + previous * V + token); the
 lookup finds them with one `torch.searchsorted` over (layers x tokens), on device, only for valid
@@ -33,13 +29,14 @@ Test: `pytest tests/test_var_router.py tests/test_var_decode_step.py tests/test_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from .config import VARConfig
-from .pairs import PairTable, find_pairs
+from .lookup import Lookup
+from .one_row import OneRowHost
+from .pairs import PairTable, find_pairs, stack_pair_keys
 from .tables import LayerTable
 
 FAST, CACHED, LEARNED = 0, 1, 2
@@ -57,43 +54,6 @@ def compare_sets(a_TK: torch.Tensor, b_TK: torch.Tensor) -> tuple[torch.Tensor, 
     exact = (a_TK.sort(1).values == b_TK.sort(1).values).all(1)
     overlap = (a_TK[:, :, None] == b_TK[:, None, :]).any(2).sum(1).float() / a_TK.shape[1]
     return exact, overlap
-
-
-@dataclass
-class Lookup:
-    """The fast tier of one forward, for every layer (rows in router order)."""
-
-    tokens: Any  # the TokenBatch it was computed for (identity marks the forward)
-    safe_T: torch.Tensor  # token id, 0 where out of vocabulary
-    valid_T: torch.Tensor
-    fast_LT: torch.Tensor  # served from a table: token entry, or (previous, token) entry where the token has none
-    nominal_LTK: torch.Tensor  # table set (before adaptive k), for verification
-    idx_LTK: torch.Tensor  # served set (after adaptive k)
-    w_LTK: torch.Tensor  # served weights, scaled like the router's
-    # per layer, whether any row is fast: known on the host for CPU tensors only (reading it there
-    # is no device sync), None on accelerators
-    any_L: list[bool] | None = None
-    pair_LT: torch.Tensor | None = None  # the rows of fast_LT served by a pair entry (None: no pair entries)
-
-
-class _EmptyStep(Lookup):
-    """The lookup of a one-row CPU step whose token no layer serves (`TableStack._empty_step`):
-    nothing is fast; `safe_T` / `valid_T` are built from the tokens only if a reader asks (the
-    cache, audit and shadow paths; the plain skip reads neither)."""
-
-    def __init__(self, tok: Any, empty: tuple[torch.Tensor, torch.Tensor, torch.Tensor], none_L: list[bool]):
-        self.tokens = tok
-        self.fast_LT, self.idx_LTK, self.w_LTK = empty
-        self.nominal_LTK = self.idx_LTK
-        self.any_L, self.pair_LT = none_L, None
-
-    @property
-    def safe_T(self) -> torch.Tensor:  # the id is in the vocabulary (checked on the host)
-        return self.tokens.ids_T
-
-    @property
-    def valid_T(self) -> torch.Tensor:
-        return self.tokens.valid_T
 
 
 class TableStack:
@@ -139,24 +99,15 @@ class TableStack:
         self.fast_L = torch.zeros(len(layers), dtype=torch.long, device=device)
         self.pair_L = torch.zeros(len(layers), dtype=torch.long, device=device)
         self.valid_tokens = torch.zeros((), dtype=torch.long, device=device)
-        self.host_valid = 0  # valid tokens of the one-row CPU steps that took `_empty_step` (a host int)
         self.forwards = 0
         self.frozen = False
         self.counts_fast_path = not config.cache_enabled  # tiers fully known at lookup time
-        self.on_rows: Callable[[torch.Tensor, Any], None] | None = None
+        self.on_rows: Callable[[Lookup], None] | None = None
         self._last: Lookup | None = None
-        # one-row CPU steps (batch-1 decoding): a host list of the tokens that may be served in some
-        # layer (a token entry, or the end of a pair entry that can serve), and the all-learned
-        # lookup's tensors; a step whose token is not in the list skips the gathers (`_empty_step`)
-        self._step_open: list[bool] | None = None
-        if device.type == "cpu":
-            k = self.idx_LVK.shape[-1]
-            self._empty1 = (torch.zeros(len(layers), 1, dtype=torch.bool),
-                            torch.zeros(len(layers), 1, k, dtype=self.idx_LVK.dtype),
-                            torch.zeros(len(layers), 1, k, dtype=self.weights_LVK.dtype))
-            self._refresh_step_open()
-        self._none_L = [False] * len(layers)
-        self.skip_step = False  # the forward in flight is an all-learned one-row step (`begin_forward`)
+        # batch-1 decoding on CPU: steps decided on the host as they start (one_row.py); the
+        # current step's rows per layer (None: not decided on the host)
+        self.host = OneRowHost(self) if device.type == "cpu" else None
+        self.step_rows: list | None = None
 
     def _stack_pairs(self, pair_tier: dict[int, PairTable], scale_L1: torch.Tensor, device: torch.device,
                      index_dtype: torch.dtype) -> None:
@@ -164,11 +115,11 @@ class TableStack:
         layer's keys ascend and slots ascend, so the concatenation is sorted), with sets and weights
         scaled like the token entries' (no adaptive k: a pair row keeps its whole set)."""
         v2 = self.vocab * self.vocab
-        parts = [(i, pair_tier[l]) for i, l in enumerate(self.layers) if l in pair_tier and pair_tier[l].size]
+        parts, keys_X = stack_pair_keys(pair_tier, self.layers, self.vocab)
         self.has_pairs = bool(parts)  # decided once, on the host: without pair entries lookup() is unchanged
         if not parts:
             return
-        self.pair_keys_X = torch.cat([p.keys_P.long() + i * v2 for i, p in parts]).to(device)
+        self.pair_keys_X = keys_X.to(device)
         self.pair_idx_XK = torch.cat([p.sets_PK for _, p in parts]).to(device, index_dtype)
         w_XK = torch.cat([p.weights_PK for _, p in parts]).to(device, torch.float32)
         mass_X = torch.cat([p.mass_P for _, p in parts]).to(device, torch.float32)
@@ -190,46 +141,31 @@ class TableStack:
         self.pair_tok_V.zero_()
         self.pair_tok_V[self.pair_tok_X[open_X]] = True
 
-    def _refresh_step_open(self) -> None:
-        """The host list `_empty_step` reads (CPU stacks only; after construction and each demotion)."""
-        open_V = self.member_LV.any(0) if self.config.enable_fast_path else torch.zeros_like(self.member_LV[0])
-        if self.has_pairs and self.config.enable_fast_path:
-            open_V = open_V | self.pair_tok_V
-        self._step_open = open_V.tolist()
-
-    def _empty_step(self, tok: Any) -> Lookup | None:
-        """The lookup of a one-row CPU forward whose token can be served in no layer (most batch-1
-        decode steps), without the ~20 tensor ops of the general path: the row goes to the learned
-        router in every layer (all rows not fast, `any_L` all False), and counts one valid token on
-        the host. None when the general path must run (another shape or device, a token that may be
-        served, an id outside the vocabulary). Reading a CPU tensor is no device sync."""
-        one = getattr(tok, "one", None)  # (id, valid, context) on the host: the tracker's one-row CPU step
-        if self._step_open is None or one is None:
-            return None
-        tid, valid = one[0], one[1]
-        if not 0 <= tid < self.vocab or self._step_open[tid]:
-            return None
-        look = _EmptyStep(tok, self._empty1, self._none_L)
-        self.forwards += 1
-        if self.config.track_performance and self.counts_fast_path:
-            self.host_valid += int(valid)
-        if self.counts_fast_path and self.on_rows is not None:
-            self.on_rows(look.fast_LT, tok)
-        self._last = look
-        return look
+    @property
+    def skip_step(self) -> bool:
+        """The forward in flight is a one-row step that no layer serves (decided as it started)."""
+        return self.host is not None and self.step_rows is self.host.none_rows
 
     def begin_forward(self, tok: Any) -> None:
         """Called as each forward starts, while the routers are on (the tracker's `on_batch`): a
-        one-row CPU step whose token no layer serves is resolved and counted here, once, and
-        `skip_step` tells the routers to return their learned decision without further work."""
-        self.skip_step = False
-        if tok is not None and tok.one is not None and self._step_open is not None:
+        one-row CPU step is decided and counted here, once (one_row.py), and `step_rows` gives each
+        router its row (or None: the learned decision) without further work."""
+        self.step_rows = None
+        if tok is not None and self.host is not None and tok.one is not None:
             self.apply_demotions()
-            self.skip_step = self._empty_step(tok) is not None
+            got = self.host.step(tok)
+            if got is not None:
+                self._last, self.step_rows = got
 
     def valid_total(self) -> torch.Tensor:
         """Valid tokens counted at lookup time (device counter + the host part), a 0-d tensor."""
-        return self.valid_tokens + self.host_valid
+        return self.valid_tokens + (self.host.valid if self.host is not None else 0)
+
+    def fast_L_total(self) -> torch.Tensor:
+        """Fast rows per layer counted at lookup time (device counter + the host part)."""
+        if self.host is None:
+            return self.fast_L
+        return self.fast_L + torch.tensor(self.host.fast_L, device=self.fast_L.device)
 
     def _may_pair(self, safe_T: torch.Tensor) -> bool:
         """False only where it is known for free that no token of this forward ends a pair entry: on
@@ -249,10 +185,13 @@ class TableStack:
     def counts(self) -> torch.Tensor:
         """(L, len(COUNTERS)) all counters, the lookup-time ones folded in (one new tensor)."""
         out = self.counts_LC.clone()
-        out[:, C["fast"]] += self.fast_L
-        out[:, C["learned"]] += self.valid_total() - self.fast_L
+        fast_L = self.fast_L_total()
+        out[:, C["fast"]] += fast_L
+        out[:, C["learned"]] += self.valid_total() - fast_L
         out[:, C["forwards"]] += self.forwards
         out[:, C["fast_pair"]] += self.pair_L
+        if self.host is not None:
+            out[:, C["fast_pair"]] += torch.tensor(self.host.pair_L, device=out.device)
         return out
 
     def reset_counts(self) -> None:
@@ -260,7 +199,8 @@ class TableStack:
         self.fast_L.zero_()
         self.pair_L.zero_()
         self.valid_tokens.zero_()
-        self.host_valid = 0
+        if self.host is not None:
+            self.host.reset_counts()
         self.forwards = 0
 
     def apply_demotions(self) -> None:
@@ -273,15 +213,38 @@ class TableStack:
         self.pending_LV.zero_()
         if self.has_pairs:
             self._refresh_pair_tokens()
-        if self._step_open is not None and bool(drop.any()):  # CPU only: no device to sync with
-            self._refresh_step_open()
+        if self.host is not None and bool(drop.any()):  # CPU only: no device to sync with
+            self.host.refresh()
 
     def lookup(self, tok: Any, device: torch.device) -> Lookup:
         if self._last is not None and self._last.tokens is tok:
             return self._last
         self.apply_demotions()
-        if device.type == "cpu" and (look := self._empty_step(tok)) is not None:
-            return look
+        if device.type == "cpu" and self.host is not None and (got := self.host.step(tok)) is not None:
+            self._last = got[0]
+            return got[0]
+        look, token_LT = self._resolve(tok, device)
+        fast_LT, valid_T, safe_T, pair_LT = look.fast_LT, look.valid_T, look.safe_T, look.pair_LT
+        self.forwards += 1
+        if self.config.track_performance and self.counts_fast_path:
+            self.fast_L += fast_LT.sum(1)
+            self.valid_tokens += valid_T.sum()
+            if pair_LT is not None:
+                self.pair_L += pair_LT.sum(1)
+            if self.config.adaptive_k:
+                self.counts_LC[:, C["adaptive_single"]] += (token_LT & self.single_LV[:, safe_T]).sum(1)
+        if self.counts_fast_path and self.on_rows is not None:
+            self.on_rows(look)
+        self._last = look
+        return look
+
+    def resolve(self, tok: Any) -> Lookup:
+        """The general path's lookup of a forward on the stack's device, counting nothing (what a
+        one-row `HostStep` builds its tensors from when audit or shadow checks read them)."""
+        return self._resolve(tok, self.member_LV.device)[0]
+
+    def _resolve(self, tok: Any, device: torch.device) -> tuple[Lookup, torch.Tensor]:
+        """(lookup, token_LT): the fast tier of every layer, and the rows served by token entries."""
         ids_T, valid_T = tok.ids_T.to(device), tok.valid_T.to(device).bool()
         safe_T = ids_T.clamp(0, self.vocab - 1)  # out-of-vocabulary ids: a valid index, never fast
         ok_T = valid_T & (safe_T == ids_T)
@@ -300,16 +263,4 @@ class TableStack:
             nominal_LTK = torch.where(pair_LT[..., None], self.pair_idx_XK[p_LT], nominal_LTK)
             w_LTK = torch.where(pair_LT[..., None], self.pair_w_XK[p_LT], w_LTK)
         any_L = fast_LT.any(1).tolist() if fast_LT.device.type == "cpu" else None
-        look = Lookup(tok, safe_T, valid_T, fast_LT, nominal_LTK, idx_LTK, w_LTK, any_L, pair_LT)
-        self.forwards += 1
-        if self.config.track_performance and self.counts_fast_path:
-            self.fast_L += fast_LT.sum(1)
-            self.valid_tokens += valid_T.sum()
-            if pair_LT is not None:
-                self.pair_L += pair_LT.sum(1)
-            if self.config.adaptive_k:
-                self.counts_LC[:, C["adaptive_single"]] += (token_LT & self.single_LV[:, safe_T]).sum(1)
-        if self.counts_fast_path and self.on_rows is not None:
-            self.on_rows(fast_LT, tok)
-        self._last = look
-        return look
+        return Lookup(tok, safe_T, valid_T, fast_LT, nominal_LTK, idx_LTK, w_LTK, any_L, pair_LT), token_LT

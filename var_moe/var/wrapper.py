@@ -142,7 +142,7 @@ class VARModelWrapper:
     def _sync_begin(self) -> None:
         """The stack resolves each forward's one-row steps as it starts only while VAR routes (its
         counters count routed tokens only)."""
-        self.stack.skip_step = False
+        self.stack.step_rows = None
         self.tracker.on_batch = self.stack.begin_forward if self.var_enabled else None
 
     @property
@@ -191,29 +191,31 @@ class VARModelWrapper:
             self._row_counts = torch.zeros(b, 3, dtype=torch.long, device=device)
         return self._row_counts
 
-    def _on_fast_rows(self, fast_LT: torch.Tensor, tok: Any) -> None:
-        """Fast-only mode: per batch row, table decisions summed over layers (fast_LT is already
+    def _on_fast_rows(self, look: Any) -> None:
+        """Fast-only mode: per batch row, table decisions summed over layers (`look.fast_LT` is already
         False for padding) and valid tokens, accumulated raw; `row_tier_counts` turns them into
         fast / cached / learned. One row (batch-1 decoding, every step): the row's counts are the
         stack's own running counters since the row's record began, so a step adds nothing here;
         the start is remembered once (`_rows_since`), and `reset_stats` banks what the row counted."""
+        tok = look.tokens
         b, s = tok.batch_size, tok.seq_len
-        self._layers_counted = fast_LT.shape[0]
-        dev = fast_LT.device
+        self._layers_counted = len(self.stack.layers)
+        dev = self.stack.counts_LC.device
         if b == 1 and self.config.track_performance:
             if self._rows_since is None or self._fast_valid_B2 is None or self._fast_valid_B2.shape[0] != 1:
                 self._fast_valid_B2 = torch.zeros(1, 2, dtype=torch.long, device=dev)  # banked counts
-                this_12 = torch.stack([fast_LT.sum(), tok.valid_T.to(dev).sum()]).reshape(1, 2)
+                this_12 = torch.stack([look.fast_LT.sum(), tok.valid_T.to(dev).sum()]).reshape(1, 2)
                 self._rows_since = self._totals_12() - this_12  # the lookup already counted this forward
             return
         self._rows_since = None
+        fast_LT = look.fast_LT
         if self._fast_valid_B2 is None or self._fast_valid_B2.shape[0] != b:
             self._fast_valid_B2 = torch.zeros(b, 2, dtype=torch.long, device=dev)
         self._fast_valid_B2 += torch.stack([fast_LT.reshape(-1, b, s).sum((0, 2)), tok.valid_T.to(dev).reshape(b, s).sum(1)], 1)
 
     def _totals_12(self) -> torch.Tensor:
         """The stack's running (fast decisions summed over layers, valid tokens), shape (1, 2)."""
-        return torch.stack([self.stack.fast_L.sum(), self.stack.valid_total()]).reshape(1, 2)
+        return torch.stack([self.stack.fast_L_total().sum(), self.stack.valid_total()]).reshape(1, 2)
 
     def _on_tiers(self, tier_T: torch.Tensor, tok: Any) -> None:
         b, s = tok.batch_size, tok.seq_len

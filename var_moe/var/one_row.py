@@ -1,0 +1,163 @@
+"""One-row CPU steps (batch-1 decoding) resolved on the host, once, as the forward starts.
+
+Inside a decode step every small tensor op and every line of Python costs several times what it
+costs in a loop of its own (measured on the reference model: the tracker's hook took 102 us in a
+5 ms step against 22 us alone), so the general lookup's ~20 ops over (layers x tokens) cost more
+than a one-row step can afford. The tracker hands such a step's token id, padding flag and
+context to `TableStack.begin_forward` as host ints (`TokenBatch.one`); `OneRowHost` decides it from
+host mirrors of the stacked tables:
+- a step no layer serves (no token entry in any layer: a host list; its (previous, token) not a
+  pair entry that can serve: a host dict; or padding) -> `EmptyStep`: nothing is fast;
+- otherwise, where its config allows (cache off, no adaptive k, table weights) -> `HostStep`: per
+  layer the served set and weights as (1, K) tensors, copied out of the tables in one clone per
+  step (never views: a model may scale routing weights in place).
+Counts go to host counters that `TableStack.counts()` folds in. Each router then returns its
+learned decision, or the row's set and weights, without further work (`VARRouter.forward`, when
+it has nothing else to do: no cache, audit or shadow checks). A lookup's (L, T) tensors, which
+audit and shadow checks read, are built on first read: from the general path without counting.
+The mirrors are rebuilt after each demotion (`TableStack.apply_demotions`). Accelerators never
+take this path (their tables are not on the host).
+
+Shapes: L layers, K top-k, V vocabulary, X stacked pair entries.
+Test: `pytest tests/test_var_decode_step.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .lookup import Lookup
+
+Row = tuple[torch.Tensor, torch.Tensor] | None  # one layer's served (idx_1K, w_1K), None = learned
+
+
+class EmptyStep(Lookup):
+    """The lookup of a one-row step no layer serves: nothing is fast; `safe_T` / `valid_T` are
+    built from the tokens only if a reader asks."""
+
+    def __init__(self, tok: Any, empty: tuple[torch.Tensor, torch.Tensor, torch.Tensor], none_L: list[bool]):
+        self.tokens = tok
+        self.fast_LT, self.idx_LTK, self.w_LTK = empty
+        self.nominal_LTK = self.idx_LTK
+        self.any_L, self.pair_LT = none_L, None
+
+    @property
+    def safe_T(self) -> torch.Tensor:  # the id is in the vocabulary (checked on the host)
+        return self.tokens.ids_T
+
+    @property
+    def valid_T(self) -> torch.Tensor:
+        return self.tokens.valid_T
+
+
+class HostStep(Lookup):
+    """The lookup of a one-row step decided on the host: `rows[slot]` per layer; the (L, T)
+    tensors come from the general path (`resolve`, which counts nothing) when first read."""
+
+    def __init__(self, tok: Any, rows: list[Row], any_L: list[bool], resolve: Any):
+        self.tokens, self.rows, self.any_L = tok, rows, any_L
+        self._resolve, self._full = resolve, None
+
+    def _get(self, name: str) -> Any:
+        if self._full is None:
+            self._full = self._resolve(self.tokens)
+        return getattr(self._full, name)
+
+    safe_T = property(lambda self: self._get("safe_T"))
+    valid_T = property(lambda self: self._get("valid_T"))
+    fast_LT = property(lambda self: self._get("fast_LT"))
+    nominal_LTK = property(lambda self: self._get("nominal_LTK"))
+    idx_LTK = property(lambda self: self._get("idx_LTK"))
+    w_LTK = property(lambda self: self._get("w_LTK"))
+    pair_LT = property(lambda self: self._get("pair_LT"))
+
+
+class OneRowHost:
+    """Host mirrors of one CPU `TableStack`, the steps decided from them and their host counters."""
+
+    def __init__(self, stack: Any):
+        self.stack = stack
+        n = len(stack.layers)
+        k = stack.idx_LVK.shape[-1]
+        self.empty = (torch.zeros(n, 1, dtype=torch.bool), torch.zeros(n, 1, k, dtype=stack.idx_LVK.dtype),
+                      torch.zeros(n, 1, k, dtype=stack.weights_LVK.dtype))
+        self.none_L = [False] * n
+        self.none_rows: list[Row] = [None] * n
+        cfg = stack.config
+        # a served step needs only the table's set and weights: no cache tier to feed, no adaptive-k
+        # count, no learned-weight restriction
+        self.serve = stack.counts_fast_path and not cfg.adaptive_k and cfg.weights_source == "table"
+        self.valid, self.fast_L, self.pair_L = 0, [0] * n, [0] * n  # host counters (`TableStack.counts`)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Rebuild the mirrors from the stack's tables (after construction and each demotion)."""
+        s = self.stack
+        on = s.config.enable_fast_path
+        member_VL = s.member_LV.t().contiguous() if on else torch.zeros_like(s.member_LV.t())
+        self.open_V = member_VL.any(1).tolist()
+        self.member_VL = member_VL.numpy()
+        # (previous * V + token) -> [(slot, entry)] of the pair entries that can serve (their layer
+        # has no token entry for the token)
+        self.pairs: dict[int, list[tuple[int, int]]] = {}
+        if on and s.has_pairs:
+            open_X = ~s.member_LV[s.pair_slot_X, s.pair_tok_X]
+            x_X = open_X.nonzero().squeeze(1)
+            v2 = s.vocab * s.vocab
+            for key, slot, x in zip((s.pair_keys_X[x_X] % v2).tolist(), s.pair_slot_X[x_X].tolist(), x_X.tolist()):
+                self.pairs.setdefault(key, []).append((slot, x))
+
+    def reset_counts(self) -> None:
+        self.valid, self.fast_L, self.pair_L = 0, [0] * len(self.fast_L), [0] * len(self.pair_L)
+
+    def step(self, tok: Any) -> tuple[Lookup, list[Row]] | None:
+        """(lookup, rows) of a one-row step, counted; None where the general path must run."""
+        one = getattr(tok, "one", None)  # (id, valid, context): the tracker's one-row CPU step
+        if one is None:
+            return None
+        tid, valid, context = one
+        s = self.stack
+        if not 0 <= tid < s.vocab:
+            return None
+        if not valid:  # padding is never fast
+            return self._empty(tok, 0)
+        pair = self.pairs.get(context[-1] * s.vocab + tid) if self.pairs and context and context[-1] >= 0 else None
+        if not self.open_V[tid] and pair is None:
+            return self._empty(tok, 1)
+        return self._served(tok, tid, pair) if self.serve else None
+
+    def _empty(self, tok: Any, valid: int) -> tuple[Lookup, list[Row]]:
+        s = self.stack
+        look = EmptyStep(tok, self.empty, self.none_L)
+        s.forwards += 1
+        if s.config.track_performance and s.counts_fast_path:
+            self.valid += valid
+        if s.counts_fast_path and s.on_rows is not None:
+            s.on_rows(look)
+        return look, self.none_rows
+
+    def _served(self, tok: Any, tid: int, pair: list[tuple[int, int]] | None) -> tuple[Lookup, list[Row]]:
+        s = self.stack
+        member = self.member_VL[tid].tolist()
+        rows: list[Row] = [None] * len(member)
+        if any(member):
+            idx_LK, w_LK = s.idx_LVK[:, tid].clone(), s.weights_LVK[:, tid].clone()
+            for slot, m in enumerate(member):
+                if m:
+                    rows[slot] = (idx_LK[slot:slot + 1], w_LK[slot:slot + 1])
+        for slot, x in pair or ():
+            rows[slot] = (s.pair_idx_XK[x:x + 1].clone(), s.pair_w_XK[x:x + 1].clone())
+        any_L = [r is not None for r in rows]
+        look = HostStep(tok, rows, any_L, s.resolve)
+        s.forwards += 1
+        if s.config.track_performance:
+            self.valid += 1
+            for slot, hit in enumerate(any_L):
+                self.fast_L[slot] += hit
+            for slot, _ in pair or ():
+                self.pair_L[slot] += 1
+        if s.on_rows is not None:
+            s.on_rows(look)
+        return look, rows
