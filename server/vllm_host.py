@@ -127,6 +127,7 @@ class VllmHost:
         if refused:  # every rank checks the same tables against the same gates
             raise InvalidInputError(refused[0])
         info = replies[0]
+        from var_moe.var.pairs import stack_pair_keys
         from var_moe.var.tables import VARTables
 
         tables = VARTables.load(tables_path)
@@ -134,9 +135,8 @@ class VllmHost:
         vocab = int(tables.metadata["vocab_size"])
         member_LV = torch.stack([tables.layers[l].member_V if l in tables.layers else torch.zeros(vocab, dtype=torch.bool)
                                  for l in layers])
-        pairs = [tables.pair_tier[l].keys_P.long() + i * vocab * vocab for i, l in enumerate(layers)
-                 if l in tables.pair_tier and tables.pair_tier[l].size]
-        return cls(engine, settings.model, info, member_LV, layers, pair_keys_X=torch.cat(pairs) if pairs else None)
+        _, pair_keys_X = stack_pair_keys(tables.pair_tier, layers, vocab)
+        return cls(engine, settings.model, info, member_LV, layers, pair_keys_X=pair_keys_X)
 
     # -- RoutingBackend --------------------------------------------------------------------------
     @property

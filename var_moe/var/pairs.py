@@ -21,6 +21,7 @@ Test: `pytest tests/test_var_pairs.py`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -89,6 +90,20 @@ def find_pairs(keys_X: torch.Tensor, prev_N: torch.Tensor, tok_N: torch.Tensor, 
     has = (prev_N >= 0) & (prev_N < vocab)
     hit, idx = find_sorted(keys_X, offset + torch.where(has, prev_N, 0).long() * vocab + tok_N.long())
     return hit & has, idx
+
+
+def stack_pair_keys(pair_tier: dict[int, PairTable], layers: Sequence[int], vocab: int
+                    ) -> tuple[list[tuple[int, PairTable]], torch.Tensor | None]:
+    """All layers' pair entries in one sorted key tensor, `slot * V**2 + previous * V + token` with
+    slot = the layer's position in `layers` (each layer's keys ascend and slots ascend, so the
+    concatenation is sorted), and the (slot, table) parts that have entries, in that order; keys
+    None without any. The one place that stacks keys: the builtin router, the vLLM tables loader
+    (layers = every layer index, so slot = layer) and the server's per-request count use it."""
+    parts = [(i, pair_tier[l]) for i, l in enumerate(layers) if l in pair_tier and pair_tier[l].size]
+    if not parts:
+        return parts, None
+    v2 = vocab * vocab
+    return parts, torch.cat([p.keys_P.long() + i * v2 for i, p in parts])
 
 
 def pair_lookup(keys_P: torch.Tensor, prev_T: torch.Tensor, tok_T: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:

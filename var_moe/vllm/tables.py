@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidInputError
+from ..var.pairs import stack_pair_keys
 from ..var.tables import VARTables, router_fingerprint
 from .routing import PAIR_SENTINEL, VarState
 
@@ -105,15 +106,15 @@ def stacked_pairs(state: VarState, tables: VARTables) -> tuple[torch.Tensor, tor
     previous * V + token` (layers ascend and each layer's keys ascend, so they are sorted), sets,
     and weights scaled like the token entries' (renormalising routers: as stored, rows sum to 1;
     others: times the entry's raw mass). Refuses more entries than the capacity and malformed ones."""
-    parts = [(l, p) for l, p in sorted(tables.pair_tier.items()) if p.size]
+    first = next(iter(state.layers.values()))
+    v, (e, k) = int(first.member_V.shape[0]), (first.num_experts, int(first.experts_VK.shape[1]))
+    # slot = layer index (the routers offset by their layer); load_tables refused foreign layers
+    parts, keys_X = stack_pair_keys(tables.pair_tier, range(max([*state.layers, *tables.pair_tier]) + 1), v)
     n = sum(p.size for _, p in parts)
     if n > state.pair_capacity:
         raise InvalidInputError(f"{n} (previous, token) entries exceed this engine's pair capacity {state.pair_capacity}")
-    first = next(iter(state.layers.values()))
-    v, (e, k) = int(first.member_V.shape[0]), (first.num_experts, int(first.experts_VK.shape[1]))
     if not parts:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k)
-    keys_X = torch.cat([p.keys_P.long() + l * v * v for l, p in parts])
     idx_XK = torch.cat([p.sets_PK.long().reshape(p.size, -1) for _, p in parts])
     w_XK = torch.cat([p.weights_PK.float().reshape(p.size, -1) * (1.0 if state.layers[l].renormalize
                                                                   else p.mass_P.float()[:, None]) for l, p in parts])
