@@ -218,7 +218,7 @@ def evidence_for_stats(meta: dict[str, Any], model: Any, adapter: Any, tokenizer
     if tokenizer is None:
         from transformers import AutoTokenizer
 
-        name = meta.get("model") or cfg.get("model")
+        name = meta.get("model") or (meta.get("config") or {}).get("model")
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)
         except Exception as exc:  # a missing or foreign tokenizer folder
