@@ -52,7 +52,8 @@ def main() -> None:
         cal = Evidence.load(args.evidence)
         chooser = Evidence.load(args.choose_evidence) if args.choose_evidence else None
         for name in args.presets.split(","):
-            tables = VARTables.from_evidence(cal, model, get_adapter(model), get_preset(name), source=args.evidence,
+            cfg = get_preset(name).replace(pair_entries=False)  # token entries; pairs: var_pair_coverage.py
+            tables = VARTables.from_evidence(cal, model, get_adapter(model), cfg, source=args.evidence,
                                              choose_evidence=chooser, choose_source=args.choose_evidence or "")
             label = name if chooser is None else f"{name}/choose:{chooser.metadata.get('split')}"
             scored[label] = served_agreement(tables, test, args.resamples) | {"choosing": tables.metadata["choosing"],

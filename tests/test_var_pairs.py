@@ -210,7 +210,12 @@ def test_pair_flags_reach_the_config():
     add_var_flags(p, with_tables=False)
     cfg = config_from_args(p.parse_args(["--pair-entries", "--min-pair-count", "7"]))
     assert cfg.pair_entries and cfg.min_pair_count == 7
-    assert not config_from_args(p.parse_args([])).pair_entries  # off in the presets
+    assert config_from_args(p.parse_args([])).pair_entries  # on in the presets
+    assert all(config_from_args(p.parse_args(["--preset", n])).pair_entries for n in ("conservative", "aggressive"))
+    assert not config_from_args(p.parse_args(["--no-pair-entries"])).pair_entries
+    # an entropy cap has no per-pair counterpart: it turns the presets' pairs off unless asked for
+    capped = config_from_args(p.parse_args(["--entropy-threshold", "0.85"]))
+    assert capped.entropy_threshold == 0.85 and not capped.pair_entries
     with pytest.raises(InvalidInputError, match="min_pair_count"):
         config_from_args(p.parse_args(["--pair-entries", "--min-pair-count", "0"]))
     with pytest.raises(InvalidInputError, match="pair_entries"):

@@ -154,15 +154,29 @@ def test_var_off_and_empty_tables_reproduce_plain_vllm(runs):
     assert all(c[0] == 0 for c in var["counts_off"].values())  # none with VAR off
 
 
+def served_rows(tables: VARTables, seqs: list[list[int]], layer: int) -> int:
+    """Plain count of the rows `layer`'s tables serve: a token entry, or else the (previous token,
+    token) pair entry (none at a sequence start)."""
+    t = tables[layer]
+    pairs = set(tables.pair_tier[layer].keys_P.tolist()) if layer in tables.pair_tier else set()
+    v = t.member_V.numel()
+    n = 0
+    for seq in seqs:
+        for i, tok in enumerate(seq):
+            n += bool(t.member_V[tok]) or (i > 0 and seq[i - 1] * v + tok in pairs)
+    return n
+
+
 def test_var_on_routes_table_rows_and_counts_them_on_the_device(runs):
     var, tables = runs["var"], runs["tables"]
     assert var["on"] != runs["plain"]["plain"]
     assert var["load"]["fingerprint"] == tables.metadata["router_fingerprint"]
     # rows the model processed: each prompt, then every generated token but the last
-    rows = torch.tensor([t for ids, gen in zip(var["prompt_ids"], var["on"]) for t in ids + gen[:-1]])
+    seqs = [ids + gen[:-1] for ids, gen in zip(var["prompt_ids"], var["on"])]
+    rows = torch.tensor([t for seq in seqs for t in seq])
     for layer, (fast, learned, agree, disagree) in var["counts_on"].items():
-        expected = int(tables[int(layer)].member_V[rows].sum())
-        assert fast == expected, f"layer {layer}: {fast} table rows counted, {expected} table members processed"
+        expected = served_rows(tables, seqs, int(layer))  # the committed tables hold pair entries too
+        assert fast == expected, f"layer {layer}: {fast} table rows counted, {expected} served rows processed"
         assert fast + learned == len(rows)
         assert agree + disagree == fast
     assert sum(c[0] for c in var["counts_on"].values()) > 0
@@ -201,9 +215,9 @@ def test_tensor_parallel_ranks_route_the_same_rows(tp_run):
     assert "router_fingerprint" in run["bad_tables_error"] and run["bad_tables_refused_by_all"]
     ranks = run["counts_on_ranks"]
     assert len(ranks) == 2 and ranks[0] == ranks[1]
-    rows = torch.tensor([t for ids, gen in zip(run["prompt_ids"], run["on"]) for t in ids + gen[:-1]])
+    seqs = [ids + gen[:-1] for ids, gen in zip(run["prompt_ids"], run["on"])]
     for layer, (fast, learned, agree, disagree) in ranks[0].items():
-        assert fast == int(tables[int(layer)].member_V[rows].sum()) and fast + learned == len(rows)
+        assert fast == served_rows(tables, seqs, int(layer)) and fast + learned == sum(map(len, seqs))
 
 
 def builtin_decisions(model_dir: Path, tables: VARTables, prompt_ids: list[list[int]],

@@ -20,6 +20,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed in this environment (s
 from server_helpers import stream_matches_non_stream  # noqa: E402  (tests/, on the path via conftest)
 
 from analysis_jobs.server_process import ManagedServer  # noqa: E402
+from var_moe.var.tables import VARTables  # noqa: E402
 
 TOKEN = "test-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -64,7 +65,7 @@ def metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
-def test_health_and_status(client):
+def test_health_and_status(client, reference_model_dir):
     assert client.get("/healthz").json()["status"] == "ok"
     ready = client.get("/readyz").json()
     assert ready["status"] == "ready" and ready["var_available"] is True
@@ -72,7 +73,9 @@ def test_health_and_status(client):
     s = client.get("/var/status").json()
     assert s["mode"] == "var" and s["var"]["engine"] == "vllm"
     assert set(s["var"]["table_sizes"]) == {str(l) for l in s["var"]["layers"]}
-    assert s["var"]["pair_entries"] == 0 and s["var"]["pair_sizes"] == {}  # the committed tables: token entries only
+    committed = VARTables.load(reference_model_dir / "var" / "var_tables.safetensors")  # token + pair entries
+    assert s["var"]["pair_entries"] == sum(committed.pair_sizes().values()) > 0
+    assert {int(l): n for l, n in s["var"]["pair_sizes"].items()} == committed.pair_sizes()
 
 
 def test_pinning_greedy_and_routing(client):

@@ -32,7 +32,10 @@ def add_var_flags(p: argparse.ArgumentParser, with_tables: bool = True) -> None:
     p.add_argument("--multiplicity", choices=list(MULTIPLICITY), default=None,
                    help="correction over all entries: bh (expected share of wrong entries), holm (any wrong entry), none")
     p.add_argument("--pair-entries", dest="pair_entries", action="store_true", default=None,
-                   help="also certify (previous token, token) entries, served where the token has no entry")
+                   help="also certify (previous token, token) entries, served where the token has no entry (on in "
+                   "the presets)")
+    p.add_argument("--no-pair-entries", dest="pair_entries", action="store_false",
+                   help="token entries only (an --entropy-threshold implies it unless --pair-entries is given)")
     p.add_argument("--min-pair-count", dest="min_pair_count", type=int, default=None,
                    help="minimum occurrences of a (previous, token) pair on the choosing side (default: --frequency-threshold)")
     p.add_argument("--allow-test-split", dest="allow_test_split", action="store_true",
@@ -65,6 +68,8 @@ def config_from_args(args: argparse.Namespace, for_evaluation: bool = False) -> 
         raw = getattr(args, name, None)
         if raw is not None:
             changes[name] = _none_or(raw, float if name == "entropy_threshold" else int, flag)
+    if changes.get("entropy_threshold") is not None and "pair_entries" not in changes:
+        changes["pair_entries"] = False  # pair entries have no entropy of their own (var/pairs.py)
     if getattr(args, "allow_test_split", False):
         changes["allow_test_split"] = True
     if getattr(args, "cache", False):
