@@ -144,13 +144,14 @@ class VllmHost:
         return self.tables_info is not None
 
     def _device_counts(self) -> dict[int, list[int]]:
+        """Each MoE layer's counters from the workers (one dict per worker). Tensor-parallel ranks
+        route the same rows with the same replicated gate, so their counters are equal (the vLLM
+        suite checks it): a layer is read from the first worker that holds it, and workers that
+        hold other layers (pipeline stages) add theirs."""
         merged: dict[int, list[int]] = {}
-        for worker in self.llm.collective_rpc("varmoe_counts"):  # one dict per worker (tensor-parallel ranks)
+        for worker in self.llm.collective_rpc("varmoe_counts"):
             for layer, c in worker.items():
-                merged[int(layer)] = [a + b for a, b in zip(merged.get(int(layer), [0] * len(c)), c)]
-        if merged and self.llm.vllm_config.parallel_config.tensor_parallel_size > 1:
-            tp = self.llm.vllm_config.parallel_config.tensor_parallel_size  # TP ranks route the same rows
-            merged = {l: [v // tp for v in c] for l, c in merged.items()}
+                merged.setdefault(int(layer), [int(v) for v in c])
         return merged
 
     def apply_mode(self, var: bool) -> None:

@@ -271,3 +271,17 @@ def test_server_pair_capacity_defaults_to_the_startup_tables_pair_entries(tmp_pa
     assert pair_capacity(unset, with_pairs) == sum(pair_tables().pair_sizes().values()) > 0
     assert pair_capacity(unset, without) == 0
     assert pair_capacity(set_to_9, without) == 9
+
+
+def test_server_reads_each_layer_once_from_its_workers():
+    """Tensor-parallel ranks report equal counters (counted once, not summed); workers holding other
+    layers (pipeline stages) add theirs."""
+    from server.vllm_host import VllmHost
+
+    def host(replies):
+        return SimpleNamespace(llm=SimpleNamespace(collective_rpc=lambda name: replies))
+
+    tp = [{0: [4, 6, 3, 1], 1: [2, 8, 2, 0]}, {0: [4, 6, 3, 1], 1: [2, 8, 2, 0]}]
+    assert VllmHost._device_counts(host(tp)) == {0: [4, 6, 3, 1], 1: [2, 8, 2, 0]}
+    pp = [{0: [4, 6, 3, 1]}, {"1": [2, 8, 2, 0]}]
+    assert VllmHost._device_counts(host(pp)) == {0: [4, 6, 3, 1], 1: [2, 8, 2, 0]}
