@@ -103,8 +103,7 @@ class OneRowHost:
         # has no token entry for the token)
         self.pairs: dict[int, list[tuple[int, int]]] = {}
         if on and s.has_pairs:
-            open_X = ~s.member_LV[s.pair_slot_X, s.pair_tok_X]
-            x_X = open_X.nonzero().squeeze(1)
+            x_X = s.pair_open_X.nonzero().squeeze(1)  # refreshed before this (TableStack)
             v2 = s.vocab * s.vocab
             for key, slot, x in zip((s.pair_keys_X[x_X] % v2).tolist(), s.pair_slot_X[x_X].tolist(), x_X.tolist()):
                 self.pairs.setdefault(key, []).append((slot, x))

@@ -61,7 +61,6 @@ class VARRouter(nn.Module):
         self.num_experts, self.top_k = adapter.num_experts, adapter.top_k
         self.tokens, self.on_tiers, self.clock = tokens, on_tiers, clock
         self.enabled = config.enable_var
-        self._audit = False
         self.steps = 0
         param = next(learned.parameters())
         self.device = param.device
@@ -163,10 +162,9 @@ class VARRouter(nn.Module):
             counts[C["learned"]] += t
             return l_logits, l_w, l_idx
         look = stack.lookup(tok, h_TH.device)
-        if (look.any_L is not None and not look.any_L[self.slot] and self.cache.capacity == 0
-                and not (self.audit or self.config.shadow_rate > 0)):
-            # no table row in this layer and nothing else to do (most batch-1 decode steps): the
-            # learned decision as is, without the selects
+        if self._plain and look.any_L is not None and not look.any_L[self.slot]:
+            # no table row in this layer and nothing else to do: the learned decision as is, without
+            # the selects
             return l_logits, l_w, l_idx
         counts = stack.counts_LC[self.slot]
         fast_T = look.fast_LT[self.slot]

@@ -137,9 +137,9 @@ class TableStack:
         on CPU a forward with none skips the pair lookup. Entries whose token has a token entry never
         serve while it stands (most of layer 0's); a demotion may open them, so this is recomputed
         after each (tensor ops, no host sync)."""
-        open_X = ~self.member_LV[self.pair_slot_X, self.pair_tok_X]
+        self.pair_open_X = ~self.member_LV[self.pair_slot_X, self.pair_tok_X]  # also read by one_row.py
         self.pair_tok_V.zero_()
-        self.pair_tok_V[self.pair_tok_X[open_X]] = True
+        self.pair_tok_V[self.pair_tok_X[self.pair_open_X]] = True
 
     @property
     def skip_step(self) -> bool:

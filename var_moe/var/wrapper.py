@@ -60,7 +60,6 @@ class VARModelWrapper:
         self.tracker = TokenTracker(model, window=max(window, 1) if has_pairs else window)
         self._row_counts: torch.Tensor | None = None  # (B, 3) per-row tiers, cache mode (`_on_tiers`)
         self._fast_valid_B2: torch.Tensor | None = None  # (B, 2) fast decisions, valid tokens (fast-only mode)
-        self._layers_counted = 0
         self._rows_since: torch.Tensor | None = None  # (1, 2) the stack's totals when a one-row record began
         kwargs = {"clock": clock} if clock is not None else {}
         self.originals = {m.layer: getattr(m.block, m.router_attr) for m in moe}
@@ -199,7 +198,6 @@ class VARModelWrapper:
         the start is remembered once (`_rows_since`), and `reset_stats` banks what the row counted."""
         tok = look.tokens
         b, s = tok.batch_size, tok.seq_len
-        self._layers_counted = len(self.stack.layers)
         dev = self.stack.counts_LC.device
         if b == 1 and self.config.track_performance:
             if self._rows_since is None or self._fast_valid_B2 is None or self._fast_valid_B2.shape[0] != 1:
@@ -234,7 +232,7 @@ class VARModelWrapper:
                 acc_B2 = acc_B2 + self._totals_12() - self._rows_since
             fast_B, valid_B = acc_B2.cpu().unbind(1)
             # (the cache-mode counts `_row_counts` never run beside these: one mode per wrapper)
-            return torch.stack([fast_B, torch.zeros_like(fast_B), valid_B * self._layers_counted - fast_B], 1)
+            return torch.stack([fast_B, torch.zeros_like(fast_B), valid_B * len(self.stack.layers) - fast_B], 1)
         if self._row_counts is None:
             return torch.zeros(0, 3, dtype=torch.long)
         return self._row_counts.cpu().clone()
