@@ -13,6 +13,10 @@ also taken as the timing thread's CPU time (`time.thread_time`): in-process with
 the whole engine step runs on that thread, so CPU time leaves out the time the thread was not
 scheduled, the largest noise on a shared machine. The VAR engine is built with room for the tables
 file's own (previous, token) entries, as the server builds it (`--pair-capacity` to choose).
+`--old-src DIR` adds a third engine: the VAR engine of another checkout of this project (e.g. a
+`git worktree` of an earlier commit), timed in both modes in the same rotation, so a change to the
+VAR code is measured side by side against the code before it (`old_*` rows; ratios to plain, and
+new / old).
 
 Run (vLLM environment):
     .venv-vllm/bin/python benchmarks/vllm_bookkeeping.py --repeats 9 --json benchmarks/results/vllm_bookkeeping.json
@@ -82,19 +86,21 @@ def worker(kind: str, model: str, tables: str, eager: bool, prompts: int, new_to
 
 
 class Engine:
-    def __init__(self, kind: str, args: argparse.Namespace):
+    def __init__(self, kind: str, args: argparse.Namespace, src: Path = ROOT, name: str | None = None):
+        name = name or kind
         env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
                "VLLM_CPU_OMP_THREADS_BIND": str(args.core), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-        cmd = [sys.executable, __file__, "--worker", kind, "--model", args.model, "--tables", args.tables,
+        script = src / "benchmarks" / Path(__file__).name  # the checkout's own worker imports its own var_moe
+        cmd = [sys.executable, str(script), "--worker", kind, "--model", args.model, "--tables", args.tables,
                "--prompts", str(args.prompts), "--new-tokens", str(args.new_tokens)] + (["--eager"] if args.eager else []) \
             + ([] if args.pair_capacity is None else ["--pair-capacity", str(args.pair_capacity)])
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-                                     cwd=ROOT, stderr=open(Path(args.log_dir) / f"{kind}.log", "w"))
+                                     cwd=src, stderr=open(Path(args.log_dir) / f"{name}.log", "w"))
         for line in self.proc.stdout:
             if line.strip() == "ready":
                 break
         else:
-            raise RuntimeError(f"engine {kind} exited before it was ready (see {args.log_dir}/{kind}.log)")
+            raise RuntimeError(f"engine {name} exited before it was ready (see {args.log_dir}/{name}.log)")
         self.pause()
 
     def pause(self) -> None:
@@ -129,6 +135,8 @@ def main() -> int:
     ap.add_argument("--eager", action="store_true", help="enforce_eager (no compilation)")
     ap.add_argument("--pair-capacity", type=int, default=None,
                     help="(previous, token) entries the VAR engine can hold (default: the tables file's, as the server)")
+    ap.add_argument("--old-src", default=None,
+                    help="another checkout of this project whose VAR engine is timed alongside (old_* rows)")
     ap.add_argument("--core", type=int, default=0)
     ap.add_argument("--log-dir", default="runs/vllm_bookkeeping")
     ap.add_argument("--json", default=None)
@@ -141,21 +149,26 @@ def main() -> int:
         ap.error("--prompts, --new-tokens and --repeats must be >= 1")
     if args.pair_capacity is not None and args.pair_capacity < 0:
         ap.error("--pair-capacity must be >= 0")
+    if args.old_src and not (Path(args.old_src) / "benchmarks" / Path(__file__).name).is_file():
+        ap.error(f"--old-src {args.old_src}: no benchmarks/{Path(__file__).name} there (a checkout of this project?)")
     Path(args.log_dir).mkdir(parents=True, exist_ok=True)
     engines = {"plain": Engine("plain", args)}
     try:
         engines["var"] = Engine("var", args)
-        cells = [("plain", "plain"), ("var_engine_baseline", "base"), ("var_engine_var", "var")]
-        times: dict[str, list[float]] = {name: [] for name, _ in cells}
-        cpu_times: dict[str, list[float]] = {name: [] for name, _ in cells}
+        cells = [("plain", "plain", "plain"), ("var_engine_baseline", "var", "base"), ("var_engine_var", "var", "var")]
+        if args.old_src:
+            engines["old"] = Engine("var", args, src=Path(args.old_src).resolve(), name="old")
+            cells += [("old_baseline", "old", "base"), ("old_var", "old", "var")]
+        times: dict[str, list[float]] = {name: [] for name, _, _ in cells}
+        cpu_times: dict[str, list[float]] = {name: [] for name, _, _ in cells}
         fast_share: list[float] = []
         for rep in range(args.repeats):
             order = cells[rep % len(cells):] + cells[: rep % len(cells)]
-            for name, mode in order:
-                r = engines["plain" if mode == "plain" else "var"].time(mode)
+            for name, engine, mode in order:
+                r = engines[engine].time(mode)
                 times[name].append(r["seconds"])
                 cpu_times[name].append(r["cpu_seconds"])
-                if mode == "var":
+                if name == "var_engine_var":
                     fast_share.append(r["fast"] / max(1, r["fast"] + r["learned"]))
                 if mode == "base":
                     assert r["fast"] == 0 and r["learned"] == 0, r  # baseline rows are not VAR traffic
@@ -179,11 +192,20 @@ def main() -> int:
         print(f"{name:<22}{med:>10.3f}{tokens / med:>10.0f}{statistics.median(ratios):>10.3f}"
               f"{min(ratios):>8.3f}-{max(ratios):.3f}{cpu_med:>9.3f}{statistics.median(cpu_ratios):>13.3f}"
               f"{min(cpu_ratios):>9.3f}-{max(cpu_ratios):.3f}")
+    if args.old_src:  # the change itself: new / old, per repeat (the two ran in the same rotation)
+        for mode in ("baseline", "var"):
+            new, old = times[f"var_engine_{mode}"], times[f"old_{mode}"]
+            r = [o / n for o, n in zip(old, new)]
+            rc = [o / n for o, n in zip(cpu_times[f"old_{mode}"], cpu_times[f"var_engine_{mode}"])]
+            summary[f"new_over_old_{mode}"] = {"ratio_median": statistics.median(r), "ratio_min": min(r),
+                                               "ratio_max": max(r), "cpu_ratio_median": statistics.median(rc)}
+            print(f"new / old, {mode} requests: {statistics.median(r):.3f} ({min(r):.3f}-{max(r):.3f}), "
+                  f"CPU {statistics.median(rc):.3f}  (>1: the new code is faster)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"eager": args.eager, "prompts": args.prompts,
                                                "new_tokens": args.new_tokens, "repeats": args.repeats, "tables": args.tables,
-                                               "pair_capacity": args.pair_capacity, "fast_share": fast_share, "times_s": times, "cpu_times_s": cpu_times,
+                                               "pair_capacity": args.pair_capacity, "old_src": args.old_src, "fast_share": fast_share, "times_s": times, "cpu_times_s": cpu_times,
                                                "summary": summary},
                                               indent=2) + "\n")
     return 0

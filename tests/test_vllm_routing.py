@@ -2,10 +2,12 @@
 without vLLM: baseline rows or non-member tokens give the learned decision back bit for bit, VAR
 rows of member tokens get the table's experts and weights, the device counters (fast, learned,
 audit agree/disagree; VAR rows only) match a brute-force count, and per-request modes become
-per-token rows in the runner's order. The (previous, token) tier: each row's previous token from
-the runner's token table equals a plain-Python walk over a mixed batch (prefill chunks, decodes),
-pair entries serve exactly the rows a plain-Python lookup says, tables over the pair capacity are
-refused before anything is written, and the server's per-request count equals the routers'.
+per-token rows in the runner's order. The (previous, token) tier: each row's token and previous
+token from the runner's token table equal a plain-Python walk over a mixed batch (prefill chunks,
+decodes), the host lookup equals `var.pairs.find_pairs`, pair entries serve exactly the rows a
+plain-Python lookup says (and none whose token on the device is not the host's), tables over the
+pair capacity are refused before anything is written, and the server's per-request count equals
+the routers'.
 Runs in both environments. Test: `pytest tests/test_vllm_routing.py`.
 """
 
@@ -21,7 +23,7 @@ import pytest
 
 from var_moe.errors import InvalidInputError
 from var_moe.vllm.routing import COUNTERS, LayerVar, VarState, _same_set
-from var_moe.vllm.rows import MODE_KEY, RowWriter, previous_tokens, request_modes, token_rows
+from var_moe.vllm.rows import MODE_KEY, RowWriter, pair_entries, request_modes, step_tokens, token_rows
 
 
 def make_layer(vocab: int = 50, k: int = 2, e: int = 8, seed: int = 0) -> LayerVar:
@@ -90,30 +92,78 @@ def test_request_modes_become_token_rows_in_runner_order():
     assert state.rows_N.tolist() == [True, False, True] + [False] * 13  # the tail (padding) is baseline
 
 
-def test_previous_tokens_equal_a_walk_over_each_request():
+def test_step_tokens_equal_a_walk_over_each_request():
     """A hand-made step as vLLM's runner lays it out: a fresh prefill, a later prefill chunk, two
     decodes, a request with nothing scheduled; positions = computed tokens + position in the step."""
     g = np.random.default_rng(0)
     token_ids = g.integers(0, 100, size=(6, 40)).astype(np.int32)  # requests x max_model_len
     computed = np.array([0, 16, 9, 30, 5, 1], dtype=np.int32)  # num_computed_tokens_cpu
     scheduled = np.array([7, 8, 1, 1, 0, 3])  # fresh prefill, chunk 2, decode, decode, idle, short chunk
-    brute = []
+    brute_prev, brute_tok = [], []
     for r, n in enumerate(scheduled.tolist()):
         for j in range(n):
             pos = int(computed[r]) + j
-            brute.append(int(token_ids[r, pos - 1]) if pos > 0 else -1)
-    got = previous_tokens(token_ids, computed, scheduled)
-    assert got.dtype == np.int64 and got.tolist() == brute
-    assert got[0] == -1 and (got == -1).sum() == 1  # only the fresh prefill's first row has none
-    assert previous_tokens(token_ids, computed[:0], scheduled[:0]).tolist() == []
+            brute_prev.append(int(token_ids[r, pos - 1]) if pos > 0 else -1)
+            brute_tok.append(int(token_ids[r, pos]))
+    prev, tok = step_tokens(token_ids, computed, scheduled)
+    assert prev.dtype == tok.dtype == np.int64 and prev.tolist() == brute_prev and tok.tolist() == brute_tok
+    assert prev[0] == -1 and (prev == -1).sum() == 1  # only the fresh prefill's first row has none
+    assert [x.tolist() for x in step_tokens(token_ids, computed[:0], scheduled[:0])] == [[], []]
+    # a decode step (one row per request, its own path), a request at position 0 among them
+    prev, tok = step_tokens(token_ids, computed, np.ones(6, dtype=np.int64))
+    assert prev.tolist() == [-1] + [int(token_ids[r, computed[r] - 1]) for r in range(1, 6)]
+    assert tok.tolist() == [int(token_ids[r, computed[r]]) for r in range(6)] and prev.dtype == tok.dtype == np.int64
 
 
-def test_row_writer_writes_previous_tokens_and_clears_the_tail():
-    state = VarState(torch.device("cpu"), max_tokens=8, pair_capacity=4, top_k=2)
-    state.prev_N.fill_(7)  # a larger previous step
-    RowWriter(state).write(np.array([True, True, False]), np.array([-1, 5, 6]))
-    assert state.prev_N.tolist() == [-1, 5, 6] + [-1] * 5  # padding slots have no previous token
-    assert VarState(torch.device("cpu"), max_tokens=8).prev_N is None  # no pair tier: no buffer, nothing written
+def test_row_writer_writes_pair_entries_and_resets_what_earlier_steps_filled():
+    state = VarState(torch.device("cpu"), max_tokens=8, pair_capacity=4, top_k=2, num_layers=2)
+    none = 4  # the empty slot
+    assert state.pair_sel_NS.shape == (8, 2) and bool((state.pair_sel_NS == none).all())
+    writer = RowWriter(state)
+    writer.write(np.ones(5, dtype=bool), np.array([[0, 4], [4, 1], [4, 4], [2, 3], [4, 4]]))
+    assert state.pair_sel_NS[:5].tolist() == [[0, 4], [4, 1], [4, 4], [2, 3], [4, 4]]
+    assert bool((state.pair_sel_NS[5:] == none).all())
+    writer.write(np.ones(2, dtype=bool), np.array([[1, 1], [4, 0]]))  # a smaller step: the rest is reset
+    assert state.pair_sel_NS.tolist() == [[1, 1], [4, 0]] + [[none, none]] * 6
+    writer.write(np.ones(3, dtype=bool))  # a step no entry serves
+    assert bool((state.pair_sel_NS == none).all())
+    assert VarState(torch.device("cpu"), max_tokens=8).pair_sel_NS is None  # no pair tier: no buffer
+
+
+def test_host_pair_lookup_equals_find_pairs():
+    """`pair_entries` (numpy, once per step) against `var.pairs.find_pairs` (torch, the builtin
+    router's), on random keys of three layer slots, with sequence starts, out-of-vocabulary tokens,
+    baseline rows and token entries (which win); the one-row step's dict lookup against both."""
+    from var_moe.var.pairs import find_pairs
+    from var_moe.vllm.rows import index_pairs, one_row_entries
+
+    g = np.random.default_rng(5)
+    v, s, t = 30, 3, 400
+    keys = np.unique(g.integers(0, s * v * v, size=300)).astype(np.int64)
+    state = VarState(torch.device("cpu"), max_tokens=t, pair_capacity=len(keys) + 5, top_k=2, num_layers=s)
+    member = g.random((v, s)) < 0.3
+    index_pairs(state, keys, member)
+    # most rows reuse a stored (previous, token) so that many hit
+    pick = keys[g.integers(0, len(keys), size=t)] % (v * v)
+    prev, tok = pick // v, pick % v
+    prev[::7], tok[::11], prev[::13] = -1, v + 3, v  # starts, an out-of-vocabulary token and previous token
+    rows = g.random(t) < 0.8
+    got = pair_entries(state, rows, prev, tok)
+    for slot in range(s):
+        hit, idx = find_pairs(torch.from_numpy(keys), torch.from_numpy(prev), torch.from_numpy(tok).clamp(0, v - 1),
+                              v, slot * v * v)
+        served = hit.numpy() & rows & (tok < v) & ~member[np.minimum(tok, v - 1), slot]
+        want = np.where(served, idx.numpy(), state.pair_capacity)
+        assert got[:, slot].tolist() == want.tolist()
+        assert served.sum() > 20
+    assert pair_entries(state, np.zeros(t, dtype=bool), prev, tok) is None  # no VAR row: nothing to write
+    # the one-row step (a request decoding alone) reads the same entries from the host dict
+    for r in np.flatnonzero(rows).tolist():
+        sel, prev_1 = one_row_entries(state, np.array([prev[r], tok[r]]), 1)
+        want = got[r:r + 1]
+        assert (sel if sel is not None else np.full((1, s), state.pair_capacity)).tolist() == want.tolist(), r
+        assert prev_1.tolist() == [prev[r]]
+    assert one_row_entries(state, np.array([tok[0]]), 0)[0] is None  # a sequence start
 
 
 V, K, E = 60, 2, 8
@@ -154,11 +204,11 @@ def pair_tables(pairs=PAIRS, vocab=V):
 
 
 def pair_state(capacity: int, renormalize=(True, False)) -> VarState:
-    state = VarState(torch.device("cpu"), max_tokens=64, pair_capacity=capacity, top_k=K)
+    state = VarState(torch.device("cpu"), max_tokens=64, pair_capacity=capacity, top_k=K, num_layers=2)
     for l in (0, 1):
         state.layers[l] = LayerVar(l, torch.nn.Linear(4, E), torch.zeros(V, K, dtype=torch.long), torch.zeros(V, K),
                                    torch.zeros(V, dtype=torch.bool), torch.zeros(len(COUNTERS), dtype=torch.long),
-                                   renormalize[l], E)
+                                   renormalize[l], E, slot=l)
     state.identity = {"model_type": "mixtral", "vocab_size": V, "num_experts": E, "top_k": K,
                       "router_fingerprint": "f", "layers": [0, 1]}
     return state
@@ -178,8 +228,7 @@ def test_pair_entries_serve_exactly_the_rows_a_plain_lookup_says(tmp_path):
     ids = [7, 7, 1, 8, 7, 4, 7, 2, 1, 7, 7, 1]
     t = len(ids)
     modes = [True] * 9 + [False, True, True]  # one baseline row
-    state.rows_N[:t] = torch.tensor(modes)
-    state.prev_N[:t] = torch.tensor(prev)
+    RowWriter(state).write(np.array(modes), pair_entries(state, np.array(modes), np.array(prev), np.array(ids)))
     w, idx = learned(t)
     for l, lv in state.layers.items():
         lv.counts.zero_()
@@ -206,6 +255,12 @@ def test_pair_entries_serve_exactly_the_rows_a_plain_lookup_says(tmp_path):
         assert lv.counts.tolist() == [fast_n, sum(modes) - fast_n, agree_n, fast_n - agree_n]
     # layer 1 has no token entries: its pair rows are (5, 7) twice in VAR mode (a third is baseline), (3, 8)
     assert state.layers[1].counts[0] == 3
+    # the device refuses an entry whose token is not the row's (a host that did not know the token)
+    other = list(ids)
+    other[0] = 9  # row 0 was (5, 7), a pair row in both layers
+    for lv in state.layers.values():
+        out_w, out_idx = lv.route(state, torch.tensor(other), w, idx)
+        assert out_idx[0].tolist() == idx[0].tolist() and torch.equal(out_w[0], w[0])
 
 
 def test_tables_over_the_pair_capacity_are_refused_before_anything_is_written(tmp_path):
@@ -216,18 +271,21 @@ def test_tables_over_the_pair_capacity_are_refused_before_anything_is_written(tm
     with pytest.raises(InvalidInputError, match=r"hold 7 \(previous, token\) entries.*room for 6"):
         load_tables(state, path)
     assert not any(bool(lv.member_V.any()) for lv in state.layers.values())  # nothing written
-    assert bool((state.pair_keys_X == torch.iinfo(torch.long).max).all())
+    assert state.pair_entries == 0 and bool((state.pair_tok_X == -1).all())
     with pytest.raises(InvalidInputError, match="room for 0"):  # an engine built without a pair tier
         load_tables(pair_state(capacity=0), path)
     no_pairs = pair_tables(pairs={}).save(tmp_path / "tokens.safetensors")
     assert load_tables(pair_state(capacity=0), no_pairs)["pair_entries"] == 0
-    # a smaller file after a larger one: the slots left are sentinels again; clearing empties all
+    # a smaller file after a larger one: the slots left hold no token again; clearing empties all
     state = pair_state(capacity=8)
     load_tables(state, path)
+    assert state.pair_entries == 7 and int((state.pair_tok_X != -1).sum()) == 7
     load_tables(state, pair_tables(pairs={1: {(3, 8): (7, 0)}}).save(tmp_path / "one.safetensors"))
-    assert int((state.pair_keys_X != torch.iinfo(torch.long).max).sum()) == 1
+    assert state.pair_entries == 1 and state.pair_tok_X.tolist() == [8] + [-1] * 8
+    assert state.pair_bases_U.tolist() == [3 * V + 8] and state.pair_rows_US.tolist() == [[8, 0]]  # slot 1 only
     clear_tables(state)
-    assert bool((state.pair_keys_X == torch.iinfo(torch.long).max).all())
+    assert state.pair_entries == 0 and bool((state.pair_tok_X == -1).all())
+    assert state.pair_rows_host == {} and state.pair_bases_U.size == 0
 
 
 def test_server_request_counts_equal_the_routers_counts(tmp_path):
@@ -248,8 +306,9 @@ def test_server_request_counts_equal_the_routers_counts(tmp_path):
     for cached in (0, 4):
         token_ids = np.array([seq], dtype=np.int32)
         n = len(seq) - cached
-        state.rows_N[:n] = True
-        state.prev_N[:n] = torch.from_numpy(previous_tokens(token_ids, np.array([cached]), np.array([n])))
+        rows = np.ones(n, dtype=bool)
+        prev, tok = step_tokens(token_ids, np.array([cached]), np.array([n]))
+        RowWriter(state).write(rows, pair_entries(state, rows, prev, tok))
         w, idx = learned(n)
         for lv in state.layers.values():
             lv.counts.zero_()

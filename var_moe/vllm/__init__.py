@@ -65,7 +65,7 @@ def engine_kwargs(model: str, pair_capacity: int | None = None, **kwargs: Any) -
         from ..errors import InvalidInputError
 
         raise InvalidInputError(f"pair_capacity must be an integer >= 0 ((previous, token) entries), got {cap!r}")
-    extra["varmoe"] = {"routing": "var-tables", "version": 1, "pair_capacity": cap}
+    extra["varmoe"] = {"routing": "var-tables", "version": 2, "pair_capacity": cap}
     overrides = dict(kwargs.pop("hf_overrides", None) or {})
     overrides["architectures"] = [arch]
     return {"model": model, "hf_overrides": overrides, "worker_extension_cls": EXTENSION,

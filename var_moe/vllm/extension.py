@@ -84,13 +84,12 @@ class VarWorkerExtension:
         return {l: list(lv.record or []) for l, lv in sorted(self._varmoe_state().layers.items())}
 
     def varmoe_info(self) -> dict[str, Any]:
-        from .routing import PAIR_SENTINEL
         from .tables import model_identity
 
         state = self._varmoe_state()
         ident = model_identity(state)
         ident["table_sizes"] = {l: int(lv.member_V.sum()) for l, lv in sorted(state.layers.items())}
         ident["pair_capacity"] = state.pair_capacity
-        ident["pair_entries"] = 0 if state.pair_keys_X is None else int((state.pair_keys_X != PAIR_SENTINEL).sum())
+        ident["pair_entries"] = state.pair_entries
         ident["enabled"] = state.default_on
         return ident

@@ -15,24 +15,28 @@ copied, parameter names stay, the weight loader sees the same tree):
   with empty tables, every value is the learned one.
 
 Which rows run in VAR mode is a per-token bool buffer (`VarState.rows_N`, one slot per token of
-the largest step), and each row's previous token (the request's token at the position before the
-row's, -1 at a sequence start and in padding slots) an int64 buffer next to it (`prev_N`), both
-written before each forward by the model runner hook in rows.py. Pair entries of all layers sit
-in one sorted key buffer of fixed capacity (`layer * V**2 + previous * V + token`, padded with a
-key no row produces), found with one `searchsorted` per layer, as the builtin router does
-(var/router.py). The capacity is fixed when the model is built (`pair_capacity`, see
-`engine_kwargs`); 0 builds no pair buffers and no pair code into the graph. Everything a step does
-is tensor work on fixed buffers (those row buffers, vocabulary-sized tables, the pair buffers, a
-per-layer int64 counter), so it stays valid in a compiled graph and under CUDA graphs: modes and
-tables are written into those buffers in place, never replaced. Counters (per layer, VAR-mode
-rows only: fast, learned, fast rows whose table set equals the learned set, fast rows where it
-differs) are added on the device and read on request (one sync per read, none per step); a row
-served by a pair entry is a fast row, audited against its pair set, like the builtin router's. The
-context-cache tier of the builtin router is not implemented here (its per-sequence state does not
-fit continuous batching); shadow verification becomes a free audit of every fast row, because the
-learned decision is computed anyway.
+the largest step), written before each forward by the model runner hook in rows.py. (Previous,
+token) entries (tables built with `--pair-entries`) are looked up once per step for all layers, on
+the host, by the same hook: the runner knows each row's previous token and token there, so one
+numpy `searchsorted` over all layers' sorted keys (`layer slot * V**2 + previous * V + token`)
+finds each VAR row's entry in each layer, where the row's token has no token entry; the step's
+entry indices go to the device as one small int64 buffer (`VarState.pair_sel_NS`: rows x layer
+slots, the empty slot X where none). On the device each layer only gathers the entry's token, set
+and weights and keeps the entry where its token equals the row's token (so a host that did not
+know the row's token, such as GPU builds with async scheduling for sampled tokens, serves no pair
+row rather than a wrong one). The pair buffers have a fixed capacity (`pair_capacity`, set when the
+model is built, see `engine_kwargs`); 0 builds no pair buffers and no pair code into the graph.
+Everything a step does on the device is tensor work on fixed buffers (the row buffers,
+vocabulary-sized tables, the pair buffers, a per-layer int64 counter), so it stays valid in a
+compiled graph and under CUDA graphs: modes and tables are written into those buffers in place,
+never replaced. Counters (per layer, VAR-mode rows only: fast, learned, fast rows whose table set
+equals the learned set, fast rows where it differs) are added on the device and read on request
+(one sync per read, none per step); a row served by a pair entry is a fast row, audited against its
+pair set, like the builtin router's. The context-cache tier of the builtin router is not
+implemented here (its per-sequence state does not fit continuous batching); shadow verification
+becomes a free audit of every fast row, because the learned decision is computed anyway.
 
-Shapes: T tokens, K top-k, V vocabulary, E experts, X pair-buffer slots (capacity). Test: `pytest tests/vllm_engine/test_vllm_exact.py`
+Shapes: T tokens, K top-k, V vocabulary, E experts, X pair-buffer slots (capacity + 1), S layer slots. Test: `pytest tests/vllm_engine/test_vllm_exact.py`
 (runs in the vLLM environment only).
 """
 
@@ -42,25 +46,23 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from ..var.pairs import find_pairs
 
 # counter slots (one int64 vector per MoE layer)
 FAST, LEARNED, AGREE, DISAGREE = 0, 1, 2, 3
 COUNTERS = ("fast", "learned", "audit_agree", "audit_disagree")
 _LAYER_RE = re.compile(r"layers\.(\d+)\.")
-# pair-buffer slots past the loaded entries hold this key: larger than any row's key (keeps the buffer
-# sorted) and never equal to one (a row's key is below (layers + 1) * V**2)
-PAIR_SENTINEL = torch.iinfo(torch.long).max
 
 
 class VarState:
-    """What every patched module of one model shares: the step's token ids, which rows run VAR,
-    each row's previous token and the pair entries of all layers (fixed-capacity buffers)."""
+    """What every patched module of one model shares: the step's token ids, which rows run VAR, and
+    the pair tier (device buffers of fixed capacity plus their host mirror)."""
 
-    def __init__(self, device: torch.device, max_tokens: int, pair_capacity: int = 0, top_k: int = 1):
+    def __init__(self, device: torch.device, max_tokens: int, pair_capacity: int = 0, top_k: int = 1,
+                 num_layers: int = 0):
         self.ids: torch.Tensor | None = None  # set by the embedding during a forward
         # per-token VAR mode of the current step (rows.py writes it in place before each forward;
         # slots past the step's tokens, e.g. CUDA-graph padding, stay False)
@@ -68,14 +70,23 @@ class VarState:
         if pair_capacity < 0:
             raise ValueError(f"pair_capacity must be >= 0, got {pair_capacity}")
         self.pair_capacity = int(pair_capacity)
-        self.prev_N: torch.Tensor | None = None
-        self.pair_keys_X: torch.Tensor | None = None
+        self.pair_sel_NS: torch.Tensor | None = None
+        # host index of the loaded entries (rows.index_pairs): the distinct previous * V + token of
+        # all slots' entries, sorted, and each one's entry per slot (the empty slot where the slot
+        # has none or the token has a token entry there: token entries win)
+        self.pair_entries = 0
+        self.pair_vocab = 0
+        self.pair_bases_U = np.zeros(0, dtype=np.int64)
+        self.pair_rows_US = np.zeros((0, num_layers), dtype=np.int64)
+        self.pair_rows_host: dict[int, np.ndarray] = {}  # the same, as a dict (the one-row step's lookup)
+        self.prev_host: np.ndarray | None = None  # the step's previous tokens, for `record` only
         if self.pair_capacity:
-            # previous token of every row of the step (rows.py); -1: none (sequence start, padding)
-            self.prev_N = torch.full((max_tokens,), -1, dtype=torch.long, device=device)
-            self.pair_keys_X = torch.full((self.pair_capacity,), PAIR_SENTINEL, dtype=torch.long, device=device)
-            self.pair_idx_XK = torch.zeros(self.pair_capacity, top_k, dtype=torch.long, device=device)
-            self.pair_w_XK = torch.zeros(self.pair_capacity, top_k, dtype=torch.float32, device=device)
+            none = self.pair_capacity  # the empty slot: its token is -1, which no row has
+            # each row's entry per layer slot for this step (rows.py; the empty slot where none)
+            self.pair_sel_NS = torch.full((max_tokens, num_layers), none, dtype=torch.long, device=device)
+            self.pair_tok_X = torch.full((none + 1,), -1, dtype=torch.long, device=device)
+            self.pair_idx_XK = torch.zeros(none + 1, top_k, dtype=torch.long, device=device)
+            self.pair_w_XK = torch.zeros(none + 1, top_k, dtype=torch.float32, device=device)
         self.default_on = False  # the mode of requests that do not name one (varmoe_set_enabled)
         self.layers: dict[int, "LayerVar"] = {}
         self.identity: dict[str, Any] | None = None  # model type, vocabulary, experts, top-k, fingerprint
@@ -93,6 +104,7 @@ class LayerVar:
     counts: torch.Tensor  # int64 [len(COUNTERS)]
     renormalize: bool
     num_experts: int
+    slot: int = 0  # this layer's column in VarState.pair_sel_NS (its index among the model's MoE layers)
     # per-row decisions of each forward, for the exactness tests; eager mode only (a compiled
     # graph was traced with None here and never records)
     record: list | None = None
@@ -105,11 +117,14 @@ class LayerVar:
         tab_idx_TK = self.experts_VK[safe_T].to(idx_TK.dtype)
         tab_w_TK = self.weights_VK[safe_T].to(w_TK.dtype)
         pair_T = None
-        if state.pair_keys_X is not None:  # fixed when the model is built: not a branch on data
-            pair_T, p_T = self.pair_rows(state, ids_T.long(), safe_T, rows_T & ~use_T)
+        if state.pair_sel_NS is not None:  # fixed when the model is built: not a branch on data
+            # the host chose this row's entry (a VAR row whose token has no token entry); the device
+            # keeps it where the entry's token is the row's token
+            e_T = state.pair_sel_NS[: ids_T.shape[0], self.slot]
+            pair_T = state.pair_tok_X[e_T] == ids_T.long()
             use_T = use_T | pair_T
-            tab_idx_TK = torch.where(pair_T[:, None], state.pair_idx_XK[p_T].to(idx_TK.dtype), tab_idx_TK)
-            tab_w_TK = torch.where(pair_T[:, None], state.pair_w_XK[p_T].to(w_TK.dtype), tab_w_TK)
+            tab_idx_TK = torch.where(pair_T[:, None], state.pair_idx_XK[e_T].to(idx_TK.dtype), tab_idx_TK)
+            tab_w_TK = torch.where(pair_T[:, None], state.pair_w_XK[e_T].to(w_TK.dtype), tab_w_TK)
         out_idx_TK = torch.where(use_T[:, None], tab_idx_TK, idx_TK)
         out_w_TK = torch.where(use_T[:, None], tab_w_TK, w_TK)
         same_T = _same_set(tab_idx_TK, idx_TK, self.num_experts)
@@ -120,18 +135,10 @@ class LayerVar:
             rec = {"ids": ids_T.tolist(), "fast": use_T.tolist(), "experts": out_idx_TK.tolist(),
                    "learned": idx_TK.tolist()}
             if pair_T is not None:
-                rec |= {"pair": pair_T.tolist(), "prev": state.prev_N[: ids_T.shape[0]].tolist()}
+                prev = [] if state.prev_host is None else state.prev_host.tolist()
+                rec |= {"pair": pair_T.tolist(), "prev": (prev + [-1] * ids_T.shape[0])[: ids_T.shape[0]]}
             self.record.append(rec)
         return out_w_TK.contiguous(), out_idx_TK.contiguous()
-
-    def pair_rows(self, state: VarState, ids_T: torch.Tensor, safe_T: torch.Tensor, open_T: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pair_T, entry_T): rows served by this layer's pair entries, only where `open_T` (VAR
-        mode, no token entry), the token is in the vocabulary and a previous token is known; and
-        each row's index into the pair buffers. One searchsorted; no host sync."""
-        v = self.member_V.shape[0]
-        hit_T, entry_T = find_pairs(state.pair_keys_X, state.prev_N[: ids_T.shape[0]], safe_T, v, self.layer * v * v)
-        return hit_T & open_T & (safe_T == ids_T), entry_T
 
 
 def _same_set(a_TK: torch.Tensor, b_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -226,18 +233,18 @@ def install_var(model: nn.Module, vocab_size: int, top_k: int, max_tokens: int, 
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no MoE blocks with a gate and a FusedMoE runner")
     device = blocks[0].block.gate.weight.device
-    state = VarState(device, max_tokens, pair_capacity, top_k)
+    state = VarState(device, max_tokens, pair_capacity, top_k, num_layers=len(blocks))
     emb = find_embedding(model)
     object.__setattr__(emb, "_varmoe", state)  # a plain attribute, not a submodule
     _subclass(emb, "forward", _embedding_forward)
-    for b in blocks:
+    for slot, b in enumerate(blocks):
         renorm = bool(getattr(b.router, "renormalize", True))
         lv = LayerVar(b.layer, b.block.gate,
                       torch.zeros(vocab_size, top_k, dtype=torch.long, device=device),
                       torch.zeros(vocab_size, top_k, dtype=torch.float32, device=device),
                       torch.zeros(vocab_size, dtype=torch.bool, device=device),
                       torch.zeros(len(COUNTERS), dtype=torch.long, device=device), renorm,
-                      int(b.block.gate.weight.shape[0]))
+                      int(b.block.gate.weight.shape[0]), slot)
         state.layers[b.layer] = lv
         object.__setattr__(b.runner, "_varmoe", state)
         _subclass(b.runner, "forward", _runner_forward)

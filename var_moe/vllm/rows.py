@@ -1,4 +1,4 @@
-"""Per-step row data on vLLM: which token rows belong to VAR-mode requests, and each row's previous token.
+"""Per-step row data on vLLM: which token rows belong to VAR-mode requests, and their (previous, token) entries.
 
 A request names its mode in its sampling parameters, `SamplingParams(extra_args={"varmoe_var":
 True|False})` (vLLM's OpenAI server takes the same through `"vllm_xargs"`); a request that names
@@ -8,18 +8,25 @@ requests' modes repeated by their scheduled token counts: `np.repeat` over reque
 over tokens), one host-to-device copy into `VarState.rows_N` before the forward. Baseline and VAR
 requests therefore share a batch, and each row is routed in its own request's mode.
 
-With a pair tier (`VarState.prev_N`), the same hook writes each row's previous token, for the
-(previous, token) entries: the row at position p of request r reads r's token at p - 1 from the
-runner's `input_batch.token_ids_cpu`, with positions computed as vLLM's `_prepare_inputs` computes
-them (`num_computed_tokens_cpu[request] + position in the step`); -1 at p == 0 and in padding
-slots (`previous_tokens`, one gather, no loop over tokens). The token at p - 1 is on the host when
-the step runs on the CPU build: the prompt is written there when a request is added (so chunked
-prefill and prefix-cache hits read it), and each sampled token is written by the runner's
-bookkeeping right after the step that sampled it, before the next step is prepared (vLLM's CPU
-platform turns async scheduling off). Under async scheduling (GPU builds) the host table holds a
-placeholder -1 for sampled tokens (vLLM's own `_prepare_lookback_token_ids` says so): a row whose
-previous token was sampled then reads -1 and is never served from a pair entry (the learned router
-routes it, never a wrong entry), and the host's per-request counts would overstate pair rows.
+With (previous, token) entries loaded, the same hook looks them up for the step's VAR rows, once
+for all layers: row j of request r sits at position p = `num_computed_tokens_cpu[r] + j` (as
+vLLM's `_prepare_inputs` computes it) and its token and previous token are r's tokens at p and
+p - 1 in the runner's `input_batch.token_ids_cpu` (`step_tokens`, one gather, no loop over
+tokens); `pair_entries` then finds each row's (previous, token) among the distinct pairs of all
+layers' entries with one numpy `searchsorted` and reads its entry in every layer (prepared when
+the tables are loaded, `index_pairs`: the empty slot where the layer has no such entry or a token
+entry for the token). It is the host twin of `var.pairs.find_pairs`, in numpy because torch's
+per-op overhead made the lookup on 16 rows x 4 layers take 53 us against 10 us; a step of one row
+(a request decoding alone) uses a dict instead (`one_row_entries`). The step's entry indices go
+to the device in one copy (`VarState.pair_sel_NS`). A step without VAR rows, or whose rows hit no entry, writes
+nothing beyond resetting the rows an earlier step filled. The tokens are on the host when the step
+runs on the CPU build: the prompt is written there when a request is added (so chunked prefill and
+prefix-cache hits read it), and each sampled token is written by the runner's bookkeeping right
+after the step that sampled it, before the next step is prepared (vLLM's CPU platform turns async
+scheduling off). Under async scheduling (GPU builds) the host table holds a placeholder -1 for
+sampled tokens (vLLM's own `_prepare_lookback_token_ids` says so): such rows find no entry and the
+learned router routes them (a row whose host token differs from the device's is refused on the
+device too: routing.py), and the host's per-request counts would overstate pair rows.
 
 The hook is a one-level subclass of the runner's class (as routing.py patches modules) whose
 `_prepare_inputs` calls vLLM's and then writes the rows. It needs vLLM's V1 model runner (the
@@ -56,71 +63,139 @@ def token_rows(modes_R: np.ndarray, tokens_R: np.ndarray) -> np.ndarray:
     return np.repeat(modes_R, tokens_R)
 
 
-def previous_tokens(token_ids_RS: np.ndarray, computed_R: np.ndarray, tokens_R: np.ndarray) -> np.ndarray:
-    """Each row's previous token in one step (int64): request r's row j sits at position
-    computed_R[r] + j and reads token_ids_RS[r, position - 1]; -1 at position 0.
-    `token_ids_RS`: the runner's token table (requests in batch order x positions);
-    `computed_R`: tokens each request computed before this step; `tokens_R`: tokens it has in it."""
+def step_tokens(token_ids_RS: np.ndarray, computed_R: np.ndarray, tokens_R: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(prev_T, tok_T), int64: each row's previous token and token in one step. Request r's row j
+    sits at position computed_R[r] + j and reads token_ids_RS[r, position - 1] (-1 at position 0)
+    and token_ids_RS[r, position]. `token_ids_RS`: the runner's token table (requests in batch
+    order x positions); `computed_R`: tokens each request computed before this step; `tokens_R`:
+    tokens it has in it."""
     tokens_R = np.asarray(tokens_R, dtype=np.int64)
-    req_T = np.repeat(np.arange(tokens_R.shape[0]), tokens_R)
-    start_R = np.cumsum(tokens_R) - tokens_R  # first row of each request in the step
-    pos_T = np.asarray(computed_R, dtype=np.int64)[req_T] + np.arange(req_T.shape[0]) - start_R[req_T]
-    prev_T = token_ids_RS[req_T, np.maximum(pos_T - 1, 0)].astype(np.int64)
-    return np.where(pos_T > 0, prev_T, -1)
+    computed_R = np.asarray(computed_R, dtype=np.int64)
+    n = int(tokens_R.sum())
+    if n == tokens_R.shape[0]:  # one row per request (decode steps): row r is request r at computed_R[r]
+        req_T, pos_T = np.arange(n), computed_R
+    else:
+        req_T = np.repeat(np.arange(tokens_R.shape[0]), tokens_R)
+        start_R = np.cumsum(tokens_R) - tokens_R  # first row of each request in the step
+        pos_T = computed_R[req_T] + np.arange(n) - start_R[req_T]
+    # int64: previous * V + token overflows int32 for large vocabularies
+    prev_T = np.where(pos_T > 0, token_ids_RS[req_T, pos_T - 1], -1).astype(np.int64)
+    return prev_T, token_ids_RS[req_T, pos_T].astype(np.int64)
+
+
+def index_pairs(state: VarState, keys_X: np.ndarray, member_VS: np.ndarray) -> None:
+    """Index the loaded pair entries on the host for the per-step lookups: `keys_X` sorted keys
+    slot * V**2 + previous * V + token (entry i at index i), `member_VS` each slot's token entries."""
+    v, s = member_VS.shape
+    slot_X, base_X = np.divmod(np.asarray(keys_X, dtype=np.int64), v * v)
+    bases_U, u_X = np.unique(base_X, return_inverse=True)
+    rows_US = np.full((bases_U.size, s), state.pair_capacity, dtype=np.int64)
+    served_X = ~member_VS[base_X % v, slot_X]  # token entries win
+    rows_US[u_X[served_X], slot_X[served_X]] = np.flatnonzero(served_X)
+    state.pair_entries, state.pair_vocab = int(base_X.size), int(v)
+    state.pair_bases_U, state.pair_rows_US = bases_U, rows_US
+    state.pair_rows_host = {k: rows_US[i:i + 1] for i, k in enumerate(bases_U.tolist())}
+
+
+def pair_entries(state: VarState, rows_T: np.ndarray, prev_T: np.ndarray, tok_T: np.ndarray) -> np.ndarray | None:
+    """[T, S] int64: each row's (previous, token) entry in each layer slot, for VAR rows whose token
+    has no token entry in that layer (token entries win), else the empty slot; None when no row of
+    the step has one. One searchsorted over the distinct (previous, token) of all slots."""
+    v, bases_U = state.pair_vocab, state.pair_bases_U
+    if bases_U.size == 0:
+        return None
+    c = np.flatnonzero(rows_T & ((prev_T | tok_T) >= 0) & (np.maximum(prev_T, tok_T) < v))
+    if c.size == 0:
+        return None
+    base_C = prev_T[c] * v + tok_T[c]
+    j_C = np.minimum(np.searchsorted(bases_U, base_C), bases_U.size - 1)
+    hit_C = bases_U[j_C] == base_C
+    if not hit_C.any():
+        return None
+    out = np.full((rows_T.shape[0], state.pair_rows_US.shape[1]), state.pair_capacity, dtype=np.int64)
+    out[c[hit_C]] = state.pair_rows_US[j_C[hit_C]]
+    return out
+
+
+def one_row_entries(state: VarState, token_ids_S: np.ndarray, pos: int) -> tuple[np.ndarray | None, np.ndarray]:
+    """(sel_1S or None, prev_1): `pair_entries` for a step of one VAR row (a request decoding alone):
+    two reads and a dict lookup instead of a dozen numpy calls on one-element arrays."""
+    if pos <= 0:
+        return None, np.full(1, -1, dtype=np.int64)
+    prev, tok = int(token_ids_S[pos - 1]), int(token_ids_S[pos])
+    v = state.pair_vocab
+    row = state.pair_rows_host.get(prev * v + tok) if 0 <= prev < v and 0 <= tok < v else None
+    return row, np.full(1, prev, dtype=np.int64)
 
 
 class RowWriter:
-    """Writes a step's per-token modes (and previous tokens, with a pair tier) into the device
-    buffers (through pinned staging copies on CUDA)."""
+    """Writes a step's per-token modes (and pair entries, with a pair tier) into the device
+    buffers: directly on the CPU build, else through pinned staging copies. Host buffers are written
+    through numpy views (a numpy slice assignment costs a fraction of a torch one), and only the
+    rows a step needs are touched: a high-water mark says how far earlier steps wrote."""
 
     def __init__(self, state: VarState):
         self.state = state
         dev = state.rows_N.device
         cuda = dev.type == "cuda"
-        self.staging = torch.zeros_like(state.rows_N, device="cpu", pin_memory=cuda)
-        self.prev_staging = (torch.zeros_like(state.prev_N, device="cpu", pin_memory=cuda)
-                             if state.prev_N is not None else None)
-        self.done = torch.cuda.Event() if cuda else None
         self.cpu = dev.type == "cpu"
+        self.staging = state.rows_N if self.cpu else torch.zeros_like(state.rows_N, device="cpu", pin_memory=cuda)
+        self.rows_np = self.staging.numpy()
+        self.rows_hi = self.rows_np.shape[0]  # rows that may be True (all, until the first write)
+        self.sel_staging = None
+        if state.pair_sel_NS is not None:
+            self.sel_staging = (state.pair_sel_NS if self.cpu else
+                                torch.full_like(state.pair_sel_NS, state.pair_capacity, device="cpu", pin_memory=cuda))
+            self.sel_np = self.sel_staging.numpy()
+        self.sel_rows = 0  # rows of pair_sel_NS that may hold an entry (the others hold the empty slot)
+        self.done = torch.cuda.Event() if cuda else None
 
-    def write(self, rows_T: np.ndarray, prev_T: np.ndarray | None = None) -> None:
+    def write(self, rows_T: np.ndarray, sel_TS: np.ndarray | None = None, prev_T: np.ndarray | None = None) -> None:
         n = rows_T.shape[0]
-        if n > self.state.rows_N.shape[0]:
-            raise RuntimeError(f"a step of {n} tokens exceeds the VAR row buffer ({self.state.rows_N.shape[0]})")
-        pairs = self.state.prev_N is not None and prev_T is not None
-        if self.cpu:  # the buffers are host memory: write them directly
-            self.state.rows_N[:n] = torch.from_numpy(rows_T)
-            self.state.rows_N[n:] = False
-            if pairs:
-                self.state.prev_N[:n] = torch.from_numpy(prev_T)
-                self.state.prev_N[n:] = -1
-            return
+        if n > self.rows_np.shape[0]:
+            raise RuntimeError(f"a step of {n} tokens exceeds the VAR row buffer ({self.rows_np.shape[0]})")
+        self.state.prev_host = prev_T
         if self.done is not None:
             self.done.synchronize()  # the previous step's copies have left the staging buffers
-        self.staging[:n] = torch.from_numpy(rows_T)
-        self.staging[n:] = False
-        self.state.rows_N.copy_(self.staging, non_blocking=True)  # ordered before the forward on the stream
-        if pairs:
-            self.prev_staging[:n] = torch.from_numpy(prev_T)
-            self.prev_staging[n:] = -1
-            self.state.prev_N.copy_(self.prev_staging, non_blocking=True)
-        if self.done is not None:
-            self.done.record()
+        self.rows_np[:n] = rows_T
+        if self.rows_hi > n:  # padding rows (CUDA graphs) stay baseline
+            self.rows_np[n:self.rows_hi] = False
+        rows_m, self.rows_hi = max(self.rows_hi, n), n
+        m = 0  # rows of pair_sel_NS to copy to the device
+        if self.sel_staging is not None:
+            k = n if sel_TS is not None else 0  # rows this step fills
+            if k:
+                self.sel_np[:k] = sel_TS
+            if self.sel_rows > k:  # rows an earlier step filled go back to the empty slot
+                self.sel_np[k:self.sel_rows] = self.state.pair_capacity
+            m, self.sel_rows = max(self.sel_rows, k), k
+        if self.cpu:
+            return
+        self.state.rows_N[:rows_m].copy_(self.staging[:rows_m], non_blocking=True)  # ordered before the forward
+        if m:
+            self.state.pair_sel_NS[:m].copy_(self.sel_staging[:m], non_blocking=True)
+        self.done.record()
 
 
 def _runner_prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
-    """V1 model runner: vLLM's input preparation, then this step's per-token VAR modes (and
-    previous tokens, with a pair tier)."""
+    """V1 model runner: vLLM's input preparation, then this step's per-token VAR modes (and pair
+    entries, with (previous, token) entries loaded)."""
     out = self._varmoe_base._prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
+    state = self._varmoe
     n_req = len(num_scheduled_tokens)
-    req_ids = self.input_batch.req_ids[:n_req]
-    modes_R = request_modes(req_ids, self.requests, self._varmoe.default_on)
+    modes_R = request_modes(self.input_batch.req_ids[:n_req], self.requests, state.default_on)
     tokens_R = np.asarray(num_scheduled_tokens)
-    prev_T = None
-    if self._varmoe.prev_N is not None:
+    rows_T = token_rows(modes_R, tokens_R)
+    sel_TS = prev_T = None
+    if state.pair_entries and modes_R.any():
         batch = self.input_batch
-        prev_T = previous_tokens(batch.token_ids_cpu[:n_req], batch.num_computed_tokens_cpu[:n_req], tokens_R)
-    self._varmoe_rows.write(token_rows(modes_R, tokens_R), prev_T)
+        if n_req == 1 and rows_T.shape[0] == 1:  # one request decoding alone: the common step at low load
+            sel_TS, prev_T = one_row_entries(state, batch.token_ids_cpu[0], int(batch.num_computed_tokens_cpu[0]))
+        else:
+            prev_T, tok_T = step_tokens(batch.token_ids_cpu[:n_req], batch.num_computed_tokens_cpu[:n_req], tokens_R)
+            sel_TS = pair_entries(state, rows_T, prev_T, tok_T)
+    self._varmoe_rows.write(rows_T, sel_TS, prev_T)
     return out
 
 

@@ -9,8 +9,10 @@ other weights or another dtype). Entries are copied into the existing device buf
 compiled graphs and CUDA graphs keep pointing at them). Weights are stored scaled the way the
 router scales its own: renormalising routers sum their top-k weights to 1, the others keep the
 table's raw mass. (Previous, token) entries (tables built with `--pair-entries`) go into the pair
-buffers of fixed capacity (routing.py): keys `layer * V**2 + previous * V + token` in ascending
-order, then the sentinel key in every slot left; sets and weights scaled like the token entries'.
+buffers of fixed capacity (routing.py): on the device each entry's token, set and weights (sets and
+weights scaled like the token entries'; slots left hold token -1, which no row has), and on the
+host an index of their keys `slot * V**2 + previous * V + token` (slot: the layer's index among
+the model's MoE layers) that the per-step lookup reads (rows.index_pairs).
 A file with more pair entries than the capacity the engine was built with is refused before
 anything is written. Test: `pytest tests/test_vllm_routing.py tests/vllm_engine/test_vllm_exact.py`.
 """
@@ -20,12 +22,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import InvalidInputError
 from ..var.pairs import stack_pair_keys
 from ..var.tables import VARTables, router_fingerprint
-from .routing import PAIR_SENTINEL, VarState
+from .routing import VarState
+from .rows import index_pairs
 
 
 @torch.no_grad()
@@ -80,7 +84,7 @@ def load_tables(state: VarState, path: str | Path, check_fingerprint: bool = Tru
 def fill_tables(state: VarState, tables: VARTables) -> None:
     """Write table entries into the buffers in place; layers without a table get an empty one. The
     pair entries are checked before anything is written."""
-    pairs = stacked_pairs(state, tables) if state.pair_keys_X is not None else None
+    pairs = stacked_pairs(state, tables) if state.pair_sel_NS is not None else None
     for layer, lv in state.layers.items():
         t = tables.layers.get(layer)
         if t is None:
@@ -93,31 +97,36 @@ def fill_tables(state: VarState, tables: VARTables) -> None:
         lv.member_V.copy_(t.member_V.to(dev))
     if pairs is not None:
         keys_X, idx_XK, w_XK = pairs
-        n = keys_X.shape[0]
-        dev = state.pair_keys_X.device
-        state.pair_keys_X[:n] = keys_X.to(dev)
-        state.pair_keys_X[n:] = PAIR_SENTINEL
+        n, v = keys_X.shape[0], next(iter(state.layers.values())).member_V.shape[0]
+        dev = state.pair_tok_X.device
+        state.pair_tok_X.fill_(-1)
+        state.pair_tok_X[:n] = (keys_X % v).to(dev)
         state.pair_idx_XK[:n] = idx_XK.to(dev)
         state.pair_w_XK[:n] = w_XK.to(dev)
+        by_slot = sorted(state.layers.values(), key=lambda lv: lv.slot)
+        index_pairs(state, keys_X.numpy(), torch.stack([lv.member_V.cpu() for lv in by_slot], dim=1).numpy())
 
 
 def stacked_pairs(state: VarState, tables: VARTables) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(keys_X, idx_XK, w_XK) of all layers' pair entries, host tensors: keys `layer * V**2 +
-    previous * V + token` (layers ascend and each layer's keys ascend, so they are sorted), sets,
+    """(keys_X, idx_XK, w_XK) of all layers' pair entries, host tensors: keys `slot * V**2 +
+    previous * V + token` (slots ascend and each layer's keys ascend, so they are sorted), sets,
     and weights scaled like the token entries' (renormalising routers: as stored, rows sum to 1;
     others: times the entry's raw mass). Refuses more entries than the capacity and malformed ones."""
     first = next(iter(state.layers.values()))
     v, (e, k) = int(first.member_V.shape[0]), (first.num_experts, int(first.experts_VK.shape[1]))
-    # slot = layer index (the routers offset by their layer); load_tables refused foreign layers
-    parts, keys_X = stack_pair_keys(tables.pair_tier, range(max([*state.layers, *tables.pair_tier]) + 1), v)
+    by_slot = sorted(state.layers, key=lambda l: state.layers[l].slot)
+    if [state.layers[l].slot for l in by_slot] != list(range(len(by_slot))):
+        raise RuntimeError(f"the MoE layers' slots must be 0..{len(by_slot) - 1} (install_var numbers them)")
+    # load_tables refused layers this model does not have
+    parts, keys_X = stack_pair_keys(tables.pair_tier, by_slot, v)
     n = sum(p.size for _, p in parts)
     if n > state.pair_capacity:
         raise InvalidInputError(f"{n} (previous, token) entries exceed this engine's pair capacity {state.pair_capacity}")
     if not parts:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k)
     idx_XK = torch.cat([p.sets_PK.long().reshape(p.size, -1) for _, p in parts])
-    w_XK = torch.cat([p.weights_PK.float().reshape(p.size, -1) * (1.0 if state.layers[l].renormalize
-                                                                  else p.mass_P.float()[:, None]) for l, p in parts])
+    w_XK = torch.cat([p.weights_PK.float().reshape(p.size, -1) * (1.0 if state.layers[by_slot[i]].renormalize
+                                                                  else p.mass_P.float()[:, None]) for i, p in parts])
     in_range = all(bool(((p.keys_P >= 0) & (p.keys_P < v * v)).all()) for _, p in parts)
     if not in_range or idx_XK.shape[1] != k or not bool(((idx_XK >= 0) & (idx_XK < e)).all()) \
             or not bool((keys_X[1:] > keys_X[:-1]).all()):
@@ -130,5 +139,6 @@ def stacked_pairs(state: VarState, tables: VARTables) -> tuple[torch.Tensor, tor
 def clear_tables(state: VarState) -> None:
     for lv in state.layers.values():
         lv.member_V.zero_()
-    if state.pair_keys_X is not None:
-        state.pair_keys_X.fill_(PAIR_SENTINEL)
+    if state.pair_sel_NS is not None:
+        state.pair_tok_X.fill_(-1)
+        index_pairs(state, np.zeros(0, dtype=np.int64), np.zeros((state.pair_vocab, state.pair_rows_US.shape[1]), dtype=bool))
