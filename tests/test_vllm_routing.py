@@ -6,8 +6,8 @@ per-token rows in the runner's order. The (previous, token) tier: each row's tok
 token from the runner's token table equal a plain-Python walk over a mixed batch (prefill chunks,
 decodes), the host lookup equals `var.pairs.find_pairs`, pair entries serve exactly the rows a
 plain-Python lookup says (and none whose token on the device is not the host's), tables over the
-pair capacity are refused before anything is written, and the server's per-request count equals
-the routers'.
+pair capacity are refused before anything is written, the server's per-request count equals
+the routers', and the staged writes GPU builds use leave the buffers the direct host writes leave.
 Runs in both environments. Test: `pytest tests/test_vllm_routing.py`.
 """
 
@@ -344,3 +344,27 @@ def test_server_reads_each_layer_once_from_its_workers():
     assert VllmHost._device_counts(host(tp)) == {0: [4, 6, 3, 1], 1: [2, 8, 2, 0]}
     pp = [{0: [4, 6, 3, 1]}, {"1": [2, 8, 2, 0]}]
     assert VllmHost._device_counts(host(pp)) == {0: [4, 6, 3, 1], 1: [2, 8, 2, 0]}
+
+
+def test_staged_row_writes_equal_direct_ones():
+    """The path GPU builds take (host staging buffers, prefix copies to the device buffers) leaves
+    the same buffers as the direct host writes, step after step: a large step, a smaller one, one
+    with no pair row, one with no VAR row, a larger one again."""
+    steps = [(np.array([True] * 6), np.arange(12).reshape(6, 2) % 5),
+             (np.array([True, False, True]), np.array([[4, 1], [4, 4], [0, 4]])),
+             (np.array([True, True]), None),
+             (np.zeros(4, dtype=bool), None),
+             (np.array([False, True] * 4), np.arange(16).reshape(8, 2) % 5)]
+    direct_state, staged_state = (VarState(torch.device("cpu"), max_tokens=10, pair_capacity=4, top_k=2, num_layers=2)
+                                  for _ in range(2))
+    direct, staged = RowWriter(direct_state), RowWriter(staged_state, staged=True)
+    assert staged.staging.data_ptr() != staged_state.rows_N.data_ptr()  # it really stages
+    for rows, sel in steps:
+        direct.write(rows, sel)
+        staged.write(rows, sel)
+        assert torch.equal(direct_state.rows_N, staged_state.rows_N)
+        assert torch.equal(direct_state.pair_sel_NS, staged_state.pair_sel_NS)
+        n = rows.shape[0]
+        assert direct_state.rows_N[:n].tolist() == rows.tolist() and not bool(direct_state.rows_N[n:].any())
+        want = np.full((10, 2), 4) if sel is None else np.vstack([sel, np.full((10 - n, 2), 4)])
+        assert direct_state.pair_sel_NS.tolist() == want.tolist()

@@ -135,17 +135,19 @@ class RowWriter:
     through numpy views (a numpy slice assignment costs a fraction of a torch one), and only the
     rows a step needs are touched: a high-water mark says how far earlier steps wrote."""
 
-    def __init__(self, state: VarState):
+    def __init__(self, state: VarState, staged: bool | None = None):
+        """`staged`: write host staging buffers and copy them over (default: unless the buffers are
+        host memory; tests force it on the CPU to check the path GPUs take)."""
         self.state = state
         dev = state.rows_N.device
         cuda = dev.type == "cuda"
-        self.cpu = dev.type == "cpu"
-        self.staging = state.rows_N if self.cpu else torch.zeros_like(state.rows_N, device="cpu", pin_memory=cuda)
+        self.direct = dev.type == "cpu" if staged is None else not staged
+        self.staging = state.rows_N if self.direct else torch.zeros_like(state.rows_N, device="cpu", pin_memory=cuda)
         self.rows_np = self.staging.numpy()
         self.rows_hi = self.rows_np.shape[0]  # rows that may be True (all, until the first write)
         self.sel_staging = None
         if state.pair_sel_NS is not None:
-            self.sel_staging = (state.pair_sel_NS if self.cpu else
+            self.sel_staging = (state.pair_sel_NS if self.direct else
                                 torch.full_like(state.pair_sel_NS, state.pair_capacity, device="cpu", pin_memory=cuda))
             self.sel_np = self.sel_staging.numpy()
         self.sel_rows = 0  # rows of pair_sel_NS that may hold an entry (the others hold the empty slot)
@@ -170,12 +172,13 @@ class RowWriter:
             if self.sel_rows > k:  # rows an earlier step filled go back to the empty slot
                 self.sel_np[k:self.sel_rows] = self.state.pair_capacity
             m, self.sel_rows = max(self.sel_rows, k), k
-        if self.cpu:
+        if self.direct:
             return
         self.state.rows_N[:rows_m].copy_(self.staging[:rows_m], non_blocking=True)  # ordered before the forward
         if m:
             self.state.pair_sel_NS[:m].copy_(self.sel_staging[:m], non_blocking=True)
-        self.done.record()
+        if self.done is not None:
+            self.done.record()
 
 
 def _runner_prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
