@@ -4,6 +4,11 @@ Datasets by name:
 - `stdlib` (default): the `.py` files of the running interpreter's standard library (its own
   source and docstrings; site-packages excluded), one document per file. Every machine has it,
   so anyone can rebuild the reference model and evaluate offline.
+- `prose-code`: English prose and code, all offline: the Linux kernel's documentation (`.rst`/`.txt`
+  from Debian's `linux-doc`, translations left out), Python's documentation (the reStructuredText
+  sources from Debian's `python3-doc`) and the `stdlib` files above, one document per file. Ids are
+  `linux-doc/<path>`, `python-doc/<path>` and the stdlib's own relative path, so a stdlib file falls
+  in the same split in both datasets. Install: `apt-get install linux-doc python3-doc`.
 - a local path: a `.txt` file (one document), a `.jsonl` file (field `text`; an optional string
   field `doc_id` is the document's id, as `varmoe prepare-datasets` writes), a `.parquet` file
   (column `text`), or a folder of such files.
@@ -16,6 +21,7 @@ measured on `test` without overlap. Test: `pytest tests/test_loading_corpus.py`.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -37,6 +43,13 @@ HUB_ALIASES = {
 }
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 MAX_DOC_BYTES = 400_000  # larger files (generated tables) would dominate a split
+# Debian's documentation packages: where each keeps its reStructuredText, and the package to install
+PROSE_CODE_ROOTS = {
+    "linux-doc": (Path("/usr/share/doc/linux-doc/Documentation"), "linux-doc"),
+    "python-doc": (Path("/usr/share/doc/python3-doc/html/_sources"), "python3-doc"),
+}
+_PROSE_SUFFIXES = (".rst", ".txt", ".rst.txt")
+_PROSE_SKIP_DIRS = {"translations", "sphinx-static", "images"}  # non-English text, theme assets
 
 
 class DatasetError(InvalidInputError):
@@ -66,25 +79,73 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def iter_stdlib(split: str | None = None) -> Iterator[Document]:
+def _stdlib_files() -> Iterator[tuple[str, Path]]:
+    """(relative path, path) of each standard-library `.py` file small enough to be a document."""
     root = stdlib_root()
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP_DIRS)
         for name in sorted(filenames):
-            if not name.endswith(".py"):
-                continue
+            path = Path(dirpath) / name
+            if name.endswith(".py") and path.stat().st_size <= MAX_DOC_BYTES:
+                yield path.relative_to(root).as_posix(), path
+
+
+def _read_text(path: Path) -> str | None:
+    """A file's UTF-8 text (gunzipped when it ends in `.gz`); None when unreadable or too large."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
+        text = raw.decode("utf-8")
+    except (UnicodeDecodeError, OSError, EOFError):
+        return None  # a few test fixtures are deliberately not UTF-8
+    return text if len(raw) <= MAX_DOC_BYTES and text.strip() else None
+
+
+def iter_stdlib(split: str | None = None) -> Iterator[Document]:
+    for rel, path in _stdlib_files():
+        if split is not None and split_of(rel) != split:
+            continue
+        text = _read_text(path)
+        if text is not None:
+            yield Document(rel, text)
+
+
+def _prose_files(root: Path, prefix: str) -> Iterator[tuple[str, Path]]:
+    """(id `prefix/<path without .gz>`, path) of each `.rst`/`.txt` file under `root`, gzipped or not."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if d not in _PROSE_SKIP_DIRS)
+        for name in sorted(filenames):
             path = Path(dirpath) / name
             rel = path.relative_to(root).as_posix()
-            if split is not None and split_of(rel) != split:
-                continue
-            if path.stat().st_size > MAX_DOC_BYTES:
-                continue
-            try:
-                text = path.read_text(encoding="utf-8")
-            except (UnicodeDecodeError, OSError):
-                continue  # a few test fixtures are deliberately not UTF-8
-            if text.strip():
-                yield Document(rel, text)
+            rel = rel[:-3] if rel.endswith(".gz") else rel
+            if rel.endswith(_PROSE_SUFFIXES):
+                yield f"{prefix}/{rel}", path
+
+
+def _hash_order(doc_id: str) -> bytes:
+    return hashlib.sha256(b"order:" + doc_id.encode("utf-8")).digest()
+
+
+def iter_prose_code(split: str | None = None, roots: dict[str, tuple[Path, str]] | None = None,
+                    include_stdlib: bool = True) -> Iterator[Document]:
+    """The `prose-code` dataset: Debian's kernel and Python documentation and the standard library.
+
+    Documents come in the order of a hash of their id (independent of the split hash), so the
+    first N sequences of a split are a sample of all sources, not of whichever source walks first.
+    """
+    roots = PROSE_CODE_ROOTS if roots is None else roots
+    missing = sorted(pkg for root, pkg in roots.values() if not root.is_dir())
+    if missing:
+        raise DatasetError(f"dataset 'prose-code' needs Debian's {' and '.join(missing)}: "
+                           f"apt-get install -y {' '.join(missing)} (or `make reference-moe-2`)")
+    files = [f for prefix, (root, _pkg) in sorted(roots.items()) for f in _prose_files(root, prefix)]
+    if include_stdlib:
+        files += list(_stdlib_files())
+    for doc_id, path in sorted(files, key=lambda f: _hash_order(f[0])):
+        if split is not None and split_of(doc_id) != split:
+            continue
+        text = _read_text(path)
+        if text is not None:
+            yield Document(doc_id, text)
 
 
 def _iter_local_file(path: Path, base: Path) -> Iterator[Document]:
@@ -158,6 +219,8 @@ def iter_documents(dataset: str = "stdlib", split: str | None = None, limit: int
     _check_split(split)
     if dataset == "stdlib":
         it: Iterable[Document] = iter_stdlib(split)
+    elif dataset == "prose-code":
+        it = iter_prose_code(split)
     elif Path(dataset).exists():
         it = iter_local(Path(dataset), split)
     elif os.sep in dataset and not dataset.count("/") == 1:

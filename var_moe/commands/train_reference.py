@@ -18,7 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default=str(REFERENCE_MODEL_DIR), help="folder for the finished model")
     p.add_argument("--max-steps", type=int, default=None, help="override the recipe's step count")
     p.add_argument("--threads", type=int, default=None, help="torch threads (recipe default: 1)")
-    p.add_argument("--recipe", default=None, help="a recipe JSON file (default: the built-in recipe)")
+    p.add_argument("--recipe", default=None,
+                   help="a built-in recipe name (reference-moe, reference-moe-2) or a recipe JSON file "
+                        "(default: reference-moe)")
     p.add_argument("--card-only", action="store_true", help="only re-measure a finished run and rewrite the card")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -28,10 +30,16 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..reference.card import write_model_folder
-    from ..reference.recipe import Recipe
+    from ..reference.recipe import RECIPES, Recipe
     from ..reference.train import train
 
-    recipe = Recipe.from_json(Path(args.recipe).read_text()) if args.recipe else Recipe()
+    if args.recipe is None or args.recipe in RECIPES:
+        recipe = RECIPES[args.recipe or "reference-moe"]
+    elif Path(args.recipe).is_file():
+        recipe = Recipe.from_json(Path(args.recipe).read_text())
+    else:
+        raise InvalidInputError(f"--recipe {args.recipe!r}: not a built-in recipe ({', '.join(RECIPES)}) "
+                                "nor a JSON file")
     if args.max_steps is not None:
         if args.max_steps < 1:
             raise InvalidInputError("--max-steps must be at least 1")
@@ -46,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--card-only: no finished run in --work-dir {args.work_dir}")
         recipe = Recipe.from_json(saved.read_text())
     model, tokenizer, state = train(recipe, args.work_dir, progress=not args.no_progress)
-    if state["step"] < recipe.max_steps:
+    if not state["finished"]:
         print(f"stopped at step {state['step']} of {recipe.max_steps}; run again to resume")
         return 1
     card = write_model_folder(model, tokenizer, recipe, state, args.output)

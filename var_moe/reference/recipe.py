@@ -1,7 +1,9 @@
 """The reference-model recipe: one frozen dataclass with every choice that shapes the model.
 
-Changing any field changes the model; the committed `models/reference-moe/MODEL_CARD.md` records
-the recipe it was trained with. JSON round-trip: `Recipe.from_json(r.to_json()) == r`.
+Changing any field changes the model; each committed model folder (`models/reference-moe/`,
+`models/reference-moe-2/`) holds the `recipe.json` it was trained with. Two architectures:
+`mixtral` (routed experts only) and `qwen2_moe` (routed experts plus a gated shared expert);
+`RECIPES` names the built-in ones. JSON round-trip: `Recipe.from_json(r.to_json()) == r`.
 Test: `pytest tests/test_reference_recipe.py`.
 """
 
@@ -13,14 +15,20 @@ from dataclasses import asdict, dataclass, fields
 from ..errors import InvalidInputError
 
 
+ARCHITECTURES = ("mixtral", "qwen2_moe")
+
+
 @dataclass(frozen=True)
 class Recipe:
     # corpus / tokenizer
     dataset: str = "stdlib"  # built-in corpus; training uses its `train` split only
     vocab_size: int = 4096  # small vocabulary so the experts, not the output layer, dominate cost
-    # model shape (Mixtral architecture)
+    # model shape
+    architecture: str = "mixtral"  # "mixtral" or "qwen2_moe"
     hidden_size: int = 128
-    intermediate_size: int = 256  # width of each expert
+    intermediate_size: int = 256  # width of each routed expert
+    shared_expert_intermediate_size: int = 0  # qwen2_moe: width of its one gated shared expert
+    norm_topk_prob: bool = False  # qwen2_moe: renormalise the top-k weights (Qwen1.5-MoE does not)
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     num_key_value_heads: int = 4
@@ -45,6 +53,14 @@ class Recipe:
     threads: int = 1  # one thread beat two when another process shared the 2 cores
     checkpoint_every: int = 100
     eval_every: int = 200
+    # Wall-clock training budget in seconds (0: none). When set, the cosine schedule runs on
+    # max(step / max_steps, train_seconds / time_budget_s) and training ends when either reaches 1,
+    # so a run on a busy machine still finishes on time with a fully decayed learning rate; the
+    # steps it reached are in the card. It makes the result depend on the machine's speed.
+    time_budget_s: float = 0.0
+    # evaluation and saving
+    eval_sequences: int = 0  # held-out sequences the card measures (0: the whole test split)
+    save_dtype: str = "float32"  # "bfloat16" halves the committed weights; the card measures the saved weights
 
     def __post_init__(self) -> None:
         if self.num_experts_per_tok > self.num_local_experts:
@@ -54,6 +70,16 @@ class Recipe:
         for name in ("vocab_size", "hidden_size", "batch_size", "max_steps", "threads", "checkpoint_every"):
             if getattr(self, name) <= 0:
                 raise InvalidInputError(f"{name} must be positive")
+        if self.architecture not in ARCHITECTURES:
+            raise InvalidInputError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {self.architecture!r}")
+        if self.architecture == "mixtral" and self.shared_expert_intermediate_size:
+            raise InvalidInputError("shared_expert_intermediate_size needs architecture 'qwen2_moe'")
+        if self.save_dtype not in ("float32", "bfloat16"):
+            raise InvalidInputError("save_dtype must be 'float32' or 'bfloat16'")
+        if self.eval_sequences < 0:
+            raise InvalidInputError("eval_sequences must not be negative")
+        if self.time_budget_s < 0:
+            raise InvalidInputError("time_budget_s must not be negative")
         if not 0 <= self.balance_top1_weight <= 1:
             raise InvalidInputError("balance_top1_weight must be in [0, 1]")
 
@@ -69,7 +95,35 @@ class Recipe:
             raise InvalidInputError(f"unknown recipe fields: {unknown}")
         return cls(**data)
 
+    @property
+    def num_shared_experts(self) -> int:
+        return 1 if self.shared_expert_intermediate_size else 0
+
     def model_config(self, tokenizer_ids: dict[str, int]):
+        if self.architecture == "qwen2_moe":
+            from transformers import Qwen2MoeConfig
+
+            return Qwen2MoeConfig(
+                vocab_size=self.vocab_size,
+                hidden_size=self.hidden_size,
+                # dense MLP width; unused because every layer is sparse (decoder_sparse_step=1)
+                intermediate_size=self.intermediate_size,
+                moe_intermediate_size=self.intermediate_size,
+                shared_expert_intermediate_size=self.shared_expert_intermediate_size,
+                num_hidden_layers=self.num_hidden_layers,
+                num_attention_heads=self.num_attention_heads,
+                num_key_value_heads=self.num_key_value_heads,
+                num_experts=self.num_local_experts,
+                num_experts_per_tok=self.num_experts_per_tok,
+                norm_topk_prob=self.norm_topk_prob,
+                decoder_sparse_step=1,
+                mlp_only_layers=[],
+                max_position_embeddings=self.max_position_embeddings,
+                router_aux_loss_coef=self.balance_coef,
+                tie_word_embeddings=False,
+                use_cache=True,
+                **tokenizer_ids,
+            )
         from transformers import MixtralConfig
 
         return MixtralConfig(
@@ -87,3 +141,35 @@ class Recipe:
             use_cache=True,
             **tokenizer_ids,
         )
+
+
+# The second reference model: today's fine-grained shape (OLMoE's 64 experts and top-8, plus a
+# DeepSeek/Qwen-style shared expert) over 8 layers, on English prose and code, sized to train in
+# under two hours on one contended CPU core (about 600 training tokens/s measured) and to stay
+# under 64 MB in bfloat16. Expert width 64 is half the hidden size, as in OLMoE.
+REFERENCE_MOE_2 = Recipe(
+    dataset="prose-code",
+    vocab_size=8192,  # prose and code together need more merges than code alone
+    architecture="qwen2_moe",
+    hidden_size=128,
+    intermediate_size=64,
+    shared_expert_intermediate_size=256,
+    num_hidden_layers=8,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    num_local_experts=64,
+    num_experts_per_tok=8,
+    max_position_embeddings=512,
+    seq_len=256,
+    batch_size=16,
+    max_steps=3000,
+    lr=3e-3,
+    warmup_steps=50,
+    balance_coef=0.05,
+    balance_top1_weight=0.5,
+    checkpoint_every=25,  # about every 3 minutes at ~600 tokens/s
+    time_budget_s=6300.0,
+    eval_sequences=800,
+    save_dtype="bfloat16",
+)
+RECIPES = {"reference-moe": Recipe(), "reference-moe-2": REFERENCE_MOE_2}

@@ -46,10 +46,28 @@ def per_layer_balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int, 
     return torch.stack(losses).mean()
 
 
-def lr_at(step: int, r: Recipe) -> float:
+def min_top1_share(router_logits: tuple[torch.Tensor, ...]) -> float:
+    """Lowest share of top-1 choices any expert gets in any layer (on this batch): collapse shows early."""
+    lowest = 1.0
+    with torch.no_grad():
+        for logits_TE in router_logits:
+            counts = torch.bincount(logits_TE.argmax(-1), minlength=logits_TE.shape[-1])
+            lowest = min(lowest, float(counts.min()) / logits_TE.shape[0])
+    return lowest
+
+
+def schedule_progress(step: int, r: Recipe, seconds: float = 0.0) -> float:
+    """Fraction of training done: by steps, or by the time budget when that is further along."""
+    progress = (step - r.warmup_steps) / max(1, r.max_steps - r.warmup_steps)
+    if r.time_budget_s:
+        progress = max(progress, seconds / r.time_budget_s)
+    return min(1.0, progress)
+
+
+def lr_at(step: int, r: Recipe, seconds: float = 0.0) -> float:
     if step < r.warmup_steps:
         return r.lr * (step + 1) / r.warmup_steps
-    progress = (step - r.warmup_steps) / max(1, r.max_steps - r.warmup_steps)
+    progress = schedule_progress(step, r, seconds)
     return r.lr * (r.min_lr_ratio + (1 - r.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
@@ -130,17 +148,24 @@ def build_model(r: Recipe, tokenizer):
     return AutoModelForCausalLM.from_config(config, experts_implementation=r.experts_implementation)
 
 
+def done(state: dict, r: Recipe) -> bool:
+    """Training ends at max_steps, or when the time budget (if any) is spent."""
+    return state["step"] >= r.max_steps or bool(r.time_budget_s and state["train_seconds"] >= r.time_budget_s)
+
+
 def train(r: Recipe, work_dir: str | Path, progress: bool = True, log: Callable[[str], None] = print,
           stop_after: int | None = None) -> tuple[Any, Any, dict]:
-    """Run (or resume) training to `r.max_steps`. `stop_after` ends early (tests simulate a kill)."""
+    """Run (or resume) training to `r.max_steps` or the time budget; `state["finished"]` says which
+    runs are complete. `stop_after` ends early (tests simulate a kill)."""
     from tqdm import tqdm
 
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(r.threads)
     recipe_file = work / "recipe.json"
-    # only the step count may change between runs of one work dir (training on means a larger --max-steps)
-    if recipe_file.exists() and replace(Recipe.from_json(recipe_file.read_text()), max_steps=r.max_steps) != r:
+    # only the step count and time budget may change between runs of one work dir (training on)
+    if recipe_file.exists() and replace(Recipe.from_json(recipe_file.read_text()), max_steps=r.max_steps,
+                                        time_budget_s=r.time_budget_s) != r:
         raise InvalidInputError(f"{work} holds a run with a different recipe; use another --work-dir")
     recipe_file.write_text(r.to_json())
 
@@ -165,10 +190,12 @@ def train(r: Recipe, work_dir: str | Path, progress: bool = True, log: Callable[
     bar = tqdm(total=r.max_steps, initial=state["step"], disable=not progress, unit="step")
     t_last = time.perf_counter()
     window_tokens = 0
-    while state["step"] < r.max_steps:
+    state["finished"] = done(state, r)
+    while not state["finished"]:
         step = state["step"]
+        lr = lr_at(step, r, state["train_seconds"])
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, r)
+            group["lr"] = lr
         batch = batch_for_step(tokens, step, r)
         out = model(input_ids=batch[:, :-1], output_router_logits=True, use_cache=False)
         ce = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), batch[:, 1:].reshape(-1))
@@ -187,11 +214,14 @@ def train(r: Recipe, work_dir: str | Path, progress: bool = True, log: Callable[
         t_last, window_tokens = now, 0
         state["last_ce"] = float(ce.detach())
         rec = {"step": state["step"], "ce": round(float(ce.detach()), 4), "balance": round(float(bal.detach()), 4),
-               "lr": lr_at(step, r), "tokens_per_s": round(tps, 1), "tokens_seen": state["tokens_seen"]}
+               "min_top1_share": round(min_top1_share(out.router_logits), 5), "lr": lr,
+               "tokens_per_s": round(tps, 1), "tokens_seen": state["tokens_seen"],
+               "train_seconds": round(state["train_seconds"], 1)}
         log_file.write(json.dumps(rec) + "\n")
         bar.set_postfix(ce=f"{float(ce.detach()):.3f}", bal=f"{float(bal.detach()):.3f}", tok_s=f"{tps:.0f}")
         bar.update(1)
-        if state["step"] % r.checkpoint_every == 0 or state["step"] == r.max_steps:
+        state["finished"] = done(state, r)
+        if state["step"] % r.checkpoint_every == 0 or state["finished"]:
             log_file.flush()
             save_checkpoint(work, model, optimizer, state)
         if stop_after is not None and state["step"] >= stop_after:
