@@ -168,7 +168,7 @@ REFERENCE_MOE_2 = Recipe(
     balance_coef=0.05,
     balance_top1_weight=0.5,
     checkpoint_every=25,  # about every 3 minutes at ~600 tokens/s
-    time_budget_s=6300.0,
+    time_budget_s=5400.0,
     eval_sequences=800,
     save_dtype="bfloat16",
 )
