@@ -12,7 +12,7 @@ VLLM_VENV ?= $(VENV)-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
 
-.PHONY: setup setup-vllm serve-vllm prometheus test serve demo ab-test reliability bench-reference bench-capture bench-router bench-server bench-offload bench-vllm gpu-check gpu-check-vllm clean
+.PHONY: setup setup-vllm serve-vllm prometheus test serve demo ab-test reliability bench-reference bench-capture bench-router bench-server bench-offload bench-vllm gpu-check gpu-check-vllm reference-moe-2 clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,16 @@ setup-vllm: $(VLLM_STAMP)
 prometheus:
 	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null)
+
+# The second reference model (Qwen2-MoE, 64 routed experts, top-8, 1 shared expert, 8 layers) from
+# its corpus: Debian's kernel and Python documentation plus the standard library. About 100 minutes
+# on one core, resumable: rerun the same command after an interruption. REF2_WORK keeps checkpoints.
+REF2_WORK ?= runs/reference-moe-2
+reference-moe-2: setup
+	@test -d /usr/share/doc/linux-doc/Documentation && test -d /usr/share/doc/python3-doc/html/_sources || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-doc python3-doc >/dev/null)
+	HF_HUB_OFFLINE=1 nice -n 15 $(BIN)/python -m var_moe.cli train-reference --recipe reference-moe-2 \
+	  --work-dir $(REF2_WORK) --output models/reference-moe-2 --no-progress
 
 # two runs: the whole suite in the main environment (tests/vllm_engine skip there), then the vLLM engine's tests
 test: setup setup-vllm prometheus
