@@ -111,3 +111,13 @@ def test_time_budget_ends_training(tmp_path):
     # finished runs stay finished: a second call trains nothing
     _, _, again = train(r, tmp_path / "w", progress=False, log=quiet)
     assert again["step"] == state["step"] and again["finished"]
+
+
+def test_unknown_recipe_name_is_a_clear_cli_error(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "var_moe.cli", "train-reference", "--recipe", "reference-moe-9",
+                          "--work-dir", str(tmp_path / "w")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "--recipe" in out.stderr and "reference-moe-2" in out.stderr
+    assert "Traceback" not in out.stderr

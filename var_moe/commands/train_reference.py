@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..reference.card import write_model_folder
     from ..reference.recipe import RECIPES, Recipe
-    from ..reference.train import train
+    from ..reference.train import train, train_token_counts
 
     if args.recipe is None or args.recipe in RECIPES:
         recipe = RECIPES[args.recipe or "reference-moe"]
@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     if not state["finished"]:
         print(f"stopped at step {state['step']} of {recipe.max_steps}; run again to resume")
         return 1
-    card = write_model_folder(model, tokenizer, recipe, state, args.output)
+    counts = train_token_counts(args.work_dir, len(tokenizer))
+    card = write_model_folder(model, tokenizer, recipe, state, args.output, train_counts=counts)
     print(f"wrote {args.output}: test perplexity {card['test_perplexity']:.2f} "
           f"(unigram {card['unigram_perplexity']:.2f}), lowest expert share {100 * card['expert_load']['min_top1_share']:.1f}%")
     return 0

@@ -62,14 +62,19 @@ def expert_load(model: Any, tokenizer: Any, split: str = "test", max_length: int
     return out
 
 
-def measure(model: Any, tokenizer: Any, recipe: Recipe, num_samples: int | None = None) -> dict[str, Any]:
+def measure(model: Any, tokenizer: Any, recipe: Recipe, num_samples: int | None = None,
+            train_counts: torch.Tensor | None = None) -> dict[str, Any]:
+    """The card's numbers. `train_counts`: unigram counts of the train split's tokens when already at
+    hand (training caches them), else counted here by tokenizing the train split again."""
     model.eval()
     ds = recipe.dataset
     if num_samples is None and recipe.eval_sequences:
         num_samples = recipe.eval_sequences
     test = corpus_perplexity(model, tokenizer, ds, "test", recipe.seq_len, 8, num_samples)
     # unigram counts from the recipe's train split: the baseline "fit on the same training text"
-    uni = unigram_perplexity(tokenizer, unigram_counts(tokenizer, ds), ds, "test", recipe.seq_len, 8, num_samples)
+    if train_counts is None:
+        train_counts = unigram_counts(tokenizer, ds)
+    uni = unigram_perplexity(tokenizer, train_counts, ds, "test", recipe.seq_len, 8, num_samples)
     probe = next(iter_batches(tokenizer, ds, "test", recipe.seq_len, 8, 8))[0]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -203,7 +208,7 @@ def parameter_counts(model: Any, recipe: Recipe) -> dict[str, int]:
 
 
 def write_model_folder(model: Any, tokenizer: Any, recipe: Recipe, state: dict, out_dir: str | Path,
-                       metrics: dict | None = None) -> dict:
+                       metrics: dict | None = None, train_counts: torch.Tensor | None = None) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if recipe.save_dtype == "bfloat16":
@@ -215,7 +220,7 @@ def write_model_folder(model: Any, tokenizer: Any, recipe: Recipe, state: dict, 
         model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     (out / "recipe.json").write_text(recipe.to_json() + "\n")
-    metrics = metrics or measure(model, tokenizer, recipe)
+    metrics = metrics or measure(model, tokenizer, recipe, train_counts=train_counts)
     n_params = parameter_counts(model, recipe)
     card = {"recipe": json.loads(recipe.to_json()), "training": state, "parameters": n_params, **metrics,
             "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,

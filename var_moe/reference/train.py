@@ -98,6 +98,16 @@ def prepare_data(work: Path, r: Recipe, log: Callable[[str], None]) -> tuple[Any
     return tokenizer, tokens
 
 
+def train_token_counts(work_dir: str | Path, vocab_size: int) -> torch.Tensor | None:
+    """Unigram counts of the cached train-split tokens (equal to `perplexity.unigram_counts` on the
+    same tokenizer and split: both tokenize each document with its EOS), or None without a cache."""
+    cache = Path(work_dir) / "train_tokens.npy"
+    if not cache.exists():
+        return None
+    ids = torch.from_numpy(np.load(cache, allow_pickle=False).astype(np.int64))
+    return torch.bincount(ids, minlength=vocab_size).double()
+
+
 def save_checkpoint(work: Path, model, optimizer, state: dict) -> None:
     from safetensors.torch import save_file
 
