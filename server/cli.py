@@ -34,6 +34,8 @@ FLAGS: dict[str, tuple[type | None, str]] = {
     "vllm_quantization": (str, "vLLM: quantization method (awq, gptq, fp8, ...)"),
     "enforce_eager": (None, "vLLM: run eagerly (no torch.compile, no CUDA graphs)"),
     "vllm_pair_capacity": (int, "vLLM: (previous, token) table entries the engine can hold (default: those of the startup tables file)"),
+    "kv_cache_gib": (float, "vLLM: GiB for the KV cache (CPU default: the model's full context x --max-batch-size, >= 0.25)"),
+    "var_dtype_check": (str, "refuse | warn: VAR tables served in another dtype than certified are measured at start-up"),
     "vllm_log_stats": (None, "vLLM: collect and log vLLM's own engine statistics (default off)"),
     "var_tables": (str, "VAR tables (.safetensors); default <model>/var/var_tables.safetensors"),
     "routing_stats": (str, "Phase 1 statistics; default <model>/var/routing_stats_calibration.parquet"),

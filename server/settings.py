@@ -49,6 +49,13 @@ class ServerSettings(BaseSettings):
         None, ge=0, description="vLLM: (previous, token) table entries the engine can hold, all layers together "
                                 "(default: as many as the startup tables file holds, 0 for a file without "
                                 "them; a tables file with more is refused)")
+    kv_cache_gib: float | None = Field(
+        None, gt=0, description="vLLM: GiB of memory for the KV cache (default on the CPU build: what --max-batch-size "
+                                "sequences of the model's full context need, at least 0.25 GiB; on GPUs: vLLM's "
+                                "--gpu-memory-utilization share)")
+    var_dtype_check: Literal["refuse", "warn"] = Field(
+        "refuse", description="served in another dtype than the VAR tables were certified in: measure their agreement "
+                              "at start-up and refuse (or only warn) when a layer falls under the tables' target")
     vllm_log_stats: bool = Field(
         False, description="vLLM: its own per-step statistics and periodic log line (the server's /metrics "
                            "does not need them; off, as `--disable-log-stats` on vLLM's server)")

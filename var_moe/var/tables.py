@@ -253,6 +253,8 @@ def model_identity(model: Any, adapter: Any) -> dict[str, Any]:
         "top_k": adapter.top_k,
         # the stored checkpoint's routers when these are they (any loaded dtype), else these bytes
         "router_fingerprint": routers_fingerprint(loaded, model_dir_of(model)),
+        # the dtype routing is computed in here: a server in another dtype re-measures (served_dtype.py)
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     }
 
 
