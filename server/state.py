@@ -41,10 +41,11 @@ class ServerState:
                                    max_request_tokens=settings.max_request_tokens)
         self.expert_load: ExpertLoadCollector | None = None
         if settings.expert_load_metrics or settings.expert_load_per_expert:
-            shape = host.start_expert_load()  # (num_experts, tiers): counting starts on the device
-            self.expert_load = ExpertLoadCollector(host.layers, shape[0], shape[1], settings.expert_load_window_s,
-                                                   settings.expert_load_per_expert)
-            self.metrics.registry.register(self.expert_load)
+            shape = host.start_expert_load()  # (num_experts, tiers), None: this model has no counters
+            if shape is not None:
+                self.expert_load = ExpertLoadCollector(host.layers, shape[0], shape[1],
+                                                       settings.expert_load_window_s, settings.expert_load_per_expert)
+                self.metrics.registry.register(self.expert_load)
         self.started_at = time.time()
         self.shutdown_deadline: float | None = None
         self._tokenizer_lock = threading.Lock()
@@ -174,6 +175,9 @@ class ServerState:
     def check_routed_size(self, rows: list[tuple[int, int]], field: str = "return_routed_experts") -> None:
         """413 when the routed-experts arrays of `rows` ((prompt tokens, max new tokens) per choice)
         would make the response larger than max_response_bytes (JSON: digits and ", " per id)."""
+        if not getattr(self.host, "routed_available", True):
+            raise APIError(409, "routed_experts_unavailable", "this engine's model was built without the routing "
+                           f"buffers that return_routed_experts reads ({self.var.unavailable_reason})", field)
         k = int(getattr(self.host, "top_k", 0) or 0)
         experts = int(getattr(self.host, "num_experts", 0) or 0)
         per_id = len(str(max(experts - 1, 0))) + 2

@@ -92,6 +92,9 @@ class VllmHost:
         self.pair_keys_X = pair_keys_X
         self.unavailable_reason = "" if tables_info is not None else (reason or "VAR is not available")
         self._var_default = False
+        hf = engine.vllm_config.model_config.hf_config
+        self.num_experts = int(getattr(hf, "num_local_experts", None) or getattr(hf, "num_experts", 0) or 0)
+        self.top_k = int(getattr(hf, "num_experts_per_tok", 0) or 0)
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -206,6 +209,32 @@ class VllmHost:
             hit_LT, _ = find_pairs(self.pair_keys_X, prev_T, ids_T, vocab, offset_L1)
             fast += int((hit_LT & ~member_LT).sum())
         return {"fast": fast, "cached": 0, "learned": n - fast}
+
+    # -- expert load and routed experts (var_moe/vllm/expert_load.py) --------------------------------
+    expert_load_on_engine = True  # reading the counters is a call to the workers: on the engine thread
+
+    @property
+    def routed_available(self) -> bool:
+        return self.available  # the buffers come with the Var* model classes
+
+    def start_expert_load(self) -> tuple[int, tuple[str, ...]] | None:
+        """(experts, tiers) of the workers' counters (counting runs in the compiled model already);
+        None for a plain vLLM model (no VAR classes, so no counters)."""
+        if not self.available:
+            return None
+        shape = self.llm.collective_rpc("varmoe_load_shape")[0]
+        return int(shape["experts"]), tuple(shape["tiers"])
+
+    def expert_load_reading(self):
+        """The cumulative counters (engine thread). Tensor-parallel ranks route the same rows with
+        the same gates, so the first worker's counters are the model's."""
+        from var_moe.vllm.expert_load import reading_from
+
+        return reading_from(self.llm.collective_rpc("varmoe_load_read")[0])
+
+    def take_routed(self, keys: list[str], finished: list[str]) -> dict[str, list]:
+        """Rows so far of requests that asked for their routed experts (engine thread)."""
+        return self.llm.collective_rpc("varmoe_take_routed", args=(keys, finished))[0]
 
     # -- capture: builtin engine only ----------------------------------------------------------------
     def _no_capture(self, *args: Any) -> None:

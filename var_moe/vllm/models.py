@@ -58,6 +58,10 @@ def var_class(arch: str) -> type:
         extra = vllm_config.additional_config
         pair_capacity = int((extra.get("varmoe") or {}).get("pair_capacity", 0)) if isinstance(extra, dict) else 0
         self._varmoe_state = install_var(self, int(hf.vocab_size), top_k, max_tokens, pair_capacity)
+        from .expert_load import install_load
+
+        experts = next(iter(self._varmoe_state.layers.values())).num_experts
+        install_load(self._varmoe_state, max_tokens, experts, top_k)  # expert load + routed experts
 
     def load_weights(self, weights: Any) -> Any:
         loaded = base.load_weights(self, weights)
