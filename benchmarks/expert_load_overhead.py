@@ -1,0 +1,134 @@
+"""Cost of the default expert-load metrics: generated tokens/s of one engine with them on (the
+default) against the same server with them off (`--no-expert-load-metrics`), interleaved in one run.
+
+Two `varmoe serve` servers of the same engine and settings differ only in that flag. The load is
+benchmarks/server_throughput.py's Locust completions load (closed-loop users, greedy
+`POST /v1/completions`, `max_tokens` = --new-tokens; tokens/s counted inside the load window).
+While a cell runs, a thread scrapes the server's /metrics every --scrape-s seconds (both servers
+alike), so the "on" server also pays for its reads (on vLLM a call to the workers). The server not
+under load is suspended (SIGSTOP of its process tree), the order of the two alternates from one
+repeat to the next, and the ratio on / off is reported per repeat (the pairs closest in time) with
+their median, minimum and maximum. Goal: on >= 0.99x off at 16 clients.
+
+Run (builtin engine, main environment; vLLM engine, vLLM environment):
+    .venv/bin/python benchmarks/expert_load_overhead.py --engine builtin --repeats 6 \
+        --out benchmarks/results/expert_load_overhead_builtin.json
+    .venv-vllm/bin/python benchmarks/expert_load_overhead.py --engine vllm --repeats 6 \
+        --out benchmarks/results/expert_load_overhead_vllm.json
+Results go to docs/BENCHMARKS.md (section "Expert load metrics").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from server_throughput import locust_load, prompts  # noqa: E402
+from vllm_throughput import only_running, vllm_env  # noqa: E402
+
+from analysis_jobs.server_process import ManagedServer  # noqa: E402
+from var_moe.loading import REFERENCE_MODEL_DIR  # noqa: E402
+
+
+def scraper(url: str, every_s: float, stop: threading.Event) -> threading.Thread:
+    def loop() -> None:
+        with httpx.Client(timeout=30) as c:
+            while not stop.wait(every_s):
+                try:
+                    c.get(url + "/metrics")
+                except httpx.HTTPError:
+                    pass
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    return t
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--engine", choices=["builtin", "vllm"], required=True)
+    p.add_argument("--model", default=str(REFERENCE_MODEL_DIR))
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--run-time", type=int, default=20, help="seconds of load per cell")
+    p.add_argument("--warmup", type=float, default=3.0, help="seconds after spawning left out of the window")
+    p.add_argument("--repeats", type=int, default=6)
+    p.add_argument("--scrape-s", type=float, default=5.0, help="seconds between /metrics scrapes during a cell")
+    p.add_argument("--out", default="runs/expert_load_overhead.json")
+    p.add_argument("--log-dir", default="runs/expert_load_overhead")
+    args = p.parse_args(argv)
+    log_dir = Path(args.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    prompts_file = log_dir / "prompts.json"
+    prompts_file.write_text(json.dumps(prompts(64)))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    common = ["--max-batch-size", "16", "--max-queue", "256"]
+    env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    if args.engine == "vllm":
+        common += ["--engine", "vllm", "--dtype", "float32", "--max-model-len", "512"]
+        env = vllm_env(0, 1)
+    else:
+        common += ["--threads", "1"]
+    servers: dict[str, ManagedServer] = {}
+    try:
+        for name, flag in (("on", []), ("off", ["--no-expert-load-metrics"])):
+            servers[name] = ManagedServer(args.model, args=common + flag, env=env,
+                                          log_path=log_dir / f"{args.engine}-{name}.log").wait_ready(900)
+        pids = [s.pid for s in servers.values()]
+        on_metrics = httpx.get(servers["on"].url + "/metrics").text
+        off_metrics = httpx.get(servers["off"].url + "/metrics").text
+        assert "varmoe_expert_load_imbalance" in on_metrics and "varmoe_expert_load" not in off_metrics
+        runs: dict[str, list[float]] = {"on": [], "off": []}
+        for name in ("on", "off"):  # warm-up: first requests of every shape
+            only_running([servers[name].pid], pids)
+            try:
+                locust_load(servers[name].url, args.clients, argparse.Namespace(new_tokens=args.new_tokens, run_time=10,
+                                                                                warmup=0.5),
+                            prompts_file, log_dir, f"warmup-{name}", tokenizer)
+            except RuntimeError as exc:
+                print(f"warm-up {name}: {exc}", flush=True)
+        for rep in range(args.repeats):
+            for name in (("on", "off") if rep % 2 == 0 else ("off", "on")):
+                only_running([servers[name].pid], pids)
+                stop = threading.Event()
+                t = scraper(servers[name].url, args.scrape_s, stop)
+                r = locust_load(servers[name].url, args.clients, args, prompts_file, log_dir, f"{name}", tokenizer)
+                stop.set()
+                t.join()
+                runs[name].append(r["tokens_per_s"])
+                print(f"repeat {rep} {args.engine} metrics {name:3s} {r['tokens_per_s']:8.1f} tok/s", flush=True)
+    finally:
+        if servers:
+            only_running([s.pid for s in servers.values()], [s.pid for s in servers.values()])
+        for s in servers.values():
+            s.stop()
+    ratios = [round(a / b, 4) for a, b in zip(runs["on"], runs["off"])]
+    result = {"engine": args.engine, "model": args.model, "clients": args.clients, "new_tokens": args.new_tokens,
+              "run_time_s": args.run_time, "repeats": args.repeats, "scrape_s": args.scrape_s,
+              "tokens_per_s": runs, "median_tokens_per_s": {k: statistics.median(v) for k, v in runs.items()},
+              "ratio_on_off_per_repeat": ratios, "ratio_median": statistics.median(ratios),
+              "ratio_min": min(ratios), "ratio_max": max(ratios),
+              "ratio_of_medians": statistics.median(runs["on"]) / statistics.median(runs["off"]), "goal": 0.99}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n{args.engine}, {args.clients} clients: on {result['median_tokens_per_s']['on']:.1f} tok/s, off "
+          f"{result['median_tokens_per_s']['off']:.1f} tok/s; on/off per repeat {ratios} (median "
+          f"{result['ratio_median']:.3f}, range {result['ratio_min']:.3f}-{result['ratio_max']:.3f})")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":  # vLLM spawns processes that may import this file
+    raise SystemExit(main())
