@@ -103,23 +103,34 @@ def main(argv: list[str] | None = None) -> int:
                 only_running([servers[name].pid], pids)
                 stop = threading.Event()
                 t = scraper(servers[name].url, args.scrape_s, stop)
-                r = locust_load(servers[name].url, args.clients, args, prompts_file, log_dir, f"{name}", tokenizer)
-                stop.set()
-                t.join()
-                runs[name].append(r["tokens_per_s"])
-                print(f"repeat {rep} {args.engine} metrics {name:3s} {r['tokens_per_s']:8.1f} tok/s", flush=True)
+                try:
+                    tps = locust_load(servers[name].url, args.clients, args, prompts_file, log_dir, f"{name}",
+                                      tokenizer)["tokens_per_s"]
+                except RuntimeError as exc:  # too few completions in the window (a loaded machine): no value
+                    print(f"repeat {rep} {name}: {exc}", flush=True)
+                    tps = None
+                finally:
+                    stop.set()
+                    t.join()
+                runs[name].append(tps)
+                print(f"repeat {rep} {args.engine} metrics {name:3s} {tps if tps is None else round(tps, 1)} tok/s",
+                      flush=True)
     finally:
         if servers:
             only_running([s.pid for s in servers.values()], [s.pid for s in servers.values()])
         for s in servers.values():
             s.stop()
-    ratios = [round(a / b, 4) for a, b in zip(runs["on"], runs["off"])]
+    # pairs of one repeat where both cells have a value
+    ratios = [round(a / b, 4) for a, b in zip(runs["on"], runs["off"]) if a is not None and b is not None]
+    if not ratios:
+        raise SystemExit("no repeat gave both cells a value")
+    valid = {k: [x for x in v if x is not None] for k, v in runs.items()}
     result = {"engine": args.engine, "model": args.model, "clients": args.clients, "new_tokens": args.new_tokens,
               "run_time_s": args.run_time, "repeats": args.repeats, "scrape_s": args.scrape_s,
-              "tokens_per_s": runs, "median_tokens_per_s": {k: statistics.median(v) for k, v in runs.items()},
+              "tokens_per_s": runs, "median_tokens_per_s": {k: statistics.median(v) for k, v in valid.items()},
               "ratio_on_off_per_repeat": ratios, "ratio_median": statistics.median(ratios),
               "ratio_min": min(ratios), "ratio_max": max(ratios),
-              "ratio_of_medians": statistics.median(runs["on"]) / statistics.median(runs["off"]), "goal": 0.99}
+              "ratio_of_medians": statistics.median(valid["on"]) / statistics.median(valid["off"]), "goal": 0.99}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

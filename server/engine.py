@@ -30,6 +30,10 @@ Per job: a deadline (timeout -> finish reason `timeout`), a `cancelled` flag set
 when the client disconnects (the row stops at the next step), stop strings, and an asyncio queue
 of events (`("token", id, logprob)` for streams, then `("done", JobResult)`).
 
+Routed experts: while a row of the batch asked for them (`Job.routed`), the host keeps each forward's
+experts (and, in VAR mode, which rows a table served) and the engine files them per row: the prompt
+positions of a prefill, the fed-back token of a decode step; a stream's token event carries them.
+
 Back-pressure: more than `max_queue` waiting jobs -> `QueueFull` (HTTP 429 with Retry-After).
 `stop()` refuses new work, lets queued and running jobs finish, then ends the thread.
 Test: `pytest tests/test_server_engine.py`.
@@ -96,11 +100,23 @@ class Job:
     routed: bool = False  # return_routed_experts: keep the experts of every token it sends through
     prompt_routing: list | None = None  # [prompt tokens][MoE layers][k]
     gen_routing: list = field(default_factory=list)  # [generated tokens fed back][MoE layers][k]
+    prompt_tiers: list | None = None  # [prompt tokens][MoE layers] "fast" | "learned", VAR mode only
+    gen_tiers: list = field(default_factory=list)
 
     def routed_arrays(self) -> dict[str, list] | None:
         if not self.routed:
             return None
-        return {"prompt_routed_experts": self.prompt_routing or [], "routed_experts": list(self.gen_routing)}
+        out = {"prompt_routed_experts": self.prompt_routing or [], "routed_experts": list(self.gen_routing)}
+        if self.prompt_tiers is not None:
+            out |= {"prompt_routed_tiers": self.prompt_tiers, "routed_tiers": list(self.gen_tiers)}
+        return out
+
+
+ROW_TIERS = ("learned", "fast")  # index: served by a VAR table
+
+
+def tier_names(fast_TL: list[list[bool]]) -> list[list[str]]:
+    return [[ROW_TIERS[f] for f in row] for row in fast_TL]
 
     @property
     def deadline(self) -> float:
@@ -295,13 +311,19 @@ class Engine(EngineThread):
             return [None] * len(jobs)
         b = len(jobs)
         e_BSLK = last.reshape(last.shape[0], b, -1, last.shape[-1]).permute(1, 2, 0, 3)
+        fast = self.host.last_routing_fast()
+        f_BSL = None if fast is None else fast.reshape(fast.shape[0], b, -1).permute(1, 2, 0)
         out: list[dict | None] = []
         for i, job in enumerate(jobs):  # a loop over batch rows, not tokens
             if not job.routed:
                 out.append(None)
                 continue
-            job.prompt_routing = e_BSLK[i, e_BSLK.shape[1] - len(job.spec.prompt_ids):].tolist()
+            first = e_BSLK.shape[1] - len(job.spec.prompt_ids)
+            job.prompt_routing = e_BSLK[i, first:].tolist()
             out.append({"prompt_routed_experts": job.prompt_routing})
+            if f_BSL is not None:
+                job.prompt_tiers = tier_names(f_BSL[i, first:].tolist())
+                out[-1]["prompt_routed_tiers"] = job.prompt_tiers
         return out
 
     def _step_routing(self, jobs: list[Job], emitted: list[int | None]) -> list[dict | None]:
@@ -311,6 +333,8 @@ class Engine(EngineThread):
         if last is None:
             return [None] * len(jobs)
         e_BLK = last.permute(1, 0, 2)
+        fast = self.host.last_routing_fast()
+        f_BL = None if fast is None else fast.permute(1, 0)
         out: list[dict | None] = []
         for i, (job, tok) in enumerate(zip(jobs, emitted)):
             if not job.routed or tok is None:
@@ -319,6 +343,10 @@ class Engine(EngineThread):
             row = e_BLK[i].tolist()
             job.gen_routing.append(row)
             out.append({"routed_experts": [row]})
+            if f_BL is not None and job.prompt_tiers is not None:
+                tiers = tier_names([f_BL[i].tolist()])
+                job.gen_tiers += tiers
+                out[-1]["routed_tiers"] = tiers
         return out
 
     def _observe_size(self, rows: int) -> None:

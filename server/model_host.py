@@ -44,6 +44,8 @@ class ModelHost:
         self.num_experts, self.top_k = adapter.num_experts, adapter.top_k
         # expert load and routed experts: hooks on the routers the blocks call (VAR's when installed)
         self.tap = RoutingTap(model, count=False, adapter=adapter)
+        if wrapper is not None:  # each routed row's tier: the rows the tables served
+            self.tap.fast_rows = wrapper.last_fast_rows
         self._var_applied = False
         self.analyzer: RouterAnalyzer | None = None
         self.capturing = False
@@ -125,7 +127,7 @@ class ModelHost:
 
     def expert_load_reading(self):
         """The cumulative counters (one device-to-host copy; any thread: counters only grow)."""
-        return None if self.tap.load is None else self.tap.load.read()
+        return self.tap.read()
 
     def record_routing(self, on: bool) -> None:
         """Keep the next forwards' experts per row (engine thread, between forwards)."""
@@ -137,6 +139,11 @@ class ModelHost:
     def last_routing(self):
         """(MoE layers, rows, k) experts of the last forward while recording, else None."""
         return self.tap.last_LTK
+
+    def last_routing_fast(self):
+        """(MoE layers, rows) bool, the rows of the last forward a VAR table served; None when that
+        forward ran without VAR (or with the cache tier, whose rows the lookup does not hold)."""
+        return self.tap.last_fast_LT
 
     # -- capture -------------------------------------------------------------------------------
     def capture_start(self) -> None:

@@ -34,6 +34,7 @@ ROUTED_HELP = ("also return the experts every token was routed to: prompt_routed
                "[tokens][MoE layers][k] expert ids (vLLM's layout); routed_experts has a row per generated token "
                "the model read back (all but the last); streams carry each step's rows in its token event")
 Routing = list[list[list[int]]]
+Tiers = list[list[Literal["fast", "cached", "learned"]]]
 
 Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 Text = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
@@ -108,6 +109,9 @@ class GenerateResponse(BaseModel):
                                                                     "layers][k] expert ids")
     routed_experts: Routing | None = Field(None, description="with return_routed_experts: [generated tokens read "
                                                              "back][MoE layers][k] expert ids")
+    prompt_routed_tiers: Tiers | None = Field(None, description="with return_routed_experts, in VAR mode: each row's "
+                                                                "tier, fast (a VAR table) or learned")
+    routed_tiers: Tiers | None = None
 
 
 class PerplexityRequest(StrictBody):
@@ -176,6 +180,8 @@ class CompletionChoice(BaseModel):
     finish_reason: str
     prompt_routed_experts: Routing | None = None  # with return_routed_experts
     routed_experts: Routing | None = None
+    prompt_routed_tiers: Tiers | None = None  # with return_routed_experts, in VAR mode
+    routed_tiers: Tiers | None = None
 
 
 class CompletionUsage(BaseModel):

@@ -182,7 +182,7 @@ class ServerState:
         experts = int(getattr(self.host, "num_experts", 0) or 0)
         per_id = len(str(max(experts - 1, 0))) + 2
         tokens = sum(p + n for p, n in rows)
-        size = tokens * (len(self.host.layers) * (k * per_id + 4) + 4)
+        size = tokens * (len(self.host.layers) * (k * per_id + 4 + 11) + 8)  # ids, and each row's tier name
         limit = self.settings.max_response_bytes
         if size > limit:
             raise APIError(413, "response_too_large",

@@ -13,6 +13,9 @@ Accounting: `VarRuntime.record_batch(mode, tokens)` per mode after every step in
 finished; the workers' device counters (VAR-mode rows only) are read at most every 0.5 s under load
 and as soon as nothing is in flight, before the finished requests get their answers (a read is a
 round trip through vLLM's engine core). Tokens and TTFT metrics as the builtin engine.
+Routed experts (`return_routed_experts`): such a job carries a key in its sampling parameters and the
+workers file its rows (var_moe/vllm/expert_load.py); after a step, one call to the workers fetches
+the rows of the asking requests that finished (and of asking streams, every step).
 Cancelled or timed-out jobs are aborted in vLLM. `stop()` refuses new jobs, lets running ones
 finish, then shuts vLLM's engine-core and worker processes down. Test: `pytest tests/vllm_engine/test_vllm_server.py`.
 """
@@ -26,7 +29,7 @@ import time
 from typing import Any
 
 from .decode import RowState
-from .engine import Job, JobResult
+from .engine import Job, JobResult, tier_names
 from .engine_thread import EngineThread
 from .metrics import ServerMetrics
 from .var_runtime import VarRuntime
@@ -177,18 +180,33 @@ class VllmEngine(EngineThread):
                     finished.append(out.request_id)
         return self.host.take_routed(keys, finished) if keys else {}
 
-    def _take(self, fl: _Flight, out: Any, now: float, routed: list | None = None) -> None:
+    @staticmethod
+    def _split_routed(job: Job, rows: list, tiers: list, var: bool) -> dict[str, list]:
+        """File a request's rows so far as prompt rows and generated tokens fed back; returns those
+        new since the last call (a stream's token event carries them)."""
+        n, had = len(job.spec.prompt_ids), len(job.gen_routing)
+        first = job.prompt_routing is None
+        job.prompt_routing = rows[:n]
+        new_rows = rows[n + had:]
+        job.gen_routing.extend(new_rows)
+        extra = {"prompt_routed_experts": job.prompt_routing} if first else {}
+        if new_rows:  # the rows of every step since the last output (one, unless outputs were held)
+            extra["routed_experts"] = new_rows
+        if var:  # each row's tier (0 fast, 1 learned)
+            job.prompt_tiers = tier_names([[t == 0 for t in r] for r in tiers[:n]])
+            new_tiers = tier_names([[t == 0 for t in r] for r in tiers[n + had:]])
+            job.gen_tiers.extend(new_tiers)
+            if first:
+                extra["prompt_routed_tiers"] = job.prompt_tiers
+            if new_tiers:
+                extra["routed_tiers"] = new_tiers
+        return extra
+
+    def _take(self, fl: _Flight, out: Any, now: float, routed: dict | None = None) -> None:
         job, st = fl.job, fl.state
         extra = None
         if routed is not None:  # [positions][layers][k]: the prompt's rows, then generated tokens fed back
-            n = len(job.spec.prompt_ids)
-            first = job.prompt_routing is None
-            job.prompt_routing = routed[:n]
-            new_rows = routed[n + len(job.gen_routing):]
-            job.gen_routing.extend(new_rows)
-            extra = {"prompt_routed_experts": job.prompt_routing} if first else {}
-            if new_rows:  # the rows of every step since the last output (one here, unless outputs were held)
-                extra["routed_experts"] = new_rows
+            extra = self._split_routed(job, routed["experts"], routed["tiers"], fl.mode == "var")
         if not fl.prompt_done and out.prompt_logprobs is not None:
             ids = job.spec.prompt_ids
             st.prompt_logprobs = [None] + [d[t].logprob for d, t in zip(out.prompt_logprobs[1:], ids[1:])]

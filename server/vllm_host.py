@@ -116,8 +116,9 @@ class VllmHost:
         elif arch not in SUPPORTED:
             reason = f"VAR on vLLM supports {sorted(SUPPORTED)}; this model is {arch!r}"
         kw = engine_args(settings)
-        kw = (engine_kwargs(settings.model, pair_capacity=pair_capacity(settings, tables_path), **kw) if not reason
-              else {"model": settings.model, **kw})
+        counting = settings.expert_load_metrics or settings.expert_load_per_expert  # off: none in the graph
+        kw = (engine_kwargs(settings.model, pair_capacity=pair_capacity(settings, tables_path), expert_load=counting,
+                            **kw) if not reason else {"model": settings.model, **kw})
         engine = LLMEngine.from_engine_args(EngineArgs(**kw))
         if reason:
             hf = engine.vllm_config.model_config.hf_config
@@ -223,6 +224,8 @@ class VllmHost:
         if not self.available:
             return None
         shape = self.llm.collective_rpc("varmoe_load_shape")[0]
+        if not shape.get("counting", True):
+            return None
         return int(shape["experts"]), tuple(shape["tiers"])
 
     def expert_load_reading(self):

@@ -53,21 +53,35 @@ def test_tap_counts_equal_brute_force_over_valid_rows(family):
     mask[0, :3] = 0  # left padding
     mask[2, :1] = 0
     counts, ent, tokens = brute(model, ids, mask)
+    ids2 = ids[:2, 2:]  # another shape, no padding, no mask given
+    counts2, ent2, tokens2 = brute(model, ids2, torch.ones_like(ids2))
     tap = RoutingTap(model).attach()
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
-    r = tap.load.read()
+    r = tap.read()
     np.testing.assert_array_equal(r.counts_LE, counts)
     np.testing.assert_allclose(r.entropy_L, ent, rtol=1e-5)
     assert (r.tokens_L == tokens).all()
-    # a second forward adds; detaching stops counting
+    # forwards filed together (masked and unmasked, two shapes) are counted as the sum
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
-    np.testing.assert_array_equal(tap.load.read().counts_LE, 2 * counts)
-    tap.detach()
+        model(input_ids=ids2)
+        model(input_ids=ids, attention_mask=mask)
+    r = tap.read()
+    np.testing.assert_array_equal(r.counts_LE, 3 * counts + counts2)
+    np.testing.assert_allclose(r.entropy_L, 3 * ent + ent2, rtol=1e-5)
+    assert (r.tokens_L == 3 * tokens + tokens2).all()
+    # filing past flush_forwards counts on the engine's side without a read
+    tap.flush_forwards = 2
+    with torch.no_grad():
+        model(input_ids=ids2)
+        model(input_ids=ids2)
+    assert not tap._masks
+    np.testing.assert_array_equal(tap.load.read().counts_LE, 3 * counts + 3 * counts2)
+    tap.detach()  # detaching stops counting
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
-    np.testing.assert_array_equal(tap.load.read().counts_LE, 2 * counts)
+    np.testing.assert_array_equal(tap.read().counts_LE, 3 * counts + 3 * counts2)
 
 
 def test_tap_records_the_experts_of_the_last_forward():

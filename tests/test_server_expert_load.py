@@ -160,3 +160,20 @@ def test_too_large_a_routing_response_is_refused(client):
     assert r.status_code == 413
     # the same requests without the arrays are fine
     assert client.post("/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 40}).status_code == 200
+
+
+def test_var_mode_rows_carry_their_tier(client):
+    """In VAR mode each row says whether a table served it; the fast rows are exactly the request's
+    fast routing decisions the server counts apart (its `routing` tier counts)."""
+    body = client.post("/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 12, "var": True,
+                                             "return_routed_experts": True}).json()
+    tiers = body["prompt_routed_tiers"] + body["routed_tiers"]
+    assert len(body["prompt_routed_tiers"]) == len(body["prompt_routed_experts"])
+    assert len(body["routed_tiers"]) == len(body["routed_experts"])
+    assert all(len(r) == 4 and set(r) <= {"fast", "learned"} for r in tiers)
+    fast = sum(r.count("fast") for r in tiers)
+    assert fast == body["routing"]["fast"] > 0
+    assert sum(r.count("learned") for r in tiers) == body["routing"]["learned"]
+    plain = client.post("/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 4, "var": False,
+                                              "return_routed_experts": True}).json()
+    assert "prompt_routed_tiers" not in plain and "routed_tiers" not in plain

@@ -89,7 +89,7 @@ class VarWorkerExtension:
         """{experts, top_k, layers, tiers} of the expert-load counters (expert_load.py)."""
         load = self._varmoe_state().load
         return {"experts": load.num_experts, "top_k": load.top_k, "layers": sorted(self._varmoe_state().layers),
-                "tiers": list(load.counter.tiers)}
+                "tiers": list(load.counter.tiers), "counting": load.counting}
 
     def varmoe_load_read(self) -> dict[str, Any]:
         """The cumulative expert-load counters (one device-to-host copy per buffer)."""
