@@ -9,7 +9,10 @@ a shared machine, so this measures the two parts of the cost apart, in one proce
   ratio of the median on-step to the median off-step is taken per block of --steps steps;
 - the deferred counting: the time of one `flush()` of `RoutingTap.flush_forwards` filed steps,
   divided by that number (what each step pays for it, amortised).
-Reported: tokens/s on / off = off step / (on step + flush share), per block, median and spread.
+Times are the CPU time of the benchmark's thread (`time.thread_time`; torch runs on it with one
+thread), not wall time: on a shared machine other processes' time slices swung wall-clock steps by
++-15%, which hid a 1% effect. Reported: tokens/s on / off = off step / (on step + flush share), per
+block, median and spread.
 
 Run: .venv/bin/python benchmarks/expert_load_step.py --blocks 20 --out benchmarks/results/expert_load_step.json
 """
@@ -34,6 +37,11 @@ from var_moe.routing_tap import RoutingTap  # noqa: E402
 from var_moe.var import VARModelWrapper, VARTables  # noqa: E402
 
 
+# CPU time of this thread (torch runs on it with --threads 1): what other processes on a shared
+# machine take from it in wall time does not count, which leaves the work itself to compare
+CLOCK = time.thread_time
+
+
 def block(model, rows: list[RowSpec], pad: int, steps: int, tap: RoutingTap) -> tuple[float, float]:
     """Median seconds per decode step with the hooks and without, steps alternating ABBA."""
     dec = BatchDecoder(model, rows, pad, None)
@@ -42,9 +50,9 @@ def block(model, rows: list[RowSpec], pad: int, steps: int, tap: RoutingTap) -> 
     for i in range(steps):
         hooks = (i % 4) in (0, 3)
         tap.attach() if hooks else tap.detach()
-        t0 = time.perf_counter()
+        t0 = CLOCK()
         dec.step()
-        (on if hooks else off).append(time.perf_counter() - t0)
+        (on if hooks else off).append(CLOCK() - t0)
     tap.detach()
     return statistics.median(on), statistics.median(off)
 
@@ -59,9 +67,9 @@ def flush_share(model, rows: list[RowSpec], pad: int, tap: RoutingTap) -> float:
     tap.attach()
     for _ in range(n):
         dec.step()
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     tap.flush()
-    took = time.perf_counter() - t0
+    took = CLOCK() - t0
     tap.detach()
     tap.flush_forwards = saved
     return took / n

@@ -80,6 +80,13 @@ class JobResult:
     routed: dict[str, list] | None = None
 
 
+ROW_TIERS = ("learned", "fast")  # index: served by a VAR table
+
+
+def tier_names(fast_TL: list[list[bool]]) -> list[list[str]]:
+    return [[ROW_TIERS[f] for f in row] for row in fast_TL]
+
+
 @dataclass
 class Job:
     spec: RowSpec
@@ -111,12 +118,6 @@ class Job:
             out |= {"prompt_routed_tiers": self.prompt_tiers, "routed_tiers": list(self.gen_tiers)}
         return out
 
-
-ROW_TIERS = ("learned", "fast")  # index: served by a VAR table
-
-
-def tier_names(fast_TL: list[list[bool]]) -> list[list[str]]:
-    return [[ROW_TIERS[f] for f in row] for row in fast_TL]
 
     @property
     def deadline(self) -> float:
