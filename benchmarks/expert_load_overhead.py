@@ -10,6 +10,12 @@ under load is suspended (SIGSTOP of its process tree), the order of the two alte
 repeat to the next, and the ratio on / off is reported per repeat (the pairs closest in time) with
 their median, minimum and maximum. Goal: on >= 0.99x off at 16 clients.
 
+On a shared machine other processes' time slices swing a cell's tokens/s by tens of percent, so
+each cell also records the work it cost: the CPU seconds the server's process tree used during the
+cell (psutil, user + system; vLLM's worker process apart) and the tokens the server generated in it
+(its own `varmoe_generated_tokens_total`), giving generated tokens per CPU second, which time taken
+by other processes does not move. Both ratios are reported.
+
 Run (builtin engine, main environment; vLLM engine, vLLM environment):
     .venv/bin/python benchmarks/expert_load_overhead.py --engine builtin --repeats 6 \
         --out benchmarks/results/expert_load_overhead_builtin.json
@@ -37,6 +43,30 @@ from vllm_throughput import only_running, vllm_env  # noqa: E402
 
 from analysis_jobs.server_process import ManagedServer  # noqa: E402
 from var_moe.loading import REFERENCE_MODEL_DIR  # noqa: E402
+
+
+def tree_cpu(pid: int) -> tuple[float, float]:
+    """(CPU seconds of the whole process tree, of its vLLM worker processes), user + system."""
+    import psutil
+
+    total = worker = 0.0
+    root = psutil.Process(pid)
+    for proc in [root] + root.children(recursive=True):
+        try:
+            t = proc.cpu_times()
+            name = proc.name()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system
+        if "Worker" in name:
+            worker += t.user + t.system
+    return total, worker
+
+
+def generated(url: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("varmoe_generated_tokens_total{"))
 
 
 def scraper(url: str, every_s: float, stop: threading.Event) -> threading.Thread:
@@ -90,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         off_metrics = httpx.get(servers["off"].url + "/metrics").text
         assert "varmoe_expert_load_imbalance" in on_metrics and "varmoe_expert_load" not in off_metrics
         runs: dict[str, list[float]] = {"on": [], "off": []}
+        per_cpu: dict[str, list[float]] = {"on": [], "off": []}  # generated tokens per CPU second (tree)
+        per_worker_cpu: dict[str, list[float]] = {"on": [], "off": []}  # ... of the vLLM worker alone
         for name in ("on", "off"):  # warm-up: first requests of every shape
             only_running([servers[name].pid], pids)
             try:
@@ -102,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in (("on", "off") if rep % 2 == 0 else ("off", "on")):
                 only_running([servers[name].pid], pids)
                 stop = threading.Event()
+                cpu0, tok0 = tree_cpu(servers[name].pid), generated(servers[name].url)
                 t = scraper(servers[name].url, args.scrape_s, stop)
                 try:
                     tps = locust_load(servers[name].url, args.clients, args, prompts_file, log_dir, f"{name}",
@@ -112,9 +145,12 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     stop.set()
                     t.join()
+                cpu1, tok1 = tree_cpu(servers[name].pid), generated(servers[name].url)
+                per_cpu[name].append((tok1 - tok0) / max(cpu1[0] - cpu0[0], 1e-9))
+                per_worker_cpu[name].append((tok1 - tok0) / (cpu1[1] - cpu0[1]) if cpu1[1] > cpu0[1] else None)
                 runs[name].append(tps)
-                print(f"repeat {rep} {args.engine} metrics {name:3s} {tps if tps is None else round(tps, 1)} tok/s",
-                      flush=True)
+                print(f"repeat {rep} {args.engine} metrics {name:3s} {tps if tps is None else round(tps, 1)} tok/s, "
+                      f"{per_cpu[name][-1]:.1f} tok per CPU s", flush=True)
     finally:
         if servers:
             only_running([s.pid for s in servers.values()], [s.pid for s in servers.values()])
@@ -130,13 +166,23 @@ def main(argv: list[str] | None = None) -> int:
               "tokens_per_s": runs, "median_tokens_per_s": {k: statistics.median(v) for k, v in valid.items()},
               "ratio_on_off_per_repeat": ratios, "ratio_median": statistics.median(ratios),
               "ratio_min": min(ratios), "ratio_max": max(ratios),
-              "ratio_of_medians": statistics.median(valid["on"]) / statistics.median(valid["off"]), "goal": 0.99}
+              "ratio_of_medians": statistics.median(valid["on"]) / statistics.median(valid["off"]), "goal": 0.99,
+              "tokens_per_cpu_s": per_cpu, "tokens_per_worker_cpu_s": per_worker_cpu}
+    cpu_ratios = [round(a / b, 4) for a, b in zip(per_cpu["on"], per_cpu["off"])]
+    result |= {"cpu_ratio_on_off_per_repeat": cpu_ratios, "cpu_ratio_median": statistics.median(cpu_ratios),
+               "cpu_ratio_min": min(cpu_ratios), "cpu_ratio_max": max(cpu_ratios)}
+    worker = [round(a / b, 4) for a, b in zip(per_worker_cpu["on"], per_worker_cpu["off"]) if a and b]
+    if worker:
+        result |= {"worker_cpu_ratio_on_off_per_repeat": worker, "worker_cpu_ratio_median": statistics.median(worker)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{args.engine}, {args.clients} clients: on {result['median_tokens_per_s']['on']:.1f} tok/s, off "
           f"{result['median_tokens_per_s']['off']:.1f} tok/s; on/off per repeat {ratios} (median "
           f"{result['ratio_median']:.3f}, range {result['ratio_min']:.3f}-{result['ratio_max']:.3f})")
+    print(f"generated tokens per CPU second, on/off per repeat {cpu_ratios} (median {result['cpu_ratio_median']:.3f}, "
+          f"range {result['cpu_ratio_min']:.3f}-{result['cpu_ratio_max']:.3f})"
+          + (f"; vLLM worker only: {worker} (median {result['worker_cpu_ratio_median']:.3f})" if worker else ""))
     print(f"wrote {out}")
     return 0
 
