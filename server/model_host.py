@@ -93,6 +93,7 @@ class ModelHost:
             # entries taken out by shadow verification since start (table_sizes already excludes them)
             "demoted": {l: s["demoted"] for l, s in w.get_performance_stats()["layers"].items()},
             "tables_source": w.tables.metadata.get("source"),
+            "tables_uncertified": w.tables.metadata.get("uncertified"),  # None: certified on held-out documents
         }
 
     # -- per-request tier counts -----------------------------------------------------------------

@@ -196,6 +196,13 @@ def evidence_for_split(model: Any, adapter: Any, tokenizer: Any, dataset: str, s
     return collect_evidence(model, batches, adapter, info)
 
 
+def names_documents(meta: dict[str, Any]) -> bool:
+    """Whether a capture's metadata names its documents (dataset, split, max_length)."""
+    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    return bool((meta.get("dataset") or cfg.get("dataset")) and (meta.get("split") or cfg.get("split"))
+                and (cfg.get("max_length") or meta.get("max_length")))
+
+
 def stats_documents(meta: dict[str, Any]) -> tuple[str, str, int, int | None]:
     """(dataset, split, max_length, num_samples) of the documents a capture's metadata names."""
     cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
@@ -333,6 +340,10 @@ class VARTables:
     def __getitem__(self, layer: int) -> LayerTable:
         return self.layers[layer]
 
+    def uncertified_note(self) -> str | None:
+        """What to tell a user of tables that were not certified on held-out documents (else None)."""
+        return self.metadata.get("uncertified")
+
     def sizes(self) -> dict[int, int]:
         return {l: t.size for l, t in sorted(self.layers.items())}
 
@@ -410,12 +421,18 @@ class VARTables:
         """Tables from a calibration capture: its metadata names the documents (dataset, split,
         max_length, num_samples); a routing pass over them collects the evidence by document
         (unless `evidence` is given), and the pass must reproduce the capture's token counts.
+        Statistics that name no documents (computed in memory) give in-sample, uncertified tables
+        (`in_sample.py`).
         With `choose_evidence` the sets are chosen there and certified on every calibration document."""
         from .stats_io import check_stats_for_model, read_stats
 
         df, meta = read_stats(path)
         check_stats_for_model(meta, model, adapter, source=f"statistics {path}")
         check_split(meta, str(path), allow_test_split)
+        if evidence is None and not names_documents(meta):  # statistics computed in memory: in-sample tables
+            from .in_sample import in_sample_tables
+
+            return in_sample_tables(df, meta, model, adapter, config, layers, str(path))
         if evidence is None:
             evidence = evidence_for_stats(meta, model, adapter, tokenizer, batch_size)
         tables = cls.from_evidence(evidence, model, adapter, config, layers, source=str(path),

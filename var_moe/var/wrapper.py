@@ -275,6 +275,8 @@ class VARModelWrapper:
         for t in TIERS:
             print(f"  {t:8s}: {100 * o['routing_distribution'][t]:5.1f}%")
         print(f"  cache hit rate: {100 * o['cache_hit_rate']:.1f}%   table entries: {o['table_size']}")
+        if self.tables.uncertified_note():
+            print(f"  {self.tables.uncertified_note()}")
         if o["shadow_checked"]:
             print(f"  shadow agreement: {100 * o['shadow_agreement']:.1f}% of {o['shadow_checked']}  demoted: {o['demoted']}")
         for l, d in s["layers"].items():
