@@ -1,6 +1,6 @@
 """Speed of the expert-cache simulator: a million token-layer events per policy, compiled vs plain Python.
 
-    python -m benchmarks.offload_simulator --trace results/offload/trace_test.parquet \
+    python -m benchmarks offload_simulator --trace results/offload/trace_test.parquet \
         [--events 1000000 --python-events 64000 --repeats 5] [--output benchmarks/results/offload_simulator.json]
 
 The trace is mapped onto Mixtral-8x7B's 32 layers and cut to `--events` token-layer events. For
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{r['policy']:<12}{r['events']:>10}{r['compiled_s']:>12.3f}{r['events'] / r['compiled_s'] / 1e6:>11.2f}"
               f"{r['small_events']:>11}{r['small_python_s']:>10.2f}{r['python_over_compiled']:>13.0f}")
     doc = {"trace": a.trace, "repeats": a.repeats, "compiled": kernel.compiled(), "rows": rows,
-           "command": "python -m benchmarks.offload_simulator " + " ".join(argv or [])}
+           "command": "python -m benchmarks offload_simulator " + " ".join(argv or [])}
     if a.output:
         Path(a.output).parent.mkdir(parents=True, exist_ok=True)
         Path(a.output).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")

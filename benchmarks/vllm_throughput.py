@@ -26,8 +26,8 @@ wholly on the compute core (`taskset`), its HTTP side included. Goals (issue 12)
 plain vLLM, VAR >= 0.90x, at every client count.
 
 Run (vLLM environment):
-    .venv-vllm/bin/python benchmarks/vllm_throughput.py --repeats 3 --run-time 20 \
-        --builtin-python .venv/bin/python --out benchmarks/results/vllm_throughput.json
+    .venv-vllm/bin/python -m benchmarks vllm_throughput --repeats 3 --run-time 20 \
+        --builtin-python .venv/bin/python --output benchmarks/results/vllm_throughput.json
 Results go to docs/BENCHMARKS.md (section "VAR on vLLM").
 """
 
@@ -44,13 +44,10 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from server_throughput import locust_load, prompts  # noqa: E402
-
-from analysis_jobs.server_process import REPO_ROOT, ManagedServer, free_port  # noqa: E402
-from var_moe.loading import REFERENCE_MODEL_DIR  # noqa: E402
+from analysis_jobs.server_process import REPO_ROOT, ManagedServer, free_port
+from benchmarks.server_throughput import locust_load, prompts
+from var_moe.loading import REFERENCE_MODEL_DIR
+from var_moe.timing import rotated
 
 
 def vllm_env(core: int, kv_gb: int) -> dict[str, str]:
@@ -122,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="suspend the servers that are not under load (default on)")
     p.add_argument("--pin-rest", type=int, default=None, metavar="CORE",
                    help="run everything but the compute threads on this core (default: no pinning)")
-    p.add_argument("--out", default="runs/vllm_throughput.json")
+    p.add_argument("--output", default="runs/vllm_throughput.json")
     p.add_argument("--log-dir", default="runs/vllm_throughput")
     args = p.parse_args(argv)
     levels = [int(c) for c in args.clients.split(",")]
@@ -181,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(args.repeats):
             # the contenders' order rotates with the repeat: the machine's speed drifts over tens of
             # seconds, and a fixed order would hand one contender the same slot of every drift
-            order = names[rep % len(names):] + names[: rep % len(names)]
+            order = rotated(names, rep)
             for c in levels:
                 for name in order:
                     url, model, var = contenders[name]
@@ -211,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
               "ratio_to_vllm_per_repeat": paired,
               "runs": {n: {c: [r["tokens_per_s"] for r in rs] for c, rs in by.items()} for n, by in runs.items()},
               "goals": {"vllm_engine_baseline": 0.95, "vllm_engine_var": 0.90}}
-    out = Path(args.out)
+    out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{'contender':22s} " + " ".join(f"{c:>16d}" for c in levels))
