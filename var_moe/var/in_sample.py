@@ -9,13 +9,16 @@ Wilson test of "agreement <= target_agreement" rejects on the *same* occurrences
 set (multiplicity over all entries as in `tables.py`). Agreement measured where the set was chosen
 is optimistic, so nothing here is certified: the metadata says so (`uncertified`, with the
 commands that certify), and so do `print_performance_summary()` and the server's `/var/status`.
-Token entries only: (previous, token) entries need evidence by document.
+Token entries only: (previous, token) entries need evidence by document. `tables_for_stats` picks
+the certified path when the statistics name their documents (what `VARConfig.from_routing_stats`
+plus the wrapper go through).
 
 Test: `pytest tests/test_var_seed_workflow.py`.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +27,7 @@ import torch
 from ..errors import InvalidInputError
 from .certify import Candidates, score_pvalues, served_weights
 from .config import VARConfig
+from .tables import FORMAT_VERSION, VARTables, certify_entries, model_identity, names_documents
 
 CERTIFY_COMMANDS = ("`varmoe capture --split calibration --output calib.parquet` (statistics that name their documents), "
                     "then `varmoe build-tables --routing-stats calib.parquet --output tables.safetensors`")
@@ -68,11 +72,23 @@ def layer_candidates_in_sample(sub: Any, config: VARConfig, vocab: int, num_expe
     return Candidates(modal_VK, seen_V, eligible_V, agree_V, freq_V, seen_V.double(), w_VK, mass_V, pvals_V, freq_V)
 
 
-def in_sample_tables(df: Any, meta: dict[str, Any], model: Any, adapter: Any, config: VARConfig,
-                     layers: list[int] | None, source: str) -> Any:
-    """`VARTables` for `model` from a statistics frame without document metadata (uncertified)."""
-    from .tables import FORMAT_VERSION, VARTables, certify_entries, model_identity
+def tables_for_stats(path: str | Path, model: Any, adapter: Any, config: VARConfig, layers: list[int] | None = None,
+                     allow_test_split: bool = False) -> VARTables:
+    """Tables from a statistics file: certified by document (`VARTables.from_stats_file`) when its
+    metadata names its documents, else in-sample and uncertified (`in_sample_tables`)."""
+    from .stats_io import check_split, check_stats_for_model, read_stats
 
+    df, meta = read_stats(path)
+    if names_documents(meta):
+        return VARTables.from_stats_file(path, model, adapter, config, layers=layers, allow_test_split=allow_test_split)
+    check_stats_for_model(meta, model, adapter, source=f"statistics {path}")
+    check_split(meta, str(path), allow_test_split)
+    return in_sample_tables(df, meta, model, adapter, config, layers, str(path))
+
+
+def in_sample_tables(df: Any, meta: dict[str, Any], model: Any, adapter: Any, config: VARConfig,
+                     layers: list[int] | None, source: str) -> VARTables:
+    """`VARTables` for `model` from a statistics frame without document metadata (uncertified)."""
     ident = model_identity(model, adapter)
     layers = layers if layers is not None else [m.layer for m in adapter.moe_layers(model)]
     missing = sorted(set(layers) - set(int(x) for x in df["layer"].unique()))

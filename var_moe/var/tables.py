@@ -421,18 +421,12 @@ class VARTables:
         """Tables from a calibration capture: its metadata names the documents (dataset, split,
         max_length, num_samples); a routing pass over them collects the evidence by document
         (unless `evidence` is given), and the pass must reproduce the capture's token counts.
-        Statistics that name no documents (computed in memory) give in-sample, uncertified tables
-        (`in_sample.py`).
         With `choose_evidence` the sets are chosen there and certified on every calibration document."""
         from .stats_io import check_stats_for_model, read_stats
 
         df, meta = read_stats(path)
         check_stats_for_model(meta, model, adapter, source=f"statistics {path}")
         check_split(meta, str(path), allow_test_split)
-        if evidence is None and not names_documents(meta):  # statistics computed in memory: in-sample tables
-            from .in_sample import in_sample_tables
-
-            return in_sample_tables(df, meta, model, adapter, config, layers, str(path))
         if evidence is None:
             evidence = evidence_for_stats(meta, model, adapter, tokenizer, batch_size)
         tables = cls.from_evidence(evidence, model, adapter, config, layers, source=str(path),
