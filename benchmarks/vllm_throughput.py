@@ -22,7 +22,7 @@ and everything it starts (vLLM's API-server and engine-core processes, the varmo
 side, Locust) run on that core, so the compute core holds only the compute thread: vLLM's
 engine-core process polls its queues busily, and when the scheduler put it on the compute core
 it took time from the worker, which made cells swing by ~25%. The builtin engine then runs
-wholly on the compute core (`taskset`), its HTTP side included. Goals (issue 12): baseline >= 0.95x
+wholly on the compute core (`taskset`), its HTTP side included. Goals: baseline >= 0.95x
 plain vLLM, VAR >= 0.90x, at every client count.
 
 Run (vLLM environment):

@@ -110,7 +110,7 @@ def certify_entries(cands: dict[int, Candidates], pair_cands: dict[int, PairCand
                     ) -> tuple[dict[int, LayerTable], dict[int, PairTable], dict[str, Any]]:
     """The multiplicity step over every token candidate AND every (previous, token) candidate
     (`pairs.py`) of every layer as one family, then token tables and pair tables."""
-    alpha = (1 - config.confidence_level) / 2  # one-sided; equals the old two-sided Wilson level for m = 1
+    alpha = (1 - config.confidence_level) / 2  # one-sided; for m = 1 the two-sided Wilson interval at confidence_level
     layers = sorted(cands)
     players = sorted(pair_cands)
     pv = torch.cat([cands[l].pvalue_V[cands[l].eligible_V] for l in layers]
