@@ -44,6 +44,7 @@ import torch
 from analysis_jobs.server_process import REPO_ROOT, ManagedServer, free_port
 from loadtests.run import headless_command, launch_locust
 from var_moe.loading import REFERENCE_MODEL_DIR, load_model
+from var_moe.timing import rotated
 
 
 def prompts(n: int) -> list[str]:
@@ -276,11 +277,12 @@ def main(argv: list[str] | None = None) -> int:
             except (RuntimeError, TimeoutError, OSError, httpx.HTTPError) as exc:
                 results["transformers_cb"] = {"error": str(exc)[-500:]}
                 print(f"transformers serve: {exc}", flush=True)
-        # Interleave: every repeat runs every contender once, so load drift on a shared machine hits all alike.
+        # Interleave: every repeat runs every contender once, in rotating order (var_moe.timing), so load
+        # drift on a shared machine hits all alike.
         measured: dict[tuple, list[dict]] = {key: [] for key in runs}
         for rep in range(args.repeats):
-            for key, fn in runs.items():
-                measured[key].append(fn())
+            for key in rotated(list(runs), rep):
+                measured[key].append(runs[key]())
                 print(f"repeat {rep + 1}: {' '.join(map(str, key))}: {measured[key][-1]['tokens_per_s']:.0f} tokens/s",
                       flush=True)
         for key, values in measured.items():
