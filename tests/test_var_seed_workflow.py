@@ -77,3 +77,27 @@ def test_document_statistics_still_certify(reference_model_dir):
     from var_moe.var.tables import names_documents
 
     assert names_documents(read_stats_metadata(reference_model_dir / "var" / "routing_stats_calibration.parquet"))
+
+
+def test_server_status_says_uncertified(reference_model_dir, tmp_path):
+    """`varmoe serve --routing-stats` on in-memory statistics: /var/status names the tables uncertified
+    and the commands that certify them."""
+    import shutil
+
+    import httpx
+
+    from analysis_jobs.server_process import ManagedServer
+    from var_moe import load_model
+
+    model_dir = tmp_path / "model"  # the reference model without its committed tables (they would win)
+    shutil.copytree(reference_model_dir, model_dir, ignore=shutil.ignore_patterns("var"))
+    model, tok = load_model(str(model_dir))
+    analyzer = RouterAnalyzer(model)
+    ids = tok(["def main():\n    return 0\n", "import os\nimport sys\n"], return_tensors="pt", padding=True)
+    for _ in range(3):
+        analyzer.analyze_batch(ids["input_ids"], ids["attention_mask"])
+    stats = tmp_path / "stats.parquet"
+    analyzer.get_vocabulary_analysis().to_parquet(stats)
+    with ManagedServer(model_dir, args=["--routing-stats", str(stats)], log_path=tmp_path / "server.log") as s:
+        status = httpx.get(f"{s.url}/var/status", timeout=30).json()
+    assert status["var"]["available"] and CERTIFY_COMMANDS in status["var"]["tables_uncertified"]
