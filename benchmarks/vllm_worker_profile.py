@@ -33,6 +33,7 @@ from analysis_jobs.server_process import ManagedServer
 from benchmarks.server_throughput import prompts, run_load, varmoe_sender
 from benchmarks.vllm_throughput import vllm_env
 from var_moe.loading import REFERENCE_MODEL_DIR
+from var_moe.timing import rotated
 
 HOOK = "_runner_prepare_inputs (var_moe/vllm/rows.py"
 
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         for mode, send in senders.items():  # warm-up: every shape once, outside the profiles
             run_load(send, args.clients, 2, texts)
         for rnd in range(args.rounds):
-            for mode, send in senders.items():
+            for mode in rotated(list(senders), rnd):  # which mode goes first rotates (var_moe.timing)
+                send = senders[mode]
                 out = log_dir / f"{mode}_{rnd}.txt"
                 spy = subprocess.Popen([args.py_spy, "record", "-r", str(args.rate), "-f", "raw", "-o", str(out),
                                         "-p", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
