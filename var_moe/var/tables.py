@@ -38,7 +38,6 @@ Test: `pytest tests/test_var_tables.py tests/test_var_verification.py`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidInputError
+from ..identity import model_dir_of, routers_fingerprint
 from .certify import (  # noqa: F401  (re-exported: the table API in one place)
     CHOOSE_MODES,
     Candidates,
@@ -110,7 +110,7 @@ def certify_entries(cands: dict[int, Candidates], pair_cands: dict[int, PairCand
                     ) -> tuple[dict[int, LayerTable], dict[int, PairTable], dict[str, Any]]:
     """The multiplicity step over every token candidate AND every (previous, token) candidate
     (`pairs.py`) of every layer as one family, then token tables and pair tables."""
-    alpha = (1 - config.confidence_level) / 2  # one-sided; equals the old two-sided Wilson level for m = 1
+    alpha = (1 - config.confidence_level) / 2  # one-sided; for m = 1 the two-sided Wilson interval at confidence_level
     layers = sorted(cands)
     players = sorted(pair_cands)
     pv = torch.cat([cands[l].pvalue_V[cands[l].eligible_V] for l in layers]
@@ -196,6 +196,13 @@ def evidence_for_split(model: Any, adapter: Any, tokenizer: Any, dataset: str, s
     return collect_evidence(model, batches, adapter, info)
 
 
+def names_documents(meta: dict[str, Any]) -> bool:
+    """Whether a capture's metadata names its documents (dataset, split, max_length)."""
+    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    return bool((meta.get("dataset") or cfg.get("dataset")) and (meta.get("split") or cfg.get("split"))
+                and (cfg.get("max_length") or meta.get("max_length")))
+
+
 def stats_documents(meta: dict[str, Any]) -> tuple[str, str, int, int | None]:
     """(dataset, split, max_length, num_samples) of the documents a capture's metadata names."""
     cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
@@ -242,25 +249,19 @@ def frequency_check(df: Any, evidence: Evidence) -> dict[str, Any]:
     return {"relative_l1_difference": worst, "same_tokens": worst == 0.0}
 
 
-def router_fingerprint(routers: list[torch.nn.Module]) -> str:
-    """SHA-256 (first 16 hex) of the routers' parameters: ties a table to the weights it was verified on."""
-    h = hashlib.sha256()
-    for r in routers:
-        for name, t in sorted(r.state_dict().items()):
-            h.update(name.encode())
-            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def model_identity(model: Any, adapter: Any) -> dict[str, Any]:
     layers = adapter.moe_layers(model)
+    loaded = {m.layer: dict(getattr(m.block, m.router_attr).state_dict()) for m in layers}
     return {
         "model": str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "")),
         "model_type": getattr(model.config, "model_type", None),
         "vocab_size": int(model.config.vocab_size),
         "num_experts": adapter.num_experts,
         "top_k": adapter.top_k,
-        "router_fingerprint": router_fingerprint([getattr(m.block, m.router_attr) for m in layers]),
+        # the stored checkpoint's routers when these are they (any loaded dtype), else these bytes
+        "router_fingerprint": routers_fingerprint(loaded, model_dir_of(model)),
+        # the dtype routing is computed in here: a server in another dtype re-measures (served_dtype.py)
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     }
 
 
@@ -332,6 +333,10 @@ class VARTables:
 
     def __getitem__(self, layer: int) -> LayerTable:
         return self.layers[layer]
+
+    def uncertified_note(self) -> str | None:
+        """What to tell a user of tables that were not certified on held-out documents (else None)."""
+        return self.metadata.get("uncertified")
 
     def sizes(self) -> dict[int, int]:
         return {l: t.size for l, t in sorted(self.layers.items())}
