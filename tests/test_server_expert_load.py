@@ -2,7 +2,8 @@
 - `return_routed_experts` arrays equal the experts a teacher-forced capture of the same tokens
   chooses (in-process, hooks on the model's routers), in the [tokens][MoE layers][k] layout, for
   `/v1/generate`, `/v1/completions` and a stream (whose token events carry each step's rows);
-- the arrays load as a `varmoe trace --routing-array` input;
+- the arrays load as a `varmoe trace --routing-array` input, and replayed on the model
+  (var_moe/routing_replay.py) they give the model's own logits for those tokens;
 - the per-expert counters in /metrics grew by exactly the slots those arrays hold, the default
   expert-load series are a few per MoE layer, and the windowed gauges match the counts;
 - a request whose arrays would exceed max_response_bytes gets 413.
@@ -23,6 +24,7 @@ from server_helpers import sse_events
 from analysis_jobs.server_process import REPO_ROOT, ManagedServer
 from var_moe.loading import load_model
 from var_moe.offload.trace import Trace
+from var_moe.routing_replay import forward_with_routing
 from var_moe.routing_tap import RoutingTap
 
 PROMPT = "def forward(self, x):\n    return self"
@@ -93,6 +95,12 @@ def test_generate_returns_the_captured_experts_and_counters_match(client, local)
     assert all(len(r) == after.shape[0] and all(len(x) == k for x in r) for r in prompt_rows + gen_rows)
     fed = ids + gen[: len(gen_rows)]
     assert prompt_rows + gen_rows == captured(local, fed)
+    # the response re-scores the request: replaying its experts gives the model's own logits
+    model, _ = local
+    with torch.no_grad():
+        plain_logits = model(input_ids=torch.tensor([fed])).logits
+    replayed = forward_with_routing(model, torch.tensor([fed]), prompt_rows + gen_rows)
+    torch.testing.assert_close(replayed, plain_logits, rtol=0, atol=0)
     # the device counters grew by exactly the routed slots of this request (nothing else ran)
     arr = np.array(prompt_rows + gen_rows)
     want = np.stack([np.bincount(arr[:, l].reshape(-1), minlength=after.shape[1]) for l in range(after.shape[0])])
