@@ -17,10 +17,10 @@ cell (psutil, user + system; vLLM's worker process apart) and the tokens the ser
 by other processes does not move. Both ratios are reported.
 
 Run (builtin engine, main environment; vLLM engine, vLLM environment):
-    .venv/bin/python benchmarks/expert_load_overhead.py --engine builtin --repeats 6 \
-        --out benchmarks/results/expert_load_overhead_builtin.json
-    .venv-vllm/bin/python benchmarks/expert_load_overhead.py --engine vllm --repeats 6 \
-        --out benchmarks/results/expert_load_overhead_vllm.json
+    .venv/bin/python -m benchmarks expert_load_overhead --engine builtin --repeats 6 \
+        --output benchmarks/results/expert_load_overhead_builtin.json
+    .venv-vllm/bin/python -m benchmarks expert_load_overhead --engine vllm --repeats 6 \
+        --output benchmarks/results/expert_load_overhead_vllm.json
 Results go to docs/BENCHMARKS.md (section "Expert load metrics").
 """
 
@@ -29,20 +29,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import threading
 from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from server_throughput import locust_load, prompts  # noqa: E402
-from vllm_throughput import only_running, vllm_env  # noqa: E402
-
-from analysis_jobs.server_process import ManagedServer  # noqa: E402
-from var_moe.loading import REFERENCE_MODEL_DIR  # noqa: E402
+from analysis_jobs.server_process import ManagedServer
+from benchmarks.server_throughput import locust_load, prompts
+from benchmarks.vllm_throughput import only_running, vllm_env
+from var_moe.loading import REFERENCE_MODEL_DIR
 
 
 def tree_cpu(pid: int) -> tuple[float, float]:
@@ -93,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=3.0, help="seconds after spawning left out of the window")
     p.add_argument("--repeats", type=int, default=6)
     p.add_argument("--scrape-s", type=float, default=5.0, help="seconds between /metrics scrapes during a cell")
-    p.add_argument("--out", default="runs/expert_load_overhead.json")
+    p.add_argument("--output", default="runs/expert_load_overhead.json")
     p.add_argument("--log-dir", default="runs/expert_load_overhead")
     args = p.parse_args(argv)
     log_dir = Path(args.log_dir)
@@ -174,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     worker = [round(a / b, 4) for a, b in zip(per_worker_cpu["on"], per_worker_cpu["off"]) if a and b]
     if worker:
         result |= {"worker_cpu_ratio_on_off_per_repeat": worker, "worker_cpu_ratio_median": statistics.median(worker)}
-    out = Path(args.out)
+    out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{args.engine}, {args.clients} clients: on {result['median_tokens_per_s']['on']:.1f} tok/s, off "

@@ -14,7 +14,7 @@ thread), not wall time: on a shared machine other processes' time slices swung w
 +-15%, which hid a 1% effect. Reported: tokens/s on / off = off step / (on step + flush share), per
 block, median and spread.
 
-Run: .venv/bin/python benchmarks/expert_load_step.py --blocks 20 --out benchmarks/results/expert_load_step.json
+Run: .venv/bin/python -m benchmarks expert_load_step --blocks 20 --output benchmarks/results/expert_load_step.json
 """
 
 from __future__ import annotations
@@ -23,17 +23,14 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from server.decode import BatchDecoder, RowSpec  # noqa: E402
-from var_moe.loading import REFERENCE_MODEL_DIR, load_model  # noqa: E402
-from var_moe.routing_tap import RoutingTap  # noqa: E402
+from server.decode import BatchDecoder, RowSpec
+from var_moe.loading import REFERENCE_MODEL_DIR, load_model
+from var_moe.routing_tap import RoutingTap
 from var_moe.var import VARModelWrapper, VARTables  # noqa: E402
 
 
@@ -83,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blocks", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--var", action=argparse.BooleanOptionalAction, default=True, help="VAR mode (as served)")
-    p.add_argument("--out", default="runs/expert_load_step.json")
+    p.add_argument("--output", default="runs/expert_load_step.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, dtype="float32")
@@ -119,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
            "ratio_on_off_per_block": [round(r, 4) for r in ratios],
            "ratio_median": statistics.median(ratios), "ratio_q25_q75": statistics.quantiles(ratios, n=4)[::2],
            "ratio_min": min(ratios), "ratio_max": max(ratios), "goal": 0.99}
-    out = Path(args.out)
+    out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"on/off tokens/s per block: median {res['ratio_median']:.4f}, quartiles "
