@@ -5,7 +5,7 @@ attention_mask)`, `get_vocabulary_analysis() -> DataFrame`. Underneath, a `Routi
 hands every router call's float32 decision and the aligned `TokenBatch` to
 `StreamingTokenStats` (per layer and token) and `PairStats` ((previous, token) -> top-k set).
 Padding rows (attention mask 0) are dropped before any statistic. Memory is O(L x V x E) plus
-the bounded pair table, independent of the number of tokens.
+the bounded pair table: memory grows with the distinct (layer, token, expert) cells seen.
 
 A server can accumulate statistics from its own forwards, `generate()` decode steps included:
     with analyzer.capturing():
@@ -223,7 +223,7 @@ class RouterAnalyzer:
             "library_versions": library_versions(),
             "consecutive": self.stats.consecutive_rates(),
             "top1_definition": "chosen expert with the largest routing weight",
-            "modal_set_count_exact": self.stats.exact_sets,
+            "modal_set_count_exact": self.stats.set_err == 0,
             **self.stats.describe(),
         }
         return {**meta, **(extra or {})}

@@ -161,8 +161,10 @@ def fig_token_expert_heatmap(df: pd.DataFrame, meta: dict[str, Any], n: int = 50
               zip(first.get("token_str", first["token_id"]), order)]
     for ax, layer in zip(axes.flat, layers):
         sub = df[df["layer"] == layer].set_index("token_id").reindex(order)
-        counts = np.stack([np.asarray(x, dtype=np.float64) if isinstance(x, (list, np.ndarray)) else np.zeros(e)
-                           for x in sub["top1_counts"]])
+        counts = np.zeros((len(sub), e))
+        for i, (ex, c) in enumerate(zip(sub["expert_ids"], sub["top1_counts"])):  # n rows of a figure
+            if isinstance(ex, (list, np.ndarray)):
+                counts[i, np.asarray(ex, dtype=np.int64)] = np.asarray(c, dtype=np.float64)
         share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
         im = ax.imshow(share, cmap="Greys", vmin=0, vmax=1, aspect="auto")
         ax.set_title(f"layer {layer}")
