@@ -3,7 +3,7 @@
 The sparse capture statistics keep one value per *observed* key (a (layer, token, expert) cell,
 a (layer, token, top-k set) count) in plain arrays indexed by entry number; this index finds the
 entry of every key of a batch at once. Open addressing with linear probing in a power-of-two
-table kept at most half full: a lookup is one gather for almost every key (a few more rounds for
+table kept at most a quarter full: a lookup is one gather for almost every key (a few more rounds for
 the colliding ones), no sorting, no Python loop over keys. New keys are placed by rounds of
 scatter: keys that find a free slot write their entry number, keys whose write lost a race or
 whose slot is taken move one slot on -- the same layout as inserting them one at a time.
@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import torch
 
-_MULT = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed int64 (Fibonacci hashing)
+_M1 = -4658895280553007687  # 0xBF58476D1CE4E5B9 as a signed int64 (splitmix64 finalizer constants)
+_M2 = -7723592293110705685  # 0x94D049BB133111EB
+_LOAD = 4  # table slots per entry at least: short probe chains (few probe rounds per batch)
 
 
 class HashIndex:
@@ -28,12 +30,18 @@ class HashIndex:
         self._alloc_table(max(expected, 16))
 
     def _alloc_table(self, entries: int) -> None:
-        bits = max(5, (2 * entries - 1).bit_length())
+        bits = max(5, (_LOAD * entries - 1).bit_length())
         self.bits = bits
         self.table_H = torch.full((1 << bits,), -1, dtype=torch.long, device=self.device)
 
     def _slots(self, key_Q: torch.Tensor) -> torch.Tensor:
-        return ((key_Q * _MULT) >> (64 - self.bits)) & ((1 << self.bits) - 1)
+        # splitmix64's mixing (arithmetic shifts; int64 products wrap): structured keys such as
+        # row * E + e spread over the whole table, so linear-probing chains stay short
+        x = key_Q ^ (key_Q >> 31)
+        x = x * _M1
+        x = x ^ (x >> 29)
+        x = x * _M2
+        return (x ^ (x >> 32)) & ((1 << self.bits) - 1)
 
     @property
     def keys(self) -> torch.Tensor:
@@ -89,7 +97,7 @@ class HashIndex:
         self.keys_N[self.n: self.n + u] = new_U
         ids_U = torch.arange(self.n, self.n + u, device=self.device)
         self.n += u
-        if 2 * self.n > self.table_H.numel():  # keep the load at most 1/2: rehash everything
+        if _LOAD * self.n > self.table_H.numel():  # keep the load at most 1/_LOAD: rehash everything
             self._alloc_table(2 * self.n)
             self._place(self.keys_N[: self.n], torch.arange(self.n, device=self.device))
         else:
