@@ -3,9 +3,9 @@
 The file is the one `varmoe build-tables` writes for the builtin engine (var_moe.var.tables). Before
 any entry is used, its metadata must match the model vLLM loaded: model type, vocabulary, expert
 count, top-k, MoE layers, and the router fingerprint, recomputed here from the gate weights vLLM
-loaded (the same SHA-256 over the same parameter names and float32 bytes as the builtin engine, so
-a table built on the Hugging Face model is accepted by vLLM on the same weights, and by neither on
-other weights or another dtype). Entries are copied into the existing device buffers (in place:
+loaded (var_moe.identity: the stored checkpoint's routers when the loaded gates are they in the
+served dtype, as the builtin engine computes it, so a table built on the Hugging Face model is
+accepted by vLLM on the same weights in any dtype, and by neither on other weights). Entries are copied into the existing device buffers (in place:
 compiled graphs and CUDA graphs keep pointing at them). Weights are stored scaled the way the
 router scales its own: renormalising routers sum their top-k weights to 1, the others keep the
 table's raw mass. (Previous, token) entries (tables built with `--pair-entries`) go into the pair
@@ -27,7 +27,8 @@ import torch
 
 from ..errors import InvalidInputError
 from ..var.pairs import stack_pair_keys
-from ..var.tables import VARTables, router_fingerprint
+from ..identity import routers_fingerprint
+from ..var.tables import VARTables
 from .routing import VarState
 from .rows import index_pairs
 
@@ -42,7 +43,10 @@ def record_identity(state: VarState, hf_config: Any) -> None:
         "vocab_size": int(hf_config.vocab_size),
         "num_experts": int(first.gate.weight.shape[0]),
         "top_k": int(first.experts_VK.shape[1]),
-        "router_fingerprint": router_fingerprint([state.layers[l].gate for l in layers]),
+        # the stored checkpoint's routers when the gates vLLM loaded are they in its dtype (bf16 on
+        # most CPUs and GPUs), so tables built on the float32 model are recognised (var_moe.identity)
+        "router_fingerprint": routers_fingerprint({l: dict(state.layers[l].gate.state_dict()) for l in layers},
+                                                  getattr(state, "model_dir", None)),
         "layers": layers,
     }
 
