@@ -103,12 +103,12 @@ def main() -> None:
             raise SystemExit(f"{name} failed:\n{res.stderr[-2000:]}")
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
     print(f"{'shape':<15}{'L':>4}{'E':>5}{'k':>3}{'V':>8}  {'updates/s':>9}  {'tokens/s':>9}  {'state MB':>9}  "
-          f"{'cells':>9}  {'peak RSS MB':>11}  {'dense would be MB':>17}")
+          f"{'cells':>9}  {'peak RSS MB':>11}  {'dense cells MB':>14}")
     for r in rows:
         s = r["sparse"]
         print(f"{r['shape']:<15}{r['layers']:>4}{r['experts']:>5}{r['top_k']:>3}{r['vocab']:>8}  "
               f"{s['updates_per_s']:>9.1f}  {s['tokens_per_s']:>9.0f}  {s['state_mb']:>9.1f}  {s['cells']:>9}  "
-              f"{r['peak_rss_mb']:>11.0f}  {r['dense_state_mb_analytic']:>17.0f}")
+              f"{r['peak_rss_mb']:>11.0f}  {r['dense_state_mb_analytic']:>14.0f}")
         if "dense" in r:
             d = r["dense"]
             print(f"{'  dense, same run':<33}  {d['updates_per_s']:>9.1f}  {d['tokens_per_s']:>9.0f}  "
