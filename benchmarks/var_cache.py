@@ -1,8 +1,8 @@
 """Cost of the context-cache lookup + insert per forward: tensor-backed (sorted keys + searchsorted,
 what VAR uses) vs a Python dict keyed by int64 built from one `.tolist()` per forward.
 
-    python -m benchmarks.var_cache [--tokens 2048 --capacity 10000 --vocab 4096 --window 1 --repeats 30]
-    python -m benchmarks.var_cache --tokens 4 --prefill 10000 --repeats 300   # decode steps, full cache
+    python -m benchmarks var_cache [--tokens 2048 --capacity 10000 --vocab 4096 --window 1 --repeats 30]
+    python -m benchmarks var_cache --tokens 4 --prefill 10000 --repeats 300   # decode steps, full cache
 
 Both see the same key stream (Zipf-like token ids, so hits happen) and do the same work: look up
 T keys, then insert the misses. Reports the median microseconds per forward-layer for each.
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--window", type=int, default=1)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--prefill", type=int, default=0, help="random keys inserted before timing (a filled cache)")
+    p.add_argument("--output", default=None, help="write the JSON here")
     a = p.parse_args(argv)
     if min(a.tokens, a.capacity, a.vocab, a.repeats) < 1 or a.window < 0 or a.prefill < 0:
         p.error("--tokens, --capacity, --vocab, --repeats must be >= 1; --window, --prefill >= 0")
@@ -81,6 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
               "tensor_hits": h_tensor, "dict_hits": h_dict,
               "note": "hit counts differ slightly: LRU tie-breaking differs between the two"}
     print(json.dumps(result, indent=2))
+    if a.output:
+        open(a.output, "w").write(json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -2,10 +2,10 @@
 and any number of VAR table sets scored on the same windows, chunk by chunk, with per-document
 NLL sums written after every chunk, so a run cut short still gives every document it finished.
 
-    python -m benchmarks.ppl_sliding --threads 1 --shard 0/2 --output runs/ppl/shard0.json \
+    python -m analysis_jobs.ppl_sliding --threads 1 --shard 0/2 --output runs/ppl/shard0.json \
         --tables balanced=models/reference-moe/var/var_tables.safetensors \
         --tables loose=results/phase2/tables_loose.safetensors          # and --shard 1/2 beside it
-    python -m benchmarks.ppl_sliding --merge runs/ppl/shard0.json runs/ppl/shard1.json \
+    python -m analysis_jobs.ppl_sliding --merge runs/ppl/shard0.json runs/ppl/shard1.json \
         --output results/phase2/ppl_sliding.json [--against NAME]
 
 A shard takes the documents whose index is congruent to it (so a partial run covers the whole
