@@ -7,7 +7,7 @@ hidden width (a few MB of weights besides the embedding), so anything that scale
 four numbers can be tried on this machine. `save_shape_model(name, dir)` writes it with
 `save_pretrained` (weights stay out of the repository: write to a temporary folder).
 
-`layers=`/`vocab_size=` shrink a shape for tests. Test: `pytest tests/test_shapes.py`.
+`layers=`/`vocab_size=` shrink a shape for tests. Test: `pytest tests/test_capture_sparse.py -k shape`.
 """
 
 from __future__ import annotations
