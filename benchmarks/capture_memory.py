@@ -8,7 +8,7 @@ its peak resident memory is its own. At Mixtral's shape the dense (L x V x E) ac
 (`DenseTokenStats`) runs in the same process, interleaved update by update with the sparse one on
 the same batches, and the ratio of their median update times is reported.
 
-Run:   python -m benchmarks.capture_memory [--updates 20] [--tokens 2048] [--json PATH]
+Run:   python -m benchmarks capture_memory [--updates 20] [--tokens 2048] [--output PATH]
 Prints a table and writes JSON (default benchmarks/results/capture_memory.json).
 """
 
@@ -82,18 +82,18 @@ def run_one(name: str, updates: int, tokens: int, dense: bool, seed: int = 0) ->
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--updates", type=int, default=20, help="timed updates per shape (after 2 warm-up updates)")
     ap.add_argument("--tokens", type=int, default=2048, help="tokens per update (one forward of 8 x 256)")
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
-    ap.add_argument("--json", default="benchmarks/results/capture_memory.json")
+    ap.add_argument("--output", default="benchmarks/results/capture_memory.json")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process: one shape
     ap.add_argument("--dense", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.one:
         print(json.dumps(run_one(args.one, args.updates, args.tokens, args.dense)))
-        return
+        return 0
     rows = []
     for name in args.shapes:
         cmd = [sys.executable, "-m", "benchmarks.capture_memory", "--one", name, "--updates", str(args.updates),
@@ -115,9 +115,10 @@ def main() -> None:
                   f"{d['state_mb']:>9.1f}   sparse/dense update rate {r['sparse_over_dense_update_rate']:.2f}x "
                   f"(first half of the updates {r['sparse_over_dense_first_half']:.2f}x, "
                   f"second half {r['sparse_over_dense_second_half']:.2f}x)")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2) + "\n")
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
