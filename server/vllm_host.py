@@ -53,7 +53,7 @@ def engine_args(settings) -> dict[str, Any]:
         kw["quantization"] = settings.vllm_quantization
     if settings.trust_remote_code:
         kw["trust_remote_code"] = True
-    kv = kv_cache_bytes(settings)
+    kv = kv_cache_bytes(settings, on_cpu=vllm_on_cpu())
     if kv is not None:
         kw["kv_cache_memory_bytes"] = kv
     return kw
@@ -63,7 +63,16 @@ GiB = 1 << 30
 MIN_KV_CACHE_BYTES = GiB // 4
 
 
-def kv_cache_bytes(settings) -> int | None:
+def vllm_on_cpu() -> bool:
+    """Whether the installed vLLM is its CPU build (False where vLLM is not installed)."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:
+        return False
+    return bool(current_platform.is_cpu())
+
+
+def kv_cache_bytes(settings, on_cpu: bool) -> int | None:
     """The KV cache vLLM reserves: --kv-cache-gib, else on the CPU build what --max-batch-size
     sequences of the model's whole context need (float32 upper bound, +25%, at least 0.25 GiB);
     vLLM's own CPU default reserves nearly all of the machine's memory (and refuses to start when
@@ -71,9 +80,7 @@ def kv_cache_bytes(settings) -> int | None:
     A default that would take over half of the free memory is refused, naming the settings."""
     if settings.kv_cache_gib is not None:
         return int(settings.kv_cache_gib * GiB)
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
+    if not on_cpu:
         return None
     import json
     from pathlib import Path

@@ -46,6 +46,20 @@ def _column_VX(sub: Any, name: str, v: int, width: int, dtype: torch.dtype) -> t
     return out
 
 
+def _experts_VE(sub: Any, name: str, v: int, num_experts: int) -> torch.Tensor:
+    """A per-expert column as (V, E): sparse (aligned with `expert_ids`, the statistics schema) or
+    one entry per expert (frames of schema version 1)."""
+    if "expert_ids" not in sub.columns:
+        return _column_VX(sub, name, v, num_experts, torch.float64)
+    from ..capture.schema import densify_experts
+
+    out = torch.zeros(v, num_experts, dtype=torch.float64)
+    if len(sub):
+        ids = torch.tensor(sub["token_id"].to_numpy(), dtype=torch.long)
+        out[ids] = torch.as_tensor(densify_experts(sub, name, num_experts), dtype=torch.float64)
+    return out
+
+
 def layer_candidates_in_sample(sub: Any, config: VARConfig, vocab: int, num_experts: int, top_k: int) -> Candidates:
     """One layer's candidates from its (layer, token) rows: set, filters and agreement all in-sample."""
     ids_V = torch.tensor(sub["token_id"].to_numpy(), dtype=torch.long)
@@ -61,8 +75,8 @@ def layer_candidates_in_sample(sub: Any, config: VARConfig, vocab: int, num_expe
     agree_V = scatter("modal_set_count", torch.float64)
     ent_V = scatter("mean_entropy", torch.float64)
     modal_VK = _column_VX(sub, "modal_topk_set", vocab, top_k, torch.long)
-    chosen_VE = _column_VX(sub, "topk_counts", vocab, num_experts, torch.float64)
-    wsum_VE = _column_VX(sub, "topk_weight_sums", vocab, num_experts, torch.float64)
+    chosen_VE = _experts_VE(sub, "topk_counts", vocab, num_experts)
+    wsum_VE = _experts_VE(sub, "topk_weight_sums", vocab, num_experts)
     seen_V = freq_V > 0
     eligible_V = seen_V & (freq_V >= config.frequency_threshold)
     if config.entropy_threshold is not None:
