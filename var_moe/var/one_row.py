@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from .lookup import Lookup
+from .served import pair_key, split_key
 
 Row = tuple[torch.Tensor, torch.Tensor] | None  # one layer's served (idx_1K, w_1K), None = learned
 
@@ -104,8 +105,8 @@ class OneRowHost:
         self.pairs: dict[int, list[tuple[int, int]]] = {}
         if on and s.has_pairs:
             x_X = s.pair_open_X.nonzero().squeeze(1)  # refreshed before this (TableStack)
-            v2 = s.vocab * s.vocab
-            for key, slot, x in zip((s.pair_keys_X[x_X] % v2).tolist(), s.pair_slot_X[x_X].tolist(), x_X.tolist()):
+            slot_X, base_X = split_key(s.pair_keys_X[x_X], s.vocab)
+            for key, slot, x in zip(base_X.tolist(), slot_X.tolist(), x_X.tolist()):
                 self.pairs.setdefault(key, []).append((slot, x))
 
     def reset_counts(self) -> None:
@@ -122,7 +123,7 @@ class OneRowHost:
             return None
         if not valid:  # padding is never fast
             return self._empty(tok, 0)
-        pair = self.pairs.get(context[-1] * s.vocab + tid) if self.pairs and context and context[-1] >= 0 else None
+        pair = self.pairs.get(pair_key(0, context[-1], tid, s.vocab)) if self.pairs and context and context[-1] >= 0 else None
         if not self.open_V[tid] and pair is None:
             return self._empty(tok, 1)
         return self._served(tok, tid, pair) if self.serve else None

@@ -29,6 +29,7 @@ Test: `pytest tests/test_var_router.py tests/test_var_decode_step.py tests/test_
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable
 
 import torch
@@ -36,7 +37,8 @@ import torch
 from .config import VARConfig
 from .lookup import Lookup
 from .one_row import OneRowHost
-from .pairs import PairTable, find_pairs, stack_pair_keys
+from .pairs import PairTable
+from .served import ServedTables, decide, pair_serves, split_key
 from .tables import LayerTable
 
 FAST, CACHED, LEARNED = 0, 1, 2
@@ -71,26 +73,31 @@ class TableStack:
         self.layers, self.config, self.num_experts = layers, config, num_experts
         self.slot = {l: i for i, l in enumerate(layers)}
         st = lambda name: torch.stack([getattr(tables[l], name) for l in layers]).to(device)  # noqa: E731
-        self.member_LV = st("member_V").clone()
+        vocab, k = tables[layers[0]].experts_VK.shape
+        self.served = ServedTables.build(tables, pair_tier or {}, layers, scales, int(vocab), int(k), device, index_dtype)
+        self.member_LV = self.served.member_LV
         self.bound_LV = st("bound_V").clone()
         self.agree_LV, self.total_LV = st("agree_V"), st("total_V")
-        self.nominal_LVK = st("experts_VK").to(index_dtype)
-        w_LVK = st("weights_VK").float()
-        mass_LV = st("mass_V").float()
-        scale_L1 = torch.tensor([[s if s is not None else float("nan")] for s in (scales[l] for l in layers)],
-                                device=device)
-        # routers whose weights do not sum to a constant use the table's raw mass instead
-        scaled = torch.where(scale_L1.isnan()[..., None], w_LVK * mass_LV[..., None], w_LVK * scale_L1[..., None])
-        self.weights_LVK = scaled
-        self.idx_LVK = self.nominal_LVK
-        self.single_LV = w_LVK[..., 0] >= config.adaptive_k_min_weight
+        self.nominal_LVK, self.weights_LVK = self.served.idx_LVK, self.served.w_LVK
+        self.single_LV = st("weights_VK")[..., 0] >= config.adaptive_k_min_weight
         if config.adaptive_k:  # one expert, full weight; other slots -> the experts' empty slot E
             slot0 = torch.arange(self.nominal_LVK.shape[-1], device=device) == 0
             one = self.single_LV[..., None]
-            self.idx_LVK = torch.where(one & ~slot0, torch.full_like(self.nominal_LVK, num_experts), self.nominal_LVK)
-            self.weights_LVK = torch.where(one, torch.where(slot0, scaled.sum(-1, keepdim=True), 0.0), scaled)
-        self.vocab = int(self.member_LV.shape[1])
-        self._stack_pairs(pair_tier or {}, scale_L1, device, index_dtype)
+            scaled = self.weights_LVK
+            self.served = replace(self.served, idx_LVK=torch.where(one & ~slot0, torch.full_like(self.nominal_LVK, num_experts),
+                                                                    self.nominal_LVK),
+                                  w_LVK=torch.where(one, torch.where(slot0, scaled.sum(-1, keepdim=True), 0.0), scaled))
+            self.weights_LVK = self.served.w_LVK
+        self.idx_LVK = self.served.idx_LVK
+        self.vocab = self.served.vocab
+        self.has_pairs = self.served.has_pairs  # decided once, on the host: without pair entries lookup() is unchanged
+        if self.has_pairs:
+            self.pair_keys_X, self.pair_idx_XK, self.pair_w_XK = (self.served.pair_keys_X, self.served.pair_idx_XK,
+                                                                  self.served.pair_w_XK)
+            self.pair_slot_X, base_X = split_key(self.pair_keys_X, self.vocab)
+            self.pair_tok_X = base_X % self.vocab
+            self.pair_tok_V = torch.zeros(self.vocab, dtype=torch.bool, device=device)
+            self._refresh_pair_tokens()
         self.shadow_agree_LV = torch.zeros_like(self.agree_LV)
         self.shadow_total_LV = torch.zeros_like(self.total_LV)
         self.pending_LV = torch.zeros_like(self.member_LV)
@@ -109,35 +116,12 @@ class TableStack:
         self.host = OneRowHost(self) if device.type == "cpu" else None
         self.step_rows: list | None = None
 
-    def _stack_pairs(self, pair_tier: dict[int, PairTable], scale_L1: torch.Tensor, device: torch.device,
-                     index_dtype: torch.dtype) -> None:
-        """All layers' pair entries in one sorted key tensor: slot * V**2 + prev * V + token (each
-        layer's keys ascend and slots ascend, so the concatenation is sorted), with sets and weights
-        scaled like the token entries' (no adaptive k: a pair row keeps its whole set)."""
-        v2 = self.vocab * self.vocab
-        parts, keys_X = stack_pair_keys(pair_tier, self.layers, self.vocab)
-        self.has_pairs = bool(parts)  # decided once, on the host: without pair entries lookup() is unchanged
-        if not parts:
-            return
-        self.pair_keys_X = keys_X.to(device)
-        self.pair_idx_XK = torch.cat([p.sets_PK for _, p in parts]).to(device, index_dtype)
-        w_XK = torch.cat([p.weights_PK for _, p in parts]).to(device, torch.float32)
-        mass_X = torch.cat([p.mass_P for _, p in parts]).to(device, torch.float32)
-        scale_X1 = torch.cat([scale_L1[i].expand(p.size) for i, p in parts])[:, None]
-        # routers whose weights do not sum to a constant use the raw mass, as for token entries
-        self.pair_w_XK = torch.where(scale_X1.isnan(), w_XK * mass_X[:, None], w_XK * scale_X1)
-        self.pair_offset_L = torch.arange(len(self.layers), device=device, dtype=torch.long) * v2
-        self.pair_slot_X = self.pair_keys_X // v2
-        self.pair_tok_X = self.pair_keys_X % self.vocab
-        self.pair_tok_V = torch.zeros(self.vocab, dtype=torch.bool, device=device)
-        self._refresh_pair_tokens()
-
     def _refresh_pair_tokens(self) -> None:
         """Tokens that end a pair entry that can serve (its layer has no token entry for the token):
         on CPU a forward with none skips the pair lookup. Entries whose token has a token entry never
         serve while it stands (most of layer 0's); a demotion may open them, so this is recomputed
         after each (tensor ops, no host sync)."""
-        self.pair_open_X = ~self.member_LV[self.pair_slot_X, self.pair_tok_X]  # also read by one_row.py
+        self.pair_open_X = pair_serves(self.member_LV[self.pair_slot_X, self.pair_tok_X], True)  # also read by one_row.py
         self.pair_tok_V.zero_()
         self.pair_tok_V[self.pair_tok_X[self.pair_open_X]] = True
 
@@ -172,15 +156,6 @@ class TableStack:
         CPU (reading a CPU tensor is no device sync; most decode steps have no such token). On
         accelerators always True, so the lookup never waits for the device."""
         return safe_T.device.type != "cpu" or bool(self.pair_tok_V[safe_T].any())
-
-    def _pair_rows(self, tok: Any, device: torch.device, safe_T: torch.Tensor, open_LT: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pair_LT, entry_LT): rows served by a pair entry (only where `open_LT`: valid, in
-        vocabulary, no token entry) and the entry's index. One searchsorted over (L, T); no host sync."""
-        # -1 at a sequence start; a foreign id never hits
-        hit_LT, entry_LT = find_pairs(self.pair_keys_X, tok.prev_T.to(device).long(), safe_T, self.vocab,
-                                      self.pair_offset_L[:, None])
-        return hit_LT & open_LT, entry_LT
 
     def counts(self) -> torch.Tensor:
         """(L, len(COUNTERS)) all counters, the lookup-time ones folded in (one new tensor)."""
@@ -244,23 +219,18 @@ class TableStack:
         return self._resolve(tok, self.member_LV.device)[0]
 
     def _resolve(self, tok: Any, device: torch.device) -> tuple[Lookup, torch.Tensor]:
-        """(lookup, token_LT): the fast tier of every layer, and the rows served by token entries."""
-        ids_T, valid_T = tok.ids_T.to(device), tok.valid_T.to(device).bool()
-        safe_T = ids_T.clamp(0, self.vocab - 1)  # out-of-vocabulary ids: a valid index, never fast
-        ok_T = valid_T & (safe_T == ids_T)
-        if self.config.enable_fast_path:
-            fast_LT = self.member_LV[:, safe_T] & ok_T
-        else:
-            fast_LT = torch.zeros(len(self.layers), ids_T.shape[0], dtype=torch.bool, device=device)
-        idx_LTK = self.idx_LVK[:, safe_T]
-        # the pre-adaptive-k set is only read by verification and the cache
-        nominal_LTK = idx_LTK if not self.config.adaptive_k else self.nominal_LVK[:, safe_T]
-        w_LTK, token_LT, pair_LT = self.weights_LVK[:, safe_T], fast_LT, None
-        if self.has_pairs and self.config.enable_fast_path and self._may_pair(safe_T):
-            pair_LT, p_LT = self._pair_rows(tok, device, safe_T, ok_T & ~fast_LT)
-            fast_LT = fast_LT | pair_LT
-            idx_LTK = torch.where(pair_LT[..., None], self.pair_idx_XK[p_LT], idx_LTK)
-            nominal_LTK = torch.where(pair_LT[..., None], self.pair_idx_XK[p_LT], nominal_LTK)
-            w_LTK = torch.where(pair_LT[..., None], self.pair_w_XK[p_LT], w_LTK)
+        """(lookup, token_LT): the fast tier of every layer (`served.decide`), and the rows served
+        by token entries."""
+        ids_T = tok.ids_T.to(device)
+        on = self.config.enable_fast_path
+        pairs = on and self.has_pairs and self._may_pair(ids_T.clamp(0, self.vocab - 1))
+        d = decide(self.served, ids_T, tok.valid_T, tok.prev_T if pairs else None, fast=on)
+        fast_LT = d.fast_LT
+        nominal_LTK = d.idx_LTK
+        if self.config.adaptive_k:  # the pre-adaptive-k set, read only by verification and the cache
+            nominal_LTK = self.nominal_LVK[:, d.safe_T]
+            if d.pair_LT is not None:  # pair rows keep their whole set
+                nominal_LTK = torch.where(d.pair_LT[..., None], d.idx_LTK, nominal_LTK)
         any_L = fast_LT.any(1).tolist() if fast_LT.device.type == "cpu" else None
-        return Lookup(tok, safe_T, valid_T, fast_LT, nominal_LTK, idx_LTK, w_LTK, any_L, pair_LT), token_LT
+        valid_T = tok.valid_T.to(device).bool()
+        return Lookup(tok, d.safe_T, valid_T, fast_LT, nominal_LTK, d.idx_LTK, d.w_LTK, any_L, d.pair_LT), d.token_LT
