@@ -27,9 +27,8 @@ import os
 from types import SimpleNamespace
 from typing import Any
 
-import torch
-
 from var_moe.errors import InvalidInputError
+from var_moe.var.served import ServedTables, tier_counts
 
 from .errors import APIError
 from .var_runtime import Counts
@@ -73,8 +72,8 @@ class VllmHost:
     capture_tokens = 0
     analyzer = None
 
-    def __init__(self, engine: Any, model_name: str, tables_info: dict | None, member_LV: torch.Tensor | None,
-                 layers: list[int], reason: str = "", pair_keys_X: torch.Tensor | None = None):
+    def __init__(self, engine: Any, model_name: str, tables_info: dict | None, served: ServedTables | None,
+                 layers: list[int], reason: str = ""):
         from .vllm_engine import VllmEngine
 
         self.engine_class = VllmEngine  # ServerState builds this engine instead of the builtin one
@@ -87,9 +86,7 @@ class VllmHost:
                                                             max_position_embeddings=int(cfg.max_model_len)))
         self.layers = layers
         self.tables_info = tables_info
-        self.member_LV = member_LV  # host copy of table membership, for per-request counts
-        # host copy of the pair entries' keys, slot * V**2 + previous * V + token (slot: index in layers)
-        self.pair_keys_X = pair_keys_X
+        self.served = served  # host copy of the served tables (slot: index in layers), for per-request counts
         self.unavailable_reason = "" if tables_info is not None else (reason or "VAR is not available")
         self._var_default = False
 
@@ -126,17 +123,10 @@ class VllmHost:
         refused = [r["error"] for r in replies if "error" in r]
         if refused:  # every rank checks the same tables against the same gates
             raise InvalidInputError(refused[0])
-        info = replies[0]
-        from var_moe.var.pairs import stack_pair_keys
         from var_moe.var.tables import VARTables
 
-        tables = VARTables.load(tables_path)
         layers = sorted(int(l) for l in engine.collective_rpc("varmoe_counts")[0])
-        vocab = int(tables.metadata["vocab_size"])
-        member_LV = torch.stack([tables.layers[l].member_V if l in tables.layers else torch.zeros(vocab, dtype=torch.bool)
-                                 for l in layers])
-        _, pair_keys_X = stack_pair_keys(tables.pair_tier, layers, vocab)
-        return cls(engine, settings.model, info, member_LV, layers, pair_keys_X=pair_keys_X)
+        return cls(engine, settings.model, replies[0], ServedTables.from_tables(VARTables.load(tables_path), layers), layers)
 
     # -- RoutingBackend --------------------------------------------------------------------------
     @property
@@ -189,23 +179,12 @@ class VllmHost:
 
     # -- per-request tier counts -----------------------------------------------------------------
     def request_tiers(self, var: bool, forwarded_ids: list[int], prev_id: int = -1) -> dict[str, int]:
-        """Routing decisions of one request summed over MoE layers (valid tokens x layers).
-        `prev_id`: the token before forwarded_ids[0] (-1: none, the sequence starts there)."""
-        n = len(forwarded_ids) * len(self.layers)
-        if not var or self.member_LV is None or not forwarded_ids:
-            return {"fast": 0, "cached": 0, "learned": n}
-        ids_T = torch.tensor(forwarded_ids, dtype=torch.long)
-        member_LT = self.member_LV[:, ids_T]
-        fast = int(member_LT.sum())
-        if self.pair_keys_X is not None:  # (previous, token) entries serve rows whose token has none
-            from var_moe.var.pairs import find_pairs
-
-            vocab = self.member_LV.shape[1]
-            prev_T = torch.cat([torch.tensor([prev_id], dtype=torch.long), ids_T[:-1]])
-            offset_L1 = torch.arange(len(self.layers), dtype=torch.long)[:, None] * vocab * vocab
-            hit_LT, _ = find_pairs(self.pair_keys_X, prev_T, ids_T, vocab, offset_L1)
-            fast += int((hit_LT & ~member_LT).sum())
-        return {"fast": fast, "cached": 0, "learned": n - fast}
+        """Routing decisions of one request summed over MoE layers (valid tokens x layers), from the
+        same decision the workers make (`served.tier_counts`). `prev_id`: the token before
+        forwarded_ids[0] (-1: none, the sequence starts there)."""
+        if not var or self.served is None:
+            return {"fast": 0, "cached": 0, "learned": len(forwarded_ids) * len(self.layers)}
+        return {"cached": 0, **tier_counts(self.served, forwarded_ids, prev_id)}
 
     # -- capture: builtin engine only ----------------------------------------------------------------
     def _no_capture(self, *args: Any) -> None:

@@ -106,15 +106,16 @@ def load_pair_table(tables_path: str | Path, layers: list[int], num_experts: int
 
 
 def var_predict(trace: Trace, member_LV: np.ndarray, experts_LVK: np.ndarray) -> np.ndarray:
-    t, l, k = trace.experts_TLK.shape
-    pred = np.full((t, l, k), -1, dtype=np.int16)
-    ids_T = trace.token_ids_T.astype(np.int64)
-    ok_T = (ids_T >= 0) & (ids_T < member_LV.shape[1])
-    safe_T = np.where(ok_T, ids_T, 0)
-    for i in range(l):  # a loop over layers; per-token work is a gather
-        hit_T = ok_T & member_LV[i, safe_T]
-        pred[:, i] = np.where(hit_T[:, None], experts_LVK[i, safe_T], -1)
-    return pred
+    """The served token entries' sets (`var.served.decide`, the routers' decision, without pair
+    entries: those are `var_pair`'s); -1 where no token entry serves."""
+    import torch
+
+    from ..var.served import ServedTables, decide
+
+    ids_T = torch.from_numpy(trace.token_ids_T.astype(np.int64))
+    d = decide(ServedTables.token_only(torch.from_numpy(member_LV), torch.from_numpy(experts_LVK)), ids_T, ids_T >= 0)
+    pred_TLK = torch.where(d.token_LT.t()[..., None], d.idx_LTK.transpose(0, 1), -1)
+    return pred_TLK.numpy().astype(np.int16)
 
 
 # -- modal-set tables built from a calibration trace ---------------------------------------------

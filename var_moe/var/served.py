@@ -134,6 +134,13 @@ class ServedTables:
                    cat(p_w, torch.zeros(0, top_k)).to(device))
 
     @classmethod
+    def token_only(cls, member_LV: torch.Tensor, idx_LVK: torch.Tensor) -> "ServedTables":
+        """Token entries' members and sets only (no weights, no pair entries): for predictions."""
+        k = idx_LVK.shape[-1]
+        return cls(member_LV.bool(), idx_LVK, torch.zeros(idx_LVK.shape), torch.zeros(0, dtype=torch.long),
+                   torch.zeros(0, k, dtype=idx_LVK.dtype), torch.zeros(0, k))
+
+    @classmethod
     def from_tables(cls, tables: Any, order: Sequence[int], scales: Mapping[int, float | None] | float | None = None,
                     device: Any = "cpu") -> "ServedTables":
         """From a `tables.VARTables` (its metadata names vocabulary and top-k); `scales` per layer,

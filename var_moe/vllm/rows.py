@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..var.served import pair_key, pair_serves, split_key
 from .routing import VarState, _subclass
 
 MODE_KEY = "varmoe_var"  # the key of SamplingParams.extra_args that pins a request's mode
@@ -88,10 +89,10 @@ def index_pairs(state: VarState, keys_X: np.ndarray, member_VS: np.ndarray) -> N
     """Index the loaded pair entries on the host for the per-step lookups: `keys_X` sorted keys
     slot * V**2 + previous * V + token (entry i at index i), `member_VS` each slot's token entries."""
     v, s = member_VS.shape
-    slot_X, base_X = np.divmod(np.asarray(keys_X, dtype=np.int64), v * v)
+    slot_X, base_X = split_key(np.asarray(keys_X, dtype=np.int64), v)
     bases_U, u_X = np.unique(base_X, return_inverse=True)
     rows_US = np.full((bases_U.size, s), state.pair_capacity, dtype=np.int64)
-    served_X = ~member_VS[base_X % v, slot_X]  # token entries win
+    served_X = pair_serves(member_VS[base_X % v, slot_X], True)
     rows_US[u_X[served_X], slot_X[served_X]] = np.flatnonzero(served_X)
     state.pair_entries, state.pair_vocab = int(base_X.size), int(v)
     state.pair_bases_U, state.pair_rows_US = bases_U, rows_US
@@ -108,7 +109,7 @@ def pair_entries(state: VarState, rows_T: np.ndarray, prev_T: np.ndarray, tok_T:
     c = np.flatnonzero(rows_T & ((prev_T | tok_T) >= 0) & (np.maximum(prev_T, tok_T) < v))
     if c.size == 0:
         return None
-    base_C = prev_T[c] * v + tok_T[c]
+    base_C = pair_key(0, prev_T[c], tok_T[c], v)
     j_C = np.minimum(np.searchsorted(bases_U, base_C), bases_U.size - 1)
     hit_C = bases_U[j_C] == base_C
     if not hit_C.any():
@@ -125,7 +126,7 @@ def one_row_entries(state: VarState, token_ids_S: np.ndarray, pos: int) -> tuple
         return None, np.full(1, -1, dtype=np.int64)
     prev, tok = int(token_ids_S[pos - 1]), int(token_ids_S[pos])
     v = state.pair_vocab
-    row = state.pair_rows_host.get(prev * v + tok) if 0 <= prev < v and 0 <= tok < v else None
+    row = state.pair_rows_host.get(pair_key(0, prev, tok, v)) if 0 <= prev < v and 0 <= tok < v else None
     return row, np.full(1, prev, dtype=np.int64)
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidInputError
-from ..var.pairs import stack_pair_keys
+from ..var.served import ServedTables, split_key
 from ..var.tables import VARTables, router_fingerprint
 from .routing import VarState
 from .rows import index_pairs
@@ -84,55 +84,43 @@ def load_tables(state: VarState, path: str | Path, check_fingerprint: bool = Tru
 def fill_tables(state: VarState, tables: VARTables) -> None:
     """Write table entries into the buffers in place; layers without a table get an empty one. The
     pair entries are checked before anything is written."""
-    pairs = stacked_pairs(state, tables) if state.pair_sel_NS is not None else None
-    for layer, lv in state.layers.items():
-        t = tables.layers.get(layer)
-        if t is None:
-            lv.member_V.zero_()
-            continue
-        dev = lv.member_V.device
-        scale_V = torch.ones_like(t.mass_V) if lv.renormalize else t.mass_V
-        lv.experts_VK.copy_(t.experts_VK.to(dev))
-        lv.weights_VK.copy_((t.weights_VK * scale_V[:, None]).to(dev))
-        lv.member_V.copy_(t.member_V.to(dev))
-    if pairs is not None:
-        keys_X, idx_XK, w_XK = pairs
-        n, v = keys_X.shape[0], next(iter(state.layers.values())).member_V.shape[0]
-        dev = state.pair_tok_X.device
+    served = served_tables(state, tables)
+    for lv in state.layers.values():
+        lv.experts_VK.copy_(served.idx_LVK[lv.slot])
+        lv.weights_VK.copy_(served.w_LVK[lv.slot])
+        lv.member_V.copy_(served.member_LV[lv.slot])
+    if state.pair_sel_NS is not None:
+        n, v = served.pair_keys_X.shape[0], served.vocab
         state.pair_tok_X.fill_(-1)
-        state.pair_tok_X[:n] = (keys_X % v).to(dev)
-        state.pair_idx_XK[:n] = idx_XK.to(dev)
-        state.pair_w_XK[:n] = w_XK.to(dev)
-        by_slot = sorted(state.layers.values(), key=lambda lv: lv.slot)
-        index_pairs(state, keys_X.numpy(), torch.stack([lv.member_V.cpu() for lv in by_slot], dim=1).numpy())
+        state.pair_tok_X[:n] = split_key(served.pair_keys_X, v)[1] % v
+        state.pair_idx_XK[:n] = served.pair_idx_XK
+        state.pair_w_XK[:n] = served.pair_w_XK
+        index_pairs(state, served.pair_keys_X.cpu().numpy(), served.member_LV.t().cpu().numpy())
 
 
-def stacked_pairs(state: VarState, tables: VARTables) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(keys_X, idx_XK, w_XK) of all layers' pair entries, host tensors: keys `slot * V**2 +
-    previous * V + token` (slots ascend and each layer's keys ascend, so they are sorted), sets,
-    and weights scaled like the token entries' (renormalising routers: as stored, rows sum to 1;
-    others: times the entry's raw mass). Refuses more entries than the capacity and malformed ones."""
+def served_tables(state: VarState, tables: VARTables) -> ServedTables:
+    """The tables as served on this model's device (`var.served`: slot = the layer's index among
+    the model's MoE layers; weights scaled as vLLM's router scales its own: renormalising routers
+    sum them to 1, the others keep the raw mass). Refuses more pair entries than the capacity and
+    malformed ones."""
     first = next(iter(state.layers.values()))
     v, (e, k) = int(first.member_V.shape[0]), (first.num_experts, int(first.experts_VK.shape[1]))
     by_slot = sorted(state.layers, key=lambda l: state.layers[l].slot)
     if [state.layers[l].slot for l in by_slot] != list(range(len(by_slot))):
         raise RuntimeError(f"the MoE layers' slots must be 0..{len(by_slot) - 1} (install_var numbers them)")
     # load_tables refused layers this model does not have
-    parts, keys_X = stack_pair_keys(tables.pair_tier, by_slot, v)
-    n = sum(p.size for _, p in parts)
+    pairs = [tables.pair_tier[l] for l in by_slot if l in tables.pair_tier]
+    n = sum(p.size for p in pairs)
     if n > state.pair_capacity:
         raise InvalidInputError(f"{n} (previous, token) entries exceed this engine's pair capacity {state.pair_capacity}")
-    if not parts:
-        return torch.zeros(0, dtype=torch.long), torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k)
-    idx_XK = torch.cat([p.sets_PK.long().reshape(p.size, -1) for _, p in parts])
-    w_XK = torch.cat([p.weights_PK.float().reshape(p.size, -1) * (1.0 if state.layers[by_slot[i]].renormalize
-                                                                  else p.mass_P.float()[:, None]) for i, p in parts])
-    in_range = all(bool(((p.keys_P >= 0) & (p.keys_P < v * v)).all()) for _, p in parts)
-    if not in_range or idx_XK.shape[1] != k or not bool(((idx_XK >= 0) & (idx_XK < e)).all()) \
-            or not bool((keys_X[1:] > keys_X[:-1]).all()):
+    ok = all(p.sets_PK.reshape(p.size, -1).shape[1] == k and bool(((p.sets_PK >= 0) & (p.sets_PK < e)).all())
+             and bool(((p.keys_P >= 0) & (p.keys_P < v * v)).all()) and bool((p.keys_P[1:] > p.keys_P[:-1]).all())
+             for p in pairs if p.size)
+    if not ok:
         raise InvalidInputError(f"the tables' (previous, token) entries are malformed (keys must ascend within "
                                 f"[0, {v}**2) per layer, sets hold {k} experts below {e})")
-    return keys_X, idx_XK, w_XK
+    scales = {l: 1.0 if state.layers[l].renormalize else None for l in by_slot}
+    return ServedTables.build(tables.layers, tables.pair_tier, by_slot, scales, v, k, first.member_V.device)
 
 
 @torch.no_grad()
