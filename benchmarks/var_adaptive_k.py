@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, tok = load_model(spec)
     batches = eval_batches(tok, "stdlib", "test", a.num_samples, 256, 8)
     tables = VARTables.load(a.tables, model)
-    base_cfg = get_preset(a.preset).replace(enable_cache=False)
+    base_cfg = get_preset(a.preset)
     variants = {"var": VARModelWrapper(model, base_cfg, tables=tables)}
     variants["var"].restore()
     variants["var_adaptive_k"] = VARModelWrapper(model, base_cfg.replace(adaptive_k=True, adaptive_k_min_weight=a.min_weight), tables=tables)

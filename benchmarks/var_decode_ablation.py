@@ -3,18 +3,15 @@
 Greedy generation of --new-tokens tokens from one short prompt on the reference model with its
 committed tables, 1 thread. Variants (each a fresh `VARModelWrapper` from the tables' own config):
   baseline     - the unmodified model (original routers, no wrapper installed, no hooks)
-  var          - the tables' config as committed (fast tier + counters; the presets leave the cache off)
-  cache-on     - same with the cached tier on
+  var          - the tables' config as committed (fast tier + counters)
   no-counters  - same with track_performance off (no per-layer tier counters)
-  learned-only - fast tier and cache off: every row takes the learned tier through VAR's code
-Each variant keeps its wrapper (and so its context cache) for the whole run and is installed only
-while it is timed. `--warm-sequences N` first forwards N sequences of the calibration split
-through every VAR variant, so their caches hold what a server's caches hold after a while (up to
-`cache_size` entries per layer). Each repeat runs every variant once (order rotated per repeat),
+  learned-only - fast tier off: every row takes the learned tier through VAR's code
+Each variant keeps its wrapper for the whole run and is installed only while it is timed. Each
+repeat runs every variant once (order rotated per repeat),
 after one warm-up generation; the table gives the median time and the median of per-repeat
 ratios to baseline.
 
-Run: `python benchmarks/var_decode_ablation.py [--new-tokens 64] [--repeats 7] [--warm-sequences 0]
+Run: `python benchmarks/var_decode_ablation.py [--new-tokens 64] [--repeats 7]
 [--variants baseline,var] [--extra-tables NAME=PATH ...] [--json F]` (an extra tables file is one
 more variant with the committed tables' config).
 """
@@ -29,7 +26,6 @@ import time
 
 import torch
 
-from var_moe.corpus import iter_batches
 from var_moe.loading import REFERENCE_MODEL_DIR, load_model
 from var_moe.var.config import VARConfig
 from var_moe.var.tables import VARTables
@@ -38,9 +34,8 @@ from var_moe.var.wrapper import VARModelWrapper
 VARIANTS = {
     "baseline": None,
     "var": {},
-    "cache-on": {"enable_cache": True, "cache_ttl_seconds": None},
     "no-counters": {"track_performance": False},
-    "learned-only": {"enable_cache": False, "enable_fast_path": False},
+    "learned-only": {"enable_fast_path": False},
 }
 
 
@@ -49,8 +44,6 @@ def main() -> None:
     ap.add_argument("--model", default=str(REFERENCE_MODEL_DIR))
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--warm-sequences", type=int, default=0,
-                    help="calibration sequences (256 tokens) forwarded through each VAR variant first")
     ap.add_argument("--json", default=None, help="write the per-repeat times and the summary here")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants (baseline always runs)")
     ap.add_argument("--extra-tables", action="append", default=[], metavar="NAME=PATH",
@@ -59,8 +52,6 @@ def main() -> None:
     args = ap.parse_args()
     if args.new_tokens < 1 or args.repeats < 1:
         ap.error("--new-tokens and --repeats must be >= 1")
-    if args.warm_sequences < 0:
-        ap.error("--warm-sequences must be >= 0")
     torch.set_num_threads(1)
     model, tok = load_model(args.model)
     tables = VARTables.load(f"{args.model}/var/var_tables.safetensors", model=model)
@@ -83,12 +74,7 @@ def main() -> None:
         wrappers[name] = VARModelWrapper(model, dataclasses.replace(base_config, **(change or {})), extra.get(name, tables))
         if change is None:
             wrappers[name].disable_var()
-        elif args.warm_sequences:
-            with torch.no_grad():
-                for batch_ids, mask in iter_batches(tok, "stdlib", "calibration", 256, 8, args.warm_sequences):
-                    model(input_ids=batch_ids, attention_mask=mask)
         wrappers[name].restore()
-    entries = {n: sum(len(r.cache) for r in w.routers.values()) for n, w in wrappers.items()}
     gen = dict(**ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
 
     def timed(name: str) -> float:
@@ -114,8 +100,7 @@ def main() -> None:
         for name in order:
             times[name].append(timed(name))
     summary = {}
-    print(f"batch-1 greedy decode, {args.new_tokens} new tokens, {args.repeats} interleaved repeats, 1 thread; "
-          f"cache entries (all layers) after warming: {entries}")
+    print(f"batch-1 greedy decode, {args.new_tokens} new tokens, {args.repeats} interleaved repeats, 1 thread")
     print(f"{'variant':<14}{'median s':>10}{'tokens/s':>10}{'x baseline':>12}{'min-max ratio':>16}")
     for name in names:
         ratios = [b / t for b, t in zip(times["baseline"], times[name])]
@@ -132,8 +117,7 @@ def main() -> None:
               f"(range {min(ratios):.3f}-{max(ratios):.3f})")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"new_tokens": args.new_tokens, "repeats": args.repeats, "warm_sequences": args.warm_sequences,
-                       "cache_entries": entries, "times_s": times, "summary": summary},
+            json.dump({"new_tokens": args.new_tokens, "repeats": args.repeats, "times_s": times, "summary": summary},
                       f, indent=2)
 
 

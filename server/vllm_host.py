@@ -160,7 +160,7 @@ class VllmHost:
         tiers: Counts = {}
         verification: Counts = {}
         for l, c in self._device_counts().items():
-            tiers.update({(l, "fast"): c[0], (l, "cached"): 0, (l, "learned"): c[1]})
+            tiers.update({(l, "fast"): c[0], (l, "learned"): c[1]})
             verification.update({(l, "agree"): c[2], (l, "disagree"): c[3]})
         return tiers, verification
 
@@ -183,8 +183,8 @@ class VllmHost:
         same decision the workers make (`served.tier_counts`). `prev_id`: the token before
         forwarded_ids[0] (-1: none, the sequence starts there)."""
         if not var or self.served is None:
-            return {"fast": 0, "cached": 0, "learned": len(forwarded_ids) * len(self.layers)}
-        return {"cached": 0, **tier_counts(self.served, forwarded_ids, prev_id)}
+            return {"fast": 0, "learned": len(forwarded_ids) * len(self.layers)}
+        return tier_counts(self.served, forwarded_ids, prev_id)
 
     # -- capture: builtin engine only ----------------------------------------------------------------
     def _no_capture(self, *args: Any) -> None:

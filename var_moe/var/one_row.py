@@ -8,12 +8,12 @@ context to `TableStack.begin_forward` as host ints (`TokenBatch.one`); `OneRowHo
 host mirrors of the stacked tables:
 - a step no layer serves (no token entry in any layer: a host list; its (previous, token) not a
   pair entry that can serve: a host dict; or padding) -> `EmptyStep`: nothing is fast;
-- otherwise, where its config allows (cache off, no adaptive k, table weights) -> `HostStep`: per
+- otherwise, where its config allows (no adaptive k, table weights) -> `HostStep`: per
   layer the served set and weights as (1, K) tensors, copied out of the tables in one clone per
   step (never views: a model may scale routing weights in place).
 Counts go to host counters that `TableStack.counts()` folds in. Each router then returns its
 learned decision, or the row's set and weights, without further work (`VARRouter.forward`, when
-it has nothing else to do: no cache, audit or shadow checks). A lookup's (L, T) tensors, which
+it has nothing else to do: no audit or shadow checks). A lookup's (L, T) tensors, which
 audit and shadow checks read, are built on first read: from the general path without counting.
 The mirrors are rebuilt after each demotion (`TableStack.apply_demotions`). Accelerators never
 take this path (their tables are not on the host).
@@ -87,9 +87,9 @@ class OneRowHost:
         self.none_L = [False] * n
         self.none_rows: list[Row] = [None] * n
         cfg = stack.config
-        # a served step needs only the table's set and weights: no cache tier to feed, no adaptive-k
-        # count, no learned-weight restriction
-        self.serve = stack.counts_fast_path and not cfg.adaptive_k and cfg.weights_source == "table"
+        # a served step needs only the table's set and weights: no adaptive-k count, no learned-weight
+        # restriction
+        self.serve = not cfg.adaptive_k and cfg.weights_source == "table"
         self.valid, self.fast_L, self.pair_L = 0, [0] * n, [0] * n  # host counters (`TableStack.counts`)
         self.refresh()
 
@@ -132,9 +132,9 @@ class OneRowHost:
         s = self.stack
         look = EmptyStep(tok, self.empty, self.none_L)
         s.forwards += 1
-        if s.config.track_performance and s.counts_fast_path:
+        if s.config.track_performance:
             self.valid += valid
-        if s.counts_fast_path and s.on_rows is not None:
+        if s.on_rows is not None:
             s.on_rows(look)
         return look, self.none_rows
 

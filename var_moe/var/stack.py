@@ -1,30 +1,26 @@
-"""`TableStack`: the verified tables of all patched layers stacked on device, shared by the routers
-of one `VARModelWrapper`, with the per-forward fast-tier lookup and the tier counters.
+"""`TableStack`: the verified tables of all patched layers as served (`served.ServedTables`),
+shared by the routers of one `VARModelWrapper`, with the per-forward decision and the counters.
 
-The fast tier depends on token ids only, so `TableStack.lookup` resolves it for every layer at
-once, at the first router call of a forward: one gather over (layers x tokens) of the stacked
-tables, plus the tier counters (on device). Per layer the router then runs the learned router on
-all rows (it is ~1% of a forward, and running it on a subset would need the subset's size on the
-host) and selects rows with `torch.where` over the precomputed rows: no boolean-mask indexing
-and no host synchronisation on this path. An empty table therefore returns the learned outputs
-unchanged (bit for bit). On CPU the lookup also reads which layers have any fast row (no device
-to sync with), and a layer without one returns the learned decision without the selects. The cached tier (router.py) is the one place that
-indexes with masks and syncs with the host.
+The fast tier depends on token ids (and previous tokens) only, so `TableStack.lookup` decides it
+for every layer at once, at the first router call of a forward (`served.decide`: one gather over
+(layers x tokens), and for tables with pair entries one searchsorted, only for valid rows with a
+previous token, the tracker's, carried across decode steps), and counts it (on device). Per layer
+the router then runs the learned router on all rows (running it on a subset would need the
+subset's size on the host) and selects rows with `torch.where`: no boolean-mask indexing and no
+host synchronisation, so an empty table returns the learned outputs unchanged (bit for bit).
+On CPU (reading a CPU tensor is no device sync) the lookup also reads which layers have any
+fast row, and a layer without one returns the learned decision without the selects; and a
+forward in which no token ends a pair entry that can serve skips the pair search.
 
 Batch-1 decoding on CPU: a one-row step is decided on the host as the forward starts
-(`begin_forward`, one_row.py): without the general lookup's tensor ops, counted in host counters
-that `counts()` folds in.
+(`begin_forward`, one_row.py), counted in host counters that `counts()` folds in.
 
-Pair entries of all layers sit in one sorted key tensor (slot * V**2 + previous * V + token); the
-lookup finds them with one `torch.searchsorted` over (layers x tokens), on device, only for valid
-rows with a previous token (the tracker's, carried across decode steps) and no token entry; they
-are counted as fast rows and separately as `fast_pair`. Without pair entries none of this runs, and
-on CPU neither does it for a forward in which no token ends a pair entry (most decode steps).
-Shadow checks of pair rows count towards the shadow agreement counters but never towards a token
-entry's evidence (pair entries are not demoted in service); adaptive k leaves pair rows whole.
+Pair rows are counted as fast rows and separately as `fast_pair`. Shadow checks of pair rows
+count towards the shadow agreement counters but never towards a token entry's evidence (pair
+entries are not demoted in service); adaptive k leaves pair rows whole.
 
 Shapes: T tokens, K top-k, V vocabulary, L layers, X stacked pair entries.
-Test: `pytest tests/test_var_router.py tests/test_var_decode_step.py tests/test_var_pair_router.py`.
+Test: `pytest tests/test_var_router.py tests/test_var_decode_step.py tests/test_served_decision.py`.
 """
 
 from __future__ import annotations
@@ -38,16 +34,12 @@ from .config import VARConfig
 from .lookup import Lookup
 from .one_row import OneRowHost
 from .pairs import PairTable
-from .served import ServedTables, decide, pair_serves, split_key
+from .served import TIERS, ServedTables, decide, pair_serves, split_key
 from .tables import LayerTable
 
-FAST, CACHED, LEARNED = 0, 1, 2
-TIERS = ("fast", "cached", "learned")
-# counters kept per router in one int64 tensor (no host sync per forward)
-COUNTERS = ("fast", "cached", "learned", "cache_lookups", "cache_hits", "cache_inserts", "shadow_agree",
-            "shadow_disagree", "demoted", "fallback_forwards", "audit_fast_n", "audit_fast_exact",
-            "audit_fast_overlap_x1000", "audit_cached_n", "audit_cached_exact", "audit_cached_overlap_x1000",
-            "adaptive_single", "forwards", "fast_pair")
+# counters kept per router in one int64 tensor (no host sync per forward); the tiers (served.TIERS) first
+COUNTERS = TIERS + ("shadow_agree", "shadow_disagree", "demoted", "fallback_forwards", "audit_fast_n",
+                    "audit_fast_exact", "audit_fast_overlap_x1000", "adaptive_single", "forwards", "fast_pair")
 C = {name: i for i, name in enumerate(COUNTERS)}
 
 
@@ -62,10 +54,10 @@ class TableStack:
     """The tables of all patched layers stacked on device (L, V, ...), shared by the routers.
 
     Each router holds views of its row (`member_LV[slot]` etc.), so a demotion is one write seen
-    by both. Counters live in `counts_LC` (int64, on device); read them with `counts()`. When the
-    cache is off every tier is known at lookup time, and a forward adds only its fast rows per
-    layer and its valid-token count (two in-place adds; forwards are counted on the host); the
-    learned column is their difference, filled in by `counts()`."""
+    by both. Counters live in `counts_LC` (int64, on device); read them with `counts()`. Every
+    tier is known at lookup time, so a forward adds only its fast rows per layer and its
+    valid-token count (two in-place adds; forwards are counted on the host); the learned column
+    is their difference, filled in by `counts()`."""
 
     def __init__(self, tables: dict[int, LayerTable], layers: list[int], config: VARConfig, num_experts: int,
                  scales: dict[int, float | None], device: torch.device, index_dtype: torch.dtype,
@@ -102,13 +94,12 @@ class TableStack:
         self.shadow_total_LV = torch.zeros_like(self.total_LV)
         self.pending_LV = torch.zeros_like(self.member_LV)
         self.counts_LC = torch.zeros(len(layers), len(COUNTERS), dtype=torch.long, device=device)
-        # the lookup-time counts of the cache-off path (see counts())
+        # the lookup-time counts (see counts())
         self.fast_L = torch.zeros(len(layers), dtype=torch.long, device=device)
         self.pair_L = torch.zeros(len(layers), dtype=torch.long, device=device)
         self.valid_tokens = torch.zeros((), dtype=torch.long, device=device)
         self.forwards = 0
         self.frozen = False
-        self.counts_fast_path = not config.cache_enabled  # tiers fully known at lookup time
         self.on_rows: Callable[[Lookup], None] | None = None
         self._last: Lookup | None = None
         # batch-1 decoding on CPU: steps decided on the host as they start (one_row.py); the
@@ -201,14 +192,14 @@ class TableStack:
         look, token_LT = self._resolve(tok, device)
         fast_LT, valid_T, safe_T, pair_LT = look.fast_LT, look.valid_T, look.safe_T, look.pair_LT
         self.forwards += 1
-        if self.config.track_performance and self.counts_fast_path:
+        if self.config.track_performance:
             self.fast_L += fast_LT.sum(1)
             self.valid_tokens += valid_T.sum()
             if pair_LT is not None:
                 self.pair_L += pair_LT.sum(1)
             if self.config.adaptive_k:
                 self.counts_LC[:, C["adaptive_single"]] += (token_LT & self.single_LV[:, safe_T]).sum(1)
-        if self.counts_fast_path and self.on_rows is not None:
+        if self.on_rows is not None:
             self.on_rows(look)
         self._last = look
         return look
@@ -227,7 +218,7 @@ class TableStack:
         d = decide(self.served, ids_T, tok.valid_T, tok.prev_T if pairs else None, fast=on)
         fast_LT = d.fast_LT
         nominal_LTK = d.idx_LTK
-        if self.config.adaptive_k:  # the pre-adaptive-k set, read only by verification and the cache
+        if self.config.adaptive_k:  # the pre-adaptive-k set, read only by verification
             nominal_LTK = self.nominal_LVK[:, d.safe_T]
             if d.pair_LT is not None:  # pair rows keep their whole set
                 nominal_LTK = torch.where(d.pair_LT[..., None], d.idx_LTK, nominal_LTK)
