@@ -12,11 +12,11 @@ RoutingBackend (server/var_runtime.py): each request carries its own mode to the
 (server/vllm_engine.py), so `apply_mode` only sets the workers' default for requests that name
 none; `counts()` reads the device counters, which count VAR-mode rows only; verification outcomes are the free audit of every table row against the
 learned decision (no sampling, no demotion on this engine). Per-request tier counts are exact
-without reading the device: a fast decision depends on the token and its previous token only (no
-context cache here), so a request's fast decisions are, per layer, the table members among the
-tokens it sent through the model plus the rows whose (previous, token) pair is an entry where the
-token has none (the vLLM tests check the device counters against the same count). The caller
-passes the token before the first one sent (`prev_id`) when a prefix cache held the prompt's start.
+without reading the device: a fast decision depends on the token and its previous token only, so
+`request_tiers` makes the workers' decision (`var.served.tier_counts` on a host copy of the served
+tables) over the tokens the request sent through the model (the vLLM tests check it against the
+device counters and against the builtin engine's counts). The caller passes the token before the
+first one sent (`prev_id`) when a prefix cache held the prompt's start.
 Capture runs on the builtin engine only (409 here). Test: `pytest tests/vllm_engine/test_vllm_server.py`.
 """
 
@@ -57,9 +57,9 @@ def engine_args(settings) -> dict[str, Any]:
 
 def pair_capacity(settings, tables_path) -> int:
     """Room for (previous, token) entries in the engine: the operator's --vllm-pair-capacity, else
-    exactly what the startup tables file holds. Every VAR step looks pairs up when the capacity is
-    above 0 (a searchsorted per MoE layer), so tables without pair entries build no pair tier and
-    cost nothing for it."""
+    exactly what the startup tables file holds. With a capacity above 0 every VAR step looks pairs
+    up (on the host, and a gather per MoE layer on the device), so tables without pair entries
+    build no pair tier and cost nothing for it."""
     if settings.vllm_pair_capacity is not None:
         return int(settings.vllm_pair_capacity)
     from var_moe.var.tables import VARTables

@@ -1,11 +1,12 @@
 """One-row CPU steps (batch-1 decoding) resolved on the host, once, as the forward starts.
 
 Inside a decode step every small tensor op and every line of Python costs several times what it
-costs in a loop of its own (measured on the reference model: the tracker's hook took 102 us in a
-5 ms step against 22 us alone), so the general lookup's ~20 ops over (layers x tokens) cost more
-than a one-row step can afford. The tracker hands such a step's token id, padding flag and
-context to `TableStack.begin_forward` as host ints (`TokenBatch.one`); `OneRowHost` decides it from
-host mirrors of the stacked tables:
+costs in a loop of its own, so the general lookup's tensor ops over (layers x tokens) cost more
+than a one-row step can afford (the batch-1 decode benchmark, docs/BENCHMARKS.md, measures the
+difference). The tracker hands such a step's token id, padding flag and context to
+`TableStack.begin_forward` as host ints (`TokenBatch.one`); `OneRowHost` makes the decision
+`served.decide` makes, with the same pair-key codec and precedence rule, from host mirrors of the
+stacked tables:
 - a step no layer serves (no token entry in any layer: a host list; its (previous, token) not a
   pair entry that can serve: a host dict; or padding) -> `EmptyStep`: nothing is fast;
 - otherwise, where its config allows (no adaptive k, table weights) -> `HostStep`: per
@@ -19,7 +20,7 @@ The mirrors are rebuilt after each demotion (`TableStack.apply_demotions`). Acce
 take this path (their tables are not on the host).
 
 Shapes: L layers, K top-k, V vocabulary, X stacked pair entries.
-Test: `pytest tests/test_var_decode_step.py`.
+Test: `pytest tests/test_var_decode_step.py tests/test_served_decision.py`.
 """
 
 from __future__ import annotations

@@ -33,8 +33,10 @@ TIERS = ("fast", "learned")  # the tiers a routing decision counts in, everywher
 
 def pair_key(slot: Any, prev: Any, tok: Any, vocab: int) -> Any:
     """The key of a (previous, token) pair entry of layer slot `slot`: slot * V**2 + prev * V + tok
-    (ints, numpy arrays or tensors; int64 for arrays: V**2 overflows int32)."""
-    return (slot * vocab + prev) * vocab + tok
+    (ints, numpy arrays or tensors; int64 for arrays: V**2 overflows int32). Slot 0 costs no
+    array op beyond prev * V + tok (the per-step host lookups use it)."""
+    key = prev * vocab + tok
+    return key if isinstance(slot, int) and slot == 0 else key + slot * vocab * vocab
 
 
 def split_key(key: Any, vocab: int) -> tuple[Any, Any]:

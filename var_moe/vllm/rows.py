@@ -15,9 +15,10 @@ p - 1 in the runner's `input_batch.token_ids_cpu` (`step_tokens`, one gather, no
 tokens); `pair_entries` then finds each row's (previous, token) among the distinct pairs of all
 layers' entries with one numpy `searchsorted` and reads its entry in every layer (prepared when
 the tables are loaded, `index_pairs`: the empty slot where the layer has no such entry or a token
-entry for the token). It is the host twin of `var.pairs.find_pairs`, in numpy because torch's
-per-op overhead made the lookup on 16 rows x 4 layers take 53 us against 10 us; a step of one row
-(a request decoding alone) uses a dict instead (`one_row_entries`). The step's entry indices go
+entry for the token, `served.pair_serves`). It is the host twin of `var.served.find_pairs`, with
+the same key codec (`served.pair_key`), in numpy because torch's per-op overhead is several times
+the lookup's work on a step's few rows; a step of one row (a request decoding alone) uses a dict
+instead (`one_row_entries`). The step's entry indices go
 to the device in one copy (`VarState.pair_sel_NS`). A step without VAR rows, or whose rows hit no entry, writes
 nothing beyond resetting the rows an earlier step filled. The tokens are on the host when the step
 runs on the CPU build: the prompt is written there when a request is added (so chunked prefill and
@@ -32,7 +33,8 @@ The hook is a one-level subclass of the runner's class (as routing.py patches mo
 `_prepare_inputs` calls vLLM's and then writes the rows. It needs vLLM's V1 model runner (the
 one the CPU build uses; on GPUs `engine_kwargs` selects it): the V2 runner keeps no per-request
 sampling parameters to read, and is refused with a message rather than served with wrong modes.
-Test: `pytest tests/vllm_engine/` (the server test mixes pinned modes in one batch).
+Test: `pytest tests/test_served_decision.py tests/test_vllm_routing.py tests/vllm_engine/` (the
+server test mixes pinned modes in one batch).
 """
 
 from __future__ import annotations

@@ -5,16 +5,17 @@ any entry is used, its metadata must match the model vLLM loaded: model type, vo
 count, top-k, MoE layers, and the router fingerprint, recomputed here from the gate weights vLLM
 loaded (the same SHA-256 over the same parameter names and float32 bytes as the builtin engine, so
 a table built on the Hugging Face model is accepted by vLLM on the same weights, and by neither on
-other weights or another dtype). Entries are copied into the existing device buffers (in place:
-compiled graphs and CUDA graphs keep pointing at them). Weights are stored scaled the way the
-router scales its own: renormalising routers sum their top-k weights to 1, the others keep the
-table's raw mass. (Previous, token) entries (tables built with `--pair-entries`) go into the pair
-buffers of fixed capacity (routing.py): on the device each entry's token, set and weights (sets and
-weights scaled like the token entries'; slots left hold token -1, which no row has), and on the
-host an index of their keys `slot * V**2 + previous * V + token` (slot: the layer's index among
-the model's MoE layers) that the per-step lookup reads (rows.index_pairs).
+other weights or another dtype). The tables are laid out as served (`var.served.ServedTables`,
+slot: the layer's index among the model's MoE layers; weights scaled by `served.scale_weights` as
+vLLM's router scales its own: renormalising routers sum their top-k weights to 1, the others keep
+the table's raw mass) and copied into the existing device buffers (in place: compiled graphs and
+CUDA graphs keep pointing at them). (Previous, token) entries (tables built with `--pair-entries`)
+go into the pair buffers of fixed capacity (routing.py): on the device each entry's token, set and
+weights (slots left hold token -1, which no row has), and on the host an index of their keys that
+the per-step lookup reads (rows.index_pairs).
 A file with more pair entries than the capacity the engine was built with is refused before
-anything is written. Test: `pytest tests/test_vllm_routing.py tests/vllm_engine/test_vllm_exact.py`.
+anything is written. Test: `pytest tests/test_vllm_routing.py tests/test_served_decision.py
+tests/vllm_engine/test_vllm_exact.py`.
 """
 
 from __future__ import annotations
