@@ -22,14 +22,13 @@ for p in conservative balanced aggressive; do
 done
 $EV --mode var --tables "$OUT/tables_balanced.safetensors" --preset balanced --weights-source learned --output "$OUT/var_balanced_learned_weights.json"
 $EV --mode var --tables "$OUT/tables_balanced.safetensors" --preset balanced --adaptive-k --output "$OUT/var_balanced_adaptive_k.json"
-$EV --mode var --tables "$OUT/tables_balanced.safetensors" --preset balanced --no-cache --output "$OUT/var_balanced_no_cache.json"
 $EV --mode var --tables "$OUT/tables_aggressive.safetensors" --preset aggressive --adaptive-k --adaptive-k-min-weight 0.8 --output "$OUT/var_aggressive_adaptive_k08.json"
 $EV --mode var --tables "$OUT/tables_aggressive.safetensors" --preset aggressive --adaptive-k --adaptive-k-min-weight 0.7 --output "$OUT/var_aggressive_adaptive_k07.json"
 $EV --mode var --tables "$OUT/tables_aggressive.safetensors" --preset aggressive --shadow-rate 0.1 --output "$OUT/var_aggressive_shadow.json"
 for m in 0 5; do  # demotion by the running bound only (0), or by served agreement after 5 checks
   $EV --mode var --tables "$OUT/tables_aggressive.safetensors" --preset aggressive --shadow-rate 0.1 --shadow-min-checks $m --output "$OUT/var_aggressive_shadow_min_checks$m.json"
 done
-for f in conservative balanced aggressive balanced_learned_weights balanced_adaptive_k balanced_no_cache aggressive_adaptive_k08 aggressive_adaptive_k07 aggressive_shadow aggressive_shadow_min_checks0 aggressive_shadow_min_checks5; do
+for f in conservative balanced aggressive balanced_learned_weights balanced_adaptive_k aggressive_adaptive_k08 aggressive_adaptive_k07 aggressive_shadow aggressive_shadow_min_checks0 aggressive_shadow_min_checks5; do
   varmoe compare "$OUT/baseline.json" "$OUT/var_$f.json" --json "$OUT/compare_$f.json" | tee "$OUT/compare_$f.txt"
 done
 python -m benchmarks.var_adaptive_k --threads "$THREADS" --output "$OUT/adaptive_k_timing.json"
