@@ -31,7 +31,7 @@ def free_port() -> int:
 class ManagedServer:
     def __init__(self, model: str | Path | None = None, args: list[str] | None = None,
                  admin_token: str | None = None, threads: int = 1, log_path: str | Path | None = None,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str | None] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin_token = admin_token if admin_token is not None else secrets.token_hex(16)
@@ -41,6 +41,7 @@ class ManagedServer:
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                     "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads),
                     "VARMOE_ADMIN_TOKEN": self.admin_token, **(env or {})}
+        full_env = {k: v for k, v in full_env.items() if v is not None}  # env value None: unset it
         self.log_path = Path(log_path) if log_path else None
         if self.log_path:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -81,6 +81,7 @@ def load_window(log: Path, warmup_s: float, tokenizer=None) -> dict:
     lat = sorted(r["t_end"] - r["t_start"] for r in inside)
     return {"requests": len(inside), "tokens": tokens, "wall_s": t_b - t_a, "tokens_per_s": tokens / (t_b - t_a),
             "latency_p50_s": round(lat[len(lat) // 2], 4), "requests_total": len(reqs),
+            "tokens_total": sum(r["tokens"] for r in ok),  # the whole run's, for CPU time per token
             "failed_total": len(reqs) - len(ok)}
 
 

@@ -28,6 +28,9 @@ plain vLLM, VAR >= 0.90x, at every client count.
 Run (vLLM environment):
     .venv-vllm/bin/python benchmarks/vllm_throughput.py --repeats 3 --run-time 20 \
         --builtin-python .venv/bin/python --out benchmarks/results/vllm_throughput.json
+It also reports, per cell, the CPU seconds each server spent outside its compute thread per 1,000
+generated tokens (all its processes: cpu_time.py), with the breakdown per process. `--dtype`
+(default auto: no dtype given, each server picks, as `make serve-vllm` runs) applies to all servers.
 Results go to docs/BENCHMARKS.md (section "VAR on vLLM").
 """
 
@@ -47,6 +50,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cpu_time import outside_compute, per_1000_tokens, snapshot  # noqa: E402
 from server_throughput import locust_load, prompts  # noqa: E402
 
 from analysis_jobs.server_process import REPO_ROOT, ManagedServer, free_port  # noqa: E402
@@ -122,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="suspend the servers that are not under load (default on)")
     p.add_argument("--pin-rest", type=int, default=None, metavar="CORE",
                    help="run everything but the compute threads on this core (default: no pinning)")
+    p.add_argument("--dtype", default="auto", help="dtype of every server (auto: none given, each server picks, as "
+                                                   "`make serve-vllm` runs; vLLM takes bfloat16 on CPUs with bf16)")
     p.add_argument("--out", default="runs/vllm_throughput.json")
     p.add_argument("--log-dir", default="runs/vllm_throughput")
     args = p.parse_args(argv)
@@ -140,12 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     env = vllm_env(args.core, args.kv_gb)
     max_len = 512
     procs: list = []
+    dtype = [] if args.dtype == "auto" else ["--dtype", args.dtype]
     try:
         plain, plain_url = start([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model,
-                                  "--served-model-name", "plain", "--dtype", "float32", "--max-model-len", str(max_len),
+                                  "--served-model-name", "plain", *dtype, "--max-model-len", str(max_len),
                                   "--max-num-seqs", "16", "--disable-log-stats"], env, log_dir / "vllm.log", "/v1/models")
         procs.append(plain)
-        ours = ManagedServer(args.model, args=["--engine", "vllm", "--dtype", "float32", "--max-model-len", str(max_len),
+        ours = ManagedServer(args.model, args=["--engine", "vllm", *dtype, "--max-model-len", str(max_len),
                                                "--max-batch-size", "16", "--max-queue", "256"],
                              env=env, log_path=log_dir / "varmoe_vllm.log").wait_ready(900)
         procs.append(ours)
@@ -154,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         server_pid = {"vllm": plain.pid, "vllm_engine_baseline": ours.pid, "vllm_engine_var": ours.pid}
         if args.builtin_python:  # the main environment's python: the builtin engine's own transformers
             pin = ["taskset", "-c", str(args.core)] if args.pin_rest is not None else []
-            builtin, builtin_url = start(pin + [args.builtin_python, "-m", "var_moe.cli", "serve", "--model", args.model,
+            builtin, builtin_url = start(pin + [args.builtin_python, "-m", "var_moe.cli", "serve", "--model", args.model, *dtype,
                                           "--threads", "1", "--max-batch-size", "16", "--max-queue", "256",
                                           "--no-var-on-start", "--log-level", "warning"],
                                          {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, log_dir / "builtin.log",
@@ -186,9 +193,13 @@ def main(argv: list[str] | None = None) -> int:
                 for name in order:
                     url, model, var = contenders[name]
                     turn(name)
+                    before = snapshot(server_pid[name])
                     r = locust_load(url, c, args, prompts_file, log_dir, f"{name}-{c}", tokenizer, model=model, var=var)
+                    r["cpu"] = outside_compute(before, snapshot(server_pid[name]))
+                    r["cpu_per_1k_tokens"] = per_1000_tokens(r["cpu"], r["tokens_total"])
                     runs[name][c].append(r)
-                    print(f"repeat {rep} clients {c:2d} {name:22s} {r['tokens_per_s']:8.1f} tok/s", flush=True)
+                    print(f"repeat {rep} clients {c:2d} {name:22s} {r['tokens_per_s']:8.1f} tok/s, outside the compute "
+                          f"thread {r['cpu_per_1k_tokens']['outside_s_per_1k']:.3f} CPU s / 1k tokens", flush=True)
     finally:
         if args.isolate and procs:
             only_running([p.pid for p in procs], [p.pid for p in procs])  # resumed, so they can stop
@@ -206,7 +217,15 @@ def main(argv: list[str] | None = None) -> int:
     # ratio per repeat (same repeat, same client count: the closest pairs in time)
     paired = {n: {c: [round(a["tokens_per_s"] / b["tokens_per_s"], 3) for a, b in zip(runs[n][c], runs["vllm"][c])]
                   for c in levels} for n in runs if n != "vllm"}
-    result = {"model": args.model, "new_tokens": args.new_tokens, "run_time_s": args.run_time, "repeats": args.repeats,
+    # CPU seconds outside the compute thread per 1,000 generated tokens (median of repeats; breakdown per process kind)
+    outside = {n: {c: statistics.median(r["cpu_per_1k_tokens"]["outside_s_per_1k"] for r in rs) for c, rs in by.items()}
+               for n, by in runs.items()}
+    outside_ratio = {n: {c: round(outside[n][c] / max(outside["vllm"][c], 1e-9), 3) for c in levels} for n in outside
+                     if n != "vllm"}
+    result = {"model": args.model, "dtype": args.dtype, "kv_gb": args.kv_gb,
+              "outside_compute_cpu_s_per_1k_tokens": outside, "outside_compute_ratio_to_vllm": outside_ratio,
+              "cpu_per_repeat": {n: {c: [r["cpu_per_1k_tokens"] for r in rs] for c, rs in by.items()}
+                                 for n, by in runs.items()}, "new_tokens": args.new_tokens, "run_time_s": args.run_time, "repeats": args.repeats,
               "core": args.core, "pin_rest": args.pin_rest, "isolate": args.isolate, "endpoint": "/v1/completions", "median_tokens_per_s": med, "ratio_to_vllm": ratios,
               "ratio_to_vllm_per_repeat": paired,
               "runs": {n: {c: [r["tokens_per_s"] for r in rs] for c, rs in by.items()} for n, by in runs.items()},
@@ -217,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'contender':22s} " + " ".join(f"{c:>16d}" for c in levels))
     for n in med:
         cells = " ".join(f"{med[n][c]:8.1f} ({ratios.get(n, {}).get(c, 1.0):.2f}x)" for c in levels)
+        print(f"{n:22s} {cells}")
+    print(f"\nCPU s outside the compute thread per 1,000 tokens (x plain vLLM)")
+    for n in outside:
+        cells = " ".join(f"{outside[n][c]:8.3f} ({outside_ratio.get(n, {}).get(c, 1.0):.2f}x)" for c in levels)
         print(f"{n:22s} {cells}")
     print(f"wrote {out}")
     return 0

@@ -1,7 +1,8 @@
 """`varmoe serve`: parse flags into `ServerSettings` and run the app under uvicorn.
 
-Every flag has a `VARMOE_*` environment twin (flag wins); `--help` lists them all, derived from
-`ServerSettings` (the admin token, environment only, first). With no arguments it serves the
+Every flag is generated from a `ServerSettings` field (server/settings.py declares each once, its
+description being the help) and has a `VARMOE_*` environment twin (flag wins); `--help` lists them
+all (the admin token, environment only, first). With no arguments it serves the
 reference model on 127.0.0.1:8000 with its VAR tables when they are present. Examples:
     varmoe serve
     VARMOE_ADMIN_TOKEN=secret varmoe serve --port 9000 --max-batch-size 16 --no-var-on-start
@@ -17,46 +18,33 @@ import textwrap
 
 from var_moe.errors import InvalidInputError
 
-# flag name -> (type, help); None type = boolean switch with a --no- twin
-FLAGS: dict[str, tuple[type | None, str]] = {
-    "model": (str, "local folder or hub id (default: the reference model)"),
-    "dtype": (str, "auto | float32 | bfloat16 | float16"),
-    "device": (str, "cpu | cuda | auto"),
-    "quantization": (str, "4bit | 8bit (bitsandbytes, CUDA only)"),
-    "trust_remote_code": (None, "run the model repo's own Python"),
-    "served_model_name": (str, "the model's name in /v1/models, /readyz and completions (default: folder name)"),
-    "threads": (int, "torch CPU threads of the engine"),
-    "engine": (str, "builtin (default; capture and audit) | vllm (needs the vLLM environment)"),
-    "tensor_parallel_size": (int, "vLLM: GPUs per replica (tensor parallel)"),
-    "data_parallel_size": (int, "vLLM: 1 only; data parallel = servers behind a load balancer"),
-    "gpu_memory_utilization": (float, "vLLM: share of GPU memory for weights and KV cache"),
-    "max_model_len": (int, "vLLM: context length"),
-    "vllm_quantization": (str, "vLLM: quantization method (awq, gptq, fp8, ...)"),
-    "enforce_eager": (None, "vLLM: run eagerly (no torch.compile, no CUDA graphs)"),
-    "vllm_pair_capacity": (int, "vLLM: (previous, token) table entries the engine can hold (default: those of the startup tables file)"),
-    "vllm_log_stats": (None, "vLLM: collect and log vLLM's own engine statistics (default off)"),
-    "var_tables": (str, "VAR tables (.safetensors); default <model>/var/var_tables.safetensors"),
-    "routing_stats": (str, "Phase 1 statistics; default <model>/var/routing_stats_calibration.parquet"),
-    "var_config": (str, "VARConfig JSON file or preset name"),
-    "var_on_start": (None, "start in VAR mode when VAR is available (default on)"),
-    "allow_var_pin_when_off": (None, "accept per-request var: true while VAR is off (default: 409)"),
-    "shadow_rate": (float, "share of table/cache decisions re-checked by the learned router (verification)"),
-    "host": (str, "bind address (default 127.0.0.1)"),
-    "port": (int, "port (default 8000; 0 = any free port)"),
-    "max_batch_size": (int, "rows per model batch"),
-    "max_wait_ms": (float, "longest wait (ms) for the clients of the batch that just ended"),
-    "max_queue": (int, "waiting requests before 429"),
-    "request_timeout_s": (float, "per-request time limit"),
-    "max_prompt_tokens": (int, "longest accepted prompt"),
-    "max_new_tokens_limit": (int, "largest accepted max_new_tokens / max_tokens"),
-    "max_request_prompts": (int, "prompts / texts per request"),
-    "max_request_tokens": (int, "work budget per request: prompt + new tokens over all its prompts"),
-    "shutdown_grace_s": (float, "total time shutdown waits for in-flight work (requests, then the engine)"),
-    "max_body_bytes": (int, "largest request body; larger ones get 413 before parsing"),
-    "body_timeout_s": (float, "time a request body may take to arrive (408 after it)"),
-    "max_connections": (int, "concurrent connections before 503 (uvicorn limit_concurrency)"),
-    "keep_alive_s": (float, "idle keep-alive timeout"),
-}
+ENV_ONLY = ("admin_token",)  # secrets stay out of the process list: environment only
+
+
+def flag_specs() -> dict[str, tuple[type | None, str]]:
+    """flag name -> (argparse type, help), one per ServerSettings field (None type: a boolean switch
+    with a --no- twin). Values are validated by ServerSettings, so its messages name the flag."""
+    import types
+    import typing
+
+    from .settings import ServerSettings
+
+    specs: dict[str, tuple[type | None, str]] = {}
+    for name, info in ServerSettings.model_fields.items():
+        if name in ENV_ONLY:
+            continue
+        ann = info.annotation
+        if typing.get_origin(ann) in (typing.Union, types.UnionType):  # X | None -> X
+            ann = next(a for a in typing.get_args(ann) if a is not type(None))
+        if ann is bool:
+            typ = None
+        elif ann in (int, float):
+            typ = ann
+        else:  # str, Path, Literal[...]: strings, checked by the settings
+            typ = str
+        specs[name] = (typ, info.description or "")
+    return specs
+
 
 
 SERVICE = (
@@ -82,7 +70,7 @@ def env_epilog() -> str:
             text = ("Bearer token of the admin endpoints (no flag: keep it out of the process list). "
                     "Unset: POST /var/toggle and /admin/capture/* refuse with 403.")
         else:
-            text = FLAGS[name][1] if name in FLAGS else (info.description or "")
+            text = info.description or ""
             if "default" not in text and info.default is not None and not isinstance(info.default, bool):
                 text += f" (default {info.default})"
         wrapped = textwrap.wrap(text, 100 - width) or [""]
@@ -96,7 +84,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="run the HTTP inference server (FastAPI + uvicorn)",
                               description=textwrap.fill(SERVICE, 100), epilog=env_epilog(),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, (typ, help_) in FLAGS.items():
+    for name, (typ, help_) in flag_specs().items():
         flag = "--" + name.replace("_", "-")
         if typ is None:
             p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
@@ -111,7 +99,7 @@ def build_settings(args: argparse.Namespace):
 
     from .settings import ServerSettings
 
-    given = {k: getattr(args, k) for k in FLAGS if getattr(args, k, None) is not None}
+    given = {k: getattr(args, k) for k in flag_specs() if getattr(args, k, None) is not None}
     try:
         return ServerSettings(**given)
     except ValidationError as exc:

@@ -23,6 +23,7 @@ from var_moe.capture.analyzer import RouterAnalyzer
 from var_moe.errors import InvalidInputError
 from var_moe.loading import LoadSpec, load_model
 from var_moe.var import VARConfig, VARModelWrapper, VARTables, get_preset
+from var_moe.var.served_dtype import DtypeCheckFailed
 
 from .var_runtime import TIERS, Counts
 
@@ -31,8 +32,9 @@ log = logging.getLogger("varmoe.server")
 
 class ModelHost:
     def __init__(self, model: Any, tokenizer: Any, model_name: str, wrapper: VARModelWrapper | None = None,
-                 reason: str = ""):
+                 reason: str = "", dtype_check: Any = None):
         self.model = model
+        self.dtype_check = dtype_check
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.wrapper = wrapper
@@ -49,19 +51,21 @@ class ModelHost:
         spec = LoadSpec(path=settings.model, dtype=settings.dtype, device=settings.device,
                         quantization=settings.quantization, trust_remote_code=settings.trust_remote_code)
         model, tokenizer = load_model(spec)
-        wrapper, reason = None, ""
+        wrapper, reason, check = None, "", None
         if settings.var_tables_path is None and settings.routing_stats_path is None:
             reason = (f"no VAR tables: pass --var-tables or --routing-stats, or put var_tables.safetensors "
                       f"or routing_stats_calibration.parquet in {settings.model}/var/")
         else:
             try:
-                wrapper = _build_wrapper(model, settings)
+                wrapper, check = _build_wrapper(model, tokenizer, settings)
+            except DtypeCheckFailed:
+                raise  # measured and under target: never served silently without VAR instead
             except (ValueError, OSError, KeyError) as exc:  # wrong model / bad file / bad config
                 if settings.var_tables or settings.routing_stats or settings.var_config:
                     raise InvalidInputError(f"VAR could not be set up: {exc}") from exc  # the operator asked for it
                 reason = f"VAR could not be set up from the files in the model's var/ folder: {exc}"
                 log.warning(reason)
-        return cls(model, tokenizer, settings.model, wrapper, reason)
+        return cls(model, tokenizer, settings.model, wrapper, reason, check)
 
     # -- RoutingBackend --------------------------------------------------------------------------
     @property
@@ -93,6 +97,7 @@ class ModelHost:
             # entries taken out by shadow verification since start (table_sizes already excludes them)
             "demoted": {l: s["demoted"] for l, s in w.get_performance_stats()["layers"].items()},
             "tables_source": w.tables.metadata.get("source"),
+            "dtype_check": self.dtype_check.to_json() if self.dtype_check is not None else None,
         }
 
     # -- per-request tier counts -----------------------------------------------------------------
@@ -133,10 +138,32 @@ class ModelHost:
         self.analyzer.write_parquet(path, meta)
 
 
-def _build_wrapper(model: Any, settings) -> VARModelWrapper:
-    """VARModelWrapper from the tables file, or tables built from the calibration statistics."""
+def dtype_check(model: Any, tokenizer: Any, tables: VARTables, settings) -> Any:
+    """Tables certified in another dtype than the model is served in: measured on a held-in sample
+    with the model's own routing before it is wrapped, logged, refused under the target unless
+    --var-dtype-check warn (var_moe.var.served_dtype)."""
+    from var_moe.var import served_dtype as sd
+
+    served, certified = sd.dtype_name(model.dtype), sd.certified_dtype(tables.metadata, settings.model)
+    if served == certified:
+        check = sd.unchanged(served, certified)
+    else:
+        batches = sd.sample_batches(tables.metadata, tokenizer)
+        target = (tables.metadata.get("config") or {}).get("target_agreement")
+        check = sd.judge(served, certified, sd.builtin_agreement(model, tables, batches), target,
+                         sd.sample_label(batches, tables.metadata))
+    log.info("%s", check.message())
+    if not check.ok and settings.var_dtype_check == "refuse":
+        raise DtypeCheckFailed(check.message())
+    return check
+
+
+def _build_wrapper(model: Any, tokenizer: Any, settings) -> tuple[VARModelWrapper, Any]:
+    """VARModelWrapper from the tables file, or tables built from the calibration statistics, and the
+    served-dtype check of a tables file (None for tables built here, in the served dtype)."""
     tables_path, stats_path = settings.var_tables_path, settings.routing_stats_path
     tables = VARTables.load(tables_path, model=model) if tables_path else None
+    check = dtype_check(model, tokenizer, tables, settings) if tables is not None else None
     if settings.var_config:
         p = Path(settings.var_config)
         config = VARConfig.from_json(p) if p.exists() else get_preset(settings.var_config)
@@ -149,4 +176,4 @@ def _build_wrapper(model: Any, settings) -> VARModelWrapper:
     if tables is None:
         config = config.replace(routing_stats_path=str(stats_path))
     # built disabled: the runtime's mode is applied by the engine before the first batch
-    return VARModelWrapper(model, config.replace(enable_var=False), tables)
+    return VARModelWrapper(model, config.replace(enable_var=False), tables), check

@@ -1,7 +1,8 @@
 """Server settings: one pydantic-settings class read from `VARMOE_*` environment variables and flags.
 
 Precedence: command-line flags (`varmoe serve --port 9000`) > environment (`VARMOE_PORT=9000`) >
-defaults. Defaults serve the reference model (`models/reference-moe`) on 127.0.0.1:8000 with its
+defaults. Every field is declared once, here: `varmoe serve`'s flags and `--help` are generated from
+these fields (server/cli.py), each field's description being its help. Defaults serve the reference model (`models/reference-moe`) on 127.0.0.1:8000 with its
 VAR tables and calibration routing statistics when those files are present in `<model>/var/`.
 Invalid values fail at start-up with a message naming the setting. Test: `pytest tests/test_server_api.py`.
 """
@@ -27,16 +28,18 @@ class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VARMOE_", extra="forbid", frozen=True)
 
     # -- model -------------------------------------------------------------------------------
-    model: str = Field(str(REFERENCE_MODEL_DIR), description="local folder or hub id")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: Literal["cpu", "cuda", "auto"] = "cpu"
-    quantization: Literal["4bit", "8bit"] | None = None
-    trust_remote_code: bool = False
+    model: str = Field(str(REFERENCE_MODEL_DIR), description="local folder or hub id (default: the reference model)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto | float32 | bfloat16 | float16 (auto: the checkpoint's; vLLM: its own choice)")
+    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="cpu | cuda | auto")
+    quantization: Literal["4bit", "8bit"] | None = Field(None, description="4bit | 8bit (bitsandbytes, CUDA only)")
+    trust_remote_code: bool = Field(False, description="run the model repo's own Python")
     served_model_name: str | None = Field(
         None, max_length=256, description="the model's name in the API (default: the folder's name or the hub id)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads of the engine thread")
     # -- engine (the builtin engine is the reference for capture and audit) ------------------
-    engine: Literal["builtin", "vllm"] = Field("builtin", description="builtin (transformers) | vllm")
+    engine: Literal["builtin", "vllm"] = Field(
+        "builtin", description="builtin (default; capture and audit) | vllm (needs the vLLM environment)")
     # passed through to vLLM (--engine vllm only)
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM: GPUs per replica (tensor parallel)")
     data_parallel_size: int = Field(1, ge=1, le=1, description="vLLM: 1 only (data parallel: replicas behind a "
@@ -49,12 +52,19 @@ class ServerSettings(BaseSettings):
         None, ge=0, description="vLLM: (previous, token) table entries the engine can hold, all layers together "
                                 "(default: as many as the startup tables file holds, 0 for a file without "
                                 "them; a tables file with more is refused)")
+    kv_cache_gib: float | None = Field(
+        None, gt=0, description="vLLM: GiB of memory for the KV cache (default on the CPU build: what --max-batch-size "
+                                "sequences of the model's full context need, at least 0.25 GiB; on GPUs: vLLM's "
+                                "--gpu-memory-utilization share)")
+    var_dtype_check: Literal["refuse", "warn"] = Field(
+        "refuse", description="served in another dtype than the VAR tables were certified in: measure their agreement "
+                              "at start-up and refuse (or only warn) when a layer falls under the tables' target")
     vllm_log_stats: bool = Field(
         False, description="vLLM: its own per-step statistics and periodic log line (the server's /metrics "
                            "does not need them; off, as `--disable-log-stats` on vLLM's server)")
     # -- VAR ---------------------------------------------------------------------------------
-    var_tables: Path | None = Field(None, description=f"default: <model>/{VAR_DIR}/{VAR_TABLES_FILE} if present")
-    routing_stats: Path | None = Field(None, description=f"default: <model>/{VAR_DIR}/{ROUTING_STATS_FILE} if present")
+    var_tables: Path | None = Field(None, description=f"VAR tables (.safetensors); default <model>/{VAR_DIR}/{VAR_TABLES_FILE} if present")
+    routing_stats: Path | None = Field(None, description=f"Phase 1 statistics; default <model>/{VAR_DIR}/{ROUTING_STATS_FILE} if present")
     var_config: str | None = Field(None, description="VARConfig JSON file or preset name")
     var_on_start: bool = Field(True, description="start in VAR mode when VAR is available")
     allow_var_pin_when_off: bool = Field(
@@ -63,16 +73,17 @@ class ServerSettings(BaseSettings):
         None, ge=0.0, le=1.0,
         description="share of fast/cached decisions re-checked by the learned router (overrides the VAR config)")
     # -- HTTP --------------------------------------------------------------------------------
-    host: str = "127.0.0.1"  # loopback unless the operator opens it on purpose
-    port: int = Field(8000, ge=0, le=65535)
+    # loopback unless the operator opens it on purpose
+    host: str = Field("127.0.0.1", description="bind address (default 127.0.0.1)")
+    port: int = Field(8000, ge=0, le=65535, description="port (default 8000; 0 = any free port)")
     admin_token: SecretStr | None = Field(None, description="Bearer token for admin endpoints; none = refuse")
     # -- batching and limits -----------------------------------------------------------------
-    max_batch_size: int = Field(8, ge=1, le=256)
-    max_wait_ms: float = Field(50.0, ge=0, le=10_000, description="longest wait for the previous batch's row count")
+    max_batch_size: int = Field(8, ge=1, le=256, description="rows per model batch (vLLM: max_num_seqs)")
+    max_wait_ms: float = Field(50.0, ge=0, le=10_000, description="longest wait (ms) for the clients of the batch that just ended")
     max_queue: int = Field(64, ge=1, description="waiting requests beyond this get 429")
-    request_timeout_s: float = Field(120.0, gt=0)
-    max_prompt_tokens: int = Field(1024, ge=1, description="capped by the model's context length")
-    max_new_tokens_limit: int = Field(512, ge=1)
+    request_timeout_s: float = Field(120.0, gt=0, description="per-request time limit")
+    max_prompt_tokens: int = Field(1024, ge=1, description="longest accepted prompt (capped by the model's context length)")
+    max_new_tokens_limit: int = Field(512, ge=1, description="largest accepted max_new_tokens / max_tokens")
     max_request_prompts: int = Field(
         16, ge=1, le=64, description="prompts / texts per request (capped at max_queue; keep it well below)")
     max_request_tokens: int = Field(

@@ -52,7 +52,49 @@ def engine_args(settings) -> dict[str, Any]:
         kw["quantization"] = settings.vllm_quantization
     if settings.trust_remote_code:
         kw["trust_remote_code"] = True
+    kv = kv_cache_bytes(settings)
+    if kv is not None:
+        kw["kv_cache_memory_bytes"] = kv
     return kw
+
+
+GiB = 1 << 30
+MIN_KV_CACHE_BYTES = GiB // 4
+
+
+def kv_cache_bytes(settings) -> int | None:
+    """The KV cache vLLM reserves: --kv-cache-gib, else on the CPU build what --max-batch-size
+    sequences of the model's whole context need (float32 upper bound, +25%, at least 0.25 GiB);
+    vLLM's own CPU default reserves nearly all of the machine's memory (and refuses to start when
+    other processes hold some of it). None on GPUs: vLLM sizes it from --gpu-memory-utilization.
+    A default that would take over half of the free memory is refused, naming the settings."""
+    if settings.kv_cache_gib is not None:
+        return int(settings.kv_cache_gib * GiB)
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return None
+    import json
+    from pathlib import Path
+
+    import psutil
+
+    cfg_path = Path(settings.model) / "config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+    cfg = cfg.get("text_config", cfg)
+    heads = int(cfg.get("num_attention_heads") or 1)
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or int(cfg.get("hidden_size") or 0) // heads)
+    max_len = int(settings.max_model_len or cfg.get("max_position_embeddings") or 0)
+    need = 2 * int(cfg.get("num_hidden_layers") or 0) * kv_heads * head_dim * 4 * max_len * settings.max_batch_size
+    size = max(MIN_KV_CACHE_BYTES, int(need * 1.25))
+    free = int(psutil.virtual_memory().available)
+    if size > free // 2:
+        raise InvalidInputError(
+            f"the KV cache for --max-batch-size {settings.max_batch_size} sequences of {max_len} tokens needs "
+            f"{size / GiB:.2f} GiB, over half of the {free / GiB:.2f} GiB free: set --kv-cache-gib "
+            "(VARMOE_KV_CACHE_GIB), or lower --max-model-len or --max-batch-size")
+    return size
 
 
 def pair_capacity(settings, tables_path) -> int:
@@ -65,6 +107,44 @@ def pair_capacity(settings, tables_path) -> int:
     from var_moe.var.tables import VARTables
 
     return sum(VARTables.load(tables_path).pair_sizes().values())
+
+
+def check_checkpoint(model: str, tables_path) -> None:
+    """Refuse tables of other weights in a second, from the stored checkpoint's routers (the
+    workers check again against the gates vLLM loads, where no checkpoint can be read by name)."""
+    from var_moe.identity import checkpoint_fingerprint
+    from var_moe.var.tables import VARTables
+
+    stored = checkpoint_fingerprint(model)
+    built = VARTables.load(tables_path).metadata
+    if stored is not None and built.get("router_fingerprint") != stored:
+        raise InvalidInputError(
+            f"VAR tables {tables_path} were built for router_fingerprint={built.get('router_fingerprint')!r} (model "
+            f"{built.get('model')!r}) but the checkpoint in {model} has router_fingerprint={stored!r}; rebuild them "
+            "with `varmoe build-tables` for these weights")
+
+
+def dtype_check(engine: Any, settings, tables) -> Any:
+    """Tables certified in another dtype than vLLM serves in: measured on a held-in sample by the
+    engine's own audit counters before the server serves, logged, refused under the target unless
+    --var-dtype-check warn (var_moe.var.served_dtype)."""
+    from var_moe.var import served_dtype as sd
+    from var_moe.vllm.agreement import table_agreement
+
+    served = sd.dtype_name(engine.vllm_config.model_config.dtype)
+    certified = sd.certified_dtype(tables.metadata, settings.model)
+    if served == certified:
+        check = sd.unchanged(served, certified)
+    else:
+        batches = sd.sample_batches(tables.metadata, engine.get_tokenizer())
+        lists = [ids[mask.bool()].tolist() for b in batches for ids, mask in zip(b.ids, b.mask)]
+        counts = table_agreement(engine, lists)
+        target = (tables.metadata.get("config") or {}).get("target_agreement")
+        check = sd.judge(served, certified, counts, target, sd.sample_label(batches, tables.metadata))
+    log.info("%s", check.message())
+    if not check.ok and settings.var_dtype_check == "refuse":
+        raise sd.DtypeCheckFailed(check.message())
+    return check
 
 
 class VllmHost:
@@ -109,10 +189,19 @@ class VllmHost:
                       "(the vLLM engine reads tables files, not statistics)")
         elif arch not in SUPPORTED:
             reason = f"VAR on vLLM supports {sorted(SUPPORTED)}; this model is {arch!r}"
+        if not reason:
+            check_checkpoint(settings.model, tables_path)  # other weights: refused before vLLM loads anything
         kw = engine_args(settings)
         kw = (engine_kwargs(settings.model, pair_capacity=pair_capacity(settings, tables_path), **kw) if not reason
               else {"model": settings.model, **kw})
-        engine = LLMEngine.from_engine_args(EngineArgs(**kw))
+        try:
+            engine = LLMEngine.from_engine_args(EngineArgs(**kw))
+        except (RuntimeError, ValueError, MemoryError) as exc:
+            kv = kw.get("kv_cache_memory_bytes")
+            raise InvalidInputError(
+                f"vLLM's engine did not start ({exc}); it was given a KV cache of "
+                f"{'vLLM default size' if kv is None else f'{kv / GiB:.2f} GiB'}: if memory ran short, set "
+                "--kv-cache-gib (VARMOE_KV_CACHE_GIB) lower, or --max-model-len / --max-batch-size") from None
         if reason:
             hf = engine.vllm_config.model_config.hf_config
             return cls(engine, settings.model, None, None, list(range(int(hf.num_hidden_layers))), reason)
@@ -126,7 +215,9 @@ class VllmHost:
         from var_moe.var.tables import VARTables
 
         layers = sorted(int(l) for l in engine.collective_rpc("varmoe_counts")[0])
-        return cls(engine, settings.model, replies[0], ServedTables.from_tables(VARTables.load(tables_path), layers), layers)
+        info, tables = replies[0], VARTables.load(tables_path)
+        info["dtype_check"] = dtype_check(engine, settings, tables).to_json()
+        return cls(engine, settings.model, info, ServedTables.from_tables(tables, layers), layers)
 
     # -- RoutingBackend --------------------------------------------------------------------------
     @property
@@ -172,6 +263,7 @@ class VllmHost:
                 "demoted": {str(l): 0 for l in self.layers}, "tables_source": self.tables_info["source"],
                 "engine": "vllm", "router_fingerprint": self.tables_info.get("fingerprint"),
                 "pair_entries": int(self.tables_info.get("pair_entries", 0)),
+                "dtype_check": self.tables_info.get("dtype_check"),
                 "pair_sizes": {str(k): int(v) for k, v in (self.tables_info.get("pair_sizes") or {}).items()},
                 "tiers": "fast (verified token table, and (previous, token) entries where the tables have them) "
                          "and learned; no context cache on this engine; every table decision is checked against "

@@ -38,7 +38,6 @@ Test: `pytest tests/test_var_tables.py tests/test_var_verification.py`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidInputError
+from ..identity import model_dir_of, routers_fingerprint
 from .certify import (  # noqa: F401  (re-exported: the table API in one place)
     CHOOSE_MODES,
     Candidates,
@@ -242,25 +242,19 @@ def frequency_check(df: Any, evidence: Evidence) -> dict[str, Any]:
     return {"relative_l1_difference": worst, "same_tokens": worst == 0.0}
 
 
-def router_fingerprint(routers: list[torch.nn.Module]) -> str:
-    """SHA-256 (first 16 hex) of the routers' parameters: ties a table to the weights it was verified on."""
-    h = hashlib.sha256()
-    for r in routers:
-        for name, t in sorted(r.state_dict().items()):
-            h.update(name.encode())
-            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def model_identity(model: Any, adapter: Any) -> dict[str, Any]:
     layers = adapter.moe_layers(model)
+    loaded = {m.layer: dict(getattr(m.block, m.router_attr).state_dict()) for m in layers}
     return {
         "model": str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "")),
         "model_type": getattr(model.config, "model_type", None),
         "vocab_size": int(model.config.vocab_size),
         "num_experts": adapter.num_experts,
         "top_k": adapter.top_k,
-        "router_fingerprint": router_fingerprint([getattr(m.block, m.router_attr) for m in layers]),
+        # the stored checkpoint's routers when these are they (any loaded dtype), else these bytes
+        "router_fingerprint": routers_fingerprint(loaded, model_dir_of(model)),
+        # the dtype routing is computed in here: a server in another dtype re-measures (served_dtype.py)
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     }
 
 

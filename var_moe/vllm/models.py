@@ -58,6 +58,8 @@ def var_class(arch: str) -> type:
         extra = vllm_config.additional_config
         pair_capacity = int((extra.get("varmoe") or {}).get("pair_capacity", 0)) if isinstance(extra, dict) else 0
         self._varmoe_state = install_var(self, int(hf.vocab_size), top_k, max_tokens, pair_capacity)
+        # the checkpoint folder: the tables' fingerprint is the stored routers' (var_moe.identity)
+        self._varmoe_state.model_dir = str(vllm_config.model_config.model)
 
     def load_weights(self, weights: Any) -> Any:
         loaded = base.load_weights(self, weights)

@@ -3,16 +3,17 @@
 The file is the one `varmoe build-tables` writes for the builtin engine (var_moe.var.tables). Before
 any entry is used, its metadata must match the model vLLM loaded: model type, vocabulary, expert
 count, top-k, MoE layers, and the router fingerprint, recomputed here from the gate weights vLLM
-loaded (the same SHA-256 over the same parameter names and float32 bytes as the builtin engine, so
-a table built on the Hugging Face model is accepted by vLLM on the same weights, and by neither on
-other weights or another dtype). The tables are laid out as served (`var.served.ServedTables`,
-slot: the layer's index among the model's MoE layers; weights scaled by `served.scale_weights` as
-vLLM's router scales its own: renormalising routers sum their top-k weights to 1, the others keep
-the table's raw mass) and copied into the existing device buffers (in place: compiled graphs and
-CUDA graphs keep pointing at them). (Previous, token) entries (tables built with `--pair-entries`)
-go into the pair buffers of fixed capacity (routing.py): on the device each entry's token, set and
-weights (slots left hold token -1, which no row has), and on the host an index of their keys that
-the per-step lookup reads (rows.index_pairs).
+loaded (var_moe.identity: the stored checkpoint's routers when the loaded gates are they in the
+served dtype, as the builtin engine computes it, so a table built on the Hugging Face model is
+accepted by vLLM on the same weights in any dtype, and by neither on other weights). The tables
+are laid out as served (`var.served.ServedTables`, slot: the layer's index among the model's MoE
+layers; weights scaled by `served.scale_weights` as vLLM's router scales its own: renormalising
+routers sum their top-k weights to 1, the others keep the table's raw mass) and copied into the
+existing device buffers (in place: compiled graphs and CUDA graphs keep pointing at them).
+(Previous, token) entries (tables built with `--pair-entries`) go into the pair buffers of fixed
+capacity (routing.py): on the device each entry's token, set and weights (slots left hold token
+-1, which no row has), and on the host an index of their keys that the per-step lookup reads
+(rows.index_pairs).
 A file with more pair entries than the capacity the engine was built with is refused before
 anything is written. Test: `pytest tests/test_vllm_routing.py tests/test_served_decision.py
 tests/vllm_engine/test_vllm_exact.py`.
@@ -27,8 +28,9 @@ import numpy as np
 import torch
 
 from ..errors import InvalidInputError
+from ..identity import routers_fingerprint
 from ..var.served import ServedTables, split_key
-from ..var.tables import VARTables, router_fingerprint
+from ..var.tables import VARTables
 from .routing import VarState
 from .rows import index_pairs
 
@@ -43,7 +45,10 @@ def record_identity(state: VarState, hf_config: Any) -> None:
         "vocab_size": int(hf_config.vocab_size),
         "num_experts": int(first.gate.weight.shape[0]),
         "top_k": int(first.experts_VK.shape[1]),
-        "router_fingerprint": router_fingerprint([state.layers[l].gate for l in layers]),
+        # the stored checkpoint's routers when the gates vLLM loaded are they in its dtype (bf16 on
+        # most CPUs and GPUs), so tables built on the float32 model are recognised (var_moe.identity)
+        "router_fingerprint": routers_fingerprint({l: dict(state.layers[l].gate.state_dict()) for l in layers},
+                                                  getattr(state, "model_dir", None)),
         "layers": layers,
     }
 

@@ -1,0 +1,151 @@
+"""Do VAR tables certified in one dtype hold in the dtype a server runs the model in?
+
+Tables are certified on routing computed in one dtype (float32 for the reference model). Served
+in bfloat16 (vLLM's default for a float32 checkpoint on CPUs with bf16 support and on GPUs) the
+learned router sees other hidden states and can pick other experts for some rows, so a table row
+may no longer agree with the learned decision as often as its certificate says. A server that
+serves in another dtype therefore measures, at start-up, on a small held-in sample (the first
+`max_length` tokens of `documents` documents of the tables' own certifying split), how often each
+layer's table rows equal the learned top-k set in the served dtype, and reports it; a layer with
+at least `min_rows` table rows whose agreement falls under the tables' target is a failed check.
+
+- `certified_dtype(metadata, model_dir)`: the dtype the tables were certified in (the `dtype`
+  they record; tables without it were built by the builtin engine on the checkpoint as stored,
+  so the checkpoint's own dtype).
+- `sample_batches(metadata, tokenizer, ...)`: the held-in sample.
+- `builtin_agreement(model, tables, batches)`: the builtin engine's measure (the model's own
+  routing in the served dtype through the capture hooks, compared with the rows the tables serve).
+  The vLLM engine measures the same rows with its device audit counters (var_moe.vllm.agreement).
+- `judge(...)` -> `DtypeCheck`: the verdict and the report both engines publish in `/var/status`.
+
+Test: `pytest tests/test_served_dtype.py`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..errors import InvalidInputError
+
+DOCUMENTS = 16
+MAX_LENGTH = 256
+MIN_ROWS = 100  # a layer with fewer table rows in the sample is reported, not judged
+DEFAULT_TARGET = 0.9
+# the setting that serves despite a failed check (server: --var-dtype-check warn)
+OVERRIDE = "--var-dtype-check warn"
+
+
+class DtypeCheckFailed(InvalidInputError):
+    """Table rows agree with the learned router in the served dtype less often than certified."""
+
+
+def dtype_name(dtype: Any) -> str:
+    """'float32' for torch.float32, 'float32', or vLLM's dtype objects."""
+    return str(dtype).removeprefix("torch.")
+
+
+def certified_dtype(metadata: Mapping[str, Any], model_dir: str | Path | None) -> str:
+    """The dtype the tables' routing was computed in: recorded by `build-tables`, else the stored
+    checkpoint's (the builtin engine loads a checkpoint as stored unless told otherwise)."""
+    if metadata.get("dtype"):
+        return dtype_name(metadata["dtype"])
+    cfg = Path(model_dir) / "config.json" if model_dir else None
+    if cfg is not None and cfg.is_file():
+        conf = json.loads(cfg.read_text(encoding="utf-8"))
+        stored = conf.get("dtype") or conf.get("torch_dtype")
+        if stored:
+            return dtype_name(stored)
+    return "float32"
+
+
+def sample_batches(metadata: Mapping[str, Any], tokenizer: Any, documents: int = DOCUMENTS,
+                   max_length: int = MAX_LENGTH, batch_size: int = 8) -> list[Any]:
+    """The first `max_length` tokens of the first `documents` documents of the certifying split."""
+    from .eval_data import eval_batches
+
+    cert = metadata.get("certifying") or {}
+    dataset, split = cert.get("dataset"), cert.get("split")
+    if not dataset or not split:
+        raise InvalidInputError("the tables do not name their certifying dataset and split, so there is no "
+                                "held-in sample to measure them on")
+    return eval_batches(tokenizer, dataset, split, num_samples=documents, max_length=max_length,
+                        batch_size=batch_size, max_per_doc=1)
+
+
+def builtin_agreement(model: Any, tables: Any, batches: list[Any]) -> dict[int, tuple[int, int]]:
+    """{layer: (table rows equal to the learned set, table rows)} over the batches, the model
+    routing in its own dtype (VAR off: the learned decision is what the capture hooks see)."""
+    from .evidence import collect_evidence
+    from .pairs import served_masks
+
+    ev = collect_evidence(model, batches)
+    out: dict[int, tuple[int, int]] = {}
+    for layer, table in tables.layers.items():
+        if layer not in ev.layers:
+            continue
+        lev = ev.layers[layer]
+        m = served_masks(lev, table, tables.pair_tier.get(layer))
+        n_R = lev.counts_R  # evidence rows are distinct (document, previous, token, set) with counts
+        agree = int(n_R[m["token_agree"] | m["pair_agree"]].sum())
+        total = int(n_R[m["token_served"] | m["pair_served"]].sum())
+        out[int(layer)] = (agree, total)
+    return out
+
+
+@dataclass(frozen=True)
+class DtypeCheck:
+    served: str
+    certified: str
+    measured: bool  # False: same dtype, nothing to measure
+    target: float = DEFAULT_TARGET
+    layers: dict[str, dict[str, float]] = field(default_factory=dict)  # layer -> agree, rows, agreement
+    failed_layers: tuple[int, ...] = ()
+    sample: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed_layers
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "failed_layers": list(self.failed_layers), "ok": self.ok}
+
+    def message(self) -> str:
+        if not self.measured:
+            return f"VAR tables certified in {self.certified}, served in {self.served}: same dtype, no check needed"
+        per = ", ".join(f"layer {l} {v['agreement']:.3f} of {int(v['rows'])} rows" for l, v in self.layers.items())
+        head = (f"VAR tables certified in {self.certified}, served in {self.served}: agreement of table rows with "
+                f"the learned router in {self.served} on {self.sample}: {per or 'no table rows'} (target {self.target})")
+        if self.ok:
+            return head
+        return (f"{head}; layers {list(self.failed_layers)} fall under the target. Serve in the tables' dtype "
+                f"(--dtype {self.certified}), rebuild the tables in {self.served} (`varmoe build-tables --dtype "
+                f"{self.served}`), or serve anyway with {OVERRIDE}")
+
+
+def unchanged(served: str, certified: str) -> DtypeCheck:
+    return DtypeCheck(served=served, certified=certified, measured=False)
+
+
+def judge(served: str, certified: str, counts: Mapping[int, tuple[int, int]], target: float | None,
+          sample: str, min_rows: int = MIN_ROWS) -> DtypeCheck:
+    """Per-layer agreement; a layer with at least `min_rows` table rows under `target` fails."""
+    target = DEFAULT_TARGET if target is None else float(target)
+    layers, failed = {}, []
+    for layer in sorted(counts):
+        agree, rows = counts[layer]
+        rate = agree / rows if rows else 1.0
+        layers[str(layer)] = {"agree": int(agree), "rows": int(rows), "agreement": round(rate, 4)}
+        if rows >= min_rows and rate < target:
+            failed.append(int(layer))
+    return DtypeCheck(served=served, certified=certified, measured=True, target=target, layers=layers,
+                      failed_layers=tuple(failed), sample=sample)
+
+
+def sample_label(batches: list[Any], metadata: Mapping[str, Any]) -> str:
+    cert = metadata.get("certifying") or {}
+    docs = sum(len(b.doc_B) for b in batches)
+    tokens = sum(int(b.mask.sum()) for b in batches)
+    return f"{docs} documents ({tokens} tokens) of {cert.get('dataset')}/{cert.get('split')}"
