@@ -454,19 +454,22 @@ class VARTables:
             tables.check_model(model, adapter, check_fingerprint=check_fingerprint, source=str(p))
         return tables
 
-    def check_model(self, model: Any, adapter: Any = None, check_fingerprint: bool = True, source: str = "tables") -> None:
-        from ..adapters import get_adapter
-
-        adapter = adapter or get_adapter(model)
-        ident = model_identity(model, adapter)
+    def check_identity(self, ident: dict[str, Any], check_fingerprint: bool, source: str, holder: str) -> None:
+        """Refuse tables built for another model type, vocabulary, expert count, top-k or (with
+        `check_fingerprint`) other router weights than `ident`'s (`holder` names it in the error)."""
         keys = ["model_type", "vocab_size", "num_experts", "top_k"] + (["router_fingerprint"] if check_fingerprint else [])
         for key in keys:
             if self.metadata.get(key) != ident[key]:
                 raise InvalidInputError(
                     f"VAR tables {source} were built for {key}={self.metadata.get(key)!r} (model "
-                    f"{self.metadata.get('model')!r}) but this model has {key}={ident[key]!r}; rebuild them "
-                    "with `varmoe build-tables` for this model"
-                )
+                    f"{self.metadata.get('model')!r}) but {holder} has {key}={ident[key]!r}; rebuild them "
+                    "with `varmoe build-tables` for these weights")
+
+    def check_model(self, model: Any, adapter: Any = None, check_fingerprint: bool = True, source: str = "tables") -> None:
+        from ..adapters import get_adapter
+
+        adapter = adapter or get_adapter(model)
+        self.check_identity(model_identity(model, adapter), check_fingerprint, source, "this model")
         moe = {m.layer for m in adapter.moe_layers(model)}
         extra = sorted(set(self.layers) - moe)
         if extra:

@@ -53,7 +53,8 @@ def record_identity(state: VarState, hf_config: Any) -> None:
     }
 
 
-def model_identity(state: VarState) -> dict[str, Any]:
+def loaded_identity(state: VarState) -> dict[str, Any]:
+    """The identity `record_identity` recorded (what `VARTables.check_identity` compares)."""
     if state.identity is None:
         raise RuntimeError("the model's weights have not been loaded yet (no router fingerprint)")
     return dict(state.identity)
@@ -62,14 +63,8 @@ def model_identity(state: VarState) -> dict[str, Any]:
 def load_tables(state: VarState, path: str | Path, check_fingerprint: bool = True) -> dict[str, Any]:
     """Copy the tables at `path` into the model's buffers; returns {layer: entries} and the source."""
     tables = VARTables.load(path)  # no model: identity is checked against the vLLM model below
-    ident = model_identity(state)
-    keys = ["model_type", "vocab_size", "num_experts", "top_k"] + (["router_fingerprint"] if check_fingerprint else [])
-    for key in keys:
-        if tables.metadata.get(key) != ident[key]:
-            raise InvalidInputError(
-                f"VAR tables {path} were built for {key}={tables.metadata.get(key)!r} (model "
-                f"{tables.metadata.get('model')!r}) but the model vLLM loaded has {key}={ident[key]!r}; "
-                "rebuild them with `varmoe build-tables` for these weights")
+    ident = loaded_identity(state)
+    tables.check_identity(ident, check_fingerprint, str(path), "the model vLLM loaded")
     extra = sorted((set(tables.layers) | set(tables.pair_tier)) - set(state.layers))
     if extra:
         raise InvalidInputError(f"VAR tables {path} have layers {extra} that are not MoE layers of this model "
