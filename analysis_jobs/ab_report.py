@@ -2,7 +2,7 @@
 
 One function per figure (results dict in, Figure out); `write_report(results, out_dir)` writes
 `ab_test.json`, `ab_test.md` and `figures/*.png|pdf`. Figures use line styles and hatches, not
-only colour, so they read in greyscale. Test: `pytest tests/test_ab_report.py`.
+only colour, so they read in greyscale. Test: `pytest tests/test_ab_job.py`.
 """
 
 from __future__ import annotations

@@ -97,6 +97,7 @@ class ModelHost:
             # entries taken out by shadow verification since start (table_sizes already excludes them)
             "demoted": {l: s["demoted"] for l, s in w.get_performance_stats()["layers"].items()},
             "tables_source": w.tables.metadata.get("source"),
+            "tables_uncertified": w.tables.metadata.get("uncertified"),  # None: certified on held-out documents
             "dtype_check": self.dtype_check.to_json() if self.dtype_check is not None else None,
         }
 

@@ -5,7 +5,7 @@ compares, on the same device: greedy `/v1/generate` text with in-process `genera
 `/v1/perplexity` with in-process `sequence_nll`; then `var: true` (when the model has VAR
 tables) must answer with table/cache decisions. An informational row gives one request's
 generated tokens/s. Server log: `<out_dir>/server_cuda.log`.
-Run: `python benchmarks/gpu_check.py --checks server_cuda`.
+Run: `python -m benchmarks gpu_check --checks server_cuda`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """OpenAI-compatible routes: `/v1/completions` (bodies built in server/openai_compat.py) and
 `/v1/models` (the served model name, never a path, and its context length as `max_model_len`,
-which lm-evaluation-harness's `max_length` must stay below). Test: `pytest tests/test_server_api.py tests/test_openai_client.py`.
+which lm-evaluation-harness's `max_length` must stay below). Test: `pytest tests/test_server_api.py`.
 """
 
 from __future__ import annotations

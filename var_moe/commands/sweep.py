@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     # the frontier is over token entries (its grid includes entropy caps, which pair entries do not
-    # have); the pair tier is measured on its own (benchmarks/var_pair_coverage.py)
+    # have); the pair tier is measured on its own (analysis_jobs/pair_coverage.py)
     base = get_preset("balanced").replace(pair_entries=False)
     doc = sweep_tables(cal, test, model, adapter, grid, base, out, chooser=chooser)
     if args.stage in ("runtime", "all"):

@@ -2,7 +2,7 @@
 
 Changing any field changes the model; the committed `models/reference-moe/MODEL_CARD.md` records
 the recipe it was trained with. JSON round-trip: `Recipe.from_json(r.to_json()) == r`.
-Test: `pytest tests/test_reference_recipe.py`.
+Test: `pytest tests/test_reference_train.py`.
 """
 
 from __future__ import annotations

@@ -144,7 +144,9 @@ class VARConfig:
 
     @classmethod
     def from_routing_stats(cls, path: str | Path, preset: str = "balanced", **overrides: Any) -> "VARConfig":
-        """A preset pointed at a Phase 1 statistics file (checked to exist and be readable)."""
+        """A preset pointed at a Phase 1 statistics file (checked to exist and be readable). The wrapper
+        builds tables certified by document when the file names its documents, else in-sample and
+        marked uncertified (statistics computed in memory; `var/in_sample.py`)."""
         from .stats_io import check_split, read_stats_metadata
 
         meta = read_stats_metadata(path)  # fails early with a clear message on a missing / foreign file

@@ -10,7 +10,7 @@ each runtime setting (adaptive-k threshold or none): perplexity of VAR vs the
 unmodified model on whole test documents (sliding windows, eval_data.py; the scoring is stored
 with the baseline and a resume with another scoring is refused) with a paired bootstrap
 interval over documents, and the paired speed ratio (baseline time / VAR time; batches
-interleaved with alternating order after a warm-up, median over repeats, tables frozen).
+interleaved in rotating order after a warm-up (`var_moe.timing`), median over repeats, tables frozen).
 Results are appended to a JSON file after every point, and points already there are skipped,
 so an interrupted sweep resumes. With a separate choosing evidence (`chooser`, e.g. training-split
 documents) every table chooses its sets there and certifies them on all calibration documents; the
@@ -30,8 +30,9 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import InvalidInputError
+from ..timing import Variant, interleaved
 from .config import VARConfig
-from .evaluate import EvalBatch, _per_doc, _timed, batch_nll, paired_bootstrap
+from .evaluate import EvalBatch, _per_doc, batch_nll, forward, paired_bootstrap
 
 
 @dataclass(frozen=True)
@@ -201,23 +202,11 @@ def _same_scoring(stored: dict[str, Any], scoring: dict[str, Any] | None) -> boo
 
 def paired_speed(model: Any, wrapper: Any, batches: list[EvalBatch], device: Any, repeats: int, warmup: int) -> list[float]:
     """Per repeat: baseline seconds / VAR seconds over the same batches, interleaved batch by batch
-    with alternating order."""
-    for b in batches[:warmup]:
-        with wrapper.suspended():
-            _timed(model, b, device)
-        _timed(wrapper, b, device)
-    out = []
-    for r in range(repeats):
-        tb = tv = 0.0
-        for i, b in enumerate(batches):
-            for which in (("base", "var") if (r + i) % 2 == 0 else ("var", "base")):
-                if which == "base":
-                    with wrapper.suspended():
-                        tb += _timed(model, b, device)
-                else:
-                    tv += _timed(wrapper, b, device)
-        out.append(tb / tv)
-    return out
+    in rotating order (`var_moe.timing`)."""
+    times = interleaved({"base": Variant(lambda i: forward(model, batches[i], device), around=wrapper.suspended),
+                         "var": Variant(lambda i: forward(wrapper, batches[i], device))},
+                        len(batches), repeats, warmup, device=device)
+    return [sum(tb) / sum(tv) for tb, tv in zip(times["base"], times["var"])]
 
 
 def grid_to_dict(grid: SweepGrid) -> dict[str, Any]:

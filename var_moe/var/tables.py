@@ -111,7 +111,7 @@ def certify_entries(cands: dict[int, Candidates], pair_cands: dict[int, PairCand
                     ) -> tuple[dict[int, LayerTable], dict[int, PairTable], dict[str, Any]]:
     """The multiplicity step over every token candidate AND every (previous, token) candidate
     (`pairs.py`) of every layer as one family, then token tables and pair tables."""
-    alpha = (1 - config.confidence_level) / 2  # one-sided; equals the old two-sided Wilson level for m = 1
+    alpha = (1 - config.confidence_level) / 2  # one-sided; for m = 1 the two-sided Wilson interval at confidence_level
     layers = sorted(cands)
     players = sorted(pair_cands)
     pv = torch.cat([cands[l].pvalue_V[cands[l].eligible_V] for l in layers]
@@ -195,6 +195,13 @@ def evidence_for_split(model: Any, adapter: Any, tokenizer: Any, dataset: str, s
             "document_rule": f"{len(keep)} of the split's {len(docs)} documents, evenly spread",
             "router_fingerprint": model_identity(model, adapter)["router_fingerprint"]}
     return collect_evidence(model, batches, adapter, info)
+
+
+def names_documents(meta: dict[str, Any]) -> bool:
+    """Whether a capture's metadata names its documents (dataset, split, max_length)."""
+    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    return bool((meta.get("dataset") or cfg.get("dataset")) and (meta.get("split") or cfg.get("split"))
+                and (cfg.get("max_length") or meta.get("max_length")))
 
 
 def stats_documents(meta: dict[str, Any]) -> tuple[str, str, int, int | None]:
@@ -327,6 +334,10 @@ class VARTables:
 
     def __getitem__(self, layer: int) -> LayerTable:
         return self.layers[layer]
+
+    def uncertified_note(self) -> str | None:
+        """What to tell a user of tables that were not certified on held-out documents (else None)."""
+        return self.metadata.get("uncertified")
 
     def sizes(self) -> dict[int, int]:
         return {l: t.size for l, t in sorted(self.layers.items())}

@@ -30,6 +30,7 @@ from ..adapters import get_adapter
 from ..errors import InvalidInputError
 from ..token_tracker import TokenTracker
 from .config import VARConfig
+from .in_sample import tables_for_stats
 from .router import VARRouter
 from .served import TIERS
 from .stack import COUNTERS, C, TableStack
@@ -46,9 +47,8 @@ class VARModelWrapper:
         self.moe_layers = moe
         if tables is None:
             if self.config.routing_stats_path:
-                tables = VARTables.from_stats_file(self.config.routing_stats_path, model, self.adapter, self.config,
-                                                   layers=[m.layer for m in moe],
-                                                   allow_test_split=self.config.allow_test_split)
+                tables = tables_for_stats(self.config.routing_stats_path, model, self.adapter, self.config,
+                                          layers=[m.layer for m in moe], allow_test_split=self.config.allow_test_split)
             else:
                 tables = VARTables.empty(model, self.adapter, [m.layer for m in moe])
         else:
@@ -250,6 +250,8 @@ class VARModelWrapper:
         for t in TIERS:
             print(f"  {t:8s}: {100 * o['routing_distribution'][t]:5.1f}%")
         print(f"  table entries: {o['table_size']}")
+        if self.tables.uncertified_note():
+            print(f"  {self.tables.uncertified_note()}")
         if o["shadow_checked"]:
             print(f"  shadow agreement: {100 * o['shadow_agreement']:.1f}% of {o['shadow_checked']}  demoted: {o['demoted']}")
         for l, d in s["layers"].items():

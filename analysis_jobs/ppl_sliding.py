@@ -2,10 +2,10 @@
 and any number of VAR table sets scored on the same windows, chunk by chunk, with per-document
 NLL sums written after every chunk, so a run cut short still gives every document it finished.
 
-    python -m benchmarks.ppl_sliding --threads 1 --shard 0/2 --output runs/ppl/shard0.json \
+    python -m analysis_jobs.ppl_sliding --threads 1 --shard 0/2 --output runs/ppl/shard0.json \
         --tables balanced=models/reference-moe/var/var_tables.safetensors \
         --tables loose=results/phase2/tables_loose.safetensors          # and --shard 1/2 beside it
-    python -m benchmarks.ppl_sliding --merge runs/ppl/shard0.json runs/ppl/shard1.json \
+    python -m analysis_jobs.ppl_sliding --merge runs/ppl/shard0.json runs/ppl/shard1.json \
         --output results/phase2/ppl_sliding.json [--against NAME]
 
 A shard takes the documents whose index is congruent to it (so a partial run covers the whole
@@ -49,7 +49,7 @@ def run_shard(a: argparse.Namespace) -> None:
     adapter = get_adapter(model)
     device = next(model.parameters()).device
     tables = {name: VARTables.load(path, model, adapter) for name, path in (t.split("=", 1) for t in a.tables)}
-    cfg = get_preset("balanced").replace(cache_ttl_seconds=None)
+    cfg = get_preset("balanced")
     docs = [encode_document(tok, d.text) for d in iter_documents(a.dataset, a.split)]
     mine = [ids if d % n == i else [] for d, ids in enumerate(docs)]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0

@@ -1,6 +1,6 @@
 """Held-out coverage of a (previous token, token) tier on top of the token tables, offline.
 
-    python -m benchmarks.var_pair_coverage --evidence results/phase2/cache/evidence_calibration.safetensors \
+    python -m analysis_jobs.pair_coverage --evidence results/phase2/cache/evidence_calibration.safetensors \
         --choose-evidence results/phase2/cache/evidence_train250.safetensors \
         --test-evidence results/phase2/cache/evidence_test.safetensors \
         [--presets aggressive,balanced,conservative] [--min-pair-counts preset] [--prescreen on] \

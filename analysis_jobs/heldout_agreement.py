@@ -1,6 +1,6 @@
 """Per-layer held-out agreement of VAR tables on the test split, with document-bootstrap intervals.
 
-    python -m benchmarks.var_heldout_agreement --test-evidence results/phase2/cache/evidence_test.safetensors \
+    python -m analysis_jobs.heldout_agreement --test-evidence results/phase2/cache/evidence_test.safetensors \
         [--tables models/reference-moe/var/var_tables.safetensors ...] \
         [--presets conservative,balanced,aggressive --evidence results/phase2/cache/evidence_calibration.safetensors] \
         [--choose-evidence results/phase2/cache/evidence_train.safetensors] [--json results/phase2/heldout_agreement.json]
@@ -52,7 +52,7 @@ def main() -> None:
         cal = Evidence.load(args.evidence)
         chooser = Evidence.load(args.choose_evidence) if args.choose_evidence else None
         for name in args.presets.split(","):
-            cfg = get_preset(name).replace(pair_entries=False)  # token entries; pairs: var_pair_coverage.py
+            cfg = get_preset(name).replace(pair_entries=False)  # token entries; pairs: pair_coverage.py
             tables = VARTables.from_evidence(cal, model, get_adapter(model), cfg, source=args.evidence,
                                              choose_evidence=chooser, choose_source=args.choose_evidence or "")
             label = name if chooser is None else f"{name}/choose:{chooser.metadata.get('split')}"
