@@ -83,6 +83,7 @@ def load_pair_table(tables_path: str | Path, layers: list[int], num_experts: int
     """The artifact's (previous, token) tables as a `ModalTable` for the trace's `layers`, or None
     when the artifact holds none. Its keys (prev * V + token) are re-encoded as this module's
     (prev << 32) + token; a layer the artifact lacks gets no keys."""
+    from ..var.served import split_key
     from ..var.tables import VARTables
 
     tables = VARTables.load(tables_path)
@@ -97,7 +98,8 @@ def load_pair_table(tables_path: str | Path, layers: list[int], num_experts: int
     for layer in layers:
         empty = (np.zeros(0, np.int64), np.zeros((0, top_k), np.int64), np.zeros(0, np.int64))
         keys_P, sets_PK, counts_P = (t.numpy().astype(np.int64) for t in tables.pairs[layer]) if layer in tables.pairs else empty
-        key_P = (keys_P // vocab) * (1 << 32) + keys_P % vocab
+        _, prev_P, tok_P = split_key(keys_P, vocab)
+        key_P = prev_P * (1 << 32) + tok_P
         order = np.argsort(key_P, kind="stable")
         keys.append(key_P[order])
         codes.append(_set_codes(sets_PK[order], num_experts))

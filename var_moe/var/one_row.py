@@ -106,8 +106,8 @@ class OneRowHost:
         self.pairs: dict[int, list[tuple[int, int]]] = {}
         if on and s.has_pairs:
             x_X = s.pair_open_X.nonzero().squeeze(1)  # refreshed before this (TableStack)
-            slot_X, base_X = split_key(s.pair_keys_X[x_X], s.vocab)
-            for key, slot, x in zip(base_X.tolist(), slot_X.tolist(), x_X.tolist()):
+            slot_X, prev_X, tok_X = split_key(s.pair_keys_X[x_X], s.vocab)
+            for key, slot, x in zip(pair_key(0, prev_X, tok_X, s.vocab).tolist(), slot_X.tolist(), x_X.tolist()):
                 self.pairs.setdefault(key, []).append((slot, x))
 
     def reset_counts(self) -> None:

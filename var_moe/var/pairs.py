@@ -31,7 +31,7 @@ from .certify import (_certifying, capped_counts, choosing_side, document_groups
                       score_pvalues, served_weights)
 from .config import VARConfig
 from .evidence import LayerEvidence, decode_sets
-from .served import ServedTables, decide, find_pairs
+from .served import ServedTables, decide, find_pairs, split_key
 
 
 @dataclass
@@ -102,7 +102,7 @@ def pair_candidates(ev: LayerEvidence, config: VARConfig, min_pair_count: int | 
     pvalue_P = score_pvalues(agree_P, total_P, config.target_agreement)
     # served weights: pairs keep no weights of their own, so the token's mean learned weight of each
     # expert of the pair's set (on the choosing side), renormalised over the set
-    tok_P = keys_P % v
+    tok_P = split_key(keys_P, v)[2]
     sets_PK, weights_PK, mass_P = served_weights(mean_weights_VE(src, choose)[tok_P],
                                                  decode_sets(code_P, ev.num_experts, ev.top_k),
                                                  torch.ones_like(tok_P, dtype=torch.bool))

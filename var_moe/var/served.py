@@ -39,9 +39,10 @@ def pair_key(slot: Any, prev: Any, tok: Any, vocab: int) -> Any:
     return key if isinstance(slot, int) and slot == 0 else key + slot * vocab * vocab
 
 
-def split_key(key: Any, vocab: int) -> tuple[Any, Any]:
-    """(slot, prev * V + tok) of pair keys: the layer slot and the slot-free key."""
-    return key // (vocab * vocab), key % (vocab * vocab)
+def split_key(key: Any, vocab: int) -> tuple[Any, Any, Any]:
+    """(slot, prev, tok) of pair keys: the inverse of `pair_key`."""
+    base = key % (vocab * vocab)
+    return key // (vocab * vocab), base // vocab, base % vocab
 
 
 def pair_serves(token_hit: Any, pair_hit: Any) -> Any:

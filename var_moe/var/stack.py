@@ -86,8 +86,7 @@ class TableStack:
         if self.has_pairs:
             self.pair_keys_X, self.pair_idx_XK, self.pair_w_XK = (self.served.pair_keys_X, self.served.pair_idx_XK,
                                                                   self.served.pair_w_XK)
-            self.pair_slot_X, base_X = split_key(self.pair_keys_X, self.vocab)
-            self.pair_tok_X = base_X % self.vocab
+            self.pair_slot_X, _, self.pair_tok_X = split_key(self.pair_keys_X, self.vocab)
             self.pair_tok_V = torch.zeros(self.vocab, dtype=torch.bool, device=device)
             self._refresh_pair_tokens()
         self.shadow_agree_LV = torch.zeros_like(self.agree_LV)

@@ -64,7 +64,7 @@ from .certify import (  # noqa: F401  (re-exported: the table API in one place)
 from .config import VARConfig
 from .evidence import Evidence, collect_evidence
 from .pairs import PairCandidates, PairTable, accepted_pairs, pair_candidates
-from .served import pair_serves
+from .served import pair_serves, split_key
 from .stats_io import check_split  # noqa: F401  (re-exported: callers check a file before loading a model)
 
 FORMAT_VERSION = 2
@@ -382,7 +382,7 @@ class VARTables:
                                                                           f"certify on {sides['certifying']['documents_rule']}")
         if pcands:
             info["pair_entries_without_token_entry"] = {  # the entries that can serve (served.pair_serves)
-                str(l): int(pair_serves(tabs[l].member_V[p.keys_P % tabs[l].member_V.numel()], True).sum())
+                str(l): int(pair_serves(tabs[l].member_V[split_key(p.keys_P, tabs[l].member_V.numel())[2]], True).sum())
                 for l, p in served_pairs.items()}
         if choose == "all":
             info = {"method": "sets chosen on all calibration documents; nothing certified (Phase 1 predictors)"}

@@ -91,10 +91,11 @@ def index_pairs(state: VarState, keys_X: np.ndarray, member_VS: np.ndarray) -> N
     """Index the loaded pair entries on the host for the per-step lookups: `keys_X` sorted keys
     slot * V**2 + previous * V + token (entry i at index i), `member_VS` each slot's token entries."""
     v, s = member_VS.shape
-    slot_X, base_X = split_key(np.asarray(keys_X, dtype=np.int64), v)
+    slot_X, prev_X, tok_X = split_key(np.asarray(keys_X, dtype=np.int64), v)
+    base_X = pair_key(0, prev_X, tok_X, v)
     bases_U, u_X = np.unique(base_X, return_inverse=True)
     rows_US = np.full((bases_U.size, s), state.pair_capacity, dtype=np.int64)
-    served_X = pair_serves(member_VS[base_X % v, slot_X], True)
+    served_X = pair_serves(member_VS[tok_X, slot_X], True)
     rows_US[u_X[served_X], slot_X[served_X]] = np.flatnonzero(served_X)
     state.pair_entries, state.pair_vocab = int(base_X.size), int(v)
     state.pair_bases_U, state.pair_rows_US = bases_U, rows_US

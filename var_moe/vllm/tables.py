@@ -93,7 +93,7 @@ def fill_tables(state: VarState, tables: VARTables) -> None:
     if state.pair_sel_NS is not None:
         n, v = served.pair_keys_X.shape[0], served.vocab
         state.pair_tok_X.fill_(-1)
-        state.pair_tok_X[:n] = split_key(served.pair_keys_X, v)[1] % v
+        state.pair_tok_X[:n] = split_key(served.pair_keys_X, v)[2]
         state.pair_idx_XK[:n] = served.pair_idx_XK
         state.pair_w_XK[:n] = served.pair_w_XK
         index_pairs(state, served.pair_keys_X.cpu().numpy(), served.member_LV.t().cpu().numpy())
