@@ -169,6 +169,9 @@ class VllmHost:
         self.served = served  # host copy of the served tables (slot: index in layers), for per-request counts
         self.unavailable_reason = "" if tables_info is not None else (reason or "VAR is not available")
         self._var_default = False
+        hf = engine.vllm_config.model_config.hf_config
+        self.num_experts = int(getattr(hf, "num_local_experts", None) or getattr(hf, "num_experts", 0) or 0)
+        self.top_k = int(getattr(hf, "num_experts_per_tok", 0) or 0)
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -192,8 +195,9 @@ class VllmHost:
         if not reason:
             check_checkpoint(settings.model, tables_path)  # other weights: refused before vLLM loads anything
         kw = engine_args(settings)
-        kw = (engine_kwargs(settings.model, pair_capacity=pair_capacity(settings, tables_path), **kw) if not reason
-              else {"model": settings.model, **kw})
+        counting = settings.expert_load_metrics or settings.expert_load_per_expert  # off: none in the graph
+        kw = (engine_kwargs(settings.model, pair_capacity=pair_capacity(settings, tables_path), expert_load=counting,
+                            **kw) if not reason else {"model": settings.model, **kw})
         try:
             engine = LLMEngine.from_engine_args(EngineArgs(**kw))
         except (RuntimeError, ValueError, MemoryError) as exc:
@@ -277,6 +281,34 @@ class VllmHost:
         if not var or self.served is None:
             return {"fast": 0, "learned": len(forwarded_ids) * len(self.layers)}
         return tier_counts(self.served, forwarded_ids, prev_id)
+
+    # -- expert load and routed experts (var_moe/vllm/expert_load.py) --------------------------------
+    expert_load_on_engine = True  # reading the counters is a call to the workers: on the engine thread
+
+    @property
+    def routed_available(self) -> bool:
+        return self.available  # the buffers come with the Var* model classes
+
+    def start_expert_load(self) -> tuple[int, tuple[str, ...]] | None:
+        """(experts, tiers) of the workers' counters (counting runs in the compiled model already);
+        None for a plain vLLM model (no VAR classes, so no counters)."""
+        if not self.available:
+            return None
+        shape = self.llm.collective_rpc("varmoe_load_shape")[0]
+        if not shape.get("counting", True):
+            return None
+        return int(shape["experts"]), tuple(shape["tiers"])
+
+    def expert_load_reading(self):
+        """The cumulative counters (engine thread). Tensor-parallel ranks route the same rows with
+        the same gates, so the first worker's counters are the model's."""
+        from var_moe.vllm.expert_load import reading_from
+
+        return reading_from(self.llm.collective_rpc("varmoe_load_read")[0])
+
+    def take_routed(self, keys: list[str], finished: list[str]) -> dict[str, list]:
+        """Rows so far of requests that asked for their routed experts (engine thread)."""
+        return self.llm.collective_rpc("varmoe_take_routed", args=(keys, finished))[0]
 
     # -- capture: builtin engine only ----------------------------------------------------------------
     def _no_capture(self, *args: Any) -> None:

@@ -36,7 +36,9 @@ def server(tmp_path_factory, reference_model_dir):
     ensure_prometheus()
     tmp = tmp_path_factory.mktemp("metrics")
     model_dir = reference_model_dir
-    with ManagedServer(model_dir, args=shadowed_var_args(model_dir, tmp), env={"VARMOE_ADMIN_TOKEN": TOKEN},
+    # per-expert counters on: the dashboard's layer x expert heat map reads them
+    with ManagedServer(model_dir, args=shadowed_var_args(model_dir, tmp) + ["--expert-load-per-expert"],
+                       env={"VARMOE_ADMIN_TOKEN": TOKEN},
                        log_path=tmp / "server.log") as s:
         yield s
 
@@ -60,7 +62,9 @@ def test_promtool_check_metrics(server):
     for name in ("varmoe_routing_decisions_total", "varmoe_generated_tokens_total", "varmoe_prompt_tokens_total",
                  "varmoe_request_duration_seconds_bucket", "varmoe_time_to_first_token_seconds_bucket",
                  "varmoe_var_enabled", "varmoe_verification_checks_total", "varmoe_queue_depth",
-                 "varmoe_batch_size_bucket", "varmoe_requests_total"):
+                 "varmoe_batch_size_bucket", "varmoe_requests_total", "varmoe_expert_load_imbalance",
+                 "varmoe_expert_load_hottest_share", "varmoe_expert_load_dead_experts", "varmoe_routing_entropy_nats",
+                 "varmoe_expert_load_window_tokens", "varmoe_expert_tokens_total"):
         assert f"\n{name}" in exposition, name
     res = subprocess.run(["promtool", "check", "metrics"], input=exposition, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and not res.stdout.strip() and not res.stderr.strip(), res.stdout + res.stderr

@@ -214,6 +214,16 @@ class VARModelWrapper:
         fast_B, valid_B = acc_B2.cpu().unbind(1)
         return torch.stack([fast_B, valid_B * len(self.stack.layers) - fast_B], 1)
 
+    def last_fast_rows(self) -> torch.Tensor | None:
+        """(layers, rows) bool: the rows the tables served (token or pair entries) in the forward that
+        ran last; None when VAR is off, no lookup ran for that forward, or the cache tier is on (its
+        rows are not in the lookup)."""
+        look = self.stack._last
+        if (not self.var_enabled or self.config.cache_enabled or look is None
+                or look.tokens is not self.tracker.current):
+            return None
+        return look.fast_LT
+
     def reset_row_counts(self) -> None:
         self._fast_valid_B2 = None
         self._rows_since = None

@@ -110,7 +110,8 @@ class LayerVar:
     # graph was traced with None here and never records)
     record: list | None = None
 
-    def route(self, state: VarState, ids_T: torch.Tensor, w_TK: torch.Tensor, idx_TK: torch.Tensor):
+    def route(self, state: VarState, ids_T: torch.Tensor, w_TK: torch.Tensor, idx_TK: torch.Tensor,
+              router_logits: torch.Tensor | None = None):
         v = self.member_V.shape[0]
         safe_T = ids_T.long().clamp(0, v - 1)
         rows_T = state.rows_N[: ids_T.shape[0]]
@@ -132,6 +133,9 @@ class LayerVar:
         fast = use_T.sum()
         agree = (use_T & same_T).sum()
         self.counts.add_(torch.stack([fast, rows_T.sum() - fast, agree, fast - agree]))
+        load = getattr(state, "load", None)
+        if load is not None:  # expert load and routed experts (expert_load.py): in place, on the device
+            load.count(self.slot, ids_T, out_idx_TK, router_logits, use_T, rows_T)
         if self.record is not None:
             rec = {"ids": ids_T.tolist(), "fast": use_T.tolist(), "experts": out_idx_TK.tolist(),
                    "learned": idx_TK.tolist()}
@@ -174,7 +178,7 @@ def _router_compute_routing(self, hidden_states, router_logits, indices_type, *,
                                                       input_ids=input_ids)
     if input_ids is None:  # inputs_embeds or a later pipeline stage: the learned router decides
         return w_TK, idx_TK
-    return self._varmoe_layer.route(self._varmoe, input_ids, w_TK, idx_TK)
+    return self._varmoe_layer.route(self._varmoe, input_ids, w_TK, idx_TK, router_logits)
 
 
 def _subclass(obj: Any, method: str, fn: Any) -> None:
