@@ -181,9 +181,10 @@ class VARModelWrapper:
     # -- accounting --------------------------------------------------------------------------------
     def _on_fast_rows(self, look: Any) -> None:
         """Per batch row, table decisions summed over layers (`look.fast_LT` is already False for
-        padding) and valid tokens, accumulated raw; `row_tier_counts` turns them into fast / learned. One row (batch-1 decoding, every step): the row's counts are the
-        stack's own running counters since the row's record began, so a step adds nothing here;
-        the start is remembered once (`_rows_since`), and `reset_stats` banks what the row counted."""
+        padding) and valid tokens, accumulated raw; `row_tier_counts` turns them into fast / learned.
+        One row (batch-1 decoding, every step): the row's counts are the stack's own running
+        counters since the row's record began, so a step adds nothing here; the start is
+        remembered once (`_rows_since`), and `reset_stats` banks what the row counted."""
         tok = look.tokens
         b, s = tok.batch_size, tok.seq_len
         dev = self.stack.counts_LC.device
@@ -216,11 +217,9 @@ class VARModelWrapper:
 
     def last_fast_rows(self) -> torch.Tensor | None:
         """(layers, rows) bool: the rows the tables served (token or pair entries) in the forward that
-        ran last; None when VAR is off, no lookup ran for that forward, or the cache tier is on (its
-        rows are not in the lookup)."""
+        ran last; None when VAR is off or no lookup ran for that forward."""
         look = self.stack._last
-        if (not self.var_enabled or self.config.cache_enabled or look is None
-                or look.tokens is not self.tracker.current):
+        if not self.var_enabled or look is None or look.tokens is not self.tracker.current:
             return None
         return look.fast_LT
 
