@@ -125,7 +125,7 @@ def memory_probe(model_dir: str, dataset: str, n: int, args) -> dict:
         analyzer.analyze_batch(ids, mask)
         tokens += int(mask.sum())
     analyzer.pairs.flush()
-    state = sum(v.numel() * v.element_size() for v in analyzer.stats.tensors.values())
+    state = analyzer.stats.nbytes()
     pair_bytes = sum(t.numel() * 8 * 3 for t in analyzer.pairs.keys)
     peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available() and args.device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)

@@ -273,7 +273,7 @@ def layer_candidates(ev: LayerEvidence, config: VARConfig, choose: str = "even",
 def mean_weights_VE(src: LayerEvidence, choose: str) -> torch.Tensor:
     """Per token and expert, the mean learned weight of the expert when chosen, on the choosing side."""
     halves = slice(0, 1) if choose == "even" else slice(0, 2)  # the chooser's both parity halves choose
-    return src.wsum_2VE[halves].sum(0) / src.chosen_2VE[halves].sum(0).clamp_min(1)
+    return src.mean_weights_VE(halves)
 
 
 def served_weights(mean_w_XE: torch.Tensor, sets_XK: torch.Tensor, seen_X: torch.Tensor) -> tuple[torch.Tensor, ...]:

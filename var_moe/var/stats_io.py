@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import InvalidInputError
 
 REQUIRED_COLUMNS = ("layer", "token_id", "frequency", "mean_entropy", "modal_topk_set", "modal_set_count",
-                    "topk_counts", "topk_weight_sums")
+                    "expert_ids", "topk_counts", "topk_weight_sums")
 
 
 def _decode_metadata(raw: dict[bytes, bytes] | None) -> dict[str, Any]:
