@@ -49,7 +49,7 @@ def run_shard(a: argparse.Namespace) -> None:
     adapter = get_adapter(model)
     device = next(model.parameters()).device
     tables = {name: VARTables.load(path, model, adapter) for name, path in (t.split("=", 1) for t in a.tables)}
-    cfg = get_preset("balanced").replace(cache_ttl_seconds=None)
+    cfg = get_preset("balanced")
     docs = [encode_document(tok, d.text) for d in iter_documents(a.dataset, a.split)]
     mine = [ids if d % n == i else [] for d, ids in enumerate(docs)]
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0

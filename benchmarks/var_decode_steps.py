@@ -15,9 +15,8 @@ repeat in rotated order after a warm-up): the ratio a user sees, generate()'s ow
 included, but with the drift between generations in it.
 
 Contenders: `baseline` (the model as loaded, nothing installed); the `--variants` (default `var`):
-`var` (committed tables with their config), `cache-on` (cached tier on), `no-counters`
-(track_performance off), `learned-only` (fast tier and cache off: every row takes the learned tier
-through VAR's code); and one per `--extra-tables NAME=PATH` (the committed tables' config with that
+`var` (committed tables with their config), `no-counters` (track_performance off), `learned-only`
+(fast tier off: every row takes the learned tier through VAR's code); and one per `--extra-tables NAME=PATH` (the committed tables' config with that
 file; each further one is also compared with the one before it).
 
 Run: `python -m benchmarks var_decode_steps [--new-tokens 64] [--repeats 21] [--variants var,learned-only]
@@ -45,9 +44,8 @@ from var_moe.var.wrapper import VARModelWrapper
 PROMPT = "import os\nimport sys\n"
 VARIANTS = {  # config changes from the committed tables' config
     "var": {},
-    "cache-on": {"enable_cache": True, "cache_ttl_seconds": None},
     "no-counters": {"track_performance": False},
-    "learned-only": {"enable_cache": False, "enable_fast_path": False},
+    "learned-only": {"enable_fast_path": False},
 }
 
 

@@ -120,7 +120,7 @@ class ModelHost:
             self.capture_tokens += sum(valid_tokens_B)
         b = len(valid_tokens_B)
         if not self._var_applied:  # the learned router made every decision
-            return [{"fast": 0, "cached": 0, "learned": n * len(self.layers)} for n in valid_tokens_B]
+            return [{"fast": 0, "learned": n * len(self.layers)} for n in valid_tokens_B]
         rows = [dict(zip(TIERS, map(int, r))) for r in self.wrapper.row_tier_counts().tolist()]
         return (rows + [dict.fromkeys(TIERS, 0) for _ in range(b)])[:b]
 

@@ -34,7 +34,7 @@ ROUTED_HELP = ("also return the experts every token was routed to: prompt_routed
                "[tokens][MoE layers][k] expert ids (vLLM's layout); routed_experts has a row per generated token "
                "the model read back (all but the last); streams carry each step's rows in its token event")
 Routing = list[list[list[int]]]
-Tiers = list[list[Literal["fast", "cached", "learned"]]]
+Tiers = list[list[Literal["fast", "learned"]]]
 
 Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 Text = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]

@@ -12,11 +12,11 @@ RoutingBackend (server/var_runtime.py): each request carries its own mode to the
 (server/vllm_engine.py), so `apply_mode` only sets the workers' default for requests that name
 none; `counts()` reads the device counters, which count VAR-mode rows only; verification outcomes are the free audit of every table row against the
 learned decision (no sampling, no demotion on this engine). Per-request tier counts are exact
-without reading the device: a fast decision depends on the token and its previous token only (no
-context cache here), so a request's fast decisions are, per layer, the table members among the
-tokens it sent through the model plus the rows whose (previous, token) pair is an entry where the
-token has none (the vLLM tests check the device counters against the same count). The caller
-passes the token before the first one sent (`prev_id`) when a prefix cache held the prompt's start.
+without reading the device: a fast decision depends on the token and its previous token only, so
+`request_tiers` makes the workers' decision (`var.served.tier_counts` on a host copy of the served
+tables) over the tokens the request sent through the model (the vLLM tests check it against the
+device counters and against the builtin engine's counts). The caller passes the token before the
+first one sent (`prev_id`) when a prefix cache held the prompt's start.
 Capture runs on the builtin engine only (409 here). Test: `pytest tests/vllm_engine/test_vllm_server.py`.
 """
 
@@ -27,9 +27,8 @@ import os
 from types import SimpleNamespace
 from typing import Any
 
-import torch
-
 from var_moe.errors import InvalidInputError
+from var_moe.var.served import ServedTables, tier_counts
 
 from .errors import APIError
 from .var_runtime import Counts
@@ -107,9 +106,9 @@ def kv_cache_bytes(settings, on_cpu: bool) -> int | None:
 
 def pair_capacity(settings, tables_path) -> int:
     """Room for (previous, token) entries in the engine: the operator's --vllm-pair-capacity, else
-    exactly what the startup tables file holds. Every VAR step looks pairs up when the capacity is
-    above 0 (a searchsorted per MoE layer), so tables without pair entries build no pair tier and
-    cost nothing for it."""
+    exactly what the startup tables file holds. With a capacity above 0 every VAR step looks pairs
+    up (on the host, and a gather per MoE layer on the device), so tables without pair entries
+    build no pair tier and cost nothing for it."""
     if settings.vllm_pair_capacity is not None:
         return int(settings.vllm_pair_capacity)
     from var_moe.var.tables import VARTables
@@ -160,8 +159,8 @@ class VllmHost:
     capture_tokens = 0
     analyzer = None
 
-    def __init__(self, engine: Any, model_name: str, tables_info: dict | None, member_LV: torch.Tensor | None,
-                 layers: list[int], reason: str = "", pair_keys_X: torch.Tensor | None = None):
+    def __init__(self, engine: Any, model_name: str, tables_info: dict | None, served: ServedTables | None,
+                 layers: list[int], reason: str = ""):
         from .vllm_engine import VllmEngine
 
         self.engine_class = VllmEngine  # ServerState builds this engine instead of the builtin one
@@ -174,9 +173,7 @@ class VllmHost:
                                                             max_position_embeddings=int(cfg.max_model_len)))
         self.layers = layers
         self.tables_info = tables_info
-        self.member_LV = member_LV  # host copy of table membership, for per-request counts
-        # host copy of the pair entries' keys, slot * V**2 + previous * V + token (slot: index in layers)
-        self.pair_keys_X = pair_keys_X
+        self.served = served  # host copy of the served tables (slot: index in layers), for per-request counts
         self.unavailable_reason = "" if tables_info is not None else (reason or "VAR is not available")
         self._var_default = False
         hf = engine.vllm_config.model_config.hf_config
@@ -226,18 +223,12 @@ class VllmHost:
         refused = [r["error"] for r in replies if "error" in r]
         if refused:  # every rank checks the same tables against the same gates
             raise InvalidInputError(refused[0])
-        info = replies[0]
-        from var_moe.var.pairs import stack_pair_keys
         from var_moe.var.tables import VARTables
 
-        tables = VARTables.load(tables_path)
         layers = sorted(int(l) for l in engine.collective_rpc("varmoe_counts")[0])
-        vocab = int(tables.metadata["vocab_size"])
-        member_LV = torch.stack([tables.layers[l].member_V if l in tables.layers else torch.zeros(vocab, dtype=torch.bool)
-                                 for l in layers])
-        _, pair_keys_X = stack_pair_keys(tables.pair_tier, layers, vocab)
+        info, tables = replies[0], VARTables.load(tables_path)
         info["dtype_check"] = dtype_check(engine, settings, tables).to_json()
-        return cls(engine, settings.model, info, member_LV, layers, pair_keys_X=pair_keys_X)
+        return cls(engine, settings.model, info, ServedTables.from_tables(tables, layers), layers)
 
     # -- RoutingBackend --------------------------------------------------------------------------
     @property
@@ -271,7 +262,7 @@ class VllmHost:
         tiers: Counts = {}
         verification: Counts = {}
         for l, c in self._device_counts().items():
-            tiers.update({(l, "fast"): c[0], (l, "cached"): 0, (l, "learned"): c[1]})
+            tiers.update({(l, "fast"): c[0], (l, "learned"): c[1]})
             verification.update({(l, "agree"): c[2], (l, "disagree"): c[3]})
         return tiers, verification
 
@@ -291,23 +282,12 @@ class VllmHost:
 
     # -- per-request tier counts -----------------------------------------------------------------
     def request_tiers(self, var: bool, forwarded_ids: list[int], prev_id: int = -1) -> dict[str, int]:
-        """Routing decisions of one request summed over MoE layers (valid tokens x layers).
-        `prev_id`: the token before forwarded_ids[0] (-1: none, the sequence starts there)."""
-        n = len(forwarded_ids) * len(self.layers)
-        if not var or self.member_LV is None or not forwarded_ids:
-            return {"fast": 0, "cached": 0, "learned": n}
-        ids_T = torch.tensor(forwarded_ids, dtype=torch.long)
-        member_LT = self.member_LV[:, ids_T]
-        fast = int(member_LT.sum())
-        if self.pair_keys_X is not None:  # (previous, token) entries serve rows whose token has none
-            from var_moe.var.pairs import find_pairs
-
-            vocab = self.member_LV.shape[1]
-            prev_T = torch.cat([torch.tensor([prev_id], dtype=torch.long), ids_T[:-1]])
-            offset_L1 = torch.arange(len(self.layers), dtype=torch.long)[:, None] * vocab * vocab
-            hit_LT, _ = find_pairs(self.pair_keys_X, prev_T, ids_T, vocab, offset_L1)
-            fast += int((hit_LT & ~member_LT).sum())
-        return {"fast": fast, "cached": 0, "learned": n - fast}
+        """Routing decisions of one request summed over MoE layers (valid tokens x layers), from the
+        same decision the workers make (`served.tier_counts`). `prev_id`: the token before
+        forwarded_ids[0] (-1: none, the sequence starts there)."""
+        if not var or self.served is None:
+            return {"fast": 0, "learned": len(forwarded_ids) * len(self.layers)}
+        return tier_counts(self.served, forwarded_ids, prev_id)
 
     # -- expert load and routed experts (var_moe/vllm/expert_load.py) --------------------------------
     expert_load_on_engine = True  # reading the counters is a call to the workers: on the engine thread

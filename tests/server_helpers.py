@@ -1,7 +1,7 @@
 """Test-only helpers for the server tests (the one launcher is analysis_jobs.server_process).
 
 - `shadowed_var_args(model_dir, tmp)`: serve flags giving the reference model its committed VAR
-  tables' config with shadow checks on half of the fast/cached decisions (verification metrics).
+  tables' config with shadow checks on half of the fast decisions (verification metrics).
 - `permissive_var_config()`: VARConfig fields under which a random tiny model (high routing
   entropy) still gets table entries.
 - `FakeBackend`: a RoutingBackend whose cumulative counters a test advances by hand.

@@ -5,7 +5,7 @@ drifting load hits each alike; a warm-up runs first and is not kept. A step is w
 unit is: a batch forward (evaluation, sweep), a decode step, a whole benchmark run.
 
     times = interleaved({"base": Variant(run_base, around=wrapper.suspended), "var": Variant(run_var)},
-                        steps=len(batches), repeats=3, warmup=1, before_repeat=wrapper.clear_cache)
+                        steps=len(batches), repeats=3, warmup=1)
     times["var"][r][i]   # seconds of variant "var", repeat r, step i
 
 `Variant.around` is an untimed context entered around each timed run (e.g. taking VAR out for the

@@ -59,7 +59,7 @@ def run(ctx: GPUContext) -> list[dict]:
                             f"{ppl['tokens']} tokens"))
             if ready.get("var_available"):
                 v = client.post("/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 8, "var": True}).json()
-                served = (v.get("routing") or {}).get("fast", 0) + (v.get("routing") or {}).get("cached", 0)
+                served = (v.get("routing") or {}).get("fast", 0)
                 rows.append(row(NAME, "var: true, table/cache decisions", served, "> 0",
                                 v.get("mode") == "var" and served > 0, ""))
             else:

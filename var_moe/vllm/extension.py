@@ -100,10 +100,10 @@ class VarWorkerExtension:
         return self._varmoe_state().load.take_routed(list(keys), list(finished))
 
     def varmoe_info(self) -> dict[str, Any]:
-        from .tables import model_identity
+        from .tables import loaded_identity
 
         state = self._varmoe_state()
-        ident = model_identity(state)
+        ident = loaded_identity(state)
         ident["table_sizes"] = {l: int(lv.member_V.sum()) for l, lv in sorted(state.layers.items())}
         ident["pair_capacity"] = state.pair_capacity
         ident["pair_entries"] = state.pair_entries
