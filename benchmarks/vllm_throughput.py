@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in med:
         cells = " ".join(f"{med[n][c]:8.1f} ({ratios.get(n, {}).get(c, 1.0):.2f}x)" for c in levels)
         print(f"{n:22s} {cells}")
-    print(f"\nCPU s outside the compute thread per 1,000 tokens (x plain vLLM)")
+    print("\nCPU s outside the compute thread per 1,000 tokens (x plain vLLM)")
     for n in outside:
         cells = " ".join(f"{outside[n][c]:8.3f} ({outside_ratio.get(n, {}).get(c, 1.0):.2f}x)" for c in levels)
         print(f"{n:22s} {cells}")

@@ -19,13 +19,12 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from server_helpers import sse_events
+from server_helpers import captured, sse_events
 
 from analysis_jobs.server_process import REPO_ROOT, ManagedServer
 from var_moe.loading import load_model
 from var_moe.offload.trace import Trace
 from var_moe.routing_replay import forward_with_routing
-from var_moe.routing_tap import RoutingTap
 
 PROMPT = "def forward(self, x):\n    return self"
 
@@ -49,17 +48,6 @@ def client(server):
 def local(reference_model_dir):
     torch.set_num_threads(1)
     return load_model(str(reference_model_dir), dtype="float32")
-
-
-def captured(local, ids: list[int]) -> list:
-    """[tokens][MoE layers][k] experts of a teacher-forced forward of `ids` (in-process)."""
-    model, _ = local
-    tap = RoutingTap(model, count=False).attach()
-    tap.recording = True
-    with torch.no_grad():
-        model(input_ids=torch.tensor([ids]))
-    tap.detach()
-    return tap.last_LTK.permute(1, 0, 2).tolist()
 
 
 def series(text: str, name: str) -> dict[str, float]:

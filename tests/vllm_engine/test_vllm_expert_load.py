@@ -19,11 +19,10 @@ pytest.importorskip("vllm", reason="vLLM is not installed in this environment (s
 
 import httpx  # noqa: E402
 import torch  # noqa: E402
-from server_helpers import sse_events  # noqa: E402
+from server_helpers import captured, sse_events  # noqa: E402
 
 from analysis_jobs.server_process import ManagedServer  # noqa: E402
 from var_moe.loading import load_model  # noqa: E402
-from var_moe.routing_tap import RoutingTap  # noqa: E402
 
 PROMPT = "The history of the city of"
 
@@ -56,16 +55,6 @@ def client(server):
 def local(reference_model_dir):
     torch.set_num_threads(1)
     return load_model(str(reference_model_dir), dtype="float32")
-
-
-def captured(local, ids: list[int]) -> list:
-    model, _ = local
-    tap = RoutingTap(model, count=False).attach()
-    tap.recording = True
-    with torch.no_grad():
-        model(input_ids=torch.tensor([ids]))
-    tap.detach()
-    return tap.last_LTK.permute(1, 0, 2).tolist()
 
 
 def as_sets(rows: list) -> list:

@@ -18,7 +18,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed in this environment (see make setup-vllm)")
 
-from server_helpers import stream_matches_non_stream  # noqa: E402  (tests/, on the path via conftest)
+from server_helpers import metric, stream_matches_non_stream  # noqa: E402  (tests/, on the path via conftest)
 
 from analysis_jobs.server_process import ManagedServer  # noqa: E402
 from var_moe.var.tables import VARTables  # noqa: E402
@@ -54,16 +54,6 @@ def server(reference_model_dir, tmp_path_factory):
 def client(server):
     with httpx.Client(base_url=server.url, timeout=120) as c:
         yield c
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of `name` carrying all `labels`."""
-    total = 0.0
-    for line in text.splitlines():
-        head, _, value = line.rpartition(" ")
-        if head.split("{")[0] == name and all(f'{k}="{v}"' in head for k, v in labels.items()):
-            total += float(value)
-    return total
 
 
 def test_health_and_status(client, reference_model_dir):
