@@ -1,7 +1,7 @@
 # var-moe: every set-up step lives here so a fresh machine needs exactly one command per job.
 #   make serve   - install, then serve the reference model with VAR (5% shadow-verified) on 127.0.0.1:8000
 #   make test    - install (incl. Debian's prometheus for the scrape tests), then run the whole suite
-# Other targets: demo, ab-test, reliability, bench-*, gpu-check (see README and docs/BENCHMARKS.md).
+# Other targets: demo, ab-test, reliability, bench NAME=..., gpu-check (see README and docs/BENCHMARKS.md).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -12,7 +12,7 @@ VLLM_VENV ?= $(VENV)-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
 
-.PHONY: setup setup-vllm serve-vllm prometheus test serve demo ab-test reliability bench-reference bench-capture bench-router bench-server bench-offload bench-vllm gpu-check gpu-check-vllm reference-moe-2 clean
+.PHONY: setup setup-vllm serve-vllm prometheus test serve demo ab-test reliability bench gpu-check gpu-check-vllm reference-moe-2 clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -70,36 +70,22 @@ ab-test: setup
 reliability: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m analysis_jobs.reliability --duration 120
 
-bench-reference: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/reference_throughput.py --repeats 7
-
-bench-capture: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/capture_overhead.py --batches 8 --repeats 7
-
-bench-router: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/router_share.py
-
-bench-server: setup
-	$(BIN)/pip install -q -c constraints.txt -e ".[bench]"
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/server_throughput.py --run-time 20 --repeats 3 --out benchmarks/results/server_throughput.json
+# one benchmark by name: make bench NAME=capture_overhead ARGS="--repeats 7 --output benchmarks/results/capture_overhead.json"
+# (`make bench` alone lists them; vllm_* run in the vLLM environment; commands per result: docs/BENCHMARKS.md)
+BENCH_VLLM := $(filter vllm_%,$(NAME))
+bench: setup $(if $(BENCH_VLLM),setup-vllm)
+	@if [ -z "$(NAME)" ]; then $(BIN)/python -m benchmarks; exit 2; fi
+	@if [ "$(NAME)" = server_throughput ]; then $(BIN)/pip install -q -c constraints.txt -e ".[bench]"; fi
+	HF_HUB_OFFLINE=1 $(if $(BENCH_VLLM),$(VLLM_BIN),$(BIN))/python -m benchmarks $(NAME) $(ARGS)
 
 # The CUDA-only paths (bf16 routing and capture, bitsandbytes 4/8-bit, device_map=auto, the server on
 # CUDA) on the reference model: one table + runs/gpu_check.json. Without CUDA it says so and exits 0.
 gpu-check: setup
 	@if $(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
 	  $(BIN)/pip install -q -c constraints.txt -e ".[gpu]"; fi
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/gpu_check.py --out runs/gpu_check.json
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks gpu_check --output runs/gpu_check.json
 	@if $(BIN)/python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
 	  $(MAKE) gpu-check-vllm; fi
-
-# expert-offloading simulator speed on the committed test trace (docs/OFFLOAD.md)
-bench-offload: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.offload_simulator --output benchmarks/results/offload_simulator.json
-
-# plain vLLM vs varmoe serve --engine vllm (baseline, VAR) vs the builtin engine, Locust load, interleaved
-bench-vllm: setup setup-vllm
-	HF_HUB_OFFLINE=1 $(VLLM_BIN)/python benchmarks/vllm_throughput.py --repeats 3 --run-time 20 --pin-rest 1 \
-	  --builtin-python $(BIN)/python --out benchmarks/results/vllm_throughput.json
 
 # On a CUDA machine: the vLLM tests with vLLM's CUDA build (compiled engines with CUDA graphs, VAR
 # toggled, exactness against plain vLLM and the builtin engine); `make gpu-check` runs it when CUDA is there.

@@ -2,7 +2,7 @@
 
 One function per figure (results dict in, Figure out); `write_report(results, out_dir)` writes
 `ab_test.json`, `ab_test.md` and `figures/*.png|pdf`. Figures use line styles and hatches, not
-only colour, so they read in greyscale. Test: `pytest tests/test_ab_report.py`.
+only colour, so they read in greyscale. Test: `pytest tests/test_ab_job.py`.
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ def fig_tiers(results: dict):
     layers = sorted(per_layer, key=int)
     fig, ax = plt.subplots(figsize=(6, 3.4))
     bottom = [0.0] * len(layers)
-    hatches = {"fast": "", "cached": "..", "learned": "xx"}
-    greys = {"fast": "0.2", "cached": "0.6", "learned": "0.9"}
+    hatches = {"fast": "", "learned": "xx"}
+    greys = {"fast": "0.2", "learned": "0.9"}
     for t in TIERS:
         vals = [per_layer[l].get(t) or 0.0 for l in layers]
         ax.bar(layers, vals, bottom=bottom, color=greys[t], hatch=hatches[t], edgecolor="black", label=t)
@@ -165,17 +165,17 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {k} | {m} | {_f(p['p50'])} | {_f(p['p90'])} | {_f(p['p99'])} | {p['n']} |")
     tiers = results["tiers"]
     lines += ["", "## Routing tiers and verification", "",
-              f"VAR requests under load: fast {_pct(tiers['var_requests_under_load']['fast'])}, cached "
-              f"{_pct(tiers['var_requests_under_load']['cached'])}, learned {_pct(tiers['var_requests_under_load']['learned'])} "
+              f"VAR requests under load: fast {_pct(tiers['var_requests_under_load']['fast'])}, "
+              f"learned {_pct(tiers['var_requests_under_load']['learned'])} "
               f"of {tiers['var_requests_under_load']['decisions']:,} decisions.", "",
-              "| layer | fast | cached | learned | decisions (VAR perplexity pass) |", "|---|---|---|---|---|"]
+              "| layer | fast | learned | decisions (VAR perplexity pass) |", "|---|---|---|---|"]
     for layer, s in sorted(tiers["var_perplexity_pass"]["per_layer"].items(), key=lambda kv: int(kv[0])):
-        lines.append(f"| {layer} | {_pct(s['fast'])} | {_pct(s['cached'])} | {_pct(s['learned'])} | {s['decisions']:,.0f} |")
+        lines.append(f"| {layer} | {_pct(s['fast'])} | {_pct(s['learned'])} | {s['decisions']:,.0f} |")
     ver = results["verification"]
     if not ver["under_load"]["checks"] and not ver["var_perplexity_pass"]["checks"]:
         shadow = ((results.get("var_status") or {}).get("var") or {}).get("config", {}).get("shadow_rate")
         lines += ["", f"No verification checks ran: the served VAR configuration has shadow_rate = {shadow} "
-                  "(verification of fast/cached decisions against the learned router is off), so agreement is n/a."]
+                  "(verification of fast decisions against the learned router is off), so agreement is n/a."]
     lines += ["", f"Verification agreement under load: {_pct(ver['under_load']['agreement'])} of "
               f"{ver['under_load']['checks']:,.0f} checks; in the perplexity pass: {_pct(ver['var_perplexity_pass']['agreement'])} "
               f"of {ver['var_perplexity_pass']['checks']:,.0f} (outcomes {ver['var_perplexity_pass']['counts']}).", "",

@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 
 from var_moe.errors import InvalidInputError, VarMoeError
+from var_moe.var.served import TIERS
 
 from . import ab_stats
 from .prom import MetricsSampler, diff, fetch, histogram_quantile, label_values, series
@@ -37,7 +38,6 @@ class ServerAnswerError(VarMoeError, RuntimeError):
 
 
 MODES = ("var", "baseline")
-TIERS = ("fast", "cached", "learned")
 CRITERIA = {"quality_max_ppl_increase": 0.01, "min_speedup": 1.2, "max_learned_share": 0.15}
 
 

@@ -1,4 +1,4 @@
-"""Hardening probes of the var-moe server (issue 10): each measures one attack or overload and
+"""Hardening probes of the var-moe server: each measures one attack or overload and
 returns its figures with `ok` against the goal. They need a server that accepts big requests
 (`PROBE_SERVER_ARGS`: 64 prompts, a 40,000-token budget, a 128-job queue, a 900 s time limit).
 

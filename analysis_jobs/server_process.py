@@ -3,7 +3,7 @@
 `ManagedServer(model, admin_token=..., args=[...])` starts the server, `wait_ready()` polls
 /readyz, `pid` is what psutil watches, `stop()` sends SIGTERM (the server drains in-flight work)
 and returns the exit code, killing only if the drain overstays `timeout_s`.
-Test: `pytest tests/test_reliability_faults.py`.
+Test: `pytest tests/test_server_lifecycle.py tests/test_reliability_checks.py`.
 """
 
 from __future__ import annotations

@@ -1,17 +1,17 @@
 """Capture overhead: RouterAnalyzer forward vs a plain forward over the same batches, and peak memory.
 
-    python benchmarks/capture_overhead.py [--model DIR] [--batches 8] [--repeats 5] [--threads 1]
+    python -m benchmarks capture_overhead [--model DIR] [--batches 8] [--repeats 5] [--threads 1] [--output PATH]
 
 Throughput: the same padded batches go through `model(...)` under no_grad (plain) and through
 `RouterAnalyzer.analyze_batch` (capture: hooks + all statistics + pair table), interleaved batch by
-batch (each batch plain and captured back to back, the order alternating) after a warm-up; reported:
+batch (each batch plain and captured back to back, the order rotating: `var_moe.timing`) after a warm-up; reported:
 the ratio of the median pass times, the median of the per-batch paired ratios (robust to load from
 other processes), and the share of the capture time spent inside the statistics hooks. Memory: two fresh subprocesses capture a small and a
 4x larger corpus and report their peak resident memory (CUDA: peak allocated) and the size of the
 statistics state; flat memory means the state does not grow with tokens.
 
-Uses the reference model when it exists, otherwise a toy model (stated in the output). Writes
-`benchmarks/results/capture_overhead.json` and replaces the "## Capture" section of docs/BENCHMARKS.md.
+Uses the reference model when it exists, otherwise a toy model (stated in the output). Writes the JSON
+to --output and replaces the "## Capture" section of docs/BENCHMARKS.md (unless --no-docs).
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from var_moe.capture.analyzer import RouterAnalyzer
+from var_moe.corpus import iter_batches
+from var_moe.loading import REFERENCE_MODEL_DIR, load_model
+from var_moe.timing import Variant, interleaved
 
-from var_moe.capture.analyzer import RouterAnalyzer  # noqa: E402
-from var_moe.corpus import iter_batches  # noqa: E402
-from var_moe.loading import REFERENCE_MODEL_DIR, load_model  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def pick_model(arg: str | None) -> tuple[str, str, str]:
@@ -100,20 +100,12 @@ def throughput(model_dir: str, dataset: str, args) -> dict:
     time_pass(plain, batches[:2])
     time_pass(capture, batches[:2])
     hook_s[0] = 0.0
-    plain_s, capture_s, ratios = [], [], []
-    for r in range(args.repeats):
-        p_sum = c_sum = 0.0
-        for i, (ids, mask) in enumerate(batches):
-            # paired design: each batch runs plain and captured back to back (order alternates), so
-            # load from other processes hits both sides of a pair alike
-            first_plain = (r + i) % 2 == 0
-            a = time_pass(plain if first_plain else capture, [(ids, mask)])
-            b = time_pass(capture if first_plain else plain, [(ids, mask)])
-            pt, ct = (a, b) if first_plain else (b, a)
-            p_sum, c_sum = p_sum + pt, c_sum + ct
-            ratios.append(ct / pt)
-        plain_s.append(p_sum)
-        capture_s.append(c_sum)
+    # paired design: each batch runs plain and captured back to back (order rotating), so load from
+    # other processes hits both sides of a pair alike
+    times = interleaved({"plain": Variant(lambda i: plain(*batches[i])), "capture": Variant(lambda i: capture(*batches[i]))},
+                        len(batches), args.repeats, warmup=0, device=device)
+    plain_s, capture_s = [sum(t) for t in times["plain"]], [sum(t) for t in times["capture"]]
+    ratios = [c / p for tp, tc in zip(times["plain"], times["capture"]) for p, c in zip(tp, tc)]
     p, c = statistics.median(plain_s), statistics.median(capture_s)
     return {
         "tokens_per_pass": tokens, "batches": len(batches), "batch_size": args.batch_size, "max_length": args.max_length,
@@ -133,7 +125,7 @@ def memory_probe(model_dir: str, dataset: str, n: int, args) -> dict:
         analyzer.analyze_batch(ids, mask)
         tokens += int(mask.sum())
     analyzer.pairs.flush()
-    state = sum(v.numel() * v.element_size() for v in analyzer.stats.tensors.values())
+    state = analyzer.stats.nbytes()
     pair_bytes = sum(t.numel() * 8 * 3 for t in analyzer.pairs.keys)
     peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available() and args.device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -189,7 +181,7 @@ def write_docs(section: str) -> None:
     path.write_text(text)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -198,31 +190,32 @@ def main() -> int:
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--output", default=None, help="write the JSON here (committed: benchmarks/results/capture_overhead.json)")
     p.add_argument("--no-docs", action="store_true", help="do not touch docs/BENCHMARKS.md")
     p.add_argument("--memory-probe", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--dataset", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.memory_probe is not None:
         print(json.dumps(memory_probe(args.model, args.dataset, args.memory_probe, args)))
         return 0
     model_dir, dataset, desc = pick_model(args.model)
     res = {"model": desc, "device": args.device, "machine": f"{platform.machine()}, {torch.get_num_threads()} thread(s)",
-           "command": "python " + " ".join(["benchmarks/capture_overhead.py", *sys.argv[1:]])}
+           "command": " ".join(["python -m benchmarks capture_overhead", *(sys.argv[1:] if argv is None else argv)])}
     res["throughput"] = throughput(model_dir, dataset, args)
     res["load_average"] = " / ".join(f"{x:.1f}" for x in os.getloadavg()) + f" on {os.cpu_count()} cores"
     res["memory"] = []
     for n in (max(1, args.batches // 2), 2 * args.batches):
-        cmd = [sys.executable, __file__, "--memory-probe", str(n), "--model", model_dir, "--dataset", dataset,
+        cmd = [sys.executable, "-m", "benchmarks", "capture_overhead", "--memory-probe", str(n), "--model", model_dir, "--dataset", dataset,
                "--device", args.device, "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
                "--threads", str(args.threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip().splitlines()[-1]
         res["memory"].append(json.loads(out))
     section = markdown(res)
     print(section)
-    results = ROOT / "benchmarks" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "capture_overhead.json").write_text(json.dumps(res, indent=2))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(res, indent=2))
     if not args.no_docs:
         write_docs(section)
     return 0

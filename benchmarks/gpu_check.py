@@ -18,8 +18,8 @@ failed row with the error, so one broken path never hides the others. Exit statu
 row failed.
 
 Run:  make gpu-check
-      python benchmarks/gpu_check.py [--model DIR] [--checks bf16_routing,quantized] [--num-samples 64]
-          [--out runs/gpu_check.json]
+      python -m benchmarks gpu_check [--model DIR] [--checks bf16_routing,quantized] [--num-samples 64]
+          [--output runs/gpu_check.json]
 Test: `pytest tests/test_gpu_check.py`.
 """
 
@@ -36,9 +36,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.gpu_checks import GPUContext, row  # noqa: E402
+from benchmarks.gpu_checks import GPUContext, row
 
 COLUMNS = ("check", "metric", "value", "expect", "ok", "note")
 
@@ -126,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-samples", type=int, default=64, help="test-split sequences per measurement")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cpu runs the checks' own code without CUDA (for tests; says nothing about CUDA)")
-    p.add_argument("--out", default="runs/gpu_check.json")
+    p.add_argument("--output", default="runs/gpu_check.json")
     args = p.parse_args(argv)
 
     import torch
@@ -136,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(torch {torch.__version__}, built with CUDA {torch.version.cuda or 'none'}). Nothing was run.")
         return 0
     torch.set_num_threads(1)
-    out = Path(args.out)
+    out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = out.with_suffix("")  # per-check files (captures, server logs, tracebacks)
     work.mkdir(parents=True, exist_ok=True)

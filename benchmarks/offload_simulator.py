@@ -1,6 +1,6 @@
 """Speed of the expert-cache simulator: a million token-layer events per policy, compiled vs plain Python.
 
-    python -m benchmarks.offload_simulator --trace results/offload/trace_test.parquet \
+    python -m benchmarks offload_simulator --trace results/offload/trace_test.parquet \
         [--events 1000000 --python-events 64000 --repeats 5] [--output benchmarks/results/offload_simulator.json]
 
 The trace is mapped onto Mixtral-8x7B's 32 layers and cut to `--events` token-layer events. For
@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
     from var_moe.offload.predictors import all_predictions
     from var_moe.offload.simulator import POLICIES_ALL, SimConfig, map_predictions, next_use, simulate
     from var_moe.offload.trace import Trace
+    from var_moe.timing import Variant, interleaved
 
     src = Trace.read(a.trace)
     layers = MIXTRAL_8X7B.num_layers
@@ -55,13 +56,11 @@ def main(argv: list[str] | None = None) -> dict:
             t0 = time.perf_counter()
             simulate(big_tr, big_pr, cfg, prof, MIXTRAL_8X7B, policy, compiled=True, next_use_TLK=nu_big)
             big.append(time.perf_counter() - t0)
-        comp, py = [], []
-        for i in range(a.repeats):  # interleaved, alternating which goes first
-            order = (True, False) if i % 2 == 0 else (False, True)
-            for compiled in order:
-                t0 = time.perf_counter()
-                simulate(small_tr, small_pr, cfg, prof, MIXTRAL_8X7B, policy, compiled=compiled, next_use_TLK=nu_small)
-                (comp if compiled else py).append(time.perf_counter() - t0)
+        small = {name: Variant(lambda i, c=c: simulate(small_tr, small_pr, cfg, prof, MIXTRAL_8X7B, policy, compiled=c,
+                                                       next_use_TLK=nu_small))
+                 for name, c in (("compiled", True), ("python", False))}
+        times = interleaved(small, 1, a.repeats, warmup=0)  # rotating which goes first (var_moe.timing)
+        comp, py = [t[0] for t in times["compiled"]], [t[0] for t in times["python"]]
         rows.append({"policy": policy, "events": big_tr.num_tokens * layers, "compiled_s": statistics.median(big),
                      "small_events": small_tr.num_tokens * layers, "small_compiled_s": statistics.median(comp),
                      "small_python_s": statistics.median(py),
@@ -72,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{r['policy']:<12}{r['events']:>10}{r['compiled_s']:>12.3f}{r['events'] / r['compiled_s'] / 1e6:>11.2f}"
               f"{r['small_events']:>11}{r['small_python_s']:>10.2f}{r['python_over_compiled']:>13.0f}")
     doc = {"trace": a.trace, "repeats": a.repeats, "compiled": kernel.compiled(), "rows": rows,
-           "command": "python -m benchmarks.offload_simulator " + " ".join(argv or [])}
+           "command": "python -m benchmarks offload_simulator " + " ".join(argv or [])}
     if a.output:
         Path(a.output).parent.mkdir(parents=True, exist_ok=True)
         Path(a.output).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")

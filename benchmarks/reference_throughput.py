@@ -1,11 +1,11 @@
 """Training and inference throughput of the reference model on this machine.
 
 Training: tokens/s of full optimizer steps (recipe batch x seq_len, the per-layer balancing loss
-on) for each experts implementation, interleaved (A B A B ...) after a warm-up, median of repeats.
+on) for each experts implementation, interleaved in rotating order (`var_moe.timing`) after a warm-up, median of repeats.
 Inference: forward tokens/s at batch 8 x 256 (no KV cache), same interleaving.
 
-Run: `python benchmarks/reference_throughput.py [--model models/reference-moe] [--repeats 5] [--threads 1]`
-Prints a table and writes benchmarks/results/reference_throughput.json.
+Run: `python -m benchmarks reference_throughput [--model models/reference-moe] [--repeats 5] [--threads 1] [--output PATH]`
+Prints a table and, with --output, writes the JSON.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -23,12 +22,12 @@ from var_moe.corpus import iter_batches
 from var_moe.loading import REFERENCE_MODEL_DIR, load_model
 from var_moe.reference.recipe import Recipe
 from var_moe.reference.train import per_layer_balance_loss
+from var_moe.timing import Variant, interleaved
 
 ALL_IMPLS = ("grouped_mm", "eager", "batched_mm")  # batched_mm trains ~50x slower on CPU: opt in
 
 
-def train_step_seconds(model, batch, recipe, optimizer) -> float:
-    t0 = time.perf_counter()
+def train_step(model, batch, recipe, optimizer) -> None:
     out = model(input_ids=batch[:, :-1], output_router_logits=True, use_cache=False)
     ce = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), batch[:, 1:].reshape(-1))
     loss = ce + recipe.balance_coef * per_layer_balance_loss(out.router_logits, recipe.num_experts_per_tok,
@@ -36,24 +35,21 @@ def train_step_seconds(model, batch, recipe, optimizer) -> float:
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return time.perf_counter() - t0
 
 
 @torch.no_grad()
-def forward_seconds(model, ids) -> float:
-    t0 = time.perf_counter()
+def forward(model, ids) -> None:
     model(input_ids=ids, use_cache=False)
-    return time.perf_counter() - t0
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(REFERENCE_MODEL_DIR))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--impls", default="grouped_mm,eager", help=f"comma-separated subset of {ALL_IMPLS}")
-    ap.add_argument("--output", default="benchmarks/results/reference_throughput.json")
-    args = ap.parse_args()
+    ap.add_argument("--output", default=None, help="write the JSON here (committed: benchmarks/results/reference_throughput.json)")
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     impls = tuple(args.impls.split(","))
     if "grouped_mm" not in impls or not set(impls) <= set(ALL_IMPLS):
@@ -68,20 +64,15 @@ def main() -> None:
     for impl, m in models.items():
         m.train()
         opts[impl] = torch.optim.AdamW(m.parameters(), lr=1e-5)
-    train_s = {impl: [] for impl in impls}
-    fwd_s = {impl: [] for impl in impls}
-    for i in range(args.repeats + 1):  # first round is the warm-up
-        for impl in impls:
-            s = train_step_seconds(models[impl], train_batch, recipe, opts[impl])
-            if i:
-                train_s[impl].append(s)
+    # interleaved (rotating order) after one warm-up round: var_moe.timing
+    train = interleaved({impl: Variant(lambda i, impl=impl: train_step(models[impl], train_batch, recipe, opts[impl]))
+                         for impl in impls}, 1, args.repeats, warmup=1)
     for m in models.values():
         m.eval()
-    for i in range(args.repeats + 1):
-        for impl in impls:
-            s = forward_seconds(models[impl], ids)
-            if i:
-                fwd_s[impl].append(s)
+    fwd = interleaved({impl: Variant(lambda i, impl=impl: forward(models[impl], ids)) for impl in impls}, 1, args.repeats,
+                      warmup=1)
+    train_s = {impl: [t[0] for t in train[impl]] for impl in impls}
+    fwd_s = {impl: [t[0] for t in fwd[impl]] for impl in impls}
     train_tokens = recipe.batch_size * recipe.seq_len
     rows = {}
     for impl in impls:
@@ -94,6 +85,8 @@ def main() -> None:
     print(f"{'experts impl':<12} {'train tok/s':>12} {'forward tok/s':>14} {'train time / grouped_mm':>24}")
     for impl, r in rows.items():
         print(f"{impl:<12} {r['train_tokens_per_s']:>12,.0f} {r['forward_tokens_per_s']:>14,.0f} {r['train_vs_grouped_mm']:>24.2f}")
+    if not args.output:
+        return
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"threads": args.threads, "repeats": args.repeats, "results": rows}, indent=2) + "\n")

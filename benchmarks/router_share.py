@@ -1,27 +1,31 @@
 """How much of a forward pass is the router? Time the model as is vs with every router replaced by a
 precomputed lookup that returns the same decision at zero cost (so the experts do identical work).
 
-    python -m benchmarks.router_share [--model models/reference-moe] [--batch 8 --seq 256 --repeats 15] \
-        [--output results/phase2/router_share.json]
+    python -m benchmarks router_share [--model models/reference-moe] [--batch 8 --seq 256 --repeats 15] \
+        [--output benchmarks/results/router_share.json]
 
-The two variants run interleaved (alternating order) in one process; the share is
+The two variants run interleaved (rotating order, `var_moe.timing`) in one process; the share is
 1 - median(t_lookup) / median(t_router), with the median of per-pair ratios beside it. This bounds
 what skipping the router can save: the whole router, nothing else. On a shared machine that
-difference of two noisy times is itself noisy, so the routers are also timed alone on the hidden
-states they saw (`router_share_isolated` = their summed median time / the forward's median time). `--tiny` runs on a tiny random
+difference of two noisy times is itself noisy, so the routers' own time inside the forward is also
+taken from hooks around them (`router_share_hooks`, `var_moe.profiling.forward_cost_shares`, which
+also gives the experts', attention's and the output layer's shares). `--tiny` runs on a tiny random
 model (smoke test only).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from var_moe.profiling import forward_cost_shares
+from var_moe.timing import Variant, interleaved
 
 
 class ReplayRouter(nn.Module):
@@ -61,9 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (a.batch, a.seq), generator=g)
     recorded: dict[int, tuple] = {}
-    inputs: dict[int, torch.Tensor] = {}
     handles = [m.router.register_forward_hook(lambda mod, i, out, l=m.layer: recorded.__setitem__(l, out)) for m in layers]
-    handles += [m.router.register_forward_pre_hook(lambda mod, i, l=m.layer: inputs.__setitem__(l, i[0].detach())) for m in layers]
     with torch.no_grad():
         ref = model(input_ids=ids).logits
     for h in handles:
@@ -74,29 +76,21 @@ def main(argv: list[str] | None = None) -> dict:
         for m in layers:
             setattr(m.block, m.router_attr, m.router if kind == "router" else replay[m.layer])
 
+    @contextlib.contextmanager
+    def using(kind: str):
+        use(kind)
+        yield
+
     use("lookup")
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, ref), "replayed routing must reproduce the forward exactly"
-    times: dict[str, list[float]] = {"router": [], "lookup": []}
     with torch.no_grad():
-        for kind in ("router", "lookup"):  # warm-up
-            use(kind)
-            model(input_ids=ids)
-        for r in range(a.repeats):
-            for kind in (("router", "lookup") if r % 2 == 0 else ("lookup", "router")):
-                use(kind)
-                t0 = time.perf_counter()
-                model(input_ids=ids)
-                times[kind].append(time.perf_counter() - t0)
+        timed = interleaved({kind: Variant(lambda i: model(input_ids=ids), around=lambda kind=kind: using(kind))
+                             for kind in ("router", "lookup")}, 1, a.repeats, warmup=1)
+    times = {kind: [t[0] for t in timed[kind]] for kind in timed}
     use("router")
-    # isolated: each router alone on the hidden states it saw in the forward (less noisy than a difference)
-    iso = []
-    with torch.no_grad():
-        for _ in range(a.repeats):
-            t0 = time.perf_counter()
-            for m in layers:
-                m.router.forward(inputs[m.layer])
-            iso.append(time.perf_counter() - t0)
+    # the routers' own time inside the forward, from hooks around them (var_moe.profiling)
+    hooks = forward_cost_shares(model, ids, repeats=a.repeats)
     tr, tl = statistics.median(times["router"]), statistics.median(times["lookup"])
     q = lambda xs: [round(v, 5) for v in statistics.quantiles(xs, n=4)]  # noqa: E731
     result = {
@@ -107,8 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
         "router_share_pairwise_median": statistics.median(1 - l / r for r, l in zip(times["router"], times["lookup"])),
         "max_speedup_from_skipping_router": tr / tl,
         "quartiles_s_with_router": q(times["router"]), "quartiles_s_with_lookup": q(times["lookup"]),
-        "routers_isolated_median_s": statistics.median(iso),
-        "router_share_isolated": statistics.median(iso) / tr,
+        "router_share_hooks": hooks["shares"]["router"], "forward_cost_shares": hooks["shares"],
         "layers": len(layers), "num_experts": adapter.num_experts, "top_k": adapter.top_k,
         "torch": torch.__version__,
     }

@@ -19,10 +19,10 @@ In-process `generate()` runs greedy left-padded batches with no early stop for a
 the serving, not the cores. Contenders are interleaved (each repeat runs every one of them once)
 and the median is reported, because the machine is shared and its load drifts during a run.
 
-Run:  python benchmarks/server_throughput.py                       (reference model, Locust load)
-      python benchmarks/server_throughput.py --run-time 20 --repeats 3 --out benchmarks/results/server_throughput.json
-      python benchmarks/server_throughput.py --load httpx          (the earlier httpx-thread load)
-      python benchmarks/server_throughput.py --model DIR --skip-cb --out runs/bench.json
+Run:  python -m benchmarks server_throughput                       (reference model, Locust load)
+      python -m benchmarks server_throughput --run-time 20 --repeats 3 --output benchmarks/results/server_throughput.json
+      python -m benchmarks server_throughput --load httpx          (the earlier httpx-thread load)
+      python -m benchmarks server_throughput --model DIR --skip-cb --output runs/bench.json
 Results go to docs/BENCHMARKS.md (section "Server") with the command that produced them.
 """
 
@@ -41,11 +41,10 @@ from pathlib import Path
 import httpx
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from analysis_jobs.server_process import REPO_ROOT, ManagedServer, free_port  # noqa: E402
-from loadtests.run import headless_command, launch_locust  # noqa: E402
-from var_moe.loading import REFERENCE_MODEL_DIR, load_model  # noqa: E402
+from analysis_jobs.server_process import REPO_ROOT, ManagedServer, free_port
+from loadtests.run import headless_command, launch_locust
+from var_moe.loading import REFERENCE_MODEL_DIR, load_model
+from var_moe.timing import rotated
 
 
 def prompts(n: int) -> list[str]:
@@ -218,14 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="median of this many runs per measurement")
     p.add_argument("--modes", default="baseline,var", help="server modes to measure (var needs VAR tables)")
     p.add_argument("--skip-cb", action="store_true", help="skip transformers serve --continuous-batching")
-    p.add_argument("--out", default="runs/server_throughput.json")
+    p.add_argument("--output", default="runs/server_throughput.json")
     p.add_argument("--log-dir", default="runs/server_throughput_locust",
                    help="locust: per-request logs and Locust CSVs of every cell, and the server logs")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     levels = [int(c) for c in args.clients.split(",")]
     texts = prompts(64)
-    out = Path(args.out)
+    out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     model_name = Path(args.model).resolve()
     model_name = str(model_name.relative_to(REPO_ROOT)) if model_name.is_relative_to(REPO_ROOT) else args.model
@@ -278,11 +277,12 @@ def main(argv: list[str] | None = None) -> int:
             except (RuntimeError, TimeoutError, OSError, httpx.HTTPError) as exc:
                 results["transformers_cb"] = {"error": str(exc)[-500:]}
                 print(f"transformers serve: {exc}", flush=True)
-        # Interleave: every repeat runs every contender once, so load drift on a shared machine hits all alike.
+        # Interleave: every repeat runs every contender once, in rotating order (var_moe.timing), so load
+        # drift on a shared machine hits all alike.
         measured: dict[tuple, list[dict]] = {key: [] for key in runs}
         for rep in range(args.repeats):
-            for key, fn in runs.items():
-                measured[key].append(fn())
+            for key in rotated(list(runs), rep):
+                measured[key].append(runs[key]())
                 print(f"repeat {rep + 1}: {' '.join(map(str, key))}: {measured[key][-1]['tokens_per_s']:.0f} tokens/s",
                       flush=True)
         for key, values in measured.items():

@@ -22,12 +22,12 @@ and everything it starts (vLLM's API-server and engine-core processes, the varmo
 side, Locust) run on that core, so the compute core holds only the compute thread: vLLM's
 engine-core process polls its queues busily, and when the scheduler put it on the compute core
 it took time from the worker, which made cells swing by ~25%. The builtin engine then runs
-wholly on the compute core (`taskset`), its HTTP side included. Goals (issue 12): baseline >= 0.95x
+wholly on the compute core (`taskset`), its HTTP side included. Goals: baseline >= 0.95x
 plain vLLM, VAR >= 0.90x, at every client count.
 
 Run (vLLM environment):
-    .venv-vllm/bin/python benchmarks/vllm_throughput.py --repeats 3 --run-time 20 \
-        --builtin-python .venv/bin/python --out benchmarks/results/vllm_throughput.json
+    .venv-vllm/bin/python -m benchmarks vllm_throughput --repeats 3 --run-time 20 \
+        --builtin-python .venv/bin/python --output benchmarks/results/vllm_throughput.json
 It also reports, per cell, the CPU seconds each server spent outside its compute thread per 1,000
 generated tokens (all its processes: cpu_time.py), with the breakdown per process. `--dtype`
 (default auto: no dtype given, each server picks, as `make serve-vllm` runs) applies to all servers.
@@ -47,14 +47,11 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from cpu_time import outside_compute, per_1000_tokens, snapshot  # noqa: E402
-from server_throughput import locust_load, prompts  # noqa: E402
-
-from analysis_jobs.server_process import REPO_ROOT, ManagedServer, free_port  # noqa: E402
-from var_moe.loading import REFERENCE_MODEL_DIR  # noqa: E402
+from analysis_jobs.server_process import REPO_ROOT, ManagedServer, free_port
+from benchmarks.cpu_time import outside_compute, per_1000_tokens, snapshot
+from benchmarks.server_throughput import locust_load, prompts
+from var_moe.loading import REFERENCE_MODEL_DIR
+from var_moe.timing import rotated
 
 
 def vllm_env(core: int, kv_gb: int) -> dict[str, str]:
@@ -128,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="run everything but the compute threads on this core (default: no pinning)")
     p.add_argument("--dtype", default="auto", help="dtype of every server (auto: none given, each server picks, as "
                                                    "`make serve-vllm` runs; vLLM takes bfloat16 on CPUs with bf16)")
-    p.add_argument("--out", default="runs/vllm_throughput.json")
+    p.add_argument("--output", default="runs/vllm_throughput.json")
     p.add_argument("--log-dir", default="runs/vllm_throughput")
     args = p.parse_args(argv)
     levels = [int(c) for c in args.clients.split(",")]
@@ -188,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(args.repeats):
             # the contenders' order rotates with the repeat: the machine's speed drifts over tens of
             # seconds, and a fixed order would hand one contender the same slot of every drift
-            order = names[rep % len(names):] + names[: rep % len(names)]
+            order = rotated(names, rep)
             for c in levels:
                 for name in order:
                     url, model, var = contenders[name]
@@ -230,14 +227,14 @@ def main(argv: list[str] | None = None) -> int:
               "ratio_to_vllm_per_repeat": paired,
               "runs": {n: {c: [r["tokens_per_s"] for r in rs] for c, rs in by.items()} for n, by in runs.items()},
               "goals": {"vllm_engine_baseline": 0.95, "vllm_engine_var": 0.90}}
-    out = Path(args.out)
+    out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{'contender':22s} " + " ".join(f"{c:>16d}" for c in levels))
     for n in med:
         cells = " ".join(f"{med[n][c]:8.1f} ({ratios.get(n, {}).get(c, 1.0):.2f}x)" for c in levels)
         print(f"{n:22s} {cells}")
-    print(f"\nCPU s outside the compute thread per 1,000 tokens (x plain vLLM)")
+    print("\nCPU s outside the compute thread per 1,000 tokens (x plain vLLM)")
     for n in outside:
         cells = " ".join(f"{outside[n][c]:8.3f} ({outside_ratio.get(n, {}).get(c, 1.0):.2f}x)" for c in levels)
         print(f"{n:22s} {cells}")

@@ -15,8 +15,8 @@ what this is for (docs/BENCHMARKS.md, "VAR on vLLM").
 py-spy is not a project dependency: install it anywhere (`pip install py-spy`) and pass --py-spy.
 
 Run (vLLM environment):
-    HF_HUB_OFFLINE=1 .venv-vllm/bin/python benchmarks/vllm_worker_profile.py --py-spy /path/to/py-spy \
-        --json benchmarks/results/vllm_worker_profile.json
+    HF_HUB_OFFLINE=1 .venv-vllm/bin/python -m benchmarks vllm_worker_profile --py-spy /path/to/py-spy \
+        --output benchmarks/results/vllm_worker_profile.json
 """
 
 from __future__ import annotations
@@ -29,14 +29,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from server_throughput import prompts, run_load, varmoe_sender  # noqa: E402
-from vllm_throughput import vllm_env  # noqa: E402
-
-from analysis_jobs.server_process import ManagedServer  # noqa: E402
-from var_moe.loading import REFERENCE_MODEL_DIR  # noqa: E402
+from analysis_jobs.server_process import ManagedServer
+from benchmarks.server_throughput import prompts, run_load, varmoe_sender
+from benchmarks.vllm_throughput import vllm_env
+from var_moe.loading import REFERENCE_MODEL_DIR
+from var_moe.timing import rotated
 
 HOOK = "_runner_prepare_inputs (var_moe/vllm/rows.py"
 
@@ -85,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--core", type=int, default=0, help="the compute thread's core")
     p.add_argument("--log-dir", default="runs/vllm_worker_profile")
-    p.add_argument("--json", default=None)
+    p.add_argument("--output", default=None)
     args = p.parse_args(argv)
     if not args.py_spy or not Path(args.py_spy).is_file():
         p.error("--py-spy: py-spy not found (pip install py-spy, then pass its path)")
@@ -105,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         for mode, send in senders.items():  # warm-up: every shape once, outside the profiles
             run_load(send, args.clients, 2, texts)
         for rnd in range(args.rounds):
-            for mode, send in senders.items():
+            for mode in rotated(list(senders), rnd):  # which mode goes first rotates (var_moe.timing)
+                send = senders[mode]
                 out = log_dir / f"{mode}_{rnd}.txt"
                 spy = subprocess.Popen([args.py_spy, "record", "-r", str(args.rate), "-f", "raw", "-o", str(out),
                                         "-p", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -123,11 +121,11 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
     finally:
         server.stop()
-    if args.json:
-        Path(args.json).write_text(json.dumps({"clients": args.clients, "requests": args.requests,
+    if args.output:
+        Path(args.output).write_text(json.dumps({"clients": args.clients, "requests": args.requests,
                                                "new_tokens": args.new_tokens, "rate": args.rate, "profiles": rows},
                                               indent=1) + "\n")
-        print(f"wrote {args.json}")
+        print(f"wrote {args.output}")
     return 0
 
 

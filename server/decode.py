@@ -18,7 +18,7 @@ lengths, sampling settings and limits:
   on their own, then their KV cache is left-padded to the batch's length and stacked under it;
   finished rows leave at the same moment. A batch-size change restarts the VAR token tracker's
   per-row context for one step (it keeps no history across a size change), which only costs
-  cached-tier hits, never correctness. Only plain `DynamicLayer` caches can be merged; for any
+  (previous, token) entry hits, never correctness. Only plain `DynamicLayer` caches can be merged; for any
   other cache (sliding windows) `can_admit` is False and batches run to completion.
 
 Why (B, S) batches and not transformers' continuous batching: the VAR router and the capture

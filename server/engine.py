@@ -30,6 +30,10 @@ Per job: a deadline (timeout -> finish reason `timeout`), a `cancelled` flag set
 when the client disconnects (the row stops at the next step), stop strings, and an asyncio queue
 of events (`("token", id, logprob)` for streams, then `("done", JobResult)`).
 
+Routed experts: while a row of the batch asked for them (`Job.routed`), the host keeps each forward's
+experts (and, in VAR mode, which rows a table served) and the engine files them per row: the prompt
+positions of a prefill, the fed-back token of a decode step; a stream's token event carries them.
+
 Back-pressure: more than `max_queue` waiting jobs -> `QueueFull` (HTTP 429 with Retry-After).
 `stop()` refuses new work, lets queued and running jobs finish, then ends the thread.
 Test: `pytest tests/test_server_engine.py`.
@@ -72,6 +76,15 @@ class JobResult:
     total_s: float
     tier_counts: dict[str, int]  # routing decisions of this request by tier (all layers)
     error: str | None = None
+    # with return_routed_experts: {"prompt_routed_experts": [tokens][layers][k], "routed_experts": ...}
+    routed: dict[str, list] | None = None
+
+
+ROW_TIERS = ("learned", "fast")  # index: served by a VAR table
+
+
+def tier_names(fast_TL: list[list[bool]]) -> list[list[str]]:
+    return [[ROW_TIERS[f] for f in row] for row in fast_TL]
 
 
 @dataclass
@@ -91,6 +104,20 @@ class Job:
     tier_counts: dict[str, int] = field(default_factory=dict)  # summed over segments
     segment_tokens: int = 0  # forwarded tokens already counted in tier_counts
     posted: bool = False  # its "done" event has been sent
+    routed: bool = False  # return_routed_experts: keep the experts of every token it sends through
+    prompt_routing: list | None = None  # [prompt tokens][MoE layers][k]
+    gen_routing: list = field(default_factory=list)  # [generated tokens fed back][MoE layers][k]
+    prompt_tiers: list | None = None  # [prompt tokens][MoE layers] "fast" | "learned", VAR mode only
+    gen_tiers: list = field(default_factory=list)
+
+    def routed_arrays(self) -> dict[str, list] | None:
+        if not self.routed:
+            return None
+        out = {"prompt_routed_experts": self.prompt_routing or [], "routed_experts": list(self.gen_routing)}
+        if self.prompt_tiers is not None:
+            out |= {"prompt_routed_tiers": self.prompt_tiers, "routed_tiers": list(self.gen_tiers)}
+        return out
+
 
     @property
     def deadline(self) -> float:
@@ -239,7 +266,9 @@ class Engine(EngineThread):
                     continue  # a new row may already be finished (max_new_tokens 1, eos)
                 if dec.done:
                     break
-                self._deliver(jobs, dec, dec.step(), mode)
+                recording = self._record_routing(jobs)
+                emitted = dec.step()
+                self._deliver(jobs, dec, emitted, mode, self._step_routing(jobs, emitted) if recording else None)
             self._close_segment(jobs, dec)
         except Exception as exc:  # a model error must not kill the engine or hang the clients
             log.exception("batch failed")
@@ -261,8 +290,65 @@ class Engine(EngineThread):
         self.host.begin_batch()
         dec = BatchDecoder(self.host.model, [j.spec for j in jobs], self.pad_id, self.eos_id)
         self.metrics.prompt_tokens.labels(mode=mode).inc(sum(len(j.spec.prompt_ids) for j in jobs))
-        self._deliver(jobs, dec, dec.prefill(), mode)
+        recording = self._record_routing(jobs)
+        emitted = dec.prefill()
+        extra = self._prompt_routing(jobs) if recording else None
+        self._deliver(jobs, dec, emitted, mode, extra)
         return dec
+
+    # -- routed experts (return_routed_experts) ----------------------------------------------------
+    def _record_routing(self, jobs: list[Job]) -> bool:
+        """Make the host keep the next forward's experts when a row of it asked for them."""
+        want = any(j.routed and not j.posted for j in jobs)
+        tap = getattr(self.host, "tap", None)
+        if want or (tap is not None and tap.recording):
+            self.host.record_routing(want)
+        return want
+
+    def _prompt_routing(self, jobs: list[Job]) -> list[dict | None]:
+        """Each asking row's prompt rows of the prefill just run (left-padded: the last n positions)."""
+        last = self.host.last_routing()
+        if last is None:
+            return [None] * len(jobs)
+        b = len(jobs)
+        e_BSLK = last.reshape(last.shape[0], b, -1, last.shape[-1]).permute(1, 2, 0, 3)
+        fast = self.host.last_routing_fast()
+        f_BSL = None if fast is None else fast.reshape(fast.shape[0], b, -1).permute(1, 2, 0)
+        out: list[dict | None] = []
+        for i, job in enumerate(jobs):  # a loop over batch rows, not tokens
+            if not job.routed:
+                out.append(None)
+                continue
+            first = e_BSLK.shape[1] - len(job.spec.prompt_ids)
+            job.prompt_routing = e_BSLK[i, first:].tolist()
+            out.append({"prompt_routed_experts": job.prompt_routing})
+            if f_BSL is not None:
+                job.prompt_tiers = tier_names(f_BSL[i, first:].tolist())
+                out[-1]["prompt_routed_tiers"] = job.prompt_tiers
+        return out
+
+    def _step_routing(self, jobs: list[Job], emitted: list[int | None]) -> list[dict | None]:
+        """Each asking row's row of the decode step just run: the token it fed back (rows that were
+        already finished sent padding and get nothing)."""
+        last = self.host.last_routing()
+        if last is None:
+            return [None] * len(jobs)
+        e_BLK = last.permute(1, 0, 2)
+        fast = self.host.last_routing_fast()
+        f_BL = None if fast is None else fast.permute(1, 0)
+        out: list[dict | None] = []
+        for i, (job, tok) in enumerate(zip(jobs, emitted)):
+            if not job.routed or tok is None:
+                out.append(None)
+                continue
+            row = e_BLK[i].tolist()
+            job.gen_routing.append(row)
+            out.append({"routed_experts": [row]})
+            if f_BL is not None and job.prompt_tiers is not None:
+                tiers = tier_names([f_BL[i].tolist()])
+                job.gen_tiers += tiers
+                out[-1]["routed_tiers"] = tiers
+        return out
 
     def _observe_size(self, rows: int) -> None:
         self.metrics.batch_size.observe(rows)
@@ -288,12 +374,14 @@ class Engine(EngineThread):
                 job.posted = True
                 ttft = None if job.first_token_at is None else job.first_token_at - job.enqueued_at
                 job.post("done", JobResult(st, mode, len(job.spec.prompt_ids), (job.started_at or now) - job.enqueued_at,
-                                           ttft, now - job.enqueued_at, dict(job.tier_counts)))
+                                           ttft, now - job.enqueued_at, dict(job.tier_counts),
+                                           routed=job.routed_arrays()))
 
-    def _deliver(self, jobs: list[Job], dec: BatchDecoder, emitted: list[int | None], mode: str) -> None:
+    def _deliver(self, jobs: list[Job], dec: BatchDecoder, emitted: list[int | None], mode: str,
+                 extra: list[dict | None] | None = None) -> None:
         now = time.monotonic()
         n = 0
-        for job, tok, st in zip(jobs, emitted, dec.state):
+        for i, (job, tok, st) in enumerate(zip(jobs, emitted, dec.state)):
             if tok is None:
                 continue
             n += 1
@@ -301,7 +389,7 @@ class Engine(EngineThread):
                 job.first_token_at = now
                 self.metrics.ttft.labels(mode=mode).observe(now - job.enqueued_at)
             if job.stream:
-                job.post("token", tok, st.new_logprobs[-1])
+                job.post("token", tok, st.new_logprobs[-1], extra[i] if extra else None)
         if n:
             self.metrics.generated_tokens.labels(mode=mode).inc(n)
 

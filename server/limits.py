@@ -5,7 +5,7 @@ FastAPI reads and parses the whole JSON body before a route (or a pydantic limit
 middleware refuses such a body from its `Content-Length` header without reading it, and counts
 the bytes of a body sent without one (chunked) as they arrive, answering 413 as soon as the count
 passes `max_bytes`. It also bounds the time a body may take to arrive (`timeout_s` for the whole
-body): uvicorn has no such timeout, so half-sent bodies used to hold their connection open forever.
+body): uvicorn has no such timeout, so without it half-sent bodies would hold their connection open forever.
 
 When a limit trips mid-body the middleware sends the error itself and tells the application that
 the client disconnected (what the application sees is an `http.disconnect` message), so no route

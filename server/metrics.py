@@ -1,8 +1,8 @@
 """Prometheus metrics of the server, on a registry of their own (one per app, so tests can run
 several apps in one process). Names are fixed: dashboards and analysis jobs rely on them.
 
-- varmoe_routing_decisions_total{layer,tier,mode}   tier = fast | cached | learned
-- varmoe_verification_checks_total{layer,outcome}   shadow checks of fast/cached decisions
+- varmoe_routing_decisions_total{layer,tier,mode}   tier = fast | learned
+- varmoe_verification_checks_total{layer,outcome}   shadow checks of fast decisions
 - varmoe_generated_tokens_total{mode}, varmoe_prompt_tokens_total{mode}   mode = var | baseline
 - varmoe_request_duration_seconds{endpoint,mode}    histogram
 - varmoe_time_to_first_token_seconds{mode}          histogram

@@ -8,7 +8,8 @@ not asked for explicitly) VAR is reported as unavailable with the reason; it is 
 
 Per-request tier counts (`begin_batch()` / `row_tier_counts(valid_tokens_B)`) come from the
 wrapper's per-row counts of the batch; the mode and the cumulative accounting belong to
-`VarRuntime`. Capture (`capture_start/stop/parquet`) attaches a `RouterAnalyzer` to the model and
+`VarRuntime`. Expert load and routed experts (`start_expert_load`, `record_routing`) come from a `RoutingTap`
+on the routers the blocks call. Capture (`capture_start/stop/parquet`) attaches a `RouterAnalyzer` to the model and
 runs on the engine thread between batches. Test: `pytest tests/test_server_engine.py`.
 """
 
@@ -22,6 +23,7 @@ from var_moe.adapters import get_adapter
 from var_moe.capture.analyzer import RouterAnalyzer
 from var_moe.errors import InvalidInputError
 from var_moe.loading import LoadSpec, load_model
+from var_moe.routing_tap import RoutingTap
 from var_moe.var import VARConfig, VARModelWrapper, VARTables, get_preset
 from var_moe.var.served_dtype import DtypeCheckFailed
 
@@ -39,7 +41,13 @@ class ModelHost:
         self.model_name = model_name
         self.wrapper = wrapper
         self.unavailable_reason = "" if wrapper is not None else (reason or "VAR is not available")
-        self.layers = [m.layer for m in get_adapter(model).moe_layers(model)]
+        adapter = get_adapter(model)
+        self.layers = [m.layer for m in adapter.moe_layers(model)]
+        self.num_experts, self.top_k = adapter.num_experts, adapter.top_k
+        # expert load and routed experts: hooks on the routers the blocks call (VAR's when installed)
+        self.tap = RoutingTap(model, count=False, adapter=adapter)
+        if wrapper is not None:  # each routed row's tier: the rows the tables served
+            self.tap.fast_rows = wrapper.last_fast_rows
         self._var_applied = False
         self.analyzer: RouterAnalyzer | None = None
         self.capturing = False
@@ -97,6 +105,7 @@ class ModelHost:
             # entries taken out by shadow verification since start (table_sizes already excludes them)
             "demoted": {l: s["demoted"] for l, s in w.get_performance_stats()["layers"].items()},
             "tables_source": w.tables.metadata.get("source"),
+            "tables_uncertified": w.tables.metadata.get("uncertified"),  # None: certified on held-out documents
             "dtype_check": self.dtype_check.to_json() if self.dtype_check is not None else None,
         }
 
@@ -111,9 +120,36 @@ class ModelHost:
             self.capture_tokens += sum(valid_tokens_B)
         b = len(valid_tokens_B)
         if not self._var_applied:  # the learned router made every decision
-            return [{"fast": 0, "cached": 0, "learned": n * len(self.layers)} for n in valid_tokens_B]
+            return [{"fast": 0, "learned": n * len(self.layers)} for n in valid_tokens_B]
         rows = [dict(zip(TIERS, map(int, r))) for r in self.wrapper.row_tier_counts().tolist()]
         return (rows + [dict.fromkeys(TIERS, 0) for _ in range(b)])[:b]
+
+    # -- expert load and routed experts (var_moe/routing_tap.py) --------------------------------
+    def start_expert_load(self) -> tuple[int, tuple[str, ...]]:
+        """Start counting expert load on the device; returns (experts per layer, tiers counted)."""
+        self.tap.count = True
+        self.tap.attach()
+        return self.num_experts, ()
+
+    def expert_load_reading(self):
+        """The cumulative counters (one device-to-host copy; any thread: counters only grow)."""
+        return self.tap.read()
+
+    def record_routing(self, on: bool) -> None:
+        """Keep the next forwards' experts per row (engine thread, between forwards)."""
+        if on and not self.tap.attached:
+            self.tap.attach()
+        self.tap.recording = on
+        self.tap.last_LTK = None
+
+    def last_routing(self):
+        """(MoE layers, rows, k) experts of the last forward while recording, else None."""
+        return self.tap.last_LTK
+
+    def last_routing_fast(self):
+        """(MoE layers, rows) bool, the rows of the last forward a VAR table served; None when that
+        forward ran without VAR (or with the cache tier, whose rows the lookup does not hold)."""
+        return self.tap.last_fast_LT
 
     # -- capture -------------------------------------------------------------------------------
     def capture_start(self) -> None:

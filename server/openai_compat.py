@@ -79,7 +79,8 @@ def _choice(host, body: CompletionRequest, ids: list[int], result, index: int, s
             offsets.append(pos)
             pos += len(t)
         logprobs = {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
-    return {"text": prompt_text + gen_text, "index": index, "logprobs": logprobs, "finish_reason": reason}
+    return {"text": prompt_text + gen_text, "index": index, "logprobs": logprobs, "finish_reason": reason,
+            **(result.routed or {})}
 
 
 def completion_body(host, body: CompletionRequest, prompts: list[list[int]], results, stops,

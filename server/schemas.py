@@ -30,6 +30,12 @@ MAX_STOP_CHARS = 256
 TOKEN_ID_MAX = 2**31 - 1
 
 
+ROUTED_HELP = ("also return the experts every token was routed to: prompt_routed_experts and routed_experts, "
+               "[tokens][MoE layers][k] expert ids (vLLM's layout); routed_experts has a row per generated token "
+               "the model read back (all but the last); streams carry each step's rows in its token event")
+Routing = list[list[list[int]]]
+Tiers = list[list[Literal["fast", "learned"]]]
+
 Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 Text = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
 
@@ -79,6 +85,7 @@ class GenerateRequest(StrictBody):
     stream: bool = False
     var: bool | None = Field(None, description="pin VAR on/off for this request; null = current mode")
     stop: list[Stop] | None = Field(None, max_length=MAX_STOPS)
+    return_routed_experts: bool = Field(False, description=ROUTED_HELP)
 
     _sizes = field_validator("prompt", mode="before")(lambda v: check_sizes(v, "prompt"))
     _stops = field_validator("stop", mode="before")(check_stops)
@@ -98,6 +105,13 @@ class GenerateResponse(BaseModel):
     mode: Literal["var", "baseline"]
     timings: Timings
     routing: dict[str, int] = Field(description="tier -> routing decisions of this request (tokens x MoE layers)")
+    prompt_routed_experts: Routing | None = Field(None, description="with return_routed_experts: [prompt tokens][MoE "
+                                                                    "layers][k] expert ids")
+    routed_experts: Routing | None = Field(None, description="with return_routed_experts: [generated tokens read "
+                                                             "back][MoE layers][k] expert ids")
+    prompt_routed_tiers: Tiers | None = Field(None, description="with return_routed_experts, in VAR mode: each row's "
+                                                                "tier, fast (a VAR table) or learned")
+    routed_tiers: Tiers | None = None
 
 
 class PerplexityRequest(StrictBody):
@@ -136,6 +150,7 @@ class CompletionRequest(StrictBody):
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
     stream: Literal[False] = False
     var: bool | None = None
+    return_routed_experts: bool = Field(False, description=ROUTED_HELP)
     # OpenAI fields accepted only with their neutral values (nothing here implements them)
     best_of: Literal[1] | None = None
     presence_penalty: Literal[0, 0.0] | None = None
@@ -163,6 +178,10 @@ class CompletionChoice(BaseModel):
     index: int
     logprobs: dict[str, Any] | None
     finish_reason: str
+    prompt_routed_experts: Routing | None = None  # with return_routed_experts
+    routed_experts: Routing | None = None
+    prompt_routed_tiers: Tiers | None = None  # with return_routed_experts, in VAR mode
+    routed_tiers: Tiers | None = None
 
 
 class CompletionUsage(BaseModel):

@@ -72,6 +72,15 @@ class ServerSettings(BaseSettings):
     shadow_rate: float | None = Field(
         None, ge=0.0, le=1.0,
         description="share of fast/cached decisions re-checked by the learned router (overrides the VAR config)")
+    # -- expert load (/metrics) and routed experts (API) ---------------------------------------
+    expert_load_metrics: bool = Field(
+        True, description="expert-load gauges in /metrics, a few series per MoE layer (imbalance, hottest "
+                          "expert's share, experts without tokens, routing entropy), counted on the device")
+    expert_load_per_expert: bool = Field(
+        False, description="also varmoe_expert_tokens_total{layer,expert}: MoE layers x experts series")
+    expert_load_window_s: float = Field(60.0, gt=0, le=86_400, description="sliding window of the expert-load gauges")
+    max_response_bytes: int = Field(
+        32 * 1024 * 1024, ge=1024, description="largest response a request may ask for (return_routed_experts over it: 413)")
     # -- HTTP --------------------------------------------------------------------------------
     # loopback unless the operator opens it on purpose
     host: str = Field("127.0.0.1", description="bind address (default 127.0.0.1)")

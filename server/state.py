@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .engine import Engine, EngineError, Job, JobResult, QueueFull, RequestTooLarge
 from .errors import APIError, timeout_error
+from .expert_metrics import ExpertLoadCollector
 from .metrics import ServerMetrics
 from .model_host import ModelHost
 from .settings import ServerSettings
@@ -38,6 +39,13 @@ class ServerState:
                                    # a request larger than the queue gets 413, never 429 for ever
                                    max_request_rows=min(settings.max_request_prompts, settings.max_queue),
                                    max_request_tokens=settings.max_request_tokens)
+        self.expert_load: ExpertLoadCollector | None = None
+        if settings.expert_load_metrics or settings.expert_load_per_expert:
+            shape = host.start_expert_load()  # (num_experts, tiers), None: this model has no counters
+            if shape is not None:
+                self.expert_load = ExpertLoadCollector(host.layers, shape[0], shape[1],
+                                                       settings.expert_load_window_s, settings.expert_load_per_expert)
+                self.metrics.registry.register(self.expert_load)
         self.started_at = time.time()
         self.shutdown_deadline: float | None = None
         self._tokenizer_lock = threading.Lock()
@@ -146,6 +154,41 @@ class ServerState:
             if r.error:
                 raise APIError(500, "engine_error", r.error)
         return results
+
+    async def refresh_expert_load(self) -> None:
+        """Read the engine's expert-load counters for this scrape: on the engine thread between steps
+        when the host needs it (vLLM: a call to the workers), else from a worker thread (a copy of
+        device counters). A read that fails or takes over 5 s keeps the previous reading."""
+        if self.expert_load is None:
+            return
+        read = self.host.expert_load_reading
+        try:
+            if getattr(self.host, "expert_load_on_engine", False):
+                reading = await asyncio.wait_for(self.engine_call(read), 5.0)
+            else:
+                reading = await asyncio.wait_for(self.in_worker(read), 5.0)
+        except (APIError, asyncio.TimeoutError):
+            return
+        if reading is not None:
+            self.expert_load.reading = reading
+
+    def check_routed_size(self, rows: list[tuple[int, int]], field: str = "return_routed_experts") -> None:
+        """413 when the routed-experts arrays of `rows` ((prompt tokens, max new tokens) per choice)
+        would make the response larger than max_response_bytes (JSON: digits and ", " per id)."""
+        if not getattr(self.host, "routed_available", True):
+            raise APIError(409, "routed_experts_unavailable", "this engine's model was built without the routing "
+                           f"buffers that return_routed_experts reads ({self.var.unavailable_reason})", field)
+        k = int(getattr(self.host, "top_k", 0) or 0)
+        experts = int(getattr(self.host, "num_experts", 0) or 0)
+        per_id = len(str(max(experts - 1, 0))) + 2
+        tokens = sum(p + n for p, n in rows)
+        size = tokens * (len(self.host.layers) * (k * per_id + 4 + 11) + 8)  # ids, and each row's tier name
+        limit = self.settings.max_response_bytes
+        if size > limit:
+            raise APIError(413, "response_too_large",
+                           f"the routed experts of {tokens} tokens x {len(self.host.layers)} MoE layers x top-{k} "
+                           f"take about {size} bytes; the response limit is {limit} (setting max_response_bytes): "
+                           "ask for fewer tokens or prompts", field)
 
     async def engine_call(self, fn) -> Any:
         """Run fn on the engine thread between batches (hooks on the model change only there)."""

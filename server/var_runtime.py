@@ -22,9 +22,10 @@ from __future__ import annotations
 import threading
 from typing import Any, Protocol
 
+from var_moe.var.served import TIERS
+
 MODES = ("var", "baseline")
-TIERS = ("fast", "cached", "learned")
-OUTCOMES = ("agree", "disagree")  # shadow checks of fast / cached decisions by the learned router
+OUTCOMES = ("agree", "disagree")  # shadow checks of fast decisions by the learned router
 
 Counts = dict[tuple[int, str], int]
 

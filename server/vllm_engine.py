@@ -13,6 +13,9 @@ Accounting: `VarRuntime.record_batch(mode, tokens)` per mode after every step in
 finished; the workers' device counters (VAR-mode rows only) are read at most every 0.5 s under load
 and as soon as nothing is in flight, before the finished requests get their answers (a read is a
 round trip through vLLM's engine core). Tokens and TTFT metrics as the builtin engine.
+Routed experts (`return_routed_experts`): such a job carries a key in its sampling parameters and the
+workers file its rows (var_moe/vllm/expert_load.py); after a step, one call to the workers fetches
+the rows of the asking requests that finished (and of asking streams, every step).
 Cancelled or timed-out jobs are aborted in vLLM. `stop()` refuses new jobs, lets running ones
 finish, then shuts vLLM's engine-core and worker processes down. Test: `pytest tests/vllm_engine/test_vllm_server.py`.
 """
@@ -26,7 +29,7 @@ import time
 from typing import Any
 
 from .decode import RowState
-from .engine import Job, JobResult
+from .engine import Job, JobResult, tier_names
 from .engine_thread import EngineThread
 from .metrics import ServerMetrics
 from .var_runtime import VarRuntime
@@ -36,12 +39,14 @@ _ids = itertools.count()
 COUNTS_EVERY_S = 0.5
 
 
-def sampling_params(job: Job, var: bool) -> Any:
+def sampling_params(job: Job, var: bool, routed_key: str | None = None) -> Any:
     """vLLM SamplingParams for one job (perplexity jobs generate one token that is thrown away), with
-    its VAR mode for the workers' row marking."""
+    its VAR mode for the workers' row marking, and the key its routed experts are filed under when it
+    asked for them."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
+    from var_moe.vllm.expert_load import ROUTED_KEY
     from var_moe.vllm.rows import MODE_KEY
 
     spec = job.spec
@@ -50,7 +55,7 @@ def sampling_params(job: Job, var: bool) -> Any:
         logprobs=spec.top_logprobs if spec.sampled_logprobs else None,
         prompt_logprobs=spec.top_logprobs if spec.prompt_logprobs else None,
         stop=job.stop or None, detokenize=bool(job.stop), output_kind=RequestOutputKind.DELTA,
-        extra_args={MODE_KEY: bool(var)})
+        extra_args={MODE_KEY: bool(var), **({ROUTED_KEY: routed_key} if routed_key else {})})
 
 
 class _Flight:
@@ -124,9 +129,11 @@ class VllmEngine(EngineThread):
         now = time.monotonic()
         for job in admit:
             rid = f"varmoe-{next(_ids)}"
-            # cache_salt: the prefix cache never hands a VAR request KV computed in baseline mode, nor the reverse
-            prompt = {"prompt_token_ids": list(job.spec.prompt_ids), "cache_salt": job.pinned_mode}
-            self.llm.add_request(rid, prompt, sampling_params(job, job.pinned_mode == "var"))
+            # cache_salt: the prefix cache never hands a VAR request KV computed in baseline mode, nor the
+            # reverse; a request returning its routed experts gets a salt of its own (every prompt row runs)
+            salt = f"{job.pinned_mode}-{rid}" if job.routed else job.pinned_mode
+            prompt = {"prompt_token_ids": list(job.spec.prompt_ids), "cache_salt": salt}
+            self.llm.add_request(rid, prompt, sampling_params(job, job.pinned_mode == "var", rid if job.routed else None))
             self._flights[rid] = _Flight(job, job.pinned_mode, now)
             self.metrics.prompt_tokens.labels(mode=job.pinned_mode).inc(len(job.spec.prompt_ids))
 
@@ -139,11 +146,12 @@ class VllmEngine(EngineThread):
         now = time.monotonic()
         finished: dict[str, int] = {}  # mode -> tokens of the requests that finished in this step
         done: list[tuple[Job, JobResult]] = []
+        routed = self._routed_rows(outputs)
         for out in outputs:
             fl = self._flights.get(out.request_id)
             if fl is None:
                 continue
-            self._take(fl, out, now)
+            self._take(fl, out, now, routed.get(out.request_id))
             if out.finished:
                 del self._flights[out.request_id]
                 done.append((fl.job, self._result(fl, out, now)))
@@ -160,8 +168,45 @@ class VllmEngine(EngineThread):
         for job, result in done:
             job.post("done", result)
 
-    def _take(self, fl: _Flight, out: Any, now: float) -> None:
+    def _routed_rows(self, outputs: list) -> dict[str, list]:
+        """Routed-experts rows so far of the requests in this step's outputs that asked for them and
+        need them now (streams every step, the others when they finish): one call to the workers."""
+        keys, finished = [], []
+        for out in outputs:
+            fl = self._flights.get(out.request_id)
+            if fl is not None and fl.job.routed and (fl.job.stream or out.finished):
+                keys.append(out.request_id)
+                if out.finished:
+                    finished.append(out.request_id)
+        return self.host.take_routed(keys, finished) if keys else {}
+
+    @staticmethod
+    def _split_routed(job: Job, rows: list, tiers: list, var: bool) -> dict[str, list]:
+        """File a request's rows so far as prompt rows and generated tokens fed back; returns those
+        new since the last call (a stream's token event carries them)."""
+        n, had = len(job.spec.prompt_ids), len(job.gen_routing)
+        first = job.prompt_routing is None
+        job.prompt_routing = rows[:n]
+        new_rows = rows[n + had:]
+        job.gen_routing.extend(new_rows)
+        extra = {"prompt_routed_experts": job.prompt_routing} if first else {}
+        if new_rows:  # the rows of every step since the last output (one, unless outputs were held)
+            extra["routed_experts"] = new_rows
+        if var:  # each row's tier (0 fast, 1 learned)
+            job.prompt_tiers = tier_names([[t == 0 for t in r] for r in tiers[:n]])
+            new_tiers = tier_names([[t == 0 for t in r] for r in tiers[n + had:]])
+            job.gen_tiers.extend(new_tiers)
+            if first:
+                extra["prompt_routed_tiers"] = job.prompt_tiers
+            if new_tiers:
+                extra["routed_tiers"] = new_tiers
+        return extra
+
+    def _take(self, fl: _Flight, out: Any, now: float, routed: dict | None = None) -> None:
         job, st = fl.job, fl.state
+        extra = None
+        if routed is not None:  # [positions][layers][k]: the prompt's rows, then generated tokens fed back
+            extra = self._split_routed(job, routed["experts"], routed["tiers"], fl.mode == "var")
         if not fl.prompt_done and out.prompt_logprobs is not None:
             ids = job.spec.prompt_ids
             st.prompt_logprobs = [None] + [d[t].logprob for d, t in zip(out.prompt_logprobs[1:], ids[1:])]
@@ -184,7 +229,8 @@ class VllmEngine(EngineThread):
                 job.first_token_at = now
                 self.metrics.ttft.labels(mode=fl.mode).observe(now - job.enqueued_at)
             if job.stream:
-                job.post("token", tok, st.new_logprobs[-1])
+                job.post("token", tok, st.new_logprobs[-1], extra)
+                extra = None  # a step's rows travel with its first token
         self.metrics.generated_tokens.labels(mode=fl.mode).inc(len(new))
 
     def _result(self, fl: _Flight, out: Any, now: float) -> JobResult:
@@ -206,7 +252,7 @@ class VllmEngine(EngineThread):
         tiers = self.host.request_tiers(fl.mode == "var", forwarded, prev_id=prev_id)
         ttft = None if job.first_token_at is None else job.first_token_at - job.enqueued_at
         return JobResult(st, fl.mode, len(job.spec.prompt_ids), fl.started - job.enqueued_at, ttft,
-                         now - job.enqueued_at, tiers)
+                         now - job.enqueued_at, tiers, routed=job.routed_arrays())
 
     def _abort_gone(self) -> None:
         now = time.monotonic()

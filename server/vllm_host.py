@@ -12,11 +12,11 @@ RoutingBackend (server/var_runtime.py): each request carries its own mode to the
 (server/vllm_engine.py), so `apply_mode` only sets the workers' default for requests that name
 none; `counts()` reads the device counters, which count VAR-mode rows only; verification outcomes are the free audit of every table row against the
 learned decision (no sampling, no demotion on this engine). Per-request tier counts are exact
-without reading the device: a fast decision depends on the token and its previous token only (no
-context cache here), so a request's fast decisions are, per layer, the table members among the
-tokens it sent through the model plus the rows whose (previous, token) pair is an entry where the
-token has none (the vLLM tests check the device counters against the same count). The caller
-passes the token before the first one sent (`prev_id`) when a prefix cache held the prompt's start.
+without reading the device: a fast decision depends on the token and its previous token only, so
+`request_tiers` makes the workers' decision (`var.served.tier_counts` on a host copy of the served
+tables) over the tokens the request sent through the model (the vLLM tests check it against the
+device counters and against the builtin engine's counts). The caller passes the token before the
+first one sent (`prev_id`) when a prefix cache held the prompt's start.
 Capture runs on the builtin engine only (409 here). Test: `pytest tests/vllm_engine/test_vllm_server.py`.
 """
 
@@ -27,9 +27,8 @@ import os
 from types import SimpleNamespace
 from typing import Any
 
-import torch
-
 from var_moe.errors import InvalidInputError
+from var_moe.var.served import ServedTables, tier_counts
 
 from .errors import APIError
 from .var_runtime import Counts
@@ -53,7 +52,7 @@ def engine_args(settings) -> dict[str, Any]:
         kw["quantization"] = settings.vllm_quantization
     if settings.trust_remote_code:
         kw["trust_remote_code"] = True
-    kv = kv_cache_bytes(settings)
+    kv = kv_cache_bytes(settings, on_cpu=vllm_on_cpu())
     if kv is not None:
         kw["kv_cache_memory_bytes"] = kv
     return kw
@@ -63,7 +62,16 @@ GiB = 1 << 30
 MIN_KV_CACHE_BYTES = GiB // 4
 
 
-def kv_cache_bytes(settings) -> int | None:
+def vllm_on_cpu() -> bool:
+    """Whether the installed vLLM is its CPU build (False where vLLM is not installed)."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:
+        return False
+    return bool(current_platform.is_cpu())
+
+
+def kv_cache_bytes(settings, on_cpu: bool) -> int | None:
     """The KV cache vLLM reserves: --kv-cache-gib, else on the CPU build what --max-batch-size
     sequences of the model's whole context need (float32 upper bound, +25%, at least 0.25 GiB);
     vLLM's own CPU default reserves nearly all of the machine's memory (and refuses to start when
@@ -71,9 +79,7 @@ def kv_cache_bytes(settings) -> int | None:
     A default that would take over half of the free memory is refused, naming the settings."""
     if settings.kv_cache_gib is not None:
         return int(settings.kv_cache_gib * GiB)
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
+    if not on_cpu:
         return None
     import json
     from pathlib import Path
@@ -100,9 +106,9 @@ def kv_cache_bytes(settings) -> int | None:
 
 def pair_capacity(settings, tables_path) -> int:
     """Room for (previous, token) entries in the engine: the operator's --vllm-pair-capacity, else
-    exactly what the startup tables file holds. Every VAR step looks pairs up when the capacity is
-    above 0 (a searchsorted per MoE layer), so tables without pair entries build no pair tier and
-    cost nothing for it."""
+    exactly what the startup tables file holds. With a capacity above 0 every VAR step looks pairs
+    up (on the host, and a gather per MoE layer on the device), so tables without pair entries
+    build no pair tier and cost nothing for it."""
     if settings.vllm_pair_capacity is not None:
         return int(settings.vllm_pair_capacity)
     from var_moe.var.tables import VARTables
@@ -153,8 +159,8 @@ class VllmHost:
     capture_tokens = 0
     analyzer = None
 
-    def __init__(self, engine: Any, model_name: str, tables_info: dict | None, member_LV: torch.Tensor | None,
-                 layers: list[int], reason: str = "", pair_keys_X: torch.Tensor | None = None):
+    def __init__(self, engine: Any, model_name: str, tables_info: dict | None, served: ServedTables | None,
+                 layers: list[int], reason: str = ""):
         from .vllm_engine import VllmEngine
 
         self.engine_class = VllmEngine  # ServerState builds this engine instead of the builtin one
@@ -167,11 +173,12 @@ class VllmHost:
                                                             max_position_embeddings=int(cfg.max_model_len)))
         self.layers = layers
         self.tables_info = tables_info
-        self.member_LV = member_LV  # host copy of table membership, for per-request counts
-        # host copy of the pair entries' keys, slot * V**2 + previous * V + token (slot: index in layers)
-        self.pair_keys_X = pair_keys_X
+        self.served = served  # host copy of the served tables (slot: index in layers), for per-request counts
         self.unavailable_reason = "" if tables_info is not None else (reason or "VAR is not available")
         self._var_default = False
+        hf = engine.vllm_config.model_config.hf_config
+        self.num_experts = int(getattr(hf, "num_local_experts", None) or getattr(hf, "num_experts", 0) or 0)
+        self.top_k = int(getattr(hf, "num_experts_per_tok", 0) or 0)
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -195,8 +202,9 @@ class VllmHost:
         if not reason:
             check_checkpoint(settings.model, tables_path)  # other weights: refused before vLLM loads anything
         kw = engine_args(settings)
-        kw = (engine_kwargs(settings.model, pair_capacity=pair_capacity(settings, tables_path), **kw) if not reason
-              else {"model": settings.model, **kw})
+        counting = settings.expert_load_metrics or settings.expert_load_per_expert  # off: none in the graph
+        kw = (engine_kwargs(settings.model, pair_capacity=pair_capacity(settings, tables_path), expert_load=counting,
+                            **kw) if not reason else {"model": settings.model, **kw})
         try:
             engine = LLMEngine.from_engine_args(EngineArgs(**kw))
         except (RuntimeError, ValueError, MemoryError) as exc:
@@ -215,18 +223,12 @@ class VllmHost:
         refused = [r["error"] for r in replies if "error" in r]
         if refused:  # every rank checks the same tables against the same gates
             raise InvalidInputError(refused[0])
-        info = replies[0]
-        from var_moe.var.pairs import stack_pair_keys
         from var_moe.var.tables import VARTables
 
-        tables = VARTables.load(tables_path)
         layers = sorted(int(l) for l in engine.collective_rpc("varmoe_counts")[0])
-        vocab = int(tables.metadata["vocab_size"])
-        member_LV = torch.stack([tables.layers[l].member_V if l in tables.layers else torch.zeros(vocab, dtype=torch.bool)
-                                 for l in layers])
-        _, pair_keys_X = stack_pair_keys(tables.pair_tier, layers, vocab)
+        info, tables = replies[0], VARTables.load(tables_path)
         info["dtype_check"] = dtype_check(engine, settings, tables).to_json()
-        return cls(engine, settings.model, info, member_LV, layers, pair_keys_X=pair_keys_X)
+        return cls(engine, settings.model, info, ServedTables.from_tables(tables, layers), layers)
 
     # -- RoutingBackend --------------------------------------------------------------------------
     @property
@@ -260,7 +262,7 @@ class VllmHost:
         tiers: Counts = {}
         verification: Counts = {}
         for l, c in self._device_counts().items():
-            tiers.update({(l, "fast"): c[0], (l, "cached"): 0, (l, "learned"): c[1]})
+            tiers.update({(l, "fast"): c[0], (l, "learned"): c[1]})
             verification.update({(l, "agree"): c[2], (l, "disagree"): c[3]})
         return tiers, verification
 
@@ -280,23 +282,40 @@ class VllmHost:
 
     # -- per-request tier counts -----------------------------------------------------------------
     def request_tiers(self, var: bool, forwarded_ids: list[int], prev_id: int = -1) -> dict[str, int]:
-        """Routing decisions of one request summed over MoE layers (valid tokens x layers).
-        `prev_id`: the token before forwarded_ids[0] (-1: none, the sequence starts there)."""
-        n = len(forwarded_ids) * len(self.layers)
-        if not var or self.member_LV is None or not forwarded_ids:
-            return {"fast": 0, "cached": 0, "learned": n}
-        ids_T = torch.tensor(forwarded_ids, dtype=torch.long)
-        member_LT = self.member_LV[:, ids_T]
-        fast = int(member_LT.sum())
-        if self.pair_keys_X is not None:  # (previous, token) entries serve rows whose token has none
-            from var_moe.var.pairs import find_pairs
+        """Routing decisions of one request summed over MoE layers (valid tokens x layers), from the
+        same decision the workers make (`served.tier_counts`). `prev_id`: the token before
+        forwarded_ids[0] (-1: none, the sequence starts there)."""
+        if not var or self.served is None:
+            return {"fast": 0, "learned": len(forwarded_ids) * len(self.layers)}
+        return tier_counts(self.served, forwarded_ids, prev_id)
 
-            vocab = self.member_LV.shape[1]
-            prev_T = torch.cat([torch.tensor([prev_id], dtype=torch.long), ids_T[:-1]])
-            offset_L1 = torch.arange(len(self.layers), dtype=torch.long)[:, None] * vocab * vocab
-            hit_LT, _ = find_pairs(self.pair_keys_X, prev_T, ids_T, vocab, offset_L1)
-            fast += int((hit_LT & ~member_LT).sum())
-        return {"fast": fast, "cached": 0, "learned": n - fast}
+    # -- expert load and routed experts (var_moe/vllm/expert_load.py) --------------------------------
+    expert_load_on_engine = True  # reading the counters is a call to the workers: on the engine thread
+
+    @property
+    def routed_available(self) -> bool:
+        return self.available  # the buffers come with the Var* model classes
+
+    def start_expert_load(self) -> tuple[int, tuple[str, ...]] | None:
+        """(experts, tiers) of the workers' counters (counting runs in the compiled model already);
+        None for a plain vLLM model (no VAR classes, so no counters)."""
+        if not self.available:
+            return None
+        shape = self.llm.collective_rpc("varmoe_load_shape")[0]
+        if not shape.get("counting", True):
+            return None
+        return int(shape["experts"]), tuple(shape["tiers"])
+
+    def expert_load_reading(self):
+        """The cumulative counters (engine thread). Tensor-parallel ranks route the same rows with
+        the same gates, so the first worker's counters are the model's."""
+        from var_moe.vllm.expert_load import reading_from
+
+        return reading_from(self.llm.collective_rpc("varmoe_load_read")[0])
+
+    def take_routed(self, keys: list[str], finished: list[str]) -> dict[str, list]:
+        """Rows so far of requests that asked for their routed experts (engine thread)."""
+        return self.llm.collective_rpc("varmoe_take_routed", args=(keys, finished))[0]
 
     # -- capture: builtin engine only ----------------------------------------------------------------
     def _no_capture(self, *args: Any) -> None:

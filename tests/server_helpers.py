@@ -1,12 +1,14 @@
 """Test-only helpers for the server tests (the one launcher is analysis_jobs.server_process).
 
 - `shadowed_var_args(model_dir, tmp)`: serve flags giving the reference model its committed VAR
-  tables' config with shadow checks on half of the fast/cached decisions (verification metrics).
+  tables' config with shadow checks on half of the fast decisions (verification metrics).
 - `permissive_var_config()`: VARConfig fields under which a random tiny model (high routing
   entropy) still gets table entries.
 - `FakeBackend`: a RoutingBackend whose cumulative counters a test advances by hand.
 - `sse_events(text)`, `stream_matches_non_stream(client, prompt)`: the streaming checks both
   engines' server tests share.
+- `metric(text, name, **labels)`: the sum of a metric's samples in a /metrics exposition.
+- `captured(local, ids)`: [tokens][MoE layers][k] experts of an in-process forward (routed-experts checks).
 """
 
 from __future__ import annotations
@@ -89,3 +91,28 @@ def stream_matches_non_stream(client, prompt: str) -> list[dict]:
     assert done["type"] == "done" and done["text"] == plain["text"]
     assert len(tokens) == plain["generated_tokens"]
     return tokens
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` carrying all `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        head, _, value = line.rpartition(" ")
+        if head.split("{")[0] == name and all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def captured(local, ids: list[int]) -> list:
+    """[tokens][MoE layers][k] experts of a teacher-forced forward of `ids` (in-process)."""
+    import torch
+
+    from var_moe.routing_tap import RoutingTap
+
+    model, _ = local
+    tap = RoutingTap(model, count=False).attach()
+    tap.recording = True
+    with torch.no_grad():
+        model(input_ids=torch.tensor([ids]))
+    tap.detach()
+    return tap.last_LTK.permute(1, 0, 2).tolist()

@@ -13,7 +13,7 @@ from var_moe.capture.schema import pairs_path, read_pairs, read_stats
 from var_moe.capture.toy import make_toy_setup
 
 torch.set_num_threads(1)
-INT_COLUMNS = ["layer", "token_id", "frequency", "top1_counts", "topk_counts", "top_expert", "modal_topk_set",
+INT_COLUMNS = ["layer", "token_id", "frequency", "expert_ids", "top1_counts", "topk_counts", "top_expert", "modal_topk_set",
                "modal_set_count", "topk_set_ids", "topk_set_counts"]
 
 

@@ -60,24 +60,39 @@ def test_resume_refuses_another_config(toy, tmp_path):
         run_capture(config(toy, max_length=16), out, resume=True, progress=False, log=lambda s: None)
 
 
+# `varmoe capture` whose first checkpoint write is followed by a long sleep: the test's SIGKILL always
+# lands after one complete checkpoint and before the job ends (no race with a fast machine)
+STALL_AFTER_CHECKPOINT = """
+import sys, time
+import var_moe.capture.job as job
+_save = job.save_checkpoint
+def save_then_stall(*args, **kwargs):
+    _save(*args, **kwargs)
+    time.sleep(600)
+job.save_checkpoint = save_then_stall
+from var_moe.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_killed_process_resumes_exactly(toy, tmp_path):
     """A real SIGKILL of `varmoe capture` after its first checkpoint, then `--resume`."""
     model_dir, corpus = toy
-    args = [sys.executable, "-m", "var_moe.cli", "capture", "--model", str(model_dir), "--dataset", str(corpus),
-            "--split", "train", "--max-length", "32", "--batch-size", "4", "--checkpoint-every", "150",
-            "--no-progress", "--threads", "1"]
+    flags = ["capture", "--model", str(model_dir), "--dataset", str(corpus), "--split", "train", "--max-length", "32",
+             "--batch-size", "4", "--checkpoint-every", "150", "--no-progress", "--threads", "1"]
+    args = [sys.executable, "-m", "var_moe.cli", *flags]
     ref = tmp_path / "ref.parquet"
     subprocess.run(args + ["-o", str(ref)], check=True, capture_output=True)
     out = tmp_path / "killed.parquet"
-    proc = subprocess.Popen(args + ["-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-c", STALL_AFTER_CHECKPOINT, *flags, "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = checkpoint_path(out)
-    deadline = time.time() + 60
+    deadline = time.time() + 120
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
+    still_running = proc.poll() is None
     proc.kill()
     proc.wait()
-    if out.exists():
-        pytest.skip("the job finished before it could be killed")
-    assert ckpt.exists()
+    assert still_running and ckpt.exists() and not out.exists()
     subprocess.run(args + ["-o", str(out), "--resume"], check=True, capture_output=True)
     assert_identical(ref, out)

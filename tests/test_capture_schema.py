@@ -51,7 +51,7 @@ def test_round_trip_with_metadata(analyzer, tmp_path):
 
 def test_schema_has_units_and_contract_columns():
     contract = ["layer", "token_id", "token_str", "frequency", "mean_entropy", "std_entropy", "mean_confidence",
-                "std_confidence", "mean_margin", "top1_counts", "topk_counts", "topk_weight_sums", "top_expert",
+                "std_confidence", "mean_margin", "expert_ids", "top1_counts", "topk_counts", "topk_weight_sums", "top_expert",
                 "routing_consistency", "modal_topk_set", "modal_set_count", "topk_overlap"]
     assert list(STATS_COLUMNS[: len(contract)]) == contract
 

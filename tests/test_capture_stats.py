@@ -11,10 +11,18 @@ import pytest
 import torch
 
 from var_moe.capture.analyzer import RouterAnalyzer
+from var_moe.capture.dense_stats import densify
 from var_moe.capture.recorder import RoutingRecorder
 from var_moe.tiny import tiny_model
 
 torch.set_num_threads(1)
+
+
+def dense(row, column, num_experts):
+    """A sparse per-expert list of one row as a length-E array."""
+    out = np.zeros(num_experts, dtype=np.float64 if column == "topk_weight_sums" else np.int64)
+    out[np.asarray(row.expert_ids, dtype=np.int64)] = getattr(row, column)
+    return out
 
 
 def padded_batches(vocab, seed=0):
@@ -106,9 +114,10 @@ def test_streaming_equals_brute_force(family):
         for x in o:
             for e, w in x[5].items():
                 wsum[e] += w
-        assert row.top1_counts.tolist() == top1.tolist()
-        assert row.topk_counts.tolist() == topk.tolist()
-        np.testing.assert_allclose(row.topk_weight_sums, wsum, atol=1e-5)
+        assert row.expert_ids.tolist() == np.nonzero(topk)[0].tolist()  # only experts seen, ascending
+        assert dense(row, "top1_counts", E).tolist() == top1.tolist()
+        assert dense(row, "topk_counts", E).tolist() == topk.tolist()
+        np.testing.assert_allclose(dense(row, "topk_weight_sums", E), wsum, atol=1e-5)
         assert row.top_expert == int(np.argmax(top1))
         assert row.routing_consistency == pytest.approx(top1.max() / len(o))
         sets = Counter(x[4] for x in o)
@@ -142,32 +151,37 @@ def test_decode_steps_continue_sequences():
                              pad_token_id=0)
     b = RouterAnalyzer(model)
     b.analyze_batch(out[:, :-1])  # the last generated token was never fed back
+    da, db = densify(a.stats), densify(b.stats)
     for key in ("count_LV", "top1_LVE", "pairs_L", "same_top1_L", "in_top2_L", "share_top2_L"):
-        torch.testing.assert_close(a.stats.tensors[key], b.stats.tensors[key])
+        torch.testing.assert_close(da[key], db[key])
     pa_, pb = a.get_pair_analysis(), b.get_pair_analysis()
     assert pa_[["layer", "prev_token_id", "token_id", "frequency"]].values.tolist() == \
         pb[["layer", "prev_token_id", "token_id", "frequency"]].values.tolist()
 
 
-def test_many_experts_fall_back_to_expert_counts():
-    """C(E, k) > 128: no set counts (modal_set_count null), pair table in expert mode; counts stay exact."""
+def test_many_experts_still_count_sets():
+    """C(E, k) > 128: sets are still counted (sparse, exact while nothing was pruned), the pair
+    table is in expert mode; counts stay exact."""
     model = tiny_model("mixtral", seed=5, num_local_experts=16, num_experts_per_tok=4)
     analyzer = RouterAnalyzer(model)
-    assert not analyzer.stats.exact_sets and analyzer.pairs.mode == "expert"
+    assert analyzer.pairs.mode == "expert"
     rows, rec = record_raw(model, None)
     with rec:
         for ids, mask in padded_batches(99, seed=2):
             analyzer.analyze_batch(ids, mask)
     occ, _, pairs = brute_force(rows, 16, 4)
     df = analyzer.get_vocabulary_analysis()
-    assert df.modal_set_count.isna().all() and df.topk_set_ids.isna().all()
+    assert analyzer.stats.set_err == 0 and analyzer.metadata()["modal_set_count_exact"]
     for row in df.itertuples():
         o = occ[(row.layer, row.token_id)]
         topk = np.bincount([e for x in o for e in x[4]], minlength=16)
-        assert row.frequency == len(o) and row.topk_counts.tolist() == topk.tolist()
-        expected = sorted(np.argsort(-topk, kind="stable")[:4].tolist())
-        assert row.modal_topk_set.tolist() == expected
-        assert row.topk_overlap == pytest.approx(topk[expected].sum() / (4 * len(o)))
+        assert row.frequency == len(o) and dense(row, "topk_counts", 16).tolist() == topk.tolist()
+        sets = Counter(x[4] for x in o)
+        best = max(sets.values())
+        assert row.modal_set_count == best and sets[tuple(row.modal_topk_set.tolist())] == best
+        assert sum(row.topk_set_counts) == len(o) and len(row.topk_set_ids) == len(sets)
+        modal = set(row.modal_topk_set.tolist())
+        assert row.topk_overlap == pytest.approx(np.mean([len(modal & set(x[4])) / 4 for x in o]))
     pdf = analyzer.get_pair_analysis()
     assert len(pdf) == len(pairs)
     for row in pdf.itertuples():
@@ -191,5 +205,6 @@ def test_layer_by_layer_update_equals_batched_update():
         for slot in range(L):
             one.update(slot, ids, probs[slot], idx[slot], w[slot])
         many.update_layers(list(range(L)), ids, probs, idx, w)
-    for key, value in one.tensors.items():
-        torch.testing.assert_close(many.tensors[key], value, rtol=0, atol=1e-12)
+    d_one, d_many = densify(one), densify(many)
+    for key, value in d_one.items():
+        torch.testing.assert_close(d_many[key], value, rtol=0, atol=1e-12)

@@ -20,18 +20,18 @@ from benchmarks.gpu_check import discover, format_table, run_checks, summary
 from benchmarks.gpu_checks import GPUContext, row
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 
 
 def run_script(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO)
+    """The benchmark as its documented command runs it: `python -m benchmarks gpu_check ...`."""
+    return subprocess.run([sys.executable, "-m", "benchmarks", "gpu_check", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_without_cuda_it_says_so_and_exits_cleanly(tmp_path):
     out = tmp_path / "gpu.json"
-    res = run_script("--out", str(out))
+    res = run_script("--output", str(out))
     assert res.returncode == 0, res.stderr
     assert "gpu-check needs CUDA" in res.stdout and "Nothing was run" in res.stdout
     assert "Traceback" not in res.stderr and not out.exists()
@@ -79,7 +79,7 @@ def test_discovery_finds_the_check_modules_by_name():
 def test_the_checks_own_code_runs_on_the_cpu(tmp_path, reference_model_dir):
     """`--device cpu`: bf16 routing and capture, the server check; quantization rows are skipped."""
     out = tmp_path / "gpu.json"
-    res = run_script("--device", "cpu", "--num-samples", "4", "--model", str(reference_model_dir), "--out", str(out),
+    res = run_script("--device", "cpu", "--num-samples", "4", "--model", str(reference_model_dir), "--output", str(out),
                      timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     result = json.loads(out.read_text())

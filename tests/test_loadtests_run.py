@@ -32,7 +32,7 @@ def stub_app(seen: list, token: str) -> FastAPI:
         mode = "var" if (state["var"] if var is None else var) else "baseline"
         return {"text": "x", "prompt_tokens": 3, "generated_tokens": 4, "finish_reason": "length", "mode": mode,
                 "timings": {"queue_s": 0.001, "ttft_s": 0.002, "total_s": 0.01},
-                "routing": {"fast": 5, "cached": 1, "learned": 2}}
+                "routing": {"fast": 5, "learned": 2}}
 
     @app.post("/v1/generate")
     async def generate(req: Request):

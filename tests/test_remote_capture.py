@@ -42,7 +42,7 @@ def test_server_capture_equals_offline_capture(setup):
     b, mb = read_stats(offline)
     assert ma["num_tokens"] == mb["num_tokens"] > 0
     assert ma["dataset"] == "stdlib" and ma["split"] == "calibration"
-    exact = ["frequency", "top1_counts", "topk_counts", "top_expert", "modal_topk_set", "modal_set_count"]
+    exact = ["frequency", "expert_ids", "top1_counts", "topk_counts", "top_expert", "modal_topk_set", "modal_set_count"]
     assert compare_stats(a[["layer", "token_id"] + exact], b[["layer", "token_id"] + exact]) == []
     assert compare_stats(a, b, rtol=1e-4, atol=1e-5) == []
 

@@ -12,13 +12,16 @@ import re
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 import yaml
 from server_helpers import FakeBackend
 
 from analysis_jobs.server_process import REPO_ROOT
+from server.expert_metrics import ExpertLoadCollector
 from server.metrics import ServerMetrics
 from server.var_runtime import VarRuntime
+from var_moe.expert_load import LoadReading
 
 DOCKER = REPO_ROOT / "docker"
 DASHBOARD = DOCKER / "grafana" / "dashboards" / "varmoe-server.json"
@@ -72,6 +75,11 @@ def test_grafana_provisioning_and_dashboard():
                   "queue depth", "batch size", "error rate"):
         assert topic in titles, topic
     known = {m.name for m in ServerMetrics(VarRuntime(FakeBackend())).registry.collect()}
+    # the expert-load collector (every family it can export: per tier and per expert included)
+    load = ExpertLoadCollector([0, 1], 4, ("fast", "learned"), window_s=60.0, per_expert=True)
+    load.reading = LoadReading(np.ones((2, 4), dtype=np.int64), np.ones(2), np.full(2, 2, dtype=np.int64),
+                               np.ones((2, 2, 4), dtype=np.int64))
+    known |= {m.name for m in load.collect()}
     for panel in dash["panels"]:
         assert panel["datasource"]["uid"] == ds["uid"]
         assert panel["targets"], panel["title"]

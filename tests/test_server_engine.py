@@ -85,7 +85,7 @@ def test_batches_respect_max_size_and_one_mode(host):
     for job, res in zip(jobs, results):
         assert res.mode == job.pinned_mode
         if res.mode == "baseline":
-            assert res.tier_counts["fast"] == 0 and res.tier_counts["cached"] == 0
+            assert res.tier_counts["fast"] == 0
         decisions = sum(res.tier_counts.values())
         assert decisions == (len(job.spec.prompt_ids) + len(res.state.new_ids) - 1) * len(host.layers)
     # 4 baseline + 4 VAR jobs with at most 3 per batch and one mode per batch: at least 4 batches
@@ -106,7 +106,7 @@ def test_var_and_baseline_greedy_counts(host):
 
     var, base = asyncio.run(main())
     eng.stop()
-    assert var.tier_counts["fast"] + var.tier_counts["cached"] > 0
+    assert var.tier_counts["fast"] > 0
     assert base.tier_counts["learned"] == sum(base.tier_counts.values())
 
 

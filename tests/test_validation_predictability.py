@@ -83,6 +83,7 @@ def _brute(model, calib, test, min_pair_count, per_seq=None):
                 prev = t
         g = _modal(glob)
         sums = {p: [0.0, 0.0, 0.0] for p in PREDICTORS}
+        extra = {p: {"tp": 0, "predicted": 0, "weight": 0.0, "expert": defaultdict(lambda: [0, 0, 0])} for p in PREDICTORS}
         n = 0
         for seq in tst[layer]:
             prev = None
@@ -104,6 +105,15 @@ def _brute(model, calib, test, min_pair_count, per_seq=None):
                     sums[name][0] += float(truth <= p) if name.startswith("lru") else float(truth == p)
                     sums[name][1] += float(top1 in p)
                     sums[name][2] += len(truth & p) / k
+                    x = extra[name]
+                    x["tp"] += len(truth & p)
+                    x["predicted"] += len(p)
+                    x["weight"] += sum(w for e, w in chosen if e in p) / sum(w for _, w in chosen)
+                    for e in p:
+                        x["expert"][e][1] += 1
+                        x["expert"][e][0] += e in truth
+                    for e in truth:
+                        x["expert"][e][2] += 1
                     if per_seq is not None:
                         per_seq[(layer, name)][-1][0] += float(truth <= p) if name.startswith("lru") else float(truth == p)
                         per_seq[(layer, name)][-1][1] += 1
@@ -113,7 +123,13 @@ def _brute(model, calib, test, min_pair_count, per_seq=None):
                         lru.remove(e)
                     lru.append(e)
                 prev = t
-        result[layer] = {name: [v / n for v in vals] for name, vals in sums.items()}
+        result[layer] = {}
+        for name, vals in sums.items():
+            x = extra[name]
+            ex = x["expert"].values()
+            result[layer][name] = [v / n for v in vals] + [
+                x["tp"] / x["predicted"] if x["predicted"] else float("nan"), x["tp"] / (n * k), x["weight"] / n,
+                float(np.mean([tp / pr for tp, pr, _ in ex if pr])), float(np.mean([tp / ch for tp, _, ch in ex if ch]))]
     return result
 
 
@@ -126,11 +142,16 @@ def test_heldout_matches_brute_force(min_pair_count, experts):
     ref = _brute(model, calib, test, min_pair_count)
     rows = {(r["layer"], r["predictor"]): r for r in got["rows"] if r["model"] == "trained"}
     for layer, preds in ref.items():
-        for name, (exact, top1, overlap) in preds.items():
+        for name, (exact, top1, overlap, precision, recall, weight, e_prec, e_rec) in preds.items():
             r = rows[(layer, name)]
             assert r["exact"] == pytest.approx(exact, abs=1e-9), (layer, name)
             assert r["top1"] == pytest.approx(top1, abs=1e-9), (layer, name)
             assert r["overlap"] == pytest.approx(overlap, abs=1e-9), (layer, name)
+            assert r["precision"] == pytest.approx(precision, abs=1e-9), (layer, name)
+            assert r["recall"] == pytest.approx(recall, abs=1e-9) and recall == pytest.approx(overlap), (layer, name)
+            assert r["weight"] == pytest.approx(weight, abs=1e-6), (layer, name)
+            assert r["expert_precision_macro"] == pytest.approx(e_prec, abs=1e-9), (layer, name)
+            assert r["expert_recall_macro"] == pytest.approx(e_rec, abs=1e-9), (layer, name)
     assert got["num_tokens_test"] == sum(int(m.sum()) for _, m in test)
 
 

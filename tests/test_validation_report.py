@@ -32,7 +32,8 @@ def synthetic_stats(seed=0, vocab=300, layers=(0, 1), sharp=True):
             ent = float(-(p * np.log(np.maximum(p, 1e-12))).sum() + rng.normal(0, 0.01))
             rows.append(dict(layer=layer, token_id=t, token_str=f"t{t}", frequency=f, mean_entropy=max(ent, 0.0),
                              std_entropy=0.01, mean_confidence=float(p.max()), std_confidence=0.01,
-                             mean_margin=float(np.sort(p)[-1] - np.sort(p)[-2]), top1_counts=c1.tolist(),
+                             mean_margin=float(np.sort(p)[-1] - np.sort(p)[-2]),
+                             expert_ids=np.nonzero(c1)[0].tolist(), top1_counts=c1[c1 > 0].tolist(),
                              routing_consistency=float(c1.max() / f)))
     meta = {"num_experts": E, "top_k": 2, "model": "synthetic", "max_entropy_nats": math.log(E),
             "consecutive": {"0": {"same_top1_rate": 0.3, "top1_in_prev_top2_rate": 0.5}}}

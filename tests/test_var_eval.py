@@ -36,14 +36,25 @@ def tiny_dir(tmp_path_factory):
     return root
 
 
-def test_pipeline_end_to_end(tiny_dir, capsys):
+COMMON = ["--max-length", "32", "--batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def built(tiny_dir):
+    """The calibration capture and the tables built from it (every test that needs them asks for this)."""
     m, data, out = str(tiny_dir / "model"), str(tiny_dir / "docs.jsonl"), tiny_dir
     # a random tiny router is nearly uniform (max entropy ln 4): loose thresholds so tables are not empty
     VARConfig(frequency_threshold=3, entropy_threshold=1.4, entropy_relative=False, target_agreement=0.2).to_json(out / "cfg.json")
-    common = ["--model", m, "--dataset", data, "--max-length", "32", "--batch-size", "4"]
-    assert main(["capture", *common, "--split", "calibration", "--output", str(out / "calib.parquet"), "--no-progress"]) == 0
+    assert main(["capture", "--model", m, "--dataset", data, *COMMON, "--split", "calibration",
+                 "--output", str(out / "calib.parquet"), "--no-progress"]) == 0
     assert main(["build-tables", "--model", m, "--routing-stats", str(out / "calib.parquet"), "--config", str(out / "cfg.json"),
                  "--output", str(out / "tables.safetensors")]) == 0
+    return tiny_dir
+
+
+def test_pipeline_end_to_end(built, capsys):
+    m, data, out = str(built / "model"), str(built / "docs.jsonl"), built
+    common = ["--model", m, "--dataset", data, *COMMON]
     assert (out / "tables.json").exists()
     ev = ["evaluate", *common, "--split", "test", "--num-samples", "12", "--repeats", "2", "--bootstrap", "200"]
     assert main([*ev, "--mode", "baseline", "--output", str(out / "base.json")]) == 0
@@ -70,34 +81,31 @@ def test_pipeline_end_to_end(tiny_dir, capsys):
     assert sum(dist.values()) == pytest.approx(1.0)
     assert dist["fast"] > 0 and var["agreement"]["fast"]["n"] > 0
     assert set(var["throughput"]["latency"]) >= {"p50", "p95", "p99"}
-    assert var["config"]["cache_ttl_seconds"] is None and var["config"]["cache_ttl_steps"]
     assert sum(json.loads((out / "tables.json").read_text())["sizes"].values()) > 0
 
 
-def test_compare_refuses_swapped_files(tiny_dir, tmp_path):
+def test_compare_refuses_swapped_files(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps({"mode": "var", "evaluation": {}, "throughput": {}}))
     assert main(["compare", str(tmp_path / "a.json"), str(tmp_path / "a.json")]) == 2
 
 
-def test_tables_for_another_model_refused(tiny_dir, tmp_path):
+def test_tables_for_another_model_refused(built, tmp_path):
+    tiny_dir = built
     from var_moe.tiny import tiny_model
 
     other = tiny_model("mixtral", seed=7, vocab_size=300)
     other.save_pretrained(tmp_path / "m")
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / "m" / f).write_bytes((tiny_dir / "model" / f).read_bytes())
-    if not (tiny_dir / "tables.safetensors").exists():
-        pytest.skip("needs the end-to-end test's tables")
     code = main(["evaluate", "--mode", "var", "--model", str(tmp_path / "m"), "--dataset", str(tiny_dir / "docs.jsonl"),
                  "--tables", str(tiny_dir / "tables.safetensors"), "--num-samples", "2", "--output", str(tmp_path / "o.json")])
     assert code == 2
 
 
-def test_build_tables_chooses_on_the_training_split(tiny_dir, tmp_path, capsys):
+def test_build_tables_chooses_on_the_training_split(built, tmp_path, capsys):
     """--choose-evidence: sets chosen on (spread) training documents, certified on every calibration
     document; the metadata says so; a test or calibration choosing split is refused, naming the flag."""
-    if not (tiny_dir / "calib.parquet").exists():
-        pytest.skip("needs the end-to-end test's capture")
+    tiny_dir = built
     m, cfg = str(tiny_dir / "model"), str(tiny_dir / "cfg.json")
     base = ["build-tables", "--model", m, "--routing-stats", str(tiny_dir / "calib.parquet"), "--config", cfg]
     train_ev = tmp_path / "train_ev.safetensors"

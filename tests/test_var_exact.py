@@ -1,4 +1,4 @@
-"""VAR off, and VAR on with empty tables and no cache, reproduce the original model exactly.
+"""VAR off, and VAR on with empty tables, reproduce the original model exactly.
 
 Checked for several MoE families, in a plain forward over a left-padded batch and in greedy
 `generate()` with a KV cache (scores of every step compared bit for bit), and `restore()` gives
@@ -42,7 +42,7 @@ def test_forward_and_generate_exact(family, state):
     ref_seq, ref_scores = _generate(model, ids, mask)
     originals = [getattr(layer.mlp, "gate") for layer in model.model.layers if hasattr(layer.mlp, "gate")]
 
-    cfg = VARConfig(enable_var=(state == "enabled_empty"), cache_size=0)
+    cfg = VARConfig(enable_var=(state == "enabled_empty"))
     wrapper = VARModelWrapper(model, cfg)
     assert wrapper.var_enabled == (state == "enabled_empty")
     with torch.no_grad():

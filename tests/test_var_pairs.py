@@ -15,7 +15,8 @@ from var_moe.errors import InvalidInputError
 from var_moe.validation.served import score_served, served_agreement
 from var_moe.var.config import VARConfig
 from var_moe.var.evidence import LayerEvidence
-from var_moe.var.pairs import pair_candidates, pair_lookup, served_masks
+from var_moe.var.pairs import pair_candidates, served_masks
+from var_moe.var.served import find_pairs as pair_lookup
 from var_moe.var.tables import VARTables, certify_entries, certify_layers, layer_candidates
 
 torch.set_num_threads(1)

@@ -1,7 +1,6 @@
-"""Each VAR tier in isolation, checked against brute-force expectations on tiny models:
-fast (table sets and weights reach the experts), cached (hits exactly where the key was seen,
-no leak across rows or sequences), shadow verification and demotion, adaptive k, learned-weight
-restriction, per-row counts. Run: `pytest tests/test_var_router.py`."""
+"""Each VAR part in isolation, checked against brute-force expectations on tiny models:
+fast (table sets and weights reach the experts), shadow verification and demotion, adaptive k,
+learned-weight restriction, per-row counts. Run: `pytest tests/test_var_router.py`."""
 
 import pytest
 import torch
@@ -64,7 +63,7 @@ def batch(seed=0, b=2, s=12, pad_row1=3):
 def test_fast_tier_sends_table_sets_and_weights_to_experts():
     model = tiny_model("mixtral", seed=0)
     tables = table_with(model, [0, 1], [[1, 3], [0, 2]], [[0.7, 0.3], [0.55, 0.45]])
-    w = VARModelWrapper(model, VARConfig(enable_cache=False), tables=tables)
+    w = VARModelWrapper(model, VARConfig(), tables=tables)
     seen, h = experts_inputs(model, 0)
     ids, mask = batch()
     with torch.no_grad():
@@ -84,71 +83,13 @@ def test_fast_tier_sends_table_sets_and_weights_to_experts():
     assert torch.equal(idx_TK[~valid], ref.topk_idx_TK[~valid])
 
 
-def _keys(ids, mask):
-    """(prev valid token or -1, token) of every valid position, per row (brute force)."""
-    out = []
-    for row, m in zip(ids.tolist(), mask.tolist()):
-        prev = -1
-        keys = []
-        for t, v in zip(row, m):
-            keys.append((prev, t) if v else None)
-            if v:
-                prev = t
-        out.append(keys)
-    return out
-
-
-def test_cached_tier_hits_exactly_the_seen_keys_without_leaks():
-    model = tiny_model("mixtral", seed=0)
-    ref = tiny_model("mixtral", seed=0)
-    cfg = VARConfig(enable_cache=True, enable_fast_path=False, confidence_threshold=1e-6, context_window_size=1, cache_ttl_seconds=None,
-                    cache_min_confirmations=0)
-    w = VARModelWrapper(model, cfg)
-    ids1, mask1 = batch(seed=0)
-    with torch.no_grad():
-        first = w(input_ids=ids1, attention_mask=mask1).logits
-        torch.testing.assert_close(first, ref(input_ids=ids1, attention_mask=mask1).logits, rtol=0, atol=0)
-    assert w.tier_counts()[(0, "cached")] == 0
-    # same batch again: every valid key is cached, decisions are the learned ones -> identical logits
-    with torch.no_grad():
-        again = w(input_ids=ids1, attention_mask=mask1).logits
-    valid = mask1.bool()
-    torch.testing.assert_close(again[valid], first[valid], rtol=0, atol=0)
-    assert w.tier_counts()[(0, "cached")] == int(valid.sum())
-    # rows swapped in content / context: hits exactly where (prev, token) was seen in any row before
-    seen = {k for row in _keys(ids1, mask1) for k in row if k}
-    ids2 = torch.tensor([[ids1[0, 0], ids1[1, 5], ids1[1, 6], ids1[0, 3], 5],
-                         [ids1[0, 1], ids1[0, 2], ids1[0, 3], 7, 8]])
-    mask2 = torch.ones_like(ids2)
-    before = w.tier_counts()[(0, "cached")]
-    with torch.no_grad():
-        w(input_ids=ids2, attention_mask=mask2)
-    expect = sum(1 for row in _keys(ids2, mask2) for k in row if k in seen)
-    assert w.tier_counts()[(0, "cached")] - before == expect
-    assert 0 < expect < ids2.numel()
-
-
-def test_cache_ttl_in_steps_through_the_wrapper():
-    model = tiny_model("mixtral", seed=0)
-    cfg = VARConfig(enable_cache=True, enable_fast_path=False, confidence_threshold=1e-6, cache_ttl_steps=1, cache_ttl_seconds=None,
-                    cache_min_confirmations=0)
-    w = VARModelWrapper(model, cfg, patch_layers=[0])
-    ids, mask = batch(seed=1, b=1)
-    other, omask = batch(seed=9, b=1)
-    with torch.no_grad():
-        w(input_ids=ids, attention_mask=mask)  # step 1 fills
-        w(input_ids=other, attention_mask=omask)  # step 2
-        w(input_ids=ids, attention_mask=mask)  # step 3: entries from step 1 are 2 steps old -> expired
-    assert w.tier_counts()[(0, "cached")] == sum(1 for k in _keys(other, omask)[0] if k in set(_keys(ids, mask)[0]))
-
-
 def test_shadow_verification_counts_and_demotes_like_brute_force():
     model = tiny_model("mixtral", seed=4)
     ids, mask = batch(seed=3, b=3, s=16)
     learned = learned_layer0(tiny_model("mixtral", seed=4), ids, mask)
     sets = [[0, 1], [2, 3], [0, 2]]
     tables = table_with(model, [0], sets, agree=88.0, total=100.0)
-    cfg = VARConfig(enable_cache=False, shadow_rate=1.0, target_agreement=0.8)
+    cfg = VARConfig(shadow_rate=1.0, target_agreement=0.8)
     w = VARModelWrapper(model, cfg, tables=tables, patch_layers=[0])
     with torch.no_grad():
         w(input_ids=ids, attention_mask=mask)
@@ -174,7 +115,7 @@ def test_shadow_verification_counts_and_demotes_like_brute_force():
 def test_adaptive_k_uses_one_expert_and_the_empty_slot():
     model = tiny_model("mixtral", seed=0)
     tables = table_with(model, [0], [[2, 0], [1, 3]], [[0.95, 0.05], [0.6, 0.4]])
-    w = VARModelWrapper(model, VARConfig(enable_cache=False, adaptive_k=True, adaptive_k_min_weight=0.9),
+    w = VARModelWrapper(model, VARConfig(adaptive_k=True, adaptive_k_min_weight=0.9),
                         tables=tables, patch_layers=[0])
     seen, h = experts_inputs(model, 0)
     ids, mask = batch(seed=2, b=1)
@@ -194,7 +135,7 @@ def test_learned_weights_restricted_to_the_table_set():
     ids, mask = batch(seed=5, b=1)
     probs = learned_layer0(tiny_model("mixtral", seed=0), ids, mask).probs_TE
     tables = table_with(model, [0], [[1, 2]])
-    w = VARModelWrapper(model, VARConfig(enable_cache=False, weights_source="learned"), tables=tables, patch_layers=[0])
+    w = VARModelWrapper(model, VARConfig(weights_source="learned"), tables=tables, patch_layers=[0])
     seen, h = experts_inputs(model, 0)
     with torch.no_grad():
         w(input_ids=ids, attention_mask=mask)
@@ -210,7 +151,7 @@ def test_fast_tier_other_families_keep_weight_scale(family):
     layer = adapter.moe_layers(model)[0].layer
     ids, mask = batch(seed=6, b=1)
     tables = table_with(model, [layer], [[0, 1]], [[0.5, 0.5]])
-    w = VARModelWrapper(model, VARConfig(enable_cache=False), tables=tables, patch_layers=[layer])
+    w = VARModelWrapper(model, VARConfig(), tables=tables, patch_layers=[layer])
     seen, h = experts_inputs(model, layer)
     with torch.no_grad():
         w(input_ids=ids, attention_mask=mask)
@@ -225,29 +166,9 @@ def test_fast_tier_other_families_keep_weight_scale(family):
         torch.testing.assert_close(got, tables[layer].mass_V[ids.reshape(-1)])
 
 
-def test_row_tier_counts_sum_to_tier_counts_and_skip_padding():
-    model = tiny_model("mixtral", seed=0)
-    tables = table_with(model, [0, 1], [[0, 1]])
-    tables[0].member_V[::2] = False
-    tables[1].member_V[::2] = False
-    w = VARModelWrapper(model, VARConfig(enable_cache=True, confidence_threshold=1e-6, cache_min_confirmations=0), tables=tables)
-    ids, mask = batch(seed=7, b=2)
-    with torch.no_grad():
-        w(input_ids=ids, attention_mask=mask)
-        w(input_ids=ids, attention_mask=mask)
-    rows = w.row_tier_counts()
-    assert rows.shape == (2, 3)
-    assert rows.sum(1).tolist() == [int(mask[0].sum()) * 2 * 2, int(mask[1].sum()) * 2 * 2]
-    tc = w.tier_counts()
-    assert [sum(tc[(l, t)] for l in (0, 1)) for t in ("fast", "cached", "learned")] == rows.sum(0).tolist()
-    assert rows[:, 1].sum() > 0  # the second pass hit the cache
-    w.reset_row_counts()
-    assert w.row_tier_counts().numel() == 0
-
-
 def test_row_tier_counts_fast_only_equal_a_brute_force_count():
-    """Cache off (the presets): per batch row, fast = table members among its valid tokens summed
-    over layers and forwards, learned = the rest of valid tokens x layers, cached = 0."""
+    """Per batch row, fast = table members among its valid tokens summed over layers and forwards
+    (padding skipped), learned = the rest of valid tokens x layers."""
     model = tiny_model("mixtral", seed=0)
     tables = table_with(model, [0, 1], [[0, 1]])
     tables[0].member_V[::2] = False
@@ -265,10 +186,10 @@ def test_row_tier_counts_fast_only_equal_a_brute_force_count():
                 if mask[r, j]:
                     valid += 1
                     fast += sum(bool(tables[l].member_V[int(ids[r, j])]) for l in (0, 1))
-        expect.append([fast, 0, valid * 2 - fast])
+        expect.append([fast, valid * 2 - fast])
     assert w.row_tier_counts().tolist() == expect
     tc = w.tier_counts()
-    assert [sum(tc[(l, t)] for l in (0, 1)) for t in ("fast", "cached", "learned")] == w.row_tier_counts().sum(0).tolist()
+    assert [sum(tc[(l, t)] for l in (0, 1)) for t in ("fast", "learned")] == w.row_tier_counts().sum(0).tolist()
     w.reset_row_counts()
     assert w.row_tier_counts().numel() == 0
 
@@ -288,7 +209,7 @@ def test_row_tier_counts_of_one_row_decoding_equal_a_brute_force_count(track):
 
     def expect(tokens):
         fast = sum(bool(tables[l].member_V[t]) for t in tokens for l in (0, 1))
-        return [[fast, 0, len(tokens) * 2 - fast]]
+        return [[fast, len(tokens) * 2 - fast]]
 
     seen = [int(t) for t, m in zip(ids[0], mask[0]) if m]
     with torch.no_grad():
@@ -316,7 +237,7 @@ def test_adaptive_k_outputs_match_eager_experts(impl):
     for name in ("eager", impl):
         model = tiny_model("mixtral", seed=0, experts_implementation=name)
         tables = table_with(model, [0, 1], [[2, 0], [1, 3]], [[0.95, 0.05], [0.6, 0.4]])
-        w = VARModelWrapper(model, VARConfig(enable_cache=False, adaptive_k=True), tables=tables)
+        w = VARModelWrapper(model, VARConfig(adaptive_k=True), tables=tables)
         with torch.no_grad():
             out[name] = w(input_ids=ids, attention_mask=mask).logits
         assert w.get_performance_stats()["overall"]["adaptive_single"] > 0
@@ -356,7 +277,7 @@ def test_served_disagreement_demotes_despite_large_calibration_counts():
     chosen = {tuple(sorted(x)) for x in learned.topk_idx_TK.tolist()}
     never = next((a, b) for a in range(E) for b in range(a + 1, E) if (a, b) not in chosen)
     for min_checks, demoted in ((0, False), (20, True)):
-        w = VARModelWrapper(model, VARConfig(enable_cache=False, shadow_rate=1.0, target_agreement=0.8,
+        w = VARModelWrapper(model, VARConfig(shadow_rate=1.0, target_agreement=0.8,
                                              shadow_min_checks=min_checks),
                             tables=table_with(model, [0], [list(never)]), patch_layers=[0])
         with torch.no_grad():

@@ -20,18 +20,17 @@ def test_counts_go_to_the_mode_of_the_batch():
     be = FakeBackend()
     be.add(l0_fast=5)  # decisions made before the runtime existed are not the server's
     rt = VarRuntime(be, enabled=True)
-    be.add(l0_fast=3, l0_learned=1, l2_cached=2, l2_learned=2, l0_agree=1, l0_disagree=1)
+    be.add(l0_fast=3, l0_learned=1, l2_fast=2, l2_learned=2, l0_agree=1, l0_disagree=1)
     rt.record_batch("var", valid_tokens=4)
     rt.record_batch("baseline", valid_tokens=7)
     var, base = rt.tier_counts("var"), rt.tier_counts("baseline")
-    assert var[(0, "fast")] == 3 and var[(0, "learned")] == 1 and var[(2, "cached")] == 2
-    assert base == {(0, "fast"): 0, (0, "cached"): 0, (0, "learned"): 7,
-                    (2, "fast"): 0, (2, "cached"): 0, (2, "learned"): 7}
+    assert var[(0, "fast")] == 3 and var[(0, "learned")] == 1 and var[(2, "fast")] == 2
+    assert base == {(0, "fast"): 0, (0, "learned"): 7, (2, "fast"): 0, (2, "learned"): 7}
     assert rt.tier_counts()[(0, "learned")] == 8
     assert rt.verification_counts()[(0, "agree")] == 1
     be.add(l2_fast=4)
     rt.record_batch("var", valid_tokens=2)
-    assert rt.tier_counts("var")[(2, "fast")] == 4  # only what was added since the last read
+    assert rt.tier_counts("var")[(2, "fast")] == 2 + 4  # the first batch's, plus only what was added since the last read
 
 
 def test_deferred_reads_lose_nothing():

@@ -13,7 +13,8 @@ from var_moe.cli import main
 from var_moe.errors import InvalidInputError
 from var_moe.tiny import tiny_model
 from var_moe.var.eval_data import scoring_info, sliding_batches, window_batches, window_starts
-from var_moe.var.evaluate import _per_doc, batch_nll, batch_token_nll, eval_batches
+from var_moe.perplexity import token_nll
+from var_moe.var.evaluate import _per_doc, batch_nll, eval_batches
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -56,7 +57,7 @@ def test_sliding_per_token_nll_equals_brute_force(window, stride):
     nll_doc = [torch.zeros(n, dtype=torch.float64) for n in lengths]
     count_doc = [torch.zeros(n, dtype=torch.long) for n in lengths]
     for b in batches:
-        nll_BS, keep_BS = batch_token_nll(model, b, CPU)
+        nll_BS, keep_BS = token_nll(model, b.ids, b.mask, b.score_from_B)
         for row, (d, start) in enumerate(zip(b.doc_B, b.start_B)):  # a test may loop over rows
             pos = torch.nonzero(keep_BS[row]).flatten() + 1  # target positions in the window
             nll_doc[d].index_add_(0, start + pos, nll_BS[row, pos - 1])

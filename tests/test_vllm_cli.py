@@ -42,6 +42,26 @@ def test_vllm_engine_arguments_pass_through_what_the_operator_set():
     assert engine_args(ServerSettings(engine="vllm", vllm_log_stats=True))["disable_log_stats"] is False
 
 
+def test_kv_cache_default_fits_the_batch_and_names_its_setting(reference_model_dir):
+    import json
+
+    from server.settings import ServerSettings
+    from server.vllm_host import GiB, MIN_KV_CACHE_BYTES, kv_cache_bytes
+    from var_moe.errors import InvalidInputError
+
+    cfg = json.loads((reference_model_dir / "config.json").read_text())
+    settings = ServerSettings(engine="vllm", model=str(reference_model_dir), max_batch_size=16)
+    need = (2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["hidden_size"] // cfg["num_attention_heads"]
+            * 4 * cfg["max_position_embeddings"] * 16)
+    assert kv_cache_bytes(settings, on_cpu=True) == max(MIN_KV_CACHE_BYTES, int(need * 1.25))
+    assert kv_cache_bytes(settings, on_cpu=False) is None  # GPUs: vLLM's --gpu-memory-utilization
+    explicit = ServerSettings(engine="vllm", model=str(reference_model_dir), kv_cache_gib=1.5)
+    assert kv_cache_bytes(explicit, on_cpu=False) == int(1.5 * GiB)
+    huge = ServerSettings(engine="vllm", model=str(reference_model_dir), max_model_len=10**9, max_batch_size=256)
+    with pytest.raises(InvalidInputError, match="--kv-cache-gib"):
+        kv_cache_bytes(huge, on_cpu=True)
+
+
 def test_negative_pair_capacity_is_a_flag_error():
     r = serve("--engine", "vllm", "--vllm-pair-capacity", "-1")
     assert r.returncode == 2 and "--vllm-pair-capacity" in r.stderr and "Traceback" not in r.stderr

@@ -4,7 +4,7 @@ rows of member tokens get the table's experts and weights, the device counters (
 audit agree/disagree; VAR rows only) match a brute-force count, and per-request modes become
 per-token rows in the runner's order. The (previous, token) tier: each row's token and previous
 token from the runner's token table equal a plain-Python walk over a mixed batch (prefill chunks,
-decodes), the host lookup equals `var.pairs.find_pairs`, pair entries serve exactly the rows a
+decodes), the host lookup equals `var.served.find_pairs`, pair entries serve exactly the rows a
 plain-Python lookup says (and none whose token on the device is not the host's), tables over the
 pair capacity are refused before anything is written, the server's per-request count equals
 the routers', and the staged writes GPU builds use leave the buffers the direct host writes leave.
@@ -131,10 +131,10 @@ def test_row_writer_writes_pair_entries_and_resets_what_earlier_steps_filled():
 
 
 def test_host_pair_lookup_equals_find_pairs():
-    """`pair_entries` (numpy, once per step) against `var.pairs.find_pairs` (torch, the builtin
+    """`pair_entries` (numpy, once per step) against `var.served.find_pairs` (torch, the builtin
     router's), on random keys of three layer slots, with sequence starts, out-of-vocabulary tokens,
     baseline rows and token entries (which win); the one-row step's dict lookup against both."""
-    from var_moe.var.pairs import find_pairs
+    from var_moe.var.served import find_pairs
     from var_moe.vllm.rows import index_pairs, one_row_entries
 
     g = np.random.default_rng(5)
@@ -151,7 +151,7 @@ def test_host_pair_lookup_equals_find_pairs():
     got = pair_entries(state, rows, prev, tok)
     for slot in range(s):
         hit, idx = find_pairs(torch.from_numpy(keys), torch.from_numpy(prev), torch.from_numpy(tok).clamp(0, v - 1),
-                              v, slot * v * v)
+                              v, slot)
         served = hit.numpy() & rows & (tok < v) & ~member[np.minimum(tok, v - 1), slot]
         want = np.where(served, idx.numpy(), state.pair_capacity)
         assert got[:, slot].tolist() == want.tolist()
@@ -289,10 +289,11 @@ def test_tables_over_the_pair_capacity_are_refused_before_anything_is_written(tm
 
 
 def test_server_request_counts_equal_the_routers_counts(tmp_path):
-    """`VllmHost.request_tiers` (host, from the forwarded tokens) counts the fast rows the routers
+    """The server's per-request count (`served.tier_counts` on the tables `VllmHost.load` stacks
+    with `ServedTables.from_tables`), from the forwarded tokens, counts the fast rows the routers
     count for the same request, pair rows included, also when the first forwarded token has a
     previous token (a prefix-cache hit)."""
-    from server.vllm_host import VllmHost
+    from var_moe.var.served import ServedTables, tier_counts
     from var_moe.vllm.tables import load_tables
 
     tables = pair_tables()
@@ -300,9 +301,8 @@ def test_server_request_counts_equal_the_routers_counts(tmp_path):
     load_tables(state, tables.save(tmp_path / "pairs.safetensors"))
     seq = [3, 5, 7, 6, 7, 9, 1, 11, 4, 5, 7, 3, 8, 2]
     layers = [0, 1]
-    member_LV = torch.stack([tables[l].member_V for l in layers])
-    keys = torch.cat([tables.pair_tier[l].keys_P + i * V * V for i, l in enumerate(layers)])
-    host = SimpleNamespace(layers=layers, member_LV=member_LV, pair_keys_X=keys)
+    served = ServedTables.from_tables(tables, layers)
+    member_LV = served.member_LV
     for cached in (0, 4):
         token_ids = np.array([seq], dtype=np.int32)
         n = len(seq) - cached
@@ -314,7 +314,7 @@ def test_server_request_counts_equal_the_routers_counts(tmp_path):
             lv.counts.zero_()
             lv.route(state, torch.tensor(seq[cached:]), w, idx)
         fast = sum(int(lv.counts[0]) for lv in state.layers.values())
-        got = VllmHost.request_tiers(host, True, seq[cached:], seq[cached - 1] if cached else -1)
+        got = tier_counts(served, seq[cached:], seq[cached - 1] if cached else -1)
         assert got["fast"] == fast and got["fast"] + got["learned"] == n * len(layers)
         assert fast > int(member_LV[:, torch.tensor(seq[cached:])].sum())  # pair rows are among them
 

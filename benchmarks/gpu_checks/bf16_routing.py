@@ -6,7 +6,7 @@ test-split batches for every model. Rows:
   CUDA (the style guide expects bf16 to flip a few % of tokens: router math belongs in fp32);
 - the same share for fp32 on CUDA vs fp32 on the CPU (kernels differ; expected ~1);
 - `varmoe capture` in bf16 on CUDA: it runs, and counts the same tokens as the fp32 capture.
-Run: `python benchmarks/gpu_check.py --checks bf16_routing`.
+Run: `python -m benchmarks gpu_check --checks bf16_routing`.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Rows:
   perplexity near the vocabulary size, not a quality claim);
 - `--device auto` (`device_map="auto"`): it loads, and its logits equal fp32 on one GPU.
 On the CPU (`--device cpu`, tests only) the rows are skipped: bitsandbytes needs CUDA.
-Run: `python benchmarks/gpu_check.py --checks quantized`.
+Run: `python -m benchmarks gpu_check --checks quantized`.
 """
 
 from __future__ import annotations

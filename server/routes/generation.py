@@ -26,7 +26,7 @@ from ..var_runtime import TIERS
 router = APIRouter(prefix="/v1", tags=["generation"])
 
 
-@router.post("/generate", response_model=GenerateResponse,
+@router.post("/generate", response_model=GenerateResponse, response_model_exclude_unset=True,
              description="Generated text, timings and routing tiers; with `stream: true` a text/event-stream "
                          "of `token` events and a final `done` event holding this body.")
 async def generate(body: GenerateRequest, request: Request, state: ServerState = Depends(get_state)):
@@ -34,8 +34,10 @@ async def generate(body: GenerateRequest, request: Request, state: ServerState =
     mode = state.mode_for(body.var, request)
     ids = await state.in_worker(state.tokenize, body.prompt, "prompt")
     state.check_prompt(ids, "prompt", body.max_new_tokens)
+    if body.return_routed_experts:
+        state.check_routed_size([(len(ids), body.max_new_tokens)])
     spec = RowSpec(ids, body.max_new_tokens, body.temperature, body.top_p, body.seed)
-    job = Job(spec, pinned_mode=mode, stop=body.stop or [], stream=body.stream)
+    job = Job(spec, pinned_mode=mode, stop=body.stop or [], stream=body.stream, routed=body.return_routed_experts)
     if body.stream:
         return stream_generate(state, job)
     t0 = time.perf_counter()
@@ -85,7 +87,7 @@ def generate_body(state: ServerState, result: JobResult, job: Job) -> dict[str, 
     if reason == "stop":
         cut = min((text.find(s) for s in job.stop if s in text), default=-1)
         text = text[:cut] if cut >= 0 else text
-    return {
+    return (result.routed or {}) | {
         "text": text, "prompt_tokens": result.prompt_tokens, "generated_tokens": len(result.state.new_ids),
         "finish_reason": reason, "mode": result.mode,
         "timings": {"queue_s": result.queue_s, "ttft_s": result.ttft_s, "total_s": result.total_s},
@@ -113,7 +115,8 @@ def stream_generate(state: ServerState, job: Job) -> StreamingResponse:
                     delta = ""
                     if not text.endswith("\ufffd"):  # half a UTF-8 character: its text comes with the rest
                         delta, sent = text[len(sent):], text
-                    yield sse({"type": "token", "token_id": event[1], "text": delta, "logprob": event[2]})
+                    routed = event[3] if len(event) > 3 and event[3] else {}  # this step's routed-experts rows
+                    yield sse({"type": "token", "token_id": event[1], "text": delta, "logprob": event[2], **routed})
                     continue
                 result = event[1]
                 if result is None or result.error:

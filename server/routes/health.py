@@ -29,4 +29,5 @@ async def readyz(state: ServerState = Depends(get_state)):
 @router.get("/metrics")
 async def metrics(state: ServerState = Depends(get_state)):
     state.metrics.queue_depth.set(state.engine.queue_depth)
+    await state.refresh_expert_load()
     return Response(state.metrics.exposition(), media_type=state.metrics.content_type)

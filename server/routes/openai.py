@@ -1,6 +1,6 @@
 """OpenAI-compatible routes: `/v1/completions` (bodies built in server/openai_compat.py) and
 `/v1/models` (the served model name, never a path, and its context length as `max_model_len`,
-which lm-evaluation-harness's `max_length` must stay below). Test: `pytest tests/test_server_api.py tests/test_openai_client.py`.
+which lm-evaluation-harness's `max_length` must stay below). Test: `pytest tests/test_server_api.py`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ..state import ServerState, get_state
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 
-@router.post("/completions", response_model=CompletionResponse)
+@router.post("/completions", response_model=CompletionResponse, response_model_exclude_unset=True)
 async def completions(body: CompletionRequest, request: Request, state: ServerState = Depends(get_state)):
     state.check_max_new(body.max_tokens, "max_tokens")
     mode = state.mode_for(body.var, request)
@@ -32,7 +32,9 @@ async def completions(body: CompletionRequest, request: Request, state: ServerSt
             spec = RowSpec(ids, body.max_tokens, body.temperature, body.top_p, body.seed,
                            prompt_logprobs=body.echo and body.logprobs is not None, top_logprobs=body.logprobs or 0,
                            sampled_logprobs=body.logprobs is not None)
-            jobs.append(Job(spec, pinned_mode=mode, stop=stops))
+            jobs.append(Job(spec, pinned_mode=mode, stop=stops, routed=body.return_routed_experts))
+        if body.return_routed_experts:
+            state.check_routed_size([(len(ids), body.max_tokens) for ids in prompts])
         return prompts, jobs
 
     # tokenizing, and decoding every token for echo / logprobs, are seconds of CPU for a big

@@ -20,20 +20,13 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed in this environment (see make setup-vllm)")
 
+from server_helpers import metric  # noqa: E402  (tests/, on the path via conftest)
+
 from analysis_jobs.server_process import ManagedServer  # noqa: E402
 from var_moe.var.served_dtype import certified_dtype  # noqa: E402
 from var_moe.var.tables import VARTables  # noqa: E402
 
 HOLD_3GB = "import sys, time; b = bytearray(3 << 30); b[::4096] = b'x' * len(b[::4096]); sys.stdout.write('held\\n'); sys.stdout.flush(); time.sleep(3600)"
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        head, _, value = line.rpartition(" ")
-        if head.split("{")[0] == name and all(f'{k}="{v}"' in head for k, v in labels.items()):
-            total += float(value)
-    return total
 
 
 def test_default_serve_vllm_serves_var_from_committed_tables(reference_model_dir, tmp_path):

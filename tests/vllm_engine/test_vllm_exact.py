@@ -229,7 +229,7 @@ def builtin_decisions(model_dir: Path, tables: VARTables, prompt_ids: list[list[
     from var_moe.var import VARConfig, VARModelWrapper
 
     model, _ = load_model(str(model_dir), dtype="float32")
-    config = VARConfig.from_dict(tables.metadata["config"]).replace(enable_cache=False, shadow_rate=0.0)
+    config = VARConfig.from_dict(tables.metadata["config"]).replace(shadow_rate=0.0)
     wrapper = VARModelWrapper(model, config, tables)
     seen: dict[int, dict] = {}
 

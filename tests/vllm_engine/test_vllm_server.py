@@ -1,8 +1,9 @@
 """`varmoe serve --engine vllm` end to end on the reference model (subprocess on 127.0.0.1).
 
 Endpoints (generate + stream, perplexity, completions, models, health), the toggle and its admin
-token, per-request A/B pinning, /var/status and /metrics with the builtin server's names, and that
-the per-request tier counts add up to the device counters the metrics export. Outputs are checked
+token, per-request A/B pinning, /var/status and /metrics with the builtin server's names, that
+the per-request tier counts add up to the device counters the metrics export, and that they equal
+the builtin engine's on the same prompts (both servers load the committed tables themselves). Outputs are checked
 against a plain in-process computation where one exists, never hard-coded.
 Runs in the vLLM environment only (skipped elsewhere). Test: `pytest tests/vllm_engine/test_vllm_server.py`.
 """
@@ -17,7 +18,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed in this environment (see make setup-vllm)")
 
-from server_helpers import stream_matches_non_stream  # noqa: E402  (tests/, on the path via conftest)
+from server_helpers import metric, stream_matches_non_stream  # noqa: E402  (tests/, on the path via conftest)
 
 from analysis_jobs.server_process import ManagedServer  # noqa: E402
 from var_moe.var.tables import VARTables  # noqa: E402
@@ -53,16 +54,6 @@ def server(reference_model_dir, tmp_path_factory):
 def client(server):
     with httpx.Client(base_url=server.url, timeout=120) as c:
         yield c
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of `name` carrying all `labels`."""
-    total = 0.0
-    for line in text.splitlines():
-        head, _, value = line.rpartition(" ")
-        if head.split("{")[0] == name and all(f'{k}="{v}"' in head for k, v in labels.items()):
-            total += float(value)
-    return total
 
 
 def test_health_and_status(client, reference_model_dir):
@@ -164,6 +155,24 @@ def test_request_counts_add_up_to_device_counters(client):
     assert metric(text, "varmoe_routing_decisions_total", tier="fast") >= fast
     assert metric(text, "varmoe_generated_tokens_total", mode="var") > 0
     assert metric(text, "varmoe_generated_tokens_total", mode="baseline") > 0
+
+
+def test_request_counts_equal_the_builtin_engines(client, reference_model_dir, tmp_path):
+    """The same prompts through a builtin server on the same model and tables: per request, the same
+    tier counts (the prompt's tokens, and the generated ones where both engines generated the same)."""
+    prompts = [PROMPT, "Once upon a time there was a", "The first thing to know about the market is", "Water is"]
+    with ManagedServer(reference_model_dir, log_path=tmp_path / "builtin.log") as builtin, \
+            httpx.Client(base_url=builtin.url, timeout=120) as other:
+        same_text = 0
+        for p in prompts:
+            for new in (1, 12):  # 1: only the prompt's tokens go through the model
+                body = {"prompt": p, "max_new_tokens": new, "var": True}
+                got, want = client.post("/v1/generate", json=body).json(), other.post("/v1/generate", json=body).json()
+                assert got["prompt_tokens"] == want["prompt_tokens"]
+                if new == 1 or got["text"] == want["text"]:
+                    assert got["routing"] == want["routing"], (p, new)
+                    same_text += new > 1
+        assert same_text >= 2  # the generated tokens were compared too, not only the prompts'
 
 
 def test_capture_is_refused_on_this_engine(client):

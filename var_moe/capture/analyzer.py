@@ -4,8 +4,9 @@ Seed API kept: `RouterAnalyzer(model, layer_indices=None)`, `analyze_batch(input
 attention_mask)`, `get_vocabulary_analysis() -> DataFrame`. Underneath, a `RoutingRecorder`
 hands every router call's float32 decision and the aligned `TokenBatch` to
 `StreamingTokenStats` (per layer and token) and `PairStats` ((previous, token) -> top-k set).
-Padding rows (attention mask 0) are dropped before any statistic. Memory is O(L x V x E) plus
-the bounded pair table, independent of the number of tokens.
+Padding rows (attention mask 0) are dropped before any statistic. Memory grows with the distinct
+(layer, token) rows and (layer, token, expert) cells seen (set counts and the pair table are
+bounded by lossy counting), not with L x V x E.
 
 A server can accumulate statistics from its own forwards, `generate()` decode steps included:
     with analyzer.capturing():
@@ -223,7 +224,7 @@ class RouterAnalyzer:
             "library_versions": library_versions(),
             "consecutive": self.stats.consecutive_rates(),
             "top1_definition": "chosen expert with the largest routing weight",
-            "modal_set_count_exact": self.stats.exact_sets,
+            "modal_set_count_exact": self.stats.set_err == 0,
             **self.stats.describe(),
         }
         return {**meta, **(extra or {})}

@@ -20,7 +20,7 @@ from .frame import stats_from_dataframe, stats_to_dataframe
 from .pairs import PairStats
 from .schema import StatsFileError, pairs_path, read_pairs, read_stats, write_pairs, write_stats
 
-_SHAPE_KEYS = ("model_type", "vocab_size", "num_experts", "top_k", "layers", "exact_sets")
+_SHAPE_KEYS = ("model_type", "vocab_size", "num_experts", "top_k", "layers")
 
 
 def _check_same_shape(metas: Sequence[dict[str, Any]], paths: Sequence[Path]) -> None:
@@ -52,6 +52,8 @@ def merge_files(inputs: Sequence[str | Path], output: str | Path) -> Path:
         num_tokens=merged.num_tokens,
         padding_excluded=sum(int(m.get("padding_excluded", 0)) for m in metas),
         consecutive=merged.consecutive_rates(),
+        modal_set_count_exact=merged.set_err == 0,
+        **merged.describe(),
         merged_from=[{"path": str(p), "dataset": m.get("dataset"), "split": m.get("split"),
                       "num_tokens": m.get("num_tokens")} for p, m in zip(paths, metas)],
         dataset=sorted({str(m.get("dataset")) for m in metas}) if len({m.get("dataset") for m in metas}) > 1 else metas[0].get("dataset"),

@@ -17,7 +17,7 @@ per layer. Only pairs inside one sequence count (the tracker's previous *valid* 
 
 The sidecar file (schema `PAIR_SCHEMA`) has one row per (layer, prev, token): frequency,
 modal_topk_set, modal_set_count (mode "set"), max_undercount, and the raw key ids / counts so
-that sidecars merge exactly. Shapes: T rows, K top-k, P pairs. Test: `pytest tests/test_capture_pairs.py`.
+that sidecars merge exactly. Shapes: T rows, K top-k, P pairs. Test: `pytest tests/test_capture_stats.py tests/test_capture_merge.py`.
 """
 
 from __future__ import annotations

@@ -2,13 +2,20 @@
 
 Contract columns (docs/ARCHITECTURE.md; entropies in nats, the maximum ln E is in the metadata):
 `layer`, `token_id`, `token_str`, `frequency`, `mean_entropy`, `std_entropy`, `mean_confidence`,
-`std_confidence`, `mean_margin`, `top1_counts`[E], `topk_counts`[E], `topk_weight_sums`[E],
+`std_confidence`, `mean_margin`, `expert_ids`, `top1_counts`, `topk_counts`, `topk_weight_sums`,
 `top_expert`, `routing_consistency`, `modal_topk_set`[K], `modal_set_count`, `topk_overlap`.
+
+Experts are stored sparsely: `expert_ids` lists (ascending) the experts the token was routed to
+(in its top-k at least once), and the three count/weight lists are aligned with it. `densify_experts`
+turns a list column into a (rows, E) array where a reader needs one. `modal_topk_set` is the most
+frequent counted top-k set (ties: smallest combinatorial id) and `modal_set_count` its count; set
+counts are exact when the metadata's `sets.error_bound` is 0 (else lower bounds, lossy counting).
+Files of schema version 1 (dense length-E lists) are converted on read.
 
 Extra columns carry the raw sufficient statistics so that files merge exactly
 (`varmoe merge-stats`): `m2_entropy`, `m2_confidence` (Welford sums of squared deviations),
-`sum_margin`, and `topk_set_ids` / `topk_set_counts` (every top-k set seen for the token, as
-combinatorial-number-system ids, with its count; null when C(E, k) is too large to count sets).
+`sum_margin`, and `topk_set_ids` / `topk_set_counts` (every top-k set counted for the token, as
+combinatorial-number-system ids, with its count).
 `std_*` are population standard deviations sqrt(M2 / frequency).
 
 Run metadata is one JSON document under the key `var_moe` of the file's key-value metadata.
@@ -29,7 +36,7 @@ import pyarrow.parquet as pq
 from ..errors import InvalidInputError
 
 METADATA_KEY = b"var_moe"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 STATS_SCHEMA = pa.schema(
     [
@@ -42,6 +49,7 @@ STATS_SCHEMA = pa.schema(
         ("mean_confidence", pa.float64()),
         ("std_confidence", pa.float64()),
         ("mean_margin", pa.float64()),
+        ("expert_ids", pa.list_(pa.int32())),
         ("top1_counts", pa.list_(pa.int64())),
         ("topk_counts", pa.list_(pa.int64())),
         ("topk_weight_sums", pa.list_(pa.float64())),
@@ -123,6 +131,30 @@ def _canonical(typ: pa.DataType) -> pa.DataType:
     return typ
 
 
+def _upgrade_v1(table: pa.Table) -> pa.Table:
+    """Schema 1 stored E-long dense lists: keep each row's experts with a nonzero top-k count."""
+    import numpy as np
+
+    topk = table.column("topk_counts").combine_chunks()
+    n_rows = len(topk)
+    dense = np.asarray(topk.flatten().to_numpy(zero_copy_only=False), dtype=np.int64)
+    width = dense.size // n_rows if n_rows else 0
+    dense_NE = dense.reshape(n_rows, width)
+    rows, experts = np.nonzero(dense_NE)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n_rows))]).astype(np.int32))
+    out = table
+    for name, typ in (("top1_counts", pa.int64()), ("topk_counts", pa.int64()), ("topk_weight_sums", pa.float64())):
+        vals = np.asarray(table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)).reshape(n_rows, width)
+        out = out.set_column(out.schema.get_field_index(name), name,
+                             pa.ListArray.from_arrays(offsets, pa.array(vals[rows, experts], type=typ)))
+    out = out.append_column("expert_ids", pa.ListArray.from_arrays(offsets, pa.array(experts.astype(np.int32))))
+    for name in ("topk_set_ids", "topk_set_counts"):  # schema 1 wrote null when sets were not counted
+        col = out.column(name).combine_chunks()
+        if col.null_count:
+            out = out.set_column(out.schema.get_field_index(name), name, col.fill_null(pa.array([], type=pa.int64())))
+    return out
+
+
 def _read(path: str | Path, schema: pa.Schema, what: str) -> tuple[Any, dict[str, Any]]:
     path = Path(path)
     if not path.exists():
@@ -131,6 +163,10 @@ def _read(path: str | Path, schema: pa.Schema, what: str) -> tuple[Any, dict[str
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise StatsFileError(f"{path}: not a readable Parquet file ({exc})") from exc
+    raw = (table.schema.metadata or {}).get(METADATA_KEY)
+    if schema is STATS_SCHEMA and raw is not None and json.loads(raw).get("schema_version") == 1 \
+            and "expert_ids" not in table.column_names and "topk_counts" in table.column_names:
+        table = _upgrade_v1(table)
     missing = [c for c in schema.names if c not in table.column_names]
     if missing:
         raise StatsFileError(f"{path}: not a var-moe {what} file, missing columns {missing}")
@@ -157,6 +193,20 @@ def write_stats(df: Any, path: str | Path, metadata: dict[str, Any]) -> Path:
 def read_stats(path: str | Path) -> tuple[Any, dict[str, Any]]:
     """`(DataFrame, metadata)` of a statistics file; a wrong file gets a StatsFileError naming it."""
     return _read(path, STATS_SCHEMA, "statistics")
+
+
+def densify_experts(df: Any, column: str, num_experts: int) -> Any:
+    """A sparse per-expert list column (aligned with `expert_ids`) as a (rows, E) NumPy array."""
+    import numpy as np
+
+    lengths = df["expert_ids"].map(len).to_numpy() if len(df) else np.zeros(0, dtype=np.int64)
+    values = df[column].to_numpy()
+    dtype = np.float64 if column == "topk_weight_sums" else np.int64
+    out = np.zeros((len(df), num_experts), dtype=dtype)
+    if lengths.sum():
+        rows = np.repeat(np.arange(len(df)), lengths)
+        out[rows, np.concatenate(df["expert_ids"].to_numpy()).astype(np.int64)] = np.concatenate(values).astype(dtype)
+    return out
 
 
 def write_pairs(df: Any, path: str | Path, metadata: dict[str, Any]) -> Path:

@@ -46,21 +46,17 @@ def add_var_flags(p: argparse.ArgumentParser, with_tables: bool = True) -> None:
     p.add_argument("--weights-source", dest="weights_source", choices=["table", "learned"], default=None,
                    help="weights of table rows: stored (table) or the learned router's restricted to the set")
     p.add_argument("--shadow-rate", dest="shadow_rate", type=float, default=None,
-                   help="share of table/cache decisions re-checked by the learned router (0-1)")
+                   help="share of table decisions re-checked by the learned router (0-1)")
     p.add_argument("--shadow-min-checks", dest="shadow_min_checks", type=int, default=None,
                    help="shadow checks of a token before its served agreement alone can demote it (0 = off)")
-    p.add_argument("--cache-ttl-steps", dest="cache_ttl_steps", type=int, default=None,
-                   help="context-cache entry lifetime in forward steps")
-    p.add_argument("--cache", dest="cache", action="store_true", help="turn the cached tier on (off in the presets)")
-    p.add_argument("--no-cache", dest="no_cache", action="store_true", help="turn the cached tier off")
     p.add_argument("--no-fast-path", dest="no_fast_path", action="store_true", help="turn the fast tier off")
 
 
-def config_from_args(args: argparse.Namespace, for_evaluation: bool = False) -> VARConfig:
+def config_from_args(args: argparse.Namespace) -> VARConfig:
     cfg = VARConfig.from_json(args.config) if args.config else get_preset(args.preset)
     changes: dict[str, Any] = {}
     for name in ("adaptive_k", "adaptive_k_min_weight", "weights_source", "shadow_rate", "shadow_min_checks",
-                 "cache_ttl_steps", "target_agreement", "frequency_threshold", "multiplicity", "pair_entries",
+                 "target_agreement", "frequency_threshold", "multiplicity", "pair_entries",
                  "min_pair_count"):
         if getattr(args, name, None) is not None:
             changes[name] = getattr(args, name)
@@ -72,18 +68,10 @@ def config_from_args(args: argparse.Namespace, for_evaluation: bool = False) -> 
         changes["pair_entries"] = False  # pair entries have no entropy of their own (var/pairs.py)
     if getattr(args, "allow_test_split", False):
         changes["allow_test_split"] = True
-    if getattr(args, "cache", False):
-        changes["enable_cache"] = True
-    if getattr(args, "no_cache", False):
-        changes["enable_cache"] = False
     if getattr(args, "no_fast_path", False):
         changes["enable_fast_path"] = False
     if getattr(args, "routing_stats", None):
         changes["routing_stats_path"] = str(args.routing_stats)
-    if for_evaluation:
-        # wall-clock TTLs make results depend on machine speed: evaluations count forward steps
-        changes["cache_ttl_seconds"] = None
-        changes.setdefault("cache_ttl_steps", cfg.cache_ttl_steps or 1000)
     return cfg.replace(**changes)
 
 

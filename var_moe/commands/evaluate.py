@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         if v is not None and v < 1:
             raise InvalidInputError(f"{flag} must be >= 1, got {v}")
     spec = load_spec(args)
-    config = config_from_args(args, for_evaluation=True) if args.mode == "var" else None
+    config = config_from_args(args) if args.mode == "var" else None
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(spec)
     tables = tables_from_args(args, model, config, tokenizer) if args.mode == "var" else None
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
           f"{tp['tokens_per_second']:.1f} tokens/s -> {out}")
     if args.mode == "var":
         d = result["var_stats"]["overall"]["routing_distribution"]
-        print(f"  fast {100 * d['fast']:.1f}%  cached {100 * d['cached']:.1f}%  learned {100 * d['learned']:.1f}%  "
+        print(f"  fast {100 * d['fast']:.1f}%  learned {100 * d['learned']:.1f}%  "
               f"paired speedup {result['paired']['speedup']:.3f}x")
         pb = result["paired"]["perplexity_bootstrap"]
         print(f"  perplexity change {pb['diff_pct']:+.3f}% (95% CI {pb['ci95_pct'][0]:+.3f} .. {pb['ci95_pct'][1]:+.3f}, "

@@ -51,7 +51,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--entropy-caps", default="none,0.85", help="entropy caps (share of ln E) or none")
     p.add_argument("--per-document-caps", default="1,4", help="certifying occurrences per document, or none")
     p.add_argument("--adaptive-k", default="none,0.9,0.8", help="adaptive-k thresholds to run, none = off")
-    p.add_argument("--cache", default="off,on", help="cache settings to run: off, on or off,on")
     p.add_argument("--ppl-docs", type=int, default=16, help="whole test documents scored for perplexity")
     p.add_argument("--ppl-stride", type=int, default=None,
                    help="perplexity on sliding windows of the capture's max length advancing by this many tokens "
@@ -76,13 +75,10 @@ def run(args: argparse.Namespace) -> int:
     from ..var.sweep import SweepGrid, runtime_points, sweep_runtime, sweep_tables
     from ..var.tables import check_split, evidence_for_stats, model_identity
 
-    cache = {"off": (False,), "on": (True,), "off,on": (False, True), "on,off": (True, False)}.get(args.cache.replace(" ", ""))
-    if cache is None:
-        raise InvalidInputError(f"--cache must be off, on or off,on; got {args.cache!r}")
     grid = SweepGrid(_floats(args.targets, "--targets"), _floats(args.min_frequencies, "--min-frequencies", kind=int),
                      _floats(args.entropy_caps, "--entropy-caps", True),
                      _floats(args.per_document_caps, "--per-document-caps", True, int),
-                     _floats(args.adaptive_k, "--adaptive-k", True), cache, args.repeats)
+                     _floats(args.adaptive_k, "--adaptive-k", True), args.repeats)
     if args.ppl_docs < 1 or args.speed_batches < 1:
         raise InvalidInputError("--ppl-docs and --speed-batches must be >= 1")
     meta = read_stats_metadata(args.routing_stats)
@@ -116,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     # the frontier is over token entries (its grid includes entropy caps, which pair entries do not
-    # have); the pair tier is measured on its own (benchmarks/var_pair_coverage.py)
+    # have); the pair tier is measured on its own (analysis_jobs/pair_coverage.py)
     base = get_preset("balanced").replace(pair_entries=False)
     doc = sweep_tables(cal, test, model, adapter, grid, base, out, chooser=chooser)
     if args.stage in ("runtime", "all"):

@@ -12,7 +12,7 @@ memory-bound time of one decoding layer at batch 1: attention weights plus the t
 once from GPU memory. That roofline is a floor: real kernels (dequantisation, launches) are slower.
 
 Shapes: `MIXTRAL_8X7B` (the published config) and `shape_from_config(cfg)` for any Mixtral-shaped
-model. Test: `pytest tests/test_offload_hardware.py`.
+model. Test: `pytest tests/test_offload_simulator.py`.
 """
 
 from __future__ import annotations

@@ -83,6 +83,7 @@ def load_pair_table(tables_path: str | Path, layers: list[int], num_experts: int
     """The artifact's (previous, token) tables as a `ModalTable` for the trace's `layers`, or None
     when the artifact holds none. Its keys (prev * V + token) are re-encoded as this module's
     (prev << 32) + token; a layer the artifact lacks gets no keys."""
+    from ..var.served import split_key
     from ..var.tables import VARTables
 
     tables = VARTables.load(tables_path)
@@ -97,7 +98,8 @@ def load_pair_table(tables_path: str | Path, layers: list[int], num_experts: int
     for layer in layers:
         empty = (np.zeros(0, np.int64), np.zeros((0, top_k), np.int64), np.zeros(0, np.int64))
         keys_P, sets_PK, counts_P = (t.numpy().astype(np.int64) for t in tables.pairs[layer]) if layer in tables.pairs else empty
-        key_P = (keys_P // vocab) * (1 << 32) + keys_P % vocab
+        _, prev_P, tok_P = split_key(keys_P, vocab)
+        key_P = prev_P * (1 << 32) + tok_P
         order = np.argsort(key_P, kind="stable")
         keys.append(key_P[order])
         codes.append(_set_codes(sets_PK[order], num_experts))
@@ -106,15 +108,16 @@ def load_pair_table(tables_path: str | Path, layers: list[int], num_experts: int
 
 
 def var_predict(trace: Trace, member_LV: np.ndarray, experts_LVK: np.ndarray) -> np.ndarray:
-    t, l, k = trace.experts_TLK.shape
-    pred = np.full((t, l, k), -1, dtype=np.int16)
-    ids_T = trace.token_ids_T.astype(np.int64)
-    ok_T = (ids_T >= 0) & (ids_T < member_LV.shape[1])
-    safe_T = np.where(ok_T, ids_T, 0)
-    for i in range(l):  # a loop over layers; per-token work is a gather
-        hit_T = ok_T & member_LV[i, safe_T]
-        pred[:, i] = np.where(hit_T[:, None], experts_LVK[i, safe_T], -1)
-    return pred
+    """The served token entries' sets (`var.served.decide`, the routers' decision, without pair
+    entries: those are `var_pair`'s); -1 where no token entry serves."""
+    import torch
+
+    from ..var.served import ServedTables, decide
+
+    ids_T = torch.from_numpy(trace.token_ids_T.astype(np.int64))
+    d = decide(ServedTables.token_only(torch.from_numpy(member_LV), torch.from_numpy(experts_LVK)), ids_T, ids_T >= 0)
+    pred_TLK = torch.where(d.token_LT.t()[..., None], d.idx_LTK.transpose(0, 1), -1)
+    return pred_TLK.numpy().astype(np.int16)
 
 
 # -- modal-set tables built from a calibration trace ---------------------------------------------

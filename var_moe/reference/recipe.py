@@ -4,7 +4,7 @@ Changing any field changes the model; each committed model folder (`models/refer
 `models/reference-moe-2/`) holds the `recipe.json` it was trained with. Two architectures:
 `mixtral` (routed experts only) and `qwen2_moe` (routed experts plus a gated shared expert);
 `RECIPES` names the built-in ones. JSON round-trip: `Recipe.from_json(r.to_json()) == r`.
-Test: `pytest tests/test_reference_recipe.py`.
+Test: `pytest tests/test_reference_train.py tests/test_reference_recipe_2.py`.
 """
 
 from __future__ import annotations

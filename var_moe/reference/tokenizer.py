@@ -2,7 +2,7 @@
 
 `train_tokenizer(docs, vocab_size, out_dir)` writes `tokenizer.json` + `tokenizer_config.json`
 loadable by `AutoTokenizer.from_pretrained(out_dir)`. Special tokens: `<|endoftext|>` (BOS/EOS)
-and `<|pad|>`. Test: `pytest tests/test_reference_recipe.py`.
+and `<|pad|>`. Test: `pytest tests/test_var_eval.py` (trains one for a tiny model).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ its topic and vocabulary, so a token-level resample would give intervals that ar
 `document_resamples(d, resamples, seed)` draws one (R, D) index matrix of documents sampled with
 replacement; `ratio_ci95(num_D, den_D, pick_RD)` is the 95% percentile interval of
 sum(num) / sum(den) over those resamples (one gather and two row sums, no loop over resamples).
-Used by `served.py` and `predictability.py`. Test: `pytest tests/test_validation_bootstrap.py`.
+Used by `served.py` and `predictability.py`. Test: `pytest tests/test_validation_predictability.py`.
 """
 
 from __future__ import annotations

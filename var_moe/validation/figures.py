@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from ..capture.schema import densify_experts  # noqa: E402
 from . import stats  # noqa: E402
 
 STYLES = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (5, 1, 1, 1)), "v"), ((0, (1, 3)), "x")]
@@ -150,24 +151,32 @@ def fig_coverage_curves(df: pd.DataFrame, meta: dict[str, Any], min_frequencies:
     return fig
 
 
+HEATMAP_MAX_LAYERS = 4  # panels of the token x expert heatmap (evenly spaced layers, first and last kept)
+
+
 def fig_token_expert_heatmap(df: pd.DataFrame, meta: dict[str, Any], n: int = 50) -> plt.Figure:
-    """Share of each expert as top-1 for the n most frequent tokens, one panel per layer."""
-    layers = _layers(df)
+    """Share of each expert as top-1 for the n most frequent tokens, one panel per layer (at most
+    HEATMAP_MAX_LAYERS layers, so deep stacks with many experts give a figure of bounded size)."""
+    all_layers = _layers(df)
+    pick = np.unique(np.linspace(0, len(all_layers) - 1, min(len(all_layers), HEATMAP_MAX_LAYERS)).round().astype(int))
+    layers = [all_layers[i] for i in pick]
     e = int(meta["num_experts"])
-    fig, axes = plt.subplots(1, len(layers), figsize=(1.2 + 0.25 * e * len(layers) + 1.5, 0.18 * n + 1.5), squeeze=False)
+    panel = min(max(0.25 * e, 2.0), 8.0)  # inches per panel
+    fig, axes = plt.subplots(1, len(layers), figsize=(1.2 + panel * len(layers) + 1.5, 0.18 * n + 1.5), squeeze=False)
     first = df[df["layer"] == layers[0]].nlargest(n, "frequency")
     order = first["token_id"].to_numpy()
     labels = [repr(s)[1:-1].replace(" ", "\u2423")[:12] if isinstance(s, str) else str(t) for s, t in
               zip(first.get("token_str", first["token_id"]), order)]
     for ax, layer in zip(axes.flat, layers):
         sub = df[df["layer"] == layer].set_index("token_id").reindex(order)
-        counts = np.stack([np.asarray(x, dtype=np.float64) if isinstance(x, (list, np.ndarray)) else np.zeros(e)
-                           for x in sub["top1_counts"]])
+        seen = sub["expert_ids"].map(lambda x: isinstance(x, (list, np.ndarray))).to_numpy()
+        counts = np.zeros((len(sub), e))
+        counts[seen] = densify_experts(sub[seen], "top1_counts", e)
         share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-        im = ax.imshow(share, cmap="Greys", vmin=0, vmax=1, aspect="auto")
+        im = ax.imshow(share, cmap="Greys", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
         ax.set_title(f"layer {layer}")
         ax.set_xlabel("expert index")
-        ax.set_xticks(range(e))
+        ax.set_xticks(range(0, e, max(1, e // 8)))
         ax.set_yticks(range(len(order)))
         ax.set_yticklabels(labels if layer == layers[0] else [], fontsize=6)
     axes.flat[0].set_ylabel(f"{n} most frequent tokens (most frequent on top)")

@@ -17,7 +17,14 @@ per layer and every valid test token, these predictors of the token's real top-k
 
 Metrics: exact = predicted set == S (for an LRU cache: S is a subset of the cache, which for size
 k is the same thing); top1 = the expert with the highest routing weight is in the prediction;
-overlap = |prediction & S| / k. The LRU is vectorised too: each expert's last-use position comes
+overlap = |prediction & S| / k (overlap at k). With fine-grained experts (10^12 possible sets for
+128 experts, top-8) exact agreement is near zero for any predictor, so the measures that mean
+something there treat every (token, expert) as one decision: precision = sum |prediction & S| /
+sum |prediction| and recall = sum |prediction & S| / sum |S| (pooled over tokens; recall equals the
+mean overlap), their per-expert forms averaged over experts (`expert_precision_macro` over experts
+ever predicted, `expert_recall_macro` over experts ever chosen: rare experts count as much as
+common ones), and weight = the share of the token's routing weight that the predicted experts
+carry (sum of S's weights on predicted experts / sum of S's weights). The LRU is vectorised too: each expert's last-use position comes
 from a `cummax` over positions, and the cache is the top-c experts by recency.
 
 Intervals: the scorer also keeps per-sequence sums (`bincount` over the batch row of every valid
@@ -62,6 +69,11 @@ DEFINITIONS = {
     "exact": "predicted set equals the true top-k set (LRU: true set contained in the cache)",
     "top1": "the expert with the highest routing weight lies in the prediction",
     "overlap": "|prediction & true top-k set| / k",
+    "precision": "pooled over tokens: sum |prediction & true set| / sum |prediction| (each predicted expert one decision)",
+    "recall": "pooled over tokens: sum |prediction & true set| / sum |true set| (equals the mean overlap)",
+    "weight": "share of the token's routing weight carried by the predicted experts",
+    "expert_precision_macro": "per expert e: times e was predicted and chosen / times e was predicted; averaged over experts predicted at least once",
+    "expert_recall_macro": "per expert e: times e was predicted and chosen / times e was chosen; averaged over experts chosen at least once",
     "control": "same architecture and config with seeded random weights, its own calibration tables",
 }
 
@@ -117,20 +129,37 @@ class PredictabilityConfig:
         return cls(**json.loads(text))
 
 
-def true_sets(decision: RouterDecision) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sorted top-k set_TK, top-1 expert_T = the highest-weight chosen expert)."""
+def true_sets(decision: RouterDecision) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sorted top-k set_TK, its routing weights_TK in the same order, top-1 expert_T = the
+    highest-weight chosen expert)."""
     idx_TK = decision.topk_idx_TK.long()
-    top1_T = idx_TK.gather(1, decision.topk_w_TK.float().argmax(dim=1, keepdim=True))[:, 0]
-    return torch.sort(idx_TK, dim=1).values, top1_T
+    w_TK = decision.topk_w_TK.float()
+    top1_T = idx_TK.gather(1, w_TK.argmax(dim=1, keepdim=True))[:, 0]
+    sets_TK, order = torch.sort(idx_TK, dim=1)
+    return sets_TK, w_TK.gather(1, order), top1_T
 
 
-def score_sets(pred_TK: torch.Tensor, sets_TK: torch.Tensor, top1_T: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-token exact / top1 / overlap of a k-set prediction (both sorted)."""
+def score_experts(pred_TE: torch.Tensor, sets_TK: torch.Tensor, top1_T: torch.Tensor, w_TK: torch.Tensor,
+                  exact_T: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-token scores of a prediction given as a bool (T, E) mask of experts (see the module
+    docstring); `tp` / `predicted` are per-token counts for the pooled precision."""
     k = sets_TK.shape[1]
-    member_TK = (pred_TK[:, :, None] == sets_TK[:, None, :]).any(dim=2)
-    return {"exact": (pred_TK == sets_TK).all(dim=1).float(),
-            "top1": (pred_TK == top1_T[:, None]).any(dim=1).float(),
-            "overlap": member_TK.sum(dim=1).float() / k}
+    inside_TK = pred_TE.gather(1, sets_TK)
+    tp_T = inside_TK.sum(dim=1).float()
+    return {"exact": exact_T.float(),
+            "top1": pred_TE.gather(1, top1_T[:, None])[:, 0].float(),
+            "overlap": tp_T / k,
+            "weight": (w_TK * inside_TK).sum(dim=1) / w_TK.sum(dim=1).clamp_min(1e-30),
+            "tp": tp_T,
+            "predicted": pred_TE.sum(dim=1).float()}
+
+
+def score_sets(pred_TK: torch.Tensor, sets_TK: torch.Tensor, top1_T: torch.Tensor, w_TK: torch.Tensor,
+               num_experts: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Scores of a k-set prediction (both sorted), and its (T, E) expert mask."""
+    pred_TE = torch.zeros(pred_TK.shape[0], num_experts, dtype=torch.bool, device=pred_TK.device)
+    pred_TE.scatter_(1, pred_TK, True)
+    return score_experts(pred_TE, sets_TK, top1_T, w_TK, (pred_TK == sets_TK).all(dim=1)), pred_TE
 
 
 def lru_cache_BSE(idx_BSK: torch.Tensor, w_BSK: torch.Tensor, valid_BS: torch.Tensor, num_experts: int,
@@ -152,14 +181,16 @@ def lru_cache_BSE(idx_BSK: torch.Tensor, w_BSK: torch.Tensor, valid_BS: torch.Te
     return cache_BSE
 
 
-def score_cache(cache_TE: torch.Tensor, sets_TK: torch.Tensor, top1_T: torch.Tensor) -> dict[str, torch.Tensor]:
-    inside_TK = cache_TE.gather(1, sets_TK)
-    return {"exact": inside_TK.all(dim=1).float(),
-            "top1": cache_TE.gather(1, top1_T[:, None])[:, 0].float(),
-            "overlap": inside_TK.float().mean(dim=1)}
+def score_cache(cache_TE: torch.Tensor, sets_TK: torch.Tensor, top1_T: torch.Tensor,
+                w_TK: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Scores of a cache (exact: the whole true set is cached)."""
+    return score_experts(cache_TE, sets_TK, top1_T, w_TK, cache_TE.gather(1, sets_TK).all(dim=1))
 
 
 DOC_METRICS = ("exact", "top1")  # metrics kept per document (0/1 per token, so the sums are hit counts)
+TOKEN_METRICS = ("exact", "top1", "overlap", "weight")  # means over tokens
+POOLED = ("precision", "recall", "expert_precision_macro", "expert_recall_macro")  # ratios of pooled counts
+METRICS = TOKEN_METRICS + POOLED
 
 
 class _Scorer:
@@ -172,6 +203,7 @@ class _Scorer:
         self.num_experts = num_experts
         self.top_k = top_k
         self.sums: dict[tuple[int, str], dict[str, float]] = {}
+        self.expert_counts: dict[tuple[int, str], torch.Tensor] = {}  # (3, E): predicted & chosen, predicted, chosen
         self.hits: dict[tuple[int, str], float] = {}
         self.num_tokens = 0
         self.batch_docs = batch_docs
@@ -181,16 +213,33 @@ class _Scorer:
         self._row_T = torch.zeros(0, dtype=torch.long)  # batch row of each valid token of the batch in flight
         self._b = 0  # its batch size
 
-    def _add(self, layer: int, name: str, scores: dict[str, torch.Tensor], hit: torch.Tensor | None = None) -> None:
-        acc = self.sums.setdefault((layer, name), {"exact": 0.0, "top1": 0.0, "overlap": 0.0, "n": 0.0})
+    def _add(self, layer: int, name: str, scores: dict[str, torch.Tensor], pred_TE: torch.Tensor, sets_TK: torch.Tensor,
+             hit: torch.Tensor | None = None) -> None:
+        acc = self.sums.setdefault((layer, name), {m: 0.0 for m in (*TOKEN_METRICS, "tp", "predicted", "n")})
         for key, v in scores.items():
             acc[key] += float(v.sum())
-        acc["n"] += float(next(iter(scores.values())).numel())
+        acc["n"] += float(scores["exact"].numel())
+        e = self.num_experts
+        inside_TK = pred_TE.gather(1, sets_TK)
+        counts = self.expert_counts.setdefault((layer, name), torch.zeros(3, e, dtype=torch.float64))
+        counts[0] += torch.bincount(sets_TK[inside_TK], minlength=e).double()
+        counts[1] += pred_TE.sum(dim=0).double()
+        counts[2] += torch.bincount(sets_TK.reshape(-1), minlength=e).double()
         if hit is not None:
             self.hits[(layer, name)] = self.hits.get((layer, name), 0.0) + float(hit.float().sum())
         for m in DOC_METRICS:
             self.seq_sums.setdefault((layer, name, m), []).append(
                 torch.bincount(self._row_T, weights=scores[m].double(), minlength=self._b))
+
+    def _metrics(self, acc: dict[str, float], counts: torch.Tensor) -> dict[str, float]:
+        n = max(acc["n"], 1.0)
+        tp_E, pred_E, true_E = counts
+        out = {m: acc[m] / n for m in TOKEN_METRICS}
+        out["precision"] = acc["tp"] / acc["predicted"] if acc["predicted"] else float("nan")
+        out["recall"] = acc["tp"] / (n * self.top_k)
+        out["expert_precision_macro"] = float((tp_E[pred_E > 0] / pred_E[pred_E > 0]).mean()) if (pred_E > 0).any() else float("nan")
+        out["expert_recall_macro"] = float((tp_E[true_E > 0] / true_E[true_E > 0]).mean()) if (true_E > 0).any() else float("nan")
+        return out
 
     def _start_batch(self, b: int) -> None:
         i = len(self.seq_tokens.get(min(self.tables), []))  # batches seen so far
@@ -204,10 +253,11 @@ class _Scorer:
 
     def __call__(self, layer: int, tokens: TokenBatch, decision: RouterDecision) -> None:
         valid_T = tokens.valid_T.bool()
-        sets_TK, top1_T = true_sets(decision)
+        sets_TK, w_TK, top1_T = true_sets(decision)
         tab = self.tables[layer]
         ids_T, prev_T = tokens.ids_T[valid_T].long(), tokens.prev_T[valid_T].long()
-        s_TK, t1_T = sets_TK[valid_T], top1_T[valid_T]
+        s_TK, t1_T, sw_TK = sets_TK[valid_T], top1_T[valid_T], w_TK[valid_T]
+        E = self.num_experts
         self._b = tokens.batch_size
         if layer == min(self.tables):
             self.num_tokens += int(valid_T.sum())
@@ -216,16 +266,17 @@ class _Scorer:
         self._row_T = torch.arange(tokens.batch_size, device=valid_T.device).repeat_interleave(tokens.seq_len)[valid_T]
         self.seq_tokens.setdefault(layer, []).append(torch.bincount(self._row_T, minlength=tokens.batch_size))
         pred, hit = tab.token_predict(ids_T)
-        self._add(layer, "token_table", score_sets(pred, s_TK, t1_T), hit)
+        self._add(layer, "token_table", *score_sets(pred, s_TK, t1_T, sw_TK, E), s_TK, hit)
         pred, hit = tab.pair_predict(prev_T, ids_T)
-        self._add(layer, "pair_table", score_sets(pred, s_TK, t1_T), hit)
-        self._add(layer, "global_set", score_sets(tab.global_set_K.expand_as(s_TK), s_TK, t1_T))
+        self._add(layer, "pair_table", *score_sets(pred, s_TK, t1_T, sw_TK, E), s_TK, hit)
+        self._add(layer, "global_set", *score_sets(tab.global_set_K.expand_as(s_TK), s_TK, t1_T, sw_TK, E), s_TK)
         b, s, k = tokens.batch_size, tokens.seq_len, self.top_k
         idx_BSK = decision.topk_idx_TK.long().reshape(b, s, k)
         w_BSK = decision.topk_w_TK.reshape(b, s, k)
         for name, size in (("lru_k", k), ("lru_2k", 2 * k)):
             cache_TE = lru_cache_BSE(idx_BSK, w_BSK, tokens.valid_T.bool().reshape(b, s), self.num_experts, size)
-            self._add(layer, name, score_cache(cache_TE.reshape(b * s, -1)[valid_T], s_TK, t1_T))
+            cache_TE = cache_TE.reshape(b * s, -1)[valid_T]
+            self._add(layer, name, score_cache(cache_TE, s_TK, t1_T, sw_TK), cache_TE, s_TK)
 
     def per_document(self) -> dict[str, Any]:
         """Per-document counts: document ids (sorted), tokens_LD, and {predictor: {metric: sums_LD}}."""
@@ -244,24 +295,24 @@ class _Scorer:
         out = []
         layers = sorted({layer for layer, _ in self.sums})
         for name in self.names:
-            total = {"exact": 0.0, "top1": 0.0, "overlap": 0.0, "n": 0.0}
+            total = {m: 0.0 for m in (*TOKEN_METRICS, "tp", "predicted", "n")}
+            per_layer_counts = []  # "all": the per-expert averages run over (layer, expert) pairs
             hit_total = 0.0
             for layer in layers:
-                acc = self.sums[(layer, name)]
-                n = max(acc["n"], 1.0)
+                acc, counts = self.sums[(layer, name)], self.expert_counts[(layer, name)]
                 row = {"model": model_name, "layer": layer, "predictor": name, "n": int(acc["n"]),
-                       **{m: acc[m] / n for m in ("exact", "top1", "overlap")}}
+                       **self._metrics(acc, counts)}
                 if (layer, name) in self.hits:
-                    row["table_hit"] = self.hits[(layer, name)] / n
+                    row["table_hit"] = self.hits[(layer, name)] / max(acc["n"], 1.0)
                     hit_total += self.hits[(layer, name)]
                 out.append(row)
                 for m in total:
                     total[m] += acc[m]
-            n = max(total["n"], 1.0)
+                per_layer_counts.append(counts)
             row = {"model": model_name, "layer": "all", "predictor": name, "n": int(total["n"]),
-                   **{m: total[m] / n for m in ("exact", "top1", "overlap")}}
+                   **self._metrics(total, torch.cat(per_layer_counts, dim=1))}
             if name.endswith("_table"):
-                row["table_hit"] = hit_total / n
+                row["table_hit"] = hit_total / max(total["n"], 1.0)
             out.append(row)
         return out
 
@@ -351,10 +402,10 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for r in rows:
         if r["layer"] == "all":
-            out.setdefault(r["model"], {})[r["predictor"]] = {m: r[m] for m in ("exact", "top1", "overlap")}
+            out.setdefault(r["model"], {})[r["predictor"]] = {m: r[m] for m in METRICS}
     if "trained" in out and "control" in out:
         out["margin_trained_minus_control"] = {
-            p: {m: out["trained"][p][m] - out["control"][p][m] for m in ("exact", "top1", "overlap")}
+            p: {m: out["trained"][p][m] - out["control"][p][m] for m in METRICS}
             for p in out["trained"] if p in out["control"]}
     return out
 

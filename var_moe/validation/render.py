@@ -78,6 +78,19 @@ def heldout_table(heldout: dict[str, Any], metric: str = "exact", predictors: li
     return "\n".join(out)
 
 
+EXACT_SETS_SHOWN = 10_000  # exact set agreement is reported where C(E, k) is at most this
+
+
+def _sets(heldout: dict[str, Any]) -> int:
+    from math import comb
+
+    return comb(int(heldout["num_experts"]), int(heldout["top_k"]))
+
+
+def _few_sets(heldout: dict[str, Any]) -> bool:
+    return "num_experts" not in heldout or "top_k" not in heldout or _sets(heldout) <= EXACT_SETS_SHOWN
+
+
 def heldout_margin_table(heldout: dict[str, Any], metric: str = "exact", predictors: list[str] | None = None) -> str:
     """Markdown table: per layer and predictor, "trained / control (margin in points)"."""
     preds = predictors or heldout["predictors"]
@@ -118,9 +131,15 @@ def render_text(rep: dict[str, Any]) -> str:
         lines += ["== held-out predictability (tables from the calibration split, scored on the test split) ==",
                   f"test tokens: {h.get('num_tokens_test')}  calibration tokens: {h.get('num_tokens_calibration')}",
                   "cells: trained / random-init control (trained minus control, points)",
-                  "exact top-k set match:", heldout_margin_table(h, "exact"), "",
+                  *(["exact top-k set match:", heldout_margin_table(h, "exact"), ""] if _few_sets(h) else
+                    [f"exact top-k set match: not shown, C(E, k) = {_sets(h):,} possible sets (rows keep it)", ""]),
                   "top-1 hit:", heldout_margin_table(h, "top1"), "",
-                  "mean overlap:", heldout_margin_table(h, "overlap"), ""]
+                  "mean overlap at k (= pooled expert recall):", heldout_margin_table(h, "overlap"), ""]
+        if any("precision" in r for r in h["rows"]):
+            lines += ["expert precision (pooled over tokens):", heldout_margin_table(h, "precision"), "",
+                      "share of routing weight on predicted experts:", heldout_margin_table(h, "weight"), "",
+                      "per-expert precision, mean over experts:", heldout_margin_table(h, "expert_precision_macro"), "",
+                      "per-expert recall, mean over experts:", heldout_margin_table(h, "expert_recall_macro"), ""]
         for k, v in h.get("definitions", {}).items():
             lines.append(f"  {k}: {v}")
         lines.append("")

@@ -25,7 +25,7 @@ from . import stats
 from .config import ValidationConfig
 
 REQUIRED_COLUMNS = ("layer", "token_id", "frequency", "mean_entropy", "mean_confidence", "mean_margin",
-                    "top1_counts", "routing_consistency")
+                    "expert_ids", "top1_counts", "routing_consistency")
 ENTROPY_GRID = np.round(np.linspace(0.0, 1.0, 51), 4)  # fractions of ln E for coverage curves
 
 
@@ -39,9 +39,13 @@ def check_stats_frame(df: pd.DataFrame, metadata: dict[str, Any]) -> None:
         raise InvalidInputError("--input: statistics metadata lacks 'num_experts'")
 
 
-def counts_matrix(df: pd.DataFrame, column: str = "top1_counts") -> np.ndarray:
-    """List column of E ints -> (rows, E) int64 array."""
-    return np.asarray(np.stack(df[column].to_numpy()), dtype=np.int64)
+def counts_matrix(df: pd.DataFrame, column: str = "top1_counts", num_experts: int | None = None) -> np.ndarray:
+    """Sparse per-expert list column (aligned with `expert_ids`) -> (rows, E) int64 array."""
+    from ..capture.schema import densify_experts
+
+    if num_experts is None:
+        num_experts = 1 + max((int(x.max()) for x in df["expert_ids"] if len(x)), default=0)
+    return densify_experts(df, column, num_experts)
 
 
 def _f(x: Any) -> float | None:
@@ -68,7 +72,7 @@ def section(df: pd.DataFrame, metadata: dict[str, Any], cfg: ValidationConfig, z
     conf = df["mean_confidence"].to_numpy(np.float64)
     margin = df["mean_margin"].to_numpy(np.float64)
     cons = df["routing_consistency"].to_numpy(np.float64)
-    c1 = counts_matrix(df)
+    c1 = counts_matrix(df, num_experts=int(metadata["num_experts"]))
     h_plugin = stats.plugin_entropy(c1)
     h_mm = stats.miller_madow_entropy(c1)
     h_eq = stats.equal_n_entropy(c1, cfg.equal_n)

@@ -7,7 +7,7 @@ of those whose learned top-k set equals the table's set exactly (agreement), eac
 percentile interval from resampling test documents with replacement (documents, not tokens, are
 the independent units). Vectorised: per (layer, document) sums with `np.bincount`, resamples as
 one matrix. `score_served` scores any per-row served / agreeing masks the same way (e.g. token plus
-(previous, token) entries, `benchmarks/var_pair_coverage.py`). Test: `pytest tests/test_var_pairs.py`.
+(previous, token) entries, `analysis_jobs/pair_coverage.py`). Test: `pytest tests/test_var_pairs.py`.
 """
 
 from __future__ import annotations

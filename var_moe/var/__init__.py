@@ -1,9 +1,10 @@
-"""Phase 2: the VAR router (fast / cached / learned tiers), verified tables, wrapper and evaluation.
+"""Phase 2: the VAR router (fast / learned tiers), verified tables, wrapper and evaluation.
 
 Modules: config (VARConfig + presets), stats_io (reading Phase 1 statistics), evidence (routing
 evidence by document), tables (the one tables module: sets chosen on even calibration documents,
-certified on odd ones, saved, loaded), cache (tensor-backed context cache), router (VARRouter,
-TableStack), wrapper (VARModelWrapper / VARMixtralWrapper), evaluate / compare (baseline vs VAR),
+certified on odd ones, saved, loaded), pairs ((previous, token) entries), served (the served
+tables and the one routing decision), stack (TableStack) and one_row (batch-1 host steps),
+router (VARRouter), wrapper (VARModelWrapper / VARMixtralWrapper), evaluate / compare (baseline vs VAR),
 sweep (the frontier the presets are read from). Imports are lazy so
 `import var_moe.var` stays cheap. Test: `pytest tests/test_var_*.py`.
 """
@@ -16,7 +17,7 @@ from typing import Any
 _LAZY = {
     "VARConfig": "config", "get_conservative_config": "config", "get_balanced_config": "config",
     "get_aggressive_config": "config", "get_preset": "config", "VARTables": "tables",
-    "wilson_lower_bound": "tables", "ContextCache": "cache", "VARRouter": "router",
+    "wilson_lower_bound": "tables", "VARRouter": "router",
     "VARModelWrapper": "wrapper", "VARMixtralWrapper": "wrapper", "Evidence": "evidence",
     "collect_evidence": "evidence",
 }

@@ -26,6 +26,7 @@ import torch
 from ..errors import InvalidInputError
 from .config import MULTIPLICITY, VARConfig
 from .evidence import LayerEvidence, decode_sets, half_of
+from .served import pair_key
 
 
 def wilson_lower_bound(successes: torch.Tensor, trials: torch.Tensor, z: float) -> torch.Tensor:
@@ -272,7 +273,7 @@ def layer_candidates(ev: LayerEvidence, config: VARConfig, choose: str = "even",
 def mean_weights_VE(src: LayerEvidence, choose: str) -> torch.Tensor:
     """Per token and expert, the mean learned weight of the expert when chosen, on the choosing side."""
     halves = slice(0, 1) if choose == "even" else slice(0, 2)  # the chooser's both parity halves choose
-    return src.wsum_2VE[halves].sum(0) / src.chosen_2VE[halves].sum(0).clamp_min(1)
+    return src.mean_weights_VE(halves)
 
 
 def served_weights(mean_w_XE: torch.Tensor, sets_XK: torch.Tensor, seen_X: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -316,7 +317,7 @@ def _all_pairs(ev: LayerEvidence, choose: str) -> tuple[torch.Tensor, torch.Tens
         none = torch.zeros(0, dtype=torch.long)
         return none, none, counts.new_zeros(0), counts.new_zeros(0)
     keys, code_G, total_G, modal_G = _modal(rows[sel][:, 1:4], counts[sel], 2)
-    return keys[:, 0] * ev.vocab + keys[:, 1], code_G, total_G, modal_G
+    return pair_key(0, keys[:, 0], keys[:, 1], ev.vocab), code_G, total_G, modal_G
 
 
 def global_set(ev: LayerEvidence, choose: str = "even", chooser: LayerEvidence | None = None) -> torch.Tensor:

@@ -86,9 +86,9 @@ def format_comparison(c: dict[str, Any], base: dict[str, Any], var: dict[str, An
                  f"{lat_b['p50']:.1f}/{lat_b['p95']:.1f}/{lat_b['p99']:.1f}, VAR {lat_v['p50']:.1f}/{lat_v['p95']:.1f}/{lat_v['p99']:.1f}")
     lines += ["", "VAR Routing Distribution:"] + [f"  {k:8s}: {100 * v:.1f}%" for k, v in c["routing_distribution"].items()]
     agr = var.get("agreement", {})
-    if agr.get("fast_and_cached", {}).get("n"):
-        fc = agr["fast_and_cached"]
-        lines.append(f"  agreement with learned router (fast+cached): exact top-k set {100 * fc['exact_agreement']:.1f}%, "
+    if agr.get("fast", {}).get("n"):
+        fc = agr["fast"]
+        lines.append(f"  agreement with learned router (fast): exact top-k set {100 * fc['exact_agreement']:.1f}%, "
                      f"overlap {100 * fc['overlap']:.1f}%; all decisions exact {100 * agr['all_decisions_exact']:.1f}%")
     ov = var["var_stats"]["overall"]
     if ov.get("adaptive_single"):

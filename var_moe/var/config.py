@@ -1,10 +1,11 @@
 """`VARConfig`: every knob of the VAR router, a frozen validated dataclass with JSON round-trip.
 
-The seed's field names are kept (frequency_threshold, entropy_threshold, confidence_threshold,
-cache_size, cache_ttl_seconds, context_window_size, routing_stats_path, enable_var,
-track_performance, max_quality_degradation); the rest is what verified routing needs (target
-agreement and its confidence level, a TTL in forward steps, the weight source, adaptive k, shadow
-verification). Presets: `get_conservative_config()`, `get_balanced_config()`,
+The seed's field names are kept (frequency_threshold, entropy_threshold, routing_stats_path,
+enable_var, track_performance, max_quality_degradation); the rest is what verified routing needs
+(target agreement and its confidence level, the weight source, adaptive k, shadow verification).
+The seed's context-cache fields are gone with the cached tier, which paid nowhere it was measured
+(docs/PHASE2.md, "Context cache"): configs that still carry them load with the tier off
+(`RETIRED`), and one that turns it on is refused. Presets: `get_conservative_config()`, `get_balanced_config()`,
 `get_aggressive_config()`. Unknown JSON fields and out-of-range values raise `ValueError` naming
 the field. Test: `pytest tests/test_var_config.py`.
 """
@@ -21,6 +22,9 @@ from typing import Any
 from ..errors import InvalidInputError
 
 WEIGHT_SOURCES = ("table", "learned")
+# fields of the removed cached tier that saved configs and tables files still carry: dropped on load
+RETIRED = ("confidence_threshold", "cache_size", "cache_ttl_seconds", "cache_ttl_steps", "context_window_size",
+           "cache_min_confirmations", "enable_cache")
 MULTIPLICITY = ("bh", "holm", "none")
 
 
@@ -36,21 +40,13 @@ class VARConfig:
     multiplicity: str = "bh"  # over all entries: bh (expected share of wrong entries) | holm (any wrong) | none
     pair_entries: bool = False  # also certify (previous, token) entries, served where the token has none (var/pairs.py)
     min_pair_count: int | None = None  # pair occurrences on the choosing side; None = frequency_threshold
-    # -- context cache ---------------------------------------------------------------------------
-    confidence_threshold: float = 0.9  # learned decisions enter the cache only if top-1 prob >= this
-    cache_size: int = 10_000  # entries per layer; 0 turns the cached tier off
-    cache_ttl_seconds: float | None = None  # wall-clock TTL (machine dependent, so off by default); None = no limit
-    cache_ttl_steps: int | None = 1000  # TTL in forward steps (reproducible); None = no limit
-    context_window_size: int = 1  # previous tokens in the cache key (0 = the token alone)
-    cache_min_confirmations: int = 1  # same-set learned decisions after the first before an entry is served
     # -- tiers and weights -----------------------------------------------------------------------
     enable_fast_path: bool = True
-    enable_cache: bool = False  # off unless the sweep shows it pays (docs/PHASE2.md)
     weights_source: str = "table"  # table: stored weights | learned: router weights restricted to the set
     adaptive_k: bool = False  # verified tokens with a dominant top expert use one expert
     adaptive_k_min_weight: float = 0.9  # table weight of the top expert (share of the set) needed for k=1
     # -- verification ----------------------------------------------------------------------------
-    shadow_rate: float = 0.0  # share of fast/cached decisions re-checked by the learned router
+    shadow_rate: float = 0.0  # share of fast decisions re-checked by the learned router
     shadow_min_checks: int = 20  # shadow checks of a token before its served agreement alone can demote it (0 = off)
     seed: int = 0  # seeds the shadow sampling
     # -- seed API --------------------------------------------------------------------------------
@@ -72,7 +68,6 @@ class VARConfig:
              "must be in [0, 1] when entropy_relative is true (a share of ln E)")
         need(_num(self.target_agreement) and 0 < self.target_agreement <= 1, "target_agreement", "must be in (0, 1]")
         need(_num(self.confidence_level) and 0.5 <= self.confidence_level < 1, "confidence_level", "must be in [0.5, 1)")
-        need(_num(self.confidence_threshold) and 0 < self.confidence_threshold <= 1, "confidence_threshold", "must be in (0, 1]")
         need(self.max_per_document is None or (isinstance(self.max_per_document, int) and not isinstance(self.max_per_document, bool)
              and self.max_per_document >= 1), "max_per_document", "must be an integer >= 1 or null")
         need(self.multiplicity in MULTIPLICITY, "multiplicity", f"must be one of {MULTIPLICITY}")
@@ -80,15 +75,6 @@ class VARConfig:
              and self.min_pair_count >= 1), "min_pair_count", "must be an integer >= 1 or null")
         need(not self.pair_entries or self.entropy_threshold is None, "pair_entries",
              "needs entropy_threshold=None (pairs have no per-pair entropy)")
-        need(isinstance(self.cache_size, int) and self.cache_size >= 0, "cache_size", "must be an integer >= 0")
-        need(self.cache_ttl_seconds is None or (_num(self.cache_ttl_seconds) and self.cache_ttl_seconds > 0),
-             "cache_ttl_seconds", "must be > 0 or null")
-        need(self.cache_ttl_steps is None or (isinstance(self.cache_ttl_steps, int) and self.cache_ttl_steps >= 1),
-             "cache_ttl_steps", "must be an integer >= 1 or null")
-        need(isinstance(self.cache_min_confirmations, int) and self.cache_min_confirmations >= 0,
-             "cache_min_confirmations", "must be an integer >= 0")
-        need(isinstance(self.context_window_size, int) and 0 <= self.context_window_size <= 64,
-             "context_window_size", "must be an integer in [0, 64]")
         need(self.weights_source in WEIGHT_SOURCES, "weights_source", f"must be one of {WEIGHT_SOURCES}")
         need(_num(self.adaptive_k_min_weight) and 0.5 < self.adaptive_k_min_weight <= 1,
              "adaptive_k_min_weight", "must be in (0.5, 1]")
@@ -96,7 +82,7 @@ class VARConfig:
         need(isinstance(self.shadow_min_checks, int) and not isinstance(self.shadow_min_checks, bool)
              and self.shadow_min_checks >= 0, "shadow_min_checks", "must be an integer >= 0")
         need(_num(self.max_quality_degradation) and self.max_quality_degradation >= 0, "max_quality_degradation", "must be >= 0")
-        for flag in ("allow_test_split", "entropy_relative", "pair_entries", "enable_fast_path", "enable_cache", "adaptive_k", "enable_var", "track_performance"):
+        for flag in ("allow_test_split", "entropy_relative", "pair_entries", "enable_fast_path", "adaptive_k", "enable_var", "track_performance"):
             need(isinstance(getattr(self, flag), bool), flag, "must be true or false")
         need(isinstance(self.seed, int), "seed", "must be an integer")
 
@@ -109,10 +95,6 @@ class VARConfig:
         if self.entropy_threshold is None:
             return math.inf
         return self.entropy_threshold * math.log(num_experts) if self.entropy_relative else self.entropy_threshold
-
-    @property
-    def cache_enabled(self) -> bool:
-        return self.enable_cache and self.cache_size > 0
 
     # -- JSON ------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -128,6 +110,10 @@ class VARConfig:
     def from_dict(cls, data: dict[str, Any]) -> "VARConfig":
         if not isinstance(data, dict):
             raise InvalidInputError(f"a VAR config must be a JSON object, got {type(data).__name__}")
+        if data.get("enable_cache"):
+            raise InvalidInputError("VARConfig.enable_cache: the cached tier was removed (it paid nowhere it was "
+                                    "measured, docs/PHASE2.md); set enable_cache to false or drop the field")
+        data = {k: v for k, v in data.items() if k not in RETIRED}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -158,7 +144,9 @@ class VARConfig:
 
     @classmethod
     def from_routing_stats(cls, path: str | Path, preset: str = "balanced", **overrides: Any) -> "VARConfig":
-        """A preset pointed at a Phase 1 statistics file (checked to exist and be readable)."""
+        """A preset pointed at a Phase 1 statistics file (checked to exist and be readable). The wrapper
+        builds tables certified by document when the file names its documents, else in-sample and
+        marked uncertified (statistics computed in memory; `var/in_sample.py`)."""
         from .stats_io import check_split, read_stats_metadata
 
         meta = read_stats_metadata(path)  # fails early with a clear message on a missing / foreign file
@@ -176,8 +164,7 @@ def _num(x: Any) -> bool:
 
 def get_conservative_config() -> VARConfig:
     """Target 95%: every entry certified at 95% on held-out documents (docs/PHASE2.md, frontier)."""
-    return VARConfig(frequency_threshold=50, target_agreement=0.95, confidence_threshold=0.95, cache_size=5_000,
-                     context_window_size=2, cache_min_confirmations=2, pair_entries=True)
+    return VARConfig(frequency_threshold=50, target_agreement=0.95, pair_entries=True)
 
 
 def get_balanced_config() -> VARConfig:
@@ -188,8 +175,7 @@ def get_balanced_config() -> VARConfig:
 
 def get_aggressive_config() -> VARConfig:
     """Target 80%: more tokens on the fast path at a lower certified agreement."""
-    return VARConfig(frequency_threshold=5, target_agreement=0.8, confidence_threshold=0.75, cache_size=20_000,
-                     pair_entries=True)
+    return VARConfig(frequency_threshold=5, target_agreement=0.8, pair_entries=True)
 
 
 PRESETS = {"conservative": get_conservative_config, "balanced": get_balanced_config, "aggressive": get_aggressive_config}

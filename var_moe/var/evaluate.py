@@ -5,12 +5,11 @@
   for a paired bootstrap; `scoring` says how the tokens were scored (sliding windows: window,
   stride; documents, scored tokens), see eval_data.py;
 - throughput: tokens/s and per-batch latency percentiles (p50/p95/p99) after warm-up, median
-  over repeats, over the first `timing_batches` batches (default all); each repeat replays the
-  batches from an empty cache, so repeats are identical;
+  over repeats, over the first `timing_batches` batches (default all);
 - var mode only: the unmodified model (original routers, no hooks) is run on the same batches in
-  the same process, interleaved batch by batch with alternating order, giving the paired speed
+  the same process, interleaved batch by batch in rotating order (`var_moe.timing`), giving the paired speed
   ratio `paired.speedup` and the paired perplexity difference with a bootstrap CI over
-  documents; an untimed audit pass counts how often fast/cached decisions equal the learned
+  documents; an untimed audit pass counts how often fast decisions equal the learned
   router's (exact top-k set, overlap); `var_stats` holds the wrapper's per-layer statistics.
 Test: `pytest tests/test_var_eval.py`.
 """
@@ -20,36 +19,21 @@ from __future__ import annotations
 import math
 import platform
 import statistics
-import time
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import InvalidInputError
+from ..perplexity import token_nll
+from ..timing import Variant, interleaved
 from .config import VARConfig
 from .eval_data import EvalBatch, eval_batches, sliding_batches  # noqa: F401  (re-exported: the evaluation's inputs)
 
 
-@torch.no_grad()
-def batch_token_nll(model: Any, b: EvalBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token NLL of every target position 1..S-1 (nats, float64, [B, S-1]) and which of them
-    are scored: the target and its predecessor are real tokens and, for sliding windows, the
-    target is at or after the row's `score_from_B` (earlier positions are context)."""
-    ids, mask = b.ids.to(device), b.mask.to(device)
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    keep = (mask[:, 1:] * mask[:, :-1]).bool()
-    if b.score_from_B is not None:
-        pos_S = torch.arange(1, ids.shape[1], device=device)
-        keep &= pos_S[None, :] >= b.score_from_B.to(device)[:, None]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
-    return (nll.reshape(keep.shape).double() * keep).cpu(), keep.cpu()
-
-
 def batch_nll(model: Any, b: EvalBatch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row summed scored NLL (nats, float64) and counts (see `batch_token_nll`)."""
-    nll, keep = batch_token_nll(model, b, device)
+    """Per-row summed scored NLL (nats, float64) and counts of one evaluation batch (`perplexity.token_nll`)."""
+    nll, keep = token_nll(model, b.ids, b.mask, b.score_from_B, device)
     return nll.sum(1), keep.sum(1)
 
 
@@ -74,19 +58,10 @@ def paired_bootstrap(base_nll: np.ndarray, base_n: np.ndarray, var_nll: np.ndarr
     return {"diff_pct": point, "ci95_pct": [float(lo), float(hi)], "resamples": resamples, "documents": d}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
-def _timed(model: Any, b: EvalBatch, device: torch.device) -> float:
-    ids, mask = b.ids.to(device), b.mask.to(device)
-    _sync(device)
-    t0 = time.perf_counter()
-    model(input_ids=ids, attention_mask=mask)
-    _sync(device)
-    return time.perf_counter() - t0
+def forward(model: Any, b: EvalBatch, device: torch.device) -> None:
+    """One evaluation forward of batch `b` (what the timed passes time)."""
+    model(input_ids=b.ids.to(device), attention_mask=b.mask.to(device))
 
 
 def _latency(seconds: list[float]) -> dict[str, Any]:
@@ -123,13 +98,9 @@ def evaluate_quality_and_speed(model: Any, tokenizer: Any, mode: str, batches: l
     if mode == "baseline":
         rows = [batch_nll(model, b, device) for b in batches]
         nll, cnt = _per_doc(batches, [r[0] for r in rows], [r[1] for r in rows])
-        for _ in range(warmup):
-            _timed(model, timed[0], device)
-        per_rep, lat = [], []
-        for _ in range(repeats):
-            times = [_timed(model, b, device) for b in timed]
-            lat += times
-            per_rep.append(sum(times))
+        times = interleaved({"base": Variant(lambda i: forward(model, timed[i], device))}, len(timed), repeats, warmup,
+                            device=device)["base"]
+        per_rep, lat = [sum(t) for t in times], [x for t in times for x in t]
         result["evaluation"] = _ppl_block(nll, cnt)
         result["scoring"] = _scoring(scoring, nll, cnt)
         result["throughput"] = _tput(tokens, per_rep, lat, repeats, warmup, len(timed))
@@ -140,8 +111,7 @@ def evaluate_quality_and_speed(model: Any, tokenizer: Any, mode: str, batches: l
     config = config or VARConfig()
     wrapper = VARModelWrapper(model, config, tables=tables)
     try:
-        # 1) quality + audit pass (untimed): baseline and VAR on the same batches, cache from empty
-        wrapper.clear_cache()
+        # 1) quality + audit pass (untimed): baseline and VAR on the same batches
         wrapper.reset_stats()
         wrapper.set_audit(True)
         base_rows, var_rows = [], []
@@ -153,31 +123,15 @@ def evaluate_quality_and_speed(model: Any, tokenizer: Any, mode: str, batches: l
         stats = wrapper.get_performance_stats()
         b_nll, b_cnt = _per_doc(batches, [r[0] for r in base_rows], [r[1] for r in base_rows])
         v_nll, v_cnt = _per_doc(batches, [r[0] for r in var_rows], [r[1] for r in var_rows])
-        # 2) timing: interleaved, alternating order; every repeat replays from an empty cache
-        for _ in range(warmup):
-            with wrapper.suspended():
-                _timed(model, timed[0], device)
-            _timed(wrapper, timed[0], device)
-        base_rep, var_rep, base_lat, var_lat, ratios = [], [], [], [], []
-        frozen = wrapper.frozen_tables()  # shadow demotion must not change tables between timed repeats
-        frozen.__enter__()
-        for r in range(repeats):
-            wrapper.clear_cache()
-            tb, tv = [], []
-            for i, b in enumerate(timed):
-                order = ("base", "var") if (r + i) % 2 == 0 else ("var", "base")
-                for which in order:
-                    if which == "base":
-                        with wrapper.suspended():
-                            tb.append(_timed(model, b, device))
-                    else:
-                        tv.append(_timed(wrapper, b, device))
-                ratios.append(tb[-1] / tv[-1])
-            base_rep.append(sum(tb))
-            var_rep.append(sum(tv))
-            base_lat += tb
-            var_lat += tv
-        frozen.__exit__(None, None, None)
+        # 2) timing: interleaved, rotating order; shadow demotion must not change the tables
+        # between timed repeats
+        with wrapper.frozen_tables():
+            times = interleaved({"base": Variant(lambda i: forward(model, timed[i], device), around=wrapper.suspended),
+                                 "var": Variant(lambda i: forward(wrapper, timed[i], device))},
+                                len(timed), repeats, warmup, device=device)
+        base_rep, var_rep = [sum(t) for t in times["base"]], [sum(t) for t in times["var"]]
+        base_lat, var_lat = [x for t in times["base"] for x in t], [x for t in times["var"] for x in t]
+        ratios = [b / v for tb, tv in zip(times["base"], times["var"]) for b, v in zip(tb, tv)]
     finally:
         wrapper.restore()
     result["config"] = config.to_dict()
@@ -193,7 +147,7 @@ def evaluate_quality_and_speed(model: Any, tokenizer: Any, mode: str, batches: l
         "speedup_per_repeat": [b / v for b, v in zip(base_rep, var_rep)],
         "speedup_batch_median": statistics.median(ratios),
         "perplexity_bootstrap": paired_bootstrap(b_nll, b_cnt, v_nll, v_cnt, bootstrap, seed),
-        "method": "same process, batches interleaved with alternating order; baseline = original routers, no hooks",
+        "method": "same process, batches interleaved with rotating order (var_moe.timing); baseline = original routers, no hooks",
     }
     result["agreement"] = _agreement(stats["overall"])
     result["var_stats"] = stats
@@ -217,19 +171,9 @@ def _tput(tokens: int, per_rep: list[float], lat: list[float], repeats: int, war
 
 
 def _agreement(overall: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    n_all, exact_all, overlap_all = 0, 0.0, 0.0
-    for tier in ("fast", "cached"):
-        a = overall[f"audit_{tier}"]
-        out[tier] = a
-        if a["n"]:
-            n_all += a["n"]
-            exact_all += a["exact_agreement"] * a["n"]
-            overlap_all += a["overlap"] * a["n"]
-    out["fast_and_cached"] = {"n": n_all, "exact_agreement": exact_all / n_all if n_all else None,
-                              "overlap": overlap_all / n_all if n_all else None}
+    a = overall["audit_fast"]
     calls = overall["calls"]
     # learned decisions agree with themselves; share of all (token, layer) decisions equal to learned
-    out["all_decisions_exact"] = 1 - (n_all - exact_all) / calls if calls else None
-    out["note"] = "local agreement: the learned router evaluated on the same hidden states VAR saw"
-    return out
+    wrong = a["n"] - (a["exact_agreement"] or 0) * a["n"]
+    return {"fast": a, "all_decisions_exact": 1 - wrong / calls if calls else None,
+            "note": "local agreement: the learned router evaluated on the same hidden states VAR saw"}

@@ -7,8 +7,11 @@ masked) and keeps, per MoE layer:
 - `rows_R4` / `counts_R`: distinct (document, previous token, token, set code) rows and how often
   each occurred (previous = -1 at a sequence start; set code = sum_i set_i * E**(K-1-i) of the
   sorted top-k set), so every per-token and per-(previous, token) count can be recomputed by document;
-- per half (0 = choose, 1 = certify) and token: occurrences, summed routing entropy (nats), and per
-  expert how often it was chosen and its summed weight (for the served weights).
+- per half (0 = choose, 1 = certify) and token: occurrences and summed routing entropy (nats);
+  per observed (half, token, expert) cell, how often the expert was chosen and its summed weight
+  (for the served weights), kept sparsely (`cell_keys_C` = (half * V + token) * E + e, found with
+  the capture's `HashIndex`), so memory follows what was seen, not V x E;
+  `chosen_2VE` / `wsum_2VE` / `mean_weights_VE` give the dense form of one layer on demand.
 
 Documents are split by parity of their index: even documents choose each entry's set, odd ones
 certify it (`half_of`); evidence used whole on one side (a separate choosing evidence of another
@@ -38,9 +41,17 @@ def half_of(doc: torch.Tensor) -> torch.Tensor:
     return doc.remainder(2)
 
 
+def check_set_codes(num_experts: int, top_k: int) -> None:
+    """Set codes are int64: E**k must fit (384 experts with top-8 do not)."""
+    if num_experts ** top_k >= 2**63:
+        raise InvalidInputError(f"top-k set codes of {num_experts} experts with top-{top_k} do not fit int64 "
+                                f"({num_experts}**{top_k} >= 2**63); tables are not supported for this shape")
+
+
 def set_codes(sets_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Integer code of each sorted set, first expert most significant (code order = lexicographic
     order of the sorted sets, so "smallest code" breaks ties towards the smallest set)."""
+    check_set_codes(num_experts, sets_TK.shape[1])
     powers = num_experts ** torch.arange(sets_TK.shape[1] - 1, -1, -1, dtype=torch.long, device=sets_TK.device)
     return (sets_TK.long() * powers).sum(1)
 
@@ -59,19 +70,25 @@ class LayerEvidence:
     counts_R: torch.Tensor = None
     freq_2V: torch.Tensor = None  # per half
     ent_2V: torch.Tensor = None  # summed entropy (nats)
-    chosen_2VE: torch.Tensor = None  # times expert e was in the token's top-k
-    wsum_2VE: torch.Tensor = None  # summed weight of e when chosen
+    cell_keys_C: torch.Tensor = None  # (half * V + token) * E + expert, observed cells only
+    cell_chosen_C: torch.Tensor = None  # times the expert was in the token's top-k
+    cell_wsum_C: torch.Tensor = None  # summed weight of the expert when chosen
     _pending: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        v, e = self.vocab, self.num_experts
+        from ..capture.hash_index import HashIndex
+
+        v = self.vocab
         if self.rows_R4 is None:
             self.rows_R4 = torch.zeros(0, 4, dtype=torch.long)
             self.counts_R = torch.zeros(0, dtype=torch.long)
             self.freq_2V = torch.zeros(2, v, dtype=torch.float64)
             self.ent_2V = torch.zeros(2, v, dtype=torch.float64)
-            self.chosen_2VE = torch.zeros(2, v, e, dtype=torch.float64)
-            self.wsum_2VE = torch.zeros(2, v, e, dtype=torch.float64)
+        if self.cell_keys_C is None:
+            self.cell_keys_C = torch.zeros(0, dtype=torch.long)
+            self.cell_chosen_C = torch.zeros(0, dtype=torch.float64)
+            self.cell_wsum_C = torch.zeros(0, dtype=torch.float64)
+        self._cells = HashIndex.build(self.cell_keys_C)
 
     def add(self, doc_T: torch.Tensor, prev_T: torch.Tensor, ids_T: torch.Tensor, idx_TK: torch.Tensor,
             w_TK: torch.Tensor, probs_TE: torch.Tensor) -> None:
@@ -87,12 +104,43 @@ class LayerEvidence:
         self.freq_2V.view(-1).index_add_(0, flat_T, torch.ones_like(flat_T, dtype=torch.float64))
         ent_T = -(probs_TE * probs_TE.clamp_min(1e-30).log()).sum(1)
         self.ent_2V.view(-1).index_add_(0, flat_T, ent_T)
-        onehot_TE = torch.zeros(len(ids_T), e, dtype=torch.float64).scatter_(1, idx_TK, 1.0)
-        wdense_TE = torch.zeros(len(ids_T), e, dtype=torch.float64).scatter_(1, idx_TK, w_TK)
-        self.chosen_2VE.view(-1, e).index_add_(0, flat_T, onehot_TE)
-        self.wsum_2VE.view(-1, e).index_add_(0, flat_T, wdense_TE)
+        cell = self._cells.insert((flat_T[:, None] * e + idx_TK).reshape(-1))
+        n = len(self._cells)
+        if n > self.cell_chosen_C.numel():
+            grow = lambda t: torch.cat([t, t.new_zeros(max(n, 2 * t.numel()) - t.numel())])  # noqa: E731
+            self.cell_chosen_C, self.cell_wsum_C = grow(self.cell_chosen_C), grow(self.cell_wsum_C)
+        self.cell_chosen_C.index_add_(0, cell, torch.ones(cell.numel(), dtype=torch.float64))
+        self.cell_wsum_C.index_add_(0, cell, w_TK.reshape(-1))
+        self.cell_keys_C = self._cells.keys
+
+    def _dense_2VE(self, values_C: torch.Tensor) -> torch.Tensor:
+        n = len(self._cells)
+        out = torch.zeros(2 * self.vocab * self.num_experts, dtype=torch.float64)
+        return out.index_copy_(0, self._cells.keys, values_C[:n]).view(2, self.vocab, self.num_experts)
+
+    @property
+    def chosen_2VE(self) -> torch.Tensor:
+        """Dense (2, V, E) times chosen (built on demand; 16 bytes per cell with wsum_2VE)."""
+        return self._dense_2VE(self.cell_chosen_C)
+
+    @property
+    def wsum_2VE(self) -> torch.Tensor:
+        return self._dense_2VE(self.cell_wsum_C)
+
+    def mean_weights_VE(self, halves: slice) -> torch.Tensor:
+        """(V, E) mean weight of each expert when chosen, over the given halves (0 where never chosen)."""
+        n, v, e = len(self._cells), self.vocab, self.num_experts
+        keys = self._cells.keys
+        half = keys // (v * e)
+        keep = (half >= (halves.start or 0)) & (half < (2 if halves.stop is None else halves.stop))
+        flat = keys[keep] % (v * e)
+        chosen = torch.zeros(v * e, dtype=torch.float64).index_add_(0, flat, self.cell_chosen_C[:n][keep])
+        wsum = torch.zeros(v * e, dtype=torch.float64).index_add_(0, flat, self.cell_wsum_C[:n][keep])
+        return (wsum / chosen.clamp_min(1)).view(v, e)
 
     def consolidate(self) -> None:
+        n = len(self._cells)
+        self.cell_chosen_C, self.cell_wsum_C = self.cell_chosen_C[:n], self.cell_wsum_C[:n]
         if not self._pending:
             return
         rows = torch.cat([self.rows_R4] + [u for u, _ in self._pending])
@@ -102,7 +150,7 @@ class LayerEvidence:
         self._pending = []
         self._summary_cache = None  # derived tables (var.tables._summary) are stale now
 
-    TENSORS = ("rows_R4", "counts_R", "freq_2V", "ent_2V", "chosen_2VE", "wsum_2VE")
+    TENSORS = ("rows_R4", "counts_R", "freq_2V", "ent_2V", "cell_keys_C", "cell_chosen_C", "cell_wsum_C")
 
 
 class Evidence:
@@ -131,8 +179,14 @@ class Evidence:
         if meta.get("set_code") != SET_CODE:
             raise InvalidInputError(f"{p} encodes top-k sets as {meta.get('set_code')!r}, not {SET_CODE!r}; collect it again")
         v, e, k = meta["vocab_size"], meta["num_experts"], meta["top_k"]
-        layers = {int(l): LayerEvidence(v, e, k, *(tensors[f"layer{l}.{n}"] for n in LayerEvidence.TENSORS))
-                  for l in meta["layers"]}
+        layers = {}
+        for l in meta["layers"]:
+            if f"layer{l}.chosen_2VE" in tensors:  # files from before the cells were sparse
+                dense = tensors[f"layer{l}.chosen_2VE"].reshape(-1)
+                keys = dense.nonzero().squeeze(1)
+                tensors |= {f"layer{l}.cell_keys_C": keys, f"layer{l}.cell_chosen_C": dense[keys],
+                            f"layer{l}.cell_wsum_C": tensors[f"layer{l}.wsum_2VE"].reshape(-1)[keys]}
+            layers[int(l)] = LayerEvidence(v, e, k, *(tensors[f"layer{l}.{n}"] for n in LayerEvidence.TENSORS))
         return cls(layers, meta)
 
 
@@ -143,6 +197,7 @@ def collect_evidence(model: Any, batches: Iterable[Any], adapter: Any = None, in
     from ..capture.recorder import RoutingRecorder
 
     adapter = adapter or get_adapter(model)
+    check_set_codes(adapter.num_experts, adapter.top_k)
     vocab = int(model.config.vocab_size)
     layers: dict[int, LayerEvidence] = {}
     device = next(model.parameters()).device

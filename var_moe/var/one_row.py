@@ -1,25 +1,26 @@
 """One-row CPU steps (batch-1 decoding) resolved on the host, once, as the forward starts.
 
 Inside a decode step every small tensor op and every line of Python costs several times what it
-costs in a loop of its own (measured on the reference model: the tracker's hook took 102 us in a
-5 ms step against 22 us alone), so the general lookup's ~20 ops over (layers x tokens) cost more
-than a one-row step can afford. The tracker hands such a step's token id, padding flag and
-context to `TableStack.begin_forward` as host ints (`TokenBatch.one`); `OneRowHost` decides it from
-host mirrors of the stacked tables:
+costs in a loop of its own, so the general lookup's tensor ops over (layers x tokens) cost more
+than a one-row step can afford (the batch-1 decode benchmark, docs/BENCHMARKS.md, measures the
+difference). The tracker hands such a step's token id, padding flag and context to
+`TableStack.begin_forward` as host ints (`TokenBatch.one`); `OneRowHost` makes the decision
+`served.decide` makes, with the same pair-key codec and precedence rule, from host mirrors of the
+stacked tables:
 - a step no layer serves (no token entry in any layer: a host list; its (previous, token) not a
   pair entry that can serve: a host dict; or padding) -> `EmptyStep`: nothing is fast;
-- otherwise, where its config allows (cache off, no adaptive k, table weights) -> `HostStep`: per
+- otherwise, where its config allows (no adaptive k, table weights) -> `HostStep`: per
   layer the served set and weights as (1, K) tensors, copied out of the tables in one clone per
   step (never views: a model may scale routing weights in place).
 Counts go to host counters that `TableStack.counts()` folds in. Each router then returns its
 learned decision, or the row's set and weights, without further work (`VARRouter.forward`, when
-it has nothing else to do: no cache, audit or shadow checks). A lookup's (L, T) tensors, which
+it has nothing else to do: no audit or shadow checks). A lookup's (L, T) tensors, which
 audit and shadow checks read, are built on first read: from the general path without counting.
 The mirrors are rebuilt after each demotion (`TableStack.apply_demotions`). Accelerators never
 take this path (their tables are not on the host).
 
 Shapes: L layers, K top-k, V vocabulary, X stacked pair entries.
-Test: `pytest tests/test_var_decode_step.py`.
+Test: `pytest tests/test_var_decode_step.py tests/test_served_decision.py`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 
 from .lookup import Lookup
+from .served import pair_key, split_key
 
 Row = tuple[torch.Tensor, torch.Tensor] | None  # one layer's served (idx_1K, w_1K), None = learned
 
@@ -86,9 +88,9 @@ class OneRowHost:
         self.none_L = [False] * n
         self.none_rows: list[Row] = [None] * n
         cfg = stack.config
-        # a served step needs only the table's set and weights: no cache tier to feed, no adaptive-k
-        # count, no learned-weight restriction
-        self.serve = stack.counts_fast_path and not cfg.adaptive_k and cfg.weights_source == "table"
+        # a served step needs only the table's set and weights: no adaptive-k count, no learned-weight
+        # restriction
+        self.serve = not cfg.adaptive_k and cfg.weights_source == "table"
         self.valid, self.fast_L, self.pair_L = 0, [0] * n, [0] * n  # host counters (`TableStack.counts`)
         self.refresh()
 
@@ -104,8 +106,8 @@ class OneRowHost:
         self.pairs: dict[int, list[tuple[int, int]]] = {}
         if on and s.has_pairs:
             x_X = s.pair_open_X.nonzero().squeeze(1)  # refreshed before this (TableStack)
-            v2 = s.vocab * s.vocab
-            for key, slot, x in zip((s.pair_keys_X[x_X] % v2).tolist(), s.pair_slot_X[x_X].tolist(), x_X.tolist()):
+            slot_X, prev_X, tok_X = split_key(s.pair_keys_X[x_X], s.vocab)
+            for key, slot, x in zip(pair_key(0, prev_X, tok_X, s.vocab).tolist(), slot_X.tolist(), x_X.tolist()):
                 self.pairs.setdefault(key, []).append((slot, x))
 
     def reset_counts(self) -> None:
@@ -122,7 +124,7 @@ class OneRowHost:
             return None
         if not valid:  # padding is never fast
             return self._empty(tok, 0)
-        pair = self.pairs.get(context[-1] * s.vocab + tid) if self.pairs and context and context[-1] >= 0 else None
+        pair = self.pairs.get(pair_key(0, context[-1], tid, s.vocab)) if self.pairs and context and context[-1] >= 0 else None
         if not self.open_V[tid] and pair is None:
             return self._empty(tok, 1)
         return self._served(tok, tid, pair) if self.serve else None
@@ -131,9 +133,9 @@ class OneRowHost:
         s = self.stack
         look = EmptyStep(tok, self.empty, self.none_L)
         s.forwards += 1
-        if s.config.track_performance and s.counts_fast_path:
+        if s.config.track_performance:
             self.valid += valid
-        if s.counts_fast_path and s.on_rows is not None:
+        if s.on_rows is not None:
             s.on_rows(look)
         return look, self.none_rows
 

@@ -11,8 +11,9 @@ but its occurrences after one particular previous token often can. Per layer:
    with the same score test as token entries (`certify.document_groups`, `certify.capped_counts`,
    `certify.score_pvalues`); the multiplicity rule runs over token and pair candidates as ONE family
    (`tables.certify_entries`);
-3. serve (`pair_lookup`): keys `prev * V + token` sorted, found with `torch.searchsorted`
-   (vectorised, device-agnostic); a pair entry serves a row only where the token tier has none.
+3. serve: keys `prev * V + token` sorted per layer (`served.pair_key` with slot 0); every engine
+   stacks them into `served.ServedTables` and decides rows with `served.decide` (a pair entry
+   serves a row only where the token tier has none); `served_masks` is that decision on evidence.
 Rows at a sequence start (previous = -1) never hit. The entropy cap has no per-pair counterpart
 (evidence keeps entropy per token), so configs with one are refused here.
 Shapes: P pair entries, K top-k, V vocabulary, R evidence rows, T tokens.
@@ -21,7 +22,6 @@ Test: `pytest tests/test_var_pairs.py`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +31,7 @@ from .certify import (_certifying, capped_counts, choosing_side, document_groups
                       score_pvalues, served_weights)
 from .config import VARConfig
 from .evidence import LayerEvidence, decode_sets
+from .served import ServedTables, decide, find_pairs, split_key
 
 
 @dataclass
@@ -74,46 +75,6 @@ class PairTable:
         return self.size * (8 + 8 * k + (4 * k if weights else 0))
 
 
-def find_sorted(keys_X: torch.Tensor, key_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hit, idx): whether each `key_N` (any shape) is in the sorted, non-empty `keys_X`, and its
-    index there (clamped into range where it is not). One searchsorted; no host sync, any device."""
-    idx = torch.searchsorted(keys_X, key_N).clamp_max(keys_X.numel() - 1)
-    return keys_X[idx] == key_N, idx
-
-
-def find_pairs(keys_X: torch.Tensor, prev_N: torch.Tensor, tok_N: torch.Tensor, vocab: int,
-               offset: int | torch.Tensor = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hit, idx): whether each row's key `offset + previous * V + token` is in the sorted, non-empty
-    `keys_X`, and its index there (`find_sorted`). Rows whose previous token is not in [0, V) (-1:
-    a sequence start) never hit. `offset`: 0, a layer's offset into keys of several layers, or a
-    tensor of them broadcasting against the rows (the routers' stacked keys). No host sync."""
-    has = (prev_N >= 0) & (prev_N < vocab)
-    hit, idx = find_sorted(keys_X, offset + torch.where(has, prev_N, 0).long() * vocab + tok_N.long())
-    return hit & has, idx
-
-
-def stack_pair_keys(pair_tier: dict[int, PairTable], layers: Sequence[int], vocab: int
-                    ) -> tuple[list[tuple[int, PairTable]], torch.Tensor | None]:
-    """All layers' pair entries in one sorted key tensor, `slot * V**2 + previous * V + token` with
-    slot = the layer's position in `layers` (each layer's keys ascend and slots ascend, so the
-    concatenation is sorted), and the (slot, table) parts that have entries, in that order; keys
-    None without any. The one place that stacks keys: the builtin router, the vLLM tables loader
-    (layers = every layer index, so slot = layer) and the server's per-request count use it."""
-    parts = [(i, pair_tier[l]) for i, l in enumerate(layers) if l in pair_tier and pair_tier[l].size]
-    if not parts:
-        return parts, None
-    v2 = vocab * vocab
-    return parts, torch.cat([p.keys_P.long() + i * v2 for i, p in parts])
-
-
-def pair_lookup(keys_P: torch.Tensor, prev_T: torch.Tensor, tok_T: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hit_T, idx_T): whether each row's (previous, token) is an entry of the sorted `keys_P`, and
-    its index there (`find_pairs`); rows without a previous token never hit."""
-    if keys_P.numel() == 0:
-        return torch.zeros_like(tok_T, dtype=torch.bool), torch.zeros_like(tok_T, dtype=torch.long)
-    return find_pairs(keys_P, prev_T, tok_T, vocab)
-
-
 def pair_candidates(ev: LayerEvidence, config: VARConfig, min_pair_count: int | None = None, prescreen: bool = True,
                     choose: str = "even", chooser: LayerEvidence | None = None) -> PairCandidates:
     """Choose each (previous, token) pair's set on the choosing side, count its agreement on the
@@ -132,7 +93,7 @@ def pair_candidates(ev: LayerEvidence, config: VARConfig, min_pair_count: int | 
     rows, counts = ev.rows_R4, ev.counts_R
     cert = _certifying(rows, choose)
     rows, counts = rows[cert], counts[cert]
-    hit_R, idx_R = pair_lookup(keys_P, rows[:, 1], rows[:, 2], v)
+    hit_R, idx_R = find_pairs(keys_P, rows[:, 1], rows[:, 2], v)
     n_D, a_D, key_D = document_groups(rows[hit_R, 0], idx_R[hit_R], rows[hit_R, 3] == code_P[idx_R[hit_R]], counts[hit_R])
     agree_P, total_P, docs_P = capped_counts(n_D, a_D, key_D, keys_P.numel(), config.max_per_document)
     eligible_P = total_P > 0
@@ -141,7 +102,7 @@ def pair_candidates(ev: LayerEvidence, config: VARConfig, min_pair_count: int | 
     pvalue_P = score_pvalues(agree_P, total_P, config.target_agreement)
     # served weights: pairs keep no weights of their own, so the token's mean learned weight of each
     # expert of the pair's set (on the choosing side), renormalised over the set
-    tok_P = keys_P % v
+    tok_P = split_key(keys_P, v)[2]
     sets_PK, weights_PK, mass_P = served_weights(mean_weights_VE(src, choose)[tok_P],
                                                  decode_sets(code_P, ev.num_experts, ev.top_k),
                                                  torch.ones_like(tok_P, dtype=torch.bool))
@@ -157,21 +118,14 @@ def accepted_pairs(c: PairCandidates, member_P: torch.Tensor, bound_P: torch.Ten
 
 def served_masks(ev: LayerEvidence, table: object, pairs: PairTable | None) -> dict[str, torch.Tensor]:
     """Per row of (test) evidence: which rows the token tier serves and which the pair tier serves
-    (only where the token tier does not), and whether the served set equals the row's exact set.
-    `table` is a `tables.LayerTable` (token tier). The offline reference of the router's choice."""
+    (`served.decide`, the routers' decision), and whether the served set equals the row's exact set.
+    `table` is a `tables.LayerTable` (token tier)."""
     from .evidence import set_codes
 
     rows = ev.rows_R4
-    tok = rows[:, 2]
-    code_V = set_codes(table.experts_VK.sort(1).values, ev.num_experts)
-    tok_R = table.member_V[tok]
-    out = {"token_served": tok_R, "token_agree": tok_R & (rows[:, 3] == code_V[tok])}
-    if pairs is None:
-        pair_R = torch.zeros_like(tok_R)
-        agree_R = pair_R
-    else:
-        hit_R, idx_R = pair_lookup(pairs.keys_P, rows[:, 1], tok, ev.vocab)
-        pair_R = hit_R & ~tok_R
-        agree_R = pair_R & (rows[:, 3] == pairs.code_P[idx_R]) if pairs.size else pair_R
-    out |= {"pair_served": pair_R, "pair_agree": agree_R}
-    return out
+    served = ServedTables.build({0: table}, {0: pairs} if pairs is not None else {}, [0], {}, ev.vocab, ev.top_k)
+    d = decide(served, rows[:, 2], torch.ones(rows.shape[0], dtype=torch.bool), rows[:, 1])
+    same_R = rows[:, 3] == set_codes(d.idx_LTK[0].long().sort(1).values, ev.num_experts)
+    tok_R = d.token_LT[0]
+    pair_R = d.pair_LT[0] if d.pair_LT is not None else torch.zeros_like(tok_R)
+    return {"token_served": tok_R, "token_agree": tok_R & same_R, "pair_served": pair_R, "pair_agree": pair_R & same_R}

@@ -1,11 +1,9 @@
-"""`VARRouter`: drop-in replacement of one MoE layer's router with three tiers per token.
+"""`VARRouter`: drop-in replacement of one MoE layer's router with two tiers per token.
 
 For each row (token) of the (T, H) hidden states:
-  fast    - the token is in this layer's verified table: use the table's expert set; or, where
-            the token has no entry, the (previous token, token) pair is a certified pair entry
-            (`pairs.py`, tables built with `pair_entries`): use the pair's set,
-  cached  - else the (last W tokens, token) key is in this layer's context cache: repeat that
-            learned decision (off in the presets),
+  fast    - the row is served from a table (`served.decide`): the token's entry in this layer's
+            verified table, or, where the token has none, its certified (previous token, token)
+            pair entry (`pairs.py`, tables built with `pair_entries`),
   learned - else (and for padding, and when token ids are unknown): the original router.
 It returns the transformers v5 router contract `(router_logits, weights, indices)`, so the
 experts run untouched.
@@ -15,8 +13,7 @@ Per forward, the fast tier of every layer is resolved once by the shared `TableS
 learned router on all rows (it is ~1% of a forward, and running it on a subset would need the
 subset's size on the host) and selects rows with `torch.where` over the precomputed rows: no
 boolean-mask indexing and no host synchronisation on this path, so an empty table returns the
-learned outputs unchanged (bit for bit). The cached tier, when on, looks up and fills a
-`ContextCache`, which does index with masks and syncs with the host; it is the one place that does.
+learned outputs unchanged (bit for bit).
 
 Weights (`weights_source`): "table" uses the table's stored weights, scaled the way the router
 normalises (a probe at construction measures whether its top-k weights sum to a constant, e.g. 1
@@ -31,44 +28,36 @@ computed) and queues demotions (`tables.demote_mask`: the running Wilson bound o
 shadow evidence below target, or, after `shadow_min_checks` checks, the shadow upper bound below
 target). Queued demotions are applied between forwards (`TableStack.apply_demotions`), never
 inside one, and not at all while the tables are frozen (`VARModelWrapper.frozen_tables()`, used
-by timed passes). Audit mode counts agreement of every fast/cached row without demoting.
+by timed passes). Audit mode counts agreement of every fast row without demoting.
 
-Shapes: T tokens, H hidden, E experts, K top-k, V vocabulary, L layers, W context window.
+Shapes: T tokens, H hidden, E experts, K top-k, V vocabulary, L layers.
 Test: `pytest tests/test_var_router.py tests/test_var_exact.py`.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from .cache import ContextCache
 from .config import VARConfig
-from .stack import CACHED, FAST, LEARNED, C, Lookup, TableStack, compare_sets
+from .stack import C, Lookup, TableStack, compare_sets
 from .tables import LayerTable, demote_mask, wilson_lower_bound
 
 
 class VARRouter(nn.Module):
     def __init__(self, learned: nn.Module, layer: int, adapter: Any, config: VARConfig, table: LayerTable,
-                 tokens: Callable[[], Any], on_tiers: Callable[[torch.Tensor, Any], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 tokens: Callable[[], Any]):
         super().__init__()
         self.learned = learned  # a submodule, so .to(device) moves it too
         self.layer, self.adapter, self.config = layer, adapter, config
         self.num_experts, self.top_k = adapter.num_experts, adapter.top_k
-        self.tokens, self.on_tiers, self.clock = tokens, on_tiers, clock
+        self.tokens = tokens
         self.enabled = config.enable_var
-        self.steps = 0
         param = next(learned.parameters())
         self.device = param.device
         self.vocab = int(table.member_V.shape[0])
-        width = config.context_window_size + 1
-        self.cache = ContextCache(config.cache_size if config.cache_enabled else 0, width, self.top_k, self.vocab,
-                                  config.cache_ttl_steps, config.cache_ttl_seconds, param.device,
-                                  min_confirmations=config.cache_min_confirmations)
         self.generator = torch.Generator(device=param.device).manual_seed(config.seed * 1000 + layer)
         self._probe(param)
         self.stack: TableStack | None = None
@@ -116,9 +105,6 @@ class VARRouter(nn.Module):
             return g
         return g / g.sum(1, keepdim=True).clamp_min(1e-20) * self.weight_scale
 
-    def clear_cache(self) -> None:
-        self.cache.clear()
-
     @property
     def audit(self) -> bool:
         return self._audit
@@ -128,7 +114,7 @@ class VARRouter(nn.Module):
         self._audit = bool(on)
         # nothing but the table decision to make per row: a one-row step the stack decided on the
         # host (`TableStack.step_rows`) may return its row, or the learned decision, straight away
-        self._plain = self.cache.capacity == 0 and not self._audit and self.config.shadow_rate <= 0
+        self._plain = not self._audit and self.config.shadow_rate <= 0
 
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor):
@@ -171,62 +157,24 @@ class VARRouter(nn.Module):
         nominal_TK = look.nominal_LTK[self.slot]
         idx_TK = torch.where(fast_T[:, None], look.idx_LTK[self.slot].to(l_idx.dtype), l_idx)
         w_TK = torch.where(fast_T[:, None], look.w_LTK[self.slot].to(l_w.dtype), l_w)
-        routed_T = fast_T
-        if self.cache.capacity > 0:
-            idx_TK, w_TK, nominal_TK, routed_T = self._cached(look, tok, fast_T, idx_TK, w_TK, nominal_TK,
-                                                              l_logits, l_idx, l_w, counts)
         if self.config.weights_source == "learned":
-            w_TK = torch.where(routed_T[:, None], self._restricted(l_logits.reshape(t, -1).float(), idx_TK.long())
+            w_TK = torch.where(fast_T[:, None], self._restricted(l_logits.reshape(t, -1).float(), idx_TK.long())
                                .to(l_w.dtype), w_TK)
         if self.audit or self.config.shadow_rate > 0:
-            self._verify(look, fast_T, routed_T & ~fast_T, nominal_TK, l_idx, counts)
+            self._verify(look, fast_T, nominal_TK, l_idx, counts)
         return l_logits, w_TK, idx_TK
 
-    def _cached(self, look: Lookup, tok: Any, fast_T, idx_TK, w_TK, nominal_TK, l_logits, l_idx, l_w, counts):
-        """The context cache tier (host syncs inside the cache); also does this layer's counting."""
-        self.steps += 1
-        step, now = self.steps, self.clock()
-        valid_T = look.valid_T
-        full_TW = torch.cat([tok.context_TW.to(fast_T.device), tok.ids_T.to(fast_T.device)[:, None]], dim=1)
-        ask_T = valid_T & ~fast_T
-        hit_all, c_idx, c_w = self.cache.lookup(full_TW, step, now)
-        hit_T = hit_all & ask_T
-        counts[C["cache_lookups"]] += ask_T.sum()
-        counts[C["cache_hits"]] += hit_T.sum()
-        idx_TK = torch.where(hit_T[:, None], c_idx.to(idx_TK.dtype), idx_TK)
-        w_TK = torch.where(hit_T[:, None], c_w.to(w_TK.dtype), w_TK)
-        nominal_TK = torch.where(hit_T[:, None], c_idx.to(nominal_TK.dtype), nominal_TK)
-        tier_T = torch.full_like(look.safe_T, LEARNED)
-        tier_T = torch.where(fast_T, torch.full_like(tier_T, FAST), torch.where(hit_T, torch.full_like(tier_T, CACHED), tier_T))
-        cand_T = valid_T & (tier_T == LEARNED)
-        if cand_T.any():
-            probs = self.adapter.probabilities(l_logits.reshape(-1, self.num_experts)[cand_T])
-            ok = probs.max(1).values >= self.config.confidence_threshold
-            if ok.any():
-                rows = cand_T.nonzero().squeeze(1)[ok]
-                self.cache.insert(full_TW[rows], l_idx[rows], l_w[rows].float(), step, now)
-                counts[C["cache_inserts"]] += ok.sum()
-        if self.config.track_performance:
-            counts[:3] += torch.bincount(tier_T[valid_T], minlength=3)
-            if self.config.adaptive_k:
-                token_T = fast_T if look.pair_LT is None else fast_T & ~look.pair_LT[self.slot]
-                counts[C["adaptive_single"]] += (token_T & self.stack.single_LV[self.slot][look.safe_T]).sum()
-        if self.on_tiers is not None:
-            self.on_tiers(tier_T, tok)
-        return idx_TK, w_TK, nominal_TK, tier_T != LEARNED
-
-    def _verify(self, look: Lookup, fast_T, cached_T, nominal_TK, learned_idx_TK, counts) -> None:
+    def _verify(self, look: Lookup, fast_T, nominal_TK, learned_idx_TK, counts) -> None:
         """Audit counts and shadow checks, vectorised over all rows (the learned decision exists)."""
         exact_T, overlap_T = compare_sets(nominal_TK.long(), learned_idx_TK.long())
         if self.audit:
-            for name, mask in (("fast", fast_T), ("cached", cached_T)):
-                counts[C[f"audit_{name}_n"]] += mask.sum()
-                counts[C[f"audit_{name}_exact"]] += (exact_T & mask).sum()
-                counts[C[f"audit_{name}_overlap_x1000"]] += ((overlap_T * 1000).round().long() * mask).sum()
+            counts[C["audit_fast_n"]] += fast_T.sum()
+            counts[C["audit_fast_exact"]] += (exact_T & fast_T).sum()
+            counts[C["audit_fast_overlap_x1000"]] += ((overlap_T * 1000).round().long() * fast_T).sum()
         if self.config.shadow_rate <= 0:
             return
         t = fast_T.shape[0]
-        shadow_T = (fast_T | cached_T) & (torch.rand(t, generator=self.generator, device=fast_T.device) < self.config.shadow_rate)
+        shadow_T = fast_T & (torch.rand(t, generator=self.generator, device=fast_T.device) < self.config.shadow_rate)
         counts[C["shadow_agree"]] += (shadow_T & exact_T).sum()
         counts[C["shadow_disagree"]] += (shadow_T & ~exact_T).sum()
         s = self.stack

@@ -1,34 +1,31 @@
-"""`TableStack`: the verified tables of all patched layers stacked on device, shared by the routers
-of one `VARModelWrapper`, with the per-forward fast-tier lookup and the tier counters.
+"""`TableStack`: the verified tables of all patched layers as served (`served.ServedTables`),
+shared by the routers of one `VARModelWrapper`, with the per-forward decision and the counters.
 
-The fast tier depends on token ids only, so `TableStack.lookup` resolves it for every layer at
-once, at the first router call of a forward: one gather over (layers x tokens) of the stacked
-tables, plus the tier counters (on device). Per layer the router then runs the learned router on
-all rows (it is ~1% of a forward, and running it on a subset would need the subset's size on the
-host) and selects rows with `torch.where` over the precomputed rows: no boolean-mask indexing
-and no host synchronisation on this path. An empty table therefore returns the learned outputs
-unchanged (bit for bit). On CPU the lookup also reads which layers have any fast row (no device
-to sync with), and a layer without one returns the learned decision without the selects. The cached tier (router.py) is the one place that
-indexes with masks and syncs with the host.
+The fast tier depends on token ids (and previous tokens) only, so `TableStack.lookup` decides it
+for every layer at once, at the first router call of a forward (`served.decide`: one gather over
+(layers x tokens), and for tables with pair entries one searchsorted, only for valid rows with a
+previous token, the tracker's, carried across decode steps), and counts it (on device). Per layer
+the router then runs the learned router on all rows (running it on a subset would need the
+subset's size on the host) and selects rows with `torch.where`: no boolean-mask indexing and no
+host synchronisation, so an empty table returns the learned outputs unchanged (bit for bit).
+On CPU (reading a CPU tensor is no device sync) the lookup also reads which layers have any
+fast row, and a layer without one returns the learned decision without the selects; and a
+forward in which no token ends a pair entry that can serve skips the pair search.
 
 Batch-1 decoding on CPU: a one-row step is decided on the host as the forward starts
-(`begin_forward`, one_row.py): without the general lookup's tensor ops, counted in host counters
-that `counts()` folds in.
+(`begin_forward`, one_row.py), counted in host counters that `counts()` folds in.
 
-Pair entries of all layers sit in one sorted key tensor (slot * V**2 + previous * V + token); the
-lookup finds them with one `torch.searchsorted` over (layers x tokens), on device, only for valid
-rows with a previous token (the tracker's, carried across decode steps) and no token entry; they
-are counted as fast rows and separately as `fast_pair`. Without pair entries none of this runs, and
-on CPU neither does it for a forward in which no token ends a pair entry (most decode steps).
-Shadow checks of pair rows count towards the shadow agreement counters but never towards a token
-entry's evidence (pair entries are not demoted in service); adaptive k leaves pair rows whole.
+Pair rows are counted as fast rows and separately as `fast_pair`. Shadow checks of pair rows
+count towards the shadow agreement counters but never towards a token entry's evidence (pair
+entries are not demoted in service); adaptive k leaves pair rows whole.
 
 Shapes: T tokens, K top-k, V vocabulary, L layers, X stacked pair entries.
-Test: `pytest tests/test_var_router.py tests/test_var_decode_step.py tests/test_var_pair_router.py`.
+Test: `pytest tests/test_var_router.py tests/test_var_decode_step.py tests/test_served_decision.py`.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable
 
 import torch
@@ -36,16 +33,13 @@ import torch
 from .config import VARConfig
 from .lookup import Lookup
 from .one_row import OneRowHost
-from .pairs import PairTable, find_pairs, stack_pair_keys
+from .pairs import PairTable
+from .served import TIERS, ServedTables, decide, pair_serves, split_key
 from .tables import LayerTable
 
-FAST, CACHED, LEARNED = 0, 1, 2
-TIERS = ("fast", "cached", "learned")
-# counters kept per router in one int64 tensor (no host sync per forward)
-COUNTERS = ("fast", "cached", "learned", "cache_lookups", "cache_hits", "cache_inserts", "shadow_agree",
-            "shadow_disagree", "demoted", "fallback_forwards", "audit_fast_n", "audit_fast_exact",
-            "audit_fast_overlap_x1000", "audit_cached_n", "audit_cached_exact", "audit_cached_overlap_x1000",
-            "adaptive_single", "forwards", "fast_pair")
+# counters kept per router in one int64 tensor (no host sync per forward); the tiers (served.TIERS) first
+COUNTERS = TIERS + ("shadow_agree", "shadow_disagree", "demoted", "fallback_forwards", "audit_fast_n",
+                    "audit_fast_exact", "audit_fast_overlap_x1000", "adaptive_single", "forwards", "fast_pair")
 C = {name: i for i, name in enumerate(COUNTERS)}
 
 
@@ -60,10 +54,10 @@ class TableStack:
     """The tables of all patched layers stacked on device (L, V, ...), shared by the routers.
 
     Each router holds views of its row (`member_LV[slot]` etc.), so a demotion is one write seen
-    by both. Counters live in `counts_LC` (int64, on device); read them with `counts()`. When the
-    cache is off every tier is known at lookup time, and a forward adds only its fast rows per
-    layer and its valid-token count (two in-place adds; forwards are counted on the host); the
-    learned column is their difference, filled in by `counts()`."""
+    by both. Counters live in `counts_LC` (int64, on device); read them with `counts()`. Every
+    tier is known at lookup time, so a forward adds only its fast rows per layer and its
+    valid-token count (two in-place adds; forwards are counted on the host); the learned column
+    is their difference, filled in by `counts()`."""
 
     def __init__(self, tables: dict[int, LayerTable], layers: list[int], config: VARConfig, num_experts: int,
                  scales: dict[int, float | None], device: torch.device, index_dtype: torch.dtype,
@@ -71,37 +65,40 @@ class TableStack:
         self.layers, self.config, self.num_experts = layers, config, num_experts
         self.slot = {l: i for i, l in enumerate(layers)}
         st = lambda name: torch.stack([getattr(tables[l], name) for l in layers]).to(device)  # noqa: E731
-        self.member_LV = st("member_V").clone()
+        vocab, k = tables[layers[0]].experts_VK.shape
+        self.served = ServedTables.build(tables, pair_tier or {}, layers, scales, int(vocab), int(k), device, index_dtype)
+        self.member_LV = self.served.member_LV
         self.bound_LV = st("bound_V").clone()
         self.agree_LV, self.total_LV = st("agree_V"), st("total_V")
-        self.nominal_LVK = st("experts_VK").to(index_dtype)
-        w_LVK = st("weights_VK").float()
-        mass_LV = st("mass_V").float()
-        scale_L1 = torch.tensor([[s if s is not None else float("nan")] for s in (scales[l] for l in layers)],
-                                device=device)
-        # routers whose weights do not sum to a constant use the table's raw mass instead
-        scaled = torch.where(scale_L1.isnan()[..., None], w_LVK * mass_LV[..., None], w_LVK * scale_L1[..., None])
-        self.weights_LVK = scaled
-        self.idx_LVK = self.nominal_LVK
-        self.single_LV = w_LVK[..., 0] >= config.adaptive_k_min_weight
+        self.nominal_LVK, self.weights_LVK = self.served.idx_LVK, self.served.w_LVK
+        self.single_LV = st("weights_VK")[..., 0] >= config.adaptive_k_min_weight
         if config.adaptive_k:  # one expert, full weight; other slots -> the experts' empty slot E
             slot0 = torch.arange(self.nominal_LVK.shape[-1], device=device) == 0
             one = self.single_LV[..., None]
-            self.idx_LVK = torch.where(one & ~slot0, torch.full_like(self.nominal_LVK, num_experts), self.nominal_LVK)
-            self.weights_LVK = torch.where(one, torch.where(slot0, scaled.sum(-1, keepdim=True), 0.0), scaled)
-        self.vocab = int(self.member_LV.shape[1])
-        self._stack_pairs(pair_tier or {}, scale_L1, device, index_dtype)
+            scaled = self.weights_LVK
+            self.served = replace(self.served, idx_LVK=torch.where(one & ~slot0, torch.full_like(self.nominal_LVK, num_experts),
+                                                                    self.nominal_LVK),
+                                  w_LVK=torch.where(one, torch.where(slot0, scaled.sum(-1, keepdim=True), 0.0), scaled))
+            self.weights_LVK = self.served.w_LVK
+        self.idx_LVK = self.served.idx_LVK
+        self.vocab = self.served.vocab
+        self.has_pairs = self.served.has_pairs  # decided once, on the host: without pair entries lookup() is unchanged
+        if self.has_pairs:
+            self.pair_keys_X, self.pair_idx_XK, self.pair_w_XK = (self.served.pair_keys_X, self.served.pair_idx_XK,
+                                                                  self.served.pair_w_XK)
+            self.pair_slot_X, _, self.pair_tok_X = split_key(self.pair_keys_X, self.vocab)
+            self.pair_tok_V = torch.zeros(self.vocab, dtype=torch.bool, device=device)
+            self._refresh_pair_tokens()
         self.shadow_agree_LV = torch.zeros_like(self.agree_LV)
         self.shadow_total_LV = torch.zeros_like(self.total_LV)
         self.pending_LV = torch.zeros_like(self.member_LV)
         self.counts_LC = torch.zeros(len(layers), len(COUNTERS), dtype=torch.long, device=device)
-        # the lookup-time counts of the cache-off path (see counts())
+        # the lookup-time counts (see counts())
         self.fast_L = torch.zeros(len(layers), dtype=torch.long, device=device)
         self.pair_L = torch.zeros(len(layers), dtype=torch.long, device=device)
         self.valid_tokens = torch.zeros((), dtype=torch.long, device=device)
         self.forwards = 0
         self.frozen = False
-        self.counts_fast_path = not config.cache_enabled  # tiers fully known at lookup time
         self.on_rows: Callable[[Lookup], None] | None = None
         self._last: Lookup | None = None
         # batch-1 decoding on CPU: steps decided on the host as they start (one_row.py); the
@@ -109,35 +106,12 @@ class TableStack:
         self.host = OneRowHost(self) if device.type == "cpu" else None
         self.step_rows: list | None = None
 
-    def _stack_pairs(self, pair_tier: dict[int, PairTable], scale_L1: torch.Tensor, device: torch.device,
-                     index_dtype: torch.dtype) -> None:
-        """All layers' pair entries in one sorted key tensor: slot * V**2 + prev * V + token (each
-        layer's keys ascend and slots ascend, so the concatenation is sorted), with sets and weights
-        scaled like the token entries' (no adaptive k: a pair row keeps its whole set)."""
-        v2 = self.vocab * self.vocab
-        parts, keys_X = stack_pair_keys(pair_tier, self.layers, self.vocab)
-        self.has_pairs = bool(parts)  # decided once, on the host: without pair entries lookup() is unchanged
-        if not parts:
-            return
-        self.pair_keys_X = keys_X.to(device)
-        self.pair_idx_XK = torch.cat([p.sets_PK for _, p in parts]).to(device, index_dtype)
-        w_XK = torch.cat([p.weights_PK for _, p in parts]).to(device, torch.float32)
-        mass_X = torch.cat([p.mass_P for _, p in parts]).to(device, torch.float32)
-        scale_X1 = torch.cat([scale_L1[i].expand(p.size) for i, p in parts])[:, None]
-        # routers whose weights do not sum to a constant use the raw mass, as for token entries
-        self.pair_w_XK = torch.where(scale_X1.isnan(), w_XK * mass_X[:, None], w_XK * scale_X1)
-        self.pair_offset_L = torch.arange(len(self.layers), device=device, dtype=torch.long) * v2
-        self.pair_slot_X = self.pair_keys_X // v2
-        self.pair_tok_X = self.pair_keys_X % self.vocab
-        self.pair_tok_V = torch.zeros(self.vocab, dtype=torch.bool, device=device)
-        self._refresh_pair_tokens()
-
     def _refresh_pair_tokens(self) -> None:
         """Tokens that end a pair entry that can serve (its layer has no token entry for the token):
         on CPU a forward with none skips the pair lookup. Entries whose token has a token entry never
         serve while it stands (most of layer 0's); a demotion may open them, so this is recomputed
         after each (tensor ops, no host sync)."""
-        self.pair_open_X = ~self.member_LV[self.pair_slot_X, self.pair_tok_X]  # also read by one_row.py
+        self.pair_open_X = pair_serves(self.member_LV[self.pair_slot_X, self.pair_tok_X], True)  # also read by one_row.py
         self.pair_tok_V.zero_()
         self.pair_tok_V[self.pair_tok_X[self.pair_open_X]] = True
 
@@ -172,15 +146,6 @@ class TableStack:
         CPU (reading a CPU tensor is no device sync; most decode steps have no such token). On
         accelerators always True, so the lookup never waits for the device."""
         return safe_T.device.type != "cpu" or bool(self.pair_tok_V[safe_T].any())
-
-    def _pair_rows(self, tok: Any, device: torch.device, safe_T: torch.Tensor, open_LT: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pair_LT, entry_LT): rows served by a pair entry (only where `open_LT`: valid, in
-        vocabulary, no token entry) and the entry's index. One searchsorted over (L, T); no host sync."""
-        # -1 at a sequence start; a foreign id never hits
-        hit_LT, entry_LT = find_pairs(self.pair_keys_X, tok.prev_T.to(device).long(), safe_T, self.vocab,
-                                      self.pair_offset_L[:, None])
-        return hit_LT & open_LT, entry_LT
 
     def counts(self) -> torch.Tensor:
         """(L, len(COUNTERS)) all counters, the lookup-time ones folded in (one new tensor)."""
@@ -226,14 +191,14 @@ class TableStack:
         look, token_LT = self._resolve(tok, device)
         fast_LT, valid_T, safe_T, pair_LT = look.fast_LT, look.valid_T, look.safe_T, look.pair_LT
         self.forwards += 1
-        if self.config.track_performance and self.counts_fast_path:
+        if self.config.track_performance:
             self.fast_L += fast_LT.sum(1)
             self.valid_tokens += valid_T.sum()
             if pair_LT is not None:
                 self.pair_L += pair_LT.sum(1)
             if self.config.adaptive_k:
                 self.counts_LC[:, C["adaptive_single"]] += (token_LT & self.single_LV[:, safe_T]).sum(1)
-        if self.counts_fast_path and self.on_rows is not None:
+        if self.on_rows is not None:
             self.on_rows(look)
         self._last = look
         return look
@@ -244,23 +209,18 @@ class TableStack:
         return self._resolve(tok, self.member_LV.device)[0]
 
     def _resolve(self, tok: Any, device: torch.device) -> tuple[Lookup, torch.Tensor]:
-        """(lookup, token_LT): the fast tier of every layer, and the rows served by token entries."""
-        ids_T, valid_T = tok.ids_T.to(device), tok.valid_T.to(device).bool()
-        safe_T = ids_T.clamp(0, self.vocab - 1)  # out-of-vocabulary ids: a valid index, never fast
-        ok_T = valid_T & (safe_T == ids_T)
-        if self.config.enable_fast_path:
-            fast_LT = self.member_LV[:, safe_T] & ok_T
-        else:
-            fast_LT = torch.zeros(len(self.layers), ids_T.shape[0], dtype=torch.bool, device=device)
-        idx_LTK = self.idx_LVK[:, safe_T]
-        # the pre-adaptive-k set is only read by verification and the cache
-        nominal_LTK = idx_LTK if not self.config.adaptive_k else self.nominal_LVK[:, safe_T]
-        w_LTK, token_LT, pair_LT = self.weights_LVK[:, safe_T], fast_LT, None
-        if self.has_pairs and self.config.enable_fast_path and self._may_pair(safe_T):
-            pair_LT, p_LT = self._pair_rows(tok, device, safe_T, ok_T & ~fast_LT)
-            fast_LT = fast_LT | pair_LT
-            idx_LTK = torch.where(pair_LT[..., None], self.pair_idx_XK[p_LT], idx_LTK)
-            nominal_LTK = torch.where(pair_LT[..., None], self.pair_idx_XK[p_LT], nominal_LTK)
-            w_LTK = torch.where(pair_LT[..., None], self.pair_w_XK[p_LT], w_LTK)
+        """(lookup, token_LT): the fast tier of every layer (`served.decide`), and the rows served
+        by token entries."""
+        ids_T = tok.ids_T.to(device)
+        on = self.config.enable_fast_path
+        pairs = on and self.has_pairs and self._may_pair(ids_T.clamp(0, self.vocab - 1))
+        d = decide(self.served, ids_T, tok.valid_T, tok.prev_T if pairs else None, fast=on)
+        fast_LT = d.fast_LT
+        nominal_LTK = d.idx_LTK
+        if self.config.adaptive_k:  # the pre-adaptive-k set, read only by verification
+            nominal_LTK = self.nominal_LVK[:, d.safe_T]
+            if d.pair_LT is not None:  # pair rows keep their whole set
+                nominal_LTK = torch.where(d.pair_LT[..., None], d.idx_LTK, nominal_LTK)
         any_L = fast_LT.any(1).tolist() if fast_LT.device.type == "cpu" else None
-        return Lookup(tok, safe_T, valid_T, fast_LT, nominal_LTK, idx_LTK, w_LTK, any_L, pair_LT), token_LT
+        valid_T = tok.valid_T.to(device).bool()
+        return Lookup(tok, d.safe_T, valid_T, fast_LT, nominal_LTK, d.idx_LTK, d.w_LTK, any_L, d.pair_LT), d.token_LT

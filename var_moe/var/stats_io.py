@@ -1,7 +1,8 @@
 """Reading Phase 1 statistics files for table building, and checking they fit a model.
 
-Uses `var_moe.capture.schema.read_stats` when the capture package provides it; otherwise reads the
-Parquet file with pyarrow and decodes its key-value metadata (JSON values). Either way the result
+Uses `var_moe.capture.schema.read_stats` for files that carry var-moe run metadata; otherwise (e.g. a
+vocabulary analysis saved with `DataFrame.to_parquet`) reads the Parquet file with pyarrow and
+decodes its key-value metadata (JSON values). Either way the result
 is `(DataFrame, metadata dict)`. `check_stats_for_model` refuses statistics captured from another
 architecture, vocabulary, expert count or top-k. Test: `pytest tests/test_var_tables.py`.
 """
@@ -15,7 +16,7 @@ from typing import Any
 from ..errors import InvalidInputError
 
 REQUIRED_COLUMNS = ("layer", "token_id", "frequency", "mean_entropy", "modal_topk_set", "modal_set_count",
-                    "topk_counts", "topk_weight_sums")
+                    "expert_ids", "topk_counts", "topk_weight_sums")
 
 
 def _decode_metadata(raw: dict[bytes, bytes] | None) -> dict[str, Any]:
@@ -55,7 +56,7 @@ def read_stats(path: str | Path) -> tuple[Any, dict[str, Any]]:
     except ImportError:
         capture_read_stats = None
     p = Path(path)
-    if capture_read_stats is not None and p.exists():
+    if capture_read_stats is not None and p.exists() and read_stats_metadata(p).get("schema_version") is not None:
         df, meta = capture_read_stats(p)
         meta = dict(meta or {})
     else:

@@ -6,11 +6,11 @@ per-document cap) the tables are rebuilt from saved calibration evidence and sco
 evidence (`validation.served`): coverage and agreement per layer with document-bootstrap intervals.
 Stage 2 (runtime, model runs): for the table points `runtime_points` picks (the presets, and the
 loosest target's largest coverage as the degradation check), and
-each runtime setting (adaptive-k threshold or none, cache on/off): perplexity of VAR vs the
+each runtime setting (adaptive-k threshold or none): perplexity of VAR vs the
 unmodified model on whole test documents (sliding windows, eval_data.py; the scoring is stored
 with the baseline and a resume with another scoring is refused) with a paired bootstrap
 interval over documents, and the paired speed ratio (baseline time / VAR time; batches
-interleaved with alternating order after a warm-up, median over repeats, tables frozen).
+interleaved in rotating order after a warm-up (`var_moe.timing`), median over repeats, tables frozen).
 Results are appended to a JSON file after every point, and points already there are skipped,
 so an interrupted sweep resumes. With a separate choosing evidence (`chooser`, e.g. training-split
 documents) every table chooses its sets there and certifies them on all calibration documents; the
@@ -30,8 +30,9 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import InvalidInputError
+from ..timing import Variant, interleaved
 from .config import VARConfig
-from .evaluate import EvalBatch, _per_doc, _timed, batch_nll, paired_bootstrap
+from .evaluate import EvalBatch, _per_doc, batch_nll, forward, paired_bootstrap
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,6 @@ class SweepGrid:
     entropy_caps: tuple[float | None, ...] = (None, 0.85)
     per_document_caps: tuple[int | None, ...] = (1, 4)
     adaptive_k: tuple[float | None, ...] = (None, 0.9, 0.8)
-    cache: tuple[bool, ...] = (False, True)
     repeats: int = 5
     warmup: int = 2
 
@@ -64,7 +64,7 @@ def table_key(cfg: VARConfig) -> str:
 
 def runtime_key(cfg: VARConfig) -> str:
     k = cfg.adaptive_k_min_weight if cfg.adaptive_k else None
-    return f"{table_key(cfg)}-k{k}-cache{cfg.enable_cache}"
+    return f"{table_key(cfg)}-k{k}"
 
 
 EVEN_ODD = "even/odd documents of the calibration evidence"
@@ -165,16 +165,14 @@ def sweep_runtime(calibration: Any, model: Any, adapter: Any, ppl_batches: list[
     for key in keys:
         table_cfg = _config_for(key, doc, base)
         tables = VARTables.from_evidence(calibration, model, adapter, table_cfg, choose_evidence=chooser)
-        for k, cache in itertools.product(grid.adaptive_k, grid.cache):
-            cfg = table_cfg.replace(adaptive_k=k is not None, adaptive_k_min_weight=k or base.adaptive_k_min_weight,
-                                    enable_cache=cache, cache_ttl_seconds=None)
+        for k in grid.adaptive_k:
+            cfg = table_cfg.replace(adaptive_k=k is not None, adaptive_k_min_weight=k or base.adaptive_k_min_weight)
             rkey = runtime_key(cfg)
             if rkey in done:
                 continue
             w = VARModelWrapper(model, cfg, tables=tables)
             try:
                 with w.frozen_tables(), torch.no_grad():
-                    w.clear_cache()
                     w.reset_stats()
                     rows = [batch_nll(w, b, device) for b in ppl_batches]
                     dist = w.get_performance_stats()["overall"]["routing_distribution"]
@@ -183,13 +181,13 @@ def sweep_runtime(calibration: Any, model: Any, adapter: Any, ppl_batches: list[
                 w.restore()
             v_nll, v_cnt = _per_doc(ppl_batches, [r[0] for r in rows], [r[1] for r in rows])
             ppl = paired_bootstrap(b_nll, b_cnt, v_nll, v_cnt, 1000, 0)
-            row = {"key": rkey, "table_key": key, "adaptive_k_min_weight": k, "cache": cache,
+            row = {"key": rkey, "table_key": key, "adaptive_k_min_weight": k,
                    "target_agreement": table_cfg.target_agreement, "routing_distribution": dist,
                    "perplexity_change_pct": ppl["diff_pct"], "perplexity_change_ci95_pct": ppl["ci95_pct"],
                    "speed_ratio": statistics.median(ratios), "speed_ratio_per_repeat": ratios}
             doc["runtime"].append(row)
             _save(out, doc)
-            log(f"{rkey}: fast {100 * dist['fast']:.1f}% cached {100 * dist['cached']:.1f}%  ppl "
+            log(f"{rkey}: fast {100 * dist['fast']:.1f}%  ppl "
                 f"{ppl['diff_pct']:+.2f}% [{ppl['ci95_pct'][0]:+.2f}, {ppl['ci95_pct'][1]:+.2f}]  speed x{row['speed_ratio']:.3f}")
     return doc
 
@@ -204,24 +202,11 @@ def _same_scoring(stored: dict[str, Any], scoring: dict[str, Any] | None) -> boo
 
 def paired_speed(model: Any, wrapper: Any, batches: list[EvalBatch], device: Any, repeats: int, warmup: int) -> list[float]:
     """Per repeat: baseline seconds / VAR seconds over the same batches, interleaved batch by batch
-    with alternating order (the cache replays from empty each repeat)."""
-    for b in batches[:warmup]:
-        with wrapper.suspended():
-            _timed(model, b, device)
-        _timed(wrapper, b, device)
-    out = []
-    for r in range(repeats):
-        wrapper.clear_cache()
-        tb = tv = 0.0
-        for i, b in enumerate(batches):
-            for which in (("base", "var") if (r + i) % 2 == 0 else ("var", "base")):
-                if which == "base":
-                    with wrapper.suspended():
-                        tb += _timed(model, b, device)
-                else:
-                    tv += _timed(wrapper, b, device)
-        out.append(tb / tv)
-    return out
+    in rotating order (`var_moe.timing`)."""
+    times = interleaved({"base": Variant(lambda i: forward(model, batches[i], device), around=wrapper.suspended),
+                         "var": Variant(lambda i: forward(wrapper, batches[i], device))},
+                        len(batches), repeats, warmup, device=device)
+    return [sum(tb) / sum(tv) for tb, tv in zip(times["base"], times["var"])]
 
 
 def grid_to_dict(grid: SweepGrid) -> dict[str, Any]:
@@ -231,15 +216,17 @@ def grid_to_dict(grid: SweepGrid) -> dict[str, Any]:
 def render_runtime(doc: dict[str, Any]) -> str:
     """The runtime points as a markdown table (what docs/PHASE2.md quotes)."""
     tables = {r["key"]: r for r in doc["tables"]}
-    lines = ["| target | min freq | per-doc cap | adaptive k | cache | fast | cached | test agreement (served) | "
-             "perplexity change (95% CI) | speed ratio (repeats) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| target | min freq | per-doc cap | adaptive k | fast | test agreement (served) | "
+             "perplexity change (95% CI) | speed ratio (repeats) |", "|---|---|---|---|---|---|---|---|"]
     for r in doc["runtime"]:
+        if r.get("cache"):  # a point of the removed cached tier, in a file written while it existed
+            continue
         t = tables[r["table_key"]]
         c, d = t["config"], r["routing_distribution"]
         lo, hi = r["perplexity_change_ci95_pct"]
         reps = ", ".join(f"{x:.2f}" for x in r["speed_ratio_per_repeat"])
         lines.append(f"| {c['target_agreement']} | {c['frequency_threshold']} | {c['max_per_document']} | "
-                     f"{r['adaptive_k_min_weight'] or 'off'} | {'on' if r['cache'] else 'off'} | {100 * d['fast']:.1f}% | "
-                     f"{100 * d['cached']:.1f}% | {100 * (t['agreement'] or 0):.1f}% | {r['perplexity_change_pct']:+.2f}% "
+                     f"{r['adaptive_k_min_weight'] or 'off'} | {100 * d['fast']:.1f}% | "
+                     f"{100 * (t['agreement'] or 0):.1f}% | {r['perplexity_change_pct']:+.2f}% "
                      f"({lo:+.2f}, {hi:+.2f}) | {r['speed_ratio']:.3f} ({reps}) |")
     return "\n".join(lines)

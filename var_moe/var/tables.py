@@ -64,6 +64,7 @@ from .certify import (  # noqa: F401  (re-exported: the table API in one place)
 from .config import VARConfig
 from .evidence import Evidence, collect_evidence
 from .pairs import PairCandidates, PairTable, accepted_pairs, pair_candidates
+from .served import pair_serves, split_key
 from .stats_io import check_split  # noqa: F401  (re-exported: callers check a file before loading a model)
 
 FORMAT_VERSION = 2
@@ -110,7 +111,7 @@ def certify_entries(cands: dict[int, Candidates], pair_cands: dict[int, PairCand
                     ) -> tuple[dict[int, LayerTable], dict[int, PairTable], dict[str, Any]]:
     """The multiplicity step over every token candidate AND every (previous, token) candidate
     (`pairs.py`) of every layer as one family, then token tables and pair tables."""
-    alpha = (1 - config.confidence_level) / 2  # one-sided; equals the old two-sided Wilson level for m = 1
+    alpha = (1 - config.confidence_level) / 2  # one-sided; for m = 1 the two-sided Wilson interval at confidence_level
     layers = sorted(cands)
     players = sorted(pair_cands)
     pv = torch.cat([cands[l].pvalue_V[cands[l].eligible_V] for l in layers]
@@ -194,6 +195,13 @@ def evidence_for_split(model: Any, adapter: Any, tokenizer: Any, dataset: str, s
             "document_rule": f"{len(keep)} of the split's {len(docs)} documents, evenly spread",
             "router_fingerprint": model_identity(model, adapter)["router_fingerprint"]}
     return collect_evidence(model, batches, adapter, info)
+
+
+def names_documents(meta: dict[str, Any]) -> bool:
+    """Whether a capture's metadata names its documents (dataset, split, max_length)."""
+    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    return bool((meta.get("dataset") or cfg.get("dataset")) and (meta.get("split") or cfg.get("split"))
+                and (cfg.get("max_length") or meta.get("max_length")))
 
 
 def stats_documents(meta: dict[str, Any]) -> tuple[str, str, int, int | None]:
@@ -327,6 +335,10 @@ class VARTables:
     def __getitem__(self, layer: int) -> LayerTable:
         return self.layers[layer]
 
+    def uncertified_note(self) -> str | None:
+        """What to tell a user of tables that were not certified on held-out documents (else None)."""
+        return self.metadata.get("uncertified")
+
     def sizes(self) -> dict[int, int]:
         return {l: t.size for l, t in sorted(self.layers.items())}
 
@@ -369,8 +381,9 @@ class VARTables:
         tabs, served_pairs, info = certify_entries(cands, pcands, config, f"choose on {sides['choosing']['documents_rule']}, "
                                                                           f"certify on {sides['certifying']['documents_rule']}")
         if pcands:
-            info["pair_entries_without_token_entry"] = {
-                str(l): int((~tabs[l].member_V[p.keys_P % tabs[l].member_V.numel()]).sum()) for l, p in served_pairs.items()}
+            info["pair_entries_without_token_entry"] = {  # the entries that can serve (served.pair_serves)
+                str(l): int(pair_serves(tabs[l].member_V[split_key(p.keys_P, tabs[l].member_V.numel())[2]], True).sum())
+                for l, p in served_pairs.items()}
         if choose == "all":
             info = {"method": "sets chosen on all calibration documents; nothing certified (Phase 1 predictors)"}
         pairs = {l: pair_table(evidence.layers[l], min_pair_count, choose, chooser[l]) for l in layers}
@@ -454,19 +467,22 @@ class VARTables:
             tables.check_model(model, adapter, check_fingerprint=check_fingerprint, source=str(p))
         return tables
 
-    def check_model(self, model: Any, adapter: Any = None, check_fingerprint: bool = True, source: str = "tables") -> None:
-        from ..adapters import get_adapter
-
-        adapter = adapter or get_adapter(model)
-        ident = model_identity(model, adapter)
+    def check_identity(self, ident: dict[str, Any], check_fingerprint: bool, source: str, holder: str) -> None:
+        """Refuse tables built for another model type, vocabulary, expert count, top-k or (with
+        `check_fingerprint`) other router weights than `ident`'s (`holder` names it in the error)."""
         keys = ["model_type", "vocab_size", "num_experts", "top_k"] + (["router_fingerprint"] if check_fingerprint else [])
         for key in keys:
             if self.metadata.get(key) != ident[key]:
                 raise InvalidInputError(
                     f"VAR tables {source} were built for {key}={self.metadata.get(key)!r} (model "
-                    f"{self.metadata.get('model')!r}) but this model has {key}={ident[key]!r}; rebuild them "
-                    "with `varmoe build-tables` for this model"
-                )
+                    f"{self.metadata.get('model')!r}) but {holder} has {key}={ident[key]!r}; rebuild them "
+                    "with `varmoe build-tables` for these weights")
+
+    def check_model(self, model: Any, adapter: Any = None, check_fingerprint: bool = True, source: str = "tables") -> None:
+        from ..adapters import get_adapter
+
+        adapter = adapter or get_adapter(model)
+        self.check_identity(model_identity(model, adapter), check_fingerprint, source, "this model")
         moe = {m.layer for m in adapter.moe_layers(model)}
         extra = sorted(set(self.layers) - moe)
         if extra:

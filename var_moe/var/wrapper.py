@@ -10,11 +10,11 @@ also across `generate()` steps) and hands it to every VAR router. With VAR disab
 calls the original module with the original input, so routing is exactly the original's.
 `suspended()` is a context manager that takes VAR out completely (original modules, no hooks) for
 timing the unmodified model in the same process; `frozen_tables()` holds shadow demotions back
-(timed passes). The tables of all patched layers are stacked once (`router.TableStack`): the fast
+(timed passes). The tables of all patched layers are stacked once (`stack.TableStack`): the fast
 tier of a whole forward is one lookup. Tables with (previous, token) entries make the tracker keep
-the previous token of every row (also across `generate()` steps). Counters (per layer: tier counts, cache hits, shadow
-agreement) live on device in the stack; per-batch-row tier counts for the server are in
-`row_tier_counts()`. Test: `pytest tests/test_var_exact.py tests/test_var_router.py`.
+the previous token of every row (also across `generate()` steps). Counters (per layer: tier
+counts, shadow agreement) live on device in the stack; per-batch-row tier counts for the server
+are in `row_tier_counts()`. Test: `pytest tests/test_var_exact.py tests/test_var_router.py`.
 """
 
 from __future__ import annotations
@@ -30,14 +30,16 @@ from ..adapters import get_adapter
 from ..errors import InvalidInputError
 from ..token_tracker import TokenTracker
 from .config import VARConfig
+from .in_sample import tables_for_stats
 from .router import VARRouter
-from .stack import COUNTERS, TIERS, C, TableStack
+from .served import TIERS
+from .stack import COUNTERS, C, TableStack
 from .tables import VARTables
 
 
 class VARModelWrapper:
     def __init__(self, model: Any, config: VARConfig | None = None, tables: VARTables | None = None,
-                 patch_layers: Sequence[int] | None = None, clock: Any = None):
+                 patch_layers: Sequence[int] | None = None):
         self.model = model
         self.config = config or VARConfig()
         self.adapter = get_adapter(model)
@@ -45,23 +47,19 @@ class VARModelWrapper:
         self.moe_layers = moe
         if tables is None:
             if self.config.routing_stats_path:
-                tables = VARTables.from_stats_file(self.config.routing_stats_path, model, self.adapter, self.config,
-                                                   layers=[m.layer for m in moe],
-                                                   allow_test_split=self.config.allow_test_split)
+                tables = tables_for_stats(self.config.routing_stats_path, model, self.adapter, self.config,
+                                          layers=[m.layer for m in moe], allow_test_split=self.config.allow_test_split)
             else:
                 tables = VARTables.empty(model, self.adapter, [m.layer for m in moe])
         else:
             tables.check_model(model, self.adapter)
         self.tables = tables
-        # the context (previous tokens) is only read by the cache; without it the tracker skips that work
-        # pair entries need the previous token (kept across decode steps by the tracker)
+        # pair entries need the previous token (kept across decode steps by the tracker); without
+        # them the tracker keeps no context
         has_pairs = any(p.size for p in getattr(tables, "pair_tier", {}).values())
-        window = self.config.context_window_size if self.config.cache_enabled else 0
-        self.tracker = TokenTracker(model, window=max(window, 1) if has_pairs else window)
-        self._row_counts: torch.Tensor | None = None  # (B, 3) per-row tiers, cache mode (`_on_tiers`)
-        self._fast_valid_B2: torch.Tensor | None = None  # (B, 2) fast decisions, valid tokens (fast-only mode)
+        self.tracker = TokenTracker(model, window=1 if has_pairs else 0)
+        self._fast_valid_B2: torch.Tensor | None = None  # (B, 2) fast decisions, valid tokens
         self._rows_since: torch.Tensor | None = None  # (1, 2) the stack's totals when a one-row record began
-        kwargs = {"clock": clock} if clock is not None else {}
         self.originals = {m.layer: getattr(m.block, m.router_attr) for m in moe}
         self.routers: dict[int, VARRouter] = {}
         for m in moe:
@@ -69,7 +67,7 @@ class VARModelWrapper:
             if table is None:
                 raise InvalidInputError(f"VAR tables have no table for MoE layer {m.layer} (they hold {sorted(tables.layers)})")
             self.routers[m.layer] = VARRouter(self.originals[m.layer], m.layer, self.adapter, self.config, table,
-                                              tokens=lambda: self.tracker.current, on_tiers=self._on_tiers, **kwargs)
+                                              tokens=lambda: self.tracker.current)
         first = next(iter(self.routers.values()), None)
         device = first.device if first is not None else torch.device("cpu")
         index_dtype = first.index_dtype if first is not None else torch.long
@@ -149,13 +147,9 @@ class VARModelWrapper:
         return any(r.enabled for r in self.routers.values())
 
     def set_audit(self, on: bool) -> None:
-        """Audit mode: compute the learned router for every fast/cached row and count agreement."""
+        """Audit mode: compute the learned router for every fast row and count agreement."""
         for r in self.routers.values():
             r.audit = on
-
-    def clear_cache(self) -> None:
-        for r in self.routers.values():
-            r.clear_cache()
 
     def reset_stats(self) -> None:
         if self._rows_since is not None:  # bank the row's counts: they live in the counters being reset
@@ -185,17 +179,12 @@ class VARModelWrapper:
         return self.model.generate(*args, **kwargs)
 
     # -- accounting --------------------------------------------------------------------------------
-    def _rows(self, b: int, device: torch.device) -> torch.Tensor:
-        if self._row_counts is None or self._row_counts.shape[0] != b:
-            self._row_counts = torch.zeros(b, 3, dtype=torch.long, device=device)
-        return self._row_counts
-
     def _on_fast_rows(self, look: Any) -> None:
-        """Fast-only mode: per batch row, table decisions summed over layers (`look.fast_LT` is already
-        False for padding) and valid tokens, accumulated raw; `row_tier_counts` turns them into
-        fast / cached / learned. One row (batch-1 decoding, every step): the row's counts are the
-        stack's own running counters since the row's record began, so a step adds nothing here;
-        the start is remembered once (`_rows_since`), and `reset_stats` banks what the row counted."""
+        """Per batch row, table decisions summed over layers (`look.fast_LT` is already False for
+        padding) and valid tokens, accumulated raw; `row_tier_counts` turns them into fast / learned.
+        One row (batch-1 decoding, every step): the row's counts are the stack's own running
+        counters since the row's record began, so a step adds nothing here; the start is
+        remembered once (`_rows_since`), and `reset_stats` banks what the row counted."""
         tok = look.tokens
         b, s = tok.batch_size, tok.seq_len
         dev = self.stack.counts_LC.device
@@ -215,30 +204,26 @@ class VARModelWrapper:
         """The stack's running (fast decisions summed over layers, valid tokens), shape (1, 2)."""
         return torch.stack([self.stack.fast_L_total().sum(), self.stack.valid_total()]).reshape(1, 2)
 
-    def _on_tiers(self, tier_T: torch.Tensor, tok: Any) -> None:
-        b, s = tok.batch_size, tok.seq_len
-        self._rows(b, tier_T.device)
-        valid_T = tok.valid_T.to(tier_T.device)
-        row_T = torch.arange(tier_T.shape[0], device=tier_T.device) // s
-        flat = (row_T * 3 + tier_T)[valid_T]
-        self._row_counts += torch.bincount(flat, minlength=b * 3).reshape(b, 3)
-
     def row_tier_counts(self) -> torch.Tensor:
-        """(B, 3) fast/cached/learned counts per batch row since `reset_row_counts()`, valid tokens,
-        summed over layers (a new batch size starts a new tensor)."""
-        if self._fast_valid_B2 is not None:  # fast-only mode
-            acc_B2 = self._fast_valid_B2
-            if self._rows_since is not None:  # one row, counted by the stack's counters
-                acc_B2 = acc_B2 + self._totals_12() - self._rows_since
-            fast_B, valid_B = acc_B2.cpu().unbind(1)
-            # (the cache-mode counts `_row_counts` never run beside these: one mode per wrapper)
-            return torch.stack([fast_B, torch.zeros_like(fast_B), valid_B * len(self.stack.layers) - fast_B], 1)
-        if self._row_counts is None:
-            return torch.zeros(0, 3, dtype=torch.long)
-        return self._row_counts.cpu().clone()
+        """(B, len(TIERS)) fast/learned counts per batch row since `reset_row_counts()`, valid
+        tokens, summed over layers (a new batch size starts a new tensor)."""
+        if self._fast_valid_B2 is None:
+            return torch.zeros(0, len(TIERS), dtype=torch.long)
+        acc_B2 = self._fast_valid_B2
+        if self._rows_since is not None:  # one row, counted by the stack's counters
+            acc_B2 = acc_B2 + self._totals_12() - self._rows_since
+        fast_B, valid_B = acc_B2.cpu().unbind(1)
+        return torch.stack([fast_B, valid_B * len(self.stack.layers) - fast_B], 1)
+
+    def last_fast_rows(self) -> torch.Tensor | None:
+        """(layers, rows) bool: the rows the tables served (token or pair entries) in the forward that
+        ran last; None when VAR is off or no lookup ran for that forward."""
+        look = self.stack._last
+        if not self.var_enabled or look is None or look.tokens is not self.tracker.current:
+            return None
+        return look.fast_LT
 
     def reset_row_counts(self) -> None:
-        self._row_counts = None
         self._fast_valid_B2 = None
         self._rows_since = None
 
@@ -261,8 +246,7 @@ class VARModelWrapper:
         per_layer: dict[str, Any] = {}
         total = [0] * len(COUNTERS)
         for l, c in self._counts().items():
-            per_layer[str(l)] = _summary(c) | {"table_size": self.table_sizes()[l],
-                                               "cache_entries": len(self.routers[l].cache)}
+            per_layer[str(l)] = _summary(c) | {"table_size": self.table_sizes()[l]}
             total = [a + b for a, b in zip(total, c)]
         overall = _summary(total) | {"table_size": sum(self.table_sizes().values()), "var_enabled": self.var_enabled}
         return {"layers": per_layer, "overall": overall}
@@ -274,12 +258,14 @@ class VARModelWrapper:
         print(f"  routed tokens x layers: {o['calls']}   VAR {'on' if o['var_enabled'] else 'off'}")
         for t in TIERS:
             print(f"  {t:8s}: {100 * o['routing_distribution'][t]:5.1f}%")
-        print(f"  cache hit rate: {100 * o['cache_hit_rate']:.1f}%   table entries: {o['table_size']}")
+        print(f"  table entries: {o['table_size']}")
+        if self.tables.uncertified_note():
+            print(f"  {self.tables.uncertified_note()}")
         if o["shadow_checked"]:
             print(f"  shadow agreement: {100 * o['shadow_agreement']:.1f}% of {o['shadow_checked']}  demoted: {o['demoted']}")
         for l, d in s["layers"].items():
             dist = " ".join(f"{t}={100 * d['routing_distribution'][t]:.1f}%" for t in TIERS)
-            print(f"  layer {l}: {dist} table={d['table_size']} cache={d['cache_entries']}")
+            print(f"  layer {l}: {dist} table={d['table_size']}")
 
     def save_performance_stats(self, path: str | Path) -> Path:
         p = Path(path)
@@ -289,7 +275,7 @@ class VARModelWrapper:
 
 
 def _summary(c: list[int]) -> dict[str, Any]:
-    calls = c[C["fast"]] + c[C["cached"]] + c[C["learned"]]
+    calls = sum(c[C[t]] for t in TIERS)
     share = lambda x: x / calls if calls else 0.0  # noqa: E731
     checked = c[C["shadow_agree"]] + c[C["shadow_disagree"]]
     out = {
@@ -297,10 +283,6 @@ def _summary(c: list[int]) -> dict[str, Any]:
         "forwards": c[C["forwards"]],
         "tier_counts": {t: c[C[t]] for t in TIERS},
         "routing_distribution": {t: share(c[C[t]]) for t in TIERS},
-        "cache_lookups": c[C["cache_lookups"]],
-        "cache_hits": c[C["cache_hits"]],
-        "cache_hit_rate": c[C["cache_hits"]] / c[C["cache_lookups"]] if c[C["cache_lookups"]] else 0.0,
-        "cache_inserts": c[C["cache_inserts"]],
         "shadow_checked": checked,
         "shadow_agreement": c[C["shadow_agree"]] / checked if checked else None,
         "demoted": c[C["demoted"]],
@@ -308,10 +290,9 @@ def _summary(c: list[int]) -> dict[str, Any]:
         "fast_pair": c[C["fast_pair"]],  # fast rows served by a (previous, token) entry
         "fallback_forwards": c[C["fallback_forwards"]],
     }
-    for tier in ("fast", "cached"):
-        n = c[C[f"audit_{tier}_n"]]
-        out[f"audit_{tier}"] = {"n": n, "exact_agreement": c[C[f"audit_{tier}_exact"]] / n if n else None,
-                                "overlap": c[C[f"audit_{tier}_overlap_x1000"]] / 1000 / n if n else None}
+    n = c[C["audit_fast_n"]]
+    out["audit_fast"] = {"n": n, "exact_agreement": c[C["audit_fast_exact"]] / n if n else None,
+                         "overlap": c[C["audit_fast_overlap_x1000"]] / 1000 / n if n else None}
     return out
 
 

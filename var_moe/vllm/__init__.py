@@ -41,14 +41,15 @@ def model_architecture(model: str) -> str:
     return archs[0]
 
 
-def engine_kwargs(model: str, pair_capacity: int | None = None, **kwargs: Any) -> dict[str, Any]:
+def engine_kwargs(model: str, pair_capacity: int | None = None, expert_load: bool = True, **kwargs: Any) -> dict[str, Any]:
     """Keyword arguments for `vllm.LLM` / `AsyncEngineArgs` that build `model` with VAR installed.
 
     The Var* architecture changes vLLM's config hash, and `additional_config` says so explicitly,
     so a VAR engine never loads a plain engine's compiled graph from the cache, nor the reverse.
     `pair_capacity`: how many (previous, token) entries, all layers together, the engine can serve
-    (default PAIR_CAPACITY; 0 builds no pair tier). It is part of `additional_config`, hence of the
-    compile-cache key.
+    (default PAIR_CAPACITY; 0 builds no pair tier). `expert_load`: count expert load in the compiled
+    model (expert_load.py; off builds no counting into the graph, routed-experts rows are kept either
+    way). Both are part of `additional_config`, hence of the compile-cache key.
     """
     import os
 
@@ -65,7 +66,7 @@ def engine_kwargs(model: str, pair_capacity: int | None = None, **kwargs: Any) -
         from ..errors import InvalidInputError
 
         raise InvalidInputError(f"pair_capacity must be an integer >= 0 ((previous, token) entries), got {cap!r}")
-    extra["varmoe"] = {"routing": "var-tables", "version": 2, "pair_capacity": cap}
+    extra["varmoe"] = {"routing": "var-tables", "version": 2, "pair_capacity": cap, "expert_load": bool(expert_load)}
     overrides = dict(kwargs.pop("hf_overrides", None) or {})
     overrides["architectures"] = [arch]
     return {"model": model, "hf_overrides": overrides, "worker_extension_cls": EXTENSION,

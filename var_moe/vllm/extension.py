@@ -8,6 +8,8 @@ in-process worker, spawned worker processes, and each tensor/data-parallel rank:
                                                              # rank when refused)
     llm.collective_rpc("varmoe_set_enabled", args=(True,))   # the mode of requests that name none
     llm.collective_rpc("varmoe_counts")                      # {layer: [fast, learned, agree, disagree]}
+    llm.collective_rpc("varmoe_load_read")                   # expert-load counters (expert_load.py)
+    llm.collective_rpc("varmoe_take_routed", args=(keys, finished))  # routed experts of asking requests
 
 The model must have been built as a Var* architecture (models.py): the routing is installed at
 construction, before compilation; these methods only write data into its buffers or read them.
@@ -83,11 +85,25 @@ class VarWorkerExtension:
     def varmoe_records(self) -> dict[int, list]:
         return {l: list(lv.record or []) for l, lv in sorted(self._varmoe_state().layers.items())}
 
+    def varmoe_load_shape(self) -> dict[str, Any]:
+        """{experts, top_k, layers, tiers} of the expert-load counters (expert_load.py)."""
+        load = self._varmoe_state().load
+        return {"experts": load.num_experts, "top_k": load.top_k, "layers": sorted(self._varmoe_state().layers),
+                "tiers": list(load.counter.tiers), "counting": load.counting}
+
+    def varmoe_load_read(self) -> dict[str, Any]:
+        """The cumulative expert-load counters (one device-to-host copy per buffer)."""
+        return self._varmoe_state().load.read()
+
+    def varmoe_take_routed(self, keys: list[str], finished: list[str]) -> dict[str, list]:
+        """Routed experts so far of requests that asked for them ([positions][layers][k])."""
+        return self._varmoe_state().load.take_routed(list(keys), list(finished))
+
     def varmoe_info(self) -> dict[str, Any]:
-        from .tables import model_identity
+        from .tables import loaded_identity
 
         state = self._varmoe_state()
-        ident = model_identity(state)
+        ident = loaded_identity(state)
         ident["table_sizes"] = {l: int(lv.member_V.sum()) for l, lv in sorted(state.layers.items())}
         ident["pair_capacity"] = state.pair_capacity
         ident["pair_entries"] = state.pair_entries

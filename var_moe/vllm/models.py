@@ -60,6 +60,11 @@ def var_class(arch: str) -> type:
         self._varmoe_state = install_var(self, int(hf.vocab_size), top_k, max_tokens, pair_capacity)
         # the checkpoint folder: the tables' fingerprint is the stored routers' (var_moe.identity)
         self._varmoe_state.model_dir = str(vllm_config.model_config.model)
+        from .expert_load import install_load
+
+        experts = next(iter(self._varmoe_state.layers.values())).num_experts
+        counting = bool((extra.get("varmoe") or {}).get("expert_load", True)) if isinstance(extra, dict) else True
+        install_load(self._varmoe_state, max_tokens, experts, top_k, counting)  # expert load + routed experts
 
     def load_weights(self, weights: Any) -> Any:
         loaded = base.load_weights(self, weights)

@@ -1,6 +1,6 @@
 """VAR inside vLLM's MoE layers: token ids to the routers, table decisions as tensor ops, device counters.
 
-`install_var(model)` runs when the model object is built (vllm_models.py), before vLLM compiles it,
+`install_var(model)` runs when the model object is built (models.py), before vLLM compiles it,
 and changes three things, each by giving one module a subclass of its own class (no model code is
 copied, parameter names stay, the weight loader sees the same tree):
 
@@ -18,8 +18,8 @@ Which rows run in VAR mode is a per-token bool buffer (`VarState.rows_N`, one sl
 the largest step), written before each forward by the model runner hook in rows.py. (Previous,
 token) entries (tables built with `--pair-entries`) are looked up once per step for all layers, on
 the host, by the same hook: the runner knows each row's previous token and token there, so one
-numpy `searchsorted` over all layers' sorted keys (`layer slot * V**2 + previous * V + token`)
-finds each VAR row's entry in each layer, where the row's token has no token entry; the step's
+numpy `searchsorted` over the entries' keys (`var.served.pair_key`) finds each VAR row's entry
+in each layer, where the row's token has no token entry (`var.served.pair_serves`); the step's
 entry indices go to the device as one small int64 buffer (`VarState.pair_sel_NS`: rows x layer
 slots, the empty slot X where none). On the device each layer only gathers the entry's token, set
 and weights and keeps the entry where its token equals the row's token (so a host that did not
@@ -36,7 +36,8 @@ pair set, like the builtin router's. The context-cache tier of the builtin route
 implemented here (its per-sequence state does not fit continuous batching); shadow verification
 becomes a free audit of every fast row, because the learned decision is computed anyway.
 
-Shapes: T tokens, K top-k, V vocabulary, E experts, X pair-buffer slots (capacity + 1), S layer slots. Test: `pytest tests/vllm_engine/test_vllm_exact.py`
+Shapes: T tokens, K top-k, V vocabulary, E experts, X pair-buffer slots (capacity + 1), S layer slots. The decision is `var.served.decide`'s (tests/test_served_decision.py checks it).
+Test: `pytest tests/vllm_engine/test_vllm_exact.py`
 (runs in the vLLM environment only).
 """
 
@@ -109,7 +110,8 @@ class LayerVar:
     # graph was traced with None here and never records)
     record: list | None = None
 
-    def route(self, state: VarState, ids_T: torch.Tensor, w_TK: torch.Tensor, idx_TK: torch.Tensor):
+    def route(self, state: VarState, ids_T: torch.Tensor, w_TK: torch.Tensor, idx_TK: torch.Tensor,
+              router_logits: torch.Tensor | None = None):
         v = self.member_V.shape[0]
         safe_T = ids_T.long().clamp(0, v - 1)
         rows_T = state.rows_N[: ids_T.shape[0]]
@@ -131,6 +133,9 @@ class LayerVar:
         fast = use_T.sum()
         agree = (use_T & same_T).sum()
         self.counts.add_(torch.stack([fast, rows_T.sum() - fast, agree, fast - agree]))
+        load = getattr(state, "load", None)
+        if load is not None:  # expert load and routed experts (expert_load.py): in place, on the device
+            load.count(self.slot, ids_T, out_idx_TK, router_logits, use_T, rows_T)
         if self.record is not None:
             rec = {"ids": ids_T.tolist(), "fast": use_T.tolist(), "experts": out_idx_TK.tolist(),
                    "learned": idx_TK.tolist()}
@@ -173,7 +178,7 @@ def _router_compute_routing(self, hidden_states, router_logits, indices_type, *,
                                                       input_ids=input_ids)
     if input_ids is None:  # inputs_embeds or a later pipeline stage: the learned router decides
         return w_TK, idx_TK
-    return self._varmoe_layer.route(self._varmoe, input_ids, w_TK, idx_TK)
+    return self._varmoe_layer.route(self._varmoe, input_ids, w_TK, idx_TK, router_logits)
 
 
 def _subclass(obj: Any, method: str, fn: Any) -> None:

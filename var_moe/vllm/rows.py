@@ -15,9 +15,10 @@ p - 1 in the runner's `input_batch.token_ids_cpu` (`step_tokens`, one gather, no
 tokens); `pair_entries` then finds each row's (previous, token) among the distinct pairs of all
 layers' entries with one numpy `searchsorted` and reads its entry in every layer (prepared when
 the tables are loaded, `index_pairs`: the empty slot where the layer has no such entry or a token
-entry for the token). It is the host twin of `var.pairs.find_pairs`, in numpy because torch's
-per-op overhead made the lookup on 16 rows x 4 layers take 53 us against 10 us; a step of one row
-(a request decoding alone) uses a dict instead (`one_row_entries`). The step's entry indices go
+entry for the token, `served.pair_serves`). It is the host twin of `var.served.find_pairs`, with
+the same key codec (`served.pair_key`), in numpy because torch's per-op overhead is several times
+the lookup's work on a step's few rows; a step of one row (a request decoding alone) uses a dict
+instead (`one_row_entries`). The step's entry indices go
 to the device in one copy (`VarState.pair_sel_NS`). A step without VAR rows, or whose rows hit no entry, writes
 nothing beyond resetting the rows an earlier step filled. The tokens are on the host when the step
 runs on the CPU build: the prompt is written there when a request is added (so chunked prefill and
@@ -32,7 +33,8 @@ The hook is a one-level subclass of the runner's class (as routing.py patches mo
 `_prepare_inputs` calls vLLM's and then writes the rows. It needs vLLM's V1 model runner (the
 one the CPU build uses; on GPUs `engine_kwargs` selects it): the V2 runner keeps no per-request
 sampling parameters to read, and is refused with a message rather than served with wrong modes.
-Test: `pytest tests/vllm_engine/` (the server test mixes pinned modes in one batch).
+Test: `pytest tests/test_served_decision.py tests/test_vllm_routing.py tests/vllm_engine/` (the
+server test mixes pinned modes in one batch).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..var.served import pair_key, pair_serves, split_key
 from .routing import VarState, _subclass
 
 MODE_KEY = "varmoe_var"  # the key of SamplingParams.extra_args that pins a request's mode
@@ -88,10 +91,11 @@ def index_pairs(state: VarState, keys_X: np.ndarray, member_VS: np.ndarray) -> N
     """Index the loaded pair entries on the host for the per-step lookups: `keys_X` sorted keys
     slot * V**2 + previous * V + token (entry i at index i), `member_VS` each slot's token entries."""
     v, s = member_VS.shape
-    slot_X, base_X = np.divmod(np.asarray(keys_X, dtype=np.int64), v * v)
+    slot_X, prev_X, tok_X = split_key(np.asarray(keys_X, dtype=np.int64), v)
+    base_X = pair_key(0, prev_X, tok_X, v)
     bases_U, u_X = np.unique(base_X, return_inverse=True)
     rows_US = np.full((bases_U.size, s), state.pair_capacity, dtype=np.int64)
-    served_X = ~member_VS[base_X % v, slot_X]  # token entries win
+    served_X = pair_serves(member_VS[tok_X, slot_X], True)
     rows_US[u_X[served_X], slot_X[served_X]] = np.flatnonzero(served_X)
     state.pair_entries, state.pair_vocab = int(base_X.size), int(v)
     state.pair_bases_U, state.pair_rows_US = bases_U, rows_US
@@ -108,7 +112,7 @@ def pair_entries(state: VarState, rows_T: np.ndarray, prev_T: np.ndarray, tok_T:
     c = np.flatnonzero(rows_T & ((prev_T | tok_T) >= 0) & (np.maximum(prev_T, tok_T) < v))
     if c.size == 0:
         return None
-    base_C = prev_T[c] * v + tok_T[c]
+    base_C = pair_key(0, prev_T[c], tok_T[c], v)
     j_C = np.minimum(np.searchsorted(bases_U, base_C), bases_U.size - 1)
     hit_C = bases_U[j_C] == base_C
     if not hit_C.any():
@@ -125,7 +129,7 @@ def one_row_entries(state: VarState, token_ids_S: np.ndarray, pos: int) -> tuple
         return None, np.full(1, -1, dtype=np.int64)
     prev, tok = int(token_ids_S[pos - 1]), int(token_ids_S[pos])
     v = state.pair_vocab
-    row = state.pair_rows_host.get(prev * v + tok) if 0 <= prev < v and 0 <= tok < v else None
+    row = state.pair_rows_host.get(pair_key(0, prev, tok, v)) if 0 <= prev < v and 0 <= tok < v else None
     return row, np.full(1, prev, dtype=np.int64)
 
 
@@ -199,6 +203,9 @@ def _runner_prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, 
             prev_T, tok_T = step_tokens(batch.token_ids_cpu[:n_req], batch.num_computed_tokens_cpu[:n_req], tokens_R)
             sel_TS = pair_entries(state, rows_T, prev_T, tok_T)
     self._varmoe_rows.write(rows_T, sel_TS, prev_T)
+    load = getattr(state, "load", None)
+    if load is not None:  # expert load's real rows and routed-experts bookkeeping (expert_load.py)
+        load.on_step(self, n_req, tokens_R)
     return out
 
 

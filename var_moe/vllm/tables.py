@@ -5,16 +5,18 @@ any entry is used, its metadata must match the model vLLM loaded: model type, vo
 count, top-k, MoE layers, and the router fingerprint, recomputed here from the gate weights vLLM
 loaded (var_moe.identity: the stored checkpoint's routers when the loaded gates are they in the
 served dtype, as the builtin engine computes it, so a table built on the Hugging Face model is
-accepted by vLLM on the same weights in any dtype, and by neither on other weights). Entries are copied into the existing device buffers (in place:
-compiled graphs and CUDA graphs keep pointing at them). Weights are stored scaled the way the
-router scales its own: renormalising routers sum their top-k weights to 1, the others keep the
-table's raw mass. (Previous, token) entries (tables built with `--pair-entries`) go into the pair
-buffers of fixed capacity (routing.py): on the device each entry's token, set and weights (sets and
-weights scaled like the token entries'; slots left hold token -1, which no row has), and on the
-host an index of their keys `slot * V**2 + previous * V + token` (slot: the layer's index among
-the model's MoE layers) that the per-step lookup reads (rows.index_pairs).
+accepted by vLLM on the same weights in any dtype, and by neither on other weights). The tables
+are laid out as served (`var.served.ServedTables`, slot: the layer's index among the model's MoE
+layers; weights scaled by `served.scale_weights` as vLLM's router scales its own: renormalising
+routers sum their top-k weights to 1, the others keep the table's raw mass) and copied into the
+existing device buffers (in place: compiled graphs and CUDA graphs keep pointing at them).
+(Previous, token) entries (tables built with `--pair-entries`) go into the pair buffers of fixed
+capacity (routing.py): on the device each entry's token, set and weights (slots left hold token
+-1, which no row has), and on the host an index of their keys that the per-step lookup reads
+(rows.index_pairs).
 A file with more pair entries than the capacity the engine was built with is refused before
-anything is written. Test: `pytest tests/test_vllm_routing.py tests/vllm_engine/test_vllm_exact.py`.
+anything is written. Test: `pytest tests/test_vllm_routing.py tests/test_served_decision.py
+tests/vllm_engine/test_vllm_exact.py`.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ import numpy as np
 import torch
 
 from ..errors import InvalidInputError
-from ..var.pairs import stack_pair_keys
 from ..identity import routers_fingerprint
+from ..var.served import ServedTables, split_key
 from ..var.tables import VARTables
 from .routing import VarState
 from .rows import index_pairs
@@ -51,7 +53,8 @@ def record_identity(state: VarState, hf_config: Any) -> None:
     }
 
 
-def model_identity(state: VarState) -> dict[str, Any]:
+def loaded_identity(state: VarState) -> dict[str, Any]:
+    """The identity `record_identity` recorded (what `VARTables.check_identity` compares)."""
     if state.identity is None:
         raise RuntimeError("the model's weights have not been loaded yet (no router fingerprint)")
     return dict(state.identity)
@@ -60,14 +63,8 @@ def model_identity(state: VarState) -> dict[str, Any]:
 def load_tables(state: VarState, path: str | Path, check_fingerprint: bool = True) -> dict[str, Any]:
     """Copy the tables at `path` into the model's buffers; returns {layer: entries} and the source."""
     tables = VARTables.load(path)  # no model: identity is checked against the vLLM model below
-    ident = model_identity(state)
-    keys = ["model_type", "vocab_size", "num_experts", "top_k"] + (["router_fingerprint"] if check_fingerprint else [])
-    for key in keys:
-        if tables.metadata.get(key) != ident[key]:
-            raise InvalidInputError(
-                f"VAR tables {path} were built for {key}={tables.metadata.get(key)!r} (model "
-                f"{tables.metadata.get('model')!r}) but the model vLLM loaded has {key}={ident[key]!r}; "
-                "rebuild them with `varmoe build-tables` for these weights")
+    ident = loaded_identity(state)
+    tables.check_identity(ident, check_fingerprint, str(path), "the model vLLM loaded")
     extra = sorted((set(tables.layers) | set(tables.pair_tier)) - set(state.layers))
     if extra:
         raise InvalidInputError(f"VAR tables {path} have layers {extra} that are not MoE layers of this model "
@@ -88,55 +85,43 @@ def load_tables(state: VarState, path: str | Path, check_fingerprint: bool = Tru
 def fill_tables(state: VarState, tables: VARTables) -> None:
     """Write table entries into the buffers in place; layers without a table get an empty one. The
     pair entries are checked before anything is written."""
-    pairs = stacked_pairs(state, tables) if state.pair_sel_NS is not None else None
-    for layer, lv in state.layers.items():
-        t = tables.layers.get(layer)
-        if t is None:
-            lv.member_V.zero_()
-            continue
-        dev = lv.member_V.device
-        scale_V = torch.ones_like(t.mass_V) if lv.renormalize else t.mass_V
-        lv.experts_VK.copy_(t.experts_VK.to(dev))
-        lv.weights_VK.copy_((t.weights_VK * scale_V[:, None]).to(dev))
-        lv.member_V.copy_(t.member_V.to(dev))
-    if pairs is not None:
-        keys_X, idx_XK, w_XK = pairs
-        n, v = keys_X.shape[0], next(iter(state.layers.values())).member_V.shape[0]
-        dev = state.pair_tok_X.device
+    served = served_tables(state, tables)
+    for lv in state.layers.values():
+        lv.experts_VK.copy_(served.idx_LVK[lv.slot])
+        lv.weights_VK.copy_(served.w_LVK[lv.slot])
+        lv.member_V.copy_(served.member_LV[lv.slot])
+    if state.pair_sel_NS is not None:
+        n, v = served.pair_keys_X.shape[0], served.vocab
         state.pair_tok_X.fill_(-1)
-        state.pair_tok_X[:n] = (keys_X % v).to(dev)
-        state.pair_idx_XK[:n] = idx_XK.to(dev)
-        state.pair_w_XK[:n] = w_XK.to(dev)
-        by_slot = sorted(state.layers.values(), key=lambda lv: lv.slot)
-        index_pairs(state, keys_X.numpy(), torch.stack([lv.member_V.cpu() for lv in by_slot], dim=1).numpy())
+        state.pair_tok_X[:n] = split_key(served.pair_keys_X, v)[2]
+        state.pair_idx_XK[:n] = served.pair_idx_XK
+        state.pair_w_XK[:n] = served.pair_w_XK
+        index_pairs(state, served.pair_keys_X.cpu().numpy(), served.member_LV.t().cpu().numpy())
 
 
-def stacked_pairs(state: VarState, tables: VARTables) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(keys_X, idx_XK, w_XK) of all layers' pair entries, host tensors: keys `slot * V**2 +
-    previous * V + token` (slots ascend and each layer's keys ascend, so they are sorted), sets,
-    and weights scaled like the token entries' (renormalising routers: as stored, rows sum to 1;
-    others: times the entry's raw mass). Refuses more entries than the capacity and malformed ones."""
+def served_tables(state: VarState, tables: VARTables) -> ServedTables:
+    """The tables as served on this model's device (`var.served`: slot = the layer's index among
+    the model's MoE layers; weights scaled as vLLM's router scales its own: renormalising routers
+    sum them to 1, the others keep the raw mass). Refuses more pair entries than the capacity and
+    malformed ones."""
     first = next(iter(state.layers.values()))
     v, (e, k) = int(first.member_V.shape[0]), (first.num_experts, int(first.experts_VK.shape[1]))
     by_slot = sorted(state.layers, key=lambda l: state.layers[l].slot)
     if [state.layers[l].slot for l in by_slot] != list(range(len(by_slot))):
         raise RuntimeError(f"the MoE layers' slots must be 0..{len(by_slot) - 1} (install_var numbers them)")
     # load_tables refused layers this model does not have
-    parts, keys_X = stack_pair_keys(tables.pair_tier, by_slot, v)
-    n = sum(p.size for _, p in parts)
+    pairs = [tables.pair_tier[l] for l in by_slot if l in tables.pair_tier]
+    n = sum(p.size for p in pairs)
     if n > state.pair_capacity:
         raise InvalidInputError(f"{n} (previous, token) entries exceed this engine's pair capacity {state.pair_capacity}")
-    if not parts:
-        return torch.zeros(0, dtype=torch.long), torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k)
-    idx_XK = torch.cat([p.sets_PK.long().reshape(p.size, -1) for _, p in parts])
-    w_XK = torch.cat([p.weights_PK.float().reshape(p.size, -1) * (1.0 if state.layers[by_slot[i]].renormalize
-                                                                  else p.mass_P.float()[:, None]) for i, p in parts])
-    in_range = all(bool(((p.keys_P >= 0) & (p.keys_P < v * v)).all()) for _, p in parts)
-    if not in_range or idx_XK.shape[1] != k or not bool(((idx_XK >= 0) & (idx_XK < e)).all()) \
-            or not bool((keys_X[1:] > keys_X[:-1]).all()):
+    ok = all(p.sets_PK.reshape(p.size, -1).shape[1] == k and bool(((p.sets_PK >= 0) & (p.sets_PK < e)).all())
+             and bool(((p.keys_P >= 0) & (p.keys_P < v * v)).all()) and bool((p.keys_P[1:] > p.keys_P[:-1]).all())
+             for p in pairs if p.size)
+    if not ok:
         raise InvalidInputError(f"the tables' (previous, token) entries are malformed (keys must ascend within "
                                 f"[0, {v}**2) per layer, sets hold {k} experts below {e})")
-    return keys_X, idx_XK, w_XK
+    scales = {l: 1.0 if state.layers[l].renormalize else None for l in by_slot}
+    return ServedTables.build(tables.layers, tables.pair_tier, by_slot, scales, v, k, first.member_V.device)
 
 
 @torch.no_grad()

@@ -1,0 +1,186 @@
+"""Cost of the default expert-load metrics: generated tokens/s of one engine with them on (the
+default) against the same server with them off (`--no-expert-load-metrics`), interleaved in one run.
+
+Two `varmoe serve` servers of the same engine and settings differ only in that flag. The load is
+benchmarks/server_throughput.py's Locust completions load (closed-loop users, greedy
+`POST /v1/completions`, `max_tokens` = --new-tokens; tokens/s counted inside the load window).
+While a cell runs, a thread scrapes the server's /metrics every --scrape-s seconds (both servers
+alike), so the "on" server also pays for its reads (on vLLM a call to the workers). The server not
+under load is suspended (SIGSTOP of its process tree), the order of the two alternates from one
+repeat to the next, and the ratio on / off is reported per repeat (the pairs closest in time) with
+their median, minimum and maximum. Goal: on >= 0.99x off at 16 clients.
+
+On a shared machine other processes' time slices swing a cell's tokens/s by tens of percent, so
+each cell also records the work it cost: the CPU seconds the server's process tree used during the
+cell (psutil, user + system; vLLM's worker process apart) and the tokens the server generated in it
+(its own `varmoe_generated_tokens_total`), giving generated tokens per CPU second, which time taken
+by other processes does not move. Both ratios are reported.
+
+Run (builtin engine, main environment; vLLM engine, vLLM environment):
+    .venv/bin/python -m benchmarks expert_load_overhead --engine builtin --repeats 6 \
+        --output benchmarks/results/expert_load_overhead_builtin.json
+    .venv-vllm/bin/python -m benchmarks expert_load_overhead --engine vllm --repeats 6 \
+        --output benchmarks/results/expert_load_overhead_vllm.json
+Results go to docs/BENCHMARKS.md (section "Expert load metrics").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+from pathlib import Path
+
+import httpx
+
+from analysis_jobs.server_process import ManagedServer
+from benchmarks.server_throughput import locust_load, prompts
+from benchmarks.vllm_throughput import only_running, vllm_env
+from var_moe.loading import REFERENCE_MODEL_DIR
+
+
+def tree_cpu(pid: int) -> tuple[float, float]:
+    """(CPU seconds of the whole process tree, of its vLLM worker processes), user + system."""
+    import psutil
+
+    total = worker = 0.0
+    root = psutil.Process(pid)
+    for proc in [root] + root.children(recursive=True):
+        try:
+            t = proc.cpu_times()
+            name = proc.name()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system
+        if "Worker" in name:
+            worker += t.user + t.system
+    return total, worker
+
+
+def generated(url: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("varmoe_generated_tokens_total{"))
+
+
+def scraper(url: str, every_s: float, stop: threading.Event) -> threading.Thread:
+    def loop() -> None:
+        with httpx.Client(timeout=30) as c:
+            while not stop.wait(every_s):
+                try:
+                    c.get(url + "/metrics")
+                except httpx.HTTPError:
+                    pass
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    return t
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--engine", choices=["builtin", "vllm"], required=True)
+    p.add_argument("--model", default=str(REFERENCE_MODEL_DIR))
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--run-time", type=int, default=20, help="seconds of load per cell")
+    p.add_argument("--warmup", type=float, default=3.0, help="seconds after spawning left out of the window")
+    p.add_argument("--repeats", type=int, default=6)
+    p.add_argument("--scrape-s", type=float, default=5.0, help="seconds between /metrics scrapes during a cell")
+    p.add_argument("--output", default="runs/expert_load_overhead.json")
+    p.add_argument("--log-dir", default="runs/expert_load_overhead")
+    args = p.parse_args(argv)
+    log_dir = Path(args.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    prompts_file = log_dir / "prompts.json"
+    prompts_file.write_text(json.dumps(prompts(64)))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    common = ["--max-batch-size", "16", "--max-queue", "256"]
+    env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    if args.engine == "vllm":
+        common += ["--engine", "vllm", "--dtype", "float32", "--max-model-len", "512"]
+        env = vllm_env(0, 1)
+    else:
+        common += ["--threads", "1"]
+    servers: dict[str, ManagedServer] = {}
+    try:
+        for name, flag in (("on", []), ("off", ["--no-expert-load-metrics"])):
+            servers[name] = ManagedServer(args.model, args=common + flag, env=env,
+                                          log_path=log_dir / f"{args.engine}-{name}.log").wait_ready(900)
+        pids = [s.pid for s in servers.values()]
+        on_metrics = httpx.get(servers["on"].url + "/metrics").text
+        off_metrics = httpx.get(servers["off"].url + "/metrics").text
+        assert "varmoe_expert_load_imbalance" in on_metrics and "varmoe_expert_load" not in off_metrics
+        runs: dict[str, list[float]] = {"on": [], "off": []}
+        per_cpu: dict[str, list[float]] = {"on": [], "off": []}  # generated tokens per CPU second (tree)
+        per_worker_cpu: dict[str, list[float]] = {"on": [], "off": []}  # ... of the vLLM worker alone
+        for name in ("on", "off"):  # warm-up: first requests of every shape
+            only_running([servers[name].pid], pids)
+            try:
+                locust_load(servers[name].url, args.clients, argparse.Namespace(new_tokens=args.new_tokens, run_time=10,
+                                                                                warmup=0.5),
+                            prompts_file, log_dir, f"warmup-{name}", tokenizer)
+            except RuntimeError as exc:
+                print(f"warm-up {name}: {exc}", flush=True)
+        for rep in range(args.repeats):
+            for name in (("on", "off") if rep % 2 == 0 else ("off", "on")):
+                only_running([servers[name].pid], pids)
+                stop = threading.Event()
+                cpu0, tok0 = tree_cpu(servers[name].pid), generated(servers[name].url)
+                t = scraper(servers[name].url, args.scrape_s, stop)
+                try:
+                    tps = locust_load(servers[name].url, args.clients, args, prompts_file, log_dir, f"{name}",
+                                      tokenizer)["tokens_per_s"]
+                except RuntimeError as exc:  # too few completions in the window (a loaded machine): no value
+                    print(f"repeat {rep} {name}: {exc}", flush=True)
+                    tps = None
+                finally:
+                    stop.set()
+                    t.join()
+                cpu1, tok1 = tree_cpu(servers[name].pid), generated(servers[name].url)
+                per_cpu[name].append((tok1 - tok0) / max(cpu1[0] - cpu0[0], 1e-9))
+                per_worker_cpu[name].append((tok1 - tok0) / (cpu1[1] - cpu0[1]) if cpu1[1] > cpu0[1] else None)
+                runs[name].append(tps)
+                print(f"repeat {rep} {args.engine} metrics {name:3s} {tps if tps is None else round(tps, 1)} tok/s, "
+                      f"{per_cpu[name][-1]:.1f} tok per CPU s", flush=True)
+    finally:
+        if servers:
+            only_running([s.pid for s in servers.values()], [s.pid for s in servers.values()])
+        for s in servers.values():
+            s.stop()
+    # pairs of one repeat where both cells have a value
+    ratios = [round(a / b, 4) for a, b in zip(runs["on"], runs["off"]) if a is not None and b is not None]
+    if not ratios:
+        raise SystemExit("no repeat gave both cells a value")
+    valid = {k: [x for x in v if x is not None] for k, v in runs.items()}
+    result = {"engine": args.engine, "model": args.model, "clients": args.clients, "new_tokens": args.new_tokens,
+              "run_time_s": args.run_time, "repeats": args.repeats, "scrape_s": args.scrape_s,
+              "tokens_per_s": runs, "median_tokens_per_s": {k: statistics.median(v) for k, v in valid.items()},
+              "ratio_on_off_per_repeat": ratios, "ratio_median": statistics.median(ratios),
+              "ratio_min": min(ratios), "ratio_max": max(ratios),
+              "ratio_of_medians": statistics.median(valid["on"]) / statistics.median(valid["off"]), "goal": 0.99,
+              "tokens_per_cpu_s": per_cpu, "tokens_per_worker_cpu_s": per_worker_cpu}
+    cpu_ratios = [round(a / b, 4) for a, b in zip(per_cpu["on"], per_cpu["off"])]
+    result |= {"cpu_ratio_on_off_per_repeat": cpu_ratios, "cpu_ratio_median": statistics.median(cpu_ratios),
+               "cpu_ratio_min": min(cpu_ratios), "cpu_ratio_max": max(cpu_ratios)}
+    worker = [round(a / b, 4) for a, b in zip(per_worker_cpu["on"], per_worker_cpu["off"]) if a and b]
+    if worker:
+        result |= {"worker_cpu_ratio_on_off_per_repeat": worker, "worker_cpu_ratio_median": statistics.median(worker)}
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\n{args.engine}, {args.clients} clients: on {result['median_tokens_per_s']['on']:.1f} tok/s, off "
+          f"{result['median_tokens_per_s']['off']:.1f} tok/s; on/off per repeat {ratios} (median "
+          f"{result['ratio_median']:.3f}, range {result['ratio_min']:.3f}-{result['ratio_max']:.3f})")
+    print(f"generated tokens per CPU second, on/off per repeat {cpu_ratios} (median {result['cpu_ratio_median']:.3f}, "
+          f"range {result['cpu_ratio_min']:.3f}-{result['cpu_ratio_max']:.3f})"
+          + (f"; vLLM worker only: {worker} (median {result['worker_cpu_ratio_median']:.3f})" if worker else ""))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":  # vLLM spawns processes that may import this file
+    raise SystemExit(main())

@@ -1,0 +1,151 @@
+"""Expert-load counters (var_moe/expert_load.py) and the builtin model's tap (var_moe/routing_tap.py)
+against brute-force recomputations: counts per (layer, expert) over valid rows only, entropy from
+the router's own probabilities, window statistics and their sliding window."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from var_moe.adapters import get_adapter
+from var_moe.expert_load import ExpertLoad, LoadReading, LoadWindow, window_stats
+from var_moe.routing_tap import RoutingTap
+from var_moe.tiny import tiny_model
+
+
+def brute(model, ids_BS, mask_BS):
+    """(counts_LE, entropy_L, tokens) of one forward from hooks on the original routers."""
+    adapter = get_adapter(model)
+    moe = adapter.moe_layers(model)
+    outs = {}
+    handles = [m.router.register_forward_hook(lambda mod, a, o, l=m.layer: outs.__setitem__(l, o)) for m in moe]
+    with torch.no_grad():
+        model(input_ids=ids_BS, attention_mask=mask_BS)
+    for h in handles:
+        h.remove()
+    valid = mask_BS.reshape(-1).bool().numpy()
+    e = adapter.num_experts
+    counts = np.zeros((len(moe), e), np.int64)
+    ent = np.zeros(len(moe))
+    for s, m in enumerate(moe):
+        logits, _, idx = outs[m.layer]
+        idx = idx.reshape(-1, idx.shape[-1]).numpy()
+        for row, ok in zip(idx, valid):  # brute force: a loop over rows
+            if ok:
+                for x in row:
+                    counts[s, x] += 1
+        p = adapter.probabilities(logits.reshape(-1, e)).double().numpy()
+        for row, ok in zip(p, valid):
+            if ok:
+                ent[s] += -sum(v * math.log(v) for v in row if v > 0)
+    return counts, ent, int(valid.sum())
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_tap_counts_equal_brute_force_over_valid_rows(family):
+    model = tiny_model(family, seed=1)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (3, 7), generator=g)
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[0, :3] = 0  # left padding
+    mask[2, :1] = 0
+    counts, ent, tokens = brute(model, ids, mask)
+    ids2 = ids[:2, 2:]  # another shape, no padding, no mask given
+    counts2, ent2, tokens2 = brute(model, ids2, torch.ones_like(ids2))
+    tap = RoutingTap(model).attach()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    r = tap.read()
+    np.testing.assert_array_equal(r.counts_LE, counts)
+    np.testing.assert_allclose(r.entropy_L, ent, rtol=1e-5)
+    assert (r.tokens_L == tokens).all()
+    # forwards filed together (masked and unmasked, two shapes) are counted as the sum
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        model(input_ids=ids2)
+        model(input_ids=ids, attention_mask=mask)
+    r = tap.read()
+    np.testing.assert_array_equal(r.counts_LE, 3 * counts + counts2)
+    np.testing.assert_allclose(r.entropy_L, 3 * ent + ent2, rtol=1e-5)
+    assert (r.tokens_L == 3 * tokens + tokens2).all()
+    # filing past flush_forwards counts on the engine's side without a read
+    tap.flush_forwards = 2
+    with torch.no_grad():
+        model(input_ids=ids2)
+        model(input_ids=ids2)
+    assert not tap._masks
+    np.testing.assert_array_equal(tap.load.read().counts_LE, 3 * counts + 3 * counts2)
+    tap.detach()  # detaching stops counting
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    np.testing.assert_array_equal(tap.read().counts_LE, 3 * counts + 3 * counts2)
+
+
+def test_tap_records_the_experts_of_the_last_forward():
+    model = tiny_model("mixtral", seed=2)
+    tap = RoutingTap(model, count=False).attach()
+    tap.recording = True
+    ids = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(1))
+    seen = {}
+    moe = get_adapter(model).moe_layers(model)
+    handles = [m.router.register_forward_hook(lambda mod, a, o, l=m.layer: seen.__setitem__(l, o[2])) for m in moe]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in handles:
+        h.remove()
+    assert tap.load is None
+    assert tap.last_LTK.shape == (len(moe), 10, 2)
+    for s, m in enumerate(moe):
+        assert torch.equal(tap.last_LTK[s], seen[m.layer].reshape(10, 2))
+
+
+def test_count_layer_matches_count_forward_and_tiers():
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, 5, (2, 9, 2), generator=g)  # 4 experts + the empty slot 4
+    ent = torch.rand(2, 9, generator=g)
+    valid = torch.rand(9, generator=g) > 0.3
+    a, b = ExpertLoad(2, 4), ExpertLoad(2, 4, tiers=("fast", "learned"))
+    a.count_forward(idx, ent, valid)
+    tier = torch.tensor([0, 1, -1, 0, 1, 1, 0, -1, 0])
+    for s in range(2):
+        b.count_layer(s, idx[s], ent[s], valid, tier)
+    ra, rb = a.read(), b.read()
+    np.testing.assert_array_equal(ra.counts_LE, rb.counts_LE)
+    np.testing.assert_allclose(ra.entropy_L, rb.entropy_L)
+    np.testing.assert_array_equal(ra.tokens_L, [int(valid.sum())] * 2)
+    for x in range(2):  # brute force per tier
+        want = np.zeros((2, 4), np.int64)
+        for s in range(2):
+            for t in range(9):
+                if valid[t] and tier[t] == x:
+                    for e in idx[s, t].tolist():
+                        if e < 4:
+                            want[s, e] += 1
+        np.testing.assert_array_equal(rb.tier_counts_XLE[x], want)
+
+
+def test_window_statistics_and_sliding():
+    counts = np.array([[6, 2, 0, 0], [2, 2, 2, 2]])
+    st = window_stats(LoadReading(counts, np.array([4.0, 2.0]), np.array([4, 4])))
+    np.testing.assert_allclose(st.imbalance_L, [6 / 2, 1.0])
+    np.testing.assert_allclose(st.hottest_share_L, [6 / 8, 2 / 8])
+    np.testing.assert_array_equal(st.dead_L, [2, 0])
+    np.testing.assert_allclose(st.entropy_L, [1.0, 0.5])
+    now = [0.0]
+    w = LoadWindow(10.0, clock=lambda: now[0])
+    r = lambda c, n: LoadReading(np.array([c]), np.array([0.0]), np.array([n]))  # noqa: E731
+    assert w.update(r([1, 0], 1)).counts_LE.tolist() == [[1, 0]]  # first reading: since the start
+    now[0] = 5.0
+    assert w.update(r([3, 0], 3)).counts_LE.tolist() == [[2, 0]]
+    now[0] = 16.0  # the reading at 5 s is the newest one at least 10 s old: the window starts there
+    st = w.update(r([3, 4], 7))
+    assert st.counts_LE.tolist() == [[0, 4]] and st.dead_L.tolist() == [1]
+    now[0] = 17.0
+    st = w.update(r([3, 4], 7))  # nothing new since 16 s, but the window still holds 5 s -> 16 s
+    assert st.counts_LE.tolist() == [[0, 4]]
+    now[0] = 40.0
+    st = w.update(r([3, 4], 7))
+    assert st.tokens_L.tolist() == [0] and math.isnan(st.imbalance_L[0]) and st.dead_L.tolist() == [2]

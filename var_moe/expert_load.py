@@ -1,0 +1,200 @@
+"""Expert load: tokens per expert and routing entropy per MoE layer, counted on the device, and the
+sliding-window statistics that `/metrics` exports.
+
+`ExpertLoad` holds the counters as flat device buffers that are only ever added to in place (so a
+compiled graph or a CUDA graph that captured them keeps updating the same memory):
+- `counts_X`: routed slots per (layer slot, expert), flattened as slot * (E + 1) + expert; column E
+  takes the experts' empty slot (adaptive k) and a last bin takes padding rows, neither reported;
+- `entropy_L`: summed routing entropy (nats, of the router's probabilities over all E experts) of
+  the valid rows, float64; `tokens_L`: valid rows per layer;
+- optionally per tier (`tiers`, e.g. ("fast", "learned") on a VAR engine): `tier_counts_X`, laid
+  out tier-major like `counts_X`.
+`count_forward` adds a whole forward at once (all layers stacked: a dozen tensor ops whatever the
+layer count); `count_layer` adds one layer (inside a compiled router). Neither reads anything back:
+`read()` is the one device-to-host copy, done at scrape time.
+
+`LoadWindow` turns cumulative readings into window statistics: it keeps the readings taken at
+scrape time for `window_s` seconds (plus the newest one older than that) and compares the new
+reading with the oldest kept one. Per layer: imbalance (the busiest expert's tokens over the mean
+per expert), the busiest expert's share of routed slots, experts with no tokens, and the mean
+entropy per token (the maximum is ln E). A layer with no token in the window reports NaN for the
+ratios and all experts idle; `tokens` says how many routed tokens the window holds.
+
+Shapes: T tokens, K top-k, E experts, L MoE layers (slots), X flattened counter bins.
+Test: `pytest tests/test_expert_load.py`.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+
+@dataclass
+class LoadReading:
+    """Cumulative counters on the host (from `ExpertLoad.read`)."""
+
+    counts_LE: np.ndarray  # int64
+    entropy_L: np.ndarray  # float64, nats summed over valid rows
+    tokens_L: np.ndarray  # int64
+    tier_counts_XLE: np.ndarray | None = None  # int64, tiers x layers x experts
+
+
+@dataclass
+class WindowStats:
+    """Per-layer statistics of one window (arrays over layer slots)."""
+
+    imbalance_L: np.ndarray  # max over mean tokens per expert (1 = perfectly even, E = one expert)
+    hottest_share_L: np.ndarray  # the busiest expert's share of routed slots
+    dead_L: np.ndarray  # experts with no token
+    entropy_L: np.ndarray  # mean routing entropy per token, nats
+    tokens_L: np.ndarray  # routed tokens in the window
+    counts_LE: np.ndarray  # routed slots per expert in the window
+    tier_imbalance_XL: np.ndarray | None = None  # imbalance per tier (NaN where a tier had no token)
+
+
+class ExpertLoad:
+    def __init__(self, num_layers: int, num_experts: int, device: torch.device | str = "cpu",
+                 tiers: tuple[str, ...] = ()):
+        if num_layers < 1 or num_experts < 1:
+            raise ValueError("expert load needs at least one MoE layer and one expert")
+        self.num_layers, self.num_experts, self.tiers = int(num_layers), int(num_experts), tuple(tiers)
+        device = torch.device(device)
+        self.width = self.num_experts + 1  # the empty slot E is counted apart
+        self.trash = self.num_layers * self.width  # padding rows land here
+        self.counts_X = torch.zeros(self.trash + 1, dtype=torch.long, device=device)
+        self.entropy_L = torch.zeros(self.num_layers, dtype=torch.float64, device=device)
+        self.tokens_L = torch.zeros(self.num_layers, dtype=torch.long, device=device)
+        self.offset_L11 = (torch.arange(self.num_layers, device=device) * self.width)[:, None, None]
+        self.tier_counts_X = (torch.zeros(len(self.tiers) * self.trash + 1, dtype=torch.long, device=device)
+                              if self.tiers else None)
+        self._ones = torch.ones(0, dtype=torch.long, device=device)
+
+    def _ones_n(self, n: int) -> torch.Tensor:
+        if self._ones.numel() < n:  # grows to the largest forward once, then slices (no allocation)
+            self._ones = torch.ones(max(n, 2 * self._ones.numel()), dtype=torch.long, device=self._ones.device)
+        return self._ones[:n]
+
+    @staticmethod
+    def entropy(probs_TE: torch.Tensor) -> torch.Tensor:
+        """Entropy (nats) of each row of a probability matrix."""
+        p = probs_TE.float()
+        return -(p * p.clamp_min(1e-30).log()).sum(-1)
+
+    @staticmethod
+    def entropy_of_logits(logits_TE: torch.Tensor) -> torch.Tensor:
+        """Entropy (nats) of softmax(logits) per row, without forming the probabilities twice."""
+        logp = torch.log_softmax(logits_TE.float(), dim=-1)
+        return -(logp.exp() * logp).sum(-1)
+
+    @torch.no_grad()
+    def count_forward(self, idx_LTK: torch.Tensor, entropy_LT: torch.Tensor | None = None,
+                      valid_T: torch.Tensor | None = None) -> None:
+        """Add one forward of every layer: `idx_LTK` the experts each row was sent to (index E = the
+        empty slot), `entropy_LT` each row's routing entropy, `valid_T` False for padding rows."""
+        bins = idx_LTK.long() + self.offset_L11[: idx_LTK.shape[0]]
+        if valid_T is not None:
+            bins = torch.where(valid_T[None, :, None], bins, self.trash)
+        self.counts_X.index_add_(0, bins.reshape(-1), self._ones_n(bins.numel()))
+        if valid_T is None:
+            self.tokens_L += idx_LTK.shape[1]
+        else:
+            self.tokens_L += valid_T.sum()
+        if entropy_LT is not None:
+            h_LT = entropy_LT if valid_T is None else entropy_LT * valid_T
+            self.entropy_L += h_LT.sum(-1)
+
+    @torch.no_grad()
+    def count_layer(self, slot: int, idx_TK: torch.Tensor, entropy_T: torch.Tensor | None = None,
+                    valid_T: torch.Tensor | None = None, tier_T: torch.Tensor | None = None) -> None:
+        """Add one layer's forward (in place; traceable: no data-dependent branches). `tier_T`: each
+        row's tier index into `tiers`, -1 for rows outside every tier (e.g. baseline rows)."""
+        bins = idx_TK.long() + slot * self.width
+        if valid_T is not None:
+            bins = torch.where(valid_T[:, None], bins, self.trash)
+        flat = bins.reshape(-1)
+        ones = torch.ones_like(flat)
+        self.counts_X.index_add_(0, flat, ones)
+        tokens = valid_T.sum() if valid_T is not None else torch.full((), idx_TK.shape[0], device=flat.device)
+        self.tokens_L[slot] += tokens
+        if entropy_T is not None:
+            h_T = entropy_T.double() if valid_T is None else entropy_T.double() * valid_T
+            self.entropy_L[slot] += h_T.sum()
+        if tier_T is not None and self.tier_counts_X is not None:
+            tier_TK = tier_T.long()[:, None].expand_as(bins)
+            tbins = torch.where((tier_TK >= 0) & (bins < self.trash), tier_TK * self.trash + bins,
+                                len(self.tiers) * self.trash)
+            self.tier_counts_X.index_add_(0, tbins.reshape(-1), ones)
+
+    def read(self) -> LoadReading:
+        """The cumulative counters on the host (one copy each; the only synchronisation)."""
+        counts = self.counts_X[: self.trash].cpu().numpy().reshape(self.num_layers, self.width)[:, : self.num_experts]
+        tiers = None
+        if self.tier_counts_X is not None:
+            t = self.tier_counts_X[:-1].cpu().numpy().reshape(len(self.tiers), self.num_layers, self.width)
+            tiers = t[:, :, : self.num_experts].copy()
+        return LoadReading(counts.copy(), self.entropy_L.cpu().numpy().copy(), self.tokens_L.cpu().numpy().copy(), tiers)
+
+    def reset(self) -> None:
+        self.counts_X.zero_()
+        self.entropy_L.zero_()
+        self.tokens_L.zero_()
+        if self.tier_counts_X is not None:
+            self.tier_counts_X.zero_()
+
+
+def imbalance(counts_LE: np.ndarray) -> np.ndarray:
+    """max / mean of tokens per expert, per layer (NaN where a layer has none)."""
+    total = counts_LE.sum(-1).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(total > 0, counts_LE.max(-1) * counts_LE.shape[-1] / total, math.nan)
+
+
+def window_stats(delta: LoadReading) -> WindowStats:
+    """Statistics of the counts gathered in one window (a difference of two readings)."""
+    c = delta.counts_LE
+    total = c.sum(-1).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = np.where(total > 0, c.max(-1) / total, math.nan)
+        ent = np.where(delta.tokens_L > 0, delta.entropy_L / delta.tokens_L, math.nan)
+    tiers = None if delta.tier_counts_XLE is None else np.stack([imbalance(x) for x in delta.tier_counts_XLE])
+    return WindowStats(imbalance(c), share, (c == 0).sum(-1), ent, delta.tokens_L.copy(), c.copy(), tiers)
+
+
+def _minus(a: LoadReading, b: LoadReading) -> LoadReading:
+    tiers = None
+    if a.tier_counts_XLE is not None and b.tier_counts_XLE is not None:
+        tiers = a.tier_counts_XLE - b.tier_counts_XLE
+    return LoadReading(a.counts_LE - b.counts_LE, a.entropy_L - b.entropy_L, a.tokens_L - b.tokens_L, tiers)
+
+
+class LoadWindow:
+    """Sliding-window statistics from cumulative readings taken at scrape time (host only)."""
+
+    def __init__(self, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic, max_kept: int = 4096):
+        if window_s <= 0:
+            raise ValueError(f"the expert-load window must be > 0 s, got {window_s}")
+        self.window_s, self.clock = float(window_s), clock
+        self._kept: collections.deque[tuple[float, LoadReading]] = collections.deque(maxlen=max_kept)
+
+    def update(self, reading: LoadReading) -> WindowStats:
+        """Statistics of what was counted between the oldest kept reading and `reading` (since the
+        counters started, for the first reading), then keep `reading`."""
+        now = self.clock()
+        # keep the newest reading at least window_s old as the window's start, drop older ones
+        while len(self._kept) >= 2 and now - self._kept[1][0] >= self.window_s:
+            self._kept.popleft()
+        if self._kept:
+            base = self._kept[0][1]
+        else:
+            zero = lambda a: None if a is None else np.zeros_like(a)  # noqa: E731
+            base = LoadReading(np.zeros_like(reading.counts_LE), np.zeros_like(reading.entropy_L),
+                               np.zeros_like(reading.tokens_L), zero(reading.tier_counts_XLE))
+        self._kept.append((now, reading))
+        return window_stats(_minus(reading, base))

@@ -1,0 +1,119 @@
+"""In-sample (uncertified) VAR tables straight from a statistics frame -- the seed's workflow.
+
+A user who computed statistics in memory (`RouterAnalyzer(model)`, `analyze_batch(...)`, then the
+vocabulary analysis saved to Parquet) has no document metadata, so the held-out certification of
+`tables.py` (sets chosen on some documents, agreement counted on others) cannot run. These tables
+use the statistics themselves: per layer and token, the modal top-k set, entered where the
+token's frequency reaches `frequency_threshold` (and its mean entropy the cap, if any) and the
+Wilson test of "agreement <= target_agreement" rejects on the *same* occurrences that chose the
+set (multiplicity over all entries as in `tables.py`). Agreement measured where the set was chosen
+is optimistic, so nothing here is certified: the metadata says so (`uncertified`, with the
+commands that certify), and so do `print_performance_summary()` and the server's `/var/status`.
+Token entries only: (previous, token) entries need evidence by document. `tables_for_stats` picks
+the certified path when the statistics name their documents (what `VARConfig.from_routing_stats`
+plus the wrapper go through).
+
+Test: `pytest tests/test_var_seed_workflow.py`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import InvalidInputError
+from .certify import Candidates, score_pvalues, served_weights
+from .config import VARConfig
+from .tables import FORMAT_VERSION, VARTables, certify_entries, model_identity, names_documents
+
+CERTIFY_COMMANDS = ("`varmoe capture --split calibration --output calib.parquet` (statistics that name their documents), "
+                    "then `varmoe build-tables --routing-stats calib.parquet --output tables.safetensors`")
+UNCERTIFIED_NOTE = ("UNCERTIFIED tables: chosen and scored in-sample on statistics without document metadata, so their "
+                    "agreement is not held out; certify with " + CERTIFY_COMMANDS)
+
+
+def _column_VX(sub: Any, name: str, v: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """A list column of one layer's rows scattered into a (V, width) tensor (zeros for unseen tokens)."""
+    out = torch.zeros(v, width, dtype=dtype)
+    if len(sub):
+        rows = np.stack([np.asarray(x, dtype=np.float64) for x in sub[name]])
+        if rows.shape[1] != width:
+            raise InvalidInputError(f"statistics column {name!r} has {rows.shape[1]} entries per row, the model needs {width}")
+        out[torch.tensor(sub["token_id"].to_numpy(), dtype=torch.long)] = torch.as_tensor(rows, dtype=dtype)
+    return out
+
+
+def _experts_VE(sub: Any, name: str, v: int, num_experts: int) -> torch.Tensor:
+    """A per-expert column as (V, E): sparse (aligned with `expert_ids`, the statistics schema) or
+    one entry per expert (frames of schema version 1)."""
+    if "expert_ids" not in sub.columns:
+        return _column_VX(sub, name, v, num_experts, torch.float64)
+    from ..capture.schema import densify_experts
+
+    out = torch.zeros(v, num_experts, dtype=torch.float64)
+    if len(sub):
+        ids = torch.tensor(sub["token_id"].to_numpy(), dtype=torch.long)
+        out[ids] = torch.as_tensor(densify_experts(sub, name, num_experts), dtype=torch.float64)
+    return out
+
+
+def layer_candidates_in_sample(sub: Any, config: VARConfig, vocab: int, num_experts: int, top_k: int) -> Candidates:
+    """One layer's candidates from its (layer, token) rows: set, filters and agreement all in-sample."""
+    ids_V = torch.tensor(sub["token_id"].to_numpy(), dtype=torch.long)
+    if len(sub) and (int(ids_V.min()) < 0 or int(ids_V.max()) >= vocab):
+        raise InvalidInputError(f"statistics hold token ids outside the model's vocabulary of {vocab}")
+
+    def scatter(name: str, dtype: torch.dtype) -> torch.Tensor:
+        out = torch.zeros(vocab, dtype=dtype)
+        out[ids_V] = torch.tensor(sub[name].to_numpy(), dtype=dtype)
+        return out
+
+    freq_V = scatter("frequency", torch.float64)
+    agree_V = scatter("modal_set_count", torch.float64)
+    ent_V = scatter("mean_entropy", torch.float64)
+    modal_VK = _column_VX(sub, "modal_topk_set", vocab, top_k, torch.long)
+    chosen_VE = _experts_VE(sub, "topk_counts", vocab, num_experts)
+    wsum_VE = _experts_VE(sub, "topk_weight_sums", vocab, num_experts)
+    seen_V = freq_V > 0
+    eligible_V = seen_V & (freq_V >= config.frequency_threshold)
+    if config.entropy_threshold is not None:
+        eligible_V &= ent_V <= config.entropy_limit_nats(num_experts)
+    modal_VK, w_VK, mass_V = served_weights(wsum_VE / chosen_VE.clamp_min(1), modal_VK, seen_V)
+    pvals_V = score_pvalues(agree_V, freq_V, config.target_agreement)
+    return Candidates(modal_VK, seen_V, eligible_V, agree_V, freq_V, seen_V.double(), w_VK, mass_V, pvals_V, freq_V)
+
+
+def tables_for_stats(path: str | Path, model: Any, adapter: Any, config: VARConfig, layers: list[int] | None = None,
+                     allow_test_split: bool = False) -> VARTables:
+    """Tables from a statistics file: certified by document (`VARTables.from_stats_file`) when its
+    metadata names its documents, else in-sample and uncertified (`in_sample_tables`)."""
+    from .stats_io import check_split, check_stats_for_model, read_stats
+
+    df, meta = read_stats(path)
+    if names_documents(meta):
+        return VARTables.from_stats_file(path, model, adapter, config, layers=layers, allow_test_split=allow_test_split)
+    check_stats_for_model(meta, model, adapter, source=f"statistics {path}")
+    check_split(meta, str(path), allow_test_split)
+    return in_sample_tables(df, meta, model, adapter, config, layers, str(path))
+
+
+def in_sample_tables(df: Any, meta: dict[str, Any], model: Any, adapter: Any, config: VARConfig,
+                     layers: list[int] | None, source: str) -> VARTables:
+    """`VARTables` for `model` from a statistics frame without document metadata (uncertified)."""
+    ident = model_identity(model, adapter)
+    layers = layers if layers is not None else [m.layer for m in adapter.moe_layers(model)]
+    missing = sorted(set(layers) - set(int(x) for x in df["layer"].unique()))
+    if missing:
+        raise InvalidInputError(f"statistics {source} have no rows for MoE layer(s) {missing}")
+    cands = {l: layer_candidates_in_sample(df[df["layer"] == l], config, ident["vocab_size"], ident["num_experts"],
+                                           ident["top_k"]) for l in layers}
+    tabs, _, info = certify_entries(cands, {}, config, "in-sample: sets chosen and scored on the same statistics "
+                                                      "(no document metadata); not certified")
+    meta_out = {**ident, "layers": layers, "config": config.to_dict(), "source": str(source),
+                "source_split": meta.get("split"), "source_model": meta.get("model"),
+                "source_tokens": meta.get("num_tokens"), "verification": info, "certified": False,
+                "uncertified": UNCERTIFIED_NOTE, "format_version": FORMAT_VERSION}
+    return VARTables(tabs, meta_out)

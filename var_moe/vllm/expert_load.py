@@ -1,0 +1,158 @@
+"""Expert load and routed experts inside vLLM's compiled model: device buffers the graph updates in
+place, and the worker-side bookkeeping that hands each request its experts.
+
+`install_load(state, ...)` runs at model construction, right after `install_var` (models.py),
+before vLLM compiles the model, and puts a `VllmLoad` on the shared `VarState` (`state.load`). Each
+MoE router (routing.py, `LayerVar.route`) then calls `VllmLoad.count(...)` with the experts it
+returns, the router's logits, its table rows and its VAR rows; that adds, in place:
+- the expert-load counters (var_moe/expert_load.py `ExpertLoad.count_layer`: routed slots per
+  (layer, expert), summed routing entropy, valid tokens; per tier: fast = table rows of VAR-mode
+  requests, learned = their other rows; baseline rows count in the totals only);
+- the step's experts per row and layer into `routed_NSK` (int16) and each row's tier into `tier_NS`
+  (0 fast, 1 learned, -1 baseline), overwritten every step.
+Padding rows (CUDA-graph padding on GPUs) are masked with `valid_N`, which `on_step` writes before
+each forward (called by the runner hook in rows.py): True for the step's real rows; all False
+until the hook runs, so vLLM's start-up forwards (dummy tokens) are not counted.
+Nothing here reads the device during a step: counters are copied to the host when `/metrics` asks
+(`read`), and the routed rows only for requests that asked for them (`SamplingParams.extra_args
+{"varmoe_routed": key}`): `on_step` notes which rows of the step belong to them, and the next
+`on_step` or `take_routed` call (both after that forward has run) copies those rows out, one copy
+per step, filed by each row's position in its request (a request recomputed after preemption
+overwrites its rows; the server gives such requests a cache salt of their own, so no prompt row is
+skipped by a prefix-cache hit). `take_routed(keys, finished)` returns each request's rows so far
+(positions 0..n-1: prompt tokens, then generated tokens fed back) and forgets finished ones.
+
+Shapes: N row-buffer slots (the most tokens of one step), S MoE layer slots, K top-k, E experts.
+Test: `pytest tests/vllm_engine/test_vllm_expert_load.py` (vLLM environment).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..expert_load import ExpertLoad
+from ..var.served import TIERS
+
+ROUTED_KEY = "varmoe_routed"  # SamplingParams.extra_args key: return this request's routed experts
+
+
+class VllmLoad:
+    def __init__(self, device: torch.device, max_tokens: int, num_layers: int, num_experts: int, top_k: int,
+                 counting: bool = True):
+        self.counting = bool(counting)  # fixed when the model is built: not a branch on data
+        self.counter = ExpertLoad(num_layers, num_experts, device, tiers=TIERS)
+        self.num_experts, self.top_k, self.num_layers = num_experts, top_k, num_layers
+        # False until the runner hook marks a step's rows: vLLM's start-up dummy forwards count nothing
+        self.valid_N = torch.zeros(max_tokens, dtype=torch.bool, device=device)
+        self.valid_hi = 0  # rows of valid_N that may be True
+        self.routed_NSK = torch.zeros(max_tokens, num_layers, top_k, dtype=torch.int16, device=device)
+        self.tier_NS = torch.zeros(max_tokens, num_layers, dtype=torch.int8, device=device)  # 0 fast, 1 learned, -1 baseline
+        # host bookkeeping: the last step's rows of asking requests, and each request's rows so far
+        self._pending: tuple[int, list[tuple[str, int, int, int]]] | None = None
+        self._rows: dict[str, np.ndarray] = {}
+        self._tiers: dict[str, np.ndarray] = {}
+        self._lengths: dict[str, int] = {}
+
+    # -- inside the compiled forward (tensor ops on fixed buffers only) --------------------------
+    def count(self, slot: int, ids_T: torch.Tensor, idx_TK: torch.Tensor, logits_TE: torch.Tensor | None,
+              use_T: torch.Tensor, rows_T: torch.Tensor) -> None:
+        t = ids_T.shape[0]
+        valid_T = self.valid_N[:t]
+        tier_T = torch.where(rows_T, torch.where(use_T, 0, 1), -1)
+        if self.counting:
+            entropy_T = None if logits_TE is None else ExpertLoad.entropy_of_logits(logits_TE.reshape(t, -1))
+            self.counter.count_layer(slot, idx_TK, entropy_T, valid_T, tier_T)
+        self.routed_NSK[:t, slot].copy_(idx_TK)
+        self.tier_NS[:t, slot].copy_(tier_T)
+
+    # -- worker host side --------------------------------------------------------------------------
+    def on_step(self, runner: Any, n_req: int, tokens_R: np.ndarray) -> None:
+        """Before a forward: file the previous step's asked-for rows, mark this step's real rows,
+        and note which of its rows asking requests own (a loop over requests, not tokens)."""
+        self.flush()
+        n = int(np.asarray(tokens_R).sum())
+        self.valid_N[:n] = True
+        if self.valid_hi > n:
+            self.valid_N[n:self.valid_hi] = False
+        self.valid_hi = n
+        batch, requests = runner.input_batch, runner.requests
+        asking = []
+        start = 0
+        for r, rid in enumerate(batch.req_ids[:n_req]):
+            count = int(tokens_R[r])
+            params = getattr(requests.get(rid), "sampling_params", None)
+            extra = getattr(params, "extra_args", None)
+            key = extra.get(ROUTED_KEY) if extra else None
+            if key is not None:
+                asking.append((str(key), start, count, int(batch.num_computed_tokens_cpu[r])))
+            start += count
+        self._pending = (n, asking) if asking else None
+
+    def flush(self) -> None:
+        """Copy the last forward's rows of asking requests to the host (one copy), by position."""
+        if self._pending is None:
+            return
+        n, asking = self._pending
+        self._pending = None
+        rows_NSK = self.routed_NSK[:n].cpu().numpy()
+        tier_NS = self.tier_NS[:n].cpu().numpy()
+        for key, start, count, pos in asking:
+            need = pos + count
+            buf = _grown(self._rows, key, need, (self.num_layers, self.top_k), np.int16)
+            buf[pos:need] = rows_NSK[start:start + count]
+            _grown(self._tiers, key, need, (self.num_layers,), np.int8)[pos:need] = tier_NS[start:start + count]
+            self._lengths[key] = max(self._lengths.get(key, 0), need)
+
+    def take_routed(self, keys: list[str], finished: list[str]) -> dict[str, dict[str, list]]:
+        """Each request's rows so far: {"experts": [positions][layers][k], "tiers": [positions][layers]
+        (0 fast, 1 learned, -1 a baseline-mode row)}; finished ones are forgotten."""
+        self.flush()
+        out = {}
+        for key in keys:
+            n = self._lengths.get(key, 0)
+            buf, tiers = self._rows.get(key), self._tiers.get(key)
+            out[key] = {"experts": [] if buf is None else buf[:n].tolist(),
+                        "tiers": [] if tiers is None else tiers[:n].tolist()}
+        for key in finished:
+            self._rows.pop(key, None)
+            self._tiers.pop(key, None)
+            self._lengths.pop(key, None)
+        return out
+
+    def read(self) -> dict[str, Any]:
+        """The cumulative expert-load counters as plain lists (for collective_rpc)."""
+        r = self.counter.read()
+        return {"counts_LE": r.counts_LE.tolist(), "entropy_L": r.entropy_L.tolist(), "tokens_L": r.tokens_L.tolist(),
+                "tier_counts_XLE": None if r.tier_counts_XLE is None else r.tier_counts_XLE.tolist()}
+
+
+def _grown(store: dict[str, np.ndarray], key: str, need: int, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """The request's host array, grown (doubling) to hold `need` positions."""
+    buf = store.get(key)
+    if buf is None or buf.shape[0] < need:
+        grown = np.zeros((max(need, 2 * (0 if buf is None else buf.shape[0]), 16), *shape), dtype=dtype)
+        if buf is not None:
+            grown[: buf.shape[0]] = buf
+        store[key] = buf = grown
+    return buf
+
+
+def install_load(state: Any, max_tokens: int, num_experts: int, top_k: int, counting: bool = True) -> VllmLoad:
+    """Give an installed `VarState` its expert-load buffers (at model construction, before compiling);
+    `counting` False keeps only the routed-experts rows."""
+    device = state.rows_N.device
+    state.load = VllmLoad(device, max_tokens, len(state.layers), int(num_experts), int(top_k), counting)
+    return state.load
+
+
+def reading_from(reply: dict[str, Any]):
+    """A `LoadReading` from one worker's `read()` reply."""
+    from ..expert_load import LoadReading
+
+    tiers = reply.get("tier_counts_XLE")
+    return LoadReading(np.asarray(reply["counts_LE"], dtype=np.int64), np.asarray(reply["entropy_L"], dtype=np.float64),
+                       np.asarray(reply["tokens_L"], dtype=np.int64),
+                       None if tiers is None else np.asarray(tiers, dtype=np.int64))
