@@ -104,26 +104,23 @@ def kv_cache_bytes(settings, on_cpu: bool) -> int | None:
     return size
 
 
-def pair_capacity(settings, tables_path) -> int:
+def pair_capacity(settings, tables) -> int:
     """Room for (previous, token) entries in the engine: the operator's --vllm-pair-capacity, else
-    exactly what the startup tables file holds. With a capacity above 0 every VAR step looks pairs
+    exactly what the startup tables hold. With a capacity above 0 every VAR step looks pairs
     up (on the host, and a gather per MoE layer on the device), so tables without pair entries
     build no pair tier and cost nothing for it."""
     if settings.vllm_pair_capacity is not None:
         return int(settings.vllm_pair_capacity)
-    from var_moe.var.tables import VARTables
-
-    return sum(VARTables.load(tables_path).pair_sizes().values())
+    return sum(tables.pair_sizes().values())
 
 
-def check_checkpoint(model: str, tables_path) -> None:
+def check_checkpoint(model: str, tables, tables_path) -> None:
     """Refuse tables of other weights in a second, from the stored checkpoint's routers (the
     workers check again against the gates vLLM loads, where no checkpoint can be read by name)."""
     from var_moe.identity import checkpoint_fingerprint
-    from var_moe.var.tables import VARTables
 
     stored = checkpoint_fingerprint(model)
-    built = VARTables.load(tables_path).metadata
+    built = tables.metadata
     if stored is not None and built.get("router_fingerprint") != stored:
         raise InvalidInputError(
             f"VAR tables {tables_path} were built for router_fingerprint={built.get('router_fingerprint')!r} (model "
@@ -199,11 +196,14 @@ class VllmHost:
                       "(the vLLM engine reads tables files, not statistics)")
         elif arch not in SUPPORTED:
             reason = f"VAR on vLLM supports {sorted(SUPPORTED)}; this model is {arch!r}"
-        if not reason:
-            check_checkpoint(settings.model, tables_path)  # other weights: refused before vLLM loads anything
+        from var_moe.var.tables import VARTables
+
+        tables = None if reason else VARTables.load(tables_path)  # identity checked below, against the weights
+        if tables is not None:
+            check_checkpoint(settings.model, tables, tables_path)  # other weights: refused before vLLM loads anything
         kw = engine_args(settings)
         counting = settings.expert_load_metrics or settings.expert_load_per_expert  # off: none in the graph
-        kw = (engine_kwargs(settings.model, pair_capacity=pair_capacity(settings, tables_path), expert_load=counting,
+        kw = (engine_kwargs(settings.model, pair_capacity=pair_capacity(settings, tables), expert_load=counting,
                             **kw) if not reason else {"model": settings.model, **kw})
         try:
             engine = LLMEngine.from_engine_args(EngineArgs(**kw))
@@ -223,10 +223,8 @@ class VllmHost:
         refused = [r["error"] for r in replies if "error" in r]
         if refused:  # every rank checks the same tables against the same gates
             raise InvalidInputError(refused[0])
-        from var_moe.var.tables import VARTables
-
         layers = sorted(int(l) for l in engine.collective_rpc("varmoe_counts")[0])
-        info, tables = replies[0], VARTables.load(tables_path)
+        info = replies[0]
         info["dtype_check"] = dtype_check(engine, settings, tables).to_json()
         return cls(engine, settings.model, info, ServedTables.from_tables(tables, layers), layers)
 

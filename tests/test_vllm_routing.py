@@ -323,9 +323,10 @@ def test_server_pair_capacity_defaults_to_the_startup_tables_pair_entries(tmp_pa
     """`--vllm-pair-capacity` unset: room for exactly the startup file's pair entries (0 for a file
     without them: no pair tier is built, so no step pays for a lookup); set: the operator's number."""
     from server.vllm_host import pair_capacity
+    from var_moe.var.tables import VARTables
 
-    with_pairs = pair_tables().save(tmp_path / "pairs.safetensors")
-    without = pair_tables(pairs={}).save(tmp_path / "tokens.safetensors")
+    with_pairs = VARTables.load(pair_tables().save(tmp_path / "pairs.safetensors"))
+    without = VARTables.load(pair_tables(pairs={}).save(tmp_path / "tokens.safetensors"))
     unset, set_to_9 = SimpleNamespace(vllm_pair_capacity=None), SimpleNamespace(vllm_pair_capacity=9)
     assert pair_capacity(unset, with_pairs) == sum(pair_tables().pair_sizes().values()) > 0
     assert pair_capacity(unset, without) == 0
