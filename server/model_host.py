@@ -180,18 +180,10 @@ def dtype_check(model: Any, tokenizer: Any, tables: VARTables, settings) -> Any:
     --var-dtype-check warn (var_moe.var.served_dtype)."""
     from var_moe.var import served_dtype as sd
 
-    served, certified = sd.dtype_name(model.dtype), sd.certified_dtype(tables.metadata, settings.model)
-    if served == certified:
-        check = sd.unchanged(served, certified)
-    else:
-        batches = sd.sample_batches(tables.metadata, tokenizer)
-        target = (tables.metadata.get("config") or {}).get("target_agreement")
-        check = sd.judge(served, certified, sd.builtin_agreement(model, tables, batches), target,
-                         sd.sample_label(batches, tables.metadata))
+    check = sd.check_tables(model.dtype, tables, settings.model, tokenizer,
+                            lambda batches: sd.builtin_agreement(model, tables, batches))
     log.info("%s", check.message())
-    if not check.ok and settings.var_dtype_check == "refuse":
-        raise DtypeCheckFailed(check.message())
-    return check
+    return sd.enforce(check, settings.var_dtype_check == "refuse")
 
 
 def _build_wrapper(model: Any, tokenizer: Any, settings) -> tuple[VARModelWrapper, Any]:

@@ -135,20 +135,13 @@ def dtype_check(engine: Any, settings, tables) -> Any:
     from var_moe.var import served_dtype as sd
     from var_moe.vllm.agreement import table_agreement
 
-    served = sd.dtype_name(engine.vllm_config.model_config.dtype)
-    certified = sd.certified_dtype(tables.metadata, settings.model)
-    if served == certified:
-        check = sd.unchanged(served, certified)
-    else:
-        batches = sd.sample_batches(tables.metadata, engine.get_tokenizer())
-        lists = [ids[mask.bool()].tolist() for b in batches for ids, mask in zip(b.ids, b.mask)]
-        counts = table_agreement(engine, lists)
-        target = (tables.metadata.get("config") or {}).get("target_agreement")
-        check = sd.judge(served, certified, counts, target, sd.sample_label(batches, tables.metadata))
+    def measure(batches):
+        return table_agreement(engine, [ids[mask.bool()].tolist() for b in batches for ids, mask in zip(b.ids, b.mask)])
+
+    check = sd.check_tables(engine.vllm_config.model_config.dtype, tables, settings.model, engine.get_tokenizer(),
+                            measure)
     log.info("%s", check.message())
-    if not check.ok and settings.var_dtype_check == "refuse":
-        raise sd.DtypeCheckFailed(check.message())
-    return check
+    return sd.enforce(check, settings.var_dtype_check == "refuse")
 
 
 class VllmHost:
