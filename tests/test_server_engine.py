@@ -19,26 +19,21 @@ from server.decode import RowSpec
 from server.engine import Engine, Job, QueueFull, RequestTooLarge
 from server.metrics import ServerMetrics
 from server.model_host import ModelHost
+from server.settings import ServerSettings
 from server.var_runtime import VarRuntime
 
 torch.set_num_threads(1)
-
-
-class _Settings:
-    """The fields ModelHost.load reads (a plain object keeps this test independent of env vars)."""
-
-    def __init__(self, model_dir, tables, var_config):
-        self.model, self.dtype, self.device, self.quantization, self.trust_remote_code = str(model_dir), "float32", "cpu", None, False
-        self.var_tables, self.routing_stats, self.var_config, self.var_on_start = tables, None, var_config, True
-        self.var_tables_path, self.routing_stats_path = tables, None
-        self.shadow_rate = None  # keep the VAR config's own shadow rate
 
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
     d = tiny_var_model(tmp_path_factory.mktemp("engine") / "tiny")
     (d / "var.json").write_text(json.dumps(permissive_var_config()))
-    return ModelHost.load(_Settings(d, d / "var" / "var_tables.safetensors", str(d / "var.json")))
+    # The real settings (not a stand-in that drifts from the fields ModelHost reads); explicit values
+    # win over environment variables.
+    settings = ServerSettings(model=str(d), dtype="float32", device="cpu", var_tables=str(d / "var" / "var_tables.safetensors"),
+                              var_config=str(d / "var.json"), var_on_start=True)
+    return ModelHost.load(settings)
 
 
 def make_engine(host, **kw) -> Engine:
