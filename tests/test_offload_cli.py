@@ -56,11 +56,33 @@ def test_simulate_on_mixtral_shape(traces, capsys):
     assert doc["policies"]["nocache"]["tokens_per_s"] < doc["policies"]["lru"]["tokens_per_s"]
 
 
+def test_simulate_sizes_only_keeps_trace_depth(traces):
+    """--sizes-only: the trace's layers and experts, the named shape's bytes per expert (no layer map)."""
+    from var_moe.offload.hardware import OLMOE_1B_7B, QWEN3_30B_A3B
+
+    docs = {}
+    for shape in ("olmoe-1b-7b", "qwen3-30b-a3b"):
+        out = traces / f"{shape}.json"
+        assert main(["simulate", "--trace", str(traces / "test.parquet"), "--shape", shape, "--sizes-only",
+                     "--policy", "lru", "--cache-size", "2", "--output", str(out), "--no-plot"]) == 0
+        docs[shape] = json.loads(out.read_text())
+    tr = Trace.read(traces / "test.parquet")
+    for shape, ref in (("olmoe-1b-7b", OLMOE_1B_7B), ("qwen3-30b-a3b", QWEN3_30B_A3B)):
+        got = docs[shape]
+        assert got["layer_map"] is None and got["policies"]["lru"]["layers"] == tr.num_layers
+        assert got["shape"]["num_experts"] == tr.num_experts and got["shape"]["top_k"] == tr.top_k
+        assert (got["shape"]["hidden"], got["shape"]["intermediate"]) == (ref.hidden, ref.intermediate)
+    # OLMoE's expert (3 x 2048 x 1024) is 4/3 of Qwen3's (3 x 2048 x 768): more bytes, fewer tokens/s
+    assert OLMOE_1B_7B.expert_params * 3 == QWEN3_30B_A3B.expert_params * 4
+    assert docs["olmoe-1b-7b"]["policies"]["lru"]["tokens_per_s"] < docs["qwen3-30b-a3b"]["policies"]["lru"]["tokens_per_s"]
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--hardware", "h100"], "--hardware"),
     (["--policy", "fifo"], "--policy"),
     (["--cache-size", "1"], "--cache-size"),
     (["--shape", "gpt5"], "--shape"),
+    (["--sizes-only"], "--sizes-only"),
 ])
 def test_simulate_bad_flags(traces, capsys, flags, message):
     rc = main(["simulate", "--trace", str(traces / "test.parquet"), "--output", str(traces / "x.json"), "--no-plot", *flags])

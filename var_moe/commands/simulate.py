@@ -6,7 +6,8 @@
 Prints a table of every policy (hit rate, bytes moved, stall share, tokens/s), writes JSON keyed
 by policy name (plus predictor accuracy per layer) and a plot beside it (`<output stem>.png/.pdf`).
 With `--shape mixtral-8x7b` a trace of another depth is mapped onto its 32 layers (layer m takes
-trace layer m mod L). Parses flags and calls `var_moe.offload`. Test: `pytest tests/test_offload_cli.py`.
+trace layer m mod L); `--sizes-only` instead keeps the trace's layers, experts and top-k and takes
+only the shape's expert and attention sizes (no layer mapping). Parses flags and calls `var_moe.offload`. Test: `pytest tests/test_offload_cli.py`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration-trace", default=None, help="calibration-split trace for the token modal table (and the (previous, token) table when the VAR tables hold none)")
     p.add_argument("--min-count", type=int, default=3, help="minimum evidence for a modal set from the calibration trace")
     p.add_argument("--shape", default="trace", help=f"model shape for sizes: 'trace' (the traced model) or {', '.join(SHAPES)}")
+    p.add_argument("--sizes-only", action="store_true",
+                   help="with a named --shape: price its expert and attention sizes at the trace's own layers, experts and top-k (no layer mapping)")
     p.add_argument("--bits", type=float, default=2.6, help="bits per expert weight incl. quantisation scales")
     p.add_argument("--attn-bits", type=float, default=4.0, help="bits per attention weight")
     p.add_argument("--overhead-ms", type=float, default=0.0, help="fixed software time per layer (ms)")
@@ -57,7 +60,7 @@ def _default_tables(trace_meta: dict) -> Path | None:
 
 def run(args: argparse.Namespace) -> int:
     from ..offload import predictors, report
-    from ..offload.hardware import ModelShape, get_profile, get_shape
+    from ..offload.hardware import ModelShape, get_profile, get_shape, sizes_at_depth
     from ..offload.simulator import POLICIES, POLICIES_ALL, SimConfig, map_predictions, simulate_policies
     from ..offload.trace import Trace
 
@@ -84,6 +87,10 @@ def run(args: argparse.Namespace) -> int:
         shape = ModelShape(**trace.metadata["shape"])
     else:
         shape = get_shape(args.shape)
+        if args.sizes_only:
+            shape = sizes_at_depth(shape, trace.num_layers, trace.num_experts, trace.top_k)
+    if args.sizes_only and args.shape == "trace":
+        raise InvalidInputError("--sizes-only needs a named --shape (the trace's own shape has its own sizes)")
     sources: dict = {}
     preds = predictors.all_predictions(trace, tables, calib, args.min_count, info=sources)
     accuracy = predictors.accuracy_report(trace, preds)

@@ -11,8 +11,9 @@ hidden x intermediate, SwiGLU as in Mixtral), and `layer_compute_ms(profile, ...
 memory-bound time of one decoding layer at batch 1: attention weights plus the top-k experts read
 once from GPU memory. That roofline is a floor: real kernels (dequantisation, launches) are slower.
 
-Shapes: `MIXTRAL_8X7B` (the published config) and `shape_from_config(cfg)` for any Mixtral-shaped
-model. Test: `pytest tests/test_offload_simulator.py`.
+Shapes: `MIXTRAL_8X7B`, `OLMOE_1B_7B`, `QWEN3_30B_A3B` (their published configs) and
+`shape_from_config(cfg)` for any Mixtral-shaped model; `sizes_at_depth` keeps a shape's sizes on a
+trace's own layers and experts. Test: `pytest tests/test_offload_simulator.py`.
 """
 
 from __future__ import annotations
@@ -136,7 +137,25 @@ class ModelShape:
 # top-2, 32 heads, 8 KV heads, head_dim 128 (46.7B parameters, of which experts 45.1B).
 MIXTRAL_8X7B = ModelShape("mixtral-8x7b", num_layers=32, num_experts=8, top_k=2, hidden=4096, intermediate=14336,
                           num_heads=32, num_kv_heads=8, head_dim=128)
-SHAPES = {"mixtral-8x7b": MIXTRAL_8X7B}
+# allenai/OLMoE-1B-7B-0924 config.json: hidden 2048, intermediate 1024 (one expert), 16 layers, 64 experts,
+# top-8, 16 heads, 16 KV heads (head_dim 2048 / 16 = 128).
+OLMOE_1B_7B = ModelShape("olmoe-1b-7b", num_layers=16, num_experts=64, top_k=8, hidden=2048, intermediate=1024,
+                         num_heads=16, num_kv_heads=16, head_dim=128)
+# Qwen/Qwen3-30B-A3B config.json: hidden 2048, moe_intermediate_size 768, 48 layers, 128 experts, top-8,
+# 32 heads, 4 KV heads, head_dim 128 (attention width 4096 > hidden).
+QWEN3_30B_A3B = ModelShape("qwen3-30b-a3b", num_layers=48, num_experts=128, top_k=8, hidden=2048, intermediate=768,
+                           num_heads=32, num_kv_heads=4, head_dim=128)
+SHAPES = {s.name: s for s in (MIXTRAL_8X7B, OLMOE_1B_7B, QWEN3_30B_A3B)}
+
+
+def sizes_at_depth(shape: ModelShape, num_layers: int, num_experts: int, top_k: int) -> ModelShape:
+    """`shape`'s expert and attention sizes on a model of another depth, expert count and top-k.
+
+    For pricing a trace at its own depth: no layer mapping, the trace's experts and top-k, and only
+    the bytes of one expert and of one layer's attention taken from `shape` (its spread over more
+    experts or layers is not simulated)."""
+    return replace(shape, name=f"{shape.name} sizes, {num_layers} layers x {num_experts} experts top-{top_k}",
+                   num_layers=num_layers, num_experts=num_experts, top_k=top_k)
 
 
 def shape_from_config(config: Any, name: str | None = None) -> ModelShape:
