@@ -12,7 +12,7 @@ VLLM_VENV ?= $(VENV)-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
 
-.PHONY: setup setup-vllm serve-vllm prometheus test serve demo ab-test reliability bench gpu-check gpu-check-vllm reference-moe-2 clean
+.PHONY: setup setup-vllm serve-vllm prometheus test serve demo ab-test reliability bench gpu-check gpu-check-vllm reference-moe-2 pipeline clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -44,6 +44,16 @@ reference-moe-2: setup
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-doc python3-doc >/dev/null)
 	HF_HUB_OFFLINE=1 nice -n 15 $(BIN)/python -m var_moe.cli train-reference --recipe reference-moe-2 \
 	  --work-dir $(REF2_WORK) --output models/reference-moe-2 --no-progress
+
+# The whole pipeline for one model into one results folder (Phase 1, tables + evaluation, offload
+# traces priced at OLMoE's and Qwen3-30B-A3B's expert sizes, A/B through both engines); resumable:
+# rerun the same command, finished steps are skipped, new weights rerun everything. ~45 min on 2 cores.
+MODEL ?= models/reference-moe-2
+DATASET ?= prose-code
+OUT ?= results/reference-moe-2
+pipeline: setup setup-vllm
+	HF_HUB_OFFLINE=1 nice -n 10 $(BIN)/python -m analysis_jobs.pipeline --model $(MODEL) --dataset $(DATASET) \
+	  --output-dir $(OUT) --vllm-python $(VLLM_BIN)/python $(ARGS)
 
 # two runs: the whole suite in the main environment (tests/vllm_engine skip there), then the vLLM engine's tests
 test: setup setup-vllm prometheus
