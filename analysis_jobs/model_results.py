@@ -150,6 +150,9 @@ def phase2_facts(name: str) -> dict[str, str]:
         if ab is None:
             out[f"A/B ({label}): perplexity ratio"] = MISSING
             continue
+        req = ab["requests"]
+        out[f"A/B ({label}): requests answered 200, load"] = (
+            f"{req['by_status'].get('200', 0):,} of {req['requests']:,}, {ab['config']['users']} users x {ab['config']['duration_s']:.0f} s")
         ppl = ab["perplexity"]
         out[f"A/B ({label}): perplexity ratio"] = f"{ppl['ratio']:.4f} [{ppl['ratio_lo']:.4f}, {ppl['ratio_hi']:.4f}]"
         sr = ab["throughput"]["service_ratio"]
@@ -208,7 +211,8 @@ HEADLINE_ROWS = ("architecture", "test perplexity (unigram)", "token table: exac
                  "token table: overlap at k (= expert recall)", "token table: routing weight covered",
                  "decisions served by the tables (evaluate sample)", "agreement of table rows with the learned router",
                  "perplexity change (first 256 tokens of test documents)", "A/B (builtin): service tokens/s VAR / baseline",
-                 "A/B (vLLM): perplexity ratio", "var: tokens/s vs LRU", "oracle: tokens/s vs LRU")
+                 "A/B (vLLM): perplexity ratio", "var: tokens/s vs LRU", "token_modal: tokens/s vs LRU",
+                 "oracle: tokens/s vs LRU")
 
 
 def headline_facts(name: str) -> dict[str, str]:
