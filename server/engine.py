@@ -41,100 +41,24 @@ Test: `pytest tests/test_server_engine.py`.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from .decode import BatchDecoder, RowSpec, RowState
-from .engine_thread import (  # noqa: F401  (re-exported: the errors submit raises)
-    EngineError,
-    EngineStopping,
-    EngineThread,
-    QueueFull,
-    RequestTooLarge,
-    check_request_budget,
-)
+from .decode import BatchDecoder
+from .engine_thread import EngineThread
+from .jobs import Job, JobResult, RowState, tier_names
 from .metrics import ServerMetrics
-from .model_host import ModelHost
+from .host import BatchHost
 from .var_runtime import VarRuntime
 
 log = logging.getLogger("varmoe.server")
 
 
-@dataclass
-class JobResult:
-    state: RowState
-    mode: str
-    prompt_tokens: int
-    queue_s: float
-    ttft_s: float | None
-    total_s: float
-    tier_counts: dict[str, int]  # routing decisions of this request by tier (all layers)
-    error: str | None = None
-    # with return_routed_experts: {"prompt_routed_experts": [tokens][layers][k], "routed_experts": ...}
-    routed: dict[str, list] | None = None
-
-
-ROW_TIERS = ("learned", "fast")  # index: served by a VAR table
-
-
-def tier_names(fast_TL: list[list[bool]]) -> list[list[str]]:
-    return [[ROW_TIERS[f] for f in row] for row in fast_TL]
-
-
-@dataclass
-class Job:
-    spec: RowSpec
-    pinned_mode: str | None = None  # "var" | "baseline" | None (current mode)
-    stop: list[str] = field(default_factory=list)
-    stream: bool = False
-    timeout_s: float = 120.0
-    loop: asyncio.AbstractEventLoop | None = None
-    events: asyncio.Queue | None = None
-    cancelled: bool = False  # set by the HTTP side; read by the engine thread between steps
-    enqueued_at: float = 0.0
-    first_token_at: float | None = None
-    request: int = 0  # jobs submitted together share it (fair scheduling is per request)
-    started_at: float | None = None  # when its row entered a batch
-    tier_counts: dict[str, int] = field(default_factory=dict)  # summed over segments
-    segment_tokens: int = 0  # forwarded tokens already counted in tier_counts
-    posted: bool = False  # its "done" event has been sent
-    routed: bool = False  # return_routed_experts: keep the experts of every token it sends through
-    prompt_routing: list | None = None  # [prompt tokens][MoE layers][k]
-    gen_routing: list = field(default_factory=list)  # [generated tokens fed back][MoE layers][k]
-    prompt_tiers: list | None = None  # [prompt tokens][MoE layers] "fast" | "learned", VAR mode only
-    gen_tiers: list = field(default_factory=list)
-
-    def routed_arrays(self) -> dict[str, list] | None:
-        if not self.routed:
-            return None
-        out = {"prompt_routed_experts": self.prompt_routing or [], "routed_experts": list(self.gen_routing)}
-        if self.prompt_tiers is not None:
-            out |= {"prompt_routed_tiers": self.prompt_tiers, "routed_tiers": list(self.gen_tiers)}
-        return out
-
-
-    @property
-    def deadline(self) -> float:
-        return self.enqueued_at + self.timeout_s
-
-    def post(self, *event: Any) -> None:
-        """Hand an event to the request's event loop (thread-safe; a closed loop is ignored)."""
-        if self.loop is None or self.events is None:
-            return
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # loop closed: the client is gone
-            self.cancelled = True
-
-
 class Engine(EngineThread):
-    def __init__(self, host: ModelHost, var: VarRuntime, metrics: ServerMetrics, max_batch_size: int = 8,
+    def __init__(self, host: BatchHost, var: VarRuntime, metrics: ServerMetrics, max_batch_size: int = 8,
                  max_wait_ms: float = 50.0, max_queue: int = 64, threads: int | None = None,
                  max_request_rows: int | None = None, max_request_tokens: int | None = None):
         super().__init__(var, metrics, max_queue, max_request_rows, max_request_tokens)
@@ -300,9 +224,7 @@ class Engine(EngineThread):
     def _record_routing(self, jobs: list[Job]) -> bool:
         """Make the host keep the next forward's experts when a row of it asked for them."""
         want = any(j.routed and not j.posted for j in jobs)
-        tap = getattr(self.host, "tap", None)
-        if want or (tap is not None and tap.recording):
-            self.host.record_routing(want)
+        self.host.record_routing(want)
         return want
 
     def _prompt_routing(self, jobs: list[Job]) -> list[dict | None]:

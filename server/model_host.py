@@ -33,6 +33,12 @@ log = logging.getLogger("varmoe.server")
 
 
 class ModelHost:
+    """A `BatchHost` (server/host.py)."""
+
+    routed_available = True  # the routing tap answers return_routed_experts
+    expert_load_on_engine = False  # the counters are device tensors any thread may copy
+    can_capture = True
+
     def __init__(self, model: Any, tokenizer: Any, model_name: str, wrapper: VARModelWrapper | None = None,
                  reason: str = "", dtype_check: Any = None):
         self.model = model
@@ -152,6 +158,10 @@ class ModelHost:
         return self.tap.last_fast_LT
 
     # -- capture -------------------------------------------------------------------------------
+    @property
+    def capture_started(self) -> bool:
+        return self.analyzer is not None
+
     def capture_start(self) -> None:
         """Start a capture from zero; a second start drops what the running one had gathered."""
         if self.capturing:

@@ -8,9 +8,9 @@ Every other part asks it instead of keeping a copy:
   `verification_counts()` and `enabled` at scrape time);
 - `/var/status` is `status()`.
 
-An engine plugs its VAR implementation in through `RoutingBackend` (a small protocol): the builtin
-engine's backend is `server.model_host.ModelHost` (a `VARModelWrapper` on a transformers model);
-another engine (vLLM) provides the same five members from its workers. Counts are cumulative in the
+An engine plugs its VAR implementation in through `RoutingBackend` (a small protocol, the VAR part
+of the engine contract `server.host.Host`): the builtin engine's `ModelHost` (a `VARModelWrapper`
+on a transformers model), vLLM's `VllmHost` (its workers' counters). Counts are cumulative in the
 backend; the runtime attributes what was added since its last read to the mode of the batch that
 added it, so VAR's tier shares never include baseline traffic. In baseline mode the learned router
 makes every decision: valid tokens x MoE layers under `learned`.

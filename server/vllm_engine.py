@@ -28,9 +28,9 @@ import logging
 import time
 from typing import Any
 
-from .decode import RowState
-from .engine import Job, JobResult, tier_names
 from .engine_thread import EngineThread
+from .host import StepHost
+from .jobs import Job, JobResult, RowState, tier_names
 from .metrics import ServerMetrics
 from .var_runtime import VarRuntime
 
@@ -70,7 +70,7 @@ class _Flight:
 class VllmEngine(EngineThread):
     thread_name = "varmoe-vllm-engine"
 
-    def __init__(self, host, var: VarRuntime, metrics: ServerMetrics, max_batch_size: int = 8,
+    def __init__(self, host: StepHost, var: VarRuntime, metrics: ServerMetrics, max_batch_size: int = 8,
                  max_wait_ms: float = 50.0, max_queue: int = 64, threads: int | None = None,
                  max_request_rows: int | None = None, max_request_tokens: int | None = None):
         super().__init__(var, metrics, max_queue, max_request_rows, max_request_tokens)

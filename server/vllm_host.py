@@ -30,7 +30,6 @@ from typing import Any
 from var_moe.errors import InvalidInputError
 from var_moe.var.served import ServedTables, tier_counts
 
-from .errors import APIError
 from .var_runtime import Counts
 
 log = logging.getLogger("varmoe.server")
@@ -145,15 +144,13 @@ def dtype_check(engine: Any, settings, tables) -> Any:
 
 
 class VllmHost:
-    capturing = False
+    """A `StepHost` (server/host.py)."""
+
+    can_capture = capturing = capture_started = False
     capture_tokens = 0
-    analyzer = None
 
     def __init__(self, engine: Any, model_name: str, tables_info: dict | None, served: ServedTables | None,
                  layers: list[int], reason: str = ""):
-        from .vllm_engine import VllmEngine
-
-        self.engine_class = VllmEngine  # ServerState builds this engine instead of the builtin one
         self.llm = engine
         self.model_name = model_name
         self.tokenizer = engine.get_tokenizer()
@@ -308,9 +305,7 @@ class VllmHost:
         """Rows so far of requests that asked for their routed experts (engine thread)."""
         return self.llm.collective_rpc("varmoe_take_routed", args=(keys, finished))[0]
 
-    # -- capture: builtin engine only ----------------------------------------------------------------
-    def _no_capture(self, *args: Any) -> None:
-        raise APIError(409, "capture_unavailable", "capture runs on the builtin engine (varmoe serve without "
-                       "--engine vllm): it needs per-token router hooks that vLLM's compiled model does not offer")
+    def capture_start(self, *args: Any) -> None:  # can_capture is False: the routes answer 409 first
+        raise NotImplementedError("capture runs on the builtin engine")
 
-    capture_start = capture_stop = capture_parquet = _no_capture
+    capture_stop = capture_parquet = capture_start

@@ -16,9 +16,8 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from ..decode import RowSpec
-from ..engine import Job, JobResult
 from ..errors import APIError
+from ..jobs import Job, JobResult, RowSpec
 from ..schemas import MAX_TEXTS, GenerateRequest, GenerateResponse, PerplexityRequest, PerplexityResponse
 from ..state import ServerState, get_state
 from ..var_runtime import TIERS
