@@ -74,18 +74,6 @@ class VARRouter(nn.Module):
                                    {self.layer: self.weight_scale}, self.device, self.index_dtype))
         return self.stack
 
-    # views of this layer's row of the stack (the seed-era attribute names)
-    @property
-    def member_V(self) -> torch.Tensor:
-        stack = self._ensure_stack()
-        stack.apply_demotions()
-        return stack.member_LV[self.slot]
-
-    @property
-    def counts(self) -> torch.Tensor:
-        """This layer's counters (a copy with the lookup-time counts folded in)."""
-        return self._ensure_stack().counts()[self.slot]
-
     @torch.no_grad()
     def _probe(self, param: torch.Tensor) -> None:
         """Learn the router's output dtypes and whether its top-k weights sum to a constant."""
