@@ -49,7 +49,7 @@ import torch
 
 from .decode import BatchDecoder
 from .engine_thread import EngineThread
-from .jobs import Job, JobResult, RowState, tier_names
+from .jobs import Job, RowState, tier_names
 from .metrics import ServerMetrics
 from .host import BatchHost
 from .var_runtime import VarRuntime
@@ -199,9 +199,7 @@ class Engine(EngineThread):
             for job in everyone:
                 if not job.posted:
                     job.posted = True
-                    job.post("done", JobResult(RowState(), mode, len(job.spec.prompt_ids), 0.0, None,
-                                               time.monotonic() - job.enqueued_at, {},
-                                               error=f"{type(exc).__name__}: {exc}"))
+                    job.post("done", job.result(RowState(), mode, time.monotonic(), error=f"{type(exc).__name__}: {exc}"))
             return
         self._returning, self._last_batch_end = len(jobs), time.monotonic()
         self._post_finished(jobs, dec, mode)
@@ -294,10 +292,7 @@ class Engine(EngineThread):
         for job, st in zip(jobs, dec.state):
             if st.finished and not job.posted:
                 job.posted = True
-                ttft = None if job.first_token_at is None else job.first_token_at - job.enqueued_at
-                job.post("done", JobResult(st, mode, len(job.spec.prompt_ids), (job.started_at or now) - job.enqueued_at,
-                                           ttft, now - job.enqueued_at, dict(job.tier_counts),
-                                           routed=job.routed_arrays()))
+                job.post("done", job.result(st, mode, now, job.tier_counts))
 
     def _deliver(self, jobs: list[Job], dec: BatchDecoder, emitted: list[int | None], mode: str,
                  extra: list[dict | None] | None = None) -> None:

@@ -95,6 +95,13 @@ class Job:
             out |= {"prompt_routed_tiers": self.prompt_tiers, "routed_tiers": list(self.gen_tiers)}
         return out
 
+    def result(self, state: RowState, mode: str, now: float, tiers: dict[str, int] | None = None,
+               error: str | None = None) -> JobResult:
+        """The job's "done" event, timed from its stamps."""
+        ttft = None if self.first_token_at is None else self.first_token_at - self.enqueued_at
+        return JobResult(state, mode, len(self.spec.prompt_ids), (self.started_at or now) - self.enqueued_at, ttft,
+                         now - self.enqueued_at, dict(tiers or {}), error, self.routed_arrays())
+
     @property
     def deadline(self) -> float:
         return self.enqueued_at + self.timeout_s

@@ -76,16 +76,16 @@ class VARRouter(nn.Module):
 
     @torch.no_grad()
     def _probe(self, param: torch.Tensor) -> None:
-        """Learn the router's output dtypes and whether its top-k weights sum to a constant."""
+        """Learn the router's index dtype and whether its top-k weights sum to a constant."""
         hidden = param.shape[-1]
         x = torch.randn(16, hidden, generator=torch.Generator().manual_seed(0)).to(param.device, param.dtype)
-        logits, weights, indices = self.learned.forward(x)
-        self.logits_dtype, self.weights_dtype, self.index_dtype = logits.dtype, weights.dtype, indices.dtype
+        _, weights, indices = self.learned.forward(x)
+        self.index_dtype = indices.dtype
         sums = weights.float().sum(-1)
         constant = bool((sums - sums[0]).abs().max() <= 1e-3 * sums[0].abs().clamp_min(1e-6))
         self.weight_scale = float(sums[0]) if constant else None  # None: use the table's raw mass
 
-    def _restricted(self, logits_NE: torch.Tensor, idx_NK: torch.Tensor, mass_N: torch.Tensor | None = None) -> torch.Tensor:
+    def _restricted(self, logits_NE: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
         """Learned weights restricted to a chosen set (index E = empty slot gets 0)."""
         probs = self.adapter.probabilities(logits_NE)
         g = probs.gather(1, idx_NK.clamp_max(self.num_experts - 1)) * (idx_NK < self.num_experts)
