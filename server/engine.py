@@ -26,17 +26,11 @@ Control actions (capture start/stop/export) run on this thread between batches, 
 row-set changes: a row joining or finishing), because the VAR wrapper counts per batch row and
 restarts when the batch changes size.
 
-Per job: a deadline (timeout -> finish reason `timeout`), a `cancelled` flag set by the HTTP side
-when the client disconnects (the row stops at the next step), stop strings, and an asyncio queue
-of events (`("token", id, logprob)` for streams, then `("done", JobResult)`).
-
-Routed experts: while a row of the batch asked for them (`Job.routed`), the host keeps each forward's
+A row stops at its deadline (`timeout`), when cancelled, or at a stop string (jobs.py). Routed
+experts: while a row of the batch asked for them (`Job.routed`), the host keeps each forward's
 experts (and, in VAR mode, which rows a table served) and the engine files them per row: the prompt
 positions of a prefill, the fed-back token of a decode step; a stream's token event carries them.
-
-Back-pressure: more than `max_queue` waiting jobs -> `QueueFull` (HTTP 429 with Retry-After).
-`stop()` refuses new work, lets queued and running jobs finish, then ends the thread.
-Test: `pytest tests/test_server_engine.py`.
+Queue bound and draining stop: engine_thread.py. Test: `pytest tests/test_server_engine.py`.
 """
 
 from __future__ import annotations

@@ -256,7 +256,7 @@ def test_adaptive_k_outputs_match_eager_experts(impl):
 
 
 def test_demote_mask_equals_scipy_wilson_on_a_grid():
-    from var_moe.var.tables import demote_mask, wilson_lower_bound
+    from var_moe.var.certify import demote_mask, wilson_lower_bound
 
     rows = [(ca, ct, sa, st) for ct in (0, 50, 2000) for ca in {0, ct // 2, ct} for st in (0, 5, 20, 60)
             for sa in {0, st // 2, (9 * st) // 10, st}]

@@ -43,7 +43,8 @@ from torch import nn
 
 from .config import VARConfig
 from .stack import C, Lookup, TableStack, compare_sets
-from .tables import LayerTable, demote_mask, wilson_lower_bound
+from .certify import demote_mask, wilson_lower_bound
+from .tables import LayerTable
 
 
 class VARRouter(nn.Module):

@@ -48,24 +48,12 @@ import torch
 
 from ..errors import InvalidInputError
 from ..identity import model_dir_of, routers_fingerprint
-from .certify import (  # noqa: F401  (re-exported: the table API in one place)
-    CHOOSE_MODES,
-    Candidates,
-    certified_counts,
-    demote_mask,
-    global_set,
-    layer_candidates,
-    multiplicity_levels,
-    pair_table,
-    score_pvalues,
-    wilson_lower_bound,
-    wilson_upper_bound,
-)
+from .certify import Candidates, global_set, layer_candidates, multiplicity_levels, pair_table, wilson_lower_bound
 from .config import VARConfig
 from .evidence import Evidence, collect_evidence
 from .pairs import PairCandidates, PairTable, accepted_pairs, pair_candidates
 from .served import pair_serves, split_key
-from .stats_io import check_split  # noqa: F401  (re-exported: callers check a file before loading a model)
+from .stats_io import check_split
 
 FORMAT_VERSION = 2
 PAIR_NAMES = ("keys_P", "sets_PK", "weights_PK", "mass_P", "code_P", "bound_P", "agree_P", "total_P")  # PairTable fields
@@ -97,13 +85,6 @@ class LayerTable:
     @property
     def size(self) -> int:
         return int(self.member_V.sum())
-
-
-def certify_layers(cands: dict[int, Candidates], config: VARConfig,
-                   method: str = "choose on even documents, certify on odd documents") -> tuple[dict[int, LayerTable], dict[str, Any]]:
-    """The multiplicity step over every candidate entry of every layer (one family), then tables."""
-    tabs, _, info = certify_entries(cands, {}, config, method)
-    return tabs, info
 
 
 def certify_entries(cands: dict[int, Candidates], pair_cands: dict[int, PairCandidates], config: VARConfig,
@@ -151,7 +132,6 @@ def certify_entries(cands: dict[int, Candidates], pair_cands: dict[int, PairCand
         info |= {"pair_candidates": int(pv.numel()) - n_tok, "pair_accepted": int(accepted[n_tok:].sum()),
                  "family": "token and (previous, token) candidates of all layers"}
     return out, ptabs, info
-
 
 
 def document_batches(token_lists: list[tuple[int, list[int]]], max_length: int, batch_size: int, pad_id: int) -> list[Any]:
