@@ -190,10 +190,8 @@ def dtype_check(model: Any, tokenizer: Any, tables: VARTables, settings) -> Any:
     --var-dtype-check warn (var_moe.var.served_dtype)."""
     from var_moe.var import served_dtype as sd
 
-    check = sd.check_tables(model.dtype, tables, settings.model, tokenizer,
-                            lambda batches: sd.builtin_agreement(model, tables, batches))
-    log.info("%s", check.message())
-    return sd.enforce(check, settings.var_dtype_check == "refuse")
+    return sd.check_tables(model.dtype, tables, settings.model, tokenizer,
+                           lambda batches: sd.builtin_agreement(model, tables, batches), settings.var_dtype_check == "refuse")
 
 
 def _build_wrapper(model: Any, tokenizer: Any, settings) -> tuple[VARModelWrapper, Any]:

@@ -22,7 +22,6 @@ Capture runs on the builtin engine only (409 here). Test: `pytest tests/vllm_eng
 
 from __future__ import annotations
 
-import logging
 import os
 from types import SimpleNamespace
 from typing import Any
@@ -32,7 +31,6 @@ from var_moe.var.served import ServedTables, tier_counts
 
 from .var_runtime import Counts
 
-log = logging.getLogger("varmoe.server")
 
 
 def engine_args(settings) -> dict[str, Any]:
@@ -137,10 +135,8 @@ def dtype_check(engine: Any, settings, tables) -> Any:
     def measure(batches):
         return table_agreement(engine, [ids[mask.bool()].tolist() for b in batches for ids, mask in zip(b.ids, b.mask)])
 
-    check = sd.check_tables(engine.vllm_config.model_config.dtype, tables, settings.model, engine.get_tokenizer(),
-                            measure)
-    log.info("%s", check.message())
-    return sd.enforce(check, settings.var_dtype_check == "refuse")
+    return sd.check_tables(engine.vllm_config.model_config.dtype, tables, settings.model, engine.get_tokenizer(),
+                           measure, settings.var_dtype_check == "refuse")
 
 
 class VllmHost:
