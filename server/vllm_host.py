@@ -32,7 +32,6 @@ from var_moe.var.served import ServedTables, tier_counts
 from .var_runtime import Counts
 
 
-
 def engine_args(settings) -> dict[str, Any]:
     """vLLM engine keyword arguments from the server settings (only what the operator set)."""
     kw: dict[str, Any] = {"dtype": settings.dtype, "seed": 0, "tensor_parallel_size": settings.tensor_parallel_size,
