@@ -8,18 +8,9 @@ serves in another dtype therefore measures, at start-up, on a small held-in samp
 `max_length` tokens of `documents` documents of the tables' own certifying split), how often each
 layer's table rows equal the learned top-k set in the served dtype, and reports it; a layer with
 at least `min_rows` table rows whose agreement falls under the tables' target is a failed check.
-
-- `certified_dtype(metadata, model_dir)`: the dtype the tables were certified in (the `dtype`
-  they record; tables without it were built by the builtin engine on the checkpoint as stored,
-  so the checkpoint's own dtype).
-- `sample_batches(metadata, tokenizer, ...)`: the held-in sample.
-- `builtin_agreement(model, tables, batches)`: the builtin engine's measure (the model's own
-  routing in the served dtype through the capture hooks, compared with the rows the tables serve).
-  The vLLM engine measures the same rows with its device audit counters (var_moe.vllm.agreement).
-- `judge(...)` -> `DtypeCheck`: the verdict and the report both engines publish in `/var/status`.
-- `check_tables(served, tables, model_dir, tokenizer, measure, refuse)`: the start-up check as both
-  servers run it, each passing its own measure: logged, and raised as `DtypeCheckFailed` when it
-  fails and the server refuses (`--var-dtype-check refuse`).
+`check_tables` is that start-up check; each engine passes its own measure (`builtin_agreement`:
+the model's routing through the capture hooks; vLLM: its device audit counters,
+var_moe.vllm.agreement), and the verdict (`DtypeCheck`) is published in `/var/status`.
 
 Test: `pytest tests/test_served_dtype.py`.
 """
