@@ -190,10 +190,11 @@ class Engine(EngineThread):
             self._close_segment(jobs, dec)
         except Exception as exc:  # a model error must not kill the engine or hang the clients
             log.exception("batch failed")
+            error = f"{type(exc).__name__}: {exc}"
             for job in everyone:
                 if not job.posted:
                     job.posted = True
-                    job.post("done", job.result(RowState(), mode, time.monotonic(), error=f"{type(exc).__name__}: {exc}"))
+                    job.post("done", job.result(RowState(), mode, time.monotonic(), error=error))
             return
         self._returning, self._last_batch_end = len(jobs), time.monotonic()
         self._post_finished(jobs, dec, mode)

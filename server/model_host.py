@@ -191,7 +191,8 @@ def dtype_check(model: Any, tokenizer: Any, tables: VARTables, settings) -> Any:
     from var_moe.var import served_dtype as sd
 
     return sd.check_tables(model.dtype, tables, settings.model, tokenizer,
-                           lambda batches: sd.builtin_agreement(model, tables, batches), settings.var_dtype_check == "refuse")
+                           lambda batches: sd.builtin_agreement(model, tables, batches),
+                           settings.var_dtype_check == "refuse")
 
 
 def _build_wrapper(model: Any, tokenizer: Any, settings) -> tuple[VARModelWrapper, Any]:

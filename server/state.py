@@ -68,8 +68,8 @@ class ServerState:
         """The pinned mode of a request. `var: true` is for A/B tests while VAR is on: once the admin
         turned VAR off it is refused (409), unless the request carries the admin token or the
         setting allow_var_pin_when_off is on; a wrong token is 403."""
-        if pinned and not self.var.available:
-            raise APIError(409, "var_unavailable", f"VAR is unavailable: {self.var.unavailable_reason}", "var")
+        if pinned and not self.host.available:
+            raise APIError(409, "var_unavailable", f"VAR is unavailable: {self.host.unavailable_reason}", "var")
         if pinned and not self.var.enabled and not self.settings.allow_var_pin_when_off:
             if request is not None and request.headers.get("authorization"):
                 require_admin(request)  # 401/403 unless it is the admin's token
@@ -177,7 +177,7 @@ class ServerState:
         would make the response larger than max_response_bytes (JSON: digits and ", " per id)."""
         if not self.host.routed_available:
             raise APIError(409, "routed_experts_unavailable", "this engine's model was built without the routing "
-                           f"buffers that return_routed_experts reads ({self.var.unavailable_reason})", field)
+                           f"buffers that return_routed_experts reads ({self.host.unavailable_reason})", field)
         k = self.host.top_k
         per_id = len(str(max(self.host.num_experts - 1, 0))) + 2
         tokens = sum(p + n for p, n in rows)
