@@ -64,6 +64,12 @@ def tier_names(fast_TL: list[list[bool]]) -> list[list[str]]:
     return [[ROW_TIERS[f] for f in row] for row in fast_TL]
 
 
+def before_stop(text: str, stops: list[str]) -> str:
+    """The text up to the first stop string in it (the stop string itself is not returned)."""
+    cut = min((text.find(s) for s in stops if s in text), default=-1)
+    return text[:cut] if cut >= 0 else text
+
+
 @dataclass
 class Job:
     spec: RowSpec
