@@ -90,7 +90,6 @@ class BatchDecoder:
         self.cache = None
         self.mask_BS: torch.Tensor | None = None
         self.next_pos_B: torch.Tensor | None = None
-        self.steps = 0
 
     # -- helpers ---------------------------------------------------------------------------
     @property
@@ -179,7 +178,6 @@ class BatchDecoder:
         for st, n in zip(self.state, lengths):
             st.forwarded_tokens += n
         last_BV = self._prompt_logprobs(ids_BS, out) if want_prompt else out[:, -1]
-        self.steps = 1
         return self._emit(last_BV)
 
     def _prompt_logprobs(self, ids_BS: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -231,7 +229,6 @@ class BatchDecoder:
         logits = self._forward(ids_B1, pos_B1, keep_all=False)
         for st, live in zip(self.state, live_B.tolist()):
             st.forwarded_tokens += int(live)
-        self.steps += 1
         return self._emit(logits[:, -1])
 
     # -- rows joining and leaving a running batch ---------------------------------------------
