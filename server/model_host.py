@@ -1,16 +1,12 @@
-"""`ModelHost`: the builtin engine's model, tokenizer, VAR router and live capture.
+"""`ModelHost`: the builtin engine's model, tokenizer, VAR router and live capture (a `BatchHost`).
 
 `ModelHost.load(settings)` loads the model and, when a tables file or calibration statistics are
 available (`--var-tables`, `--routing-stats`, or `<model>/var/`), wraps it with `VARModelWrapper`.
-It is the builtin engine's `RoutingBackend` (server/var_runtime.py): `apply_mode`, `counts`,
-`info`, `layers`, `available`. Without VAR (no tables, or files that do not fit the model and were
-not asked for explicitly) VAR is reported as unavailable with the reason; it is never simulated.
-
-Per-request tier counts (`begin_batch()` / `row_tier_counts(valid_tokens_B)`) come from the
-wrapper's per-row counts of the batch; the mode and the cumulative accounting belong to
-`VarRuntime`. Expert load and routed experts (`start_expert_load`, `record_routing`) come from a `RoutingTap`
-on the routers the blocks call. Capture (`capture_start/stop/parquet`) attaches a `RouterAnalyzer` to the model and
-runs on the engine thread between batches. Test: `pytest tests/test_server_engine.py`.
+Without VAR (no tables, or files that do not fit the model and were not asked for explicitly) VAR
+is reported as unavailable with the reason; it is never simulated. Per-request tier counts come
+from the wrapper's per-row counts of the batch; expert load and routed experts from a `RoutingTap`
+on the routers the blocks call; capture attaches a `RouterAnalyzer` on the engine thread between
+batches. Test: `pytest tests/test_server_engine.py`.
 """
 
 from __future__ import annotations

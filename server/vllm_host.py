@@ -1,23 +1,19 @@
-"""`VllmHost`: `varmoe serve --engine vllm`'s model side: a vLLM engine with VAR, as a RoutingBackend.
+"""`VllmHost`: `varmoe serve --engine vllm`'s model side: a vLLM engine with VAR, as a `StepHost`.
 
-`VllmHost.load(settings)` builds a vLLM `LLMEngine` (engine settings passed through: tensor/data
-parallel size, GPU memory share, max model length, dtype, quantization, eager mode) for a model
-whose MoE routers carry VAR (var_moe.vllm: installed before vLLM compiles the model), then loads
-the tables file through `collective_rpc` on every worker (refused for other weights: the
-fingerprint is checked against the gates vLLM loaded). Without a tables file, or for an
-architecture VAR does not support on vLLM, it serves the plain vLLM model and reports VAR as
-unavailable with the reason.
+`VllmHost.load(settings)` builds a vLLM `LLMEngine` (engine settings passed through from the server
+settings, `engine_args`) for a model whose MoE routers carry VAR (var_moe.vllm: installed before
+vLLM compiles the model), then loads the tables file through `collective_rpc` on every worker
+(refused for other weights). Without a tables file, or for an architecture VAR does not support on
+vLLM, it serves the plain vLLM model and reports VAR as unavailable with the reason.
 
-RoutingBackend (server/var_runtime.py): each request carries its own mode to the workers
-(server/vllm_engine.py), so `apply_mode` only sets the workers' default for requests that name
-none; `counts()` reads the device counters, which count VAR-mode rows only; verification outcomes are the free audit of every table row against the
-learned decision (no sampling, no demotion on this engine). Per-request tier counts are exact
-without reading the device: a fast decision depends on the token and its previous token only, so
-`request_tiers` makes the workers' decision (`var.served.tier_counts` on a host copy of the served
-tables) over the tokens the request sent through the model (the vLLM tests check it against the
-device counters and against the builtin engine's counts). The caller passes the token before the
-first one sent (`prev_id`) when a prefix cache held the prompt's start.
-Capture runs on the builtin engine only (409 here). Test: `pytest tests/vllm_engine/test_vllm_server.py`.
+Each request carries its own mode to the workers (server/vllm_engine.py), so `apply_mode` only
+sets the workers' default for requests that name none; `counts()` reads the device counters (VAR
+rows only; verification outcomes are the free audit of every table row, no sampling, no demotion
+on this engine). Per-request tier counts need no device read: a fast decision depends on the token
+and its previous token only, so `request_tiers` makes the workers' decision (`served.tier_counts`
+on a host copy of the served tables) over the tokens the request sent through the model, given the
+token before the first one sent (`prev_id`) when a prefix cache held the prompt's start. Capture
+runs on the builtin engine only (`can_capture` False). Test: `pytest tests/vllm_engine/test_vllm_server.py`.
 """
 
 from __future__ import annotations
