@@ -84,16 +84,6 @@ def _modal(keys_RC: torch.Tensor, counts_R: torch.Tensor, num_key_cols: int) -> 
     return keys_G, u[first_G, num_key_cols], total_G, max_G
 
 
-def _certifying_groups(ev: LayerEvidence, modal_code_V: torch.Tensor, choose: str) -> tuple[torch.Tensor, ...]:
-    """Per (certifying document, token): occurrences n_D, agreements a_D with the chosen set, token_D.
-    Independent of the config, so it is computed once per evidence object (`_summary`)."""
-    rows, counts = ev.rows_R4, ev.counts_R.double()
-    cert = _certifying(rows, choose)
-    rows, counts = rows[cert], counts[cert]
-    tok = rows[:, 2]
-    return document_groups(rows[:, 0], tok, rows[:, 3] == modal_code_V[tok], counts)
-
-
 def document_groups(doc_R: torch.Tensor, key_R: torch.Tensor, agree_R: torch.Tensor,
                     counts_R: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Per distinct (document, key) of certifying rows: occurrences n_D, agreements a_D (rows whose
@@ -164,7 +154,11 @@ def _summary(ev: LayerEvidence, choose: str = "even", chooser: LayerEvidence | N
     keys, code_G, _, _ = _modal(rows[sel][:, 2:4], counts[sel], 1)
     modal_code_V = torch.full((ev.vocab,), -1, dtype=torch.long)
     modal_code_V[keys[:, 0]] = code_G
-    n_D, a_D, tok_D = _certifying_groups(ev, modal_code_V, choose)
+    # per (certifying document, token): occurrences, agreements with the chosen set
+    cert = _certifying(ev.rows_R4, choose)
+    c_R4 = ev.rows_R4[cert]
+    agree_R = c_R4[:, 3] == modal_code_V[c_R4[:, 2]]
+    n_D, a_D, tok_D = document_groups(c_R4[:, 0], c_R4[:, 2], agree_R, ev.counts_R[cert])
     out = {"modal_code_V": modal_code_V, "n_D": n_D, "a_D": a_D, "tok_D": tok_D, "choose": choose,
            "chooser_rows": src.rows_R4}
     ev._summary_cache = {**cache, key: out}

@@ -12,7 +12,7 @@ masked) and keeps, per MoE layer:
   per observed (half, token, expert) cell, how often the expert was chosen and its summed weight
   (for the served weights), kept sparsely (`cell_keys_C` = (half * V + token) * E + e, found with
   the capture's `HashIndex`), so memory follows what was seen, not V x E;
-  `chosen_2VE` / `wsum_2VE` / `mean_weights_VE` give the dense form of one layer on demand.
+  `mean_weights_VE` gives the dense mean weights of one layer on demand.
 
 Documents are split by parity of their index: even documents choose each entry's set, odd ones
 certify it (`half_of`); evidence used whole on one side (a separate choosing evidence of another
@@ -94,20 +94,6 @@ class LayerEvidence:
         self.cell_chosen_C.index_add_(0, cell, torch.ones(cell.numel(), dtype=torch.float64))
         self.cell_wsum_C.index_add_(0, cell, w_TK.reshape(-1))
         self.cell_keys_C = self._cells.keys
-
-    def _dense_2VE(self, values_C: torch.Tensor) -> torch.Tensor:
-        n = len(self._cells)
-        out = torch.zeros(2 * self.vocab * self.num_experts, dtype=torch.float64)
-        return out.index_copy_(0, self._cells.keys, values_C[:n]).view(2, self.vocab, self.num_experts)
-
-    @property
-    def chosen_2VE(self) -> torch.Tensor:
-        """Dense (2, V, E) times chosen (built on demand; 16 bytes per cell with wsum_2VE)."""
-        return self._dense_2VE(self.cell_chosen_C)
-
-    @property
-    def wsum_2VE(self) -> torch.Tensor:
-        return self._dense_2VE(self.cell_wsum_C)
 
     def mean_weights_VE(self, halves: slice) -> torch.Tensor:
         """(V, E) mean weight of each expert when chosen, over the given halves (0 where never chosen)."""
