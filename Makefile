@@ -47,7 +47,7 @@ reference-moe-2: setup
 
 # The whole pipeline for one model into one results folder (Phase 1, tables + evaluation, offload
 # traces priced at OLMoE's and Qwen3-30B-A3B's expert sizes, A/B through both engines); resumable:
-# rerun the same command, finished steps are skipped, new weights rerun everything. ~45 min on 2 cores.
+# rerun the same command, finished steps are skipped, new weights rerun everything. ~30-40 min on 2 cores.
 MODEL ?= models/reference-moe-2
 DATASET ?= prose-code
 OUT ?= results/reference-moe-2
