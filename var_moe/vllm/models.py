@@ -57,7 +57,11 @@ def var_class(arch: str) -> type:
         max_tokens = max(int(sched.max_num_batched_tokens), int(vllm_config.model_config.max_model_len))
         extra = vllm_config.additional_config
         pair_capacity = int((extra.get("varmoe") or {}).get("pair_capacity", 0)) if isinstance(extra, dict) else 0
-        self._varmoe_state = install_var(self, int(hf.vocab_size), top_k, max_tokens, pair_capacity)
+        from ..adapters import get_adapter
+
+        # how the family's router scales its top-k weights: read from its adapter, the one place
+        scale = get_adapter(hf).weight_scale
+        self._varmoe_state = install_var(self, int(hf.vocab_size), top_k, max_tokens, pair_capacity, scale)
         # the checkpoint folder: the tables' fingerprint is the stored routers' (var_moe.identity)
         self._varmoe_state.model_dir = str(vllm_config.model_config.model)
         from .expert_load import install_load

@@ -103,8 +103,9 @@ class LayerVar:
     weights_VK: torch.Tensor  # float32, already scaled the way the router scales its weights
     member_V: torch.Tensor  # bool
     counts: torch.Tensor  # int64 [len(COUNTERS)]
-    renormalize: bool
+    renormalize: bool  # vLLM's router renormalises its top-k weights (they sum to 1)
     num_experts: int
+    weight_scale: float | None  # the family's, from its adapter (`MoEAdapter.weight_scale`)
     slot: int = 0  # this layer's column in VarState.pair_sel_NS (its index among the model's MoE layers)
     # per-row decisions of each forward, for the exactness tests; eager mode only (a compiled
     # graph was traced with None here and never records)
@@ -229,11 +230,12 @@ def find_embedding(model: nn.Module) -> nn.Module:
     return emb
 
 
-def install_var(model: nn.Module, vocab_size: int, top_k: int, max_tokens: int, pair_capacity: int = 0) -> VarState:
+def install_var(model: nn.Module, vocab_size: int, top_k: int, max_tokens: int, pair_capacity: int = 0,
+                weight_scale: float | None = 1.0) -> VarState:
     """Patch the embedding, MoE runners and routers of `model` (before compilation); empty tables.
     `max_tokens`: the most tokens one forward carries (the scheduler's max_num_batched_tokens);
     `pair_capacity`: the most (previous, token) entries, all layers together, a tables file may hold
-    (0: no pair tier)."""
+    (0: no pair tier); `weight_scale`: the family adapter's (models.py passes it)."""
     blocks = find_moe_blocks(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no MoE blocks with a gate and a FusedMoE runner")
@@ -249,7 +251,7 @@ def install_var(model: nn.Module, vocab_size: int, top_k: int, max_tokens: int, 
                       torch.zeros(vocab_size, top_k, dtype=torch.float32, device=device),
                       torch.zeros(vocab_size, dtype=torch.bool, device=device),
                       torch.zeros(len(COUNTERS), dtype=torch.long, device=device), renorm,
-                      int(b.block.gate.weight.shape[0]), slot)
+                      int(b.block.gate.weight.shape[0]), weight_scale, slot)
         state.layers[b.layer] = lv
         object.__setattr__(b.runner, "_varmoe", state)
         _subclass(b.runner, "forward", _runner_forward)

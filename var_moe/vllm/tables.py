@@ -7,8 +7,10 @@ loaded (var_moe.identity: the stored checkpoint's routers when the loaded gates 
 served dtype, as the builtin engine computes it, so a table built on the Hugging Face model is
 accepted by vLLM on the same weights in any dtype, and by neither on other weights). The tables
 are laid out as served (`var.served.ServedTables`, slot: the layer's index among the model's MoE
-layers; weights scaled by `served.scale_weights` as vLLM's router scales its own: renormalising
-routers sum their top-k weights to 1, the others keep the table's raw mass) and copied into the
+layers; weights scaled by `served.scale_weights` with the family adapter's `weight_scale`, after
+checking that vLLM's router scales its own that way: a renormalising vLLM router sums its top-k
+weights to 1, any other to no constant, and tables whose family says otherwise are refused, since
+vLLM would then route differently from the model they were certified on) and copied into the
 existing device buffers (in place: compiled graphs and CUDA graphs keep pointing at them).
 (Previous, token) entries (tables built with `--pair-entries`) go into the pair buffers of fixed
 capacity (routing.py): on the device each entry's token, set and weights (slots left hold token
@@ -101,9 +103,9 @@ def fill_tables(state: VarState, tables: VARTables) -> None:
 
 def served_tables(state: VarState, tables: VARTables) -> ServedTables:
     """The tables as served on this model's device (`var.served`: slot = the layer's index among
-    the model's MoE layers; weights scaled as vLLM's router scales its own: renormalising routers
-    sum them to 1, the others keep the raw mass). Refuses more pair entries than the capacity and
-    malformed ones."""
+    the model's MoE layers; weights scaled by the family adapter's `weight_scale`, which must be how
+    vLLM's router scales its own). Refuses more pair entries than the capacity, malformed ones, and
+    a family whose scale vLLM's router does not follow."""
     first = next(iter(state.layers.values()))
     v, (e, k) = int(first.member_V.shape[0]), (first.num_experts, int(first.experts_VK.shape[1]))
     by_slot = sorted(state.layers, key=lambda l: state.layers[l].slot)
@@ -120,7 +122,15 @@ def served_tables(state: VarState, tables: VARTables) -> ServedTables:
     if not ok:
         raise InvalidInputError(f"the tables' (previous, token) entries are malformed (keys must ascend within "
                                 f"[0, {v}**2) per layer, sets hold {k} experts below {e})")
-    scales = {l: 1.0 if state.layers[l].renormalize else None for l in by_slot}
+    for l in by_slot:
+        lv = state.layers[l]
+        vllm_scale = 1.0 if lv.renormalize else None  # what vLLM's router's top-k weights sum to
+        if lv.weight_scale != vllm_scale:
+            raise InvalidInputError(
+                f"layer {l}: the model family's router weights sum to {lv.weight_scale} (None: no constant), but "
+                f"vLLM's router {'renormalises them to 1' if lv.renormalize else 'does not renormalise them'}; "
+                "vLLM routes this model differently from the model the tables were built on")
+    scales = {l: state.layers[l].weight_scale for l in by_slot}
     return ServedTables.build(tables.layers, tables.pair_tier, by_slot, scales, v, k, first.member_V.device)
 
 
