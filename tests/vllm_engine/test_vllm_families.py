@@ -37,17 +37,27 @@ FAMILIES = ["qwen2_moe", "qwen3_moe", "olmoe"]
 MAX_TOKENS = 12
 
 
-def build(family: str, out, reference_model_dir) -> VARTables:
-    """The tiny model as a Hugging Face folder, its tables (random entries) under var/."""
+def tiny_vllm_model(family: str, seed: int = 0, **extra):
+    """`tiny_model(family)` with the reference tokenizer's vocabulary and a head size vLLM's CPU
+    attention takes."""
     over = dict(vocab_size=4096, hidden_size=128, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
                 max_position_embeddings=512, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     if family == "qwen3_moe":
         over["head_dim"] = 32
-    model = tiny_model(family, seed=0, **over)
+    return tiny_model(family, seed=seed, **over, **extra)
+
+
+def save_with_tokenizer(model, out, reference_model_dir) -> None:
     model.save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(reference_model_dir / name, out / name)
     (out / "var").mkdir()  # beside the weights, vLLM would try to load tables as weights
+
+
+def build(family: str, out, reference_model_dir) -> VARTables:
+    """The tiny model as a Hugging Face folder, its tables (random entries) under var/."""
+    model = tiny_vllm_model(family)
+    save_with_tokenizer(model, out, reference_model_dir)
     tables = VARTables.empty(model, get_adapter(model))
     g = torch.Generator().manual_seed(1)
     e, k, v = tables.metadata["num_experts"], tables.metadata["top_k"], tables.metadata["vocab_size"]

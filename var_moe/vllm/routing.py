@@ -139,7 +139,7 @@ class LayerVar:
             load.count(self.slot, ids_T, out_idx_TK, router_logits, use_T, rows_T)
         if self.record is not None:
             rec = {"ids": ids_T.tolist(), "fast": use_T.tolist(), "experts": out_idx_TK.tolist(),
-                   "learned": idx_TK.tolist()}
+                   "learned": idx_TK.tolist(), "weights": out_w_TK.float().tolist(), "learned_w": w_TK.float().tolist()}
             if pair_T is not None:
                 prev = [] if state.prev_host is None else state.prev_host.tolist()
                 rec |= {"pair": pair_T.tolist(), "prev": (prev + [-1] * ids_T.shape[0])[: ids_T.shape[0]]}
