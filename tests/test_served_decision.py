@@ -19,7 +19,7 @@ import torch
 
 from var_moe.token_tracker import TokenBatch
 from var_moe.var.config import VARConfig
-from var_moe.var.evidence import set_codes
+from var_moe.capture.router_math import set_codes
 from var_moe.var.pairs import PairTable
 from var_moe.var.served import ServedTables, decide, tier_counts
 from var_moe.var.tables import LayerTable, VARTables

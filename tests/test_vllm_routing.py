@@ -174,7 +174,7 @@ PAIRS = {0: {(5, 7): (2, 3), (6, 7): (0, 1), (9, 1): (1, 2), (11, 4): (6, 5), (2
 
 def pair_tables(pairs=PAIRS, vocab=V):
     """Tiny-model-shaped tables: layer 0 token entries for even tokens (not 4, 7, 1, 8), the pairs."""
-    from var_moe.var.evidence import set_codes
+    from var_moe.capture.router_math import set_codes
     from var_moe.var.pairs import PairTable
     from var_moe.var.tables import LayerTable, VARTables
 

@@ -7,19 +7,33 @@ Test: `pytest tests/test_capture_stats.py tests/test_capture_sparse.py`.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
 import torch
 
+from ..errors import InvalidInputError
 
+
+@functools.lru_cache(maxsize=16)
 def binomial_table(n: int, k: int) -> torch.Tensor:
-    """binom[a, b] = C(a, b) for a <= n, b <= k (int64)."""
+    """binom[a, b] = C(a, b) for a <= n, b <= k (int64; C(384, 8) ~ 1.2e16 fits where 384**8 does not).
+    Cached: callers must not write into it."""
+    if math.comb(n, k) >= 2**63:
+        raise InvalidInputError(f"top-{k} set codes of {n} experts do not fit int64 (C({n}, {k}) >= 2**63)")
     t = torch.zeros(n + 1, k + 1, dtype=torch.long)
     for a in range(n + 1):
         for b in range(min(a, k) + 1):
             t[a, b] = math.comb(a, b)
     return t
+
+
+def set_codes(idx_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The one integer code of a top-k expert set, used by capture, tables and offload alike: the
+    combinatorial number system id of the sorted set (order of the ids within a row does not matter;
+    code order is colexicographic, which is what "ties -> the smallest set" means everywhere)."""
+    return encode_sets(idx_TK, binomial_table(num_experts, idx_TK.shape[1]).to(idx_TK.device))
 
 
 def encode_sets(idx_TK: torch.Tensor, binom: torch.Tensor) -> torch.Tensor:
@@ -32,7 +46,7 @@ def encode_sets(idx_TK: torch.Tensor, binom: torch.Tensor) -> torch.Tensor:
 def decode_set_ids(set_N: torch.Tensor, num_experts: int, top_k: int) -> torch.Tensor:
     """(N, K) sorted expert sets of combinatorial ids (greedy: largest c_i with C(c_i, i) <= rest)."""
     binom = binomial_table(num_experts, top_k).to(set_N.device)
-    rest = set_N.long().clone()
+    rest = set_N.reshape(-1).long().clone()
     out = torch.empty(set_N.numel(), top_k, dtype=torch.long, device=set_N.device)
     for i in range(top_k, 0, -1):  # a loop over set positions, not rows
         col = binom[:num_experts, i].contiguous()  # non-decreasing in c

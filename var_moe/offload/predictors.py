@@ -122,13 +122,20 @@ def var_predict(trace: Trace, member_LV: np.ndarray, experts_LVK: np.ndarray) ->
 
 # -- modal-set tables built from a calibration trace ---------------------------------------------
 def _set_codes(experts_NK: np.ndarray, num_experts: int) -> np.ndarray:
-    """An order-free integer code of each row's expert set."""
-    s = np.sort(experts_NK.astype(np.int64), axis=1)
-    return (s * (num_experts ** np.arange(s.shape[1], dtype=np.int64))).sum(1)
+    """Each row's expert set as the one set code (`capture.router_math.set_codes`)."""
+    import torch
+
+    from ..capture.router_math import set_codes
+
+    return set_codes(torch.from_numpy(experts_NK.astype(np.int64)), num_experts).numpy()
 
 
 def _decode_codes(codes_N: np.ndarray, num_experts: int, k: int) -> np.ndarray:
-    return ((codes_N[:, None] // (num_experts ** np.arange(k, dtype=np.int64))) % num_experts).astype(np.int16)
+    import torch
+
+    from ..capture.router_math import decode_set_ids
+
+    return decode_set_ids(torch.from_numpy(np.asarray(codes_N, dtype=np.int64)), num_experts, k).numpy().astype(np.int16)
 
 
 @dataclass

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ..var.evidence import Evidence, set_codes
+from ..capture.router_math import set_codes
+from ..var.evidence import Evidence
 from .bootstrap import document_resamples, ratio_ci95
 
 

@@ -25,7 +25,8 @@ import torch
 
 from ..errors import InvalidInputError
 from .config import MULTIPLICITY, VARConfig
-from .evidence import LayerEvidence, decode_sets, half_of
+from ..capture.router_math import decode_set_ids as decode_sets
+from .evidence import LayerEvidence, half_of
 from .served import pair_key
 
 

@@ -5,8 +5,9 @@ document id (`EvalBatch.doc_B`) under a `RoutingRecorder` (the router's own outp
 masked) and keeps, per MoE layer:
 
 - `rows_R4` / `counts_R`: distinct (document, previous token, token, set code) rows and how often
-  each occurred (previous = -1 at a sequence start; set code = sum_i set_i * E**(K-1-i) of the
-  sorted top-k set), so every per-token and per-(previous, token) count can be recomputed by document;
+  each occurred (previous = -1 at a sequence start; set code: the one set codec,
+  `capture.router_math.set_codes`), so every per-token and per-(previous, token) count can be
+  recomputed by document;
 - per half (0 = choose, 1 = certify) and token: occurrences and summed routing entropy (nats);
   per observed (half, token, expert) cell, how often the expert was chosen and its summed weight
   (for the served weights), kept sparsely (`cell_keys_C` = (half * V + token) * E + e, found with
@@ -30,35 +31,16 @@ from typing import Any, Iterable
 
 import torch
 
+from ..capture.router_math import binomial_table, set_codes
 from ..errors import InvalidInputError
 
 _CONSOLIDATE_ROWS = 2_000_000
-SET_CODE = "sum_i s_i * E**(K-1-i), sorted set"  # recorded in the metadata; files with another code are refused
+SET_CODE = "combinatorial number system id of the sorted set"  # in the metadata; files with another code are refused
 
 
 def half_of(doc: torch.Tensor) -> torch.Tensor:
     """0 for documents that choose entries, 1 for those that certify them (by index parity)."""
     return doc.remainder(2)
-
-
-def check_set_codes(num_experts: int, top_k: int) -> None:
-    """Set codes are int64: E**k must fit (384 experts with top-8 do not)."""
-    if num_experts ** top_k >= 2**63:
-        raise InvalidInputError(f"top-k set codes of {num_experts} experts with top-{top_k} do not fit int64 "
-                                f"({num_experts}**{top_k} >= 2**63); tables are not supported for this shape")
-
-
-def set_codes(sets_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Integer code of each sorted set, first expert most significant (code order = lexicographic
-    order of the sorted sets, so "smallest code" breaks ties towards the smallest set)."""
-    check_set_codes(num_experts, sets_TK.shape[1])
-    powers = num_experts ** torch.arange(sets_TK.shape[1] - 1, -1, -1, dtype=torch.long, device=sets_TK.device)
-    return (sets_TK.long() * powers).sum(1)
-
-
-def decode_sets(code_N: torch.Tensor, num_experts: int, k: int) -> torch.Tensor:
-    powers = num_experts ** torch.arange(k - 1, -1, -1, dtype=torch.long, device=code_N.device)
-    return (code_N[:, None] // powers) % num_experts
 
 
 @dataclass
@@ -197,7 +179,7 @@ def collect_evidence(model: Any, batches: Iterable[Any], adapter: Any = None, in
     from ..capture.recorder import RoutingRecorder
 
     adapter = adapter or get_adapter(model)
-    check_set_codes(adapter.num_experts, adapter.top_k)
+    binomial_table(adapter.num_experts, adapter.top_k)  # refuses shapes whose set codes overflow, before the model runs
     vocab = int(model.config.vocab_size)
     layers: dict[int, LayerEvidence] = {}
     device = next(model.parameters()).device

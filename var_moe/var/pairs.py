@@ -30,7 +30,8 @@ from ..errors import InvalidInputError
 from .certify import (_certifying, capped_counts, choosing_side, document_groups, mean_weights_VE, pair_modes,
                       score_pvalues, served_weights)
 from .config import VARConfig
-from .evidence import LayerEvidence, decode_sets
+from ..capture.router_math import decode_set_ids as decode_sets
+from .evidence import LayerEvidence
 from .served import ServedTables, decide, find_pairs, split_key
 
 
@@ -120,7 +121,7 @@ def served_masks(ev: LayerEvidence, table: object, pairs: PairTable | None) -> d
     """Per row of (test) evidence: which rows the token tier serves and which the pair tier serves
     (`served.decide`, the routers' decision), and whether the served set equals the row's exact set.
     `table` is a `tables.LayerTable` (token tier)."""
-    from .evidence import set_codes
+    from ..capture.router_math import set_codes
 
     rows = ev.rows_R4
     served = ServedTables.build({0: table}, {0: pairs} if pairs is not None else {}, [0], {}, ev.vocab, ev.top_k)
