@@ -386,3 +386,15 @@ def test_tables_refused_where_vllm_scales_weights_otherwise_than_the_family():
             served_tables(state, tables)
     state = pair_state(0)  # consistent: accepted
     served_tables(state, VARTables({l: LayerTable.empty(V, K) for l in (0, 1)}, {"vocab_size": V, "top_k": K}))
+    # DeepSeek on vLLM: the family's weights sum to 2.5, vLLM's router renormalises to 1 and its runner
+    # multiplies the output by 2.5, so the served weights sum to 1 (raw ones: mass / 2.5)
+    state = pair_state(0, renormalize=(True, False))
+    for lv, scale in zip(state.layers.values(), (2.5, None)):
+        lv.weight_scale, lv.output_scale = scale, 2.5
+    tabs = {l: LayerTable.empty(V, K) for l in (0, 1)}
+    for t in tabs.values():
+        t.weights_VK[:] = torch.tensor([0.75, 0.25])
+        t.mass_V[:] = 3.0
+    served = served_tables(state, VARTables(tabs, {"vocab_size": V, "top_k": K}))
+    torch.testing.assert_close(served.w_LVK[0], torch.tensor([0.75, 0.25]).expand(V, K))
+    torch.testing.assert_close(served.w_LVK[1], torch.tensor([0.75, 0.25]).expand(V, K) * 3.0 / 2.5)

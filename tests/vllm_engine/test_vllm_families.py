@@ -1,4 +1,4 @@
-"""VAR on vLLM for the other families it installs into: Qwen2-MoE, Qwen3-MoE, OLMoE (tiny random models).
+"""VAR on vLLM for the other families it installs into: Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS (tiny random models).
 
 For each family a tiny seeded model (var_moe/tiny.py, with the reference tokenizer's vocabulary and
 a head size vLLM's CPU attention takes) is saved as a Hugging Face folder, with tables built on the
@@ -13,7 +13,7 @@ so that the VAR engine records its per-row decisions), and:
   table's experts and every other row to the learned ones, and the device counters count exactly
   the table members among the tokens the model processed.
 
-Runs in the vLLM environment only. Six engine starts: a few minutes.
+Runs in the vLLM environment only. Eight engine starts: a few minutes.
 Test: `.venv-vllm/bin/python -m pytest -q tests/vllm_engine/test_vllm_families.py`.
 """
 
@@ -33,7 +33,7 @@ from var_moe.var.tables import VARTables  # noqa: E402
 
 from test_vllm_exact import PROMPTS, run_engine  # noqa: E402  (pytest puts this folder on the path)
 
-FAMILIES = ["qwen2_moe", "qwen3_moe", "olmoe"]
+FAMILIES = ["qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"]
 MAX_TOKENS = 12
 
 
@@ -42,7 +42,7 @@ def tiny_vllm_model(family: str, seed: int = 0, **extra):
     attention takes."""
     over = dict(vocab_size=4096, hidden_size=128, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
                 max_position_embeddings=512, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    if family == "qwen3_moe":
+    if family in ("qwen3_moe", "gpt_oss"):
         over["head_dim"] = 32
     return tiny_model(family, seed=seed, **over, **extra)
 

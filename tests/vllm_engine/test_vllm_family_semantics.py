@@ -1,7 +1,10 @@
 """Tables built from a family's own capture reproduce vLLM's routing of that family, experts and weights.
 
 For each family VAR installs into on vLLM (Mixtral; Qwen2-MoE with its gated shared expert and raw
-top-k weights; Qwen3-MoE with renormalised ones; OLMoE), a tiny seeded model (the reference
+top-k weights; Qwen3-MoE with renormalised ones; OLMoE; GPT-OSS with its biased router and softmax
+over the chosen k; DeepSeek-V3 with sigmoid scores, a nonzero selection bias, group-limited top-k and
+`routed_scaling_factor` != 1, its top-k weights renormalised and raw: vLLM's router leaves the factor
+to the MoE runner's output, so served weights are divided by it), a tiny seeded model (the reference
 tokenizer's vocabulary) has its attention output projections zeroed, so every layer's router input,
 hence its decision, depends on the token alone. Its tables are built by the real path on the Hugging
 Face model (`collect_evidence` over calibration documents holding every vocabulary token, then
@@ -13,7 +16,7 @@ eager, tests/vllm_engine/engine_script.py) then serves every row from the tables
   (the table's stored weights scaled by the family adapter's `weight_scale`);
 - greedy generation with every row served equals generation with VAR off.
 
-Runs in the vLLM environment only. Four engine starts: a few minutes.
+Runs in the vLLM environment only. Seven engine starts: about ten minutes.
 Test: `.venv-vllm/bin/python -m pytest -q tests/vllm_engine/test_vllm_family_semantics.py`.
 """
 
@@ -34,8 +37,16 @@ from var_moe.var.tables import VARTables  # noqa: E402
 from test_vllm_exact import PROMPTS, run_engine  # noqa: E402  (pytest puts this folder on the path)
 from test_vllm_families import save_with_tokenizer, tiny_vllm_model  # noqa: E402
 
-CASES = {"mixtral": {}, "qwen2_moe": dict(norm_topk_prob=False), "qwen3_moe": dict(norm_topk_prob=True),
-         "olmoe": {}}
+# DeepSeek-V3 as vLLM's CPU build takes it: MLA with a latent + rope head of 576, and the released
+# checkpoints' `topk_method` / `scoring_func` (without them vLLM routes with a softmax and no bias)
+_V3 = dict(n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2, kv_lora_rank=512,
+           qk_rope_head_dim=64, qk_nope_head_dim=32, v_head_dim=32, q_lora_rank=64, topk_method="noaux_tc",
+           scoring_func="sigmoid")
+# case -> (family, config overrides)
+CASES = {"mixtral": ("mixtral", {}), "qwen2_moe": ("qwen2_moe", dict(norm_topk_prob=False)),
+         "qwen3_moe": ("qwen3_moe", dict(norm_topk_prob=True)), "olmoe": ("olmoe", {}), "gpt_oss": ("gpt_oss", {}),
+         "deepseek_v3_norm": ("deepseek_v3", dict(_V3, norm_topk_prob=True, routed_scaling_factor=2.5)),
+         "deepseek_v3_raw": ("deepseek_v3", dict(_V3, norm_topk_prob=False, routed_scaling_factor=1.7))}
 MAX_TOKENS = 12
 VOCAB = 4096
 CERTIFY = VARConfig(frequency_threshold=8, target_agreement=0.7)
@@ -51,8 +62,9 @@ def calibration(docs: int = 20, piece: int = 128) -> list[EvalBatch]:
     return out
 
 
-def build(family: str, out, reference_model_dir) -> VARTables:
-    model = tiny_vllm_model(family, seed=0, **CASES[family])
+def build(case: str, out, reference_model_dir) -> VARTables:
+    family, over = CASES[case]
+    model = tiny_vllm_model(family, seed=0, **over)
     with torch.no_grad():
         for layer in model.model.layers:
             for p in layer.self_attn.o_proj.parameters():
@@ -76,7 +88,7 @@ def family_run(request, tmp_path_factory, reference_model_dir):
     spec = {"model": str(model_dir), "prompts": PROMPTS, "max_tokens": MAX_TOKENS, "var": True, "eager": True,
             "tables": str(var_dir / "tables.safetensors"), "empty_tables": str(var_dir / "empty.safetensors"),
             "bad_tables": str(var_dir / "bad.safetensors")}
-    return {"family": request.param, "tables": tables, "var": run_engine(tmp, "var", spec)}
+    return {"family": CASES[request.param][0], "tables": tables, "var": run_engine(tmp, "var", spec)}
 
 
 def test_every_token_certified(family_run):

@@ -7,10 +7,12 @@ loaded (var_moe.identity: the stored checkpoint's routers when the loaded gates 
 served dtype, as the builtin engine computes it, so a table built on the Hugging Face model is
 accepted by vLLM on the same weights in any dtype, and by neither on other weights). The tables
 are laid out as served (`var.served.ServedTables`, slot: the layer's index among the model's MoE
-layers; weights scaled by `served.scale_weights` with the family adapter's `weight_scale`, after
-checking that vLLM's router scales its own that way: a renormalising vLLM router sums its top-k
-weights to 1, any other to no constant, and tables whose family says otherwise are refused, since
-vLLM would then route differently from the model they were certified on) and copied into the
+layers; weights scaled by `served.scale_weights` with the family adapter's `weight_scale`, divided
+by the factor vLLM's MoE runner multiplies the routed output by after the router (DeepSeek's
+`routed_scaling_factor`), after checking that vLLM's router scales its own that way: a
+renormalising vLLM router sums its top-k weights to its own scaling factor, any other to no
+constant, and tables whose family says otherwise are refused, since vLLM would then route
+differently from the model they were certified on) and copied into the
 existing device buffers (in place: compiled graphs and CUDA graphs keep pointing at them).
 (Previous, token) entries (tables built with `--pair-entries`) go into the pair buffers of fixed
 capacity (routing.py): on the device each entry's token, set and weights (slots left hold token
@@ -124,14 +126,19 @@ def served_tables(state: VarState, tables: VARTables) -> ServedTables:
                                 f"[0, {v}**2) per layer, sets hold {k} experts below {e})")
     for l in by_slot:
         lv = state.layers[l]
-        vllm_scale = 1.0 if lv.renormalize else None  # what vLLM's router's top-k weights sum to
-        if lv.weight_scale != vllm_scale:
+        # what vLLM's router's top-k weights sum to (None: no constant), and what the family's do
+        # once the output scale vLLM applies after the router is taken out
+        vllm_sum = lv.router_scale if lv.renormalize else None
+        family_sum = None if lv.weight_scale is None else lv.weight_scale / lv.output_scale
+        if (vllm_sum is None) != (family_sum is None) or (vllm_sum is not None and abs(vllm_sum - family_sum) > 1e-6 * abs(vllm_sum)):
             raise InvalidInputError(
-                f"layer {l}: the model family's router weights sum to {lv.weight_scale} (None: no constant), but "
-                f"vLLM's router {'renormalises them to 1' if lv.renormalize else 'does not renormalise them'}; "
+                f"layer {l}: the model family's router weights sum to {family_sum} (None: no constant; after vLLM's "
+                f"output scale {lv.output_scale}), but vLLM's router's sum to {vllm_sum}; "
                 "vLLM routes this model differently from the model the tables were built on")
     scales = {l: state.layers[l].weight_scale for l in by_slot}
-    return ServedTables.build(tables.layers, tables.pair_tier, by_slot, scales, v, k, first.member_V.device)
+    outs = {l: state.layers[l].output_scale for l in by_slot}
+    return ServedTables.build(tables.layers, tables.pair_tier, by_slot, scales, v, k, first.member_V.device,
+                              output_scales=outs)
 
 
 @torch.no_grad()
