@@ -1,4 +1,5 @@
-"""VAR on vLLM for the other families it installs into: Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS (tiny random models).
+"""VAR on vLLM for the other families it installs into: Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, DeepSeek-V3
+(tiny random models).
 
 For each family a tiny seeded model (var_moe/tiny.py, with the reference tokenizer's vocabulary and
 a head size vLLM's CPU attention takes) is saved as a Hugging Face folder, with tables built on the
@@ -13,7 +14,7 @@ so that the VAR engine records its per-row decisions), and:
   table's experts and every other row to the learned ones, and the device counters count exactly
   the table members among the tokens the model processed.
 
-Runs in the vLLM environment only. Eight engine starts: a few minutes.
+Runs in the vLLM environment only. Ten engine starts: about ten minutes.
 Test: `.venv-vllm/bin/python -m pytest -q tests/vllm_engine/test_vllm_families.py`.
 """
 
@@ -33,8 +34,15 @@ from var_moe.var.tables import VARTables  # noqa: E402
 
 from test_vllm_exact import PROMPTS, run_engine  # noqa: E402  (pytest puts this folder on the path)
 
-FAMILIES = ["qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"]
+FAMILIES = ["qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3"]
 MAX_TOKENS = 12
+
+
+# DeepSeek-V3 as vLLM's CPU build takes it: MLA with a latent + rope head of 576, and the released
+# checkpoints' `topk_method` / `scoring_func` (a config saved by transformers lacks them, and vLLM
+# then routes with a softmax and no selection bias, and cannot load the bias)
+V3_FOR_VLLM = dict(kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=32, v_head_dim=32, q_lora_rank=64,
+                   topk_method="noaux_tc", scoring_func="sigmoid")
 
 
 def tiny_vllm_model(family: str, seed: int = 0, **extra):
@@ -44,7 +52,9 @@ def tiny_vllm_model(family: str, seed: int = 0, **extra):
                 max_position_embeddings=512, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     if family in ("qwen3_moe", "gpt_oss"):
         over["head_dim"] = 32
-    return tiny_model(family, seed=seed, **over, **extra)
+    if family == "deepseek_v3":
+        over |= V3_FOR_VLLM
+    return tiny_model(family, seed=seed, **(over | extra))
 
 
 def save_with_tokenizer(model, out, reference_model_dir) -> None:
