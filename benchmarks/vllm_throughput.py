@@ -125,10 +125,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="run everything but the compute threads on this core (default: no pinning)")
     p.add_argument("--dtype", default="auto", help="dtype of every server (auto: none given, each server picks, as "
                                                    "`make serve-vllm` runs; vLLM takes bfloat16 on CPUs with bf16)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                   help="one more `varmoe serve --engine vllm` server with these extra flags, run in both modes as "
+                        "contenders vllm_engine_NAME_baseline / _var (e.g. noload=--no-expert-load-metrics); repeatable")
     p.add_argument("--output", default="runs/vllm_throughput.json")
     p.add_argument("--log-dir", default="runs/vllm_throughput")
     args = p.parse_args(argv)
     levels = [int(c) for c in args.clients.split(",")]
+    variants = {}
+    for v in args.variant:
+        name, sep, flags = v.partition("=")
+        if not sep or not name.isidentifier():
+            p.error(f"--variant {v!r}: expected NAME=FLAGS, NAME a plain identifier")
+        variants[name] = flags.split()
     if args.pin_rest is not None:
         if args.pin_rest == args.core:
             p.error("--pin-rest must differ from --core")
@@ -166,6 +175,14 @@ def main(argv: list[str] | None = None) -> int:
             procs.append(builtin)
             contenders["builtin"] = (builtin_url, None, False)
             server_pid["builtin"] = builtin.pid
+        for vname, flags in variants.items():
+            extra = ManagedServer(args.model, args=["--engine", "vllm", *dtype, "--max-model-len", str(max_len),
+                                                    "--max-batch-size", "16", "--max-queue", "256", *flags],
+                                  env=env, log_path=log_dir / f"varmoe_vllm_{vname}.log").wait_ready(900)
+            procs.append(extra)
+            for mode, var in (("baseline", False), ("var", True)):
+                contenders[f"vllm_engine_{vname}_{mode}"] = (extra.url, None, var)
+                server_pid[f"vllm_engine_{vname}_{mode}"] = extra.pid
         all_pids = sorted(set(server_pid.values()))
 
         def turn(name: str) -> None:
@@ -219,7 +236,13 @@ def main(argv: list[str] | None = None) -> int:
                for n, by in runs.items()}
     outside_ratio = {n: {c: round(outside[n][c] / max(outside["vllm"][c], 1e-9), 3) for c in levels} for n in outside
                      if n != "vllm"}
-    result = {"model": args.model, "dtype": args.dtype, "kv_gb": args.kv_gb,
+    # the worker's compute thread (the model's forward and the per-step host work on it)
+    compute = {n: {c: statistics.median(r["cpu_per_1k_tokens"]["compute_s_per_1k"] for r in rs) for c, rs in by.items()}
+               for n, by in runs.items()}
+    compute_ratio = {n: {c: round(compute[n][c] / max(compute["vllm"][c], 1e-9), 3) for c in levels} for n in compute
+                     if n != "vllm"}
+    result = {"model": args.model, "dtype": args.dtype, "kv_gb": args.kv_gb, "variants": variants,
+              "compute_thread_cpu_s_per_1k_tokens": compute, "compute_thread_ratio_to_vllm": compute_ratio,
               "outside_compute_cpu_s_per_1k_tokens": outside, "outside_compute_ratio_to_vllm": outside_ratio,
               "cpu_per_repeat": {n: {c: [r["cpu_per_1k_tokens"] for r in rs] for c, rs in by.items()}
                                  for n, by in runs.items()}, "new_tokens": args.new_tokens, "run_time_s": args.run_time, "repeats": args.repeats,
@@ -237,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\nCPU s outside the compute thread per 1,000 tokens (x plain vLLM)")
     for n in outside:
         cells = " ".join(f"{outside[n][c]:8.3f} ({outside_ratio.get(n, {}).get(c, 1.0):.2f}x)" for c in levels)
+        print(f"{n:22s} {cells}")
+    print("\nCPU s of the worker's compute thread per 1,000 tokens (x plain vLLM)")
+    for n in compute:
+        cells = " ".join(f"{compute[n][c]:8.3f} ({compute_ratio.get(n, {}).get(c, 1.0):.2f}x)" for c in levels)
         print(f"{n:22s} {cells}")
     print(f"wrote {out}")
     return 0

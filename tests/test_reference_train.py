@@ -67,3 +67,22 @@ def test_other_recipe_in_same_work_dir_is_refused(tmp_path):
     train(r, tmp_path / "w", progress=False, log=lambda s: None)
     with pytest.raises(ValueError, match="different recipe"):
         train(tiny_recipe(tmp_path, lr=1e-4), tmp_path / "w", progress=False, log=lambda s: None)
+
+
+def test_final_balancing_stage_resumes_and_can_be_added_to_a_finished_run(tmp_path):
+    r = tiny_recipe(tmp_path, max_steps=4, finish_steps=3, finish_balance_coef=2.0)
+    full, _, state_full = train(r, tmp_path / "full", progress=False, log=lambda s: None)
+    assert (state_full["step"], state_full["finish_step"]) == (4, 3)
+    lines = [json.loads(line) for line in (tmp_path / "full" / "train_log.jsonl").read_text().splitlines()]
+    assert [(x["step"], x["finish_step"]) for x in lines] == [(1, 0), (2, 0), (3, 0), (4, 0), (4, 1), (4, 2), (4, 3)]
+    assert {x["lr"] for x in lines[4:]} == {r.lr * r.min_lr_ratio}
+    # a finished main stage trained on with the final stage added (training on) ends where one run ends,
+    # also when killed inside the final stage
+    train(tiny_recipe(tmp_path, max_steps=4), tmp_path / "later", progress=False, log=lambda s: None)
+    train(r, tmp_path / "later", progress=False, log=lambda s: None, stop_after=5)  # killed after finish step 1 (checkpoint at main step 4)
+    resumed, _, state_res = train(r, tmp_path / "later", progress=False, log=lambda s: None)
+    assert (state_res["step"], state_res["finish_step"]) == (4, 3)
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    lines = [json.loads(line) for line in (tmp_path / "later" / "train_log.jsonl").read_text().splitlines()]
+    assert [(x["step"], x["finish_step"]) for x in lines] == [(1, 0), (2, 0), (3, 0), (4, 0), (4, 1), (4, 2), (4, 3)]

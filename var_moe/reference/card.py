@@ -161,6 +161,11 @@ def _card_markdown(recipe: Recipe, state: dict, metrics: dict, n_params: dict, n
         stop = (f" The learning-rate schedule ran on the larger of step progress and time progress against a "
                 f"{recipe.time_budget_s / 60:g}-minute budget; training ended at step {state['step']} of at most "
                 f"{recipe.max_steps}.")
+    if recipe.finish_steps:
+        stop += (f" Then a final balancing stage: {state.get('finish_step', 0)} of {recipe.finish_steps} steps at lr "
+                 f"{recipe.lr * recipe.min_lr_ratio:g} with balancing coefficient {recipe.finish_balance_coef:g}, "
+                 f"{recipe.finish_balance_top1_weight:g} of it on top-1 choices.")
+    steps = state["step"] + state.get("finish_step", 0)
     order = ", documents in hashed order" if recipe.dataset == "prose-code" else ""
     eval_scope = (f"the first {recipe.eval_sequences} sequences of the test split{order}"
                   if recipe.eval_sequences else "the test split")
@@ -172,7 +177,7 @@ def _card_markdown(recipe: Recipe, state: dict, metrics: dict, n_params: dict, n
 - Corpus: {_corpus_line(recipe)}
 - Tokenizer: byte-level BPE, vocabulary {recipe.vocab_size}, trained on the train split.
 - Model: {_model_line(recipe, n_params)}
-- Training: {state['step']} steps x {recipe.batch_size} x {recipe.seq_len} tokens = {state['tokens_seen']:,} tokens seen,
+- Training: {steps} steps x {recipe.batch_size} x {recipe.seq_len} tokens = {state['tokens_seen']:,} tokens seen,
   AdamW lr {recipe.lr} (warm-up {recipe.warmup_steps}, cosine to {recipe.min_lr_ratio:g}x), per-layer balancing loss
   (coefficient {recipe.balance_coef}, {recipe.balance_top1_weight:g} of it on top-1 choices), experts implementation
   `{recipe.experts_implementation}`, {recipe.threads} thread(s), {state['train_seconds'] / 60:.1f} minutes of training.{stop}

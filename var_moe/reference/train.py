@@ -158,9 +158,14 @@ def build_model(r: Recipe, tokenizer):
     return AutoModelForCausalLM.from_config(config, experts_implementation=r.experts_implementation)
 
 
-def done(state: dict, r: Recipe) -> bool:
-    """Training ends at max_steps, or when the time budget (if any) is spent."""
+def main_done(state: dict, r: Recipe) -> bool:
+    """The main stage ends at max_steps, or when the time budget (if any) is spent."""
     return state["step"] >= r.max_steps or bool(r.time_budget_s and state["train_seconds"] >= r.time_budget_s)
+
+
+def done(state: dict, r: Recipe) -> bool:
+    """Training ends when the main stage and the final balancing stage (`finish_steps`) are done."""
+    return main_done(state, r) and state.get("finish_step", 0) >= r.finish_steps
 
 
 def train(r: Recipe, work_dir: str | Path, progress: bool = True, log: Callable[[str], None] = print,
@@ -173,9 +178,11 @@ def train(r: Recipe, work_dir: str | Path, progress: bool = True, log: Callable[
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(r.threads)
     recipe_file = work / "recipe.json"
-    # only the step count and time budget may change between runs of one work dir (training on)
+    # only the step count, time budget and final stage may change between runs of one work dir (training on)
     if recipe_file.exists() and replace(Recipe.from_json(recipe_file.read_text()), max_steps=r.max_steps,
-                                        time_budget_s=r.time_budget_s) != r:
+                                        time_budget_s=r.time_budget_s, finish_steps=r.finish_steps,
+                                        finish_balance_coef=r.finish_balance_coef,
+                                        finish_balance_top1_weight=r.finish_balance_top1_weight) != r:
         raise InvalidInputError(f"{work} holds a run with a different recipe; use another --work-dir")
     recipe_file.write_text(r.to_json())
 
@@ -193,7 +200,9 @@ def train(r: Recipe, work_dir: str | Path, progress: bool = True, log: Callable[
         log(f"resumed from step {state['step']} ({state['tokens_seen']:,} tokens seen)")
     if log_path.exists():
         # steps after the last checkpoint will be replayed: drop their lines so each step appears once
-        kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= state["step"]]
+        at = (state["step"], state.get("finish_step", 0))
+        kept = [ln for ln in log_path.read_text().splitlines()
+                if ln and (json.loads(ln)["step"], json.loads(ln).get("finish_step", 0)) <= at]
         log_path.write_text("".join(ln + "\n" for ln in kept))
     model.train()
     log_file = log_path.open("a")
@@ -203,19 +212,26 @@ def train(r: Recipe, work_dir: str | Path, progress: bool = True, log: Callable[
     state["finished"] = done(state, r)
     while not state["finished"]:
         step = state["step"]
-        lr = lr_at(step, r, state["train_seconds"])
+        finishing = main_done(state, r)  # the final balancing stage: fixed final lr, top-1 balancing
+        if finishing:
+            lr, coef, top1_weight = r.lr * r.min_lr_ratio, r.finish_balance_coef, r.finish_balance_top1_weight
+        else:
+            lr, coef, top1_weight = lr_at(step, r, state["train_seconds"]), r.balance_coef, r.balance_top1_weight
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = batch_for_step(tokens, step, r)
+        batch = batch_for_step(tokens, step + state.get("finish_step", 0), r)
         out = model(input_ids=batch[:, :-1], output_router_logits=True, use_cache=False)
         ce = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), batch[:, 1:].reshape(-1))
-        bal = per_layer_balance_loss(out.router_logits, r.num_experts_per_tok, r.balance_top1_weight)
-        loss = ce + r.balance_coef * bal
+        bal = per_layer_balance_loss(out.router_logits, r.num_experts_per_tok, top1_weight)
+        loss = ce + coef * bal
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), r.grad_clip)
         optimizer.step()
-        state["step"] = step + 1
+        if finishing:
+            state["finish_step"] = state.get("finish_step", 0) + 1
+        else:
+            state["step"] = step + 1
         state["tokens_seen"] += batch[:, :-1].numel()
         window_tokens += batch[:, :-1].numel()
         now = time.perf_counter()
@@ -223,7 +239,7 @@ def train(r: Recipe, work_dir: str | Path, progress: bool = True, log: Callable[
         tps = window_tokens / max(1e-9, now - t_last)
         t_last, window_tokens = now, 0
         state["last_ce"] = float(ce.detach())
-        rec = {"step": state["step"], "ce": round(float(ce.detach()), 4), "balance": round(float(bal.detach()), 4),
+        rec = {"step": state["step"], "finish_step": state.get("finish_step", 0), "ce": round(float(ce.detach()), 4), "balance": round(float(bal.detach()), 4),
                "min_top1_share": round(min_top1_share(out.router_logits), 5), "lr": lr,
                "tokens_per_s": round(tps, 1), "tokens_seen": state["tokens_seen"],
                "train_seconds": round(state["train_seconds"], 1)}
@@ -231,10 +247,10 @@ def train(r: Recipe, work_dir: str | Path, progress: bool = True, log: Callable[
         bar.set_postfix(ce=f"{float(ce.detach()):.3f}", bal=f"{float(bal.detach()):.3f}", tok_s=f"{tps:.0f}")
         bar.update(1)
         state["finished"] = done(state, r)
-        if state["step"] % r.checkpoint_every == 0 or state["finished"]:
+        if (state["step"] + state.get("finish_step", 0)) % r.checkpoint_every == 0 or state["finished"]:
             log_file.flush()
             save_checkpoint(work, model, optimizer, state)
-        if stop_after is not None and state["step"] >= stop_after:
+        if stop_after is not None and state["step"] + state.get("finish_step", 0) >= stop_after:
             break
     bar.close()
     log_file.close()
