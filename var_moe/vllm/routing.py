@@ -103,7 +103,7 @@ class LayerVar:
     weights_VK: torch.Tensor  # float32, already scaled the way the router scales its weights
     member_V: torch.Tensor  # bool
     counts: torch.Tensor  # int64 [len(COUNTERS)]
-    renormalize: bool  # vLLM's router renormalises its top-k weights (they sum to 1)
+    renormalize: bool  # vLLM's router renormalises its top-k weights (they sum to `router_scale`)
     num_experts: int
     weight_scale: float | None  # the family's, from its adapter (`MoEAdapter.weight_scale`)
     slot: int = 0  # this layer's column in VarState.pair_sel_NS (its index among the model's MoE layers)
@@ -231,7 +231,9 @@ def find_moe_blocks(model: nn.Module, gate_attr: str = "gate") -> list[MoEBlock]
 
 def find_embedding(model: nn.Module) -> nn.Module:
     inner = getattr(model, "model", model)
-    emb = getattr(inner, "embed_tokens", None) or getattr(inner, "embedding", None)  # GPT-OSS: `embedding`
+    emb = getattr(inner, "embed_tokens", None)
+    if emb is None:
+        emb = getattr(inner, "embedding", None)  # GPT-OSS names it `embedding`
     if emb is None:
         raise ValueError(f"{type(model).__name__}: no model.embed_tokens; VAR needs the token ids")
     return emb
