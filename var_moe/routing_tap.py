@@ -164,7 +164,6 @@ class RoutingTap:
                              else "probs" if looks_like_probabilities(s_LTE[0]) else "logits")
         if self._read_as == "logits":
             return ExpertLoad.entropy_of_logits(s_LTE)
-        if self._read_as == "sigmoid":
-            p = torch.sigmoid(s_LTE.float())
-            return ExpertLoad.entropy(p / p.sum(-1, keepdim=True).clamp_min(1e-20))
+        if self._read_as == "sigmoid":  # the adapter's normalised sigmoid scores
+            return ExpertLoad.entropy(self.adapter.probabilities(s_LTE))
         return ExpertLoad.entropy(s_LTE)
