@@ -53,7 +53,8 @@ def _lines(head: str, sc: dict, token_sizes: dict | None, pair_served: dict | No
 def joint_tables(cal, chooser, cfg, min_pair_count: int | None, prescreen: bool):
     """Token and pair tables certified as one family (the chooser decides `choose`)."""
     from var_moe.var.pairs import pair_candidates
-    from var_moe.var.tables import certify_entries, layer_candidates
+    from var_moe.var.certify import layer_candidates
+    from var_moe.var.tables import certify_entries
 
     choose = "even" if chooser is None else "separate"
     side = {l: (None if chooser is None else chooser.layers[l]) for l in cal.layers}

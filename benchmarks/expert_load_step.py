@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from server.decode import BatchDecoder, RowSpec
+from server.decode import BatchDecoder
+from server.jobs import RowSpec
 from var_moe.loading import REFERENCE_MODEL_DIR, load_model
 from var_moe.routing_tap import RoutingTap
 from var_moe.var import VARModelWrapper, VARTables  # noqa: E402

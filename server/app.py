@@ -1,7 +1,7 @@
 """The application factory: wires the route modules, the error handlers, request counting and the
 engine's lifespan together; nothing else lives here.
 
-`create_app(settings, host=None)` loads the model (unless a `ModelHost` is given), builds the
+`create_app(settings)` loads the model and picks its engine (`load_engine`), builds the
 shared `ServerState` (server/state.py: VAR runtime, engine, metrics), starts the engine thread on
 start-up and drains it on shutdown. Routes, one router per concern (server/routes/):
 
@@ -27,9 +27,9 @@ import contextlib
 from fastapi import FastAPI
 
 from .errors import install_error_handlers
+from .host import Host
 from .limits import BodyLimit
 from .metrics import ServerMetrics
-from .model_host import ModelHost
 from .routes import ROUTERS
 from .settings import ServerSettings
 from .state import ServerState
@@ -58,18 +58,22 @@ class RequestCounter:
             self.metrics.requests.labels(endpoint=path, status=str(status["code"])).inc()
 
 
-def load_host(settings: ServerSettings):
-    """The builtin engine's ModelHost, or the vLLM engine's host (`--engine vllm`, vLLM environment)."""
+def load_engine(settings: ServerSettings) -> tuple[Host, type]:
+    """The host of `settings.engine` and the engine class that runs it (vLLM: its own environment)."""
     if settings.engine == "vllm":
+        from .vllm_engine import VllmEngine
         from .vllm_host import VllmHost
 
-        return VllmHost.load(settings)
-    return ModelHost.load(settings)
+        return VllmHost.load(settings), VllmEngine
+    from .engine import Engine
+    from .model_host import ModelHost
+
+    return ModelHost.load(settings), Engine
 
 
-def create_app(settings: ServerSettings | None = None, host: ModelHost | None = None) -> FastAPI:
+def create_app(settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
-    state = ServerState(settings, host or load_host(settings))
+    state = ServerState(settings, *load_engine(settings))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -36,45 +36,16 @@ log-probabilities. Test: `pytest tests/test_server_decode.py`.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
 
 import torch
 
 from var_moe.loading import model_device
 
+from .jobs import RowSpec, RowState
+
 # Floats of output-layer logits computed at once for prompt log-probabilities (32 MB of float32):
 # bounds the (B, C, V) chunk and its log-softmax copy whatever the batch, prompt and vocabulary.
 LOGITS_CHUNK_ELEMS = 1 << 23
-
-
-@dataclass
-class RowSpec:
-    """One request's share of a batch."""
-
-    prompt_ids: list[int]
-    max_new_tokens: int = 16
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    prompt_logprobs: bool = False  # log p(prompt[i] | prompt[:i]) for i >= 1
-    top_logprobs: int = 0  # also the N most likely tokens at every reported position
-    # the generated tokens' own log-probs are reported (an engine that computes them apart, like
-    # vLLM, skips that work when the response does not show them)
-    sampled_logprobs: bool = True
-
-
-@dataclass
-class RowState:
-    """What the decoder produced for one row so far."""
-
-    new_ids: list[int] = field(default_factory=list)
-    new_logprobs: list[float] = field(default_factory=list)
-    new_top: list[list[tuple[int, float]]] = field(default_factory=list)
-    prompt_logprobs: list[float | None] = field(default_factory=list)
-    prompt_top: list[list[tuple[int, float]] | None] = field(default_factory=list)
-    finished: bool = False
-    finish_reason: str | None = None  # length | stop | eos | cancelled | timeout
-    forwarded_tokens: int = 0  # valid tokens this row sent through the model
 
 
 def _top_pairs(logp_BV: torch.Tensor, n: int) -> list[list[tuple[int, float]]]:
@@ -119,7 +90,6 @@ class BatchDecoder:
         self.cache = None
         self.mask_BS: torch.Tensor | None = None
         self.next_pos_B: torch.Tensor | None = None
-        self.steps = 0
 
     # -- helpers ---------------------------------------------------------------------------
     @property
@@ -208,7 +178,6 @@ class BatchDecoder:
         for st, n in zip(self.state, lengths):
             st.forwarded_tokens += n
         last_BV = self._prompt_logprobs(ids_BS, out) if want_prompt else out[:, -1]
-        self.steps = 1
         return self._emit(last_BV)
 
     def _prompt_logprobs(self, ids_BS: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -260,7 +229,6 @@ class BatchDecoder:
         logits = self._forward(ids_B1, pos_B1, keep_all=False)
         for st, live in zip(self.state, live_B.tolist()):
             st.forwarded_tokens += int(live)
-        self.steps += 1
         return self._emit(logits[:, -1])
 
     # -- rows joining and leaving a running batch ---------------------------------------------

@@ -26,115 +26,33 @@ Control actions (capture start/stop/export) run on this thread between batches, 
 row-set changes: a row joining or finishing), because the VAR wrapper counts per batch row and
 restarts when the batch changes size.
 
-Per job: a deadline (timeout -> finish reason `timeout`), a `cancelled` flag set by the HTTP side
-when the client disconnects (the row stops at the next step), stop strings, and an asyncio queue
-of events (`("token", id, logprob)` for streams, then `("done", JobResult)`).
-
-Routed experts: while a row of the batch asked for them (`Job.routed`), the host keeps each forward's
+A row stops at its deadline (`timeout`), when cancelled, or at a stop string (jobs.py). Routed
+experts: while a row of the batch asked for them (`Job.routed`), the host keeps each forward's
 experts (and, in VAR mode, which rows a table served) and the engine files them per row: the prompt
 positions of a prefill, the fed-back token of a decode step; a stream's token event carries them.
-
-Back-pressure: more than `max_queue` waiting jobs -> `QueueFull` (HTTP 429 with Retry-After).
-`stop()` refuses new work, lets queued and running jobs finish, then ends the thread.
-Test: `pytest tests/test_server_engine.py`.
+Queue bound and draining stop: engine_thread.py. Test: `pytest tests/test_server_engine.py`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from .decode import BatchDecoder, RowSpec, RowState
-from .engine_thread import (  # noqa: F401  (re-exported: the errors submit raises)
-    EngineError,
-    EngineStopping,
-    EngineThread,
-    QueueFull,
-    RequestTooLarge,
-    check_request_budget,
-)
+from .decode import BatchDecoder
+from .engine_thread import EngineThread
+from .jobs import Job, RowState, tier_names
 from .metrics import ServerMetrics
-from .model_host import ModelHost
+from .host import BatchHost
 from .var_runtime import VarRuntime
 
 log = logging.getLogger("varmoe.server")
 
 
-@dataclass
-class JobResult:
-    state: RowState
-    mode: str
-    prompt_tokens: int
-    queue_s: float
-    ttft_s: float | None
-    total_s: float
-    tier_counts: dict[str, int]  # routing decisions of this request by tier (all layers)
-    error: str | None = None
-    # with return_routed_experts: {"prompt_routed_experts": [tokens][layers][k], "routed_experts": ...}
-    routed: dict[str, list] | None = None
-
-
-ROW_TIERS = ("learned", "fast")  # index: served by a VAR table
-
-
-def tier_names(fast_TL: list[list[bool]]) -> list[list[str]]:
-    return [[ROW_TIERS[f] for f in row] for row in fast_TL]
-
-
-@dataclass
-class Job:
-    spec: RowSpec
-    pinned_mode: str | None = None  # "var" | "baseline" | None (current mode)
-    stop: list[str] = field(default_factory=list)
-    stream: bool = False
-    timeout_s: float = 120.0
-    loop: asyncio.AbstractEventLoop | None = None
-    events: asyncio.Queue | None = None
-    cancelled: bool = False  # set by the HTTP side; read by the engine thread between steps
-    enqueued_at: float = 0.0
-    first_token_at: float | None = None
-    request: int = 0  # jobs submitted together share it (fair scheduling is per request)
-    started_at: float | None = None  # when its row entered a batch
-    tier_counts: dict[str, int] = field(default_factory=dict)  # summed over segments
-    segment_tokens: int = 0  # forwarded tokens already counted in tier_counts
-    posted: bool = False  # its "done" event has been sent
-    routed: bool = False  # return_routed_experts: keep the experts of every token it sends through
-    prompt_routing: list | None = None  # [prompt tokens][MoE layers][k]
-    gen_routing: list = field(default_factory=list)  # [generated tokens fed back][MoE layers][k]
-    prompt_tiers: list | None = None  # [prompt tokens][MoE layers] "fast" | "learned", VAR mode only
-    gen_tiers: list = field(default_factory=list)
-
-    def routed_arrays(self) -> dict[str, list] | None:
-        if not self.routed:
-            return None
-        out = {"prompt_routed_experts": self.prompt_routing or [], "routed_experts": list(self.gen_routing)}
-        if self.prompt_tiers is not None:
-            out |= {"prompt_routed_tiers": self.prompt_tiers, "routed_tiers": list(self.gen_tiers)}
-        return out
-
-
-    @property
-    def deadline(self) -> float:
-        return self.enqueued_at + self.timeout_s
-
-    def post(self, *event: Any) -> None:
-        """Hand an event to the request's event loop (thread-safe; a closed loop is ignored)."""
-        if self.loop is None or self.events is None:
-            return
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # loop closed: the client is gone
-            self.cancelled = True
-
-
 class Engine(EngineThread):
-    def __init__(self, host: ModelHost, var: VarRuntime, metrics: ServerMetrics, max_batch_size: int = 8,
+    def __init__(self, host: BatchHost, var: VarRuntime, metrics: ServerMetrics, max_batch_size: int = 8,
                  max_wait_ms: float = 50.0, max_queue: int = 64, threads: int | None = None,
                  max_request_rows: int | None = None, max_request_tokens: int | None = None):
         super().__init__(var, metrics, max_queue, max_request_rows, max_request_tokens)
@@ -272,12 +190,11 @@ class Engine(EngineThread):
             self._close_segment(jobs, dec)
         except Exception as exc:  # a model error must not kill the engine or hang the clients
             log.exception("batch failed")
+            error = f"{type(exc).__name__}: {exc}"
             for job in everyone:
                 if not job.posted:
                     job.posted = True
-                    job.post("done", JobResult(RowState(), mode, len(job.spec.prompt_ids), 0.0, None,
-                                               time.monotonic() - job.enqueued_at, {},
-                                               error=f"{type(exc).__name__}: {exc}"))
+                    job.post("done", job.result(RowState(), mode, time.monotonic(), error=error))
             return
         self._returning, self._last_batch_end = len(jobs), time.monotonic()
         self._post_finished(jobs, dec, mode)
@@ -300,9 +217,7 @@ class Engine(EngineThread):
     def _record_routing(self, jobs: list[Job]) -> bool:
         """Make the host keep the next forward's experts when a row of it asked for them."""
         want = any(j.routed and not j.posted for j in jobs)
-        tap = getattr(self.host, "tap", None)
-        if want or (tap is not None and tap.recording):
-            self.host.record_routing(want)
+        self.host.record_routing(want)
         return want
 
     def _prompt_routing(self, jobs: list[Job]) -> list[dict | None]:
@@ -372,10 +287,7 @@ class Engine(EngineThread):
         for job, st in zip(jobs, dec.state):
             if st.finished and not job.posted:
                 job.posted = True
-                ttft = None if job.first_token_at is None else job.first_token_at - job.enqueued_at
-                job.post("done", JobResult(st, mode, len(job.spec.prompt_ids), (job.started_at or now) - job.enqueued_at,
-                                           ttft, now - job.enqueued_at, dict(job.tier_counts),
-                                           routed=job.routed_arrays()))
+                job.post("done", job.result(st, mode, now, job.tier_counts))
 
     def _deliver(self, jobs: list[Job], dec: BatchDecoder, emitted: list[int | None], mode: str,
                  extra: list[dict | None] | None = None) -> None:

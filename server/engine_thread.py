@@ -57,7 +57,7 @@ class EngineThread:
         self.var, self.metrics = var, metrics
         self.max_queue = max_queue
         self.max_request_rows, self.max_request_tokens = max_request_rows, max_request_tokens
-        self._pending: collections.deque[Any] = collections.deque()  # Job (engine.py)
+        self._pending: collections.deque[Any] = collections.deque()  # Job (jobs.py)
         self._controls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False

@@ -72,15 +72,15 @@ class VarCollector:
                                         labels=["layer", "tier", "mode"])
         for mode in MODES:
             counts = self.var.tier_counts(mode)
-            for layer in self.var.layers:
+            for layer in self.var.backend.layers:
                 for tier in TIERS:
                     decisions.add_metric([str(layer), tier, mode], counts.get((layer, tier), 0))
         yield decisions
-        if self.var.available:
+        if self.var.backend.available:
             checks = CounterMetricFamily("varmoe_verification_checks", "VAR verification checks per layer and outcome",
                                          labels=["layer", "outcome"])
             counts = self.var.verification_counts()
-            for layer in self.var.layers:
+            for layer in self.var.backend.layers:
                 for outcome in OUTCOMES:
                     checks.add_metric([str(layer), outcome], counts.get((layer, outcome), 0))
             yield checks

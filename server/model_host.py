@@ -1,16 +1,12 @@
-"""`ModelHost`: the builtin engine's model, tokenizer, VAR router and live capture.
+"""`ModelHost`: the builtin engine's model, tokenizer, VAR router and live capture (a `BatchHost`).
 
 `ModelHost.load(settings)` loads the model and, when a tables file or calibration statistics are
 available (`--var-tables`, `--routing-stats`, or `<model>/var/`), wraps it with `VARModelWrapper`.
-It is the builtin engine's `RoutingBackend` (server/var_runtime.py): `apply_mode`, `counts`,
-`info`, `layers`, `available`. Without VAR (no tables, or files that do not fit the model and were
-not asked for explicitly) VAR is reported as unavailable with the reason; it is never simulated.
-
-Per-request tier counts (`begin_batch()` / `row_tier_counts(valid_tokens_B)`) come from the
-wrapper's per-row counts of the batch; the mode and the cumulative accounting belong to
-`VarRuntime`. Expert load and routed experts (`start_expert_load`, `record_routing`) come from a `RoutingTap`
-on the routers the blocks call. Capture (`capture_start/stop/parquet`) attaches a `RouterAnalyzer` to the model and
-runs on the engine thread between batches. Test: `pytest tests/test_server_engine.py`.
+Without VAR (no tables, or files that do not fit the model and were not asked for explicitly) VAR
+is reported as unavailable with the reason; it is never simulated. Per-request tier counts come
+from the wrapper's per-row counts of the batch; expert load and routed experts from a `RoutingTap`
+on the routers the blocks call; capture attaches a `RouterAnalyzer` on the engine thread between
+batches. Test: `pytest tests/test_server_engine.py`.
 """
 
 from __future__ import annotations
@@ -33,6 +29,12 @@ log = logging.getLogger("varmoe.server")
 
 
 class ModelHost:
+    """A `BatchHost` (server/host.py)."""
+
+    routed_available = True  # the routing tap answers return_routed_experts
+    expert_load_on_engine = False  # the counters are device tensors any thread may copy
+    can_capture = True
+
     def __init__(self, model: Any, tokenizer: Any, model_name: str, wrapper: VARModelWrapper | None = None,
                  reason: str = "", dtype_check: Any = None):
         self.model = model
@@ -152,6 +154,10 @@ class ModelHost:
         return self.tap.last_fast_LT
 
     # -- capture -------------------------------------------------------------------------------
+    @property
+    def capture_started(self) -> bool:
+        return self.analyzer is not None
+
     def capture_start(self) -> None:
         """Start a capture from zero; a second start drops what the running one had gathered."""
         if self.capturing:
@@ -180,10 +186,9 @@ def dtype_check(model: Any, tokenizer: Any, tables: VARTables, settings) -> Any:
     --var-dtype-check warn (var_moe.var.served_dtype)."""
     from var_moe.var import served_dtype as sd
 
-    check = sd.check_tables(model.dtype, tables, settings.model, tokenizer,
-                            lambda batches: sd.builtin_agreement(model, tables, batches))
-    log.info("%s", check.message())
-    return sd.enforce(check, settings.var_dtype_check == "refuse")
+    return sd.check_tables(model.dtype, tables, settings.model, tokenizer,
+                           lambda batches: sd.builtin_agreement(model, tables, batches),
+                           settings.var_dtype_check == "refuse")
 
 
 def _build_wrapper(model: Any, tokenizer: Any, settings) -> tuple[VARModelWrapper, Any]:

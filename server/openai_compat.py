@@ -15,6 +15,8 @@ import uuid
 from typing import Any
 
 from .errors import APIError
+from .host import Host
+from .jobs import before_stop
 from .schemas import MAX_TEXTS, CompletionRequest
 
 
@@ -52,16 +54,14 @@ def _top_dicts(tokenizer, tops) -> list[dict[str, float] | None]:
     return out
 
 
-def _choice(host, body: CompletionRequest, ids: list[int], result, index: int, stops: list[str]) -> dict[str, Any]:
+def _choice(host: Host, body: CompletionRequest, ids: list[int], result, index: int, stops: list[str]) -> dict[str, Any]:
     tok = host.tokenizer
     st = result.state
     gen_ids = list(st.new_ids)
     reason = {"eos": "stop", "stop": "stop"}.get(st.finish_reason or "length", "length")
     gen_text = tok.decode(gen_ids, skip_special_tokens=True)
     if st.finish_reason == "stop":
-        cut = min((gen_text.find(s) for s in stops if s in gen_text), default=-1)
-        if cut >= 0:
-            gen_text = gen_text[:cut]
+        gen_text = before_stop(gen_text, stops)
     prompt_text = tok.decode(ids) if body.echo else ""
     logprobs = None
     if body.logprobs is not None:
@@ -83,7 +83,7 @@ def _choice(host, body: CompletionRequest, ids: list[int], result, index: int, s
             **(result.routed or {})}
 
 
-def completion_body(host, body: CompletionRequest, prompts: list[list[int]], results, stops,
+def completion_body(host: Host, body: CompletionRequest, prompts: list[list[int]], results, stops,
                     served_name: str) -> dict[str, Any]:
     choices = [_choice(host, body, ids, r, i, stops) for i, (ids, r) in enumerate(zip(prompts, results))]
     prompt_tokens = sum(len(p) for p in prompts)

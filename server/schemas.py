@@ -97,14 +97,9 @@ class Timings(BaseModel):
     total_s: float
 
 
-class GenerateResponse(BaseModel):
-    text: str
-    prompt_tokens: int
-    generated_tokens: int
-    finish_reason: str
-    mode: Literal["var", "baseline"]
-    timings: Timings
-    routing: dict[str, int] = Field(description="tier -> routing decisions of this request (tokens x MoE layers)")
+class RoutedFields(BaseModel):
+    """What a generation answer carries with return_routed_experts."""
+
     prompt_routed_experts: Routing | None = Field(None, description="with return_routed_experts: [prompt tokens][MoE "
                                                                     "layers][k] expert ids")
     routed_experts: Routing | None = Field(None, description="with return_routed_experts: [generated tokens read "
@@ -112,6 +107,16 @@ class GenerateResponse(BaseModel):
     prompt_routed_tiers: Tiers | None = Field(None, description="with return_routed_experts, in VAR mode: each row's "
                                                                 "tier, fast (a VAR table) or learned")
     routed_tiers: Tiers | None = None
+
+
+class GenerateResponse(RoutedFields):
+    text: str
+    prompt_tokens: int
+    generated_tokens: int
+    finish_reason: str
+    mode: Literal["var", "baseline"]
+    timings: Timings
+    routing: dict[str, int] = Field(description="tier -> routing decisions of this request (tokens x MoE layers)")
 
 
 class PerplexityRequest(StrictBody):
@@ -173,15 +178,11 @@ class ToggleResponse(BaseModel):
     applies: str
 
 
-class CompletionChoice(BaseModel):
+class CompletionChoice(RoutedFields):
     text: str
     index: int
     logprobs: dict[str, Any] | None
     finish_reason: str
-    prompt_routed_experts: Routing | None = None  # with return_routed_experts
-    routed_experts: Routing | None = None
-    prompt_routed_tiers: Tiers | None = None  # with return_routed_experts, in VAR mode
-    routed_tiers: Tiers | None = None
 
 
 class CompletionUsage(BaseModel):

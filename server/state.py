@@ -18,22 +18,22 @@ from typing import Any
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from .engine import Engine, EngineError, Job, JobResult, QueueFull, RequestTooLarge
+from .engine_thread import EngineError, QueueFull, RequestTooLarge
 from .errors import APIError, timeout_error
 from .expert_metrics import ExpertLoadCollector
+from .host import Host
+from .jobs import Job, JobResult
 from .metrics import ServerMetrics
-from .model_host import ModelHost
 from .settings import ServerSettings
 from .var_runtime import VarRuntime
 
 
 class ServerState:
-    def __init__(self, settings: ServerSettings, host: ModelHost):
+    def __init__(self, settings: ServerSettings, host: Host, engine_class: type):
         self.settings = settings
         self.host = host
         self.var = VarRuntime(host, enabled=settings.var_on_start)
         self.metrics = ServerMetrics(self.var)
-        engine_class = getattr(host, "engine_class", Engine)  # a vLLM host brings its own engine
         self.engine = engine_class(host, self.var, self.metrics, settings.max_batch_size, settings.max_wait_ms,
                                    settings.max_queue, settings.threads,
                                    # a request larger than the queue gets 413, never 429 for ever
@@ -68,8 +68,8 @@ class ServerState:
         """The pinned mode of a request. `var: true` is for A/B tests while VAR is on: once the admin
         turned VAR off it is refused (409), unless the request carries the admin token or the
         setting allow_var_pin_when_off is on; a wrong token is 403."""
-        if pinned and not self.var.available:
-            raise APIError(409, "var_unavailable", f"VAR is unavailable: {self.var.unavailable_reason}", "var")
+        if pinned and not self.host.available:
+            raise APIError(409, "var_unavailable", f"VAR is unavailable: {self.host.unavailable_reason}", "var")
         if pinned and not self.var.enabled and not self.settings.allow_var_pin_when_off:
             if request is not None and request.headers.get("authorization"):
                 require_admin(request)  # 401/403 unless it is the admin's token
@@ -163,7 +163,7 @@ class ServerState:
             return
         read = self.host.expert_load_reading
         try:
-            if getattr(self.host, "expert_load_on_engine", False):
+            if self.host.expert_load_on_engine:
                 reading = await asyncio.wait_for(self.engine_call(read), 5.0)
             else:
                 reading = await asyncio.wait_for(self.in_worker(read), 5.0)
@@ -175,12 +175,11 @@ class ServerState:
     def check_routed_size(self, rows: list[tuple[int, int]], field: str = "return_routed_experts") -> None:
         """413 when the routed-experts arrays of `rows` ((prompt tokens, max new tokens) per choice)
         would make the response larger than max_response_bytes (JSON: digits and ", " per id)."""
-        if not getattr(self.host, "routed_available", True):
+        if not self.host.routed_available:
             raise APIError(409, "routed_experts_unavailable", "this engine's model was built without the routing "
-                           f"buffers that return_routed_experts reads ({self.var.unavailable_reason})", field)
-        k = int(getattr(self.host, "top_k", 0) or 0)
-        experts = int(getattr(self.host, "num_experts", 0) or 0)
-        per_id = len(str(max(experts - 1, 0))) + 2
+                           f"buffers that return_routed_experts reads ({self.host.unavailable_reason})", field)
+        k = self.host.top_k
+        per_id = len(str(max(self.host.num_experts - 1, 0))) + 2
         tokens = sum(p + n for p, n in rows)
         size = tokens * (len(self.host.layers) * (k * per_id + 4 + 11) + 8)  # ids, and each row's tier name
         limit = self.settings.max_response_bytes

@@ -8,9 +8,9 @@ Every other part asks it instead of keeping a copy:
   `verification_counts()` and `enabled` at scrape time);
 - `/var/status` is `status()`.
 
-An engine plugs its VAR implementation in through `RoutingBackend` (a small protocol): the builtin
-engine's backend is `server.model_host.ModelHost` (a `VARModelWrapper` on a transformers model);
-another engine (vLLM) provides the same five members from its workers. Counts are cumulative in the
+An engine plugs its VAR implementation in through `RoutingBackend` (a small protocol, the VAR part
+of the engine contract `server.host.Host`): the builtin engine's `ModelHost` (a `VARModelWrapper`
+on a transformers model), vLLM's `VllmHost` (its workers' counters). Counts are cumulative in the
 backend; the runtime attributes what was added since its last read to the mode of the batch that
 added it, so VAR's tier shares never include baseline traffic. In baseline mode the learned router
 makes every decision: valid tokens x MoE layers under `learned`.
@@ -65,18 +65,6 @@ class VarRuntime:
 
     # -- mode -------------------------------------------------------------------------------------
     @property
-    def layers(self) -> list[int]:
-        return self.backend.layers
-
-    @property
-    def available(self) -> bool:
-        return self.backend.available
-
-    @property
-    def unavailable_reason(self) -> str:
-        return self.backend.unavailable_reason
-
-    @property
     def enabled(self) -> bool:
         """The admin's switch: the mode of batches that are not pinned."""
         return self._enabled
@@ -87,8 +75,8 @@ class VarRuntime:
 
     def set_enabled(self, on: bool) -> bool:
         """Turn VAR on or off for batches formed from now on; returns the previous setting."""
-        if on and not self.available:
-            raise VarUnavailable(f"VAR is unavailable: {self.unavailable_reason}")
+        if on and not self.backend.available:
+            raise VarUnavailable(f"VAR is unavailable: {self.backend.unavailable_reason}")
         with self._lock:
             previous, self._enabled = self._enabled, bool(on)
         return previous
@@ -106,7 +94,7 @@ class VarRuntime:
         with self._lock:
             self._batches[mode] += int(new_batch)
             if mode == "baseline":
-                for layer in self.layers:
+                for layer in self.backend.layers:
                     self._tiers["baseline"][(layer, "learned")] += int(valid_tokens)
                 return
             if read_counts:
@@ -145,21 +133,21 @@ class VarRuntime:
     # -- status -----------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         """Mode, the VAR set-up (its config's enable_var is the current mode), shares per mode."""
-        var: dict[str, Any] = {"available": self.available, "layers": self.layers}
-        if not self.available:
-            var["unavailable_reason"] = self.unavailable_reason
+        var: dict[str, Any] = {"available": self.backend.available, "layers": self.backend.layers}
+        if not self.backend.available:
+            var["unavailable_reason"] = self.backend.unavailable_reason
         else:
             info = dict(self.backend.info())
             if isinstance(info.get("config"), dict):
                 info["config"] = {**info["config"], "enable_var": self.enabled}
             var.update(info)
         checks = self.verification_counts()
-        by_layer = {str(l): {o: checks.get((l, o), 0) for o in OUTCOMES} for l in self.layers}
+        by_layer = {str(l): {o: checks.get((l, o), 0) for o in OUTCOMES} for l in self.backend.layers}
         return {
             "mode": self.mode,
             "var": var,
-            "decisions_since_start": {m: _by_layer(self.tier_counts(m), self.layers) for m in MODES},
-            "tier_shares_since_start": {m: _shares(self.tier_counts(m), self.layers) for m in MODES},
+            "decisions_since_start": {m: _by_layer(self.tier_counts(m), self.backend.layers) for m in MODES},
+            "tier_shares_since_start": {m: _shares(self.tier_counts(m), self.backend.layers) for m in MODES},
             "batches_since_start": dict(self._batches),
             "verification_checks_since_start": by_layer,
             "verification_agreement": {l: (c["agree"] / sum(c.values()) if sum(c.values()) else None)

@@ -28,9 +28,9 @@ import logging
 import time
 from typing import Any
 
-from .decode import RowState
-from .engine import Job, JobResult, tier_names
 from .engine_thread import EngineThread
+from .host import StepHost
+from .jobs import Job, JobResult, RowState, tier_names
 from .metrics import ServerMetrics
 from .var_runtime import VarRuntime
 
@@ -61,8 +61,8 @@ def sampling_params(job: Job, var: bool, routed_key: str | None = None) -> Any:
 class _Flight:
     """A job that vLLM is running."""
 
-    def __init__(self, job: Job, mode: str, started: float):
-        self.job, self.mode, self.started = job, mode, started
+    def __init__(self, job: Job, mode: str):
+        self.job, self.mode = job, mode
         self.state = RowState()
         self.prompt_done = False
 
@@ -70,7 +70,7 @@ class _Flight:
 class VllmEngine(EngineThread):
     thread_name = "varmoe-vllm-engine"
 
-    def __init__(self, host, var: VarRuntime, metrics: ServerMetrics, max_batch_size: int = 8,
+    def __init__(self, host: StepHost, var: VarRuntime, metrics: ServerMetrics, max_batch_size: int = 8,
                  max_wait_ms: float = 50.0, max_queue: int = 64, threads: int | None = None,
                  max_request_rows: int | None = None, max_request_tokens: int | None = None):
         super().__init__(var, metrics, max_queue, max_request_rows, max_request_tokens)
@@ -134,7 +134,8 @@ class VllmEngine(EngineThread):
             salt = f"{job.pinned_mode}-{rid}" if job.routed else job.pinned_mode
             prompt = {"prompt_token_ids": list(job.spec.prompt_ids), "cache_salt": salt}
             self.llm.add_request(rid, prompt, sampling_params(job, job.pinned_mode == "var", rid if job.routed else None))
-            self._flights[rid] = _Flight(job, job.pinned_mode, now)
+            job.started_at = now
+            self._flights[rid] = _Flight(job, job.pinned_mode)
             self.metrics.prompt_tokens.labels(mode=job.pinned_mode).inc(len(job.spec.prompt_ids))
 
     def _step(self) -> None:
@@ -250,9 +251,7 @@ class VllmEngine(EngineThread):
         # the token before the first forwarded one: a pair entry of that row keys on it
         prev_id = job.spec.prompt_ids[cached - 1] if 0 < cached <= len(job.spec.prompt_ids) else -1
         tiers = self.host.request_tiers(fl.mode == "var", forwarded, prev_id=prev_id)
-        ttft = None if job.first_token_at is None else job.first_token_at - job.enqueued_at
-        return JobResult(st, fl.mode, len(job.spec.prompt_ids), fl.started - job.enqueued_at, ttft,
-                         now - job.enqueued_at, tiers, routed=job.routed_arrays())
+        return job.result(st, fl.mode, now, tiers)
 
     def _abort_gone(self) -> None:
         now = time.monotonic()
@@ -264,9 +263,7 @@ class VllmEngine(EngineThread):
             fl = self._flights.pop(rid)
             fl.state.finished = True
             fl.state.finish_reason = "cancelled" if fl.job.cancelled else "timeout"
-            fl.job.post("done", None if fl.job.cancelled else JobResult(
-                fl.state, fl.mode, len(fl.job.spec.prompt_ids), fl.started - fl.job.enqueued_at, None,
-                now - fl.job.enqueued_at, {}))
+            fl.job.post("done", None if fl.job.cancelled else fl.job.result(fl.state, fl.mode, now))
 
     def _fail_all(self, error: str) -> None:
         now = time.monotonic()
@@ -277,8 +274,7 @@ class VllmEngine(EngineThread):
             except Exception:  # the engine itself may be gone; the clients still get an answer
                 log.exception("abort after a failed step")
         for fl in self._flights.values():
-            fl.job.post("done", JobResult(RowState(), fl.mode, len(fl.job.spec.prompt_ids), 0.0, None,
-                                          now - fl.job.enqueued_at, {}, error=error))
+            fl.job.post("done", fl.job.result(RowState(), fl.mode, now, error=error))
         self._flights.clear()
 
 

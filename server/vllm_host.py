@@ -1,28 +1,23 @@
-"""`VllmHost`: `varmoe serve --engine vllm`'s model side: a vLLM engine with VAR, as a RoutingBackend.
+"""`VllmHost`: `varmoe serve --engine vllm`'s model side: a vLLM engine with VAR, as a `StepHost`.
 
-`VllmHost.load(settings)` builds a vLLM `LLMEngine` (engine settings passed through: tensor/data
-parallel size, GPU memory share, max model length, dtype, quantization, eager mode) for a model
-whose MoE routers carry VAR (var_moe.vllm: installed before vLLM compiles the model), then loads
-the tables file through `collective_rpc` on every worker (refused for other weights: the
-fingerprint is checked against the gates vLLM loaded). Without a tables file, or for an
-architecture VAR does not support on vLLM, it serves the plain vLLM model and reports VAR as
-unavailable with the reason.
+`VllmHost.load(settings)` builds a vLLM `LLMEngine` (engine settings passed through from the server
+settings, `engine_args`) for a model whose MoE routers carry VAR (var_moe.vllm: installed before
+vLLM compiles the model), then loads the tables file through `collective_rpc` on every worker
+(refused for other weights). Without a tables file, or for an architecture VAR does not support on
+vLLM, it serves the plain vLLM model and reports VAR as unavailable with the reason.
 
-RoutingBackend (server/var_runtime.py): each request carries its own mode to the workers
-(server/vllm_engine.py), so `apply_mode` only sets the workers' default for requests that name
-none; `counts()` reads the device counters, which count VAR-mode rows only; verification outcomes are the free audit of every table row against the
-learned decision (no sampling, no demotion on this engine). Per-request tier counts are exact
-without reading the device: a fast decision depends on the token and its previous token only, so
-`request_tiers` makes the workers' decision (`var.served.tier_counts` on a host copy of the served
-tables) over the tokens the request sent through the model (the vLLM tests check it against the
-device counters and against the builtin engine's counts). The caller passes the token before the
-first one sent (`prev_id`) when a prefix cache held the prompt's start.
-Capture runs on the builtin engine only (409 here). Test: `pytest tests/vllm_engine/test_vllm_server.py`.
+Each request carries its own mode to the workers (server/vllm_engine.py), so `apply_mode` only
+sets the workers' default for requests that name none; `counts()` reads the device counters (VAR
+rows only; verification outcomes are the free audit of every table row, no sampling, no demotion
+on this engine). Per-request tier counts need no device read: a fast decision depends on the token
+and its previous token only, so `request_tiers` makes the workers' decision (`served.tier_counts`
+on a host copy of the served tables) over the tokens the request sent through the model, given the
+token before the first one sent (`prev_id`) when a prefix cache held the prompt's start. Capture
+runs on the builtin engine only (`can_capture` False). Test: `pytest tests/vllm_engine/test_vllm_server.py`.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from types import SimpleNamespace
 from typing import Any
@@ -30,10 +25,7 @@ from typing import Any
 from var_moe.errors import InvalidInputError
 from var_moe.var.served import ServedTables, tier_counts
 
-from .errors import APIError
 from .var_runtime import Counts
-
-log = logging.getLogger("varmoe.server")
 
 
 def engine_args(settings) -> dict[str, Any]:
@@ -138,22 +130,18 @@ def dtype_check(engine: Any, settings, tables) -> Any:
     def measure(batches):
         return table_agreement(engine, [ids[mask.bool()].tolist() for b in batches for ids, mask in zip(b.ids, b.mask)])
 
-    check = sd.check_tables(engine.vllm_config.model_config.dtype, tables, settings.model, engine.get_tokenizer(),
-                            measure)
-    log.info("%s", check.message())
-    return sd.enforce(check, settings.var_dtype_check == "refuse")
+    return sd.check_tables(engine.vllm_config.model_config.dtype, tables, settings.model, engine.get_tokenizer(),
+                           measure, settings.var_dtype_check == "refuse")
 
 
 class VllmHost:
-    capturing = False
+    """A `StepHost` (server/host.py)."""
+
+    can_capture = capturing = capture_started = False
     capture_tokens = 0
-    analyzer = None
 
     def __init__(self, engine: Any, model_name: str, tables_info: dict | None, served: ServedTables | None,
                  layers: list[int], reason: str = ""):
-        from .vllm_engine import VllmEngine
-
-        self.engine_class = VllmEngine  # ServerState builds this engine instead of the builtin one
         self.llm = engine
         self.model_name = model_name
         self.tokenizer = engine.get_tokenizer()
@@ -308,9 +296,7 @@ class VllmHost:
         """Rows so far of requests that asked for their routed experts (engine thread)."""
         return self.llm.collective_rpc("varmoe_take_routed", args=(keys, finished))[0]
 
-    # -- capture: builtin engine only ----------------------------------------------------------------
-    def _no_capture(self, *args: Any) -> None:
-        raise APIError(409, "capture_unavailable", "capture runs on the builtin engine (varmoe serve without "
-                       "--engine vllm): it needs per-token router hooks that vLLM's compiled model does not offer")
+    def capture_start(self, *args: Any) -> None:  # can_capture is False: the routes answer 409 first
+        raise NotImplementedError("capture runs on the builtin engine")
 
-    capture_start = capture_stop = capture_parquet = _no_capture
+    capture_stop = capture_parquet = capture_start

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.decode import BatchDecoder, RowSpec, nucleus_probs
+from server.decode import BatchDecoder, nucleus_probs
+from server.jobs import RowSpec
 from var_moe.perplexity import sequence_nll
 from var_moe.tiny import tiny_model
 

@@ -12,11 +12,12 @@ import time
 
 import pytest
 import torch
-from server_helpers import permissive_var_config
+from server_helpers import FakeBackend, permissive_var_config
 
 from analysis_jobs.fixtures import tiny_var_model
-from server.decode import RowSpec
-from server.engine import Engine, Job, QueueFull, RequestTooLarge
+from server.engine import Engine
+from server.engine_thread import QueueFull, RequestTooLarge
+from server.jobs import Job, RowSpec
 from server.metrics import ServerMetrics
 from server.model_host import ModelHost
 from server.settings import ServerSettings
@@ -61,6 +62,17 @@ async def _results(jobs):
 
 def test_host_has_var(host):
     assert host.available, host.unavailable_reason
+
+
+def test_loader_picks_the_engine_and_the_host_keeps_the_contract(host):
+    from server.app import load_engine
+    from server.host import BatchHost, Host, StepHost
+
+    assert isinstance(host, BatchHost) and isinstance(host, Host) and host.can_capture
+    assert not isinstance(host, StepHost)  # the check can fail: the builtin host has no vLLM engine
+    assert not isinstance(FakeBackend(), Host)  # a RoutingBackend alone is not a host
+    plain, engine_class = load_engine(ServerSettings(model=str(host.model_name), dtype="float32", device="cpu"))
+    assert engine_class is Engine and isinstance(plain, BatchHost)
 
 
 def test_batches_respect_max_size_and_one_mode(host):

@@ -17,7 +17,8 @@ from var_moe.adapters import get_adapter
 from var_moe.tiny import tiny_model
 from var_moe.var.config import VARConfig
 from var_moe.var.evidence import Evidence, LayerEvidence, collect_evidence
-from var_moe.var.tables import VARTables, layer_candidates, spread_indices
+from var_moe.var.certify import layer_candidates
+from var_moe.var.tables import VARTables, spread_indices
 
 torch.set_num_threads(1)
 E, K, V = 4, 2, 8

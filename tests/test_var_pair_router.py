@@ -13,7 +13,8 @@ from var_moe.var.config import VARConfig
 from var_moe.var.evaluate import EvalBatch
 from var_moe.var.evidence import collect_evidence, set_codes
 from var_moe.var.pairs import PairTable, pair_candidates
-from var_moe.var.tables import VARTables, certify_entries, layer_candidates
+from var_moe.var.certify import layer_candidates
+from var_moe.var.tables import VARTables, certify_entries
 from var_moe.var.wrapper import VARModelWrapper
 
 torch.set_num_threads(1)

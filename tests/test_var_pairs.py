@@ -17,7 +17,8 @@ from var_moe.var.config import VARConfig
 from var_moe.var.evidence import LayerEvidence
 from var_moe.var.pairs import pair_candidates, served_masks
 from var_moe.var.served import find_pairs as pair_lookup
-from var_moe.var.tables import VARTables, certify_entries, certify_layers, layer_candidates
+from var_moe.var.certify import layer_candidates
+from var_moe.var.tables import VARTables, certify_entries
 
 torch.set_num_threads(1)
 E, K, V = 4, 2, 8
@@ -166,7 +167,7 @@ def test_no_pair_candidates_leave_the_token_tier_unchanged():
     occ = {l: occurrences(5, range(24), l) for l in (0, 1)}
     cal = {l: evidence(o) for l, o in occ.items()}
     cands = {l: layer_candidates(cal[l], cfg) for l in cal}
-    base, info0 = certify_layers(cands, cfg)
+    base, _, info0 = certify_entries(cands, {}, cfg)
     tabs, ptabs, info = certify_entries(cands, {}, cfg)
     assert ptabs == {} and info == info0
     for l in cal:

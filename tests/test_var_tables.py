@@ -10,7 +10,8 @@ from scipy import stats as sps
 from var_moe.adapters import get_adapter
 from var_moe.tiny import tiny_model
 from var_moe.var.config import VARConfig
-from var_moe.var.tables import VARTables, wilson_lower_bound
+from var_moe.var.certify import wilson_lower_bound
+from var_moe.var.tables import VARTables
 
 torch.set_num_threads(1)
 
@@ -34,7 +35,7 @@ def tiny_tables(model, cfg):
 
 
 def test_split_metadata_test_is_refused_unless_allowed(tmp_path):
-    from var_moe.var.tables import check_split
+    from var_moe.var.stats_io import check_split
 
     with pytest.raises(ValueError, match="--allow-test-split"):
         check_split({"split": "test"}, "s.parquet", False)

@@ -13,7 +13,8 @@ from var_moe.tiny import tiny_model
 from var_moe.var.config import VARConfig
 from var_moe.var.evaluate import EvalBatch
 from var_moe.var.evidence import Evidence, LayerEvidence, collect_evidence
-from var_moe.var.tables import VARTables, layer_candidates, multiplicity_levels, score_pvalues, wilson_lower_bound
+from var_moe.var.certify import layer_candidates, multiplicity_levels, score_pvalues, wilson_lower_bound
+from var_moe.var.tables import VARTables
 
 torch.set_num_threads(1)
 E, K, V = 4, 2, 8

@@ -19,27 +19,37 @@ from ..errors import APIError
 from ..schemas import CaptureStatus
 from ..state import ServerState, get_state, require_admin
 
+
+
+def capturing_state(state: ServerState = Depends(get_state)) -> ServerState:
+    """The server's state, once its host can capture (vLLM's compiled model has no per-token hooks)."""
+    if not state.host.can_capture:
+        raise APIError(409, "capture_unavailable", "capture runs on the builtin engine (varmoe serve without "
+                       "--engine vllm): it needs per-token router hooks that vLLM's compiled model does not offer")
+    return state
+
+
 router = APIRouter(prefix="/admin/capture", tags=["capture"], dependencies=[Depends(require_admin)])
 
 
 @router.post("/start", response_model=CaptureStatus)
-async def capture_start(state: ServerState = Depends(get_state)):
+async def capture_start(state: ServerState = Depends(capturing_state)):
     await state.engine_call(state.host.capture_start)
     return {"capturing": True, "note": "statistics restart from zero at every start (a running capture's too)"}
 
 
 @router.post("/stop", response_model=CaptureStatus)
-async def capture_stop(state: ServerState = Depends(get_state)):
+async def capture_stop(state: ServerState = Depends(capturing_state)):
     await state.engine_call(state.host.capture_stop)
     return {"capturing": False, "tokens": state.host.capture_tokens,
             "note": "GET /admin/capture/stats downloads the statistics as Parquet"}
 
 
 @router.get("/stats")
-async def capture_stats(part: Literal["stats", "pairs"] = "stats", state: ServerState = Depends(get_state)):
+async def capture_stats(part: Literal["stats", "pairs"] = "stats", state: ServerState = Depends(capturing_state)):
     """The statistics file of `varmoe capture` (part=stats) or its pair sidecar (part=pairs)."""
     host = state.host
-    if host.analyzer is None:
+    if not host.capture_started:
         raise APIError(409, "no_capture", "no capture has been started on this server")
     folder = Path(tempfile.mkdtemp(prefix="varmoe-capture-"))
     tmp = folder / "routing_stats.parquet"

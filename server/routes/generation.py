@@ -16,9 +16,8 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from ..decode import RowSpec
-from ..engine import Job, JobResult
 from ..errors import APIError
+from ..jobs import Job, JobResult, RowSpec, before_stop
 from ..schemas import MAX_TEXTS, GenerateRequest, GenerateResponse, PerplexityRequest, PerplexityResponse
 from ..state import ServerState, get_state
 from ..var_runtime import TIERS
@@ -85,8 +84,7 @@ def generate_body(state: ServerState, result: JobResult, job: Job) -> dict[str, 
     text = state.host.tokenizer.decode(result.state.new_ids, skip_special_tokens=True)
     reason = result.state.finish_reason or "length"
     if reason == "stop":
-        cut = min((text.find(s) for s in job.stop if s in text), default=-1)
-        text = text[:cut] if cut >= 0 else text
+        text = before_stop(text, job.stop)
     return (result.routed or {}) | {
         "text": text, "prompt_tokens": result.prompt_tokens, "generated_tokens": len(result.state.new_ids),
         "finish_reason": reason, "mode": result.mode,

@@ -23,7 +23,7 @@ async def healthz():
 async def readyz(state: ServerState = Depends(get_state)):
     if not state.engine.running:
         return error_response(503, "not_ready", "the engine is not running", headers={"Retry-After": "5"})
-    return {"status": "ready", "model": state.settings.model_label, "var_available": state.var.available}
+    return {"status": "ready", "model": state.settings.model_label, "var_available": state.host.available}
 
 
 @router.get("/metrics")

@@ -10,8 +10,7 @@ import time
 from fastapi import APIRouter, Depends, Request
 
 from .. import openai_compat
-from ..decode import RowSpec
-from ..engine import Job
+from ..jobs import Job, RowSpec
 from ..schemas import CompletionRequest, CompletionResponse, ModelList
 from ..state import ServerState, get_state
 

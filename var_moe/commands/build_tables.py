@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     from ..loading import load_model
     from ..var.evidence import Evidence
     from ..var.stats_io import read_stats
-    from ..var.tables import VARTables, check_split, evidence_for_stats
+    from ..var.stats_io import check_split
+    from ..var.tables import VARTables, evidence_for_stats
     from ._common import load_spec
     from ._var import check_choose_flags, choose_evidence_from_args, config_from_args
 

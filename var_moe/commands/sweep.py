@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     from ..var.evidence import Evidence, collect_evidence
     from ..var.stats_io import read_stats_metadata
     from ..var.sweep import SweepGrid, runtime_points, sweep_runtime, sweep_tables
-    from ..var.tables import check_split, evidence_for_stats, model_identity
+    from ..var.stats_io import check_split
+    from ..var.tables import evidence_for_stats, model_identity
 
     grid = SweepGrid(_floats(args.targets, "--targets"), _floats(args.min_frequencies, "--min-frequencies", kind=int),
                      _floats(args.entropy_caps, "--entropy-caps", True),

@@ -17,7 +17,7 @@ from typing import Any
 _LAZY = {
     "VARConfig": "config", "get_conservative_config": "config", "get_balanced_config": "config",
     "get_aggressive_config": "config", "get_preset": "config", "VARTables": "tables",
-    "wilson_lower_bound": "tables", "VARRouter": "router",
+    "wilson_lower_bound": "certify", "VARRouter": "router",
     "VARModelWrapper": "wrapper", "VARMixtralWrapper": "wrapper", "Evidence": "evidence",
     "collect_evidence": "evidence",
 }

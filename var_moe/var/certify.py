@@ -84,16 +84,6 @@ def _modal(keys_RC: torch.Tensor, counts_R: torch.Tensor, num_key_cols: int) -> 
     return keys_G, u[first_G, num_key_cols], total_G, max_G
 
 
-def _certifying_groups(ev: LayerEvidence, modal_code_V: torch.Tensor, choose: str) -> tuple[torch.Tensor, ...]:
-    """Per (certifying document, token): occurrences n_D, agreements a_D with the chosen set, token_D.
-    Independent of the config, so it is computed once per evidence object (`_summary`)."""
-    rows, counts = ev.rows_R4, ev.counts_R.double()
-    cert = _certifying(rows, choose)
-    rows, counts = rows[cert], counts[cert]
-    tok = rows[:, 2]
-    return document_groups(rows[:, 0], tok, rows[:, 3] == modal_code_V[tok], counts)
-
-
 def document_groups(doc_R: torch.Tensor, key_R: torch.Tensor, agree_R: torch.Tensor,
                     counts_R: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Per distinct (document, key) of certifying rows: occurrences n_D, agreements a_D (rows whose
@@ -164,7 +154,11 @@ def _summary(ev: LayerEvidence, choose: str = "even", chooser: LayerEvidence | N
     keys, code_G, _, _ = _modal(rows[sel][:, 2:4], counts[sel], 1)
     modal_code_V = torch.full((ev.vocab,), -1, dtype=torch.long)
     modal_code_V[keys[:, 0]] = code_G
-    n_D, a_D, tok_D = _certifying_groups(ev, modal_code_V, choose)
+    # per (certifying document, token): occurrences, agreements with the chosen set
+    cert = _certifying(ev.rows_R4, choose)
+    c_R4 = ev.rows_R4[cert]
+    agree_R = c_R4[:, 3] == modal_code_V[c_R4[:, 2]]
+    n_D, a_D, tok_D = document_groups(c_R4[:, 0], c_R4[:, 2], agree_R, ev.counts_R[cert])
     out = {"modal_code_V": modal_code_V, "n_D": n_D, "a_D": a_D, "tok_D": tok_D, "choose": choose,
            "chooser_rows": src.rows_R4}
     ev._summary_cache = {**cache, key: out}
@@ -266,23 +260,24 @@ def layer_candidates(ev: LayerEvidence, config: VARConfig, choose: str = "even",
     if choose == "all":  # nothing held out: nothing can be certified
         eligible = torch.zeros_like(eligible)
     agree_V, total_V, docs_V = certified_counts(ev, config.max_per_document, choose, chooser)
-    modal_VK, w_VK, mass_V = served_weights(mean_weights_VE(src, choose), modal_VK, seen_V)
+    modal_VK, w_VK, mass_V = served_weights(mean_weights(src, choose, torch.arange(v), modal_VK), modal_VK, seen_V)
     pvals = score_pvalues(agree_V, total_V, config.target_agreement)
     return Candidates(modal_VK, seen_V, eligible & (total_V > 0), agree_V, total_V, docs_V, w_VK, mass_V, pvals, freq_V)
 
 
-def mean_weights_VE(src: LayerEvidence, choose: str) -> torch.Tensor:
-    """Per token and expert, the mean learned weight of the expert when chosen, on the choosing side."""
+def mean_weights(src: LayerEvidence, choose: str, tok_X: torch.Tensor, sets_XK: torch.Tensor) -> torch.Tensor:
+    """(X, K) mean learned weight of each row's set's experts for its token when chosen, on the
+    choosing side."""
     halves = slice(0, 1) if choose == "even" else slice(0, 2)  # the chooser's both parity halves choose
-    return src.mean_weights_VE(halves)
+    return src.mean_weights(tok_X, sets_XK, halves)
 
 
-def served_weights(mean_w_XE: torch.Tensor, sets_XK: torch.Tensor, seen_X: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(sets_XK, weights_XK, mass_X) as served: the mean learned weights of each set's experts
-    renormalised over the set (uniform where unseen), mass = their raw sum, and each set reordered
-    so slot 0 is the expert with the largest stored weight (adaptive k keeps that one)."""
+def served_weights(w_XK: torch.Tensor, sets_XK: torch.Tensor, seen_X: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(sets_XK, weights_XK, mass_X) as served from `w_XK`, the mean learned weights of each set's
+    experts (`mean_weights`): renormalised over the set (uniform where unseen), mass = their raw sum,
+    and each set reordered so slot 0 is the expert with the largest stored weight (adaptive k keeps
+    that one)."""
     k = sets_XK.shape[1]
-    w_XK = mean_w_XE.gather(1, sets_XK)
     mass_X = w_XK.sum(1)
     w_XK = torch.where(seen_X[:, None], w_XK / mass_X.clamp_min(1e-12)[:, None], torch.full_like(w_XK, 1.0 / k))
     mass_X = torch.where(seen_X, mass_X, torch.ones_like(mass_X))

@@ -12,7 +12,7 @@ masked) and keeps, per MoE layer:
   per observed (half, token, expert) cell, how often the expert was chosen and its summed weight
   (for the served weights), kept sparsely (`cell_keys_C` = (half * V + token) * E + e, found with
   the capture's `HashIndex`), so memory follows what was seen, not V x E;
-  `chosen_2VE` / `wsum_2VE` / `mean_weights_VE` give the dense form of one layer on demand.
+  `mean_weights` reads the mean weights of given (token, expert set) rows from those cells.
 
 Documents are split by parity of their index: even documents choose each entry's set, odd ones
 certify it (`half_of`); evidence used whole on one side (a separate choosing evidence of another
@@ -95,30 +95,22 @@ class LayerEvidence:
         self.cell_wsum_C.index_add_(0, cell, w_TK.reshape(-1))
         self.cell_keys_C = self._cells.keys
 
-    def _dense_2VE(self, values_C: torch.Tensor) -> torch.Tensor:
-        n = len(self._cells)
-        out = torch.zeros(2 * self.vocab * self.num_experts, dtype=torch.float64)
-        return out.index_copy_(0, self._cells.keys, values_C[:n]).view(2, self.vocab, self.num_experts)
-
-    @property
-    def chosen_2VE(self) -> torch.Tensor:
-        """Dense (2, V, E) times chosen (built on demand; 16 bytes per cell with wsum_2VE)."""
-        return self._dense_2VE(self.cell_chosen_C)
-
-    @property
-    def wsum_2VE(self) -> torch.Tensor:
-        return self._dense_2VE(self.cell_wsum_C)
-
-    def mean_weights_VE(self, halves: slice) -> torch.Tensor:
-        """(V, E) mean weight of each expert when chosen, over the given halves (0 where never chosen)."""
-        n, v, e = len(self._cells), self.vocab, self.num_experts
-        keys = self._cells.keys
-        half = keys // (v * e)
-        keep = (half >= (halves.start or 0)) & (half < (2 if halves.stop is None else halves.stop))
-        flat = keys[keep] % (v * e)
-        chosen = torch.zeros(v * e, dtype=torch.float64).index_add_(0, flat, self.cell_chosen_C[:n][keep])
-        wsum = torch.zeros(v * e, dtype=torch.float64).index_add_(0, flat, self.cell_wsum_C[:n][keep])
-        return (wsum / chosen.clamp_min(1)).view(v, e)
+    def mean_weights(self, tok_X: torch.Tensor, sets_XK: torch.Tensor, halves: slice) -> torch.Tensor:
+        """(X, K) mean weight of expert `sets_XK[x, j]` for token `tok_X[x]` when chosen, over the
+        given halves (0 where never chosen): lookups of the observed cells, no V x E array (at
+        Kimi-K2's vocabulary and 384 experts one would take 0.5 GB per layer and copy)."""
+        e, n = self.num_experts, len(self._cells)
+        chosen = torch.zeros(sets_XK.shape, dtype=torch.float64)
+        wsum = torch.zeros(sets_XK.shape, dtype=torch.float64)
+        for half in range(halves.start or 0, 2 if halves.stop is None else halves.stop):  # at most 2 halves
+            cell = self._cells.lookup((((half * self.vocab + tok_X.long()) * e)[:, None] + sets_XK.long()).reshape(-1))
+            hit = cell >= 0
+            c = torch.zeros(cell.shape, dtype=torch.float64)
+            w = torch.zeros(cell.shape, dtype=torch.float64)
+            c[hit], w[hit] = self.cell_chosen_C[:n][cell[hit]], self.cell_wsum_C[:n][cell[hit]]
+            chosen += c.view_as(chosen)
+            wsum += w.view_as(wsum)
+        return wsum / chosen.clamp_min(1)
 
     def consolidate(self) -> None:
         n = len(self._cells)

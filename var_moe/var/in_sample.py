@@ -81,7 +81,7 @@ def layer_candidates_in_sample(sub: Any, config: VARConfig, vocab: int, num_expe
     eligible_V = seen_V & (freq_V >= config.frequency_threshold)
     if config.entropy_threshold is not None:
         eligible_V &= ent_V <= config.entropy_limit_nats(num_experts)
-    modal_VK, w_VK, mass_V = served_weights(wsum_VE / chosen_VE.clamp_min(1), modal_VK, seen_V)
+    modal_VK, w_VK, mass_V = served_weights((wsum_VE / chosen_VE.clamp_min(1)).gather(1, modal_VK), modal_VK, seen_V)
     pvals_V = score_pvalues(agree_V, freq_V, config.target_agreement)
     return Candidates(modal_VK, seen_V, eligible_V, agree_V, freq_V, seen_V.double(), w_VK, mass_V, pvals_V, freq_V)
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InvalidInputError
-from .certify import (_certifying, capped_counts, choosing_side, document_groups, mean_weights_VE, pair_modes,
+from .certify import (_certifying, capped_counts, choosing_side, document_groups, mean_weights, pair_modes,
                       score_pvalues, served_weights)
 from .config import VARConfig
 from ..capture.router_math import decode_set_ids as decode_sets
@@ -104,8 +104,8 @@ def pair_candidates(ev: LayerEvidence, config: VARConfig, min_pair_count: int | 
     # served weights: pairs keep no weights of their own, so the token's mean learned weight of each
     # expert of the pair's set (on the choosing side), renormalised over the set
     tok_P = split_key(keys_P, v)[2]
-    sets_PK, weights_PK, mass_P = served_weights(mean_weights_VE(src, choose)[tok_P],
-                                                 decode_sets(code_P, ev.num_experts, ev.top_k),
+    sets_PK = decode_sets(code_P, ev.num_experts, ev.top_k)
+    sets_PK, weights_PK, mass_P = served_weights(mean_weights(src, choose, tok_P, sets_PK), sets_PK,
                                                  torch.ones_like(tok_P, dtype=torch.bool))
     return PairCandidates(keys_P, code_P, sets_PK, weights_PK, mass_P, select_P, share_P, eligible_P, agree_P, total_P, docs_P, pvalue_P)
 

@@ -6,31 +6,24 @@ For each row (token) of the (T, H) hidden states:
             pair entry (`pairs.py`, tables built with `pair_entries`),
   learned - else (and for padding, and when token ids are unknown): the original router.
 It returns the transformers v5 router contract `(router_logits, weights, indices)`, so the
-experts run untouched.
-
-Per forward, the fast tier of every layer is resolved once by the shared `TableStack`
-(stack.py: stacked tables, the lookup, counters, the batch-1 path); per layer the router runs the
-learned router on all rows (it is ~1% of a forward, and running it on a subset would need the
-subset's size on the host) and selects rows with `torch.where` over the precomputed rows: no
-boolean-mask indexing and no host synchronisation on this path, so an empty table returns the
-learned outputs unchanged (bit for bit).
+experts run untouched. The fast tier of every layer is resolved once per forward by the shared
+`TableStack` (stack.py); per layer the router runs the learned router on all rows (~1% of a
+forward; a subset would need its size on the host) and selects rows with `torch.where`: no
+boolean-mask indexing, no host synchronisation, and an empty table returns the learned outputs
+bit for bit.
 
 Weights (`weights_source`): "table" uses the table's stored weights, scaled the way the family's
 router scales its own (`adapter.weight_scale`: the constant its top-k weights sum to, e.g. 1 for
 Mixtral, the routed scaling factor for DeepSeek-V3, or None: the table's raw mass; a probe at
 construction checks the router agrees); "learned" gives the chosen set the weights the family's
-router would give it (`adapter.chosen_weights`). router_logits are the learned router's (computed
-for every row anyway).
-
-Adaptive k: fast rows whose table gives the top expert >= `adaptive_k_min_weight` of the set's
-weight go to that expert alone with the full weight; the other slots hold index E (the experts'
-empty slot) with weight 0 -- precomputed in the stacked tables, so it costs nothing per forward.
-Shadow verification compares a seeded sample of fast rows with the learned decision (already
-computed) and queues demotions (`tables.demote_mask`: the running Wilson bound over certifying +
-shadow evidence below target, or, after `shadow_min_checks` checks, the shadow upper bound below
-target). Queued demotions are applied between forwards (`TableStack.apply_demotions`), never
-inside one, and not at all while the tables are frozen (`VARModelWrapper.frozen_tables()`, used
-by timed passes). Audit mode counts agreement of every fast row without demoting.
+router would give it (`adapter.chosen_weights`). router_logits are the learned router's. Adaptive
+k: fast rows whose table gives the top expert >= `adaptive_k_min_weight` of the set's weight go to
+that expert alone with the full weight (the other slots hold index E, the experts' empty slot),
+precomputed in the stacked tables.
+Shadow verification compares a seeded sample of fast rows with the learned decision and queues
+demotions (`certify.demote_mask`), applied between forwards (`TableStack.apply_demotions`), never
+inside one, and not while the tables are frozen (`VARModelWrapper.frozen_tables()`, timed passes).
+Audit mode counts agreement of every fast row without demoting.
 
 Shapes: T tokens, H hidden, E experts, K top-k, V vocabulary, L layers.
 Test: `pytest tests/test_var_router.py tests/test_var_exact.py`.
@@ -45,7 +38,8 @@ from torch import nn
 
 from .config import VARConfig
 from .stack import C, Lookup, TableStack, compare_sets
-from .tables import LayerTable, demote_mask, wilson_lower_bound
+from .certify import demote_mask, wilson_lower_bound
+from .tables import LayerTable
 
 
 class VARRouter(nn.Module):
@@ -76,27 +70,15 @@ class VARRouter(nn.Module):
                                    {self.layer: self.weight_scale}, self.device, self.index_dtype))
         return self.stack
 
-    # views of this layer's row of the stack (the seed-era attribute names)
-    @property
-    def member_V(self) -> torch.Tensor:
-        stack = self._ensure_stack()
-        stack.apply_demotions()
-        return stack.member_LV[self.slot]
-
-    @property
-    def counts(self) -> torch.Tensor:
-        """This layer's counters (a copy with the lookup-time counts folded in)."""
-        return self._ensure_stack().counts()[self.slot]
-
     @torch.no_grad()
     def _probe(self, param: torch.Tensor) -> None:
-        """Learn the router's output dtypes; take the weight scale from the adapter and check that
-        the router's top-k weights do sum to it (an adapter that misreads its family's router would
+        """Learn the router's index dtype; take the weight scale from the adapter and check that the
+        router's top-k weights do sum to it (an adapter that misreads its family's router would
         otherwise serve table weights on another scale than the learned rows', silently)."""
         hidden = param.shape[-1]
         x = torch.randn(16, hidden, generator=torch.Generator().manual_seed(0)).to(param.device, param.dtype)
-        logits, weights, indices = self.learned.forward(x)
-        self.logits_dtype, self.weights_dtype, self.index_dtype = logits.dtype, weights.dtype, indices.dtype
+        _, weights, indices = self.learned.forward(x)
+        self.index_dtype = indices.dtype
         self.weight_scale = self.adapter.weight_scale  # None: use the table's raw mass
         if self.weight_scale is not None:
             sums = weights.float().reshape(x.shape[0], -1).sum(-1)

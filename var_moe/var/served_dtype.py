@@ -8,17 +8,9 @@ serves in another dtype therefore measures, at start-up, on a small held-in samp
 `max_length` tokens of `documents` documents of the tables' own certifying split), how often each
 layer's table rows equal the learned top-k set in the served dtype, and reports it; a layer with
 at least `min_rows` table rows whose agreement falls under the tables' target is a failed check.
-
-- `certified_dtype(metadata, model_dir)`: the dtype the tables were certified in (the `dtype`
-  they record; tables without it were built by the builtin engine on the checkpoint as stored,
-  so the checkpoint's own dtype).
-- `sample_batches(metadata, tokenizer, ...)`: the held-in sample.
-- `builtin_agreement(model, tables, batches)`: the builtin engine's measure (the model's own
-  routing in the served dtype through the capture hooks, compared with the rows the tables serve).
-  The vLLM engine measures the same rows with its device audit counters (var_moe.vllm.agreement).
-- `judge(...)` -> `DtypeCheck`: the verdict and the report both engines publish in `/var/status`.
-- `check_tables(served, tables, model_dir, tokenizer, measure)` and `enforce(check, refuse)`: the
-  start-up check as both servers run it, each passing its own measure.
+`check_tables` is that start-up check; each engine passes its own measure (`builtin_agreement`:
+the model's routing through the capture hooks; vLLM: its device audit counters,
+var_moe.vllm.agreement), and the verdict (`DtypeCheck`) is published in `/var/status`.
 
 Test: `pytest tests/test_served_dtype.py`.
 """
@@ -26,6 +18,7 @@ Test: `pytest tests/test_served_dtype.py`.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -147,20 +140,18 @@ def judge(served: str, certified: str, counts: Mapping[int, tuple[int, int]], ta
 
 
 def check_tables(served: Any, tables: Any, model_dir: str | Path | None, tokenizer: Any,
-                 measure: Callable[[list[Any]], Mapping[int, tuple[int, int]]]) -> DtypeCheck:
+                 measure: Callable[[list[Any]], Mapping[int, tuple[int, int]]], refuse: bool) -> DtypeCheck:
     """The start-up check both engines run: nothing to measure when the served dtype is the tables'
     one, else `measure(batches)` (the engine's own agreement count) on the held-in sample, judged
-    against the tables' target."""
+    against the tables' target; logged, and raised when it fails and `refuse` is set."""
     served, certified = dtype_name(served), certified_dtype(tables.metadata, model_dir)
     if served == certified:
-        return unchanged(served, certified)
-    batches = sample_batches(tables.metadata, tokenizer)
-    target = (tables.metadata.get("config") or {}).get("target_agreement")
-    return judge(served, certified, measure(batches), target, sample_label(batches, tables.metadata))
-
-
-def enforce(check: DtypeCheck, refuse: bool) -> DtypeCheck:
-    """Raise DtypeCheckFailed for a failed check when the server refuses (--var-dtype-check refuse)."""
+        check = unchanged(served, certified)
+    else:
+        batches = sample_batches(tables.metadata, tokenizer)
+        target = (tables.metadata.get("config") or {}).get("target_agreement")
+        check = judge(served, certified, measure(batches), target, sample_label(batches, tables.metadata))
+    logging.getLogger("varmoe.server").info("%s", check.message())
     if refuse and not check.ok:
         raise DtypeCheckFailed(check.message())
     return check

@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import json
 import statistics
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -207,10 +207,6 @@ def paired_speed(model: Any, wrapper: Any, batches: list[EvalBatch], device: Any
                          "var": Variant(lambda i: forward(wrapper, batches[i], device))},
                         len(batches), repeats, warmup, device=device)
     return [sum(tb) / sum(tv) for tb, tv in zip(times["base"], times["var"])]
-
-
-def grid_to_dict(grid: SweepGrid) -> dict[str, Any]:
-    return asdict(grid)
 
 
 def render_runtime(doc: dict[str, Any]) -> str:

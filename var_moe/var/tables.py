@@ -2,38 +2,27 @@
 
 Input: routing evidence by document (`evidence.py`: a routing pass over the calibration documents a
 capture's metadata names; `from_stats_file` checks the pass reproduces the capture's token counts).
-Per layer and token:
-1. choose: the token's modal top-k set on the *even* calibration documents (ties -> smallest set),
-   or, given a separate choosing evidence object (`choose_evidence`: e.g. training-split documents,
-   `evidence_for_split`), on all of its documents; filters use the choosing side only:
-   occurrences >= `frequency_threshold`, mean entropy <= `entropy_threshold` (a share of ln E if
-   `entropy_relative`; None = no cap);
-2. certify: on the *odd* documents (on *all* calibration documents when a separate choosing
-   evidence chose the sets), the share of the token's occurrences routed to exactly that
-   set, with each document counting at most `max_per_document` occurrences (a document with n
-   occurrences, a agreeing, counts w = min(n, cap) trials and a*w/n agreements), so occurrences
-   inside one document, which are correlated, cannot stand in for independent evidence;
-3. multiplicity: a one-sided score (Wilson) test of "agreement <= target_agreement" per candidate,
-   over ALL candidates of all layers as one family: `multiplicity` "bh" bounds the expected share
-   of wrong entries among those served (Benjamini-Hochberg), "holm" the chance of any wrong entry,
-   "none" tests each alone; alpha = (1 - confidence_level) / 2. `bound_V` is the Wilson lower
-   bound at the entry's adjusted level (>= target for served entries).
-The assumption left: documents are independent draws of the text the tables will serve.
-Evidence of the test split is refused on either side (unless allowed), and so is a choosing
-evidence from the same dataset split as the certifying one (it would not be held out). The
-metadata records both sides (`choosing`, `certifying`: source, dataset, split, documents, tokens).
+Per layer and token (the statistics are in `certify.py`):
+1. choose: the token's modal top-k set on the choosing documents (the even calibration documents,
+   or all of a separate choosing evidence, `evidence_for_split`, e.g. the training split), among
+   tokens with >= `frequency_threshold` occurrences and mean entropy <= `entropy_threshold`;
+2. certify: its agreement on the certifying documents (the odd ones, or all calibration documents
+   with a separate chooser), each document counting at most `max_per_document` occurrences, since
+   occurrences inside one document are correlated;
+3. multiplicity: a one-sided Wilson score test of "agreement <= target_agreement" over ALL
+   candidates of all layers as one family (`multiplicity`: bh / holm / none); `bound_V` is each
+   entry's Wilson lower bound at its adjusted level.
+The assumption left: documents are independent draws of the text the tables will serve. Test-split
+evidence is refused on either side (unless allowed), and so is a choosing evidence from the
+certifying one's split; the metadata records both sides (`choosing`, `certifying`).
 
-Stored per layer: `experts_VK` (chosen set, top expert first), `weights_VK` (mean learned weight of
-each expert when chosen on the choosing half, renormalised to sum 1), `mass_V` (raw sum),
-`member_V`, `bound_V`, and the certifying counts `agree_V` / `total_V` that shadow verification
-extends; for validation also (previous, token) modal sets (`pairs`) and the global modal set.
-With `config.pair_entries`, also certified (previous, token) entries (`pair_tier`, `pairs.py`): pair
-candidates enter the same multiplicity family as token candidates, and the router serves a pair
-entry only where the row's token has no entry.
-Files: safetensors (tensors `layer{l}.{name}`) + the metadata as JSON beside it. `VARTables.load(path,
-model)` refuses a file made for another model type, vocabulary, E, k or router weights.
-The statistics (choose, certify, multiplicity) are in `certify.py`, the counting in `evidence.py`.
-Test: `pytest tests/test_var_tables.py tests/test_var_verification.py`.
+Stored per layer (`LayerTable`): the chosen set and weights, `member_V`, `bound_V` and the certifying
+counts that shadow verification extends; for validation also (previous, token) modal sets (`pairs`)
+and the global modal set. With `config.pair_entries`, certified (previous, token) entries
+(`pair_tier`, `pairs.py`) join the same multiplicity family; a pair entry serves only where the
+row's token has no entry. Files: safetensors (`layer{l}.{name}`) + the metadata as JSON beside it;
+`VARTables.load(path, model)` refuses a file made for another model type, vocabulary, E, k or
+router weights. Test: `pytest tests/test_var_tables.py tests/test_var_verification.py`.
 """
 
 from __future__ import annotations
@@ -48,24 +37,12 @@ import torch
 
 from ..errors import InvalidInputError
 from ..identity import model_dir_of, routers_fingerprint
-from .certify import (  # noqa: F401  (re-exported: the table API in one place)
-    CHOOSE_MODES,
-    Candidates,
-    certified_counts,
-    demote_mask,
-    global_set,
-    layer_candidates,
-    multiplicity_levels,
-    pair_table,
-    score_pvalues,
-    wilson_lower_bound,
-    wilson_upper_bound,
-)
+from .certify import Candidates, global_set, layer_candidates, multiplicity_levels, pair_table, wilson_lower_bound
 from .config import VARConfig
 from .evidence import Evidence, collect_evidence
 from .pairs import PairCandidates, PairTable, accepted_pairs, pair_candidates
 from .served import pair_serves, split_key
-from .stats_io import check_split  # noqa: F401  (re-exported: callers check a file before loading a model)
+from .stats_io import check_split
 
 FORMAT_VERSION = 2
 PAIR_NAMES = ("keys_P", "sets_PK", "weights_PK", "mass_P", "code_P", "bound_P", "agree_P", "total_P")  # PairTable fields
@@ -97,13 +74,6 @@ class LayerTable:
     @property
     def size(self) -> int:
         return int(self.member_V.sum())
-
-
-def certify_layers(cands: dict[int, Candidates], config: VARConfig,
-                   method: str = "choose on even documents, certify on odd documents") -> tuple[dict[int, LayerTable], dict[str, Any]]:
-    """The multiplicity step over every candidate entry of every layer (one family), then tables."""
-    tabs, _, info = certify_entries(cands, {}, config, method)
-    return tabs, info
 
 
 def certify_entries(cands: dict[int, Candidates], pair_cands: dict[int, PairCandidates], config: VARConfig,
@@ -151,7 +121,6 @@ def certify_entries(cands: dict[int, Candidates], pair_cands: dict[int, PairCand
         info |= {"pair_candidates": int(pv.numel()) - n_tok, "pair_accepted": int(accepted[n_tok:].sum()),
                  "family": "token and (previous, token) candidates of all layers"}
     return out, ptabs, info
-
 
 
 def document_batches(token_lists: list[tuple[int, list[int]]], max_length: int, batch_size: int, pad_id: int) -> list[Any]:

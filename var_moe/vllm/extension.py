@@ -53,17 +53,9 @@ class VarWorkerExtension:
         except InvalidInputError as exc:
             return {"error": str(exc)}
 
-    def varmoe_clear_tables(self) -> None:
-        from .tables import clear_tables
-
-        clear_tables(self._varmoe_state())
-
     def varmoe_set_enabled(self, enabled: bool) -> bool:
         self._varmoe_state().default_on = bool(enabled)
         return bool(enabled)
-
-    def varmoe_enabled(self) -> bool:
-        return self._varmoe_state().default_on
 
     def varmoe_counts(self) -> dict[int, list[int]]:
         """Cumulative counters per MoE layer (one device-to-host copy for all layers)."""

@@ -1,44 +1,30 @@
 """VAR inside vLLM's MoE layers: token ids to the routers, table decisions as tensor ops, device counters.
 
-`install_var(model)` runs when the model object is built (models.py), before vLLM compiles it,
-and changes three things, each by giving one module a subclass of its own class (no model code is
-copied, parameter names stay, the weight loader sees the same tree):
-
+`install_var(model)` runs when the model object is built (models.py), before vLLM compiles it, and
+gives three kinds of module a subclass of their own class (no model code copied, parameter names
+and the weight loader's tree unchanged):
 - the token embedding records the step's `input_ids` on a shared `VarState` (vLLM's Mixtral,
   Qwen2-MoE, Qwen3-MoE, OLMoE and GPT-OSS blocks call `experts(hidden, router_logits)` without them);
-- each MoE runner (`FusedMoE` / `MoERunner`) passes those ids on when its caller gave none: vLLM's
-  routers already take `input_ids` (DeepSeek-V4's hash routing reads `hash_indices_table[input_ids]`);
-- each router's `_compute_routing` computes the learned decision as before, then, for rows whose
-  token is in this layer's verified table and whose request runs in VAR mode, takes the table's
-  experts and weights (`where`); for VAR rows whose token has no entry but whose (previous token,
-  token) pair has one (tables built with `--pair-entries`), the pair entry's. For baseline rows, or
-  with empty tables, every value is the learned one.
+- each MoE runner (`FusedMoE` / `MoERunner`) passes them on when its caller gave none (vLLM's
+  routers already take `input_ids`, as DeepSeek-V4's hash routing does);
+- each router's `_compute_routing` computes the learned decision, then, for VAR-mode rows whose
+  token has an entry in this layer (else whose (previous, token) pair has one), takes the entry's
+  experts and weights (`where`). Baseline rows and empty tables keep every learned value.
 
-Which rows run in VAR mode is a per-token bool buffer (`VarState.rows_N`, one slot per token of
-the largest step), written before each forward by the model runner hook in rows.py. (Previous,
-token) entries (tables built with `--pair-entries`) are looked up once per step for all layers, on
-the host, by the same hook: the runner knows each row's previous token and token there, so one
-numpy `searchsorted` over the entries' keys (`var.served.pair_key`) finds each VAR row's entry
-in each layer, where the row's token has no token entry (`var.served.pair_serves`); the step's
-entry indices go to the device as one small int64 buffer (`VarState.pair_sel_NS`: rows x layer
-slots, the empty slot X where none). On the device each layer only gathers the entry's token, set
-and weights and keeps the entry where its token equals the row's token (so a host that did not
-know the row's token, such as GPU builds with async scheduling for sampled tokens, serves no pair
-row rather than a wrong one). The pair buffers have a fixed capacity (`pair_capacity`, set when the
-model is built, see `engine_kwargs`); 0 builds no pair buffers and no pair code into the graph.
-Everything a step does on the device is tensor work on fixed buffers (the row buffers,
-vocabulary-sized tables, the pair buffers, a per-layer int64 counter), so it stays valid in a
-compiled graph and under CUDA graphs: modes and tables are written into those buffers in place,
-never replaced. Counters (per layer, VAR-mode rows only: fast, learned, fast rows whose table set
-equals the learned set, fast rows where it differs) are added on the device and read on request
-(one sync per read, none per step); a row served by a pair entry is a fast row, audited against its
-pair set, like the builtin router's. The context-cache tier of the builtin router is not
-implemented here (its per-sequence state does not fit continuous batching); shadow verification
-becomes a free audit of every fast row, because the learned decision is computed anyway.
+VAR-mode rows are a per-token bool buffer (`VarState.rows_N`) and pair entries a per-step index
+buffer (`VarState.pair_sel_NS`: rows x layer slots, the empty slot X where none), both written
+before each forward by the runner hook in rows.py. On the device a layer gathers the pair entry
+and keeps it only where its token equals the row's (a host that did not know the row's token
+serves no pair row rather than a wrong one). Pair buffers have a fixed capacity (`pair_capacity`,
+`engine_kwargs`; 0 builds no pair code into the graph). Everything on the device is tensor work on
+fixed buffers written in place, so it stays valid in compiled graphs and CUDA graphs. Counters
+(per layer, VAR-mode rows only: fast, learned, fast rows whose set equals the learned set, fast
+rows where it differs) are added on the device and read on request; the learned decision is
+computed anyway, so verification is a free audit of every fast row.
 
-Shapes: T tokens, K top-k, V vocabulary, E experts, X pair-buffer slots (capacity + 1), S layer slots. The decision is `var.served.decide`'s (tests/test_served_decision.py checks it).
-Test: `pytest tests/vllm_engine/test_vllm_exact.py`
-(runs in the vLLM environment only).
+Shapes: T tokens, K top-k, V vocabulary, E experts, X pair-buffer slots (capacity + 1), S layer
+slots. The decision is `var.served.decide`'s (tests/test_served_decision.py checks it).
+Test: `pytest tests/vllm_engine/test_vllm_exact.py` (vLLM environment only).
 """
 
 from __future__ import annotations
@@ -52,9 +38,8 @@ import torch
 from torch import nn
 
 
-# counter slots (one int64 vector per MoE layer)
-FAST, LEARNED, AGREE, DISAGREE = 0, 1, 2, 3
-COUNTERS = ("fast", "learned", "audit_agree", "audit_disagree")
+COUNTERS = ("fast", "learned", "audit_agree", "audit_disagree")  # one int64 vector per MoE layer
+AGREE, DISAGREE = COUNTERS.index("audit_agree"), COUNTERS.index("audit_disagree")
 _LAYER_RE = re.compile(r"layers\.(\d+)\.")
 
 

@@ -1,40 +1,28 @@
 """Per-step row data on vLLM: which token rows belong to VAR-mode requests, and their (previous, token) entries.
 
-A request names its mode in its sampling parameters, `SamplingParams(extra_args={"varmoe_var":
-True|False})` (vLLM's OpenAI server takes the same through `"vllm_xargs"`); a request that names
-none runs in the worker's default mode (`varmoe_set_enabled`). vLLM lays a step's tokens out
-request by request, in the order of the model runner's input batch, so the per-token mode is the
-requests' modes repeated by their scheduled token counts: `np.repeat` over requests (no loop
-over tokens), one host-to-device copy into `VarState.rows_N` before the forward. Baseline and VAR
-requests therefore share a batch, and each row is routed in its own request's mode.
+A request names its mode in `SamplingParams(extra_args={"varmoe_var": True|False})` (vLLM's
+OpenAI server: `"vllm_xargs"`); one that names none runs in the worker's default mode
+(`varmoe_set_enabled`). vLLM lays a step's tokens out request by request in the runner's input
+batch order, so the per-token mode is the requests' modes repeated by their scheduled token counts
+(`np.repeat`), copied once into `VarState.rows_N` before the forward: baseline and VAR requests
+share a batch, each row routed in its own request's mode.
 
-With (previous, token) entries loaded, the same hook looks them up for the step's VAR rows, once
-for all layers: row j of request r sits at position p = `num_computed_tokens_cpu[r] + j` (as
-vLLM's `_prepare_inputs` computes it) and its token and previous token are r's tokens at p and
-p - 1 in the runner's `input_batch.token_ids_cpu` (`step_tokens`, one gather, no loop over
-tokens); `pair_entries` then finds each row's (previous, token) among the distinct pairs of all
-layers' entries with one numpy `searchsorted` and reads its entry in every layer (prepared when
-the tables are loaded, `index_pairs`: the empty slot where the layer has no such entry or a token
-entry for the token, `served.pair_serves`). It is the host twin of `var.served.find_pairs`, with
-the same key codec (`served.pair_key`), in numpy because torch's per-op overhead is several times
-the lookup's work on a step's few rows; a step of one row (a request decoding alone) uses a dict
-instead (`one_row_entries`). The step's entry indices go
-to the device in one copy (`VarState.pair_sel_NS`). A step without VAR rows, or whose rows hit no entry, writes
-nothing beyond resetting the rows an earlier step filled. The tokens are on the host when the step
-runs on the CPU build: the prompt is written there when a request is added (so chunked prefill and
-prefix-cache hits read it), and each sampled token is written by the runner's bookkeeping right
-after the step that sampled it, before the next step is prepared (vLLM's CPU platform turns async
-scheduling off). Under async scheduling (GPU builds) the host table holds a placeholder -1 for
-sampled tokens (vLLM's own `_prepare_lookback_token_ids` says so): such rows find no entry and the
-learned router routes them (a row whose host token differs from the device's is refused on the
-device too: routing.py), and the host's per-request counts would overstate pair rows.
+With (previous, token) entries loaded, the same hook finds each VAR row's entry for all layers at
+once: row j of request r sits at position p = `num_computed_tokens_cpu[r] + j`, its token and
+previous token are r's tokens at p and p - 1 in `input_batch.token_ids_cpu` (`step_tokens`), and
+`pair_entries` finds them with one numpy `searchsorted` (the host twin of `served.find_pairs`,
+same key codec and precedence rule; numpy because torch's per-op overhead exceeds the work on a
+step's few rows; one row uses a dict, `one_row_entries`). The indices go to the device in one
+copy (`VarState.pair_sel_NS`). On the CPU build the tokens are on the host when the step runs
+(vLLM turns async scheduling off there); under async scheduling (GPU builds) sampled tokens are a
+placeholder -1 on the host, so such rows find no entry and the learned router routes them (the
+device refuses a row whose host token differs, routing.py), and the host's per-request counts
+would overstate pair rows.
 
-The hook is a one-level subclass of the runner's class (as routing.py patches modules) whose
-`_prepare_inputs` calls vLLM's and then writes the rows. It needs vLLM's V1 model runner (the
-one the CPU build uses; on GPUs `engine_kwargs` selects it): the V2 runner keeps no per-request
-sampling parameters to read, and is refused with a message rather than served with wrong modes.
-Test: `pytest tests/test_served_decision.py tests/test_vllm_routing.py tests/vllm_engine/` (the
-server test mixes pinned modes in one batch).
+The hook is a one-level subclass of the runner's class whose `_prepare_inputs` calls vLLM's and
+then writes the rows. It needs vLLM's V1 model runner (`engine_kwargs` selects it on GPUs): the V2
+runner keeps no per-request sampling parameters and is refused with a message.
+Test: `pytest tests/test_served_decision.py tests/test_vllm_routing.py tests/vllm_engine/`.
 """
 
 from __future__ import annotations

@@ -2,24 +2,13 @@
 
 The file is the one `varmoe build-tables` writes for the builtin engine (var_moe.var.tables). Before
 any entry is used, its metadata must match the model vLLM loaded: model type, vocabulary, expert
-count, top-k, MoE layers, and the router fingerprint, recomputed here from the gate weights vLLM
-loaded (var_moe.identity: the stored checkpoint's routers when the loaded gates are they in the
-served dtype, as the builtin engine computes it, so a table built on the Hugging Face model is
-accepted by vLLM on the same weights in any dtype, and by neither on other weights). The tables
-are laid out as served (`var.served.ServedTables`, slot: the layer's index among the model's MoE
-layers; weights scaled by `served.scale_weights` with the family adapter's `weight_scale`, divided
-by the factor vLLM's MoE runner multiplies the routed output by after the router (DeepSeek's
-`routed_scaling_factor`), after checking that vLLM's router scales its own that way: a
-renormalising vLLM router sums its top-k weights to its own scaling factor, any other to no
-constant, and tables whose family says otherwise are refused, since vLLM would then route
-differently from the model they were certified on) and copied into the
-existing device buffers (in place: compiled graphs and CUDA graphs keep pointing at them).
-(Previous, token) entries (tables built with `--pair-entries`) go into the pair buffers of fixed
-capacity (routing.py): on the device each entry's token, set and weights (slots left hold token
--1, which no row has), and on the host an index of their keys that the per-step lookup reads
-(rows.index_pairs).
-A file with more pair entries than the capacity the engine was built with is refused before
-anything is written. Test: `pytest tests/test_vllm_routing.py tests/test_served_decision.py
+count, top-k, MoE layers, and the router fingerprint, recomputed from the gate weights vLLM loaded
+(var_moe.identity: so tables built on the Hugging Face model are accepted on the same weights in
+any dtype, and on no other weights). The tables are laid out as served (`served_tables`) and copied
+into the existing device buffers in place (compiled graphs and CUDA graphs keep pointing at them);
+(previous, token) entries go into the fixed-capacity pair buffers (routing.py; free slots hold
+token -1, which no row has) and into the host's key index (rows.index_pairs). A file with more pair
+entries than the engine's capacity is refused before anything is written. Test: `pytest tests/test_vllm_routing.py tests/test_served_decision.py
 tests/vllm_engine/test_vllm_exact.py`.
 """
 
@@ -73,15 +62,10 @@ def load_tables(state: VarState, path: str | Path, check_fingerprint: bool = Tru
     if extra:
         raise InvalidInputError(f"VAR tables {path} have layers {extra} that are not MoE layers of this model "
                                 f"({sorted(state.layers)})")
-    n_pairs = sum(tables.pair_sizes().values())
-    if n_pairs > state.pair_capacity:
-        raise InvalidInputError(
-            f"VAR tables {path} hold {n_pairs} (previous, token) entries but this vLLM engine was built with room "
-            f"for {state.pair_capacity}; start it with a pair capacity of at least {n_pairs} "
-            "(var_moe.vllm.engine_kwargs(..., pair_capacity=N); the server: --vllm-pair-capacity N)")
     fill_tables(state, tables)
     return {"sizes": tables.sizes(), "source": str(path), "config": tables.metadata.get("config"),
-            "fingerprint": ident["router_fingerprint"], "pair_sizes": tables.pair_sizes(), "pair_entries": n_pairs,
+            "fingerprint": ident["router_fingerprint"], "pair_sizes": tables.pair_sizes(),
+            "pair_entries": sum(tables.pair_sizes().values()),
             "pair_capacity": state.pair_capacity}
 
 
@@ -105,9 +89,12 @@ def fill_tables(state: VarState, tables: VARTables) -> None:
 
 def served_tables(state: VarState, tables: VARTables) -> ServedTables:
     """The tables as served on this model's device (`var.served`: slot = the layer's index among
-    the model's MoE layers; weights scaled by the family adapter's `weight_scale`, which must be how
-    vLLM's router scales its own). Refuses more pair entries than the capacity, malformed ones, and
-    a family whose scale vLLM's router does not follow."""
+    the model's MoE layers; weights scaled by `served.scale_weights` with the family adapter's
+    `weight_scale`, divided by the factor vLLM's MoE runner multiplies the routed output by after
+    the router: DeepSeek's `routed_scaling_factor`). Refuses more pair entries than the capacity,
+    malformed ones, and a family whose scale vLLM's router does not follow (a renormalising vLLM
+    router sums its top-k weights to its own scaling factor, any other to no constant): vLLM would
+    then route differently from the model the tables were certified on."""
     first = next(iter(state.layers.values()))
     v, (e, k) = int(first.member_V.shape[0]), (first.num_experts, int(first.experts_VK.shape[1]))
     by_slot = sorted(state.layers, key=lambda l: state.layers[l].slot)
@@ -117,7 +104,10 @@ def served_tables(state: VarState, tables: VARTables) -> ServedTables:
     pairs = [tables.pair_tier[l] for l in by_slot if l in tables.pair_tier]
     n = sum(p.size for p in pairs)
     if n > state.pair_capacity:
-        raise InvalidInputError(f"{n} (previous, token) entries exceed this engine's pair capacity {state.pair_capacity}")
+        raise InvalidInputError(
+            f"the VAR tables hold {n} (previous, token) entries but this vLLM engine was built with room for "
+            f"{state.pair_capacity}; start it with a pair capacity of at least {n} "
+            "(var_moe.vllm.engine_kwargs(..., pair_capacity=N); the server: --vllm-pair-capacity N)")
     ok = all(p.sets_PK.reshape(p.size, -1).shape[1] == k and bool(((p.sets_PK >= 0) & (p.sets_PK < e)).all())
              and bool(((p.keys_P >= 0) & (p.keys_P < v * v)).all()) and bool((p.keys_P[1:] > p.keys_P[:-1]).all())
              for p in pairs if p.size)

@@ -1,0 +1,116 @@
+"""What VAR's per-layer work costs inside an inductor-compiled graph on the CPU, by part.
+
+vLLM compiles the model (on the CPU with inductor), and VAR's routing, its counters and the expert
+load run inside that graph, once per MoE layer per step. Served comparisons through HTTP on a
+2-core machine swing by more than these parts cost, so this times them apart, in one process: a
+stand-in MoE forward (per layer: a router linear, softmax, top-k, and a residual that uses the
+chosen weights and experts, so nothing is dead code) compiled with `torch.compile(dynamic=True)`
+in five variants, each calling the real code of var_moe/vllm:
+- `plain`: no VAR;
+- `route`: `LayerVar.route` (table gathers, the row mode, selects, the set audit and counters);
+- `route+routed`: plus the routed-experts rows (`VllmLoad` with counting off, as
+  `--no-expert-load-metrics` builds it);
+- `route+count`: plus the expert-load counters (the default build);
+- `route+count+pairs`: plus a (previous, token) pair tier of `--pair-capacity` slots.
+Variants alternate in blocks (order reversed every other block); each block times `--calls`
+forwards with the thread's CPU clock (`time.thread_time`, one torch thread), and the median per
+variant over `--blocks` blocks is reported with its difference to `plain`, per step and per layer.
+
+Run (vLLM environment, for its torch; vLLM itself is not started):
+    HF_HUB_OFFLINE=1 .venv-vllm/bin/python -m benchmarks vllm_route_cost --rows 4 \
+        --output benchmarks/results/vllm_route_cost.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from var_moe.vllm.expert_load import install_load
+from var_moe.vllm.routing import COUNTERS, LayerVar, VarState
+
+VARIANTS = {"plain": (False, None, 0), "route": (True, None, 0), "route+routed": (True, False, 0),
+            "route+count": (True, True, 0), "route+count+pairs": (True, True, 1)}
+
+
+def build(args, var: bool, counting: bool | None, pairs: bool):
+    g = torch.Generator().manual_seed(0)
+    v, e, k, layers = args.vocab, args.experts, args.top_k, args.layers
+    state = VarState(torch.device("cpu"), args.max_tokens, args.pair_capacity if pairs else 0, k, layers)
+    lvs = []
+    for s in range(layers):
+        experts = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(v)])
+        lv = LayerVar(s, torch.nn.Linear(args.hidden, e), experts, torch.rand(v, k, generator=g),
+                      torch.rand(v, generator=g) < 0.3, torch.zeros(len(COUNTERS), dtype=torch.long), True, e, s)
+        state.layers[s] = lv
+        lvs.append(lv)
+    if counting is not None:
+        install_load(state, args.max_tokens, e, k, counting=counting)
+        state.load.valid_N[: args.rows] = True
+    state.rows_N[: args.rows] = True  # every row in VAR mode: the whole decision runs
+    gates = [torch.nn.Linear(args.hidden, e, bias=False) for _ in range(layers)]
+
+    def forward(x, ids):
+        for s in range(layers):
+            logits = gates[s](x)
+            w, idx = torch.softmax(logits.float(), -1).topk(k, -1)
+            if var:
+                w, idx = lvs[s].route(state, ids, w, idx, logits)
+            x = x + (w.sum(-1, keepdim=True) * idx.float().sum(-1, keepdim=True)) * 1e-3
+        return x
+
+    return torch.compile(forward, dynamic=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=4, help="token rows per step (decode steps: one per running request)")
+    p.add_argument("--layers", type=int, default=4, help="MoE layers (the reference model has 4)")
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=2048, help="row-buffer slots (max_num_batched_tokens)")
+    p.add_argument("--pair-capacity", type=int, default=4096)
+    p.add_argument("--blocks", type=int, default=30)
+    p.add_argument("--calls", type=int, default=200)
+    p.add_argument("--output", default="runs/vllm_route_cost.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    fns = {name: build(args, *spec) for name, spec in VARIANTS.items()}
+    x, ids = torch.randn(args.rows, args.hidden), torch.randint(0, args.vocab, (args.rows,))
+    for f in fns.values():  # compile and warm up
+        for _ in range(20):
+            f(x, ids)
+    times = {n: [] for n in fns}
+    names = list(fns)
+    for block in range(args.blocks):
+        for n in names if block % 2 == 0 else names[::-1]:
+            t0 = time.thread_time()
+            for _ in range(args.calls):
+                fns[n](x, ids)
+            times[n].append((time.thread_time() - t0) / args.calls * 1e6)
+    med = {n: statistics.median(v) for n, v in times.items()}
+    base = med["plain"]
+    result = {"args": vars(args), "torch": torch.__version__, "median_us_per_step": med,
+              "added_us_per_step": {n: med[n] - base for n in med},
+              "added_us_per_layer": {n: (med[n] - base) / args.layers for n in med},
+              "spread_us": {n: [min(v), max(v)] for n, v in times.items()}}
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{args.rows} rows, {args.layers} MoE layers, {args.experts} experts top-{args.top_k}; thread CPU per step")
+    for n in med:
+        print(f"{n:18s} {med[n]:8.1f} us  (+{med[n] - base:6.1f} us per step, +{(med[n] - base) / args.layers:5.1f} per layer)")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
