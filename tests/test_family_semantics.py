@@ -201,7 +201,6 @@ def test_capture_records_the_routers_own_choice_and_weights(case):
         if CASES[case][0] == "deepseek_v3":
             s = torch.sigmoid(logits.float())
             plain = s.topk(adapter.top_k, -1).indices.sort(-1).values
-            e, groups = s.shape[-1], model.config.n_group
             biased = s + m.router.e_score_correction_bias
             changed_by_bias += int((biased.topk(adapter.top_k, -1).indices.sort(-1).values != plain).any(-1).sum())
             changed_by_groups += int((biased.topk(adapter.top_k, -1).indices.sort(-1).values != got_idx).any(-1).sum())

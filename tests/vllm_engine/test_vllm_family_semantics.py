@@ -113,6 +113,6 @@ def test_served_rows_get_vllm_routers_experts_and_weights(family_run):
 def test_generation_with_every_row_served_equals_var_off(family_run):
     var = family_run["var"]
     assert var["on"] == var["off"]
-    for layer, t in family_run["tables"].layers.items():
+    for layer in family_run["tables"].layers:
         processed = sum(len(ids) + len(gen) - 1 for ids, gen in zip(var["prompt_ids"], var["on"]))
         assert var["counts_on"][str(layer)][:2] == [processed, 0]  # fast, learned
