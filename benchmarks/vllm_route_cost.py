@@ -46,7 +46,8 @@ def build(args, var: bool, counting: bool | None, pairs: bool):
     for s in range(layers):
         experts = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(v)])
         lv = LayerVar(s, torch.nn.Linear(args.hidden, e), experts, torch.rand(v, k, generator=g),
-                      torch.rand(v, generator=g) < 0.3, torch.zeros(len(COUNTERS), dtype=torch.long), True, e, s)
+                      torch.rand(v, generator=g) < 0.3, torch.zeros(len(COUNTERS), dtype=torch.long),
+                      renormalize=True, num_experts=e, weight_scale=1.0, slot=s)
         state.layers[s] = lv
         lvs.append(lv)
     if counting is not None:

@@ -47,7 +47,8 @@ class ModelHost:
         self.layers = [m.layer for m in adapter.moe_layers(model)]
         self.num_experts, self.top_k = adapter.num_experts, adapter.top_k
         # expert load and routed experts: hooks on the routers the blocks call (VAR's when installed)
-        self.tap = RoutingTap(model, count=False, adapter=adapter)
+        self.tap = RoutingTap(model, count=False, adapter=adapter, tiers=TIERS if wrapper is not None else (),
+                              var_mode=(lambda: wrapper.var_enabled) if wrapper is not None else None)
         if wrapper is not None:  # each routed row's tier: the rows the tables served
             self.tap.fast_rows = wrapper.last_fast_rows
         self._var_applied = False
@@ -131,7 +132,7 @@ class ModelHost:
         """Start counting expert load on the device; returns (experts per layer, tiers counted)."""
         self.tap.count = True
         self.tap.attach()
-        return self.num_experts, ()
+        return self.num_experts, self.tap.tiers
 
     def expert_load_reading(self):
         """The cumulative counters (one device-to-host copy; any thread: counters only grow)."""

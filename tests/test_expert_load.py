@@ -149,3 +149,41 @@ def test_window_statistics_and_sliding():
     now[0] = 40.0
     st = w.update(r([3, 4], 7))
     assert st.tokens_L.tolist() == [0] and math.isnan(st.imbalance_L[0]) and st.dead_L.tolist() == [2]
+
+
+def test_tap_counts_per_var_tier_equal_brute_force(reference_model_dir):
+    """With tiers, a VAR-mode forward's rows count as fast where the tables served them and learned
+    elsewhere, a baseline forward's rows in no tier; the totals keep every row."""
+    from var_moe.loading import load_model
+    from var_moe.var.config import VARConfig
+    from var_moe.var.served import TIERS
+    from var_moe.var.tables import VARTables
+    from var_moe.var.wrapper import VARModelWrapper
+
+    model, tok = load_model(str(reference_model_dir), dtype="float32")
+    tables = VARTables.load(reference_model_dir / "var" / "var_tables.safetensors")
+    ids = torch.tensor([tok("def forward(self, x):\n    return self.linear(x) + 1")["input_ids"]])
+    with VARModelWrapper(model, VARConfig(), tables=tables) as w:
+        tap = RoutingTap(model, tiers=TIERS, var_mode=lambda: w.var_enabled)
+        tap.fast_rows = w.last_fast_rows
+        tap.recording = True
+        tap.attach()
+        want = np.zeros((len(TIERS), len(tap.moe), tap.num_experts), np.int64)
+        total = np.zeros((len(tap.moe), tap.num_experts), np.int64)
+        for var in (True, False, True):
+            w.enable_var() if var else w.disable_var()
+            with torch.no_grad():
+                model(input_ids=ids)
+            idx, fast = tap.last_LTK.numpy(), tap.last_fast_LT
+            assert (fast is not None) == var
+            for s in range(idx.shape[0]):  # brute force: loops over rows
+                for r in range(idx.shape[1]):
+                    for e in idx[s, r]:
+                        total[s, e] += 1
+                        if var:
+                            want[0 if bool(fast[s, r]) else 1, s, e] += 1
+        r = tap.read()
+        tap.detach()
+    np.testing.assert_array_equal(r.counts_LE, total)
+    np.testing.assert_array_equal(r.tier_counts_XLE, want)
+    assert want[0].sum() > 0 and want[1].sum() > 0  # both tiers were seen

@@ -128,7 +128,7 @@ def vllm_state(tables):
     for slot, l in enumerate(LAYERS):
         state.layers[l] = LayerVar(l, torch.nn.Linear(4, E), torch.zeros(V, K, dtype=torch.long), torch.zeros(V, K),
                                    torch.zeros(V, dtype=torch.bool), torch.zeros(len(COUNTERS), dtype=torch.long),
-                                   SCALES[l] is not None, E, slot=slot)
+                                   SCALES[l] is not None, E, 1.0 if SCALES[l] is not None else None, slot=slot)
     state.identity = {"model_type": "mixtral", "vocab_size": V, "num_experts": E, "top_k": K,
                       "router_fingerprint": "f", "layers": LAYERS}
     from var_moe.vllm.tables import fill_tables
@@ -138,7 +138,7 @@ def vllm_state(tables):
 
 
 def vllm_reference(tables, prev, ids, valid):
-    scales = {l: 1.0 if SCALES[l] is not None else None for l in LAYERS}  # vLLM reads `renormalize`
+    scales = {l: 1.0 if SCALES[l] is not None else None for l in LAYERS}  # what a vLLM router sums to
     ref = ServedTables.build(tables.layers, tables.pair_tier, LAYERS, scales, V, K)
     return served_rows(decide(ref, ids, valid, prev))
 

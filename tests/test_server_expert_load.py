@@ -5,7 +5,7 @@
 - the arrays load as a `varmoe trace --routing-array` input, and replayed on the model
   (var_moe/routing_replay.py) they give the model's own logits for those tokens;
 - the per-expert counters in /metrics grew by exactly the slots those arrays hold, the default
-  expert-load series are a few per MoE layer, and the windowed gauges match the counts;
+  expert-load series are a few per MoE layer (per VAR tier too), and the windowed gauges match the counts;
 - a request whose arrays would exceed max_response_bytes gets 413.
 Run: `pytest tests/test_server_expert_load.py` (about a minute on 2 CPU cores).
 """
@@ -129,15 +129,19 @@ def test_arrays_load_as_a_routing_array_trace(client, tmp_path, reference_model_
 
 
 def test_expert_load_gauges_are_a_few_per_layer_and_match_the_window(client):
-    for _ in range(2):
-        client.post("/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 4})
+    for var in (False, True):
+        client.post("/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 4, "var": var})
     text = client.get("/metrics").text
     layers = len(series(text, "varmoe_expert_load_imbalance"))
     assert layers == 4
     names = {line.split("{")[0].split(" ")[0] for line in text.splitlines()
              if line.startswith("varmoe_expert_load") or line.startswith("varmoe_routing_entropy")}
     default = sum(len(series(text, n)) for n in names)
-    assert default == 4 * layers + 1  # imbalance, hottest share, dead experts, entropy per layer + window tokens
+    # imbalance, hottest share, dead experts, entropy per layer, imbalance per layer and VAR tier
+    # (fast, learned), and the window's tokens
+    assert default == 4 * layers + 2 * layers + 1
+    tiers = series(text, "varmoe_expert_load_tier_imbalance")
+    assert any('tier="fast"' in k and not np.isnan(v) for k, v in tiers.items())  # the VAR request's table rows
     for v in series(text, "varmoe_routing_entropy_nats").values():
         assert 0 < v <= np.log(8) + 1e-6
     imb = series(text, "varmoe_expert_load_imbalance")

@@ -33,7 +33,7 @@ def make_layer(vocab: int = 50, k: int = 2, e: int = 8, seed: int = 0) -> LayerV
     weights = weights / weights.sum(1, keepdim=True)
     member = torch.rand(vocab, generator=g) < 0.4
     return LayerVar(0, torch.nn.Linear(4, e), experts, weights, member, torch.zeros(len(COUNTERS), dtype=torch.long),
-                    True, e)
+                    True, e, 1.0)
 
 
 def learned(t: int, k: int = 2, e: int = 8, seed: int = 1):
@@ -208,7 +208,7 @@ def pair_state(capacity: int, renormalize=(True, False)) -> VarState:
     for l in (0, 1):
         state.layers[l] = LayerVar(l, torch.nn.Linear(4, E), torch.zeros(V, K, dtype=torch.long), torch.zeros(V, K),
                                    torch.zeros(V, dtype=torch.bool), torch.zeros(len(COUNTERS), dtype=torch.long),
-                                   renormalize[l], E, slot=l)
+                                   renormalize[l], E, 1.0 if renormalize[l] else None, slot=l)
     state.identity = {"model_type": "mixtral", "vocab_size": V, "num_experts": E, "top_k": K,
                       "router_fingerprint": "f", "layers": [0, 1]}
     return state
@@ -369,3 +369,32 @@ def test_staged_row_writes_equal_direct_ones():
         assert direct_state.rows_N[:n].tolist() == rows.tolist() and not bool(direct_state.rows_N[n:].any())
         want = np.full((10, 2), 4) if sel is None else np.vstack([sel, np.full((10 - n, 2), 4)])
         assert direct_state.pair_sel_NS.tolist() == want.tolist()
+
+
+def test_tables_refused_where_vllm_scales_weights_otherwise_than_the_family():
+    """A family whose router weights sum to 2.5 (DeepSeek-V3 style) on a vLLM router that renormalises
+    to 1, or one whose weights sum to no constant on a renormalising router: refused, not served."""
+    from var_moe.var.tables import LayerTable, VARTables
+    from var_moe.vllm.tables import served_tables
+
+    for renorm, scale in ((True, 2.5), (True, None), (False, 1.0)):
+        state = pair_state(0, renormalize=(renorm, renorm))
+        for lv in state.layers.values():
+            lv.weight_scale = scale
+        tables = VARTables({l: LayerTable.empty(V, K) for l in (0, 1)}, {"vocab_size": V, "top_k": K})
+        with pytest.raises(InvalidInputError, match="vLLM routes this model differently"):
+            served_tables(state, tables)
+    state = pair_state(0)  # consistent: accepted
+    served_tables(state, VARTables({l: LayerTable.empty(V, K) for l in (0, 1)}, {"vocab_size": V, "top_k": K}))
+    # DeepSeek on vLLM: the family's weights sum to 2.5, vLLM's router renormalises to 1 and its runner
+    # multiplies the output by 2.5, so the served weights sum to 1 (raw ones: mass / 2.5)
+    state = pair_state(0, renormalize=(True, False))
+    for lv, scale in zip(state.layers.values(), (2.5, None)):
+        lv.weight_scale, lv.output_scale = scale, 2.5
+    tabs = {l: LayerTable.empty(V, K) for l in (0, 1)}
+    for t in tabs.values():
+        t.weights_VK[:] = torch.tensor([0.75, 0.25])
+        t.mass_V[:] = 3.0
+    served = served_tables(state, VARTables(tabs, {"vocab_size": V, "top_k": K}))
+    torch.testing.assert_close(served.w_LVK[0], torch.tensor([0.75, 0.25]).expand(V, K))
+    torch.testing.assert_close(served.w_LVK[1], torch.tensor([0.75, 0.25]).expand(V, K) * 3.0 / 2.5)

@@ -95,13 +95,20 @@ class ExpertLoad:
 
     @torch.no_grad()
     def count_forward(self, idx_LTK: torch.Tensor, entropy_LT: torch.Tensor | None = None,
-                      valid_T: torch.Tensor | None = None) -> None:
+                      valid_T: torch.Tensor | None = None, tier_LT: torch.Tensor | None = None) -> None:
         """Add one forward of every layer: `idx_LTK` the experts each row was sent to (index E = the
-        empty slot), `entropy_LT` each row's routing entropy, `valid_T` False for padding rows."""
+        empty slot), `entropy_LT` each row's routing entropy, `valid_T` False for padding rows,
+        `tier_LT` each row's tier per layer, an index into `tiers` (-1: in none, e.g. a baseline row)."""
         bins = idx_LTK.long() + self.offset_L11[: idx_LTK.shape[0]]
         if valid_T is not None:
             bins = torch.where(valid_T[None, :, None], bins, self.trash)
-        self.counts_X.index_add_(0, bins.reshape(-1), self._ones_n(bins.numel()))
+        ones = self._ones_n(bins.numel())
+        self.counts_X.index_add_(0, bins.reshape(-1), ones)
+        if tier_LT is not None and self.tier_counts_X is not None:
+            tier_LTK = tier_LT.long()[..., None].expand_as(bins)
+            tbins = torch.where((tier_LTK >= 0) & (bins < self.trash), tier_LTK * self.trash + bins,
+                                len(self.tiers) * self.trash)
+            self.tier_counts_X.index_add_(0, tbins.reshape(-1), ones)
         if valid_T is None:
             self.tokens_L += idx_LTK.shape[1]
         else:

@@ -11,9 +11,10 @@ block, restored on exit, like the VAR wrapper's patch): it calls the router that
 (the model's own, or a VAR router) for its logits and decision, and returns the given experts.
 Weights: a row whose given experts equal the router's own choice, in order, keeps the router's
 weights bit for bit (so replaying a capture of the same forward gives the original logits
-exactly); any other row gets the router's probabilities at the given experts, normalised the way
-the router normalises (to the constant its top-k weights sum to, when they do, e.g. 1 for
-Mixtral; unnormalised otherwise). The experts' empty slot (index E) gets weight 0.
+exactly); any other row gets the weights the family's router would give the given experts
+(`adapter.chosen_weights`: e.g. renormalised softmax probabilities for Mixtral, raw ones for
+Qwen2-MoE, sigmoid scores times the routed scaling factor for DeepSeek-V3). The experts' empty
+slot (index E) gets weight 0.
 The forward must route exactly the given rows: T = batch x sequence rows of `input_ids`, in order
 (padding rows included); a mismatch is an error, not a silent partial replay.
 
@@ -63,12 +64,7 @@ class _ReplayRouter(nn.Module):
         own_w_TK = w_TK.reshape(t, -1)
         own_idx_TK = idx_TK.reshape(t, -1)
         same_T = (given_TK == own_idx_TK.long()).all(-1)
-        probs_TE = self.adapter.probabilities(logits.reshape(t, -1))
-        g_TK = probs_TE.gather(1, given_TK.clamp_max(e - 1)) * (given_TK < e)
-        sums_T = own_w_TK.float().sum(-1)
-        constant = bool((sums_T - sums_T[0]).abs().max() <= 1e-3 * sums_T[0].abs().clamp_min(1e-6))
-        if constant:
-            g_TK = g_TK / g_TK.sum(-1, keepdim=True).clamp_min(1e-20) * sums_T[0]
+        g_TK = self.adapter.chosen_weights(logits.reshape(t, -1), given_TK)
         out_w = torch.where(same_T[:, None], own_w_TK, g_TK.to(own_w_TK.dtype))
         out_idx = torch.where(same_T[:, None], own_idx_TK, given_TK.to(own_idx_TK.dtype))
         return logits, out_w.reshape(w_TK.shape), out_idx.reshape(idx_TK.shape)

@@ -7,6 +7,7 @@ on request, keep the last forward's routing (the experts each row was sent to, p
     tap.last_LTK                                 # (MoE layers, B*S, K) expert ids of that forward
     tap.last_fast_LT                             # (MoE layers, B*S) rows a VAR table served (with
                                                  # tap.fast_rows = wrapper.last_fast_rows), else None
+    RoutingTap(model, tiers=TIERS, var_mode=lambda: wrapper.var_enabled)  # also count per VAR tier
 
 Hooks: a forward hook on the module each MoE block calls as its router (the VAR router when a
 `VARModelWrapper` is installed, so what is counted is what the experts received, table rows
@@ -23,6 +24,10 @@ and a list append, not a dozen small tensor ops each (about 0.3 ms a step on thi
 way the adapter reads it (logits, probabilities or sigmoid scores: decided once). Filing keeps
 references to the router outputs and the attention mask until the flush: callers must not change
 them in place meanwhile (transformers and the server's decoder make new tensors every step).
+With `tiers` (("fast", "learned") on a VAR-wrapped model) each filed forward also keeps its rows'
+tier: a forward in VAR mode (`var_mode()`) has fast rows where `fast_rows()` says a table served
+them and learned rows elsewhere; a baseline forward's rows are in no tier (they count in the
+totals only), as on the vLLM engine.
 `detach()` counts what is filed and removes every hook. Test: `pytest tests/test_expert_load.py`.
 """
 
@@ -42,13 +47,15 @@ class RoutingTap:
     flush_rows = 8192  # filed router rows (all forwards together) that trigger counting them
     flush_forwards = 128
 
-    def __init__(self, model: Any, count: bool = True, adapter: Any = None):
+    def __init__(self, model: Any, count: bool = True, adapter: Any = None, tiers: tuple[str, ...] = (),
+                 var_mode: Any = None):
         self.model = model
         self.adapter = adapter or get_adapter(model)
         self.moe = self.adapter.moe_layers(model)
         self.layers = [m.layer for m in self.moe]
         self.num_experts, self.top_k = self.adapter.num_experts, self.adapter.top_k
         self.count = bool(count)
+        self.tiers, self.var_mode = tuple(tiers), var_mode  # tier 0 = table rows, 1 = the other VAR rows
         self.recording = False
         self.load: ExpertLoad | None = None
         self.last_LTK: torch.Tensor | None = None  # the last forward's experts, while recording
@@ -62,6 +69,7 @@ class RoutingTap:
         self._idx: list[list[torch.Tensor]] = [[] for _ in self.moe]
         self._scores: list[list[torch.Tensor]] = [[] for _ in self.moe]
         self._masks: list[tuple[Any, int]] = []
+        self._tiers: list[Any] = []  # per filed forward: (layers, rows) tier, or None (no tier)
         self._filed_rows = 0
         self._mask: tuple[torch.Tensor, int] | None = None
         self._lock = threading.Lock()
@@ -75,7 +83,7 @@ class RoutingTap:
             return self
         device = next(self.model.parameters()).device
         if self.count and self.load is None:
-            self.load = ExpertLoad(len(self.moe), self.num_experts, device)
+            self.load = ExpertLoad(len(self.moe), self.num_experts, device, tiers=self.tiers)
         for m in self.moe:
             router = getattr(m.block, m.router_attr)  # the module the block calls now (VAR's, if installed)
             self._handles.append(router.register_forward_hook(self._on_router))
@@ -116,7 +124,12 @@ class RoutingTap:
             self.last_fast_LT = fast if fast is not None and fast.shape == idx_LTK.shape[:2] else None
         if self.count and self.load is not None:
             rows = outs[0][2].numel() // self.top_k if outs[0][2].dim() != 2 else outs[0][2].shape[0]
+            tier = None
+            if self.tiers and self.var_mode is not None and self.var_mode():
+                fast = self.fast_rows() if self.fast_rows is not None else None
+                tier = fast if fast is not None and fast.shape == (len(self.moe), rows) else False  # False: all learned
             with self._lock:  # list appends only: the tensor work waits for flush()
+                self._tiers.append(tier)
                 for l, o in enumerate(outs):
                     self._idx[l].append(o[2])
                     self._scores[l].append(o[0])
@@ -129,8 +142,8 @@ class RoutingTap:
     def flush(self) -> None:
         """Add every filed forward to the counters (tensor ops only; any thread)."""
         with self._lock:
-            idx, scores, masks = self._idx, self._scores, self._masks
-            self._idx, self._scores, self._masks = [[] for _ in self.moe], [[] for _ in self.moe], []
+            idx, scores, masks, tiers = self._idx, self._scores, self._masks, self._tiers
+            self._idx, self._scores, self._masks, self._tiers = [[] for _ in self.moe], [[] for _ in self.moe], [], []
             self._filed_rows = 0
             if not masks or self.load is None:
                 return
@@ -148,7 +161,13 @@ class RoutingTap:
                     valid_T = (torch.cat(parts) if len(parts) > 1 else parts[0]).to(dev).bool()
                     if valid_T.shape[0] != idx_LTK.shape[1]:  # a mask that did not match its rows: count them all
                         valid_T = None
-                self.load.count_forward(idx_LTK, self._entropy(s_LT), valid_T)
+                tier_LT = None
+                if any(t is not None for t in tiers):  # 0 fast, 1 learned, -1 baseline forwards
+                    dev, n_layers = idx_LTK.device, len(self.moe)
+                    parts = [torch.full((n_layers, n), -1 if t is None else 1, dtype=torch.long, device=dev)
+                             if t is None or t is False else (~t).long().to(dev) for t, (_, n) in zip(tiers, masks)]
+                    tier_LT = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
+                self.load.count_forward(idx_LTK, self._entropy(s_LT), valid_T, tier_LT)
 
     def read(self):
         """The counters (`LoadReading`) with every filed forward counted; None when not counting."""
@@ -164,7 +183,6 @@ class RoutingTap:
                              else "probs" if looks_like_probabilities(s_LTE[0]) else "logits")
         if self._read_as == "logits":
             return ExpertLoad.entropy_of_logits(s_LTE)
-        if self._read_as == "sigmoid":
-            p = torch.sigmoid(s_LTE.float())
-            return ExpertLoad.entropy(p / p.sum(-1, keepdim=True).clamp_min(1e-20))
+        if self._read_as == "sigmoid":  # the adapter's normalised sigmoid scores
+            return ExpertLoad.entropy(self.adapter.probabilities(s_LTE))
         return ExpertLoad.entropy(s_LTE)

@@ -1,4 +1,5 @@
-"""VAR on vLLM for the other families it installs into: Qwen2-MoE, Qwen3-MoE, OLMoE (tiny random models).
+"""VAR on vLLM for the other families it installs into: Qwen2-MoE, Qwen3-MoE, OLMoE, GPT-OSS, DeepSeek-V3
+(tiny random models).
 
 For each family a tiny seeded model (var_moe/tiny.py, with the reference tokenizer's vocabulary and
 a head size vLLM's CPU attention takes) is saved as a Hugging Face folder, with tables built on the
@@ -13,7 +14,7 @@ so that the VAR engine records its per-row decisions), and:
   table's experts and every other row to the learned ones, and the device counters count exactly
   the table members among the tokens the model processed.
 
-Runs in the vLLM environment only. Six engine starts: a few minutes.
+Runs in the vLLM environment only. Ten engine starts: about ten minutes.
 Test: `.venv-vllm/bin/python -m pytest -q tests/vllm_engine/test_vllm_families.py`.
 """
 
@@ -33,21 +34,40 @@ from var_moe.var.tables import VARTables  # noqa: E402
 
 from test_vllm_exact import PROMPTS, run_engine  # noqa: E402  (pytest puts this folder on the path)
 
-FAMILIES = ["qwen2_moe", "qwen3_moe", "olmoe"]
+FAMILIES = ["qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3"]
 MAX_TOKENS = 12
 
 
-def build(family: str, out, reference_model_dir) -> VARTables:
-    """The tiny model as a Hugging Face folder, its tables (random entries) under var/."""
+# DeepSeek-V3 as vLLM's CPU build takes it: MLA with a latent + rope head of 576, and the released
+# checkpoints' `topk_method` / `scoring_func` (a config saved by transformers lacks them, and vLLM
+# then routes with a softmax and no selection bias, and cannot load the bias)
+V3_FOR_VLLM = dict(kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=32, v_head_dim=32, q_lora_rank=64,
+                   topk_method="noaux_tc", scoring_func="sigmoid")
+
+
+def tiny_vllm_model(family: str, seed: int = 0, **extra):
+    """`tiny_model(family)` with the reference tokenizer's vocabulary and a head size vLLM's CPU
+    attention takes."""
     over = dict(vocab_size=4096, hidden_size=128, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
                 max_position_embeddings=512, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    if family == "qwen3_moe":
+    if family in ("qwen3_moe", "gpt_oss"):
         over["head_dim"] = 32
-    model = tiny_model(family, seed=0, **over)
+    if family == "deepseek_v3":
+        over |= V3_FOR_VLLM
+    return tiny_model(family, seed=seed, **(over | extra))
+
+
+def save_with_tokenizer(model, out, reference_model_dir) -> None:
     model.save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(reference_model_dir / name, out / name)
     (out / "var").mkdir()  # beside the weights, vLLM would try to load tables as weights
+
+
+def build(family: str, out, reference_model_dir) -> VARTables:
+    """The tiny model as a Hugging Face folder, its tables (random entries) under var/."""
+    model = tiny_vllm_model(family)
+    save_with_tokenizer(model, out, reference_model_dir)
     tables = VARTables.empty(model, get_adapter(model))
     g = torch.Generator().manual_seed(1)
     e, k, v = tables.metadata["num_experts"], tables.metadata["top_k"], tables.metadata["vocab_size"]

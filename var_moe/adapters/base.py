@@ -2,13 +2,19 @@
 
 Every family module (mixtral.py, qwen_moe.py, ...) subclasses `MoEAdapter` and states only what
 differs: which attribute holds the sparse block and the router, how many experts / top-k the
-config declares, and how router scores become probabilities. Everything else in var-moe asks the
-adapter, so no module path of a modeling file appears anywhere else.
+config declares, how router scores become probabilities, and how the router weighs the experts it
+chose (`weight_scale`, `chosen_weights`: renormalised over the set, times a routed scaling factor,
+raw scores, or a softmax over the chosen k). Shared experts (always run, never routed) are counted
+by `num_shared_experts` and found by `shared_experts`; they never appear among the routed indices.
+Everything else in var-moe asks the adapter, so no module path of a modeling file and no router
+rule appears anywhere else.
 
 Shape suffixes used here: T = tokens (flattened batch x sequence), E = experts, K = top-k.
 
 Test: `pytest tests/test_adapters.py` builds a tiny random model for every family and checks
-that the adapter finds every MoE layer and agrees exactly with the model's own routing.
+that the adapter finds every MoE layer and agrees exactly with the model's own routing;
+`pytest tests/test_family_semantics.py` checks each family's router rules (capture, VAR off, tables
+built from the family's own capture) against a reference written from the modeling code.
 """
 
 from __future__ import annotations
@@ -68,6 +74,7 @@ class MoEAdapter:
     router_attr: str = "gate"  # attribute on the block holding the router
     experts_key: str = "num_local_experts"  # config field for E
     score_function: str = "softmax"  # how router scores become probabilities: softmax | sigmoid
+    shared_attrs: tuple[str, ...] = ()  # attribute(s) on the block holding always-on shared experts
 
     def __init__(self, config: Any):
         self.config = config
@@ -89,6 +96,34 @@ class MoEAdapter:
     @property
     def num_layers(self) -> int:
         return int(self.config.num_hidden_layers)
+
+    # -- how the router weighs its chosen experts ----------------------------------------------
+    @property
+    def weight_scale(self) -> float | None:
+        """The constant this family's router's top-k weights sum to on every row (1.0 for routers
+        that renormalise over the chosen set or take a softmax over the chosen k; the routed scaling
+        factor for DeepSeek-V3 with `norm_topk_prob`), or None where the weights are raw scores that
+        sum to no constant. Served table weights are scaled by it (`var.served.scale_weights`)."""
+        return 1.0
+
+    def _norm_topk_scale(self) -> float | None:
+        """Softmax routers with a `norm_topk_prob` switch: renormalised (1.0) or raw softmax values."""
+        return 1.0 if getattr(self.config, "norm_topk_prob", False) else None
+
+    def chosen_weights(self, scores_TE: torch.Tensor, idx_TK: torch.Tensor) -> torch.Tensor:
+        """Float32 weights the router would give the experts `idx_TK` of each row, computed from its
+        first output `scores_TE` (index E, the experts' empty slot, gets 0). For the router's own
+        choice this is its own weights; for another set (a table's) it is the same rule applied to
+        that set: here the probabilities of the set, renormalised to `weight_scale` where the router
+        renormalises, raw where it does not."""
+        e = scores_TE.shape[-1]
+        g = self.probabilities(scores_TE).gather(1, idx_TK.long().clamp_max(e - 1)) * (idx_TK < e)
+        scale = self.weight_scale
+        return g if scale is None else g / g.sum(1, keepdim=True).clamp_min(1e-20) * scale
+
+    def shared_experts(self, block: nn.Module) -> list[nn.Module]:
+        """The always-on shared expert modules of one MoE block (empty for most families)."""
+        return [m for m in (getattr(block, a, None) for a in self.shared_attrs) if m is not None]
 
     # -- locating routers --------------------------------------------------------------------
     @staticmethod
@@ -165,4 +200,5 @@ class MoEAdapter:
             "top_k": self.top_k,
             "num_shared_experts": self.num_shared_experts,
             "score_function": self.score_function,
+            "weight_scale": self.weight_scale,
         }

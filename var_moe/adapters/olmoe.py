@@ -1,5 +1,5 @@
-"""OLMoE: `layer.mlp.gate`, softmax top-k over `num_experts`, no shared experts.
-Test: `pytest tests/test_adapters.py -k olmoe`."""
+"""OLMoE: `layer.mlp.gate`, softmax top-k over `num_experts` (renormalised over the set only with
+`norm_topk_prob`), no shared experts. Test: `pytest tests/test_adapters.py tests/test_family_semantics.py -k olmoe`."""
 
 from .base import MoEAdapter
 
@@ -7,3 +7,7 @@ from .base import MoEAdapter
 class OlmoeAdapter(MoEAdapter):
     family = "olmoe"
     experts_key = "num_experts"
+
+    @property
+    def weight_scale(self) -> float | None:
+        return self._norm_topk_scale()

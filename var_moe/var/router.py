@@ -12,12 +12,14 @@ forward; a subset would need its size on the host) and selects rows with `torch.
 boolean-mask indexing, no host synchronisation, and an empty table returns the learned outputs
 bit for bit.
 
-Weights (`weights_source`): "table" uses the table's stored weights, scaled the way the router
-normalises (a probe at construction measures whether its top-k weights sum to a constant, e.g. 1
-for Mixtral); "learned" restricts the learned probabilities to the chosen set. router_logits are
-the learned router's. Adaptive k: fast rows whose table gives the top expert >=
-`adaptive_k_min_weight` of the set's weight go to that expert alone with the full weight (the
-other slots hold index E, the experts' empty slot), precomputed in the stacked tables.
+Weights (`weights_source`): "table" uses the table's stored weights, scaled the way the family's
+router scales its own (`adapter.weight_scale`: the constant its top-k weights sum to, e.g. 1 for
+Mixtral, the routed scaling factor for DeepSeek-V3, or None: the table's raw mass; a probe at
+construction checks the router agrees); "learned" gives the chosen set the weights the family's
+router would give it (`adapter.chosen_weights`). router_logits are the learned router's. Adaptive
+k: fast rows whose table gives the top expert >= `adaptive_k_min_weight` of the set's weight go to
+that expert alone with the full weight (the other slots hold index E, the experts' empty slot),
+precomputed in the stacked tables.
 Shadow verification compares a seeded sample of fast rows with the learned decision and queues
 demotions (`certify.demote_mask`), applied between forwards (`TableStack.apply_demotions`), never
 inside one, and not while the tables are frozen (`VARModelWrapper.frozen_tables()`, timed passes).
@@ -70,22 +72,22 @@ class VARRouter(nn.Module):
 
     @torch.no_grad()
     def _probe(self, param: torch.Tensor) -> None:
-        """Learn the router's index dtype and whether its top-k weights sum to a constant."""
+        """Learn the router's index dtype; take the weight scale from the adapter and check that the
+        router's top-k weights do sum to it (an adapter that misreads its family's router would
+        otherwise serve table weights on another scale than the learned rows', silently)."""
         hidden = param.shape[-1]
         x = torch.randn(16, hidden, generator=torch.Generator().manual_seed(0)).to(param.device, param.dtype)
         _, weights, indices = self.learned.forward(x)
         self.index_dtype = indices.dtype
-        sums = weights.float().sum(-1)
-        constant = bool((sums - sums[0]).abs().max() <= 1e-3 * sums[0].abs().clamp_min(1e-6))
-        self.weight_scale = float(sums[0]) if constant else None  # None: use the table's raw mass
-
-    def _restricted(self, logits_NE: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
-        """Learned weights restricted to a chosen set (index E = empty slot gets 0)."""
-        probs = self.adapter.probabilities(logits_NE)
-        g = probs.gather(1, idx_NK.clamp_max(self.num_experts - 1)) * (idx_NK < self.num_experts)
-        if self.weight_scale is None:
-            return g
-        return g / g.sum(1, keepdim=True).clamp_min(1e-20) * self.weight_scale
+        self.weight_scale = self.adapter.weight_scale  # None: use the table's raw mass
+        if self.weight_scale is not None:
+            sums = weights.float().reshape(x.shape[0], -1).sum(-1)
+            # the weights' own dtype rounds each of K terms (bf16: 2**-8 relative)
+            tol = max(1e-4, 4 * torch.finfo(weights.dtype).eps) * abs(self.weight_scale)
+            if bool((sums - self.weight_scale).abs().max() > tol):
+                raise RuntimeError(
+                    f"the {self.adapter.family} adapter says layer {self.layer}'s top-k weights sum to "
+                    f"{self.weight_scale}, but the router's sum to {sums.min().item():.6g}..{sums.max().item():.6g}")
 
     @property
     def audit(self) -> bool:
@@ -140,7 +142,7 @@ class VARRouter(nn.Module):
         idx_TK = torch.where(fast_T[:, None], look.idx_LTK[self.slot].to(l_idx.dtype), l_idx)
         w_TK = torch.where(fast_T[:, None], look.w_LTK[self.slot].to(l_w.dtype), l_w)
         if self.config.weights_source == "learned":
-            w_TK = torch.where(fast_T[:, None], self._restricted(l_logits.reshape(t, -1).float(), idx_TK.long())
+            w_TK = torch.where(fast_T[:, None], self.adapter.chosen_weights(l_logits.reshape(t, -1), idx_TK)
                                .to(l_w.dtype), w_TK)
         if self.audit or self.config.shadow_rate > 0:
             self._verify(look, fast_T, nominal_TK, l_idx, counts)

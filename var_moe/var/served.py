@@ -51,12 +51,17 @@ def pair_serves(token_hit: Any, pair_hit: Any) -> Any:
     return pair_hit & ~token_hit
 
 
-def scale_weights(w_NK: torch.Tensor, mass_N: torch.Tensor, scale: float | None) -> torch.Tensor:
+def scale_weights(w_NK: torch.Tensor, mass_N: torch.Tensor, scale: float | None,
+                  output_scale: float = 1.0) -> torch.Tensor:
     """Stored weights (rows sum to 1 over the set) scaled the way the router scales its own: times
-    `scale`, the constant the router's top-k weights sum to (1 for renormalising routers), or, for a
-    router whose weights sum to no constant (`scale` None), times the entry's raw mass."""
+    `scale`, the constant the family's top-k weights sum to (`MoEAdapter.weight_scale`: 1 for
+    renormalising routers), or, for a router whose weights sum to no constant (`scale` None), times
+    the entry's raw mass; then divided by `output_scale`, the factor an engine multiplies the routed
+    experts' output by after its router instead of inside it (vLLM's DeepSeek runner applies
+    `routed_scaling_factor` there; 1 elsewhere)."""
     w = w_NK.float()
-    return w * mass_N.float()[..., None] if scale is None else w * scale
+    w = w * mass_N.float()[..., None] if scale is None else w * scale
+    return w if output_scale == 1.0 else w / output_scale
 
 
 def find_sorted(keys_X: torch.Tensor, key_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,19 +122,22 @@ class ServedTables:
     @classmethod
     def build(cls, layers: Mapping[int, Any], pair_tier: Mapping[int, Any], order: Sequence[int],
               scales: Mapping[int, float | None], vocab: int, top_k: int, device: Any = "cpu",
-              index_dtype: torch.dtype = torch.long) -> "ServedTables":
+              index_dtype: torch.dtype = torch.long, output_scales: Mapping[int, float] | None = None) -> "ServedTables":
         """Slot i holds layer `order[i]`: its `tables.LayerTable` from `layers` (no entries where
-        absent) and its `pairs.PairTable` from `pair_tier`, weights scaled by `scales[layer]`."""
+        absent) and its `pairs.PairTable` from `pair_tier`, weights scaled by `scales[layer]` (and
+        divided by `output_scales[layer]` where given: see `scale_weights`)."""
         tok = [layers.get(l) for l in order]
+        out = output_scales or {}
         member = [t.member_V.bool() if t is not None else torch.zeros(vocab, dtype=torch.bool) for t in tok]
         idx = [t.experts_VK.long() if t is not None else torch.zeros(vocab, top_k, dtype=torch.long) for t in tok]
-        w = [scale_weights(t.weights_VK, t.mass_V, scales.get(l)) if t is not None else torch.zeros(vocab, top_k)
-             for l, t in zip(order, tok)]
+        w = [scale_weights(t.weights_VK, t.mass_V, scales.get(l), out.get(l, 1.0)) if t is not None
+             else torch.zeros(vocab, top_k) for l, t in zip(order, tok)]
         parts = [(i, l, pair_tier[l]) for i, l in enumerate(order) if l in pair_tier and pair_tier[l].size]
         # each slot's keys ascend and slots ascend, so the concatenation is sorted
         keys = [pair_key(i, 0, p.keys_P.long(), vocab) for i, _, p in parts]
         p_idx = [p.sets_PK.long().reshape(p.size, -1) for *_, p in parts]
-        p_w = [scale_weights(p.weights_PK.reshape(p.size, -1), p.mass_P, scales.get(l)) for _, l, p in parts]
+        p_w = [scale_weights(p.weights_PK.reshape(p.size, -1), p.mass_P, scales.get(l), out.get(l, 1.0))
+               for _, l, p in parts]
         cat = lambda xs, empty: torch.cat(xs) if xs else empty  # noqa: E731
         return cls(torch.stack(member).to(device), torch.stack(idx).to(device, index_dtype),
                    torch.stack(w).to(device), cat(keys, torch.zeros(0, dtype=torch.long)).to(device),

@@ -19,12 +19,15 @@ import importlib
 from typing import Any
 
 # vLLM architecture -> (module under vllm.model_executor.models, class name). Mixtral is tested on the
-# reference model; the others build the same way (gate + FusedMoE runner + embed_tokens).
+# reference model; the others build the same way (router linear + FusedMoE runner + token embedding;
+# GPT-OSS names them `router` and `embedding`).
 SUPPORTED = {
     "MixtralForCausalLM": ("mixtral", "MixtralForCausalLM"),
     "Qwen2MoeForCausalLM": ("qwen2_moe", "Qwen2MoeForCausalLM"),
     "Qwen3MoeForCausalLM": ("qwen3_moe", "Qwen3MoeForCausalLM"),
     "OlmoeForCausalLM": ("olmoe", "OlmoeForCausalLM"),
+    "GptOssForCausalLM": ("gpt_oss", "GptOssForCausalLM"),
+    "DeepseekV3ForCausalLM": ("deepseek_v2", "DeepseekV3ForCausalLM"),
 }
 PREFIX = "Var"
 _CLASSES: dict[str, type] = {}
@@ -57,7 +60,12 @@ def var_class(arch: str) -> type:
         max_tokens = max(int(sched.max_num_batched_tokens), int(vllm_config.model_config.max_model_len))
         extra = vllm_config.additional_config
         pair_capacity = int((extra.get("varmoe") or {}).get("pair_capacity", 0)) if isinstance(extra, dict) else 0
-        self._varmoe_state = install_var(self, int(hf.vocab_size), top_k, max_tokens, pair_capacity)
+        from ..adapters import get_adapter
+
+        # where the family's router sits and how it scales its top-k weights: read from its adapter
+        adapter = get_adapter(hf)
+        self._varmoe_state = install_var(self, int(hf.vocab_size), top_k, max_tokens, pair_capacity,
+                                         adapter.weight_scale, adapter.router_attr)
         # the checkpoint folder: the tables' fingerprint is the stored routers' (var_moe.identity)
         self._varmoe_state.model_dir = str(vllm_config.model_config.model)
         from .expert_load import install_load

@@ -4,7 +4,7 @@
 gives three kinds of module a subclass of their own class (no model code copied, parameter names
 and the weight loader's tree unchanged):
 - the token embedding records the step's `input_ids` on a shared `VarState` (vLLM's Mixtral,
-  Qwen2-MoE, Qwen3-MoE and OLMoE blocks call `experts(hidden, router_logits)` without them);
+  Qwen2-MoE, Qwen3-MoE, OLMoE and GPT-OSS blocks call `experts(hidden, router_logits)` without them);
 - each MoE runner (`FusedMoE` / `MoERunner`) passes them on when its caller gave none (vLLM's
   routers already take `input_ids`, as DeepSeek-V4's hash routing does);
 - each router's `_compute_routing` computes the learned decision, then, for VAR-mode rows whose
@@ -88,9 +88,15 @@ class LayerVar:
     weights_VK: torch.Tensor  # float32, already scaled the way the router scales its weights
     member_V: torch.Tensor  # bool
     counts: torch.Tensor  # int64 [len(COUNTERS)]
-    renormalize: bool
+    renormalize: bool  # vLLM's router renormalises its top-k weights (they sum to `router_scale`)
     num_experts: int
+    weight_scale: float | None  # the family's, from its adapter (`MoEAdapter.weight_scale`)
     slot: int = 0  # this layer's column in VarState.pair_sel_NS (its index among the model's MoE layers)
+    # vLLM's own scaling around this router: the factor its router multiplies the top-k weights by,
+    # and the factor the MoE runner multiplies the routed experts' output by afterwards (vLLM's
+    # DeepSeek moves `routed_scaling_factor` there)
+    router_scale: float = 1.0
+    output_scale: float = 1.0
     # per-row decisions of each forward, for the exactness tests; eager mode only (a compiled
     # graph was traced with None here and never records)
     record: list | None = None
@@ -123,7 +129,7 @@ class LayerVar:
             load.count(self.slot, ids_T, out_idx_TK, router_logits, use_T, rows_T)
         if self.record is not None:
             rec = {"ids": ids_T.tolist(), "fast": use_T.tolist(), "experts": out_idx_TK.tolist(),
-                   "learned": idx_TK.tolist()}
+                   "learned": idx_TK.tolist(), "weights": out_w_TK.float().tolist(), "learned_w": w_TK.float().tolist()}
             if pair_T is not None:
                 prev = [] if state.prev_host is None else state.prev_host.tolist()
                 rec |= {"pair": pair_T.tolist(), "prev": (prev + [-1] * ids_T.shape[0])[: ids_T.shape[0]]}
@@ -187,22 +193,24 @@ _SUBCLASSES: dict[type, type] = {}
 @dataclass
 class MoEBlock:
     layer: int
-    block: nn.Module  # holds .gate and .experts
+    block: nn.Module  # holds the gate (router linear) and .experts
+    gate: nn.Module  # the router's linear layer: its weights are the fingerprint
     runner: nn.Module  # the FusedMoE / MoERunner
     router: Any
 
 
-def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
-    """MoE blocks of a vLLM model: modules with a `gate` and an `experts` runner that has a `router`."""
+def find_moe_blocks(model: nn.Module, gate_attr: str = "gate") -> list[MoEBlock]:
+    """MoE blocks of a vLLM model: modules with a router linear at `gate_attr` (the family adapter's
+    `router_attr`: vLLM keeps the Hugging Face names) and an `experts` runner that has a `router`."""
     out = []
     for name, mod in model.named_modules():
-        gate, experts = getattr(mod, "gate", None), getattr(mod, "experts", None)
+        gate, experts = getattr(mod, gate_attr, None), getattr(mod, "experts", None)
         if gate is None or experts is None or not hasattr(experts, "router"):
             continue
         m = _LAYER_RE.search(name + ".")
         if m is None:
             continue
-        out.append(MoEBlock(int(m.group(1)), mod, experts, experts.router))
+        out.append(MoEBlock(int(m.group(1)), mod, gate, experts, experts.router))
     return sorted(out, key=lambda b: b.layer)
 
 
@@ -210,31 +218,37 @@ def find_embedding(model: nn.Module) -> nn.Module:
     inner = getattr(model, "model", model)
     emb = getattr(inner, "embed_tokens", None)
     if emb is None:
+        emb = getattr(inner, "embedding", None)  # GPT-OSS names it `embedding`
+    if emb is None:
         raise ValueError(f"{type(model).__name__}: no model.embed_tokens; VAR needs the token ids")
     return emb
 
 
-def install_var(model: nn.Module, vocab_size: int, top_k: int, max_tokens: int, pair_capacity: int = 0) -> VarState:
+def install_var(model: nn.Module, vocab_size: int, top_k: int, max_tokens: int, pair_capacity: int = 0,
+                weight_scale: float | None = 1.0, gate_attr: str = "gate") -> VarState:
     """Patch the embedding, MoE runners and routers of `model` (before compilation); empty tables.
     `max_tokens`: the most tokens one forward carries (the scheduler's max_num_batched_tokens);
     `pair_capacity`: the most (previous, token) entries, all layers together, a tables file may hold
-    (0: no pair tier)."""
-    blocks = find_moe_blocks(model)
+    (0: no pair tier); `weight_scale`, `gate_attr`: the family adapter's `weight_scale` and
+    `router_attr` (models.py passes them)."""
+    blocks = find_moe_blocks(model, gate_attr)
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no MoE blocks with a gate and a FusedMoE runner")
-    device = blocks[0].block.gate.weight.device
+    device = blocks[0].gate.weight.device
     state = VarState(device, max_tokens, pair_capacity, top_k, num_layers=len(blocks))
     emb = find_embedding(model)
     object.__setattr__(emb, "_varmoe", state)  # a plain attribute, not a submodule
     _subclass(emb, "forward", _embedding_forward)
     for slot, b in enumerate(blocks):
         renorm = bool(getattr(b.router, "renormalize", True))
-        lv = LayerVar(b.layer, b.block.gate,
+        lv = LayerVar(b.layer, b.gate,
                       torch.zeros(vocab_size, top_k, dtype=torch.long, device=device),
                       torch.zeros(vocab_size, top_k, dtype=torch.float32, device=device),
                       torch.zeros(vocab_size, dtype=torch.bool, device=device),
                       torch.zeros(len(COUNTERS), dtype=torch.long, device=device), renorm,
-                      int(b.block.gate.weight.shape[0]), slot)
+                      int(b.gate.weight.shape[0]), weight_scale, slot,
+                      float(getattr(b.router, "routed_scaling_factor", 1.0) or 1.0),
+                      float(getattr(b.runner, "routed_scaling_factor", 1.0) or 1.0))
         state.layers[b.layer] = lv
         object.__setattr__(b.runner, "_varmoe", state)
         _subclass(b.runner, "forward", _runner_forward)

@@ -89,9 +89,12 @@ def fill_tables(state: VarState, tables: VARTables) -> None:
 
 def served_tables(state: VarState, tables: VARTables) -> ServedTables:
     """The tables as served on this model's device (`var.served`: slot = the layer's index among
-    the model's MoE layers; weights scaled as vLLM's router scales its own: renormalising routers
-    sum them to 1, the others keep the raw mass). Refuses more pair entries than the capacity and
-    malformed ones."""
+    the model's MoE layers; weights scaled by `served.scale_weights` with the family adapter's
+    `weight_scale`, divided by the factor vLLM's MoE runner multiplies the routed output by after
+    the router: DeepSeek's `routed_scaling_factor`). Refuses more pair entries than the capacity,
+    malformed ones, and a family whose scale vLLM's router does not follow (a renormalising vLLM
+    router sums its top-k weights to its own scaling factor, any other to no constant): vLLM would
+    then route differently from the model the tables were certified on."""
     first = next(iter(state.layers.values()))
     v, (e, k) = int(first.member_V.shape[0]), (first.num_experts, int(first.experts_VK.shape[1]))
     by_slot = sorted(state.layers, key=lambda l: state.layers[l].slot)
@@ -111,8 +114,21 @@ def served_tables(state: VarState, tables: VARTables) -> ServedTables:
     if not ok:
         raise InvalidInputError(f"the tables' (previous, token) entries are malformed (keys must ascend within "
                                 f"[0, {v}**2) per layer, sets hold {k} experts below {e})")
-    scales = {l: 1.0 if state.layers[l].renormalize else None for l in by_slot}
-    return ServedTables.build(tables.layers, tables.pair_tier, by_slot, scales, v, k, first.member_V.device)
+    for l in by_slot:
+        lv = state.layers[l]
+        # what vLLM's router's top-k weights sum to (None: no constant), and what the family's do
+        # once the output scale vLLM applies after the router is taken out
+        vllm_sum = lv.router_scale if lv.renormalize else None
+        family_sum = None if lv.weight_scale is None else lv.weight_scale / lv.output_scale
+        if (vllm_sum is None) != (family_sum is None) or (vllm_sum is not None and abs(vllm_sum - family_sum) > 1e-6 * abs(vllm_sum)):
+            raise InvalidInputError(
+                f"layer {l}: the model family's router weights sum to {family_sum} (None: no constant; after vLLM's "
+                f"output scale {lv.output_scale}), but vLLM's router's sum to {vllm_sum}; "
+                "vLLM routes this model differently from the model the tables were built on")
+    scales = {l: state.layers[l].weight_scale for l in by_slot}
+    outs = {l: state.layers[l].output_scale for l in by_slot}
+    return ServedTables.build(tables.layers, tables.pair_tier, by_slot, scales, v, k, first.member_V.device,
+                              output_scales=outs)
 
 
 @torch.no_grad()
