@@ -4,7 +4,8 @@ For each family VAR installs into on vLLM (Mixtral; Qwen2-MoE with its gated sha
 top-k weights; Qwen3-MoE with renormalised ones; OLMoE; GPT-OSS with its biased router and softmax
 over the chosen k; DeepSeek-V3 with sigmoid scores, a nonzero selection bias, group-limited top-k and
 `routed_scaling_factor` != 1, its top-k weights renormalised and raw: vLLM's router leaves the factor
-to the MoE runner's output, so served weights are divided by it), a tiny seeded model (the reference
+to the MoE runner's output, so served weights are divided by it; DeepSeek-V2 with group-limited
+greedy top-k and its scaling factor), a tiny seeded model (the reference
 tokenizer's vocabulary) has its attention output projections zeroed, so every layer's router input,
 hence its decision, depends on the token alone. Its tables are built by the real path on the Hugging
 Face model (`collect_evidence` over calibration documents holding every vocabulary token, then
@@ -16,7 +17,7 @@ eager, tests/vllm_engine/engine_script.py) then serves every row from the tables
   (the table's stored weights scaled by the family adapter's `weight_scale`);
 - greedy generation with every row served equals generation with VAR off.
 
-Runs in the vLLM environment only. Seven engine starts: about ten minutes.
+Runs in the vLLM environment only. Eight engine starts: about eleven minutes.
 Test: `.venv-vllm/bin/python -m pytest -q tests/vllm_engine/test_vllm_family_semantics.py`.
 """
 
@@ -39,11 +40,15 @@ from test_vllm_families import save_with_tokenizer, tiny_vllm_model  # noqa: E40
 
 # 4 groups of 2 experts, 2 groups kept, top-3: the group limit changes some choices
 _V3 = dict(n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2)
+# DeepSeek-V2 as vLLM's CPU build takes it: MLA with a latent + rope head of 576 (no selection bias)
+_V2 = dict(_V3, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=32, v_head_dim=32, q_lora_rank=64)
 # case -> (family, config overrides)
 CASES = {"mixtral": ("mixtral", {}), "qwen2_moe": ("qwen2_moe", dict(norm_topk_prob=False)),
          "qwen3_moe": ("qwen3_moe", dict(norm_topk_prob=True)), "olmoe": ("olmoe", {}), "gpt_oss": ("gpt_oss", {}),
          "deepseek_v3_norm": ("deepseek_v3", dict(_V3, norm_topk_prob=True, routed_scaling_factor=2.5)),
-         "deepseek_v3_raw": ("deepseek_v3", dict(_V3, norm_topk_prob=False, routed_scaling_factor=1.7))}
+         "deepseek_v3_raw": ("deepseek_v3", dict(_V3, norm_topk_prob=False, routed_scaling_factor=1.7)),
+         # vLLM's DeepSeek-V2 always takes the group-limited top-k: the released checkpoints' method
+         "deepseek_v2": ("deepseek_v2", dict(_V2, topk_method="group_limited_greedy", routed_scaling_factor=1.3))}
 MAX_TOKENS = 12
 VOCAB = 4096
 CERTIFY = VARConfig(frequency_threshold=8, target_agreement=0.7)

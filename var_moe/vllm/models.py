@@ -28,6 +28,7 @@ SUPPORTED = {
     "OlmoeForCausalLM": ("olmoe", "OlmoeForCausalLM"),
     "GptOssForCausalLM": ("gpt_oss", "GptOssForCausalLM"),
     "DeepseekV3ForCausalLM": ("deepseek_v2", "DeepseekV3ForCausalLM"),
+    "DeepseekV2ForCausalLM": ("deepseek_v2", "DeepseekV2ForCausalLM"),
 }
 PREFIX = "Var"
 _CLASSES: dict[str, type] = {}
