@@ -291,3 +291,18 @@ def test_served_disagreement_demotes_despite_large_calibration_counts():
         assert w.verification_counts()[(0, "disagree")] == 32
         assert bool(served_members(w, 0)[7]) is not demoted
         w.restore()
+
+
+def test_a_router_returning_indices_first_is_refused_with_a_message():
+    """GraniteMoE's router in transformers < 5.20 returns (indices, weights, logits): capture reads
+    it, but VAR's router keeps the v5 order, so wrapping such a model is refused, not served wrong."""
+    model = tiny_model("granitemoe", seed=0)
+    adapter = get_adapter(model)
+    block = adapter.moe_layers(model)[0].block
+    router = getattr(block, adapter.router_attr)
+    plain = router.forward
+    router.forward = lambda x: tuple(reversed(plain(x)))  # the older order
+    d = adapter.decision(router(torch.randn(5, model.config.hidden_size)))  # capture reads it
+    assert d.topk_idx_TK.dtype == torch.long and d.probs_TE.shape == (5, adapter.num_experts)
+    with pytest.raises(RuntimeError, match="returns \\(indices, weights, logits\\)"):
+        VARModelWrapper(model, VARConfig())

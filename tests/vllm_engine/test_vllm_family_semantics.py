@@ -5,7 +5,7 @@ top-k weights; Qwen3-MoE with renormalised ones; OLMoE; GPT-OSS with its biased 
 over the chosen k; DeepSeek-V3 with sigmoid scores, a nonzero selection bias, group-limited top-k and
 `routed_scaling_factor` != 1, its top-k weights renormalised and raw: vLLM's router leaves the factor
 to the MoE runner's output, so served weights are divided by it; DeepSeek-V2 with group-limited
-greedy top-k and its scaling factor), a tiny seeded model (the reference
+greedy top-k and its scaling factor; GraniteMoE, whose router vLLM renames `gate`), a tiny seeded model (the reference
 tokenizer's vocabulary) has its attention output projections zeroed, so every layer's router input,
 hence its decision, depends on the token alone. Its tables are built by the real path on the Hugging
 Face model (`collect_evidence` over calibration documents holding every vocabulary token, then
@@ -17,7 +17,7 @@ eager, tests/vllm_engine/engine_script.py) then serves every row from the tables
   (the table's stored weights scaled by the family adapter's `weight_scale`);
 - greedy generation with every row served equals generation with VAR off.
 
-Runs in the vLLM environment only. Eight engine starts: about eleven minutes.
+Runs in the vLLM environment only. Nine engine starts: about twelve minutes.
 Test: `.venv-vllm/bin/python -m pytest -q tests/vllm_engine/test_vllm_family_semantics.py`.
 """
 
@@ -48,7 +48,8 @@ CASES = {"mixtral": ("mixtral", {}), "qwen2_moe": ("qwen2_moe", dict(norm_topk_p
          "deepseek_v3_norm": ("deepseek_v3", dict(_V3, norm_topk_prob=True, routed_scaling_factor=2.5)),
          "deepseek_v3_raw": ("deepseek_v3", dict(_V3, norm_topk_prob=False, routed_scaling_factor=1.7)),
          # vLLM's DeepSeek-V2 always takes the group-limited top-k: the released checkpoints' method
-         "deepseek_v2": ("deepseek_v2", dict(_V2, topk_method="group_limited_greedy", routed_scaling_factor=1.3))}
+         "deepseek_v2": ("deepseek_v2", dict(_V2, topk_method="group_limited_greedy", routed_scaling_factor=1.3)),
+         "granitemoe": ("granitemoe", {})}
 MAX_TOKENS = 12
 VOCAB = 4096
 CERTIFY = VARConfig(frequency_threshold=8, target_agreement=0.7)

@@ -77,7 +77,12 @@ class VARRouter(nn.Module):
         otherwise serve table weights on another scale than the learned rows', silently)."""
         hidden = param.shape[-1]
         x = torch.randn(16, hidden, generator=torch.Generator().manual_seed(0)).to(param.device, param.dtype)
-        _, weights, indices = self.learned.forward(x)
+        out = self.learned.forward(x)
+        if out[2].is_floating_point():  # e.g. GraniteMoE in transformers < 5.20: (indices, weights, logits)
+            raise RuntimeError(
+                f"the {self.adapter.family} router returns (indices, weights, logits) in this transformers version; "
+                "VAR's router keeps the v5 contract (router_logits, weights, indices): use transformers >= 5.20")
+        _, weights, indices = out
         self.index_dtype = indices.dtype
         self.weight_scale = self.adapter.weight_scale  # None: use the table's raw mass
         if self.weight_scale is not None:

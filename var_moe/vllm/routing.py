@@ -201,10 +201,13 @@ class MoEBlock:
 
 def find_moe_blocks(model: nn.Module, gate_attr: str = "gate") -> list[MoEBlock]:
     """MoE blocks of a vLLM model: modules with a router linear at `gate_attr` (the family adapter's
-    `router_attr`: vLLM keeps the Hugging Face names) and an `experts` runner that has a `router`."""
+    `router_attr`: vLLM mostly keeps the Hugging Face names), else at `gate` (vLLM's GraniteMoE
+    renames its `router`), and an `experts` runner that has a `router`."""
     out = []
     for name, mod in model.named_modules():
         gate, experts = getattr(mod, gate_attr, None), getattr(mod, "experts", None)
+        if gate is None:
+            gate = getattr(mod, "gate", None)
         if gate is None or experts is None or not hasattr(experts, "router"):
             continue
         m = _LAYER_RE.search(name + ".")
