@@ -104,11 +104,8 @@ class ExpertLoad:
             bins = torch.where(valid_T[None, :, None], bins, self.trash)
         ones = self._ones_n(bins.numel())
         self.counts_X.index_add_(0, bins.reshape(-1), ones)
-        if tier_LT is not None and self.tier_counts_X is not None:
-            tier_LTK = tier_LT.long()[..., None].expand_as(bins)
-            tbins = torch.where((tier_LTK >= 0) & (bins < self.trash), tier_LTK * self.trash + bins,
-                                len(self.tiers) * self.trash)
-            self.tier_counts_X.index_add_(0, tbins.reshape(-1), ones)
+        if tier_LT is not None:
+            self._add_tiers(bins, tier_LT, ones)
         if valid_T is None:
             self.tokens_L += idx_LTK.shape[1]
         else:
@@ -133,11 +130,18 @@ class ExpertLoad:
         if entropy_T is not None:
             h_T = entropy_T.double() if valid_T is None else entropy_T.double() * valid_T
             self.entropy_L[slot] += h_T.sum()
-        if tier_T is not None and self.tier_counts_X is not None:
-            tier_TK = tier_T.long()[:, None].expand_as(bins)
-            tbins = torch.where((tier_TK >= 0) & (bins < self.trash), tier_TK * self.trash + bins,
-                                len(self.tiers) * self.trash)
-            self.tier_counts_X.index_add_(0, tbins.reshape(-1), ones)
+        if tier_T is not None:
+            self._add_tiers(bins, tier_T, ones)
+
+    def _add_tiers(self, bins: torch.Tensor, tier: torch.Tensor, ones: torch.Tensor) -> None:
+        """Add `bins` (rows x k counter bins, padding rows in the trash bin) per tier: `tier` holds
+        each row's tier index (the leading dims of `bins`), -1 for rows outside every tier."""
+        if self.tier_counts_X is None:
+            return
+        tier_K = tier.long()[..., None].expand_as(bins)
+        tbins = torch.where((tier_K >= 0) & (bins < self.trash), tier_K * self.trash + bins,
+                            len(self.tiers) * self.trash)
+        self.tier_counts_X.index_add_(0, tbins.reshape(-1), ones)
 
     def read(self) -> LoadReading:
         """The cumulative counters on the host (one copy each; the only synchronisation)."""
