@@ -4,8 +4,10 @@ vLLM compiles the model (on the CPU with inductor), and VAR's routing, its count
 load run inside that graph, once per MoE layer per step. Served comparisons through HTTP on a
 2-core machine swing by more than these parts cost, so this times them apart, in one process: a
 stand-in MoE forward (per layer: a router linear, softmax, top-k, and a residual that uses the
-chosen weights and experts, so nothing is dead code) compiled with `torch.compile(dynamic=True)`
-in five variants, each calling the real code of var_moe/vllm:
+chosen weights and experts, so nothing is dead code) compiled as vLLM's CPU build compiles the model
+(`compile_options`: inference mode, static buffer shapes with the token dimension marked dynamic,
+vLLM's inductor options, guards dropped) in five variants, each calling the real code of
+var_moe/vllm:
 - `plain`: no VAR;
 - `route`: `LayerVar.route` (table gathers, the row mode, selects, the set audit and counters);
 - `route+routed`: plus the routed-experts rows (`VllmLoad` with counting off, as
@@ -27,12 +29,23 @@ import argparse
 import json
 import statistics
 import time
+import types
 from pathlib import Path
 
 import torch
 
 from var_moe.vllm.expert_load import install_load
 from var_moe.vllm.routing import COUNTERS, LayerVar, VarState
+
+# what vLLM's CPU build passes to inductor (vllm/platforms/cpu.py), and its dropping of all guards
+# (vllm/compilation/wrapper.py): with guards kept, every call re-checks each tensor VAR reads
+COMPILE_OPTIONS = {"dce": True, "size_asserts": False, "nan_asserts": False, "epilogue_fusion": True,
+                   "cpp.dynamic_threads": True}
+
+
+def compile_options() -> dict:
+    return {**COMPILE_OPTIONS, "guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
+
 
 VARIANTS = {"plain": (False, None, 0), "route": (True, None, 0), "route+routed": (True, False, 0),
             "route+count": (True, True, 0), "route+count+pairs": (True, True, 1)}
@@ -65,7 +78,11 @@ def build(args, var: bool, counting: bool | None, pairs: bool):
             x = x + (w.sum(-1, keepdim=True) * idx.float().sum(-1, keepdim=True)) * 1e-3
         return x
 
-    return torch.compile(forward, dynamic=True)
+    # a code object of its own per variant: with guards dropped, variants sharing one would all run
+    # the first variant's graph
+    tag = f"forward_{int(var)}_{counting}_{int(pairs)}"
+    fwd = types.FunctionType(forward.__code__.replace(co_name=tag), forward.__globals__, tag, None, forward.__closure__)
+    return torch.compile(fwd, dynamic=False, fullgraph=True, options=compile_options())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,8 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    with torch.inference_mode():  # as vLLM runs the model
+        return _run(args)
+
+
+def _run(args) -> int:
     fns = {name: build(args, *spec) for name, spec in VARIANTS.items()}
     x, ids = torch.randn(args.rows, args.hidden), torch.randint(0, args.vocab, (args.rows,))
+    torch._dynamo.mark_dynamic(x, 0)  # the token dimension, as vLLM marks it
+    torch._dynamo.mark_dynamic(ids, 0)
     for f in fns.values():  # compile and warm up
         for _ in range(20):
             f(x, ids)
@@ -99,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             times[n].append((time.thread_time() - t0) / args.calls * 1e6)
     med = {n: statistics.median(v) for n, v in times.items()}
     base = med["plain"]
-    result = {"args": vars(args), "torch": torch.__version__, "median_us_per_step": med,
+    result = {"args": vars(args), "torch": torch.__version__, "compile": dict(COMPILE_OPTIONS, guards="dropped", mode="inference"),
+              "median_us_per_step": med,
               "added_us_per_step": {n: med[n] - base for n in med},
               "added_us_per_layer": {n: (med[n] - base) / args.layers for n in med},
               "spread_us": {n: [min(v), max(v)] for n, v in times.items()}}

@@ -102,17 +102,21 @@ def test_tap_records_the_experts_of_the_last_forward():
         assert torch.equal(tap.last_LTK[s], seen[m.layer].reshape(10, 2))
 
 
-def test_count_layer_matches_count_forward_and_tiers():
+@pytest.mark.parametrize("one_hot", [True, False], ids=["one-hot sum (CPU)", "scatter (GPU)"])
+def test_count_layer_matches_count_forward_and_tiers(one_hot):
     g = torch.Generator().manual_seed(3)
     idx = torch.randint(0, 5, (2, 9, 2), generator=g)  # 4 experts + the empty slot 4
     ent = torch.rand(2, 9, generator=g)
     valid = torch.rand(9, generator=g) > 0.3
     a, b = ExpertLoad(2, 4), ExpertLoad(2, 4, tiers=("fast", "learned"))
+    b.one_hot = one_hot  # both ways of counting a layer, whatever the device
     a.count_forward(idx, ent, valid)
     tier = torch.tensor([0, 1, -1, 0, 1, 1, 0, -1, 0])
     for s in range(2):
         b.count_layer(s, idx[s], ent[s], valid, tier)
     ra, rb = a.read(), b.read()
+    # the empty slot's column too (read() leaves it out); padding rows only in count_forward's trash bin
+    torch.testing.assert_close(a.counts_X[: a.trash], b.counts_X[: b.trash])
     np.testing.assert_array_equal(ra.counts_LE, rb.counts_LE)
     np.testing.assert_allclose(ra.entropy_L, rb.entropy_L)
     np.testing.assert_array_equal(ra.tokens_L, [int(valid.sum())] * 2)

@@ -9,7 +9,9 @@ returns, the router's logits, its table rows and its VAR rows; that adds, in pla
   (layer, expert), summed routing entropy, valid tokens; per tier: fast = table rows of VAR-mode
   requests, learned = their other rows; baseline rows count in the totals only);
 - the step's experts per row and layer into `routed_NSK` (int16) and each row's tier into `tier_NS`
-  (0 fast, 1 learned, -1 baseline), overwritten every step.
+  (0 fast, 1 learned, -1 baseline), overwritten every step. Written with `index_put_` at (row, slot):
+  inductor compiles a slice assignment `[:t, slot] = ...` into a rewrite of the whole buffer per
+  layer (CPU; thousands of rows every step), an indexed write into a scatter of the t rows.
 Padding rows (CUDA-graph padding on GPUs) are masked with `valid_N`, which `on_step` writes before
 each forward (called by the runner hook in rows.py): True for the step's real rows; all False
 until the hook runs, so vLLM's start-up forwards (dummy tokens) are not counted.
@@ -50,6 +52,8 @@ class VllmLoad:
         self.valid_hi = 0  # rows of valid_N that may be True
         self.routed_NSK = torch.zeros(max_tokens, num_layers, top_k, dtype=torch.int16, device=device)
         self.tier_NS = torch.zeros(max_tokens, num_layers, dtype=torch.int8, device=device)  # 0 fast, 1 learned, -1 baseline
+        self.row_N = torch.arange(max_tokens, device=device)
+        self.slot_S = torch.arange(num_layers, device=device)
         # host bookkeeping: the last step's rows of asking requests, and each request's rows so far
         self._pending: tuple[int, list[tuple[str, int, int, int]]] | None = None
         self._rows: dict[str, np.ndarray] = {}
@@ -65,8 +69,9 @@ class VllmLoad:
         if self.counting:
             entropy_T = None if logits_TE is None else ExpertLoad.entropy_of_logits(logits_TE.reshape(t, -1))
             self.counter.count_layer(slot, idx_TK, entropy_T, valid_T, tier_T)
-        self.routed_NSK[:t, slot].copy_(idx_TK)
-        self.tier_NS[:t, slot].copy_(tier_T)
+        at = (self.row_N[:t], self.slot_S[slot])  # (row, layer slot) of each of the step's rows
+        self.routed_NSK.index_put_(at, idx_TK.to(torch.int16))
+        self.tier_NS.index_put_(at, tier_T.to(torch.int8))
 
     # -- worker host side --------------------------------------------------------------------------
     def on_step(self, runner: Any, n_req: int, tokens_R: np.ndarray) -> None:
