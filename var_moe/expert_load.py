@@ -132,7 +132,8 @@ class ExpertLoad:
         if entropy_T is not None:
             h_T = entropy_T.double() if valid_T is None else entropy_T.double() * valid_T
             self.entropy_L[slot] += h_T.sum()
-        if self.one_hot:
+        if self.one_hot:  # (layer, expert) views are taken here, not kept: a kept view would be a second
+            # graph input aliasing the counter it mutates
             hit_TKW = idx_TK.long()[..., None] == self.bins_W
             if valid_T is not None:
                 hit_TKW = hit_TKW & valid_T[:, None, None]
