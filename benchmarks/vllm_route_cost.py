@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from var_moe.vllm.expert_load import install_load
-from var_moe.vllm.routing import COUNTERS, LayerVar, VarState
+from var_moe.vllm.routing import LayerVar, VarState
 
 # what vLLM's CPU build passes to inductor (vllm/platforms/cpu.py), and its dropping of all guards
 # (vllm/compilation/wrapper.py): with guards kept, every call re-checks each tensor VAR reads
@@ -59,12 +59,11 @@ def build(args, var: bool, counting: bool | None, pairs: bool):
     for s in range(layers):
         experts = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(v)])
         lv = LayerVar(s, torch.nn.Linear(args.hidden, e), experts, torch.rand(v, k, generator=g),
-                      torch.rand(v, generator=g) < 0.3, torch.zeros(len(COUNTERS), dtype=torch.long),
-                      renormalize=True, num_experts=e, weight_scale=1.0, slot=s)
+                      torch.rand(v, generator=g) < 0.3, renormalize=True, num_experts=e, weight_scale=1.0, slot=s)
         state.layers[s] = lv
         lvs.append(lv)
     if counting is not None:
-        install_load(state, args.max_tokens, e, k, counting=counting)
+        install_load(state, e, k, counting=counting)
         state.load.valid_N[: args.rows] = True
     state.rows_N[: args.rows] = True  # every row in VAR mode: the whole decision runs
     gates = [torch.nn.Linear(args.hidden, e, bias=False) for _ in range(layers)]

@@ -102,33 +102,30 @@ def test_tap_records_the_experts_of_the_last_forward():
         assert torch.equal(tap.last_LTK[s], seen[m.layer].reshape(10, 2))
 
 
-@pytest.mark.parametrize("one_hot", [True, False], ids=["one-hot sum (CPU)", "scatter (GPU)"])
-def test_count_layer_matches_count_forward_and_tiers(one_hot):
+def test_count_forward_against_brute_force_with_tiers():
     g = torch.Generator().manual_seed(3)
     idx = torch.randint(0, 5, (2, 9, 2), generator=g)  # 4 experts + the empty slot 4
+    idx[..., 1] = torch.where(idx[..., 1] == idx[..., 0], (idx[..., 0] + 1) % 5, idx[..., 1])  # distinct per row
     ent = torch.rand(2, 9, generator=g)
     valid = torch.rand(9, generator=g) > 0.3
-    a, b = ExpertLoad(2, 4), ExpertLoad(2, 4, tiers=("fast", "learned"))
-    b.one_hot = one_hot  # both ways of counting a layer, whatever the device
-    a.count_forward(idx, ent, valid)
-    tier = torch.tensor([0, 1, -1, 0, 1, 1, 0, -1, 0])
+    tier = torch.tensor([[0, 1, -1, 0, 1, 1, 0, -1, 0], [1, 1, -1, 0, 0, 1, 0, -1, 1]])
+    load = ExpertLoad(2, 4, tiers=("fast", "learned"))
+    load.count_forward(idx, ent, valid, tier)
+    r = load.read()
+    want = np.zeros((2, 5), np.int64)  # the empty slot's column too (read() leaves it out)
+    want_tier = np.zeros((2, 2, 4), np.int64)
     for s in range(2):
-        b.count_layer(s, idx[s], ent[s], valid, tier)
-    ra, rb = a.read(), b.read()
-    # the empty slot's column too (read() leaves it out); padding rows only in count_forward's trash bin
-    torch.testing.assert_close(a.counts_X[: a.trash], b.counts_X[: b.trash])
-    np.testing.assert_array_equal(ra.counts_LE, rb.counts_LE)
-    np.testing.assert_allclose(ra.entropy_L, rb.entropy_L)
-    np.testing.assert_array_equal(ra.tokens_L, [int(valid.sum())] * 2)
-    for x in range(2):  # brute force per tier
-        want = np.zeros((2, 4), np.int64)
-        for s in range(2):
-            for t in range(9):
-                if valid[t] and tier[t] == x:
-                    for e in idx[s, t].tolist():
-                        if e < 4:
-                            want[s, e] += 1
-        np.testing.assert_array_equal(rb.tier_counts_XLE[x], want)
+        for t in range(9):
+            if valid[t]:
+                for e in idx[s, t].tolist():
+                    want[s, e] += 1
+                    if e < 4 and tier[s, t] >= 0:
+                        want_tier[tier[s, t], s, e] += 1
+    np.testing.assert_array_equal(load.counts_X[: load.trash].view(2, 5).numpy(), want)
+    np.testing.assert_array_equal(r.counts_LE, want[:, :4])
+    np.testing.assert_allclose(r.entropy_L, (ent * valid).sum(1).double().numpy())
+    np.testing.assert_array_equal(r.tokens_L, [int(valid.sum())] * 2)
+    np.testing.assert_array_equal(r.tier_counts_XLE, want_tier)
 
 
 def test_window_statistics_and_sliding():

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from var_moe.errors import InvalidInputError
-from var_moe.vllm.routing import COUNTERS, LayerVar, VarState, _same_set
+from var_moe.vllm.routing import LayerVar, VarState, _same_set
 from var_moe.vllm.rows import MODE_KEY, RowWriter, pair_entries, request_modes, step_tokens, token_rows
 
 
@@ -32,8 +32,7 @@ def make_layer(vocab: int = 50, k: int = 2, e: int = 8, seed: int = 0) -> LayerV
     weights = torch.rand(vocab, k, generator=g)
     weights = weights / weights.sum(1, keepdim=True)
     member = torch.rand(vocab, generator=g) < 0.4
-    return LayerVar(0, torch.nn.Linear(4, e), experts, weights, member, torch.zeros(len(COUNTERS), dtype=torch.long),
-                    True, e, 1.0)
+    return LayerVar(0, torch.nn.Linear(4, e), experts, weights, member, True, e, 1.0)
 
 
 def learned(t: int, k: int = 2, e: int = 8, seed: int = 1):
@@ -43,24 +42,27 @@ def learned(t: int, k: int = 2, e: int = 8, seed: int = 1):
     return (w / w.sum(1, keepdim=True)).float(), idx.int()
 
 
-def test_same_set_matches_sorted_comparison():
+@pytest.mark.parametrize("e,k", [(8, 2), (128, 8)])
+def test_same_set_matches_sorted_comparison(e, k):
     g = torch.Generator().manual_seed(3)
-    a = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(200)])
-    b = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(200)])
+    a = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(200)])
+    b = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(200)])
     b[::3] = a[::3].flip(1)  # same sets in another order
+    for r in range(1, 200, 3):  # all but one id shared (ids within a row stay distinct)
+        b[r] = a[r]
+        b[r, 0] = next(x for x in range(e) if x not in a[r].tolist())
     expect = (a.sort(1).values == b.sort(1).values).all(1)
-    assert torch.equal(_same_set(a, b, 8), expect)
-    assert torch.equal(_same_set(a, b, 128), expect)  # the sorted path for many experts
+    assert torch.equal(_same_set(a, b), expect) and torch.equal(_same_set(b, a), expect)
     assert bool(expect.any()) and not bool(expect.all())
 
 
 def test_baseline_rows_give_learned_back_and_var_rows_take_table_rows():
-    lv, state = make_layer(), VarState(torch.device("cpu"), max_tokens=100)
+    lv, state = make_layer(), VarState(torch.device("cpu"), max_tokens=100, num_layers=1)
     ids = torch.randint(0, 50, (64,), generator=torch.Generator().manual_seed(2))
     w, idx = learned(64)
     out_w, out_idx = lv.route(state, ids, w, idx)
     assert torch.equal(out_w, w) and torch.equal(out_idx, idx)  # every row baseline: bit for bit
-    assert lv.counts.tolist() == [0, 0, 0, 0]  # baseline rows are not VAR traffic
+    assert state.counts_SC.tolist() == [[0, 0, 0, 0]]  # baseline rows are not VAR traffic
     rows = torch.arange(64) % 3 != 0  # a mixed batch: every third row baseline
     state.rows_N[:64] = rows
     out_w, out_idx = lv.route(state, ids, w, idx)
@@ -69,7 +71,7 @@ def test_baseline_rows_give_learned_back_and_var_rows_take_table_rows():
     assert torch.equal(out_w[use], lv.weights_VK[ids][use])
     assert torch.equal(out_idx[~use], idx[~use]) and torch.equal(out_w[~use], w[~use])
     same = (lv.experts_VK[ids].sort(1).values == idx.long().sort(1).values).all(1)
-    fast, learned_n, agree, disagree = lv.counts.tolist()
+    fast, learned_n, agree, disagree = state.counts_SC[0].tolist()
     assert fast == int(use.sum()) and learned_n == int(rows.sum()) - fast
     assert agree == int((use & same).sum()) and disagree == fast - agree
 
@@ -207,8 +209,7 @@ def pair_state(capacity: int, renormalize=(True, False)) -> VarState:
     state = VarState(torch.device("cpu"), max_tokens=64, pair_capacity=capacity, top_k=K, num_layers=2)
     for l in (0, 1):
         state.layers[l] = LayerVar(l, torch.nn.Linear(4, E), torch.zeros(V, K, dtype=torch.long), torch.zeros(V, K),
-                                   torch.zeros(V, dtype=torch.bool), torch.zeros(len(COUNTERS), dtype=torch.long),
-                                   renormalize[l], E, 1.0 if renormalize[l] else None, slot=l)
+                                   torch.zeros(V, dtype=torch.bool), renormalize[l], E, 1.0 if renormalize[l] else None, slot=l)
     state.identity = {"model_type": "mixtral", "vocab_size": V, "num_experts": E, "top_k": K,
                       "router_fingerprint": "f", "layers": [0, 1]}
     return state
@@ -230,9 +231,9 @@ def test_pair_entries_serve_exactly_the_rows_a_plain_lookup_says(tmp_path):
     modes = [True] * 9 + [False, True, True]  # one baseline row
     RowWriter(state).write(np.array(modes), pair_entries(state, np.array(modes), np.array(prev), np.array(ids)))
     w, idx = learned(t)
+    outs = {l: lv.route(state, torch.tensor(ids), w, idx) for l, lv in state.layers.items()}  # one forward
     for l, lv in state.layers.items():
-        lv.counts.zero_()
-        out_w, out_idx = lv.route(state, torch.tensor(ids), w, idx)
+        out_w, out_idx = outs[l]
         fast_n = agree_n = 0
         for r in range(t):
             key = (prev[r], ids[r])
@@ -252,9 +253,9 @@ def test_pair_entries_serve_exactly_the_rows_a_plain_lookup_says(tmp_path):
             assert out_idx[r].tolist() == want_idx, (l, r)
             torch.testing.assert_close(out_w[r], want_w.float())
         assert fast_n > 0
-        assert lv.counts.tolist() == [fast_n, sum(modes) - fast_n, agree_n, fast_n - agree_n]
+        assert state.counts_SC[lv.slot].tolist() == [fast_n, sum(modes) - fast_n, agree_n, fast_n - agree_n]
     # layer 1 has no token entries: its pair rows are (5, 7) twice in VAR mode (a third is baseline), (3, 8)
-    assert state.layers[1].counts[0] == 3
+    assert state.counts_SC[1, 0] == 3
     # the device refuses an entry whose token is not the row's (a host that did not know the token)
     other = list(ids)
     other[0] = 9  # row 0 was (5, 7), a pair row in both layers
@@ -310,10 +311,10 @@ def test_server_request_counts_equal_the_routers_counts(tmp_path):
         prev, tok = step_tokens(token_ids, np.array([cached]), np.array([n]))
         RowWriter(state).write(rows, pair_entries(state, rows, prev, tok))
         w, idx = learned(n)
+        state.counts_SC.zero_()
         for lv in state.layers.values():
-            lv.counts.zero_()
             lv.route(state, torch.tensor(seq[cached:]), w, idx)
-        fast = sum(int(lv.counts[0]) for lv in state.layers.values())
+        fast = int(state.counts_SC[:, 0].sum())
         got = tier_counts(served, seq[cached:], seq[cached - 1] if cached else -1)
         assert got["fast"] == fast and got["fast"] + got["learned"] == n * len(layers)
         assert fast > int(member_LV[:, torch.tensor(seq[cached:])].sum())  # pair rows are among them

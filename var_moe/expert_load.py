@@ -10,7 +10,7 @@ compiled graph or a CUDA graph that captured them keeps updating the same memory
 - optionally per tier (`tiers`, e.g. ("fast", "learned") on a VAR engine): `tier_counts_X`, laid
   out tier-major like `counts_X`.
 `count_forward` adds a whole forward at once (all layers stacked: a dozen tensor ops whatever the
-layer count); `count_layer` adds one layer (inside a compiled router). Neither reads anything back:
+layer count), eagerly or inside a compiled graph (vLLM's, once per step). It reads nothing back:
 `read()` is the one device-to-host copy, done at scrape time.
 
 `LoadWindow` turns cumulative readings into window statistics: it keeps the readings taken at
@@ -74,20 +74,6 @@ class ExpertLoad:
         self.offset_L11 = (torch.arange(self.num_layers, device=device) * self.width)[:, None, None]
         self.tier_counts_X = (torch.zeros(len(self.tiers) * self.trash + 1, dtype=torch.long, device=device)
                               if self.tiers else None)
-        self._ones = torch.ones(0, dtype=torch.long, device=device)
-        # count_layer on the CPU: a one-hot sum instead of index_add_. Inductor has no int64 atomic
-        # add, so each index_add_ stays an eager aten call from its Python wrapper (about 5-10 us
-        # apiece on the CPU); the one-hot sum fuses into the layer's kernels, at rows x k x (E + 1)
-        # comparisons per tier (a 2,048-token prefill at 64 experts top-8: 1M, nothing beside its
-        # matmuls). On GPUs the scatter stays: O(rows x k), and CUDA graphs replay it without Python.
-        self.one_hot = device.type == "cpu"
-        self.bins_W = torch.arange(self.width, device=device)
-        self.tiers_X = torch.arange(len(self.tiers), device=device)
-
-    def _ones_n(self, n: int) -> torch.Tensor:
-        if self._ones.numel() < n:  # grows to the largest forward once, then slices (no allocation)
-            self._ones = torch.ones(max(n, 2 * self._ones.numel()), dtype=torch.long, device=self._ones.device)
-        return self._ones[:n]
 
     @staticmethod
     def entropy(probs_TE: torch.Tensor) -> torch.Tensor:
@@ -104,53 +90,24 @@ class ExpertLoad:
     @torch.no_grad()
     def count_forward(self, idx_LTK: torch.Tensor, entropy_LT: torch.Tensor | None = None,
                       valid_T: torch.Tensor | None = None, tier_LT: torch.Tensor | None = None) -> None:
-        """Add one forward of every layer: `idx_LTK` the experts each row was sent to (index E = the
-        empty slot), `entropy_LT` each row's routing entropy, `valid_T` False for padding rows,
-        `tier_LT` each row's tier per layer, an index into `tiers` (-1: in none, e.g. a baseline row)."""
-        bins = idx_LTK.long() + self.offset_L11[: idx_LTK.shape[0]]
-        if valid_T is not None:
-            bins = torch.where(valid_T[None, :, None], bins, self.trash)
-        ones = self._ones_n(bins.numel())
-        self.counts_X.index_add_(0, bins.reshape(-1), ones)
-        if tier_LT is not None:
-            self._add_tiers(bins, tier_LT, ones)
+        """Add one forward of every layer (in place; traceable: no data-dependent branches): `idx_LTK`
+        the experts each row was sent to (index E = the empty slot), `entropy_LT` each row's routing
+        entropy, `valid_T` False for padding rows, `tier_LT` each row's tier per layer, an index into
+        `tiers` (-1: in none, e.g. a baseline row)."""
         if valid_T is None:
             self.tokens_L += idx_LTK.shape[1]
         else:
             self.tokens_L += valid_T.sum()
         if entropy_LT is not None:
-            h_LT = entropy_LT if valid_T is None else entropy_LT * valid_T
+            h_LT = entropy_LT.double() if valid_T is None else entropy_LT.double() * valid_T
             self.entropy_L += h_LT.sum(-1)
-
-    @torch.no_grad()
-    def count_layer(self, slot: int, idx_TK: torch.Tensor, entropy_T: torch.Tensor | None = None,
-                    valid_T: torch.Tensor | None = None, tier_T: torch.Tensor | None = None) -> None:
-        """Add one layer's forward (in place; traceable: no data-dependent branches). `tier_T`: each
-        row's tier index into `tiers`, -1 for rows outside every tier (e.g. baseline rows)."""
-        tokens = valid_T.sum() if valid_T is not None else torch.full((), idx_TK.shape[0], device=idx_TK.device)
-        self.tokens_L[slot] += tokens
-        if entropy_T is not None:
-            h_T = entropy_T.double() if valid_T is None else entropy_T.double() * valid_T
-            self.entropy_L[slot] += h_T.sum()
-        if self.one_hot:  # (layer, expert) views are taken here, not kept: a kept view would be a second
-            # graph input aliasing the counter it mutates
-            hit_TKW = idx_TK.long()[..., None] == self.bins_W
-            if valid_T is not None:
-                hit_TKW = hit_TKW & valid_T[:, None, None]
-            self.counts_X[: self.trash].view(self.num_layers, self.width)[slot] += hit_TKW.sum((0, 1))
-            if tier_T is not None and self.tier_counts_X is not None:
-                in_TX = tier_T.long()[:, None] == self.tiers_X  # a row outside every tier (-1) is in none
-                add_XW = (in_TX[:, None, :, None] & hit_TKW[:, :, None, :]).sum((0, 1))
-                self.tier_counts_X[:-1].view(len(self.tiers), self.num_layers, self.width)[:, slot] += add_XW
-            return
-        bins = idx_TK.long() + slot * self.width
+        bins = idx_LTK.long() + self.offset_L11[: idx_LTK.shape[0]]
         if valid_T is not None:
-            bins = torch.where(valid_T[:, None], bins, self.trash)
-        flat = bins.reshape(-1)
-        ones = torch.ones_like(flat)
-        self.counts_X.index_add_(0, flat, ones)
-        if tier_T is not None:
-            self._add_tiers(bins, tier_T, ones)
+            bins = torch.where(valid_T[None, :, None], bins, self.trash)
+        ones = torch.ones_like(bins.reshape(-1))  # (not a kept buffer: a compiled graph has no branch to grow it)
+        self.counts_X.index_add_(0, bins.reshape(-1), ones)
+        if tier_LT is not None:
+            self._add_tiers(bins, tier_LT, ones)
 
     def _add_tiers(self, bins: torch.Tensor, tier: torch.Tensor, ones: torch.Tensor) -> None:
         """Add `bins` (rows x k counter bins, padding rows in the trash bin) per tier: `tier` holds

@@ -3,15 +3,16 @@ place, and the worker-side bookkeeping that hands each request its experts.
 
 `install_load(state, ...)` runs at model construction, right after `install_var` (models.py),
 before vLLM compiles the model, and puts a `VllmLoad` on the shared `VarState` (`state.load`). Each
-MoE router (routing.py, `LayerVar.route`) then calls `VllmLoad.count(...)` with the experts it
-returns, the router's logits, its table rows and its VAR rows; that adds, in place:
-- the expert-load counters (var_moe/expert_load.py `ExpertLoad.count_layer`: routed slots per
-  (layer, expert), summed routing entropy, valid tokens; per tier: fast = table rows of VAR-mode
-  requests, learned = their other rows; baseline rows count in the totals only);
-- the step's experts per row and layer into `routed_NSK` (int16) and each row's tier into `tier_NS`
-  (0 fast, 1 learned, -1 baseline), overwritten every step. Written with `index_put_` at (row, slot):
-  inductor compiles a slice assignment `[:t, slot] = ...` into a rewrite of the whole buffer per
-  layer (CPU; thousands of rows every step), an indexed write into a scatter of the t rows.
+MoE router (routing.py, `LayerVar.route`) calls `VllmLoad.write(...)` with the experts it returns
+and the router's logits: the step's experts per row and layer go into `routed_NSK` (int16) and each
+row's routing entropy into `entropy_NS`, overwritten every step, beside the row codes the router
+writes into `VarState.code_NS` (a row's tier: fast, learned, or -1 for a baseline row). After the
+last MoE layer, `count_step` adds every layer's rows to the expert-load counters at once
+(var_moe/expert_load.py `ExpertLoad.count_forward`: routed slots per (layer, expert), summed routing
+entropy, valid tokens; per tier: fast = table rows of VAR-mode requests, learned = their other
+rows; baseline rows count in the totals only). Rows are written with `index_put_` at (row, slot):
+inductor compiles a slice assignment `[:t, slot] = ...` into a rewrite of the whole buffer per
+layer (CPU; thousands of rows every step), an indexed write into a scatter of the t rows.
 Padding rows (CUDA-graph padding on GPUs) are masked with `valid_N`, which `on_step` writes before
 each forward (called by the runner hook in rows.py): True for the step's real rows; all False
 until the hook runs, so vLLM's start-up forwards (dummy tokens) are not counted.
@@ -37,13 +38,19 @@ import torch
 
 from ..expert_load import ExpertLoad
 from ..var.served import TIERS
+from .routing import FAST_OTHER, FAST_SAME, LEARNED
+
+# a row's tier from its code (routing.py): FAST_SAME and LEARNED are already the indices of "fast"
+# and "learned" in TIERS, FAST_OTHER becomes "fast", -1 (a baseline row) stays in none
+assert (FAST_SAME, LEARNED) == (TIERS.index("fast"), TIERS.index("learned"))
 
 ROUTED_KEY = "varmoe_routed"  # SamplingParams.extra_args key: return this request's routed experts
 
 
 class VllmLoad:
-    def __init__(self, device: torch.device, max_tokens: int, num_layers: int, num_experts: int, top_k: int,
-                 counting: bool = True):
+    def __init__(self, code_NS: torch.Tensor, num_experts: int, top_k: int, counting: bool = True):
+        device = code_NS.device
+        max_tokens, num_layers = code_NS.shape
         self.counting = bool(counting)  # fixed when the model is built: not a branch on data
         self.counter = ExpertLoad(num_layers, num_experts, device, tiers=TIERS)
         self.num_experts, self.top_k, self.num_layers = num_experts, top_k, num_layers
@@ -51,9 +58,8 @@ class VllmLoad:
         self.valid_N = torch.zeros(max_tokens, dtype=torch.bool, device=device)
         self.valid_hi = 0  # rows of valid_N that may be True
         self.routed_NSK = torch.zeros(max_tokens, num_layers, top_k, dtype=torch.int16, device=device)
-        self.tier_NS = torch.zeros(max_tokens, num_layers, dtype=torch.int8, device=device)  # 0 fast, 1 learned, -1 baseline
-        self.row_N = torch.arange(max_tokens, device=device)
-        self.slot_S = torch.arange(num_layers, device=device)
+        self.entropy_NS = torch.zeros(max_tokens, num_layers, dtype=torch.float32, device=device) if counting else None
+        self.code_NS = code_NS  # the VarState's per-row codes (routing.py): each row's tier
         # host bookkeeping: the last step's rows of asking requests, and each request's rows so far
         self._pending: tuple[int, list[tuple[str, int, int, int]]] | None = None
         self._rows: dict[str, np.ndarray] = {}
@@ -61,17 +67,19 @@ class VllmLoad:
         self._lengths: dict[str, int] = {}
 
     # -- inside the compiled forward (tensor ops on fixed buffers only) --------------------------
-    def count(self, slot: int, ids_T: torch.Tensor, idx_TK: torch.Tensor, logits_TE: torch.Tensor | None,
-              use_T: torch.Tensor, rows_T: torch.Tensor) -> None:
-        t = ids_T.shape[0]
-        valid_T = self.valid_N[:t]
-        tier_T = torch.where(rows_T, torch.where(use_T, 0, 1), -1)
-        if self.counting:
-            entropy_T = None if logits_TE is None else ExpertLoad.entropy_of_logits(logits_TE.reshape(t, -1))
-            self.counter.count_layer(slot, idx_TK, entropy_T, valid_T, tier_T)
-        at = (self.row_N[:t], self.slot_S[slot])  # (row, layer slot) of each of the step's rows
+    def write(self, at: tuple[torch.Tensor, torch.Tensor], idx_TK: torch.Tensor, logits_TE: torch.Tensor | None) -> None:
+        """One layer: its experts per row, and its routing entropy, at (row, layer slot)."""
         self.routed_NSK.index_put_(at, idx_TK.to(torch.int16))
-        self.tier_NS.index_put_(at, tier_T.to(torch.int8))
+        if self.counting:  # fixed when the model is built: not a branch on data
+            t = idx_TK.shape[0]
+            h_T = torch.zeros(t, device=idx_TK.device) if logits_TE is None else ExpertLoad.entropy_of_logits(logits_TE.reshape(t, -1))
+            self.entropy_NS.index_put_(at, h_T)
+
+    def count_step(self, t: int, code_TS: torch.Tensor) -> None:
+        """After the last MoE layer: every layer's rows into the counters at once."""
+        if self.counting:
+            tier_TS = torch.where(code_TS == FAST_OTHER, FAST_SAME, code_TS)
+            self.counter.count_forward(self.routed_NSK[:t].transpose(0, 1), self.entropy_NS[:t].T, self.valid_N[:t], tier_TS.T)
 
     # -- worker host side --------------------------------------------------------------------------
     def on_step(self, runner: Any, n_req: int, tokens_R: np.ndarray) -> None:
@@ -103,7 +111,8 @@ class VllmLoad:
         n, asking = self._pending
         self._pending = None
         rows_NSK = self.routed_NSK[:n].cpu().numpy()
-        tier_NS = self.tier_NS[:n].cpu().numpy()
+        code_NS = self.code_NS[:n].cpu().numpy()
+        tier_NS = np.where(code_NS == FAST_OTHER, FAST_SAME, code_NS).astype(np.int8)
         for key, start, count, pos in asking:
             need = pos + count
             buf = _grown(self._rows, key, need, (self.num_layers, self.top_k), np.int16)
@@ -145,11 +154,10 @@ def _grown(store: dict[str, np.ndarray], key: str, need: int, shape: tuple[int, 
     return buf
 
 
-def install_load(state: Any, max_tokens: int, num_experts: int, top_k: int, counting: bool = True) -> VllmLoad:
+def install_load(state: Any, num_experts: int, top_k: int, counting: bool = True) -> VllmLoad:
     """Give an installed `VarState` its expert-load buffers (at model construction, before compiling);
     `counting` False keeps only the routed-experts rows."""
-    device = state.rows_N.device
-    state.load = VllmLoad(device, max_tokens, len(state.layers), int(num_experts), int(top_k), counting)
+    state.load = VllmLoad(state.code_NS, int(num_experts), int(top_k), counting)
     return state.load
 
 

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 
 class VarWorkerExtension:
     def _varmoe_state(self):
@@ -60,13 +58,11 @@ class VarWorkerExtension:
     def varmoe_counts(self) -> dict[int, list[int]]:
         """Cumulative counters per MoE layer (one device-to-host copy for all layers)."""
         state = self._varmoe_state()
-        layers = sorted(state.layers)
-        rows = torch.stack([state.layers[l].counts for l in layers]).cpu().tolist()
-        return dict(zip(layers, rows))
+        rows = state.counts_SC.cpu().tolist()
+        return {l: rows[lv.slot] for l, lv in sorted(state.layers.items())}
 
     def varmoe_reset_counts(self) -> None:
-        for lv in self._varmoe_state().layers.values():
-            lv.counts.zero_()
+        self._varmoe_state().counts_SC.zero_()
 
     def varmoe_record(self, on: bool) -> None:
         """Keep every forward's per-row decisions (token, table row?, experts used, learned experts).

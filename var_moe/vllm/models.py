@@ -74,7 +74,7 @@ def var_class(arch: str) -> type:
 
         experts = next(iter(self._varmoe_state.layers.values())).num_experts
         counting = bool((extra.get("varmoe") or {}).get("expert_load", True)) if isinstance(extra, dict) else True
-        install_load(self._varmoe_state, max_tokens, experts, top_k, counting)  # expert load + routed experts
+        install_load(self._varmoe_state, experts, top_k, counting)  # expert load + routed experts
 
     def load_weights(self, weights: Any) -> Any:
         loaded = base.load_weights(self, weights)

@@ -17,10 +17,11 @@ before each forward by the runner hook in rows.py. On the device a layer gathers
 and keeps it only where its token equals the row's (a host that did not know the row's token
 serves no pair row rather than a wrong one). Pair buffers have a fixed capacity (`pair_capacity`,
 `engine_kwargs`; 0 builds no pair code into the graph). Everything on the device is tensor work on
-fixed buffers written in place, so it stays valid in compiled graphs and CUDA graphs. Counters
-(per layer, VAR-mode rows only: fast, learned, fast rows whose set equals the learned set, fast
-rows where it differs) are added on the device and read on request; the learned decision is
-computed anyway, so verification is a free audit of every fast row.
+fixed buffers written in place, so it stays valid in compiled graphs and CUDA graphs. Each layer
+writes a code per row (`VarState.code_NS`); the last MoE layer turns the step's codes into counters
+(`VarState.counts_SC`, per layer, VAR-mode rows only: fast, learned, fast rows whose set equals the
+learned set, fast rows where it differs), added on the device and read on request. The learned
+decision is computed anyway, so verification is a free audit of every fast row.
 
 Shapes: T tokens, K top-k, V vocabulary, E experts, X pair-buffer slots (capacity + 1), S layer
 slots. The decision is `var.served.decide`'s (tests/test_served_decision.py checks it).
@@ -38,8 +39,12 @@ import torch
 from torch import nn
 
 
-COUNTERS = ("fast", "learned", "audit_agree", "audit_disagree")  # one int64 vector per MoE layer
+COUNTERS = ("fast", "learned", "audit_agree", "audit_disagree")  # VarState.counts_SC's columns
 AGREE, DISAGREE = COUNTERS.index("audit_agree"), COUNTERS.index("audit_disagree")
+# what each (row, layer slot) of a step was, in VarState.code_NS: a VAR-mode row served from a table
+# whose experts equal the learned router's (FAST_SAME) or not (FAST_OTHER), a VAR-mode row the
+# learned router decided (LEARNED), a baseline-mode or padding row (-1)
+FAST_SAME, LEARNED, FAST_OTHER = 0, 1, 2
 _LAYER_RE = re.compile(r"layers\.(\d+)\.")
 
 
@@ -73,9 +78,29 @@ class VarState:
             self.pair_tok_X = torch.full((none + 1,), -1, dtype=torch.long, device=device)
             self.pair_idx_XK = torch.zeros(none + 1, top_k, dtype=torch.long, device=device)
             self.pair_w_XK = torch.zeros(none + 1, top_k, dtype=torch.float32, device=device)
+        # each row's code per layer slot, written by every layer, counted by the last one (`count_step`):
+        # one set of counting kernels per step, not per layer (in a compiled graph each costs its
+        # wrapper's Python per call)
+        self.num_layers = int(num_layers)
+        self.code_NS = torch.full((max_tokens, num_layers), -1, dtype=torch.int8, device=device)
+        self.counts_SC = torch.zeros(num_layers, len(COUNTERS), dtype=torch.long, device=device)
+        self.row_N = torch.arange(max_tokens, device=device)
+        self.slot_S = torch.arange(num_layers, device=device)
+        self.codes_3 = torch.arange(3, device=device)
+        self.load: Any = None  # expert load and routed experts (expert_load.py `install_load`)
         self.default_on = False  # the mode of requests that do not name one (varmoe_set_enabled)
         self.layers: dict[int, "LayerVar"] = {}
         self.identity: dict[str, Any] | None = None  # model type, vocabulary, experts, top-k, fingerprint
+
+    def count_step(self, t: int) -> None:
+        """After the last MoE layer: add the step's codes of every layer to the counters (VAR-mode
+        rows only), and the expert load where installed."""
+        code_TS = self.code_NS[:t].long()
+        hit_SC = (code_TS[..., None] == self.codes_3).sum(0)  # FAST_SAME, LEARNED, FAST_OTHER per slot
+        same, learned, other = hit_SC.unbind(1)
+        self.counts_SC += torch.stack([same + other, learned, same, other], 1)
+        if self.load is not None:
+            self.load.count_step(t, code_TS)
 
 
 @dataclass
@@ -87,7 +112,6 @@ class LayerVar:
     experts_VK: torch.Tensor  # int64
     weights_VK: torch.Tensor  # float32, already scaled the way the router scales its weights
     member_V: torch.Tensor  # bool
-    counts: torch.Tensor  # int64 [len(COUNTERS)]
     renormalize: bool  # vLLM's router renormalises its top-k weights (they sum to `router_scale`)
     num_experts: int
     weight_scale: float | None  # the family's, from its adapter (`MoEAdapter.weight_scale`)
@@ -120,13 +144,14 @@ class LayerVar:
             tab_w_TK = torch.where(pair_T[:, None], state.pair_w_XK[e_T].to(w_TK.dtype), tab_w_TK)
         out_idx_TK = torch.where(use_T[:, None], tab_idx_TK, idx_TK)
         out_w_TK = torch.where(use_T[:, None], tab_w_TK, w_TK)
-        same_T = _same_set(tab_idx_TK, idx_TK, self.num_experts)
-        fast = use_T.sum()
-        agree = (use_T & same_T).sum()
-        self.counts.add_(torch.stack([fast, rows_T.sum() - fast, agree, fast - agree]))
-        load = getattr(state, "load", None)
-        if load is not None:  # expert load and routed experts (expert_load.py): in place, on the device
-            load.count(self.slot, ids_T, out_idx_TK, router_logits, use_T, rows_T)
+        same_T = _same_set(tab_idx_TK, idx_TK)
+        code_T = torch.where(rows_T, torch.where(use_T, torch.where(same_T, FAST_SAME, FAST_OTHER), LEARNED), -1)
+        at = (state.row_N[: ids_T.shape[0]], state.slot_S[self.slot])  # (row, layer slot) of the step's rows
+        state.code_NS.index_put_(at, code_T.to(torch.int8))
+        if state.load is not None:  # routed experts and expert load (expert_load.py): in place, on the device
+            state.load.write(at, out_idx_TK, router_logits)
+        if self.slot == state.num_layers - 1:  # fixed when the model is built: not a branch on data
+            state.count_step(ids_T.shape[0])
         if self.record is not None:
             rec = {"ids": ids_T.tolist(), "fast": use_T.tolist(), "experts": out_idx_TK.tolist(),
                    "learned": idx_TK.tolist(), "weights": out_w_TK.float().tolist(), "learned_w": w_TK.float().tolist()}
@@ -137,13 +162,11 @@ class LayerVar:
         return out_w_TK.contiguous(), out_idx_TK.contiguous()
 
 
-def _same_set(a_TK: torch.Tensor, b_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Rows whose two top-k sets are equal. Up to 63 experts: one bit per expert, summed (pointwise
-    work that the compiler fuses; top-k ids within a row are distinct); more: sorted comparison."""
-    if num_experts <= 63:
-        one = torch.ones((), dtype=torch.long, device=a_TK.device)
-        return (one << a_TK.long()).sum(1) == (one << b_TK.long()).sum(1)
-    return (a_TK.sort(dim=1).values == b_TK.sort(dim=1).values).all(dim=1)
+def _same_set(a_TK: torch.Tensor, b_TK: torch.Tensor) -> torch.Tensor:
+    """Rows whose two top-k sets are equal: every id of one is among the other's (top-k ids within a
+    row are distinct). K x K comparisons, pointwise work the compiler fuses into the layer's kernel;
+    a sort would be an extern call per operand and layer."""
+    return (a_TK[:, :, None] == b_TK[:, None, :]).any(2).all(1)
 
 
 # The three overrides below become methods of a one-level subclass of each patched object's class
@@ -247,8 +270,7 @@ def install_var(model: nn.Module, vocab_size: int, top_k: int, max_tokens: int, 
         lv = LayerVar(b.layer, b.gate,
                       torch.zeros(vocab_size, top_k, dtype=torch.long, device=device),
                       torch.zeros(vocab_size, top_k, dtype=torch.float32, device=device),
-                      torch.zeros(vocab_size, dtype=torch.bool, device=device),
-                      torch.zeros(len(COUNTERS), dtype=torch.long, device=device), renorm,
+                      torch.zeros(vocab_size, dtype=torch.bool, device=device), renorm,
                       int(b.gate.weight.shape[0]), weight_scale, slot,
                       float(getattr(b.router, "routed_scaling_factor", 1.0) or 1.0),
                       float(getattr(b.runner, "routed_scaling_factor", 1.0) or 1.0))

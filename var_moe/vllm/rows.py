@@ -191,9 +191,8 @@ def _runner_prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, 
             prev_T, tok_T = step_tokens(batch.token_ids_cpu[:n_req], batch.num_computed_tokens_cpu[:n_req], tokens_R)
             sel_TS = pair_entries(state, rows_T, prev_T, tok_T)
     self._varmoe_rows.write(rows_T, sel_TS, prev_T)
-    load = getattr(state, "load", None)
-    if load is not None:  # expert load's real rows and routed-experts bookkeeping (expert_load.py)
-        load.on_step(self, n_req, tokens_R)
+    if state.load is not None:  # expert load's real rows and routed-experts bookkeeping (expert_load.py)
+        state.load.on_step(self, n_req, tokens_R)
     return out
 
 
