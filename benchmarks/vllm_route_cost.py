@@ -54,12 +54,13 @@ VARIANTS = {"plain": (False, None, 0), "route": (True, None, 0), "route+routed":
 def build(args, var: bool, counting: bool | None, pairs: bool):
     g = torch.Generator().manual_seed(0)
     v, e, k, layers = args.vocab, args.experts, args.top_k, args.layers
-    state = VarState(torch.device("cpu"), args.max_tokens, args.pair_capacity if pairs else 0, k, layers)
+    state = VarState(torch.device("cpu"), args.max_tokens, args.pair_capacity if pairs else 0, k, layers, v)
     lvs = []
     for s in range(layers):
-        experts = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(v)])
-        lv = LayerVar(s, torch.nn.Linear(args.hidden, e), experts, torch.rand(v, k, generator=g),
-                      torch.rand(v, generator=g) < 0.3, renormalize=True, num_experts=e, weight_scale=1.0, slot=s)
+        state.experts_SVK[s] = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(v)])
+        state.weights_SVK[s] = torch.rand(v, k, generator=g)
+        state.member_SV[s] = torch.rand(v, generator=g) < 0.3
+        lv = LayerVar(s, torch.nn.Linear(args.hidden, e), renormalize=True, num_experts=e, weight_scale=1.0, slot=s)
         state.layers[s] = lv
         lvs.append(lv)
     if counting is not None:

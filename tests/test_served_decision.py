@@ -124,10 +124,9 @@ def builtin_one_row(tables, prev, ids, valid, demoted):
 def vllm_state(tables):
     from var_moe.vllm.routing import LayerVar, VarState
 
-    state = VarState(torch.device("cpu"), max_tokens=T, pair_capacity=400, top_k=K, num_layers=len(LAYERS))
+    state = VarState(torch.device("cpu"), max_tokens=T, pair_capacity=400, top_k=K, num_layers=len(LAYERS), vocab_size=V)
     for slot, l in enumerate(LAYERS):
-        state.layers[l] = LayerVar(l, torch.nn.Linear(4, E), torch.zeros(V, K, dtype=torch.long), torch.zeros(V, K),
-                                   torch.zeros(V, dtype=torch.bool), SCALES[l] is not None, E, 1.0 if SCALES[l] is not None else None, slot=slot)
+        state.layers[l] = LayerVar(l, torch.nn.Linear(4, E), SCALES[l] is not None, E, 1.0 if SCALES[l] is not None else None, slot=slot)
     state.identity = {"model_type": "mixtral", "vocab_size": V, "num_experts": E, "top_k": K,
                       "router_fingerprint": "f", "layers": LAYERS}
     from var_moe.vllm.tables import fill_tables

@@ -26,13 +26,15 @@ from var_moe.vllm.routing import LayerVar, VarState, _same_set
 from var_moe.vllm.rows import MODE_KEY, RowWriter, pair_entries, request_modes, step_tokens, token_rows
 
 
-def make_layer(vocab: int = 50, k: int = 2, e: int = 8, seed: int = 0) -> LayerVar:
+def make_layer(vocab: int = 50, k: int = 2, e: int = 8, seed: int = 0) -> tuple[LayerVar, VarState]:
+    """One MoE layer (slot 0) and its state, with a random token table."""
     g = torch.Generator().manual_seed(seed)
-    experts = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(vocab)])
+    state = VarState(torch.device("cpu"), max_tokens=100, top_k=k, num_layers=1, vocab_size=vocab)
+    state.experts_SVK[0] = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(vocab)])
     weights = torch.rand(vocab, k, generator=g)
-    weights = weights / weights.sum(1, keepdim=True)
-    member = torch.rand(vocab, generator=g) < 0.4
-    return LayerVar(0, torch.nn.Linear(4, e), experts, weights, member, True, e, 1.0)
+    state.weights_SVK[0] = weights / weights.sum(1, keepdim=True)
+    state.member_SV[0] = torch.rand(vocab, generator=g) < 0.4
+    return LayerVar(0, torch.nn.Linear(4, e), True, e, 1.0), state
 
 
 def learned(t: int, k: int = 2, e: int = 8, seed: int = 1):
@@ -57,7 +59,7 @@ def test_same_set_matches_sorted_comparison(e, k):
 
 
 def test_baseline_rows_give_learned_back_and_var_rows_take_table_rows():
-    lv, state = make_layer(), VarState(torch.device("cpu"), max_tokens=100, num_layers=1)
+    lv, state = make_layer()
     ids = torch.randint(0, 50, (64,), generator=torch.Generator().manual_seed(2))
     w, idx = learned(64)
     out_w, out_idx = lv.route(state, ids, w, idx)
@@ -66,11 +68,11 @@ def test_baseline_rows_give_learned_back_and_var_rows_take_table_rows():
     rows = torch.arange(64) % 3 != 0  # a mixed batch: every third row baseline
     state.rows_N[:64] = rows
     out_w, out_idx = lv.route(state, ids, w, idx)
-    use = lv.member_V[ids] & rows
-    assert torch.equal(out_idx[use], lv.experts_VK[ids][use].int())
-    assert torch.equal(out_w[use], lv.weights_VK[ids][use])
+    use = state.member_SV[0][ids] & rows
+    assert torch.equal(out_idx[use], state.experts_SVK[0][ids][use].int())
+    assert torch.equal(out_w[use], state.weights_SVK[0][ids][use])
     assert torch.equal(out_idx[~use], idx[~use]) and torch.equal(out_w[~use], w[~use])
-    same = (lv.experts_VK[ids].sort(1).values == idx.long().sort(1).values).all(1)
+    same = (state.experts_SVK[0][ids].sort(1).values == idx.long().sort(1).values).all(1)
     fast, learned_n, agree, disagree = state.counts_SC[0].tolist()
     assert fast == int(use.sum()) and learned_n == int(rows.sum()) - fast
     assert agree == int((use & same).sum()) and disagree == fast - agree
@@ -206,10 +208,9 @@ def pair_tables(pairs=PAIRS, vocab=V):
 
 
 def pair_state(capacity: int, renormalize=(True, False)) -> VarState:
-    state = VarState(torch.device("cpu"), max_tokens=64, pair_capacity=capacity, top_k=K, num_layers=2)
+    state = VarState(torch.device("cpu"), max_tokens=64, pair_capacity=capacity, top_k=K, num_layers=2, vocab_size=V)
     for l in (0, 1):
-        state.layers[l] = LayerVar(l, torch.nn.Linear(4, E), torch.zeros(V, K, dtype=torch.long), torch.zeros(V, K),
-                                   torch.zeros(V, dtype=torch.bool), renormalize[l], E, 1.0 if renormalize[l] else None, slot=l)
+        state.layers[l] = LayerVar(l, torch.nn.Linear(4, E), renormalize[l], E, 1.0 if renormalize[l] else None, slot=l)
     state.identity = {"model_type": "mixtral", "vocab_size": V, "num_experts": E, "top_k": K,
                       "router_fingerprint": "f", "layers": [0, 1]}
     return state
@@ -271,7 +272,7 @@ def test_tables_over_the_pair_capacity_are_refused_before_anything_is_written(tm
     state = pair_state(capacity=6)
     with pytest.raises(InvalidInputError, match=r"hold 7 \(previous, token\) entries.*room for 6"):
         load_tables(state, path)
-    assert not any(bool(lv.member_V.any()) for lv in state.layers.values())  # nothing written
+    assert not bool(state.member_SV.any())  # nothing written
     assert state.pair_entries == 0 and bool((state.pair_tok_X == -1).all())
     with pytest.raises(InvalidInputError, match="room for 0"):  # an engine built without a pair tier
         load_tables(pair_state(capacity=0), path)

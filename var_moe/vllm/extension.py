@@ -92,7 +92,8 @@ class VarWorkerExtension:
 
         state = self._varmoe_state()
         ident = loaded_identity(state)
-        ident["table_sizes"] = {l: int(lv.member_V.sum()) for l, lv in sorted(state.layers.items())}
+        sizes = state.member_SV.sum(1).tolist()
+        ident["table_sizes"] = {l: int(sizes[lv.slot]) for l, lv in sorted(state.layers.items())}
         ident["pair_capacity"] = state.pair_capacity
         ident["pair_entries"] = state.pair_entries
         ident["enabled"] = state.default_on

@@ -11,6 +11,8 @@ and the weight loader's tree unchanged):
   token has an entry in this layer (else whose (previous, token) pair has one), takes the entry's
   experts and weights (`where`). Baseline rows and empty tables keep every learned value.
 
+Every layer's token table sits in the shared `VarState`, stacked by layer slot (`experts_SVK`,
+`weights_SVK`, `member_SV`), so the compiled graph takes three table inputs whatever the depth.
 VAR-mode rows are a per-token bool buffer (`VarState.rows_N`) and pair entries a per-step index
 buffer (`VarState.pair_sel_NS`: rows x layer slots, the empty slot X where none), both written
 before each forward by the runner hook in rows.py. On the device a layer gathers the pair entry
@@ -53,7 +55,7 @@ class VarState:
     the pair tier (device buffers of fixed capacity plus their host mirror)."""
 
     def __init__(self, device: torch.device, max_tokens: int, pair_capacity: int = 0, top_k: int = 1,
-                 num_layers: int = 0):
+                 num_layers: int = 0, vocab_size: int = 0):
         self.ids: torch.Tensor | None = None  # set by the embedding during a forward
         # per-token VAR mode of the current step (rows.py writes it in place before each forward;
         # slots past the step's tokens, e.g. CUDA-graph padding, stay False)
@@ -78,6 +80,12 @@ class VarState:
             self.pair_tok_X = torch.full((none + 1,), -1, dtype=torch.long, device=device)
             self.pair_idx_XK = torch.zeros(none + 1, top_k, dtype=torch.long, device=device)
             self.pair_w_XK = torch.zeros(none + 1, top_k, dtype=torch.float32, device=device)
+        # every layer's token table, stacked by layer slot: three graph inputs, not three per layer
+        # (tables.py fills them in place): experts (int64), weights already scaled the way the
+        # router scales its weights (float32), and which tokens have an entry (bool)
+        self.experts_SVK = torch.zeros(num_layers, vocab_size, top_k, dtype=torch.long, device=device)
+        self.weights_SVK = torch.zeros(num_layers, vocab_size, top_k, dtype=torch.float32, device=device)
+        self.member_SV = torch.zeros(num_layers, vocab_size, dtype=torch.bool, device=device)
         # each row's code per layer slot, written by every layer, counted by the last one (`count_step`):
         # one set of counting kernels per step, not per layer (in a compiled graph each costs its
         # wrapper's Python per call)
@@ -105,13 +113,10 @@ class VarState:
 
 @dataclass
 class LayerVar:
-    """One MoE layer's table as device buffers (vocabulary-sized, fixed shapes) and its counters."""
+    """One MoE layer: its router, its slot in the shared state's buffers, and vLLM's scaling."""
 
     layer: int
     gate: nn.Module  # the learned router's linear (its weights are the fingerprint)
-    experts_VK: torch.Tensor  # int64
-    weights_VK: torch.Tensor  # float32, already scaled the way the router scales its weights
-    member_V: torch.Tensor  # bool
     renormalize: bool  # vLLM's router renormalises its top-k weights (they sum to `router_scale`)
     num_experts: int
     weight_scale: float | None  # the family's, from its adapter (`MoEAdapter.weight_scale`)
@@ -127,12 +132,12 @@ class LayerVar:
 
     def route(self, state: VarState, ids_T: torch.Tensor, w_TK: torch.Tensor, idx_TK: torch.Tensor,
               router_logits: torch.Tensor | None = None):
-        v = self.member_V.shape[0]
+        v = state.member_SV.shape[1]
         safe_T = ids_T.long().clamp(0, v - 1)
         rows_T = state.rows_N[: ids_T.shape[0]]
-        use_T = self.member_V[safe_T] & rows_T
-        tab_idx_TK = self.experts_VK[safe_T].to(idx_TK.dtype)
-        tab_w_TK = self.weights_VK[safe_T].to(w_TK.dtype)
+        use_T = state.member_SV[self.slot][safe_T] & rows_T
+        tab_idx_TK = state.experts_SVK[self.slot][safe_T].to(idx_TK.dtype)
+        tab_w_TK = state.weights_SVK[self.slot][safe_T].to(w_TK.dtype)
         pair_T = None
         if state.pair_sel_NS is not None:  # fixed when the model is built: not a branch on data
             # the host chose this row's entry (a VAR row whose token has no token entry); the device
@@ -261,17 +266,13 @@ def install_var(model: nn.Module, vocab_size: int, top_k: int, max_tokens: int, 
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no MoE blocks with a gate and a FusedMoE runner")
     device = blocks[0].gate.weight.device
-    state = VarState(device, max_tokens, pair_capacity, top_k, num_layers=len(blocks))
+    state = VarState(device, max_tokens, pair_capacity, top_k, num_layers=len(blocks), vocab_size=vocab_size)
     emb = find_embedding(model)
     object.__setattr__(emb, "_varmoe", state)  # a plain attribute, not a submodule
     _subclass(emb, "forward", _embedding_forward)
     for slot, b in enumerate(blocks):
         renorm = bool(getattr(b.router, "renormalize", True))
-        lv = LayerVar(b.layer, b.gate,
-                      torch.zeros(vocab_size, top_k, dtype=torch.long, device=device),
-                      torch.zeros(vocab_size, top_k, dtype=torch.float32, device=device),
-                      torch.zeros(vocab_size, dtype=torch.bool, device=device), renorm,
-                      int(b.gate.weight.shape[0]), weight_scale, slot,
+        lv = LayerVar(b.layer, b.gate, renorm, int(b.gate.weight.shape[0]), weight_scale, slot,
                       float(getattr(b.router, "routed_scaling_factor", 1.0) or 1.0),
                       float(getattr(b.runner, "routed_scaling_factor", 1.0) or 1.0))
         state.layers[b.layer] = lv

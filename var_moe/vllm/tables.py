@@ -37,7 +37,7 @@ def record_identity(state: VarState, hf_config: Any) -> None:
         "model_type": getattr(hf_config, "model_type", None),
         "vocab_size": int(hf_config.vocab_size),
         "num_experts": int(first.gate.weight.shape[0]),
-        "top_k": int(first.experts_VK.shape[1]),
+        "top_k": int(state.experts_SVK.shape[2]),
         # the stored checkpoint's routers when the gates vLLM loaded are they in its dtype (bf16 on
         # most CPUs and GPUs), so tables built on the float32 model are recognised (var_moe.identity)
         "router_fingerprint": routers_fingerprint({l: dict(state.layers[l].gate.state_dict()) for l in layers},
@@ -74,10 +74,9 @@ def fill_tables(state: VarState, tables: VARTables) -> None:
     """Write table entries into the buffers in place; layers without a table get an empty one. The
     pair entries are checked before anything is written."""
     served = served_tables(state, tables)
-    for lv in state.layers.values():
-        lv.experts_VK.copy_(served.idx_LVK[lv.slot])
-        lv.weights_VK.copy_(served.w_LVK[lv.slot])
-        lv.member_V.copy_(served.member_LV[lv.slot])
+    state.experts_SVK.copy_(served.idx_LVK)
+    state.weights_SVK.copy_(served.w_LVK)
+    state.member_SV.copy_(served.member_LV)
     if state.pair_sel_NS is not None:
         n, v = served.pair_keys_X.shape[0], served.vocab
         state.pair_tok_X.fill_(-1)
@@ -96,7 +95,7 @@ def served_tables(state: VarState, tables: VARTables) -> ServedTables:
     router sums its top-k weights to its own scaling factor, any other to no constant): vLLM would
     then route differently from the model the tables were certified on."""
     first = next(iter(state.layers.values()))
-    v, (e, k) = int(first.member_V.shape[0]), (first.num_experts, int(first.experts_VK.shape[1]))
+    v, (e, k) = int(state.member_SV.shape[1]), (first.num_experts, int(state.experts_SVK.shape[2]))
     by_slot = sorted(state.layers, key=lambda l: state.layers[l].slot)
     if [state.layers[l].slot for l in by_slot] != list(range(len(by_slot))):
         raise RuntimeError(f"the MoE layers' slots must be 0..{len(by_slot) - 1} (install_var numbers them)")
@@ -127,14 +126,13 @@ def served_tables(state: VarState, tables: VARTables) -> ServedTables:
                 "vLLM routes this model differently from the model the tables were built on")
     scales = {l: state.layers[l].weight_scale for l in by_slot}
     outs = {l: state.layers[l].output_scale for l in by_slot}
-    return ServedTables.build(tables.layers, tables.pair_tier, by_slot, scales, v, k, first.member_V.device,
+    return ServedTables.build(tables.layers, tables.pair_tier, by_slot, scales, v, k, state.member_SV.device,
                               output_scales=outs)
 
 
 @torch.no_grad()
 def clear_tables(state: VarState) -> None:
-    for lv in state.layers.values():
-        lv.member_V.zero_()
+    state.member_SV.zero_()
     if state.pair_sel_NS is not None:
         state.pair_tok_X.fill_(-1)
         index_pairs(state, np.zeros(0, dtype=np.int64), np.zeros((state.pair_vocab, state.pair_rows_US.shape[1]), dtype=bool))
