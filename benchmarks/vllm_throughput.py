@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                                                    "`make serve-vllm` runs; vLLM takes bfloat16 on CPUs with bf16)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
                    help="one more `varmoe serve --engine vllm` server with these extra flags, run in both modes as "
-                        "contenders vllm_engine_NAME_baseline / _var (e.g. noload=--no-expert-load-metrics); repeatable")
+                        "contenders vllm_engine_NAME_baseline / _var (e.g. noload=--no-expert-load-metrics; a server "
+                        "without VAR tables runs baseline mode only); repeatable")
     p.add_argument("--output", default="runs/vllm_throughput.json")
     p.add_argument("--log-dir", default="runs/vllm_throughput")
     args = p.parse_args(argv)
@@ -180,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
                                                     "--max-batch-size", "16", "--max-queue", "256", *flags],
                                   env=env, log_path=log_dir / f"varmoe_vllm_{vname}.log").wait_ready(900)
             procs.append(extra)
-            for mode, var in (("baseline", False), ("var", True)):
+            # a variant that serves no tables (e.g. --model of a folder without var/: vLLM's own model
+            # class behind our server) runs in baseline mode only
+            can_var = httpx.get(f"{extra.url}/readyz", timeout=10).json().get("var_available", True)
+            for mode, var in (("baseline", False), ("var", True))[: 2 if can_var else 1]:
                 contenders[f"vllm_engine_{vname}_{mode}"] = (extra.url, None, var)
                 server_pid[f"vllm_engine_{vname}_{mode}"] = extra.pid
         all_pids = sorted(set(server_pid.values()))
