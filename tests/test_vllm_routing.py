@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from var_moe.errors import InvalidInputError
-from var_moe.vllm.routing import LayerVar, VarState, _same_set
+from var_moe.vllm.routing import FAST_OTHER, FAST_SAME, LEARNED, LayerVar, VarState, _same_set, tier_of
 from var_moe.vllm.rows import MODE_KEY, RowWriter, pair_entries, request_modes, step_tokens, token_rows
 
 
@@ -56,6 +56,15 @@ def test_same_set_matches_sorted_comparison(e, k):
     expect = (a.sort(1).values == b.sort(1).values).all(1)
     assert torch.equal(_same_set(a, b), expect) and torch.equal(_same_set(b, a), expect)
     assert bool(expect.any()) and not bool(expect.all())
+
+
+def test_row_codes_map_to_tiers_in_torch_and_numpy():
+    from var_moe.var.served import TIERS
+
+    codes = [-1, FAST_SAME, LEARNED, FAST_OTHER]
+    want = [-1, TIERS.index("fast"), TIERS.index("learned"), TIERS.index("fast")]
+    assert tier_of(torch.tensor(codes)).tolist() == want
+    assert tier_of(np.array(codes, dtype=np.int64)).tolist() == want
 
 
 def test_baseline_rows_give_learned_back_and_var_rows_take_table_rows():

@@ -38,11 +38,9 @@ import torch
 
 from ..expert_load import ExpertLoad
 from ..var.served import TIERS
-from .routing import FAST_OTHER, FAST_SAME, LEARNED
+from .routing import FAST_SAME, LEARNED, tier_of
 
-# a row's tier from its code (routing.py): FAST_SAME and LEARNED are already the indices of "fast"
-# and "learned" in TIERS, FAST_OTHER becomes "fast", -1 (a baseline row) stays in none
-assert (FAST_SAME, LEARNED) == (TIERS.index("fast"), TIERS.index("learned"))
+assert (FAST_SAME, LEARNED) == (TIERS.index("fast"), TIERS.index("learned"))  # what tier_of relies on
 
 ROUTED_KEY = "varmoe_routed"  # SamplingParams.extra_args key: return this request's routed experts
 
@@ -78,8 +76,8 @@ class VllmLoad:
     def count_step(self, t: int, code_TS: torch.Tensor) -> None:
         """After the last MoE layer: every layer's rows into the counters at once."""
         if self.counting:
-            tier_TS = torch.where(code_TS == FAST_OTHER, FAST_SAME, code_TS)
-            self.counter.count_forward(self.routed_NSK[:t].transpose(0, 1), self.entropy_NS[:t].T, self.valid_N[:t], tier_TS.T)
+            self.counter.count_forward(self.routed_NSK[:t].transpose(0, 1), self.entropy_NS[:t].T, self.valid_N[:t],
+                                       tier_of(code_TS).T)
 
     # -- worker host side --------------------------------------------------------------------------
     def on_step(self, runner: Any, n_req: int, tokens_R: np.ndarray) -> None:
@@ -112,7 +110,7 @@ class VllmLoad:
         self._pending = None
         rows_NSK = self.routed_NSK[:n].cpu().numpy()
         code_NS = self.code_NS[:n].cpu().numpy()
-        tier_NS = np.where(code_NS == FAST_OTHER, FAST_SAME, code_NS).astype(np.int8)
+        tier_NS = tier_of(code_NS.astype(np.int64)).astype(np.int8)
         for key, start, count, pos in asking:
             need = pos + count
             buf = _grown(self._rows, key, need, (self.num_layers, self.top_k), np.int16)

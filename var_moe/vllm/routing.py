@@ -47,6 +47,13 @@ AGREE, DISAGREE = COUNTERS.index("audit_agree"), COUNTERS.index("audit_disagree"
 # whose experts equal the learned router's (FAST_SAME) or not (FAST_OTHER), a VAR-mode row the
 # learned router decided (LEARNED), a baseline-mode or padding row (-1)
 FAST_SAME, LEARNED, FAST_OTHER = 0, 1, 2
+
+
+def tier_of(code):
+    """A row's tier from its code (torch or numpy): FAST_SAME and LEARNED are already the indices of
+    "fast" and "learned" in `var.served.TIERS` (expert_load.py checks), FAST_OTHER becomes "fast",
+    -1 (a baseline row) stays in none."""
+    return code - (code == FAST_OTHER) * (FAST_OTHER - FAST_SAME)
 _LAYER_RE = re.compile(r"layers\.(\d+)\.")
 
 
