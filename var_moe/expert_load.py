@@ -3,12 +3,14 @@ sliding-window statistics that `/metrics` exports.
 
 `ExpertLoad` holds the counters as flat device buffers that are only ever added to in place (so a
 compiled graph or a CUDA graph that captured them keeps updating the same memory):
-- `counts_X`: routed slots per (layer slot, expert), flattened as slot * (E + 1) + expert; column E
-  takes the experts' empty slot (adaptive k) and a last bin takes padding rows, neither reported;
+- `counts_X`: routed slots per (group, layer slot, expert), flattened as
+  (group * S + slot) * (E + 1) + expert; column E takes the experts' empty slot (adaptive k) and a
+  last bin takes padding rows, neither reported. With `tiers` (e.g. ("fast", "learned") on a VAR
+  engine) group g < len(tiers) holds tier g's rows and a last group the rows in no tier (baseline
+  rows); without, one group. The per-layer totals are the sum over groups, taken at read time: one
+  scatter per forward counts both (a scatter is one eager call, even inside a compiled graph);
 - `entropy_L`: summed routing entropy (nats, of the router's probabilities over all E experts) of
-  the valid rows, float64; `tokens_L`: valid rows per layer;
-- optionally per tier (`tiers`, e.g. ("fast", "learned") on a VAR engine): `tier_counts_X`, laid
-  out tier-major like `counts_X`.
+  the valid rows, float64; `tokens_L`: valid rows per layer.
 `count_forward` adds a whole forward at once (all layers stacked: a dozen tensor ops whatever the
 layer count), eagerly or inside a compiled graph (vLLM's, once per step). It reads nothing back:
 `read()` is the one device-to-host copy, done at scrape time.
@@ -67,13 +69,13 @@ class ExpertLoad:
         self.num_layers, self.num_experts, self.tiers = int(num_layers), int(num_experts), tuple(tiers)
         device = torch.device(device)
         self.width = self.num_experts + 1  # the empty slot E is counted apart
-        self.trash = self.num_layers * self.width  # padding rows land here
+        self.group = self.num_layers * self.width  # bins of one group (a tier, or all rows)
+        self.groups = len(self.tiers) + 1 if self.tiers else 1  # the tiers, then rows in no tier
+        self.trash = self.groups * self.group  # padding rows land here
         self.counts_X = torch.zeros(self.trash + 1, dtype=torch.long, device=device)
         self.entropy_L = torch.zeros(self.num_layers, dtype=torch.float64, device=device)
         self.tokens_L = torch.zeros(self.num_layers, dtype=torch.long, device=device)
         self.offset_L11 = (torch.arange(self.num_layers, device=device) * self.width)[:, None, None]
-        self.tier_counts_X = (torch.zeros(len(self.tiers) * self.trash + 1, dtype=torch.long, device=device)
-                              if self.tiers else None)
 
     @staticmethod
     def entropy(probs_TE: torch.Tensor) -> torch.Tensor:
@@ -102,38 +104,26 @@ class ExpertLoad:
             h_LT = entropy_LT.double() if valid_T is None else entropy_LT.double() * valid_T
             self.entropy_L += h_LT.sum(-1)
         bins = idx_LTK.long() + self.offset_L11[: idx_LTK.shape[0]]
+        if self.groups > 1:  # rows without a tier (or no tier given) go to the last group
+            group_LT = torch.full_like(bins[..., 0], self.groups - 1) if tier_LT is None else \
+                torch.where(tier_LT >= 0, tier_LT.long(), self.groups - 1)
+            bins = bins + group_LT[..., None] * self.group
         if valid_T is not None:
             bins = torch.where(valid_T[None, :, None], bins, self.trash)
         ones = torch.ones_like(bins.reshape(-1))  # (not a kept buffer: a compiled graph has no branch to grow it)
         self.counts_X.index_add_(0, bins.reshape(-1), ones)
-        if tier_LT is not None:
-            self._add_tiers(bins, tier_LT, ones)
-
-    def _add_tiers(self, bins: torch.Tensor, tier: torch.Tensor, ones: torch.Tensor) -> None:
-        """Add `bins` (rows x k counter bins, padding rows in the trash bin) per tier: `tier` holds
-        each row's tier index (the leading dims of `bins`), -1 for rows outside every tier."""
-        if self.tier_counts_X is None:
-            return
-        tier_K = tier.long()[..., None].expand_as(bins)
-        tbins = torch.where((tier_K >= 0) & (bins < self.trash), tier_K * self.trash + bins,
-                            len(self.tiers) * self.trash)
-        self.tier_counts_X.index_add_(0, tbins.reshape(-1), ones)
 
     def read(self) -> LoadReading:
         """The cumulative counters on the host (one copy each; the only synchronisation)."""
-        counts = self.counts_X[: self.trash].cpu().numpy().reshape(self.num_layers, self.width)[:, : self.num_experts]
-        tiers = None
-        if self.tier_counts_X is not None:
-            t = self.tier_counts_X[:-1].cpu().numpy().reshape(len(self.tiers), self.num_layers, self.width)
-            tiers = t[:, :, : self.num_experts].copy()
-        return LoadReading(counts.copy(), self.entropy_L.cpu().numpy().copy(), self.tokens_L.cpu().numpy().copy(), tiers)
+        c_GLE = self.counts_X[: self.trash].cpu().numpy().reshape(self.groups, self.num_layers, self.width)
+        c_GLE = c_GLE[:, :, : self.num_experts]
+        tiers = c_GLE[:-1].copy() if self.tiers else None
+        return LoadReading(c_GLE.sum(0), self.entropy_L.cpu().numpy().copy(), self.tokens_L.cpu().numpy().copy(), tiers)
 
     def reset(self) -> None:
         self.counts_X.zero_()
         self.entropy_L.zero_()
         self.tokens_L.zero_()
-        if self.tier_counts_X is not None:
-            self.tier_counts_X.zero_()
 
 
 def imbalance(counts_LE: np.ndarray) -> np.ndarray:
