@@ -7,7 +7,8 @@ token from the runner's token table equal a plain-Python walk over a mixed batch
 decodes), the host lookup equals `var.served.find_pairs`, pair entries serve exactly the rows a
 plain-Python lookup says (and none whose token on the device is not the host's), tables over the
 pair capacity are refused before anything is written, the server's per-request count equals
-the routers', and the staged writes GPU builds use leave the buffers the direct host writes leave.
+the routers', and the staged writes GPU builds use leave the buffers the direct host writes leave, and a step's
+expert-load counters (per layer, per tier, entropy, tokens; padding rows left out) equal a brute-force count.
 Runs in both environments. Test: `pytest tests/test_vllm_routing.py`.
 """
 
@@ -409,3 +410,49 @@ def test_tables_refused_where_vllm_scales_weights_otherwise_than_the_family():
     served = served_tables(state, VARTables(tabs, {"vocab_size": V, "top_k": K}))
     torch.testing.assert_close(served.w_LVK[0], torch.tensor([0.75, 0.25]).expand(V, K))
     torch.testing.assert_close(served.w_LVK[1], torch.tensor([0.75, 0.25]).expand(V, K) * 3.0 / 2.5)
+
+
+def test_expert_load_counts_of_a_step_equal_a_brute_force_count():
+    """Two MoE layers, a mixed batch (VAR and baseline rows) with padding rows: after the last layer
+    the counters hold each valid row's experts per layer, per tier (VAR rows only), its routing
+    entropy summed per layer, and nothing of the padding rows."""
+    from var_moe.vllm.expert_load import install_load
+
+    g = torch.Generator().manual_seed(5)
+    vocab, k, e, t = 40, 2, 8, 30
+    state = VarState(torch.device("cpu"), max_tokens=64, top_k=k, num_layers=2, vocab_size=vocab)
+    layers = []
+    for s in range(2):
+        state.experts_SVK[s] = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(vocab)])
+        state.weights_SVK[s] = torch.full((vocab, k), 1.0 / k)
+        state.member_SV[s] = torch.rand(vocab, generator=g) < 0.5
+        layers.append(LayerVar(s, torch.nn.Linear(4, e), True, e, 1.0, slot=s))
+    load = install_load(state, e, k)
+    valid = torch.arange(t) < 26  # the last rows are padding
+    load.valid_N[:t] = valid
+    rows = torch.rand(t, generator=g) < 0.6
+    state.rows_N[:t] = rows
+    ids = torch.randint(0, vocab, (t,), generator=g)
+    want = np.zeros((2, e), np.int64)
+    want_tier = np.zeros((2, 2, e), np.int64)  # fast, learned
+    want_h = np.zeros(2)
+    for s, lv in enumerate(layers):
+        logits = torch.randn(t, e, generator=g)
+        w, idx = torch.softmax(logits, -1).topk(k, -1)
+        _, out_idx = lv.route(state, ids, w, idx.int(), logits)
+        p = torch.softmax(logits.double(), -1)
+        h = -(p * p.log()).sum(-1)
+        served = state.member_SV[s][ids] & rows
+        for r in range(t):
+            if not valid[r]:
+                continue
+            want_h[s] += float(h[r])
+            for x in out_idx[r].tolist():
+                want[s, x] += 1
+                if rows[r]:
+                    want_tier[0 if served[r] else 1, s, x] += 1
+    r = load.counter.read()
+    np.testing.assert_array_equal(r.counts_LE, want)
+    np.testing.assert_array_equal(r.tier_counts_XLE, want_tier)
+    np.testing.assert_array_equal(r.tokens_L, [int(valid.sum())] * 2)
+    np.testing.assert_allclose(r.entropy_L, want_h, rtol=1e-5)
