@@ -28,6 +28,7 @@ import threading
 import time
 from pathlib import Path
 
+from benchmarks.vllm_throughput import vllm_env
 from var_moe.loading import REFERENCE_MODEL_DIR
 from var_moe.timing import rotated
 
@@ -62,6 +63,15 @@ async def _load(generate, clients: int, seconds: float) -> float:
     t0 = time.monotonic()
     await asyncio.gather(*(client(c) for c in range(clients)))
     return done[0] / (time.monotonic() - t0)
+
+
+async def _sweep(generate, args) -> dict[int, float]:
+    """Tokens/s per client count, each measured after a warm-up of its own."""
+    out = {}
+    for c in args.clients:
+        await _load(generate, c, args.warmup)
+        out[c] = await _load(generate, c, args.run_time)
+    return out
 
 
 async def _sync_child(args) -> dict[int, float]:
@@ -103,7 +113,7 @@ async def _sync_child(args) -> dict[int, float]:
         await fut
 
     try:
-        return {c: (await _load(generate, c, args.warmup), await _load(generate, c, args.run_time))[1] for c in args.clients}
+        return await _sweep(generate, args)
     finally:
         with cond:
             stopping[0] = True
@@ -125,7 +135,7 @@ async def _async_child(args) -> dict[int, float]:
             pass
 
     try:
-        return {c: (await _load(generate, c, args.warmup), await _load(generate, c, args.run_time))[1] for c in args.clients}
+        return await _sweep(generate, args)
     finally:
         engine.shutdown()
 
@@ -152,8 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         return _child(args)
     if args.repeats < 1 or args.run_time <= 0:
         p.error("--repeats must be >= 1 and --run-time > 0")
-    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": str(args.core), "VLLM_CPU_KVCACHE_SPACE": "2",
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, **vllm_env(args.core, kv_gb=2)}
     flags = ["--model", args.model, "--clients", ",".join(map(str, args.clients)), "--run-time", str(args.run_time),
              "--warmup", str(args.warmup)]
     runs: dict[str, list[dict[str, float]]] = {f: [] for f in FRONT_ENDS}
