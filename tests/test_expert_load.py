@@ -121,7 +121,7 @@ def test_count_forward_against_brute_force_with_tiers():
                     want[s, e] += 1
                     if e < 4 and tier[s, t] >= 0:
                         want_tier[tier[s, t], s, e] += 1
-    np.testing.assert_array_equal(load.counts_X[: load.trash].view(load.groups, 2, 5).sum(0).numpy(), want)
+    np.testing.assert_array_equal(load.counts_X[: load.bins].view(load.groups, 2, 5).sum(0).numpy(), want)
     np.testing.assert_array_equal(r.counts_LE, want[:, :4])
     np.testing.assert_allclose(r.entropy_L, (ent * valid).sum(1).double().numpy())
     np.testing.assert_array_equal(r.tokens_L, [int(valid.sum())] * 2)
@@ -188,3 +188,17 @@ def test_tap_counts_per_var_tier_equal_brute_force(reference_model_dir):
     np.testing.assert_array_equal(r.counts_LE, total)
     np.testing.assert_array_equal(r.tier_counts_XLE, want)
     assert want[0].sum() > 0 and want[1].sum() > 0  # both tiers were seen
+
+
+def test_padding_rows_count_nothing_even_with_nan_entropy():
+    """Padding rows (CUDA-graph padding: garbage hidden states) may carry NaN entropy; they must not
+    reach any counter."""
+    idx = torch.tensor([[[0, 1], [2, 3], [1, 2]]])  # 1 layer, 3 rows, k = 2
+    ent = torch.tensor([[0.5, float("nan"), 0.25]])
+    valid = torch.tensor([True, False, True])
+    load = ExpertLoad(1, 4)
+    load.count_forward(idx, ent, valid)
+    r = load.read()
+    np.testing.assert_array_equal(r.counts_LE, [[1, 2, 1, 0]])
+    np.testing.assert_array_equal(r.tokens_L, [2])
+    np.testing.assert_allclose(r.entropy_L, [0.75])

@@ -3,14 +3,15 @@ sliding-window statistics that `/metrics` exports.
 
 `ExpertLoad` holds the counters as flat device buffers that are only ever added to in place (so a
 compiled graph or a CUDA graph that captured them keeps updating the same memory):
-- `counts_X`: routed slots per (group, layer slot, expert), flattened as
-  (group * S + slot) * (E + 1) + expert; column E takes the experts' empty slot (adaptive k) and a
-  last bin takes padding rows, neither reported. With `tiers` (e.g. ("fast", "learned") on a VAR
-  engine) group g < len(tiers) holds tier g's rows and a last group the rows in no tier (baseline
-  rows); without, one group. The per-layer totals are the sum over groups, taken at read time: one
-  scatter per forward counts both (a scatter is one eager call, even inside a compiled graph);
-- `entropy_L`: summed routing entropy (nats, of the router's probabilities over all E experts) of
-  the valid rows, float64; `tokens_L`: valid rows per layer.
+- `counts_X` (float64): routed slots per (group, layer slot, expert), flattened as
+  (group * S + slot) * (E + 1) + expert; column E takes the experts' empty slot (adaptive k). With
+  `tiers` (e.g. ("fast", "learned") on a VAR engine) group g < len(tiers) holds tier g's rows and a
+  last group the rows in no tier (baseline rows); without, one group. The per-layer totals are the
+  sum over groups, taken at read time. After the expert bins come S bins of summed routing entropy
+  (nats, of the router's probabilities over all E experts) and S bins of valid rows per layer.
+  One `index_add_` per forward adds all of it, padding rows with weight 0: in a compiled graph every
+  further reduction or buffer costs the graph's wrapper per call (docs/BENCHMARKS.md, expert load).
+  Float64 counts are exact up to 2**53.
 `count_forward` adds a whole forward at once (all layers stacked: a dozen tensor ops whatever the
 layer count), eagerly or inside a compiled graph (vLLM's, once per step). It reads nothing back:
 `read()` is the one device-to-host copy, done at scrape time.
@@ -71,11 +72,13 @@ class ExpertLoad:
         self.width = self.num_experts + 1  # the empty slot E is counted apart
         self.group = self.num_layers * self.width  # bins of one group (a tier, or all rows)
         self.groups = len(self.tiers) + 1 if self.tiers else 1  # the tiers, then rows in no tier
-        self.trash = self.groups * self.group  # padding rows land here
-        self.counts_X = torch.zeros(self.trash + 1, dtype=torch.long, device=device)
-        self.entropy_L = torch.zeros(self.num_layers, dtype=torch.float64, device=device)
-        self.tokens_L = torch.zeros(self.num_layers, dtype=torch.long, device=device)
+        self.bins = self.groups * self.group  # expert bins; then entropy and tokens per layer
+        self.entropy_at, self.tokens_at = self.bins, self.bins + self.num_layers
+        self.end = self.bins + 2 * self.num_layers
+        self.counts_X = torch.zeros(self.end, dtype=torch.float64, device=device)
         self.offset_L11 = (torch.arange(self.num_layers, device=device) * self.width)[:, None, None]
+        self.side_L12 = self.bins + torch.arange(self.num_layers, device=device)[:, None, None] \
+            + torch.tensor([0, self.num_layers], device=device)  # each layer's (entropy, tokens) bins
 
     @staticmethod
     def entropy(probs_TE: torch.Tensor) -> torch.Tensor:
@@ -96,34 +99,41 @@ class ExpertLoad:
         the experts each row was sent to (index E = the empty slot), `entropy_LT` each row's routing
         entropy, `valid_T` False for padding rows, `tier_LT` each row's tier per layer, an index into
         `tiers` (-1: in none, e.g. a baseline row)."""
-        if valid_T is None:
-            self.tokens_L += idx_LTK.shape[1]
-        else:
-            self.tokens_L += valid_T.sum()
-        if entropy_LT is not None:
-            h_LT = entropy_LT.double() if valid_T is None else entropy_LT.double() * valid_T
-            self.entropy_L += h_LT.sum(-1)
-        bins = idx_LTK.long() + self.offset_L11[: idx_LTK.shape[0]]
+        n_l, n_t, k = idx_LTK.shape
+        dev = idx_LTK.device
+        # per (layer, row): its k expert bins, then its entropy bin and its token bin, filled by
+        # slice (an eager cat of broadcast parts costs several times the scatter)
+        bins = torch.empty((n_l, n_t, k + 2), dtype=torch.long, device=dev)
+        bins[..., :k] = idx_LTK.long() + self.offset_L11[:n_l]
         if self.groups > 1:  # rows without a tier (or no tier given) go to the last group
-            group_LT = torch.full_like(bins[..., 0], self.groups - 1) if tier_LT is None else \
-                torch.where(tier_LT >= 0, tier_LT.long(), self.groups - 1)
-            bins = bins + group_LT[..., None] * self.group
-        if valid_T is not None:
-            bins = torch.where(valid_T[None, :, None], bins, self.trash)
-        ones = torch.ones_like(bins.reshape(-1))  # (not a kept buffer: a compiled graph has no branch to grow it)
-        self.counts_X.index_add_(0, bins.reshape(-1), ones)
+            group_LT = torch.full((n_l, n_t), self.groups - 1, dtype=torch.long, device=dev) if tier_LT is None \
+                else torch.where(tier_LT >= 0, tier_LT.long(), self.groups - 1)
+            bins[..., :k] += group_LT[..., None] * self.group
+        bins[..., k:] = self.side_L12[:n_l]
+        # padding rows add 0 (their experts are in range: a router's top-k or a table's); weighting
+        # the values is a fraction of the cost of redirecting the bins
+        vals = torch.empty((n_l, n_t, k + 2), dtype=torch.float64, device=dev)
+        w_T = torch.ones(n_t, dtype=torch.float64, device=dev) if valid_T is None else valid_T.double()
+        vals[..., :k] = w_T[None, :, None]
+        vals[..., k + 1] = w_T[None, :]
+        if entropy_LT is None:
+            vals[..., k] = 0.0
+        else:  # a padding row's entropy may be NaN: selected out, not multiplied by 0
+            vals[..., k] = entropy_LT if valid_T is None else torch.where(valid_T[None, :], entropy_LT.double(), 0.0)
+        self.counts_X.index_add_(0, bins.reshape(-1), vals.reshape(-1))
 
     def read(self) -> LoadReading:
         """The cumulative counters on the host (one copy each; the only synchronisation)."""
-        c_GLE = self.counts_X[: self.trash].cpu().numpy().reshape(self.groups, self.num_layers, self.width)
+        c_X = self.counts_X.cpu().numpy()
+        c_GLE = c_X[: self.bins].round().astype(np.int64).reshape(self.groups, self.num_layers, self.width)
         c_GLE = c_GLE[:, :, : self.num_experts]
         tiers = c_GLE[:-1].copy() if self.tiers else None
-        return LoadReading(c_GLE.sum(0), self.entropy_L.cpu().numpy().copy(), self.tokens_L.cpu().numpy().copy(), tiers)
+        entropy_L = c_X[self.entropy_at:self.tokens_at].copy()
+        tokens_L = c_X[self.tokens_at:].round().astype(np.int64)
+        return LoadReading(c_GLE.sum(0), entropy_L, tokens_L, tiers)
 
     def reset(self) -> None:
         self.counts_X.zero_()
-        self.entropy_L.zero_()
-        self.tokens_L.zero_()
 
 
 def imbalance(counts_LE: np.ndarray) -> np.ndarray:
