@@ -59,6 +59,9 @@ class ServerSettings(BaseSettings):
     var_dtype_check: Literal["refuse", "warn"] = Field(
         "refuse", description="served in another dtype than the VAR tables were certified in: measure their agreement "
                               "at start-up and refuse (or only warn) when a layer falls under the tables' target")
+    front_off_compute_cores: bool = Field(
+        True, description="vLLM CPU build: run this server's own threads (HTTP, engine loop) on the allowed cores "
+                          "that vLLM's compute threads are not bound to, when there are such cores")
     vllm_log_stats: bool = Field(
         False, description="vLLM: its own per-step statistics and periodic log line (the server's /metrics "
                            "does not need them; off, as `--disable-log-stats` on vLLM's server)")

@@ -194,6 +194,10 @@ class VllmHost:
                 f"vLLM's engine did not start ({exc}); it was given a KV cache of "
                 f"{'vLLM default size' if kv is None else f'{kv / GiB:.2f} GiB'}: if memory ran short, set "
                 "--kv-cache-gib (VARMOE_KV_CACHE_GIB) lower, or --max-model-len / --max-batch-size") from None
+        if settings.front_off_compute_cores and vllm_on_cpu():
+            from .cpu_affinity import front_off_compute_cores
+
+            front_off_compute_cores()
         if reason:
             hf = engine.vllm_config.model_config.hf_config
             return cls(engine, settings.model, None, None, list(range(int(hf.num_hidden_layers))), reason)

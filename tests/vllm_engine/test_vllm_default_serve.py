@@ -12,6 +12,7 @@ Runs in the vLLM environment only. Test: `pytest tests/vllm_engine/test_vllm_def
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -23,6 +24,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed in this environment (s
 from server_helpers import metric  # noqa: E402  (tests/, on the path via conftest)
 
 from analysis_jobs.server_process import ManagedServer  # noqa: E402
+from server.cpu_affinity import compute_cores  # noqa: E402
 from var_moe.var.served_dtype import certified_dtype  # noqa: E402
 from var_moe.var.tables import VARTables  # noqa: E402
 
@@ -51,6 +53,12 @@ def test_default_serve_vllm_serves_var_from_committed_tables(reference_model_dir
             r = c.post("/v1/generate", json={"prompt": "import os\nimport sys\n", "max_new_tokens": 16})
             assert r.status_code == 200 and r.json()["routing"]["fast"] > 0
             assert metric(c.get("/metrics").text, "varmoe_routing_decisions_total", mode="var", tier="fast") > 0
+            # vLLM binds its compute threads (auto: leaving cores for other processes); the server's own
+            # threads run on the other cores (server/cpu_affinity.py)
+            bound = compute_cores(proc.pid)
+            if bound and bound < os.sched_getaffinity(0):
+                own = set().union(*(os.sched_getaffinity(int(t)) for t in os.listdir(f"/proc/{proc.pid}/task")))
+                assert own and not own & bound, (own, bound)
         log = (tmp_path / "server.log").read_text(errors="replace")
         assert "Explicitly set (0.25/" in log  # the server's KV-cache default, not vLLM's near-total one
     finally:
