@@ -190,6 +190,38 @@ def test_tap_counts_per_var_tier_equal_brute_force(reference_model_dir):
     assert want[0].sum() > 0 and want[1].sum() > 0  # both tiers were seen
 
 
+def test_var_router_sink_files_what_a_forward_hook_sees(reference_model_dir):
+    """On VAR's router the tap files outputs through `output_sink` instead of a hook; a second tap on
+    the same routers gets hooks. Both see the same experts and count the same, and detaching leaves
+    neither a sink nor a hook behind."""
+    from var_moe.loading import load_model
+    from var_moe.var.config import VARConfig
+    from var_moe.var.tables import VARTables
+    from var_moe.var.wrapper import VARModelWrapper
+
+    model, tok = load_model(str(reference_model_dir), dtype="float32")
+    tables = VARTables.load(reference_model_dir / "var" / "var_tables.safetensors")
+    ids = torch.tensor([tok("import torch\nfrom torch import nn\n\nclass Block(nn.Module):")["input_ids"]])
+    with VARModelWrapper(model, VARConfig(), tables=tables) as w:
+        w.enable_var()
+        first, second = RoutingTap(model), RoutingTap(model)
+        routers = [getattr(m.block, m.router_attr) for m in first.moe]
+        first.attach()
+        second.attach()
+        assert all(r.output_sink == first._on_output and len(r._forward_hooks) == 1 for r in routers)
+        first.recording = second.recording = True
+        with torch.no_grad():
+            for _ in range(3):
+                model(input_ids=ids)
+        assert torch.equal(first.last_LTK, second.last_LTK)
+        a, b = first.read(), second.read()
+        np.testing.assert_array_equal(a.counts_LE, b.counts_LE)
+        assert a.counts_LE.sum() == 3 * ids.numel() * len(routers) * first.top_k
+        first.detach()
+        second.detach()
+        assert all(r.output_sink is None and not r._forward_hooks for r in routers)
+
+
 def test_padding_rows_count_nothing_even_with_nan_entropy():
     """Padding rows (CUDA-graph padding: garbage hidden states) may carry NaN entropy; they must not
     reach any counter."""

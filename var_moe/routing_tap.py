@@ -9,9 +9,10 @@ on request, keep the last forward's routing (the experts each row was sent to, p
                                                  # tap.fast_rows = wrapper.last_fast_rows), else None
     RoutingTap(model, tiers=TIERS, var_mode=lambda: wrapper.var_enabled)  # also count per VAR tier
 
-Hooks: a forward hook on the module each MoE block calls as its router (the VAR router when a
-`VARModelWrapper` is installed, so what is counted is what the experts received, table rows
-included; the original router otherwise), which only keeps references to the outputs; a pre-hook
+Hooks: on the module each MoE block calls as its router (the VAR router when a `VARModelWrapper`
+is installed, so what is counted is what the experts received, table rows included; the original
+router otherwise), a forward hook that only keeps references to the outputs, or, on VAR's router,
+its `output_sink` (the router hands them over itself, sparing a hook dispatch per layer); a pre-hook
 on the decoder (`model.model`) that notes which rows are padding (its `attention_mask`, last S
 columns: the rows of this forward); and a hook after the decoder that files the forward's router
 outputs for counting. Counting is deferred and batched: the filed forwards are added to the
@@ -65,6 +66,7 @@ class RoutingTap:
         self._outs: list[tuple] = []
         self._read_as: str | None = None  # "logits" | "probs" | "sigmoid"
         self._handles: list[Any] = []
+        self._sinks: list[Any] = []  # routers that call self._on_output themselves
         # forwards filed, not yet counted: per layer experts and scores, per forward (mask, S) and rows
         self._idx: list[list[torch.Tensor]] = [[] for _ in self.moe]
         self._scores: list[list[torch.Tensor]] = [[] for _ in self.moe]
@@ -86,7 +88,12 @@ class RoutingTap:
             self.load = ExpertLoad(len(self.moe), self.num_experts, device, tiers=self.tiers)
         for m in self.moe:
             router = getattr(m.block, m.router_attr)  # the module the block calls now (VAR's, if installed)
-            self._handles.append(router.register_forward_hook(self._on_router))
+            if hasattr(router, "output_sink") and router.output_sink is None:  # VAR's router hands its
+                # outputs over itself, sparing a hook dispatch (a second tap on it gets a hook)
+                router.output_sink = self._on_output
+                self._sinks.append(router)
+            else:
+                self._handles.append(router.register_forward_hook(self._on_router))
         decoder = getattr(self.model, "model", self.model)
         self._handles.append(decoder.register_forward_pre_hook(self._on_start, with_kwargs=True))
         self._handles.append(decoder.register_forward_hook(self._on_end))
@@ -97,6 +104,9 @@ class RoutingTap:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for router in self._sinks:
+            router.output_sink = None
+        self._sinks.clear()
         self._outs.clear()
 
     # -- hooks -------------------------------------------------------------------------------------
@@ -109,6 +119,9 @@ class RoutingTap:
             else None
 
     def _on_router(self, module, args, out) -> None:
+        self._on_output(out)
+
+    def _on_output(self, out) -> None:
         if isinstance(out, tuple) and len(out) == 3:
             self._outs.append(out)
 

@@ -59,6 +59,9 @@ class VARRouter(nn.Module):
         self.stack: TableStack | None = None
         self.audit = False
         self.slot = 0
+        # called with each forward's outputs when set (var_moe/routing_tap.py): the tap files them
+        # without a forward hook, whose dispatch would cost each layer of every step a few us
+        self.output_sink: Callable[[tuple], None] | None = None
         self._own = table  # until attach() is called (a router used on its own gets a one-layer stack)
 
     def attach(self, stack: TableStack) -> None:
@@ -107,6 +110,12 @@ class VARRouter(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor):
+        out = self._decide(hidden_states)
+        if self.output_sink is not None:
+            self.output_sink(out)
+        return out
+
+    def _decide(self, hidden_states: torch.Tensor):
         if not self.enabled:
             return self.learned.forward(hidden_states)
         rows = self.stack.step_rows if self._plain and self.stack is not None else None
