@@ -164,22 +164,17 @@ def vllm_steps(tables, prev, ids, valid, demoted):
     return vllm_route(state, ids, sel, valid), vllm_reference(tables, prev, ids, valid)
 
 
-def vllm_one_row(tables, prev, ids, valid, demoted):
-    """One request decoding alone: the host's dict lookup, one row per step."""
-    from var_moe.vllm.rows import one_row_entries
+def vllm_decode(tables, prev, ids, valid, demoted):
+    """A decode step: one row per request (previous token, token), the host's dict lookup per request;
+    invalid rows are baseline requests."""
+    from var_moe.vllm.rows import decode_entries
 
     state = vllm_state(tables)
-    parts = []
-    for r in range(T):
-        if not bool(valid[r]):
-            continue
-        pos = 1 if prev[r] >= 0 else 0
-        seq = np.array([int(prev[r]), int(ids[r])] if pos else [int(ids[r])], dtype=np.int64)
-        sel, _ = one_row_entries(state, seq, pos) if state.pair_entries else (None, None)
-        parts.append(vllm_route(state, ids[r:r + 1], sel, torch.ones(1, dtype=torch.bool)))
-    keep = valid
-    got = tuple(torch.cat([p[i] for p in parts], 1) for i in range(3))
-    return got, tuple(x[:, keep] for x in vllm_reference(tables, prev, ids, valid))
+    has = (prev >= 0).numpy()
+    ids_RS = np.stack([np.where(has, prev.numpy(), ids.numpy()), ids.numpy()], 1)  # no previous: the token at 0
+    sel, _ = (decode_entries(state, valid.numpy(), ids_RS, has.astype(np.int64)) if state.pair_entries
+              else (None, None))
+    return vllm_route(state, ids, sel, valid), vllm_reference(tables, prev, ids, valid)
 
 
 def served_masks_offline(tables, prev, ids, valid, demoted):
@@ -220,7 +215,7 @@ def offload_var(tables, prev, ids, valid, demoted):
 
 
 CONSUMERS = {"builtin_general": builtin_general, "builtin_one_row": builtin_one_row, "vllm_steps": vllm_steps,
-             "vllm_one_row": vllm_one_row, "served_masks": served_masks_offline, "offload_var": offload_var}
+             "vllm_decode": vllm_decode, "served_masks": served_masks_offline, "offload_var": offload_var}
 
 
 @pytest.mark.parametrize("kind", KINDS)

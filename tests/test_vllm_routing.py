@@ -147,9 +147,9 @@ def test_row_writer_writes_pair_entries_and_resets_what_earlier_steps_filled():
 def test_host_pair_lookup_equals_find_pairs():
     """`pair_entries` (numpy, once per step) against `var.served.find_pairs` (torch, the builtin
     router's), on random keys of three layer slots, with sequence starts, out-of-vocabulary tokens,
-    baseline rows and token entries (which win); the one-row step's dict lookup against both."""
+    baseline rows and token entries (which win); a decode step's dict lookup against both."""
     from var_moe.var.served import find_pairs
-    from var_moe.vllm.rows import index_pairs, one_row_entries
+    from var_moe.vllm.rows import decode_entries, index_pairs
 
     g = np.random.default_rng(5)
     v, s, t = 30, 3, 400
@@ -171,13 +171,15 @@ def test_host_pair_lookup_equals_find_pairs():
         assert got[:, slot].tolist() == want.tolist()
         assert served.sum() > 20
     assert pair_entries(state, np.zeros(t, dtype=bool), prev, tok) is None  # no VAR row: nothing to write
-    # the one-row step (a request decoding alone) reads the same entries from the host dict
-    for r in np.flatnonzero(rows).tolist():
-        sel, prev_1 = one_row_entries(state, np.array([prev[r], tok[r]]), 1)
-        want = got[r:r + 1]
-        assert (sel if sel is not None else np.full((1, s), state.pair_capacity)).tolist() == want.tolist(), r
-        assert prev_1.tolist() == [prev[r]]
-    assert one_row_entries(state, np.array([tok[0]]), 0)[0] is None  # a sequence start
+    # a decode step (request r's row at position 1: previous token, token) reads the same entries
+    # from the host dict; baseline requests get none
+    ids_RS = np.stack([prev, tok], 1)
+    sel, prev_T = decode_entries(state, rows, ids_RS, np.ones(t, dtype=np.int64))
+    assert sel.tolist() == got.tolist()
+    assert prev_T.tolist() == prev.tolist()
+    one, prev_1 = decode_entries(state, rows[:1], ids_RS[:1, 1:], np.zeros(1, dtype=np.int64))  # a sequence start
+    assert one is None and prev_1.tolist() == [-1]
+    assert decode_entries(state, np.zeros(t, dtype=bool), ids_RS, np.ones(t, dtype=np.int64))[0] is None
 
 
 V, K, E = 60, 2, 8

@@ -12,7 +12,8 @@ once: row j of request r sits at position p = `num_computed_tokens_cpu[r] + j`, 
 previous token are r's tokens at p and p - 1 in `input_batch.token_ids_cpu` (`step_tokens`), and
 `pair_entries` finds them with one numpy `searchsorted` (the host twin of `served.find_pairs`,
 same key codec and precedence rule; numpy because torch's per-op overhead exceeds the work on a
-step's few rows; one row uses a dict, `one_row_entries`). The indices go to the device in one
+step's few rows). A decode step (one row per request) reads each request's two tokens and looks
+them up in a dict instead (`decode_entries`): fewer calls into cold code. The indices go to the device in one
 copy (`VarState.pair_sel_NS`). On the CPU build the tokens are on the host when the step runs
 (vLLM turns async scheduling off there); under async scheduling (GPU builds) sampled tokens are a
 placeholder -1 on the host, so such rows find no entry and the learned router routes them (the
@@ -110,15 +111,26 @@ def pair_entries(state: VarState, rows_T: np.ndarray, prev_T: np.ndarray, tok_T:
     return out
 
 
-def one_row_entries(state: VarState, token_ids_S: np.ndarray, pos: int) -> tuple[np.ndarray | None, np.ndarray]:
-    """(sel_1S or None, prev_1): `pair_entries` for a step of one VAR row (a request decoding alone):
-    two reads and a dict lookup instead of a dozen numpy calls on one-element arrays."""
-    if pos <= 0:
-        return None, np.full(1, -1, dtype=np.int64)
-    prev, tok = int(token_ids_S[pos - 1]), int(token_ids_S[pos])
-    v = state.pair_vocab
-    row = state.pair_rows_host.get(pair_key(0, prev, tok, v)) if 0 <= prev < v and 0 <= tok < v else None
-    return row, np.full(1, prev, dtype=np.int64)
+def decode_entries(state: VarState, modes_R: np.ndarray, token_ids_RS: np.ndarray, computed_R: np.ndarray
+                   ) -> tuple[np.ndarray | None, np.ndarray]:
+    """(sel_TS or None, prev_T): `pair_entries` and `step_tokens`' previous tokens for a decode step
+    (one row per request, row r = request r at position computed_R[r]). Per request, two reads and a
+    dict lookup: on a step's few rows, right after a forward has evicted the caches, that touches
+    less cold code than `step_tokens` + `pair_entries`' numpy calls (measured: docs/BENCHMARKS.md)."""
+    v, table, n = state.pair_vocab, state.pair_rows_host, modes_R.shape[0]
+    prev_T = np.full(n, -1, dtype=np.int64)
+    out = None
+    for r, (on, pos) in enumerate(zip(modes_R.tolist(), computed_R.tolist())):  # requests, not tokens
+        if pos <= 0:  # a sequence start: no previous token
+            continue
+        prev, tok = int(token_ids_RS[r, pos - 1]), int(token_ids_RS[r, pos])
+        prev_T[r] = prev
+        row = table.get(pair_key(0, prev, tok, v)) if on and 0 <= prev < v and 0 <= tok < v else None
+        if row is not None:
+            if out is None:
+                out = np.full((n, row.shape[1]), state.pair_capacity, dtype=np.int64)
+            out[r] = row[0]
+    return out, prev_T
 
 
 class RowWriter:
@@ -185,8 +197,8 @@ def _runner_prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, 
     sel_TS = prev_T = None
     if state.pair_entries and modes_R.any():
         batch = self.input_batch
-        if n_req == 1 and rows_T.shape[0] == 1:  # one request decoding alone: the common step at low load
-            sel_TS, prev_T = one_row_entries(state, batch.token_ids_cpu[0], int(batch.num_computed_tokens_cpu[0]))
+        if rows_T.shape[0] == n_req:  # a decode step: one row per request
+            sel_TS, prev_T = decode_entries(state, modes_R, batch.token_ids_cpu, batch.num_computed_tokens_cpu[:n_req])
         else:
             prev_T, tok_T = step_tokens(batch.token_ids_cpu[:n_req], batch.num_computed_tokens_cpu[:n_req], tokens_R)
             sel_TS = pair_entries(state, rows_T, prev_T, tok_T)
