@@ -12,13 +12,14 @@ once: row j of request r sits at position p = `num_computed_tokens_cpu[r] + j`, 
 previous token are r's tokens at p and p - 1 in `input_batch.token_ids_cpu` (`step_tokens`), and
 `pair_entries` finds them with one numpy `searchsorted` (the host twin of `served.find_pairs`,
 same key codec and precedence rule; numpy because torch's per-op overhead exceeds the work on a
-step's few rows). A decode step (one row per request) reads each request's two tokens and looks
-them up in a dict instead (`decode_entries`): fewer calls into cold code. The indices go to the device in one
-copy (`VarState.pair_sel_NS`). On the CPU build the tokens are on the host when the step runs
-(vLLM turns async scheduling off there); under async scheduling (GPU builds) sampled tokens are a
-placeholder -1 on the host, so such rows find no entry and the learned router routes them (the
-device refuses a row whose host token differs, routing.py), and the host's per-request counts
-would overstate pair rows.
+step's few rows). A decode step of up to `DICT_REQUESTS` requests (one row each) reads each
+request's two tokens and looks them up in a dict instead (`decode_entries`): fewer calls into code
+the forward has evicted from the caches; a larger batch takes numpy's per-call cost once for all
+its rows. The indices go to the device in one copy (`VarState.pair_sel_NS`). On the CPU build the
+tokens are on the host when the step runs (vLLM turns async scheduling off there); under async
+scheduling (GPU builds) sampled tokens are a placeholder -1 on the host, so such rows find no entry
+and the learned router routes them (the device refuses a row whose host token differs, routing.py),
+and the host's per-request counts would overstate pair rows.
 
 The hook is a one-level subclass of the runner's class whose `_prepare_inputs` calls vLLM's and
 then writes the rows. It needs vLLM's V1 model runner (`engine_kwargs` selects it on GPUs): the V2
@@ -37,6 +38,7 @@ from ..var.served import pair_key, pair_serves, split_key
 from .routing import VarState, _subclass
 
 MODE_KEY = "varmoe_var"  # the key of SamplingParams.extra_args that pins a request's mode
+DICT_REQUESTS = 16  # decode steps of at most this many requests look their pairs up in a dict
 
 
 def request_modes(req_ids: list[str], requests: dict[str, Any], default: bool) -> np.ndarray:
@@ -197,7 +199,7 @@ def _runner_prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, 
     sel_TS = prev_T = None
     if state.pair_entries and modes_R.any():
         batch = self.input_batch
-        if rows_T.shape[0] == n_req:  # a decode step: one row per request
+        if rows_T.shape[0] == n_req <= DICT_REQUESTS:  # a small decode step: one row per request
             sel_TS, prev_T = decode_entries(state, modes_R, batch.token_ids_cpu, batch.num_computed_tokens_cpu[:n_req])
         else:
             prev_T, tok_T = step_tokens(batch.token_ids_cpu[:n_req], batch.num_computed_tokens_cpu[:n_req], tokens_R)
