@@ -33,7 +33,6 @@ from server.jobs import RowSpec
 from var_moe.loading import REFERENCE_MODEL_DIR, load_model
 from var_moe.routing_tap import RoutingTap
 from var_moe.var import VARModelWrapper, VARTables  # noqa: E402
-from var_moe.var.served import TIERS
 
 
 # CPU time of this thread (torch runs on it with --threads 1): what other processes on a shared
@@ -99,11 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     texts = [f.read_text()[:200] for f in files[: args.batch]]
     rows = [RowSpec(tok(x)["input_ids"][:48], max_new_tokens=args.steps + 2) for x in texts]
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    # the tap as the server builds it (server/model_host.py): per-tier counting in VAR mode
-    tap = RoutingTap(model, count=True, tiers=TIERS if wrapper is not None else (),
-                     var_mode=(lambda: wrapper.var_enabled) if wrapper is not None else None)
-    if wrapper is not None:
-        tap.fast_rows = wrapper.last_fast_rows
+    tap = RoutingTap.for_wrapper(model, wrapper)  # as the server builds it: per-tier counting in VAR mode
     block(model, copy.deepcopy(rows), pad, 8, tap)  # warm-up
     long_rows = [RowSpec(r.prompt_ids, max_new_tokens=tap.flush_forwards + 2) for r in rows]
     on, off, flush, ratios = [], [], [], []

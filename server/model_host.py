@@ -47,10 +47,8 @@ class ModelHost:
         self.layers = [m.layer for m in adapter.moe_layers(model)]
         self.num_experts, self.top_k = adapter.num_experts, adapter.top_k
         # expert load and routed experts: hooks on the routers the blocks call (VAR's when installed)
-        self.tap = RoutingTap(model, count=False, adapter=adapter, tiers=TIERS if wrapper is not None else (),
-                              var_mode=(lambda: wrapper.var_enabled) if wrapper is not None else None)
-        if wrapper is not None:  # each routed row's tier: the rows the tables served
-            self.tap.fast_rows = wrapper.last_fast_rows
+        # (per VAR tier when the wrapper serves the model: the rows its tables served are fast)
+        self.tap = RoutingTap.for_wrapper(model, wrapper, count=False, adapter=adapter)
         self._var_applied = False
         self.analyzer: RouterAnalyzer | None = None
         self.capturing = False

@@ -165,8 +165,7 @@ def test_tap_counts_per_var_tier_equal_brute_force(reference_model_dir):
     tables = VARTables.load(reference_model_dir / "var" / "var_tables.safetensors")
     ids = torch.tensor([tok("def forward(self, x):\n    return self.linear(x) + 1")["input_ids"]])
     with VARModelWrapper(model, VARConfig(), tables=tables) as w:
-        tap = RoutingTap(model, tiers=TIERS, var_mode=lambda: w.var_enabled)
-        tap.fast_rows = w.last_fast_rows
+        tap = RoutingTap.for_wrapper(model, w)
         tap.recording = True
         tap.attach()
         want = np.zeros((len(TIERS), len(tap.moe), tap.num_experts), np.int64)

@@ -7,7 +7,7 @@ on request, keep the last forward's routing (the experts each row was sent to, p
     tap.last_LTK                                 # (MoE layers, B*S, K) expert ids of that forward
     tap.last_fast_LT                             # (MoE layers, B*S) rows a VAR table served (with
                                                  # tap.fast_rows = wrapper.last_fast_rows), else None
-    RoutingTap(model, tiers=TIERS, var_mode=lambda: wrapper.var_enabled)  # also count per VAR tier
+    RoutingTap.for_wrapper(model, wrapper)       # also count per VAR tier (the server's tap)
 
 Hooks: on the module each MoE block calls as its router (the VAR router when a `VARModelWrapper`
 is installed, so what is counted is what the experts received, table rows included; the original
@@ -75,6 +75,18 @@ class RoutingTap:
         self._filed_rows = 0
         self._mask: tuple[torch.Tensor, int] | None = None
         self._lock = threading.Lock()
+
+    @classmethod
+    def for_wrapper(cls, model: Any, wrapper: Any = None, count: bool = True, adapter: Any = None) -> "RoutingTap":
+        """The tap of `model` as served: with a `VARModelWrapper`, per-tier counting (a forward in VAR
+        mode has fast rows where its tables served them); without one, totals only."""
+        if wrapper is None:
+            return cls(model, count=count, adapter=adapter)
+        from .var.served import TIERS
+
+        tap = cls(model, count=count, adapter=adapter, tiers=TIERS, var_mode=lambda: wrapper.var_enabled)
+        tap.fast_rows = wrapper.last_fast_rows
+        return tap
 
     @property
     def attached(self) -> bool:
