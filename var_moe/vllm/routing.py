@@ -78,7 +78,7 @@ class VarState:
         self.pair_vocab = 0
         self.pair_bases_U = np.zeros(0, dtype=np.int64)
         self.pair_rows_US = np.zeros((0, num_layers), dtype=np.int64)
-        self.pair_rows_host: dict[int, np.ndarray] = {}  # the same, as a dict (decode steps' lookup)
+        self.pair_rows_host: dict[int, np.ndarray] = {}  # base key -> its row of pair_rows_US (decode steps)
         self.prev_host: np.ndarray | None = None  # the step's previous tokens, for `record` only
         if self.pair_capacity:
             none = self.pair_capacity  # the empty slot: its token is -1, which no row has

@@ -90,7 +90,7 @@ def index_pairs(state: VarState, keys_X: np.ndarray, member_VS: np.ndarray) -> N
     rows_US[u_X[served_X], slot_X[served_X]] = np.flatnonzero(served_X)
     state.pair_entries, state.pair_vocab = int(base_X.size), int(v)
     state.pair_bases_U, state.pair_rows_US = bases_U, rows_US
-    state.pair_rows_host = {k: rows_US[i:i + 1] for i, k in enumerate(bases_U.tolist())}
+    state.pair_rows_host = dict(zip(bases_U.tolist(), rows_US))  # base key -> that pair's row of rows_US
 
 
 def pair_entries(state: VarState, rows_T: np.ndarray, prev_T: np.ndarray, tok_T: np.ndarray) -> np.ndarray | None:
@@ -121,7 +121,7 @@ def decode_entries(state: VarState, modes_R: np.ndarray, token_ids_RS: np.ndarra
     less cold code than `step_tokens` + `pair_entries`' numpy calls (measured: docs/BENCHMARKS.md)."""
     v, table, n = state.pair_vocab, state.pair_rows_host, modes_R.shape[0]
     prev_T = np.full(n, -1, dtype=np.int64)
-    out = None
+    out = None  # made at the first hit: most decode steps have none
     for r, (on, pos) in enumerate(zip(modes_R.tolist(), computed_R.tolist())):  # requests, not tokens
         if pos <= 0:  # a sequence start: no previous token
             continue
@@ -130,8 +130,8 @@ def decode_entries(state: VarState, modes_R: np.ndarray, token_ids_RS: np.ndarra
         row = table.get(pair_key(0, prev, tok, v)) if on and 0 <= prev < v and 0 <= tok < v else None
         if row is not None:
             if out is None:
-                out = np.full((n, row.shape[1]), state.pair_capacity, dtype=np.int64)
-            out[r] = row[0]
+                out = np.full((n, state.pair_rows_US.shape[1]), state.pair_capacity, dtype=np.int64)
+            out[r] = row
     return out, prev_T
 
 
