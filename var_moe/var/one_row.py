@@ -29,8 +29,7 @@ from typing import Any
 
 import torch
 
-from .lookup import Lookup
-from .served import pair_key, split_key
+from .served import Lookup, pair_key, split_key
 
 Row = tuple[torch.Tensor, torch.Tensor] | None  # one layer's served (idx_1K, w_1K), None = learned
 

@@ -101,6 +101,24 @@ class Decision:
 
 
 @dataclass
+class Lookup:
+    """The builtin router's view of one forward's fast tier, every layer (rows in router order),
+    made by `stack.TableStack` from a `Decision` (one_row.py has the one-row kinds)."""
+
+    tokens: Any  # the TokenBatch it was computed for (identity marks the forward)
+    safe_T: torch.Tensor  # token id, 0 where out of vocabulary
+    valid_T: torch.Tensor
+    fast_LT: torch.Tensor  # served from a table (token or pair entry)
+    nominal_LTK: torch.Tensor  # table set (before adaptive k), for verification
+    idx_LTK: torch.Tensor  # served set (after adaptive k)
+    w_LTK: torch.Tensor  # served weights, scaled like the router's
+    # per layer, whether any row is fast: known on the host for CPU tensors only (reading it there
+    # is no device sync), None on accelerators
+    any_L: list[bool] | None = None
+    pair_LT: torch.Tensor | None = None  # the rows of fast_LT served by a pair entry (None: no pair entries)
+
+
+@dataclass
 class ServedTables:
     """Tables of L layer slots as served: token entries (L, V, ...) and all slots' pair entries."""
 

@@ -26,10 +26,9 @@ from typing import Any, Callable
 import torch
 
 from .config import VARConfig
-from .lookup import Lookup
 from .one_row import OneRowHost
 from .pairs import PairTable
-from .served import TIERS, ServedTables, decide, pair_serves, split_key
+from .served import TIERS, Lookup, ServedTables, decide, pair_serves, split_key
 from .tables import LayerTable
 
 # counters kept per router in one int64 tensor (no host sync per forward); the tiers (served.TIERS) first
