@@ -1,23 +1,20 @@
-"""One-row CPU steps (batch-1 decoding) resolved on the host, once, as the forward starts.
+"""One-row CPU steps (batch-1 decoding) decided on the host, once, as the forward starts.
 
-Inside a decode step every small tensor op and every line of Python costs several times what it
-costs in a loop of its own, so the general lookup's tensor ops over (layers x tokens) cost more
-than a one-row step can afford (the batch-1 decode benchmark, docs/BENCHMARKS.md, measures the
-difference). The tracker hands such a step's token id, padding flag and context to
-`TableStack.begin_forward` as host ints (`TokenBatch.one`); `OneRowHost` makes the decision
-`served.decide` makes, with the same pair-key codec and precedence rule, from host mirrors of the
-stacked tables:
-- a step no layer serves (no token entry in any layer: a host list; its (previous, token) not a
-  pair entry that can serve: a host dict; or padding) -> `EmptyStep`: nothing is fast;
-- otherwise, where its config allows (no adaptive k, table weights) -> `HostStep`: per
-  layer the served set and weights as (1, K) tensors, copied out of the tables in one clone per
-  step (never views: a model may scale routing weights in place).
-Counts go to host counters that `TableStack.counts()` folds in. Each router then returns its
-learned decision, or the row's set and weights, without further work (`VARRouter.forward`, when
-it has nothing else to do: no audit or shadow checks). A lookup's (L, T) tensors, which
-audit and shadow checks read, are built on first read: from the general path without counting.
-The mirrors are rebuilt after each demotion (`TableStack.apply_demotions`). Accelerators never
-take this path (their tables are not on the host).
+Inside a decode step each small tensor op and line of Python costs several times what it costs
+alone, so the general lookup's tensor ops over (layers x tokens) are too dear for a one-row step.
+The tracker hands such a step's token id, padding flag and context to `TableStack.begin_forward`
+as host ints (`TokenBatch.one`); `OneRowHost` makes `served.decide`'s decision, with the same
+pair-key codec and precedence rule, from host mirrors of the stacked tables (rebuilt after each
+demotion):
+- a step no layer serves (padding, or no token entry in any layer and no pair entry that can
+  serve) -> `EmptyStep`: nothing is fast;
+- otherwise, where the config allows (no adaptive k, table weights) -> `HostStep`: per layer the
+  served set and weights as (1, K) tensors, cloned out of the tables once per step (never views:
+  a model may scale routing weights in place).
+Counts go to host counters that `TableStack.counts()` folds in; each router then returns its row or
+the learned decision at once (`VARRouter.forward`, when no audit or shadow check runs). The (L, T)
+tensors audit and shadow checks read are built on first read, by the general path without
+counting. Accelerators never take this path (their tables are not on the host).
 
 Shapes: L layers, K top-k, V vocabulary, X stacked pair entries.
 Test: `pytest tests/test_var_decode_step.py tests/test_served_decision.py`.

@@ -1,29 +1,23 @@
 """`VARRouter`: drop-in replacement of one MoE layer's router with two tiers per token.
 
-For each row (token) of the (T, H) hidden states:
-  fast    - the row is served from a table (`served.decide`): the token's entry in this layer's
-            verified table, or, where the token has none, its certified (previous token, token)
-            pair entry (`pairs.py`, tables built with `pair_entries`),
-  learned - else (and for padding, and when token ids are unknown): the original router.
-It returns the transformers v5 router contract `(router_logits, weights, indices)`, so the
-experts run untouched. The fast tier of every layer is resolved once per forward by the shared
-`TableStack` (stack.py); per layer the router runs the learned router on all rows (~1% of a
-forward; a subset would need its size on the host) and selects rows with `torch.where`: no
-boolean-mask indexing, no host synchronisation, and an empty table returns the learned outputs
-bit for bit.
+Each row (token) of the (T, H) hidden states is *fast* where a table serves it (`served.decide`:
+the token's entry in this layer, else its certified (previous, token) pair entry), *learned*
+otherwise (padding and unknown token ids included). It returns the transformers v5 router contract
+`(router_logits, weights, indices)`, so the experts run untouched. The shared `TableStack`
+(stack.py) resolves the fast tier of every layer once per forward; per layer the router runs the
+learned router on all rows (a subset would need its size on the host) and selects rows with
+`torch.where`: no boolean-mask indexing, no host synchronisation, and an empty table returns the
+learned outputs bit for bit.
 
-Weights (`weights_source`): "table" uses the table's stored weights, scaled the way the family's
-router scales its own (`adapter.weight_scale`: the constant its top-k weights sum to, e.g. 1 for
-Mixtral, the routed scaling factor for DeepSeek-V3, or None: the table's raw mass; a probe at
-construction checks the router agrees); "learned" gives the chosen set the weights the family's
-router would give it (`adapter.chosen_weights`). router_logits are the learned router's. Adaptive
-k: fast rows whose table gives the top expert >= `adaptive_k_min_weight` of the set's weight go to
-that expert alone with the full weight (the other slots hold index E, the experts' empty slot),
-precomputed in the stacked tables.
-Shadow verification compares a seeded sample of fast rows with the learned decision and queues
-demotions (`certify.demote_mask`), applied between forwards (`TableStack.apply_demotions`), never
-inside one, and not while the tables are frozen (`VARModelWrapper.frozen_tables()`, timed passes).
-Audit mode counts agreement of every fast row without demoting.
+Weights (`weights_source`): "table" serves the table's weights scaled the way the family's router
+scales its own (`adapter.weight_scale`; a probe at construction checks the router agrees);
+"learned" gives the chosen set the weights the family's router would (`adapter.chosen_weights`).
+router_logits are always the learned router's. Adaptive k (one expert, full weight, where the table
+gives the top expert >= `adaptive_k_min_weight`; other slots hold index E, the experts' empty slot)
+is precomputed in the stack. Shadow verification compares a seeded sample of fast rows with the
+learned decision and queues demotions (`certify.demote_mask`), applied between forwards and never
+while the tables are frozen (`VARModelWrapper.frozen_tables()`); audit mode counts the agreement of
+every fast row without demoting.
 
 Shapes: T tokens, H hidden, E experts, K top-k, V vocabulary, L layers.
 Test: `pytest tests/test_var_router.py tests/test_var_exact.py`.

@@ -2,17 +2,16 @@
 shared by the routers of one `VARModelWrapper`, with the per-forward decision and the counters.
 
 The fast tier depends on token ids (and previous tokens) only, so `TableStack.lookup` decides it
-for every layer at once, at the first router call of a forward (`served.decide`, the previous
-tokens from the tracker, carried across decode steps), and counts it on the device. On CPU
-(reading a CPU tensor is no device sync) the lookup also reads which layers have any fast row (a
-layer without one returns the learned decision without the selects), and a forward in which no
-token ends a pair entry that can serve skips the pair search. Batch-1 decoding on CPU: a one-row
-step is decided on the host as the forward starts (`begin_forward`, one_row.py), counted in host
-counters that `counts()` folds in.
+for every layer at once, at the first router call of a forward (`served.decide`; previous tokens
+from the tracker, carried across decode steps), and counts it on the device. On CPU, where reading
+a tensor is no device sync, the lookup also notes which layers have a fast row (a layer without one
+returns the learned decision as is) and skips the pair search in a forward where no token ends a
+pair entry that can serve. One-row CPU steps are decided on the host as they start
+(`begin_forward`, one_row.py).
 
-Pair rows count as fast rows and separately as `fast_pair`. Shadow checks of pair rows count
-towards the shadow agreement counters but never towards a token entry's evidence (pair entries are
-not demoted in service); adaptive k leaves pair rows whole.
+Pair rows count as fast and separately as `fast_pair`. Their shadow checks count towards the
+shadow agreement counters but never towards a token entry's evidence (pair entries are not demoted
+in service); adaptive k leaves pair rows whole.
 
 Shapes: T tokens, K top-k, V vocabulary, L layers, X stacked pair entries.
 Test: `pytest tests/test_var_router.py tests/test_var_decode_step.py tests/test_served_decision.py`.
