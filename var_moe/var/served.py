@@ -1,20 +1,15 @@
 """The served tables and the one routing decision every consumer makes from them.
 
-A row (a token of a sequence) is served from a table, in every engine and every offline count, by
-one rule, `decide`: in layer slot l, a row that is valid and in the vocabulary takes
-- its token's entry, where the token is a member of the layer's table; else
-- its (previous token, token) pair entry, where the layer has one (`pair_serves`: a token entry
-  wins over a pair entry); a row at a sequence start (previous = -1) has no pair;
-- else nothing: the learned router decides.
-The served set and weights are the entry's. `ServedTables` is the one layout they are read from
-(tables of L layer slots stacked, weights scaled once by `scale_weights` the way the family's
-router scales its own, all slots' pair entries in one sorted key tensor), built by
-`ServedTables.build` for the builtin router (var/stack.py), the vLLM loader (vllm/tables.py), the
-server's per-request counts (server/vllm_host.py), the offline served masks (pairs.py) and the
-offload `var` predictor. `pair_key` / `split_key` are the one codec of pair keys,
-`slot * V**2 + previous * V + token`; they are plain arithmetic, so they serve torch tensors,
-numpy arrays and host ints alike (the batch-1 host path and vLLM's host index use them on numpy
-and ints).
+`decide`: in layer slot l, a valid in-vocabulary row takes its token's entry where the token is a
+member of the layer's table; else its (previous token, token) pair entry where the layer has one
+(`pair_serves`: a token entry wins; a row at a sequence start, previous = -1, has no pair); else
+nothing, and the learned router decides. `ServedTables` is the one layout every consumer reads
+(slots stacked, weights scaled once by `scale_weights` as the family's router scales its own, all
+slots' pair entries in one sorted key tensor): the builtin router (var/stack.py), the vLLM loader
+(vllm/tables.py), the server's per-request counts (server/vllm_host.py), the offline served masks
+(pairs.py) and the offload `var` predictor. `pair_key` / `split_key` are the one codec of pair keys,
+`slot * V**2 + previous * V + token`: plain arithmetic, so torch tensors, numpy arrays and host ints
+alike (the batch-1 host path and vLLM's host index use them on numpy and ints).
 
 Shapes: L layer slots, T rows, V vocabulary, K top-k, X stacked pair entries.
 Test: `pytest tests/test_served_decision.py` (every consumer against `decide`).
@@ -64,13 +59,6 @@ def scale_weights(w_NK: torch.Tensor, mass_N: torch.Tensor, scale: float | None,
     return w if output_scale == 1.0 else w / output_scale
 
 
-def find_sorted(keys_X: torch.Tensor, key_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hit, idx): whether each `key_N` (any shape) is in the sorted, non-empty `keys_X`, and its
-    index there (clamped into range where it is not). One searchsorted; no host sync, any device."""
-    idx = torch.searchsorted(keys_X, key_N).clamp_max(keys_X.numel() - 1)
-    return keys_X[idx] == key_N, idx
-
-
 def find_pairs(keys_X: torch.Tensor, prev_N: torch.Tensor, tok_N: torch.Tensor, vocab: int,
                slot: int | torch.Tensor = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(hit, idx): whether each row's `pair_key(slot, previous, token)` is in the sorted `keys_X`,
@@ -80,8 +68,9 @@ def find_pairs(keys_X: torch.Tensor, prev_N: torch.Tensor, tok_N: torch.Tensor, 
     if keys_X.numel() == 0:
         shape = torch.broadcast_shapes(has.shape, torch.as_tensor(slot).shape)
         return torch.zeros(shape, dtype=torch.bool, device=has.device), torch.zeros(shape, dtype=torch.long, device=has.device)
-    hit, idx = find_sorted(keys_X, pair_key(slot, torch.where(has, prev_N, 0).long(), tok_N.long(), vocab))
-    return hit & has, idx
+    key_N = pair_key(slot, torch.where(has, prev_N, 0).long(), tok_N.long(), vocab)
+    idx = torch.searchsorted(keys_X, key_N).clamp_max(keys_X.numel() - 1)  # in range where absent
+    return (keys_X[idx] == key_N) & has, idx
 
 
 @dataclass
