@@ -1,12 +1,6 @@
-"""Phase 2: the VAR router (fast / learned tiers), verified tables, wrapper and evaluation.
-
-Modules: config (VARConfig + presets), stats_io (reading Phase 1 statistics), evidence (routing
-evidence by document), tables (the one tables module: sets chosen on even calibration documents,
-certified on odd ones, saved, loaded), pairs ((previous, token) entries), served (the served
-tables and the one routing decision), stack (TableStack) and one_row (batch-1 host steps),
-router (VARRouter), wrapper (VARModelWrapper / VARMixtralWrapper), evaluate / compare (baseline vs VAR),
-sweep (the frontier the presets are read from). Imports are lazy so
-`import var_moe.var` stays cheap. Test: `pytest tests/test_var_*.py`.
+"""Phase 2: the VAR router (fast / learned tiers), verified tables, wrapper and evaluation (the
+modules: docs/ARCHITECTURE.md). Imports are lazy so `import var_moe.var` stays cheap.
+Test: `pytest tests/test_var_*.py`.
 """
 
 from __future__ import annotations

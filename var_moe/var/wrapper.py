@@ -5,16 +5,13 @@
     wrapper.disable_var(); wrapper.enable_var()            # A/B switch at run time
     wrapper.get_performance_stats(); wrapper.restore()     # original router modules back
 
-The wrapper attaches a `TokenTracker` (token ids, padding and context aligned with router rows,
-also across `generate()` steps) and hands it to every VAR router. With VAR disabled each router
-calls the original module with the original input, so routing is exactly the original's.
-`suspended()` is a context manager that takes VAR out completely (original modules, no hooks) for
-timing the unmodified model in the same process; `frozen_tables()` holds shadow demotions back
-(timed passes). The tables of all patched layers are stacked once (`stack.TableStack`): the fast
-tier of a whole forward is one lookup. Tables with (previous, token) entries make the tracker keep
-the previous token of every row (also across `generate()` steps). Counters (per layer: tier
-counts, shadow agreement) live on device in the stack; per-batch-row tier counts for the server
-are in `row_tier_counts()`. Test: `pytest tests/test_var_exact.py tests/test_var_router.py`.
+A `TokenTracker` (token ids, padding and, with pair entries, the previous token of every row, also
+across `generate()` steps) feeds every router; the stacked tables (`stack.TableStack`) decide a
+whole forward in one lookup. With VAR disabled each router calls the original module with the
+original input, so routing is exactly the original's. `suspended()` takes VAR out completely for
+timing the unmodified model in the same process; `frozen_tables()` holds shadow demotions back.
+Counters (per layer) live on the device in the stack; per-batch-row tier counts for the server come
+from `row_tier_counts()`. Test: `pytest tests/test_var_exact.py tests/test_var_router.py`.
 """
 
 from __future__ import annotations
