@@ -18,7 +18,9 @@ Documents are split by parity of their index: even documents choose each entry's
 certify it (`half_of`); evidence used whole on one side (a separate choosing evidence of another
 split, `certify.py`'s "separate" mode) just sums both halves. Counting is vectorised (`torch.unique(dim=0)`, `index_add_`); pending
 rows are consolidated past a size bound so memory is O(distinct rows). The result saves as
-safetensors + JSON (`save` / `load`) so a sweep can rebuild tables without rerunning the model.
+safetensors + JSON (`save` / `load`) so a sweep can rebuild tables without rerunning the model;
+`read_artifact` is the one reader of such files (evidence and tables), so each refuses a missing,
+foreign or corrupt file the same way. No pickle.
 Shapes: T tokens, K top-k, E experts, V vocabulary, R rows. Test: `pytest tests/test_var_tables.py`.
 """
 
@@ -122,9 +124,28 @@ class LayerEvidence:
         self.rows_R4, inv = torch.unique(rows, dim=0, return_inverse=True)
         self.counts_R = torch.zeros(self.rows_R4.shape[0], dtype=torch.long).index_add_(0, inv, counts)
         self._pending = []
-        self._summary_cache = None  # derived tables (var.tables._summary) are stale now
+        self._summary_cache = None  # what certify._summary derived from the rows is stale now
 
     TENSORS = ("rows_R4", "counts_R", "freq_2V", "ent_2V", "cell_keys_C", "cell_chosen_C", "cell_wsum_C")
+
+
+def read_artifact(path: str | Path, key: str, what: str, hint: str = "") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of the safetensors file at `path` whose metadata entry `key` holds JSON:
+    FileNotFoundError (with `hint`) for a missing file, InvalidInputError for any other."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{what} file {p} does not exist{f' ({hint})' if hint else ''}")
+    try:
+        with safe_open(str(p), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {}).get(key, "null"))
+            tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+    except Exception as exc:
+        raise InvalidInputError(f"{p} is not a {what} file ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise InvalidInputError(f"{p} has no {what} metadata")
+    return meta, tensors
 
 
 class Evidence:
@@ -146,8 +167,6 @@ class Evidence:
 
     @classmethod
     def load(cls, path: str | Path) -> "Evidence":
-        from .artifact_io import read_artifact
-
         p = Path(path)
         meta, tensors = read_artifact(p, "varmoe_evidence", "VAR evidence")
         if meta.get("set_code") != SET_CODE:

@@ -28,7 +28,7 @@ router weights. Test: `pytest tests/test_var_tables.py tests/test_var_verificati
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +39,13 @@ from ..errors import InvalidInputError
 from ..identity import model_dir_of, routers_fingerprint
 from .certify import Candidates, global_set, layer_candidates, multiplicity_levels, pair_table, wilson_lower_bound
 from .config import VARConfig
-from .evidence import Evidence, collect_evidence
+from .evidence import Evidence, collect_evidence, read_artifact
 from .pairs import PairCandidates, PairTable, accepted_pairs, pair_candidates
 from .served import pair_serves, split_key
 from .stats_io import check_split
 
 FORMAT_VERSION = 2
-PAIR_NAMES = ("keys_P", "sets_PK", "weights_PK", "mass_P", "code_P", "bound_P", "agree_P", "total_P")  # PairTable fields
+PAIR_NAMES = tuple(f.name for f in fields(PairTable))
 
 
 @dataclass
@@ -123,20 +123,12 @@ def certify_entries(cands: dict[int, Candidates], pair_cands: dict[int, PairCand
     return out, ptabs, info
 
 
-def document_batches(token_lists: list[tuple[int, list[int]]], max_length: int, batch_size: int, pad_id: int) -> list[Any]:
-    """(document index, token ids) -> padded `EvalBatch`es of every <= max_length piece, rows
-    keeping their document index."""
-    from ..corpus import chunk_sequences, pad_batch
-    from .eval_data import EvalBatch
-
-    seqs = [(d, piece) for d, ids in token_lists for piece in chunk_sequences([ids], max_length)]
-    if not seqs:
+def _collect(model: Any, adapter: Any, batches: list[Any], info: dict[str, Any]) -> Evidence:
+    """Evidence over `batches`, its metadata naming the routers it was collected with."""
+    if not batches:
         raise InvalidInputError("no text to collect routing evidence from")
-    out = []
-    for i in range(0, len(seqs), batch_size):  # a loop over batches, not tokens
-        ids, mask = pad_batch([p for _, p in seqs[i:i + batch_size]], pad_id)
-        out.append(EvalBatch(ids, mask, [d for d, _ in seqs[i:i + batch_size]]))
-    return out
+    fingerprint = model_identity(model, adapter)["router_fingerprint"]
+    return collect_evidence(model, batches, adapter, {**info, "router_fingerprint": fingerprint})
 
 
 def spread_indices(n: int, max_docs: int | None) -> list[int]:
@@ -154,31 +146,34 @@ def evidence_for_split(model: Any, adapter: Any, tokenizer: Any, dataset: str, s
     """Evidence over whole documents of one split (every piece), at most `max_docs` of them spread
     evenly; e.g. training-split documents that choose entries certified on the calibration split."""
     from ..corpus import encode_document, iter_documents
+    from .eval_data import document_batches
 
     docs = list(iter_documents(dataset, split))
     keep = spread_indices(len(docs), max_docs)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = document_batches([(d, encode_document(tokenizer, docs[d].text)) for d in keep], max_length, batch_size, pad_id)
-    info = {"model": str(getattr(model.config, "_name_or_path", "")), "dataset": dataset, "split": split,
-            "max_length": int(max_length), "split_documents": len(docs),
-            "document_rule": f"{len(keep)} of the split's {len(docs)} documents, evenly spread",
-            "router_fingerprint": model_identity(model, adapter)["router_fingerprint"]}
-    return collect_evidence(model, batches, adapter, info)
+    batches = document_batches(tokenizer, ((d, encode_document(tokenizer, docs[d].text)) for d in keep), max_length,
+                               batch_size)
+    return _collect(model, adapter, batches, {
+        "model": str(getattr(model.config, "_name_or_path", "")), "dataset": dataset, "split": split,
+        "max_length": int(max_length), "split_documents": len(docs),
+        "document_rule": f"{len(keep)} of the split's {len(docs)} documents, evenly spread"})
+
+
+def _documents(meta: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+    """(dataset, split, max_length, num_samples) as a capture's metadata holds them (None where absent)."""
+    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    return (meta.get("dataset") or cfg.get("dataset"), meta.get("split") or cfg.get("split"),
+            cfg.get("max_length") or meta.get("max_length"), cfg.get("num_samples"))
 
 
 def names_documents(meta: dict[str, Any]) -> bool:
     """Whether a capture's metadata names its documents (dataset, split, max_length)."""
-    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-    return bool((meta.get("dataset") or cfg.get("dataset")) and (meta.get("split") or cfg.get("split"))
-                and (cfg.get("max_length") or meta.get("max_length")))
+    return all(_documents(meta)[:3])
 
 
 def stats_documents(meta: dict[str, Any]) -> tuple[str, str, int, int | None]:
     """(dataset, split, max_length, num_samples) of the documents a capture's metadata names."""
-    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-    dataset, split = meta.get("dataset") or cfg.get("dataset"), meta.get("split") or cfg.get("split")
-    max_length, num_samples = cfg.get("max_length") or meta.get("max_length"), cfg.get("num_samples")
-    if not dataset or not split or not max_length:
+    dataset, split, max_length, num_samples = _documents(meta)
+    if not names_documents(meta):
         raise InvalidInputError("the statistics metadata does not name its dataset / split / max_length, so its "
                                 "documents cannot be found again to certify tables by document; capture them with "
                                 "`varmoe capture`, or build tables with `VARTables.from_texts` / `varmoe build-tables`")
@@ -200,10 +195,9 @@ def evidence_for_stats(meta: dict[str, Any], model: Any, adapter: Any, tokenizer
             tokenizer = AutoTokenizer.from_pretrained(name)
         except Exception as exc:  # a missing or foreign tokenizer folder
             raise InvalidInputError(f"cannot load the tokenizer of {name!r} named by the statistics ({exc})") from exc
-    batches = eval_batches(tokenizer, dataset, split, num_samples, int(max_length), batch_size, max_per_doc=None)
-    info = {"model": meta.get("model"), "dataset": dataset, "split": split, "max_length": int(max_length),
-            "router_fingerprint": model_identity(model, adapter)["router_fingerprint"]}
-    return collect_evidence(model, batches, adapter, info)
+    batches = eval_batches(tokenizer, dataset, split, num_samples, max_length, batch_size, max_per_doc=None)
+    return _collect(model, adapter, batches, {"model": meta.get("model"), "dataset": dataset, "split": split,
+                                              "max_length": max_length})
 
 
 def frequency_check(df: Any, evidence: Evidence) -> dict[str, Any]:
@@ -264,26 +258,38 @@ def _check_held_out(choosing: dict[str, Any], certifying: dict[str, Any], choose
 
 def _sides(evidence: Evidence, source: str, chooser: Evidence | None, choose_source: str, choose: str) -> dict[str, Any]:
     """Where the tables' sets were chosen and where they were certified (for the metadata)."""
-    def side(ev: Evidence, src: str, rule: str, documents: Any, tokens: Any) -> dict[str, Any]:
+    def side(ev: Evidence, src: str, rule: str, counts: tuple[Any, Any] | None = None) -> dict[str, Any]:
+        """One side; `counts` = (documents, tokens), default the whole evidence's."""
         m = ev.metadata
+        documents, tokens = counts or (m.get("num_documents"), m.get("num_tokens"))
         return {"source": str(src), "dataset": m.get("dataset"), "split": m.get("split"), "documents": documents,
                 "tokens": tokens, "documents_rule": rule}
 
     if choose == "all":
-        return {"choosing": side(evidence, source, "all documents", evidence.metadata.get("num_documents"),
-                                 evidence.metadata.get("num_tokens")),
-                "certifying": side(evidence, source, "none (nothing certified)", 0, 0)}
+        return {"choosing": side(evidence, source, "all documents"),
+                "certifying": side(evidence, source, "none (nothing certified)", (0, 0))}
     if chooser is None:
         halves = evidence.metadata.get("documents_per_half") or [None, None]
         first = evidence.layers[min(evidence.layers)]
         tokens = [int(first.freq_2V[h].sum()) for h in (0, 1)]  # every valid token is routed once per layer
-        return {"choosing": side(evidence, source, "even-indexed documents", halves[0], tokens[0]),
-                "certifying": side(evidence, source, "odd-indexed documents", halves[1], tokens[1])}
-    split_c, split_v = chooser.metadata.get("split"), evidence.metadata.get("split")
-    return {"choosing": side(chooser, choose_source, f"all documents of the choosing evidence ({split_c})",
-                             chooser.metadata.get("num_documents"), chooser.metadata.get("num_tokens")),
-            "certifying": side(evidence, source, f"all documents of the certifying evidence ({split_v})",
-                               evidence.metadata.get("num_documents"), evidence.metadata.get("num_tokens"))}
+        return {"choosing": side(evidence, source, "even-indexed documents", (halves[0], tokens[0])),
+                "certifying": side(evidence, source, "odd-indexed documents", (halves[1], tokens[1]))}
+    rule = "all documents of the {} evidence ({})"
+    return {"choosing": side(chooser, choose_source, rule.format("choosing", chooser.metadata.get("split"))),
+            "certifying": side(evidence, source, rule.format("certifying", evidence.metadata.get("split")))}
+
+
+def _target(model: Any, adapter: Any, layers: list[int] | None) -> tuple[dict[str, Any], list[int]]:
+    """The model's identity and the layers to build tables for (default: every MoE layer)."""
+    return model_identity(model, adapter), layers if layers is not None else [m.layer for m in adapter.moe_layers(model)]
+
+
+def table_metadata(ident: dict[str, Any], layers: list[int], config: VARConfig, source: str, source_meta: dict[str, Any],
+                   info: dict[str, Any]) -> dict[str, Any]:
+    """What every tables file records: the model, its layers, the config, the source and how it was verified."""
+    return {**ident, "layers": layers, "config": config.to_dict(), "source": str(source),
+            "source_split": source_meta.get("split"), "source_model": source_meta.get("model"),
+            "source_tokens": source_meta.get("num_tokens"), "verification": info, "format_version": FORMAT_VERSION}
 
 
 class VARTables:
@@ -314,8 +320,7 @@ class VARTables:
     # -- building --------------------------------------------------------------------------------
     @classmethod
     def empty(cls, model: Any, adapter: Any, layers: list[int] | None = None) -> "VARTables":
-        ident = model_identity(model, adapter)
-        layers = layers if layers is not None else [m.layer for m in adapter.moe_layers(model)]
+        ident, layers = _target(model, adapter, layers)
         tabs = {l: LayerTable.empty(ident["vocab_size"], ident["top_k"]) for l in layers}
         return cls(tabs, {**ident, "layers": layers, "config": None, "source": "empty"})
 
@@ -327,9 +332,7 @@ class VARTables:
         """Tables for `model`: each entry's set chosen on even calibration documents, certified on
         odd ones; or, with `choose_evidence`, chosen on all of its documents and certified on all
         of `evidence`'s (per-document cap, multiplicity over all entries; see the module docstring)."""
-        ident = model_identity(model, adapter)
-        moe = [m.layer for m in adapter.moe_layers(model)]
-        layers = layers if layers is not None else moe
+        ident, layers = _target(model, adapter, layers)
         allow = allow_test_split or config.allow_test_split
         _check_evidence(evidence, ident, layers, source, allow)
         if choose_evidence is not None:
@@ -357,11 +360,8 @@ class VARTables:
             info = {"method": "sets chosen on all calibration documents; nothing certified (Phase 1 predictors)"}
         pairs = {l: pair_table(evidence.layers[l], min_pair_count, choose, chooser[l]) for l in layers}
         glob = {l: global_set(evidence.layers[l], choose, chooser[l]) for l in layers}
-        meta = {**ident, "layers": layers, "config": config.to_dict(), "source": str(source),
-                "source_split": evidence.metadata.get("split"), "source_model": evidence.metadata.get("model"),
-                "source_tokens": evidence.metadata.get("num_tokens"),
-                "source_documents": evidence.metadata.get("documents_per_half"), **sides,
-                "verification": info, "min_pair_count": min_pair_count, "format_version": FORMAT_VERSION}
+        meta = {**table_metadata(ident, layers, config, source, evidence.metadata, info), **sides,
+                "source_documents": evidence.metadata.get("documents_per_half"), "min_pair_count": min_pair_count}
         return cls(tabs, meta, pairs, glob, served_pairs)
 
     @classmethod
@@ -371,12 +371,12 @@ class VARTables:
         certify) -- for callers without a capture, e.g. tests that build tables for a tiny model."""
         from ..adapters import get_adapter
 
+        from .eval_data import document_batches
+
         adapter = get_adapter(model)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        batches = document_batches([(d, tokenizer(text, add_special_tokens=False)["input_ids"]) for d, text in enumerate(texts)],
-                                   max_length, batch_size, pad_id)
-        info = {"source": source, "router_fingerprint": model_identity(model, adapter)["router_fingerprint"]}
-        return cls.from_evidence(collect_evidence(model, batches, adapter, info), model, adapter, config, source=source)
+        docs = ((d, tokenizer(text, add_special_tokens=False)["input_ids"]) for d, text in enumerate(texts))
+        evidence = _collect(model, adapter, document_batches(tokenizer, docs, max_length, batch_size), {"source": source})
+        return cls.from_evidence(evidence, model, adapter, config, source=source)
 
     @classmethod
     def from_stats_file(cls, path: str | Path, model: Any, adapter: Any, config: VARConfig,
@@ -421,8 +421,6 @@ class VARTables:
 
     @classmethod
     def load(cls, path: str | Path, model: Any = None, adapter: Any = None, check_fingerprint: bool = True) -> "VARTables":
-        from .artifact_io import read_artifact
-
         p = Path(path)
         meta, tensors = read_artifact(p, "varmoe_tables", "VAR tables", "build it with `varmoe build-tables`")
         layers = {int(l): LayerTable(*(tensors.get(f"layer{l}.{n}") for n in LayerTable.NAMES)) for l in meta["layers"]}
