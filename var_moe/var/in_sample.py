@@ -27,7 +27,7 @@ import torch
 from ..errors import InvalidInputError
 from .certify import Candidates, score_pvalues, served_weights
 from .config import VARConfig
-from .tables import FORMAT_VERSION, VARTables, certify_entries, model_identity, names_documents
+from .tables import VARTables, certify_entries, identity_and_layers, names_documents, table_metadata
 
 CERTIFY_COMMANDS = ("`varmoe capture --split calibration --output calib.parquet` (statistics that name their documents), "
                     "then `varmoe build-tables --routing-stats calib.parquet --output tables.safetensors`")
@@ -103,8 +103,7 @@ def tables_for_stats(path: str | Path, model: Any, adapter: Any, config: VARConf
 def in_sample_tables(df: Any, meta: dict[str, Any], model: Any, adapter: Any, config: VARConfig,
                      layers: list[int] | None, source: str) -> VARTables:
     """`VARTables` for `model` from a statistics frame without document metadata (uncertified)."""
-    ident = model_identity(model, adapter)
-    layers = layers if layers is not None else [m.layer for m in adapter.moe_layers(model)]
+    ident, layers = identity_and_layers(model, adapter, layers)
     missing = sorted(set(layers) - set(int(x) for x in df["layer"].unique()))
     if missing:
         raise InvalidInputError(f"statistics {source} have no rows for MoE layer(s) {missing}")
@@ -112,8 +111,5 @@ def in_sample_tables(df: Any, meta: dict[str, Any], model: Any, adapter: Any, co
                                            ident["top_k"]) for l in layers}
     tabs, _, info = certify_entries(cands, {}, config, "in-sample: sets chosen and scored on the same statistics "
                                                       "(no document metadata); not certified")
-    meta_out = {**ident, "layers": layers, "config": config.to_dict(), "source": str(source),
-                "source_split": meta.get("split"), "source_model": meta.get("model"),
-                "source_tokens": meta.get("num_tokens"), "verification": info, "certified": False,
-                "uncertified": UNCERTIFIED_NOTE, "format_version": FORMAT_VERSION}
-    return VARTables(tabs, meta_out)
+    return VARTables(tabs, {**table_metadata(ident, layers, config, source, meta, info), "certified": False,
+                            "uncertified": UNCERTIFIED_NOTE})

@@ -279,7 +279,7 @@ def _sides(evidence: Evidence, source: str, chooser: Evidence | None, choose_sou
             "certifying": side(evidence, source, rule.format("certifying", evidence.metadata.get("split")))}
 
 
-def _target(model: Any, adapter: Any, layers: list[int] | None) -> tuple[dict[str, Any], list[int]]:
+def identity_and_layers(model: Any, adapter: Any, layers: list[int] | None) -> tuple[dict[str, Any], list[int]]:
     """The model's identity and the layers to build tables for (default: every MoE layer)."""
     return model_identity(model, adapter), layers if layers is not None else [m.layer for m in adapter.moe_layers(model)]
 
@@ -320,7 +320,7 @@ class VARTables:
     # -- building --------------------------------------------------------------------------------
     @classmethod
     def empty(cls, model: Any, adapter: Any, layers: list[int] | None = None) -> "VARTables":
-        ident, layers = _target(model, adapter, layers)
+        ident, layers = identity_and_layers(model, adapter, layers)
         tabs = {l: LayerTable.empty(ident["vocab_size"], ident["top_k"]) for l in layers}
         return cls(tabs, {**ident, "layers": layers, "config": None, "source": "empty"})
 
@@ -332,7 +332,7 @@ class VARTables:
         """Tables for `model`: each entry's set chosen on even calibration documents, certified on
         odd ones; or, with `choose_evidence`, chosen on all of its documents and certified on all
         of `evidence`'s (per-document cap, multiplicity over all entries; see the module docstring)."""
-        ident, layers = _target(model, adapter, layers)
+        ident, layers = identity_and_layers(model, adapter, layers)
         allow = allow_test_split or config.allow_test_split
         _check_evidence(evidence, ident, layers, source, allow)
         if choose_evidence is not None:
