@@ -129,7 +129,8 @@ class LayerEvidence:
     TENSORS = ("rows_R4", "counts_R", "freq_2V", "ent_2V", "cell_keys_C", "cell_chosen_C", "cell_wsum_C")
 
 
-def read_artifact(path: str | Path, key: str, what: str, hint: str = "") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_artifact(path: str | Path, key: str, what: str,
+                  hint: str = "") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(metadata, tensors) of the safetensors file at `path` whose metadata entry `key` holds JSON:
     FileNotFoundError (with `hint`) for a missing file, InvalidInputError for any other."""
     from safetensors import safe_open

@@ -281,11 +281,12 @@ def _sides(evidence: Evidence, source: str, chooser: Evidence | None, choose_sou
 
 def identity_and_layers(model: Any, adapter: Any, layers: list[int] | None) -> tuple[dict[str, Any], list[int]]:
     """The model's identity and the layers to build tables for (default: every MoE layer)."""
-    return model_identity(model, adapter), layers if layers is not None else [m.layer for m in adapter.moe_layers(model)]
+    moe = [m.layer for m in adapter.moe_layers(model)]
+    return model_identity(model, adapter), layers if layers is not None else moe
 
 
-def table_metadata(ident: dict[str, Any], layers: list[int], config: VARConfig, source: str, source_meta: dict[str, Any],
-                   info: dict[str, Any]) -> dict[str, Any]:
+def table_metadata(ident: dict[str, Any], layers: list[int], config: VARConfig, source: str,
+                   source_meta: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
     """What every tables file records: the model, its layers, the config, the source and how it was verified."""
     return {**ident, "layers": layers, "config": config.to_dict(), "source": str(source),
             "source_split": source_meta.get("split"), "source_model": source_meta.get("model"),
@@ -375,7 +376,8 @@ class VARTables:
 
         adapter = get_adapter(model)
         docs = ((d, tokenizer(text, add_special_tokens=False)["input_ids"]) for d, text in enumerate(texts))
-        evidence = _collect(model, adapter, document_batches(tokenizer, docs, max_length, batch_size), {"source": source})
+        batches = document_batches(tokenizer, docs, max_length, batch_size)
+        evidence = _collect(model, adapter, batches, {"source": source})
         return cls.from_evidence(evidence, model, adapter, config, source=source)
 
     @classmethod
