@@ -30,9 +30,8 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import InvalidInputError
-from ..timing import Variant, interleaved
 from .config import VARConfig
-from .evaluate import EvalBatch, _per_doc, batch_nll, forward, paired_bootstrap
+from .evaluate import EvalBatch, doc_nll, paired_bootstrap, paired_times
 
 
 @dataclass(frozen=True)
@@ -135,11 +134,6 @@ def runtime_points(doc: dict[str, Any], named: dict[str, VARConfig] | None = Non
     return list(dict.fromkeys(keys))
 
 
-def _config_for(key: str, doc: dict[str, Any], base: VARConfig) -> VARConfig:
-    row = next(r for r in doc["tables"] if r["key"] == key)
-    return base.replace(**row["config"])
-
-
 def sweep_runtime(calibration: Any, model: Any, adapter: Any, ppl_batches: list[EvalBatch],
                   speed_batches: list[EvalBatch], grid: SweepGrid, base: VARConfig, keys: list[str], out: Path,
                   log: Callable[[str], None] = print, scoring: dict[str, Any] | None = None,
@@ -152,8 +146,7 @@ def sweep_runtime(calibration: Any, model: Any, adapter: Any, ppl_batches: list[
     doc = _load(out, choosing_scheme(chooser))
     device = next(model.parameters()).device
     if doc.get("baseline") is None:
-        rows = [batch_nll(model, b, device) for b in ppl_batches]
-        nll, cnt = _per_doc(ppl_batches, [r[0] for r in rows], [r[1] for r in rows])
+        nll, cnt = doc_nll(model, ppl_batches, device)
         doc["baseline"] = {"nll": nll.tolist(), "count": cnt.tolist(), "documents": len(nll), "tokens": int(cnt.sum()),
                            "scoring": scoring}
         _save(out, doc)
@@ -163,7 +156,7 @@ def sweep_runtime(calibration: Any, model: Any, adapter: Any, ppl_batches: list[
     b_nll, b_cnt = np.asarray(doc["baseline"]["nll"]), np.asarray(doc["baseline"]["count"])
     done = {r["key"] for r in doc["runtime"]}
     for key in keys:
-        table_cfg = _config_for(key, doc, base)
+        table_cfg = base.replace(**next(r for r in doc["tables"] if r["key"] == key)["config"])
         tables = VARTables.from_evidence(calibration, model, adapter, table_cfg, choose_evidence=chooser)
         for k in grid.adaptive_k:
             cfg = table_cfg.replace(adaptive_k=k is not None, adaptive_k_min_weight=k or base.adaptive_k_min_weight)
@@ -174,12 +167,12 @@ def sweep_runtime(calibration: Any, model: Any, adapter: Any, ppl_batches: list[
             try:
                 with w.frozen_tables(), torch.no_grad():
                     w.reset_stats()
-                    rows = [batch_nll(w, b, device) for b in ppl_batches]
+                    v_nll, v_cnt = doc_nll(w, ppl_batches, device)
                     dist = w.get_performance_stats()["overall"]["routing_distribution"]
-                    ratios = paired_speed(model, w, speed_batches, device, grid.repeats, grid.warmup)
+                    times = paired_times(model, w, speed_batches, device, grid.repeats, grid.warmup)
             finally:
                 w.restore()
-            v_nll, v_cnt = _per_doc(ppl_batches, [r[0] for r in rows], [r[1] for r in rows])
+            ratios = [sum(tb) / sum(tv) for tb, tv in zip(times["base"], times["var"])]  # baseline / VAR seconds
             ppl = paired_bootstrap(b_nll, b_cnt, v_nll, v_cnt, 1000, 0)
             row = {"key": rkey, "table_key": key, "adaptive_k_min_weight": k,
                    "target_agreement": table_cfg.target_agreement, "routing_distribution": dist,
@@ -198,15 +191,6 @@ def _same_scoring(stored: dict[str, Any], scoring: dict[str, Any] | None) -> boo
     if "scoring" in stored:
         return stored["scoring"] == scoring
     return scoring is None or (scoring["method"] == "back-to-back pieces" and scoring["documents"] == stored["documents"])
-
-
-def paired_speed(model: Any, wrapper: Any, batches: list[EvalBatch], device: Any, repeats: int, warmup: int) -> list[float]:
-    """Per repeat: baseline seconds / VAR seconds over the same batches, interleaved batch by batch
-    in rotating order (`var_moe.timing`)."""
-    times = interleaved({"base": Variant(lambda i: forward(model, batches[i], device), around=wrapper.suspended),
-                         "var": Variant(lambda i: forward(wrapper, batches[i], device))},
-                        len(batches), repeats, warmup, device=device)
-    return [sum(tb) / sum(tv) for tb, tv in zip(times["base"], times["var"])]
 
 
 def render_runtime(doc: dict[str, Any]) -> str:
