@@ -42,7 +42,7 @@ from .config import VARConfig
 from .evidence import Evidence, collect_evidence, read_artifact
 from .pairs import PairCandidates, PairTable, accepted_pairs, pair_candidates
 from .served import pair_serves, split_key
-from .stats_io import check_split
+from .stats_io import check_split, named_documents
 
 FORMAT_VERSION = 2
 PAIR_NAMES = tuple(f.name for f in fields(PairTable))
@@ -158,21 +158,14 @@ def evidence_for_split(model: Any, adapter: Any, tokenizer: Any, dataset: str, s
         "document_rule": f"{len(keep)} of the split's {len(docs)} documents, evenly spread"})
 
 
-def _documents(meta: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
-    """(dataset, split, max_length, num_samples) as a capture's metadata holds them (None where absent)."""
-    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-    return (meta.get("dataset") or cfg.get("dataset"), meta.get("split") or cfg.get("split"),
-            cfg.get("max_length") or meta.get("max_length"), cfg.get("num_samples"))
-
-
 def names_documents(meta: dict[str, Any]) -> bool:
     """Whether a capture's metadata names its documents (dataset, split, max_length)."""
-    return all(_documents(meta)[:3])
+    return all(named_documents(meta)[:3])
 
 
 def stats_documents(meta: dict[str, Any]) -> tuple[str, str, int, int | None]:
     """(dataset, split, max_length, num_samples) of the documents a capture's metadata names."""
-    dataset, split, max_length, num_samples = _documents(meta)
+    dataset, split, max_length, num_samples = named_documents(meta)
     if not names_documents(meta):
         raise InvalidInputError("the statistics metadata does not name its dataset / split / max_length, so its "
                                 "documents cannot be found again to certify tables by document; capture them with "
