@@ -9,20 +9,15 @@ Per layer and token (the statistics are in `certify.py`):
 2. certify: its agreement on the certifying documents (the odd ones, or all calibration documents
    with a separate chooser), each document counting at most `max_per_document` occurrences, since
    occurrences inside one document are correlated;
-3. multiplicity: a one-sided Wilson score test of "agreement <= target_agreement" over ALL
-   candidates of all layers as one family (`multiplicity`: bh / holm / none); `bound_V` is each
-   entry's Wilson lower bound at its adjusted level.
+3. multiplicity: a one-sided Wilson score test of "agreement <= target_agreement" over ALL token
+   and (with `config.pair_entries`, `pairs.py`) (previous, token) candidates of all layers as one
+   family; `bound_V` is each entry's Wilson lower bound at its adjusted level.
 The assumption left: documents are independent draws of the text the tables will serve. Test-split
 evidence is refused on either side (unless allowed), and so is a choosing evidence from the
 certifying one's split; the metadata records both sides (`choosing`, `certifying`).
-
-Stored per layer (`LayerTable`): the chosen set and weights, `member_V`, `bound_V` and the certifying
-counts that shadow verification extends; for validation also (previous, token) modal sets (`pairs`)
-and the global modal set. With `config.pair_entries`, certified (previous, token) entries
-(`pair_tier`, `pairs.py`) join the same multiplicity family; a pair entry serves only where the
-row's token has no entry. Files: safetensors (`layer{l}.{name}`) + the metadata as JSON beside it;
-`VARTables.load(path, model)` refuses a file made for another model type, vocabulary, E, k or
-router weights. Test: `pytest tests/test_var_tables.py tests/test_var_verification.py`.
+Files: safetensors (`layer{l}.{name}`) + the metadata as JSON beside it; `VARTables.load(path,
+model)` refuses a file made for another model type, vocabulary, E, k or router weights.
+Test: `pytest tests/test_var_tables.py tests/test_var_verification.py`.
 """
 
 from __future__ import annotations
@@ -46,10 +41,14 @@ from .stats_io import check_split, named_documents
 
 FORMAT_VERSION = 2
 PAIR_NAMES = tuple(f.name for f in fields(PairTable))
+CHECK_PAIR_NAMES = ("pair_keys_P", "pair_sets_PK", "pair_counts_P")  # VARTables.pairs, for validation
 
 
 @dataclass
 class LayerTable:
+    """One layer's token entries: the chosen set and weights per token, which tokens are entries
+    (`member_V`) with their bounds, and the certifying counts that shadow verification extends."""
+
     experts_VK: torch.Tensor  # long
     weights_VK: torch.Tensor  # float32, rows sum to 1 over the set
     mass_V: torch.Tensor  # float32, raw sum of mean learned weights over the set
@@ -364,7 +363,6 @@ class VARTables:
         """Tables from a list of documents (each text one document; even ones choose, odd ones
         certify) -- for callers without a capture, e.g. tests that build tables for a tiny model."""
         from ..adapters import get_adapter
-
         from .eval_data import document_batches
 
         adapter = get_adapter(model)
@@ -402,9 +400,7 @@ class VARTables:
 
         p = Path(path)
         tensors = {f"layer{l}.{n}": getattr(t, n).contiguous() for l, t in self.layers.items() for n in LayerTable.NAMES}
-        for l, (keys, sets, counts) in self.pairs.items():
-            tensors |= {f"layer{l}.pair_keys_P": keys.contiguous(), f"layer{l}.pair_sets_PK": sets.contiguous(),
-                        f"layer{l}.pair_counts_P": counts.contiguous()}
+        tensors |= {f"layer{l}.{n}": t.contiguous() for l, p in self.pairs.items() for n, t in zip(CHECK_PAIR_NAMES, p)}
         tensors |= {f"layer{l}.global_set_K": g.contiguous() for l, g in self.global_sets.items()}
         tensors |= {f"layer{l}.tier_pair.{n}": getattr(p, n).contiguous() for l, p in self.pair_tier.items() for n in PAIR_NAMES}
         meta = {**self.metadata, "sizes": {str(l): s for l, s in self.sizes().items()}, "format_version": FORMAT_VERSION}
@@ -419,7 +415,7 @@ class VARTables:
         p = Path(path)
         meta, tensors = read_artifact(p, "varmoe_tables", "VAR tables", "build it with `varmoe build-tables`")
         layers = {int(l): LayerTable(*(tensors.get(f"layer{l}.{n}") for n in LayerTable.NAMES)) for l in meta["layers"]}
-        pairs = {int(l): tuple(tensors[f"layer{l}.{n}"] for n in ("pair_keys_P", "pair_sets_PK", "pair_counts_P"))
+        pairs = {int(l): tuple(tensors[f"layer{l}.{n}"] for n in CHECK_PAIR_NAMES)
                  for l in meta["layers"] if f"layer{l}.pair_keys_P" in tensors}
         glob = {int(l): tensors[f"layer{l}.global_set_K"] for l in meta["layers"] if f"layer{l}.global_set_K" in tensors}
         tier = {int(l): PairTable(*(tensors[f"layer{l}.tier_pair.{n}"] for n in PAIR_NAMES))
