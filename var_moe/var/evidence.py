@@ -16,8 +16,9 @@ masked) and keeps, per MoE layer:
 
 Documents are split by parity of their index: even documents choose each entry's set, odd ones
 certify it (`half_of`); evidence used whole on one side (a separate choosing evidence of another
-split, `certify.py`'s "separate" mode) just sums both halves. Counting is vectorised (`torch.unique(dim=0)`, `index_add_`); pending
-rows are consolidated past a size bound so memory is O(distinct rows). The result saves as
+split, `certify.py`'s "separate" mode) just sums both halves. Counting is vectorised
+(`torch.unique(dim=0)`, `index_add_`); pending rows are consolidated past a size bound so memory
+is O(distinct rows). The result saves as
 safetensors + JSON (`save` / `load`) so a sweep can rebuild tables without rerunning the model;
 `read_artifact` is the one reader of such files (evidence and tables), so each refuses a missing,
 foreign or corrupt file the same way. No pickle.

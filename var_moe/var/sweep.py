@@ -1,20 +1,17 @@
 """The measured frontier behind the presets: table knobs x runtime knobs -> coverage, held-out
 agreement, perplexity change, paired speed ratio.
 
-Stage 1 (tables, cheap): for every (target agreement, minimum frequency, entropy cap incl. none,
-per-document cap) the tables are rebuilt from saved calibration evidence and scored on test
-evidence (`validation.served`): coverage and agreement per layer with document-bootstrap intervals.
+Stage 1 (tables, cheap): for every (target agreement, minimum frequency, entropy cap or none,
+per-document cap) tables are rebuilt from saved calibration evidence and scored on test evidence
+(`validation.served`): coverage and agreement per layer with document-bootstrap intervals.
 Stage 2 (runtime, model runs): for the table points `runtime_points` picks (the presets, and the
-loosest target's largest coverage as the degradation check), and
-each runtime setting (adaptive-k threshold or none): perplexity of VAR vs the
-unmodified model on whole test documents (sliding windows, eval_data.py; the scoring is stored
-with the baseline and a resume with another scoring is refused) with a paired bootstrap
-interval over documents, and the paired speed ratio (baseline time / VAR time; batches
-interleaved in rotating order after a warm-up (`var_moe.timing`), median over repeats, tables frozen).
-Results are appended to a JSON file after every point, and points already there are skipped,
-so an interrupted sweep resumes. With a separate choosing evidence (`chooser`, e.g. training-split
-documents) every table chooses its sets there and certifies them on all calibration documents; the
-JSON records the scheme (`choosing`) and refuses to resume a file made with another one.
+loosest target's largest coverage as the degradation check) and each adaptive-k setting:
+perplexity of VAR vs the unmodified model on whole test documents (sliding windows, eval_data.py)
+with a paired bootstrap interval over documents, and the paired speed ratio (baseline / VAR time,
+`evaluate.paired_times`, median over repeats, tables frozen).
+Every point is appended to a JSON file at once and points already there are skipped, so an
+interrupted sweep resumes; resuming with another perplexity scoring, or another choosing scheme
+(`chooser`: e.g. training-split documents choose every table's sets), is refused.
 CLI: `varmoe sweep`. Test: `pytest tests/test_var_sweep.py tests/test_var_choosing.py`.
 """
 
