@@ -8,12 +8,12 @@ the `choose` mode (`CHOOSE_MODES`):
   "separate": every document of a second evidence object (`chooser`, e.g. the training split)
               chooses, every document of the certifying one (the calibration split) certifies;
   "all":      every document chooses, nothing is certified (Phase 1's unverified predictors).
-A one-sided score test per candidate
-(`score_pvalues`) and a multiplicity rule over all candidates (`multiplicity_levels`: bh / holm /
-none) decide which entries are served; `wilson_lower_bound` states each entry's bound.
-Also the (previous, token) and global modal sets for validation, and the shadow demotion rule.
-Vectorised (`torch.unique`, `index_add_`, `scatter_reduce`); config-independent parts are cached
-on the evidence object. Test: `pytest tests/test_var_verification.py tests/test_var_tables.py`.
+A one-sided score test per candidate (`score_pvalues`) and a multiplicity rule over all candidates
+(`multiplicity_levels`: bh / holm / none) decide which entries are served; `wilson_lower_bound`
+states each entry's bound. Also the (previous, token) and global modal sets for validation, and
+the shadow demotion rule. Vectorised (`torch.unique`, `index_add_`, `scatter_reduce`);
+config-independent parts are cached on the evidence object.
+Test: `pytest tests/test_var_verification.py tests/test_var_tables.py`.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def demote_mask(running_bound: torch.Tensor, shadow_agree: torch.Tensor, shadow_
         upper bound of the shadow agreement < target, i.e. the entry is below target on the traffic
         actually served, at the same confidence, however large its calibration counts. Without it
         an entry admitted on thousands of calibration tokens needs thousands of disagreeing
-        checks before the running bound drops (measured: 4 demotions at 75% served agreement).
+        checks before the running bound drops.
     """
     combined = running_bound < target
     if min_checks <= 0:
@@ -107,25 +107,19 @@ def capped_counts(n_D: torch.Tensor, a_D: torch.Tensor, key_D: torch.Tensor, num
 CHOOSE_MODES = ("even", "separate", "all")
 
 
-def _choosing(rows_R4: torch.Tensor, choose: str) -> torch.Tensor:
-    """Rows that choose sets: even documents ("even", the served tables), or all rows ("all",
-    Phase 1's unverified predictors; "separate", where the rows are the chooser's own)."""
-    if choose in ("all", "separate"):
-        return torch.ones(rows_R4.shape[0], dtype=torch.bool)
-    return half_of(rows_R4[:, 0]) == 0
+def side_rows(ev: LayerEvidence, choose: str, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows_R4, counts_R) of `ev` that choose sets (`side` 0) or certify them (1): the even or odd
+    documents, or every row where the evidence is used whole (the chooser's in "separate" and all
+    of it in "all" choose; the certifying evidence's in "separate" certify)."""
+    if choose == "separate" or (choose == "all" and side == 0):
+        return ev.rows_R4, ev.counts_R
+    keep = half_of(ev.rows_R4[:, 0]) == side
+    return ev.rows_R4[keep], ev.counts_R[keep]
 
 
 def choosing_halves(choose: str) -> slice:
     """The parity halves whose per-token sums choose: the even one, or both (a chooser's, or "all")."""
     return slice(0, 1) if choose == "even" else slice(0, 2)
-
-
-def certifying_rows(ev: LayerEvidence, choose: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows_R4, counts_R) that certify: odd documents, or every row of the certifying evidence ("separate")."""
-    if choose == "separate":
-        return ev.rows_R4, ev.counts_R
-    cert = half_of(ev.rows_R4[:, 0]) == 1
-    return ev.rows_R4[cert], ev.counts_R[cert]
 
 
 def choosing_side(ev: LayerEvidence, choose: str, chooser: LayerEvidence | None) -> LayerEvidence:
@@ -150,12 +144,11 @@ def _summary(ev: LayerEvidence, choose: str = "even", chooser: LayerEvidence | N
     key = (choose, id(src.rows_R4))
     if key in cache and cache[key]["chooser_rows"] is src.rows_R4:  # an id can be reused after consolidating
         return cache[key]
-    rows, counts = src.rows_R4, src.counts_R
-    sel = _choosing(rows, choose)
-    keys, code_G, _, _ = _modal(rows[sel][:, 2:4], counts[sel], 1)
+    rows, counts = side_rows(src, choose, 0)
+    keys, code_G, _, _ = _modal(rows[:, 2:4], counts, 1)
     modal_code_V = torch.full((ev.vocab,), -1, dtype=torch.long)
     modal_code_V[keys[:, 0]] = code_G
-    c_R4, c_R = certifying_rows(ev, choose)
+    c_R4, c_R = side_rows(ev, choose, 1)
     n_D, a_D, tok_D = document_groups(c_R4, c_R4[:, 2], modal_code_V, c_R)
     out = {"modal_code_V": modal_code_V, "n_D": n_D, "a_D": a_D, "tok_D": tok_D, "chooser_rows": src.rows_R4}
     ev._summary_cache = {**cache, key: out}
@@ -272,14 +265,14 @@ def pair_modes(ev: LayerEvidence, choose: str = "even", chooser: LayerEvidence |
     validation pairs (`pair_table`) and the served pair tier (`pairs.pair_candidates`) read it."""
     sm = _summary(ev, choose, chooser)
     if "pairs" not in sm:
-        src = choosing_side(ev, choose, chooser)
-        sel = _choosing(src.rows_R4, choose) & (src.rows_R4[:, 1] >= 0)
+        rows, counts = side_rows(choosing_side(ev, choose, chooser), choose, 0)
+        sel = rows[:, 1] >= 0  # a sequence start has no previous token
         if not bool(sel.any()):
             none = torch.zeros(0, dtype=torch.long)
-            sm["pairs"] = none, none, src.counts_R.new_zeros(0), src.counts_R.new_zeros(0)
+            sm["pairs"] = none, none, counts.new_zeros(0), counts.new_zeros(0)
         else:
-            keys, code_G, total_G, modal_G = _modal(src.rows_R4[sel][:, 1:4], src.counts_R[sel], 2)
-            sm["pairs"] = pair_key(0, keys[:, 0], keys[:, 1], src.vocab), code_G, total_G, modal_G
+            keys, code_G, total_G, modal_G = _modal(rows[sel][:, 1:4], counts[sel], 2)
+            sm["pairs"] = pair_key(0, keys[:, 0], keys[:, 1], ev.vocab), code_G, total_G, modal_G
     return sm["pairs"]
 
 
@@ -294,9 +287,7 @@ def pair_table(ev: LayerEvidence, min_pair_count: int, choose: str = "even",
 
 def global_set(ev: LayerEvidence, choose: str = "even", chooser: LayerEvidence | None = None) -> torch.Tensor:
     """The single most frequent set on the choosing side (ties -> smallest)."""
-    ev = choosing_side(ev, choose, chooser)
-    rows, counts = ev.rows_R4, ev.counts_R
-    sel = _choosing(rows, choose)
-    codes, inv = torch.unique(rows[sel][:, 3], return_inverse=True)
-    c = torch.zeros(codes.numel(), dtype=torch.long).index_add_(0, inv, counts[sel])
+    rows, counts = side_rows(choosing_side(ev, choose, chooser), choose, 0)
+    codes, inv = torch.unique(rows[:, 3], return_inverse=True)
+    c = torch.zeros(codes.numel(), dtype=torch.long).index_add_(0, inv, counts)
     return decode_sets(codes[int(torch.argmax(c))].reshape(1), ev.num_experts, ev.top_k)[0]

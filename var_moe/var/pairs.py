@@ -28,8 +28,8 @@ import torch
 
 from ..capture.router_math import decode_set_ids as decode_sets
 from ..errors import InvalidInputError
-from .certify import (capped_counts, certifying_rows, choosing_halves, choosing_side, document_groups, pair_modes,
-                      score_pvalues, served_weights)
+from .certify import (capped_counts, choosing_halves, choosing_side, document_groups, pair_modes, score_pvalues,
+                      served_weights, side_rows)
 from .config import VARConfig
 from .evidence import LayerEvidence
 from .served import ServedTables, decide, find_pairs, split_key
@@ -91,7 +91,7 @@ def pair_candidates(ev: LayerEvidence, config: VARConfig, min_pair_count: int | 
     keep = select_P >= min_count
     keys_P, code_P, select_P = keys_P[keep], code_P[keep], select_P[keep].double()
     share_P = modal_P[keep].double() / select_P.clamp_min(1)
-    rows, counts = certifying_rows(ev, choose)
+    rows, counts = side_rows(ev, choose, 1)
     hit_R, idx_R = find_pairs(keys_P, rows[:, 1], rows[:, 2], v)
     n_D, a_D, key_D = document_groups(rows[hit_R], idx_R[hit_R], code_P, counts[hit_R])
     agree_P, total_P, docs_P = capped_counts(n_D, a_D, key_D, keys_P.numel(), config.max_per_document)
