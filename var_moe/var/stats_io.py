@@ -19,34 +19,30 @@ REQUIRED_COLUMNS = ("layer", "token_id", "frequency", "mean_entropy", "modal_top
                     "expert_ids", "topk_counts", "topk_weight_sums")
 
 
-def _decode_metadata(raw: dict[bytes, bytes] | None) -> dict[str, Any]:
-    meta: dict[str, Any] = {}
-    for k, v in (raw or {}).items():
-        key = k.decode("utf-8", "replace")
-        if key in ("pandas", "ARROW:schema"):
-            continue
-        text = v.decode("utf-8", "replace")
-        try:
-            meta[key] = json.loads(text)
-        except json.JSONDecodeError:
-            meta[key] = text
-    # a schema module may nest everything under one key
-    for nest in ("varmoe", "var_moe", "metadata"):
-        if isinstance(meta.get(nest), dict):
-            meta = {**meta, **meta[nest]}
-    return meta
-
-
 def read_stats_metadata(path: str | Path) -> dict[str, Any]:
+    """The key-value metadata of a Parquet statistics file, JSON values decoded."""
     import pyarrow.parquet as pq
 
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"routing statistics file {p} does not exist (run `varmoe capture` first)")
     try:
-        return _decode_metadata(pq.read_schema(p).metadata)
+        raw = pq.read_schema(p).metadata or {}
     except Exception as exc:  # pyarrow raises several types for a non-Parquet file
         raise InvalidInputError(f"{p} is not a readable Parquet statistics file ({exc})") from exc
+    meta: dict[str, Any] = {}
+    for k, v in raw.items():
+        key, text = k.decode("utf-8", "replace"), v.decode("utf-8", "replace")
+        if key in ("pandas", "ARROW:schema"):
+            continue
+        try:
+            meta[key] = json.loads(text)
+        except json.JSONDecodeError:
+            meta[key] = text
+    for nest in ("varmoe", "var_moe", "metadata"):  # a schema module may nest everything under one key
+        if isinstance(meta.get(nest), dict):
+            meta = {**meta, **meta[nest]}
+    return meta
 
 
 def read_stats(path: str | Path) -> tuple[Any, dict[str, Any]]:
