@@ -219,6 +219,16 @@ class Candidates:
     select_V: torch.Tensor
 
 
+def passes_filters(seen_V: torch.Tensor, freq_V: torch.Tensor, ent_V: torch.Tensor, config: VARConfig,
+                   num_experts: int) -> torch.Tensor:
+    """Tokens that may become entries: seen, at least `frequency_threshold` occurrences, mean
+    entropy (nats) under the cap if there is one."""
+    ok_V = seen_V & (freq_V >= config.frequency_threshold)
+    if config.entropy_threshold is not None:
+        ok_V &= ent_V <= config.entropy_limit_nats(num_experts)
+    return ok_V
+
+
 def layer_candidates(ev: LayerEvidence, config: VARConfig, choose: str = "even",
                      chooser: LayerEvidence | None = None) -> Candidates:
     """Choose each token's set on the choosing side; count its agreement on the certifying side.
@@ -233,9 +243,7 @@ def layer_candidates(ev: LayerEvidence, config: VARConfig, choose: str = "even",
     halves = choosing_halves(choose)
     freq_V = src.freq_2V[halves].sum(0)
     ent_V = src.ent_2V[halves].sum(0) / freq_V.clamp_min(1)
-    eligible = seen_V & (freq_V >= config.frequency_threshold)
-    if config.entropy_threshold is not None:
-        eligible &= ent_V <= config.entropy_limit_nats(e)
+    eligible = passes_filters(seen_V, freq_V, ent_V, config, e)
     if choose == "all":  # nothing held out: nothing can be certified
         eligible = torch.zeros_like(eligible)
     agree_V, total_V, docs_V = capped_counts(sm["n_D"], sm["a_D"], sm["tok_D"], v, config.max_per_document)

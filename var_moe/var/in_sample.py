@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidInputError
-from .certify import Candidates, score_pvalues, served_weights
+from .certify import Candidates, passes_filters, score_pvalues, served_weights
 from .config import VARConfig
 from .tables import VARTables, certify_entries, identity_and_layers, names_documents, table_metadata
 
@@ -78,9 +78,7 @@ def layer_candidates_in_sample(sub: Any, config: VARConfig, vocab: int, num_expe
     chosen_VE = _experts_VE(sub, "topk_counts", vocab, num_experts)
     wsum_VE = _experts_VE(sub, "topk_weight_sums", vocab, num_experts)
     seen_V = freq_V > 0
-    eligible_V = seen_V & (freq_V >= config.frequency_threshold)
-    if config.entropy_threshold is not None:
-        eligible_V &= ent_V <= config.entropy_limit_nats(num_experts)
+    eligible_V = passes_filters(seen_V, freq_V, ent_V, config, num_experts)
     modal_VK, w_VK, mass_V = served_weights((wsum_VE / chosen_VE.clamp_min(1)).gather(1, modal_VK), modal_VK, seen_V)
     pvals_V = score_pvalues(agree_V, freq_V, config.target_agreement)
     return Candidates(modal_VK, seen_V, eligible_V, agree_V, freq_V, seen_V.double(), w_VK, mass_V, pvals_V, freq_V)
