@@ -81,8 +81,8 @@ class VARConfig:
         need(_num(self.shadow_rate) and 0 <= self.shadow_rate <= 1, "shadow_rate", "must be in [0, 1]")
         need(_int(self.shadow_min_checks, 0), "shadow_min_checks", "must be an integer >= 0")
         need(_num(self.max_quality_degradation) and self.max_quality_degradation >= 0, "max_quality_degradation", "must be >= 0")
-        for flag in ("allow_test_split", "entropy_relative", "pair_entries", "enable_fast_path", "adaptive_k", "enable_var",
-                     "track_performance"):
+        for flag in ("allow_test_split", "entropy_relative", "pair_entries", "enable_fast_path", "adaptive_k",
+                     "enable_var", "track_performance"):
             need(isinstance(getattr(self, flag), bool), flag, "must be true or false")
         need(isinstance(self.seed, int), "seed", "must be an integer")
 
