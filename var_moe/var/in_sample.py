@@ -1,18 +1,14 @@
 """In-sample (uncertified) VAR tables straight from a statistics frame -- the seed's workflow.
 
-A user who computed statistics in memory (`RouterAnalyzer(model)`, `analyze_batch(...)`, then the
-vocabulary analysis saved to Parquet) has no document metadata, so the held-out certification of
-`tables.py` (sets chosen on some documents, agreement counted on others) cannot run. These tables
-use the statistics themselves: per layer and token, the modal top-k set, entered where the
-token's frequency reaches `frequency_threshold` (and its mean entropy the cap, if any) and the
-Wilson test of "agreement <= target_agreement" rejects on the *same* occurrences that chose the
-set (multiplicity over all entries as in `tables.py`). Agreement measured where the set was chosen
-is optimistic, so nothing here is certified: the metadata says so (`uncertified`, with the
-commands that certify), and so do `print_performance_summary()` and the server's `/var/status`.
-Token entries only: (previous, token) entries need evidence by document. `tables_for_stats` picks
-the certified path when the statistics name their documents (what `VARConfig.from_routing_stats`
-plus the wrapper go through).
-
+Statistics computed in memory (`RouterAnalyzer(model)`, `analyze_batch(...)`, the vocabulary
+analysis saved to Parquet) name no documents, so `tables.py`'s held-out certification cannot run.
+These tables use the statistics themselves: per layer and token the modal top-k set, entered by
+the same filters and multiplicity rule as certified entries, but the score test runs on the *same*
+occurrences that chose the set. That agreement is optimistic, so nothing here is certified: the
+metadata says so (`uncertified`, with the commands that certify), and so do
+`print_performance_summary()` and the server's `/var/status`. Token entries only: (previous,
+token) entries need evidence by document. `tables_for_stats` picks the certified path when the
+statistics name their documents (what `VARConfig.from_routing_stats` plus the wrapper go through).
 Test: `pytest tests/test_var_seed_workflow.py`.
 """
 

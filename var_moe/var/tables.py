@@ -165,7 +165,7 @@ def names_documents(meta: dict[str, Any]) -> bool:
 def stats_documents(meta: dict[str, Any]) -> tuple[str, str, int, int | None]:
     """(dataset, split, max_length, num_samples) of the documents a capture's metadata names."""
     dataset, split, max_length, num_samples = named_documents(meta)
-    if not names_documents(meta):
+    if not (dataset and split and max_length):
         raise InvalidInputError("the statistics metadata does not name its dataset / split / max_length, so its "
                                 "documents cannot be found again to certify tables by document; capture them with "
                                 "`varmoe capture`, or build tables with `VARTables.from_texts` / `varmoe build-tables`")
@@ -194,7 +194,6 @@ def evidence_for_stats(meta: dict[str, Any], model: Any, adapter: Any, tokenizer
 
 def frequency_check(df: Any, evidence: Evidence) -> dict[str, Any]:
     """How far the evidence pass's token counts are from the capture's (0 = the same documents)."""
-
     worst = 0.0
     for l, ev in evidence.layers.items():
         sub = df[df["layer"] == l]
