@@ -102,17 +102,14 @@ class LayerEvidence:
         """(X, K) mean weight of expert `sets_XK[x, j]` for token `tok_X[x]` when chosen, over the
         given halves (0 where never chosen): lookups of the observed cells, no V x E array (at
         Kimi-K2's vocabulary and 384 experts one would take 0.5 GB per layer and copy)."""
-        e, n = self.num_experts, len(self._cells)
+        e = self.num_experts
         chosen = torch.zeros(sets_XK.shape, dtype=torch.float64)
         wsum = torch.zeros(sets_XK.shape, dtype=torch.float64)
-        for half in range(halves.start or 0, 2 if halves.stop is None else halves.stop):  # at most 2 halves
+        for half in range(*halves.indices(2)):  # at most 2 halves
             cell = self._cells.lookup((((half * self.vocab + tok_X.long()) * e)[:, None] + sets_XK.long()).reshape(-1))
             hit = cell >= 0
-            c = torch.zeros(cell.shape, dtype=torch.float64)
-            w = torch.zeros(cell.shape, dtype=torch.float64)
-            c[hit], w[hit] = self.cell_chosen_C[:n][cell[hit]], self.cell_wsum_C[:n][cell[hit]]
-            chosen += c.view_as(chosen)
-            wsum += w.view_as(wsum)
+            chosen.view(-1)[hit] += self.cell_chosen_C[cell[hit]]
+            wsum.view(-1)[hit] += self.cell_wsum_C[cell[hit]]
         return wsum / chosen.clamp_min(1)
 
     def consolidate(self) -> None:
