@@ -31,28 +31,23 @@ UNCERTIFIED_NOTE = ("UNCERTIFIED tables: chosen and scored in-sample on statisti
                     "agreement is not held out; certify with " + CERTIFY_COMMANDS)
 
 
-def _column_VX(sub: Any, name: str, v: int, width: int, dtype: torch.dtype) -> torch.Tensor:
-    """A list column of one layer's rows scattered into a (V, width) tensor (zeros for unseen tokens)."""
+def _column_VX(sub: Any, name: str, v: int, width: int, dtype: torch.dtype, per_expert: bool = False) -> torch.Tensor:
+    """A list column of one layer's rows scattered into a (V, width) tensor (zeros for unseen tokens).
+    A `per_expert` column is sparse, aligned with `expert_ids` (the statistics schema), or holds one
+    entry per expert (frames of schema version 1)."""
     out = torch.zeros(v, width, dtype=dtype)
-    if len(sub):
+    if not len(sub):
+        return out
+    if per_expert and "expert_ids" in sub.columns:
+        from ..capture.schema import densify_experts
+
+        rows = densify_experts(sub, name, width)
+    else:
         rows = np.stack([np.asarray(x, dtype=np.float64) for x in sub[name]])
         if rows.shape[1] != width:
-            raise InvalidInputError(f"statistics column {name!r} has {rows.shape[1]} entries per row, the model needs {width}")
-        out[torch.tensor(sub["token_id"].to_numpy(), dtype=torch.long)] = torch.as_tensor(rows, dtype=dtype)
-    return out
-
-
-def _experts_VE(sub: Any, name: str, v: int, num_experts: int) -> torch.Tensor:
-    """A per-expert column as (V, E): sparse (aligned with `expert_ids`, the statistics schema) or
-    one entry per expert (frames of schema version 1)."""
-    if "expert_ids" not in sub.columns:
-        return _column_VX(sub, name, v, num_experts, torch.float64)
-    from ..capture.schema import densify_experts
-
-    out = torch.zeros(v, num_experts, dtype=torch.float64)
-    if len(sub):
-        ids = torch.tensor(sub["token_id"].to_numpy(), dtype=torch.long)
-        out[ids] = torch.as_tensor(densify_experts(sub, name, num_experts), dtype=torch.float64)
+            raise InvalidInputError(f"statistics column {name!r} has {rows.shape[1]} entries per row, the model "
+                                    f"needs {width}")
+    out[torch.tensor(sub["token_id"].to_numpy(), dtype=torch.long)] = torch.as_tensor(rows, dtype=dtype)
     return out
 
 
@@ -71,8 +66,8 @@ def layer_candidates_in_sample(sub: Any, config: VARConfig, vocab: int, num_expe
     agree_V = scatter("modal_set_count", torch.float64)
     ent_V = scatter("mean_entropy", torch.float64)
     modal_VK = _column_VX(sub, "modal_topk_set", vocab, top_k, torch.long)
-    chosen_VE = _experts_VE(sub, "topk_counts", vocab, num_experts)
-    wsum_VE = _experts_VE(sub, "topk_weight_sums", vocab, num_experts)
+    chosen_VE = _column_VX(sub, "topk_counts", vocab, num_experts, torch.float64, per_expert=True)
+    wsum_VE = _column_VX(sub, "topk_weight_sums", vocab, num_experts, torch.float64, per_expert=True)
     seen_V = freq_V > 0
     eligible_V = passes_filters(seen_V, freq_V, ent_V, config, num_experts)
     modal_VK, w_VK, mass_V = served_weights((wsum_VE / chosen_VE.clamp_min(1)).gather(1, modal_VK), modal_VK, seen_V)
