@@ -2,18 +2,18 @@
 
 Per layer (from `evidence.LayerEvidence`): each token's set is its most frequent exact top-k set on
 the choosing documents (`_summary`); its agreement is counted on the certifying documents with at
-most `max_per_document` occurrences per document (`certified_counts`). Which documents do which is
+most `max_per_document` occurrences per document (`capped_counts`). Which documents do which is
 the `choose` mode (`CHOOSE_MODES`):
   "even":     one evidence object; even documents choose, odd ones certify (the default);
   "separate": every document of a second evidence object (`chooser`, e.g. the training split)
               chooses, every document of the certifying one (the calibration split) certifies;
   "all":      every document chooses, nothing is certified (Phase 1's unverified predictors).
-A one-sided score test per candidate
-(`score_pvalues`) and a multiplicity rule over all candidates (`multiplicity_levels`: bh / holm /
-none) decide which entries are served; `wilson_lower_bound` states each entry's bound.
-Also the (previous, token) and global modal sets for validation, and the shadow demotion rule.
-Vectorised (`torch.unique`, `index_add_`, `scatter_reduce`); config-independent parts are cached
-on the evidence object. Test: `pytest tests/test_var_verification.py tests/test_var_tables.py`.
+A one-sided score test per candidate (`score_pvalues`) and a multiplicity rule over all candidates
+(`multiplicity_levels`: bh / holm / none) decide which entries are served; `wilson_lower_bound`
+states each entry's bound. Also the (previous, token) and global modal sets for validation, and
+the shadow demotion rule. Vectorised (`torch.unique`, `index_add_`, `scatter_reduce`);
+config-independent parts are cached on the evidence object.
+Test: `pytest tests/test_var_verification.py tests/test_var_tables.py`.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..capture.router_math import decode_set_ids as decode_sets
 from ..errors import InvalidInputError
 from .config import MULTIPLICITY, VARConfig
-from ..capture.router_math import decode_set_ids as decode_sets
 from .evidence import LayerEvidence, half_of
 from .served import pair_key
 
@@ -41,12 +41,6 @@ def wilson_lower_bound(successes: torch.Tensor, trials: torch.Tensor, z: float) 
     return torch.where(n > 0, lower.clamp(0, 1), torch.zeros_like(lower))
 
 
-def wilson_upper_bound(successes: torch.Tensor, trials: torch.Tensor, z: float) -> torch.Tensor:
-    """Upper end of the Wilson score interval (1 where trials == 0): the interval is symmetric
-    under p -> 1 - p, so it is one minus the lower end for the failures."""
-    return 1 - wilson_lower_bound(trials - successes, trials, z)
-
-
 def demote_mask(running_bound: torch.Tensor, shadow_agree: torch.Tensor, shadow_total: torch.Tensor,
                 target: float, z: float, min_checks: int) -> torch.Tensor:
     """Which table entries to take out, from calibration counts plus shadow checks in service.
@@ -58,14 +52,14 @@ def demote_mask(running_bound: torch.Tensor, shadow_agree: torch.Tensor, shadow_
         upper bound of the shadow agreement < target, i.e. the entry is below target on the traffic
         actually served, at the same confidence, however large its calibration counts. Without it
         an entry admitted on thousands of calibration tokens needs thousands of disagreeing
-        checks before the running bound drops (measured: 4 demotions at 75% served agreement).
+        checks before the running bound drops.
     """
     combined = running_bound < target
     if min_checks <= 0:
         return combined
-    served = (shadow_total >= min_checks) & (wilson_upper_bound(shadow_agree, shadow_total, z) < target)
-    return combined | served
-
+    # the Wilson interval is symmetric under p -> 1 - p: its upper end is one minus the failures' lower end
+    upper = 1 - wilson_lower_bound(shadow_total - shadow_agree, shadow_total, z)
+    return combined | ((shadow_total >= min_checks) & (upper < target))
 
 
 def _modal(keys_RC: torch.Tensor, counts_R: torch.Tensor, num_key_cols: int) -> tuple[torch.Tensor, ...]:
@@ -84,13 +78,14 @@ def _modal(keys_RC: torch.Tensor, counts_R: torch.Tensor, num_key_cols: int) -> 
     return keys_G, u[first_G, num_key_cols], total_G, max_G
 
 
-def document_groups(doc_R: torch.Tensor, key_R: torch.Tensor, agree_R: torch.Tensor,
+def document_groups(rows_R4: torch.Tensor, key_R: torch.Tensor, code_X: torch.Tensor,
                     counts_R: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Per distinct (document, key) of certifying rows: occurrences n_D, agreements a_D (rows whose
-    set equals the key's chosen set, `agree_R`) and key_D. The key is a token for token entries and
-    a (previous, token) pair index for pair entries (`pairs.py`)."""
+    set code equals the key's chosen one, `code_X[key]`) and key_D. The key is a token for token
+    entries and a (previous, token) pair index for pair entries (`pairs.py`)."""
     counts_R = counts_R.double()
-    dk, inv = torch.unique(torch.stack([doc_R, key_R], 1), dim=0, return_inverse=True)
+    agree_R = rows_R4[:, 3] == code_X[key_R]
+    dk, inv = torch.unique(torch.stack([rows_R4[:, 0], key_R], 1), dim=0, return_inverse=True)
     n_D = torch.zeros(dk.shape[0], dtype=torch.float64).index_add_(0, inv, counts_R)
     a_D = torch.zeros(dk.shape[0], dtype=torch.float64).index_add_(0, inv, agree_R.double() * counts_R)
     return n_D, a_D, dk[:, 1]
@@ -112,19 +107,19 @@ def capped_counts(n_D: torch.Tensor, a_D: torch.Tensor, key_D: torch.Tensor, num
 CHOOSE_MODES = ("even", "separate", "all")
 
 
-def _choosing(rows_R4: torch.Tensor, choose: str) -> torch.Tensor:
-    """Rows that choose sets: even documents ("even", the served tables), or all rows ("all",
-    Phase 1's unverified predictors; "separate", where the rows are the chooser's own)."""
-    if choose in ("all", "separate"):
-        return torch.ones(rows_R4.shape[0], dtype=torch.bool)
-    return half_of(rows_R4[:, 0]) == 0
+def side_rows(ev: LayerEvidence, choose: str, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows_R4, counts_R) of `ev` that choose sets (`side` 0) or certify them (1): the even or odd
+    documents, or every row where the evidence is used whole (the chooser's in "separate" and all
+    of it in "all" choose; the certifying evidence's in "separate" certify)."""
+    if choose == "separate" or (choose == "all" and side == 0):
+        return ev.rows_R4, ev.counts_R
+    keep = half_of(ev.rows_R4[:, 0]) == side
+    return ev.rows_R4[keep], ev.counts_R[keep]
 
 
-def _certifying(rows_R4: torch.Tensor, choose: str) -> torch.Tensor:
-    """Rows that certify: odd documents, or every row of the certifying evidence ("separate")."""
-    if choose == "separate":
-        return torch.ones(rows_R4.shape[0], dtype=torch.bool)
-    return half_of(rows_R4[:, 0]) == 1
+def choosing_halves(choose: str) -> slice:
+    """The parity halves whose per-token sums choose: the even one, or both (a chooser's, or "all")."""
+    return slice(0, 1) if choose == "even" else slice(0, 2)
 
 
 def choosing_side(ev: LayerEvidence, choose: str, chooser: LayerEvidence | None) -> LayerEvidence:
@@ -146,34 +141,18 @@ def _summary(ev: LayerEvidence, choose: str = "even", chooser: LayerEvidence | N
     on the certifying evidence; with a chooser, per chooser row tensor, which consolidating replaces)."""
     src = choosing_side(ev, choose, chooser)
     cache = getattr(ev, "_summary_cache", None) or {}
-    key = choose if chooser is None else (choose, id(src.rows_R4))
-    if key in cache and cache[key]["chooser_rows"] is src.rows_R4:
+    key = (choose, id(src.rows_R4))
+    if key in cache and cache[key]["chooser_rows"] is src.rows_R4:  # an id can be reused after consolidating
         return cache[key]
-    rows, counts = src.rows_R4, src.counts_R
-    sel = _choosing(rows, choose)
-    keys, code_G, _, _ = _modal(rows[sel][:, 2:4], counts[sel], 1)
+    rows, counts = side_rows(src, choose, 0)
+    keys, code_G, _, _ = _modal(rows[:, 2:4], counts, 1)
     modal_code_V = torch.full((ev.vocab,), -1, dtype=torch.long)
     modal_code_V[keys[:, 0]] = code_G
-    # per (certifying document, token): occurrences, agreements with the chosen set
-    cert = _certifying(ev.rows_R4, choose)
-    c_R4 = ev.rows_R4[cert]
-    agree_R = c_R4[:, 3] == modal_code_V[c_R4[:, 2]]
-    n_D, a_D, tok_D = document_groups(c_R4[:, 0], c_R4[:, 2], agree_R, ev.counts_R[cert])
-    out = {"modal_code_V": modal_code_V, "n_D": n_D, "a_D": a_D, "tok_D": tok_D, "choose": choose,
-           "chooser_rows": src.rows_R4}
+    c_R4, c_R = side_rows(ev, choose, 1)
+    n_D, a_D, tok_D = document_groups(c_R4, c_R4[:, 2], modal_code_V, c_R)
+    out = {"modal_code_V": modal_code_V, "n_D": n_D, "a_D": a_D, "tok_D": tok_D, "chooser_rows": src.rows_R4}
     ev._summary_cache = {**cache, key: out}
     return out
-
-
-def certified_counts(ev: LayerEvidence, max_per_document: int | None, choose: str = "even",
-                     chooser: LayerEvidence | None = None) -> tuple[torch.Tensor, ...]:
-    """Agreement of each token's chosen set on the certifying documents, capped per document.
-
-    A document with n occurrences of the token, a of them routed to the chosen set, counts
-    w = min(n, cap) trials and a * w / n agreements (cap None: w = n). Returns float64
-    (agree_V, total_V, documents_V)."""
-    sm = _summary(ev, choose, chooser)
-    return capped_counts(sm["n_D"], sm["a_D"], sm["tok_D"], ev.vocab, max_per_document)
 
 
 def score_pvalues(agree: torch.Tensor, total: torch.Tensor, target: float) -> torch.Tensor:
@@ -240,6 +219,16 @@ class Candidates:
     select_V: torch.Tensor
 
 
+def passes_filters(seen_V: torch.Tensor, freq_V: torch.Tensor, ent_V: torch.Tensor, config: VARConfig,
+                   num_experts: int) -> torch.Tensor:
+    """Tokens that may become entries: seen, at least `frequency_threshold` occurrences, mean
+    entropy (nats) under the cap if there is one."""
+    ok_V = seen_V & (freq_V >= config.frequency_threshold)
+    if config.entropy_threshold is not None:
+        ok_V &= ent_V <= config.entropy_limit_nats(num_experts)
+    return ok_V
+
+
 def layer_candidates(ev: LayerEvidence, config: VARConfig, choose: str = "even",
                      chooser: LayerEvidence | None = None) -> Candidates:
     """Choose each token's set on the choosing side; count its agreement on the certifying side.
@@ -247,34 +236,25 @@ def layer_candidates(ev: LayerEvidence, config: VARConfig, choose: str = "even",
     With choose="all" nothing is held out, so no entry is eligible (Phase 1 predictors only)."""
     v, e, k = ev.vocab, ev.num_experts, ev.top_k
     src = choosing_side(ev, choose, chooser)
-    modal_code_V = _summary(ev, choose, chooser)["modal_code_V"]
-    seen_V = modal_code_V >= 0
+    sm = _summary(ev, choose, chooser)
+    seen_V = sm["modal_code_V"] >= 0
     modal_VK = torch.zeros(v, k, dtype=torch.long)
-    modal_VK[seen_V] = decode_sets(modal_code_V[seen_V], e, k)
-    halves = slice(0, 1) if choose == "even" else slice(0, 2)  # the chooser's both parity halves choose
+    modal_VK[seen_V] = decode_sets(sm["modal_code_V"][seen_V], e, k)
+    halves = choosing_halves(choose)
     freq_V = src.freq_2V[halves].sum(0)
     ent_V = src.ent_2V[halves].sum(0) / freq_V.clamp_min(1)
-    eligible = seen_V & (freq_V >= config.frequency_threshold)
-    if config.entropy_threshold is not None:
-        eligible &= ent_V <= config.entropy_limit_nats(e)
+    eligible = passes_filters(seen_V, freq_V, ent_V, config, e)
     if choose == "all":  # nothing held out: nothing can be certified
         eligible = torch.zeros_like(eligible)
-    agree_V, total_V, docs_V = certified_counts(ev, config.max_per_document, choose, chooser)
-    modal_VK, w_VK, mass_V = served_weights(mean_weights(src, choose, torch.arange(v), modal_VK), modal_VK, seen_V)
+    agree_V, total_V, docs_V = capped_counts(sm["n_D"], sm["a_D"], sm["tok_D"], v, config.max_per_document)
+    modal_VK, w_VK, mass_V = served_weights(src.mean_weights(torch.arange(v), modal_VK, halves), modal_VK, seen_V)
     pvals = score_pvalues(agree_V, total_V, config.target_agreement)
     return Candidates(modal_VK, seen_V, eligible & (total_V > 0), agree_V, total_V, docs_V, w_VK, mass_V, pvals, freq_V)
 
 
-def mean_weights(src: LayerEvidence, choose: str, tok_X: torch.Tensor, sets_XK: torch.Tensor) -> torch.Tensor:
-    """(X, K) mean learned weight of each row's set's experts for its token when chosen, on the
-    choosing side."""
-    halves = slice(0, 1) if choose == "even" else slice(0, 2)  # the chooser's both parity halves choose
-    return src.mean_weights(tok_X, sets_XK, halves)
-
-
 def served_weights(w_XK: torch.Tensor, sets_XK: torch.Tensor, seen_X: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(sets_XK, weights_XK, mass_X) as served from `w_XK`, the mean learned weights of each set's
-    experts (`mean_weights`): renormalised over the set (uniform where unseen), mass = their raw sum,
+    experts (`LayerEvidence.mean_weights`): renormalised over the set (uniform where unseen), mass = their raw sum,
     and each set reordered so slot 0 is the expert with the largest stored weight (adaptive k keeps
     that one)."""
     k = sets_XK.shape[1]
@@ -293,7 +273,14 @@ def pair_modes(ev: LayerEvidence, choose: str = "even", chooser: LayerEvidence |
     validation pairs (`pair_table`) and the served pair tier (`pairs.pair_candidates`) read it."""
     sm = _summary(ev, choose, chooser)
     if "pairs" not in sm:
-        sm["pairs"] = _all_pairs(choosing_side(ev, choose, chooser), choose)
+        rows, counts = side_rows(choosing_side(ev, choose, chooser), choose, 0)
+        sel = rows[:, 1] >= 0  # a sequence start has no previous token
+        if not bool(sel.any()):
+            none = torch.zeros(0, dtype=torch.long)
+            sm["pairs"] = none, none, counts.new_zeros(0), counts.new_zeros(0)
+        else:
+            keys, code_G, total_G, modal_G = _modal(rows[sel][:, 1:4], counts[sel], 2)
+            sm["pairs"] = pair_key(0, keys[:, 0], keys[:, 1], ev.vocab), code_G, total_G, modal_G
     return sm["pairs"]
 
 
@@ -306,21 +293,9 @@ def pair_table(ev: LayerEvidence, min_pair_count: int, choose: str = "even",
     return keys[keep], decode_sets(code[keep], ev.num_experts, ev.top_k), counts[keep]
 
 
-def _all_pairs(ev: LayerEvidence, choose: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    rows, counts = ev.rows_R4, ev.counts_R
-    sel = _choosing(rows, choose) & (rows[:, 1] >= 0)
-    if not bool(sel.any()):
-        none = torch.zeros(0, dtype=torch.long)
-        return none, none, counts.new_zeros(0), counts.new_zeros(0)
-    keys, code_G, total_G, modal_G = _modal(rows[sel][:, 1:4], counts[sel], 2)
-    return pair_key(0, keys[:, 0], keys[:, 1], ev.vocab), code_G, total_G, modal_G
-
-
 def global_set(ev: LayerEvidence, choose: str = "even", chooser: LayerEvidence | None = None) -> torch.Tensor:
     """The single most frequent set on the choosing side (ties -> smallest)."""
-    ev = choosing_side(ev, choose, chooser)
-    rows, counts = ev.rows_R4, ev.counts_R
-    sel = _choosing(rows, choose)
-    codes, inv = torch.unique(rows[sel][:, 3], return_inverse=True)
-    c = torch.zeros(codes.numel(), dtype=torch.long).index_add_(0, inv, counts[sel])
+    rows, counts = side_rows(choosing_side(ev, choose, chooser), choose, 0)
+    codes, inv = torch.unique(rows[:, 3], return_inverse=True)
+    c = torch.zeros(codes.numel(), dtype=torch.long).index_add_(0, inv, counts)
     return decode_sets(codes[int(torch.argmax(c))].reshape(1), ev.num_experts, ev.top_k)[0]

@@ -61,28 +61,28 @@ class VARConfig:
             if not ok:
                 raise InvalidInputError(f"VARConfig.{field} {what}, got {getattr(self, field)!r}")
 
-        need(isinstance(self.frequency_threshold, int) and self.frequency_threshold >= 1, "frequency_threshold", "must be an integer >= 1")
+        need(_int(self.frequency_threshold, 1), "frequency_threshold", "must be an integer >= 1")
         need(self.entropy_threshold is None or (_num(self.entropy_threshold) and self.entropy_threshold >= 0),
              "entropy_threshold", "must be >= 0 (nats) or null")
         need(self.entropy_threshold is None or not self.entropy_relative or self.entropy_threshold <= 1, "entropy_threshold",
              "must be in [0, 1] when entropy_relative is true (a share of ln E)")
         need(_num(self.target_agreement) and 0 < self.target_agreement <= 1, "target_agreement", "must be in (0, 1]")
         need(_num(self.confidence_level) and 0.5 <= self.confidence_level < 1, "confidence_level", "must be in [0.5, 1)")
-        need(self.max_per_document is None or (isinstance(self.max_per_document, int) and not isinstance(self.max_per_document, bool)
-             and self.max_per_document >= 1), "max_per_document", "must be an integer >= 1 or null")
+        need(self.max_per_document is None or _int(self.max_per_document, 1), "max_per_document",
+             "must be an integer >= 1 or null")
         need(self.multiplicity in MULTIPLICITY, "multiplicity", f"must be one of {MULTIPLICITY}")
-        need(self.min_pair_count is None or (isinstance(self.min_pair_count, int) and not isinstance(self.min_pair_count, bool)
-             and self.min_pair_count >= 1), "min_pair_count", "must be an integer >= 1 or null")
+        need(self.min_pair_count is None or _int(self.min_pair_count, 1), "min_pair_count",
+             "must be an integer >= 1 or null")
         need(not self.pair_entries or self.entropy_threshold is None, "pair_entries",
              "needs entropy_threshold=None (pairs have no per-pair entropy)")
         need(self.weights_source in WEIGHT_SOURCES, "weights_source", f"must be one of {WEIGHT_SOURCES}")
         need(_num(self.adaptive_k_min_weight) and 0.5 < self.adaptive_k_min_weight <= 1,
              "adaptive_k_min_weight", "must be in (0.5, 1]")
         need(_num(self.shadow_rate) and 0 <= self.shadow_rate <= 1, "shadow_rate", "must be in [0, 1]")
-        need(isinstance(self.shadow_min_checks, int) and not isinstance(self.shadow_min_checks, bool)
-             and self.shadow_min_checks >= 0, "shadow_min_checks", "must be an integer >= 0")
+        need(_int(self.shadow_min_checks, 0), "shadow_min_checks", "must be an integer >= 0")
         need(_num(self.max_quality_degradation) and self.max_quality_degradation >= 0, "max_quality_degradation", "must be >= 0")
-        for flag in ("allow_test_split", "entropy_relative", "pair_entries", "enable_fast_path", "adaptive_k", "enable_var", "track_performance"):
+        for flag in ("allow_test_split", "entropy_relative", "pair_entries", "enable_fast_path", "adaptive_k",
+                     "enable_var", "track_performance"):
             need(isinstance(getattr(self, flag), bool), flag, "must be true or false")
         need(isinstance(self.seed, int), "seed", "must be an integer")
 
@@ -114,10 +114,7 @@ class VARConfig:
             raise InvalidInputError("VARConfig.enable_cache: the cached tier was removed (it paid nowhere it was "
                                     "measured, docs/PHASE2.md); set enable_cache to false or drop the field")
         data = {k: v for k, v in data.items() if k not in RETIRED}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise InvalidInputError(f"unknown VARConfig field(s) {unknown}; known fields: {sorted(known)}")
+        _refuse_unknown(data)
         return cls(**data)
 
     @classmethod
@@ -136,10 +133,7 @@ class VARConfig:
         return cls.from_dict(data)
 
     def replace(self, **changes: Any) -> "VARConfig":
-        known = {f.name for f in fields(self)}
-        unknown = sorted(set(changes) - known)
-        if unknown:
-            raise InvalidInputError(f"unknown VARConfig field(s) {unknown}")
+        _refuse_unknown(changes)
         return replace(self, **changes)
 
     @classmethod
@@ -156,6 +150,17 @@ class VARConfig:
 
 def _num(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _int(x: Any, low: int) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
+def _refuse_unknown(names: Any) -> None:
+    known = {f.name for f in fields(VARConfig)}
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise InvalidInputError(f"unknown VARConfig field(s) {unknown}; known fields: {sorted(known)}")
 
 
 # Every preset certifies (previous token, token) entries too: on held-out text they add coverage at

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import torch
@@ -50,27 +51,39 @@ def eval_batches(tokenizer: Any, dataset: str, split: str, num_samples: int | No
     documents) in padded batches with doc ids."""
     if max_per_doc is not None and max_per_doc < 1:
         raise InvalidInputError("--max-per-doc must be >= 1")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    docs = ((d, encode_document(tokenizer, doc.text)) for d, doc in enumerate(iter_documents(dataset, split, max_docs)))
+    out = document_batches(tokenizer, docs, max_length, batch_size, max_per_doc, num_samples)
+    if not out:
+        raise InvalidInputError(f"--dataset {dataset!r} --split {split!r} gave no sequences to evaluate")
+    return out
+
+
+def document_batches(tokenizer: Any, token_lists: Iterable[tuple[int, list[int]]], max_length: int, batch_size: int,
+                     max_per_doc: int | None = None, num_samples: int | None = None) -> list[EvalBatch]:
+    """(document index, token ids) -> padded batches of the <= max_length pieces of each document
+    (its first `max_per_doc`; at most `num_samples` in all), rows keeping their document index.
+    Documents are encoded lazily, so none is read past the last one needed."""
     seqs: list[tuple[int, list[int]]] = []
-    for d, doc in enumerate(iter_documents(dataset, split)):
-        if max_docs is not None and d >= max_docs:
-            break
-        ids = encode_document(tokenizer, doc.text)  # whole document, chunked below: no length warning
-        for j, piece in enumerate(chunk_sequences([ids], max_length)):
-            if max_per_doc is not None and j >= max_per_doc:
-                break
-            seqs.append((d, piece))
-            if num_samples is not None and len(seqs) >= num_samples:
-                break
+    for d, ids in token_lists:
         if num_samples is not None and len(seqs) >= num_samples:
             break
-    if not seqs:
-        raise InvalidInputError(f"--dataset {dataset!r} --split {split!r} gave no sequences to evaluate")
+        seqs += [(d, piece) for piece in islice(chunk_sequences([ids], max_length), max_per_doc)]
+    return _padded(seqs[:num_samples], batch_size, _pad_id(tokenizer))
+
+
+def _pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def _padded(rows: list[tuple[Any, ...]], batch_size: int, pad_id: int) -> list[EvalBatch]:
+    """Rows in padded batches: (document, ids) pieces, or (document, start, first scored position,
+    ids) sliding windows."""
     out = []
-    for i in range(0, len(seqs), batch_size):  # a loop over batches, not tokens
-        chunk = seqs[i : i + batch_size]
-        ids, mask = pad_batch([s for _, s in chunk], pad_id)
-        out.append(EvalBatch(ids, mask, [d for d, _ in chunk]))
+    for i in range(0, len(rows), batch_size):  # a loop over batches, not tokens
+        chunk = rows[i : i + batch_size]
+        ids_BS, mask_BS = pad_batch([r[-1] for r in chunk], pad_id)
+        window = (torch.tensor([r[2] for r in chunk]), [r[1] for r in chunk]) if len(chunk[0]) == 4 else ()
+        out.append(EvalBatch(ids_BS, mask_BS, [r[0] for r in chunk], *window))
     return out
 
 
@@ -103,8 +116,7 @@ def sliding_batches(tokenizer: Any, dataset: str, split: str, max_length: int, s
     if max_docs is not None and max_docs < 1:
         raise InvalidInputError(f"--num-docs must be >= 1, got {max_docs}")
     docs = (encode_document(tokenizer, doc.text) for doc in iter_documents(dataset, split, limit=max_docs))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out = window_batches(docs, max_length, stride, batch_size, pad_id, max_windows_per_doc, num_windows)
+    out = window_batches(docs, max_length, stride, batch_size, _pad_id(tokenizer), max_windows_per_doc, num_windows)
     if not out:
         raise InvalidInputError(f"--dataset {dataset!r} --split {split!r} gave no windows to evaluate")
     return out
@@ -123,13 +135,7 @@ def window_batches(token_lists: Iterable[list[int]], max_length: int, stride: in
             break
         for start, first in window_starts(len(ids), max_length, stride)[:max_windows_per_doc]:
             rows.append((d, start, first, ids[start : start + max_length]))
-    rows = rows[:num_windows]
-    out = []
-    for i in range(0, len(rows), batch_size):  # a loop over batches, not tokens
-        chunk = rows[i : i + batch_size]
-        ids_BS, mask_BS = pad_batch([r[3] for r in chunk], pad_id)
-        out.append(EvalBatch(ids_BS, mask_BS, [r[0] for r in chunk], torch.tensor([r[2] for r in chunk]), [r[1] for r in chunk]))
-    return out
+    return _padded(rows[:num_windows], batch_size, pad_id)
 
 
 def scoring_info(batches: list[EvalBatch], max_length: int, stride: int | None) -> dict[str, Any]:

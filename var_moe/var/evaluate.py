@@ -38,11 +38,17 @@ def batch_nll(model: Any, b: EvalBatch, device: torch.device) -> tuple[torch.Ten
 
 
 def _per_doc(batches: list[EvalBatch], nll_rows: list[torch.Tensor], n_rows: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-document summed NLL and scored-token counts from per-batch rows (`batch_nll`)."""
     docs = np.concatenate([np.asarray(b.doc_B) for b in batches])
     _, inv = np.unique(docs, return_inverse=True)
     nll = np.bincount(inv, weights=torch.cat(nll_rows).numpy())
     cnt = np.bincount(inv, weights=torch.cat(n_rows).double().numpy())
     return nll, cnt
+
+
+def doc_nll(model: Any, batches: list[EvalBatch], device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Per-document summed NLL and scored-token counts of `model` over `batches`."""
+    return _per_doc(batches, *zip(*[batch_nll(model, b, device) for b in batches]))
 
 
 def paired_bootstrap(base_nll: np.ndarray, base_n: np.ndarray, var_nll: np.ndarray, var_n: np.ndarray,
@@ -64,10 +70,13 @@ def forward(model: Any, b: EvalBatch, device: torch.device) -> None:
     model(input_ids=b.ids.to(device), attention_mask=b.mask.to(device))
 
 
-def _latency(seconds: list[float]) -> dict[str, Any]:
-    ms = np.asarray(seconds) * 1000
-    return {"p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95)), "p99": float(np.percentile(ms, 99)),
-            "unit": "ms per batch forward", "samples": len(ms)}
+def paired_times(model: Any, wrapper: Any, batches: list[EvalBatch], device: torch.device, repeats: int,
+                 warmup: int) -> dict[str, list[list[float]]]:
+    """Seconds per batch forward of the unmodified model ("base": VAR suspended, original routers,
+    no hooks) and of VAR ("var"), interleaved batch by batch in rotating order (`var_moe.timing`)."""
+    return interleaved({"base": Variant(lambda i: forward(model, batches[i], device), around=wrapper.suspended),
+                        "var": Variant(lambda i: forward(wrapper, batches[i], device))},
+                       len(batches), repeats, warmup, device=device)
 
 
 def _environment(device: torch.device) -> dict[str, Any]:
@@ -96,14 +105,12 @@ def evaluate_quality_and_speed(model: Any, tokenizer: Any, mode: str, batches: l
     result: dict[str, Any] = {"mode": mode, **(info or {}), "sequences": sum(len(b.doc_B) for b in batches),
                               "tokens": sum(b.tokens for b in batches), "environment": _environment(device)}
     if mode == "baseline":
-        rows = [batch_nll(model, b, device) for b in batches]
-        nll, cnt = _per_doc(batches, [r[0] for r in rows], [r[1] for r in rows])
+        nll, cnt = doc_nll(model, batches, device)
         times = interleaved({"base": Variant(lambda i: forward(model, timed[i], device))}, len(timed), repeats, warmup,
                             device=device)["base"]
-        per_rep, lat = [sum(t) for t in times], [x for t in times for x in t]
         result["evaluation"] = _ppl_block(nll, cnt)
         result["scoring"] = _scoring(scoring, nll, cnt)
-        result["throughput"] = _tput(tokens, per_rep, lat, repeats, warmup, len(timed))
+        result["throughput"] = _tput(tokens, times, warmup)
         return result
 
     from .wrapper import VARModelWrapper
@@ -121,31 +128,27 @@ def evaluate_quality_and_speed(model: Any, tokenizer: Any, mode: str, batches: l
             var_rows.append(batch_nll(wrapper, b, device))
         wrapper.set_audit(False)
         stats = wrapper.get_performance_stats()
-        b_nll, b_cnt = _per_doc(batches, [r[0] for r in base_rows], [r[1] for r in base_rows])
-        v_nll, v_cnt = _per_doc(batches, [r[0] for r in var_rows], [r[1] for r in var_rows])
-        # 2) timing: interleaved, rotating order; shadow demotion must not change the tables
-        # between timed repeats
+        b_nll, b_cnt = _per_doc(batches, *zip(*base_rows))
+        v_nll, v_cnt = _per_doc(batches, *zip(*var_rows))
+        # 2) timing; shadow demotion must not change the tables between timed repeats
         with wrapper.frozen_tables():
-            times = interleaved({"base": Variant(lambda i: forward(model, timed[i], device), around=wrapper.suspended),
-                                 "var": Variant(lambda i: forward(wrapper, timed[i], device))},
-                                len(timed), repeats, warmup, device=device)
-        base_rep, var_rep = [sum(t) for t in times["base"]], [sum(t) for t in times["var"]]
-        base_lat, var_lat = [x for t in times["base"] for x in t], [x for t in times["var"] for x in t]
-        ratios = [b / v for tb, tv in zip(times["base"], times["var"]) for b, v in zip(tb, tv)]
+            times = paired_times(model, wrapper, timed, device, repeats, warmup)
     finally:
         wrapper.restore()
     result["config"] = config.to_dict()
     result["table_sizes"] = {str(l): n for l, n in wrapper.table_sizes().items()}
     result["evaluation"] = _ppl_block(v_nll, v_cnt)
     result["scoring"] = _scoring(scoring, b_nll, b_cnt)
-    result["throughput"] = _tput(tokens, var_rep, var_lat, repeats, warmup, len(timed))
-    base_tput = _tput(tokens, base_rep, base_lat, repeats, warmup, len(timed))
+    result["throughput"] = _tput(tokens, times["var"], warmup)
+    base_tput = _tput(tokens, times["base"], warmup)
+    per_rep = [b / v for b, v in zip(base_tput["seconds_per_pass"], result["throughput"]["seconds_per_pass"])]
     result["paired"] = {
         "baseline_evaluation": _ppl_block(b_nll, b_cnt),
         "baseline_throughput": base_tput,
-        "speedup": statistics.median(b / v for b, v in zip(base_rep, var_rep)),
-        "speedup_per_repeat": [b / v for b, v in zip(base_rep, var_rep)],
-        "speedup_batch_median": statistics.median(ratios),
+        "speedup": statistics.median(per_rep),
+        "speedup_per_repeat": per_rep,
+        "speedup_batch_median": statistics.median(b / v for tb, tv in zip(times["base"], times["var"])
+                                                  for b, v in zip(tb, tv)),
         "perplexity_bootstrap": paired_bootstrap(b_nll, b_cnt, v_nll, v_cnt, bootstrap, seed),
         "method": "same process, batches interleaved with rotating order (var_moe.timing); baseline = original routers, no hooks",
     }
@@ -163,11 +166,16 @@ def _scoring(scoring: dict[str, Any] | None, nll: np.ndarray, cnt: np.ndarray) -
     return {**(scoring or {"method": "as batched by the caller"}), "documents": len(nll), "scored_tokens": int(cnt.sum())}
 
 
-def _tput(tokens: int, per_rep: list[float], lat: list[float], repeats: int, warmup: int, batches: int) -> dict[str, Any]:
+def _tput(tokens: int, times: list[list[float]], warmup: int) -> dict[str, Any]:
+    """Throughput of one variant from its seconds per repeat and batch (`times[repeat][batch]`)."""
+    per_rep = [sum(t) for t in times]
     med = statistics.median(per_rep)
+    ms = np.asarray([x for t in times for x in t]) * 1000
+    latency = {"p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95)),
+               "p99": float(np.percentile(ms, 99)), "unit": "ms per batch forward", "samples": len(ms)}
     return {"tokens_per_second": tokens / med, "seconds_per_pass_median": med, "seconds_per_pass": per_rep,
-            "repeats": repeats, "warmup_batches": warmup, "batches_timed": batches, "tokens_per_pass": tokens,
-            "latency": _latency(lat)}
+            "repeats": len(times), "warmup_batches": warmup, "batches_timed": len(times[0]), "tokens_per_pass": tokens,
+            "latency": latency}
 
 
 def _agreement(overall: dict[str, Any]) -> dict[str, Any]:

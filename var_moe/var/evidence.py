@@ -16,9 +16,12 @@ masked) and keeps, per MoE layer:
 
 Documents are split by parity of their index: even documents choose each entry's set, odd ones
 certify it (`half_of`); evidence used whole on one side (a separate choosing evidence of another
-split, `certify.py`'s "separate" mode) just sums both halves. Counting is vectorised (`torch.unique(dim=0)`, `index_add_`); pending
-rows are consolidated past a size bound so memory is O(distinct rows). The result saves as
-safetensors + JSON (`save` / `load`) so a sweep can rebuild tables without rerunning the model.
+split, `certify.py`'s "separate" mode) just sums both halves. Counting is vectorised
+(`torch.unique(dim=0)`, `index_add_`); pending rows are consolidated past a size bound so memory
+is O(distinct rows). The result saves as
+safetensors + JSON (`save` / `load`) so a sweep can rebuild tables without rerunning the model;
+`read_artifact` is the one reader of such files (evidence and tables), so each refuses a missing,
+foreign or corrupt file the same way. No pickle.
 Shapes: T tokens, K top-k, E experts, V vocabulary, R rows. Test: `pytest tests/test_var_tables.py`.
 """
 
@@ -99,17 +102,14 @@ class LayerEvidence:
         """(X, K) mean weight of expert `sets_XK[x, j]` for token `tok_X[x]` when chosen, over the
         given halves (0 where never chosen): lookups of the observed cells, no V x E array (at
         Kimi-K2's vocabulary and 384 experts one would take 0.5 GB per layer and copy)."""
-        e, n = self.num_experts, len(self._cells)
+        e = self.num_experts
         chosen = torch.zeros(sets_XK.shape, dtype=torch.float64)
         wsum = torch.zeros(sets_XK.shape, dtype=torch.float64)
-        for half in range(halves.start or 0, 2 if halves.stop is None else halves.stop):  # at most 2 halves
+        for half in range(*halves.indices(2)):  # at most 2 halves
             cell = self._cells.lookup((((half * self.vocab + tok_X.long()) * e)[:, None] + sets_XK.long()).reshape(-1))
             hit = cell >= 0
-            c = torch.zeros(cell.shape, dtype=torch.float64)
-            w = torch.zeros(cell.shape, dtype=torch.float64)
-            c[hit], w[hit] = self.cell_chosen_C[:n][cell[hit]], self.cell_wsum_C[:n][cell[hit]]
-            chosen += c.view_as(chosen)
-            wsum += w.view_as(wsum)
+            chosen.view(-1)[hit] += self.cell_chosen_C[cell[hit]]
+            wsum.view(-1)[hit] += self.cell_wsum_C[cell[hit]]
         return wsum / chosen.clamp_min(1)
 
     def consolidate(self) -> None:
@@ -122,9 +122,29 @@ class LayerEvidence:
         self.rows_R4, inv = torch.unique(rows, dim=0, return_inverse=True)
         self.counts_R = torch.zeros(self.rows_R4.shape[0], dtype=torch.long).index_add_(0, inv, counts)
         self._pending = []
-        self._summary_cache = None  # derived tables (var.tables._summary) are stale now
+        self._summary_cache = None  # what certify._summary derived from the rows is stale now
 
     TENSORS = ("rows_R4", "counts_R", "freq_2V", "ent_2V", "cell_keys_C", "cell_chosen_C", "cell_wsum_C")
+
+
+def read_artifact(path: str | Path, key: str, what: str,
+                  hint: str = "") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(metadata, tensors) of the safetensors file at `path` whose metadata entry `key` holds JSON:
+    FileNotFoundError (with `hint`) for a missing file, InvalidInputError for any other."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{what} file {p} does not exist{f' ({hint})' if hint else ''}")
+    try:
+        with safe_open(str(p), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {}).get(key, "null"))
+            tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+    except Exception as exc:
+        raise InvalidInputError(f"{p} is not a {what} file ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise InvalidInputError(f"{p} has no {what} metadata")
+    return meta, tensors
 
 
 class Evidence:
@@ -146,8 +166,6 @@ class Evidence:
 
     @classmethod
     def load(cls, path: str | Path) -> "Evidence":
-        from .artifact_io import read_artifact
-
         p = Path(path)
         meta, tensors = read_artifact(p, "varmoe_evidence", "VAR evidence")
         if meta.get("set_code") != SET_CODE:

@@ -1,18 +1,14 @@
 """In-sample (uncertified) VAR tables straight from a statistics frame -- the seed's workflow.
 
-A user who computed statistics in memory (`RouterAnalyzer(model)`, `analyze_batch(...)`, then the
-vocabulary analysis saved to Parquet) has no document metadata, so the held-out certification of
-`tables.py` (sets chosen on some documents, agreement counted on others) cannot run. These tables
-use the statistics themselves: per layer and token, the modal top-k set, entered where the
-token's frequency reaches `frequency_threshold` (and its mean entropy the cap, if any) and the
-Wilson test of "agreement <= target_agreement" rejects on the *same* occurrences that chose the
-set (multiplicity over all entries as in `tables.py`). Agreement measured where the set was chosen
-is optimistic, so nothing here is certified: the metadata says so (`uncertified`, with the
-commands that certify), and so do `print_performance_summary()` and the server's `/var/status`.
-Token entries only: (previous, token) entries need evidence by document. `tables_for_stats` picks
-the certified path when the statistics name their documents (what `VARConfig.from_routing_stats`
-plus the wrapper go through).
-
+Statistics computed in memory (`RouterAnalyzer(model)`, `analyze_batch(...)`, the vocabulary
+analysis saved to Parquet) name no documents, so `tables.py`'s held-out certification cannot run.
+These tables use the statistics themselves: per layer and token the modal top-k set, entered by
+the same filters and multiplicity rule as certified entries, but the score test runs on the *same*
+occurrences that chose the set. That agreement is optimistic, so nothing here is certified: the
+metadata says so (`uncertified`, with the commands that certify), and so do
+`print_performance_summary()` and the server's `/var/status`. Token entries only: (previous,
+token) entries need evidence by document. `tables_for_stats` picks the certified path when the
+statistics name their documents (what `VARConfig.from_routing_stats` plus the wrapper go through).
 Test: `pytest tests/test_var_seed_workflow.py`.
 """
 
@@ -25,9 +21,9 @@ import numpy as np
 import torch
 
 from ..errors import InvalidInputError
-from .certify import Candidates, score_pvalues, served_weights
+from .certify import Candidates, passes_filters, score_pvalues, served_weights
 from .config import VARConfig
-from .tables import FORMAT_VERSION, VARTables, certify_entries, model_identity, names_documents
+from .tables import VARTables, certify_entries, identity_and_layers, names_documents, table_metadata
 
 CERTIFY_COMMANDS = ("`varmoe capture --split calibration --output calib.parquet` (statistics that name their documents), "
                     "then `varmoe build-tables --routing-stats calib.parquet --output tables.safetensors`")
@@ -35,28 +31,23 @@ UNCERTIFIED_NOTE = ("UNCERTIFIED tables: chosen and scored in-sample on statisti
                     "agreement is not held out; certify with " + CERTIFY_COMMANDS)
 
 
-def _column_VX(sub: Any, name: str, v: int, width: int, dtype: torch.dtype) -> torch.Tensor:
-    """A list column of one layer's rows scattered into a (V, width) tensor (zeros for unseen tokens)."""
+def _column_VX(sub: Any, name: str, v: int, width: int, dtype: torch.dtype, per_expert: bool = False) -> torch.Tensor:
+    """A list column of one layer's rows scattered into a (V, width) tensor (zeros for unseen tokens).
+    A `per_expert` column is sparse, aligned with `expert_ids` (the statistics schema), or holds one
+    entry per expert (frames of schema version 1)."""
     out = torch.zeros(v, width, dtype=dtype)
-    if len(sub):
+    if not len(sub):
+        return out
+    if per_expert and "expert_ids" in sub.columns:
+        from ..capture.schema import densify_experts
+
+        rows = densify_experts(sub, name, width)
+    else:
         rows = np.stack([np.asarray(x, dtype=np.float64) for x in sub[name]])
         if rows.shape[1] != width:
-            raise InvalidInputError(f"statistics column {name!r} has {rows.shape[1]} entries per row, the model needs {width}")
-        out[torch.tensor(sub["token_id"].to_numpy(), dtype=torch.long)] = torch.as_tensor(rows, dtype=dtype)
-    return out
-
-
-def _experts_VE(sub: Any, name: str, v: int, num_experts: int) -> torch.Tensor:
-    """A per-expert column as (V, E): sparse (aligned with `expert_ids`, the statistics schema) or
-    one entry per expert (frames of schema version 1)."""
-    if "expert_ids" not in sub.columns:
-        return _column_VX(sub, name, v, num_experts, torch.float64)
-    from ..capture.schema import densify_experts
-
-    out = torch.zeros(v, num_experts, dtype=torch.float64)
-    if len(sub):
-        ids = torch.tensor(sub["token_id"].to_numpy(), dtype=torch.long)
-        out[ids] = torch.as_tensor(densify_experts(sub, name, num_experts), dtype=torch.float64)
+            raise InvalidInputError(f"statistics column {name!r} has {rows.shape[1]} entries per row, the model "
+                                    f"needs {width}")
+    out[torch.tensor(sub["token_id"].to_numpy(), dtype=torch.long)] = torch.as_tensor(rows, dtype=dtype)
     return out
 
 
@@ -75,12 +66,10 @@ def layer_candidates_in_sample(sub: Any, config: VARConfig, vocab: int, num_expe
     agree_V = scatter("modal_set_count", torch.float64)
     ent_V = scatter("mean_entropy", torch.float64)
     modal_VK = _column_VX(sub, "modal_topk_set", vocab, top_k, torch.long)
-    chosen_VE = _experts_VE(sub, "topk_counts", vocab, num_experts)
-    wsum_VE = _experts_VE(sub, "topk_weight_sums", vocab, num_experts)
+    chosen_VE = _column_VX(sub, "topk_counts", vocab, num_experts, torch.float64, per_expert=True)
+    wsum_VE = _column_VX(sub, "topk_weight_sums", vocab, num_experts, torch.float64, per_expert=True)
     seen_V = freq_V > 0
-    eligible_V = seen_V & (freq_V >= config.frequency_threshold)
-    if config.entropy_threshold is not None:
-        eligible_V &= ent_V <= config.entropy_limit_nats(num_experts)
+    eligible_V = passes_filters(seen_V, freq_V, ent_V, config, num_experts)
     modal_VK, w_VK, mass_V = served_weights((wsum_VE / chosen_VE.clamp_min(1)).gather(1, modal_VK), modal_VK, seen_V)
     pvals_V = score_pvalues(agree_V, freq_V, config.target_agreement)
     return Candidates(modal_VK, seen_V, eligible_V, agree_V, freq_V, seen_V.double(), w_VK, mass_V, pvals_V, freq_V)
@@ -103,8 +92,7 @@ def tables_for_stats(path: str | Path, model: Any, adapter: Any, config: VARConf
 def in_sample_tables(df: Any, meta: dict[str, Any], model: Any, adapter: Any, config: VARConfig,
                      layers: list[int] | None, source: str) -> VARTables:
     """`VARTables` for `model` from a statistics frame without document metadata (uncertified)."""
-    ident = model_identity(model, adapter)
-    layers = layers if layers is not None else [m.layer for m in adapter.moe_layers(model)]
+    ident, layers = identity_and_layers(model, adapter, layers)
     missing = sorted(set(layers) - set(int(x) for x in df["layer"].unique()))
     if missing:
         raise InvalidInputError(f"statistics {source} have no rows for MoE layer(s) {missing}")
@@ -112,8 +100,5 @@ def in_sample_tables(df: Any, meta: dict[str, Any], model: Any, adapter: Any, co
                                            ident["top_k"]) for l in layers}
     tabs, _, info = certify_entries(cands, {}, config, "in-sample: sets chosen and scored on the same statistics "
                                                       "(no document metadata); not certified")
-    meta_out = {**ident, "layers": layers, "config": config.to_dict(), "source": str(source),
-                "source_split": meta.get("split"), "source_model": meta.get("model"),
-                "source_tokens": meta.get("num_tokens"), "verification": info, "certified": False,
-                "uncertified": UNCERTIFIED_NOTE, "format_version": FORMAT_VERSION}
-    return VARTables(tabs, meta_out)
+    return VARTables(tabs, {**table_metadata(ident, layers, config, source, meta, info), "certified": False,
+                            "uncertified": UNCERTIFIED_NOTE})

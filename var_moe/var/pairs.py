@@ -26,11 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import InvalidInputError
-from .certify import (_certifying, capped_counts, choosing_side, document_groups, mean_weights, pair_modes,
-                      score_pvalues, served_weights)
-from .config import VARConfig
 from ..capture.router_math import decode_set_ids as decode_sets
+from ..errors import InvalidInputError
+from .certify import (capped_counts, choosing_halves, choosing_side, document_groups, pair_modes, score_pvalues,
+                      served_weights, side_rows)
+from .config import VARConfig
 from .evidence import LayerEvidence
 from .served import ServedTables, decide, find_pairs, split_key
 
@@ -91,11 +91,9 @@ def pair_candidates(ev: LayerEvidence, config: VARConfig, min_pair_count: int | 
     keep = select_P >= min_count
     keys_P, code_P, select_P = keys_P[keep], code_P[keep], select_P[keep].double()
     share_P = modal_P[keep].double() / select_P.clamp_min(1)
-    rows, counts = ev.rows_R4, ev.counts_R
-    cert = _certifying(rows, choose)
-    rows, counts = rows[cert], counts[cert]
+    rows, counts = side_rows(ev, choose, 1)
     hit_R, idx_R = find_pairs(keys_P, rows[:, 1], rows[:, 2], v)
-    n_D, a_D, key_D = document_groups(rows[hit_R, 0], idx_R[hit_R], rows[hit_R, 3] == code_P[idx_R[hit_R]], counts[hit_R])
+    n_D, a_D, key_D = document_groups(rows[hit_R], idx_R[hit_R], code_P, counts[hit_R])
     agree_P, total_P, docs_P = capped_counts(n_D, a_D, key_D, keys_P.numel(), config.max_per_document)
     eligible_P = total_P > 0
     if prescreen:  # choosing side only: the pair's own split must already reach the target there
@@ -105,16 +103,17 @@ def pair_candidates(ev: LayerEvidence, config: VARConfig, min_pair_count: int | 
     # expert of the pair's set (on the choosing side), renormalised over the set
     tok_P = split_key(keys_P, v)[2]
     sets_PK = decode_sets(code_P, ev.num_experts, ev.top_k)
-    sets_PK, weights_PK, mass_P = served_weights(mean_weights(src, choose, tok_P, sets_PK), sets_PK,
+    sets_PK, weights_PK, mass_P = served_weights(src.mean_weights(tok_P, sets_PK, choosing_halves(choose)), sets_PK,
                                                  torch.ones_like(tok_P, dtype=torch.bool))
-    return PairCandidates(keys_P, code_P, sets_PK, weights_PK, mass_P, select_P, share_P, eligible_P, agree_P, total_P, docs_P, pvalue_P)
+    return PairCandidates(keys_P, code_P, sets_PK, weights_PK, mass_P, select_P, share_P, eligible_P, agree_P, total_P,
+                          docs_P, pvalue_P)
 
 
 def accepted_pairs(c: PairCandidates, member_P: torch.Tensor, bound_P: torch.Tensor) -> PairTable:
     """The accepted entries of one layer's candidates."""
-    return PairTable(c.keys_P[member_P], c.sets_PK[member_P], c.weights_PK[member_P].float(), c.mass_P[member_P].float(),
-                     c.code_P[member_P],
-                     bound_P[member_P].float(), c.agree_P[member_P], c.total_P[member_P])
+    m = member_P
+    return PairTable(c.keys_P[m], c.sets_PK[m], c.weights_PK[m].float(), c.mass_P[m].float(), c.code_P[m],
+                     bound_P[m].float(), c.agree_P[m], c.total_P[m])
 
 
 def served_masks(ev: LayerEvidence, table: object, pairs: PairTable | None) -> dict[str, torch.Tensor]:

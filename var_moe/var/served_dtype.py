@@ -1,16 +1,13 @@
 """Do VAR tables certified in one dtype hold in the dtype a server runs the model in?
 
-Tables are certified on routing computed in one dtype (float32 for the reference model). Served
-in bfloat16 (vLLM's default for a float32 checkpoint on CPUs with bf16 support and on GPUs) the
-learned router sees other hidden states and can pick other experts for some rows, so a table row
-may no longer agree with the learned decision as often as its certificate says. A server that
-serves in another dtype therefore measures, at start-up, on a small held-in sample (the first
-`max_length` tokens of `documents` documents of the tables' own certifying split), how often each
-layer's table rows equal the learned top-k set in the served dtype, and reports it; a layer with
-at least `min_rows` table rows whose agreement falls under the tables' target is a failed check.
-`check_tables` is that start-up check; each engine passes its own measure (`builtin_agreement`:
-the model's routing through the capture hooks; vLLM: its device audit counters,
-var_moe.vllm.agreement), and the verdict (`DtypeCheck`) is published in `/var/status`.
+Served in another dtype than the tables were certified in (e.g. bfloat16, vLLM's default, for a
+float32 checkpoint), the learned router sees other hidden states and can pick other experts, so a
+table row may agree with it less often than its certificate says. `check_tables` is the start-up
+check: on a small held-in sample (the first `max_length` tokens of `documents` documents of the
+tables' certifying split) it measures how often each layer's table rows equal the learned top-k
+set in the served dtype; a layer with at least `min_rows` table rows under the tables' target
+fails. Each engine passes its own measure (`builtin_agreement`: the capture hooks; vLLM: its device
+audit counters, var_moe.vllm.agreement); the verdict (`DtypeCheck`) is published in `/var/status`.
 
 Test: `pytest tests/test_served_dtype.py`.
 """
@@ -149,16 +146,12 @@ def check_tables(served: Any, tables: Any, model_dir: str | Path | None, tokeniz
         check = unchanged(served, certified)
     else:
         batches = sample_batches(tables.metadata, tokenizer)
+        cert = tables.metadata["certifying"]
+        sample = (f"{sum(len(b.doc_B) for b in batches)} documents ({sum(b.tokens for b in batches)} tokens) "
+                  f"of {cert['dataset']}/{cert['split']}")
         target = (tables.metadata.get("config") or {}).get("target_agreement")
-        check = judge(served, certified, measure(batches), target, sample_label(batches, tables.metadata))
+        check = judge(served, certified, measure(batches), target, sample)
     logging.getLogger("varmoe.server").info("%s", check.message())
     if refuse and not check.ok:
         raise DtypeCheckFailed(check.message())
     return check
-
-
-def sample_label(batches: list[Any], metadata: Mapping[str, Any]) -> str:
-    cert = metadata.get("certifying") or {}
-    docs = sum(len(b.doc_B) for b in batches)
-    tokens = sum(int(b.mask.sum()) for b in batches)
-    return f"{docs} documents ({tokens} tokens) of {cert.get('dataset')}/{cert.get('split')}"

@@ -19,50 +19,44 @@ REQUIRED_COLUMNS = ("layer", "token_id", "frequency", "mean_entropy", "modal_top
                     "expert_ids", "topk_counts", "topk_weight_sums")
 
 
-def _decode_metadata(raw: dict[bytes, bytes] | None) -> dict[str, Any]:
-    meta: dict[str, Any] = {}
-    for k, v in (raw or {}).items():
-        key = k.decode("utf-8", "replace")
-        if key in ("pandas", "ARROW:schema"):
-            continue
-        text = v.decode("utf-8", "replace")
-        try:
-            meta[key] = json.loads(text)
-        except json.JSONDecodeError:
-            meta[key] = text
-    # a schema module may nest everything under one key
-    for nest in ("varmoe", "var_moe", "metadata"):
-        if isinstance(meta.get(nest), dict):
-            meta = {**meta, **meta[nest]}
-    return meta
-
-
 def read_stats_metadata(path: str | Path) -> dict[str, Any]:
+    """The key-value metadata of a Parquet statistics file, JSON values decoded."""
     import pyarrow.parquet as pq
 
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"routing statistics file {p} does not exist (run `varmoe capture` first)")
     try:
-        return _decode_metadata(pq.read_schema(p).metadata)
+        raw = pq.read_schema(p).metadata or {}
     except Exception as exc:  # pyarrow raises several types for a non-Parquet file
         raise InvalidInputError(f"{p} is not a readable Parquet statistics file ({exc})") from exc
+    meta: dict[str, Any] = {}
+    for k, v in raw.items():
+        key, text = k.decode("utf-8", "replace"), v.decode("utf-8", "replace")
+        if key in ("pandas", "ARROW:schema"):
+            continue
+        try:
+            meta[key] = json.loads(text)
+        except json.JSONDecodeError:
+            meta[key] = text
+    for nest in ("varmoe", "var_moe", "metadata"):  # a schema module may nest everything under one key
+        if isinstance(meta.get(nest), dict):
+            meta = {**meta, **meta[nest]}
+    return meta
 
 
 def read_stats(path: str | Path) -> tuple[Any, dict[str, Any]]:
     """`(DataFrame, metadata)` of a Phase 1 statistics file, with the columns tables need checked."""
-    try:
-        from ..capture.schema import read_stats as capture_read_stats  # the Phase 1 schema module
-    except ImportError:
-        capture_read_stats = None
+    import pyarrow.parquet as pq
+
+    from ..capture.schema import read_stats as capture_read_stats
+
     p = Path(path)
-    if capture_read_stats is not None and p.exists() and read_stats_metadata(p).get("schema_version") is not None:
+    meta = read_stats_metadata(p)
+    if meta.get("schema_version") is not None:  # written by the Phase 1 schema module
         df, meta = capture_read_stats(p)
         meta = dict(meta or {})
     else:
-        import pyarrow.parquet as pq
-
-        meta = read_stats_metadata(p)
         df = pq.read_table(p).to_pandas()
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
@@ -88,12 +82,17 @@ def check_stats_for_model(meta: dict[str, Any], model: Any, adapter: Any, source
             )
 
 
+def named_documents(meta: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+    """(dataset, split, max_length, num_samples) as a capture's metadata names them (None where absent):
+    top-level fields, else those of its run `config`."""
+    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    return (meta.get("dataset") or cfg.get("dataset"), meta.get("split") or cfg.get("split"),
+            cfg.get("max_length") or meta.get("max_length"), cfg.get("num_samples"))
+
+
 def check_split(meta: dict[str, Any], source: str, allow_test_split: bool) -> None:
     """Refuse statistics of the test split: tables built there would be judged on their own data."""
-    split = meta.get("split")
-    if split is None and isinstance(meta.get("config"), dict):
-        split = meta["config"].get("split")
-    if split == "test" and not allow_test_split:
+    if named_documents(meta)[1] == "test" and not allow_test_split:
         raise InvalidInputError(f"{source}: these statistics were captured on the 'test' split, which the evaluation "
                                 "scores; capture `--split calibration` for tables, or pass --allow-test-split to "
                                 "build on it anyway")

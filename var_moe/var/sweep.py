@@ -1,20 +1,17 @@
 """The measured frontier behind the presets: table knobs x runtime knobs -> coverage, held-out
 agreement, perplexity change, paired speed ratio.
 
-Stage 1 (tables, cheap): for every (target agreement, minimum frequency, entropy cap incl. none,
-per-document cap) the tables are rebuilt from saved calibration evidence and scored on test
-evidence (`validation.served`): coverage and agreement per layer with document-bootstrap intervals.
+Stage 1 (tables, cheap): for every (target agreement, minimum frequency, entropy cap or none,
+per-document cap) tables are rebuilt from saved calibration evidence and scored on test evidence
+(`validation.served`): coverage and agreement per layer with document-bootstrap intervals.
 Stage 2 (runtime, model runs): for the table points `runtime_points` picks (the presets, and the
-loosest target's largest coverage as the degradation check), and
-each runtime setting (adaptive-k threshold or none): perplexity of VAR vs the
-unmodified model on whole test documents (sliding windows, eval_data.py; the scoring is stored
-with the baseline and a resume with another scoring is refused) with a paired bootstrap
-interval over documents, and the paired speed ratio (baseline time / VAR time; batches
-interleaved in rotating order after a warm-up (`var_moe.timing`), median over repeats, tables frozen).
-Results are appended to a JSON file after every point, and points already there are skipped,
-so an interrupted sweep resumes. With a separate choosing evidence (`chooser`, e.g. training-split
-documents) every table chooses its sets there and certifies them on all calibration documents; the
-JSON records the scheme (`choosing`) and refuses to resume a file made with another one.
+loosest target's largest coverage as the degradation check) and each adaptive-k setting:
+perplexity of VAR vs the unmodified model on whole test documents (sliding windows, eval_data.py)
+with a paired bootstrap interval over documents, and the paired speed ratio (baseline / VAR time,
+`evaluate.paired_times`, median over repeats, tables frozen).
+Every point is appended to a JSON file at once and points already there are skipped, so an
+interrupted sweep resumes; resuming with another perplexity scoring, or another choosing scheme
+(`chooser`: e.g. training-split documents choose every table's sets), is refused.
 CLI: `varmoe sweep`. Test: `pytest tests/test_var_sweep.py tests/test_var_choosing.py`.
 """
 
@@ -30,9 +27,8 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import InvalidInputError
-from ..timing import Variant, interleaved
 from .config import VARConfig
-from .evaluate import EvalBatch, _per_doc, batch_nll, forward, paired_bootstrap
+from .evaluate import EvalBatch, doc_nll, paired_bootstrap, paired_times
 
 
 @dataclass(frozen=True)
@@ -135,11 +131,6 @@ def runtime_points(doc: dict[str, Any], named: dict[str, VARConfig] | None = Non
     return list(dict.fromkeys(keys))
 
 
-def _config_for(key: str, doc: dict[str, Any], base: VARConfig) -> VARConfig:
-    row = next(r for r in doc["tables"] if r["key"] == key)
-    return base.replace(**row["config"])
-
-
 def sweep_runtime(calibration: Any, model: Any, adapter: Any, ppl_batches: list[EvalBatch],
                   speed_batches: list[EvalBatch], grid: SweepGrid, base: VARConfig, keys: list[str], out: Path,
                   log: Callable[[str], None] = print, scoring: dict[str, Any] | None = None,
@@ -152,8 +143,7 @@ def sweep_runtime(calibration: Any, model: Any, adapter: Any, ppl_batches: list[
     doc = _load(out, choosing_scheme(chooser))
     device = next(model.parameters()).device
     if doc.get("baseline") is None:
-        rows = [batch_nll(model, b, device) for b in ppl_batches]
-        nll, cnt = _per_doc(ppl_batches, [r[0] for r in rows], [r[1] for r in rows])
+        nll, cnt = doc_nll(model, ppl_batches, device)
         doc["baseline"] = {"nll": nll.tolist(), "count": cnt.tolist(), "documents": len(nll), "tokens": int(cnt.sum()),
                            "scoring": scoring}
         _save(out, doc)
@@ -163,7 +153,7 @@ def sweep_runtime(calibration: Any, model: Any, adapter: Any, ppl_batches: list[
     b_nll, b_cnt = np.asarray(doc["baseline"]["nll"]), np.asarray(doc["baseline"]["count"])
     done = {r["key"] for r in doc["runtime"]}
     for key in keys:
-        table_cfg = _config_for(key, doc, base)
+        table_cfg = base.replace(**next(r for r in doc["tables"] if r["key"] == key)["config"])
         tables = VARTables.from_evidence(calibration, model, adapter, table_cfg, choose_evidence=chooser)
         for k in grid.adaptive_k:
             cfg = table_cfg.replace(adaptive_k=k is not None, adaptive_k_min_weight=k or base.adaptive_k_min_weight)
@@ -174,12 +164,12 @@ def sweep_runtime(calibration: Any, model: Any, adapter: Any, ppl_batches: list[
             try:
                 with w.frozen_tables(), torch.no_grad():
                     w.reset_stats()
-                    rows = [batch_nll(w, b, device) for b in ppl_batches]
+                    v_nll, v_cnt = doc_nll(w, ppl_batches, device)
                     dist = w.get_performance_stats()["overall"]["routing_distribution"]
-                    ratios = paired_speed(model, w, speed_batches, device, grid.repeats, grid.warmup)
+                    times = paired_times(model, w, speed_batches, device, grid.repeats, grid.warmup)
             finally:
                 w.restore()
-            v_nll, v_cnt = _per_doc(ppl_batches, [r[0] for r in rows], [r[1] for r in rows])
+            ratios = [sum(tb) / sum(tv) for tb, tv in zip(times["base"], times["var"])]  # baseline / VAR seconds
             ppl = paired_bootstrap(b_nll, b_cnt, v_nll, v_cnt, 1000, 0)
             row = {"key": rkey, "table_key": key, "adaptive_k_min_weight": k,
                    "target_agreement": table_cfg.target_agreement, "routing_distribution": dist,
@@ -198,15 +188,6 @@ def _same_scoring(stored: dict[str, Any], scoring: dict[str, Any] | None) -> boo
     if "scoring" in stored:
         return stored["scoring"] == scoring
     return scoring is None or (scoring["method"] == "back-to-back pieces" and scoring["documents"] == stored["documents"])
-
-
-def paired_speed(model: Any, wrapper: Any, batches: list[EvalBatch], device: Any, repeats: int, warmup: int) -> list[float]:
-    """Per repeat: baseline seconds / VAR seconds over the same batches, interleaved batch by batch
-    in rotating order (`var_moe.timing`)."""
-    times = interleaved({"base": Variant(lambda i: forward(model, batches[i], device), around=wrapper.suspended),
-                         "var": Variant(lambda i: forward(wrapper, batches[i], device))},
-                        len(batches), repeats, warmup, device=device)
-    return [sum(tb) / sum(tv) for tb, tv in zip(times["base"], times["var"])]
 
 
 def render_runtime(doc: dict[str, Any]) -> str:

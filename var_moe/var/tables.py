@@ -9,26 +9,21 @@ Per layer and token (the statistics are in `certify.py`):
 2. certify: its agreement on the certifying documents (the odd ones, or all calibration documents
    with a separate chooser), each document counting at most `max_per_document` occurrences, since
    occurrences inside one document are correlated;
-3. multiplicity: a one-sided Wilson score test of "agreement <= target_agreement" over ALL
-   candidates of all layers as one family (`multiplicity`: bh / holm / none); `bound_V` is each
-   entry's Wilson lower bound at its adjusted level.
+3. multiplicity: a one-sided Wilson score test of "agreement <= target_agreement" over ALL token
+   and (with `config.pair_entries`, `pairs.py`) (previous, token) candidates of all layers as one
+   family; `bound_V` is each entry's Wilson lower bound at its adjusted level.
 The assumption left: documents are independent draws of the text the tables will serve. Test-split
 evidence is refused on either side (unless allowed), and so is a choosing evidence from the
 certifying one's split; the metadata records both sides (`choosing`, `certifying`).
-
-Stored per layer (`LayerTable`): the chosen set and weights, `member_V`, `bound_V` and the certifying
-counts that shadow verification extends; for validation also (previous, token) modal sets (`pairs`)
-and the global modal set. With `config.pair_entries`, certified (previous, token) entries
-(`pair_tier`, `pairs.py`) join the same multiplicity family; a pair entry serves only where the
-row's token has no entry. Files: safetensors (`layer{l}.{name}`) + the metadata as JSON beside it;
-`VARTables.load(path, model)` refuses a file made for another model type, vocabulary, E, k or
-router weights. Test: `pytest tests/test_var_tables.py tests/test_var_verification.py`.
+Files: safetensors (`layer{l}.{name}`) + the metadata as JSON beside it; `VARTables.load(path,
+model)` refuses a file made for another model type, vocabulary, E, k or router weights.
+Test: `pytest tests/test_var_tables.py tests/test_var_verification.py`.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,17 +34,21 @@ from ..errors import InvalidInputError
 from ..identity import model_dir_of, routers_fingerprint
 from .certify import Candidates, global_set, layer_candidates, multiplicity_levels, pair_table, wilson_lower_bound
 from .config import VARConfig
-from .evidence import Evidence, collect_evidence
+from .evidence import Evidence, collect_evidence, read_artifact
 from .pairs import PairCandidates, PairTable, accepted_pairs, pair_candidates
 from .served import pair_serves, split_key
-from .stats_io import check_split
+from .stats_io import check_split, named_documents
 
 FORMAT_VERSION = 2
-PAIR_NAMES = ("keys_P", "sets_PK", "weights_PK", "mass_P", "code_P", "bound_P", "agree_P", "total_P")  # PairTable fields
+PAIR_NAMES = tuple(f.name for f in fields(PairTable))
+CHECK_PAIR_NAMES = ("pair_keys_P", "pair_sets_PK", "pair_counts_P")  # VARTables.pairs, for validation
 
 
 @dataclass
 class LayerTable:
+    """One layer's token entries: the chosen set and weights per token, which tokens are entries
+    (`member_V`) with their bounds, and the certifying counts that shadow verification extends."""
+
     experts_VK: torch.Tensor  # long
     weights_VK: torch.Tensor  # float32, rows sum to 1 over the set
     mass_V: torch.Tensor  # float32, raw sum of mean learned weights over the set
@@ -123,20 +122,12 @@ def certify_entries(cands: dict[int, Candidates], pair_cands: dict[int, PairCand
     return out, ptabs, info
 
 
-def document_batches(token_lists: list[tuple[int, list[int]]], max_length: int, batch_size: int, pad_id: int) -> list[Any]:
-    """(document index, token ids) -> padded `EvalBatch`es of every <= max_length piece, rows
-    keeping their document index."""
-    from ..corpus import chunk_sequences, pad_batch
-    from .eval_data import EvalBatch
-
-    seqs = [(d, piece) for d, ids in token_lists for piece in chunk_sequences([ids], max_length)]
-    if not seqs:
+def _collect(model: Any, adapter: Any, batches: list[Any], info: dict[str, Any]) -> Evidence:
+    """Evidence over `batches`, its metadata naming the routers it was collected with."""
+    if not batches:
         raise InvalidInputError("no text to collect routing evidence from")
-    out = []
-    for i in range(0, len(seqs), batch_size):  # a loop over batches, not tokens
-        ids, mask = pad_batch([p for _, p in seqs[i:i + batch_size]], pad_id)
-        out.append(EvalBatch(ids, mask, [d for d, _ in seqs[i:i + batch_size]]))
-    return out
+    fingerprint = model_identity(model, adapter)["router_fingerprint"]
+    return collect_evidence(model, batches, adapter, {**info, "router_fingerprint": fingerprint})
 
 
 def spread_indices(n: int, max_docs: int | None) -> list[int]:
@@ -154,31 +145,27 @@ def evidence_for_split(model: Any, adapter: Any, tokenizer: Any, dataset: str, s
     """Evidence over whole documents of one split (every piece), at most `max_docs` of them spread
     evenly; e.g. training-split documents that choose entries certified on the calibration split."""
     from ..corpus import encode_document, iter_documents
+    from .eval_data import document_batches
 
     docs = list(iter_documents(dataset, split))
     keep = spread_indices(len(docs), max_docs)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = document_batches([(d, encode_document(tokenizer, docs[d].text)) for d in keep], max_length, batch_size, pad_id)
-    info = {"model": str(getattr(model.config, "_name_or_path", "")), "dataset": dataset, "split": split,
-            "max_length": int(max_length), "split_documents": len(docs),
-            "document_rule": f"{len(keep)} of the split's {len(docs)} documents, evenly spread",
-            "router_fingerprint": model_identity(model, adapter)["router_fingerprint"]}
-    return collect_evidence(model, batches, adapter, info)
+    batches = document_batches(tokenizer, ((d, encode_document(tokenizer, docs[d].text)) for d in keep), max_length,
+                               batch_size)
+    return _collect(model, adapter, batches, {
+        "model": str(getattr(model.config, "_name_or_path", "")), "dataset": dataset, "split": split,
+        "max_length": int(max_length), "split_documents": len(docs),
+        "document_rule": f"{len(keep)} of the split's {len(docs)} documents, evenly spread"})
 
 
 def names_documents(meta: dict[str, Any]) -> bool:
     """Whether a capture's metadata names its documents (dataset, split, max_length)."""
-    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-    return bool((meta.get("dataset") or cfg.get("dataset")) and (meta.get("split") or cfg.get("split"))
-                and (cfg.get("max_length") or meta.get("max_length")))
+    return all(named_documents(meta)[:3])
 
 
 def stats_documents(meta: dict[str, Any]) -> tuple[str, str, int, int | None]:
     """(dataset, split, max_length, num_samples) of the documents a capture's metadata names."""
-    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-    dataset, split = meta.get("dataset") or cfg.get("dataset"), meta.get("split") or cfg.get("split")
-    max_length, num_samples = cfg.get("max_length") or meta.get("max_length"), cfg.get("num_samples")
-    if not dataset or not split or not max_length:
+    dataset, split, max_length, num_samples = named_documents(meta)
+    if not (dataset and split and max_length):
         raise InvalidInputError("the statistics metadata does not name its dataset / split / max_length, so its "
                                 "documents cannot be found again to certify tables by document; capture them with "
                                 "`varmoe capture`, or build tables with `VARTables.from_texts` / `varmoe build-tables`")
@@ -200,15 +187,13 @@ def evidence_for_stats(meta: dict[str, Any], model: Any, adapter: Any, tokenizer
             tokenizer = AutoTokenizer.from_pretrained(name)
         except Exception as exc:  # a missing or foreign tokenizer folder
             raise InvalidInputError(f"cannot load the tokenizer of {name!r} named by the statistics ({exc})") from exc
-    batches = eval_batches(tokenizer, dataset, split, num_samples, int(max_length), batch_size, max_per_doc=None)
-    info = {"model": meta.get("model"), "dataset": dataset, "split": split, "max_length": int(max_length),
-            "router_fingerprint": model_identity(model, adapter)["router_fingerprint"]}
-    return collect_evidence(model, batches, adapter, info)
+    batches = eval_batches(tokenizer, dataset, split, num_samples, max_length, batch_size, max_per_doc=None)
+    return _collect(model, adapter, batches, {"model": meta.get("model"), "dataset": dataset, "split": split,
+                                              "max_length": max_length})
 
 
 def frequency_check(df: Any, evidence: Evidence) -> dict[str, Any]:
     """How far the evidence pass's token counts are from the capture's (0 = the same documents)."""
-
     worst = 0.0
     for l, ev in evidence.layers.items():
         sub = df[df["layer"] == l]
@@ -264,26 +249,39 @@ def _check_held_out(choosing: dict[str, Any], certifying: dict[str, Any], choose
 
 def _sides(evidence: Evidence, source: str, chooser: Evidence | None, choose_source: str, choose: str) -> dict[str, Any]:
     """Where the tables' sets were chosen and where they were certified (for the metadata)."""
-    def side(ev: Evidence, src: str, rule: str, documents: Any, tokens: Any) -> dict[str, Any]:
+    def side(ev: Evidence, src: str, rule: str, counts: tuple[Any, Any] | None = None) -> dict[str, Any]:
+        """One side; `counts` = (documents, tokens), default the whole evidence's."""
         m = ev.metadata
+        documents, tokens = counts or (m.get("num_documents"), m.get("num_tokens"))
         return {"source": str(src), "dataset": m.get("dataset"), "split": m.get("split"), "documents": documents,
                 "tokens": tokens, "documents_rule": rule}
 
     if choose == "all":
-        return {"choosing": side(evidence, source, "all documents", evidence.metadata.get("num_documents"),
-                                 evidence.metadata.get("num_tokens")),
-                "certifying": side(evidence, source, "none (nothing certified)", 0, 0)}
+        return {"choosing": side(evidence, source, "all documents"),
+                "certifying": side(evidence, source, "none (nothing certified)", (0, 0))}
     if chooser is None:
         halves = evidence.metadata.get("documents_per_half") or [None, None]
         first = evidence.layers[min(evidence.layers)]
         tokens = [int(first.freq_2V[h].sum()) for h in (0, 1)]  # every valid token is routed once per layer
-        return {"choosing": side(evidence, source, "even-indexed documents", halves[0], tokens[0]),
-                "certifying": side(evidence, source, "odd-indexed documents", halves[1], tokens[1])}
-    split_c, split_v = chooser.metadata.get("split"), evidence.metadata.get("split")
-    return {"choosing": side(chooser, choose_source, f"all documents of the choosing evidence ({split_c})",
-                             chooser.metadata.get("num_documents"), chooser.metadata.get("num_tokens")),
-            "certifying": side(evidence, source, f"all documents of the certifying evidence ({split_v})",
-                               evidence.metadata.get("num_documents"), evidence.metadata.get("num_tokens"))}
+        return {"choosing": side(evidence, source, "even-indexed documents", (halves[0], tokens[0])),
+                "certifying": side(evidence, source, "odd-indexed documents", (halves[1], tokens[1]))}
+    rule = "all documents of the {} evidence ({})"
+    return {"choosing": side(chooser, choose_source, rule.format("choosing", chooser.metadata.get("split"))),
+            "certifying": side(evidence, source, rule.format("certifying", evidence.metadata.get("split")))}
+
+
+def identity_and_layers(model: Any, adapter: Any, layers: list[int] | None) -> tuple[dict[str, Any], list[int]]:
+    """The model's identity and the layers to build tables for (default: every MoE layer)."""
+    moe = [m.layer for m in adapter.moe_layers(model)]
+    return model_identity(model, adapter), layers if layers is not None else moe
+
+
+def table_metadata(ident: dict[str, Any], layers: list[int], config: VARConfig, source: str,
+                   source_meta: dict[str, Any], info: dict[str, Any]) -> dict[str, Any]:
+    """What every tables file records: the model, its layers, the config, the source and how it was verified."""
+    return {**ident, "layers": layers, "config": config.to_dict(), "source": str(source),
+            "source_split": source_meta.get("split"), "source_model": source_meta.get("model"),
+            "source_tokens": source_meta.get("num_tokens"), "verification": info, "format_version": FORMAT_VERSION}
 
 
 class VARTables:
@@ -314,8 +312,7 @@ class VARTables:
     # -- building --------------------------------------------------------------------------------
     @classmethod
     def empty(cls, model: Any, adapter: Any, layers: list[int] | None = None) -> "VARTables":
-        ident = model_identity(model, adapter)
-        layers = layers if layers is not None else [m.layer for m in adapter.moe_layers(model)]
+        ident, layers = identity_and_layers(model, adapter, layers)
         tabs = {l: LayerTable.empty(ident["vocab_size"], ident["top_k"]) for l in layers}
         return cls(tabs, {**ident, "layers": layers, "config": None, "source": "empty"})
 
@@ -327,9 +324,7 @@ class VARTables:
         """Tables for `model`: each entry's set chosen on even calibration documents, certified on
         odd ones; or, with `choose_evidence`, chosen on all of its documents and certified on all
         of `evidence`'s (per-document cap, multiplicity over all entries; see the module docstring)."""
-        ident = model_identity(model, adapter)
-        moe = [m.layer for m in adapter.moe_layers(model)]
-        layers = layers if layers is not None else moe
+        ident, layers = identity_and_layers(model, adapter, layers)
         allow = allow_test_split or config.allow_test_split
         _check_evidence(evidence, ident, layers, source, allow)
         if choose_evidence is not None:
@@ -357,11 +352,8 @@ class VARTables:
             info = {"method": "sets chosen on all calibration documents; nothing certified (Phase 1 predictors)"}
         pairs = {l: pair_table(evidence.layers[l], min_pair_count, choose, chooser[l]) for l in layers}
         glob = {l: global_set(evidence.layers[l], choose, chooser[l]) for l in layers}
-        meta = {**ident, "layers": layers, "config": config.to_dict(), "source": str(source),
-                "source_split": evidence.metadata.get("split"), "source_model": evidence.metadata.get("model"),
-                "source_tokens": evidence.metadata.get("num_tokens"),
-                "source_documents": evidence.metadata.get("documents_per_half"), **sides,
-                "verification": info, "min_pair_count": min_pair_count, "format_version": FORMAT_VERSION}
+        meta = {**table_metadata(ident, layers, config, source, evidence.metadata, info), **sides,
+                "source_documents": evidence.metadata.get("documents_per_half"), "min_pair_count": min_pair_count}
         return cls(tabs, meta, pairs, glob, served_pairs)
 
     @classmethod
@@ -370,13 +362,13 @@ class VARTables:
         """Tables from a list of documents (each text one document; even ones choose, odd ones
         certify) -- for callers without a capture, e.g. tests that build tables for a tiny model."""
         from ..adapters import get_adapter
+        from .eval_data import document_batches
 
         adapter = get_adapter(model)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        batches = document_batches([(d, tokenizer(text, add_special_tokens=False)["input_ids"]) for d, text in enumerate(texts)],
-                                   max_length, batch_size, pad_id)
-        info = {"source": source, "router_fingerprint": model_identity(model, adapter)["router_fingerprint"]}
-        return cls.from_evidence(collect_evidence(model, batches, adapter, info), model, adapter, config, source=source)
+        docs = ((d, tokenizer(text, add_special_tokens=False)["input_ids"]) for d, text in enumerate(texts))
+        batches = document_batches(tokenizer, docs, max_length, batch_size)
+        evidence = _collect(model, adapter, batches, {"source": source})
+        return cls.from_evidence(evidence, model, adapter, config, source=source)
 
     @classmethod
     def from_stats_file(cls, path: str | Path, model: Any, adapter: Any, config: VARConfig,
@@ -407,9 +399,7 @@ class VARTables:
 
         p = Path(path)
         tensors = {f"layer{l}.{n}": getattr(t, n).contiguous() for l, t in self.layers.items() for n in LayerTable.NAMES}
-        for l, (keys, sets, counts) in self.pairs.items():
-            tensors |= {f"layer{l}.pair_keys_P": keys.contiguous(), f"layer{l}.pair_sets_PK": sets.contiguous(),
-                        f"layer{l}.pair_counts_P": counts.contiguous()}
+        tensors |= {f"layer{l}.{n}": t.contiguous() for l, p in self.pairs.items() for n, t in zip(CHECK_PAIR_NAMES, p)}
         tensors |= {f"layer{l}.global_set_K": g.contiguous() for l, g in self.global_sets.items()}
         tensors |= {f"layer{l}.tier_pair.{n}": getattr(p, n).contiguous() for l, p in self.pair_tier.items() for n in PAIR_NAMES}
         meta = {**self.metadata, "sizes": {str(l): s for l, s in self.sizes().items()}, "format_version": FORMAT_VERSION}
@@ -421,12 +411,10 @@ class VARTables:
 
     @classmethod
     def load(cls, path: str | Path, model: Any = None, adapter: Any = None, check_fingerprint: bool = True) -> "VARTables":
-        from .artifact_io import read_artifact
-
         p = Path(path)
         meta, tensors = read_artifact(p, "varmoe_tables", "VAR tables", "build it with `varmoe build-tables`")
         layers = {int(l): LayerTable(*(tensors.get(f"layer{l}.{n}") for n in LayerTable.NAMES)) for l in meta["layers"]}
-        pairs = {int(l): tuple(tensors[f"layer{l}.{n}"] for n in ("pair_keys_P", "pair_sets_PK", "pair_counts_P"))
+        pairs = {int(l): tuple(tensors[f"layer{l}.{n}"] for n in CHECK_PAIR_NAMES)
                  for l in meta["layers"] if f"layer{l}.pair_keys_P" in tensors}
         glob = {int(l): tensors[f"layer{l}.global_set_K"] for l in meta["layers"] if f"layer{l}.global_set_K" in tensors}
         tier = {int(l): PairTable(*(tensors[f"layer{l}.tier_pair.{n}"] for n in PAIR_NAMES))
