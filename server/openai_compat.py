@@ -16,8 +16,8 @@ from typing import Any
 
 from .errors import APIError
 from .host import Host
-from .jobs import before_stop
-from .schemas import MAX_TEXTS, CompletionRequest
+from .jobs import generated_text
+from .schemas import CompletionRequest
 
 
 def prompt_ids(state, body: CompletionRequest) -> list[list[int]]:
@@ -29,12 +29,7 @@ def prompt_ids(state, body: CompletionRequest) -> list[list[int]]:
         raise APIError(422, "invalid_request", "prompt must not be empty", "prompt")
     if all(isinstance(x, int) for x in p):
         return [list(p)]
-    if len(p) > MAX_TEXTS:
-        raise APIError(422, "invalid_request", f"at most {MAX_TEXTS} prompts per request", "prompt")
-    out = []
-    for i, item in enumerate(p):
-        out.append(state.tokenize(item, f"prompt[{i}]") if isinstance(item, str) else list(item))
-    return out
+    return [state.tokenize(item, f"prompt[{i}]") if isinstance(item, str) else list(item) for i, item in enumerate(p)]
 
 
 def _token_strings(tokenizer, ids: list[int]) -> list[str]:
@@ -59,9 +54,7 @@ def _choice(host: Host, body: CompletionRequest, ids: list[int], result, index: 
     st = result.state
     gen_ids = list(st.new_ids)
     reason = {"eos": "stop", "stop": "stop"}.get(st.finish_reason or "length", "length")
-    gen_text = tok.decode(gen_ids, skip_special_tokens=True)
-    if st.finish_reason == "stop":
-        gen_text = before_stop(gen_text, stops)
+    gen_text = generated_text(tok, st, stops)
     prompt_text = tok.decode(ids) if body.echo else ""
     logprobs = None
     if body.logprobs is not None:

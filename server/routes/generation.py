@@ -17,8 +17,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from ..errors import APIError
-from ..jobs import Job, JobResult, RowSpec, before_stop
-from ..schemas import MAX_TEXTS, GenerateRequest, GenerateResponse, PerplexityRequest, PerplexityResponse
+from ..jobs import Job, JobResult, RowSpec, generated_text
+from ..schemas import GenerateRequest, GenerateResponse, PerplexityRequest, PerplexityResponse
 from ..state import ServerState, get_state
 from ..var_runtime import TIERS
 
@@ -31,25 +31,20 @@ router = APIRouter(prefix="/v1", tags=["generation"])
 async def generate(body: GenerateRequest, request: Request, state: ServerState = Depends(get_state)):
     state.check_max_new(body.max_new_tokens, "max_new_tokens")
     mode = state.mode_for(body.var, request)
-    ids = await state.in_worker(state.tokenize, body.prompt, "prompt")
-    state.check_prompt(ids, "prompt", body.max_new_tokens)
+    ids = await state.in_worker(state.tokenize, body.prompt, "prompt", body.max_new_tokens)
     if body.return_routed_experts:
         state.check_routed_size([(len(ids), body.max_new_tokens)])
     spec = RowSpec(ids, body.max_new_tokens, body.temperature, body.top_p, body.seed)
     job = Job(spec, pinned_mode=mode, stop=body.stop or [], stream=body.stream, routed=body.return_routed_experts)
     if body.stream:
         return stream_generate(state, job)
-    t0 = time.perf_counter()
-    (result,) = await state.run(request, [job])
-    state.observe("/v1/generate", result.mode, t0)
+    (result,) = await state.run(request, [job], "/v1/generate")
     return await state.in_worker(generate_body, state, result, job)
 
 
 @router.post("/perplexity", response_model=PerplexityResponse)
 async def perplexity(body: PerplexityRequest, request: Request, state: ServerState = Depends(get_state)):
-    texts = [body.text] if isinstance(body.text, str) else body.text
-    if len(texts) > MAX_TEXTS:
-        raise APIError(422, "invalid_request", f"at most {MAX_TEXTS} texts per request", "text")
+    texts = [body.text] if isinstance(body.text, str) else body.text  # at most MAX_TEXTS (schemas.py)
     mode = state.mode_for(body.var, request)
 
     def make_jobs() -> list[Job]:
@@ -63,9 +58,7 @@ async def perplexity(body: PerplexityRequest, request: Request, state: ServerSta
         return jobs
 
     jobs = await state.in_worker(make_jobs)
-    t0 = time.perf_counter()
-    results = await state.run(request, jobs)
-    state.observe("/v1/perplexity", results[0].mode, t0)
+    results = await state.run(request, jobs, "/v1/perplexity")
     items, total_nll, total_n = [], 0.0, 0
     for r in results:
         lps = r.state.prompt_logprobs[1:]
@@ -81,13 +74,10 @@ def ppl_item(nll: float, n: int) -> dict[str, float]:
 
 
 def generate_body(state: ServerState, result: JobResult, job: Job) -> dict[str, Any]:
-    text = state.host.tokenizer.decode(result.state.new_ids, skip_special_tokens=True)
-    reason = result.state.finish_reason or "length"
-    if reason == "stop":
-        text = before_stop(text, job.stop)
     return (result.routed or {}) | {
-        "text": text, "prompt_tokens": result.prompt_tokens, "generated_tokens": len(result.state.new_ids),
-        "finish_reason": reason, "mode": result.mode,
+        "text": generated_text(state.host.tokenizer, result.state, job.stop),
+        "prompt_tokens": result.prompt_tokens, "generated_tokens": len(result.state.new_ids),
+        "finish_reason": result.state.finish_reason or "length", "mode": result.mode,
         "timings": {"queue_s": result.queue_s, "ttft_s": result.ttft_s, "total_s": result.total_s},
         # routing decisions of this request (valid tokens x MoE layers), by tier
         "routing": {t: int(result.tier_counts.get(t, 0)) for t in TIERS},
@@ -96,7 +86,6 @@ def generate_body(state: ServerState, result: JobResult, job: Job) -> dict[str, 
 
 def stream_generate(state: ServerState, job: Job) -> StreamingResponse:
     """Server-sent events: one `token` event per new token, then `done` with the full body."""
-    state.prepare([job])
     state.submit([job])  # errors (429/503) happen before the stream starts
     tok = state.host.tokenizer
     t0 = time.perf_counter()
