@@ -46,7 +46,6 @@ def flag_specs() -> dict[str, tuple[type | None, str]]:
     return specs
 
 
-
 SERVICE = (
     "Serve a causal MoE model over HTTP (FastAPI + uvicorn) with the VAR router switchable at run time: "
     "POST /v1/generate, /v1/perplexity, /v1/completions (OpenAI-compatible), GET /v1/models, /var/status, "
@@ -131,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     print(f"varmoe serve: http://{settings.host}:{settings.port} model={settings.model}", file=sys.stderr, flush=True)
-    # A float grace (never `int(grace) or None`: 0.5 s used to become "no limit").
+    # the grace stays a float: int() would turn 0.5 s into 0
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
                             timeout_graceful_shutdown=settings.shutdown_grace_s,
                             limit_concurrency=settings.max_connections, timeout_keep_alive=settings.keep_alive_s)
