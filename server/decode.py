@@ -72,11 +72,8 @@ class BatchDecoder:
         self.eos_id = eos_id
         self.device = model_device(model)
         self.state = [RowState() for _ in rows]
-        self.generators = []
-        for r in rows:
-            g = torch.Generator(device="cpu")
-            g.manual_seed(r.seed if r.seed is not None else random.getrandbits(63))
-            self.generators.append(g)
+        seeds = [random.getrandbits(63) if r.seed is None else r.seed for r in rows]
+        self.generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
         self.temperature_B = torch.tensor([r.temperature for r in rows], dtype=torch.float32)
         self.top_p_B = torch.tensor([r.top_p for r in rows], dtype=torch.float32)
         self.cache = None

@@ -164,10 +164,8 @@ class ServerState:
             return
         read = self.host.expert_load_reading
         try:
-            if self.host.expert_load_on_engine:
-                reading = await asyncio.wait_for(self.engine_call(read), 5.0)
-            else:
-                reading = await asyncio.wait_for(self.in_worker(read), 5.0)
+            reading = await asyncio.wait_for(
+                self.engine_call(read) if self.host.expert_load_on_engine else self.in_worker(read), 5.0)
         except (APIError, asyncio.TimeoutError):
             return
         if reading is not None:
