@@ -10,6 +10,7 @@ log-probabilities. That is what `local-completions` needs for loglikelihood requ
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from typing import Any
@@ -37,15 +38,11 @@ def _token_strings(tokenizer, ids: list[int]) -> list[str]:
 
 
 def _top_dicts(tokenizer, tops) -> list[dict[str, float] | None]:
-    out = []
-    for pairs in tops:
-        if pairs is None:
-            out.append(None)
-            continue
-        d: dict[str, float] = {}
-        for tok_id, lp in pairs:
-            d.setdefault(tokenizer.decode([tok_id]), lp)  # two ids may decode alike: keep the likelier
-        out.append(d)
+    out: list[dict[str, float] | None] = []
+    for pairs in tops:  # None: a position without a prediction (the prompt's first token)
+        out.append(None if pairs is None else {})
+        for tok_id, lp in pairs or ():
+            out[-1].setdefault(tokenizer.decode([tok_id]), lp)  # two ids may decode alike: keep the likelier
     return out
 
 
@@ -67,10 +64,7 @@ def _choice(host: Host, body: CompletionRequest, ids: list[int], result, index: 
         tokens += _token_strings(tok, gen_ids)
         token_lps += list(st.new_logprobs)
         tops += _top_dicts(tok, st.new_top) if n else [{} for _ in gen_ids]
-        offsets, pos = [], 0
-        for t in tokens:
-            offsets.append(pos)
-            pos += len(t)
+        offsets = list(itertools.accumulate(map(len, tokens), initial=0))[:-1]  # where each token's text starts
         logprobs = {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
     return {"text": prompt_text + gen_text, "index": index, "logprobs": logprobs, "finish_reason": reason,
             **(result.routed or {})}

@@ -102,7 +102,7 @@ def stream_generate(state: ServerState, job: Job) -> StreamingResponse:
                     delta = ""
                     if not text.endswith("\ufffd"):  # half a UTF-8 character: its text comes with the rest
                         delta, sent = text[len(sent):], text
-                    routed = event[3] if len(event) > 3 and event[3] else {}  # this step's routed-experts rows
+                    routed = event[3] or {}  # this step's routed-experts rows
                     yield sse({"type": "token", "token_id": event[1], "text": delta, "logprob": event[2], **routed})
                     continue
                 result = event[1]
