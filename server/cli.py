@@ -107,20 +107,6 @@ def build_settings(args: argparse.Namespace):
         raise InvalidInputError(f"--{field.replace('_', '-')} (or VARMOE_{field.upper()}): {first['msg']}") from None
 
 
-def graceful_server(config, state):
-    """uvicorn's Server that starts the app's shutdown clock when shutdown begins, so waiting for
-    open requests and draining the engine share one `shutdown_grace_s` (compose's stop_grace_period
-    must stay above it)."""
-    import uvicorn
-
-    class GracefulServer(uvicorn.Server):
-        async def shutdown(self, sockets=None):
-            state.begin_shutdown()
-            await super().shutdown(sockets)
-
-    return GracefulServer(config)
-
-
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -134,5 +120,14 @@ def run(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
                             timeout_graceful_shutdown=settings.shutdown_grace_s,
                             limit_concurrency=settings.max_connections, timeout_keep_alive=settings.keep_alive_s)
-    graceful_server(config, app.state.varmoe).run()
+
+    class GracefulServer(uvicorn.Server):
+        """Starts the app's shutdown clock when shutdown begins, so waiting for open requests and
+        draining the engine share one `shutdown_grace_s` (compose's stop_grace_period must stay above it)."""
+
+        async def shutdown(self, sockets=None):
+            app.state.varmoe.begin_shutdown()
+            await super().shutdown(sockets)
+
+    GracefulServer(config).run()
     return 0
