@@ -199,12 +199,22 @@ class Engine(EngineThread):
         return dec
 
     def _forward(self, jobs: list[Job], dec: BatchDecoder, mode: str, prefill: bool) -> None:
-        """Run the prefill or one decode step and hand out the new tokens; the host keeps the
-        forward's experts when a row asked for them (return_routed_experts)."""
+        """Run the prefill or one decode step and hand out the new tokens (a stream gets each as an
+        event); the host keeps the forward's experts when a row asked for them (return_routed_experts)."""
         recording = any(j.routed and not j.posted for j in jobs)
         self.host.record_routing(recording)
         emitted = dec.prefill() if prefill else dec.step()
-        self._deliver(jobs, dec, emitted, mode, self._routing(jobs, emitted, prefill) if recording else None)
+        extra = self._routing(jobs, emitted, prefill) if recording else [None] * len(jobs)
+        now = time.monotonic()
+        for job, tok, st, routed in zip(jobs, emitted, dec.state, extra):
+            if tok is None:
+                continue
+            if job.first_token_at is None:
+                job.first_token_at = now
+                self.metrics.ttft.labels(mode=mode).observe(now - job.enqueued_at)
+            if job.stream:
+                job.post("token", tok, st.new_logprobs[-1], routed)
+        self.metrics.generated_tokens.labels(mode=mode).inc(sum(tok is not None for tok in emitted))
 
     def _routing(self, jobs: list[Job], emitted: list[int | None], prefill: bool) -> list[dict | None]:
         """File each asking row's experts of the forward just run on its job, and return them as its
@@ -259,22 +269,6 @@ class Engine(EngineThread):
             if st.finished and not job.posted:
                 job.posted = True
                 job.post("done", job.result(st, mode, now, job.tier_counts))
-
-    def _deliver(self, jobs: list[Job], dec: BatchDecoder, emitted: list[int | None], mode: str,
-                 extra: list[dict | None] | None = None) -> None:
-        now = time.monotonic()
-        n = 0
-        for i, (job, tok, st) in enumerate(zip(jobs, emitted, dec.state)):
-            if tok is None:
-                continue
-            n += 1
-            if job.first_token_at is None:
-                job.first_token_at = now
-                self.metrics.ttft.labels(mode=mode).observe(now - job.enqueued_at)
-            if job.stream:
-                job.post("token", tok, st.new_logprobs[-1], extra[i] if extra else None)
-        if n:
-            self.metrics.generated_tokens.labels(mode=mode).inc(n)
 
     def _check_jobs(self, jobs: list[Job], dec: BatchDecoder) -> None:
         now = time.monotonic()
