@@ -220,12 +220,11 @@ class Engine(EngineThread):
         """File each asking row's experts of the forward just run on its job, and return them as its
         token event's extra fields: a prefill's prompt positions (left-padded: the last n), or the
         token a decode step fed back (rows already finished sent padding and get nothing)."""
-        last = self.host.last_routing()
+        last, fast = self.host.last_routing()
         if last is None:
             return [None] * len(jobs)
         b = len(jobs)
         e_BSLK = last.reshape(last.shape[0], b, -1, last.shape[-1]).permute(1, 2, 0, 3)
-        fast = self.host.last_routing_fast()
         f_BSL = None if fast is None else fast.reshape(fast.shape[0], b, -1).permute(1, 2, 0)
         out: list[dict | None] = []
         for i, (job, tok) in enumerate(zip(jobs, emitted)):  # a loop over batch rows, not tokens

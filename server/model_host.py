@@ -144,13 +144,10 @@ class ModelHost:
         self.tap.last_LTK = None
 
     def last_routing(self):
-        """(MoE layers, rows, k) experts of the last forward while recording, else None."""
-        return self.tap.last_LTK
-
-    def last_routing_fast(self):
-        """(MoE layers, rows) bool, the rows of the last forward a VAR table served; None when that
-        forward ran without VAR (or with the cache tier, whose rows the lookup does not hold)."""
-        return self.tap.last_fast_LT
+        """(MoE layers, rows, k) experts of the last forward while recording, else None; and (MoE layers,
+        rows) bool, the rows a VAR table served, None when that forward ran without VAR (or with the
+        cache tier, whose rows the lookup does not hold)."""
+        return self.tap.last_LTK, self.tap.last_fast_LT
 
     # -- capture -------------------------------------------------------------------------------
     @property
