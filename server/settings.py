@@ -2,9 +2,10 @@
 
 Precedence: command-line flags (`varmoe serve --port 9000`) > environment (`VARMOE_PORT=9000`) >
 defaults. Every field is declared once, here: `varmoe serve`'s flags and `--help` are generated from
-these fields (server/cli.py), each field's description being its help. Defaults serve the reference model (`models/reference-moe`) on 127.0.0.1:8000 with its
-VAR tables and calibration routing statistics when those files are present in `<model>/var/`.
-Invalid values fail at start-up with a message naming the setting. Test: `pytest tests/test_server_api.py`.
+these fields (server/cli.py), each description being its help. Defaults serve the reference model
+(`models/reference-moe`) on 127.0.0.1:8000 with its VAR tables and calibration routing statistics
+when those files are present in `<model>/var/`. Invalid values fail at start-up with a message
+naming the setting. Test: `pytest tests/test_server_api.py`.
 """
 
 from __future__ import annotations
