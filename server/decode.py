@@ -30,6 +30,7 @@ from __future__ import annotations
 import random
 
 import torch
+import torch.nn.functional as F
 
 from var_moe.loading import model_device
 
@@ -265,18 +266,12 @@ class BatchDecoder:
             raise RuntimeError("this batch's cache cannot take new rows")
         sa, sb = self.mask_BS.shape[1], sub.mask_BS.shape[1]
         s = max(sa, sb)
-
-        def left_pad(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
-            if n == 0:
-                return t
-            shape = list(t.shape)
-            shape[dim] = n
-            return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-        self.mask_BS = torch.cat([left_pad(self.mask_BS, s - sa, 1), left_pad(sub.mask_BS, s - sb, 1)], 0)
+        # left-padded with zeros to the longer of the two: positions are the last dimension of the
+        # mask (B, S) and the second last of the cache's keys and values (B, heads, S, head_dim)
+        self.mask_BS = torch.cat([F.pad(self.mask_BS, (s - sa, 0)), F.pad(sub.mask_BS, (s - sb, 0))], 0)
         for mine, theirs in zip(self.cache.layers, sub.cache.layers):
-            mine.keys = torch.cat([left_pad(mine.keys, s - sa, 2), left_pad(theirs.keys, s - sb, 2)], 0)
-            mine.values = torch.cat([left_pad(mine.values, s - sa, 2), left_pad(theirs.values, s - sb, 2)], 0)
+            mine.keys = torch.cat([F.pad(mine.keys, (0, 0, s - sa, 0)), F.pad(theirs.keys, (0, 0, s - sb, 0))], 0)
+            mine.values = torch.cat([F.pad(mine.values, (0, 0, s - sa, 0)), F.pad(theirs.values, (0, 0, s - sb, 0))], 0)
         self.next_pos_B = torch.cat([self.next_pos_B, sub.next_pos_B])
         self._last_B = torch.cat([self._last_B, sub._last_B])
         self.temperature_B = torch.cat([self.temperature_B, sub.temperature_B])
