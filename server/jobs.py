@@ -66,8 +66,9 @@ def tier_names(fast_TL: list[list[bool]]) -> list[list[str]]:
 def generated_text(tokenizer: Any, state: RowState, stops: list[str]) -> str:
     """The row's new text; a row that a stop string ended stops before the first one in it."""
     text = tokenizer.decode(state.new_ids, skip_special_tokens=True)
-    cut = min((text.find(s) for s in stops if s in text), default=-1) if state.finish_reason == "stop" else -1
-    return text[:cut] if cut >= 0 else text
+    if state.finish_reason != "stop":
+        return text
+    return text[:min((text.find(s) for s in stops if s in text), default=len(text))]
 
 
 @dataclass
