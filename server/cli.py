@@ -56,22 +56,18 @@ SERVICE = (
 
 
 def env_epilog() -> str:
-    """Every `VARMOE_*` variable, derived from ServerSettings' fields (so the list cannot drift), token first."""
+    """Every `VARMOE_*` variable, from ServerSettings' fields (so the list cannot drift), env-only ones first."""
     from .settings import ServerSettings
 
     fields = ServerSettings.model_fields
-    names = ["admin_token"] + [n for n in fields if n != "admin_token"]
+    names = [*ENV_ONLY, *(n for n in fields if n not in ENV_ONLY)]
     width = max(len(n) for n in names) + len("VARMOE_") + 4
     lines = ["environment (each flag above has a VARMOE_* twin; the flag wins):"]
     for name in names:
         info = fields[name]
-        if name == "admin_token":
-            text = ("Bearer token of the admin endpoints (no flag: keep it out of the process list). "
-                    "Unset: POST /var/toggle and /admin/capture/* refuse with 403.")
-        else:
-            text = info.description or ""
-            if "default" not in text and info.default is not None and not isinstance(info.default, bool):
-                text += f" (default {info.default})"
+        text = info.description or ""
+        if "default" not in text and info.default is not None and not isinstance(info.default, bool):
+            text += f" (default {info.default})"
         wrapped = textwrap.wrap(text, 100 - width) or [""]
         lines.append(f"  {('VARMOE_' + name.upper()).ljust(width - 2)}{wrapped[0]}")
         lines.extend(" " * width + more for more in wrapped[1:])
