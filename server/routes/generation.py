@@ -59,13 +59,10 @@ async def perplexity(body: PerplexityRequest, request: Request, state: ServerSta
 
     jobs = await state.in_worker(make_jobs)
     results = await state.run(request, jobs, "/v1/perplexity")
-    items, total_nll, total_n = [], 0.0, 0
-    for r in results:
-        lps = r.state.prompt_logprobs[1:]
-        nll = -float(sum(lps))
-        items.append(ppl_item(nll, len(lps)))
-        total_nll, total_n = total_nll + nll, total_n + len(lps)
-    return {"mode": results[0].mode, "results": items, "overall": ppl_item(total_nll, total_n)}
+    # (NLL, predicted tokens) per text: the first token of a text has no prediction
+    nll_n = [(-float(sum(r.state.prompt_logprobs[1:])), len(r.state.prompt_logprobs) - 1) for r in results]
+    overall = ppl_item(sum(nll for nll, _ in nll_n), sum(n for _, n in nll_n))
+    return {"mode": results[0].mode, "results": [ppl_item(nll, n) for nll, n in nll_n], "overall": overall}
 
 
 def ppl_item(nll: float, n: int) -> dict[str, float]:
