@@ -49,8 +49,7 @@ class ServerState:
         self.started_at = time.time()
         self.shutdown_deadline: float | None = None
         self._tokenizer_lock = threading.Lock()
-        ctx = getattr(host.model.config, "max_position_embeddings", None) or 10**9
-        self.context_len = int(ctx)
+        self.context_len = int(getattr(host.model.config, "max_position_embeddings", None) or 10**9)
         self.prompt_limit = min(settings.max_prompt_tokens, self.context_len - 1)
 
     # -- shutdown: one grace period for open requests and the engine drain together -------------
