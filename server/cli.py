@@ -46,7 +46,6 @@ def flag_specs() -> dict[str, tuple[type | None, str]]:
     return specs
 
 
-
 SERVICE = (
     "Serve a causal MoE model over HTTP (FastAPI + uvicorn) with the VAR router switchable at run time: "
     "POST /v1/generate, /v1/perplexity, /v1/completions (OpenAI-compatible), GET /v1/models, /var/status, "
@@ -57,22 +56,18 @@ SERVICE = (
 
 
 def env_epilog() -> str:
-    """Every `VARMOE_*` variable, derived from ServerSettings' fields (so the list cannot drift), token first."""
+    """Every `VARMOE_*` variable, from ServerSettings' fields (so the list cannot drift), env-only ones first."""
     from .settings import ServerSettings
 
     fields = ServerSettings.model_fields
-    names = ["admin_token"] + [n for n in fields if n != "admin_token"]
+    names = [*ENV_ONLY, *(n for n in fields if n not in ENV_ONLY)]
     width = max(len(n) for n in names) + len("VARMOE_") + 4
     lines = ["environment (each flag above has a VARMOE_* twin; the flag wins):"]
     for name in names:
         info = fields[name]
-        if name == "admin_token":
-            text = ("Bearer token of the admin endpoints (no flag: keep it out of the process list). "
-                    "Unset: POST /var/toggle and /admin/capture/* refuse with 403.")
-        else:
-            text = info.description or ""
-            if "default" not in text and info.default is not None and not isinstance(info.default, bool):
-                text += f" (default {info.default})"
+        text = info.description or ""
+        if "default" not in text and info.default is not None and not isinstance(info.default, bool):
+            text += f" (default {info.default})"
         wrapped = textwrap.wrap(text, 100 - width) or [""]
         lines.append(f"  {('VARMOE_' + name.upper()).ljust(width - 2)}{wrapped[0]}")
         lines.extend(" " * width + more for more in wrapped[1:])
@@ -108,20 +103,6 @@ def build_settings(args: argparse.Namespace):
         raise InvalidInputError(f"--{field.replace('_', '-')} (or VARMOE_{field.upper()}): {first['msg']}") from None
 
 
-def graceful_server(config, state):
-    """uvicorn's Server that starts the app's shutdown clock when shutdown begins, so waiting for
-    open requests and draining the engine share one `shutdown_grace_s` (compose's stop_grace_period
-    must stay above it)."""
-    import uvicorn
-
-    class GracefulServer(uvicorn.Server):
-        async def shutdown(self, sockets=None):
-            state.begin_shutdown()
-            await super().shutdown(sockets)
-
-    return GracefulServer(config)
-
-
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -131,9 +112,18 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     print(f"varmoe serve: http://{settings.host}:{settings.port} model={settings.model}", file=sys.stderr, flush=True)
-    # A float grace (never `int(grace) or None`: 0.5 s used to become "no limit").
+    # the grace stays a float: int() would turn 0.5 s into 0
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
                             timeout_graceful_shutdown=settings.shutdown_grace_s,
                             limit_concurrency=settings.max_connections, timeout_keep_alive=settings.keep_alive_s)
-    graceful_server(config, app.state.varmoe).run()
+
+    class GracefulServer(uvicorn.Server):
+        """Starts the app's shutdown clock when shutdown begins, so waiting for open requests and
+        draining the engine share one `shutdown_grace_s` (compose's stop_grace_period must stay above it)."""
+
+        async def shutdown(self, sockets=None):
+            app.state.varmoe.begin_shutdown()
+            await super().shutdown(sockets)
+
+    GracefulServer(config).run()
     return 0

@@ -1,33 +1,25 @@
-"""Padded-batch decoding: one left-padded (B, S) prefill, then one (B, 1) step per new token.
+"""Padded-batch decoding, the model-facing half of the engine (engine.py holds the queue and thread):
+`BatchDecoder(model, rows, pad_id, eos_id)` runs `RowSpec`s of different lengths, sampling settings
+and limits as one left-padded (B, S) prefill, then one (B, 1) step per new token.
 
-This is the model-facing half of the engine (the queue and the thread live in `engine.py`).
-`BatchDecoder(model, rows, pad_id, eos_id)` runs a batch of `RowSpec`s of possibly different
-lengths, sampling settings and limits:
+- prefill: an attention mask and position ids counted over the valid tokens only (as `generate()`),
+  so a row's logits do not depend on its neighbours. Prompt log-probabilities (perplexity, `echo`)
+  come from this forward, the output layer applied to `LOGITS_CHUNK_ELEMS` floats of positions at a
+  time: a long batch never holds (B, S, V) logits or their log-softmax copy.
+- step: a finished row is fed a pad token with mask 0: it costs compute but is masked out of every
+  routing statistic and never changes the live rows.
+- admit: new rows are prefilled on their own, then their KV cache is left-padded to the batch's
+  length and stacked under it; finished rows leave at the same moment. The size change restarts the
+  VAR token tracker's per-row context for one step, which costs (previous, token) hits, never
+  correctness. Only plain `DynamicLayer` caches stack; with any other (sliding windows) `can_admit`
+  is False and batches run to completion.
 
-- prefill: prompts are left-padded to a (B, S) `input_ids` batch with an attention mask and
-  position ids counted over the valid tokens only (what `generate()` does), so a row's logits do
-  not depend on its neighbours. Prompt log-probabilities (perplexity, `echo` completions) come
-  from this one forward: the decoder's hidden states go through the output layer in chunks of
-  positions (`LOGITS_CHUNK_ELEMS` floats at a time), so a long batch never holds (B, S, V) logits
-  or their log-softmax copy (5 GB each at 8 x 1,024 x 152k). Without them only the last position
-  goes through the output layer.
-- step: every live row gets its new token; a finished row is fed a pad token with mask 0, so it
-  costs compute but is masked out of every routing statistic (the token tracker reads the mask)
-  and never changes the live rows.
-- admit(rows): new rows join a running batch (the engine's fair scheduling): they are prefilled
-  on their own, then their KV cache is left-padded to the batch's length and stacked under it;
-  finished rows leave at the same moment. A batch-size change restarts the VAR token tracker's
-  per-row context for one step (it keeps no history across a size change), which only costs
-  (previous, token) entry hits, never correctness. Only plain `DynamicLayer` caches can be merged; for any
-  other cache (sliding windows) `can_admit` is False and batches run to completion.
+Why (B, S) batches and not transformers' continuous batching: the VAR router and the capture align
+token ids with router rows through (B, S) `input_ids`; continuous batching packs sequences into (1, T).
 
-Why (B, S) batches and not transformers' continuous batching: the VAR router and the capture
-need `input_ids` shaped (B, S) to align token ids with router rows; continuous batching packs
-sequences into (1, T). The throughput comparison is in docs/BENCHMARKS.md.
-
-Sampling per row: temperature 0 is greedy; otherwise softmax(logits / T) with nucleus (top_p)
-filtering, drawn with the row's own seeded generator, so a seeded request gives the same text
-whatever it is batched with. Reported log-probabilities are those of the unmodified model.
+Sampling per row: temperature 0 is greedy, else softmax(logits / T) within the top_p nucleus, drawn
+with the row's own seeded generator, so a seeded request gives the same text whatever its batch.
+Reported log-probabilities are those of the unmodified model.
 
 Shapes: B rows, S positions, C a chunk of positions, H hidden, V vocabulary, N top
 log-probabilities. Test: `pytest tests/test_server_decode.py`.
@@ -38,6 +30,7 @@ from __future__ import annotations
 import random
 
 import torch
+import torch.nn.functional as F
 
 from var_moe.loading import model_device
 
@@ -80,11 +73,8 @@ class BatchDecoder:
         self.eos_id = eos_id
         self.device = model_device(model)
         self.state = [RowState() for _ in rows]
-        self.generators = []
-        for r in rows:
-            g = torch.Generator(device="cpu")
-            g.manual_seed(r.seed if r.seed is not None else random.getrandbits(63))
-            self.generators.append(g)
+        seeds = [random.getrandbits(63) if r.seed is None else r.seed for r in rows]
+        self.generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
         self.temperature_B = torch.tensor([r.temperature for r in rows], dtype=torch.float32)
         self.top_p_B = torch.tensor([r.top_p for r in rows], dtype=torch.float32)
         self.cache = None
@@ -276,18 +266,12 @@ class BatchDecoder:
             raise RuntimeError("this batch's cache cannot take new rows")
         sa, sb = self.mask_BS.shape[1], sub.mask_BS.shape[1]
         s = max(sa, sb)
-
-        def left_pad(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
-            if n == 0:
-                return t
-            shape = list(t.shape)
-            shape[dim] = n
-            return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-        self.mask_BS = torch.cat([left_pad(self.mask_BS, s - sa, 1), left_pad(sub.mask_BS, s - sb, 1)], 0)
+        # left-padded with zeros to the longer of the two: positions are the last dimension of the
+        # mask (B, S) and the second last of the cache's keys and values (B, heads, S, head_dim)
+        self.mask_BS = torch.cat([F.pad(self.mask_BS, (s - sa, 0)), F.pad(sub.mask_BS, (s - sb, 0))], 0)
         for mine, theirs in zip(self.cache.layers, sub.cache.layers):
-            mine.keys = torch.cat([left_pad(mine.keys, s - sa, 2), left_pad(theirs.keys, s - sb, 2)], 0)
-            mine.values = torch.cat([left_pad(mine.values, s - sa, 2), left_pad(theirs.values, s - sb, 2)], 0)
+            mine.keys = torch.cat([F.pad(mine.keys, (0, 0, s - sa, 0)), F.pad(theirs.keys, (0, 0, s - sb, 0))], 0)
+            mine.values = torch.cat([F.pad(mine.values, (0, 0, s - sa, 0)), F.pad(theirs.values, (0, 0, s - sb, 0))], 0)
         self.next_pos_B = torch.cat([self.next_pos_B, sub.next_pos_B])
         self._last_B = torch.cat([self._last_B, sub._last_B])
         self.temperature_B = torch.cat([self.temperature_B, sub.temperature_B])

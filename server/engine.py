@@ -1,35 +1,27 @@
-"""The engine: one thread owns the model; requests wait in a bounded queue and share running batches.
+"""The builtin engine: one thread owns the model; requests wait in a bounded queue and share running batches.
 
-The HTTP side calls `submit(jobs)` from the event loop (the jobs of one call are one request); the
-engine thread forms a batch from the oldest jobs, waiting up to `max_wait_ms` (counted from that
-job's arrival) until the clients of the batch that just finished are back (closed-loop clients
-return together but not in the same millisecond; a lone client never waits), and decodes it with
-`BatchDecoder` (decode.py).
+The HTTP side calls `submit(jobs)` from the event loop (one call's jobs are one request). The engine
+thread forms a batch from the oldest jobs, waiting up to `max_wait_ms` from that job's arrival for the
+clients of the batch that just finished (closed-loop clients return together, not in the same
+millisecond; a lone client never waits), and decodes it with `BatchDecoder` (decode.py).
 
-Fair scheduling: one request must not monopolise the model. Rows are picked request by request,
-the request with the fewest rows running first (round-robin across requests), and waiting rows
-join the running batch between decode steps (`BatchDecoder.admit`) instead of waiting for it to
-end: while the batch holds fewer than `max_batch_size` rows, and also beyond that (up to twice
-`max_batch_size`) for a request that has no row running yet. So a 4-token request sent beside a
-64 x 500 one starts at the next step and finishes in about its own decode time. A row's result is
-posted as soon as the row finishes, not when its batch ends. A request's size is bounded too
-(`max_request_rows` prompts, `max_request_tokens` prompt + new tokens in all): over it, `submit`
-raises `RequestTooLarge`.
+Fair scheduling: one request must not monopolise the model. Rows are picked request by request, the
+request with the fewest rows running first, and waiting rows join the running batch between decode
+steps (`BatchDecoder.admit_prefilled`) up to `max_batch_size` rows, or up to twice that for a request
+with no row running yet: a short request sent beside a long one starts at the next step. A row's
+result is posted as soon as the row finishes. Over `max_request_rows` prompts or `max_request_tokens`
+(prompt + new tokens), `submit` raises `RequestTooLarge`.
 
-Every batch runs in one mode: a pinned request (`var: true|false`) runs in its mode, the others
-in the mode `VarRuntime` (var_runtime.py) says when the batch forms; rows join only while the
-oldest waiting job has the batch's mode and no control action waits, otherwise the batch drains
-and the next one forms, so a toggle lands once the running batch has drained. The engine makes
-the routers match (`host.apply_mode`) and reports what ran to the runtime (`record_batch`).
-Control actions (capture start/stop/export) run on this thread between batches, through
-`call()`, because they attach hooks to the model. Tier counts are read per segment (between
-row-set changes: a row joining or finishing), because the VAR wrapper counts per batch row and
-restarts when the batch changes size.
+Every batch runs in one mode: a pinned request's (`var: true|false`), else the one `VarRuntime`
+(var_runtime.py) gives when the batch forms. Rows join only while the oldest waiting job has the
+batch's mode and no control action waits; otherwise the batch drains, so a toggle lands once it has.
+Control actions (capture) run on this thread between batches (`call()`), because they attach hooks to
+the model. Tier counts are read per segment (between row-set changes), because the VAR wrapper counts
+per batch row and restarts when the batch changes size.
 
-A row stops at its deadline (`timeout`), when cancelled, or at a stop string (jobs.py). Routed
-experts: while a row of the batch asked for them (`Job.routed`), the host keeps each forward's
-experts (and, in VAR mode, which rows a table served) and the engine files them per row: the prompt
-positions of a prefill, the fed-back token of a decode step; a stream's token event carries them.
+A row stops at its deadline, when cancelled, or at a stop string (jobs.py). With
+`return_routed_experts` (`Job.routed`) the host keeps each forward's experts (and, in VAR mode, which
+rows a table served), filed per row: a prefill's prompt positions, a decode step's fed-back token.
 Queue bound and draining stop: engine_thread.py. Test: `pytest tests/test_server_engine.py`.
 """
 
@@ -94,11 +86,9 @@ class Engine(EngineThread):
             if not self._pending:
                 return [], ""
             mode = self._mode_of(self._pending[0])
-            # counted from the oldest job's arrival, or from the end of the last batch for its clients
+            # Wait for the clients of the batch that just finished (their next requests trickle in over
+            # some milliseconds): without this a batch splits into cohorts that never merge again.
             wait_until = max(self._pending[0].enqueued_at, self._last_batch_end) + self.max_wait_s
-            # Wait for the clients of the batch that just finished: closed-loop clients send their next
-            # request right after an answer, but the requests trickle in over some milliseconds. Without
-            # this, a batch splits into cohorts that never merge again. A lone client never waits.
             # jobs that were already waiting when the last batch ended, plus that batch's clients
             earlier = sum(1 for j in self._pending if self._mode_of(j) == mode and j.enqueued_at < self._last_batch_end)
             target = min(self.max_batch_size, earlier + self._returning)
@@ -184,9 +174,7 @@ class Engine(EngineThread):
                     continue  # a new row may already be finished (max_new_tokens 1, eos)
                 if dec.done:
                     break
-                recording = self._record_routing(jobs)
-                emitted = dec.step()
-                self._deliver(jobs, dec, emitted, mode, self._step_routing(jobs, emitted) if recording else None)
+                self._forward(jobs, dec, mode, prefill=False)
             self._close_segment(jobs, dec)
         except Exception as exc:  # a model error must not kill the engine or hang the clients
             log.exception("batch failed")
@@ -207,62 +195,54 @@ class Engine(EngineThread):
         self.host.begin_batch()
         dec = BatchDecoder(self.host.model, [j.spec for j in jobs], self.pad_id, self.eos_id)
         self.metrics.prompt_tokens.labels(mode=mode).inc(sum(len(j.spec.prompt_ids) for j in jobs))
-        recording = self._record_routing(jobs)
-        emitted = dec.prefill()
-        extra = self._prompt_routing(jobs) if recording else None
-        self._deliver(jobs, dec, emitted, mode, extra)
+        self._forward(jobs, dec, mode, prefill=True)
         return dec
 
-    # -- routed experts (return_routed_experts) ----------------------------------------------------
-    def _record_routing(self, jobs: list[Job]) -> bool:
-        """Make the host keep the next forward's experts when a row of it asked for them."""
-        want = any(j.routed and not j.posted for j in jobs)
-        self.host.record_routing(want)
-        return want
+    def _forward(self, jobs: list[Job], dec: BatchDecoder, mode: str, prefill: bool) -> None:
+        """Run the prefill or one decode step and hand out the new tokens (a stream gets each as an
+        event); the host keeps the forward's experts when a row asked for them (return_routed_experts)."""
+        recording = any(j.routed and not j.posted for j in jobs)
+        self.host.record_routing(recording)
+        emitted = dec.prefill() if prefill else dec.step()
+        extra = self._routing(jobs, emitted, prefill) if recording else [None] * len(jobs)
+        now = time.monotonic()
+        for job, tok, st, routed in zip(jobs, emitted, dec.state, extra):
+            if tok is None:
+                continue
+            if job.first_token_at is None:
+                job.first_token_at = now
+                self.metrics.ttft.labels(mode=mode).observe(now - job.enqueued_at)
+            if job.stream:
+                job.post("token", tok, st.new_logprobs[-1], routed)
+        self.metrics.generated_tokens.labels(mode=mode).inc(sum(tok is not None for tok in emitted))
 
-    def _prompt_routing(self, jobs: list[Job]) -> list[dict | None]:
-        """Each asking row's prompt rows of the prefill just run (left-padded: the last n positions)."""
-        last = self.host.last_routing()
+    def _routing(self, jobs: list[Job], emitted: list[int | None], prefill: bool) -> list[dict | None]:
+        """File each asking row's experts of the forward just run on its job, and return them as its
+        token event's extra fields: a prefill's prompt positions (left-padded: the last n), or the
+        token a decode step fed back (rows already finished sent padding and get nothing)."""
+        last, fast = self.host.last_routing()
         if last is None:
             return [None] * len(jobs)
         b = len(jobs)
         e_BSLK = last.reshape(last.shape[0], b, -1, last.shape[-1]).permute(1, 2, 0, 3)
-        fast = self.host.last_routing_fast()
         f_BSL = None if fast is None else fast.reshape(fast.shape[0], b, -1).permute(1, 2, 0)
         out: list[dict | None] = []
-        for i, job in enumerate(jobs):  # a loop over batch rows, not tokens
-            if not job.routed:
+        for i, (job, tok) in enumerate(zip(jobs, emitted)):  # a loop over batch rows, not tokens
+            if not job.routed or (tok is None and not prefill):
                 out.append(None)
                 continue
-            first = e_BSLK.shape[1] - len(job.spec.prompt_ids)
-            job.prompt_routing = e_BSLK[i, first:].tolist()
-            out.append({"prompt_routed_experts": job.prompt_routing})
-            if f_BSL is not None:
-                job.prompt_tiers = tier_names(f_BSL[i, first:].tolist())
-                out[-1]["prompt_routed_tiers"] = job.prompt_tiers
-        return out
-
-    def _step_routing(self, jobs: list[Job], emitted: list[int | None]) -> list[dict | None]:
-        """Each asking row's row of the decode step just run: the token it fed back (rows that were
-        already finished sent padding and get nothing)."""
-        last = self.host.last_routing()
-        if last is None:
-            return [None] * len(jobs)
-        e_BLK = last.permute(1, 0, 2)
-        fast = self.host.last_routing_fast()
-        f_BL = None if fast is None else fast.permute(1, 0)
-        out: list[dict | None] = []
-        for i, (job, tok) in enumerate(zip(jobs, emitted)):
-            if not job.routed or tok is None:
-                out.append(None)
-                continue
-            row = e_BLK[i].tolist()
-            job.gen_routing.append(row)
-            out.append({"routed_experts": [row]})
-            if f_BL is not None and job.prompt_tiers is not None:
-                tiers = tier_names([f_BL[i].tolist()])
-                job.gen_tiers += tiers
-                out[-1]["routed_tiers"] = tiers
+            first = e_BSLK.shape[1] - (len(job.spec.prompt_ids) if prefill else 1)
+            experts = e_BSLK[i, first:].tolist()
+            tiers = None
+            if f_BSL is not None and (prefill or job.prompt_tiers is not None):
+                tiers = tier_names(f_BSL[i, first:].tolist())
+            if prefill:
+                job.prompt_routing, job.prompt_tiers = experts, tiers
+            else:
+                job.gen_routing += experts
+                job.gen_tiers += tiers or []
+            prefix = "prompt_routed_" if prefill else "routed_"
+            out.append({prefix + "experts": experts} | ({} if tiers is None else {prefix + "tiers": tiers}))
         return out
 
     def _observe_size(self, rows: int) -> None:
@@ -288,22 +268,6 @@ class Engine(EngineThread):
             if st.finished and not job.posted:
                 job.posted = True
                 job.post("done", job.result(st, mode, now, job.tier_counts))
-
-    def _deliver(self, jobs: list[Job], dec: BatchDecoder, emitted: list[int | None], mode: str,
-                 extra: list[dict | None] | None = None) -> None:
-        now = time.monotonic()
-        n = 0
-        for i, (job, tok, st) in enumerate(zip(jobs, emitted, dec.state)):
-            if tok is None:
-                continue
-            n += 1
-            if job.first_token_at is None:
-                job.first_token_at = now
-                self.metrics.ttft.labels(mode=mode).observe(now - job.enqueued_at)
-            if job.stream:
-                job.post("token", tok, st.new_logprobs[-1], extra[i] if extra else None)
-        if n:
-            self.metrics.generated_tokens.labels(mode=mode).inc(n)
 
     def _check_jobs(self, jobs: list[Job], dec: BatchDecoder) -> None:
         now = time.monotonic()

@@ -3,8 +3,8 @@ steps, one thread that owns the model, and a draining stop -- plus the errors `s
 
 Subclasses (the builtin `Engine` in engine.py, `VllmEngine` in vllm_engine.py) implement `_run`
 (the thread's loop) and `_enqueue(jobs, now)` (stamp and queue a request's jobs, under the lock).
-`submit` applies the request budget (`check_request_budget`) and the queue bound (429 with
-Retry-After). Test: `pytest tests/test_server_engine.py`.
+`submit` applies the request budget (prompts, and prompt + new tokens) and the queue bound (429
+with Retry-After). Test: `pytest tests/test_server_engine.py`.
 """
 
 from __future__ import annotations
@@ -37,16 +37,6 @@ class EngineStopping(EngineError):
 
 class RequestTooLarge(EngineError):
     """More prompts or more work (prompt + new tokens) in one request than the engine accepts."""
-
-
-def check_request_budget(jobs: list[Any], max_rows: int | None, max_tokens: int | None) -> None:
-    """A request's work budget (every engine applies it in `submit`): prompts, and prompt + new tokens."""
-    if max_rows is not None and len(jobs) > max_rows:
-        raise RequestTooLarge(f"{len(jobs)} prompts in one request; the limit is {max_rows}")
-    work = sum(len(j.spec.prompt_ids) + j.spec.max_new_tokens for j in jobs)
-    if max_tokens is not None and work > max_tokens:
-        raise RequestTooLarge(f"the request asks for {work} tokens (prompt tokens + new tokens, all prompts); "
-                              f"the limit is {max_tokens}: send fewer prompts or fewer new tokens")
 
 
 class EngineThread:
@@ -86,8 +76,14 @@ class EngineThread:
 
     # -- called from the event loop -------------------------------------------------------------
     def submit(self, jobs: list[Any]) -> None:
-        """Queue all jobs or none (a perplexity list is one request)."""
-        check_request_budget(jobs, self.max_request_rows, self.max_request_tokens)
+        """Queue all jobs or none (a perplexity list is one request), within the request's budget."""
+        max_rows, max_tokens = self.max_request_rows, self.max_request_tokens
+        if max_rows is not None and len(jobs) > max_rows:
+            raise RequestTooLarge(f"{len(jobs)} prompts in one request; the limit is {max_rows}")
+        work = sum(len(j.spec.prompt_ids) + j.spec.max_new_tokens for j in jobs)
+        if max_tokens is not None and work > max_tokens:
+            raise RequestTooLarge(f"the request asks for {work} tokens (prompt tokens + new tokens, all prompts); "
+                                  f"the limit is {max_tokens}: send fewer prompts or fewer new tokens")
         with self._cond:
             if self._stopping:
                 raise EngineStopping("the server is shutting down", retry_after_s=5.0)

@@ -42,22 +42,18 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
-        return validation_response(exc.errors())
-
-
-def validation_response(errors) -> JSONResponse:
-    errors = list(errors)
-    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": "invalid"}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    field = ".".join(loc) or "body"
-    if first.get("type") == "prompt_too_long":  # schemas.check_sizes: like a prompt over the token limit
-        return error_response(413, "prompt_too_long", f"{field}: {first.get('msg')}", field)
-    if first.get("type") == "json_invalid":
-        return error_response(400, "malformed_json", f"the body is not valid JSON: {first.get('msg')}", "body")
-    if field == "body" and first.get("type") in ("model_attributes_type", "dict_type", "missing"):
-        return error_response(400, "malformed_json",
-                              "the body must be a JSON object (send Content-Type: application/json)", "body")
-    detail = [{"field": ".".join(str(p) for p in e.get("loc", ()) if p != "body"), "message": e.get("msg")} for e in errors]
-    body = {"error": {"type": "invalid_request", "message": f"{field}: {first.get('msg')}", "field": field},
-            "detail": detail}
-    return JSONResponse(body, 422)
+        errors = list(exc.errors())
+        first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": "invalid"}
+        field = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+        if first.get("type") == "prompt_too_long":  # schemas.check_sizes: like a prompt over the token limit
+            return error_response(413, "prompt_too_long", f"{field}: {first.get('msg')}", field)
+        if first.get("type") == "json_invalid":
+            return error_response(400, "malformed_json", f"the body is not valid JSON: {first.get('msg')}", "body")
+        if field == "body" and first.get("type") in ("model_attributes_type", "dict_type", "missing"):
+            return error_response(400, "malformed_json",
+                                  "the body must be a JSON object (send Content-Type: application/json)", "body")
+        detail = [{"field": ".".join(str(p) for p in e.get("loc", ()) if p != "body"), "message": e.get("msg")}
+                  for e in errors]
+        body = {"error": {"type": "invalid_request", "message": f"{field}: {first.get('msg')}", "field": field},
+                "detail": detail}
+        return JSONResponse(body, 422)

@@ -42,7 +42,6 @@ class RowState:
     forwarded_tokens: int = 0  # valid tokens this row sent through the model
 
 
-
 @dataclass
 class JobResult:
     state: RowState
@@ -64,10 +63,12 @@ def tier_names(fast_TL: list[list[bool]]) -> list[list[str]]:
     return [[ROW_TIERS[f] for f in row] for row in fast_TL]
 
 
-def before_stop(text: str, stops: list[str]) -> str:
-    """The text up to the first stop string in it (the stop string itself is not returned)."""
-    cut = min((text.find(s) for s in stops if s in text), default=-1)
-    return text[:cut] if cut >= 0 else text
+def generated_text(tokenizer: Any, state: RowState, stops: list[str]) -> str:
+    """The row's new text; a row that a stop string ended stops before the first one in it."""
+    text = tokenizer.decode(state.new_ids, skip_special_tokens=True)
+    if state.finish_reason != "stop":
+        return text
+    return text[:min((text.find(s) for s in stops if s in text), default=len(text))]
 
 
 @dataclass

@@ -1,32 +1,28 @@
 """Request-body limits as a pure ASGI middleware: size and read time, enforced before any parsing.
 
-FastAPI reads and parses the whole JSON body before a route (or a pydantic limit) sees it: a
-21 MB body of token ids took the server from 472 MB to a 1,244 MB peak before its 413. This
-middleware refuses such a body from its `Content-Length` header without reading it, and counts
-the bytes of a body sent without one (chunked) as they arrive, answering 413 as soon as the count
-passes `max_bytes`. It also bounds the time a body may take to arrive (`timeout_s` for the whole
-body): uvicorn has no such timeout, so without it half-sent bodies would hold their connection open forever.
+FastAPI reads and parses the whole JSON body before a route (or a pydantic limit) sees it, so a
+large body costs several times its size in memory before any 413. This middleware refuses such a
+body from its `Content-Length` header without reading it, and counts the bytes of a body sent
+without one (chunked) as they arrive, answering 413 as soon as the count passes `max_bytes`. It also
+bounds the time the whole body may take to arrive (`timeout_s`): uvicorn has no such timeout, so a
+half-sent body would hold its connection open forever.
 
-When a limit trips mid-body the middleware sends the error itself and tells the application that
-the client disconnected (what the application sees is an `http.disconnect` message), so no route
-runs on a truncated body and nothing else is sent. Errors have the API's JSON shape:
-413 `body_too_large`, 408 `body_timeout`, 400 `bad_content_length`.
+When a limit trips mid-body the middleware answers itself and the application sees an
+`http.disconnect`, so no route runs on a truncated body and nothing else is sent. Errors have the
+API's JSON shape: 413 `body_too_large`, 408 `body_timeout`, 400 `bad_content_length`.
 Test: `pytest tests/test_server_limits.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
+from .errors import error_response
 
-async def send_error(send, status: int, type_: str, message: str) -> None:
-    body = json.dumps({"error": {"type": type_, "message": message, "field": "body"}}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": body})
+
+async def send_error(scope, send, status: int, type_: str, message: str) -> None:
+    await error_response(status, type_, message, "body", headers={"connection": "close"})(scope, None, send)
 
 
 class BodyLimit:
@@ -41,9 +37,9 @@ class BodyLimit:
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None:
             if not length.strip().isdigit():
-                return await send_error(send, 400, "bad_content_length", "Content-Length must be a whole number")
+                return await send_error(scope, send, 400, "bad_content_length", "Content-Length must be a whole number")
             if int(length) > self.max_bytes:
-                return await send_error(send, 413, "body_too_large", self._too_large(int(length)))
+                return await send_error(scope, send, 413, "body_too_large", self._too_large(int(length)))
         deadline = time.monotonic() + self.timeout_s
         state = {"received": 0, "body_done": False, "answered": False}
 
@@ -56,14 +52,14 @@ class BodyLimit:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 state["answered"] = True
-                await send_error(send, 408, "body_timeout",
+                await send_error(scope, send, 408, "body_timeout",
                                  f"the request body did not arrive within {self.timeout_s:g} s")
                 return {"type": "http.disconnect"}
             if message["type"] == "http.request":
                 state["received"] += len(message.get("body", b""))
                 if state["received"] > self.max_bytes:
                     state["answered"] = True
-                    await send_error(send, 413, "body_too_large", self._too_large(None))
+                    await send_error(scope, send, 413, "body_too_large", self._too_large(None))
                     return {"type": "http.disconnect"}
                 state["body_done"] = not message.get("more_body", False)
             return message

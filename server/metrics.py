@@ -7,12 +7,11 @@ several apps in one process). Names are fixed: dashboards and analysis jobs rely
 - varmoe_request_duration_seconds{endpoint,mode}    histogram
 - varmoe_time_to_first_token_seconds{mode}          histogram
 - varmoe_var_enabled, varmoe_queue_depth            gauges
-
-The routing, verification and mode series are not kept here: `VarCollector` reads them from
-`VarRuntime` (their one owner) at scrape time.
 - varmoe_batch_size                                 histogram (rows per model batch)
 - varmoe_requests_total{endpoint,status}            every HTTP answer, errors included
 
+The routing, verification and mode series are not kept here: `VarCollector` reads them from
+`VarRuntime` (their one owner) at scrape time.
 Test: `pytest tests/test_server_metrics.py` (runs `promtool check metrics` on the exposition).
 """
 

@@ -21,7 +21,7 @@ from var_moe.errors import InvalidInputError
 from var_moe.loading import LoadSpec, load_model
 from var_moe.routing_tap import RoutingTap
 from var_moe.var import VARConfig, VARModelWrapper, VARTables, get_preset
-from var_moe.var.served_dtype import DtypeCheckFailed
+from var_moe.var.served_dtype import DtypeCheckFailed, builtin_agreement, check_tables
 
 from .var_runtime import TIERS, Counts
 
@@ -144,13 +144,10 @@ class ModelHost:
         self.tap.last_LTK = None
 
     def last_routing(self):
-        """(MoE layers, rows, k) experts of the last forward while recording, else None."""
-        return self.tap.last_LTK
-
-    def last_routing_fast(self):
-        """(MoE layers, rows) bool, the rows of the last forward a VAR table served; None when that
-        forward ran without VAR (or with the cache tier, whose rows the lookup does not hold)."""
-        return self.tap.last_fast_LT
+        """(MoE layers, rows, k) experts of the last forward while recording, else None; and (MoE layers,
+        rows) bool, the rows a VAR table served, None when that forward ran without VAR (or with the
+        cache tier, whose rows the lookup does not hold)."""
+        return self.tap.last_LTK, self.tap.last_fast_LT
 
     # -- capture -------------------------------------------------------------------------------
     @property
@@ -179,23 +176,18 @@ class ModelHost:
         self.analyzer.write_parquet(path, meta)
 
 
-def dtype_check(model: Any, tokenizer: Any, tables: VARTables, settings) -> Any:
-    """Tables certified in another dtype than the model is served in: measured on a held-in sample
-    with the model's own routing before it is wrapped, logged, refused under the target unless
-    --var-dtype-check warn (var_moe.var.served_dtype)."""
-    from var_moe.var import served_dtype as sd
-
-    return sd.check_tables(model.dtype, tables, settings.model, tokenizer,
-                           lambda batches: sd.builtin_agreement(model, tables, batches),
-                           settings.var_dtype_check == "refuse")
-
-
 def _build_wrapper(model: Any, tokenizer: Any, settings) -> tuple[VARModelWrapper, Any]:
     """VARModelWrapper from the tables file, or tables built from the calibration statistics, and the
-    served-dtype check of a tables file (None for tables built here, in the served dtype)."""
+    served-dtype check of a tables file (None for tables built here, in the served dtype): tables
+    certified in another dtype are measured on a held-in sample with the model's own routing before
+    it is wrapped, and refused under their target unless --var-dtype-check warn."""
     tables_path, stats_path = settings.var_tables_path, settings.routing_stats_path
     tables = VARTables.load(tables_path, model=model) if tables_path else None
-    check = dtype_check(model, tokenizer, tables, settings) if tables is not None else None
+    check = None
+    if tables is not None:
+        check = check_tables(model.dtype, tables, settings.model, tokenizer,
+                             lambda batches: builtin_agreement(model, tables, batches),
+                             settings.var_dtype_check == "refuse")
     if settings.var_config:
         p = Path(settings.var_config)
         config = VARConfig.from_json(p) if p.exists() else get_preset(settings.var_config)

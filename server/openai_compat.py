@@ -10,14 +10,15 @@ log-probabilities. That is what `local-completions` needs for loglikelihood requ
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from typing import Any
 
 from .errors import APIError
 from .host import Host
-from .jobs import before_stop
-from .schemas import MAX_TEXTS, CompletionRequest
+from .jobs import generated_text
+from .schemas import CompletionRequest
 
 
 def prompt_ids(state, body: CompletionRequest) -> list[list[int]]:
@@ -29,12 +30,7 @@ def prompt_ids(state, body: CompletionRequest) -> list[list[int]]:
         raise APIError(422, "invalid_request", "prompt must not be empty", "prompt")
     if all(isinstance(x, int) for x in p):
         return [list(p)]
-    if len(p) > MAX_TEXTS:
-        raise APIError(422, "invalid_request", f"at most {MAX_TEXTS} prompts per request", "prompt")
-    out = []
-    for i, item in enumerate(p):
-        out.append(state.tokenize(item, f"prompt[{i}]") if isinstance(item, str) else list(item))
-    return out
+    return [state.tokenize(item, f"prompt[{i}]") if isinstance(item, str) else list(item) for i, item in enumerate(p)]
 
 
 def _token_strings(tokenizer, ids: list[int]) -> list[str]:
@@ -42,15 +38,11 @@ def _token_strings(tokenizer, ids: list[int]) -> list[str]:
 
 
 def _top_dicts(tokenizer, tops) -> list[dict[str, float] | None]:
-    out = []
-    for pairs in tops:
-        if pairs is None:
-            out.append(None)
-            continue
-        d: dict[str, float] = {}
-        for tok_id, lp in pairs:
-            d.setdefault(tokenizer.decode([tok_id]), lp)  # two ids may decode alike: keep the likelier
-        out.append(d)
+    out: list[dict[str, float] | None] = []
+    for pairs in tops:  # None: a position without a prediction (the prompt's first token)
+        out.append(None if pairs is None else {})
+        for tok_id, lp in pairs or ():
+            out[-1].setdefault(tokenizer.decode([tok_id]), lp)  # two ids may decode alike: keep the likelier
     return out
 
 
@@ -59,9 +51,7 @@ def _choice(host: Host, body: CompletionRequest, ids: list[int], result, index: 
     st = result.state
     gen_ids = list(st.new_ids)
     reason = {"eos": "stop", "stop": "stop"}.get(st.finish_reason or "length", "length")
-    gen_text = tok.decode(gen_ids, skip_special_tokens=True)
-    if st.finish_reason == "stop":
-        gen_text = before_stop(gen_text, stops)
+    gen_text = generated_text(tok, st, stops)
     prompt_text = tok.decode(ids) if body.echo else ""
     logprobs = None
     if body.logprobs is not None:
@@ -74,10 +64,7 @@ def _choice(host: Host, body: CompletionRequest, ids: list[int], result, index: 
         tokens += _token_strings(tok, gen_ids)
         token_lps += list(st.new_logprobs)
         tops += _top_dicts(tok, st.new_top) if n else [{} for _ in gen_ids]
-        offsets, pos = [], 0
-        for t in tokens:
-            offsets.append(pos)
-            pos += len(t)
+        offsets = list(itertools.accumulate(map(len, tokens), initial=0))[:-1]  # where each token's text starts
         logprobs = {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
     return {"text": prompt_text + gen_text, "index": index, "logprobs": logprobs, "finish_reason": reason,
             **(result.routed or {})}

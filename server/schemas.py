@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 SEED_MAX = 2**63 - 1
@@ -44,9 +44,10 @@ class StrictBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-def check_sizes(value, what: str):
-    """Size limits of a prompt / text / stop field with one clear message (a union's own errors
-    name every branch it tried, e.g. "Input should be a valid string" for a too-long id list)."""
+def check_sizes(value, info: ValidationInfo):
+    """Size limits of a prompt / text field with one clear message (a union's own errors name every
+    branch it tried, e.g. "Input should be a valid string" for a too-long id list)."""
+    what = info.field_name
     if isinstance(value, list) and value and all(isinstance(x, int) for x in value):
         items = [value]  # one prompt of token ids
     elif isinstance(value, list):
@@ -87,7 +88,7 @@ class GenerateRequest(StrictBody):
     stop: list[Stop] | None = Field(None, max_length=MAX_STOPS)
     return_routed_experts: bool = Field(False, description=ROUTED_HELP)
 
-    _sizes = field_validator("prompt", mode="before")(lambda v: check_sizes(v, "prompt"))
+    _sizes = field_validator("prompt", mode="before")(check_sizes)
     _stops = field_validator("stop", mode="before")(check_stops)
 
 
@@ -123,7 +124,7 @@ class PerplexityRequest(StrictBody):
     text: Annotated[Text, Field(min_length=1)] | Annotated[list[Text], Field(min_length=1, max_length=MAX_TEXTS)]
     var: bool | None = None
 
-    _sizes = field_validator("text", mode="before")(lambda v: check_sizes(v, "text"))
+    _sizes = field_validator("text", mode="before")(check_sizes)
 
 
 class PerplexityItem(BaseModel):
@@ -164,7 +165,7 @@ class CompletionRequest(StrictBody):
     user: str | None = Field(None, max_length=256)
     suffix: None = None
 
-    _sizes = field_validator("prompt", mode="before")(lambda v: check_sizes(v, "prompt"))
+    _sizes = field_validator("prompt", mode="before")(check_sizes)
     _stops = field_validator("stop", mode="before")(check_stops)
 
 

@@ -2,9 +2,10 @@
 
 Precedence: command-line flags (`varmoe serve --port 9000`) > environment (`VARMOE_PORT=9000`) >
 defaults. Every field is declared once, here: `varmoe serve`'s flags and `--help` are generated from
-these fields (server/cli.py), each field's description being its help. Defaults serve the reference model (`models/reference-moe`) on 127.0.0.1:8000 with its
-VAR tables and calibration routing statistics when those files are present in `<model>/var/`.
-Invalid values fail at start-up with a message naming the setting. Test: `pytest tests/test_server_api.py`.
+these fields (server/cli.py), each description being its help. Defaults serve the reference model
+(`models/reference-moe`) on 127.0.0.1:8000 with its VAR tables and calibration routing statistics
+when those files are present in `<model>/var/`. Invalid values fail at start-up with a message
+naming the setting. Test: `pytest tests/test_server_api.py`.
 """
 
 from __future__ import annotations
@@ -88,7 +89,9 @@ class ServerSettings(BaseSettings):
     # loopback unless the operator opens it on purpose
     host: str = Field("127.0.0.1", description="bind address (default 127.0.0.1)")
     port: int = Field(8000, ge=0, le=65535, description="port (default 8000; 0 = any free port)")
-    admin_token: SecretStr | None = Field(None, description="Bearer token for admin endpoints; none = refuse")
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token of the admin endpoints (no flag: keep it out of the process list). "
+                          "Unset: POST /var/toggle and /admin/capture/* refuse with 403.")
     # -- batching and limits -----------------------------------------------------------------
     max_batch_size: int = Field(8, ge=1, le=256, description="rows per model batch (vLLM: max_num_seqs)")
     max_wait_ms: float = Field(50.0, ge=0, le=10_000, description="longest wait (ms) for the clients of the batch that just ended")

@@ -49,8 +49,7 @@ class ServerState:
         self.started_at = time.time()
         self.shutdown_deadline: float | None = None
         self._tokenizer_lock = threading.Lock()
-        ctx = getattr(host.model.config, "max_position_embeddings", None) or 10**9
-        self.context_len = int(ctx)
+        self.context_len = int(getattr(host.model.config, "max_position_embeddings", None) or 10**9)
         self.prompt_limit = min(settings.max_prompt_tokens, self.context_len - 1)
 
     # -- shutdown: one grace period for open requests and the engine drain together -------------
@@ -83,13 +82,13 @@ class ServerState:
         the event loop keeps answering /healthz and streams meanwhile."""
         return await run_in_threadpool(fn, *args)
 
-    def tokenize(self, text: str, field: str) -> list[int]:
+    def tokenize(self, text: str, field: str, max_new: int = 0) -> list[int]:
         if len(text) > 64 * self.prompt_limit:  # refuse huge bodies before spending time tokenizing them
             raise APIError(413, "prompt_too_long",
                            f"the prompt has {len(text)} characters; the limit is {self.prompt_limit} tokens", field)
         with self._tokenizer_lock:  # worker threads share one tokenizer; its Rust side is not re-entrant
             ids = self.host.tokenizer(text)["input_ids"]
-        self.check_prompt(ids, field)
+        self.check_prompt(ids, field, max_new)
         return ids
 
     def check_prompt(self, ids: list[int], field: str, max_new: int = 0, new_field: str = "max_new_tokens") -> None:
@@ -114,12 +113,11 @@ class ServerState:
         self.metrics.request_duration.labels(endpoint=endpoint, mode=mode).observe(time.perf_counter() - t0)
 
     # -- running jobs ----------------------------------------------------------------------------
-    def prepare(self, jobs: list[Job]) -> None:
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue jobs on the engine, their events going to this event loop (refusals: 413, 429, 503)."""
         loop = asyncio.get_running_loop()
         for job in jobs:
             job.loop, job.events, job.timeout_s = loop, asyncio.Queue(), self.settings.request_timeout_s
-
-    def submit(self, jobs: list[Job]) -> None:
         try:
             self.engine.submit(jobs)
         except RequestTooLarge as exc:
@@ -129,9 +127,10 @@ class ServerState:
             raise APIError(status, "overloaded" if status == 429 else "unavailable", str(exc),
                            headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}) from None
 
-    async def run(self, request: Request, jobs: list[Job]) -> list[JobResult]:
-        """Submit jobs, wait for all of them; cancel them if the client leaves or time runs out."""
-        self.prepare(jobs)
+    async def run(self, request: Request, jobs: list[Job], endpoint: str) -> list[JobResult]:
+        """Submit jobs, wait for all of them (the wait is `endpoint`'s request duration); cancel them if
+        the client leaves or time runs out."""
+        t0 = time.perf_counter()
         self.submit(jobs)
         waiter = asyncio.ensure_future(asyncio.gather(*(wait_done(j) for j in jobs)))
         gone = asyncio.ensure_future(wait_disconnect(request))
@@ -153,6 +152,7 @@ class ServerState:
                 raise timeout_error(self.settings.request_timeout_s)
             if r.error:
                 raise APIError(500, "engine_error", r.error)
+        self.observe(endpoint, results[0].mode, t0)
         return results
 
     async def refresh_expert_load(self) -> None:
@@ -163,10 +163,8 @@ class ServerState:
             return
         read = self.host.expert_load_reading
         try:
-            if self.host.expert_load_on_engine:
-                reading = await asyncio.wait_for(self.engine_call(read), 5.0)
-            else:
-                reading = await asyncio.wait_for(self.in_worker(read), 5.0)
+            reading = await asyncio.wait_for(
+                self.engine_call(read) if self.host.expert_load_on_engine else self.in_worker(read), 5.0)
         except (APIError, asyncio.TimeoutError):
             return
         if reading is not None:

@@ -141,27 +141,25 @@ class VarRuntime:
             if isinstance(info.get("config"), dict):
                 info["config"] = {**info["config"], "enable_var": self.enabled}
             var.update(info)
-        checks = self.verification_counts()
-        by_layer = {str(l): {o: checks.get((l, o), 0) for o in OUTCOMES} for l in self.backend.layers}
+        layers = self.backend.layers
+        decisions = {m: _by_layer(self.tier_counts(m), layers, TIERS) for m in MODES}
+        checks = _by_layer(self.verification_counts(), layers, OUTCOMES)
         return {
             "mode": self.mode,
             "var": var,
-            "decisions_since_start": {m: _by_layer(self.tier_counts(m), self.backend.layers) for m in MODES},
-            "tier_shares_since_start": {m: _shares(self.tier_counts(m), self.backend.layers) for m in MODES},
+            "decisions_since_start": decisions,
+            "tier_shares_since_start": {m: {l: _shares(c) for l, c in d.items()} for m, d in decisions.items()},
             "batches_since_start": dict(self._batches),
-            "verification_checks_since_start": by_layer,
+            "verification_checks_since_start": checks,
             "verification_agreement": {l: (c["agree"] / sum(c.values()) if sum(c.values()) else None)
-                                       for l, c in by_layer.items()},
+                                       for l, c in checks.items()},
         }
 
 
-def _by_layer(counts: Counts, layers: list[int]) -> dict[str, dict[str, int]]:
-    return {str(l): {t: counts.get((l, t), 0) for t in TIERS} for l in layers}
+def _by_layer(counts: Counts, layers: list[int], keys: tuple[str, ...]) -> dict[str, dict[str, int]]:
+    return {str(l): {k: counts.get((l, k), 0) for k in keys} for l in layers}
 
 
-def _shares(counts: Counts, layers: list[int]) -> dict[str, dict[str, float]]:
-    out = {}
-    for layer, c in _by_layer(counts, layers).items():
-        total = sum(c.values())
-        out[layer] = {t: (c[t] / total if total else 0.0) for t in TIERS}
-    return out
+def _shares(counts: dict[str, int]) -> dict[str, float]:
+    total = sum(counts.values())
+    return {k: (n / total if total else 0.0) for k, n in counts.items()}

@@ -20,7 +20,6 @@ from ..schemas import CaptureStatus
 from ..state import ServerState, get_state, require_admin
 
 
-
 def capturing_state(state: ServerState = Depends(get_state)) -> ServerState:
     """The server's state, once its host can capture (vLLM's compiled model has no per-token hooks)."""
     if not state.host.can_capture:
@@ -58,11 +57,10 @@ async def capture_stats(part: Literal["stats", "pairs"] = "stats", state: Server
         path = tmp if part == "stats" else tmp.with_name("routing_stats.pairs.parquet")
         if not path.exists():
             raise APIError(404, "not_found", f"this capture has no {part} file", "part")
-    except APIError:
-        shutil.rmtree(folder, ignore_errors=True)
-        raise
     except Exception as exc:
         shutil.rmtree(folder, ignore_errors=True)
+        if isinstance(exc, APIError):
+            raise
         raise APIError(500, "capture_failed", f"writing the statistics failed: {type(exc).__name__}: {exc}") from exc
     return FileResponse(path, media_type="application/vnd.apache.parquet", filename=path.name,
                         background=BackgroundTask(shutil.rmtree, folder, ignore_errors=True))

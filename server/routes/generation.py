@@ -17,8 +17,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from ..errors import APIError
-from ..jobs import Job, JobResult, RowSpec, before_stop
-from ..schemas import MAX_TEXTS, GenerateRequest, GenerateResponse, PerplexityRequest, PerplexityResponse
+from ..jobs import Job, JobResult, RowSpec, generated_text
+from ..schemas import GenerateRequest, GenerateResponse, PerplexityRequest, PerplexityResponse
 from ..state import ServerState, get_state
 from ..var_runtime import TIERS
 
@@ -31,25 +31,20 @@ router = APIRouter(prefix="/v1", tags=["generation"])
 async def generate(body: GenerateRequest, request: Request, state: ServerState = Depends(get_state)):
     state.check_max_new(body.max_new_tokens, "max_new_tokens")
     mode = state.mode_for(body.var, request)
-    ids = await state.in_worker(state.tokenize, body.prompt, "prompt")
-    state.check_prompt(ids, "prompt", body.max_new_tokens)
+    ids = await state.in_worker(state.tokenize, body.prompt, "prompt", body.max_new_tokens)
     if body.return_routed_experts:
         state.check_routed_size([(len(ids), body.max_new_tokens)])
     spec = RowSpec(ids, body.max_new_tokens, body.temperature, body.top_p, body.seed)
     job = Job(spec, pinned_mode=mode, stop=body.stop or [], stream=body.stream, routed=body.return_routed_experts)
     if body.stream:
         return stream_generate(state, job)
-    t0 = time.perf_counter()
-    (result,) = await state.run(request, [job])
-    state.observe("/v1/generate", result.mode, t0)
+    (result,) = await state.run(request, [job], "/v1/generate")
     return await state.in_worker(generate_body, state, result, job)
 
 
 @router.post("/perplexity", response_model=PerplexityResponse)
 async def perplexity(body: PerplexityRequest, request: Request, state: ServerState = Depends(get_state)):
-    texts = [body.text] if isinstance(body.text, str) else body.text
-    if len(texts) > MAX_TEXTS:
-        raise APIError(422, "invalid_request", f"at most {MAX_TEXTS} texts per request", "text")
+    texts = [body.text] if isinstance(body.text, str) else body.text  # at most MAX_TEXTS (schemas.py)
     mode = state.mode_for(body.var, request)
 
     def make_jobs() -> list[Job]:
@@ -63,16 +58,11 @@ async def perplexity(body: PerplexityRequest, request: Request, state: ServerSta
         return jobs
 
     jobs = await state.in_worker(make_jobs)
-    t0 = time.perf_counter()
-    results = await state.run(request, jobs)
-    state.observe("/v1/perplexity", results[0].mode, t0)
-    items, total_nll, total_n = [], 0.0, 0
-    for r in results:
-        lps = r.state.prompt_logprobs[1:]
-        nll = -float(sum(lps))
-        items.append(ppl_item(nll, len(lps)))
-        total_nll, total_n = total_nll + nll, total_n + len(lps)
-    return {"mode": results[0].mode, "results": items, "overall": ppl_item(total_nll, total_n)}
+    results = await state.run(request, jobs, "/v1/perplexity")
+    # (NLL, predicted tokens) per text: the first token of a text has no prediction
+    nll_n = [(-float(sum(r.state.prompt_logprobs[1:])), len(r.state.prompt_logprobs) - 1) for r in results]
+    overall = ppl_item(sum(nll for nll, _ in nll_n), sum(n for _, n in nll_n))
+    return {"mode": results[0].mode, "results": [ppl_item(nll, n) for nll, n in nll_n], "overall": overall}
 
 
 def ppl_item(nll: float, n: int) -> dict[str, float]:
@@ -81,13 +71,10 @@ def ppl_item(nll: float, n: int) -> dict[str, float]:
 
 
 def generate_body(state: ServerState, result: JobResult, job: Job) -> dict[str, Any]:
-    text = state.host.tokenizer.decode(result.state.new_ids, skip_special_tokens=True)
-    reason = result.state.finish_reason or "length"
-    if reason == "stop":
-        text = before_stop(text, job.stop)
     return (result.routed or {}) | {
-        "text": text, "prompt_tokens": result.prompt_tokens, "generated_tokens": len(result.state.new_ids),
-        "finish_reason": reason, "mode": result.mode,
+        "text": generated_text(state.host.tokenizer, result.state, job.stop),
+        "prompt_tokens": result.prompt_tokens, "generated_tokens": len(result.state.new_ids),
+        "finish_reason": result.state.finish_reason or "length", "mode": result.mode,
         "timings": {"queue_s": result.queue_s, "ttft_s": result.ttft_s, "total_s": result.total_s},
         # routing decisions of this request (valid tokens x MoE layers), by tier
         "routing": {t: int(result.tier_counts.get(t, 0)) for t in TIERS},
@@ -96,7 +83,6 @@ def generate_body(state: ServerState, result: JobResult, job: Job) -> dict[str, 
 
 def stream_generate(state: ServerState, job: Job) -> StreamingResponse:
     """Server-sent events: one `token` event per new token, then `done` with the full body."""
-    state.prepare([job])
     state.submit([job])  # errors (429/503) happen before the stream starts
     tok = state.host.tokenizer
     t0 = time.perf_counter()
@@ -113,7 +99,7 @@ def stream_generate(state: ServerState, job: Job) -> StreamingResponse:
                     delta = ""
                     if not text.endswith("\ufffd"):  # half a UTF-8 character: its text comes with the rest
                         delta, sent = text[len(sent):], text
-                    routed = event[3] if len(event) > 3 and event[3] else {}  # this step's routed-experts rows
+                    routed = event[3] or {}  # this step's routed-experts rows
                     yield sse({"type": "token", "token_id": event[1], "text": delta, "logprob": event[2], **routed})
                     continue
                 result = event[1]

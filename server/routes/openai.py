@@ -5,8 +5,6 @@ which lm-evaluation-harness's `max_length` must stay below). Test: `pytest tests
 
 from __future__ import annotations
 
-import time
-
 from fastapi import APIRouter, Depends, Request
 
 from .. import openai_compat
@@ -39,9 +37,7 @@ async def completions(body: CompletionRequest, request: Request, state: ServerSt
     # tokenizing, and decoding every token for echo / logprobs, are seconds of CPU for a big
     # request: on a worker thread, so that /healthz and streams keep their answers coming
     prompts, jobs = await state.in_worker(make_jobs)
-    t0 = time.perf_counter()
-    results = await state.run(request, jobs)
-    state.observe("/v1/completions", results[0].mode, t0)
+    results = await state.run(request, jobs, "/v1/completions")
     return await state.in_worker(openai_compat.completion_body, state.host, body, prompts, results, stops,
                                  state.settings.model_label)
 
