@@ -4,8 +4,8 @@ vLLM builds the model object, loads its weights, then compiles it (CPU: inductor
 graphs). A router patched after that is ignored, so VAR is installed in `__init__` of a subclass
 (`VarMixtralForCausalLM`, ...) that vLLM is told to use with
 `hf_overrides={"architectures": ["VarMixtralForCausalLM"]}`: vLLM's own model code runs, three
-module classes get a VAR mixin (routing.py), and the tables start empty with VAR off. Tables, the
-flag and counters are then handled through the worker extension (extension.py).
+kinds of module get a VAR subclass (routing.py `install_var`), and the tables start empty with VAR
+off. Tables, the flag and counters are then handled through the worker extension (extension.py).
 
 `register()` adds the classes to vLLM's `ModelRegistry`; it runs in every vLLM process through the
 `vllm.general_plugins` entry point of this package (pyproject.toml) and is also called by
@@ -52,46 +52,39 @@ def var_class(arch: str) -> type:
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         base.__init__(self, vllm_config=vllm_config, prefix=prefix)
+        from ..adapters import get_adapter
+        from .expert_load import install_load
         from .routing import install_var
 
         hf = vllm_config.model_config.hf_config
-        top_k = int(getattr(hf, "num_experts_per_tok"))
+        top_k = int(hf.num_experts_per_tok)
         sched = vllm_config.scheduler_config
         # every forward carries at most max_num_batched_tokens tokens (the runner's own buffers
         # have that size); dummy runs at start-up stay within it too
         max_tokens = max(int(sched.max_num_batched_tokens), int(vllm_config.model_config.max_model_len))
         extra = vllm_config.additional_config
-        pair_capacity = int((extra.get("varmoe") or {}).get("pair_capacity", 0)) if isinstance(extra, dict) else 0
-        from ..adapters import get_adapter
-
+        varmoe = (extra.get("varmoe") or {}) if isinstance(extra, dict) else {}
         # where the family's router sits and how it scales its top-k weights: read from its adapter
         adapter = get_adapter(hf)
-        self._varmoe_state = install_var(self, int(hf.vocab_size), top_k, max_tokens, pair_capacity,
-                                         adapter.weight_scale, adapter.router_attr)
+        state = install_var(self, int(hf.vocab_size), top_k, max_tokens, int(varmoe.get("pair_capacity", 0)),
+                            adapter.weight_scale, adapter.router_attr)
         # the checkpoint folder: the tables' fingerprint is the stored routers' (var_moe.identity)
-        self._varmoe_state.model_dir = str(vllm_config.model_config.model)
-        from .expert_load import install_load
-
-        experts = next(iter(self._varmoe_state.layers.values())).num_experts
-        counting = bool((extra.get("varmoe") or {}).get("expert_load", True)) if isinstance(extra, dict) else True
-        install_load(self._varmoe_state, experts, top_k, counting)  # expert load + routed experts
+        state.model_dir = str(vllm_config.model_config.model)
+        experts = next(iter(state.layers.values())).num_experts
+        install_load(state, experts, top_k, bool(varmoe.get("expert_load", True)))  # expert load + routed experts
 
     def load_weights(self, weights: Any) -> Any:
         loaded = base.load_weights(self, weights)
         # Fingerprint the gates now: after loading, vLLM may repack or drop them (CPU does).
         from .tables import record_identity
 
-        record_identity(self._varmoe_state, vllm_config_hf(self))
+        record_identity(self._varmoe_state, self.config)  # vLLM's model classes keep the HF config as .config
         return loaded
 
     cls = type(PREFIX + name, (base,), {"__init__": __init__, "load_weights": load_weights, "__module__": __name__,
                                          "__doc__": f"vLLM's {name} with VAR installed at construction."})
     _CLASSES[arch] = cls
     return cls
-
-
-def vllm_config_hf(model: Any) -> Any:
-    return model.config  # vLLM's model classes keep the Hugging Face config as .config
 
 
 def register() -> None:
