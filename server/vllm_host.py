@@ -17,11 +17,17 @@ Test: `pytest tests/vllm_engine/test_vllm_server.py`.
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import psutil
+
 from var_moe.errors import InvalidInputError
+from var_moe.identity import checkpoint_fingerprint
+from var_moe.var import served_dtype
 from var_moe.var.served import ServedTables, tier_counts
 from var_moe.var.tables import VARTables
 from var_moe.vllm import engine_kwargs, model_architecture
@@ -77,11 +83,6 @@ def kv_cache_bytes(settings, on_cpu: bool) -> int | None:
         return int(settings.kv_cache_gib * GiB)
     if not on_cpu:
         return None
-    import json
-    from pathlib import Path
-
-    import psutil
-
     cfg_path = Path(settings.model) / "config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
     cfg = cfg.get("text_config", cfg)
@@ -113,8 +114,6 @@ def pair_capacity(settings, tables) -> int:
 def check_checkpoint(model: str, tables, tables_path) -> None:
     """Refuse tables of other weights in a second, from the stored checkpoint's routers (the
     workers check again against the gates vLLM loads, where no checkpoint can be read by name)."""
-    from var_moe.identity import checkpoint_fingerprint
-
     stored = checkpoint_fingerprint(model)
     built = tables.metadata
     if stored is not None and built.get("router_fingerprint") != stored:
@@ -128,13 +127,11 @@ def dtype_check(engine: Any, settings, tables) -> Any:
     """Tables certified in another dtype than vLLM serves in: measured on a held-in sample by the
     engine's own audit counters before the server serves, logged, refused under the target unless
     --var-dtype-check warn (var_moe.var.served_dtype)."""
-    from var_moe.var import served_dtype as sd
-
     def measure(batches):
         return table_agreement(engine, [ids[mask.bool()].tolist() for b in batches for ids, mask in zip(b.ids, b.mask)])
 
-    return sd.check_tables(engine.vllm_config.model_config.dtype, tables, settings.model, engine.get_tokenizer(),
-                           measure, settings.var_dtype_check == "refuse")
+    return served_dtype.check_tables(engine.vllm_config.model_config.dtype, tables, settings.model,
+                                     engine.get_tokenizer(), measure, settings.var_dtype_check == "refuse")
 
 
 class VllmHost:

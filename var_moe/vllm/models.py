@@ -18,6 +18,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from ..errors import InvalidInputError
+
 # vLLM architecture -> (module under vllm.model_executor.models, class name). Mixtral is tested on the
 # reference model; the others build the same way (router linear + FusedMoE runner + token embedding;
 # GPT-OSS names them `router` and `embedding`).
@@ -37,8 +39,6 @@ _CLASSES: dict[str, type] = {}
 
 def var_arch(arch: str) -> str:
     if arch not in SUPPORTED:
-        from ..errors import InvalidInputError
-
         raise InvalidInputError(f"VAR on vLLM supports the architectures {sorted(SUPPORTED)}; this model is {arch!r}")
     return PREFIX + arch
 
