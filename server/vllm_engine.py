@@ -71,7 +71,6 @@ class VllmEngine(EngineThread):
         super().__init__(var, metrics, max_queue, max_request_rows, max_request_tokens)
         self.host = host
         self.llm = host.llm
-        self.eos_id = host.tokenizer.eos_token_id
         self._flights: dict[str, _Flight] = {}
         self.max_in_flight = 2 * max_batch_size
         self._var_unread = False  # VAR requests finished since the workers' counters were last read

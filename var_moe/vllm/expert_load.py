@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..expert_load import ExpertLoad
+from ..expert_load import ExpertLoad, LoadReading
 from ..var.served import TIERS
 from .routing import FAST_SAME, LEARNED, tier_of
 
@@ -131,9 +131,7 @@ class VllmLoad:
 
     def read(self) -> dict[str, Any]:
         """The cumulative expert-load counters as plain lists (for collective_rpc)."""
-        r = self.counter.read()
-        return {"counts_LE": r.counts_LE.tolist(), "entropy_L": r.entropy_L.tolist(), "tokens_L": r.tokens_L.tolist(),
-                "tier_counts_XLE": None if r.tier_counts_XLE is None else r.tier_counts_XLE.tolist()}
+        return {k: None if v is None else v.tolist() for k, v in vars(self.counter.read()).items()}
 
 
 def _grown(store: dict[str, np.ndarray], key: str, need: int, shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -154,11 +152,7 @@ def install_load(state: Any, num_experts: int, top_k: int, counting: bool = True
     return state.load
 
 
-def reading_from(reply: dict[str, Any]):
-    """A `LoadReading` from one worker's `read()` reply."""
-    from ..expert_load import LoadReading
-
-    tiers = reply.get("tier_counts_XLE")
-    return LoadReading(np.asarray(reply["counts_LE"], dtype=np.int64), np.asarray(reply["entropy_L"], dtype=np.float64),
-                       np.asarray(reply["tokens_L"], dtype=np.int64),
-                       None if tiers is None else np.asarray(tiers, dtype=np.int64))
+def reading_from(reply: dict[str, Any]) -> LoadReading:
+    """A `LoadReading` from one worker's `read()` reply (counts int64, entropy float64)."""
+    return LoadReading(**{k: None if v is None else np.asarray(v, dtype=np.float64 if k == "entropy_L" else np.int64)
+                          for k, v in reply.items()})

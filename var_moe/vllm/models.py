@@ -15,26 +15,26 @@ not ask for a Var* architecture is untouched. Test: `pytest tests/vllm_engine/`.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Any
 
 from ..errors import InvalidInputError
 
-# vLLM architecture -> (module under vllm.model_executor.models, class name). Mixtral is tested on the
-# reference model; the others build the same way (router linear + FusedMoE runner + token embedding;
-# GPT-OSS names them `router` and `embedding`).
+# vLLM architecture (its class's name) -> its module under vllm.model_executor.models. Mixtral is tested
+# on the reference model; the others build the same way (router linear + FusedMoE runner + token
+# embedding; GPT-OSS names them `router` and `embedding`).
 SUPPORTED = {
-    "MixtralForCausalLM": ("mixtral", "MixtralForCausalLM"),
-    "Qwen2MoeForCausalLM": ("qwen2_moe", "Qwen2MoeForCausalLM"),
-    "Qwen3MoeForCausalLM": ("qwen3_moe", "Qwen3MoeForCausalLM"),
-    "OlmoeForCausalLM": ("olmoe", "OlmoeForCausalLM"),
-    "GptOssForCausalLM": ("gpt_oss", "GptOssForCausalLM"),
-    "DeepseekV3ForCausalLM": ("deepseek_v2", "DeepseekV3ForCausalLM"),
-    "DeepseekV2ForCausalLM": ("deepseek_v2", "DeepseekV2ForCausalLM"),
-    "GraniteMoeForCausalLM": ("granitemoe", "GraniteMoeForCausalLM"),
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "OlmoeForCausalLM": "olmoe",
+    "GptOssForCausalLM": "gpt_oss",
+    "DeepseekV3ForCausalLM": "deepseek_v2",
+    "DeepseekV2ForCausalLM": "deepseek_v2",
+    "GraniteMoeForCausalLM": "granitemoe",
 }
 PREFIX = "Var"
-_CLASSES: dict[str, type] = {}
 
 
 def var_arch(arch: str) -> str:
@@ -43,12 +43,10 @@ def var_arch(arch: str) -> str:
     return PREFIX + arch
 
 
+@functools.cache
 def var_class(arch: str) -> type:
     """The Var subclass of vLLM's class for `arch` (built once)."""
-    if arch in _CLASSES:
-        return _CLASSES[arch]
-    module, name = SUPPORTED[arch]
-    base = getattr(importlib.import_module(f"vllm.model_executor.models.{module}"), name)
+    base = getattr(importlib.import_module(f"vllm.model_executor.models.{SUPPORTED[arch]}"), arch)
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         base.__init__(self, vllm_config=vllm_config, prefix=prefix)
@@ -81,10 +79,8 @@ def var_class(arch: str) -> type:
         record_identity(self._varmoe_state, self.config)  # vLLM's model classes keep the HF config as .config
         return loaded
 
-    cls = type(PREFIX + name, (base,), {"__init__": __init__, "load_weights": load_weights, "__module__": __name__,
-                                         "__doc__": f"vLLM's {name} with VAR installed at construction."})
-    _CLASSES[arch] = cls
-    return cls
+    return type(PREFIX + arch, (base,), {"__init__": __init__, "load_weights": load_weights, "__module__": __name__,
+                                         "__doc__": f"vLLM's {arch} with VAR installed at construction."})
 
 
 def register() -> None:
@@ -93,7 +89,7 @@ def register() -> None:
 
     for arch in SUPPORTED:
         if PREFIX + arch not in ModelRegistry.get_supported_archs():
-            ModelRegistry.register_model(PREFIX + arch, f"{__name__}:{PREFIX}{SUPPORTED[arch][1]}")
+            ModelRegistry.register_model(PREFIX + arch, f"{__name__}:{PREFIX}{arch}")
 
 
 def __getattr__(name: str) -> type:
