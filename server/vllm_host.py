@@ -115,12 +115,10 @@ def check_checkpoint(model: str, tables, tables_path) -> None:
     """Refuse tables of other weights in a second, from the stored checkpoint's routers (the
     workers check again against the gates vLLM loads, where no checkpoint can be read by name)."""
     stored = checkpoint_fingerprint(model)
-    built = tables.metadata
-    if stored is not None and built.get("router_fingerprint") != stored:
-        raise InvalidInputError(
-            f"VAR tables {tables_path} were built for router_fingerprint={built.get('router_fingerprint')!r} (model "
-            f"{built.get('model')!r}) but the checkpoint in {model} has router_fingerprint={stored!r}; rebuild them "
-            "with `varmoe build-tables` for these weights")
+    if stored is not None:  # only the fingerprint is compared: the other fields are the tables' own
+        ident = {k: tables.metadata.get(k) for k in ("model_type", "vocab_size", "num_experts", "top_k")}
+        tables.check_identity({**ident, "router_fingerprint": stored}, True, str(tables_path),
+                              f"the checkpoint in {model}")
 
 
 def dtype_check(engine: Any, settings, tables) -> Any:
