@@ -3,12 +3,12 @@
 On vLLM's CPU build each worker binds its OpenMP compute threads to cores (VLLM_CPU_OMP_THREADS_BIND:
 a list, or `auto`, which leaves cores for the other processes). The server's own threads (uvicorn's
 event loop, the engine thread, vLLM's client threads) are not bound, so the kernel may run them on a
-compute core and preempt a compute thread in the middle of a step; at one client that cost 3-16% of
-tokens/s on a 2-core machine (docs/BENCHMARKS.md). After the engine has started, `compute_cores`
-reads which cores the engine's processes have bound threads to, and `keep_off` moves every thread of
-this process to the other cores it may use (threads it starts later inherit that). Nothing happens
-where no thread is bound, or where no other core is left. vLLM's own processes keep their affinity.
-Linux only (per-thread affinity through /proc). Test: `pytest tests/test_cpu_affinity.py`.
+compute core and preempt a compute thread in the middle of a step (its cost: docs/BENCHMARKS.md).
+After the engine has started, `compute_cores` reads which cores the engine's processes have bound
+threads to, and `keep_off` moves every thread of this process to the other cores it may use (threads
+it starts later inherit that). Nothing happens where no thread is bound, or where no other core is
+left. vLLM's own processes keep their affinity. Linux only (per-thread affinity through /proc).
+Test: `pytest tests/test_cpu_affinity.py`.
 """
 
 from __future__ import annotations

@@ -5,19 +5,14 @@ engine (vLLM batches continuously: requests join and leave between steps) and ha
 events (`("token", id, logprob)` for streams, then `("done", JobResult)`), like the builtin engine.
 
 A/B modes are per request, inside one batch: each job's mode (pinned, else the admin's mode when
-it arrived, from `VarRuntime`) travels in its sampling parameters (`extra_args`), and before every
-step the workers mark each token row with its request's mode (var_moe/vllm/rows.py). Baseline and
-VAR requests share vLLM's continuous batch; a toggle applies to requests that arrive after it.
-
-Accounting: `VarRuntime.record_batch(mode, tokens)` per mode after every step in which requests
-finished; the workers' device counters (VAR-mode rows only) are read at most every 0.5 s under load
-and as soon as nothing is in flight, before the finished requests get their answers (a read is a
-round trip through vLLM's engine core). Tokens and TTFT metrics as the builtin engine.
-Routed experts (`return_routed_experts`): such a job carries a key in its sampling parameters and the
-workers file its rows (var_moe/vllm/expert_load.py); after a step, one call to the workers fetches
-the rows of the asking requests that finished (and of asking streams, every step).
+it arrived) travels in its sampling parameters (`extra_args`), and before every step the workers
+mark each token row with its request's mode (var_moe/vllm/rows.py); a toggle applies to requests
+that arrive after it. Routed experts (`return_routed_experts`): such a job carries a key in its
+sampling parameters, the workers file its rows (var_moe/vllm/expert_load.py), and after a step one
+call to the workers fetches the rows of the asking requests that finished (of streams, every step).
 Cancelled or timed-out jobs are aborted in vLLM. `stop()` refuses new jobs, lets running ones
-finish, then shuts vLLM's engine-core and worker processes down. Test: `pytest tests/vllm_engine/test_vllm_server.py`.
+finish, then shuts vLLM's engine-core and worker processes down.
+Test: `pytest tests/vllm_engine/test_vllm_server.py`.
 """
 
 from __future__ import annotations
@@ -76,12 +71,10 @@ class VllmEngine(EngineThread):
         super().__init__(var, metrics, max_queue, max_request_rows, max_request_tokens)
         self.host = host
         self.llm = host.llm
-        self.eos_id = host.tokenizer.eos_token_id
         self._flights: dict[str, _Flight] = {}
         self.max_in_flight = 2 * max_batch_size
         self._var_unread = False  # VAR requests finished since the workers' counters were last read
         self._counts_read_at = 0.0
-        # batches_run counts engine steps here
 
     def stop(self, timeout_s: float = 30.0) -> bool:
         """Finish the work (EngineThread.stop), then shut vLLM's engine-core and worker processes down:

@@ -1,29 +1,39 @@
 """`VllmHost`: `varmoe serve --engine vllm`'s model side: a vLLM engine with VAR, as a `StepHost`.
 
-`VllmHost.load(settings)` builds a vLLM `LLMEngine` (engine settings passed through from the server
-settings, `engine_args`) for a model whose MoE routers carry VAR (var_moe.vllm: installed before
-vLLM compiles the model), then loads the tables file through `collective_rpc` on every worker
-(refused for other weights). Without a tables file, or for an architecture VAR does not support on
-vLLM, it serves the plain vLLM model and reports VAR as unavailable with the reason.
+`VllmHost.load(settings)` builds a vLLM `LLMEngine` (`engine_args`: what the operator set) for a
+model whose MoE routers carry VAR (var_moe.vllm: installed before vLLM compiles the model), then
+loads the tables file through `collective_rpc` on every worker (refused for other weights). Without
+a tables file, or for an architecture VAR does not support on vLLM, it serves the plain vLLM model
+and reports VAR as unavailable with the reason.
 
 Each request carries its own mode to the workers (server/vllm_engine.py), so `apply_mode` only
 sets the workers' default for requests that name none; `counts()` reads the device counters (VAR
-rows only; verification outcomes are the free audit of every table row, no sampling, no demotion
-on this engine). Per-request tier counts need no device read: a fast decision depends on the token
-and its previous token only, so `request_tiers` makes the workers' decision (`served.tier_counts`
-on a host copy of the served tables) over the tokens the request sent through the model, given the
-token before the first one sent (`prev_id`) when a prefix cache held the prompt's start. Capture
-runs on the builtin engine only (`can_capture` False). Test: `pytest tests/vllm_engine/test_vllm_server.py`.
+rows only; verification is the free audit of every table row: no sampling, no demotion on this
+engine). Per-request tier counts need no device read: a fast decision depends on the token and its
+previous token only, so `request_tiers` makes the workers' decision on a host copy of the served
+tables. Capture runs on the builtin engine only (`can_capture` False).
+Test: `pytest tests/vllm_engine/test_vllm_server.py`.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import psutil
+
 from var_moe.errors import InvalidInputError
+from var_moe.identity import checkpoint_fingerprint
+from var_moe.var import served_dtype
 from var_moe.var.served import ServedTables, tier_counts
+from var_moe.var.tables import VARTables
+from var_moe.vllm import engine_kwargs, model_architecture
+from var_moe.vllm.agreement import table_agreement, worker_counts
+from var_moe.vllm.expert_load import reading_from
+from var_moe.vllm.models import SUPPORTED
 
 from .var_runtime import Counts
 
@@ -73,11 +83,6 @@ def kv_cache_bytes(settings, on_cpu: bool) -> int | None:
         return int(settings.kv_cache_gib * GiB)
     if not on_cpu:
         return None
-    import json
-    from pathlib import Path
-
-    import psutil
-
     cfg_path = Path(settings.model) / "config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
     cfg = cfg.get("text_config", cfg)
@@ -109,29 +114,22 @@ def pair_capacity(settings, tables) -> int:
 def check_checkpoint(model: str, tables, tables_path) -> None:
     """Refuse tables of other weights in a second, from the stored checkpoint's routers (the
     workers check again against the gates vLLM loads, where no checkpoint can be read by name)."""
-    from var_moe.identity import checkpoint_fingerprint
-
     stored = checkpoint_fingerprint(model)
-    built = tables.metadata
-    if stored is not None and built.get("router_fingerprint") != stored:
-        raise InvalidInputError(
-            f"VAR tables {tables_path} were built for router_fingerprint={built.get('router_fingerprint')!r} (model "
-            f"{built.get('model')!r}) but the checkpoint in {model} has router_fingerprint={stored!r}; rebuild them "
-            "with `varmoe build-tables` for these weights")
+    if stored is not None:  # only the fingerprint is compared: the other fields are the tables' own
+        ident = {k: tables.metadata.get(k) for k in ("model_type", "vocab_size", "num_experts", "top_k")}
+        tables.check_identity({**ident, "router_fingerprint": stored}, True, str(tables_path),
+                              f"the checkpoint in {model}")
 
 
 def dtype_check(engine: Any, settings, tables) -> Any:
     """Tables certified in another dtype than vLLM serves in: measured on a held-in sample by the
     engine's own audit counters before the server serves, logged, refused under the target unless
     --var-dtype-check warn (var_moe.var.served_dtype)."""
-    from var_moe.var import served_dtype as sd
-    from var_moe.vllm.agreement import table_agreement
-
     def measure(batches):
         return table_agreement(engine, [ids[mask.bool()].tolist() for b in batches for ids, mask in zip(b.ids, b.mask)])
 
-    return sd.check_tables(engine.vllm_config.model_config.dtype, tables, settings.model, engine.get_tokenizer(),
-                           measure, settings.var_dtype_check == "refuse")
+    return served_dtype.check_tables(engine.vllm_config.model_config.dtype, tables, settings.model,
+                                     engine.get_tokenizer(), measure, settings.var_dtype_check == "refuse")
 
 
 class VllmHost:
@@ -146,19 +144,18 @@ class VllmHost:
         self.model_name = model_name
         self.tokenizer = engine.get_tokenizer()
         cfg = engine.vllm_config.model_config
+        hf = cfg.hf_config
         # the routes read only model.config (vocabulary, context length)
-        self.model = SimpleNamespace(config=SimpleNamespace(vocab_size=int(cfg.hf_config.vocab_size),
+        self.model = SimpleNamespace(config=SimpleNamespace(vocab_size=int(hf.vocab_size),
                                                             max_position_embeddings=int(cfg.max_model_len)))
         self.layers = layers
         self.tables_info = tables_info
         self.served = served  # host copy of the served tables (slot: index in layers), for per-request counts
         self.unavailable_reason = "" if tables_info is not None else (reason or "VAR is not available")
         self._var_default = False
-        hf = engine.vllm_config.model_config.hf_config
         self.num_experts = int(getattr(hf, "num_local_experts", None) or getattr(hf, "num_experts", 0) or 0)
         self.top_k = int(getattr(hf, "num_experts_per_tok", 0) or 0)
 
-    # -- construction ------------------------------------------------------------------------
     @classmethod
     def load(cls, settings) -> "VllmHost":
         try:
@@ -166,8 +163,6 @@ class VllmHost:
             from vllm.v1.engine.llm_engine import LLMEngine
         except ImportError as exc:
             raise InvalidInputError(f"--engine vllm needs vLLM in this environment (make setup-vllm): {exc}") from None
-        from var_moe.vllm import engine_kwargs, model_architecture
-        from var_moe.vllm.models import SUPPORTED
 
         tables_path = settings.var_tables_path
         reason = ""
@@ -177,15 +172,15 @@ class VllmHost:
                       "(the vLLM engine reads tables files, not statistics)")
         elif arch not in SUPPORTED:
             reason = f"VAR on vLLM supports {sorted(SUPPORTED)}; this model is {arch!r}"
-        from var_moe.var.tables import VARTables
-
-        tables = None if reason else VARTables.load(tables_path)  # identity checked below, against the weights
-        if tables is not None:
-            check_checkpoint(settings.model, tables, tables_path)  # other weights: refused before vLLM loads anything
         kw = engine_args(settings)
-        counting = settings.expert_load_metrics or settings.expert_load_per_expert  # off: none in the graph
-        kw = (engine_kwargs(settings.model, pair_capacity=pair_capacity(settings, tables), expert_load=counting,
-                            **kw) if not reason else {"model": settings.model, **kw})
+        if reason:
+            kw["model"] = settings.model
+        else:
+            tables = VARTables.load(tables_path)  # identity checked by the workers, against the weights
+            check_checkpoint(settings.model, tables, tables_path)  # other weights: refused before vLLM loads anything
+            counting = settings.expert_load_metrics or settings.expert_load_per_expert  # off: none in the graph
+            kw = engine_kwargs(settings.model, pair_capacity=pair_capacity(settings, tables), expert_load=counting,
+                               **kw)
         try:
             engine = LLMEngine.from_engine_args(EngineArgs(**kw))
         except (RuntimeError, ValueError, MemoryError) as exc:
@@ -208,7 +203,7 @@ class VllmHost:
         refused = [r["error"] for r in replies if "error" in r]
         if refused:  # every rank checks the same tables against the same gates
             raise InvalidInputError(refused[0])
-        layers = sorted(int(l) for l in engine.collective_rpc("varmoe_counts")[0])
+        layers = sorted(worker_counts(engine))
         info = replies[0]
         info["dtype_check"] = dtype_check(engine, settings, tables).to_json()
         return cls(engine, settings.model, info, ServedTables.from_tables(tables, layers), layers)
@@ -217,17 +212,6 @@ class VllmHost:
     @property
     def available(self) -> bool:
         return self.tables_info is not None
-
-    def _device_counts(self) -> dict[int, list[int]]:
-        """Each MoE layer's counters from the workers (one dict per worker). Tensor-parallel ranks
-        route the same rows with the same replicated gate, so their counters are equal (the vLLM
-        suite checks it): a layer is read from the first worker that holds it, and workers that
-        hold other layers (pipeline stages) add theirs."""
-        merged: dict[int, list[int]] = {}
-        for worker in self.llm.collective_rpc("varmoe_counts"):
-            for layer, c in worker.items():
-                merged.setdefault(int(layer), [int(v) for v in c])
-        return merged
 
     def apply_mode(self, var: bool) -> None:
         """The workers' mode for requests that do not name one (the server's requests always do)."""
@@ -244,7 +228,7 @@ class VllmHost:
             return {}, {}
         tiers: Counts = {}
         verification: Counts = {}
-        for l, c in self._device_counts().items():
+        for l, c in worker_counts(self.llm).items():
             tiers.update({(l, "fast"): c[0], (l, "learned"): c[1]})
             verification.update({(l, "agree"): c[2], (l, "disagree"): c[3]})
         return tiers, verification
@@ -252,13 +236,12 @@ class VllmHost:
     def info(self) -> dict[str, Any]:
         if not self.available:
             return {}
-        return {"config": self.tables_info.get("config") or {}, "table_sizes": {str(k): int(v) for k, v in
-                                                                                 self.tables_info["sizes"].items()},
-                "demoted": {str(l): 0 for l in self.layers}, "tables_source": self.tables_info["source"],
-                "engine": "vllm", "router_fingerprint": self.tables_info.get("fingerprint"),
-                "pair_entries": int(self.tables_info.get("pair_entries", 0)),
-                "dtype_check": self.tables_info.get("dtype_check"),
-                "pair_sizes": {str(k): int(v) for k, v in (self.tables_info.get("pair_sizes") or {}).items()},
+        info = self.tables_info
+        return {"config": info.get("config") or {}, "table_sizes": {str(k): int(v) for k, v in info["sizes"].items()},
+                "demoted": {str(l): 0 for l in self.layers}, "tables_source": info["source"],
+                "engine": "vllm", "router_fingerprint": info.get("fingerprint"),
+                "pair_entries": int(info.get("pair_entries", 0)), "dtype_check": info.get("dtype_check"),
+                "pair_sizes": {str(k): int(v) for k, v in (info.get("pair_sizes") or {}).items()},
                 "tiers": "fast (verified token table, and (previous, token) entries where the tables have them) "
                          "and learned; no context cache on this engine; every table decision is checked against "
                          "the learned router (verification)"}
@@ -292,8 +275,6 @@ class VllmHost:
     def expert_load_reading(self):
         """The cumulative counters (engine thread). Tensor-parallel ranks route the same rows with
         the same gates, so the first worker's counters are the model's."""
-        from var_moe.vllm.expert_load import reading_from
-
         return reading_from(self.llm.collective_rpc("varmoe_load_read")[0])
 
     def take_routed(self, keys: list[str], finished: list[str]) -> dict[str, list]:

@@ -350,15 +350,15 @@ def test_server_pair_capacity_defaults_to_the_startup_tables_pair_entries(tmp_pa
 def test_server_reads_each_layer_once_from_its_workers():
     """Tensor-parallel ranks report equal counters (counted once, not summed); workers holding other
     layers (pipeline stages) add theirs."""
-    from server.vllm_host import VllmHost
+    from var_moe.vllm.agreement import worker_counts
 
-    def host(replies):
-        return SimpleNamespace(llm=SimpleNamespace(collective_rpc=lambda name: replies))
+    def engine(replies):
+        return SimpleNamespace(collective_rpc=lambda name: replies)
 
     tp = [{0: [4, 6, 3, 1], 1: [2, 8, 2, 0]}, {0: [4, 6, 3, 1], 1: [2, 8, 2, 0]}]
-    assert VllmHost._device_counts(host(tp)) == {0: [4, 6, 3, 1], 1: [2, 8, 2, 0]}
+    assert worker_counts(engine(tp)) == {0: [4, 6, 3, 1], 1: [2, 8, 2, 0]}
     pp = [{0: [4, 6, 3, 1]}, {"1": [2, 8, 2, 0]}]
-    assert VllmHost._device_counts(host(pp)) == {0: [4, 6, 3, 1], 1: [2, 8, 2, 0]}
+    assert worker_counts(engine(pp)) == {0: [4, 6, 3, 1], 1: [2, 8, 2, 0]}
 
 
 def test_staged_row_writes_equal_direct_ones():

@@ -1,4 +1,4 @@
-"""VAR on vLLM: verified token (and (previous, token)) tables inside vLLM's MoE routers, through vLLM's extension points.
+"""VAR on vLLM: verified token and (previous, token) tables inside vLLM's MoE routers, through its extension points.
 
     from vllm import LLM
     from var_moe.vllm import engine_kwargs
@@ -6,9 +6,10 @@
     llm.collective_rpc("varmoe_load_tables", args=("models/reference-moe/var/var_tables.safetensors",))
     llm.collective_rpc("varmoe_set_enabled", args=(True,))
 
-Modules: routing.py (what a step computes), rows.py (per-request modes: which rows run VAR), models.py (Var* model classes, installed at build
-time, before compilation), tables.py (tables file + fingerprint check), extension.py (worker
-methods for `collective_rpc`). Needs the `vllm` extra (its own environment: see constraints-vllm.txt);
+Modules: models.py (Var* model classes, installed at build time, before compilation), routing.py
+(what a step computes), rows.py (per-request modes: which rows run VAR), expert_load.py, tables.py
+(tables file + fingerprint check), extension.py (worker methods for `collective_rpc`), agreement.py
+(the workers' counters). Needs the `vllm` extra (its own environment: see constraints-vllm.txt);
 importing this package without vLLM works, building an engine does not.
 Test: `pytest tests/vllm_engine/` in the vLLM environment.
 """
@@ -16,21 +17,22 @@ Test: `pytest tests/vllm_engine/` in the vLLM environment.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
+from ..errors import InvalidInputError
+from .models import register, var_arch
+
 EXTENSION = "var_moe.vllm.extension.VarWorkerExtension"
 # room for (previous, token) entries, all layers together, in an engine built by engine_kwargs: the
-# buffers are fixed when the model is built (compiled graphs keep pointers to them). 65536 entries
-# cost 65536 * (8 + 12 * top_k) bytes per worker (1.6 MiB at top-k 2); a tables file with more is
-# refused when loaded. Set it per engine with engine_kwargs(..., pair_capacity=N) (the server:
-# --vllm-pair-capacity).
+# buffers are fixed when the model is built (compiled graphs keep pointers to them); each entry costs
+# 8 + 12 * top_k bytes per worker. A tables file with more is refused when loaded.
 PAIR_CAPACITY = 65536
+
 
 def model_architecture(model: str) -> str:
     """The architecture named in a local model folder's config.json."""
-    from ..errors import InvalidInputError
-
     cfg = Path(model) / "config.json"
     try:
         archs = json.loads(cfg.read_text(encoding="utf-8")).get("architectures") or []
@@ -41,7 +43,8 @@ def model_architecture(model: str) -> str:
     return archs[0]
 
 
-def engine_kwargs(model: str, pair_capacity: int | None = None, expert_load: bool = True, **kwargs: Any) -> dict[str, Any]:
+def engine_kwargs(model: str, pair_capacity: int | None = None, expert_load: bool = True,
+                  **kwargs: Any) -> dict[str, Any]:
     """Keyword arguments for `vllm.LLM` / `AsyncEngineArgs` that build `model` with VAR installed.
 
     The Var* architecture changes vLLM's config hash, and `additional_config` says so explicitly,
@@ -51,10 +54,6 @@ def engine_kwargs(model: str, pair_capacity: int | None = None, expert_load: boo
     model (expert_load.py; off builds no counting into the graph, routed-experts rows are kept either
     way). Both are part of `additional_config`, hence of the compile-cache key.
     """
-    import os
-
-    from .models import register, var_arch
-
     register()
     # Per-request modes read each request's sampling parameters from vLLM's V1 model runner (rows.py);
     # the V2 runner (vLLM's default on GPUs with Triton) keeps none, so VAR engines ask for V1.
@@ -63,8 +62,6 @@ def engine_kwargs(model: str, pair_capacity: int | None = None, expert_load: boo
     extra = dict(kwargs.pop("additional_config", None) or {})
     cap = PAIR_CAPACITY if pair_capacity is None else pair_capacity
     if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0:
-        from ..errors import InvalidInputError
-
         raise InvalidInputError(f"pair_capacity must be an integer >= 0 ((previous, token) entries), got {cap!r}")
     extra["varmoe"] = {"routing": "var-tables", "version": 2, "pair_capacity": cap, "expert_load": bool(expert_load)}
     overrides = dict(kwargs.pop("hf_overrides", None) or {})

@@ -1,13 +1,13 @@
-"""Agreement of VAR table rows with vLLM's learned router, measured by the engine itself.
+"""The workers' VAR counters, and the agreement of table rows with vLLM's learned router measured by them.
 
-`table_agreement(engine, token_lists)` sends each token list through an `LLMEngine` as a VAR-mode
-request that generates one token, and returns per MoE layer (table rows whose set equals the
-learned set, table rows) from the workers' audit counters (routing.py computes the learned
-decision for every row anyway and counts each table row as agreeing or not). This is the served
+`worker_counts(engine)` merges every worker's {layer: [fast, learned, agree, disagree]}
+(extension.py `varmoe_counts`). `table_agreement(engine, token_lists)` sends each token list
+through an `LLMEngine` as a VAR-mode request that generates one token and returns, per MoE layer,
+(table rows whose set equals the learned set, table rows) from those counters: the served
 engine's own routing, in its own dtype and kernels, so a server started in another dtype than the
 tables were certified in can measure them before it serves (var_moe.var.served_dtype judges the
 counts). The counters are reset afterwards, so the server's metrics start at zero.
-Test: `pytest tests/vllm_engine/test_vllm_default_serve.py` (vLLM environment).
+Test: `pytest tests/test_vllm_routing.py tests/vllm_engine/test_vllm_default_serve.py` (the second: vLLM environment).
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ from typing import Any
 _ids = count()
 
 
-def _audit(engine: Any) -> dict[int, tuple[int, int]]:
-    from .routing import AGREE, DISAGREE
-
-    merged: dict[int, tuple[int, int]] = {}
+def worker_counts(engine: Any) -> dict[int, list[int]]:
+    """Each MoE layer's counters from the workers. Tensor-parallel ranks route the same rows with the
+    same replicated gate, so their counters are equal (the vLLM suite checks it): a layer is read from
+    the first worker that holds it, and workers that hold other layers (pipeline stages) add theirs."""
+    merged: dict[int, list[int]] = {}
     for worker in engine.collective_rpc("varmoe_counts"):
-        for layer, c in worker.items():  # tensor-parallel ranks count the same rows: first one wins
-            merged.setdefault(int(layer), (int(c[AGREE]), int(c[AGREE]) + int(c[DISAGREE])))
+        for layer, c in worker.items():
+            merged.setdefault(int(layer), [int(v) for v in c])
     return merged
 
 
@@ -32,9 +33,10 @@ def table_agreement(engine: Any, token_lists: list[list[int]], max_steps: int = 
     """{layer: (agreeing table rows, table rows)} over the prompts' tokens, in VAR mode."""
     from vllm import SamplingParams
 
+    from .routing import AGREE, DISAGREE
     from .rows import MODE_KEY
 
-    before = _audit(engine)
+    before = worker_counts(engine)
     for ids in token_lists:
         params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False, extra_args={MODE_KEY: True})
         engine.add_request(f"varmoe-dtype-check-{next(_ids)}", {"prompt_token_ids": list(ids), "cache_salt": "check"},
@@ -45,6 +47,11 @@ def table_agreement(engine: Any, token_lists: list[list[int]], max_steps: int = 
         steps += 1
         if steps > max_steps:
             raise RuntimeError(f"the dtype check did not finish in {max_steps} engine steps")
-    after = _audit(engine)
+    after = worker_counts(engine)
     engine.collective_rpc("varmoe_reset_counts")
-    return {l: (a - before.get(l, (0, 0))[0], t - before.get(l, (0, 0))[1]) for l, (a, t) in after.items()}
+    out = {}
+    for layer, c in after.items():
+        b = before.get(layer, [0] * len(c))
+        agree = c[AGREE] - b[AGREE]
+        out[layer] = (agree, agree + c[DISAGREE] - b[DISAGREE])
+    return out

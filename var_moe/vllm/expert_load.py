@@ -1,32 +1,27 @@
 """Expert load and routed experts inside vLLM's compiled model: device buffers the graph updates in
 place, and the worker-side bookkeeping that hands each request its experts.
 
-`install_load(state, ...)` runs at model construction, right after `install_var` (models.py),
-before vLLM compiles the model, and puts a `VllmLoad` on the shared `VarState` (`state.load`). Each
-MoE router (routing.py, `LayerVar.route`) calls `VllmLoad.write(...)` with the experts it returns
-and the router's logits: the step's experts per row and layer go into `routed_NSK` (int16) and each
-row's routing entropy into `entropy_NS`, overwritten every step, beside the row codes the router
-writes into `VarState.code_NS` (a row's tier: fast, learned, or -1 for a baseline row). After the
-last MoE layer, `count_step` adds every layer's rows to the expert-load counters at once
-(var_moe/expert_load.py `ExpertLoad.count_forward`: routed slots per (layer, expert), summed routing
-entropy, valid tokens; per tier: fast = table rows of VAR-mode requests, learned = their other
-rows; baseline rows count in the totals only). Rows are written with `index_put_` at (row, slot):
-inductor compiles a slice assignment `[:t, slot] = ...` into a rewrite of the whole buffer per
-layer (CPU; thousands of rows every step), an indexed write into a scatter of the t rows.
-Padding rows (CUDA-graph padding on GPUs) are masked with `valid_N`, which `on_step` writes before
-each forward (called by the runner hook in rows.py): True for the step's real rows; all False
-until the hook runs, so vLLM's start-up forwards (dummy tokens) are not counted.
-Nothing here reads the device during a step: counters are copied to the host when `/metrics` asks
-(`read`), and the routed rows only for requests that asked for them (`SamplingParams.extra_args
-{"varmoe_routed": key}`): `on_step` notes which rows of the step belong to them, and the next
-`on_step` or `take_routed` call (both after that forward has run) copies those rows out, one copy
-per step, filed by each row's position in its request (a request recomputed after preemption
-overwrites its rows; the server gives such requests a cache salt of their own, so no prompt row is
-skipped by a prefix-cache hit). `take_routed(keys, finished)` returns each request's rows so far
-(positions 0..n-1: prompt tokens, then generated tokens fed back) and forgets finished ones.
+`install_load(state, ...)` runs at model construction, after `install_var` (models.py), before vLLM
+compiles the model, and puts a `VllmLoad` on the shared `VarState` (`state.load`). Each MoE router
+(routing.py `LayerVar.route`) calls `write` with the experts it returns and its logits: the step's
+experts per row and layer go into `routed_NSK` (int16) and each row's routing entropy into
+`entropy_NS`, beside the row codes in `VarState.code_NS` (a row's tier). After the last MoE layer,
+`count_step` adds every layer's rows to the counters at once (var_moe/expert_load.py `ExpertLoad`;
+per tier: fast = table rows of VAR-mode requests, learned = their other rows; baseline rows count
+in the totals only). Rows are written with `index_put_` at (row, slot): inductor compiles a slice
+assignment `[:t, slot] = ...` into a rewrite of the whole buffer per layer on the CPU, an indexed
+write into a scatter of the t rows. Padding rows (CUDA graphs) are masked with `valid_N`, which
+`on_step` (the runner hook in rows.py) writes before each forward: all False until the hook first
+runs, so vLLM's start-up forwards (dummy tokens) are not counted.
+
+Nothing here reads the device during a step: the counters are copied when `/metrics` asks (`read`),
+and routed rows only for requests that asked for them (`SamplingParams.extra_args
+{"varmoe_routed": key}`), one copy per step, filed by each row's position in its request (a request
+recomputed after preemption overwrites its rows; the server gives such requests a cache salt of
+their own, so a prefix-cache hit skips none of their prompt rows).
 
 Shapes: N row-buffer slots (the most tokens of one step), S MoE layer slots, K top-k, E experts.
-Test: `pytest tests/vllm_engine/test_vllm_expert_load.py` (vLLM environment).
+Test: `pytest tests/test_vllm_routing.py tests/vllm_engine/test_vllm_expert_load.py` (the second: vLLM environment).
 """
 
 from __future__ import annotations
@@ -36,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..expert_load import ExpertLoad
+from ..expert_load import ExpertLoad, LoadReading
 from ..var.served import TIERS
 from .routing import FAST_SAME, LEARNED, tier_of
 
@@ -136,9 +131,7 @@ class VllmLoad:
 
     def read(self) -> dict[str, Any]:
         """The cumulative expert-load counters as plain lists (for collective_rpc)."""
-        r = self.counter.read()
-        return {"counts_LE": r.counts_LE.tolist(), "entropy_L": r.entropy_L.tolist(), "tokens_L": r.tokens_L.tolist(),
-                "tier_counts_XLE": None if r.tier_counts_XLE is None else r.tier_counts_XLE.tolist()}
+        return {k: None if v is None else v.tolist() for k, v in vars(self.counter.read()).items()}
 
 
 def _grown(store: dict[str, np.ndarray], key: str, need: int, shape: tuple[int, ...], dtype) -> np.ndarray:
@@ -159,11 +152,7 @@ def install_load(state: Any, num_experts: int, top_k: int, counting: bool = True
     return state.load
 
 
-def reading_from(reply: dict[str, Any]):
-    """A `LoadReading` from one worker's `read()` reply."""
-    from ..expert_load import LoadReading
-
-    tiers = reply.get("tier_counts_XLE")
-    return LoadReading(np.asarray(reply["counts_LE"], dtype=np.int64), np.asarray(reply["entropy_L"], dtype=np.float64),
-                       np.asarray(reply["tokens_L"], dtype=np.int64),
-                       None if tiers is None else np.asarray(tiers, dtype=np.int64))
+def reading_from(reply: dict[str, Any]) -> LoadReading:
+    """A `LoadReading` from one worker's `read()` reply (counts int64, entropy float64)."""
+    return LoadReading(**{k: None if v is None else np.asarray(v, dtype=np.float64 if k == "entropy_L" else np.int64)
+                          for k, v in reply.items()})

@@ -3,9 +3,7 @@
 vLLM mixes this class into every worker (`worker_extension_cls`), so the same call reaches the
 in-process worker, spawned worker processes, and each tensor/data-parallel rank:
 
-    llm.collective_rpc("varmoe_load_tables", args=(path,))   # checked against the loaded weights and
-                                                             # the pair capacity ({"error": ...} per
-                                                             # rank when refused)
+    llm.collective_rpc("varmoe_load_tables", args=(path,))   # {"error": ...} per rank when refused
     llm.collective_rpc("varmoe_set_enabled", args=(True,))   # the mode of requests that name none
     llm.collective_rpc("varmoe_counts")                      # {layer: [fast, learned, agree, disagree]}
     llm.collective_rpc("varmoe_load_read")                   # expert-load counters (expert_load.py)
@@ -24,6 +22,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import InvalidInputError
+from .rows import install_rows
+from .tables import load_tables, loaded_identity
+
 
 class VarWorkerExtension:
     def _varmoe_state(self):
@@ -33,8 +35,6 @@ class VarWorkerExtension:
         if state is None:
             raise RuntimeError("this vLLM model was not built with VAR: start the engine with "
                                "var_moe.vllm.engine_kwargs(...) (a Var* architecture)")
-        from .rows import install_rows
-
         install_rows(self.model_runner, state)  # idempotent
         return state
 
@@ -43,9 +43,6 @@ class VarWorkerExtension:
         {"error": why} for tables refused for this model or over the pair capacity
         (nothing written). Returned, not raised: with several workers vLLM hands the caller the first
         rank's exception and leaves the other ranks' replies unread, so the next call would read them."""
-        from ..errors import InvalidInputError
-        from .tables import load_tables
-
         try:
             return load_tables(self._varmoe_state(), path, check_fingerprint)
         except InvalidInputError as exc:
@@ -74,10 +71,9 @@ class VarWorkerExtension:
         return {l: list(lv.record or []) for l, lv in sorted(self._varmoe_state().layers.items())}
 
     def varmoe_load_shape(self) -> dict[str, Any]:
-        """{experts, top_k, layers, tiers} of the expert-load counters (expert_load.py)."""
+        """{experts, tiers, counting} of the expert-load counters (expert_load.py)."""
         load = self._varmoe_state().load
-        return {"experts": load.num_experts, "top_k": load.top_k, "layers": sorted(self._varmoe_state().layers),
-                "tiers": list(load.counter.tiers), "counting": load.counting}
+        return {"experts": load.num_experts, "tiers": list(load.counter.tiers), "counting": load.counting}
 
     def varmoe_load_read(self) -> dict[str, Any]:
         """The cumulative expert-load counters (one device-to-host copy per buffer)."""
@@ -88,13 +84,8 @@ class VarWorkerExtension:
         return self._varmoe_state().load.take_routed(list(keys), list(finished))
 
     def varmoe_info(self) -> dict[str, Any]:
-        from .tables import loaded_identity
-
         state = self._varmoe_state()
-        ident = loaded_identity(state)
         sizes = state.member_SV.sum(1).tolist()
-        ident["table_sizes"] = {l: int(sizes[lv.slot]) for l, lv in sorted(state.layers.items())}
-        ident["pair_capacity"] = state.pair_capacity
-        ident["pair_entries"] = state.pair_entries
-        ident["enabled"] = state.default_on
-        return ident
+        table_sizes = {l: int(sizes[lv.slot]) for l, lv in sorted(state.layers.items())}
+        return {**loaded_identity(state), "table_sizes": table_sizes,
+                "pair_capacity": state.pair_capacity, "pair_entries": state.pair_entries, "enabled": state.default_on}

@@ -4,8 +4,8 @@ vLLM builds the model object, loads its weights, then compiles it (CPU: inductor
 graphs). A router patched after that is ignored, so VAR is installed in `__init__` of a subclass
 (`VarMixtralForCausalLM`, ...) that vLLM is told to use with
 `hf_overrides={"architectures": ["VarMixtralForCausalLM"]}`: vLLM's own model code runs, three
-module classes get a VAR mixin (routing.py), and the tables start empty with VAR off. Tables, the
-flag and counters are then handled through the worker extension (extension.py).
+kinds of module get a VAR subclass (routing.py `install_var`), and the tables start empty with VAR
+off. Tables, the flag and counters are then handled through the worker extension (extension.py).
 
 `register()` adds the classes to vLLM's `ModelRegistry`; it runs in every vLLM process through the
 `vllm.general_plugins` entry point of this package (pyproject.toml) and is also called by
@@ -15,83 +15,72 @@ not ask for a Var* architecture is untouched. Test: `pytest tests/vllm_engine/`.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Any
 
-# vLLM architecture -> (module under vllm.model_executor.models, class name). Mixtral is tested on the
-# reference model; the others build the same way (router linear + FusedMoE runner + token embedding;
-# GPT-OSS names them `router` and `embedding`).
+from ..errors import InvalidInputError
+
+# vLLM architecture (its class's name) -> its module under vllm.model_executor.models. Mixtral is tested
+# on the reference model; the others build the same way (router linear + FusedMoE runner + token
+# embedding; GPT-OSS names them `router` and `embedding`).
 SUPPORTED = {
-    "MixtralForCausalLM": ("mixtral", "MixtralForCausalLM"),
-    "Qwen2MoeForCausalLM": ("qwen2_moe", "Qwen2MoeForCausalLM"),
-    "Qwen3MoeForCausalLM": ("qwen3_moe", "Qwen3MoeForCausalLM"),
-    "OlmoeForCausalLM": ("olmoe", "OlmoeForCausalLM"),
-    "GptOssForCausalLM": ("gpt_oss", "GptOssForCausalLM"),
-    "DeepseekV3ForCausalLM": ("deepseek_v2", "DeepseekV3ForCausalLM"),
-    "DeepseekV2ForCausalLM": ("deepseek_v2", "DeepseekV2ForCausalLM"),
-    "GraniteMoeForCausalLM": ("granitemoe", "GraniteMoeForCausalLM"),
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "OlmoeForCausalLM": "olmoe",
+    "GptOssForCausalLM": "gpt_oss",
+    "DeepseekV3ForCausalLM": "deepseek_v2",
+    "DeepseekV2ForCausalLM": "deepseek_v2",
+    "GraniteMoeForCausalLM": "granitemoe",
 }
 PREFIX = "Var"
-_CLASSES: dict[str, type] = {}
 
 
 def var_arch(arch: str) -> str:
     if arch not in SUPPORTED:
-        from ..errors import InvalidInputError
-
         raise InvalidInputError(f"VAR on vLLM supports the architectures {sorted(SUPPORTED)}; this model is {arch!r}")
     return PREFIX + arch
 
 
+@functools.cache
 def var_class(arch: str) -> type:
     """The Var subclass of vLLM's class for `arch` (built once)."""
-    if arch in _CLASSES:
-        return _CLASSES[arch]
-    module, name = SUPPORTED[arch]
-    base = getattr(importlib.import_module(f"vllm.model_executor.models.{module}"), name)
+    base = getattr(importlib.import_module(f"vllm.model_executor.models.{SUPPORTED[arch]}"), arch)
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         base.__init__(self, vllm_config=vllm_config, prefix=prefix)
+        from ..adapters import get_adapter
+        from .expert_load import install_load
         from .routing import install_var
 
         hf = vllm_config.model_config.hf_config
-        top_k = int(getattr(hf, "num_experts_per_tok"))
+        top_k = int(hf.num_experts_per_tok)
         sched = vllm_config.scheduler_config
         # every forward carries at most max_num_batched_tokens tokens (the runner's own buffers
         # have that size); dummy runs at start-up stay within it too
         max_tokens = max(int(sched.max_num_batched_tokens), int(vllm_config.model_config.max_model_len))
         extra = vllm_config.additional_config
-        pair_capacity = int((extra.get("varmoe") or {}).get("pair_capacity", 0)) if isinstance(extra, dict) else 0
-        from ..adapters import get_adapter
-
+        varmoe = (extra.get("varmoe") or {}) if isinstance(extra, dict) else {}
         # where the family's router sits and how it scales its top-k weights: read from its adapter
         adapter = get_adapter(hf)
-        self._varmoe_state = install_var(self, int(hf.vocab_size), top_k, max_tokens, pair_capacity,
-                                         adapter.weight_scale, adapter.router_attr)
+        state = install_var(self, int(hf.vocab_size), top_k, max_tokens, int(varmoe.get("pair_capacity", 0)),
+                            adapter.weight_scale, adapter.router_attr)
         # the checkpoint folder: the tables' fingerprint is the stored routers' (var_moe.identity)
-        self._varmoe_state.model_dir = str(vllm_config.model_config.model)
-        from .expert_load import install_load
-
-        experts = next(iter(self._varmoe_state.layers.values())).num_experts
-        counting = bool((extra.get("varmoe") or {}).get("expert_load", True)) if isinstance(extra, dict) else True
-        install_load(self._varmoe_state, experts, top_k, counting)  # expert load + routed experts
+        state.model_dir = str(vllm_config.model_config.model)
+        experts = next(iter(state.layers.values())).num_experts
+        install_load(state, experts, top_k, bool(varmoe.get("expert_load", True)))  # expert load + routed experts
 
     def load_weights(self, weights: Any) -> Any:
         loaded = base.load_weights(self, weights)
         # Fingerprint the gates now: after loading, vLLM may repack or drop them (CPU does).
         from .tables import record_identity
 
-        record_identity(self._varmoe_state, vllm_config_hf(self))
+        record_identity(self._varmoe_state, self.config)  # vLLM's model classes keep the HF config as .config
         return loaded
 
-    cls = type(PREFIX + name, (base,), {"__init__": __init__, "load_weights": load_weights, "__module__": __name__,
-                                         "__doc__": f"vLLM's {name} with VAR installed at construction."})
-    _CLASSES[arch] = cls
-    return cls
-
-
-def vllm_config_hf(model: Any) -> Any:
-    return model.config  # vLLM's model classes keep the Hugging Face config as .config
+    return type(PREFIX + arch, (base,), {"__init__": __init__, "load_weights": load_weights, "__module__": __name__,
+                                         "__doc__": f"vLLM's {arch} with VAR installed at construction."})
 
 
 def register() -> None:
@@ -100,7 +89,7 @@ def register() -> None:
 
     for arch in SUPPORTED:
         if PREFIX + arch not in ModelRegistry.get_supported_archs():
-            ModelRegistry.register_model(PREFIX + arch, f"{__name__}:{PREFIX}{SUPPORTED[arch][1]}")
+            ModelRegistry.register_model(PREFIX + arch, f"{__name__}:{PREFIX}{arch}")
 
 
 def __getattr__(name: str) -> type:

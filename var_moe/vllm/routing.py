@@ -11,23 +11,19 @@ and the weight loader's tree unchanged):
   token has an entry in this layer (else whose (previous, token) pair has one), takes the entry's
   experts and weights (`where`). Baseline rows and empty tables keep every learned value.
 
-Every layer's token table sits in the shared `VarState`, stacked by layer slot (`experts_SVK`,
-`weights_SVK`, `member_SV`), so the compiled graph takes three table inputs whatever the depth.
-VAR-mode rows are a per-token bool buffer (`VarState.rows_N`) and pair entries a per-step index
-buffer (`VarState.pair_sel_NS`: rows x layer slots, the empty slot X where none), both written
-before each forward by the runner hook in rows.py. On the device a layer gathers the pair entry
-and keeps it only where its token equals the row's (a host that did not know the row's token
-serves no pair row rather than a wrong one). Pair buffers have a fixed capacity (`pair_capacity`,
-`engine_kwargs`; 0 builds no pair code into the graph). Everything on the device is tensor work on
-fixed buffers written in place, so it stays valid in compiled graphs and CUDA graphs. Each layer
-writes a code per row (`VarState.code_NS`); the last MoE layer turns the step's codes into counters
-(`VarState.counts_SC`, per layer, VAR-mode rows only: fast, learned, fast rows whose set equals the
-learned set, fast rows where it differs), added on the device and read on request. The learned
-decision is computed anyway, so verification is a free audit of every fast row.
+Every layer's token table sits in the shared `VarState`, stacked by layer slot, so the compiled
+graph takes three table inputs whatever the depth. Which rows run VAR (`rows_N`) and each row's
+pair entry per layer (`pair_sel_NS`) are written before each forward by the runner hook in rows.py;
+the device keeps a pair entry only where its token equals the row's (a host that did not know the
+row's token serves no pair row rather than a wrong one). Everything on the device is tensor work
+on fixed buffers written in place, so it stays valid in compiled graphs and CUDA graphs. Each layer
+writes a code per row (`code_NS`); the last MoE layer turns the step's codes into the counters
+(`counts_SC`, VAR-mode rows only). The learned decision is computed anyway, so verification is a
+free audit of every fast row.
 
 Shapes: T tokens, K top-k, V vocabulary, E experts, X pair-buffer slots (capacity + 1), S layer
 slots. The decision is `var.served.decide`'s (tests/test_served_decision.py checks it).
-Test: `pytest tests/vllm_engine/test_vllm_exact.py` (vLLM environment only).
+Test: `pytest tests/test_vllm_routing.py tests/vllm_engine/test_vllm_exact.py` (the second: vLLM environment).
 """
 
 from __future__ import annotations
@@ -54,7 +50,6 @@ def tier_of(code):
     "fast" and "learned" in `var.served.TIERS` (expert_load.py checks), FAST_OTHER becomes "fast",
     -1 (a baseline row) stays in none."""
     return code - (code == FAST_OTHER) * (FAST_OTHER - FAST_SAME)
-_LAYER_RE = re.compile(r"layers\.(\d+)\.")
 
 
 class VarState:
@@ -225,31 +220,23 @@ def _subclass(obj: Any, method: str, fn: Any) -> None:
 _SUBCLASSES: dict[type, type] = {}
 
 
-@dataclass
-class MoEBlock:
-    layer: int
-    block: nn.Module  # holds the gate (router linear) and .experts
-    gate: nn.Module  # the router's linear layer: its weights are the fingerprint
-    runner: nn.Module  # the FusedMoE / MoERunner
-    router: Any
+_LAYER_RE = re.compile(r"layers\.(\d+)\.")
 
 
-def find_moe_blocks(model: nn.Module, gate_attr: str = "gate") -> list[MoEBlock]:
-    """MoE blocks of a vLLM model: modules with a router linear at `gate_attr` (the family adapter's
-    `router_attr`: vLLM mostly keeps the Hugging Face names), else at `gate` (vLLM's GraniteMoE
-    renames its `router`), and an `experts` runner that has a `router`."""
+def find_moe_blocks(model: nn.Module, gate_attr: str = "gate") -> list[tuple[int, nn.Module, nn.Module]]:
+    """(layer, router linear, MoE runner) of each MoE block of a vLLM model, by layer: modules with a
+    router linear at `gate_attr` (the family adapter's `router_attr`: vLLM mostly keeps the Hugging
+    Face names), else at `gate` (vLLM's GraniteMoE renames its `router`), and an `experts` runner
+    (`FusedMoE` / `MoERunner`) that has a `router`."""
     out = []
     for name, mod in model.named_modules():
         gate, experts = getattr(mod, gate_attr, None), getattr(mod, "experts", None)
         if gate is None:
             gate = getattr(mod, "gate", None)
-        if gate is None or experts is None or not hasattr(experts, "router"):
-            continue
         m = _LAYER_RE.search(name + ".")
-        if m is None:
-            continue
-        out.append(MoEBlock(int(m.group(1)), mod, gate, experts, experts.router))
-    return sorted(out, key=lambda b: b.layer)
+        if gate is not None and hasattr(experts, "router") and m is not None:
+            out.append((int(m.group(1)), gate, experts))
+    return sorted(out, key=lambda b: b[0])
 
 
 def find_embedding(model: nn.Module) -> nn.Module:
@@ -272,21 +259,21 @@ def install_var(model: nn.Module, vocab_size: int, top_k: int, max_tokens: int, 
     blocks = find_moe_blocks(model, gate_attr)
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no MoE blocks with a gate and a FusedMoE runner")
-    device = blocks[0].gate.weight.device
+    device = blocks[0][1].weight.device
     state = VarState(device, max_tokens, pair_capacity, top_k, num_layers=len(blocks), vocab_size=vocab_size)
     emb = find_embedding(model)
     object.__setattr__(emb, "_varmoe", state)  # a plain attribute, not a submodule
     _subclass(emb, "forward", _embedding_forward)
-    for slot, b in enumerate(blocks):
-        renorm = bool(getattr(b.router, "renormalize", True))
-        lv = LayerVar(b.layer, b.gate, renorm, int(b.gate.weight.shape[0]), weight_scale, slot,
-                      float(getattr(b.router, "routed_scaling_factor", 1.0) or 1.0),
-                      float(getattr(b.runner, "routed_scaling_factor", 1.0) or 1.0))
-        state.layers[b.layer] = lv
-        object.__setattr__(b.runner, "_varmoe", state)
-        _subclass(b.runner, "forward", _runner_forward)
-        b.router._varmoe = state
-        b.router._varmoe_layer = lv
-        _subclass(b.router, "_compute_routing", _router_compute_routing)
+    for slot, (layer, gate, runner) in enumerate(blocks):
+        router = runner.router
+        lv = LayerVar(layer, gate, bool(getattr(router, "renormalize", True)), int(gate.weight.shape[0]),
+                      weight_scale, slot, float(getattr(router, "routed_scaling_factor", 1.0) or 1.0),
+                      float(getattr(runner, "routed_scaling_factor", 1.0) or 1.0))
+        state.layers[layer] = lv
+        object.__setattr__(runner, "_varmoe", state)
+        _subclass(runner, "forward", _runner_forward)
+        router._varmoe = state
+        router._varmoe_layer = lv
+        _subclass(router, "_compute_routing", _router_compute_routing)
     model._varmoe_state = state
     return state

@@ -3,23 +3,20 @@
 A request names its mode in `SamplingParams(extra_args={"varmoe_var": True|False})` (vLLM's
 OpenAI server: `"vllm_xargs"`); one that names none runs in the worker's default mode
 (`varmoe_set_enabled`). vLLM lays a step's tokens out request by request in the runner's input
-batch order, so the per-token mode is the requests' modes repeated by their scheduled token counts
-(`np.repeat`), copied once into `VarState.rows_N` before the forward: baseline and VAR requests
-share a batch, each row routed in its own request's mode.
+batch order, so the per-token mode is the requests' modes repeated by their scheduled token counts,
+copied once into `VarState.rows_N` before the forward: baseline and VAR requests share a batch,
+each row routed in its own request's mode.
 
 With (previous, token) entries loaded, the same hook finds each VAR row's entry for all layers at
-once: row j of request r sits at position p = `num_computed_tokens_cpu[r] + j`, its token and
-previous token are r's tokens at p and p - 1 in `input_batch.token_ids_cpu` (`step_tokens`), and
-`pair_entries` finds them with one numpy `searchsorted` (the host twin of `served.find_pairs`,
-same key codec and precedence rule; numpy because torch's per-op overhead exceeds the work on a
-step's few rows). A decode step of up to `DICT_REQUESTS` requests (one row each) reads each
-request's two tokens and looks them up in a dict instead (`decode_entries`): fewer calls into code
-the forward has evicted from the caches; a larger batch takes numpy's per-call cost once for all
-its rows. The indices go to the device in one copy (`VarState.pair_sel_NS`). On the CPU build the
-tokens are on the host when the step runs (vLLM turns async scheduling off there); under async
-scheduling (GPU builds) sampled tokens are a placeholder -1 on the host, so such rows find no entry
-and the learned router routes them (the device refuses a row whose host token differs, routing.py),
-and the host's per-request counts would overstate pair rows.
+once, from the runner's token table (`step_tokens`): `pair_entries` with one numpy `searchsorted`
+(the host twin of `served.find_pairs`, same key codec and precedence rule; numpy because torch's
+per-op overhead exceeds the work on a step's few rows), or, for a decode step of up to
+`DICT_REQUESTS` requests, a dict lookup per request (`decode_entries`). The indices go to the device
+in one copy (`VarState.pair_sel_NS`). On the CPU build the tokens are on the host when the step
+runs (vLLM turns async scheduling off there); under async scheduling (GPU builds) sampled tokens
+are a placeholder -1 on the host, so such rows find no entry and the learned router routes them
+(the device refuses a row whose host token differs, routing.py), and the host's per-request counts
+would overstate pair rows.
 
 The hook is a one-level subclass of the runner's class whose `_prepare_inputs` calls vLLM's and
 then writes the rows. It needs vLLM's V1 model runner (`engine_kwargs` selects it on GPUs): the V2

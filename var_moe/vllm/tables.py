@@ -1,15 +1,15 @@
 """Load a builtin VAR tables file into an installed vLLM model, refusing tables of other weights.
 
-The file is the one `varmoe build-tables` writes for the builtin engine (var_moe.var.tables). Before
-any entry is used, its metadata must match the model vLLM loaded: model type, vocabulary, expert
-count, top-k, MoE layers, and the router fingerprint, recomputed from the gate weights vLLM loaded
-(var_moe.identity: so tables built on the Hugging Face model are accepted on the same weights in
-any dtype, and on no other weights). The tables are laid out as served (`served_tables`) and copied
-into the existing device buffers in place (compiled graphs and CUDA graphs keep pointing at them);
-(previous, token) entries go into the fixed-capacity pair buffers (routing.py; free slots hold
-token -1, which no row has) and into the host's key index (rows.index_pairs). A file with more pair
-entries than the engine's capacity is refused before anything is written. Test: `pytest tests/test_vllm_routing.py tests/test_served_decision.py
-tests/vllm_engine/test_vllm_exact.py`.
+The file is the one `varmoe build-tables` writes (var_moe.var.tables). Before any entry is used, its
+metadata must match the model vLLM loaded, the router fingerprint included, recomputed from the gate
+weights vLLM loaded (var_moe.identity: so tables built on the Hugging Face model are accepted on the
+same weights in any dtype, and on no other weights). The tables are laid out as served
+(`served_tables`) and copied into the existing device buffers in place (compiled graphs and CUDA
+graphs keep pointing at them); (previous, token) entries go into the fixed-capacity pair buffers
+(routing.py; free slots hold token -1, which no row has) and into the host's key index
+(rows.index_pairs). A file with more pair entries than the engine's capacity is refused before
+anything is written.
+Test: `pytest tests/test_vllm_routing.py tests/test_served_decision.py tests/vllm_engine/test_vllm_exact.py`.
 """
 
 from __future__ import annotations
@@ -30,13 +30,13 @@ from .rows import index_pairs
 
 @torch.no_grad()
 def record_identity(state: VarState, hf_config: Any) -> None:
-    """The builtin engine's identity fields, from the weights vLLM just loaded (before it repacks them)."""
+    """The identity fields `VARTables.check_identity` compares, from the weights vLLM just loaded
+    (before it repacks them)."""
     layers = sorted(state.layers)
-    first = state.layers[layers[0]]
     state.identity = {
         "model_type": getattr(hf_config, "model_type", None),
         "vocab_size": int(hf_config.vocab_size),
-        "num_experts": int(first.gate.weight.shape[0]),
+        "num_experts": state.layers[layers[0]].num_experts,
         "top_k": int(state.experts_SVK.shape[2]),
         # the stored checkpoint's routers when the gates vLLM loaded are they in its dtype (bf16 on
         # most CPUs and GPUs), so tables built on the float32 model are recognised (var_moe.identity)
@@ -47,7 +47,7 @@ def record_identity(state: VarState, hf_config: Any) -> None:
 
 
 def loaded_identity(state: VarState) -> dict[str, Any]:
-    """The identity `record_identity` recorded (what `VARTables.check_identity` compares)."""
+    """The identity `record_identity` recorded."""
     if state.identity is None:
         raise RuntimeError("the model's weights have not been loaded yet (no router fingerprint)")
     return dict(state.identity)
@@ -65,8 +65,7 @@ def load_tables(state: VarState, path: str | Path, check_fingerprint: bool = Tru
     fill_tables(state, tables)
     return {"sizes": tables.sizes(), "source": str(path), "config": tables.metadata.get("config"),
             "fingerprint": ident["router_fingerprint"], "pair_sizes": tables.pair_sizes(),
-            "pair_entries": sum(tables.pair_sizes().values()),
-            "pair_capacity": state.pair_capacity}
+            "pair_entries": sum(tables.pair_sizes().values()), "pair_capacity": state.pair_capacity}
 
 
 @torch.no_grad()
@@ -108,8 +107,8 @@ def served_tables(state: VarState, tables: VARTables) -> ServedTables:
             f"{state.pair_capacity}; start it with a pair capacity of at least {n} "
             "(var_moe.vllm.engine_kwargs(..., pair_capacity=N); the server: --vllm-pair-capacity N)")
     ok = all(p.sets_PK.reshape(p.size, -1).shape[1] == k and bool(((p.sets_PK >= 0) & (p.sets_PK < e)).all())
-             and bool(((p.keys_P >= 0) & (p.keys_P < v * v)).all()) and bool((p.keys_P[1:] > p.keys_P[:-1]).all())
-             for p in pairs if p.size)
+             and bool(((p.keys_P >= 0) & (p.keys_P < v * v)).all())
+             and bool((p.keys_P[1:] > p.keys_P[:-1]).all()) for p in pairs if p.size)
     if not ok:
         raise InvalidInputError(f"the tables' (previous, token) entries are malformed (keys must ascend within "
                                 f"[0, {v}**2) per layer, sets hold {k} experts below {e})")
@@ -119,15 +118,15 @@ def served_tables(state: VarState, tables: VARTables) -> ServedTables:
         # once the output scale vLLM applies after the router is taken out
         vllm_sum = lv.router_scale if lv.renormalize else None
         family_sum = None if lv.weight_scale is None else lv.weight_scale / lv.output_scale
-        if (vllm_sum is None) != (family_sum is None) or (vllm_sum is not None and abs(vllm_sum - family_sum) > 1e-6 * abs(vllm_sum)):
+        if (vllm_sum is None) != (family_sum is None) or (
+                vllm_sum is not None and abs(vllm_sum - family_sum) > 1e-6 * abs(vllm_sum)):
             raise InvalidInputError(
                 f"layer {l}: the model family's router weights sum to {family_sum} (None: no constant; after vLLM's "
                 f"output scale {lv.output_scale}), but vLLM's router's sum to {vllm_sum}; "
                 "vLLM routes this model differently from the model the tables were built on")
-    scales = {l: state.layers[l].weight_scale for l in by_slot}
-    outs = {l: state.layers[l].output_scale for l in by_slot}
-    return ServedTables.build(tables.layers, tables.pair_tier, by_slot, scales, v, k, state.member_SV.device,
-                              output_scales=outs)
+    return ServedTables.build(tables.layers, tables.pair_tier, by_slot,
+                              {l: state.layers[l].weight_scale for l in by_slot}, v, k, state.member_SV.device,
+                              output_scales={l: state.layers[l].output_scale for l in by_slot})
 
 
 @torch.no_grad()
@@ -135,4 +134,5 @@ def clear_tables(state: VarState) -> None:
     state.member_SV.zero_()
     if state.pair_sel_NS is not None:
         state.pair_tok_X.fill_(-1)
-        index_pairs(state, np.zeros(0, dtype=np.int64), np.zeros((state.pair_vocab, state.pair_rows_US.shape[1]), dtype=bool))
+        no_tokens_VS = np.zeros((state.pair_vocab, state.pair_rows_US.shape[1]), dtype=bool)
+        index_pairs(state, np.zeros(0, dtype=np.int64), no_tokens_VS)
