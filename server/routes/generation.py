@@ -60,7 +60,8 @@ async def perplexity(body: PerplexityRequest, request: Request, state: ServerSta
     jobs = await state.in_worker(make_jobs)
     results = await state.run(request, jobs, "/v1/perplexity")
     # (NLL, predicted tokens) per text: the first token of a text has no prediction
-    nll_n = [(-float(sum(r.state.prompt_logprobs[1:])), len(r.state.prompt_logprobs) - 1) for r in results]
+    lps = [r.state.prompt_logprobs[1:] for r in results]
+    nll_n = [(-float(sum(lp)), len(lp)) for lp in lps]
     overall = ppl_item(sum(nll for nll, _ in nll_n), sum(n for _, n in nll_n))
     return {"mode": results[0].mode, "results": [ppl_item(nll, n) for nll, n in nll_n], "overall": overall}
 
