@@ -16,11 +16,23 @@ cell (psutil, user + system; vLLM's worker process apart) and the tokens the ser
 (its own `varmoe_generated_tokens_total`), giving generated tokens per CPU second, which time taken
 by other processes does not move. Both ratios are reported.
 
+`--design toggle` (builtin engine only: vLLM compiles the counting into its graph) takes the two
+servers' differences out: ONE server under one continuous Locust load, whose counting an admin
+switches off and on (`POST /admin/expert-load`, effective from the next engine step) in blocks of
+--block-s seconds, ordered on, off, off, on (ABBA, so a drift over time cancels within each group).
+Paused, the server neither counts nor reads the counters at a scrape, as a server started with
+`--no-expert-load-metrics`. A block's tokens come from the server's `varmoe_generated_tokens_total`
+(counted per engine step), read by the scrape that ends the block; the ratio is taken per group of
+four blocks (on tokens/s over off tokens/s) and over all blocks pooled, and the same for generated
+tokens per CPU second of the server process.
+
 Run (builtin engine, main environment; vLLM engine, vLLM environment):
     .venv/bin/python -m benchmarks expert_load_overhead --engine builtin --repeats 6 \
         --output benchmarks/results/expert_load_overhead_builtin.json
     .venv-vllm/bin/python -m benchmarks expert_load_overhead --engine vllm --repeats 6 \
         --output benchmarks/results/expert_load_overhead_vllm.json
+    .venv/bin/python -m benchmarks expert_load_overhead --engine builtin --design toggle --blocks 40 \
+        --output benchmarks/results/expert_load_toggle_builtin.json
 Results go to docs/BENCHMARKS.md (section "Expert load metrics").
 """
 
@@ -30,6 +42,7 @@ import argparse
 import json
 import statistics
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -78,6 +91,56 @@ def scraper(url: str, every_s: float, stop: threading.Event) -> threading.Thread
     return t
 
 
+def toggled(args, common: list[str], env: dict, prompts_file: Path, log_dir: Path, tokenizer) -> dict:
+    """One server, one continuous load, counting switched per block (ABBA); see the module doc."""
+    blocks = [i % 4 in (0, 3) for i in range(args.blocks)]  # True: counting on
+    with ManagedServer(args.model, args=common, env=env, log_path=log_dir / "builtin-toggle.log") as server:
+        url, auth = server.url, server.admin_headers
+        locust_load(url, args.clients, argparse.Namespace(new_tokens=args.new_tokens, run_time=10, warmup=0.5),
+                    prompts_file, log_dir, "warmup", tokenizer)
+        whole = argparse.Namespace(new_tokens=args.new_tokens, warmup=args.warmup,
+                                   run_time=int(args.warmup + 5 + args.blocks * args.block_s + 5))
+        load = threading.Thread(target=locust_load, args=(url, args.clients, whole, prompts_file, log_dir, "toggle",
+                                                          tokenizer), daemon=True)
+        load.start()
+        threading.Event().wait(args.warmup + 5)  # Locust's spawn and the first batches
+        cells: list[dict] = []
+        t, tok, cpu = time.monotonic(), generated(url), tree_cpu(server.pid)[0]
+        for on in blocks:
+            r = httpx.post(url + "/admin/expert-load", json={"enabled": on}, headers=auth, timeout=30)
+            r.raise_for_status()
+            scrapes = max(1, round(args.block_s / args.scrape_s))
+            for _ in range(scrapes - 1):
+                threading.Event().wait(args.block_s / scrapes)
+                httpx.get(url + "/metrics", timeout=30)
+            threading.Event().wait(args.block_s / scrapes)
+            t1, tok1, cpu1 = time.monotonic(), generated(url), tree_cpu(server.pid)[0]
+            cells.append({"on": on, "s": t1 - t, "tokens": tok1 - tok, "cpu_s": cpu1 - cpu})
+            t, tok, cpu = t1, tok1, cpu1
+            c = cells[-1]
+            print(f"block {len(cells) - 1:3d} counting {'on ' if on else 'off'}: {c['tokens'] / c['s']:7.1f} tok/s, "
+                  f"{c['tokens'] / max(c['cpu_s'], 1e-9):6.1f} tok per CPU s", flush=True)
+        load.join(timeout=args.block_s * 4 + 300)
+
+    def rate(cs: list[dict], key: str) -> float:
+        return sum(c["tokens"] for c in cs) / max(sum(c[key] for c in cs), 1e-9)
+
+    groups = [cells[i:i + 4] for i in range(0, len(cells) - 3, 4)]
+    per_group = [round(rate([c for c in g if c["on"]], "s") / rate([c for c in g if not c["on"]], "s"), 4)
+                 for g in groups]
+    per_group_cpu = [round(rate([c for c in g if c["on"]], "cpu_s") / rate([c for c in g if not c["on"]], "cpu_s"), 4)
+                     for g in groups]
+    on_cells, off_cells = [c for c in cells if c["on"]], [c for c in cells if not c["on"]]
+    return {"design": "toggle", "engine": "builtin", "model": args.model, "clients": args.clients,
+            "new_tokens": args.new_tokens, "blocks": args.blocks, "block_s": args.block_s, "scrape_s": args.scrape_s,
+            "cells": cells, "ratio_on_off_per_group": per_group, "ratio_median": statistics.median(per_group),
+            "ratio_q25_q75": statistics.quantiles(per_group, n=4)[::2] if len(per_group) > 1 else per_group * 2,
+            "ratio_pooled": rate(on_cells, "s") / rate(off_cells, "s"),
+            "cpu_ratio_per_group": per_group_cpu, "cpu_ratio_median": statistics.median(per_group_cpu),
+            "cpu_ratio_pooled": rate(on_cells, "cpu_s") / rate(off_cells, "cpu_s"),
+            "tokens_per_s": {"on": rate(on_cells, "s"), "off": rate(off_cells, "s")}, "goal": 0.99}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--engine", choices=["builtin", "vllm"], required=True)
@@ -88,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=3.0, help="seconds after spawning left out of the window")
     p.add_argument("--repeats", type=int, default=6)
     p.add_argument("--scrape-s", type=float, default=5.0, help="seconds between /metrics scrapes during a cell")
+    p.add_argument("--design", choices=["servers", "toggle"], default="servers",
+                   help="two servers suspended in turn, or one server whose counting an admin switches per block")
+    p.add_argument("--blocks", type=int, default=40, help="--design toggle: blocks (a multiple of 4: ABBA groups)")
+    p.add_argument("--block-s", type=float, default=10.0, help="--design toggle: seconds per block")
     p.add_argument("--output", default="runs/expert_load_overhead.json")
     p.add_argument("--log-dir", default="runs/expert_load_overhead")
     args = p.parse_args(argv)
@@ -105,6 +172,21 @@ def main(argv: list[str] | None = None) -> int:
         env = vllm_env(0, 1)
     else:
         common += ["--threads", "1"]
+    if args.design == "toggle":
+        if args.engine != "builtin":
+            p.error("--design toggle needs --engine builtin: the vLLM engine compiles the counting into its graph")
+        if args.blocks < 4 or args.blocks % 4:
+            p.error(f"--blocks must be a positive multiple of 4 (ABBA groups), got {args.blocks}")
+        result = toggled(args, common, env, prompts_file, log_dir, tokenizer)
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nbuiltin, {args.clients} clients, one server, {args.blocks} blocks of {args.block_s:g} s: on/off "
+              f"tokens/s per ABBA group median {result['ratio_median']:.4f} (quartiles {result['ratio_q25_q75'][0]:.4f}"
+              f"-{result['ratio_q25_q75'][1]:.4f}), pooled {result['ratio_pooled']:.4f}; per CPU second median "
+              f"{result['cpu_ratio_median']:.4f}, pooled {result['cpu_ratio_pooled']:.4f}")
+        print(f"wrote {out}")
+        return 0
     servers: dict[str, ManagedServer] = {}
     try:
         for name, flag in (("on", []), ("off", ["--no-expert-load-metrics"])):

@@ -9,7 +9,9 @@ Default (setting expert_load_metrics, on), per MoE layer:
 - varmoe_expert_load_window_tokens          routed tokens in the window (one series; 0 = idle, the
                                             ratios are then NaN and every expert counts as dead)
 and, on an engine that counts per VAR tier, varmoe_expert_load_tier_imbalance{layer,tier}.
-That is 4 series per MoE layer (+ one per tier), plus one.
+That is 4 series per MoE layer (+ one per tier), plus two: the window's tokens and
+varmoe_expert_load_counting (0 while an admin has paused the counting with `POST /admin/expert-load`,
+which the builtin engine allows at run time; the gauges are then left out).
 With expert_load_per_expert: varmoe_expert_tokens_total{layer,expert}, cumulative routed slots,
 MoE layers x experts series (its help line states the count) -- what a layer x expert heat map needs.
 
@@ -34,11 +36,19 @@ class ExpertLoadCollector:
         self.per_expert = per_expert
         self.window = LoadWindow(window_s)
         self.reading: LoadReading | None = None  # the latest reading, set before each exposition
+        self.counting = True  # False while paused (POST /admin/expert-load)
+
+    def set_counting(self, on: bool) -> None:
+        """Pause (no gauges until resumed) or resume, with a new window: a paused span counted nothing."""
+        self.counting, self.reading = on, None
+        self.window = LoadWindow(self.window.window_s, self.window.clock)
 
     def describe(self):
         return []
 
     def collect(self):
+        yield GaugeMetricFamily("varmoe_expert_load_counting", "1 while expert load is counted, 0 while paused "
+                                "(POST /admin/expert-load)", value=int(self.counting))
         r = self.reading
         if r is None:
             return

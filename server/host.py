@@ -25,6 +25,7 @@ class Host(RoutingBackend, Protocol):
     top_k: int
     routed_available: bool  # return_routed_experts can be answered
     expert_load_on_engine: bool  # reading the expert-load counters must run on the engine thread
+    expert_load_switchable: bool  # set_expert_load works (else the counting is fixed at start-up)
     can_capture: bool  # capture_start / capture_stop / capture_parquet work (else 409)
     capturing: bool
     capture_tokens: int
@@ -35,6 +36,9 @@ class Host(RoutingBackend, Protocol):
 
     def expert_load_reading(self) -> Any:
         """The cumulative expert-load counters (var_moe.expert_load.Reading)."""
+
+    def set_expert_load(self, on: bool) -> None:
+        """Count expert load from the next forward, or stop counting (engine thread)."""
 
     def capture_start(self) -> None: ...
 

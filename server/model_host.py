@@ -33,6 +33,7 @@ class ModelHost:
 
     routed_available = True  # the routing tap answers return_routed_experts
     expert_load_on_engine = False  # the counters are device tensors any thread may copy
+    expert_load_switchable = True  # the counting is a tap's hooks, put on and taken off between forwards
     can_capture = True
 
     def __init__(self, model: Any, tokenizer: Any, model_name: str, wrapper: VARModelWrapper | None = None,
@@ -135,6 +136,17 @@ class ModelHost:
     def expert_load_reading(self):
         """The cumulative counters (one device-to-host copy; any thread: counters only grow)."""
         return self.tap.read()
+
+    def set_expert_load(self, on: bool) -> None:
+        """Count from the next forward, or count what is filed and stop (engine thread, between
+        forwards); the hooks come off unless routed experts are being recorded."""
+        self.tap.count = on
+        if on:
+            self.tap.attach()
+        elif self.tap.recording:
+            self.tap.flush()
+        else:
+            self.tap.detach()
 
     def record_routing(self, on: bool) -> None:
         """Keep the next forwards' experts per row (engine thread, between forwards)."""

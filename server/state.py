@@ -159,7 +159,7 @@ class ServerState:
         """Read the engine's expert-load counters for this scrape: on the engine thread between steps
         when the host needs it (vLLM: a call to the workers), else from a worker thread (a copy of
         device counters). A read that fails or takes over 5 s keeps the previous reading."""
-        if self.expert_load is None:
+        if self.expert_load is None or not self.expert_load.counting:
             return
         read = self.host.expert_load_reading
         try:
@@ -167,8 +167,23 @@ class ServerState:
                 self.engine_call(read) if self.host.expert_load_on_engine else self.in_worker(read), 5.0)
         except (APIError, asyncio.TimeoutError):
             return
-        if reading is not None:
+        if reading is not None and self.expert_load.counting:  # not switched off while it read
             self.expert_load.reading = reading
+
+    async def switch_expert_load(self, on: bool) -> bool:
+        """Count expert load or pause it (`POST /admin/expert-load`), from the next engine step; returns
+        whether it was counting. Paused, /metrics leaves the expert-load families out (a gauge says so)."""
+        if self.expert_load is None:
+            raise APIError(409, "expert_load_unavailable", "this server counts no expert load (started with "
+                           "--no-expert-load-metrics, or its model has no counters)", "enabled")
+        if not self.host.expert_load_switchable:
+            raise APIError(409, "expert_load_fixed", "this engine compiles the expert-load counting into its model "
+                           "at start-up: restart it with --no-expert-load-metrics to leave the counting out", "enabled")
+        previous = self.expert_load.counting
+        if on != previous:
+            await self.engine_call(lambda: self.host.set_expert_load(on))
+            self.expert_load.set_counting(on)
+        return previous
 
     def check_routed_size(self, rows: list[tuple[int, int]], field: str = "return_routed_experts") -> None:
         """413 when the routed-experts arrays of `rows` ((prompt tokens, max new tokens) per choice)

@@ -257,6 +257,7 @@ class VllmHost:
 
     # -- expert load and routed experts (var_moe/vllm/expert_load.py) --------------------------------
     expert_load_on_engine = True  # reading the counters is a call to the workers: on the engine thread
+    expert_load_switchable = False  # the counting is compiled into the model's graph at start-up
 
     @property
     def routed_available(self) -> bool:
@@ -276,6 +277,9 @@ class VllmHost:
         """The cumulative counters (engine thread). Tensor-parallel ranks route the same rows with
         the same gates, so the first worker's counters are the model's."""
         return reading_from(self.llm.collective_rpc("varmoe_load_read")[0])
+
+    def set_expert_load(self, on: bool) -> None:  # expert_load_switchable is False: the route answers 409
+        raise NotImplementedError("the vLLM engine's counting is compiled into its graph")
 
     def take_routed(self, keys: list[str], finished: list[str]) -> dict[str, list]:
         """Rows so far of requests that asked for their routed experts (engine thread)."""

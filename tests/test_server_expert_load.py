@@ -6,7 +6,9 @@
   (var_moe/routing_replay.py) they give the model's own logits for those tokens;
 - the per-expert counters in /metrics grew by exactly the slots those arrays hold, the default
   expert-load series are a few per MoE layer (per VAR tier too), and the windowed gauges match the counts;
-- a request whose arrays would exceed max_response_bytes gets 413.
+- a request whose arrays would exceed max_response_bytes gets 413;
+- an admin pauses and resumes the counting at run time (`POST /admin/expert-load`): nothing is
+  counted while paused, the gauges leave /metrics, and counting resumes where it stopped.
 Run: `pytest tests/test_server_expert_load.py` (about a minute on 2 CPU cores).
 """
 
@@ -138,8 +140,9 @@ def test_expert_load_gauges_are_a_few_per_layer_and_match_the_window(client):
              if line.startswith("varmoe_expert_load") or line.startswith("varmoe_routing_entropy")}
     default = sum(len(series(text, n)) for n in names)
     # imbalance, hottest share, dead experts, entropy per layer, imbalance per layer and VAR tier
-    # (fast, learned), and the window's tokens
-    assert default == 4 * layers + 2 * layers + 1
+    # (fast, learned), the window's tokens and whether counting is on
+    assert default == 4 * layers + 2 * layers + 2
+    assert series(text, "varmoe_expert_load_counting") == {"varmoe_expert_load_counting": 1.0}
     tiers = series(text, "varmoe_expert_load_tier_imbalance")
     assert any('tier="fast"' in k and not np.isnan(v) for k, v in tiers.items())  # the VAR request's table rows
     for v in series(text, "varmoe_routing_entropy_nats").values():
@@ -177,3 +180,35 @@ def test_var_mode_rows_carry_their_tier(client):
     plain = client.post("/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 4, "var": False,
                                               "return_routed_experts": True}).json()
     assert "prompt_routed_tiers" not in plain and "routed_tiers" not in plain
+
+
+def test_admin_pauses_and_resumes_expert_load(client, server):
+    body = {"prompt": PROMPT, "max_new_tokens": 6}
+    assert client.post("/admin/expert-load", json={"enabled": False}).status_code == 401
+    r = client.post("/admin/expert-load", json={"enabled": "off"}, headers=server.admin_headers)
+    assert r.status_code == 422
+    client.post("/v1/generate", json=body)
+    before = per_expert(client)
+    r = client.post("/admin/expert-load", json={"enabled": False}, headers=server.admin_headers)
+    assert r.status_code == 200 and r.json() == {"enabled": False, "previous": True, "applies": "from the next step"}
+    paused = client.post("/v1/generate", json={**body, "return_routed_experts": True}).json()
+    # recording routed experts still works while paused
+    assert len(paused["routed_experts"]) == paused["generated_tokens"] - 1 > 0
+    client.post("/v1/generate", json=body)
+    text = client.get("/metrics").text
+    assert series(text, "varmoe_expert_load_counting") == {"varmoe_expert_load_counting": 0.0}
+    assert "varmoe_expert_load_imbalance" not in text and "varmoe_expert_tokens_total" not in text
+    again = client.post("/admin/expert-load", json={"enabled": False}, headers=server.admin_headers).json()
+    assert again["previous"] is False
+    r = client.post("/admin/expert-load", json={"enabled": True}, headers=server.admin_headers)
+    assert r.json()["previous"] is False
+    assert np.array_equal(per_expert(client), before)  # the paused requests counted nothing
+    out = client.post("/v1/generate", json={**body, "return_routed_experts": True}).json()
+    grown = per_expert(client) - before
+    slots = np.zeros_like(grown)
+    for rows in (out["prompt_routed_experts"], out["routed_experts"]):
+        for row in rows:  # [MoE layers][k] per token
+            for layer, experts in enumerate(row):
+                np.add.at(slots[layer], experts, 1)
+    np.testing.assert_array_equal(grown, slots)  # counting resumed with the next request, exactly
+    assert series(client.get("/metrics").text, "varmoe_expert_load_counting") == {"varmoe_expert_load_counting": 1.0}

@@ -1,6 +1,7 @@
-"""VAR control: `/var/toggle` (admin; lands between batches) and `/var/status` (what VarRuntime says).
+"""Run-time control: `/var/toggle` (admin; lands between batches), `/var/status` (what VarRuntime
+says), and `/admin/expert-load` (admin; pauses or resumes the expert-load counting from the next step).
 
-Test: `pytest tests/test_server_api.py`.
+Test: `pytest tests/test_server_api.py tests/test_server_expert_load.py`.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from ..state import ServerState, get_state, require_admin
 from ..var_runtime import VarUnavailable
 
 router = APIRouter(prefix="/var", tags=["var"])
+admin_router = APIRouter(prefix="/admin", tags=["metrics"], dependencies=[Depends(require_admin)])
+ADMIN_ERRORS = {401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}, 409: {"model": ErrorResponse}}
 
 
-@router.post("/toggle", response_model=ToggleResponse, dependencies=[Depends(require_admin)],
-             responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}, 409: {"model": ErrorResponse}})
+@router.post("/toggle", response_model=ToggleResponse, dependencies=[Depends(require_admin)], responses=ADMIN_ERRORS)
 async def toggle(body: ToggleRequest, state: ServerState = Depends(get_state)):
     try:
         previous = state.var.set_enabled(body.enabled)
@@ -31,3 +33,9 @@ async def toggle(body: ToggleRequest, state: ServerState = Depends(get_state)):
 async def var_status(state: ServerState = Depends(get_state)):
     return {**state.var.status(), "capturing": state.host.capturing, "batches_run": state.engine.batches_run,
             "uptime_s": time.time() - state.started_at}
+
+
+@admin_router.post("/expert-load", response_model=ToggleResponse, responses=ADMIN_ERRORS)
+async def expert_load(body: ToggleRequest, state: ServerState = Depends(get_state)):
+    previous = await state.switch_expert_load(body.enabled)
+    return {"enabled": body.enabled, "previous": previous, "applies": "from the next step"}

@@ -180,6 +180,15 @@ def test_capture_is_refused_on_this_engine(client):
     assert r.status_code == 409 and r.json()["error"]["type"] == "capture_unavailable"
 
 
+def test_expert_load_cannot_be_paused_on_this_engine(client):
+    """The counting is compiled into vLLM's graph: pausing it is refused, and the counting goes on."""
+    assert client.post("/admin/expert-load", json={"enabled": False}).status_code == 401
+    r = client.post("/admin/expert-load", json={"enabled": False}, headers=AUTH)
+    assert r.status_code == 409 and r.json()["error"]["type"] == "expert_load_fixed"
+    assert "--no-expert-load-metrics" in r.json()["error"]["message"]
+    assert "varmoe_expert_load_counting 1.0" in client.get("/metrics").text
+
+
 def test_bad_input(client):
     r = client.post("/v1/generate", json={"prompt": PROMPT, "max_new_tokens": 100000})
     assert r.status_code == 422
