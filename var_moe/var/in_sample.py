@@ -78,27 +78,19 @@ def layer_candidates_in_sample(sub: Any, config: VARConfig, vocab: int, num_expe
 def tables_for_stats(path: str | Path, model: Any, adapter: Any, config: VARConfig, layers: list[int] | None = None,
                      allow_test_split: bool = False) -> VARTables:
     """Tables from a statistics file: certified by document (`VARTables.from_stats_file`) when its
-    metadata names its documents, else in-sample and uncertified (`in_sample_tables`)."""
-    from .stats_io import check_split, check_stats_for_model, read_stats
+    metadata names its documents, else in-sample and uncertified."""
+    from .stats_io import read_stats_for_model
 
-    df, meta = read_stats(path)
+    df, meta = read_stats_for_model(path, model, adapter, allow_test_split)
     if names_documents(meta):
         return VARTables.from_stats_file(path, model, adapter, config, layers=layers, allow_test_split=allow_test_split)
-    check_stats_for_model(meta, model, adapter, source=f"statistics {path}")
-    check_split(meta, str(path), allow_test_split)
-    return in_sample_tables(df, meta, model, adapter, config, layers, str(path))
-
-
-def in_sample_tables(df: Any, meta: dict[str, Any], model: Any, adapter: Any, config: VARConfig,
-                     layers: list[int] | None, source: str) -> VARTables:
-    """`VARTables` for `model` from a statistics frame without document metadata (uncertified)."""
     ident, layers = identity_and_layers(model, adapter, layers)
     missing = sorted(set(layers) - set(int(x) for x in df["layer"].unique()))
     if missing:
-        raise InvalidInputError(f"statistics {source} have no rows for MoE layer(s) {missing}")
+        raise InvalidInputError(f"statistics {path} have no rows for MoE layer(s) {missing}")
     cands = {l: layer_candidates_in_sample(df[df["layer"] == l], config, ident["vocab_size"], ident["num_experts"],
                                            ident["top_k"]) for l in layers}
     tabs, _, info = certify_entries(cands, {}, config, "in-sample: sets chosen and scored on the same statistics "
                                                       "(no document metadata); not certified")
-    return VARTables(tabs, {**table_metadata(ident, layers, config, source, meta, info), "certified": False,
+    return VARTables(tabs, {**table_metadata(ident, layers, config, str(path), meta, info), "certified": False,
                             "uncertified": UNCERTIFIED_NOTE})

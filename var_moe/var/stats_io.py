@@ -3,8 +3,8 @@
 Uses `var_moe.capture.schema.read_stats` for files that carry var-moe run metadata; otherwise (e.g. a
 vocabulary analysis saved with `DataFrame.to_parquet`) reads the Parquet file with pyarrow and
 decodes its key-value metadata (JSON values). Either way the result
-is `(DataFrame, metadata dict)`. `check_stats_for_model` refuses statistics captured from another
-architecture, vocabulary, expert count or top-k. Test: `pytest tests/test_var_tables.py`.
+is `(DataFrame, metadata dict)`. `read_stats_for_model` also refuses statistics captured from another
+architecture, vocabulary, expert count or top-k, or on the test split. Test: `pytest tests/test_var_tables.py`.
 """
 
 from __future__ import annotations
@@ -64,8 +64,11 @@ def read_stats(path: str | Path) -> tuple[Any, dict[str, Any]]:
     return df, meta
 
 
-def check_stats_for_model(meta: dict[str, Any], model: Any, adapter: Any, source: str = "statistics") -> None:
-    """Refuse statistics made for another architecture / vocabulary / E / k (fields absent are not checked)."""
+def read_stats_for_model(path: str | Path, model: Any, adapter: Any,
+                         allow_test_split: bool) -> tuple[Any, dict[str, Any]]:
+    """`read_stats`, refusing statistics made for another architecture / vocabulary / E / k (fields
+    absent are not checked) or, unless allowed, captured on the test split (`check_split`)."""
+    df, meta = read_stats(path)
     cfg = model.config
     expected = {
         "model_type": getattr(cfg, "model_type", None),
@@ -77,9 +80,11 @@ def check_stats_for_model(meta: dict[str, Any], model: Any, adapter: Any, source
         got = meta.get(key)
         if got is not None and want is not None and got != want:
             raise InvalidInputError(
-                f"{source} were made for {key}={got!r} but the model has {key}={want!r}; "
+                f"statistics {path} were made for {key}={got!r} but the model has {key}={want!r}; "
                 f"capture statistics / build tables for this model (source model: {meta.get('model')!r})"
             )
+    check_split(meta, str(path), allow_test_split)
+    return df, meta
 
 
 def named_documents(meta: dict[str, Any]) -> tuple[Any, Any, Any, Any]:

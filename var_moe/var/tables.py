@@ -34,7 +34,7 @@ from ..errors import InvalidInputError
 from ..identity import model_dir_of, routers_fingerprint
 from .certify import Candidates, global_set, layer_candidates, multiplicity_levels, pair_table, wilson_lower_bound
 from .config import VARConfig
-from .evidence import Evidence, collect_evidence, read_artifact
+from .evidence import Evidence, collect_evidence, read_artifact, write_artifact
 from .pairs import PairCandidates, PairTable, accepted_pairs, pair_candidates
 from .served import pair_serves, split_key
 from .stats_io import check_split, named_documents
@@ -379,11 +379,9 @@ class VARTables:
         max_length, num_samples); a routing pass over them collects the evidence by document
         (unless `evidence` is given), and the pass must reproduce the capture's token counts.
         With `choose_evidence` the sets are chosen there and certified on every calibration document."""
-        from .stats_io import check_stats_for_model, read_stats
+        from .stats_io import read_stats_for_model
 
-        df, meta = read_stats(path)
-        check_stats_for_model(meta, model, adapter, source=f"statistics {path}")
-        check_split(meta, str(path), allow_test_split)
+        df, meta = read_stats_for_model(path, model, adapter, allow_test_split)
         if evidence is None:
             evidence = evidence_for_stats(meta, model, adapter, tokenizer, batch_size)
         tables = cls.from_evidence(evidence, model, adapter, config, layers, source=str(path),
@@ -395,17 +393,14 @@ class VARTables:
 
     # -- files -----------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
-
-        p = Path(path)
-        tensors = {f"layer{l}.{n}": getattr(t, n).contiguous() for l, t in self.layers.items() for n in LayerTable.NAMES}
-        tensors |= {f"layer{l}.{n}": t.contiguous() for l, p in self.pairs.items() for n, t in zip(CHECK_PAIR_NAMES, p)}
-        tensors |= {f"layer{l}.global_set_K": g.contiguous() for l, g in self.global_sets.items()}
-        tensors |= {f"layer{l}.tier_pair.{n}": getattr(p, n).contiguous() for l, p in self.pair_tier.items() for n in PAIR_NAMES}
+        tensors = {f"layer{l}.{n}": getattr(t, n) for l, t in self.layers.items() for n in LayerTable.NAMES}
+        tensors |= {f"layer{l}.{n}": t for l, p in self.pairs.items() for n, t in zip(CHECK_PAIR_NAMES, p)}
+        tensors |= {f"layer{l}.global_set_K": g for l, g in self.global_sets.items()}
+        tensors |= {f"layer{l}.tier_pair.{n}": getattr(p, n) for l, p in self.pair_tier.items() for n in PAIR_NAMES}
         meta = {**self.metadata, "sizes": {str(l): s for l, s in self.sizes().items()}, "format_version": FORMAT_VERSION}
         if self.pair_tier:
             meta["pair_sizes"] = {str(l): s for l, s in self.pair_sizes().items()}
-        save_file(tensors, str(p), metadata={"varmoe_tables": json.dumps(meta)})
+        p = write_artifact(path, "varmoe_tables", meta, tensors)
         p.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         return p
 
