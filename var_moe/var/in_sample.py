@@ -31,14 +31,17 @@ UNCERTIFIED_NOTE = ("UNCERTIFIED tables: chosen and scored in-sample on statisti
                     "agreement is not held out; certify with " + CERTIFY_COMMANDS)
 
 
-def _column_VX(sub: Any, name: str, v: int, width: int, dtype: torch.dtype, per_expert: bool = False) -> torch.Tensor:
-    """A list column of one layer's rows scattered into a (V, width) tensor (zeros for unseen tokens).
-    A `per_expert` column is sparse, aligned with `expert_ids` (the statistics schema), or holds one
-    entry per expert (frames of schema version 1)."""
-    out = torch.zeros(v, width, dtype=dtype)
+def _by_token(sub: Any, name: str, v: int, dtype: torch.dtype, width: int | None = None,
+               per_expert: bool = False) -> torch.Tensor:
+    """A column of one layer's rows scattered over the vocabulary (zeros for unseen tokens): (V,) for
+    a number per row, (V, width) for a list. A `per_expert` list is sparse, aligned with
+    `expert_ids` (the statistics schema), or holds one entry per expert (frames of schema version 1)."""
+    out = torch.zeros(v if width is None else (v, width), dtype=dtype)
     if not len(sub):
         return out
-    if per_expert and "expert_ids" in sub.columns:
+    if width is None:
+        rows = sub[name].to_numpy()
+    elif per_expert and "expert_ids" in sub.columns:
         from ..capture.schema import densify_experts
 
         rows = densify_experts(sub, name, width)
@@ -47,7 +50,7 @@ def _column_VX(sub: Any, name: str, v: int, width: int, dtype: torch.dtype, per_
         if rows.shape[1] != width:
             raise InvalidInputError(f"statistics column {name!r} has {rows.shape[1]} entries per row, the model "
                                     f"needs {width}")
-    out[torch.tensor(sub["token_id"].to_numpy(), dtype=torch.long)] = torch.as_tensor(rows, dtype=dtype)
+    out[torch.tensor(sub["token_id"].to_numpy(), dtype=torch.long)] = torch.tensor(rows, dtype=dtype)
     return out
 
 
@@ -56,18 +59,11 @@ def layer_candidates_in_sample(sub: Any, config: VARConfig, vocab: int, num_expe
     ids_V = torch.tensor(sub["token_id"].to_numpy(), dtype=torch.long)
     if len(sub) and (int(ids_V.min()) < 0 or int(ids_V.max()) >= vocab):
         raise InvalidInputError(f"statistics hold token ids outside the model's vocabulary of {vocab}")
-
-    def scatter(name: str, dtype: torch.dtype) -> torch.Tensor:
-        out = torch.zeros(vocab, dtype=dtype)
-        out[ids_V] = torch.tensor(sub[name].to_numpy(), dtype=dtype)
-        return out
-
-    freq_V = scatter("frequency", torch.float64)
-    agree_V = scatter("modal_set_count", torch.float64)
-    ent_V = scatter("mean_entropy", torch.float64)
-    modal_VK = _column_VX(sub, "modal_topk_set", vocab, top_k, torch.long)
-    chosen_VE = _column_VX(sub, "topk_counts", vocab, num_experts, torch.float64, per_expert=True)
-    wsum_VE = _column_VX(sub, "topk_weight_sums", vocab, num_experts, torch.float64, per_expert=True)
+    freq_V, agree_V, ent_V = (_by_token(sub, name, vocab, torch.float64)
+                              for name in ("frequency", "modal_set_count", "mean_entropy"))
+    modal_VK = _by_token(sub, "modal_topk_set", vocab, torch.long, top_k)
+    chosen_VE = _by_token(sub, "topk_counts", vocab, torch.float64, num_experts, per_expert=True)
+    wsum_VE = _by_token(sub, "topk_weight_sums", vocab, torch.float64, num_experts, per_expert=True)
     seen_V = freq_V > 0
     eligible_V = passes_filters(seen_V, freq_V, ent_V, config, num_experts)
     modal_VK, w_VK, mass_V = served_weights((wsum_VE / chosen_VE.clamp_min(1)).gather(1, modal_VK), modal_VK, seen_V)
