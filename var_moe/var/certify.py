@@ -32,13 +32,12 @@ from .served import pair_key
 
 def wilson_lower_bound(successes: torch.Tensor, trials: torch.Tensor, z: float) -> torch.Tensor:
     """Lower end of the Wilson score interval for a binomial proportion (0 where trials == 0)."""
-    n = trials.double()
-    p = successes.double() / n.clamp_min(1)
+    n = trials.double().clamp_min(1)
+    p = successes.double() / n
     z2 = z * z
-    centre = p + z2 / (2 * n.clamp_min(1))
-    spread = z * torch.sqrt(p * (1 - p) / n.clamp_min(1) + z2 / (4 * n.clamp_min(1) ** 2))
-    lower = (centre - spread) / (1 + z2 / n.clamp_min(1))
-    return torch.where(n > 0, lower.clamp(0, 1), torch.zeros_like(lower))
+    spread = z * torch.sqrt(p * (1 - p) / n + z2 / (4 * n**2))
+    lower = (p + z2 / (2 * n) - spread) / (1 + z2 / n)
+    return torch.where(trials > 0, lower.clamp(0, 1), torch.zeros_like(lower))
 
 
 def demote_mask(running_bound: torch.Tensor, shadow_agree: torch.Tensor, shadow_total: torch.Tensor,
