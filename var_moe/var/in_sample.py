@@ -23,7 +23,8 @@ import torch
 from ..errors import InvalidInputError
 from .certify import Candidates, passes_filters, score_pvalues, served_weights
 from .config import VARConfig
-from .tables import VARTables, certify_entries, identity_and_layers, names_documents, table_metadata
+from .stats_io import names_documents, read_stats_for_model
+from .tables import VARTables, certify_entries, identity_and_layers, table_metadata
 
 CERTIFY_COMMANDS = ("`varmoe capture --split calibration --output calib.parquet` (statistics that name their documents), "
                     "then `varmoe build-tables --routing-stats calib.parquet --output tables.safetensors`")
@@ -75,8 +76,6 @@ def tables_for_stats(path: str | Path, model: Any, adapter: Any, config: VARConf
                      allow_test_split: bool = False) -> VARTables:
     """Tables from a statistics file: certified by document (`VARTables.from_stats_file`) when its
     metadata names its documents, else in-sample and uncertified."""
-    from .stats_io import read_stats_for_model
-
     df, meta = read_stats_for_model(path, model, adapter, allow_test_split)
     if names_documents(meta):
         return VARTables.from_stats_file(path, model, adapter, config, layers=layers, allow_test_split=allow_test_split)

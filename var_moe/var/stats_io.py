@@ -95,6 +95,21 @@ def named_documents(meta: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
             cfg.get("max_length") or meta.get("max_length"), cfg.get("num_samples"))
 
 
+def names_documents(meta: dict[str, Any]) -> bool:
+    """Whether a capture's metadata names its documents (dataset, split, max_length)."""
+    return all(named_documents(meta)[:3])
+
+
+def stats_documents(meta: dict[str, Any]) -> tuple[str, str, int, int | None]:
+    """(dataset, split, max_length, num_samples) of the documents a capture's metadata names."""
+    if not names_documents(meta):
+        raise InvalidInputError("the statistics metadata does not name its dataset / split / max_length, so its "
+                                "documents cannot be found again to certify tables by document; capture them with "
+                                "`varmoe capture`, or build tables with `VARTables.from_texts` / `varmoe build-tables`")
+    dataset, split, max_length, num_samples = named_documents(meta)
+    return dataset, split, int(max_length), num_samples
+
+
 def check_split(meta: dict[str, Any], source: str, allow_test_split: bool) -> None:
     """Refuse statistics of the test split: tables built there would be judged on their own data."""
     if named_documents(meta)[1] == "test" and not allow_test_split:

@@ -37,7 +37,7 @@ from .config import VARConfig
 from .evidence import Evidence, collect_evidence, read_artifact, write_artifact
 from .pairs import PairCandidates, PairTable, accepted_pairs, pair_candidates
 from .served import pair_serves, split_key
-from .stats_io import check_split, named_documents
+from .stats_io import check_split, stats_documents
 
 FORMAT_VERSION = 2
 PAIR_NAMES = tuple(f.name for f in fields(PairTable))
@@ -156,21 +156,6 @@ def evidence_for_split(model: Any, adapter: Any, tokenizer: Any, dataset: str, s
         "model": str(getattr(model.config, "_name_or_path", "")), "dataset": dataset, "split": split,
         "max_length": int(max_length), "split_documents": len(docs),
         "document_rule": f"{len(keep)} of the split's {len(docs)} documents, evenly spread"})
-
-
-def names_documents(meta: dict[str, Any]) -> bool:
-    """Whether a capture's metadata names its documents (dataset, split, max_length)."""
-    return all(named_documents(meta)[:3])
-
-
-def stats_documents(meta: dict[str, Any]) -> tuple[str, str, int, int | None]:
-    """(dataset, split, max_length, num_samples) of the documents a capture's metadata names."""
-    dataset, split, max_length, num_samples = named_documents(meta)
-    if not (dataset and split and max_length):
-        raise InvalidInputError("the statistics metadata does not name its dataset / split / max_length, so its "
-                                "documents cannot be found again to certify tables by document; capture them with "
-                                "`varmoe capture`, or build tables with `VARTables.from_texts` / `varmoe build-tables`")
-    return dataset, split, int(max_length), num_samples
 
 
 def evidence_for_stats(meta: dict[str, Any], model: Any, adapter: Any, tokenizer: Any = None,
