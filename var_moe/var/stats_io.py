@@ -64,19 +64,18 @@ def read_stats(path: str | Path) -> tuple[Any, dict[str, Any]]:
     return df, meta
 
 
+def model_shape(model: Any, adapter: Any) -> dict[str, Any]:
+    """The identity fields statistics, evidence and tables are checked against: architecture, V, E, k."""
+    return {"model_type": getattr(model.config, "model_type", None), "vocab_size": int(model.config.vocab_size),
+            "num_experts": adapter.num_experts, "top_k": adapter.top_k}
+
+
 def read_stats_for_model(path: str | Path, model: Any, adapter: Any,
                          allow_test_split: bool) -> tuple[Any, dict[str, Any]]:
     """`read_stats`, refusing statistics made for another architecture / vocabulary / E / k (fields
     absent are not checked) or, unless allowed, captured on the test split (`check_split`)."""
     df, meta = read_stats(path)
-    cfg = model.config
-    expected = {
-        "model_type": getattr(cfg, "model_type", None),
-        "vocab_size": int(cfg.vocab_size),
-        "num_experts": adapter.num_experts,
-        "top_k": adapter.top_k,
-    }
-    for key, want in expected.items():
+    for key, want in model_shape(model, adapter).items():
         got = meta.get(key)
         if got is not None and want is not None and got != want:
             raise InvalidInputError(

@@ -37,7 +37,7 @@ from .config import VARConfig
 from .evidence import Evidence, collect_evidence, read_artifact, write_artifact
 from .pairs import PairCandidates, PairTable, accepted_pairs, pair_candidates
 from .served import pair_serves, split_key
-from .stats_io import check_split, stats_documents
+from .stats_io import check_split, model_shape, stats_documents
 
 FORMAT_VERSION = 2
 PAIR_NAMES = tuple(f.name for f in fields(PairTable))
@@ -195,10 +195,7 @@ def model_identity(model: Any, adapter: Any) -> dict[str, Any]:
     loaded = {m.layer: dict(getattr(m.block, m.router_attr).state_dict()) for m in layers}
     return {
         "model": str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "")),
-        "model_type": getattr(model.config, "model_type", None),
-        "vocab_size": int(model.config.vocab_size),
-        "num_experts": adapter.num_experts,
-        "top_k": adapter.top_k,
+        **model_shape(model, adapter),
         # the stored checkpoint's routers when these are they (any loaded dtype), else these bytes
         "router_fingerprint": routers_fingerprint(loaded, model_dir_of(model)),
         # the dtype routing is computed in here: a server in another dtype re-measures (served_dtype.py)
