@@ -11,8 +11,7 @@ the `choose` mode (`CHOOSE_MODES`):
 A one-sided score test per candidate (`score_pvalues`) and a multiplicity rule over all candidates
 (`multiplicity_levels`: bh / holm / none) decide which entries are served; `wilson_lower_bound`
 states each entry's bound. Also the (previous, token) and global modal sets for validation, and
-the shadow demotion rule. Vectorised (`torch.unique`, `index_add_`, `scatter_reduce`);
-config-independent parts are cached on the evidence object.
+the shadow demotion rule. Config-independent parts are cached on the evidence object.
 Test: `pytest tests/test_var_verification.py tests/test_var_tables.py`.
 """
 

@@ -7,8 +7,8 @@ the same filters and multiplicity rule as certified entries, but the score test 
 occurrences that chose the set. That agreement is optimistic, so nothing here is certified: the
 metadata says so (`uncertified`, with the commands that certify), and so do
 `print_performance_summary()` and the server's `/var/status`. Token entries only: (previous,
-token) entries need evidence by document. `tables_for_stats` picks the certified path when the
-statistics name their documents (what `VARConfig.from_routing_stats` plus the wrapper go through).
+token) entries need evidence by document. `tables_for_stats` (the wrapper's path from
+`VARConfig.routing_stats_path`) certifies by document when the statistics name their documents.
 Test: `pytest tests/test_var_seed_workflow.py`.
 """
 
