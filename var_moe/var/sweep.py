@@ -72,7 +72,8 @@ def _load(path: Path, chooser: Any) -> dict[str, Any]:
     scheme = EVEN_ODD
     if chooser is not None:
         m = chooser.metadata
-        scheme = f"{m.get('dataset')}/{m.get('split')}: {m.get('num_documents')} documents, {m.get('num_tokens')} tokens"
+        scheme = (f"{m.get('dataset')}/{m.get('split')}: {m.get('num_documents')} documents, "
+                  f"{m.get('num_tokens')} tokens")
     if not path.exists():
         return {"tables": [], "runtime": [], "baseline": None, "choosing": scheme}
     doc = json.loads(path.read_text(encoding="utf-8"))
