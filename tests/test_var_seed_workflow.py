@@ -73,8 +73,7 @@ def test_seed_sequence_builds_uncertified_tables(tmp_path, capsys, save):
 
 def test_document_statistics_still_certify(reference_model_dir):
     """A capture whose metadata names its documents keeps the held-out path (no in-sample note)."""
-    from var_moe.var.stats_io import read_stats_metadata
-    from var_moe.var.tables import names_documents
+    from var_moe.var.stats_io import names_documents, read_stats_metadata
 
     assert names_documents(read_stats_metadata(reference_model_dir / "var" / "routing_stats_calibration.parquet"))
 

@@ -11,8 +11,7 @@ the `choose` mode (`CHOOSE_MODES`):
 A one-sided score test per candidate (`score_pvalues`) and a multiplicity rule over all candidates
 (`multiplicity_levels`: bh / holm / none) decide which entries are served; `wilson_lower_bound`
 states each entry's bound. Also the (previous, token) and global modal sets for validation, and
-the shadow demotion rule. Vectorised (`torch.unique`, `index_add_`, `scatter_reduce`);
-config-independent parts are cached on the evidence object.
+the shadow demotion rule. Config-independent parts are cached on the evidence object.
 Test: `pytest tests/test_var_verification.py tests/test_var_tables.py`.
 """
 
@@ -32,13 +31,12 @@ from .served import pair_key
 
 def wilson_lower_bound(successes: torch.Tensor, trials: torch.Tensor, z: float) -> torch.Tensor:
     """Lower end of the Wilson score interval for a binomial proportion (0 where trials == 0)."""
-    n = trials.double()
-    p = successes.double() / n.clamp_min(1)
+    n = trials.double().clamp_min(1)
+    p = successes.double() / n
     z2 = z * z
-    centre = p + z2 / (2 * n.clamp_min(1))
-    spread = z * torch.sqrt(p * (1 - p) / n.clamp_min(1) + z2 / (4 * n.clamp_min(1) ** 2))
-    lower = (centre - spread) / (1 + z2 / n.clamp_min(1))
-    return torch.where(n > 0, lower.clamp(0, 1), torch.zeros_like(lower))
+    spread = z * torch.sqrt(p * (1 - p) / n + z2 / (4 * n**2))
+    lower = (p + z2 / (2 * n) - spread) / (1 + z2 / n)
+    return torch.where(trials > 0, lower.clamp(0, 1), torch.zeros_like(lower))
 
 
 def demote_mask(running_bound: torch.Tensor, shadow_agree: torch.Tensor, shadow_total: torch.Tensor,

@@ -1,13 +1,11 @@
 """`VARConfig`: every knob of the VAR router, a frozen validated dataclass with JSON round-trip.
 
 The seed's field names are kept (frequency_threshold, entropy_threshold, routing_stats_path,
-enable_var, track_performance, max_quality_degradation); the rest is what verified routing needs
-(target agreement and its confidence level, the weight source, adaptive k, shadow verification).
-The seed's context-cache fields are gone with the cached tier, which paid nowhere it was measured
-(docs/PHASE2.md, "Context cache"): configs that still carry them load with the tier off
-(`RETIRED`), and one that turns it on is refused. Presets: `get_conservative_config()`, `get_balanced_config()`,
-`get_aggressive_config()`. Unknown JSON fields and out-of-range values raise `ValueError` naming
-the field. Test: `pytest tests/test_var_config.py`.
+enable_var, track_performance, max_quality_degradation); the rest is what verified routing needs.
+Configs that carry the fields of the removed context-cache tier (`RETIRED`; docs/PHASE2.md,
+"Context cache") load with them dropped; one that turns the tier on is refused. Presets:
+`get_conservative_config()`, `get_balanced_config()`, `get_aggressive_config()`. Unknown JSON
+fields and out-of-range values raise `ValueError` naming the field. Test: `pytest tests/test_var_config.py`.
 """
 
 from __future__ import annotations
@@ -81,9 +79,9 @@ class VARConfig:
         need(_num(self.shadow_rate) and 0 <= self.shadow_rate <= 1, "shadow_rate", "must be in [0, 1]")
         need(_int(self.shadow_min_checks, 0), "shadow_min_checks", "must be an integer >= 0")
         need(_num(self.max_quality_degradation) and self.max_quality_degradation >= 0, "max_quality_degradation", "must be >= 0")
-        for flag in ("allow_test_split", "entropy_relative", "pair_entries", "enable_fast_path", "adaptive_k",
-                     "enable_var", "track_performance"):
-            need(isinstance(getattr(self, flag), bool), flag, "must be true or false")
+        for f in fields(self):
+            if f.type == "bool":  # the annotation (a string, from __future__ annotations)
+                need(isinstance(getattr(self, f.name), bool), f.name, "must be true or false")
         need(isinstance(self.seed, int), "seed", "must be an integer")
 
     @property

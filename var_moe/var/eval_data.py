@@ -68,11 +68,7 @@ def document_batches(tokenizer: Any, token_lists: Iterable[tuple[int, list[int]]
         if num_samples is not None and len(seqs) >= num_samples:
             break
         seqs += [(d, piece) for piece in islice(chunk_sequences([ids], max_length), max_per_doc)]
-    return _padded(seqs[:num_samples], batch_size, _pad_id(tokenizer))
-
-
-def _pad_id(tokenizer: Any) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return _padded(seqs[:num_samples], batch_size, tokenizer.pad_token_id or 0)
 
 
 def _padded(rows: list[tuple[Any, ...]], batch_size: int, pad_id: int) -> list[EvalBatch]:
@@ -116,7 +112,8 @@ def sliding_batches(tokenizer: Any, dataset: str, split: str, max_length: int, s
     if max_docs is not None and max_docs < 1:
         raise InvalidInputError(f"--num-docs must be >= 1, got {max_docs}")
     docs = (encode_document(tokenizer, doc.text) for doc in iter_documents(dataset, split, limit=max_docs))
-    out = window_batches(docs, max_length, stride, batch_size, _pad_id(tokenizer), max_windows_per_doc, num_windows)
+    pad_id = tokenizer.pad_token_id or 0
+    out = window_batches(docs, max_length, stride, batch_size, pad_id, max_windows_per_doc, num_windows)
     if not out:
         raise InvalidInputError(f"--dataset {dataset!r} --split {split!r} gave no windows to evaluate")
     return out

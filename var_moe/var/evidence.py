@@ -5,22 +5,18 @@ document id (`EvalBatch.doc_B`) under a `RoutingRecorder` (the router's own outp
 masked) and keeps, per MoE layer:
 
 - `rows_R4` / `counts_R`: distinct (document, previous token, token, set code) rows and how often
-  each occurred (previous = -1 at a sequence start; set code: the one set codec,
-  `capture.router_math.set_codes`), so every per-token and per-(previous, token) count can be
-  recomputed by document;
+  each occurred (set code: `capture.router_math.set_codes`), so every per-token and
+  per-(previous, token) count can be recomputed by document;
 - per half (0 = choose, 1 = certify) and token: occurrences and summed routing entropy (nats);
   per observed (half, token, expert) cell, how often the expert was chosen and its summed weight
-  (for the served weights), kept sparsely (`cell_keys_C` = (half * V + token) * E + e, found with
-  the capture's `HashIndex`), so memory follows what was seen, not V x E;
-  `mean_weights` reads the mean weights of given (token, expert set) rows from those cells.
+  (for the served weights), kept sparsely (the capture's `HashIndex`) so memory follows what was
+  seen, not V x E.
 
-Documents are split by parity of their index: even documents choose each entry's set, odd ones
-certify it (`half_of`); evidence used whole on one side (a separate choosing evidence of another
-split, `certify.py`'s "separate" mode) just sums both halves. Counting is vectorised
-(`torch.unique(dim=0)`, `index_add_`); pending rows are consolidated past a size bound so memory
-is O(distinct rows). The result saves as
-safetensors + JSON (`save` / `load`) so a sweep can rebuild tables without rerunning the model;
-`read_artifact` is the one reader of such files (evidence and tables), so each refuses a missing,
+Documents are split by parity of their index (`half_of`); evidence used whole on one side (a
+separate choosing evidence, `certify.py`'s "separate" mode) sums both halves. Pending rows are
+consolidated past a size bound so memory is O(distinct rows). The result saves as safetensors
+with JSON metadata so a sweep can rebuild tables without rerunning the model; `write_artifact` /
+`read_artifact` write and read such files (evidence and tables), so each refuses a missing,
 foreign or corrupt file the same way. No pickle.
 Shapes: T tokens, K top-k, E experts, V vocabulary, R rows. Test: `pytest tests/test_var_tables.py`.
 """
@@ -51,7 +47,7 @@ class LayerEvidence:
     vocab: int
     num_experts: int
     top_k: int
-    rows_R4: torch.Tensor = None  # (doc, prev, token, code)
+    rows_R4: torch.Tensor = None  # (doc, prev (-1 at a sequence start), token, set code)
     counts_R: torch.Tensor = None
     freq_2V: torch.Tensor = None  # per half
     ent_2V: torch.Tensor = None  # summed entropy (nats)
@@ -127,6 +123,14 @@ class LayerEvidence:
     TENSORS = ("rows_R4", "counts_R", "freq_2V", "ent_2V", "cell_keys_C", "cell_chosen_C", "cell_wsum_C")
 
 
+def write_artifact(path: str | Path, key: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
+    """Save `tensors` as safetensors with `meta` as JSON in the metadata entry `key` (`read_artifact` reads it)."""
+    from safetensors.torch import save_file
+
+    save_file({n: t.contiguous() for n, t in tensors.items()}, str(path), metadata={key: json.dumps(meta)})
+    return Path(path)
+
+
 def read_artifact(path: str | Path, key: str, what: str,
                   hint: str = "") -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(metadata, tensors) of the safetensors file at `path` whose metadata entry `key` holds JSON:
@@ -155,14 +159,10 @@ class Evidence:
         self.metadata = metadata
 
     def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
-
-        p = Path(path)
         for ev in self.layers.values():
             ev.consolidate()
-        tensors = {f"layer{l}.{n}": getattr(ev, n).contiguous() for l, ev in self.layers.items() for n in LayerEvidence.TENSORS}
-        save_file(tensors, str(p), metadata={"varmoe_evidence": json.dumps(self.metadata)})
-        return p
+        tensors = {f"layer{l}.{n}": getattr(ev, n) for l, ev in self.layers.items() for n in LayerEvidence.TENSORS}
+        return write_artifact(path, "varmoe_evidence", self.metadata, tensors)
 
     @classmethod
     def load(cls, path: str | Path) -> "Evidence":

@@ -7,8 +7,8 @@ the same filters and multiplicity rule as certified entries, but the score test 
 occurrences that chose the set. That agreement is optimistic, so nothing here is certified: the
 metadata says so (`uncertified`, with the commands that certify), and so do
 `print_performance_summary()` and the server's `/var/status`. Token entries only: (previous,
-token) entries need evidence by document. `tables_for_stats` picks the certified path when the
-statistics name their documents (what `VARConfig.from_routing_stats` plus the wrapper go through).
+token) entries need evidence by document. `tables_for_stats` (the wrapper's path from
+`VARConfig.routing_stats_path`) certifies by document when the statistics name their documents.
 Test: `pytest tests/test_var_seed_workflow.py`.
 """
 
@@ -23,7 +23,8 @@ import torch
 from ..errors import InvalidInputError
 from .certify import Candidates, passes_filters, score_pvalues, served_weights
 from .config import VARConfig
-from .tables import VARTables, certify_entries, identity_and_layers, names_documents, table_metadata
+from .stats_io import names_documents, read_stats_for_model
+from .tables import VARTables, certify_entries, identity_and_layers, table_metadata
 
 CERTIFY_COMMANDS = ("`varmoe capture --split calibration --output calib.parquet` (statistics that name their documents), "
                     "then `varmoe build-tables --routing-stats calib.parquet --output tables.safetensors`")
@@ -31,14 +32,17 @@ UNCERTIFIED_NOTE = ("UNCERTIFIED tables: chosen and scored in-sample on statisti
                     "agreement is not held out; certify with " + CERTIFY_COMMANDS)
 
 
-def _column_VX(sub: Any, name: str, v: int, width: int, dtype: torch.dtype, per_expert: bool = False) -> torch.Tensor:
-    """A list column of one layer's rows scattered into a (V, width) tensor (zeros for unseen tokens).
-    A `per_expert` column is sparse, aligned with `expert_ids` (the statistics schema), or holds one
-    entry per expert (frames of schema version 1)."""
-    out = torch.zeros(v, width, dtype=dtype)
+def _by_token(sub: Any, name: str, v: int, dtype: torch.dtype, width: int | None = None,
+               per_expert: bool = False) -> torch.Tensor:
+    """A column of one layer's rows scattered over the vocabulary (zeros for unseen tokens): (V,) for
+    a number per row, (V, width) for a list. A `per_expert` list is sparse, aligned with
+    `expert_ids` (the statistics schema), or holds one entry per expert (frames of schema version 1)."""
+    out = torch.zeros(v if width is None else (v, width), dtype=dtype)
     if not len(sub):
         return out
-    if per_expert and "expert_ids" in sub.columns:
+    if width is None:
+        rows = sub[name].to_numpy()
+    elif per_expert and "expert_ids" in sub.columns:
         from ..capture.schema import densify_experts
 
         rows = densify_experts(sub, name, width)
@@ -47,7 +51,7 @@ def _column_VX(sub: Any, name: str, v: int, width: int, dtype: torch.dtype, per_
         if rows.shape[1] != width:
             raise InvalidInputError(f"statistics column {name!r} has {rows.shape[1]} entries per row, the model "
                                     f"needs {width}")
-    out[torch.tensor(sub["token_id"].to_numpy(), dtype=torch.long)] = torch.as_tensor(rows, dtype=dtype)
+    out[torch.tensor(sub["token_id"].to_numpy(), dtype=torch.long)] = torch.tensor(rows, dtype=dtype)
     return out
 
 
@@ -56,18 +60,11 @@ def layer_candidates_in_sample(sub: Any, config: VARConfig, vocab: int, num_expe
     ids_V = torch.tensor(sub["token_id"].to_numpy(), dtype=torch.long)
     if len(sub) and (int(ids_V.min()) < 0 or int(ids_V.max()) >= vocab):
         raise InvalidInputError(f"statistics hold token ids outside the model's vocabulary of {vocab}")
-
-    def scatter(name: str, dtype: torch.dtype) -> torch.Tensor:
-        out = torch.zeros(vocab, dtype=dtype)
-        out[ids_V] = torch.tensor(sub[name].to_numpy(), dtype=dtype)
-        return out
-
-    freq_V = scatter("frequency", torch.float64)
-    agree_V = scatter("modal_set_count", torch.float64)
-    ent_V = scatter("mean_entropy", torch.float64)
-    modal_VK = _column_VX(sub, "modal_topk_set", vocab, top_k, torch.long)
-    chosen_VE = _column_VX(sub, "topk_counts", vocab, num_experts, torch.float64, per_expert=True)
-    wsum_VE = _column_VX(sub, "topk_weight_sums", vocab, num_experts, torch.float64, per_expert=True)
+    freq_V, agree_V, ent_V = (_by_token(sub, name, vocab, torch.float64)
+                              for name in ("frequency", "modal_set_count", "mean_entropy"))
+    modal_VK = _by_token(sub, "modal_topk_set", vocab, torch.long, top_k)
+    chosen_VE = _by_token(sub, "topk_counts", vocab, torch.float64, num_experts, per_expert=True)
+    wsum_VE = _by_token(sub, "topk_weight_sums", vocab, torch.float64, num_experts, per_expert=True)
     seen_V = freq_V > 0
     eligible_V = passes_filters(seen_V, freq_V, ent_V, config, num_experts)
     modal_VK, w_VK, mass_V = served_weights((wsum_VE / chosen_VE.clamp_min(1)).gather(1, modal_VK), modal_VK, seen_V)
@@ -78,27 +75,17 @@ def layer_candidates_in_sample(sub: Any, config: VARConfig, vocab: int, num_expe
 def tables_for_stats(path: str | Path, model: Any, adapter: Any, config: VARConfig, layers: list[int] | None = None,
                      allow_test_split: bool = False) -> VARTables:
     """Tables from a statistics file: certified by document (`VARTables.from_stats_file`) when its
-    metadata names its documents, else in-sample and uncertified (`in_sample_tables`)."""
-    from .stats_io import check_split, check_stats_for_model, read_stats
-
-    df, meta = read_stats(path)
+    metadata names its documents, else in-sample and uncertified."""
+    df, meta = read_stats_for_model(path, model, adapter, allow_test_split)
     if names_documents(meta):
         return VARTables.from_stats_file(path, model, adapter, config, layers=layers, allow_test_split=allow_test_split)
-    check_stats_for_model(meta, model, adapter, source=f"statistics {path}")
-    check_split(meta, str(path), allow_test_split)
-    return in_sample_tables(df, meta, model, adapter, config, layers, str(path))
-
-
-def in_sample_tables(df: Any, meta: dict[str, Any], model: Any, adapter: Any, config: VARConfig,
-                     layers: list[int] | None, source: str) -> VARTables:
-    """`VARTables` for `model` from a statistics frame without document metadata (uncertified)."""
     ident, layers = identity_and_layers(model, adapter, layers)
     missing = sorted(set(layers) - set(int(x) for x in df["layer"].unique()))
     if missing:
-        raise InvalidInputError(f"statistics {source} have no rows for MoE layer(s) {missing}")
+        raise InvalidInputError(f"statistics {path} have no rows for MoE layer(s) {missing}")
     cands = {l: layer_candidates_in_sample(df[df["layer"] == l], config, ident["vocab_size"], ident["num_experts"],
                                            ident["top_k"]) for l in layers}
     tabs, _, info = certify_entries(cands, {}, config, "in-sample: sets chosen and scored on the same statistics "
                                                       "(no document metadata); not certified")
-    return VARTables(tabs, {**table_metadata(ident, layers, config, source, meta, info), "certified": False,
+    return VARTables(tabs, {**table_metadata(ident, layers, config, str(path), meta, info), "certified": False,
                             "uncertified": UNCERTIFIED_NOTE})

@@ -3,8 +3,8 @@
 Uses `var_moe.capture.schema.read_stats` for files that carry var-moe run metadata; otherwise (e.g. a
 vocabulary analysis saved with `DataFrame.to_parquet`) reads the Parquet file with pyarrow and
 decodes its key-value metadata (JSON values). Either way the result
-is `(DataFrame, metadata dict)`. `check_stats_for_model` refuses statistics captured from another
-architecture, vocabulary, expert count or top-k. Test: `pytest tests/test_var_tables.py`.
+is `(DataFrame, metadata dict)`. `read_stats_for_model` also refuses statistics captured from another
+architecture, vocabulary, expert count or top-k, or on the test split. Test: `pytest tests/test_var_tables.py`.
 """
 
 from __future__ import annotations
@@ -64,22 +64,26 @@ def read_stats(path: str | Path) -> tuple[Any, dict[str, Any]]:
     return df, meta
 
 
-def check_stats_for_model(meta: dict[str, Any], model: Any, adapter: Any, source: str = "statistics") -> None:
-    """Refuse statistics made for another architecture / vocabulary / E / k (fields absent are not checked)."""
-    cfg = model.config
-    expected = {
-        "model_type": getattr(cfg, "model_type", None),
-        "vocab_size": int(cfg.vocab_size),
-        "num_experts": adapter.num_experts,
-        "top_k": adapter.top_k,
-    }
-    for key, want in expected.items():
+def model_shape(model: Any, adapter: Any) -> dict[str, Any]:
+    """The identity fields statistics, evidence and tables are checked against: architecture, V, E, k."""
+    return {"model_type": getattr(model.config, "model_type", None), "vocab_size": int(model.config.vocab_size),
+            "num_experts": adapter.num_experts, "top_k": adapter.top_k}
+
+
+def read_stats_for_model(path: str | Path, model: Any, adapter: Any,
+                         allow_test_split: bool) -> tuple[Any, dict[str, Any]]:
+    """`read_stats`, refusing statistics made for another architecture / vocabulary / E / k (fields
+    absent are not checked) or, unless allowed, captured on the test split (`check_split`)."""
+    df, meta = read_stats(path)
+    for key, want in model_shape(model, adapter).items():
         got = meta.get(key)
         if got is not None and want is not None and got != want:
             raise InvalidInputError(
-                f"{source} were made for {key}={got!r} but the model has {key}={want!r}; "
+                f"statistics {path} were made for {key}={got!r} but the model has {key}={want!r}; "
                 f"capture statistics / build tables for this model (source model: {meta.get('model')!r})"
             )
+    check_split(meta, str(path), allow_test_split)
+    return df, meta
 
 
 def named_documents(meta: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
@@ -88,6 +92,21 @@ def named_documents(meta: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
     cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
     return (meta.get("dataset") or cfg.get("dataset"), meta.get("split") or cfg.get("split"),
             cfg.get("max_length") or meta.get("max_length"), cfg.get("num_samples"))
+
+
+def names_documents(meta: dict[str, Any]) -> bool:
+    """Whether a capture's metadata names its documents (dataset, split, max_length)."""
+    return all(named_documents(meta)[:3])
+
+
+def stats_documents(meta: dict[str, Any]) -> tuple[str, str, int, int | None]:
+    """(dataset, split, max_length, num_samples) of the documents a capture's metadata names."""
+    if not names_documents(meta):
+        raise InvalidInputError("the statistics metadata does not name its dataset / split / max_length, so its "
+                                "documents cannot be found again to certify tables by document; capture them with "
+                                "`varmoe capture`, or build tables with `VARTables.from_texts` / `varmoe build-tables`")
+    dataset, split, max_length, num_samples = named_documents(meta)
+    return dataset, split, int(max_length), num_samples
 
 
 def check_split(meta: dict[str, Any], source: str, allow_test_split: bool) -> None:

@@ -66,15 +66,14 @@ def runtime_key(cfg: VARConfig) -> str:
 EVEN_ODD = "even/odd documents of the calibration evidence"
 
 
-def choosing_scheme(chooser: Any = None) -> str:
-    """How the sweep's tables choose sets: one line naming the choosing evidence, if any."""
-    if chooser is None:
-        return EVEN_ODD
-    m = chooser.metadata
-    return f"{m.get('dataset')}/{m.get('split')}: {m.get('num_documents')} documents, {m.get('num_tokens')} tokens"
-
-
-def _load(path: Path, scheme: str = EVEN_ODD) -> dict[str, Any]:
+def _load(path: Path, chooser: Any) -> dict[str, Any]:
+    """The sweep file at `path` (new if absent), refused if its tables chose sets otherwise than
+    `chooser` (the choosing evidence, or None: even/odd documents) does."""
+    scheme = EVEN_ODD
+    if chooser is not None:
+        m = chooser.metadata
+        scheme = (f"{m.get('dataset')}/{m.get('split')}: {m.get('num_documents')} documents, "
+                  f"{m.get('num_tokens')} tokens")
     if not path.exists():
         return {"tables": [], "runtime": [], "baseline": None, "choosing": scheme}
     doc = json.loads(path.read_text(encoding="utf-8"))
@@ -96,7 +95,7 @@ def sweep_tables(calibration: Any, test: Any, model: Any, adapter: Any, grid: Sw
     from ..validation.served import served_agreement
     from .tables import VARTables
 
-    doc = _load(out, choosing_scheme(chooser))
+    doc = _load(out, chooser)
     done = {r["key"] for r in doc["tables"]}
     for cfg in grid.table_configs(base):
         key = table_key(cfg)
@@ -140,7 +139,7 @@ def sweep_runtime(calibration: Any, model: Any, adapter: Any, ppl_batches: list[
     from .tables import VARTables
     from .wrapper import VARModelWrapper
 
-    doc = _load(out, choosing_scheme(chooser))
+    doc = _load(out, chooser)
     device = next(model.parameters()).device
     if doc.get("baseline") is None:
         nll, cnt = doc_nll(model, ppl_batches, device)

@@ -1,4 +1,4 @@
-"""Verified routing tables -- the one table module: chosen, certified, saved, served and scored.
+"""Verified routing tables: chosen, certified, saved, loaded and checked against a model.
 
 Input: routing evidence by document (`evidence.py`: a routing pass over the calibration documents a
 capture's metadata names; `from_stats_file` checks the pass reproduces the capture's token counts).
@@ -34,10 +34,10 @@ from ..errors import InvalidInputError
 from ..identity import model_dir_of, routers_fingerprint
 from .certify import Candidates, global_set, layer_candidates, multiplicity_levels, pair_table, wilson_lower_bound
 from .config import VARConfig
-from .evidence import Evidence, collect_evidence, read_artifact
+from .evidence import Evidence, collect_evidence, read_artifact, write_artifact
 from .pairs import PairCandidates, PairTable, accepted_pairs, pair_candidates
 from .served import pair_serves, split_key
-from .stats_io import check_split, named_documents
+from .stats_io import check_split, model_shape, stats_documents
 
 FORMAT_VERSION = 2
 PAIR_NAMES = tuple(f.name for f in fields(PairTable))
@@ -58,8 +58,6 @@ class LayerTable:
     total_V: torch.Tensor  # float64 calibration occurrences
     select_V: torch.Tensor | None = None  # float64 occurrences on the choosing side (0 = token unseen there)
 
-    NAMES = ("experts_VK", "weights_VK", "mass_V", "member_V", "bound_V", "agree_V", "total_V", "select_V")
-
     def __post_init__(self) -> None:
         if self.select_V is None:  # files of format 1 did not store it
             self.select_V = torch.zeros_like(self.total_V)
@@ -73,6 +71,9 @@ class LayerTable:
     @property
     def size(self) -> int:
         return int(self.member_V.sum())
+
+
+TABLE_NAMES = tuple(f.name for f in fields(LayerTable))  # a tables file's tensors per layer, in field order
 
 
 def certify_entries(cands: dict[int, Candidates], pair_cands: dict[int, PairCandidates], config: VARConfig,
@@ -107,7 +108,7 @@ def certify_entries(cands: dict[int, Candidates], pair_cands: dict[int, PairCand
         bound_V = wilson_lower_bound(c.agree_V, c.total_V, z_V)
         out[l] = LayerTable(c.modal_VK, c.weights_VK.float(), c.mass_V.float(), member_V, bound_V.float(),
                             c.agree_V, c.total_V, c.select_V)
-    n_tok = sum(int(cands[l].eligible_V.sum()) for l in layers)
+    n_tok = start  # the token candidates come first in the family
     info = {"method": method, "multiplicity": config.multiplicity,
             "alpha_one_sided": alpha, "candidates": n_tok, "accepted": int(accepted[:n_tok].sum()),
             "max_per_document": config.max_per_document}
@@ -157,21 +158,6 @@ def evidence_for_split(model: Any, adapter: Any, tokenizer: Any, dataset: str, s
         "document_rule": f"{len(keep)} of the split's {len(docs)} documents, evenly spread"})
 
 
-def names_documents(meta: dict[str, Any]) -> bool:
-    """Whether a capture's metadata names its documents (dataset, split, max_length)."""
-    return all(named_documents(meta)[:3])
-
-
-def stats_documents(meta: dict[str, Any]) -> tuple[str, str, int, int | None]:
-    """(dataset, split, max_length, num_samples) of the documents a capture's metadata names."""
-    dataset, split, max_length, num_samples = named_documents(meta)
-    if not (dataset and split and max_length):
-        raise InvalidInputError("the statistics metadata does not name its dataset / split / max_length, so its "
-                                "documents cannot be found again to certify tables by document; capture them with "
-                                "`varmoe capture`, or build tables with `VARTables.from_texts` / `varmoe build-tables`")
-    return dataset, split, int(max_length), num_samples
-
-
 def evidence_for_stats(meta: dict[str, Any], model: Any, adapter: Any, tokenizer: Any = None,
                        batch_size: int = 8) -> Evidence:
     """Collect evidence over the documents a capture's metadata names (dataset, split, max_length,
@@ -209,10 +195,7 @@ def model_identity(model: Any, adapter: Any) -> dict[str, Any]:
     loaded = {m.layer: dict(getattr(m.block, m.router_attr).state_dict()) for m in layers}
     return {
         "model": str(getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "")),
-        "model_type": getattr(model.config, "model_type", None),
-        "vocab_size": int(model.config.vocab_size),
-        "num_experts": adapter.num_experts,
-        "top_k": adapter.top_k,
+        **model_shape(model, adapter),
         # the stored checkpoint's routers when these are they (any loaded dtype), else these bytes
         "router_fingerprint": routers_fingerprint(loaded, model_dir_of(model)),
         # the dtype routing is computed in here: a server in another dtype re-measures (served_dtype.py)
@@ -321,9 +304,7 @@ class VARTables:
                       layers: list[int] | None = None, source: str = "", min_pair_count: int = 2,
                       choose: str = "even", choose_evidence: Evidence | None = None, choose_source: str = "",
                       allow_test_split: bool = False) -> "VARTables":
-        """Tables for `model`: each entry's set chosen on even calibration documents, certified on
-        odd ones; or, with `choose_evidence`, chosen on all of its documents and certified on all
-        of `evidence`'s (per-document cap, multiplicity over all entries; see the module docstring)."""
+        """Tables for `model` from `evidence` (and `choose_evidence`, if any), as the module docstring says."""
         ident, layers = identity_and_layers(model, adapter, layers)
         allow = allow_test_split or config.allow_test_split
         _check_evidence(evidence, ident, layers, source, allow)
@@ -375,15 +356,11 @@ class VARTables:
                         layers: list[int] | None = None, tokenizer: Any = None, evidence: Evidence | None = None,
                         allow_test_split: bool = False, batch_size: int = 8, choose_evidence: Evidence | None = None,
                         choose_source: str = "") -> "VARTables":
-        """Tables from a calibration capture: its metadata names the documents (dataset, split,
-        max_length, num_samples); a routing pass over them collects the evidence by document
-        (unless `evidence` is given), and the pass must reproduce the capture's token counts.
-        With `choose_evidence` the sets are chosen there and certified on every calibration document."""
-        from .stats_io import check_stats_for_model, read_stats
+        """Tables from a calibration capture: a routing pass over the documents its metadata names
+        collects the evidence (unless `evidence` is given); `frequency_check` compares its token counts."""
+        from .stats_io import read_stats_for_model
 
-        df, meta = read_stats(path)
-        check_stats_for_model(meta, model, adapter, source=f"statistics {path}")
-        check_split(meta, str(path), allow_test_split)
+        df, meta = read_stats_for_model(path, model, adapter, allow_test_split)
         if evidence is None:
             evidence = evidence_for_stats(meta, model, adapter, tokenizer, batch_size)
         tables = cls.from_evidence(evidence, model, adapter, config, layers, source=str(path),
@@ -395,17 +372,14 @@ class VARTables:
 
     # -- files -----------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
-
-        p = Path(path)
-        tensors = {f"layer{l}.{n}": getattr(t, n).contiguous() for l, t in self.layers.items() for n in LayerTable.NAMES}
-        tensors |= {f"layer{l}.{n}": t.contiguous() for l, p in self.pairs.items() for n, t in zip(CHECK_PAIR_NAMES, p)}
-        tensors |= {f"layer{l}.global_set_K": g.contiguous() for l, g in self.global_sets.items()}
-        tensors |= {f"layer{l}.tier_pair.{n}": getattr(p, n).contiguous() for l, p in self.pair_tier.items() for n in PAIR_NAMES}
+        tensors = {f"layer{l}.{n}": getattr(t, n) for l, t in self.layers.items() for n in TABLE_NAMES}
+        tensors |= {f"layer{l}.{n}": t for l, p in self.pairs.items() for n, t in zip(CHECK_PAIR_NAMES, p)}
+        tensors |= {f"layer{l}.global_set_K": g for l, g in self.global_sets.items()}
+        tensors |= {f"layer{l}.tier_pair.{n}": getattr(p, n) for l, p in self.pair_tier.items() for n in PAIR_NAMES}
         meta = {**self.metadata, "sizes": {str(l): s for l, s in self.sizes().items()}, "format_version": FORMAT_VERSION}
         if self.pair_tier:
             meta["pair_sizes"] = {str(l): s for l, s in self.pair_sizes().items()}
-        save_file(tensors, str(p), metadata={"varmoe_tables": json.dumps(meta)})
+        p = write_artifact(path, "varmoe_tables", meta, tensors)
         p.with_suffix(".json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         return p
 
@@ -413,7 +387,7 @@ class VARTables:
     def load(cls, path: str | Path, model: Any = None, adapter: Any = None, check_fingerprint: bool = True) -> "VARTables":
         p = Path(path)
         meta, tensors = read_artifact(p, "varmoe_tables", "VAR tables", "build it with `varmoe build-tables`")
-        layers = {int(l): LayerTable(*(tensors.get(f"layer{l}.{n}") for n in LayerTable.NAMES)) for l in meta["layers"]}
+        layers = {int(l): LayerTable(*(tensors.get(f"layer{l}.{n}") for n in TABLE_NAMES)) for l in meta["layers"]}
         pairs = {int(l): tuple(tensors[f"layer{l}.{n}"] for n in CHECK_PAIR_NAMES)
                  for l in meta["layers"] if f"layer{l}.pair_keys_P" in tensors}
         glob = {int(l): tensors[f"layer{l}.global_set_K"] for l in meta["layers"] if f"layer{l}.global_set_K" in tensors}
