@@ -7,7 +7,7 @@ start-up and drains it on shutdown. Routes, one router per concern (server/route
 
   POST /v1/generate      text (+ SSE stream), timings, routing tier counts of the request
   POST /v1/perplexity    one text or a list; tokens, mean NLL, perplexity per text and overall
-  POST /v1/completions   OpenAI-compatible (openai_compat.py), incl. echo + logprobs scoring
+  POST /v1/completions   OpenAI-compatible (routes/openai.py), incl. echo + logprobs scoring
   GET  /v1/models        the one served model (OpenAI clients ask)
   POST /var/toggle       admin: {"enabled": bool}, lands between batches
   GET  /var/status       mode, config, table sizes, tier shares per mode, verification since start

@@ -181,6 +181,3 @@ class EngineThread:
         for job in jobs:
             if not job.posted:
                 job.finish(job.result(RowState(), now, error=error))
-
-    def _run(self) -> None:
-        raise NotImplementedError
