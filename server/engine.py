@@ -9,8 +9,7 @@ Fair scheduling: one request must not monopolise the model. Rows are picked requ
 request with the fewest rows running first, and waiting rows join the running batch between decode
 steps (`BatchDecoder.admit_prefilled`) up to `max_batch_size` rows, or up to twice that for a request
 with no row running yet: a short request sent beside a long one starts at the next step. A row's
-result is posted as soon as the row finishes. Over `max_request_rows` prompts or `max_request_tokens`
-(prompt + new tokens), `submit` raises `RequestTooLarge`.
+result is posted as soon as the row finishes.
 
 Every batch runs in one mode: a pinned request's (`var: true|false`), else the one `VarRuntime`
 (var_runtime.py) gives when the batch forms. Rows join only while the oldest waiting job has the
@@ -22,7 +21,7 @@ per batch row and restarts when the batch changes size.
 A row stops at its deadline, when cancelled, or at a stop string (jobs.py). With
 `return_routed_experts` (`Job.routed`) the host keeps each forward's experts (and, in VAR mode, which
 rows a table served), filed per row: a prefill's prompt positions, a decode step's fed-back token.
-Queue bound and draining stop: engine_thread.py. Test: `pytest tests/test_server_engine.py`.
+Queue, request budget, draining stop, job bookkeeping: engine_thread.py. Test: `pytest tests/test_server_engine.py`.
 """
 
 from __future__ import annotations
