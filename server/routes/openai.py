@@ -20,8 +20,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 
 from ..errors import APIError
-from ..host import Host
-from ..jobs import Job, RowSpec, generated_text
+from ..jobs import Job, JobResult, RowSpec, generated_text
 from ..schemas import CompletionRequest, CompletionResponse, ModelList
 from ..state import ServerState, get_state
 
@@ -51,8 +50,7 @@ async def completions(body: CompletionRequest, request: Request, state: ServerSt
     # request: on a worker thread, so that /healthz and streams keep their answers coming
     prompts, jobs = await state.in_worker(make_jobs)
     results = await state.run(request, jobs, "/v1/completions")
-    return await state.in_worker(completion_body, state.host, body, prompts, results, stops,
-                                 state.settings.model_label)
+    return await state.in_worker(completion_body, state, body, prompts, results, stops)
 
 
 @router.get("/models", response_model=ModelList)
@@ -61,7 +59,7 @@ async def models(state: ServerState = Depends(get_state)):
                                         "max_model_len": state.context_len}]}
 
 
-def prompt_ids(state, body: CompletionRequest) -> list[list[int]]:
+def prompt_ids(state: ServerState, body: CompletionRequest) -> list[list[int]]:
     """Token ids of every prompt; raises APIError naming the field."""
     p = body.prompt
     if isinstance(p, str):
@@ -105,16 +103,17 @@ def _choice(tok, body: CompletionRequest, ids: list[int], result, index: int, st
             **(result.routed or {})}
 
 
-def completion_body(host: Host, body: CompletionRequest, prompts: list[list[int]], results, stops,
-                    served_name: str) -> dict[str, Any]:
-    choices = [_choice(host.tokenizer, body, ids, r, i, stops) for i, (ids, r) in enumerate(zip(prompts, results))]
+def completion_body(state: ServerState, body: CompletionRequest, prompts: list[list[int]], results: list[JobResult],
+                    stops: list[str]) -> dict[str, Any]:
+    tok = state.host.tokenizer
+    choices = [_choice(tok, body, ids, r, i, stops) for i, (ids, r) in enumerate(zip(prompts, results))]
     prompt_tokens = sum(len(p) for p in prompts)
     completion_tokens = sum(len(r.state.new_ids) for r in results)
     return {
         "id": f"cmpl-{uuid.uuid4().hex[:24]}",
         "object": "text_completion",
         "created": int(time.time()),
-        "model": body.model or served_name,
+        "model": body.model or state.settings.model_label,
         "choices": choices,
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},
