@@ -34,7 +34,7 @@ import torch
 from .decode import BatchDecoder
 from .engine_thread import EngineThread
 from .host import BatchHost
-from .jobs import Job, tier_names
+from .jobs import Job
 
 
 class Engine(EngineThread):
@@ -198,10 +198,10 @@ class Engine(EngineThread):
                 continue
             first = e_BSLK.shape[1] - (len(job.spec.prompt_ids) if prefill else 1)
             experts = e_BSLK[i, first:].tolist()
-            tiers = None
+            fast = None
             if f_BSL is not None and (prefill or job.prompt_tiers is not None):
-                tiers = tier_names(f_BSL[i, first:].tolist())
-            out.append(job.add_routing(experts, tiers, prompt=prefill))
+                fast = f_BSL[i, first:].tolist()
+            out.append(job.add_routing(experts, fast, prompt=prefill))
         return out
 
     def _close_segment(self, jobs: list[Job], dec: BatchDecoder) -> None:

@@ -59,10 +59,6 @@ class JobResult:
 ROW_TIERS = ("learned", "fast")  # index: served by a VAR table
 
 
-def tier_names(fast_TL: list[list[bool]]) -> list[list[str]]:
-    return [[ROW_TIERS[f] for f in row] for row in fast_TL]
-
-
 def generated_text(tokenizer: Any, state: RowState, stops: list[str]) -> str:
     """The row's new text; a row that a stop string ended stops before the first one in it."""
     text = tokenizer.decode(state.new_ids, skip_special_tokens=True)
@@ -103,9 +99,10 @@ class Job:
             out |= {"prompt_routed_tiers": self.prompt_tiers, "routed_tiers": list(self.gen_tiers)}
         return out
 
-    def add_routing(self, experts: list, tiers: list | None, prompt: bool) -> dict[str, list]:
-        """File rows of routed experts (and, in VAR mode, their tiers) as the prompt's or as generated
-        tokens fed back; returns them as a stream's token-event fields."""
+    def add_routing(self, experts: list, fast: list[list[bool]] | None, prompt: bool) -> dict[str, list]:
+        """File rows of routed experts (and, in VAR mode, whether a table served each layer's choice) as
+        the prompt's or as generated tokens fed back; returns them as a stream's token-event fields."""
+        tiers = None if fast is None else [[ROW_TIERS[f] for f in row] for row in fast]
         if prompt:
             self.prompt_routing, self.prompt_tiers = experts, tiers
         else:

@@ -24,7 +24,7 @@ from typing import Any
 
 from .engine_thread import EngineThread
 from .host import StepHost
-from .jobs import Job, JobResult, RowState, tier_names
+from .jobs import Job, JobResult, RowState
 
 log = logging.getLogger("varmoe.server")
 _ids = itertools.count()
@@ -164,14 +164,14 @@ class VllmEngine(EngineThread):
         new since the last call (a stream's token event carries them)."""
         n, had = len(job.spec.prompt_ids), len(job.gen_routing)
 
-        def names(part: list) -> list | None:  # each row's tier (0 fast, 1 learned), VAR mode only
-            return tier_names([[t == 0 for t in r] for r in part]) if job.mode == "var" else None
+        def fast(part: list) -> list | None:  # each row's tier (0 fast, 1 learned), VAR mode only
+            return [[t == 0 for t in r] for r in part] if job.mode == "var" else None
 
         first = job.prompt_routing is None
-        prompt = job.add_routing(rows[:n], names(tiers[:n]), prompt=True)
+        prompt = job.add_routing(rows[:n], fast(tiers[:n]), prompt=True)
         extra = prompt if first else {}
         if rows[n + had:]:  # the rows of every step since the last output (one, unless outputs were held)
-            extra |= job.add_routing(rows[n + had:], names(tiers[n + had:]), prompt=False)
+            extra |= job.add_routing(rows[n + had:], fast(tiers[n + had:]), prompt=False)
         return extra
 
     def _take(self, fl: _Flight, out: Any, now: float, routed: dict | None = None) -> None:
