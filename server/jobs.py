@@ -91,14 +91,6 @@ class Job:
     prompt_tiers: list | None = None  # [prompt tokens][MoE layers] "fast" | "learned", VAR mode only
     gen_tiers: list = field(default_factory=list)
 
-    def routed_arrays(self) -> dict[str, list] | None:
-        if not self.routed:
-            return None
-        out = {"prompt_routed_experts": self.prompt_routing or [], "routed_experts": list(self.gen_routing)}
-        if self.prompt_tiers is not None:
-            out |= {"prompt_routed_tiers": self.prompt_tiers, "routed_tiers": list(self.gen_tiers)}
-        return out
-
     def add_routing(self, experts: list, fast: list[list[bool]] | None, prompt: bool) -> dict[str, list]:
         """File rows of routed experts (and, in VAR mode, whether a table served each layer's choice) as
         the prompt's or as generated tokens fed back; returns them as a stream's token-event fields."""
@@ -115,8 +107,13 @@ class Job:
                error: str | None = None) -> JobResult:
         """The job's "done" event, timed from its stamps."""
         ttft = None if self.first_token_at is None else self.first_token_at - self.enqueued_at
+        routed = None
+        if self.routed:
+            routed = {"prompt_routed_experts": self.prompt_routing or [], "routed_experts": list(self.gen_routing)}
+            if self.prompt_tiers is not None:
+                routed |= {"prompt_routed_tiers": self.prompt_tiers, "routed_tiers": list(self.gen_tiers)}
         return JobResult(state, self.mode, len(self.spec.prompt_ids), (self.started_at or now) - self.enqueued_at,
-                         ttft, now - self.enqueued_at, dict(tiers or {}), error, self.routed_arrays())
+                         ttft, now - self.enqueued_at, dict(tiers or {}), error, routed)
 
     def stop_reason(self, now: float) -> str | None:
         """"cancelled" or "timeout" when the job must stop now, else None."""
