@@ -3,20 +3,10 @@ engine's lifespan together; nothing else lives here.
 
 `create_app(settings)` loads the model and picks its engine (`load_engine`), builds the
 shared `ServerState` (server/state.py: VAR runtime, engine, metrics), starts the engine thread on
-start-up and drains it on shutdown. Routes, one router per concern (server/routes/):
-
-  POST /v1/generate      text (+ SSE stream), timings, routing tier counts of the request
-  POST /v1/perplexity    one text or a list; tokens, mean NLL, perplexity per text and overall
-  POST /v1/completions   OpenAI-compatible (openai_compat.py), incl. echo + logprobs scoring
-  GET  /v1/models        the one served model (OpenAI clients ask)
-  POST /var/toggle       admin: {"enabled": bool}, lands between batches
-  GET  /var/status       mode, config, table sizes, tier shares per mode, verification since start
-  POST /admin/capture/start | /admin/capture/stop, GET /admin/capture/stats (Parquet)
-  GET  /healthz, /readyz, /metrics
-
-Request bodies are bounded in size and read time before parsing (server/limits.py).
-Errors are JSON `{"error": {"type", "message", "field"}}` (server/errors.py). Run: `varmoe serve`.
-Test: `pytest tests/test_server_api.py`.
+start-up and drains it on shutdown. The routes, one router per concern, are in server/routes/
+(the table of endpoints: docs/SERVER.md). Request bodies are bounded in size and read time before
+parsing (server/limits.py). Errors are JSON `{"error": {"type", "message", "field"}}` (server/errors.py).
+Run: `varmoe serve`. Test: `pytest tests/test_server_api.py`.
 """
 
 from __future__ import annotations

@@ -80,11 +80,8 @@ def register(subparsers) -> None:
                               description=textwrap.fill(SERVICE, 100), epilog=env_epilog(),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, (typ, help_) in flag_specs().items():
-        flag = "--" + name.replace("_", "-")
-        if typ is None:
-            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
-        else:
-            p.add_argument(flag, dest=name, type=typ, default=None, help=help_)
+        kind = {"action": argparse.BooleanOptionalAction} if typ is None else {"type": typ}
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_, **kind)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
 

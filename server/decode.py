@@ -62,6 +62,10 @@ def nucleus_probs(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_p_B:
 class BatchDecoder:
     """Runs one batch of rows; `prefill()` once, then `step()` until `done`."""
 
+    # what each row has, in row order (rows leave in `drop_finished`, join in `admit_prefilled`)
+    ROW_TENSORS = ("next_pos_B", "_last_B", "temperature_B", "top_p_B")
+    ROW_LISTS = ("rows", "state", "generators")
+
     def __init__(self, model, rows: list[RowSpec], pad_id: int, eos_id: int | None):
         if not rows:
             raise ValueError("a batch needs at least one row")
@@ -244,11 +248,10 @@ class BatchDecoder:
         for layer in self.cache.layers:
             layer.keys = layer.keys[idx_B.to(layer.keys.device), :, first:]
             layer.values = layer.values[idx_B.to(layer.values.device), :, first:]
-        self.next_pos_B, self._last_B = self.next_pos_B[idx_B], self._last_B[idx_B]
-        self.temperature_B, self.top_p_B = self.temperature_B[idx_B], self.top_p_B[idx_B]
-        self.rows = [self.rows[i] for i in keep]
-        self.state = [self.state[i] for i in keep]
-        self.generators = [self.generators[i] for i in keep]
+        for name in self.ROW_TENSORS:
+            setattr(self, name, getattr(self, name)[idx_B])
+        for name in self.ROW_LISTS:
+            setattr(self, name, [getattr(self, name)[i] for i in keep])
         return keep
 
     def admit(self, rows: list[RowSpec]) -> list[int | None]:
@@ -272,10 +275,7 @@ class BatchDecoder:
         for mine, theirs in zip(self.cache.layers, sub.cache.layers):
             mine.keys = torch.cat([F.pad(mine.keys, (0, 0, s - sa, 0)), F.pad(theirs.keys, (0, 0, s - sb, 0))], 0)
             mine.values = torch.cat([F.pad(mine.values, (0, 0, s - sa, 0)), F.pad(theirs.values, (0, 0, s - sb, 0))], 0)
-        self.next_pos_B = torch.cat([self.next_pos_B, sub.next_pos_B])
-        self._last_B = torch.cat([self._last_B, sub._last_B])
-        self.temperature_B = torch.cat([self.temperature_B, sub.temperature_B])
-        self.top_p_B = torch.cat([self.top_p_B, sub.top_p_B])
-        self.rows += sub.rows
-        self.state += sub.state
-        self.generators += sub.generators
+        for name in self.ROW_TENSORS:
+            setattr(self, name, torch.cat([getattr(self, name), getattr(sub, name)]))
+        for name in self.ROW_LISTS:
+            setattr(self, name, getattr(self, name) + getattr(sub, name))

@@ -9,8 +9,7 @@ Fair scheduling: one request must not monopolise the model. Rows are picked requ
 request with the fewest rows running first, and waiting rows join the running batch between decode
 steps (`BatchDecoder.admit_prefilled`) up to `max_batch_size` rows, or up to twice that for a request
 with no row running yet: a short request sent beside a long one starts at the next step. A row's
-result is posted as soon as the row finishes. Over `max_request_rows` prompts or `max_request_tokens`
-(prompt + new tokens), `submit` raises `RequestTooLarge`.
+result is posted as soon as the row finishes.
 
 Every batch runs in one mode: a pinned request's (`var: true|false`), else the one `VarRuntime`
 (var_runtime.py) gives when the batch forms. Rows join only while the oldest waiting job has the
@@ -22,48 +21,32 @@ per batch row and restarts when the batch changes size.
 A row stops at its deadline, when cancelled, or at a stop string (jobs.py). With
 `return_routed_experts` (`Job.routed`) the host keeps each forward's experts (and, in VAR mode, which
 rows a table served), filed per row: a prefill's prompt positions, a decode step's fed-back token.
-Queue bound and draining stop: engine_thread.py. Test: `pytest tests/test_server_engine.py`.
+Queue, request budget, draining stop, job bookkeeping: engine_thread.py. Test: `pytest tests/test_server_engine.py`.
 """
 
 from __future__ import annotations
 
 import collections
-import logging
 import time
 
 import torch
 
 from .decode import BatchDecoder
 from .engine_thread import EngineThread
-from .jobs import Job, RowState, tier_names
-from .metrics import ServerMetrics
 from .host import BatchHost
-from .var_runtime import VarRuntime
-
-log = logging.getLogger("varmoe.server")
+from .jobs import Job
 
 
 class Engine(EngineThread):
-    def __init__(self, host: BatchHost, var: VarRuntime, metrics: ServerMetrics, max_batch_size: int = 8,
-                 max_wait_ms: float = 50.0, max_queue: int = 64, threads: int | None = None,
-                 max_request_rows: int | None = None, max_request_tokens: int | None = None):
-        super().__init__(var, metrics, max_queue, max_request_rows, max_request_tokens)
-        self.host = host
-        self.max_batch_size = max_batch_size
-        self.max_wait_s = max_wait_ms / 1000.0
-        self.threads = threads
-        self._requests = 0
-        tok = host.tokenizer
+    host: BatchHost
+
+    def __init__(self, *args, **kwargs):  # EngineThread's arguments
+        super().__init__(*args, **kwargs)
+        tok = self.host.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         self.eos_id = tok.eos_token_id
         self._returning = 0  # rows of the batch that just finished: clients likely to send again soon
         self._last_batch_end = 0.0
-
-    def _enqueue(self, jobs: list[Job], now: float) -> None:
-        self._requests += 1
-        for job in jobs:
-            job.enqueued_at, job.request = now, self._requests
-            self._pending.append(job)
 
     def _retry_estimate(self) -> float:
         return round(len(self._pending) / max(1, self.max_batch_size) * 0.5, 1)
@@ -126,6 +109,8 @@ class Engine(EngineThread):
                 del waiting[req]
             per_request[req] += 1
             live += 1
+        for job in picked:
+            job.mode = mode
         if picked:
             chosen = set(map(id, picked))
             self._pending = collections.deque(j for j in self._pending if id(j) not in chosen)
@@ -141,32 +126,25 @@ class Engine(EngineThread):
                 return []
             return self._pick(mode, running)
 
-    def _drop_cancelled(self) -> None:
-        gone = [j for j in self._pending if j.cancelled]
-        if gone:
-            self._pending = collections.deque(j for j in self._pending if not j.cancelled)
-            for j in gone:
-                j.post("done", None)
-
     def _run_batch(self, jobs: list[Job], mode: str) -> None:
         everyone = list(jobs)  # every job that entered this batch: each gets an answer, whatever fails
         try:
             self.host.apply_mode(mode == "var")
             self.batches_run += 1
             self._batch_mode, self._first_segment = mode, True
-            dec = self._start_rows(jobs, mode)
+            dec = self._start_rows(jobs)
             self._observe_size(len(jobs))
             while True:
                 self._check_jobs(jobs, dec)
                 if any(st.finished and not j.posted for j, st in zip(jobs, dec.state)):
                     self._close_segment(jobs, dec)
-                    self._post_finished(jobs, dec, mode)
+                    self._post_finished(jobs, dec)
                 joining = self._take_joining(mode, jobs) if dec.can_admit else []
                 if joining:
                     everyone += joining
                     self._close_segment(jobs, dec)
                     jobs = [jobs[i] for i in dec.drop_finished()]
-                    sub = self._start_rows(joining, mode)
+                    sub = self._start_rows(joining)
                     self._close_segment(joining, sub)  # the new rows' prefill was a batch of its own
                     dec.admit_prefilled(sub)
                     jobs = jobs + joining
@@ -174,31 +152,23 @@ class Engine(EngineThread):
                     continue  # a new row may already be finished (max_new_tokens 1, eos)
                 if dec.done:
                     break
-                self._forward(jobs, dec, mode, prefill=False)
+                self._forward(jobs, dec, prefill=False)
             self._close_segment(jobs, dec)
-        except Exception as exc:  # a model error must not kill the engine or hang the clients
-            log.exception("batch failed")
-            error = f"{type(exc).__name__}: {exc}"
-            for job in everyone:
-                if not job.posted:
-                    job.posted = True
-                    job.post("done", job.result(RowState(), mode, time.monotonic(), error=error))
+        except Exception as exc:
+            self._fail(everyone, "batch failed", exc)
             return
         self._returning, self._last_batch_end = len(jobs), time.monotonic()
-        self._post_finished(jobs, dec, mode)
+        self._post_finished(jobs, dec)
 
-    def _start_rows(self, jobs: list[Job], mode: str) -> BatchDecoder:
+    def _start_rows(self, jobs: list[Job]) -> BatchDecoder:
         """Prefill `jobs` as a batch of their own (a new batch, or rows about to join one)."""
-        now = time.monotonic()
-        for job in jobs:
-            job.started_at = now
+        self._started(jobs, time.monotonic())
         self.host.begin_batch()
         dec = BatchDecoder(self.host.model, [j.spec for j in jobs], self.pad_id, self.eos_id)
-        self.metrics.prompt_tokens.labels(mode=mode).inc(sum(len(j.spec.prompt_ids) for j in jobs))
-        self._forward(jobs, dec, mode, prefill=True)
+        self._forward(jobs, dec, prefill=True)
         return dec
 
-    def _forward(self, jobs: list[Job], dec: BatchDecoder, mode: str, prefill: bool) -> None:
+    def _forward(self, jobs: list[Job], dec: BatchDecoder, prefill: bool) -> None:
         """Run the prefill or one decode step and hand out the new tokens (a stream gets each as an
         event); the host keeps the forward's experts when a row asked for them (return_routed_experts)."""
         recording = any(j.routed and not j.posted for j in jobs)
@@ -207,14 +177,9 @@ class Engine(EngineThread):
         extra = self._routing(jobs, emitted, prefill) if recording else [None] * len(jobs)
         now = time.monotonic()
         for job, tok, st, routed in zip(jobs, emitted, dec.state, extra):
-            if tok is None:
-                continue
-            if job.first_token_at is None:
-                job.first_token_at = now
-                self.metrics.ttft.labels(mode=mode).observe(now - job.enqueued_at)
-            if job.stream:
-                job.post("token", tok, st.new_logprobs[-1], routed)
-        self.metrics.generated_tokens.labels(mode=mode).inc(sum(tok is not None for tok in emitted))
+            if tok is not None:
+                self._token(job, tok, st.new_logprobs[-1], routed, now)
+        self.metrics.generated_tokens.labels(mode=self._batch_mode).inc(sum(tok is not None for tok in emitted))
 
     def _routing(self, jobs: list[Job], emitted: list[int | None], prefill: bool) -> list[dict | None]:
         """File each asking row's experts of the forward just run on its job, and return them as its
@@ -233,21 +198,11 @@ class Engine(EngineThread):
                 continue
             first = e_BSLK.shape[1] - (len(job.spec.prompt_ids) if prefill else 1)
             experts = e_BSLK[i, first:].tolist()
-            tiers = None
+            fast = None
             if f_BSL is not None and (prefill or job.prompt_tiers is not None):
-                tiers = tier_names(f_BSL[i, first:].tolist())
-            if prefill:
-                job.prompt_routing, job.prompt_tiers = experts, tiers
-            else:
-                job.gen_routing += experts
-                job.gen_tiers += tiers or []
-            prefix = "prompt_routed_" if prefill else "routed_"
-            out.append({prefix + "experts": experts} | ({} if tiers is None else {prefix + "tiers": tiers}))
+                fast = f_BSL[i, first:].tolist()
+            out.append(job.add_routing(experts, fast, prompt=prefill))
         return out
-
-    def _observe_size(self, rows: int) -> None:
-        self.metrics.batch_size.observe(rows)
-        self.last_batch_sizes.append(rows)
 
     def _close_segment(self, jobs: list[Job], dec: BatchDecoder) -> None:
         """Read the tier counts of the forwards since the last segment (per row and in all), then
@@ -262,12 +217,11 @@ class Engine(EngineThread):
             job.segment_tokens = st.forwarded_tokens
         self.host.begin_batch()
 
-    def _post_finished(self, jobs: list[Job], dec: BatchDecoder, mode: str) -> None:
+    def _post_finished(self, jobs: list[Job], dec: BatchDecoder) -> None:
         now = time.monotonic()
         for job, st in zip(jobs, dec.state):
             if st.finished and not job.posted:
-                job.posted = True
-                job.post("done", job.result(st, mode, now, job.tier_counts))
+                job.finish(job.result(st, now, job.tier_counts))
 
     def _check_jobs(self, jobs: list[Job], dec: BatchDecoder) -> None:
         now = time.monotonic()
@@ -275,10 +229,9 @@ class Engine(EngineThread):
         for i, (job, st) in enumerate(zip(jobs, dec.state)):
             if st.finished:
                 continue
-            if job.cancelled:
-                dec.finish(i, "cancelled")
-            elif now > job.deadline:
-                dec.finish(i, "timeout")
+            reason = job.stop_reason(now)
+            if reason:
+                dec.finish(i, reason)
             elif job.stop and st.new_ids:
                 # Decode only the tail that can hold a stop string: O(1) per step, not O(length).
                 tail = tok.decode(st.new_ids[-(max(map(len, job.stop)) + 8):], skip_special_tokens=True)

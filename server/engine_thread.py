@@ -1,22 +1,26 @@
 """`EngineThread`: what every engine shares -- a bounded queue of jobs, control actions run between
-steps, one thread that owns the model, and a draining stop -- plus the errors `submit` raises.
+steps, one thread that owns the model, a draining stop, and the job bookkeeping around the model's
+work (start, token events, answers, failure, with their metrics) -- plus the errors `submit` raises.
 
-Subclasses (the builtin `Engine` in engine.py, `VllmEngine` in vllm_engine.py) implement `_run`
-(the thread's loop) and `_enqueue(jobs, now)` (stamp and queue a request's jobs, under the lock).
-`submit` applies the request budget (prompts, and prompt + new tokens) and the queue bound (429
-with Retry-After). Test: `pytest tests/test_server_engine.py`.
+Subclasses (the builtin `Engine` in engine.py, `VllmEngine` in vllm_engine.py) implement `_run`,
+the thread's loop. `submit` applies the request budget (prompts, and prompt + new tokens) and the
+queue bound (429 with Retry-After). Test: `pytest tests/test_server_engine.py`.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import logging
 import threading
 import time
 from typing import Any, Callable
 
+from .jobs import Job, RowState
 from .metrics import ServerMetrics
 from .var_runtime import VarRuntime
+
+log = logging.getLogger("varmoe.server")
 
 
 class EngineError(Exception):
@@ -41,13 +45,17 @@ class RequestTooLarge(EngineError):
 
 class EngineThread:
     thread_name = "varmoe-engine"
+    mode_on_arrival = False  # True: a job's mode is fixed when it is queued, else when its batch forms
 
-    def __init__(self, var: VarRuntime, metrics: ServerMetrics, max_queue: int = 64,
+    def __init__(self, host: Any, var: VarRuntime, metrics: ServerMetrics, max_batch_size: int = 8,
+                 max_wait_ms: float = 50.0, max_queue: int = 64, threads: int | None = None,
                  max_request_rows: int | None = None, max_request_tokens: int | None = None):
-        self.var, self.metrics = var, metrics
+        self.host, self.var, self.metrics = host, var, metrics
+        self.max_batch_size, self.max_wait_s, self.threads = max_batch_size, max_wait_ms / 1000.0, threads
         self.max_queue = max_queue
         self.max_request_rows, self.max_request_tokens = max_request_rows, max_request_tokens
-        self._pending: collections.deque[Any] = collections.deque()  # Job (jobs.py)
+        self._pending: collections.deque[Job] = collections.deque()
+        self._requests = 0
         self._controls: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -75,7 +83,7 @@ class EngineThread:
         return True
 
     # -- called from the event loop -------------------------------------------------------------
-    def submit(self, jobs: list[Any]) -> None:
+    def submit(self, jobs: list[Job]) -> None:
         """Queue all jobs or none (a perplexity list is one request), within the request's budget."""
         max_rows, max_tokens = self.max_request_rows, self.max_request_tokens
         if max_rows is not None and len(jobs) > max_rows:
@@ -92,7 +100,13 @@ class EngineThread:
                     f"queue full ({len(self._pending)} waiting, limit {self.max_queue}); retry later",
                     retry_after_s=max(1.0, self._retry_estimate()),
                 )
-            self._enqueue(jobs, time.monotonic())
+            now = time.monotonic()
+            self._requests += 1
+            for job in jobs:
+                job.enqueued_at, job.request = now, self._requests
+                if self.mode_on_arrival:
+                    job.mode = self.var.mode_for(job.pinned_mode)
+            self._pending.extend(jobs)
             self.metrics.queue_depth.set(len(self._pending))
             self._cond.notify_all()
 
@@ -132,8 +146,38 @@ class EngineThread:
                 fut.set_exception(exc)
         return True
 
-    def _enqueue(self, jobs: list[Any], now: float) -> None:
-        raise NotImplementedError
+    def _drop_cancelled(self) -> None:
+        """Answer and drop the waiting jobs whose client left (lock held)."""
+        gone = [j for j in self._pending if j.cancelled]
+        if gone:
+            self._pending = collections.deque(j for j in self._pending if not j.cancelled)
+            for j in gone:
+                j.finish(None)
 
-    def _run(self) -> None:
-        raise NotImplementedError
+    def _started(self, jobs: list[Job], now: float) -> None:
+        """`jobs` entered the model (their mode set)."""
+        for job in jobs:
+            job.started_at = now
+            self.metrics.prompt_tokens.labels(mode=job.mode).inc(len(job.spec.prompt_ids))
+
+    def _token(self, job: Job, tok: int, logprob: float, extra: dict | None, now: float) -> None:
+        """One new token of `job`: its first is its time to first token; a stream gets each as an event
+        (`extra`: the routed-experts fields that travel with it)."""
+        if job.first_token_at is None:
+            job.first_token_at = now
+            self.metrics.ttft.labels(mode=job.mode).observe(now - job.enqueued_at)
+        if job.stream:
+            job.post("token", tok, logprob, extra)
+
+    def _observe_size(self, rows: int) -> None:
+        self.metrics.batch_size.observe(rows)
+        self.last_batch_sizes.append(rows)
+
+    def _fail(self, jobs: list[Job], what: str, exc: Exception) -> None:
+        """A model error must not kill the engine or hang the clients: log it, and answer every job of
+        `jobs` not yet answered with it."""
+        log.exception(what)
+        error, now = f"{type(exc).__name__}: {exc}", time.monotonic()
+        for job in jobs:
+            if not job.posted:
+                job.finish(job.result(RowState(), now, error=error))

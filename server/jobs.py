@@ -59,10 +59,6 @@ class JobResult:
 ROW_TIERS = ("learned", "fast")  # index: served by a VAR table
 
 
-def tier_names(fast_TL: list[list[bool]]) -> list[list[str]]:
-    return [[ROW_TIERS[f] for f in row] for row in fast_TL]
-
-
 def generated_text(tokenizer: Any, state: RowState, stops: list[str]) -> str:
     """The row's new text; a row that a stop string ended stops before the first one in it."""
     text = tokenizer.decode(state.new_ids, skip_special_tokens=True)
@@ -75,6 +71,7 @@ def generated_text(tokenizer: Any, state: RowState, stops: list[str]) -> str:
 class Job:
     spec: RowSpec
     pinned_mode: str | None = None  # "var" | "baseline" | None (current mode)
+    mode: str = ""  # the mode it runs in, set when an engine fixes it (vLLM: on arrival; builtin: its batch's)
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     timeout_s: float = 120.0
@@ -94,24 +91,40 @@ class Job:
     prompt_tiers: list | None = None  # [prompt tokens][MoE layers] "fast" | "learned", VAR mode only
     gen_tiers: list = field(default_factory=list)
 
-    def routed_arrays(self) -> dict[str, list] | None:
-        if not self.routed:
-            return None
-        out = {"prompt_routed_experts": self.prompt_routing or [], "routed_experts": list(self.gen_routing)}
-        if self.prompt_tiers is not None:
-            out |= {"prompt_routed_tiers": self.prompt_tiers, "routed_tiers": list(self.gen_tiers)}
-        return out
+    def add_routing(self, experts: list, fast: list[list[bool]] | None, prompt: bool) -> dict[str, list]:
+        """File rows of routed experts (and, in VAR mode, whether a table served each layer's choice) as
+        the prompt's or as generated tokens fed back; returns them as a stream's token-event fields."""
+        tiers = None if fast is None else [[ROW_TIERS[f] for f in row] for row in fast]
+        if prompt:
+            self.prompt_routing, self.prompt_tiers = experts, tiers
+        else:
+            self.gen_routing += experts
+            self.gen_tiers += tiers or []
+        prefix = "prompt_routed_" if prompt else "routed_"
+        return {prefix + "experts": experts} | ({} if tiers is None else {prefix + "tiers": tiers})
 
-    def result(self, state: RowState, mode: str, now: float, tiers: dict[str, int] | None = None,
+    def result(self, state: RowState, now: float, tiers: dict[str, int] | None = None,
                error: str | None = None) -> JobResult:
         """The job's "done" event, timed from its stamps."""
         ttft = None if self.first_token_at is None else self.first_token_at - self.enqueued_at
-        return JobResult(state, mode, len(self.spec.prompt_ids), (self.started_at or now) - self.enqueued_at, ttft,
-                         now - self.enqueued_at, dict(tiers or {}), error, self.routed_arrays())
+        routed = None
+        if self.routed:
+            routed = {"prompt_routed_experts": self.prompt_routing or [], "routed_experts": list(self.gen_routing)}
+            if self.prompt_tiers is not None:
+                routed |= {"prompt_routed_tiers": self.prompt_tiers, "routed_tiers": list(self.gen_tiers)}
+        return JobResult(state, self.mode, len(self.spec.prompt_ids), (self.started_at or now) - self.enqueued_at,
+                         ttft, now - self.enqueued_at, dict(tiers or {}), error, routed)
 
-    @property
-    def deadline(self) -> float:
-        return self.enqueued_at + self.timeout_s
+    def stop_reason(self, now: float) -> str | None:
+        """"cancelled" or "timeout" when the job must stop now, else None."""
+        if self.cancelled:
+            return "cancelled"
+        return "timeout" if now > self.enqueued_at + self.timeout_s else None
+
+    def finish(self, result: JobResult | None) -> None:
+        """Post the "done" event (None: cancelled, nobody waits for a body)."""
+        self.posted = True
+        self.post("done", result)
 
     def post(self, *event: Any) -> None:
         """Hand an event to the request's event loop (thread-safe; a closed loop is ignored)."""

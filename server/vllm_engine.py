@@ -17,7 +17,6 @@ Test: `pytest tests/vllm_engine/test_vllm_server.py`.
 
 from __future__ import annotations
 
-import collections
 import itertools
 import logging
 import time
@@ -25,16 +24,14 @@ from typing import Any
 
 from .engine_thread import EngineThread
 from .host import StepHost
-from .jobs import Job, JobResult, RowState, tier_names
-from .metrics import ServerMetrics
-from .var_runtime import VarRuntime
+from .jobs import Job, JobResult, RowState
 
 log = logging.getLogger("varmoe.server")
 _ids = itertools.count()
 COUNTS_EVERY_S = 0.5
 
 
-def sampling_params(job: Job, var: bool, routed_key: str | None = None) -> Any:
+def sampling_params(job: Job, routed_key: str | None = None) -> Any:
     """vLLM SamplingParams for one job (perplexity jobs generate one token that is thrown away), with
     its VAR mode for the workers' row marking, and the key its routed experts are filed under when it
     asked for them."""
@@ -50,29 +47,28 @@ def sampling_params(job: Job, var: bool, routed_key: str | None = None) -> Any:
         logprobs=spec.top_logprobs if spec.sampled_logprobs else None,
         prompt_logprobs=spec.top_logprobs if spec.prompt_logprobs else None,
         stop=job.stop or None, detokenize=bool(job.stop), output_kind=RequestOutputKind.DELTA,
-        extra_args={MODE_KEY: bool(var), **({ROUTED_KEY: routed_key} if routed_key else {})})
+        extra_args={MODE_KEY: job.mode == "var", **({ROUTED_KEY: routed_key} if routed_key else {})})
 
 
 class _Flight:
     """A job that vLLM is running."""
 
-    def __init__(self, job: Job, mode: str):
-        self.job, self.mode = job, mode
+    def __init__(self, job: Job):
+        self.job = job
         self.state = RowState()
         self.prompt_done = False
 
 
 class VllmEngine(EngineThread):
     thread_name = "varmoe-vllm-engine"
+    mode_on_arrival = True
+    host: StepHost
 
-    def __init__(self, host: StepHost, var: VarRuntime, metrics: ServerMetrics, max_batch_size: int = 8,
-                 max_wait_ms: float = 50.0, max_queue: int = 64, threads: int | None = None,
-                 max_request_rows: int | None = None, max_request_tokens: int | None = None):
-        super().__init__(var, metrics, max_queue, max_request_rows, max_request_tokens)
-        self.host = host
-        self.llm = host.llm
+    def __init__(self, *args, **kwargs):  # EngineThread's arguments
+        super().__init__(*args, **kwargs)
+        self.llm = self.host.llm
         self._flights: dict[str, _Flight] = {}
-        self.max_in_flight = 2 * max_batch_size
+        self.max_in_flight = 2 * self.max_batch_size
         self._var_unread = False  # VAR requests finished since the workers' counters were last read
         self._counts_read_at = 0.0
 
@@ -89,12 +85,6 @@ class VllmEngine(EngineThread):
                 log.exception("vLLM engine shutdown")
         return ended
 
-    def _enqueue(self, jobs: list[Job], now: float) -> None:
-        for job in jobs:
-            job.enqueued_at = now
-            job.pinned_mode = self.var.mode_for(job.pinned_mode)  # the mode is fixed at arrival
-            self._pending.append(job)
-
     # -- the engine thread -----------------------------------------------------------------------
     def _run(self) -> None:
         while self._wait_for_work(busy=lambda: bool(self._flights)):
@@ -102,41 +92,35 @@ class VllmEngine(EngineThread):
                 self._admit()
                 if self._flights:
                     self._step()
-            except Exception as exc:  # a model error must not kill the engine or hang the clients
-                log.exception("vLLM step failed")
-                self._fail_all(f"{type(exc).__name__}: {exc}")
+            except Exception as exc:
+                self._fail([fl.job for fl in self._flights.values()], "vLLM step failed", exc)
+                self._abort_all()
 
     def _admit(self) -> None:
         """Hand queued jobs to vLLM in arrival order, up to twice its max_num_seqs in flight: vLLM
         schedules them itself, and keeping the rest here keeps --max-queue and the queue metric true."""
         with self._cond:
-            gone = [j for j in self._pending if j.cancelled]
-            if gone:
-                self._pending = collections.deque(j for j in self._pending if not j.cancelled)
+            self._drop_cancelled()
             admit = []
             while self._pending and len(self._flights) + len(admit) < self.max_in_flight:
                 admit.append(self._pending.popleft())
             self.metrics.queue_depth.set(len(self._pending))
-        for j in gone:
-            j.post("done", None)
         now = time.monotonic()
         for job in admit:
             rid = f"varmoe-{next(_ids)}"
             # cache_salt: the prefix cache never hands a VAR request KV computed in baseline mode, nor the
             # reverse; a request returning its routed experts gets a salt of its own (every prompt row runs)
-            salt = f"{job.pinned_mode}-{rid}" if job.routed else job.pinned_mode
+            salt = f"{job.mode}-{rid}" if job.routed else job.mode
             prompt = {"prompt_token_ids": list(job.spec.prompt_ids), "cache_salt": salt}
-            self.llm.add_request(rid, prompt, sampling_params(job, job.pinned_mode == "var", rid if job.routed else None))
-            job.started_at = now
-            self._flights[rid] = _Flight(job, job.pinned_mode)
-            self.metrics.prompt_tokens.labels(mode=job.pinned_mode).inc(len(job.spec.prompt_ids))
+            self.llm.add_request(rid, prompt, sampling_params(job, rid if job.routed else None))
+            self._started([job], now)
+            self._flights[rid] = _Flight(job)
 
     def _step(self) -> None:
         self._abort_gone()
         outputs = self.llm.step()
         self.batches_run += 1
-        self.last_batch_sizes.append(len(self._flights))
-        self.metrics.batch_size.observe(len(self._flights))
+        self._observe_size(len(self._flights))
         now = time.monotonic()
         finished: dict[str, int] = {}  # mode -> tokens of the requests that finished in this step
         done: list[tuple[Job, JobResult]] = []
@@ -149,7 +133,7 @@ class VllmEngine(EngineThread):
             if out.finished:
                 del self._flights[out.request_id]
                 done.append((fl.job, self._result(fl, out, now)))
-                finished[fl.mode] = finished.get(fl.mode, 0) + fl.state.forwarded_tokens
+                finished[fl.job.mode] = finished.get(fl.job.mode, 0) + fl.state.forwarded_tokens
         for mode, tokens in finished.items():
             self.var.record_batch(mode, tokens, read_counts=False)
         self._var_unread |= "var" in finished
@@ -160,7 +144,7 @@ class VllmEngine(EngineThread):
             self.var.pull_counts()
             self._var_unread, self._counts_read_at = False, now
         for job, result in done:
-            job.post("done", result)
+            job.finish(result)
 
     def _routed_rows(self, outputs: list) -> dict[str, list]:
         """Routed-experts rows so far of the requests in this step's outputs that asked for them and
@@ -175,32 +159,26 @@ class VllmEngine(EngineThread):
         return self.host.take_routed(keys, finished) if keys else {}
 
     @staticmethod
-    def _split_routed(job: Job, rows: list, tiers: list, var: bool) -> dict[str, list]:
+    def _split_routed(job: Job, rows: list, tiers: list) -> dict[str, list]:
         """File a request's rows so far as prompt rows and generated tokens fed back; returns those
         new since the last call (a stream's token event carries them)."""
         n, had = len(job.spec.prompt_ids), len(job.gen_routing)
+
+        def fast(part: list) -> list | None:  # each row's tier (0 fast, 1 learned), VAR mode only
+            return [[t == 0 for t in r] for r in part] if job.mode == "var" else None
+
         first = job.prompt_routing is None
-        job.prompt_routing = rows[:n]
-        new_rows = rows[n + had:]
-        job.gen_routing.extend(new_rows)
-        extra = {"prompt_routed_experts": job.prompt_routing} if first else {}
-        if new_rows:  # the rows of every step since the last output (one, unless outputs were held)
-            extra["routed_experts"] = new_rows
-        if var:  # each row's tier (0 fast, 1 learned)
-            job.prompt_tiers = tier_names([[t == 0 for t in r] for r in tiers[:n]])
-            new_tiers = tier_names([[t == 0 for t in r] for r in tiers[n + had:]])
-            job.gen_tiers.extend(new_tiers)
-            if first:
-                extra["prompt_routed_tiers"] = job.prompt_tiers
-            if new_tiers:
-                extra["routed_tiers"] = new_tiers
+        prompt = job.add_routing(rows[:n], fast(tiers[:n]), prompt=True)
+        extra = prompt if first else {}
+        if rows[n + had:]:  # the rows of every step since the last output (one, unless outputs were held)
+            extra |= job.add_routing(rows[n + had:], fast(tiers[n + had:]), prompt=False)
         return extra
 
     def _take(self, fl: _Flight, out: Any, now: float, routed: dict | None = None) -> None:
         job, st = fl.job, fl.state
         extra = None
         if routed is not None:  # [positions][layers][k]: the prompt's rows, then generated tokens fed back
-            extra = self._split_routed(job, routed["experts"], routed["tiers"], fl.mode == "var")
+            extra = self._split_routed(job, routed["experts"], routed["tiers"])
         if not fl.prompt_done and out.prompt_logprobs is not None:
             ids = job.spec.prompt_ids
             st.prompt_logprobs = [None] + [d[t].logprob for d, t in zip(out.prompt_logprobs[1:], ids[1:])]
@@ -219,13 +197,9 @@ class VllmEngine(EngineThread):
             st.new_logprobs.append(float(d[tok].logprob) if d is not None and tok in d else float("nan"))
             if job.spec.top_logprobs:
                 st.new_top.append(_top(d, job.spec.top_logprobs) if d is not None else [])
-            if job.first_token_at is None:
-                job.first_token_at = now
-                self.metrics.ttft.labels(mode=fl.mode).observe(now - job.enqueued_at)
-            if job.stream:
-                job.post("token", tok, st.new_logprobs[-1], extra)
-                extra = None  # a step's rows travel with its first token
-        self.metrics.generated_tokens.labels(mode=fl.mode).inc(len(new))
+            self._token(job, tok, st.new_logprobs[-1], extra, now)
+            extra = None  # a step's rows travel with its first token
+        self.metrics.generated_tokens.labels(mode=job.mode).inc(len(new))
 
     def _result(self, fl: _Flight, out: Any, now: float) -> JobResult:
         job, st = fl.job, fl.state
@@ -243,31 +217,27 @@ class VllmEngine(EngineThread):
         st.forwarded_tokens = len(forwarded)
         # the token before the first forwarded one: a pair entry of that row keys on it
         prev_id = job.spec.prompt_ids[cached - 1] if 0 < cached <= len(job.spec.prompt_ids) else -1
-        tiers = self.host.request_tiers(fl.mode == "var", forwarded, prev_id=prev_id)
-        return job.result(st, fl.mode, now, tiers)
+        tiers = self.host.request_tiers(job.mode == "var", forwarded, prev_id=prev_id)
+        return job.result(st, now, tiers)
 
     def _abort_gone(self) -> None:
         now = time.monotonic()
-        gone = [rid for rid, fl in self._flights.items() if fl.job.cancelled or now > fl.job.deadline]
+        gone = {rid: reason for rid, fl in self._flights.items() if (reason := fl.job.stop_reason(now))}
         if not gone:
             return
-        self.llm.abort_request(gone)
-        for rid in gone:
+        self.llm.abort_request(list(gone))
+        for rid, reason in gone.items():
             fl = self._flights.pop(rid)
-            fl.state.finished = True
-            fl.state.finish_reason = "cancelled" if fl.job.cancelled else "timeout"
-            fl.job.post("done", None if fl.job.cancelled else fl.job.result(fl.state, fl.mode, now))
+            fl.state.finished, fl.state.finish_reason = True, reason
+            fl.job.finish(None if reason == "cancelled" else fl.job.result(fl.state, now))
 
-    def _fail_all(self, error: str) -> None:
-        now = time.monotonic()
-        rids = list(self._flights)
-        if rids:
+    def _abort_all(self) -> None:
+        """After a failed step (its clients answered): take every request out of vLLM."""
+        if self._flights:
             try:
-                self.llm.abort_request(rids)
-            except Exception:  # the engine itself may be gone; the clients still get an answer
+                self.llm.abort_request(list(self._flights))
+            except Exception:  # the engine itself may be gone
                 log.exception("abort after a failed step")
-        for fl in self._flights.values():
-            fl.job.post("done", fl.job.result(RowState(), fl.mode, now, error=error))
         self._flights.clear()
 
 

@@ -39,7 +39,7 @@ def on_event_loop() -> bool:
 
 
 def test_tokenizing_and_response_building_run_off_the_event_loop(client, monkeypatch):
-    import server.openai_compat as oc
+    import server.routes.openai as oc
     from server.state import ServerState
 
     seen = []
