@@ -3,7 +3,8 @@
 `ManagedServer(model, admin_token=..., args=[...], python=...)` starts the server (in another
 environment's interpreter when `python` is given, e.g. the vLLM one), `wait_ready()` polls
 /readyz, `pid` is what psutil watches, `stop()` sends SIGTERM (the server drains in-flight work)
-and returns the exit code, killing only if the drain overstays `timeout_s`.
+and returns the exit code, killing only if the drain overstays `timeout_s`. `threads=None` leaves torch's
+threads to the server's default (no `--threads`, OMP_NUM_THREADS unset), as a user's `varmoe serve`.
 Test: `pytest tests/test_server_lifecycle.py tests/test_reliability_checks.py`.
 """
 
@@ -31,16 +32,16 @@ def free_port() -> int:
 
 class ManagedServer:
     def __init__(self, model: str | Path | None = None, args: list[str] | None = None,
-                 admin_token: str | None = None, threads: int = 1, log_path: str | Path | None = None,
+                 admin_token: str | None = None, threads: int | None = 1, log_path: str | Path | None = None,
                  env: dict[str, str | None] | None = None, python: str | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.admin_token = admin_token if admin_token is not None else secrets.token_hex(16)
         cmd = [python or sys.executable, "-m", "var_moe.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-               "--threads", str(threads), "--log-level", "warning", *(["--model", str(model)] if model else []),
+               *(["--threads", str(threads)] if threads else []), "--log-level", "warning", *(["--model", str(model)] if model else []),
                *(args or [])]
         full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                    "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads),
+                    "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads) if threads else None,
                     "VARMOE_ADMIN_TOKEN": self.admin_token, **(env or {})}
         full_env = {k: v for k, v in full_env.items() if v is not None}  # env value None: unset it
         self.log_path = Path(log_path) if log_path else None

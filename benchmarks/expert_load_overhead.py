@@ -24,7 +24,8 @@ Paused, the server neither counts nor reads the counters at a scrape, as a serve
 `--no-expert-load-metrics`. A block's tokens come from the server's `varmoe_generated_tokens_total`
 (counted per engine step), read by the scrape that ends the block; the ratio is taken per group of
 four blocks (on tokens/s over off tokens/s) and over all blocks pooled, and the same for generated
-tokens per CPU second of the server process.
+tokens per CPU second of the server process. The server is `make serve`'s (`varmoe serve --shadow-rate
+0.05`, default threads and batch size); `--pinned` gives it the two-server design's settings instead.
 
 Run (builtin engine, main environment; vLLM engine, vLLM environment):
     .venv/bin/python -m benchmarks expert_load_overhead --engine builtin --repeats 6 \
@@ -94,7 +95,12 @@ def scraper(url: str, every_s: float, stop: threading.Event) -> threading.Thread
 def toggled(args, common: list[str], env: dict, prompts_file: Path, log_dir: Path, tokenizer) -> dict:
     """One server, one continuous load, counting switched per block (ABBA); see the module doc."""
     blocks = [i % 4 in (0, 3) for i in range(args.blocks)]  # True: counting on
-    with ManagedServer(args.model, args=common, env=env, log_path=log_dir / "builtin-toggle.log") as server:
+    if args.pinned:
+        threads, flags = 1, common
+    else:  # what `make serve` runs: the server's default threads and batch size
+        threads, flags = None, ["--shadow-rate", "0.05"]
+    with ManagedServer(args.model, args=flags, threads=threads, env=env if args.pinned else {},
+                       log_path=log_dir / "builtin-toggle.log") as server:
         url, auth = server.url, server.admin_headers
         locust_load(url, args.clients, argparse.Namespace(new_tokens=args.new_tokens, run_time=10, warmup=0.5),
                     prompts_file, log_dir, "warmup", tokenizer)
@@ -132,6 +138,7 @@ def toggled(args, common: list[str], env: dict, prompts_file: Path, log_dir: Pat
                      for g in groups]
     on_cells, off_cells = [c for c in cells if c["on"]], [c for c in cells if not c["on"]]
     return {"design": "toggle", "engine": "builtin", "model": args.model, "clients": args.clients,
+            "server_flags": flags, "threads": threads,
             "new_tokens": args.new_tokens, "blocks": args.blocks, "block_s": args.block_s, "scrape_s": args.scrape_s,
             "cells": cells, "ratio_on_off_per_group": per_group, "ratio_median": statistics.median(per_group),
             "ratio_q25_q75": statistics.quantiles(per_group, n=4)[::2] if len(per_group) > 1 else per_group * 2,
@@ -155,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="two servers suspended in turn, or one server whose counting an admin switches per block")
     p.add_argument("--blocks", type=int, default=40, help="--design toggle: blocks (a multiple of 4: ABBA groups)")
     p.add_argument("--block-s", type=float, default=10.0, help="--design toggle: seconds per block")
+    p.add_argument("--pinned", action="store_true", help="--design toggle: the servers' settings of --design servers "
+                   "(--threads 1, --max-batch-size 16) instead of `make serve`'s")
     p.add_argument("--output", default="runs/expert_load_overhead.json")
     p.add_argument("--log-dir", default="runs/expert_load_overhead")
     args = p.parse_args(argv)
