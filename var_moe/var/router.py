@@ -52,7 +52,7 @@ class VARRouter(nn.Module):
         self.audit = False
         self.slot = 0
         # called with each forward's outputs when set (var_moe/routing_tap.py): the tap files them
-        # without a forward hook, whose dispatch would cost each layer of every step a few us
+        # without a forward hook, sparing each layer of every step a hook dispatch
         self.output_sink: Callable[[tuple], None] | None = None
 
     def attach(self, stack: TableStack) -> None:

@@ -44,13 +44,11 @@ def compare_sets(a_TK: torch.Tensor, b_TK: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 class TableStack:
-    """The tables of all patched layers stacked on device (L, V, ...), shared by the routers.
-
-    Each router holds views of its row (`member_LV[slot]` etc.), so a demotion is one write seen
-    by both. Counters live in `counts_LC` (int64, on device); read them with `counts()`. Every
-    tier is known at lookup time, so a forward adds only its fast rows per layer and its
-    valid-token count (two in-place adds; forwards are counted on the host); the learned column
-    is their difference, filled in by `counts()`."""
+    """The tables of all patched layers stacked on device (L, V, ...). Routers read their layer's
+    row (`member_LV[slot]` etc.) at each use, so a demotion is one in-place write. Counters live in
+    `counts_LC` (int64, on device), read with `counts()`: every tier is known at lookup time, so a
+    forward adds only its fast rows per layer and its valid tokens (forwards are counted on the
+    host), and the learned column is their difference."""
 
     def __init__(self, tables: dict[int, LayerTable], layers: list[int], config: VARConfig, num_experts: int,
                  scales: dict[int, float | None], device: torch.device, index_dtype: torch.dtype,

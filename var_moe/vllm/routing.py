@@ -101,6 +101,7 @@ class VarState:
         self.default_on = False  # the mode of requests that do not name one (varmoe_set_enabled)
         self.layers: dict[int, "LayerVar"] = {}
         self.identity: dict[str, Any] | None = None  # model type, vocabulary, experts, top-k, fingerprint
+        self.model_dir: str | None = None  # the checkpoint folder (models.py): the fingerprint reads its routers
 
     def count_step(self, t: int) -> None:
         """After the last MoE layer: add the step's codes of every layer to the counters (VAR-mode

@@ -41,7 +41,7 @@ def record_identity(state: VarState, hf_config: Any) -> None:
         # the stored checkpoint's routers when the gates vLLM loaded are they in its dtype (bf16 on
         # most CPUs and GPUs), so tables built on the float32 model are recognised (var_moe.identity)
         "router_fingerprint": routers_fingerprint({l: dict(state.layers[l].gate.state_dict()) for l in layers},
-                                                  getattr(state, "model_dir", None)),
+                                                  state.model_dir),
         "layers": layers,
     }
 
