@@ -87,7 +87,7 @@ class OneRowHost:
         # a served step needs only the table's set and weights: no adaptive-k count, no learned-weight
         # restriction
         self.serve = not cfg.adaptive_k and cfg.weights_source == "table"
-        self.valid, self.fast_L, self.pair_L = 0, [0] * n, [0] * n  # host counters (`TableStack.counts`)
+        self.reset_counts()  # host counters (`TableStack.counts`)
         self.refresh()
 
     def refresh(self) -> None:
@@ -107,7 +107,8 @@ class OneRowHost:
                 self.pairs.setdefault(key, []).append((slot, x))
 
     def reset_counts(self) -> None:
-        self.valid, self.fast_L, self.pair_L = 0, [0] * len(self.fast_L), [0] * len(self.pair_L)
+        n = len(self.stack.layers)
+        self.valid, self.fast_L, self.pair_L = 0, [0] * n, [0] * n
 
     def step(self, tok: Any) -> tuple[Lookup, list[Row]] | None:
         """(lookup, rows) of a one-row step, counted; None where the general path must run."""

@@ -70,10 +70,10 @@ class PairTable:
     def size(self) -> int:
         return int(self.keys_P.numel())
 
-    def served_bytes(self, weights: bool = True) -> int:
-        """Bytes served as sorted int64 keys + int64 sets (+ float32 weights per expert)."""
+    def served_bytes(self) -> int:
+        """Bytes served as sorted int64 keys + int64 sets + float32 weights per expert."""
         k = self.sets_PK.shape[1] if self.sets_PK.dim() == 2 else 0
-        return self.size * (8 + 8 * k + (4 * k if weights else 0))
+        return self.size * (8 + 12 * k)
 
 
 def pair_candidates(ev: LayerEvidence, config: VARConfig, min_pair_count: int | None = None, prescreen: bool = True,

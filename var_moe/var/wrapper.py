@@ -73,7 +73,7 @@ class VARModelWrapper:
         self.stack.on_rows = self._on_fast_rows
         for r in self.routers.values():
             r.attach(self.stack)
-        self._sync_begin()
+        self._set_var(self.config.enable_var)
         self._installed = False
         self._ep_flags: dict[int, bool] = {}
         self.install()
@@ -123,20 +123,18 @@ class VARModelWrapper:
 
     # -- switching ---------------------------------------------------------------------------------
     def enable_var(self) -> None:
-        for r in self.routers.values():
-            r.enabled = True
-        self._sync_begin()
+        self._set_var(True)
 
     def disable_var(self) -> None:
-        for r in self.routers.values():
-            r.enabled = False
-        self._sync_begin()
+        self._set_var(False)
 
-    def _sync_begin(self) -> None:
-        """The stack resolves each forward's one-row steps as it starts only while VAR routes (its
-        counters count routed tokens only)."""
+    def _set_var(self, on: bool) -> None:
+        """Every router's switch; the stack resolves each forward's one-row steps as it starts only
+        while VAR routes (its counters count routed tokens only)."""
+        for r in self.routers.values():
+            r.enabled = on
         self.stack.step_rows = None
-        self.tracker.on_batch = self.stack.begin_forward if self.var_enabled else None
+        self.tracker.on_batch = self.stack.begin_forward if on else None
 
     @property
     def var_enabled(self) -> bool:
