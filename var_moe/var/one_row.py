@@ -12,9 +12,8 @@ demotion):
   served set and weights as (1, K) tensors, cloned out of the tables once per step (never views:
   a model may scale routing weights in place).
 Counts go to host counters that `TableStack.counts()` folds in; each router then returns its row or
-the learned decision at once (`VARRouter.forward`, when no audit or shadow check runs). The (L, T)
-tensors audit and shadow checks read are built on first read, by the general path without
-counting. Accelerators never take this path (their tables are not on the host).
+the learned decision at once (`VARRouter.forward`, when no audit or shadow check runs).
+Accelerators never take this path (their tables are not on the host).
 
 Shapes: L layers, K top-k, V vocabulary, X stacked pair entries.
 Test: `pytest tests/test_var_decode_step.py tests/test_served_decision.py`.

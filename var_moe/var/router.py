@@ -12,12 +12,11 @@ learned outputs bit for bit.
 Weights (`weights_source`): "table" serves the table's weights scaled the way the family's router
 scales its own (`adapter.weight_scale`; a probe at construction checks the router agrees);
 "learned" gives the chosen set the weights the family's router would (`adapter.chosen_weights`).
-router_logits are always the learned router's. Adaptive k (one expert, full weight, where the table
-gives the top expert >= `adaptive_k_min_weight`; other slots hold index E, the experts' empty slot)
-is precomputed in the stack. Shadow verification compares a seeded sample of fast rows with the
-learned decision and queues demotions (`certify.demote_mask`), applied between forwards and never
-while the tables are frozen (`VARModelWrapper.frozen_tables()`); audit mode counts the agreement of
-every fast row without demoting.
+router_logits are always the learned router's. Adaptive k (one expert where the table's top weight
+>= `adaptive_k_min_weight`) is precomputed in the stack. Shadow verification compares a seeded
+sample of fast rows with the learned decision and queues demotions (`certify.demote_mask`), applied
+between forwards and never while the tables are frozen (`VARModelWrapper.frozen_tables()`); audit
+mode counts the agreement of every fast row without demoting.
 
 Shapes: T tokens, H hidden, E experts, K top-k, V vocabulary, L layers.
 Test: `pytest tests/test_var_router.py tests/test_var_exact.py`.
