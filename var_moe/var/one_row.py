@@ -12,9 +12,8 @@ demotion):
   served set and weights as (1, K) tensors, cloned out of the tables once per step (never views:
   a model may scale routing weights in place).
 Counts go to host counters that `TableStack.counts()` folds in; each router then returns its row or
-the learned decision at once (`VARRouter.forward`, when no audit or shadow check runs). The (L, T)
-tensors audit and shadow checks read are built on first read, by the general path without
-counting. Accelerators never take this path (their tables are not on the host).
+the learned decision at once (`VARRouter.forward`, when no audit or shadow check runs).
+Accelerators never take this path (their tables are not on the host).
 
 Shapes: L layers, K top-k, V vocabulary, X stacked pair entries.
 Test: `pytest tests/test_var_decode_step.py tests/test_served_decision.py`.
@@ -87,7 +86,7 @@ class OneRowHost:
         # a served step needs only the table's set and weights: no adaptive-k count, no learned-weight
         # restriction
         self.serve = not cfg.adaptive_k and cfg.weights_source == "table"
-        self.valid, self.fast_L, self.pair_L = 0, [0] * n, [0] * n  # host counters (`TableStack.counts`)
+        self.reset_counts()  # host counters (`TableStack.counts`)
         self.refresh()
 
     def refresh(self) -> None:
@@ -107,7 +106,8 @@ class OneRowHost:
                 self.pairs.setdefault(key, []).append((slot, x))
 
     def reset_counts(self) -> None:
-        self.valid, self.fast_L, self.pair_L = 0, [0] * len(self.fast_L), [0] * len(self.pair_L)
+        n = len(self.stack.layers)
+        self.valid, self.fast_L, self.pair_L = 0, [0] * n, [0] * n
 
     def step(self, tok: Any) -> tuple[Lookup, list[Row]] | None:
         """(lookup, rows) of a one-row step, counted; None where the general path must run."""

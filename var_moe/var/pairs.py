@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..capture.router_math import decode_set_ids as decode_sets
+from ..capture.router_math import decode_set_ids as decode_sets, set_codes
 from ..errors import InvalidInputError
 from .certify import (capped_counts, choosing_halves, choosing_side, document_groups, pair_modes, score_pvalues,
                       served_weights, side_rows)
@@ -70,10 +70,10 @@ class PairTable:
     def size(self) -> int:
         return int(self.keys_P.numel())
 
-    def served_bytes(self, weights: bool = True) -> int:
-        """Bytes served as sorted int64 keys + int64 sets (+ float32 weights per expert)."""
+    def served_bytes(self) -> int:
+        """Bytes served as sorted int64 keys + int64 sets + float32 weights per expert."""
         k = self.sets_PK.shape[1] if self.sets_PK.dim() == 2 else 0
-        return self.size * (8 + 8 * k + (4 * k if weights else 0))
+        return self.size * (8 + 12 * k)
 
 
 def pair_candidates(ev: LayerEvidence, config: VARConfig, min_pair_count: int | None = None, prescreen: bool = True,
@@ -120,8 +120,6 @@ def served_masks(ev: LayerEvidence, table: object, pairs: PairTable | None) -> d
     """Per row of (test) evidence: which rows the token tier serves and which the pair tier serves
     (`served.decide`, the routers' decision), and whether the served set equals the row's exact set.
     `table` is a `tables.LayerTable` (token tier)."""
-    from ..capture.router_math import set_codes
-
     rows = ev.rows_R4
     served = ServedTables.build({0: table}, {0: pairs} if pairs is not None else {}, [0], {}, ev.vocab, ev.top_k)
     d = decide(served, rows[:, 2], torch.ones(rows.shape[0], dtype=torch.bool), rows[:, 1])

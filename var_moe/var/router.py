@@ -12,12 +12,11 @@ learned outputs bit for bit.
 Weights (`weights_source`): "table" serves the table's weights scaled the way the family's router
 scales its own (`adapter.weight_scale`; a probe at construction checks the router agrees);
 "learned" gives the chosen set the weights the family's router would (`adapter.chosen_weights`).
-router_logits are always the learned router's. Adaptive k (one expert, full weight, where the table
-gives the top expert >= `adaptive_k_min_weight`; other slots hold index E, the experts' empty slot)
-is precomputed in the stack. Shadow verification compares a seeded sample of fast rows with the
-learned decision and queues demotions (`certify.demote_mask`), applied between forwards and never
-while the tables are frozen (`VARModelWrapper.frozen_tables()`); audit mode counts the agreement of
-every fast row without demoting.
+router_logits are always the learned router's. Adaptive k (one expert where the table's top weight
+>= `adaptive_k_min_weight`) is precomputed in the stack. Shadow verification compares a seeded
+sample of fast rows with the learned decision and queues demotions (`certify.demote_mask`), applied
+between forwards and never while the tables are frozen (`VARModelWrapper.frozen_tables()`); audit
+mode counts the agreement of every fast row without demoting.
 
 Shapes: T tokens, H hidden, E experts, K top-k, V vocabulary, L layers.
 Test: `pytest tests/test_var_router.py tests/test_var_exact.py`.
@@ -33,39 +32,30 @@ from torch import nn
 from .config import VARConfig
 from .stack import C, Lookup, TableStack, compare_sets
 from .certify import demote_mask, wilson_lower_bound
-from .tables import LayerTable
 
 
 class VARRouter(nn.Module):
-    def __init__(self, learned: nn.Module, layer: int, adapter: Any, config: VARConfig, table: LayerTable,
-                 tokens: Callable[[], Any]):
+    """One layer's router; `attach` hands it the wrapper's shared `TableStack` before it routes."""
+
+    def __init__(self, learned: nn.Module, layer: int, adapter: Any, config: VARConfig, tokens: Callable[[], Any]):
         super().__init__()
         self.learned = learned  # a submodule, so .to(device) moves it too
         self.layer, self.adapter, self.config = layer, adapter, config
-        self.num_experts, self.top_k = adapter.num_experts, adapter.top_k
         self.tokens = tokens
         self.enabled = config.enable_var
         param = next(learned.parameters())
         self.device = param.device
-        self.vocab = int(table.member_V.shape[0])
         self.generator = torch.Generator(device=param.device).manual_seed(config.seed * 1000 + layer)
         self._probe(param)
         self.stack: TableStack | None = None
         self.audit = False
         self.slot = 0
         # called with each forward's outputs when set (var_moe/routing_tap.py): the tap files them
-        # without a forward hook, whose dispatch would cost each layer of every step a few us
+        # without a forward hook, sparing each layer of every step a hook dispatch
         self.output_sink: Callable[[tuple], None] | None = None
-        self._own = table  # until attach() is called (a router used on its own gets a one-layer stack)
 
     def attach(self, stack: TableStack) -> None:
         self.stack, self.slot = stack, stack.slot[self.layer]
-
-    def _ensure_stack(self) -> TableStack:
-        if self.stack is None:
-            self.attach(TableStack({self.layer: self._own}, [self.layer], self.config, self.num_experts,
-                                   {self.layer: self.weight_scale}, self.device, self.index_dtype))
-        return self.stack
 
     @torch.no_grad()
     def _probe(self, param: torch.Tensor) -> None:
@@ -112,7 +102,7 @@ class VARRouter(nn.Module):
     def _decide(self, hidden_states: torch.Tensor):
         if not self.enabled:
             return self.learned.forward(hidden_states)
-        rows = self.stack.step_rows if self._plain and self.stack is not None else None
+        rows = self.stack.step_rows if self._plain else None
         if rows is not None:  # a one-row CPU step decided on the host as it started (one_row.py)
             out = self.learned.forward(hidden_states)
             row = rows[self.slot]
@@ -127,7 +117,7 @@ class VARRouter(nn.Module):
             return self._route(hidden_states)
 
     def _route(self, hidden_states: torch.Tensor):
-        stack = self._ensure_stack()
+        stack = self.stack
         # Mixtral-style blocks already pass (T, H): no reshape op then
         h_TH = hidden_states if hidden_states.dim() == 2 else hidden_states.reshape(-1, hidden_states.shape[-1])
         t = h_TH.shape[0]

@@ -78,7 +78,6 @@ class Decision:
     """One forward's table decision for every layer slot (`decide`)."""
 
     safe_T: torch.Tensor  # token id, 0 where out of vocabulary
-    ok_T: torch.Tensor  # valid and in the vocabulary: the rows a table may serve
     token_LT: torch.Tensor  # served by a token entry
     pair_LT: torch.Tensor | None  # served by a pair entry (None: no pair lookup ran)
     idx_LTK: torch.Tensor  # the served set where fast (the token's entry elsewhere)
@@ -159,13 +158,11 @@ class ServedTables:
                    torch.zeros(0, k, dtype=idx_LVK.dtype), torch.zeros(0, k))
 
     @classmethod
-    def from_tables(cls, tables: Any, order: Sequence[int], scales: Mapping[int, float | None] | float | None = None,
-                    device: Any = "cpu") -> "ServedTables":
-        """From a `tables.VARTables` (its metadata names vocabulary and top-k); `scales` per layer,
-        or one scale for all."""
-        sc = scales if isinstance(scales, Mapping) else {l: scales for l in order}
+    def from_tables(cls, tables: Any, order: Sequence[int]) -> "ServedTables":
+        """From a `tables.VARTables` (its metadata names vocabulary and top-k), on the CPU, weights
+        scaled by each entry's raw mass (no family scale: for counting decisions)."""
         meta = tables.metadata
-        return cls.build(tables.layers, tables.pair_tier, order, sc, int(meta["vocab_size"]), int(meta["top_k"]), device)
+        return cls.build(tables.layers, tables.pair_tier, order, {}, int(meta["vocab_size"]), int(meta["top_k"]))
 
 
 def decide(t: ServedTables, ids_T: torch.Tensor, valid_T: torch.Tensor, prev_T: torch.Tensor | None = None,
@@ -186,16 +183,15 @@ def decide(t: ServedTables, ids_T: torch.Tensor, valid_T: torch.Tensor, prev_T: 
         pair_LT = pair_serves(token_LT, hit_LT & ok_T)
         idx_LTK = torch.where(pair_LT[..., None], t.pair_idx_XK[e_LT], idx_LTK)
         w_LTK = torch.where(pair_LT[..., None], t.pair_w_XK[e_LT], w_LTK)
-    return Decision(safe_T, ok_T, token_LT, pair_LT, idx_LTK, w_LTK)
+    return Decision(safe_T, token_LT, pair_LT, idx_LTK, w_LTK)
 
 
 def tier_counts(t: ServedTables, ids: Sequence[int], prev_id: int = -1) -> dict[str, int]:
     """Decisions of one sequence's rows `ids` (all valid) summed over layer slots, by tier;
     `prev_id`: the token before ids[0] (-1: the sequence starts there)."""
-    n = len(ids) * t.member_LV.shape[0]
     if not ids:
         return {"fast": 0, "learned": 0}
     ids_T = torch.tensor(list(ids), dtype=torch.long)
     prev_T = torch.cat([torch.tensor([prev_id], dtype=torch.long), ids_T[:-1]])
     fast = int(decide(t, ids_T, torch.ones_like(ids_T, dtype=torch.bool), prev_T).fast_LT.sum())
-    return {"fast": fast, "learned": n - fast}
+    return {"fast": fast, "learned": len(ids) * t.member_LV.shape[0] - fast}

@@ -5,9 +5,9 @@ float32 checkpoint), the learned router sees other hidden states and can pick ot
 table row may agree with it less often than its certificate says. `check_tables` is the start-up
 check: on a small held-in sample (the first `max_length` tokens of `documents` documents of the
 tables' certifying split) it measures how often each layer's table rows equal the learned top-k
-set in the served dtype; a layer with at least `min_rows` table rows under the tables' target
-fails. Each engine passes its own measure (`builtin_agreement`: the capture hooks; vLLM: its device
-audit counters, var_moe.vllm.agreement); the verdict (`DtypeCheck`) is published in `/var/status`.
+set in the served dtype; a layer with at least MIN_ROWS table rows under the tables' target fails.
+Each engine passes its own measure (`builtin_agreement`: the capture hooks; vLLM: its device audit
+counters, var_moe.vllm.agreement); the verdict (`DtypeCheck`) is published in `/var/status`.
 
 Test: `pytest tests/test_served_dtype.py`.
 """
@@ -54,7 +54,7 @@ def certified_dtype(metadata: Mapping[str, Any], model_dir: str | Path | None) -
 
 
 def sample_batches(metadata: Mapping[str, Any], tokenizer: Any, documents: int = DOCUMENTS,
-                   max_length: int = MAX_LENGTH, batch_size: int = 8) -> list[Any]:
+                   max_length: int = MAX_LENGTH) -> list[Any]:
     """The first `max_length` tokens of the first `documents` documents of the certifying split."""
     from .eval_data import eval_batches
 
@@ -64,7 +64,7 @@ def sample_batches(metadata: Mapping[str, Any], tokenizer: Any, documents: int =
         raise InvalidInputError("the tables do not name their certifying dataset and split, so there is no "
                                 "held-in sample to measure them on")
     return eval_batches(tokenizer, dataset, split, num_samples=documents, max_length=max_length,
-                        batch_size=batch_size, max_per_doc=1)
+                        batch_size=8, max_per_doc=1)
 
 
 def builtin_agreement(model: Any, tables: Any, batches: list[Any]) -> dict[int, tuple[int, int]]:
@@ -122,15 +122,15 @@ def unchanged(served: str, certified: str) -> DtypeCheck:
 
 
 def judge(served: str, certified: str, counts: Mapping[int, tuple[int, int]], target: float | None,
-          sample: str, min_rows: int = MIN_ROWS) -> DtypeCheck:
-    """Per-layer agreement; a layer with at least `min_rows` table rows under `target` fails."""
+          sample: str) -> DtypeCheck:
+    """Per-layer agreement; a layer with at least MIN_ROWS table rows under `target` fails."""
     target = DEFAULT_TARGET if target is None else float(target)
     layers, failed = {}, []
     for layer in sorted(counts):
         agree, rows = counts[layer]
         rate = agree / rows if rows else 1.0
         layers[str(layer)] = {"agree": int(agree), "rows": int(rows), "agreement": round(rate, 4)}
-        if rows >= min_rows and rate < target:
+        if rows >= MIN_ROWS and rate < target:
             failed.append(int(layer))
     return DtypeCheck(served=served, certified=certified, measured=True, target=target, layers=layers,
                       failed_layers=tuple(failed), sample=sample)

@@ -44,41 +44,39 @@ def compare_sets(a_TK: torch.Tensor, b_TK: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 class TableStack:
-    """The tables of all patched layers stacked on device (L, V, ...), shared by the routers.
-
-    Each router holds views of its row (`member_LV[slot]` etc.), so a demotion is one write seen
-    by both. Counters live in `counts_LC` (int64, on device); read them with `counts()`. Every
-    tier is known at lookup time, so a forward adds only its fast rows per layer and its
-    valid-token count (two in-place adds; forwards are counted on the host); the learned column
-    is their difference, filled in by `counts()`."""
+    """The tables of all patched layers stacked on device (L, V, ...). Routers read their layer's
+    row (`member_LV[slot]` etc.) at each use, so a demotion is one in-place write. Counters live in
+    `counts_LC` (int64, on device), read with `counts()`: every tier is known at lookup time, so a
+    forward adds only its fast rows per layer and its valid tokens (forwards are counted on the
+    host), and the learned column is their difference."""
 
     def __init__(self, tables: dict[int, LayerTable], layers: list[int], config: VARConfig, num_experts: int,
                  scales: dict[int, float | None], device: torch.device, index_dtype: torch.dtype,
                  pair_tier: dict[int, PairTable] | None = None):
-        self.layers, self.config, self.num_experts = layers, config, num_experts
+        """`layers` in slot order, each with a table in `tables`; weights scaled by `scales[layer]`."""
+        self.layers, self.config = layers, config
         self.slot = {l: i for i, l in enumerate(layers)}
         st = lambda name: torch.stack([getattr(tables[l], name) for l in layers]).to(device)  # noqa: E731
         vocab, k = tables[layers[0]].experts_VK.shape
-        self.served = ServedTables.build(tables, pair_tier or {}, layers, scales, int(vocab), int(k), device, index_dtype)
-        self.member_LV = self.served.member_LV
+        served = ServedTables.build(tables, pair_tier or {}, layers, scales, int(vocab), int(k), device, index_dtype)
+        self.member_LV, self.nominal_LVK = served.member_LV, served.idx_LVK
         self.bound_LV = st("bound_V").clone()
         self.agree_LV, self.total_LV = st("agree_V"), st("total_V")
-        self.nominal_LVK, self.weights_LVK = self.served.idx_LVK, self.served.w_LVK
         self.single_LV = st("weights_VK")[..., 0] >= config.adaptive_k_min_weight
         if config.adaptive_k:  # one expert, full weight; other slots -> the experts' empty slot E
-            slot0 = torch.arange(self.nominal_LVK.shape[-1], device=device) == 0
+            slot0 = torch.arange(k, device=device) == 0
             one = self.single_LV[..., None]
-            scaled = self.weights_LVK
-            self.served = replace(self.served, idx_LVK=torch.where(one & ~slot0, torch.full_like(self.nominal_LVK, num_experts),
-                                                                    self.nominal_LVK),
-                                  w_LVK=torch.where(one, torch.where(slot0, scaled.sum(-1, keepdim=True), 0.0), scaled))
-            self.weights_LVK = self.served.w_LVK
-        self.idx_LVK = self.served.idx_LVK
-        self.vocab = self.served.vocab
-        self.has_pairs = self.served.has_pairs  # decided once, on the host: without pair entries lookup() is unchanged
+            w = served.w_LVK
+            served = replace(served, idx_LVK=torch.where(one & ~slot0, torch.full_like(served.idx_LVK, num_experts),
+                                                         served.idx_LVK),
+                             w_LVK=torch.where(one, torch.where(slot0, w.sum(-1, keepdim=True), 0.0), w))
+        self.served = served
+        # the served tables' tensors the lookups read, as attributes of their own
+        self.idx_LVK, self.weights_LVK, self.vocab = served.idx_LVK, served.w_LVK, served.vocab
+        self.has_pairs = served.has_pairs  # decided once, on the host: without pair entries lookup() is unchanged
         if self.has_pairs:
-            self.pair_keys_X, self.pair_idx_XK, self.pair_w_XK = (self.served.pair_keys_X, self.served.pair_idx_XK,
-                                                                  self.served.pair_w_XK)
+            self.pair_keys_X, self.pair_idx_XK = served.pair_keys_X, served.pair_idx_XK
+            self.pair_w_XK = served.pair_w_XK
             self.pair_slot_X, _, self.pair_tok_X = split_key(self.pair_keys_X, self.vocab)
             self.pair_tok_V = torch.zeros(self.vocab, dtype=torch.bool, device=device)
             self._refresh_pair_tokens()

@@ -30,7 +30,7 @@ from .config import VARConfig
 from .in_sample import tables_for_stats
 from .router import VARRouter
 from .served import TIERS
-from .stack import COUNTERS, C, TableStack
+from .stack import C, TableStack
 from .tables import VARTables
 
 
@@ -42,39 +42,38 @@ class VARModelWrapper:
         self.adapter = get_adapter(model)
         moe = self.adapter.select_moe_layers(model, patch_layers, "patch_layers")
         self.moe_layers = moe
+        layers = [m.layer for m in moe]
         if tables is None:
             if self.config.routing_stats_path:
                 tables = tables_for_stats(self.config.routing_stats_path, model, self.adapter, self.config,
-                                          layers=[m.layer for m in moe], allow_test_split=self.config.allow_test_split)
+                                          layers=layers, allow_test_split=self.config.allow_test_split)
             else:
-                tables = VARTables.empty(model, self.adapter, [m.layer for m in moe])
+                tables = VARTables.empty(model, self.adapter, layers)
         else:
             tables.check_model(model, self.adapter)
         self.tables = tables
         # pair entries need the previous token (kept across decode steps by the tracker); without
         # them the tracker keeps no context
-        has_pairs = any(p.size for p in getattr(tables, "pair_tier", {}).values())
+        has_pairs = any(p.size for p in tables.pair_tier.values())
         self.tracker = TokenTracker(model, window=1 if has_pairs else 0)
         self._fast_valid_B2: torch.Tensor | None = None  # (B, 2) fast decisions, valid tokens
         self._rows_since: torch.Tensor | None = None  # (1, 2) the stack's totals when a one-row record began
         self.originals = {m.layer: getattr(m.block, m.router_attr) for m in moe}
         self.routers: dict[int, VARRouter] = {}
         for m in moe:
-            table = tables.layers.get(m.layer)
-            if table is None:
-                raise InvalidInputError(f"VAR tables have no table for MoE layer {m.layer} (they hold {sorted(tables.layers)})")
-            self.routers[m.layer] = VARRouter(self.originals[m.layer], m.layer, self.adapter, self.config, table,
+            if m.layer not in tables.layers:
+                raise InvalidInputError(f"VAR tables have no table for MoE layer {m.layer} "
+                                        f"(they hold {sorted(tables.layers)})")
+            self.routers[m.layer] = VARRouter(self.originals[m.layer], m.layer, self.adapter, self.config,
                                               tokens=lambda: self.tracker.current)
-        first = next(iter(self.routers.values()), None)
-        device = first.device if first is not None else torch.device("cpu")
-        index_dtype = first.index_dtype if first is not None else torch.long
-        self.stack = TableStack({m.layer: tables.layers[m.layer] for m in moe}, [m.layer for m in moe], self.config,
-                                self.adapter.num_experts, {l: r.weight_scale for l, r in self.routers.items()},
-                                device, index_dtype, pair_tier=tables.pair_tier)
+        first = next(iter(self.routers.values()))
+        self.stack = TableStack(tables.layers, layers, self.config, self.adapter.num_experts,
+                                {l: r.weight_scale for l, r in self.routers.items()}, first.device, first.index_dtype,
+                                pair_tier=tables.pair_tier)
         self.stack.on_rows = self._on_fast_rows
         for r in self.routers.values():
             r.attach(self.stack)
-        self._sync_begin()
+        self._set_var(self.config.enable_var)
         self._installed = False
         self._ep_flags: dict[int, bool] = {}
         self.install()
@@ -124,20 +123,18 @@ class VARModelWrapper:
 
     # -- switching ---------------------------------------------------------------------------------
     def enable_var(self) -> None:
-        for r in self.routers.values():
-            r.enabled = True
-        self._sync_begin()
+        self._set_var(True)
 
     def disable_var(self) -> None:
-        for r in self.routers.values():
-            r.enabled = False
-        self._sync_begin()
+        self._set_var(False)
 
-    def _sync_begin(self) -> None:
-        """The stack resolves each forward's one-row steps as it starts only while VAR routes (its
-        counters count routed tokens only)."""
+    def _set_var(self, on: bool) -> None:
+        """Every router's switch; the stack resolves each forward's one-row steps as it starts only
+        while VAR routes (its counters count routed tokens only)."""
+        for r in self.routers.values():
+            r.enabled = on
         self.stack.step_rows = None
-        self.tracker.on_batch = self.stack.begin_forward if self.var_enabled else None
+        self.tracker.on_batch = self.stack.begin_forward if on else None
 
     @property
     def var_enabled(self) -> bool:
@@ -149,12 +146,12 @@ class VARModelWrapper:
             r.audit = on
 
     def reset_stats(self) -> None:
-        if self._rows_since is not None:  # bank the row's counts: they live in the counters being reset
+        one_row = self._rows_since is not None
+        if one_row:  # bank the row's counts: they live in the counters being reset
             self._fast_valid_B2 += self._totals_12() - self._rows_since
-            self.stack.reset_counts()
-            self._rows_since = self._totals_12()
-            return
         self.stack.reset_counts()
+        if one_row:
+            self._rows_since = self._totals_12()
 
     @contextlib.contextmanager
     def frozen_tables(self) -> Iterator[None]:
@@ -225,8 +222,7 @@ class VARModelWrapper:
         self._rows_since = None
 
     def _counts(self) -> dict[int, list[int]]:
-        rows = self.stack.counts().cpu().tolist()
-        return {l: rows[self.stack.slot[l]] for l in self.routers}
+        return dict(zip(self.stack.layers, self.stack.counts().cpu().tolist()))
 
     def tier_counts(self) -> dict[tuple[int, str], int]:
         return {(l, t): c[C[t]] for l, c in self._counts().items() for t in TIERS}
@@ -236,16 +232,13 @@ class VARModelWrapper:
 
     def table_sizes(self) -> dict[int, int]:
         self.stack.apply_demotions()
-        sizes = self.stack.member_LV.sum(1).cpu().tolist()
-        return {l: int(sizes[self.stack.slot[l]]) for l in self.routers}
+        return dict(zip(self.stack.layers, map(int, self.stack.member_LV.sum(1).cpu().tolist())))
 
     def get_performance_stats(self) -> dict[str, Any]:
-        per_layer: dict[str, Any] = {}
-        total = [0] * len(COUNTERS)
-        for l, c in self._counts().items():
-            per_layer[str(l)] = _summary(c) | {"table_size": self.table_sizes()[l]}
-            total = [a + b for a, b in zip(total, c)]
-        overall = _summary(total) | {"table_size": sum(self.table_sizes().values()), "var_enabled": self.var_enabled}
+        counts, sizes = self._counts(), self.table_sizes()
+        per_layer = {str(l): _summary(c) | {"table_size": sizes[l]} for l, c in counts.items()}
+        total = [sum(col) for col in zip(*counts.values())]
+        overall = _summary(total) | {"table_size": sum(sizes.values()), "var_enabled": self.var_enabled}
         return {"layers": per_layer, "overall": overall}
 
     def print_performance_summary(self) -> None:
@@ -256,8 +249,8 @@ class VARModelWrapper:
         for t in TIERS:
             print(f"  {t:8s}: {100 * o['routing_distribution'][t]:5.1f}%")
         print(f"  table entries: {o['table_size']}")
-        if self.tables.uncertified_note():
-            print(f"  {self.tables.uncertified_note()}")
+        if note := self.tables.uncertified_note():
+            print(f"  {note}")
         if o["shadow_checked"]:
             print(f"  shadow agreement: {100 * o['shadow_agreement']:.1f}% of {o['shadow_checked']}  demoted: {o['demoted']}")
         for l, d in s["layers"].items():
@@ -273,13 +266,12 @@ class VARModelWrapper:
 
 def _summary(c: list[int]) -> dict[str, Any]:
     calls = sum(c[C[t]] for t in TIERS)
-    share = lambda x: x / calls if calls else 0.0  # noqa: E731
     checked = c[C["shadow_agree"]] + c[C["shadow_disagree"]]
     out = {
         "calls": calls,
         "forwards": c[C["forwards"]],
         "tier_counts": {t: c[C[t]] for t in TIERS},
-        "routing_distribution": {t: share(c[C[t]]) for t in TIERS},
+        "routing_distribution": {t: c[C[t]] / calls if calls else 0.0 for t in TIERS},
         "shadow_checked": checked,
         "shadow_agreement": c[C["shadow_agree"]] / checked if checked else None,
         "demoted": c[C["demoted"]],

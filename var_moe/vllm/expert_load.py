@@ -1,18 +1,16 @@
 """Expert load and routed experts inside vLLM's compiled model: device buffers the graph updates in
 place, and the worker-side bookkeeping that hands each request its experts.
 
-`install_load(state, ...)` runs at model construction, after `install_var` (models.py), before vLLM
-compiles the model, and puts a `VllmLoad` on the shared `VarState` (`state.load`). Each MoE router
-(routing.py `LayerVar.route`) calls `write` with the experts it returns and its logits: the step's
-experts per row and layer go into `routed_NSK` (int16) and each row's routing entropy into
+`install_load` puts a `VllmLoad` on the shared `VarState` at model construction (models.py). Each
+MoE router (routing.py `LayerVar.route`) calls `write` with the experts it returns and its logits:
+experts per row and layer go into `routed_NSK` (int16), each row's routing entropy into
 `entropy_NS`, beside the row codes in `VarState.code_NS` (a row's tier). After the last MoE layer,
 `count_step` adds every layer's rows to the counters at once (var_moe/expert_load.py `ExpertLoad`;
 per tier: fast = table rows of VAR-mode requests, learned = their other rows; baseline rows count
 in the totals only). Rows are written with `index_put_` at (row, slot): inductor compiles a slice
 assignment `[:t, slot] = ...` into a rewrite of the whole buffer per layer on the CPU, an indexed
 write into a scatter of the t rows. Padding rows (CUDA graphs) are masked with `valid_N`, which
-`on_step` (the runner hook in rows.py) writes before each forward: all False until the hook first
-runs, so vLLM's start-up forwards (dummy tokens) are not counted.
+`on_step` (the runner hook in rows.py) writes before each forward.
 
 Nothing here reads the device during a step: the counters are copied when `/metrics` asks (`read`),
 and routed rows only for requests that asked for them (`SamplingParams.extra_args

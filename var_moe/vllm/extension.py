@@ -11,10 +11,8 @@ in-process worker, spawned worker processes, and each tensor/data-parallel rank:
 
 The model must have been built as a Var* architecture (models.py): the routing is installed at
 construction, before compilation; these methods only write data into its buffers or read them.
-The first call also hooks the model runner (rows.py), which from then on writes each step's
-per-token modes: a request pinned with `extra_args={"varmoe_var": ...}` runs in that mode, the
-others in the default set here (it applies from the next step). Counters count VAR-mode rows only;
-a row served by a (previous, token) entry counts as fast.
+The first call also hooks the model runner (rows.py: per-request modes; the default mode set here
+applies from the next step). Counters count VAR-mode rows only; a pair-entry row counts as fast.
 Test: `pytest tests/vllm_engine/test_vllm_exact.py`.
 """
 

@@ -66,7 +66,6 @@ def var_class(arch: str) -> type:
         adapter = get_adapter(hf)
         state = install_var(self, int(hf.vocab_size), top_k, max_tokens, int(varmoe.get("pair_capacity", 0)),
                             adapter.weight_scale, adapter.router_attr)
-        # the checkpoint folder: the tables' fingerprint is the stored routers' (var_moe.identity)
         state.model_dir = str(vllm_config.model_config.model)
         experts = next(iter(state.layers.values())).num_experts
         install_load(state, experts, top_k, bool(varmoe.get("expert_load", True)))  # expert load + routed experts

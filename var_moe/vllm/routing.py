@@ -11,15 +11,11 @@ and the weight loader's tree unchanged):
   token has an entry in this layer (else whose (previous, token) pair has one), takes the entry's
   experts and weights (`where`). Baseline rows and empty tables keep every learned value.
 
-Every layer's token table sits in the shared `VarState`, stacked by layer slot, so the compiled
-graph takes three table inputs whatever the depth. Which rows run VAR (`rows_N`) and each row's
-pair entry per layer (`pair_sel_NS`) are written before each forward by the runner hook in rows.py;
-the device keeps a pair entry only where its token equals the row's (a host that did not know the
-row's token serves no pair row rather than a wrong one). Everything on the device is tensor work
-on fixed buffers written in place, so it stays valid in compiled graphs and CUDA graphs. Each layer
-writes a code per row (`code_NS`); the last MoE layer turns the step's codes into the counters
-(`counts_SC`, VAR-mode rows only). The learned decision is computed anyway, so verification is a
-free audit of every fast row.
+Every layer's table sits in the shared `VarState`, stacked by layer slot. Which rows run VAR
+(`rows_N`) and each row's pair entry per layer (`pair_sel_NS`) are written before each forward by
+the runner hook in rows.py. Everything on the device is tensor work on fixed buffers written in
+place, so it stays valid in compiled graphs and CUDA graphs. The learned decision is computed
+anyway, so verification is a free audit of every fast row.
 
 Shapes: T tokens, K top-k, V vocabulary, E experts, X pair-buffer slots (capacity + 1), S layer
 slots. The decision is `var.served.decide`'s (tests/test_served_decision.py checks it).
@@ -101,6 +97,7 @@ class VarState:
         self.default_on = False  # the mode of requests that do not name one (varmoe_set_enabled)
         self.layers: dict[int, "LayerVar"] = {}
         self.identity: dict[str, Any] | None = None  # model type, vocabulary, experts, top-k, fingerprint
+        self.model_dir: str | None = None  # the checkpoint folder (models.py): the fingerprint reads its routers
 
     def count_step(self, t: int) -> None:
         """After the last MoE layer: add the step's codes of every layer to the counters (VAR-mode
@@ -143,7 +140,8 @@ class LayerVar:
         pair_T = None
         if state.pair_sel_NS is not None:  # fixed when the model is built: not a branch on data
             # the host chose this row's entry (a VAR row whose token has no token entry); the device
-            # keeps it where the entry's token is the row's token
+            # keeps it where the entry's token is the row's token (a host that did not know the
+            # row's token serves no pair row rather than a wrong one)
             e_T = state.pair_sel_NS[: ids_T.shape[0], self.slot]
             pair_T = state.pair_tok_X[e_T] == ids_T.long()
             use_T = use_T | pair_T

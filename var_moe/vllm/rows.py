@@ -18,9 +18,8 @@ are a placeholder -1 on the host, so such rows find no entry and the learned rou
 (the device refuses a row whose host token differs, routing.py), and the host's per-request counts
 would overstate pair rows.
 
-The hook is a one-level subclass of the runner's class whose `_prepare_inputs` calls vLLM's and
-then writes the rows. It needs vLLM's V1 model runner (`engine_kwargs` selects it on GPUs): the V2
-runner keeps no per-request sampling parameters and is refused with a message.
+The hook (`install_rows`, a one-level subclass of the runner's class) needs vLLM's V1 model runner
+(`engine_kwargs` selects it): the V2 runner keeps no per-request sampling parameters.
 Test: `pytest tests/test_served_decision.py tests/test_vllm_routing.py tests/vllm_engine/`.
 """
 

@@ -4,11 +4,9 @@ The file is the one `varmoe build-tables` writes (var_moe.var.tables). Before an
 metadata must match the model vLLM loaded, the router fingerprint included, recomputed from the gate
 weights vLLM loaded (var_moe.identity: so tables built on the Hugging Face model are accepted on the
 same weights in any dtype, and on no other weights). The tables are laid out as served
-(`served_tables`) and copied into the existing device buffers in place (compiled graphs and CUDA
-graphs keep pointing at them); (previous, token) entries go into the fixed-capacity pair buffers
-(routing.py; free slots hold token -1, which no row has) and into the host's key index
-(rows.index_pairs). A file with more pair entries than the engine's capacity is refused before
-anything is written.
+(`served_tables`, which refuses more pair entries than the engine's capacity) and copied into the
+existing device buffers in place (compiled graphs and CUDA graphs keep pointing at them), pair
+entries into the fixed-capacity pair buffers (routing.py) and the host's key index (rows.index_pairs).
 Test: `pytest tests/test_vllm_routing.py tests/test_served_decision.py tests/vllm_engine/test_vllm_exact.py`.
 """
 
@@ -41,7 +39,7 @@ def record_identity(state: VarState, hf_config: Any) -> None:
         # the stored checkpoint's routers when the gates vLLM loaded are they in its dtype (bf16 on
         # most CPUs and GPUs), so tables built on the float32 model are recognised (var_moe.identity)
         "router_fingerprint": routers_fingerprint({l: dict(state.layers[l].gate.state_dict()) for l in layers},
-                                                  getattr(state, "model_dir", None)),
+                                                  state.model_dir),
         "layers": layers,
     }
 
