@@ -104,8 +104,9 @@ def toggled(args, common: list[str], env: dict, prompts_file: Path, log_dir: Pat
         url, auth = server.url, server.admin_headers
         locust_load(url, args.clients, argparse.Namespace(new_tokens=args.new_tokens, run_time=10, warmup=0.5),
                     prompts_file, log_dir, "warmup", tokenizer)
+        # a block also spends its toggle, reading and scrape: room for 15% more than --block-s each
         whole = argparse.Namespace(new_tokens=args.new_tokens, warmup=args.warmup,
-                                   run_time=int(args.warmup + 5 + args.blocks * args.block_s + 5))
+                                   run_time=int(args.warmup + 5 + args.blocks * args.block_s * 1.15 + 20))
         load = threading.Thread(target=locust_load, args=(url, args.clients, whole, prompts_file, log_dir, "toggle",
                                                           tokenizer), daemon=True)
         load.start()
@@ -113,6 +114,8 @@ def toggled(args, common: list[str], env: dict, prompts_file: Path, log_dir: Pat
         cells: list[dict] = []
         t, tok, cpu = time.monotonic(), generated(url), tree_cpu(server.pid)[0]
         for on in blocks:
+            if not load.is_alive():
+                raise SystemExit(f"the load ended before block {len(cells)} (its run time was {whole.run_time} s)")
             r = httpx.post(url + "/admin/expert-load", json={"enabled": on}, headers=auth, timeout=30)
             r.raise_for_status()
             scrapes = max(1, round(args.block_s / args.scrape_s))
@@ -126,7 +129,7 @@ def toggled(args, common: list[str], env: dict, prompts_file: Path, log_dir: Pat
             c = cells[-1]
             print(f"block {len(cells) - 1:3d} counting {'on ' if on else 'off'}: {c['tokens'] / c['s']:7.1f} tok/s, "
                   f"{c['tokens'] / max(c['cpu_s'], 1e-9):6.1f} tok per CPU s", flush=True)
-        load.join(timeout=args.block_s * 4 + 300)
+        load.join(timeout=whole.run_time + 300)
 
     def rate(cs: list[dict], key: str) -> float:
         return sum(c["tokens"] for c in cs) / max(sum(c[key] for c in cs), 1e-9)
