@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import threading
 import time
@@ -131,24 +132,37 @@ def toggled(args, common: list[str], env: dict, prompts_file: Path, log_dir: Pat
                   f"{c['tokens'] / max(c['cpu_s'], 1e-9):6.1f} tok per CPU s", flush=True)
         load.join(timeout=whole.run_time + 300)
 
+    return {"design": "toggle", "engine": "builtin", "model": args.model, "clients": args.clients,
+            "server_flags": flags, "threads": threads, "new_tokens": args.new_tokens, "blocks": args.blocks,
+            "block_s": args.block_s, "scrape_s": args.scrape_s, "cells": cells, **summary(cells)}
+
+
+def summary(cells: list[dict], resamples: int = 4000) -> dict:
+    """Ratios on/off of tokens/s and of tokens per CPU second: per ABBA group (median, quartiles) and
+    pooled over all blocks, each with a 95% bootstrap interval over groups (seeded: reproducible)."""
+
     def rate(cs: list[dict], key: str) -> float:
         return sum(c["tokens"] for c in cs) / max(sum(c[key] for c in cs), 1e-9)
 
+    def ratio(groups: list[list[dict]], key: str) -> float:
+        cs = [c for g in groups for c in g]
+        return rate([c for c in cs if c["on"]], key) / rate([c for c in cs if not c["on"]], key)
+
     groups = [cells[i:i + 4] for i in range(0, len(cells) - 3, 4)]
-    per_group = [round(rate([c for c in g if c["on"]], "s") / rate([c for c in g if not c["on"]], "s"), 4)
-                 for g in groups]
-    per_group_cpu = [round(rate([c for c in g if c["on"]], "cpu_s") / rate([c for c in g if not c["on"]], "cpu_s"), 4)
-                     for g in groups]
-    on_cells, off_cells = [c for c in cells if c["on"]], [c for c in cells if not c["on"]]
-    return {"design": "toggle", "engine": "builtin", "model": args.model, "clients": args.clients,
-            "server_flags": flags, "threads": threads,
-            "new_tokens": args.new_tokens, "blocks": args.blocks, "block_s": args.block_s, "scrape_s": args.scrape_s,
-            "cells": cells, "ratio_on_off_per_group": per_group, "ratio_median": statistics.median(per_group),
-            "ratio_q25_q75": statistics.quantiles(per_group, n=4)[::2] if len(per_group) > 1 else per_group * 2,
-            "ratio_pooled": rate(on_cells, "s") / rate(off_cells, "s"),
-            "cpu_ratio_per_group": per_group_cpu, "cpu_ratio_median": statistics.median(per_group_cpu),
-            "cpu_ratio_pooled": rate(on_cells, "cpu_s") / rate(off_cells, "cpu_s"),
-            "tokens_per_s": {"on": rate(on_cells, "s"), "off": rate(off_cells, "s")}, "goal": 0.99}
+    rng = random.Random(0)
+    draws = [[rng.choice(groups) for _ in groups] for _ in range(resamples)]
+    out: dict = {}
+    for key, name in (("s", "ratio"), ("cpu_s", "cpu_ratio")):
+        per = [ratio([g], key) for g in groups]
+        medians = sorted(statistics.median(ratio([g], key) for g in d) for d in draws)
+        pooled = sorted(ratio(d, key) for d in draws)
+        ci = lambda v: [round(v[int(0.025 * len(v))], 4), round(v[int(0.975 * len(v)) - 1], 4)]  # noqa: E731
+        out |= {f"{name}_per_group": [round(r, 4) for r in per], f"{name}_median": statistics.median(per),
+                f"{name}_median_ci95": ci(medians), f"{name}_pooled": ratio(groups, key),
+                f"{name}_pooled_ci95": ci(pooled)}
+    out["ratio_q25_q75"] = statistics.quantiles(out["ratio_per_group"], n=4)[::2]
+    on, off = [c for c in cells if c["on"]], [c for c in cells if not c["on"]]
+    return out | {"tokens_per_s": {"on": rate(on, "s"), "off": rate(off, "s")}, "goal": 0.99}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,7 +183,19 @@ def main(argv: list[str] | None = None) -> int:
                    "(--threads 1, --max-batch-size 16) instead of `make serve`'s")
     p.add_argument("--output", default="runs/expert_load_overhead.json")
     p.add_argument("--log-dir", default="runs/expert_load_overhead")
+    p.add_argument("--resummarize", metavar="FILE", help="--design toggle: recompute the summary of a result file "
+                   "from its cells (in place) and exit")
     args = p.parse_args(argv)
+    if args.resummarize:
+        path = Path(args.resummarize)
+        res = json.loads(path.read_text())
+        if res.get("design") != "toggle":
+            p.error(f"--resummarize: {path} is not a --design toggle result")
+        for stale in ("ratio_on_off_per_group", "cpu_ratio_per_group"):
+            res.pop(stale, None)
+        path.write_text(json.dumps(res | summary(res["cells"]), indent=2) + "\n")
+        print(f"rewrote {path}")
+        return 0
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     prompts_file = log_dir / "prompts.json"
@@ -195,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"\nbuiltin, {args.clients} clients, one server, {args.blocks} blocks of {args.block_s:g} s: on/off "
               f"tokens/s per ABBA group median {result['ratio_median']:.4f} (quartiles {result['ratio_q25_q75'][0]:.4f}"
-              f"-{result['ratio_q25_q75'][1]:.4f}), pooled {result['ratio_pooled']:.4f}; per CPU second median "
-              f"{result['cpu_ratio_median']:.4f}, pooled {result['cpu_ratio_pooled']:.4f}")
+              f"-{result['ratio_q25_q75'][1]:.4f}), pooled {result['ratio_pooled']:.4f} (95% CI "
+              f"{result['ratio_pooled_ci95']}); per CPU second median {result['cpu_ratio_median']:.4f}, pooled "
+              f"{result['cpu_ratio_pooled']:.4f}")
         print(f"wrote {out}")
         return 0
     servers: dict[str, ManagedServer] = {}
