@@ -38,10 +38,13 @@ class ExpertLoadCollector:
         self.reading: LoadReading | None = None  # the latest reading, set before each exposition
         self.counting = True  # False while paused (POST /admin/expert-load)
 
-    def set_counting(self, on: bool) -> None:
-        """Pause (no gauges until resumed) or resume, with a new window: a paused span counted nothing."""
+    def set_counting(self, on: bool, base: LoadReading | None = None) -> None:
+        """Pause (no gauges until resumed) or resume with a new window that starts at `base`, the
+        counters as counting resumed (without it the first scrape would span everything since start)."""
         self.counting, self.reading = on, None
         self.window = LoadWindow(self.window.window_s, self.window.clock)
+        if base is not None:
+            self.window.update(base)
 
     def describe(self):
         return []

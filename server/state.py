@@ -181,8 +181,11 @@ class ServerState:
                            "at start-up: restart it with --no-expert-load-metrics to leave the counting out", "enabled")
         previous = self.expert_load.counting
         if on != previous:
-            await self.engine_call(lambda: self.host.set_expert_load(on))
-            self.expert_load.set_counting(on)
+            def switch() -> Any:  # engine thread: the reading a resumed window starts from
+                self.host.set_expert_load(on)
+                return self.host.expert_load_reading() if on else None
+
+            self.expert_load.set_counting(on, await self.engine_call(switch))
         return previous
 
     def check_routed_size(self, rows: list[tuple[int, int]], field: str = "return_routed_experts") -> None:

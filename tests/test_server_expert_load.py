@@ -202,6 +202,9 @@ def test_admin_pauses_and_resumes_expert_load(client, server):
     assert again["previous"] is False
     r = client.post("/admin/expert-load", json={"enabled": True}, headers=server.admin_headers)
     assert r.json()["previous"] is False
+    # the first scrape after resuming: its window starts at the resume, so it holds no token yet
+    first = series(client.get("/metrics").text, "varmoe_expert_load_window_tokens")
+    assert first == {"varmoe_expert_load_window_tokens": 0.0}
     assert np.array_equal(per_expert(client), before)  # the paused requests counted nothing
     out = client.post("/v1/generate", json={**body, "return_routed_experts": True}).json()
     grown = per_expert(client) - before
@@ -211,4 +214,8 @@ def test_admin_pauses_and_resumes_expert_load(client, server):
             for layer, experts in enumerate(row):
                 np.add.at(slots[layer], experts, 1)
     np.testing.assert_array_equal(grown, slots)  # counting resumed with the next request, exactly
+    # the resumed window starts at the resume: it holds that request's tokens, not the earlier traffic
+    window = series(client.get("/metrics").text, "varmoe_expert_load_window_tokens")
+    tokens = len(out["prompt_routed_experts"]) + len(out["routed_experts"])
+    assert window == {"varmoe_expert_load_window_tokens": tokens}
     assert series(client.get("/metrics").text, "varmoe_expert_load_counting") == {"varmoe_expert_load_counting": 1.0}
