@@ -82,7 +82,6 @@ class ModelHost:
         return self.wrapper is not None
 
     def apply_mode(self, var: bool) -> None:
-        """Engine thread only, between batches."""
         if var == self._var_applied:
             return
         if var and self.wrapper is None:
@@ -127,7 +126,6 @@ class ModelHost:
 
     # -- expert load and routed experts (var_moe/routing_tap.py) --------------------------------
     def start_expert_load(self) -> tuple[int, tuple[str, ...]]:
-        """Start counting expert load on the device; returns (experts per layer, tiers counted)."""
         self.set_expert_load(True)
         return self.num_experts, self.tap.tiers
 
