@@ -73,17 +73,15 @@ class Engine(EngineThread):
                 if ready >= target or remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            batch = self._pick(mode, [], overflow=False)
+            batch = self._pick(mode, [])
         return batch, mode
 
-    def _pick(self, mode: str, running: list[Job], overflow: bool = True) -> list[Job]:
-        """Take waiting jobs of `mode` for a batch now running `running`, fairest first (lock held).
-
-        The request with the fewest rows running goes first (ties: the older request), so rows
-        alternate between requests. Up to `max_batch_size` rows in all; beyond that (`overflow`,
-        joining a running batch) only a row of a request with nothing running, up to twice
-        `max_batch_size`."""
-        cap = 2 * self.max_batch_size if overflow else self.max_batch_size
+    def _pick(self, mode: str, running: list[Job]) -> list[Job]:
+        """Take waiting jobs of `mode` for a batch now running `running` (none: a new batch), fairest first
+        (lock held): the request with the fewest rows running goes first (ties: the older request), so
+        rows alternate between requests. Up to `max_batch_size` rows in all; beyond that, when joining a
+        running batch, only a row of a request with nothing running, up to twice `max_batch_size`."""
+        cap = 2 * self.max_batch_size if running else self.max_batch_size
         per_request = collections.Counter(j.request for j in running if not j.posted)
         live = sum(per_request.values())
         waiting: dict[int, collections.deque[Job]] = {}
