@@ -1,12 +1,9 @@
-"""The application factory: wires the route modules, the error handlers, request counting and the
-engine's lifespan together; nothing else lives here.
-
-`create_app(settings)` loads the model and picks its engine (`load_engine`), builds the
-shared `ServerState` (server/state.py: VAR runtime, engine, metrics), starts the engine thread on
-start-up and drains it on shutdown. The routes, one router per concern, are in server/routes/
-(the table of endpoints: docs/SERVER.md). Request bodies are bounded in size and read time before
-parsing (server/limits.py). Errors are JSON `{"error": {"type", "message", "field"}}` (server/errors.py).
-Run: `varmoe serve`. Test: `pytest tests/test_server_api.py`.
+"""The application factory; nothing else lives here. `create_app(settings)` loads the model and picks
+its engine (`load_engine`), builds the shared `ServerState` (server/state.py: VAR runtime, engine,
+metrics), wires the routers of server/routes/ (one per concern; the table of endpoints:
+docs/SERVER.md), the JSON error handlers (server/errors.py), the body limits (size and read time,
+server/limits.py) and request counting, and starts the engine thread on start-up and drains it on
+shutdown. Run: `varmoe serve`. Test: `pytest tests/test_server_api.py`.
 """
 
 from __future__ import annotations

@@ -1,12 +1,10 @@
 """`varmoe serve`: parse flags into `ServerSettings` and run the app under uvicorn.
 
-Every flag is generated from a `ServerSettings` field (server/settings.py declares each once, its
-description being the help) and has a `VARMOE_*` environment twin (flag wins); `--help` lists them
-all (the admin token, environment only, first). With no arguments it serves the
-reference model on 127.0.0.1:8000 with its VAR tables when they are present. Examples:
+One flag per `ServerSettings` field, generated from it (server/settings.py: precedence, defaults);
+`--help` also lists every `VARMOE_*` variable, the environment-only admin token first. Examples:
     varmoe serve
     VARMOE_ADMIN_TOKEN=secret varmoe serve --port 9000 --max-batch-size 16 --no-var-on-start
-Test: `pytest tests/test_server_api.py` (starts `varmoe serve` in a subprocess).
+Test: `pytest tests/test_server_cli.py tests/test_server_api.py` (the latter starts `varmoe serve` in a subprocess).
 """
 
 from __future__ import annotations
@@ -15,36 +13,12 @@ import argparse
 import logging
 import sys
 import textwrap
+import types
+import typing
 
 from var_moe.errors import InvalidInputError
 
 ENV_ONLY = ("admin_token",)  # secrets stay out of the process list: environment only
-
-
-def flag_specs() -> dict[str, tuple[type | None, str]]:
-    """flag name -> (argparse type, help), one per ServerSettings field (None type: a boolean switch
-    with a --no- twin). Values are validated by ServerSettings, so its messages name the flag."""
-    import types
-    import typing
-
-    from .settings import ServerSettings
-
-    specs: dict[str, tuple[type | None, str]] = {}
-    for name, info in ServerSettings.model_fields.items():
-        if name in ENV_ONLY:
-            continue
-        ann = info.annotation
-        if typing.get_origin(ann) in (typing.Union, types.UnionType):  # X | None -> X
-            ann = next(a for a in typing.get_args(ann) if a is not type(None))
-        if ann is bool:
-            typ = None
-        elif ann in (int, float):
-            typ = ann
-        else:  # str, Path, Literal[...]: strings, checked by the settings
-            typ = str
-        specs[name] = (typ, info.description or "")
-    return specs
-
 
 SERVICE = (
     "Serve a causal MoE model over HTTP (FastAPI + uvicorn) with the VAR router switchable at run time: "
@@ -55,11 +29,8 @@ SERVICE = (
 )
 
 
-def env_epilog() -> str:
+def env_epilog(fields: dict) -> str:
     """Every `VARMOE_*` variable, from ServerSettings' fields (so the list cannot drift), env-only ones first."""
-    from .settings import ServerSettings
-
-    fields = ServerSettings.model_fields
     names = [*ENV_ONLY, *(n for n in fields if n not in ENV_ONLY)]
     width = max(len(n) for n in names) + len("VARMOE_") + 4
     lines = ["environment (each flag above has a VARMOE_* twin; the flag wins):"]
@@ -76,12 +47,25 @@ def env_epilog() -> str:
 
 
 def register(subparsers) -> None:
+    """`serve` with one flag per ServerSettings field, its description the help. Values reach
+    ServerSettings as given (a bool is a switch with a --no- twin), so its messages name the flag."""
+    from .settings import ServerSettings
+
+    fields = ServerSettings.model_fields
     p = subparsers.add_parser("serve", help="run the HTTP inference server (FastAPI + uvicorn)",
-                              description=textwrap.fill(SERVICE, 100), epilog=env_epilog(),
+                              description=textwrap.fill(SERVICE, 100), epilog=env_epilog(fields),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, (typ, help_) in flag_specs().items():
-        kind = {"action": argparse.BooleanOptionalAction} if typ is None else {"type": typ}
-        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_, **kind)
+    for name, info in fields.items():
+        if name in ENV_ONLY:
+            continue
+        ann = info.annotation
+        if typing.get_origin(ann) in (typing.Union, types.UnionType):  # X | None -> X
+            ann = next(a for a in typing.get_args(ann) if a is not type(None))
+        if ann is bool:
+            kind = {"action": argparse.BooleanOptionalAction}
+        else:  # str, Path, Literal[...]: strings, checked by the settings
+            kind = {"type": ann if ann in (int, float) else str}
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=info.description or "", **kind)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
 
@@ -91,7 +75,7 @@ def build_settings(args: argparse.Namespace):
 
     from .settings import ServerSettings
 
-    given = {k: getattr(args, k) for k in flag_specs() if getattr(args, k, None) is not None}
+    given = {k: v for k, v in vars(args).items() if k in ServerSettings.model_fields and v is not None}
     try:
         return ServerSettings(**given)
     except ValidationError as exc:

@@ -4,10 +4,9 @@ On vLLM's CPU build each worker binds its OpenMP compute threads to cores (VLLM_
 a list, or `auto`, which leaves cores for the other processes). The server's own threads (uvicorn's
 event loop, the engine thread, vLLM's client threads) are not bound, so the kernel may run them on a
 compute core and preempt a compute thread in the middle of a step (its cost: docs/BENCHMARKS.md).
-After the engine has started, `compute_cores` reads which cores the engine's processes have bound
-threads to, and `keep_off` moves every thread of this process to the other cores it may use (threads
-it starts later inherit that). Nothing happens where no thread is bound, or where no other core is
-left. vLLM's own processes keep their affinity. Linux only (per-thread affinity through /proc).
+After the engine has started, `front_off_compute_cores` moves this process's threads (and so those it
+starts later) off the cores the engine's processes bound threads to; vLLM's own processes keep their
+affinity. Linux only (per-thread affinity through /proc).
 Test: `pytest tests/test_cpu_affinity.py`.
 """
 
@@ -50,7 +49,7 @@ def compute_cores(root_pid: int) -> set[int]:
 
 def keep_off(cores: set[int]) -> set[int] | None:
     """Move every thread of this process to its allowed cores other than `cores`; returns the cores it
-    now runs on, or None where it changed nothing."""
+    now runs on, or None (nothing changed) where `cores` is empty or leaves no other core."""
     allowed = os.sched_getaffinity(0)
     rest = allowed - set(cores)
     if not cores or not rest:

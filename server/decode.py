@@ -4,8 +4,7 @@ and limits as one left-padded (B, S) prefill, then one (B, 1) step per new token
 
 - prefill: an attention mask and position ids counted over the valid tokens only (as `generate()`),
   so a row's logits do not depend on its neighbours. Prompt log-probabilities (perplexity, `echo`)
-  come from this forward, the output layer applied to `LOGITS_CHUNK_ELEMS` floats of positions at a
-  time: a long batch never holds (B, S, V) logits or their log-softmax copy.
+  come from this forward, the output layer applied to a bounded chunk of positions at a time.
 - step: a finished row is fed a pad token with mask 0: it costs compute but is masked out of every
   routing statistic and never changes the live rows.
 - admit: new rows are prefilled on their own, then their KV cache is left-padded to the batch's
@@ -39,11 +38,6 @@ from .jobs import RowSpec, RowState
 # Floats of output-layer logits computed at once for prompt log-probabilities (32 MB of float32):
 # bounds the (B, C, V) chunk and its log-softmax copy whatever the batch, prompt and vocabulary.
 LOGITS_CHUNK_ELEMS = 1 << 23
-
-
-def _top_pairs(logp_BV: torch.Tensor, n: int) -> list[list[tuple[int, float]]]:
-    vals, idx = torch.topk(logp_BV, n, dim=-1)
-    return [list(zip(i.tolist(), v.tolist())) for i, v in zip(idx, vals)]
 
 
 def nucleus_probs(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_p_B: torch.Tensor) -> torch.Tensor:
@@ -134,7 +128,10 @@ class BatchDecoder:
         logp_BV = torch.log_softmax(logits_BV, dim=-1)
         chosen_B = logp_BV.gather(1, next_B[:, None])[:, 0]
         n_top = max(r.top_logprobs for r in self.rows)
-        tops = _top_pairs(logp_BV, n_top) if n_top else None
+        tops = None
+        if n_top:
+            vals_BN, idx_BN = torch.topk(logp_BV, n_top, dim=-1)
+            tops = [list(zip(i.tolist(), v.tolist())) for i, v in zip(idx_BN, vals_BN)]
         emitted: list[int | None] = []
         for i, (row, st) in enumerate(zip(self.rows, self.state)):
             if st.finished or len(st.new_ids) >= row.max_new_tokens:
@@ -176,11 +173,9 @@ class BatchDecoder:
 
     def _prompt_logprobs(self, ids_BS: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Record log p(prompt[i] | prompt[:i]) (+ top-N) per row; returns the last position's logits.
-
-        `out` is (B, S, H) hidden states: the output layer runs on C positions at a time, so only a
-        (B, C, V) chunk of logits and its log-softmax exist at once (a loop over chunks, not tokens).
-        A model without a separate head gives (B, S, V) logits, handled as one chunk."""
-        head = self._head()  # None: `out` already holds the logits (see _forward)
+        `out` is (B, S, H) hidden states, put through the output layer C positions at a time (a loop over
+        chunks, not tokens), or the (B, S, V) logits of a model without a separate head."""
+        head = self._head()
         b, s = ids_BS.shape
         n_top = max((r.top_logprobs for r in self.rows if r.prompt_logprobs), default=0)
         lp_BS = torch.zeros(b, s - 1)

@@ -1,27 +1,18 @@
 """The builtin engine: one thread owns the model; requests wait in a bounded queue and share running batches.
 
-The HTTP side calls `submit(jobs)` from the event loop (one call's jobs are one request). The engine
-thread forms a batch from the oldest jobs, waiting up to `max_wait_ms` from that job's arrival for the
-clients of the batch that just finished (closed-loop clients return together, not in the same
-millisecond; a lone client never waits), and decodes it with `BatchDecoder` (decode.py).
-
-Fair scheduling: one request must not monopolise the model. Rows are picked request by request, the
-request with the fewest rows running first, and waiting rows join the running batch between decode
-steps (`BatchDecoder.admit_prefilled`) up to `max_batch_size` rows, or up to twice that for a request
-with no row running yet: a short request sent beside a long one starts at the next step. A row's
-result is posted as soon as the row finishes.
+The HTTP side calls `submit(jobs)` (one call's jobs are one request; queue, request budget, draining
+stop and job bookkeeping: engine_thread.py). The engine thread forms a batch from the oldest jobs,
+waiting up to `max_wait_ms` for the clients of the batch that just finished (a lone client never
+waits), and decodes it with `BatchDecoder` (decode.py). Waiting rows join the running batch between
+decode steps, fairest request first (`_pick`), and a row's result is posted as soon as it finishes;
+the policy is in docs/SERVER.md (Engine).
 
 Every batch runs in one mode: a pinned request's (`var: true|false`), else the one `VarRuntime`
 (var_runtime.py) gives when the batch forms. Rows join only while the oldest waiting job has the
 batch's mode and no control action waits; otherwise the batch drains, so a toggle lands once it has.
 Control actions (capture) run on this thread between batches (`call()`), because they attach hooks to
-the model. Tier counts are read per segment (between row-set changes), because the VAR wrapper counts
-per batch row and restarts when the batch changes size.
-
-A row stops at its deadline, when cancelled, or at a stop string (jobs.py). With
-`return_routed_experts` (`Job.routed`) the host keeps each forward's experts (and, in VAR mode, which
-rows a table served), filed per row: a prefill's prompt positions, a decode step's fed-back token.
-Queue, request budget, draining stop, job bookkeeping: engine_thread.py. Test: `pytest tests/test_server_engine.py`.
+the model. A row stops at its deadline, when cancelled, or at a stop string (jobs.py).
+Test: `pytest tests/test_server_engine.py`.
 """
 
 from __future__ import annotations
@@ -82,17 +73,15 @@ class Engine(EngineThread):
                 if ready >= target or remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            batch = self._pick(mode, [], overflow=False)
+            batch = self._pick(mode, [])
         return batch, mode
 
-    def _pick(self, mode: str, running: list[Job], overflow: bool = True) -> list[Job]:
-        """Take waiting jobs of `mode` for a batch now running `running`, fairest first (lock held).
-
-        The request with the fewest rows running goes first (ties: the older request), so rows
-        alternate between requests. Up to `max_batch_size` rows in all; beyond that (`overflow`,
-        joining a running batch) only a row of a request with nothing running, up to twice
-        `max_batch_size`."""
-        cap = 2 * self.max_batch_size if overflow else self.max_batch_size
+    def _pick(self, mode: str, running: list[Job]) -> list[Job]:
+        """Take waiting jobs of `mode` for a batch now running `running` (none: a new batch), fairest first
+        (lock held): the request with the fewest rows running goes first (ties: the older request), so
+        rows alternate between requests. Up to `max_batch_size` rows in all; beyond that, when joining a
+        running batch, only a row of a request with nothing running, up to twice `max_batch_size`."""
+        cap = 2 * self.max_batch_size if running else self.max_batch_size
         per_request = collections.Counter(j.request for j in running if not j.posted)
         live = sum(per_request.values())
         waiting: dict[int, collections.deque[Job]] = {}
@@ -169,8 +158,7 @@ class Engine(EngineThread):
         return dec
 
     def _forward(self, jobs: list[Job], dec: BatchDecoder, prefill: bool) -> None:
-        """Run the prefill or one decode step and hand out the new tokens (a stream gets each as an
-        event); the host keeps the forward's experts when a row asked for them (return_routed_experts)."""
+        """Run the prefill or one decode step and hand out the new tokens (a stream gets each as an event)."""
         recording = any(j.routed and not j.posted for j in jobs)
         self.host.record_routing(recording)
         emitted = dec.prefill() if prefill else dec.step()
@@ -182,9 +170,10 @@ class Engine(EngineThread):
         self.metrics.generated_tokens.labels(mode=self._batch_mode).inc(sum(tok is not None for tok in emitted))
 
     def _routing(self, jobs: list[Job], emitted: list[int | None], prefill: bool) -> list[dict | None]:
-        """File each asking row's experts of the forward just run on its job, and return them as its
-        token event's extra fields: a prefill's prompt positions (left-padded: the last n), or the
-        token a decode step fed back (rows already finished sent padding and get nothing)."""
+        """File each asking row's experts of the forward just run (return_routed_experts; in VAR mode also
+        whether a table served them) on its job, and return them as its token event's extra fields: a
+        prefill's prompt positions (left-padded: the last n), or the token a decode step fed back (rows
+        already finished sent padding and get nothing)."""
         last, fast = self.host.last_routing()
         if last is None:
             return [None] * len(jobs)
@@ -198,15 +187,15 @@ class Engine(EngineThread):
                 continue
             first = e_BSLK.shape[1] - (len(job.spec.prompt_ids) if prefill else 1)
             experts = e_BSLK[i, first:].tolist()
-            fast = None
+            served = None
             if f_BSL is not None and (prefill or job.prompt_tiers is not None):
-                fast = f_BSL[i, first:].tolist()
-            out.append(job.add_routing(experts, fast, prompt=prefill))
+                served = f_BSL[i, first:].tolist()
+            out.append(job.add_routing(experts, served, prompt=prefill))
         return out
 
     def _close_segment(self, jobs: list[Job], dec: BatchDecoder) -> None:
-        """Read the tier counts of the forwards since the last segment (per row and in all), then
-        start a new segment. Called whenever the batch's rows change."""
+        """Read the tier counts of the forwards since the last segment (per row and in all), then start
+        a new one; called whenever the batch's rows change, because the VAR wrapper counts per batch row."""
         valid_B = [st.forwarded_tokens - j.segment_tokens for j, st in zip(jobs, dec.state)]
         rows = self.host.row_tier_counts(valid_B)
         self.var.record_batch(self._batch_mode, sum(valid_B), new_batch=self._first_segment)

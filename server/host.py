@@ -3,8 +3,7 @@ beyond that (`BatchHost` for the builtin engine, `StepHost` for vLLM's). `server
 loads the host `--engine` names and picks the engine class that runs it.
 
 `Host` extends the VAR runtime's `RoutingBackend` (server/var_runtime.py) with what the routes and
-`ServerState` read: the tokenizer, `model.config` (vocabulary, context length), the routing shape,
-expert-load counters, and the capture capability (`can_capture`; a host without it answers 409).
+`ServerState` read.
 Test: `pytest tests/test_server_engine.py` (builtin), `tests/vllm_engine/test_vllm_server.py` (vLLM).
 """
 

@@ -47,8 +47,7 @@ class ModelHost:
         adapter = get_adapter(model)
         self.layers = [m.layer for m in adapter.moe_layers(model)]
         self.num_experts, self.top_k = adapter.num_experts, adapter.top_k
-        # expert load and routed experts: hooks on the routers the blocks call (VAR's when installed)
-        # (per VAR tier when the wrapper serves the model: the rows its tables served are fast)
+        # hooks on the routers the blocks call: VAR's when installed, counted per tier (a table's rows are fast)
         self.tap = RoutingTap.for_wrapper(model, wrapper, count=False, adapter=adapter)
         self._var_applied = False
         self.analyzer: RouterAnalyzer | None = None
@@ -83,7 +82,6 @@ class ModelHost:
         return self.wrapper is not None
 
     def apply_mode(self, var: bool) -> None:
-        """Engine thread only, between batches."""
         if var == self._var_applied:
             return
         if var and self.wrapper is None:
@@ -128,9 +126,7 @@ class ModelHost:
 
     # -- expert load and routed experts (var_moe/routing_tap.py) --------------------------------
     def start_expert_load(self) -> tuple[int, tuple[str, ...]]:
-        """Start counting expert load on the device; returns (experts per layer, tiers counted)."""
-        self.tap.count = True
-        self.tap.attach()
+        self.set_expert_load(True)
         return self.num_experts, self.tap.tiers
 
     def expert_load_reading(self):
@@ -176,7 +172,7 @@ class ModelHost:
         self.capture_tokens = 0
 
     def capture_stop(self) -> None:
-        if self.analyzer is not None and self.capturing:
+        if self.capturing:
             self.analyzer.detach()
         self.capturing = False
 
