@@ -11,8 +11,8 @@ that keep each row's document index (the unit of every bootstrap over documents)
   max_length this is the piece scoring (the first token of each piece is never a target).
   `EvalBatch.score_from_B` marks where each row's scored targets begin.
 
-Used by the evaluation (evaluate.py), the tables' evidence pass (tables.py) and the sweep; it sits
-below them so none of those imports another to get its inputs.
+Used by evaluate.py, tables.py (evidence passes) and the sweep; it sits below them so none of those
+imports another to get its inputs.
 Test: `pytest tests/test_var_sliding.py tests/test_var_eval.py tests/test_loading_corpus.py`.
 """
 
@@ -46,9 +46,8 @@ class EvalBatch:
 
 def eval_batches(tokenizer: Any, dataset: str, split: str, num_samples: int | None, max_length: int,
                  batch_size: int, max_per_doc: int | None = 1, max_docs: int | None = None) -> list[EvalBatch]:
-    """Held-out sequences (documents cut into <= max_length pieces, at most `max_per_doc` per
-    document so a sample spans many documents; None = whole documents; at most `max_docs`
-    documents) in padded batches with doc ids."""
+    """`document_batches` over the split's documents (at most `max_docs`), by default one piece per
+    document so a sample spans many documents (`max_per_doc` None: every piece)."""
     if max_per_doc is not None and max_per_doc < 1:
         raise InvalidInputError("--max-per-doc must be >= 1")
     docs = ((d, encode_document(tokenizer, doc.text)) for d, doc in enumerate(iter_documents(dataset, split, max_docs)))
@@ -61,19 +60,23 @@ def eval_batches(tokenizer: Any, dataset: str, split: str, num_samples: int | No
 def document_batches(tokenizer: Any, token_lists: Iterable[tuple[int, list[int]]], max_length: int, batch_size: int,
                      max_per_doc: int | None = None, num_samples: int | None = None) -> list[EvalBatch]:
     """(document index, token ids) -> padded batches of the <= max_length pieces of each document
-    (its first `max_per_doc`; at most `num_samples` in all), rows keeping their document index.
-    Documents are encoded lazily, so none is read past the last one needed."""
-    seqs: list[tuple[int, list[int]]] = []
-    for d, ids in token_lists:
-        if num_samples is not None and len(seqs) >= num_samples:
+    (its first `max_per_doc`; at most `num_samples` in all), rows keeping their document index."""
+    pieces = ([(d, piece) for piece in islice(chunk_sequences([ids], max_length), max_per_doc)]
+              for d, ids in token_lists)
+    return _padded(pieces, num_samples, batch_size, tokenizer.pad_token_id or 0)
+
+
+def _padded(rows_per_doc: Iterable[list[tuple[Any, ...]]], limit: int | None, batch_size: int,
+            pad_id: int) -> list[EvalBatch]:
+    """The rows of each document, at most `limit` in all, in padded batches: (document, ids) pieces,
+    or (document, start, first scored position, ids) sliding windows. Documents are read (and
+    encoded) lazily, so none is read past the last one needed."""
+    rows: list[tuple[Any, ...]] = []
+    for doc_rows in rows_per_doc:
+        rows += doc_rows
+        if limit is not None and len(rows) >= limit:
             break
-        seqs += [(d, piece) for piece in islice(chunk_sequences([ids], max_length), max_per_doc)]
-    return _padded(seqs[:num_samples], batch_size, tokenizer.pad_token_id or 0)
-
-
-def _padded(rows: list[tuple[Any, ...]], batch_size: int, pad_id: int) -> list[EvalBatch]:
-    """Rows in padded batches: (document, ids) pieces, or (document, start, first scored position,
-    ids) sliding windows."""
+    rows = rows[:limit]
     out = []
     for i in range(0, len(rows), batch_size):  # a loop over batches, not tokens
         chunk = rows[i : i + batch_size]
@@ -126,13 +129,10 @@ def window_batches(token_lists: Iterable[list[int]], max_length: int, stride: in
     for flag, v in (("--batch-size", batch_size), ("--max-per-doc", max_windows_per_doc), ("--num-samples", num_windows)):
         if v is not None and v < 1:
             raise InvalidInputError(f"{flag} must be >= 1, got {v}")
-    rows: list[tuple[int, int, int, list[int]]] = []  # (document, start, first scored position, ids)
-    for d, ids in enumerate(token_lists):
-        if num_windows is not None and len(rows) >= num_windows:
-            break
-        for start, first in window_starts(len(ids), max_length, stride)[:max_windows_per_doc]:
-            rows.append((d, start, first, ids[start : start + max_length]))
-    return _padded(rows[:num_windows], batch_size, pad_id)
+    windows = ([(d, start, first, ids[start : start + max_length])
+                for start, first in window_starts(len(ids), max_length, stride)[:max_windows_per_doc]]
+               for d, ids in enumerate(token_lists))
+    return _padded(windows, num_windows, batch_size, pad_id)
 
 
 def scoring_info(batches: list[EvalBatch], max_length: int, stride: int | None) -> dict[str, Any]:

@@ -2,16 +2,15 @@
 
 `evaluate_quality_and_speed(model, tokenizer, mode, ...)` returns the JSON document `varmoe evaluate` writes:
 - evaluation: perplexity of the (VAR or baseline) model, padding masked, per-document sums kept
-  for a paired bootstrap; `scoring` says how the tokens were scored (sliding windows: window,
-  stride; documents, scored tokens), see eval_data.py;
+  for a paired bootstrap; `scoring` says how the tokens were scored (eval_data.py);
 - throughput: tokens/s and per-batch latency percentiles (p50/p95/p99) after warm-up, median
   over repeats, over the first `timing_batches` batches (default all);
-- var mode only: the unmodified model (original routers, no hooks) is run on the same batches in
-  the same process, interleaved batch by batch in rotating order (`var_moe.timing`), giving the paired speed
+- var mode only: the unmodified model (original routers, no hooks) runs on the same batches in
+  the same process, interleaved with VAR batch by batch (`paired_times`), giving the paired speed
   ratio `paired.speedup` and the paired perplexity difference with a bootstrap CI over
   documents; an untimed audit pass counts how often fast decisions equal the learned
   router's (exact top-k set, overlap); `var_stats` holds the wrapper's per-layer statistics.
-Test: `pytest tests/test_var_eval.py`.
+Test: `pytest tests/test_var_eval.py tests/test_var_sweep.py tests/test_var_sliding.py`.
 """
 
 from __future__ import annotations
@@ -79,6 +78,11 @@ def paired_times(model: Any, wrapper: Any, batches: list[EvalBatch], device: tor
                        len(batches), repeats, warmup, device=device)
 
 
+def speed_ratios(times: dict[str, list[list[float]]]) -> list[float]:
+    """Baseline / VAR seconds of each repeat of `paired_times` (the paired speed ratio)."""
+    return [sum(tb) / sum(tv) for tb, tv in zip(times["base"], times["var"])]
+
+
 def _environment(device: torch.device) -> dict[str, Any]:
     import transformers
 
@@ -116,35 +120,27 @@ def evaluate_quality_and_speed(model: Any, tokenizer: Any, mode: str, batches: l
     from .wrapper import VARModelWrapper
 
     config = config or VARConfig()
-    wrapper = VARModelWrapper(model, config, tables=tables)
-    try:
+    with VARModelWrapper(model, config, tables=tables) as wrapper:
         # 1) quality + audit pass (untimed): baseline and VAR on the same batches
         wrapper.reset_stats()
         wrapper.set_audit(True)
-        base_rows, var_rows = [], []
-        for b in batches:
-            with wrapper.suspended():
-                base_rows.append(batch_nll(model, b, device))
-            var_rows.append(batch_nll(wrapper, b, device))
+        with wrapper.suspended():
+            b_nll, b_cnt = doc_nll(model, batches, device)
+        v_nll, v_cnt = doc_nll(wrapper, batches, device)
         wrapper.set_audit(False)
         stats = wrapper.get_performance_stats()
-        b_nll, b_cnt = _per_doc(batches, *zip(*base_rows))
-        v_nll, v_cnt = _per_doc(batches, *zip(*var_rows))
         # 2) timing; shadow demotion must not change the tables between timed repeats
         with wrapper.frozen_tables():
             times = paired_times(model, wrapper, timed, device, repeats, warmup)
-    finally:
-        wrapper.restore()
     result["config"] = config.to_dict()
     result["table_sizes"] = {str(l): n for l, n in wrapper.table_sizes().items()}
     result["evaluation"] = _ppl_block(v_nll, v_cnt)
     result["scoring"] = _scoring(scoring, b_nll, b_cnt)
     result["throughput"] = _tput(tokens, times["var"], warmup)
-    base_tput = _tput(tokens, times["base"], warmup)
-    per_rep = [b / v for b, v in zip(base_tput["seconds_per_pass"], result["throughput"]["seconds_per_pass"])]
+    per_rep = speed_ratios(times)
     result["paired"] = {
         "baseline_evaluation": _ppl_block(b_nll, b_cnt),
-        "baseline_throughput": base_tput,
+        "baseline_throughput": _tput(tokens, times["base"], warmup),
         "speedup": statistics.median(per_rep),
         "speedup_per_repeat": per_rep,
         "speedup_batch_median": statistics.median(b / v for tb, tv in zip(times["base"], times["var"])
@@ -152,7 +148,11 @@ def evaluate_quality_and_speed(model: Any, tokenizer: Any, mode: str, batches: l
         "perplexity_bootstrap": paired_bootstrap(b_nll, b_cnt, v_nll, v_cnt, bootstrap, seed),
         "method": "same process, batches interleaved with rotating order (var_moe.timing); baseline = original routers, no hooks",
     }
-    result["agreement"] = _agreement(stats["overall"])
+    fast, calls = stats["overall"]["audit_fast"], stats["overall"]["calls"]
+    # learned decisions agree with themselves; share of all (token, layer) decisions equal to learned
+    wrong = fast["n"] - (fast["exact_agreement"] or 0) * fast["n"]
+    result["agreement"] = {"fast": fast, "all_decisions_exact": 1 - wrong / calls if calls else None,
+                           "note": "local agreement: the learned router evaluated on the same hidden states VAR saw"}
     result["var_stats"] = stats
     return result
 
@@ -176,12 +176,3 @@ def _tput(tokens: int, times: list[list[float]], warmup: int) -> dict[str, Any]:
     return {"tokens_per_second": tokens / med, "seconds_per_pass_median": med, "seconds_per_pass": per_rep,
             "repeats": len(times), "warmup_batches": warmup, "batches_timed": len(times[0]), "tokens_per_pass": tokens,
             "latency": latency}
-
-
-def _agreement(overall: dict[str, Any]) -> dict[str, Any]:
-    a = overall["audit_fast"]
-    calls = overall["calls"]
-    # learned decisions agree with themselves; share of all (token, layer) decisions equal to learned
-    wrong = a["n"] - (a["exact_agreement"] or 0) * a["n"]
-    return {"fast": a, "all_decisions_exact": 1 - wrong / calls if calls else None,
-            "note": "local agreement: the learned router evaluated on the same hidden states VAR saw"}

@@ -4,11 +4,10 @@ agreement, perplexity change, paired speed ratio.
 Stage 1 (tables, cheap): for every (target agreement, minimum frequency, entropy cap or none,
 per-document cap) tables are rebuilt from saved calibration evidence and scored on test evidence
 (`validation.served`): coverage and agreement per layer with document-bootstrap intervals.
-Stage 2 (runtime, model runs): for the table points `runtime_points` picks (the presets, and the
-loosest target's largest coverage as the degradation check) and each adaptive-k setting:
-perplexity of VAR vs the unmodified model on whole test documents (sliding windows, eval_data.py)
-with a paired bootstrap interval over documents, and the paired speed ratio (baseline / VAR time,
-`evaluate.paired_times`, median over repeats, tables frozen).
+Stage 2 (runtime, model runs): for each table point `runtime_points` picks and each adaptive-k
+setting: perplexity of VAR vs the unmodified model on whole test documents (sliding windows,
+eval_data.py) with a paired bootstrap interval over documents, and the paired speed ratio
+(`evaluate.speed_ratios`, median over repeats, tables frozen).
 Every point is appended to a JSON file at once and points already there are skipped, so an
 interrupted sweep resumes; resuming with another perplexity scoring, or another choosing scheme
 (`chooser`: e.g. training-split documents choose every table's sets), is refused.
@@ -28,7 +27,7 @@ import numpy as np
 
 from ..errors import InvalidInputError
 from .config import VARConfig
-from .evaluate import EvalBatch, doc_nll, paired_bootstrap, paired_times
+from .evaluate import EvalBatch, doc_nll, paired_bootstrap, paired_times, speed_ratios
 
 
 @dataclass(frozen=True)
@@ -56,11 +55,6 @@ class SweepGrid:
 def table_key(cfg: VARConfig) -> str:
     return (f"t{cfg.target_agreement}-f{cfg.frequency_threshold}-e{cfg.entropy_threshold}-"
             f"c{cfg.max_per_document}-{cfg.multiplicity}")
-
-
-def runtime_key(cfg: VARConfig) -> str:
-    k = cfg.adaptive_k_min_weight if cfg.adaptive_k else None
-    return f"{table_key(cfg)}-k{k}"
 
 
 EVEN_ODD = "even/odd documents of the calibration evidence"
@@ -117,11 +111,11 @@ def sweep_tables(calibration: Any, test: Any, model: Any, adapter: Any, grid: Sw
     return doc
 
 
-def runtime_points(doc: dict[str, Any], named: dict[str, VARConfig] | None = None) -> list[str]:
+def runtime_points(doc: dict[str, Any], named: dict[str, VARConfig]) -> list[str]:
     """Table keys worth model runs: the named configs (the presets) and, for the loosest target
     (the degradation check), its largest coverage. Named keys must be points of the table grid."""
     rows = doc["tables"]
-    keys = [table_key(cfg) for cfg in (named or {}).values()]
+    keys = [table_key(cfg) for cfg in named.values()]
     missing = [k for k in keys if k not in {r["key"] for r in rows}]
     if missing:
         raise InvalidInputError(f"named configs {missing} are not points of the table grid; widen the grid")
@@ -134,8 +128,6 @@ def sweep_runtime(calibration: Any, model: Any, adapter: Any, ppl_batches: list[
                   speed_batches: list[EvalBatch], grid: SweepGrid, base: VARConfig, keys: list[str], out: Path,
                   log: Callable[[str], None] = print, scoring: dict[str, Any] | None = None,
                   chooser: Any = None) -> dict[str, Any]:
-    import torch
-
     from .tables import VARTables
     from .wrapper import VARModelWrapper
 
@@ -156,19 +148,15 @@ def sweep_runtime(calibration: Any, model: Any, adapter: Any, ppl_batches: list[
         tables = VARTables.from_evidence(calibration, model, adapter, table_cfg, choose_evidence=chooser)
         for k in grid.adaptive_k:
             cfg = table_cfg.replace(adaptive_k=k is not None, adaptive_k_min_weight=k or base.adaptive_k_min_weight)
-            rkey = runtime_key(cfg)
+            rkey = f"{table_key(cfg)}-k{cfg.adaptive_k_min_weight if cfg.adaptive_k else None}"
             if rkey in done:
                 continue
-            w = VARModelWrapper(model, cfg, tables=tables)
-            try:
-                with w.frozen_tables(), torch.no_grad():
-                    w.reset_stats()
-                    v_nll, v_cnt = doc_nll(w, ppl_batches, device)
-                    dist = w.get_performance_stats()["overall"]["routing_distribution"]
-                    times = paired_times(model, w, speed_batches, device, grid.repeats, grid.warmup)
-            finally:
-                w.restore()
-            ratios = [sum(tb) / sum(tv) for tb, tv in zip(times["base"], times["var"])]  # baseline / VAR seconds
+            with VARModelWrapper(model, cfg, tables=tables) as w, w.frozen_tables():
+                w.reset_stats()
+                v_nll, v_cnt = doc_nll(w, ppl_batches, device)
+                dist = w.get_performance_stats()["overall"]["routing_distribution"]
+                times = paired_times(model, w, speed_batches, device, grid.repeats, grid.warmup)
+            ratios = speed_ratios(times)
             ppl = paired_bootstrap(b_nll, b_cnt, v_nll, v_cnt, 1000, 0)
             row = {"key": rkey, "table_key": key, "adaptive_k_min_weight": k,
                    "target_agreement": table_cfg.target_agreement, "routing_distribution": dist,

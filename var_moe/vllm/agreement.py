@@ -1,12 +1,11 @@
 """The workers' VAR counters, and the agreement of table rows with vLLM's learned router measured by them.
 
-`worker_counts(engine)` merges every worker's {layer: [fast, learned, agree, disagree]}
-(extension.py `varmoe_counts`). `table_agreement(engine, token_lists)` sends each token list
-through an `LLMEngine` as a VAR-mode request that generates one token and returns, per MoE layer,
-(table rows whose set equals the learned set, table rows) from those counters: the served
-engine's own routing, in its own dtype and kernels, so a server started in another dtype than the
-tables were certified in can measure them before it serves (var_moe.var.served_dtype judges the
-counts). The counters are reset afterwards, so the server's metrics start at zero.
+`table_agreement(engine, token_lists)` sends each token list through an `LLMEngine` as a VAR-mode
+request that generates one token, and counts per MoE layer the table rows whose set equals the
+learned set: the served engine's own routing, in its own dtype and kernels, so a server started in
+another dtype than the tables were certified in can measure them before it serves
+(var_moe.var.served_dtype judges the counts). The counters are reset afterwards, so the server's
+metrics start at zero.
 Test: `pytest tests/test_vllm_routing.py tests/vllm_engine/test_vllm_default_serve.py` (the second: vLLM environment).
 """
 
@@ -19,9 +18,10 @@ _ids = count()
 
 
 def worker_counts(engine: Any) -> dict[int, list[int]]:
-    """Each MoE layer's counters from the workers. Tensor-parallel ranks route the same rows with the
-    same replicated gate, so their counters are equal (the vLLM suite checks it): a layer is read from
-    the first worker that holds it, and workers that hold other layers (pipeline stages) add theirs."""
+    """Each MoE layer's [fast, learned, agree, disagree] counters (extension.py `varmoe_counts`).
+    Tensor-parallel ranks route the same rows with the same replicated gate, so their counters are
+    equal (the vLLM suite checks it): a layer is read from the first worker that holds it, and
+    workers that hold other layers (pipeline stages) add theirs."""
     merged: dict[int, list[int]] = {}
     for worker in engine.collective_rpc("varmoe_counts"):
         for layer, c in worker.items():
