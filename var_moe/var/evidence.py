@@ -144,12 +144,12 @@ def read_artifact(path: str | Path, key: str, what: str,
     return meta, tensors
 
 
+@dataclass(eq=False)
 class Evidence:
     """Per-layer `LayerEvidence` plus metadata (model identity, documents, tokens, source)."""
 
-    def __init__(self, layers: dict[int, LayerEvidence], metadata: dict[str, Any]):
-        self.layers = layers
-        self.metadata = metadata
+    layers: dict[int, LayerEvidence]
+    metadata: dict[str, Any]
 
     def save(self, path: str | Path) -> Path:
         for ev in self.layers.values():
