@@ -52,13 +52,11 @@ class LayerEvidence:
     def __post_init__(self) -> None:
         from ..capture.hash_index import HashIndex
 
-        v = self.vocab
-        if self.rows_R4 is None:
+        if self.rows_R4 is None:  # new, empty evidence (`Evidence.load` passes every tensor)
             self.rows_R4 = torch.zeros(0, 4, dtype=torch.long)
             self.counts_R = torch.zeros(0, dtype=torch.long)
-            self.freq_2V = torch.zeros(2, v, dtype=torch.float64)
-            self.ent_2V = torch.zeros(2, v, dtype=torch.float64)
-        if self.cell_keys_C is None:
+            self.freq_2V = torch.zeros(2, self.vocab, dtype=torch.float64)
+            self.ent_2V = torch.zeros(2, self.vocab, dtype=torch.float64)
             self.cell_keys_C = torch.zeros(0, dtype=torch.long)
             self.cell_chosen_C = torch.zeros(0, dtype=torch.float64)
             self.cell_wsum_C = torch.zeros(0, dtype=torch.float64)
