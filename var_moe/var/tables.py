@@ -346,13 +346,13 @@ class VARTables:
     @classmethod
     def from_stats_file(cls, path: str | Path, model: Any, adapter: Any, config: VARConfig,
                         layers: list[int] | None = None, tokenizer: Any = None, evidence: Evidence | None = None,
-                        allow_test_split: bool = False, batch_size: int = 8, choose_evidence: Evidence | None = None,
+                        allow_test_split: bool = False, choose_evidence: Evidence | None = None,
                         choose_source: str = "") -> "VARTables":
         """Tables from a calibration capture: a routing pass over the documents its metadata names
         collects the evidence (unless `evidence` is given); `frequency_check` compares its token counts."""
         df, meta = read_stats_for_model(path, model, adapter, allow_test_split)
         if evidence is None:
-            evidence = evidence_for_stats(meta, model, adapter, tokenizer, batch_size)
+            evidence = evidence_for_stats(meta, model, adapter, tokenizer)
         tables = cls.from_evidence(evidence, model, adapter, config, layers, source=str(path),
                                    choose_evidence=choose_evidence, choose_source=choose_source,
                                    allow_test_split=allow_test_split)
