@@ -1,16 +1,17 @@
-"""Choosing and certifying table entries: the statistics behind `var_moe.var.tables`.
+"""Choosing and certifying table entries: the statistics behind `tables.py`.
 
 Per layer (from `evidence.LayerEvidence`): each token's set is its most frequent exact top-k set on
-the choosing documents (`_summary`); its agreement is counted on the certifying documents with at
-most `max_per_document` occurrences per document (`capped_counts`). Which documents do which is
-the `choose` mode (`CHOOSE_MODES`):
+the choosing documents (`_summary`), among tokens that pass the frequency / entropy filters there
+(`passes_filters`); its agreement is counted on the certifying documents, each document counting at
+most `max_per_document` occurrences since occurrences inside one document are correlated
+(`capped_counts`). Which documents do which is the `choose` mode (`CHOOSE_MODES`):
   "even":     one evidence object; even documents choose, odd ones certify (the default);
   "separate": every document of a second evidence object (`chooser`, e.g. the training split)
               chooses, every document of the certifying one (the calibration split) certifies;
   "all":      every document chooses, nothing is certified (Phase 1's unverified predictors).
 A one-sided score test per candidate (`score_pvalues`) and a multiplicity rule over all candidates
 (`multiplicity_levels`: bh / holm / none) decide which entries are served; `wilson_lower_bound`
-states each entry's bound. Also the (previous, token) and global modal sets for validation, and
+states each entry's bound. Also the validation-only (previous, token) and global modal sets, and
 the shadow demotion rule. Config-independent parts are cached on the evidence object.
 Test: `pytest tests/test_var_verification.py tests/test_var_tables.py`.
 """
@@ -206,7 +207,6 @@ class Candidates:
     """One layer's chosen sets and evidence before the multiplicity step."""
 
     modal_VK: torch.Tensor
-    seen_V: torch.Tensor  # token seen on the choosing half
     eligible_V: torch.Tensor  # passes frequency / entropy filters (choosing half only)
     agree_V: torch.Tensor
     total_V: torch.Tensor
@@ -247,7 +247,7 @@ def layer_candidates(ev: LayerEvidence, config: VARConfig, choose: str = "even",
     agree_V, total_V, docs_V = capped_counts(sm["n_D"], sm["a_D"], sm["tok_D"], v, config.max_per_document)
     modal_VK, w_VK, mass_V = served_weights(src.mean_weights(torch.arange(v), modal_VK, halves), modal_VK, seen_V)
     pvals = score_pvalues(agree_V, total_V, config.target_agreement)
-    return Candidates(modal_VK, seen_V, eligible & (total_V > 0), agree_V, total_V, docs_V, w_VK, mass_V, pvals, freq_V)
+    return Candidates(modal_VK, eligible & (total_V > 0), agree_V, total_V, docs_V, w_VK, mass_V, pvals, freq_V)
 
 
 def served_weights(w_XK: torch.Tensor, sets_XK: torch.Tensor, seen_X: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -1,23 +1,16 @@
 """Routing evidence by document: what the table builder chooses and certifies entries from.
 
-`collect_evidence(model, batches)` runs the model over calibration batches whose rows carry a
-document id (`EvalBatch.doc_B`) under a `RoutingRecorder` (the router's own outputs, padding
-masked) and keeps, per MoE layer:
-
-- `rows_R4` / `counts_R`: distinct (document, previous token, token, set code) rows and how often
-  each occurred (set code: `capture.router_math.set_codes`), so every per-token and
-  per-(previous, token) count can be recomputed by document;
-- per half (0 = choose, 1 = certify) and token: occurrences and summed routing entropy (nats);
-  per observed (half, token, expert) cell, how often the expert was chosen and its summed weight
-  (for the served weights), kept sparsely (the capture's `HashIndex`) so memory follows what was
-  seen, not V x E.
-
-Documents are split by parity of their index (`half_of`); evidence used whole on one side (a
-separate choosing evidence, `certify.py`'s "separate" mode) sums both halves. Pending rows are
-consolidated past a size bound so memory is O(distinct rows). The result saves as safetensors
-with JSON metadata so a sweep can rebuild tables without rerunning the model; `write_artifact` /
-`read_artifact` write and read such files (evidence and tables), so each refuses a missing,
-foreign or corrupt file the same way. No pickle.
+`collect_evidence(model, batches)` runs the model over batches whose rows carry a document id
+(`EvalBatch.doc_B`) under a `RoutingRecorder` (the router's own outputs, padding masked) and keeps,
+per MoE layer (`LayerEvidence`): distinct (document, previous token, token, set code) rows and their
+counts (set code: `capture.router_math.set_codes`), so every per-token and per-(previous, token)
+count can be recomputed by document; per half (`half_of`: index parity, 0 = choose, 1 = certify)
+and token, occurrences and summed routing entropy (nats); per observed (half, token, expert) cell,
+how often the expert was chosen and its summed weight (for the served weights), kept sparsely (the
+capture's `HashIndex`) so memory follows what was seen, not V x E. Pending rows are consolidated
+past a size bound so memory is O(distinct rows). Evidence and tables save as safetensors with JSON
+metadata (`write_artifact` / `read_artifact`, which refuse a missing, foreign or corrupt file the
+same way; no pickle), so a sweep can rebuild tables without rerunning the model.
 Shapes: T tokens, K top-k, E experts, V vocabulary, R rows. Test: `pytest tests/test_var_tables.py`.
 """
 
@@ -59,13 +52,11 @@ class LayerEvidence:
     def __post_init__(self) -> None:
         from ..capture.hash_index import HashIndex
 
-        v = self.vocab
-        if self.rows_R4 is None:
+        if self.rows_R4 is None:  # new, empty evidence (`Evidence.load` passes every tensor)
             self.rows_R4 = torch.zeros(0, 4, dtype=torch.long)
             self.counts_R = torch.zeros(0, dtype=torch.long)
-            self.freq_2V = torch.zeros(2, v, dtype=torch.float64)
-            self.ent_2V = torch.zeros(2, v, dtype=torch.float64)
-        if self.cell_keys_C is None:
+            self.freq_2V = torch.zeros(2, self.vocab, dtype=torch.float64)
+            self.ent_2V = torch.zeros(2, self.vocab, dtype=torch.float64)
             self.cell_keys_C = torch.zeros(0, dtype=torch.long)
             self.cell_chosen_C = torch.zeros(0, dtype=torch.float64)
             self.cell_wsum_C = torch.zeros(0, dtype=torch.float64)
@@ -151,12 +142,12 @@ def read_artifact(path: str | Path, key: str, what: str,
     return meta, tensors
 
 
+@dataclass(eq=False)
 class Evidence:
     """Per-layer `LayerEvidence` plus metadata (model identity, documents, tokens, source)."""
 
-    def __init__(self, layers: dict[int, LayerEvidence], metadata: dict[str, Any]):
-        self.layers = layers
-        self.metadata = metadata
+    layers: dict[int, LayerEvidence]
+    metadata: dict[str, Any]
 
     def save(self, path: str | Path) -> Path:
         for ev in self.layers.values():

@@ -2,13 +2,12 @@
 
 Statistics computed in memory (`RouterAnalyzer(model)`, `analyze_batch(...)`, the vocabulary
 analysis saved to Parquet) name no documents, so `tables.py`'s held-out certification cannot run.
-These tables use the statistics themselves: per layer and token the modal top-k set, entered by
-the same filters and multiplicity rule as certified entries, but the score test runs on the *same*
-occurrences that chose the set. That agreement is optimistic, so nothing here is certified: the
-metadata says so (`uncertified`, with the commands that certify), and so do
-`print_performance_summary()` and the server's `/var/status`. Token entries only: (previous,
-token) entries need evidence by document. `tables_for_stats` (the wrapper's path from
-`VARConfig.routing_stats_path`) certifies by document when the statistics name their documents.
+Here each token's modal top-k set is entered by the same filters and multiplicity rule as certified
+entries, but the score test runs on the *same* occurrences that chose the set. That agreement is
+optimistic, so nothing here is certified: the metadata says so (`uncertified`, with the commands
+that certify), and so do `print_performance_summary()` and the server's `/var/status`. Token entries
+only: (previous, token) entries need evidence by document. `tables_for_stats` (the wrapper's path
+from `VARConfig.routing_stats_path`) certifies by document when the statistics name their documents.
 Test: `pytest tests/test_var_seed_workflow.py`.
 """
 
@@ -23,7 +22,7 @@ import torch
 from ..errors import InvalidInputError
 from .certify import Candidates, passes_filters, score_pvalues, served_weights
 from .config import VARConfig
-from .stats_io import names_documents, read_stats_for_model
+from .stats_io import names_documents, read_stats_for_model, read_stats_metadata
 from .tables import VARTables, certify_entries, identity_and_layers, table_metadata
 
 CERTIFY_COMMANDS = ("`varmoe capture --split calibration --output calib.parquet` (statistics that name their documents), "
@@ -69,16 +68,16 @@ def layer_candidates_in_sample(sub: Any, config: VARConfig, vocab: int, num_expe
     eligible_V = passes_filters(seen_V, freq_V, ent_V, config, num_experts)
     modal_VK, w_VK, mass_V = served_weights((wsum_VE / chosen_VE.clamp_min(1)).gather(1, modal_VK), modal_VK, seen_V)
     pvals_V = score_pvalues(agree_V, freq_V, config.target_agreement)
-    return Candidates(modal_VK, seen_V, eligible_V, agree_V, freq_V, seen_V.double(), w_VK, mass_V, pvals_V, freq_V)
+    return Candidates(modal_VK, eligible_V, agree_V, freq_V, seen_V.double(), w_VK, mass_V, pvals_V, freq_V)
 
 
 def tables_for_stats(path: str | Path, model: Any, adapter: Any, config: VARConfig, layers: list[int] | None = None,
                      allow_test_split: bool = False) -> VARTables:
     """Tables from a statistics file: certified by document (`VARTables.from_stats_file`) when its
     metadata names its documents, else in-sample and uncertified."""
-    df, meta = read_stats_for_model(path, model, adapter, allow_test_split)
-    if names_documents(meta):
+    if names_documents(read_stats_metadata(path)):  # the key-value metadata only: the frame is read once
         return VARTables.from_stats_file(path, model, adapter, config, layers=layers, allow_test_split=allow_test_split)
+    df, meta = read_stats_for_model(path, model, adapter, allow_test_split)
     ident, layers = identity_and_layers(model, adapter, layers)
     missing = sorted(set(layers) - set(int(x) for x in df["layer"].unique()))
     if missing:

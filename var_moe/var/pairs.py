@@ -1,21 +1,17 @@
 """The (previous token, token) tier: pair entries for rows whose token has no table entry.
 
 A token whose occurrences split between expert sets cannot reach the target with any single set,
-but its occurrences after one particular previous token often can. Per layer:
-1. choose (`pair_candidates`): on the choosing side, every (previous, token) pair's modal exact
-   top-k set (ties -> smallest set), kept if the pair occurs >= `min_pair_count` times there
-   (default: the config's `frequency_threshold`, the token entries' rule); optionally pre-screened
-   on the choosing side only (`prescreen`: the modal set's share of the pair's choosing
-   occurrences >= target). Nothing here looks at the certifying documents;
-2. certify: the pair's occurrences on the certifying documents, capped per document and tested
-   with the same score test as token entries (`certify.document_groups`, `certify.capped_counts`,
-   `certify.score_pvalues`); the multiplicity rule runs over token and pair candidates as ONE family
-   (`tables.certify_entries`);
-3. serve: keys `prev * V + token` sorted per layer (`served.pair_key` with slot 0); every engine
-   stacks them into `served.ServedTables` and decides rows with `served.decide` (a pair entry
-   serves a row only where the token tier has none); `served_masks` is that decision on evidence.
-Rows at a sequence start (previous = -1) never hit. The entropy cap has no per-pair counterpart
-(evidence keeps entropy per token), so configs with one are refused here.
+but its occurrences after one particular previous token often can. Per layer, `pair_candidates`
+chooses each pair's modal exact top-k set on the choosing side (ties -> smallest set), kept if the
+pair occurs >= `min_pair_count` times there and, optionally (`prescreen`), if that set's share of
+those occurrences already reaches the target; nothing here looks at the certifying documents. They
+certify it as they do token entries (`certify.py`: per-document cap, score test), in ONE
+multiplicity family with the token candidates (`tables.certify_entries`). Served keys are
+`prev * V + token` sorted per layer (`served.pair_key` with slot 0); every engine stacks them into
+`served.ServedTables` and decides rows with `served.decide` (a pair entry serves a row only where the
+token tier has none); `served_masks` is that decision on evidence. Rows at a sequence start
+(previous = -1) never hit. The entropy cap has no per-pair counterpart (evidence keeps entropy per
+token), so configs with one are refused here.
 Shapes: P pair entries, K top-k, V vocabulary, R evidence rows, T tokens.
 Test: `pytest tests/test_var_pairs.py`.
 """
@@ -44,12 +40,9 @@ class PairCandidates:
     sets_PK: torch.Tensor  # long, the chosen set, the expert with the largest stored weight first
     weights_PK: torch.Tensor  # float64, the token's mean learned weights of those experts, renormalised
     mass_P: torch.Tensor  # float64, their raw sum
-    select_P: torch.Tensor  # float64, occurrences on the choosing side
-    share_P: torch.Tensor  # float64, the chosen set's share of them
     eligible_P: torch.Tensor  # bool, enters the family (count, pre-screen, certifying occurrences > 0)
     agree_P: torch.Tensor  # float64, capped certifying agreements
     total_P: torch.Tensor  # float64, capped certifying trials
-    docs_P: torch.Tensor  # float64, certifying documents
     pvalue_P: torch.Tensor  # float64, one-sided score test of "agreement <= target"
 
 
@@ -79,7 +72,8 @@ class PairTable:
 def pair_candidates(ev: LayerEvidence, config: VARConfig, min_pair_count: int | None = None, prescreen: bool = True,
                     choose: str = "even", chooser: LayerEvidence | None = None) -> PairCandidates:
     """Choose each (previous, token) pair's set on the choosing side, count its agreement on the
-    certifying side with the token entries' per-document cap, and its score-test p-value."""
+    certifying side with the token entries' per-document cap, and its score-test p-value.
+    `min_pair_count` None: the config's `frequency_threshold`, the token entries' rule."""
     if config.entropy_threshold is not None:
         raise InvalidInputError("the (previous, token) tier has no per-pair entropy; use entropy_threshold=None")
     min_count = config.frequency_threshold if min_pair_count is None else min_pair_count
@@ -89,15 +83,14 @@ def pair_candidates(ev: LayerEvidence, config: VARConfig, min_pair_count: int | 
     src = choosing_side(ev, choose, chooser)
     keys_P, code_P, select_P, modal_P = pair_modes(ev, choose, chooser)  # keys ascend
     keep = select_P >= min_count
-    keys_P, code_P, select_P = keys_P[keep], code_P[keep], select_P[keep].double()
-    share_P = modal_P[keep].double() / select_P.clamp_min(1)
+    keys_P, code_P = keys_P[keep], code_P[keep]
     rows, counts = side_rows(ev, choose, 1)
     hit_R, idx_R = find_pairs(keys_P, rows[:, 1], rows[:, 2], v)
     n_D, a_D, key_D = document_groups(rows[hit_R], idx_R[hit_R], code_P, counts[hit_R])
-    agree_P, total_P, docs_P = capped_counts(n_D, a_D, key_D, keys_P.numel(), config.max_per_document)
+    agree_P, total_P, _ = capped_counts(n_D, a_D, key_D, keys_P.numel(), config.max_per_document)
     eligible_P = total_P > 0
-    if prescreen:  # choosing side only: the pair's own split must already reach the target there
-        eligible_P &= share_P >= config.target_agreement
+    if prescreen:  # choosing side only: the modal set's share of the pair's occurrences must reach the target there
+        eligible_P &= modal_P[keep].double() / select_P[keep].double().clamp_min(1) >= config.target_agreement
     pvalue_P = score_pvalues(agree_P, total_P, config.target_agreement)
     # served weights: pairs keep no weights of their own, so the token's mean learned weight of each
     # expert of the pair's set (on the choosing side), renormalised over the set
@@ -105,15 +98,7 @@ def pair_candidates(ev: LayerEvidence, config: VARConfig, min_pair_count: int | 
     sets_PK = decode_sets(code_P, ev.num_experts, ev.top_k)
     sets_PK, weights_PK, mass_P = served_weights(src.mean_weights(tok_P, sets_PK, choosing_halves(choose)), sets_PK,
                                                  torch.ones_like(tok_P, dtype=torch.bool))
-    return PairCandidates(keys_P, code_P, sets_PK, weights_PK, mass_P, select_P, share_P, eligible_P, agree_P, total_P,
-                          docs_P, pvalue_P)
-
-
-def accepted_pairs(c: PairCandidates, member_P: torch.Tensor, bound_P: torch.Tensor) -> PairTable:
-    """The accepted entries of one layer's candidates."""
-    m = member_P
-    return PairTable(c.keys_P[m], c.sets_PK[m], c.weights_PK[m].float(), c.mass_P[m].float(), c.code_P[m],
-                     bound_P[m].float(), c.agree_P[m], c.total_P[m])
+    return PairCandidates(keys_P, code_P, sets_PK, weights_PK, mass_P, eligible_P, agree_P, total_P, pvalue_P)
 
 
 def served_masks(ev: LayerEvidence, table: object, pairs: PairTable | None) -> dict[str, torch.Tensor]:

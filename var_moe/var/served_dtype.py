@@ -1,14 +1,13 @@
 """Do VAR tables certified in one dtype hold in the dtype a server runs the model in?
 
-Served in another dtype than the tables were certified in (e.g. bfloat16, vLLM's default, for a
-float32 checkpoint), the learned router sees other hidden states and can pick other experts, so a
-table row may agree with it less often than its certificate says. `check_tables` is the start-up
-check: on a small held-in sample (the first `max_length` tokens of `documents` documents of the
-tables' certifying split) it measures how often each layer's table rows equal the learned top-k
-set in the served dtype; a layer with at least MIN_ROWS table rows under the tables' target fails.
-Each engine passes its own measure (`builtin_agreement`: the capture hooks; vLLM: its device audit
-counters, var_moe.vllm.agreement); the verdict (`DtypeCheck`) is published in `/var/status`.
-
+In another dtype (e.g. bfloat16, vLLM's default, for a float32 checkpoint) the learned router sees
+other hidden states and can pick other experts, so table rows may agree with it less often than
+certified. `check_tables`, the start-up check, measures per layer how often table rows equal the
+learned top-k set in the served dtype on a small held-in sample (the first `max_length` tokens of
+`documents` documents of the tables' certifying split); a layer with at least MIN_ROWS table rows
+under the tables' target fails. Each engine passes its own measure (`builtin_agreement`: the capture
+hooks; vLLM: its device audit counters, var_moe.vllm.agreement); the verdict (`DtypeCheck`) is
+published in `/var/status`.
 Test: `pytest tests/test_served_dtype.py`.
 """
 

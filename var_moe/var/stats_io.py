@@ -1,10 +1,10 @@
 """Reading Phase 1 statistics files for table building, and checking they fit a model.
 
-Uses `var_moe.capture.schema.read_stats` for files that carry var-moe run metadata; otherwise (e.g. a
-vocabulary analysis saved with `DataFrame.to_parquet`) reads the Parquet file with pyarrow and
-decodes its key-value metadata (JSON values). Either way the result
-is `(DataFrame, metadata dict)`. `read_stats_for_model` also refuses statistics captured from another
-architecture, vocabulary, expert count or top-k, or on the test split. Test: `pytest tests/test_var_tables.py`.
+`read_stats` returns `(DataFrame, metadata dict)`: through `var_moe.capture.schema.read_stats` for
+files that carry var-moe run metadata, else (e.g. a vocabulary analysis saved with
+`DataFrame.to_parquet`) with pyarrow, decoding the key-value metadata (JSON values).
+`read_stats_for_model` also refuses statistics captured from another architecture, vocabulary,
+expert count or top-k, or on the test split. Test: `pytest tests/test_var_tables.py`.
 """
 
 from __future__ import annotations
@@ -78,10 +78,9 @@ def read_stats_for_model(path: str | Path, model: Any, adapter: Any,
     for key, want in model_shape(model, adapter).items():
         got = meta.get(key)
         if got is not None and want is not None and got != want:
-            raise InvalidInputError(
-                f"statistics {path} were made for {key}={got!r} but the model has {key}={want!r}; "
-                f"capture statistics / build tables for this model (source model: {meta.get('model')!r})"
-            )
+            raise InvalidInputError(f"statistics {path} were made for {key}={got!r} but the model has {key}={want!r}; "
+                                    f"capture statistics / build tables for this model (source model: "
+                                    f"{meta.get('model')!r})")
     check_split(meta, str(path), allow_test_split)
     return df, meta
 

@@ -1,20 +1,15 @@
-"""Verified routing tables: chosen, certified, saved, loaded and checked against a model.
+"""Verified routing tables: built from routing evidence, saved, loaded and checked against a model.
 
-Input: routing evidence by document (`evidence.py`: a routing pass over the calibration documents a
-capture's metadata names; `from_stats_file` checks the pass reproduces the capture's token counts).
-Per layer and token (the statistics are in `certify.py`):
-1. choose: the token's modal top-k set on the choosing documents (the even calibration documents,
-   or all of a separate choosing evidence, `evidence_for_split`, e.g. the training split), among
-   tokens with >= `frequency_threshold` occurrences and mean entropy <= `entropy_threshold`;
-2. certify: its agreement on the certifying documents (the odd ones, or all calibration documents
-   with a separate chooser), each document counting at most `max_per_document` occurrences, since
-   occurrences inside one document are correlated;
-3. multiplicity: a one-sided Wilson score test of "agreement <= target_agreement" over ALL token
-   and (with `config.pair_entries`, `pairs.py`) (previous, token) candidates of all layers as one
-   family; `bound_V` is each entry's Wilson lower bound at its adjusted level.
-The assumption left: documents are independent draws of the text the tables will serve. Test-split
-evidence is refused on either side (unless allowed), and so is a choosing evidence from the
-certifying one's split; the metadata records both sides (`choosing`, `certifying`).
+Per layer, each token's set is chosen on some documents and its agreement certified on others (the
+`choose` modes and the statistics are in `certify.py`). Entries are accepted by a one-sided Wilson
+score test of "agreement <= target_agreement" over ALL token and (with `config.pair_entries`,
+`pairs.py`) (previous, token) candidates of all layers as one family (`certify_entries`); `bound_V`
+is each entry's Wilson lower bound at its adjusted level. The assumption left: documents are
+independent draws of the text the tables will serve. Evidence (`evidence.py`) comes from a routing
+pass over the documents a capture's metadata names (`from_stats_file` checks it reproduces the
+capture's token counts), the choosing side optionally from another split (`evidence_for_split`).
+Test-split evidence is refused on either side (unless allowed), and so is a choosing evidence from
+the certifying one's split; the metadata records both sides (`choosing`, `certifying`).
 Files: safetensors (`layer{l}.{name}`) + the metadata as JSON beside it; `VARTables.load(path,
 model)` refuses a file made for another model type, vocabulary, E, k or router weights.
 Test: `pytest tests/test_var_tables.py tests/test_var_verification.py`.
@@ -23,7 +18,7 @@ Test: `pytest tests/test_var_tables.py tests/test_var_verification.py`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +30,9 @@ from ..identity import model_dir_of, routers_fingerprint
 from .certify import Candidates, global_set, layer_candidates, multiplicity_levels, pair_table, wilson_lower_bound
 from .config import VARConfig
 from .evidence import Evidence, collect_evidence, read_artifact, write_artifact
-from .pairs import PairCandidates, PairTable, accepted_pairs, pair_candidates
+from .pairs import PairCandidates, PairTable, pair_candidates
 from .served import pair_serves, split_key
-from .stats_io import check_split, model_shape, stats_documents
+from .stats_io import check_split, model_shape, read_stats_for_model, stats_documents
 
 FORMAT_VERSION = 2
 PAIR_NAMES = tuple(f.name for f in fields(PairTable))
@@ -56,11 +51,7 @@ class LayerTable:
     bound_V: torch.Tensor  # float32 Wilson lower bound (0 for tokens never seen)
     agree_V: torch.Tensor  # float64 calibration occurrences with the modal set
     total_V: torch.Tensor  # float64 calibration occurrences
-    select_V: torch.Tensor | None = None  # float64 occurrences on the choosing side (0 = token unseen there)
-
-    def __post_init__(self) -> None:
-        if self.select_V is None:  # files of format 1 did not store it
-            self.select_V = torch.zeros_like(self.total_V)
+    select_V: torch.Tensor  # float64 occurrences on the choosing side (0 = token unseen there)
 
     @classmethod
     def empty(cls, vocab: int, k: int) -> "LayerTable":
@@ -115,8 +106,9 @@ def certify_entries(cands: dict[int, Candidates], pair_cands: dict[int, PairCand
     ptabs: dict[int, PairTable] = {}
     for l in players:
         c = pair_cands[l]
-        member_P, z_P = split(c.eligible_P)
-        ptabs[l] = accepted_pairs(c, member_P, wilson_lower_bound(c.agree_P, c.total_P, z_P))
+        m, z_P = split(c.eligible_P)
+        ptabs[l] = PairTable(c.keys_P[m], c.sets_PK[m], c.weights_PK[m].float(), c.mass_P[m].float(), c.code_P[m],
+                             wilson_lower_bound(c.agree_P, c.total_P, z_P)[m].float(), c.agree_P[m], c.total_P[m])
     if players:
         info |= {"pair_candidates": int(pv.numel()) - n_tok, "pair_accepted": int(accepted[n_tok:].sum()),
                  "family": "token and (previous, token) candidates of all layers"}
@@ -267,17 +259,17 @@ def table_metadata(ident: dict[str, Any], layers: list[int], config: VARConfig, 
             "source_tokens": source_meta.get("num_tokens"), "verification": info, "format_version": FORMAT_VERSION}
 
 
+@dataclass(eq=False)
 class VARTables:
     """Per-layer verified tables plus metadata (model identity, config, source statistics)."""
 
-    def __init__(self, layers: dict[int, LayerTable], metadata: dict[str, Any],
-                 pairs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
-                 global_sets: dict[int, torch.Tensor] | None = None, pair_tier: dict[int, PairTable] | None = None):
-        self.layers = layers
-        self.metadata = metadata
-        self.pairs = pairs or {}  # layer -> (keys_P = prev * V + token, sets_PK, counts_P); for validation
-        self.global_sets = global_sets or {}  # layer -> the most frequent set (fallback predictor)
-        self.pair_tier = pair_tier or {}  # layer -> certified (previous, token) entries the router serves
+    layers: dict[int, LayerTable]
+    metadata: dict[str, Any]
+    # validation only: layer -> (keys_P = prev * V + token, sets_PK, counts_P); layer -> its most frequent set
+    # (the fallback predictor)
+    pairs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    global_sets: dict[int, torch.Tensor] = field(default_factory=dict)
+    pair_tier: dict[int, PairTable] = field(default_factory=dict)  # layer -> certified (previous, token) entries served
 
     def pair_sizes(self) -> dict[int, int]:
         return {l: p.size for l, p in sorted(self.pair_tier.items())}
@@ -354,15 +346,13 @@ class VARTables:
     @classmethod
     def from_stats_file(cls, path: str | Path, model: Any, adapter: Any, config: VARConfig,
                         layers: list[int] | None = None, tokenizer: Any = None, evidence: Evidence | None = None,
-                        allow_test_split: bool = False, batch_size: int = 8, choose_evidence: Evidence | None = None,
+                        allow_test_split: bool = False, choose_evidence: Evidence | None = None,
                         choose_source: str = "") -> "VARTables":
         """Tables from a calibration capture: a routing pass over the documents its metadata names
         collects the evidence (unless `evidence` is given); `frequency_check` compares its token counts."""
-        from .stats_io import read_stats_for_model
-
         df, meta = read_stats_for_model(path, model, adapter, allow_test_split)
         if evidence is None:
-            evidence = evidence_for_stats(meta, model, adapter, tokenizer, batch_size)
+            evidence = evidence_for_stats(meta, model, adapter, tokenizer)
         tables = cls.from_evidence(evidence, model, adapter, config, layers, source=str(path),
                                    choose_evidence=choose_evidence, choose_source=choose_source,
                                    allow_test_split=allow_test_split)
@@ -387,7 +377,9 @@ class VARTables:
     def load(cls, path: str | Path, model: Any = None, adapter: Any = None, check_fingerprint: bool = True) -> "VARTables":
         p = Path(path)
         meta, tensors = read_artifact(p, "varmoe_tables", "VAR tables", "build it with `varmoe build-tables`")
-        layers = {int(l): LayerTable(*(tensors.get(f"layer{l}.{n}") for n in TABLE_NAMES)) for l in meta["layers"]}
+        for l in meta["layers"]:  # files of format 1 did not store select_V
+            tensors.setdefault(f"layer{l}.select_V", torch.zeros_like(tensors[f"layer{l}.total_V"]))
+        layers = {int(l): LayerTable(*(tensors[f"layer{l}.{n}"] for n in TABLE_NAMES)) for l in meta["layers"]}
         pairs = {int(l): tuple(tensors[f"layer{l}.{n}"] for n in CHECK_PAIR_NAMES)
                  for l in meta["layers"] if f"layer{l}.pair_keys_P" in tensors}
         glob = {int(l): tensors[f"layer{l}.global_set_K"] for l in meta["layers"] if f"layer{l}.global_set_K" in tensors}
