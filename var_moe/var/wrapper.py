@@ -196,7 +196,8 @@ class VARModelWrapper:
 
     def _totals_12(self) -> torch.Tensor:
         """The stack's running (fast decisions summed over layers, valid tokens), shape (1, 2)."""
-        return torch.stack([self.stack.fast_L_total().sum(), self.stack.valid_total()]).reshape(1, 2)
+        fast_L, valid = self.stack.lookup_counts()
+        return torch.stack([fast_L.sum(), valid]).reshape(1, 2)
 
     def row_tier_counts(self) -> torch.Tensor:
         """(B, len(TIERS)) fast/learned counts per batch row since `reset_row_counts()`, valid
