@@ -93,10 +93,10 @@ class TableStack:
         self.forwards = 0
 
     def _refresh_pair_tokens(self) -> None:
-        """Tokens that end a pair entry that can serve (its layer has no token entry for the token):
-        on CPU a forward with none skips the pair lookup. Entries whose token has a token entry never
-        serve while it stands (most of layer 0's); a demotion may open them, so this is recomputed
-        after each (tensor ops, no host sync)."""
+        """Tokens that end a pair entry that can serve (its layer has no token entry for the token),
+        for `_may_pair`. Entries whose token has a token entry never serve while it stands (most of
+        layer 0's); a demotion may open them, so this is recomputed after each (tensor ops, no host
+        sync)."""
         self.pair_open_X = pair_serves(self.member_LV[self.pair_slot_X, self.pair_tok_X], True)  # also read by one_row.py
         self.pair_tok_V.zero_()
         self.pair_tok_V[self.pair_tok_X[self.pair_open_X]] = True
