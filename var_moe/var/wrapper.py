@@ -50,10 +50,6 @@ class VARModelWrapper:
         else:
             tables.check_model(model, self.adapter)
         self.tables = tables
-        # pair entries need the previous token (kept across decode steps by the tracker); without
-        # them the tracker keeps no context
-        has_pairs = any(p.size for p in tables.pair_tier.values())
-        self.tracker = TokenTracker(model, window=1 if has_pairs else 0)
         self._fast_valid_B2: torch.Tensor | None = None  # (B, 2) fast decisions, valid tokens
         self._rows_since: torch.Tensor | None = None  # (1, 2) the stack's totals when a one-row record began
         self.originals = {m.layer: getattr(m.block, m.router_attr) for m in moe}
@@ -68,6 +64,9 @@ class VARModelWrapper:
         self.stack = TableStack(tables.layers, layers, self.config, self.adapter.num_experts,
                                 {l: r.weight_scale for l, r in self.routers.items()}, first.device, first.index_dtype,
                                 pair_tier=tables.pair_tier)
+        # pair entries need the previous token (kept across decode steps by the tracker); without
+        # them the tracker keeps no context
+        self.tracker = TokenTracker(model, window=1 if self.stack.has_pairs else 0)
         self.stack.on_rows = self._on_fast_rows
         for r in self.routers.values():
             r.attach(self.stack)
