@@ -50,8 +50,7 @@ class VARModelWrapper:
         else:
             tables.check_model(model, self.adapter)
         self.tables = tables
-        self._fast_valid_B2: torch.Tensor | None = None  # (B, 2) fast decisions, valid tokens
-        self._rows_since: torch.Tensor | None = None  # (1, 2) the stack's totals when a one-row record began
+        self.reset_row_counts()
         self.originals = {m.layer: getattr(m.block, m.router_attr) for m in moe}
         self.routers: dict[int, VARRouter] = {}
         for m in moe:
@@ -214,8 +213,8 @@ class VARModelWrapper:
         return look.fast_LT
 
     def reset_row_counts(self) -> None:
-        self._fast_valid_B2 = None
-        self._rows_since = None
+        self._fast_valid_B2: torch.Tensor | None = None  # (B, 2) fast decisions, valid tokens
+        self._rows_since: torch.Tensor | None = None  # (1, 2) the stack's totals when a one-row record began
 
     def _counts(self) -> dict[int, list[int]]:
         return dict(zip(self.stack.layers, self.stack.counts().cpu().tolist()))
