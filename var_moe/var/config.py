@@ -2,10 +2,8 @@
 
 The seed's field names are kept (frequency_threshold, entropy_threshold, routing_stats_path,
 enable_var, track_performance, max_quality_degradation); the rest is what verified routing needs.
-Configs that carry the fields of the removed context-cache tier (`RETIRED`; docs/PHASE2.md,
-"Context cache") load with them dropped; one that turns the tier on is refused. Presets:
-`get_conservative_config()`, `get_balanced_config()`, `get_aggressive_config()`. Unknown JSON
-fields and out-of-range values raise `ValueError` naming the field. Test: `pytest tests/test_var_config.py`.
+Unknown JSON fields and out-of-range values raise `ValueError` naming the field.
+Test: `pytest tests/test_var_config.py`.
 """
 
 from __future__ import annotations
@@ -20,7 +18,8 @@ from typing import Any
 from ..errors import InvalidInputError
 
 WEIGHT_SOURCES = ("table", "learned")
-# fields of the removed cached tier that saved configs and tables files still carry: dropped on load
+# fields of the removed context-cache tier (docs/PHASE2.md, "Context cache") that saved configs and tables
+# files still carry: dropped on load (`from_dict` refuses a config that turns the tier on)
 RETIRED = ("confidence_threshold", "cache_size", "cache_ttl_seconds", "cache_ttl_steps", "context_window_size",
            "cache_min_confirmations", "enable_cache")
 MULTIPLICITY = ("bh", "holm", "none")

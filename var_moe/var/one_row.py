@@ -11,9 +11,9 @@ demotion):
 - otherwise, where the config allows (no adaptive k, table weights) -> `HostStep`: per layer the
   served set and weights as (1, K) tensors, cloned out of the tables once per step (never views:
   a model may scale routing weights in place).
-Counts go to host counters that `TableStack.counts()` folds in; each router then returns its row or
-the learned decision at once (`VARRouter.forward`, when no audit or shadow check runs).
-Accelerators never take this path (their tables are not on the host).
+Either is counted in the stack's host counters (`TableStack.reset_counts`); each router then
+returns its row or the learned decision at once (`VARRouter.forward`, when no audit or shadow
+check runs). Accelerators never take this path (their tables are not on the host).
 
 Shapes: L layers, K top-k, V vocabulary, X stacked pair entries.
 Test: `pytest tests/test_var_decode_step.py tests/test_served_decision.py`.
@@ -50,16 +50,16 @@ class EmptyStep(Lookup):
 
 
 class HostStep(Lookup):
-    """The lookup of a one-row step decided on the host: `rows[slot]` per layer; the (L, T)
-    tensors come from the general path (`resolve`, which counts nothing) when first read."""
+    """The lookup of a served one-row step: `any_L` from the host; the (L, T) tensors are the
+    general path's (`TableStack.resolve`, which counts nothing), built when first read."""
 
-    def __init__(self, tok: Any, rows: list[Row], any_L: list[bool], resolve: Any):
-        self.tokens, self.rows, self.any_L = tok, rows, any_L
-        self._resolve, self._full = resolve, None
+    def __init__(self, tok: Any, any_L: list[bool], stack: Any):
+        self.tokens, self.any_L = tok, any_L
+        self._stack, self._full = stack, None
 
     def _get(self, name: str) -> Any:
         if self._full is None:
-            self._full = self._resolve(self.tokens)
+            self._full = self._stack.resolve(self.tokens, self._stack.member_LV.device)
         return getattr(self._full, name)
 
     safe_T = property(lambda self: self._get("safe_T"))
@@ -72,7 +72,7 @@ class HostStep(Lookup):
 
 
 class OneRowHost:
-    """Host mirrors of one CPU `TableStack`, the steps decided from them and their host counters."""
+    """Host mirrors of one CPU `TableStack` and the steps decided from them."""
 
     def __init__(self, stack: Any):
         self.stack = stack
@@ -86,7 +86,6 @@ class OneRowHost:
         # a served step needs only the table's set and weights: no adaptive-k count, no learned-weight
         # restriction
         self.serve = not cfg.adaptive_k and cfg.weights_source == "table"
-        self.reset_counts()  # host counters (`TableStack.counts`)
         self.refresh()
 
     def refresh(self) -> None:
@@ -101,39 +100,31 @@ class OneRowHost:
         self.pairs: dict[int, list[tuple[int, int]]] = {}
         if on and s.has_pairs:
             x_X = s.pair_open_X.nonzero().squeeze(1)  # refreshed before this (TableStack)
-            slot_X, prev_X, tok_X = split_key(s.pair_keys_X[x_X], s.vocab)
+            slot_X, prev_X, tok_X = split_key(s.served.pair_keys_X[x_X], s.vocab)
             for key, slot, x in zip(pair_key(0, prev_X, tok_X, s.vocab).tolist(), slot_X.tolist(), x_X.tolist()):
                 self.pairs.setdefault(key, []).append((slot, x))
 
-    def reset_counts(self) -> None:
-        n = len(self.stack.layers)
-        self.valid, self.fast_L, self.pair_L = 0, [0] * n, [0] * n
-
     def step(self, tok: Any) -> tuple[Lookup, list[Row]] | None:
-        """(lookup, rows) of a one-row step, counted; None where the general path must run."""
-        one = getattr(tok, "one", None)  # (id, valid, context): the tracker's one-row CPU step
-        if one is None:
-            return None
-        tid, valid, context = one
+        """(lookup, rows) of a one-row step (`tok.one` set), counted; None where the general path
+        must run."""
+        tid, valid, context = tok.one
         s = self.stack
         if not 0 <= tid < s.vocab:
             return None
-        if not valid:  # padding is never fast
-            return self._empty(tok, 0)
-        pair = self.pairs.get(pair_key(0, context[-1], tid, s.vocab)) if self.pairs and context and context[-1] >= 0 else None
-        if not self.open_V[tid] and pair is None:
-            return self._empty(tok, 1)
-        return self._served(tok, tid, pair) if self.serve else None
-
-    def _empty(self, tok: Any, valid: int) -> tuple[Lookup, list[Row]]:
-        s = self.stack
-        look = EmptyStep(tok, self.empty, self.none_L)
+        pair = (self.pairs.get(pair_key(0, context[-1], tid, s.vocab))
+                if valid and self.pairs and context and context[-1] >= 0 else None)
+        if valid and (self.open_V[tid] or pair is not None):
+            if not self.serve:
+                return None
+            look, rows = self._served(tok, tid, pair)
+        else:  # padding is never fast
+            look, rows = EmptyStep(tok, self.empty, self.none_L), self.none_rows
+            if s.config.track_performance:
+                s.host_valid += valid
         s.forwards += 1
-        if s.config.track_performance:
-            self.valid += valid
         if s.on_rows is not None:
             s.on_rows(look)
-        return look, self.none_rows
+        return look, rows
 
     def _served(self, tok: Any, tid: int, pair: list[tuple[int, int]] | None) -> tuple[Lookup, list[Row]]:
         s = self.stack
@@ -147,14 +138,10 @@ class OneRowHost:
         for slot, x in pair or ():
             rows[slot] = (s.pair_idx_XK[x:x + 1].clone(), s.pair_w_XK[x:x + 1].clone())
         any_L = [r is not None for r in rows]
-        look = HostStep(tok, rows, any_L, s.resolve)
-        s.forwards += 1
         if s.config.track_performance:
-            self.valid += 1
+            s.host_valid += 1
             for slot, hit in enumerate(any_L):
-                self.fast_L[slot] += hit
+                s.host_fast_L[slot] += hit
             for slot, _ in pair or ():
-                self.pair_L[slot] += 1
-        if s.on_rows is not None:
-            s.on_rows(look)
-        return look, rows
+                s.host_pair_L[slot] += 1
+        return HostStep(tok, any_L, s), rows

@@ -1,13 +1,11 @@
 """`VARRouter`: drop-in replacement of one MoE layer's router with two tiers per token.
 
-Each row (token) of the (T, H) hidden states is *fast* where a table serves it (`served.decide`:
-the token's entry in this layer, else its certified (previous, token) pair entry), *learned*
-otherwise (padding and unknown token ids included). It returns the transformers v5 router contract
-`(router_logits, weights, indices)`, so the experts run untouched. The shared `TableStack`
-(stack.py) resolves the fast tier of every layer once per forward; per layer the router runs the
-learned router on all rows (a subset would need its size on the host) and selects rows with
-`torch.where`: no boolean-mask indexing, no host synchronisation, and an empty table returns the
-learned outputs bit for bit.
+Each row (token) of the (T, H) hidden states is *fast* where a table serves it (`served.decide`),
+*learned* otherwise (padding and unknown token ids included). It returns the transformers v5 router
+contract `(router_logits, weights, indices)`, so the experts run untouched. The fast tier comes from
+the shared `TableStack` (stack.py); the router runs the learned router on all rows (a subset would
+need its size on the host) and selects rows with `torch.where`: no boolean-mask indexing, no host
+synchronisation, and an empty table returns the learned outputs bit for bit.
 
 Weights (`weights_source`): "table" serves the table's weights scaled the way the family's router
 scales its own (`adapter.weight_scale`; a probe at construction checks the router agrees);
@@ -15,8 +13,10 @@ scales its own (`adapter.weight_scale`; a probe at construction checks the route
 router_logits are always the learned router's. Adaptive k (one expert where the table's top weight
 >= `adaptive_k_min_weight`) is precomputed in the stack. Shadow verification compares a seeded
 sample of fast rows with the learned decision and queues demotions (`certify.demote_mask`), applied
-between forwards and never while the tables are frozen (`VARModelWrapper.frozen_tables()`); audit
-mode counts the agreement of every fast row without demoting.
+between forwards and never while the tables are frozen (`VARModelWrapper.frozen_tables()`); a pair
+row's check counts towards the agreement counters only, never towards its token's evidence (pair
+entries are not demoted in service). Audit mode counts the agreement of every fast row without
+demoting.
 
 Shapes: T tokens, H hidden, E experts, K top-k, V vocabulary, L layers.
 Test: `pytest tests/test_var_router.py tests/test_var_exact.py`.
@@ -29,9 +29,17 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .config import VARConfig
-from .stack import C, Lookup, TableStack, compare_sets
 from .certify import demote_mask, wilson_lower_bound
+from .config import VARConfig
+from .served import Lookup
+from .stack import C, TableStack
+
+
+def compare_sets(a_TK: torch.Tensor, b_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exact_T, overlap_T): identical top-k sets, and |a & b| / K."""
+    exact = (a_TK.sort(1).values == b_TK.sort(1).values).all(1)
+    overlap = (a_TK[:, :, None] == b_TK[:, None, :]).any(2).sum(1).float() / a_TK.shape[1]
+    return exact, overlap
 
 
 class VARRouter(nn.Module):

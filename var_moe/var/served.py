@@ -104,6 +104,7 @@ class Lookup:
     # is no device sync), None on accelerators
     any_L: list[bool] | None = None
     pair_LT: torch.Tensor | None = None  # the rows of fast_LT served by a pair entry (None: no pair entries)
+    token_LT: torch.Tensor | None = None  # the rows served by a token entry (general path only: adaptive-k counts)
 
 
 @dataclass

@@ -5,13 +5,10 @@ The fast tier depends on token ids (and previous tokens) only, so `TableStack.lo
 for every layer at once, at the first router call of a forward (`served.decide`; previous tokens
 from the tracker, carried across decode steps), and counts it on the device. On CPU, where reading
 a tensor is no device sync, the lookup also notes which layers have a fast row (a layer without one
-returns the learned decision as is) and skips the pair search in a forward where no token ends a
-pair entry that can serve. One-row CPU steps are decided on the host as they start
-(`begin_forward`, one_row.py).
+returns the learned decision as is) and skips the pair search where it can (`_may_pair`). One-row
+CPU steps are decided on the host as they start instead (`begin_forward`, one_row.py).
 
-Pair rows count as fast and separately as `fast_pair`. Their shadow checks count towards the
-shadow agreement counters but never towards a token entry's evidence (pair entries are not demoted
-in service); adaptive k leaves pair rows whole.
+Pair rows count as fast and separately as `fast_pair`; adaptive k leaves them whole.
 
 Shapes: T tokens, K top-k, V vocabulary, L layers, X stacked pair entries.
 Test: `pytest tests/test_var_router.py tests/test_var_decode_step.py tests/test_served_decision.py`.
@@ -34,13 +31,6 @@ from .tables import LayerTable
 COUNTERS = TIERS + ("shadow_agree", "shadow_disagree", "demoted", "fallback_forwards", "audit_fast_n",
                     "audit_fast_exact", "audit_fast_overlap_x1000", "adaptive_single", "forwards", "fast_pair")
 C = {name: i for i, name in enumerate(COUNTERS)}
-
-
-def compare_sets(a_TK: torch.Tensor, b_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(exact_T, overlap_T): identical top-k sets, and |a & b| / K."""
-    exact = (a_TK.sort(1).values == b_TK.sort(1).values).all(1)
-    overlap = (a_TK[:, :, None] == b_TK[:, None, :]).any(2).sum(1).float() / a_TK.shape[1]
-    return exact, overlap
 
 
 class TableStack:
@@ -71,24 +61,18 @@ class TableStack:
                                                          served.idx_LVK),
                              w_LVK=torch.where(one, torch.where(slot0, w.sum(-1, keepdim=True), 0.0), w))
         self.served = served
-        # the served tables' tensors the lookups read, as attributes of their own
+        # read at every one-row step (one_row.py): attributes of their own, one attribute read each
         self.idx_LVK, self.weights_LVK, self.vocab = served.idx_LVK, served.w_LVK, served.vocab
-        self.has_pairs = served.has_pairs  # decided once, on the host: without pair entries lookup() is unchanged
+        self.pair_idx_XK, self.pair_w_XK = served.pair_idx_XK, served.pair_w_XK
+        self.has_pairs = served.has_pairs  # decided once, on the host: without pair entries no lookup searches pairs
         if self.has_pairs:
-            self.pair_keys_X, self.pair_idx_XK = served.pair_keys_X, served.pair_idx_XK
-            self.pair_w_XK = served.pair_w_XK
-            self.pair_slot_X, _, self.pair_tok_X = split_key(self.pair_keys_X, self.vocab)
+            self.pair_slot_X, _, self.pair_tok_X = split_key(served.pair_keys_X, self.vocab)
             self.pair_tok_V = torch.zeros(self.vocab, dtype=torch.bool, device=device)
             self._refresh_pair_tokens()
         self.shadow_agree_LV = torch.zeros_like(self.agree_LV)
         self.shadow_total_LV = torch.zeros_like(self.total_LV)
         self.pending_LV = torch.zeros_like(self.member_LV)
-        self.counts_LC = torch.zeros(len(layers), len(COUNTERS), dtype=torch.long, device=device)
-        # the lookup-time counts (see counts())
-        self.fast_L = torch.zeros(len(layers), dtype=torch.long, device=device)
-        self.pair_L = torch.zeros(len(layers), dtype=torch.long, device=device)
-        self.valid_tokens = torch.zeros((), dtype=torch.long, device=device)
-        self.forwards = 0
+        self.reset_counts()
         self.frozen = False
         self.on_rows: Callable[[Lookup], None] | None = None
         self._last: Lookup | None = None
@@ -97,11 +81,22 @@ class TableStack:
         self.host = OneRowHost(self) if device.type == "cpu" else None
         self.step_rows: list | None = None
 
+    def reset_counts(self) -> None:
+        """All counters from zero (they start here)."""
+        n, device = len(self.layers), self.member_LV.device
+        self.counts_LC = torch.zeros(n, len(COUNTERS), dtype=torch.long, device=device)
+        # the lookup-time counts (see counts()): on the device, and as host ints for one-row steps
+        self.fast_L = torch.zeros(n, dtype=torch.long, device=device)
+        self.pair_L = torch.zeros(n, dtype=torch.long, device=device)
+        self.valid_tokens = torch.zeros((), dtype=torch.long, device=device)
+        self.host_valid, self.host_fast_L, self.host_pair_L = 0, [0] * n, [0] * n
+        self.forwards = 0
+
     def _refresh_pair_tokens(self) -> None:
-        """Tokens that end a pair entry that can serve (its layer has no token entry for the token):
-        on CPU a forward with none skips the pair lookup. Entries whose token has a token entry never
-        serve while it stands (most of layer 0's); a demotion may open them, so this is recomputed
-        after each (tensor ops, no host sync)."""
+        """Tokens that end a pair entry that can serve (its layer has no token entry for the token),
+        for `_may_pair`. Entries whose token has a token entry never serve while it stands (most of
+        layer 0's); a demotion may open them, so this is recomputed after each (tensor ops, no host
+        sync)."""
         self.pair_open_X = pair_serves(self.member_LV[self.pair_slot_X, self.pair_tok_X], True)  # also read by one_row.py
         self.pair_tok_V.zero_()
         self.pair_tok_V[self.pair_tok_X[self.pair_open_X]] = True
@@ -122,15 +117,13 @@ class TableStack:
             if got is not None:
                 self._last, self.step_rows = got
 
-    def valid_total(self) -> torch.Tensor:
-        """Valid tokens counted at lookup time (device counter + the host part), a 0-d tensor."""
-        return self.valid_tokens + (self.host.valid if self.host is not None else 0)
-
-    def fast_L_total(self) -> torch.Tensor:
-        """Fast rows per layer counted at lookup time (device counter + the host part)."""
-        if self.host is None:
-            return self.fast_L
-        return self.fast_L + torch.tensor(self.host.fast_L, device=self.fast_L.device)
+    def lookup_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fast_L, valid): fast rows per layer and valid tokens (0-d) counted at lookup time, the
+        device counters plus the host counters of one-row steps."""
+        fast_L = self.fast_L
+        if self.host is not None:
+            fast_L = fast_L + torch.tensor(self.host_fast_L, device=fast_L.device)
+        return fast_L, self.valid_tokens + self.host_valid
 
     def _may_pair(self, safe_T: torch.Tensor) -> bool:
         """False only where it is known for free that no token of this forward ends a pair entry: on
@@ -141,23 +134,14 @@ class TableStack:
     def counts(self) -> torch.Tensor:
         """(L, len(COUNTERS)) all counters, the lookup-time ones folded in (one new tensor)."""
         out = self.counts_LC.clone()
-        fast_L = self.fast_L_total()
+        fast_L, valid = self.lookup_counts()
         out[:, C["fast"]] += fast_L
-        out[:, C["learned"]] += self.valid_total() - fast_L
+        out[:, C["learned"]] += valid - fast_L
         out[:, C["forwards"]] += self.forwards
         out[:, C["fast_pair"]] += self.pair_L
         if self.host is not None:
-            out[:, C["fast_pair"]] += torch.tensor(self.host.pair_L, device=out.device)
+            out[:, C["fast_pair"]] += torch.tensor(self.host_pair_L, device=out.device)
         return out
-
-    def reset_counts(self) -> None:
-        self.counts_LC.zero_()
-        self.fast_L.zero_()
-        self.pair_L.zero_()
-        self.valid_tokens.zero_()
-        if self.host is not None:
-            self.host.reset_counts()
-        self.forwards = 0
 
     def apply_demotions(self) -> None:
         """Take queued entries out (between forwards; a no-op while frozen)."""
@@ -173,35 +157,28 @@ class TableStack:
             self.host.refresh()
 
     def lookup(self, tok: Any, device: torch.device) -> Lookup:
+        """The forward's lookup (`tok` marks the forward), resolved and counted at its first router
+        call, or the one `begin_forward` decided on the host."""
         if self._last is not None and self._last.tokens is tok:
             return self._last
         self.apply_demotions()
-        if device.type == "cpu" and self.host is not None and (got := self.host.step(tok)) is not None:
-            self._last = got[0]
-            return got[0]
-        look, token_LT = self._resolve(tok, device)
-        fast_LT, valid_T, safe_T, pair_LT = look.fast_LT, look.valid_T, look.safe_T, look.pair_LT
+        look = self.resolve(tok, device)
         self.forwards += 1
         if self.config.track_performance:
-            self.fast_L += fast_LT.sum(1)
-            self.valid_tokens += valid_T.sum()
-            if pair_LT is not None:
-                self.pair_L += pair_LT.sum(1)
+            self.fast_L += look.fast_LT.sum(1)
+            self.valid_tokens += look.valid_T.sum()
+            if look.pair_LT is not None:
+                self.pair_L += look.pair_LT.sum(1)
             if self.config.adaptive_k:
-                self.counts_LC[:, C["adaptive_single"]] += (token_LT & self.single_LV[:, safe_T]).sum(1)
+                self.counts_LC[:, C["adaptive_single"]] += (look.token_LT & self.single_LV[:, look.safe_T]).sum(1)
         if self.on_rows is not None:
             self.on_rows(look)
         self._last = look
         return look
 
-    def resolve(self, tok: Any) -> Lookup:
-        """The general path's lookup of a forward on the stack's device, counting nothing (what a
-        one-row `HostStep` builds its tensors from when audit or shadow checks read them)."""
-        return self._resolve(tok, self.member_LV.device)[0]
-
-    def _resolve(self, tok: Any, device: torch.device) -> tuple[Lookup, torch.Tensor]:
-        """(lookup, token_LT): the fast tier of every layer (`served.decide`), and the rows served
-        by token entries."""
+    def resolve(self, tok: Any, device: torch.device) -> Lookup:
+        """The fast tier of every layer (`served.decide`), counting nothing (a one-row `HostStep`
+        builds its tensors from it when audit or shadow checks read them)."""
         ids_T = tok.ids_T.to(device)
         on = self.config.enable_fast_path
         pairs = on and self.has_pairs and self._may_pair(ids_T.clamp(0, self.vocab - 1))
@@ -214,4 +191,4 @@ class TableStack:
                 nominal_LTK = torch.where(d.pair_LT[..., None], d.idx_LTK, nominal_LTK)
         any_L = fast_LT.any(1).tolist() if fast_LT.device.type == "cpu" else None
         valid_T = tok.valid_T.to(device).bool()
-        return Lookup(tok, d.safe_T, valid_T, fast_LT, nominal_LTK, d.idx_LTK, d.w_LTK, any_L, d.pair_LT), d.token_LT
+        return Lookup(tok, d.safe_T, valid_T, fast_LT, nominal_LTK, d.idx_LTK, d.w_LTK, any_L, d.pair_LT, d.token_LT)

@@ -5,13 +5,11 @@
     wrapper.disable_var(); wrapper.enable_var()            # A/B switch at run time
     wrapper.get_performance_stats(); wrapper.restore()     # original router modules back
 
-A `TokenTracker` (token ids, padding and, with pair entries, the previous token of every row, also
-across `generate()` steps) feeds every router; the stacked tables (`stack.TableStack`) decide a
-whole forward in one lookup. With VAR disabled each router calls the original module with the
-original input, so routing is exactly the original's. `suspended()` takes VAR out completely for
-timing the unmodified model in the same process; `frozen_tables()` holds shadow demotions back.
-Counters (per layer) live on the device in the stack; per-batch-row tier counts for the server come
-from `row_tier_counts()`. Test: `pytest tests/test_var_exact.py tests/test_var_router.py`.
+A `TokenTracker` feeds every router the token ids, padding and previous tokens of each forward (also
+across `generate()` steps); the routers share one `stack.TableStack`. With VAR disabled each router
+calls the original module with the original input, so routing is exactly the original's;
+`suspended()` takes VAR out completely, for timing the unmodified model in the same process.
+Test: `pytest tests/test_var_exact.py tests/test_var_router.py`.
 """
 
 from __future__ import annotations
@@ -52,12 +50,7 @@ class VARModelWrapper:
         else:
             tables.check_model(model, self.adapter)
         self.tables = tables
-        # pair entries need the previous token (kept across decode steps by the tracker); without
-        # them the tracker keeps no context
-        has_pairs = any(p.size for p in tables.pair_tier.values())
-        self.tracker = TokenTracker(model, window=1 if has_pairs else 0)
-        self._fast_valid_B2: torch.Tensor | None = None  # (B, 2) fast decisions, valid tokens
-        self._rows_since: torch.Tensor | None = None  # (1, 2) the stack's totals when a one-row record began
+        self.reset_row_counts()
         self.originals = {m.layer: getattr(m.block, m.router_attr) for m in moe}
         self.routers: dict[int, VARRouter] = {}
         for m in moe:
@@ -70,6 +63,9 @@ class VARModelWrapper:
         self.stack = TableStack(tables.layers, layers, self.config, self.adapter.num_experts,
                                 {l: r.weight_scale for l, r in self.routers.items()}, first.device, first.index_dtype,
                                 pair_tier=tables.pair_tier)
+        # pair entries need the previous token (kept across decode steps by the tracker); without
+        # them the tracker keeps no context
+        self.tracker = TokenTracker(model, window=1 if self.stack.has_pairs else 0)
         self.stack.on_rows = self._on_fast_rows
         for r in self.routers.values():
             r.attach(self.stack)
@@ -146,12 +142,10 @@ class VARModelWrapper:
             r.audit = on
 
     def reset_stats(self) -> None:
-        one_row = self._rows_since is not None
-        if one_row:  # bank the row's counts: they live in the counters being reset
+        if self._rows_since is not None:  # bank the row's counts: they live in the counters being reset
             self._fast_valid_B2 += self._totals_12() - self._rows_since
+            self._rows_since.zero_()  # where the reset counters start
         self.stack.reset_counts()
-        if one_row:
-            self._rows_since = self._totals_12()
 
     @contextlib.contextmanager
     def frozen_tables(self) -> Iterator[None]:
@@ -183,20 +177,21 @@ class VARModelWrapper:
         b, s = tok.batch_size, tok.seq_len
         dev = self.stack.counts_LC.device
         if b == 1 and self.config.track_performance:
-            if self._rows_since is None or self._fast_valid_B2 is None or self._fast_valid_B2.shape[0] != 1:
+            if self._rows_since is None:  # a one-row record begins
                 self._fast_valid_B2 = torch.zeros(1, 2, dtype=torch.long, device=dev)  # banked counts
                 this_12 = torch.stack([look.fast_LT.sum(), tok.valid_T.to(dev).sum()]).reshape(1, 2)
                 self._rows_since = self._totals_12() - this_12  # the lookup already counted this forward
             return
         self._rows_since = None
-        fast_LT = look.fast_LT
         if self._fast_valid_B2 is None or self._fast_valid_B2.shape[0] != b:
             self._fast_valid_B2 = torch.zeros(b, 2, dtype=torch.long, device=dev)
-        self._fast_valid_B2 += torch.stack([fast_LT.reshape(-1, b, s).sum((0, 2)), tok.valid_T.to(dev).reshape(b, s).sum(1)], 1)
+        fast_B = look.fast_LT.reshape(-1, b, s).sum((0, 2))
+        self._fast_valid_B2 += torch.stack([fast_B, tok.valid_T.to(dev).reshape(b, s).sum(1)], 1)
 
     def _totals_12(self) -> torch.Tensor:
         """The stack's running (fast decisions summed over layers, valid tokens), shape (1, 2)."""
-        return torch.stack([self.stack.fast_L_total().sum(), self.stack.valid_total()]).reshape(1, 2)
+        fast_L, valid = self.stack.lookup_counts()
+        return torch.stack([fast_L.sum(), valid]).reshape(1, 2)
 
     def row_tier_counts(self) -> torch.Tensor:
         """(B, len(TIERS)) fast/learned counts per batch row since `reset_row_counts()`, valid
@@ -218,8 +213,8 @@ class VARModelWrapper:
         return look.fast_LT
 
     def reset_row_counts(self) -> None:
-        self._fast_valid_B2 = None
-        self._rows_since = None
+        self._fast_valid_B2: torch.Tensor | None = None  # (B, 2) fast decisions, valid tokens
+        self._rows_since: torch.Tensor | None = None  # (1, 2) the stack's totals when a one-row record began
 
     def _counts(self) -> dict[int, list[int]]:
         return dict(zip(self.stack.layers, self.stack.counts().cpu().tolist()))
