@@ -3,8 +3,7 @@ steps, one thread that owns the model, a draining stop, and the job bookkeeping 
 work (start, token events, answers, failure, with their metrics) -- plus the errors `submit` raises.
 
 Subclasses (the builtin `Engine` in engine.py, `VllmEngine` in vllm_engine.py) implement `_run`,
-the thread's loop. `submit` applies the request budget (prompts, and prompt + new tokens) and the
-queue bound (429 with Retry-After). Test: `pytest tests/test_server_engine.py`.
+the thread's loop. Test: `pytest tests/test_server_engine.py`.
 """
 
 from __future__ import annotations

@@ -16,9 +16,8 @@ With expert_load_per_expert: varmoe_expert_tokens_total{layer,expert}, cumulativ
 MoE layers x experts series (its help line states the count) -- what a layer x expert heat map needs.
 
 The window is `expert_load_window_s`, measured between scrapes (`LoadWindow`): the gauges describe
-the traffic between the oldest reading kept and this scrape. The reading itself is taken by the
-/metrics route (`ServerState.refresh_expert_load`), on the engine thread when the host asks for it
-(vLLM: a round trip to the workers), so collecting never touches the device.
+the traffic between the oldest reading kept and this scrape. The /metrics route takes the reading
+(`ServerState.refresh_expert_load`), so collecting never touches the device.
 Test: `pytest tests/test_server_metrics.py tests/test_server_expert_load.py`.
 """
 

@@ -10,8 +10,6 @@ several apps in one process). Names are fixed: dashboards and analysis jobs rely
 - varmoe_batch_size                                 histogram (rows per model batch)
 - varmoe_requests_total{endpoint,status}            every HTTP answer, errors included
 
-The routing, verification and mode series are not kept here: `VarCollector` reads them from
-`VarRuntime` (their one owner) at scrape time.
 Test: `pytest tests/test_server_metrics.py` (runs `promtool check metrics` on the exposition).
 """
 

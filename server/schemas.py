@@ -4,10 +4,9 @@ Requests are strict (no "5" for 5, no 1 for true) and refuse unknown fields, so 
 `max_new_token` is a 422 naming the field instead of a silently ignored setting. Sizes are
 bounded whatever the model (characters and token ids per prompt: 413 `prompt_too_long`; prompts
 per request, stop strings and their length: 422), so a body inside the body-size limit
-(server/limits.py) cannot ask for unbounded validation or tokenizing. Limits that depend on the
-loaded model (prompt tokens, context, vocabulary) are checked in state.py after tokenizing.
-Response models document what each route returns in the OpenAPI schema. The OpenAI-compatible
-completion body accepts the OpenAI fields a client may send with their neutral values.
+(server/limits.py) cannot ask for unbounded validation, tokenizing or stop-string matching. Limits
+that depend on the loaded model (prompt tokens, context, vocabulary) are checked in state.py after
+tokenizing. Response models document what each route returns in the OpenAPI schema.
 Test: `pytest tests/test_server_api.py`.
 """
 
@@ -20,9 +19,6 @@ from pydantic_core import PydanticCustomError
 
 SEED_MAX = 2**63 - 1
 MAX_TEXTS = 64  # texts per perplexity / prompts per completion request (the setting max_request_prompts is lower)
-# Parsing bounds, whatever the model: the model's own limits (prompt tokens, context, vocabulary)
-# are checked after tokenizing. These keep a body within the body-size limit from asking for
-# unbounded work in validation, tokenizing or stop-string matching.
 MAX_PROMPT_CHARS = 262_144
 MAX_TOKEN_IDS = 32_768  # token ids in one prompt
 MAX_STOPS = 8

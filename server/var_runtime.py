@@ -1,16 +1,11 @@
 """`VarRuntime`: the one owner of the server's VAR mode and of its routing accounting.
 
-Every other part asks it instead of keeping a copy:
-- the admin switch (`/var/toggle`) calls `set_enabled(on)`; the engine asks `mode_for(pinned)` when a
-  batch forms, makes its routers match with `backend.apply_mode(...)` between batches, and reports
-  what the batch did with `record_batch(mode, valid_tokens)`;
-- Prometheus only exports it (`server.metrics.VarCollector` reads `tier_counts()`,
-  `verification_counts()` and `enabled` at scrape time);
-- `/var/status` is `status()`.
+The admin switch (`/var/toggle`) calls `set_enabled(on)`; engines ask `mode_for(pinned)` and report
+what a batch did with `record_batch(mode, valid_tokens)`; Prometheus (`server.metrics.VarCollector`)
+and `/var/status` (`status()`) read it at request time, and nothing else keeps a copy.
 
-An engine plugs its VAR implementation in through `RoutingBackend` (a small protocol, the VAR part
-of the engine contract `server.host.Host`): the builtin engine's `ModelHost` (a `VARModelWrapper`
-on a transformers model), vLLM's `VllmHost` (its workers' counters). Counts are cumulative in the
+An engine plugs its VAR in through `RoutingBackend` (the VAR part of the engine contract
+`server.host.Host`): the builtin engine's `ModelHost`, vLLM's `VllmHost`. Counts are cumulative in the
 backend; the runtime attributes what was added since its last read to the mode of the batch that
 added it, so VAR's tier shares never include baseline traffic. In baseline mode the learned router
 makes every decision: valid tokens x MoE layers under `learned`.

@@ -2,16 +2,11 @@
 
 One thread owns the `LLMEngine` (vllm_host.py): it admits queued jobs as vLLM requests, steps the
 engine (vLLM batches continuously: requests join and leave between steps) and hands each job its
-events (`("token", id, logprob)` for streams, then `("done", JobResult)`), like the builtin engine.
-
-A/B modes are per request, inside one batch: each job's mode (pinned, else the admin's mode when
-it arrived) travels in its sampling parameters (`extra_args`), and before every step the workers
+events like the builtin engine. A/B modes are per request, inside one batch: each job's mode
+(pinned, else the admin's mode when it arrived) travels in its sampling parameters, and the workers
 mark each token row with its request's mode (var_moe/vllm/rows.py); a toggle applies to requests
-that arrive after it. Routed experts (`return_routed_experts`): such a job carries a key in its
-sampling parameters, the workers file its rows (var_moe/vllm/expert_load.py), and after a step one
-call to the workers fetches the rows of the asking requests that finished (of streams, every step).
-Cancelled or timed-out jobs are aborted in vLLM. `stop()` refuses new jobs, lets running ones
-finish, then shuts vLLM's engine-core and worker processes down.
+that arrive after it. A job returning its routed experts carries the key the workers file them
+under (var_moe/vllm/expert_load.py). Cancelled or timed-out jobs are aborted in vLLM.
 Test: `pytest tests/vllm_engine/test_vllm_server.py`.
 """
 

@@ -1,17 +1,15 @@
-"""`VllmHost`: `varmoe serve --engine vllm`'s model side: a vLLM engine with VAR, as a `StepHost`.
+"""`VllmHost`: `varmoe serve --engine vllm`'s model side, a vLLM engine with VAR as a `StepHost`.
 
-`VllmHost.load(settings)` builds a vLLM `LLMEngine` (`engine_args`: what the operator set) for a
-model whose MoE routers carry VAR (var_moe.vllm: installed before vLLM compiles the model), then
-loads the tables file through `collective_rpc` on every worker (refused for other weights). Without
-a tables file, or for an architecture VAR does not support on vLLM, it serves the plain vLLM model
-and reports VAR as unavailable with the reason.
+`VllmHost.load(settings)` builds a vLLM `LLMEngine` (`engine_args`: what the operator set) with the
+Var* model classes (var_moe.vllm), then loads the tables file on every worker through
+`collective_rpc` (refused for other weights). Without a tables file, or for an architecture VAR does
+not support on vLLM, it serves the plain vLLM model and reports VAR unavailable with the reason.
 
-Each request carries its own mode to the workers (server/vllm_engine.py), so `apply_mode` only
-sets the workers' default for requests that name none; `counts()` reads the device counters (VAR
-rows only; verification is the free audit of every table row: no sampling, no demotion on this
-engine). Per-request tier counts need no device read: a fast decision depends on the token and its
-previous token only, so `request_tiers` makes the workers' decision on a host copy of the served
-tables. Capture runs on the builtin engine only (`can_capture` False).
+Requests carry their own mode (vllm_engine.py), so `apply_mode` only sets the workers' default;
+`counts()` reads the device counters (VAR rows only; verification is the free audit of every table
+row: no sampling, no demotion on this engine). A fast decision depends on the token and its previous
+token only, so `request_tiers` makes the workers' decision on a host copy of the served tables,
+without a device read. Capture runs on the builtin engine only (`can_capture` False).
 Test: `pytest tests/vllm_engine/test_vllm_server.py`.
 """
 
@@ -46,18 +44,11 @@ def engine_args(settings) -> dict[str, Any]:
                           # vLLM's statistics cost work every step (scheduler stats in the engine core,
                           # per-request timings here); the server counts what it exports itself
                           "disable_log_stats": not settings.vllm_log_stats}
-    if settings.gpu_memory_utilization is not None:
-        kw["gpu_memory_utilization"] = settings.gpu_memory_utilization
-    if settings.max_model_len is not None:
-        kw["max_model_len"] = settings.max_model_len
-    if settings.vllm_quantization:
-        kw["quantization"] = settings.vllm_quantization
-    if settings.trust_remote_code:
-        kw["trust_remote_code"] = True
-    kv = kv_cache_bytes(settings, on_cpu=vllm_on_cpu())
-    if kv is not None:
-        kw["kv_cache_memory_bytes"] = kv
-    return kw
+    unset_is_none = {"gpu_memory_utilization": settings.gpu_memory_utilization,
+                     "max_model_len": settings.max_model_len, "quantization": settings.vllm_quantization or None,
+                     "trust_remote_code": settings.trust_remote_code or None,
+                     "kv_cache_memory_bytes": kv_cache_bytes(settings, on_cpu=vllm_on_cpu())}
+    return kw | {k: v for k, v in unset_is_none.items() if v is not None}  # None: vLLM's default
 
 
 GiB = 1 << 30
@@ -111,20 +102,9 @@ def pair_capacity(settings, tables) -> int:
     return sum(tables.pair_sizes().values())
 
 
-def check_checkpoint(model: str, tables, tables_path) -> None:
-    """Refuse tables of other weights in a second, from the stored checkpoint's routers (the
-    workers check again against the gates vLLM loads, where no checkpoint can be read by name)."""
-    stored = checkpoint_fingerprint(model)
-    if stored is not None:  # only the fingerprint is compared: the other fields are the tables' own
-        ident = {k: tables.metadata.get(k) for k in ("model_type", "vocab_size", "num_experts", "top_k")}
-        tables.check_identity({**ident, "router_fingerprint": stored}, True, str(tables_path),
-                              f"the checkpoint in {model}")
-
-
 def dtype_check(engine: Any, settings, tables) -> Any:
-    """Tables certified in another dtype than vLLM serves in: measured on a held-in sample by the
-    engine's own audit counters before the server serves, logged, refused under the target unless
-    --var-dtype-check warn (var_moe.var.served_dtype)."""
+    """The start-up check of tables certified in another dtype (var_moe.var.served_dtype), measured by
+    the workers' audit counters."""
     def measure(batches):
         return table_agreement(engine, [ids[mask.bool()].tolist() for b in batches for ids, mask in zip(b.ids, b.mask)])
 
@@ -176,8 +156,14 @@ class VllmHost:
         if reason:
             kw["model"] = settings.model
         else:
-            tables = VARTables.load(tables_path)  # identity checked by the workers, against the weights
-            check_checkpoint(settings.model, tables, tables_path)  # other weights: refused before vLLM loads anything
+            tables = VARTables.load(tables_path)  # identity checked by the workers, against the gates vLLM loads
+            # other weights are refused before vLLM loads anything, by the stored checkpoint's routers (only
+            # the fingerprint is compared: the other fields are the tables' own)
+            stored = checkpoint_fingerprint(settings.model)
+            if stored is not None:
+                ident = {k: tables.metadata.get(k) for k in ("model_type", "vocab_size", "num_experts", "top_k")}
+                tables.check_identity({**ident, "router_fingerprint": stored}, True, str(tables_path),
+                                      f"the checkpoint in {settings.model}")
             counting = settings.expert_load_metrics or settings.expert_load_per_expert  # off: none in the graph
             kw = engine_kwargs(settings.model, pair_capacity=pair_capacity(settings, tables), expert_load=counting,
                                **kw)

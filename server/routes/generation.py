@@ -1,6 +1,6 @@
 """`/v1/generate` (JSON or a server-sent-event stream) and `/v1/perplexity` (one text or a list).
 
-Each request becomes engine jobs (server/engine.py); the response carries timings and the
+Each request becomes engine jobs (server/jobs.py); the response carries timings and the
 request's routing decisions by tier. Tokenizing and building bodies run on a worker thread
 (`state.in_worker`), never on the event loop. Test: `pytest tests/test_server_api.py`.
 """

@@ -6,11 +6,10 @@
     llm.collective_rpc("varmoe_load_tables", args=("models/reference-moe/var/var_tables.safetensors",))
     llm.collective_rpc("varmoe_set_enabled", args=(True,))
 
-Modules: models.py (Var* model classes, installed at build time, before compilation), routing.py
-(what a step computes), rows.py (per-request modes: which rows run VAR), expert_load.py, tables.py
-(tables file + fingerprint check), extension.py (worker methods for `collective_rpc`), agreement.py
-(the workers' counters). Needs the `vllm` extra (its own environment: see constraints-vllm.txt);
-importing this package without vLLM works, building an engine does not.
+Modules: models.py (Var* classes, set up before compilation), routing.py (a step's decision), rows.py
+(per-request modes), expert_load.py, tables.py (loading a tables file), extension.py (worker methods
+for `collective_rpc`), agreement.py (the workers' counters). Needs the `vllm` extra (its own
+environment: constraints-vllm.txt); importing this package without vLLM works, building an engine does not.
 Test: `pytest tests/vllm_engine/` in the vLLM environment.
 """
 
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidInputError
-from .models import register, var_arch
+from .models import PREFIX, SUPPORTED, register
 
 EXTENSION = "var_moe.vllm.extension.VarWorkerExtension"
 # room for (previous, token) entries, all layers together, in an engine built by engine_kwargs: the
@@ -58,13 +57,15 @@ def engine_kwargs(model: str, pair_capacity: int | None = None, expert_load: boo
     # Per-request modes read each request's sampling parameters from vLLM's V1 model runner (rows.py);
     # the V2 runner (vLLM's default on GPUs with Triton) keeps none, so VAR engines ask for V1.
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-    arch = var_arch(model_architecture(model))
+    arch = model_architecture(model)
+    if arch not in SUPPORTED:
+        raise InvalidInputError(f"VAR on vLLM supports the architectures {sorted(SUPPORTED)}; this model is {arch!r}")
     extra = dict(kwargs.pop("additional_config", None) or {})
     cap = PAIR_CAPACITY if pair_capacity is None else pair_capacity
     if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0:
         raise InvalidInputError(f"pair_capacity must be an integer >= 0 ((previous, token) entries), got {cap!r}")
     extra["varmoe"] = {"routing": "var-tables", "version": 2, "pair_capacity": cap, "expert_load": bool(expert_load)}
     overrides = dict(kwargs.pop("hf_overrides", None) or {})
-    overrides["architectures"] = [arch]
+    overrides["architectures"] = [PREFIX + arch]
     return {"model": model, "hf_overrides": overrides, "worker_extension_cls": EXTENSION,
             "additional_config": extra, **kwargs}

@@ -2,10 +2,9 @@
 place, and the worker-side bookkeeping that hands each request its experts.
 
 `install_load` puts a `VllmLoad` on the shared `VarState` at model construction (models.py). Each
-MoE router (routing.py `LayerVar.route`) calls `write` with the experts it returns and its logits:
-experts per row and layer go into `routed_NSK` (int16), each row's routing entropy into
-`entropy_NS`, beside the row codes in `VarState.code_NS` (a row's tier). After the last MoE layer,
-`count_step` adds every layer's rows to the counters at once (var_moe/expert_load.py `ExpertLoad`;
+MoE router (routing.py `LayerVar.route`) calls `write` with the experts it returns and its logits
+(`routed_NSK`, `entropy_NS`; each row's tier is its code in `VarState.code_NS`); after the last MoE
+layer `count_step` adds every layer's rows to the counters at once (var_moe/expert_load.py `ExpertLoad`;
 per tier: fast = table rows of VAR-mode requests, learned = their other rows; baseline rows count
 in the totals only). Rows are written with `index_put_` at (row, slot): inductor compiles a slice
 assignment `[:t, slot] = ...` into a rewrite of the whole buffer per layer on the CPU, an indexed

@@ -9,10 +9,10 @@ in-process worker, spawned worker processes, and each tensor/data-parallel rank:
     llm.collective_rpc("varmoe_load_read")                   # expert-load counters (expert_load.py)
     llm.collective_rpc("varmoe_take_routed", args=(keys, finished))  # routed experts of asking requests
 
-The model must have been built as a Var* architecture (models.py): the routing is installed at
-construction, before compilation; these methods only write data into its buffers or read them.
-The first call also hooks the model runner (rows.py: per-request modes; the default mode set here
-applies from the next step). Counters count VAR-mode rows only; a pair-entry row counts as fast.
+The model must have been built as a Var* architecture (models.py); these methods only write its
+buffers or read them. The first call also hooks the model runner (rows.py: per-request modes; the
+default mode set here applies from the next step). Counters count VAR-mode rows only; a pair-entry
+row counts as fast.
 Test: `pytest tests/vllm_engine/test_vllm_exact.py`.
 """
 

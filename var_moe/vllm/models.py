@@ -1,16 +1,15 @@
-"""VAR model classes for vLLM: each supported vLLM MoE model, subclassed to install VAR when built.
+"""Var* model classes: each supported vLLM MoE model, subclassed to install VAR when it is built.
 
 vLLM builds the model object, loads its weights, then compiles it (CPU: inductor; GPU: also CUDA
-graphs). A router patched after that is ignored, so VAR is installed in `__init__` of a subclass
-(`VarMixtralForCausalLM`, ...) that vLLM is told to use with
-`hf_overrides={"architectures": ["VarMixtralForCausalLM"]}`: vLLM's own model code runs, three
-kinds of module get a VAR subclass (routing.py `install_var`), and the tables start empty with VAR
-off. Tables, the flag and counters are then handled through the worker extension (extension.py).
+graphs); a router patched after that is ignored. So VAR is installed in `__init__` of a subclass
+(`VarMixtralForCausalLM`, ...) that `engine_kwargs` names in `hf_overrides["architectures"]`: vLLM's
+own model code runs, routing.py `install_var` patches it, and the tables start empty with VAR off
+(the worker extension, extension.py, fills and switches them).
 
-`register()` adds the classes to vLLM's `ModelRegistry`; it runs in every vLLM process through the
-`vllm.general_plugins` entry point of this package (pyproject.toml) and is also called by
-`engine_kwargs()` for the in-process engine. It only adds architecture names, so an engine that does
-not ask for a Var* architecture is untouched. Test: `pytest tests/vllm_engine/`.
+`register()` adds the classes to vLLM's `ModelRegistry`, in every vLLM process through this
+package's `vllm.general_plugins` entry point (pyproject.toml) and in `engine_kwargs()` for the
+in-process engine. It only adds architecture names: an engine that asks for no Var* architecture is
+untouched. Test: `pytest tests/vllm_engine/`.
 """
 
 from __future__ import annotations
@@ -18,8 +17,6 @@ from __future__ import annotations
 import functools
 import importlib
 from typing import Any
-
-from ..errors import InvalidInputError
 
 # vLLM architecture (its class's name) -> its module under vllm.model_executor.models. Mixtral is tested
 # on the reference model; the others build the same way (router linear + FusedMoE runner + token
@@ -35,12 +32,6 @@ SUPPORTED = {
     "GraniteMoeForCausalLM": "granitemoe",
 }
 PREFIX = "Var"
-
-
-def var_arch(arch: str) -> str:
-    if arch not in SUPPORTED:
-        raise InvalidInputError(f"VAR on vLLM supports the architectures {sorted(SUPPORTED)}; this model is {arch!r}")
-    return PREFIX + arch
 
 
 @functools.cache

@@ -4,22 +4,19 @@ A request names its mode in `SamplingParams(extra_args={"varmoe_var": True|False
 OpenAI server: `"vllm_xargs"`); one that names none runs in the worker's default mode
 (`varmoe_set_enabled`). vLLM lays a step's tokens out request by request in the runner's input
 batch order, so the per-token mode is the requests' modes repeated by their scheduled token counts,
-copied once into `VarState.rows_N` before the forward: baseline and VAR requests share a batch,
-each row routed in its own request's mode.
+copied once into `VarState.rows_N` before the forward: baseline and VAR requests share a batch.
 
 With (previous, token) entries loaded, the same hook finds each VAR row's entry for all layers at
-once, from the runner's token table (`step_tokens`): `pair_entries` with one numpy `searchsorted`
-(the host twin of `served.find_pairs`, same key codec and precedence rule; numpy because torch's
-per-op overhead exceeds the work on a step's few rows), or, for a decode step of up to
-`DICT_REQUESTS` requests, a dict lookup per request (`decode_entries`). The indices go to the device
-in one copy (`VarState.pair_sel_NS`). On the CPU build the tokens are on the host when the step
-runs (vLLM turns async scheduling off there); under async scheduling (GPU builds) sampled tokens
-are a placeholder -1 on the host, so such rows find no entry and the learned router routes them
-(the device refuses a row whose host token differs, routing.py), and the host's per-request counts
-would overstate pair rows.
+once, from the runner's token table: `pair_entries` with one numpy `searchsorted` (the host twin of
+`served.find_pairs`; numpy because torch's per-op overhead exceeds the work on a step's few rows),
+or, for a decode step of up to `DICT_REQUESTS` requests, a dict lookup per request
+(`decode_entries`). The indices go to the device in one copy (`VarState.pair_sel_NS`). On the CPU
+build the tokens are on the host when the step runs (vLLM turns async scheduling off there); under
+async scheduling (GPU builds) sampled tokens are a placeholder -1 on the host, so such rows find no
+entry and the learned router routes them (the device refuses a row whose host token differs,
+routing.py), and the host's per-request counts would overstate pair rows.
 
-The hook (`install_rows`, a one-level subclass of the runner's class) needs vLLM's V1 model runner
-(`engine_kwargs` selects it): the V2 runner keeps no per-request sampling parameters.
+The hook (`install_rows`) needs vLLM's V1 model runner, which `engine_kwargs` selects.
 Test: `pytest tests/test_served_decision.py tests/test_vllm_routing.py tests/vllm_engine/`.
 """
 
@@ -86,7 +83,7 @@ def index_pairs(state: VarState, keys_X: np.ndarray, member_VS: np.ndarray) -> N
     rows_US[u_X[served_X], slot_X[served_X]] = np.flatnonzero(served_X)
     state.pair_entries, state.pair_vocab = int(base_X.size), int(v)
     state.pair_bases_U, state.pair_rows_US = bases_U, rows_US
-    state.pair_rows_host = dict(zip(bases_U.tolist(), rows_US))  # base key -> that pair's row of rows_US
+    state.pair_rows_host = dict(zip(bases_U.tolist(), rows_US))
 
 
 def pair_entries(state: VarState, rows_T: np.ndarray, prev_T: np.ndarray, tok_T: np.ndarray) -> np.ndarray | None:

@@ -1,12 +1,10 @@
-"""Load a builtin VAR tables file into an installed vLLM model, refusing tables of other weights.
+"""Load a `varmoe build-tables` file (var_moe.var.tables) into an installed vLLM model.
 
-The file is the one `varmoe build-tables` writes (var_moe.var.tables). Before any entry is used, its
-metadata must match the model vLLM loaded, the router fingerprint included, recomputed from the gate
-weights vLLM loaded (var_moe.identity: so tables built on the Hugging Face model are accepted on the
-same weights in any dtype, and on no other weights). The tables are laid out as served
-(`served_tables`, which refuses more pair entries than the engine's capacity) and copied into the
-existing device buffers in place (compiled graphs and CUDA graphs keep pointing at them), pair
-entries into the fixed-capacity pair buffers (routing.py) and the host's key index (rows.index_pairs).
+Its metadata must match the model vLLM loaded, the router fingerprint included, recomputed from the
+gates vLLM loaded (var_moe.identity: the same weights in any dtype pass, other weights do not). The
+tables are laid out as served (`served_tables`) and copied in place into the device buffers
+(compiled graphs and CUDA graphs keep pointing at them); pair entries also go into the host's key
+index (rows.index_pairs).
 Test: `pytest tests/test_vllm_routing.py tests/test_served_decision.py tests/vllm_engine/test_vllm_exact.py`.
 """
 
@@ -84,15 +82,14 @@ def fill_tables(state: VarState, tables: VARTables) -> None:
 
 
 def served_tables(state: VarState, tables: VARTables) -> ServedTables:
-    """The tables as served on this model's device (`var.served`: slot = the layer's index among
-    the model's MoE layers; weights scaled by `served.scale_weights` with the family adapter's
-    `weight_scale`, divided by the factor vLLM's MoE runner multiplies the routed output by after
-    the router: DeepSeek's `routed_scaling_factor`). Refuses more pair entries than the capacity,
-    malformed ones, and a family whose scale vLLM's router does not follow (a renormalising vLLM
-    router sums its top-k weights to its own scaling factor, any other to no constant): vLLM would
-    then route differently from the model the tables were certified on."""
-    first = next(iter(state.layers.values()))
-    v, (e, k) = int(state.member_SV.shape[1]), (first.num_experts, int(state.experts_SVK.shape[2]))
+    """The tables as served on this model's device (`ServedTables.build`; slot = the layer's index among
+    the MoE layers; weights scaled with the family's `weight_scale`, then divided by the factor vLLM's MoE
+    runner multiplies the routed output by after the router: DeepSeek's `routed_scaling_factor`). Refuses
+    more pair entries than the capacity, malformed ones, and a family whose weight sum vLLM's router does
+    not reproduce (a renormalising vLLM router sums to its own scaling factor, any other to no constant):
+    vLLM would then route differently from the model the tables were certified on."""
+    _, v, k = state.experts_SVK.shape
+    e = next(iter(state.layers.values())).num_experts
     by_slot = sorted(state.layers, key=lambda l: state.layers[l].slot)
     if [state.layers[l].slot for l in by_slot] != list(range(len(by_slot))):
         raise RuntimeError(f"the MoE layers' slots must be 0..{len(by_slot) - 1} (install_var numbers them)")
