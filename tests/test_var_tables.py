@@ -1,5 +1,5 @@
 """Verified tables: Wilson bound vs scipy, refusal of test-split statistics, file round-trip and
-refusal of files made for another model, the committed reference tables. The admission rule is
+refusal of files made for another model or cut short, the committed reference tables. The admission rule is
 checked against a brute force in tests/test_var_verification.py. Run: `pytest tests/test_var_tables.py`."""
 
 import numpy as np
@@ -117,3 +117,33 @@ def test_tables_and_evidence_readers_refuse_each_other_and_garbage(tmp_path):
             Evidence.load(path)
     with pytest.raises(FileNotFoundError, match="build-tables"):
         VARTables.load(tmp_path / "missing.safetensors")
+
+
+def test_a_tables_file_missing_a_tensor_is_refused_by_name(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from var_moe.errors import InvalidInputError
+
+    model = tiny_model("mixtral", seed=0)
+    path = VARTables.empty(model, get_adapter(model)).save(tmp_path / "t.safetensors")
+    tensors = load_file(str(path))
+    layer = json.loads(safe_metadata(path)["varmoe_tables"])["layers"][0]
+    del tensors[f"layer{layer}.total_V"]
+    cut = tmp_path / "cut.safetensors"
+    save_file(tensors, str(cut), metadata=safe_metadata(path))
+    with pytest.raises(InvalidInputError, match=f"layer{layer}.total_V"):
+        VARTables.load(cut)
+    # a format-1 file (no select_V) still loads, with select_V zero
+    old = load_file(str(path))
+    del old[f"layer{layer}.select_V"]
+    save_file(old, str(cut), metadata=safe_metadata(path))
+    assert int(VARTables.load(cut).layers[layer].select_V.abs().sum()) == 0
+
+
+def safe_metadata(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        return fh.metadata()

@@ -377,7 +377,13 @@ class VARTables:
     def load(cls, path: str | Path, model: Any = None, adapter: Any = None, check_fingerprint: bool = True) -> "VARTables":
         p = Path(path)
         meta, tensors = read_artifact(p, "varmoe_tables", "VAR tables", "build it with `varmoe build-tables`")
-        for l in meta["layers"]:  # files of format 1 did not store select_V
+        layer_ids = meta.get("layers")
+        missing = ["layers"] if not isinstance(layer_ids, list) else [
+            f"layer{l}.{n}" for l in layer_ids for n in TABLE_NAMES if n != "select_V" and f"layer{l}.{n}" not in tensors]
+        if missing:  # a cut-short or hand-edited file: say what is missing, not a KeyError
+            raise InvalidInputError(f"VAR tables {p} lack {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; "
+                                    "build them again with `varmoe build-tables`")
+        for l in layer_ids:  # files of format 1 did not store select_V
             tensors.setdefault(f"layer{l}.select_V", torch.zeros_like(tensors[f"layer{l}.total_V"]))
         layers = {int(l): LayerTable(*(tensors[f"layer{l}.{n}"] for n in TABLE_NAMES)) for l in meta["layers"]}
         pairs = {int(l): tuple(tensors[f"layer{l}.{n}"] for n in CHECK_PAIR_NAMES)
