@@ -378,10 +378,14 @@ class VARTables:
         p = Path(path)
         meta, tensors = read_artifact(p, "varmoe_tables", "VAR tables", "build it with `varmoe build-tables`")
         layer_ids = meta.get("layers")
-        missing = ["layers"] if not isinstance(layer_ids, list) else [
-            f"layer{l}.{n}" for l in layer_ids for n in TABLE_NAMES if n != "select_V" and f"layer{l}.{n}" not in tensors]
+        if isinstance(layer_ids, list):
+            need = [f"layer{l}.{n}" for l in layer_ids for n in TABLE_NAMES if n != "select_V"]
+            missing = [name for name in need if name not in tensors]
+        else:
+            missing = ["layers"]
         if missing:  # a cut-short or hand-edited file: say what is missing, not a KeyError
-            raise InvalidInputError(f"VAR tables {p} lack {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; "
+            more = " ..." if len(missing) > 3 else ""
+            raise InvalidInputError(f"VAR tables {p} lack {', '.join(missing[:3])}{more}; "
                                     "build them again with `varmoe build-tables`")
         for l in layer_ids:  # files of format 1 did not store select_V
             tensors.setdefault(f"layer{l}.select_V", torch.zeros_like(tensors[f"layer{l}.total_V"]))
