@@ -23,12 +23,12 @@ from var_moe.routing_tap import RoutingTap
 from var_moe.var import VARConfig, VARModelWrapper, VARTables, get_preset
 from var_moe.var.served_dtype import DtypeCheckFailed, builtin_agreement, check_tables
 
-from .var_runtime import TIERS, Counts
+from .var_runtime import TIERS, Counts, ModeSwitch
 
 log = logging.getLogger("varmoe.server")
 
 
-class ModelHost:
+class ModelHost(ModeSwitch):
     """A `BatchHost` (server/host.py)."""
 
     routed_available = True  # the routing tap answers return_routed_experts
@@ -49,7 +49,6 @@ class ModelHost:
         self.num_experts, self.top_k = adapter.num_experts, adapter.top_k
         # hooks on the routers the blocks call: VAR's when installed, counted per tier (a table's rows are fast)
         self.tap = RoutingTap.for_wrapper(model, wrapper, count=False, adapter=adapter)
-        self._var_applied = False
         self.analyzer: RouterAnalyzer | None = None
         self.capturing = False
         self.capture_tokens = 0
@@ -81,14 +80,8 @@ class ModelHost:
     def available(self) -> bool:
         return self.wrapper is not None
 
-    def apply_mode(self, var: bool) -> None:
-        if var == self._var_applied:
-            return
-        if var and self.wrapper is None:
-            raise InvalidInputError(self.unavailable_reason)
-        if self.wrapper is not None:
-            self.wrapper.enable_var() if var else self.wrapper.disable_var()
-        self._var_applied = var
+    def _switch(self, var: bool) -> None:  # ModeSwitch.apply_mode
+        self.wrapper.enable_var() if var else self.wrapper.disable_var()
 
     def counts(self) -> tuple[Counts, Counts]:
         if self.wrapper is None:

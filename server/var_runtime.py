@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Protocol
 
+from var_moe.errors import InvalidInputError
 from var_moe.var.served import TIERS
 
 MODES = ("var", "baseline")
@@ -46,6 +47,22 @@ class RoutingBackend(Protocol):
 
     def info(self) -> dict[str, Any]:
         """What /var/status shows of the VAR set-up: config (dict), table_sizes, demoted, tables_source."""
+
+
+class ModeSwitch:
+    """`RoutingBackend.apply_mode` for both hosts, so the rule has one owner: VAR mode needs VAR
+    available; a host implements `_switch(var)`, called only where VAR is available and the mode changes."""
+
+    _var_applied = False  # the mode the routers run in
+
+    def apply_mode(self, var: bool) -> None:
+        if var == self._var_applied:
+            return
+        if var and not self.available:
+            raise InvalidInputError(self.unavailable_reason)
+        if self.available:
+            self._switch(var)
+        self._var_applied = var
 
 
 class VarRuntime:

@@ -33,7 +33,7 @@ from var_moe.vllm.agreement import table_agreement, worker_counts
 from var_moe.vllm.expert_load import reading_from
 from var_moe.vllm.models import SUPPORTED
 
-from .var_runtime import Counts
+from .var_runtime import Counts, ModeSwitch
 
 
 def engine_args(settings) -> dict[str, Any]:
@@ -112,7 +112,7 @@ def dtype_check(engine: Any, settings, tables) -> Any:
                                      engine.get_tokenizer(), measure, settings.var_dtype_check == "refuse")
 
 
-class VllmHost:
+class VllmHost(ModeSwitch):
     """A `StepHost` (server/host.py)."""
 
     can_capture = capturing = capture_started = False
@@ -132,7 +132,6 @@ class VllmHost:
         self.tables_info = tables_info
         self.served = served  # host copy of the served tables (slot: index in layers), for per-request counts
         self.unavailable_reason = "" if tables_info is not None else (reason or "VAR is not available")
-        self._var_default = False
         self.num_experts = int(getattr(hf, "num_local_experts", None) or getattr(hf, "num_experts", 0) or 0)
         self.top_k = int(getattr(hf, "num_experts_per_tok", 0) or 0)
 
@@ -199,15 +198,9 @@ class VllmHost:
     def available(self) -> bool:
         return self.tables_info is not None
 
-    def apply_mode(self, var: bool) -> None:
+    def _switch(self, var: bool) -> None:  # ModeSwitch.apply_mode
         """The workers' mode for requests that do not name one (the server's requests always do)."""
-        if var == self._var_default:
-            return
-        if var and not self.available:
-            raise InvalidInputError(self.unavailable_reason)
-        if self.available:
-            self.llm.collective_rpc("varmoe_set_enabled", args=(var,))
-        self._var_default = var
+        self.llm.collective_rpc("varmoe_set_enabled", args=(var,))
 
     def counts(self) -> tuple[Counts, Counts]:
         if not self.available:
