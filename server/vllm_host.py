@@ -44,11 +44,14 @@ def engine_args(settings) -> dict[str, Any]:
                           # vLLM's statistics cost work every step (scheduler stats in the engine core,
                           # per-request timings here); the server counts what it exports itself
                           "disable_log_stats": not settings.vllm_log_stats}
-    unset_is_none = {"gpu_memory_utilization": settings.gpu_memory_utilization,
-                     "max_model_len": settings.max_model_len, "quantization": settings.vllm_quantization or None,
-                     "trust_remote_code": settings.trust_remote_code or None,
-                     "kv_cache_memory_bytes": kv_cache_bytes(settings, on_cpu=vllm_on_cpu())}
-    return kw | {k: v for k, v in unset_is_none.items() if v is not None}  # None: vLLM's default
+    optional = {"gpu_memory_utilization": settings.gpu_memory_utilization, "max_model_len": settings.max_model_len,
+                "kv_cache_memory_bytes": kv_cache_bytes(settings, on_cpu=vllm_on_cpu())}
+    kw |= {k: v for k, v in optional.items() if v is not None}  # None: vLLM's default
+    if settings.vllm_quantization:
+        kw["quantization"] = settings.vllm_quantization
+    if settings.trust_remote_code:
+        kw["trust_remote_code"] = True
+    return kw
 
 
 GiB = 1 << 30
