@@ -389,12 +389,12 @@ class VARTables:
                                     "build them again with `varmoe build-tables`")
         for l in layer_ids:  # files of format 1 did not store select_V
             tensors.setdefault(f"layer{l}.select_V", torch.zeros_like(tensors[f"layer{l}.total_V"]))
-        layers = {int(l): LayerTable(*(tensors[f"layer{l}.{n}"] for n in TABLE_NAMES)) for l in meta["layers"]}
+        layers = {int(l): LayerTable(*(tensors[f"layer{l}.{n}"] for n in TABLE_NAMES)) for l in layer_ids}
         pairs = {int(l): tuple(tensors[f"layer{l}.{n}"] for n in CHECK_PAIR_NAMES)
-                 for l in meta["layers"] if f"layer{l}.pair_keys_P" in tensors}
-        glob = {int(l): tensors[f"layer{l}.global_set_K"] for l in meta["layers"] if f"layer{l}.global_set_K" in tensors}
+                 for l in layer_ids if f"layer{l}.pair_keys_P" in tensors}
+        glob = {int(l): tensors[f"layer{l}.global_set_K"] for l in layer_ids if f"layer{l}.global_set_K" in tensors}
         tier = {int(l): PairTable(*(tensors[f"layer{l}.tier_pair.{n}"] for n in PAIR_NAMES))
-                for l in meta["layers"] if f"layer{l}.tier_pair.keys_P" in tensors}
+                for l in layer_ids if f"layer{l}.tier_pair.keys_P" in tensors}
         tables = cls(layers, meta, pairs, glob, tier)
         if model is not None:
             tables.check_model(model, adapter, check_fingerprint=check_fingerprint, source=str(p))
